@@ -1,0 +1,103 @@
+# Meridian build, test and tooling. Every tool is installed from the Go module
+# proxy at a pinned version into .tools/bin; nothing is taken from PATH except
+# go itself.
+
+SHELL := /bin/bash
+GO    ?= go
+GOFMT ?= $(shell $(GO) env GOROOT)/bin/gofmt
+
+TOOLS_DIR := $(CURDIR)/.tools
+TOOLS_BIN := $(TOOLS_DIR)/bin
+
+# Pinned tool versions. Change them here only.
+STATICCHECK_VERSION        := v0.8.2
+BUF_VERSION                := v1.75.0
+PROTOC_GEN_GO_VERSION      := v1.36.12
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
+
+STATICCHECK        := $(TOOLS_BIN)/staticcheck-$(STATICCHECK_VERSION)
+BUF                := $(TOOLS_BIN)/buf-$(BUF_VERSION)
+PROTOC_GEN_GO      := $(TOOLS_BIN)/protoc-gen-go-$(PROTOC_GEN_GO_VERSION)
+PROTOC_GEN_GO_GRPC := $(TOOLS_BIN)/protoc-gen-go-grpc-$(PROTOC_GEN_GO_GRPC_VERSION)
+
+# buf.gen.yaml names the protoc plugins by these unversioned paths; `make proto`
+# points them at the pinned binaries above, so versions live in this file only.
+PROTOC_PLUGINS := $(TOOLS_DIR)/protoc-plugins
+
+.PHONY: all build test lint proto proto-check fuzz bench tools clean
+
+all: build
+
+build:
+	$(GO) build ./...
+	$(GO) build -o bin/regiond ./cmd/regiond
+
+test:
+	$(GO) test -count=1 ./...
+
+# lint fails on unformatted Go files (generated *.pb.go excepted), go vet
+# findings and staticcheck findings.
+lint: $(STATICCHECK)
+	@unformatted=$$(find . -type f -name '*.go' ! -name '*.pb.go' \
+		-not -path './.git/*' -not -path './.tools/*' -not -path './bin/*' \
+		-print0 | xargs -0 -r $(GOFMT) -l); \
+	if [ -n "$$unformatted" ]; then \
+		echo "lint: these files are not gofmt-formatted; run 'gofmt -w' on them:"; \
+		echo "$$unformatted" | sed 's/^/  /'; \
+		exit 1; \
+	fi
+	$(GO) vet ./...
+	$(STATICCHECK) ./...
+
+# proto lints the protobuf sources and regenerates the Go code beside them.
+# Old *.pb.go files are removed first so a deleted .proto leaves nothing behind.
+proto: $(BUF) $(PROTOC_GEN_GO) $(PROTOC_GEN_GO_GRPC)
+	@mkdir -p $(PROTOC_PLUGINS)
+	@ln -sfn ../bin/$(notdir $(PROTOC_GEN_GO)) $(PROTOC_PLUGINS)/protoc-gen-go
+	@ln -sfn ../bin/$(notdir $(PROTOC_GEN_GO_GRPC)) $(PROTOC_PLUGINS)/protoc-gen-go-grpc
+	$(BUF) lint
+	find proto -type f -name '*.pb.go' -delete
+	$(BUF) generate
+
+# proto-check fails if `make proto` (lint included) fails or changes anything
+# under proto/ relative to the git index: generated code must be committed.
+proto-check: proto
+	@git rev-parse --is-inside-work-tree >/dev/null 2>&1 || \
+		{ echo "proto-check: $(CURDIR) is not a git work tree"; exit 1; }
+	@changed=$$(git diff --name-status -- proto/); \
+	untracked=$$(git ls-files --others --exclude-standard -- proto/); \
+	if [ -n "$$changed$$untracked" ]; then \
+		echo "proto-check: after 'make proto' these files under proto/ differ from what is committed."; \
+		echo "Run 'make proto' and commit each .proto together with its generated code:"; \
+		[ -z "$$changed" ] || echo "$$changed" | sed 's/^/  /'; \
+		[ -z "$$untracked" ] || echo "$$untracked" | sed 's/^/  untracked: /'; \
+		exit 1; \
+	fi
+	@echo "proto-check: generated code is up to date"
+
+tools: $(STATICCHECK) $(BUF) $(PROTOC_GEN_GO) $(PROTOC_GEN_GO_GRPC)
+
+# go-install builds package $(2) at version $(3) into the file $(1). It builds
+# into a scratch directory and renames, so an interrupted build leaves no tool.
+define go-install
+	@mkdir -p $(TOOLS_BIN)
+	@rm -rf $(1).tmp
+	GOBIN=$(1).tmp $(GO) install $(2)@$(3)
+	@mv $(1).tmp/$(notdir $(2)) $(1)
+	@rm -rf $(1).tmp
+endef
+
+$(STATICCHECK):
+	$(call go-install,$@,honnef.co/go/tools/cmd/staticcheck,$(STATICCHECK_VERSION))
+
+$(BUF):
+	$(call go-install,$@,github.com/bufbuild/buf/cmd/buf,$(BUF_VERSION))
+
+$(PROTOC_GEN_GO):
+	$(call go-install,$@,google.golang.org/protobuf/cmd/protoc-gen-go,$(PROTOC_GEN_GO_VERSION))
+
+$(PROTOC_GEN_GO_GRPC):
+	$(call go-install,$@,google.golang.org/grpc/cmd/protoc-gen-go-grpc,$(PROTOC_GEN_GO_GRPC_VERSION))
+
+clean:
+	rm -rf bin
