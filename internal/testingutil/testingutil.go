@@ -1,0 +1,106 @@
+// Package testingutil holds helpers shared by the tests of several packages:
+// opening real SQLite databases and LTX logs, a random SQL workload, and
+// comparisons of database files.
+package testingutil
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"database/sql"
+	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"os"
+	"testing"
+
+	_ "github.com/mattn/go-sqlite3" // registers the "sqlite3" driver
+
+	"github.com/meridian-db/meridian/ltx"
+)
+
+// MustOpenSQLite opens the SQLite database at path with mattn/go-sqlite3 in
+// the given journal mode ("delete", "truncate", "persist" or "wal") with
+// synchronous=FULL, on a single connection, closed at cleanup.
+func MustOpenSQLite(tb testing.TB, path, journalMode string) *sql.DB {
+	tb.Helper()
+	db, err := sql.Open("sqlite3", fmt.Sprintf("file:%s?_journal_mode=%s&_synchronous=FULL&_busy_timeout=5000", path, journalMode))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	db.SetMaxOpenConns(1)
+	tb.Cleanup(func() { _ = db.Close() })
+	var mode string
+	if err := db.QueryRow(`PRAGMA journal_mode`).Scan(&mode); err != nil {
+		tb.Fatal(err)
+	} else if mode != journalMode {
+		tb.Fatalf("journal_mode = %q, want %q", mode, journalMode)
+	}
+	return db
+}
+
+// MustOpenLog opens the LTX log of database name in dir, for the database
+// file at dbPath ("" for none), logging to tb, closed at cleanup.
+func MustOpenLog(tb testing.TB, name, dir, dbPath string) *ltx.Log {
+	tb.Helper()
+	l := NewLog(tb, name, dir, dbPath)
+	if err := l.Open(context.Background()); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { _ = l.Close() })
+	return l
+}
+
+// NewLog returns an unopened log that logs to tb.
+func NewLog(tb testing.TB, name, dir, dbPath string) *ltx.Log {
+	l := ltx.NewLog(name, dir, dbPath)
+	l.Logger = Logger(tb)
+	return l
+}
+
+// Logger returns a logger writing to tb's log.
+func Logger(tb testing.TB) *slog.Logger {
+	return slog.New(slog.NewTextHandler(tbWriter{tb}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type tbWriter struct{ tb testing.TB }
+
+func (w tbWriter) Write(p []byte) (int, error) {
+	w.tb.Log(string(bytes.TrimRight(p, "\n")))
+	return len(p), nil
+}
+
+// ChangedPages returns the numbers of the pages of size pageSize that differ
+// between two images of a database file, including every page of after past
+// the end of before. It stands in for capture in tests of the log.
+func ChangedPages(before, after []byte, pageSize int) []uint32 {
+	var pgnos []uint32
+	for off := 0; off < len(after); off += pageSize {
+		end := min(off+pageSize, len(after))
+		if off+pageSize > len(before) || !bytes.Equal(before[off:end], after[off:end]) {
+			pgnos = append(pgnos, uint32(off/pageSize)+1)
+		}
+	}
+	return pgnos
+}
+
+// FileSHA256 returns the hex SHA-256 of the file at path.
+func FileSHA256(tb testing.TB, path string) string {
+	tb.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
+
+// MustReadFile returns the content of the file at path.
+func MustReadFile(tb testing.TB, path string) []byte {
+	tb.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return b
+}

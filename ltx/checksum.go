@@ -1,0 +1,188 @@
+package ltx
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+
+	"github.com/superfly/ltx"
+)
+
+// sqliteMagic starts every SQLite database file.
+const sqliteMagic = "SQLite format 3\x00"
+
+// sqliteHeaderSize is the size of the SQLite database header on page 1.
+const sqliteHeaderSize = 100
+
+// parallelChecksumBytes is the database size from which ReadChecksumTable
+// uses every CPU.
+const parallelChecksumBytes = 64 << 20
+
+// ReadPageSize returns the page size recorded in the SQLite header at the
+// start of r, or 0 if r is empty (a database not yet written).
+func ReadPageSize(r io.ReaderAt) (uint32, error) {
+	hdr := make([]byte, sqliteHeaderSize)
+	n, err := r.ReadAt(hdr, 0)
+	if n == 0 && errors.Is(err, io.EOF) {
+		return 0, nil
+	} else if n < len(hdr) {
+		if err == nil || errors.Is(err, io.EOF) {
+			return 0, fmt.Errorf("not a SQLite database: %d bytes is shorter than the %d-byte header", n, sqliteHeaderSize)
+		}
+		return 0, err
+	}
+	if !bytes.Equal(hdr[:len(sqliteMagic)], []byte(sqliteMagic)) {
+		return 0, fmt.Errorf("not a SQLite database: header starts %q", hdr[:len(sqliteMagic)])
+	}
+	pageSize := uint32(binary.BigEndian.Uint16(hdr[16:18]))
+	if pageSize == 1 {
+		pageSize = 65536
+	}
+	if !ltx.IsValidPageSize(pageSize) {
+		return 0, fmt.Errorf("SQLite header has invalid page size %d", pageSize)
+	}
+	return pageSize, nil
+}
+
+// ChecksumTable holds the checksum of every page of a database, so the
+// database checksum can be updated per transaction by XOR-ing out the old
+// checksums of the pages it changed and XOR-ing in the new ones.
+//
+// The database checksum is ChecksumFlag | XOR of all page checksums, where a
+// page checksum is ltx.ChecksumPage(pgno, data) and SQLite's lock page
+// counts as zero. A ChecksumTable is not safe for concurrent use.
+type ChecksumTable struct {
+	pageSize uint32
+	sums     []Checksum // sums[pgno-1]
+	xor      Checksum   // XOR of sums
+}
+
+// NewChecksumTable returns the table of an empty database.
+func NewChecksumTable(pageSize uint32) *ChecksumTable {
+	return &ChecksumTable{pageSize: pageSize}
+}
+
+// ReadChecksumTable computes the table of the database file at path from
+// scratch, in parallel for files over 64 MiB. A missing or empty file is an
+// empty database.
+func ReadChecksumTable(path string) (*ChecksumTable, error) {
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return NewChecksumTable(0), nil
+	} else if err != nil {
+		return nil, err
+	}
+	defer func() { _ = f.Close() }()
+
+	pageSize, err := ReadPageSize(f)
+	if err != nil {
+		return nil, fmt.Errorf("database %s: %w", path, err)
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	t := NewChecksumTable(pageSize)
+	if pageSize == 0 {
+		return t, nil
+	}
+	if fi.Size()%int64(pageSize) != 0 {
+		return nil, fmt.Errorf("database %s: size %d is not a whole number of %d-byte pages", path, fi.Size(), pageSize)
+	}
+	if fi.Size()/int64(pageSize) > int64(^uint32(0)) {
+		return nil, fmt.Errorf("database %s: %d pages is more than SQLite allows", path, fi.Size()/int64(pageSize))
+	}
+	nPages := uint32(fi.Size() / int64(pageSize))
+
+	workers := uint32(1)
+	if fi.Size() >= parallelChecksumBytes {
+		workers = uint32(runtime.GOMAXPROCS(0))
+	}
+	t.sums = make([]Checksum, nPages)
+	if _, err := ltx.ChecksumPages(path, pageSize, nPages, workers, t.sums); err != nil {
+		return nil, fmt.Errorf("checksum database %s: %w", path, err)
+	}
+	for _, sum := range t.sums {
+		t.xor ^= sum
+	}
+	return t, nil
+}
+
+// PageSize returns the database page size; 0 for a database never written.
+func (t *ChecksumTable) PageSize() uint32 { return t.pageSize }
+
+// Pages returns the database size in pages.
+func (t *ChecksumTable) Pages() uint32 { return uint32(len(t.sums)) }
+
+// Checksum returns the database checksum.
+func (t *ChecksumTable) Checksum() Checksum { return ChecksumFlag | t.xor }
+
+// Page returns the checksum of page pgno, or 0 past the end and for the lock
+// page.
+func (t *ChecksumTable) Page(pgno uint32) Checksum {
+	if pgno == 0 || pgno > t.Pages() {
+		return 0
+	}
+	return t.sums[pgno-1]
+}
+
+// pageSum is the new checksum of one page changed by a transaction.
+type pageSum struct {
+	pgno uint32
+	sum  Checksum
+}
+
+// next returns the database checksum after the pages in changes take their
+// new checksums and the database is resized to commit pages. Every page
+// beyond the current size up to commit must be in changes. It does not
+// modify t.
+func (t *ChecksumTable) next(changes []pageSum, commit uint32) Checksum {
+	x := t.xor
+	for pgno := commit + 1; pgno <= t.Pages(); pgno++ {
+		x ^= t.sums[pgno-1]
+	}
+	for _, c := range changes {
+		if c.pgno <= t.Pages() {
+			x ^= t.sums[c.pgno-1]
+		}
+		x ^= c.sum
+	}
+	return ChecksumFlag | x
+}
+
+// apply makes the changes that next describes.
+func (t *ChecksumTable) apply(changes []pageSum, commit uint32) {
+	t.xor = t.next(changes, commit) &^ ChecksumFlag
+	if commit <= t.Pages() {
+		t.sums = t.sums[:commit]
+	} else {
+		t.sums = append(t.sums, make([]Checksum, commit-t.Pages())...)
+	}
+	for _, c := range changes {
+		t.sums[c.pgno-1] = c.sum
+	}
+}
+
+// zeroPageSums returns the changes for pages from the current end of the
+// database up to commit that are not in changes (sorted by pgno): pages
+// SQLite left as a hole, which read as zeros.
+func (t *ChecksumTable) zeroPageSums(changes []pageSum, commit uint32) []pageSum {
+	var holes []pageSum
+	lockPgno := ltx.LockPgno(t.pageSize)
+	zero := make([]byte, t.pageSize)
+	i := 0
+	for pgno := t.Pages() + 1; pgno <= commit; pgno++ {
+		for i < len(changes) && changes[i].pgno < pgno {
+			i++
+		}
+		if (i < len(changes) && changes[i].pgno == pgno) || pgno == lockPgno {
+			continue
+		}
+		holes = append(holes, pageSum{pgno, ltx.ChecksumPage(pgno, zero)})
+	}
+	return holes
+}

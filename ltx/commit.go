@@ -1,0 +1,177 @@
+package ltx
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"time"
+
+	"github.com/superfly/ltx"
+)
+
+// Tx is a committed transaction to record in the log.
+type Tx struct {
+	// DB reads the database file as the transaction left it.
+	DB io.ReaderAt
+	// PageSize and Commit are the database page size and its size in pages
+	// after the transaction.
+	PageSize uint32
+	Commit   uint32
+	// Pgnos are the pages the transaction wrote, in any order, duplicates
+	// allowed. Pages past Commit are ignored. Pages the database grew by are
+	// recorded whether listed or not.
+	Pgnos []uint32
+	// Timestamp is the commit time; the zero value means now.
+	Timestamp time.Time
+}
+
+// Commit records tx as the next transaction: it builds its LTX file from
+// the pages in tx.DB, writes it durably (temporary file, fsync, rename,
+// fsync of the directory) and only then advances the position and the
+// checksum table. On error the log is unchanged.
+//
+// The first transaction of a log, and one that changes the page size, is
+// recorded with every page of the database.
+func (l *Log) Commit(ctx context.Context, tx Tx) (*FileInfo, error) {
+	l.wmu.Lock()
+	defer l.wmu.Unlock()
+	l.mu.RLock()
+	err := l.checkOpen()
+	if err == nil && l.table == nil {
+		err = fmt.Errorf("log %s has no database to commit from", l.Dir)
+	}
+	pos, table := l.pos(), l.table
+	l.mu.RUnlock()
+	if err != nil {
+		return nil, err
+	}
+
+	w, err := l.writeTx(ctx, tx, pos, table)
+	if err != nil {
+		return nil, err
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.install(w), nil
+}
+
+// written is an LTX file on disk that is not yet part of the log.
+type written struct {
+	file    *logFile
+	table   *ChecksumTable // table to apply changes to (a new one on a full rewrite)
+	changes []pageSum
+}
+
+// writeTx builds and writes the LTX file of tx as the transaction after pos,
+// on a database whose page checksums are table. Caller holds l.wmu, so
+// neither can change under it.
+func (l *Log) writeTx(ctx context.Context, tx Tx, pos Pos, table *ChecksumTable) (*written, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if !ltx.IsValidPageSize(tx.PageSize) {
+		return nil, fmt.Errorf("commit to %s: invalid page size %d", l.Name, tx.PageSize)
+	}
+	txid := pos.TXID + 1
+	w := &written{table: table}
+	if txid == 1 || tx.PageSize != table.PageSize() {
+		w.table = NewChecksumTable(tx.PageSize)
+	}
+	pgnos, err := txPages(tx, w.table.Pages())
+	if err != nil {
+		return nil, fmt.Errorf("commit to %s: %w", l.Name, err)
+	}
+	ts := tx.Timestamp
+	if ts.IsZero() {
+		ts = time.Now()
+	}
+	hdr := ltx.Header{
+		Version:          ltx.Version,
+		PageSize:         tx.PageSize,
+		Commit:           tx.Commit,
+		MinTXID:          txid,
+		MaxTXID:          txid,
+		Timestamp:        ts.UnixMilli(),
+		PreApplyChecksum: pos.PostApplyChecksum,
+		NodeID:           l.NodeID,
+	}
+
+	var trailer ltx.Trailer
+	name := FormatName(txid, txid)
+	size, err := writeFile(l.Dir, name, func(out io.Writer) error {
+		enc, err := ltx.NewEncoder(out)
+		if err != nil {
+			return err
+		}
+		if err := enc.EncodeHeader(hdr); err != nil {
+			return err
+		}
+		buf := make([]byte, tx.PageSize)
+		hash := ltx.NewHasher()
+		w.changes = make([]pageSum, 0, len(pgnos))
+		for _, pgno := range pgnos {
+			if _, err := tx.DB.ReadAt(buf, int64(pgno-1)*int64(tx.PageSize)); err != nil {
+				if errors.Is(err, io.EOF) {
+					err = fmt.Errorf("database file ends before page %d of %d", pgno, tx.Commit)
+				}
+				return fmt.Errorf("read page %d: %w", pgno, err)
+			}
+			w.changes = append(w.changes, pageSum{pgno, ltx.ChecksumPageWithHasher(hash, pgno, buf)})
+			if err := enc.EncodePage(ltx.PageHeader{Pgno: pgno}, buf); err != nil {
+				return err
+			}
+		}
+		enc.SetPostApplyChecksum(w.table.next(w.changes, tx.Commit))
+		if err := enc.Close(); err != nil {
+			return err
+		}
+		trailer = enc.Trailer()
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("commit txid %s to %s: %w", txid, l.Name, err)
+	}
+	w.file = &logFile{info: FileInfo{
+		Name:              name,
+		Header:            hdr,
+		PostApplyChecksum: trailer.PostApplyChecksum,
+		FileChecksum:      trailer.FileChecksum,
+		Size:              size,
+	}}
+	return w, nil
+}
+
+// install makes a written file part of the log. Caller holds l.wmu and l.mu.
+func (l *Log) install(w *written) *FileInfo {
+	w.table.apply(w.changes, w.file.info.Header.Commit)
+	l.table = w.table
+	l.files = append(l.files, w.file)
+	l.notify()
+	info := w.file.info
+	return &info
+}
+
+// txPages returns the pages to record for tx, ascending and without the
+// lock page: every page if the table is empty (a full rewrite), else the
+// pages it wrote up to Commit plus any the database grew by.
+func txPages(tx Tx, have uint32) ([]uint32, error) {
+	lockPgno := ltx.LockPgno(tx.PageSize)
+	pgnos := make([]uint32, 0, len(tx.Pgnos)+int(max(tx.Commit, have)-have))
+	for _, pgno := range tx.Pgnos {
+		if pgno == 0 {
+			return nil, fmt.Errorf("page number 0 in transaction")
+		}
+		if pgno <= tx.Commit && pgno != lockPgno {
+			pgnos = append(pgnos, pgno)
+		}
+	}
+	for pgno := have + 1; pgno <= tx.Commit; pgno++ {
+		if pgno != lockPgno {
+			pgnos = append(pgnos, pgno)
+		}
+	}
+	slices.Sort(pgnos)
+	return slices.Compact(pgnos), nil
+}

@@ -1,0 +1,325 @@
+package ltx_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/meridian-db/meridian/internal/testingutil"
+	"github.com/meridian-db/meridian/ltx"
+)
+
+// readNext reads the cursor's next file in full.
+func readNext(tb testing.TB, ctx context.Context, c *ltx.Cursor) (*ltx.Reader, []byte) {
+	tb.Helper()
+	r, err := c.Next(ctx)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer func() { _ = r.Close() }()
+	b, err := io.ReadAll(r)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return r, b
+}
+
+func TestCursor_ReadsEveryFileThenWaits(t *testing.T) {
+	ctx := context.Background()
+	d := newFakeDB(t, t.TempDir(), 10)
+	d.run(5, t0, nil)
+
+	c, err := d.log.Cursor(ltx.Pos{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, fi := range d.log.Files() {
+		r, b := readNext(t, ctx, c)
+		if r.Info != fi {
+			t.Fatalf("served %v, want %v", r.Info, fi)
+		}
+		if !bytes.Equal(b, testingutil.MustReadFile(t, filepath.Join(d.log.Dir, fi.Name))) {
+			t.Fatalf("%s: bytes served differ from the file", fi.Name)
+		}
+		if c.Pos() != fi.Pos() {
+			t.Fatalf("cursor at %s, want %s", c.Pos(), fi.Pos())
+		}
+	}
+
+	// At the end, Next waits for the next commit.
+	done := make(chan *ltx.FileInfo)
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		done <- d.commit(d.step(), t0.Add(time.Hour))
+	}()
+	waitCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	r, _ := readNext(t, waitCtx, c)
+	if info := <-done; r.Info != *info {
+		t.Fatalf("served %v after waiting, want %v", r.Info, info)
+	}
+
+	// A closed log wakes a waiting cursor.
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		_ = d.log.Close()
+	}()
+	if _, err := c.Next(waitCtx); !errors.Is(err, ltx.ErrClosed) {
+		t.Fatalf("Next on a closed log: err = %v, want ErrClosed", err)
+	}
+}
+
+func TestCursor_PosErrors(t *testing.T) {
+	d := newFakeDB(t, t.TempDir(), 11)
+	d.run(10, t0, nil)
+	files := d.log.Files()
+	pos := func(i int) ltx.Pos { return files[i].Pos() }
+	wrong := func(p ltx.Pos) ltx.Pos { p.PostApplyChecksum ^= 0x10; return p }
+
+	for name, tc := range map[string]struct {
+		pos  ltx.Pos
+		want error
+		have ltx.Checksum
+	}{
+		"ahead":           {ltx.Pos{TXID: 11, PostApplyChecksum: pos(9).PostApplyChecksum}, ltx.ErrPosUnknown, 0},
+		"mismatch":        {wrong(pos(4)), ltx.ErrPosMismatch, pos(4).PostApplyChecksum},
+		"mismatch at end": {wrong(pos(9)), ltx.ErrPosMismatch, pos(9).PostApplyChecksum},
+		"zero checksum":   {ltx.Pos{TXID: 3}, ltx.ErrPosMismatch, pos(2).PostApplyChecksum},
+	} {
+		_, err := d.log.Cursor(tc.pos)
+		var pe *ltx.PosError
+		if !errors.Is(err, tc.want) || !errors.As(err, &pe) || pe.Have != tc.have || pe.Pos != tc.pos || pe.DB != "db" {
+			t.Errorf("%s: err = %v, want %v with have %s", name, err, tc.want, tc.have)
+		}
+	}
+	for i := range files {
+		if _, err := d.log.Cursor(pos(i)); err != nil {
+			t.Errorf("position %s: %v", pos(i), err)
+		}
+	}
+
+	// Pruned away under a cursor.
+	c, err := d.log.Cursor(pos(2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.log.Retention = time.Minute
+	if n, err := d.log.Prune(context.Background(), 6, t0.Add(time.Hour)); err != nil || n != 6 {
+		t.Fatalf("prune removed %d files, err %v; want 6", n, err)
+	}
+	if _, err := c.Next(context.Background()); !errors.Is(err, ltx.ErrPosTooOld) {
+		t.Fatalf("Next after prune: err = %v, want ErrPosTooOld", err)
+	}
+	for _, p := range []ltx.Pos{{}, pos(0), pos(4)} {
+		if _, err := d.log.Cursor(p); !errors.Is(err, ltx.ErrPosTooOld) {
+			t.Errorf("position %s after prune: err = %v, want ErrPosTooOld", p, err)
+		}
+	}
+	if _, err := d.log.Cursor(pos(5)); err != nil {
+		t.Errorf("oldest position after prune: %v", err)
+	}
+}
+
+// TestCursor_ContextCanceled checks that a waiting Next returns when its
+// context ends.
+func TestCursor_ContextCanceled(t *testing.T) {
+	d := newFakeDB(t, t.TempDir(), 12)
+	d.run(1, t0, nil)
+	c, err := d.log.Cursor(d.log.Pos())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, err := c.Next(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("err = %v, want DeadlineExceeded", err)
+	}
+}
+
+// applyFrom brings a copy of image, the database at pos, to the log's end
+// through a cursor, and returns the resulting bytes.
+func applyFrom(tb testing.TB, l *ltx.Log, pos ltx.Pos, image []byte) []byte {
+	tb.Helper()
+	ctx := context.Background()
+	path := filepath.Join(tb.TempDir(), "db")
+	if err := os.WriteFile(path, image, 0o644); err != nil {
+		tb.Fatal(err)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer func() { _ = f.Close() }()
+	table, err := ltx.ReadChecksumTable(path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	c, err := l.Cursor(pos)
+	if err != nil {
+		tb.Fatalf("cursor at %s: %v", pos, err)
+	}
+	for c.Pos() != l.Pos() {
+		r, err := c.Next(ctx)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		if r.Info.PreApplyPos() != pos && !(pos.TXID == 0 && r.Info.Header.IsSnapshot()) {
+			tb.Fatalf("served %v to a reader at %s", r.Info, pos)
+		}
+		if pos, err = ltx.Apply(ctx, f, table, pos, r); err != nil {
+			tb.Fatalf("apply %s: %v", r.Info.Name, err)
+		}
+		_ = r.Close()
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return b
+}
+
+// TestLog_Compact_KeepsEveryPosition compacts a log twice and checks that a
+// reader at every position the log had before, with the database as it was
+// there, is still served and reaches the final database byte for byte, also
+// after the log is reopened.
+func TestLog_Compact_KeepsEveryPosition(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	d := newFakeDB(t, dir, 13)
+	h := history{{}: nil}
+	d.run(60, t0, h)
+	d.log.CompactionSize = 16 << 10 // a few groups
+
+	before := len(d.log.Files())
+	merged, err := d.log.Compact(ctx, t0.Add(40*time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	after := d.log.Files()
+	if merged == 0 || len(after) != before-merged {
+		t.Fatalf("compaction merged %d files: %d before, %d after", merged, before, len(after))
+	}
+	var compacted int
+	for _, fi := range after {
+		if fi.Header.MaxTXID > fi.Header.MinTXID {
+			compacted++
+			if _, err := os.Stat(filepath.Join(d.log.Dir, fi.Name[:33]+".pos")); err != nil {
+				t.Fatalf("%s has no position sidecar: %v", fi.Name, err)
+			}
+		}
+	}
+	if compacted < 2 {
+		t.Fatalf("%d compacted files, want several: %v", compacted, after)
+	}
+
+	// More transactions, then compact again over compacted files.
+	d.run(20, t0.Add(60*time.Minute), h)
+	d.log.CompactionSize = 1 << 30
+	if _, err := d.log.Compact(ctx, t0.Add(70*time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if files := d.log.Files(); len(files) != 1+(80-70) {
+		t.Fatalf("after second compaction: %d files, want 11: %v", len(files), files)
+	}
+
+	check := func(l *ltx.Log) {
+		for pos, image := range h {
+			if got := applyFrom(t, l, pos, image); !bytes.Equal(got, d.data) {
+				t.Fatalf("from %s: database differs from the primary's", pos)
+			}
+		}
+		if got, want := mustRestoreSHA(t, l), testingutil.FileSHA256(t, d.path); got != want {
+			t.Fatalf("restore after compaction: sha256 %s, want %s", got, want)
+		}
+	}
+	check(d.log)
+
+	_ = d.log.Close()
+	reopened := testingutil.MustOpenLog(t, "db", d.log.Dir, d.path)
+	if reopened.Pos() != d.log.Pos() || len(reopened.Files()) != len(d.log.Files()) {
+		t.Fatalf("reopened at %s with %d files, want %s with %d", reopened.Pos(), len(reopened.Files()), d.log.Pos(), len(d.log.Files()))
+	}
+	check(reopened)
+
+	// A wrong checksum inside a compacted file is still a mismatch.
+	for pos := range h {
+		if pos.TXID == 30 {
+			pos.PostApplyChecksum ^= 0x100
+			if _, err := reopened.Cursor(pos); !errors.Is(err, ltx.ErrPosMismatch) {
+				t.Fatalf("wrong checksum inside a compacted file: err = %v", err)
+			}
+		}
+	}
+}
+
+// TestLog_Compact_Interrupted checks that a log holding both a compacted
+// file and its inputs (a crash before the inputs were removed) opens with
+// the compacted file alone.
+func TestLog_Compact_Interrupted(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	d := newFakeDB(t, dir, 14)
+	d.run(20, t0, nil)
+	inputs := copyDir(t, d.log.Dir)
+	if _, err := d.log.Compact(ctx, t0.Add(10*time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	want := d.log.Files()
+	_ = d.log.Close()
+	entries, _ := os.ReadDir(inputs)
+	for _, e := range entries {
+		if err := os.WriteFile(filepath.Join(d.log.Dir, e.Name()), testingutil.MustReadFile(t, filepath.Join(inputs, e.Name())), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l := testingutil.MustOpenLog(t, "db", d.log.Dir, d.path)
+	if got := l.Files(); len(got) != len(want) || got[0] != want[0] {
+		t.Fatalf("files after recovery = %v, want %v", got, want)
+	}
+	if entries, _ := os.ReadDir(d.log.Dir); len(entries) != len(want)+1 { // + the sidecar
+		t.Fatalf("%d entries in the log directory, want %d", len(entries), len(want)+1)
+	}
+}
+
+func TestLog_Prune(t *testing.T) {
+	ctx := context.Background()
+	d := newFakeDB(t, t.TempDir(), 15)
+	d.run(20, t0, nil) // txid i+1 committed at t0 + i minutes
+	d.log.Retention, d.log.MaxRetention = 10*time.Minute, 24*time.Hour
+	now := t0.Add(30 * time.Minute)
+
+	for _, tc := range []struct {
+		acked     ltx.TXID
+		now       time.Time
+		wantFirst ltx.TXID
+	}{
+		{0, now, 1},                       // nothing acknowledged
+		{5, now, 6},                       // acknowledged and old: txids 1-5 go
+		{15, t0.Add(12 * time.Minute), 6}, // acknowledged but within retention
+		{15, now, 16},                     // txids up to 15 are past retention
+		{18, t0.Add(48 * time.Hour), 20},  // past MaxRetention: all but the last
+	} {
+		if _, err := d.log.Prune(ctx, tc.acked, tc.now); err != nil {
+			t.Fatal(err)
+		}
+		files := d.log.Files()
+		if got := files[0].Header.MinTXID; got != tc.wantFirst {
+			t.Fatalf("acked %d at %s: first txid %d, want %d", tc.acked, tc.now, got, tc.wantFirst)
+		}
+		if d.log.First() != files[0].PreApplyPos() || d.log.Pos().TXID != 20 {
+			t.Fatalf("first %s, pos %s", d.log.First(), d.log.Pos())
+		}
+		entries, _ := os.ReadDir(d.log.Dir)
+		if len(entries) != len(files) {
+			t.Fatalf("%d files on disk, %d in the log", len(entries), len(files))
+		}
+	}
+	if _, err := d.log.Restore(ctx, filepath.Join(t.TempDir(), "x")); err == nil {
+		t.Fatal("restore from a pruned log without a snapshot succeeded")
+	}
+}

@@ -1,0 +1,83 @@
+package ltx
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"syscall"
+)
+
+// writeFile creates dir/name durably and atomically: write writes the
+// content into a temporary file in dir, which is fsynced and renamed to
+// name, and then dir is fsynced. On any error the temporary file is removed
+// and dir is left as it was. It returns the file size.
+func writeFile(dir, name string, write func(w io.Writer) error) (size int64, err error) {
+	f, err := createTemp(dir, name)
+	if err != nil {
+		return 0, err
+	}
+	tmp := f.Name()
+	defer func() {
+		if err != nil {
+			_ = f.Close()
+			_ = os.Remove(tmp)
+		}
+	}()
+
+	bw := bufio.NewWriterSize(f, 64<<10)
+	if err := write(bw); err != nil {
+		return 0, diskError("write", tmp, err)
+	}
+	if err := bw.Flush(); err != nil {
+		return 0, diskError("write", tmp, err)
+	}
+	if err := f.Sync(); err != nil {
+		return 0, diskError("sync", tmp, err)
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	if err := f.Close(); err != nil {
+		return 0, diskError("close", tmp, err)
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
+		return 0, err
+	}
+	if err := syncDir(dir); err != nil {
+		return 0, err
+	}
+	return fi.Size(), nil
+}
+
+// createTemp creates a temporary file in dir for a file to be named name.
+// Temporary files end in ".tmp"; Open removes any it finds.
+func createTemp(dir, name string) (*os.File, error) {
+	return os.CreateTemp(dir, "."+name+".*"+tmpExt)
+}
+
+// syncDir fsyncs a directory so entries created, renamed or removed in it
+// survive a crash.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = d.Close() }()
+	if err := d.Sync(); err != nil {
+		return diskError("sync directory", dir, err)
+	}
+	return nil
+}
+
+// diskError wraps an error writing to disk, saying what to do when the disk
+// is full.
+func diskError(op, path string, err error) error {
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		return fmt.Errorf("%s %s: %w (the volume is full: free space on it; nothing was added to the log)", op, path, err)
+	}
+	return fmt.Errorf("%s %s: %w", op, path, err)
+}

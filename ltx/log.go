@@ -1,0 +1,445 @@
+package ltx
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Defaults for Log tunables.
+const (
+	DefaultRetention      = 10 * time.Minute
+	DefaultMaxRetention   = 24 * time.Hour
+	DefaultCompactionSize = 16 << 20
+)
+
+// corruptDir is the subdirectory of a log directory where Open moves a torn
+// or corrupt last file, so it is out of the log but not deleted.
+const corruptDir = "corrupt"
+
+// Log is the LTX log of one database: a directory of LTX files, contiguous
+// in TXID, each applying at the position the one before it left. It knows
+// its current position and, when it has a database file, the checksum of
+// every page of it.
+//
+// Methods are safe for concurrent use. Writers (Commit, Prune, Compact)
+// serialize among themselves; readers (Pos, Files, cursors) are not held up
+// by a writer's disk I/O.
+type Log struct {
+	Name   string // database name, used in errors and logs
+	Dir    string // directory of LTX files
+	DBPath string // database file the log describes; "" for a log alone
+
+	// NodeID is stamped into the header of files the log builds.
+	NodeID uint64
+
+	// Retention is how long a file is kept after every replica has
+	// acknowledged it; MaxRetention is how long it is kept at most.
+	Retention    time.Duration
+	MaxRetention time.Duration
+
+	// CompactionSize bounds the input bytes merged into one compacted file.
+	CompactionSize int64
+
+	Logger *slog.Logger
+
+	wmu   sync.Mutex // held by Commit and by the final step of Prune and Compact
+	maint sync.Mutex // serializes Prune and Compact
+
+	mu      sync.RWMutex // guards the fields below
+	opened  bool
+	closed  bool
+	files   []*logFile
+	table   *ChecksumTable // nil without a database
+	changed chan struct{}  // closed and replaced when the log changes
+}
+
+// logFile is a file in the log. Fields do not change once it is in
+// Log.files.
+type logFile struct {
+	info FileInfo
+	// positions holds the checksum after each TXID in the file when a
+	// sidecar recorded them (compacted files); nil otherwise.
+	positions []Checksum
+}
+
+// NewLog returns a log of the database name, kept in dir, describing the
+// database file at dbPath ("" for none). Call Open before use.
+func NewLog(name, dir, dbPath string) *Log {
+	return &Log{
+		Name:           name,
+		Dir:            dir,
+		DBPath:         dbPath,
+		Retention:      DefaultRetention,
+		MaxRetention:   DefaultMaxRetention,
+		CompactionSize: DefaultCompactionSize,
+		Logger:         slog.Default(),
+	}
+}
+
+// Open reads the log directory, creating it if needed, and recovers it:
+// unfinished temporary files are removed; files superseded by a compacted
+// file are removed; a last file that is torn or corrupt is moved to the
+// "corrupt" subdirectory, never applied. The rest must form one contiguous
+// chain, or Open fails naming the files at fault and changes nothing else.
+//
+// With a database, Open computes its checksum table and checks it against
+// the log's position, failing with a *DatabaseMismatchError if they
+// differ. A database with no log starts one: its current content becomes a
+// snapshot at TXID 1.
+func (l *Log) Open(ctx context.Context) error {
+	l.wmu.Lock()
+	defer l.wmu.Unlock()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.opened {
+		return fmt.Errorf("log %s: already open", l.Dir)
+	}
+	if err := os.MkdirAll(l.Dir, 0o755); err != nil {
+		return fmt.Errorf("create log directory: %w", err)
+	}
+	files, err := l.recover()
+	if err != nil {
+		return err
+	}
+	l.files, l.changed, l.opened = files, make(chan struct{}), true
+	if l.DBPath != "" {
+		if err := l.openDatabase(ctx); err != nil {
+			l.opened = false
+			return err
+		}
+	}
+	return nil
+}
+
+// Close stops cursors waiting on the log. It does not wait for writers.
+func (l *Log) Close() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.closed {
+		l.closed = true
+		if l.changed != nil {
+			close(l.changed)
+		}
+	}
+	return nil
+}
+
+// Pos returns the position after the last transaction in the log, or the
+// zero position for an empty log.
+func (l *Log) Pos() Pos {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.pos()
+}
+
+func (l *Log) pos() Pos {
+	if len(l.files) == 0 {
+		return Pos{}
+	}
+	return l.files[len(l.files)-1].info.Pos()
+}
+
+// First returns the oldest position a reader can start from.
+func (l *Log) First() Pos {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	if len(l.files) == 0 {
+		return Pos{}
+	}
+	return l.files[0].info.PreApplyPos()
+}
+
+// Files returns the files in the log, oldest first.
+func (l *Log) Files() []FileInfo {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	a := make([]FileInfo, len(l.files))
+	for i, f := range l.files {
+		a[i] = f.info
+	}
+	return a
+}
+
+// Checksum returns the database checksum from the page checksum table, and
+// its size in pages. It is 0, 0 for a log without a database.
+func (l *Log) Checksum() (Checksum, uint32) {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	if l.table == nil {
+		return 0, 0
+	}
+	return l.table.Checksum(), l.table.Pages()
+}
+
+// Changed returns a channel that is closed the next time the log changes
+// or is closed.
+func (l *Log) Changed() <-chan struct{} {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.changed
+}
+
+// notify wakes everything waiting on Changed. Caller holds l.mu.
+func (l *Log) notify() {
+	close(l.changed)
+	l.changed = make(chan struct{})
+}
+
+func (l *Log) checkOpen() error {
+	if l.closed {
+		return ErrClosed
+	} else if !l.opened {
+		return fmt.Errorf("log %s: not open", l.Dir)
+	}
+	return nil
+}
+
+func (l *Log) path(name string) string { return filepath.Join(l.Dir, name) }
+
+// recover reads and repairs the directory as Open describes.
+func (l *Log) recover() ([]*logFile, error) {
+	entries, err := os.ReadDir(l.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("read log directory: %w", err)
+	}
+	var (
+		files    []*logFile
+		bad      []badFile
+		sidecars = map[string]bool{}
+	)
+	for _, e := range entries {
+		name := e.Name()
+		switch {
+		case e.IsDir():
+			continue
+		case strings.HasSuffix(name, tmpExt):
+			if err := os.Remove(l.path(name)); err != nil {
+				return nil, fmt.Errorf("remove unfinished file: %w", err)
+			}
+			l.Logger.Info("removed unfinished file from the log", "db", l.Name, "file", name)
+		case strings.HasSuffix(name, posExt):
+			sidecars[name] = true
+		case strings.HasSuffix(name, ltxExt):
+			if _, _, err := ParseName(name); err != nil {
+				return nil, fmt.Errorf("log %s: %v: rename or move it out of the log directory", l.Dir, err)
+			}
+			info, err := ReadFileInfo(l.path(name))
+			if errors.Is(err, ErrCorrupt) {
+				bad = append(bad, badFile{name, err})
+				continue
+			} else if err != nil {
+				return nil, fmt.Errorf("log %s: %w", l.Dir, err)
+			}
+			files = append(files, &logFile{info: *info})
+		default:
+			l.Logger.Warn("ignoring a file that is not part of the log", "db", l.Name, "file", name)
+		}
+	}
+	slices.SortFunc(files, func(a, b *logFile) int {
+		if c := cmp.Compare(a.info.Header.MinTXID, b.info.Header.MinTXID); c != 0 {
+			return c
+		}
+		return cmp.Compare(b.info.Header.MaxTXID, a.info.Header.MaxTXID)
+	})
+
+	files, err = l.removeSuperseded(files)
+	if err != nil {
+		return nil, err
+	}
+	if err := l.quarantineBad(files, bad); err != nil {
+		return nil, err
+	}
+	if err := l.checkChain(files); err != nil {
+		return nil, err
+	}
+	if files, err = l.verifyLast(files); err != nil {
+		return nil, err
+	}
+	if err := l.loadSidecars(files, sidecars); err != nil {
+		return nil, err
+	}
+	return files, syncDir(l.Dir)
+}
+
+// removeSuperseded drops files whose TXID range lies inside another file's:
+// the inputs of a compaction that was interrupted before it removed them.
+// The covering file is verified first.
+func (l *Log) removeSuperseded(files []*logFile) ([]*logFile, error) {
+	var kept []*logFile
+	for _, f := range files {
+		if n := len(kept); n > 0 && f.info.Header.MaxTXID <= kept[n-1].info.Header.MaxTXID {
+			cover := kept[n-1]
+			if _, err := VerifyFile(l.path(cover.info.Name)); err != nil {
+				return nil, fmt.Errorf("log %s: %s overlaps %s, which does not verify: %w", l.Dir, f.info.Name, cover.info.Name, err)
+			}
+			if err := l.removeFile(f.info.Name); err != nil {
+				return nil, err
+			}
+			l.Logger.Info("removed file superseded by a compacted file", "db", l.Name, "file", f.info.Name, "by", cover.info.Name)
+			continue
+		}
+		kept = append(kept, f)
+	}
+	return kept, nil
+}
+
+// badFile is an LTX file whose header or trailer does not read.
+type badFile struct {
+	name string
+	err  error
+}
+
+// quarantineBad moves unreadable files that come after every readable one
+// (a torn last append) aside; an unreadable file anywhere else is an error.
+func (l *Log) quarantineBad(files []*logFile, bad []badFile) error {
+	var last TXID
+	if len(files) > 0 {
+		last = files[len(files)-1].info.Header.MaxTXID
+	}
+	for _, b := range bad {
+		if min, _, _ := ParseName(b.name); min <= last {
+			return fmt.Errorf("log %s: %w; it is not the last file, so the log cannot continue past it: "+
+				"restore the file from a replica or a backup, or move it and every later file out of the directory", l.Dir, b.err)
+		}
+		if err := l.quarantine(b.name); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// checkChain checks that each file starts where the previous one ended.
+func (l *Log) checkChain(files []*logFile) error {
+	for i := 1; i < len(files); i++ {
+		prev, f := &files[i-1].info, &files[i].info
+		if f.Header.MinTXID != prev.Header.MaxTXID+1 {
+			return fmt.Errorf("log %s: gap in TXIDs: %s ends at txid %s but the next file, %s, starts at %s: "+
+				"restore the missing files, or move the files before the gap out of the directory to keep only the later history",
+				l.Dir, prev.Name, prev.Header.MaxTXID, f.Name, f.Header.MinTXID)
+		}
+		if f.Header.PreApplyChecksum != prev.PostApplyChecksum {
+			return fmt.Errorf("log %s: %s leaves checksum %s but %s applies at checksum %s: the files are from different histories; "+
+				"move the files that do not belong out of the directory", l.Dir, prev.Name, prev.PostApplyChecksum, f.Name, f.Header.PreApplyChecksum)
+		}
+	}
+	return nil
+}
+
+// verifyLast decodes the last file in full; while it fails to verify, it is
+// moved aside and the one before it is checked.
+func (l *Log) verifyLast(files []*logFile) ([]*logFile, error) {
+	for len(files) > 0 {
+		last := files[len(files)-1]
+		_, err := VerifyFile(l.path(last.info.Name))
+		if err == nil {
+			return files, nil
+		} else if !errors.Is(err, ErrCorrupt) {
+			return nil, err
+		}
+		l.Logger.Warn("last file in the log does not verify", "db", l.Name, "file", last.info.Name, "err", err)
+		if err := l.quarantine(last.info.Name); err != nil {
+			return nil, err
+		}
+		files = files[:len(files)-1]
+	}
+	return files, nil
+}
+
+// loadSidecars reads the position sidecars of the files that have one and
+// removes sidecars without a file. A sidecar that does not read leaves its
+// file's interior positions unknown; it does not stop the log.
+func (l *Log) loadSidecars(files []*logFile, sidecars map[string]bool) error {
+	for _, f := range files {
+		name := posName(f.info.Name)
+		if !sidecars[name] {
+			continue
+		}
+		delete(sidecars, name)
+		sums, err := readPositions(l.path(name), &f.info)
+		if err != nil {
+			l.Logger.Warn("ignoring position sidecar; readers inside the file will need a snapshot", "db", l.Name, "file", name, "err", err)
+			continue
+		}
+		f.positions = sums
+	}
+	for name := range sidecars {
+		if err := os.Remove(l.path(name)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// quarantine moves a file out of the log into the corrupt subdirectory.
+func (l *Log) quarantine(name string) error {
+	dir := l.path(corruptDir)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	dst := filepath.Join(dir, name)
+	if err := os.Rename(l.path(name), dst); err != nil {
+		return fmt.Errorf("move torn file out of the log: %w", err)
+	}
+	if err := syncDir(dir); err != nil {
+		return err
+	}
+	l.Logger.Warn("moved a torn or corrupt last file out of the log; it was never applied", "db", l.Name, "file", name, "kept_as", dst)
+	return nil
+}
+
+// removeFile removes an LTX file and its sidecar, if any.
+func (l *Log) removeFile(name string) error {
+	if err := os.Remove(l.path(name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	if err := os.Remove(l.path(posName(name))); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
+// openDatabase builds the checksum table of the database and checks it
+// against the log, or starts the log from the database if the log is empty.
+func (l *Log) openDatabase(ctx context.Context) error {
+	t, err := ReadChecksumTable(l.DBPath)
+	if err != nil {
+		return err
+	}
+	l.table = t
+	if len(l.files) == 0 {
+		if t.Pages() == 0 {
+			return nil
+		}
+		return l.bootstrap(ctx)
+	}
+	last := l.files[len(l.files)-1].info
+	if t.Checksum() != last.PostApplyChecksum || t.Pages() != last.Header.Commit {
+		return &DatabaseMismatchError{DB: l.Name, Path: l.DBPath, Dir: l.Dir, Log: last.Pos(), Checksum: t.Checksum(), Pages: t.Pages()}
+	}
+	return nil
+}
+
+// bootstrap records the existing database as a snapshot at TXID 1.
+func (l *Log) bootstrap(ctx context.Context) error {
+	f, err := os.Open(l.DBPath)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = f.Close() }()
+	w, err := l.writeTx(ctx, Tx{DB: f, PageSize: l.table.PageSize(), Commit: l.table.Pages()}, Pos{}, l.table)
+	if err != nil {
+		return fmt.Errorf("start log from existing database: %w", err)
+	}
+	info := l.install(w)
+	l.Logger.Info("started the log from the existing database", "db", l.Name, "pos", info.Pos(), "pages", info.Header.Commit)
+	return nil
+}

@@ -1,0 +1,230 @@
+package ltx
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/superfly/ltx"
+)
+
+// EncodeSnapshot writes a snapshot LTX file of the database read from db to
+// w: every page from 1 to commit except the lock page, MinTXID 1, MaxTXID
+// txid, and as post-apply checksum the database checksum computed from the
+// pages read.
+func EncodeSnapshot(ctx context.Context, w io.Writer, db io.ReaderAt, pageSize, commit uint32, txid TXID, ts time.Time) (*FileInfo, error) {
+	enc, err := ltx.NewEncoder(w)
+	if err != nil {
+		return nil, err
+	}
+	hdr := ltx.Header{
+		Version:   ltx.Version,
+		PageSize:  pageSize,
+		Commit:    commit,
+		MinTXID:   1,
+		MaxTXID:   txid,
+		Timestamp: ts.UnixMilli(),
+	}
+	if err := enc.EncodeHeader(hdr); err != nil {
+		return nil, fmt.Errorf("encode snapshot header: %w", err)
+	}
+	buf := make([]byte, pageSize)
+	hash := ltx.NewHasher()
+	lockPgno := ltx.LockPgno(pageSize)
+	chksum := ChecksumFlag
+	for pgno := uint32(1); pgno <= commit; pgno++ {
+		if pgno == lockPgno {
+			continue
+		}
+		if pgno%4096 == 0 {
+			if err := ctx.Err(); err != nil {
+				return nil, err
+			}
+		}
+		if _, err := db.ReadAt(buf, int64(pgno-1)*int64(pageSize)); err != nil {
+			return nil, fmt.Errorf("read page %d: %w", pgno, err)
+		}
+		chksum ^= ltx.ChecksumPageWithHasher(hash, pgno, buf)
+		if err := enc.EncodePage(ltx.PageHeader{Pgno: pgno}, buf); err != nil {
+			return nil, fmt.Errorf("encode page %d: %w", pgno, err)
+		}
+	}
+	enc.SetPostApplyChecksum(ChecksumFlag | chksum)
+	if err := enc.Close(); err != nil {
+		return nil, fmt.Errorf("close snapshot: %w", err)
+	}
+	t := enc.Trailer()
+	return &FileInfo{Name: FormatName(1, txid), Header: enc.Header(), PostApplyChecksum: t.PostApplyChecksum, FileChecksum: t.FileChecksum, Size: enc.N()}, nil
+}
+
+// Snapshot writes a snapshot of the database at the log's current position
+// to w, reading the pages from db. The caller keeps writers out of the
+// database meanwhile. If the pages do not add up to the log's checksum it
+// fails with a *DatabaseMismatchError.
+func (l *Log) Snapshot(ctx context.Context, w io.Writer, db io.ReaderAt) (*FileInfo, error) {
+	l.mu.RLock()
+	err := l.checkOpen()
+	if err == nil && l.table == nil {
+		err = fmt.Errorf("log %s has no database to snapshot", l.Dir)
+	}
+	if err != nil {
+		l.mu.RUnlock()
+		return nil, err
+	}
+	pos, pageSize, pages := l.pos(), l.table.PageSize(), l.table.Pages()
+	var ts time.Time
+	if len(l.files) > 0 {
+		ts = l.files[len(l.files)-1].info.Time()
+	}
+	l.mu.RUnlock()
+
+	if pos.TXID == 0 {
+		return nil, fmt.Errorf("snapshot %s: the database has no transactions yet", l.Name)
+	}
+	info, err := EncodeSnapshot(ctx, w, db, pageSize, pages, pos.TXID, ts)
+	if err != nil {
+		return nil, fmt.Errorf("snapshot %s: %w", l.Name, err)
+	}
+	if info.PostApplyChecksum != pos.PostApplyChecksum {
+		return nil, &DatabaseMismatchError{DB: l.Name, Path: l.DBPath, Dir: l.Dir, Log: pos, Checksum: info.PostApplyChecksum, Pages: pages}
+	}
+	return info, nil
+}
+
+// DatabaseFile is the part of *os.File that Apply writes through.
+type DatabaseFile interface {
+	io.WriterAt
+	Truncate(size int64) error
+}
+
+// Apply writes the LTX file read from r into the database file db, which is
+// at position pos with page checksums t. The file must apply at pos, or be
+// a snapshot. It checks that the file decodes with a matching file checksum
+// and that the database checksum afterwards equals the file's post-apply
+// checksum, and then updates t and returns the new position. On error the
+// database file may be partly written and t is unchanged: the caller
+// discards the file or applies the same LTX file again.
+func Apply(ctx context.Context, db DatabaseFile, t *ChecksumTable, pos Pos, r io.Reader) (Pos, error) {
+	dec := ltx.NewDecoder(bufio.NewReaderSize(r, readBufferSize))
+	if err := dec.DecodeHeader(); err != nil {
+		return pos, fmt.Errorf("%w: header: %v", ErrCorrupt, err)
+	}
+	hdr := dec.Header()
+	if !hdr.IsSnapshot() && hdr.PreApplyPos() != pos {
+		return pos, fmt.Errorf("file txid %s-%s applies at %s, but the database is at %s", hdr.MinTXID, hdr.MaxTXID, hdr.PreApplyPos(), pos)
+	}
+	base := t
+	if hdr.IsSnapshot() || hdr.PageSize != t.PageSize() {
+		base = NewChecksumTable(hdr.PageSize)
+	}
+
+	var (
+		ph      ltx.PageHeader
+		data    = make([]byte, hdr.PageSize)
+		hash    = ltx.NewHasher()
+		changes []pageSum
+	)
+	for {
+		if err := dec.DecodePage(&ph, data); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			return pos, fmt.Errorf("%w: page frame %d: %v", ErrCorrupt, len(changes)+1, err)
+		}
+		if len(changes)%4096 == 0 {
+			if err := ctx.Err(); err != nil {
+				return pos, err
+			}
+		}
+		if _, err := db.WriteAt(data, int64(ph.Pgno-1)*int64(hdr.PageSize)); err != nil {
+			return pos, fmt.Errorf("write page %d: %w", ph.Pgno, err)
+		}
+		changes = append(changes, pageSum{ph.Pgno, ltx.ChecksumPageWithHasher(hash, ph.Pgno, data)})
+	}
+	if err := dec.Close(); err != nil {
+		return pos, fmt.Errorf("%w: %v", ErrCorrupt, err)
+	}
+	if err := db.Truncate(int64(hdr.Commit) * int64(hdr.PageSize)); err != nil {
+		return pos, fmt.Errorf("truncate database to %d pages: %w", hdr.Commit, err)
+	}
+	changes = append(changes, base.zeroPageSums(changes, hdr.Commit)...)
+	post := dec.PostApplyPos()
+	if got := base.next(changes, hdr.Commit); got != post.PostApplyChecksum {
+		return pos, fmt.Errorf("file txid %s-%s should leave the database at checksum %s, but it is %s",
+			hdr.MinTXID, hdr.MaxTXID, post.PostApplyChecksum, got)
+	}
+	base.apply(changes, hdr.Commit)
+	*t = *base
+	return post, nil
+}
+
+// Restore builds the database file dst from a snapshot followed by LTX files
+// that continue from it, each read from one of files, in order. It writes a
+// temporary file beside dst and renames it over dst only once every file has
+// applied and the result is synced; on error dst is untouched.
+func Restore(ctx context.Context, dst string, files ...io.Reader) (Pos, error) {
+	f, err := createTemp(filepath.Dir(dst), filepath.Base(dst))
+	if err != nil {
+		return Pos{}, err
+	}
+	defer func() {
+		_ = f.Close()
+		_ = os.Remove(f.Name())
+	}()
+
+	var pos Pos
+	t := NewChecksumTable(0)
+	for i, r := range files {
+		if i == 0 {
+			hdr, pr, err := ltx.PeekHeader(r)
+			if err == nil && !hdr.IsSnapshot() {
+				return Pos{}, fmt.Errorf("restore %s: the first file starts at txid %s; a restore starts from a snapshot (txid 1)", dst, hdr.MinTXID)
+			}
+			r = pr
+		}
+		if pos, err = Apply(ctx, f, t, pos, r); err != nil {
+			return Pos{}, fmt.Errorf("restore %s: file %d: %w", dst, i+1, err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		return Pos{}, diskError("sync", f.Name(), err)
+	}
+	if err := os.Rename(f.Name(), dst); err != nil {
+		return Pos{}, err
+	}
+	return pos, syncDir(filepath.Dir(dst))
+}
+
+// Restore builds the database file dst from the log alone, which must
+// still start with a snapshot. See Restore.
+func (l *Log) Restore(ctx context.Context, dst string) (Pos, error) {
+	l.mu.RLock()
+	if err := l.checkOpen(); err != nil {
+		l.mu.RUnlock()
+		return Pos{}, err
+	}
+	if len(l.files) == 0 {
+		l.mu.RUnlock()
+		return Pos{}, fmt.Errorf("restore %s: log %s is empty", dst, l.Dir)
+	}
+	if first := l.files[0].info; !first.Header.IsSnapshot() {
+		l.mu.RUnlock()
+		return Pos{}, fmt.Errorf("restore %s: log %s starts at txid %s, not at a snapshot (txid 1): restore from a snapshot and the log together", dst, l.Dir, first.Header.MinTXID)
+	}
+	var rdrs []io.Reader
+	for _, f := range l.files {
+		fh, err := os.Open(l.path(f.info.Name))
+		if err != nil {
+			l.mu.RUnlock()
+			return Pos{}, err
+		}
+		defer func() { _ = fh.Close() }()
+		rdrs = append(rdrs, fh)
+	}
+	l.mu.RUnlock()
+	return Restore(ctx, dst, rdrs...)
+}
