@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"runtime"
+	"slices"
 
 	"github.com/superfly/ltx"
 )
@@ -110,6 +111,11 @@ func ReadChecksumTable(path string) (*ChecksumTable, error) {
 		t.xor ^= sum
 	}
 	return t, nil
+}
+
+// Clone returns a copy of t.
+func (t *ChecksumTable) Clone() *ChecksumTable {
+	return &ChecksumTable{pageSize: t.pageSize, sums: slices.Clone(t.sums), xor: t.xor}
 }
 
 // PageSize returns the database page size; 0 for a database never written.

@@ -100,7 +100,7 @@ func (l *Log) writeTx(ctx context.Context, tx Tx, pos Pos, table *ChecksumTable)
 
 	var trailer ltx.Trailer
 	name := FormatName(txid, txid)
-	size, err := writeFile(l.Dir, name, func(out io.Writer) error {
+	size, seal, err := writeFile(l.Dir, name, func(out io.Writer) error {
 		enc, err := ltx.NewEncoder(out)
 		if err != nil {
 			return err
@@ -139,6 +139,7 @@ func (l *Log) writeTx(ctx context.Context, tx Tx, pos Pos, table *ChecksumTable)
 		PostApplyChecksum: trailer.PostApplyChecksum,
 		FileChecksum:      trailer.FileChecksum,
 		Size:              size,
+		Seal:              seal,
 	}}
 	return w, nil
 }

@@ -160,7 +160,7 @@ type Reader struct {
 // its end.
 func newReader(f *os.File, info FileInfo, pos Pos, tmpDir string) (*Reader, error) {
 	if info.PreApplyPos() == pos {
-		return &Reader{Info: info, vr: NewVerifyReader(bufio.NewReaderSize(f, readBufferSize)), f: f}, nil
+		return &Reader{Info: info, vr: NewVerifyReader(f, info.Seal), f: f}, nil
 	}
 	defer func() { _ = f.Close() }()
 	tmp, err := createTemp(tmpDir, info.Name)
@@ -170,7 +170,8 @@ func newReader(f *os.File, info FileInfo, pos Pos, tmpDir string) (*Reader, erro
 	// Unlinked at once: the reader keeps the only reference.
 	_ = os.Remove(tmp.Name())
 	bw := bufio.NewWriterSize(tmp, readBufferSize)
-	rebased, err := rebase(bw, bufio.NewReaderSize(f, readBufferSize), pos)
+	seal := newSealHash()
+	rebased, err := rebase(io.MultiWriter(bw, seal), NewVerifyReader(f, info.Seal), pos)
 	if err == nil {
 		err = bw.Flush()
 	}
@@ -181,8 +182,8 @@ func newReader(f *os.File, info FileInfo, pos Pos, tmpDir string) (*Reader, erro
 		_ = tmp.Close()
 		return nil, fmt.Errorf("serve %s from %s: %w", info.Name, pos, err)
 	}
-	rebased.Name = info.Name
-	return &Reader{Info: *rebased, vr: NewVerifyReader(bufio.NewReaderSize(tmp, readBufferSize)), f: tmp}, nil
+	rebased.Name, rebased.Seal = info.Name, sealValue(seal)
+	return &Reader{Info: *rebased, vr: NewVerifyReader(tmp, rebased.Seal), f: tmp}, nil
 }
 
 // Read implements io.Reader.
@@ -194,7 +195,7 @@ func (r *Reader) Close() error { return r.f.Close() }
 // rebase re-encodes the LTX file from src to w so that it applies at pos,
 // which must be inside its TXID range.
 func rebase(w io.Writer, src io.Reader, pos Pos) (*FileInfo, error) {
-	dec := ltx.NewDecoder(src)
+	dec := NewDecoder(src)
 	if err := dec.DecodeHeader(); err != nil {
 		return nil, fmt.Errorf("%w: header: %v", ErrCorrupt, err)
 	}

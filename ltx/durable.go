@@ -11,13 +11,14 @@ import (
 )
 
 // writeFile creates dir/name durably and atomically: write writes the
-// content into a temporary file in dir, which is fsynced and renamed to
-// name, and then dir is fsynced. On any error the temporary file is removed
-// and dir is left as it was. It returns the file size.
-func writeFile(dir, name string, write func(w io.Writer) error) (size int64, err error) {
+// content into a temporary file in dir, which is sealed (see seal.go),
+// fsynced and renamed to name, and then dir is fsynced. On any error the
+// temporary file is removed and dir is left as it was. It returns the file
+// size and seal.
+func writeFile(dir, name string, write func(w io.Writer) error) (size int64, seal Checksum, err error) {
 	f, err := createTemp(dir, name)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	tmp := f.Name()
 	defer func() {
@@ -28,29 +29,34 @@ func writeFile(dir, name string, write func(w io.Writer) error) (size int64, err
 	}()
 
 	bw := bufio.NewWriterSize(f, 64<<10)
-	if err := write(bw); err != nil {
-		return 0, diskError("write", tmp, err)
+	h := newSealHash()
+	if err := write(io.MultiWriter(bw, h)); err != nil {
+		return 0, 0, diskError("write", tmp, err)
 	}
 	if err := bw.Flush(); err != nil {
-		return 0, diskError("write", tmp, err)
+		return 0, 0, diskError("write", tmp, err)
+	}
+	seal = sealValue(h)
+	if err := writeSeal(f, seal); err != nil {
+		return 0, 0, diskError("seal", tmp, err)
 	}
 	if err := f.Sync(); err != nil {
-		return 0, diskError("sync", tmp, err)
+		return 0, 0, diskError("sync", tmp, err)
 	}
 	fi, err := f.Stat()
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	if err := f.Close(); err != nil {
-		return 0, diskError("close", tmp, err)
+		return 0, 0, diskError("close", tmp, err)
 	}
 	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	if err := syncDir(dir); err != nil {
-		return 0, err
+		return 0, 0, err
 	}
-	return fi.Size(), nil
+	return fi.Size(), seal, nil
 }
 
 // createTemp creates a temporary file in dir for a file to be named name.

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"os"
 	"path/filepath"
@@ -54,6 +55,9 @@ type FileInfo struct {
 	PostApplyChecksum Checksum
 	FileChecksum      Checksum
 	Size              int64
+	// Seal is the CRC-64/ISO of the file's bytes as written, kept in an
+	// extended attribute; 0 if the file is not sealed. See seal.go.
+	Seal Checksum
 }
 
 // PreApplyPos returns the position the file applies at.
@@ -85,7 +89,14 @@ func ReadFileInfo(path string) (*FileInfo, error) {
 	if err != nil {
 		return nil, err
 	}
-	return readFileInfo(f, filepath.Base(path), fi.Size())
+	info, err := readFileInfo(f, filepath.Base(path), fi.Size())
+	if err != nil {
+		return nil, err
+	}
+	if info.Seal, err = readSeal(f); err != nil {
+		return nil, fmt.Errorf("%w: %s: %v", ErrCorrupt, path, err)
+	}
+	return info, nil
 }
 
 // minFileSize is the smallest possible LTX file: header, end-of-pages
@@ -133,7 +144,9 @@ func readFileInfo(r io.ReaderAt, name string, size int64) (*FileInfo, error) {
 // consumer that reads to io.EOF has therefore received a verified file.
 type VerifyReader struct {
 	tee   teeReader
-	dec   *ltx.Decoder
+	seal  hash.Hash64
+	want  Checksum // expected seal; 0 for none
+	dec   *Decoder
 	out   bytes.Buffer // decoded bytes not yet handed out
 	page  []byte
 	pages uint32 // pages decoded
@@ -149,11 +162,15 @@ const (
 	verifyDone
 )
 
-// NewVerifyReader returns a VerifyReader reading the LTX file from r.
-func NewVerifyReader(r io.Reader) *VerifyReader {
-	vr := &VerifyReader{}
-	vr.tee = teeReader{r: r, w: &vr.out}
-	vr.dec = ltx.NewDecoder(&vr.tee)
+// NewVerifyReader returns a VerifyReader reading the LTX file from r. If
+// seal is not 0, the bytes read must also match it (see seal.go).
+func NewVerifyReader(r io.Reader, seal Checksum) *VerifyReader {
+	// The buffer sits below the tee, so the codec never reads ahead of what
+	// it has decoded and Read hands out nothing undecoded.
+	br := bufio.NewReaderSize(r, readBufferSize)
+	vr := &VerifyReader{seal: newSealHash(), want: seal}
+	vr.tee = teeReader{r: br, w: io.MultiWriter(&vr.out, vr.seal)}
+	vr.dec = &Decoder{Decoder: ltx.NewDecoder(&vr.tee), peek: br}
 	return vr
 }
 
@@ -210,6 +227,11 @@ func (vr *VerifyReader) step() {
 			vr.fail("page index or trailer", err)
 			return
 		}
+		if got := sealValue(vr.seal); vr.want != 0 && got != vr.want {
+			vr.err = fmt.Errorf("%w: the file's bytes changed since it was written (sealed as %s, now %s) "+
+				"in compressed page data, where the LTX file checksum does not reach", ErrCorrupt, vr.want, got)
+			return
+		}
 		vr.state, vr.err = verifyDone, io.EOF
 	}
 }
@@ -260,7 +282,7 @@ func (vr *VerifyReader) fail(where string, err error) {
 // error other than io.EOF.
 type teeReader struct {
 	r   io.Reader
-	w   *bytes.Buffer
+	w   io.Writer
 	n   int64
 	err error
 }
@@ -282,13 +304,17 @@ func VerifyFile(path string) (*FileInfo, error) {
 		return nil, err
 	}
 	defer func() { _ = f.Close() }()
-	vr := NewVerifyReader(bufio.NewReaderSize(f, readBufferSize))
+	seal, err := readSeal(f)
+	if err != nil {
+		return nil, fmt.Errorf("verify %s: %w: %v", path, ErrCorrupt, err)
+	}
+	vr := NewVerifyReader(f, seal)
 	n, err := io.Copy(io.Discard, vr)
 	if err != nil {
 		return nil, fmt.Errorf("verify %s: %w", path, err)
 	}
 	t := vr.Trailer()
-	info := &FileInfo{Name: filepath.Base(path), Header: vr.Header(), PostApplyChecksum: t.PostApplyChecksum, FileChecksum: t.FileChecksum, Size: n}
+	info := &FileInfo{Name: filepath.Base(path), Header: vr.Header(), PostApplyChecksum: t.PostApplyChecksum, FileChecksum: t.FileChecksum, Size: n, Seal: seal}
 	if min, max, err := ParseName(info.Name); err == nil && (min != info.Header.MinTXID || max != info.Header.MaxTXID) {
 		return nil, fmt.Errorf("verify %s: %w: name says txid %s-%s but header says %s-%s",
 			path, ErrCorrupt, min, max, info.Header.MinTXID, info.Header.MaxTXID)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -264,6 +265,9 @@ func (l *Log) recover() ([]*logFile, error) {
 	if files, err = l.verifyLast(files); err != nil {
 		return nil, err
 	}
+	if err := l.sealAll(files); err != nil {
+		return nil, err
+	}
 	if err := l.loadSidecars(files, sidecars); err != nil {
 		return nil, err
 	}
@@ -352,6 +356,40 @@ func (l *Log) verifyLast(files []*logFile) ([]*logFile, error) {
 		files = files[:len(files)-1]
 	}
 	return files, nil
+}
+
+// sealAll verifies and seals the files that have no seal (see seal.go):
+// files copied in without their extended attributes.
+func (l *Log) sealAll(files []*logFile) error {
+	for _, f := range files {
+		if f.info.Seal != 0 {
+			continue
+		}
+		path := l.path(f.info.Name)
+		if _, err := VerifyFile(path); err != nil {
+			return fmt.Errorf("log %s: %w", l.Dir, err)
+		}
+		fh, err := os.Open(path)
+		if err != nil {
+			return err
+		}
+		seal := newSealHash()
+		_, err = io.Copy(seal, fh)
+		if err == nil {
+			err = writeSeal(fh, sealValue(seal))
+		}
+		if err == nil {
+			err = fh.Sync()
+		}
+		if err == nil {
+			f.info.Seal, err = readSeal(fh)
+		}
+		_ = fh.Close()
+		if err != nil {
+			return fmt.Errorf("seal %s: %w", path, err)
+		}
+	}
+	return nil
 }
 
 // loadSidecars reads the position sidecars of the files that have one and

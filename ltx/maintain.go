@@ -154,7 +154,7 @@ func (l *Log) compactGroup(ctx context.Context, g []*logFile) (*logFile, error) 
 		}
 		sums = append(sums, f.info.PostApplyChecksum)
 	}
-	if _, err := writeFile(l.Dir, posName(name), func(w io.Writer) error {
+	if _, _, err := writeFile(l.Dir, posName(name), func(w io.Writer) error {
 		_, err := w.Write(encodePositions(first.Header.MinTXID, sums))
 		return err
 	}); err != nil {
@@ -172,7 +172,7 @@ func (l *Log) compactGroup(ctx context.Context, g []*logFile) (*logFile, error) 
 		rdrs[i] = bufio.NewReaderSize(fh, readBufferSize)
 	}
 	var c *ltx.Compactor
-	size, err := writeFile(l.Dir, name, func(w io.Writer) (err error) {
+	size, seal, err := writeFile(l.Dir, name, func(w io.Writer) (err error) {
 		if c, err = ltx.NewCompactor(w, rdrs); err != nil {
 			return err
 		}
@@ -184,7 +184,7 @@ func (l *Log) compactGroup(ctx context.Context, g []*logFile) (*logFile, error) 
 	}
 	t := c.Trailer()
 	return &logFile{
-		info:      FileInfo{Name: name, Header: c.Header(), PostApplyChecksum: t.PostApplyChecksum, FileChecksum: t.FileChecksum, Size: size},
+		info:      FileInfo{Name: name, Header: c.Header(), PostApplyChecksum: t.PostApplyChecksum, FileChecksum: t.FileChecksum, Size: size, Seal: seal},
 		positions: sums,
 	}, nil
 }

@@ -1,7 +1,6 @@
 package ltx
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -107,10 +106,13 @@ type DatabaseFile interface {
 // a snapshot. It checks that the file decodes with a matching file checksum
 // and that the database checksum afterwards equals the file's post-apply
 // checksum, and then updates t and returns the new position. On error the
-// database file may be partly written and t is unchanged: the caller
-// discards the file or applies the same LTX file again.
+// database file may be partly written (never past the file's commit size)
+// and t is unchanged: the caller discards the file or applies the same LTX
+// file again. A caller that must not touch the database with a damaged file
+// verifies the file first (VerifyReader); a log's files are verified as
+// cursors read them.
 func Apply(ctx context.Context, db DatabaseFile, t *ChecksumTable, pos Pos, r io.Reader) (Pos, error) {
-	dec := ltx.NewDecoder(bufio.NewReaderSize(r, readBufferSize))
+	dec := NewDecoder(r)
 	if err := dec.DecodeHeader(); err != nil {
 		return pos, fmt.Errorf("%w: header: %v", ErrCorrupt, err)
 	}
@@ -139,6 +141,12 @@ func Apply(ctx context.Context, db DatabaseFile, t *ChecksumTable, pos Pos, r io
 			if err := ctx.Err(); err != nil {
 				return pos, err
 			}
+		}
+		// The codec checks page numbers against the index only at the end of
+		// the file; never write outside the database meanwhile.
+		if ph.Pgno > hdr.Commit || ph.Pgno == hdr.LockPgno() {
+			return pos, fmt.Errorf("%w: page frame %d: page %d is outside the database (commit %d, lock page %d)",
+				ErrCorrupt, len(changes)+1, ph.Pgno, hdr.Commit, hdr.LockPgno())
 		}
 		if _, err := db.WriteAt(data, int64(ph.Pgno-1)*int64(hdr.PageSize)); err != nil {
 			return pos, fmt.Errorf("write page %d: %w", ph.Pgno, err)

@@ -1,0 +1,55 @@
+package ltx
+
+import (
+	"bufio"
+	"encoding/binary"
+	"fmt"
+	"io"
+
+	"github.com/pierrec/lz4/v4"
+	"github.com/superfly/ltx"
+)
+
+// Decoder is the codec's decoder with one guard added: it refuses a page
+// frame whose compressed size is more than LZ4 can produce for a page, before
+// the codec reads it. The codec allocates a frame's stated size up front, so
+// in a damaged or hostile file a single size field could otherwise ask for
+// up to 4 GiB. Use it for every LTX file read from outside the process.
+type Decoder struct {
+	*ltx.Decoder
+	peek *bufio.Reader // positioned where the codec reads next
+}
+
+// NewDecoder returns a Decoder reading from r.
+func NewDecoder(r io.Reader) *Decoder {
+	br, ok := r.(*bufio.Reader)
+	if !ok {
+		br = bufio.NewReaderSize(r, readBufferSize)
+	}
+	return &Decoder{Decoder: ltx.NewDecoder(br), peek: br}
+}
+
+// DecodePage reads the next page frame into hdr and data; see the codec.
+func (d *Decoder) DecodePage(hdr *ltx.PageHeader, data []byte) error {
+	if err := d.checkFrame(d.Header().PageSize); err != nil {
+		return err
+	}
+	return d.Decoder.DecodePage(hdr, data)
+}
+
+// checkFrame looks at the next page frame's header and size field without
+// consuming them. A short read is left for the codec to report.
+func (d *Decoder) checkFrame(pageSize uint32) error {
+	b, err := d.peek.Peek(ltx.PageHeaderSize + 4)
+	if err != nil {
+		return nil
+	}
+	var ph ltx.PageHeader
+	if err := ph.UnmarshalBinary(b); err != nil || ph.IsZero() || ph.Flags&ltx.PageHeaderFlagSize == 0 {
+		return nil
+	}
+	if size, bound := binary.BigEndian.Uint32(b[ltx.PageHeaderSize:]), lz4.CompressBlockBound(int(pageSize)); uint64(size) > uint64(bound) {
+		return fmt.Errorf("page %d: compressed size %d is more than a %d-byte page can need (%d)", ph.Pgno, size, pageSize, bound)
+	}
+	return nil
+}

@@ -1,0 +1,103 @@
+package ltx
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+)
+
+// DirReport is what VerifyDir found in a log directory.
+type DirReport struct {
+	Files    []FileInfo // the files that form the log, oldest first
+	Problems []error    // each says which file and what is wrong
+	Notes    []string   // things Open would tidy up, which are not damage
+}
+
+// OK reports whether no problem was found.
+func (r *DirReport) OK() bool { return len(r.Problems) == 0 }
+
+// VerifyDir checks a log directory without changing it: every LTX file
+// decodes with a matching file checksum and agrees with its name, TXIDs run
+// without gaps, each file applies at the checksum the file before it left,
+// and each position sidecar reads and agrees with its file. It returns an
+// error only if the directory cannot be read.
+func VerifyDir(dir string) (*DirReport, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	r := &DirReport{}
+	sidecars := map[string]bool{}
+	for _, e := range entries {
+		name := e.Name()
+		switch {
+		case e.IsDir():
+			r.Notes = append(r.Notes, fmt.Sprintf("%s/: subdirectory, not part of the log", name))
+		case strings.HasSuffix(name, tmpExt):
+			r.Notes = append(r.Notes, fmt.Sprintf("%s: unfinished write, never part of the log; opening the log removes it", name))
+		case strings.HasSuffix(name, posExt):
+			sidecars[name] = true
+		case strings.HasSuffix(name, ltxExt):
+			if _, _, err := ParseName(name); err != nil {
+				r.Problems = append(r.Problems, err)
+				continue
+			}
+			info, err := VerifyFile(filepath.Join(dir, name))
+			if err != nil {
+				r.Problems = append(r.Problems, err)
+				continue
+			}
+			r.Files = append(r.Files, *info)
+		default:
+			r.Notes = append(r.Notes, fmt.Sprintf("%s: not an LTX file, ignored", name))
+		}
+	}
+	slices.SortFunc(r.Files, func(a, b FileInfo) int {
+		if c := cmp.Compare(a.Header.MinTXID, b.Header.MinTXID); c != 0 {
+			return c
+		}
+		return cmp.Compare(b.Header.MaxTXID, a.Header.MaxTXID)
+	})
+
+	var chain []FileInfo
+	for _, f := range r.Files {
+		if n := len(chain); n > 0 {
+			prev := chain[n-1]
+			switch {
+			case f.Header.MaxTXID <= prev.Header.MaxTXID:
+				r.Notes = append(r.Notes, fmt.Sprintf("%s: superseded by compacted file %s; opening the log removes it", f.Name, prev.Name))
+				continue
+			case f.Header.MinTXID != prev.Header.MaxTXID+1:
+				r.Problems = append(r.Problems, fmt.Errorf("%s: gap in TXIDs: the previous file, %s, ends at txid %s", f.Name, prev.Name, prev.Header.MaxTXID))
+			case f.Header.PreApplyChecksum != prev.PostApplyChecksum:
+				r.Problems = append(r.Problems, fmt.Errorf("%s: applies at checksum %s but the previous file, %s, leaves %s",
+					f.Name, f.Header.PreApplyChecksum, prev.Name, prev.PostApplyChecksum))
+			}
+		}
+		chain = append(chain, f)
+	}
+	r.Files = chain
+
+	for i := range r.Files {
+		f := &r.Files[i]
+		name := posName(f.Name)
+		if !sidecars[name] {
+			continue
+		}
+		delete(sidecars, name)
+		if _, err := readPositions(filepath.Join(dir, name), f); err != nil {
+			r.Problems = append(r.Problems, err)
+		}
+	}
+	for name := range sidecars {
+		r.Notes = append(r.Notes, fmt.Sprintf("%s: position sidecar without its LTX file; opening the log removes it", name))
+	}
+	return r, nil
+}
+
+// Err returns the problems as one error, or nil.
+func (r *DirReport) Err() error { return errors.Join(r.Problems...) }
