@@ -1,0 +1,72 @@
+// Command regiond is Meridian's per-region daemon and its tools.
+//
+// Today it has the `ltx` tools for LTX logs and database files; `run`,
+// `status` and the cluster commands come with the daemon.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := Run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	var usage usageError
+	switch {
+	case err == nil:
+	case errors.Is(err, flag.ErrHelp):
+		os.Exit(2)
+	case errors.As(err, &usage):
+		fmt.Fprintf(os.Stderr, "regiond: %s\n", err)
+		os.Exit(2)
+	default:
+		fmt.Fprintf(os.Stderr, "regiond: %s\n", err)
+		os.Exit(1)
+	}
+}
+
+const usage = `regiond is Meridian's per-region daemon and its tools.
+
+Usage:
+
+	regiond <command> [arguments]
+
+Commands:
+
+	ltx    inspect, verify and restore LTX logs and database files
+
+Run "regiond <command> -h" for a command's usage.
+`
+
+// usageError is an error in how a command was called (exit status 2).
+type usageError struct{ msg string }
+
+func (e usageError) Error() string { return e.msg }
+
+func usagef(format string, args ...any) error { return usageError{fmt.Sprintf(format, args...)} }
+
+// Run runs the command in args, writing its output to stdout and usage and
+// diagnostics to stderr.
+func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return flag.ErrHelp
+	}
+	switch args[0] {
+	case "ltx":
+		return runLTX(ctx, args[1:], stdout, stderr)
+	case "help", "-h", "-help", "--help":
+		fmt.Fprint(stdout, usage)
+		return nil
+	default:
+		return usagef("unknown command %q; run \"regiond help\" for the list", args[0])
+	}
+}
