@@ -259,30 +259,48 @@ func TestLog_Compact_KeepsEveryPosition(t *testing.T) {
 
 // TestLog_Compact_Interrupted checks that a log holding both a compacted
 // file and its inputs (a crash before the inputs were removed) opens with
-// the compacted file alone.
+// the compacted file alone, also when the inputs were compacted files with
+// position sidecars of their own.
 func TestLog_Compact_Interrupted(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	d := newFakeDB(t, dir, 14)
 	d.run(20, t0, nil)
-	inputs := copyDir(t, d.log.Dir)
+	d.log.CompactionSize = 24 << 10
 	if _, err := d.log.Compact(ctx, t0.Add(10*time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	inputs := copyDir(t, d.log.Dir)
+	var sidecars int
+	entries, _ := os.ReadDir(inputs)
+	for _, e := range entries {
+		if filepath.Ext(e.Name()) == ".pos" {
+			sidecars++
+		}
+	}
+	if sidecars < 2 {
+		t.Fatalf("first compaction left %d sidecars, want several", sidecars)
+	}
+	d.log.CompactionSize = 1 << 30
+	if _, err := d.log.Compact(ctx, t0.Add(15*time.Minute)); err != nil {
 		t.Fatal(err)
 	}
 	want := d.log.Files()
 	_ = d.log.Close()
-	entries, _ := os.ReadDir(inputs)
 	for _, e := range entries {
 		if err := os.WriteFile(filepath.Join(d.log.Dir, e.Name()), testingutil.MustReadFile(t, filepath.Join(inputs, e.Name())), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
 	l := testingutil.MustOpenLog(t, "db", d.log.Dir, d.path)
-	if got := l.Files(); len(got) != len(want) || got[0] != want[0] {
+	if got := l.Files(); len(got) != len(want) || got[0].Name != want[0].Name {
 		t.Fatalf("files after recovery = %v, want %v", got, want)
 	}
 	if entries, _ := os.ReadDir(d.log.Dir); len(entries) != len(want)+1 { // + the sidecar
 		t.Fatalf("%d entries in the log directory, want %d", len(entries), len(want)+1)
+	}
+	if got, want := mustRestoreSHA(t, l), testingutil.FileSHA256(t, d.path); got != want {
+		t.Fatalf("restored sha256 %s, want %s", got, want)
 	}
 }
 

@@ -10,6 +10,11 @@ import (
 	"syscall"
 )
 
+// failpoint is called at each step of writing and removing log files, by
+// name. It does nothing; crash tests replace it to kill the process at
+// exactly that step.
+var failpoint = func(name string) {}
+
 // writeFile creates dir/name durably and atomically: write writes the
 // content into a temporary file in dir, which is sealed (see seal.go),
 // fsynced and renamed to name, and then dir is fsynced. On any error the
@@ -36,13 +41,16 @@ func writeFile(dir, name string, write func(w io.Writer) error) (size int64, sea
 	if err := bw.Flush(); err != nil {
 		return 0, 0, diskError("write", tmp, err)
 	}
+	failpoint("write")
 	seal = sealValue(h)
 	if err := writeSeal(f, seal); err != nil {
 		return 0, 0, diskError("seal", tmp, err)
 	}
+	failpoint("seal")
 	if err := f.Sync(); err != nil {
 		return 0, 0, diskError("sync", tmp, err)
 	}
+	failpoint("sync")
 	fi, err := f.Stat()
 	if err != nil {
 		return 0, 0, err
@@ -53,9 +61,11 @@ func writeFile(dir, name string, write func(w io.Writer) error) (size int64, sea
 	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
 		return 0, 0, err
 	}
+	failpoint("rename")
 	if err := syncDir(dir); err != nil {
 		return 0, 0, err
 	}
+	failpoint("syncdir")
 	return fi.Size(), seal, nil
 }
 

@@ -410,7 +410,8 @@ func (l *Log) loadSidecars(files []*logFile, sidecars map[string]bool) error {
 		f.positions = sums
 	}
 	for name := range sidecars {
-		if err := os.Remove(l.path(name)); err != nil {
+		// Gone already if its file was superseded and removed.
+		if err := os.Remove(l.path(name)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return err
 		}
 	}

@@ -48,6 +48,7 @@ func (l *Log) Prune(ctx context.Context, acked TXID, now time.Time) (int, error)
 		if err := l.removeFile(f.info.Name); err != nil {
 			return 0, fmt.Errorf("prune %s: %w", f.info.Name, err)
 		}
+		failpoint("prune")
 	}
 	if n > 0 {
 		if err := syncDir(l.Dir); err != nil {
@@ -93,10 +94,12 @@ func (l *Log) Compact(ctx context.Context, before time.Time) (int, error) {
 		i := slices.Index(l.files, g[0])
 		l.files = slices.Replace(l.files, i, i+len(g), out)
 		l.mu.Unlock()
+		failpoint("compact")
 		for _, f := range g {
 			if err := l.removeFile(f.info.Name); err != nil {
 				return merged, err
 			}
+			failpoint("compact-remove")
 		}
 		if err := syncDir(l.Dir); err != nil {
 			return merged, err
