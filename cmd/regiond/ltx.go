@@ -229,7 +229,11 @@ func ltxVerify(_ context.Context, args []string, stdout, stderr io.Writer) error
 				fmt.Fprintln(stderr, err)
 				continue
 			}
-			fmt.Fprintf(stdout, "%s: ok, txid %s-%s, %s -> %s\n", path, info.Header.MinTXID, info.Header.MaxTXID, info.PreApplyPos(), info.Pos())
+			sealed := "sealed"
+			if info.Seal == 0 {
+				sealed = "not sealed: checked by decoding only"
+			}
+			fmt.Fprintf(stdout, "%s: ok, txid %s-%s, %s -> %s (%s)\n", path, info.Header.MinTXID, info.Header.MaxTXID, info.PreApplyPos(), info.Pos(), sealed)
 			continue
 		}
 		r, err := ltx.VerifyDir(path)
@@ -278,7 +282,7 @@ func ltxChecksum(_ context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "%s: checksum %s, %d pages of %d bytes (%s)\n", path, t.Checksum(), t.Pages(), t.PageSize(), time.Since(start).Round(time.Millisecond))
+	fmt.Fprintf(stdout, "%s: checksum %s, %d pages of %d bytes (%s)\n", path, t.Checksum(), t.Pages(), t.PageSize(), time.Since(start).Round(time.Microsecond))
 	return nil
 }
 
