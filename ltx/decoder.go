@@ -18,6 +18,7 @@ import (
 type Decoder struct {
 	*ltx.Decoder
 	peek *bufio.Reader // positioned where the codec reads next
+	done bool          // the end-of-pages marker has been read
 }
 
 // NewDecoder returns a Decoder reading from r.
@@ -31,10 +32,16 @@ func NewDecoder(r io.Reader) *Decoder {
 
 // DecodePage reads the next page frame into hdr and data; see the codec.
 func (d *Decoder) DecodePage(hdr *ltx.PageHeader, data []byte) error {
-	if err := d.checkFrame(d.Header().PageSize); err != nil {
-		return err
+	if !d.done {
+		if err := d.checkFrame(d.Header().PageSize); err != nil {
+			return err
+		}
 	}
-	return d.Decoder.DecodePage(hdr, data)
+	err := d.Decoder.DecodePage(hdr, data)
+	if err == io.EOF && hdr.IsZero() {
+		d.done = true
+	}
+	return err
 }
 
 // checkFrame looks at the next page frame's header and size field without

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/superfly/ltx"
+	"golang.org/x/sync/errgroup"
 )
 
 // EncodeSnapshot writes a snapshot LTX file of the database read from db to
@@ -32,26 +33,30 @@ func EncodeSnapshot(ctx context.Context, w io.Writer, db io.ReaderAt, pageSize, 
 	if err := enc.EncodeHeader(hdr); err != nil {
 		return nil, fmt.Errorf("encode snapshot header: %w", err)
 	}
-	buf := make([]byte, pageSize)
-	hash := ltx.NewHasher()
-	lockPgno := ltx.LockPgno(pageSize)
 	chksum := ChecksumFlag
-	for pgno := uint32(1); pgno <= commit; pgno++ {
-		if pgno == lockPgno {
-			continue
+	pool, batches := newBatchPool(3), make(chan *pageBatch, 1)
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		defer close(batches)
+		if err := readPages(gctx, db, pageSize, commit, pool, batches); err != nil {
+			return fmt.Errorf("read database: %w", err)
 		}
-		if pgno%4096 == 0 {
-			if err := ctx.Err(); err != nil {
-				return nil, err
+		return nil
+	})
+	g.Go(func() error {
+		for b := range batches {
+			for i, pgno := range b.pgnos {
+				chksum ^= b.sums[i]
+				if err := enc.EncodePage(ltx.PageHeader{Pgno: pgno}, b.page(i, pageSize)); err != nil {
+					return fmt.Errorf("encode page %d: %w", pgno, err)
+				}
 			}
+			pool <- b
 		}
-		if _, err := db.ReadAt(buf, int64(pgno-1)*int64(pageSize)); err != nil {
-			return nil, fmt.Errorf("read page %d: %w", pgno, err)
-		}
-		chksum ^= ltx.ChecksumPageWithHasher(hash, pgno, buf)
-		if err := enc.EncodePage(ltx.PageHeader{Pgno: pgno}, buf); err != nil {
-			return nil, fmt.Errorf("encode page %d: %w", pgno, err)
-		}
+		return nil
+	})
+	if err := g.Wait(); err != nil {
+		return nil, err
 	}
 	enc.SetPostApplyChecksum(ChecksumFlag | chksum)
 	if err := enc.Close(); err != nil {
@@ -125,36 +130,29 @@ func Apply(ctx context.Context, db DatabaseFile, t *ChecksumTable, pos Pos, r io
 		base = NewChecksumTable(hdr.PageSize)
 	}
 
-	var (
-		ph      ltx.PageHeader
-		data    = make([]byte, hdr.PageSize)
-		hash    = ltx.NewHasher()
-		changes []pageSum
-	)
-	for {
-		if err := dec.DecodePage(&ph, data); errors.Is(err, io.EOF) {
-			break
-		} else if err != nil {
-			return pos, fmt.Errorf("%w: page frame %d: %v", ErrCorrupt, len(changes)+1, err)
-		}
-		if len(changes)%4096 == 0 {
-			if err := ctx.Err(); err != nil {
-				return pos, err
+	// Decode on one goroutine; checksum and write on another.
+	var changes []pageSum
+	pool, batches := newBatchPool(3), make(chan *pageBatch, 1)
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		defer close(batches)
+		return decodePages(gctx, dec, pool, batches)
+	})
+	g.Go(func() error {
+		for b := range batches {
+			b.checksum(hdr.PageSize)
+			if err := writePages(db, b, hdr.PageSize); err != nil {
+				return fmt.Errorf("write pages %d-%d: %w", b.pgnos[0], b.pgnos[len(b.pgnos)-1], err)
 			}
+			for i, pgno := range b.pgnos {
+				changes = append(changes, pageSum{pgno, b.sums[i]})
+			}
+			pool <- b
 		}
-		// The codec checks page numbers against the index only at the end of
-		// the file; never write outside the database meanwhile.
-		if ph.Pgno > hdr.Commit || ph.Pgno == hdr.LockPgno() {
-			return pos, fmt.Errorf("%w: page frame %d: page %d is outside the database (commit %d, lock page %d)",
-				ErrCorrupt, len(changes)+1, ph.Pgno, hdr.Commit, hdr.LockPgno())
-		}
-		if _, err := db.WriteAt(data, int64(ph.Pgno-1)*int64(hdr.PageSize)); err != nil {
-			return pos, fmt.Errorf("write page %d: %w", ph.Pgno, err)
-		}
-		changes = append(changes, pageSum{ph.Pgno, ltx.ChecksumPageWithHasher(hash, ph.Pgno, data)})
-	}
-	if err := dec.Close(); err != nil {
-		return pos, fmt.Errorf("%w: %v", ErrCorrupt, err)
+		return nil
+	})
+	if err := g.Wait(); err != nil {
+		return pos, err
 	}
 	if err := db.Truncate(int64(hdr.Commit) * int64(hdr.PageSize)); err != nil {
 		return pos, fmt.Errorf("truncate database to %d pages: %w", hdr.Commit, err)
@@ -168,6 +166,42 @@ func Apply(ctx context.Context, db DatabaseFile, t *ChecksumTable, pos Pos, r io
 	base.apply(changes, hdr.Commit)
 	*t = *base
 	return post, nil
+}
+
+// decodePages decodes the page frames of dec in batches and sends them to
+// out, then checks the rest of the file. It refuses a page number outside
+// the database before it goes anywhere near a write.
+func decodePages(ctx context.Context, dec *Decoder, pool batchPool, out chan<- *pageBatch) error {
+	hdr := dec.Header()
+	var ph ltx.PageHeader
+	for n := 1; ; {
+		b, err := pool.get(ctx)
+		if err != nil {
+			return err
+		}
+		for ; len(b.pgnos) < batchPages; n++ {
+			if err := dec.DecodePage(&ph, b.page(len(b.pgnos), hdr.PageSize)); errors.Is(err, io.EOF) {
+				break
+			} else if err != nil {
+				return fmt.Errorf("%w: page frame %d: %v", ErrCorrupt, n, err)
+			}
+			if ph.Pgno > hdr.Commit || ph.Pgno == hdr.LockPgno() {
+				return fmt.Errorf("%w: page frame %d: page %d is outside the database (commit %d, lock page %d)",
+					ErrCorrupt, n, ph.Pgno, hdr.Commit, hdr.LockPgno())
+			}
+			b.pgnos = append(b.pgnos, ph.Pgno)
+		}
+		if len(b.pgnos) == 0 {
+			break
+		}
+		if err := send(ctx, out, b); err != nil {
+			return err
+		}
+	}
+	if err := dec.Close(); err != nil {
+		return fmt.Errorf("%w: %v", ErrCorrupt, err)
+	}
+	return nil
 }
 
 // Restore builds the database file dst from a snapshot followed by LTX files
