@@ -144,8 +144,8 @@ type pageSum struct {
 
 // next returns the database checksum after the pages in changes take their
 // new checksums and the database is resized to commit pages. Every page
-// beyond the current size up to commit must be in changes. It does not
-// modify t.
+// beyond the current size up to commit, but the lock page, must be in
+// changes. It does not modify t.
 func (t *ChecksumTable) next(changes []pageSum, commit uint32) Checksum {
 	x := t.xor
 	for pgno := commit + 1; pgno <= t.Pages(); pgno++ {
@@ -171,24 +171,4 @@ func (t *ChecksumTable) apply(changes []pageSum, commit uint32) {
 	for _, c := range changes {
 		t.sums[c.pgno-1] = c.sum
 	}
-}
-
-// zeroPageSums returns the changes for pages from the current end of the
-// database up to commit that are not in changes (sorted by pgno): pages
-// SQLite left as a hole, which read as zeros.
-func (t *ChecksumTable) zeroPageSums(changes []pageSum, commit uint32) []pageSum {
-	var holes []pageSum
-	lockPgno := ltx.LockPgno(t.pageSize)
-	zero := make([]byte, t.pageSize)
-	i := 0
-	for pgno := t.Pages() + 1; pgno <= commit; pgno++ {
-		for i < len(changes) && changes[i].pgno < pgno {
-			i++
-		}
-		if (i < len(changes) && changes[i].pgno == pgno) || pgno == lockPgno {
-			continue
-		}
-		holes = append(holes, pageSum{pgno, ltx.ChecksumPage(pgno, zero)})
-	}
-	return holes
 }

@@ -7,7 +7,10 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+
+	codec "github.com/superfly/ltx"
 
 	"github.com/meridian-db/meridian/internal/testingutil"
 	"github.com/meridian-db/meridian/ltx"
@@ -148,4 +151,60 @@ func (m *memFile) Truncate(size int64) error {
 		m.b = append(m.b, make([]byte, int(size)-len(m.b))...)
 	}
 	return nil
+}
+
+// TestApply_GrowthMustCarryPages checks that a file that grows the database
+// must carry every page it grows it by, and that one that does not is
+// refused before the database file grows: a page-size change carrying one
+// page, a growth with a hole, and a commit size of a billion pages.
+func TestApply_GrowthMustCarryPages(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	d := newFakeDB(t, dir, 21)
+	d.run(3, t0, nil)
+	pos, pages := d.log.Pos(), uint32(len(d.data))/d.pageSize
+	page := func(pgno uint32, size uint32) codec.PageSpec {
+		data := make([]byte, size)
+		data[0] = byte(pgno)
+		return codec.PageSpec{Header: codec.PageHeader{Pgno: pgno}, Data: data}
+	}
+	for name, spec := range map[string]codec.FileSpec{
+		"page size change": {
+			Header: codec.Header{Version: codec.Version, PageSize: 512, Commit: 24, MinTXID: 4, MaxTXID: 4, Timestamp: 1, PreApplyChecksum: pos.PostApplyChecksum},
+			Pages:  []codec.PageSpec{page(1, 512)},
+		},
+		"hole": {
+			Header: codec.Header{Version: codec.Version, PageSize: d.pageSize, Commit: pages + 2, MinTXID: 4, MaxTXID: 4, Timestamp: 1, PreApplyChecksum: pos.PostApplyChecksum},
+			Pages:  []codec.PageSpec{page(2, d.pageSize), page(pages+2, d.pageSize)},
+		},
+		"huge commit": {
+			Header: codec.Header{Version: codec.Version, PageSize: d.pageSize, Commit: 1 << 30, MinTXID: 4, MaxTXID: 4, Timestamp: 1, PreApplyChecksum: pos.PostApplyChecksum},
+			Pages:  []codec.PageSpec{page(2, d.pageSize), page(1<<30-1, d.pageSize)},
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			spec.Trailer.PostApplyChecksum = ltx.ChecksumFlag | 0x1234 // whatever it claims
+			var buf bytes.Buffer
+			if _, err := spec.WriteTo(&buf); err != nil {
+				t.Fatal(err)
+			}
+			db := filepath.Join(t.TempDir(), "db")
+			if err := os.WriteFile(db, d.data, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			f, err := os.OpenFile(db, os.O_RDWR, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer func() { _ = f.Close() }()
+			table, _ := ltx.ReadChecksumTable(db)
+			_, err = ltx.Apply(ctx, f, table, pos, &buf)
+			if !errors.Is(err, ltx.ErrCorrupt) || !strings.Contains(err.Error(), "does not carry") {
+				t.Fatalf("err = %v, want ErrCorrupt about a page it does not carry", err)
+			}
+			if fi, _ := f.Stat(); fi.Size() > int64(len(d.data)) {
+				t.Fatalf("refused file grew the database to %d bytes", fi.Size())
+			}
+		})
+	}
 }

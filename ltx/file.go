@@ -194,6 +194,13 @@ func (vr *VerifyReader) Read(p []byte) (int, error) {
 // step decodes the next part of the file: the header, one page, or the
 // index and trailer.
 func (vr *VerifyReader) step() {
+	// Bytes of a step that fails are never handed out.
+	kept := vr.out.Len()
+	defer func() {
+		if vr.err != nil && vr.err != io.EOF {
+			vr.out.Truncate(kept)
+		}
+	}()
 	switch vr.state {
 	case verifyHeader:
 		if err := vr.dec.DecodeHeader(); err != nil {

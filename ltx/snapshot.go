@@ -108,9 +108,11 @@ type DatabaseFile interface {
 
 // Apply writes the LTX file read from r into the database file db, which is
 // at position pos with page checksums t. The file must apply at pos, or be
-// a snapshot. It checks that the file decodes with a matching file checksum
-// and that the database checksum afterwards equals the file's post-apply
-// checksum, and then updates t and returns the new position. On error the
+// a snapshot. It checks that the file decodes with a matching file checksum,
+// that it carries every page it grows the database by (all of them for a
+// snapshot or a change of page size), and that the database checksum
+// afterwards equals the file's post-apply checksum, and then updates t and
+// returns the new position. On error the
 // database file may be partly written (never past the file's commit size)
 // and t is unchanged: the caller discards the file or applies the same LTX
 // file again. A caller that must not touch the database with a damaged file
@@ -136,7 +138,7 @@ func Apply(ctx context.Context, db DatabaseFile, t *ChecksumTable, pos Pos, r io
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
 		defer close(batches)
-		return decodePages(gctx, dec, pool, batches)
+		return decodePages(gctx, dec, base.Pages(), pool, batches)
 	})
 	g.Go(func() error {
 		for b := range batches {
@@ -157,7 +159,6 @@ func Apply(ctx context.Context, db DatabaseFile, t *ChecksumTable, pos Pos, r io
 	if err := db.Truncate(int64(hdr.Commit) * int64(hdr.PageSize)); err != nil {
 		return pos, fmt.Errorf("truncate database to %d pages: %w", hdr.Commit, err)
 	}
-	changes = append(changes, base.zeroPageSums(changes, hdr.Commit)...)
 	post := dec.PostApplyPos()
 	if got := base.next(changes, hdr.Commit); got != post.PostApplyChecksum {
 		return pos, fmt.Errorf("file txid %s-%s should leave the database at checksum %s, but it is %s",
@@ -169,10 +170,17 @@ func Apply(ctx context.Context, db DatabaseFile, t *ChecksumTable, pos Pos, r io
 }
 
 // decodePages decodes the page frames of dec in batches and sends them to
-// out, then checks the rest of the file. It refuses a page number outside
-// the database before it goes anywhere near a write.
-func decodePages(ctx context.Context, dec *Decoder, pool batchPool, out chan<- *pageBatch) error {
+// out, then checks the rest of the file. The database has `have` pages
+// before the file: a file that grows it must carry every page it grows by.
+// A page outside the database, or past a page the file skips while growing
+// it, is refused before it goes anywhere near a write.
+func decodePages(ctx context.Context, dec *Decoder, have uint32, pool batchPool, out chan<- *pageBatch) error {
 	hdr := dec.Header()
+	lockPgno := hdr.LockPgno()
+	next := have + 1 // first page past the end, which the file must carry next
+	if next == lockPgno {
+		next++
+	}
 	var ph ltx.PageHeader
 	for n := 1; ; {
 		b, err := pool.get(ctx)
@@ -185,9 +193,17 @@ func decodePages(ctx context.Context, dec *Decoder, pool batchPool, out chan<- *
 			} else if err != nil {
 				return fmt.Errorf("%w: page frame %d: %v", ErrCorrupt, n, err)
 			}
-			if ph.Pgno > hdr.Commit || ph.Pgno == hdr.LockPgno() {
+			if ph.Pgno > hdr.Commit || ph.Pgno == lockPgno {
 				return fmt.Errorf("%w: page frame %d: page %d is outside the database (commit %d, lock page %d)",
-					ErrCorrupt, n, ph.Pgno, hdr.Commit, hdr.LockPgno())
+					ErrCorrupt, n, ph.Pgno, hdr.Commit, lockPgno)
+			}
+			if ph.Pgno > next {
+				return fmt.Errorf("%w: page frame %d: page %d grows the database past page %d, which the file does not carry",
+					ErrCorrupt, n, ph.Pgno, next)
+			} else if ph.Pgno == next {
+				if next++; next == lockPgno {
+					next++
+				}
 			}
 			b.pgnos = append(b.pgnos, ph.Pgno)
 		}
@@ -197,6 +213,9 @@ func decodePages(ctx context.Context, dec *Decoder, pool batchPool, out chan<- *
 		if err := send(ctx, out, b); err != nil {
 			return err
 		}
+	}
+	if next <= hdr.Commit {
+		return fmt.Errorf("%w: the file grows the database to %d pages but does not carry page %d", ErrCorrupt, hdr.Commit, next)
 	}
 	if err := dec.Close(); err != nil {
 		return fmt.Errorf("%w: %v", ErrCorrupt, err)
