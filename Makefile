@@ -35,6 +35,30 @@ build:
 test:
 	$(GO) test -count=1 ./...
 
+# fuzz runs every FuzzX target of the root package and ltx/, one at a time,
+# for FUZZTIME each (make fuzz FUZZTIME=5m). An input that fails is saved
+# under the package's testdata/fuzz/FuzzX/ and stops the run; commit it with
+# the fix, as plain `go test` runs it from then on.
+FUZZTIME ?= 30s
+
+fuzz:
+	@set -e; for pkg in . ./ltx; do \
+		list=$$($(GO) test -list '^Fuzz' $$pkg); \
+		targets=$$(echo "$$list" | grep '^Fuzz' || true); \
+		[ -n "$$targets" ] || { echo "fuzz: no FuzzX targets in $$pkg"; exit 1; }; \
+		for target in $$targets; do \
+			echo "fuzz: $$pkg $$target for $(FUZZTIME)"; \
+			$(GO) test -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) $$pkg; \
+		done; \
+	done
+
+# bench runs the benchmarks that print figures: the LTX log's whole-database
+# operations against the plain operation on the same bytes.
+BENCH_SIZE ?= 256
+
+bench:
+	$(GO) run ./bench/ltxbench -size $(BENCH_SIZE)
+
 # lint fails on unformatted Go files (generated *.pb.go excepted), go vet
 # findings and staticcheck findings.
 lint: $(STATICCHECK)

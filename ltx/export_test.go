@@ -1,0 +1,7 @@
+package ltx
+
+// Internals exported for the external tests.
+var (
+	DecodePositions = decodePositions
+	EncodePositions = encodePositions
+)
