@@ -39,6 +39,7 @@ func damaged(b []byte, fn func(what string, bad []byte)) {
 // exactly the database the undamaged file leaves: LZ4 can encode a page in
 // more than one way, so some flips in compressed data change no page.
 func TestSampleFiles_Damage(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	logDir := copyDir(t, sampleLog)
 	l := testingutil.MustOpenLog(t, "sample", logDir, "")

@@ -132,6 +132,7 @@ type intent struct {
 // checksum there is the one the child computed, that the directory
 // verifies, and that the log rebuilds the child's database at that point.
 func TestLog_Crash(t *testing.T) {
+	t.Parallel()
 	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 3))
 	// Random kills, then two kills at each failpoint, at a random pass.
 	type kill struct {

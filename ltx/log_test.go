@@ -85,6 +85,7 @@ func mustRestoreSHA(tb testing.TB, l *ltx.Log) string {
 // equals a full rescan, and every 100 that the log alone rebuilds the
 // database byte for byte.
 func TestLog_RandomTransactions(t *testing.T) {
+	t.Parallel()
 	db, c := newSQLiteLog(t)
 	w := testingutil.NewWorkload(db, 1)
 	if err := w.Init(); err != nil {
