@@ -189,17 +189,8 @@ func TestApply_GrowthMustCarryPages(t *testing.T) {
 			if _, err := spec.WriteTo(&buf); err != nil {
 				t.Fatal(err)
 			}
-			db := filepath.Join(t.TempDir(), "db")
-			if err := os.WriteFile(db, d.data, 0o644); err != nil {
-				t.Fatal(err)
-			}
-			f, err := os.OpenFile(db, os.O_RDWR, 0)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer func() { _ = f.Close() }()
-			table, _ := ltx.ReadChecksumTable(db)
-			_, err = ltx.Apply(ctx, f, table, pos, &buf)
+			f, table := openImage(t, d.data)
+			_, err := ltx.Apply(ctx, f, table, pos, &buf)
 			if !errors.Is(err, ltx.ErrCorrupt) || !strings.Contains(err.Error(), "does not carry") {
 				t.Fatalf("err = %v, want ErrCorrupt about a page it does not carry", err)
 			}

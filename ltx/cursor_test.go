@@ -146,19 +146,7 @@ func TestCursor_ContextCanceled(t *testing.T) {
 func applyFrom(tb testing.TB, l *ltx.Log, pos ltx.Pos, image []byte) []byte {
 	tb.Helper()
 	ctx := context.Background()
-	path := filepath.Join(tb.TempDir(), "db")
-	if err := os.WriteFile(path, image, 0o644); err != nil {
-		tb.Fatal(err)
-	}
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	defer func() { _ = f.Close() }()
-	table, err := ltx.ReadChecksumTable(path)
-	if err != nil {
-		tb.Fatal(err)
-	}
+	f, table := openImage(tb, image)
 	c, err := l.Cursor(pos)
 	if err != nil {
 		tb.Fatalf("cursor at %s: %v", pos, err)
@@ -176,7 +164,7 @@ func applyFrom(tb testing.TB, l *ltx.Log, pos ltx.Pos, image []byte) []byte {
 		}
 		_ = r.Close()
 	}
-	b, err := os.ReadFile(path)
+	b, err := os.ReadFile(f.Name())
 	if err != nil {
 		tb.Fatal(err)
 	}

@@ -130,11 +130,20 @@ func readFileInfo(r io.ReaderAt, name string, size int64) (*FileInfo, error) {
 		return nil, fmt.Errorf("%w: %s: trailer: %v", ErrCorrupt, name, err)
 	}
 	info.PostApplyChecksum, info.FileChecksum = trailer.PostApplyChecksum, trailer.FileChecksum
-	if min, max, err := ParseName(name); err == nil && (min != info.Header.MinTXID || max != info.Header.MaxTXID) {
-		return nil, fmt.Errorf("%w: %s: name says txid %s-%s but header says %s-%s",
-			ErrCorrupt, name, min, max, info.Header.MinTXID, info.Header.MaxTXID)
+	if err := info.checkName(); err != nil {
+		return nil, err
 	}
 	return info, nil
+}
+
+// checkName checks that a file named like an LTX file holds the TXIDs its
+// name says.
+func (fi *FileInfo) checkName() error {
+	if min, max, err := ParseName(fi.Name); err == nil && (min != fi.Header.MinTXID || max != fi.Header.MaxTXID) {
+		return fmt.Errorf("%w: %s: name says txid %s-%s but header says %s-%s",
+			ErrCorrupt, fi.Name, min, max, fi.Header.MinTXID, fi.Header.MaxTXID)
+	}
+	return nil
 }
 
 // VerifyReader passes an LTX file through while the codec decodes it. Read
@@ -322,9 +331,8 @@ func VerifyFile(path string) (*FileInfo, error) {
 	}
 	t := vr.Trailer()
 	info := &FileInfo{Name: filepath.Base(path), Header: vr.Header(), PostApplyChecksum: t.PostApplyChecksum, FileChecksum: t.FileChecksum, Size: n, Seal: seal}
-	if min, max, err := ParseName(info.Name); err == nil && (min != info.Header.MinTXID || max != info.Header.MaxTXID) {
-		return nil, fmt.Errorf("verify %s: %w: name says txid %s-%s but header says %s-%s",
-			path, ErrCorrupt, min, max, info.Header.MinTXID, info.Header.MaxTXID)
+	if err := info.checkName(); err != nil {
+		return nil, fmt.Errorf("verify %s: %w", path, err)
 	}
 	return info, nil
 }

@@ -164,3 +164,23 @@ func copyDir(tb testing.TB, src string) string {
 	}
 	return dst
 }
+
+// openImage writes a database image to a new file and returns it open for
+// writing, with its checksum table.
+func openImage(tb testing.TB, image []byte) (*os.File, *ltx.ChecksumTable) {
+	tb.Helper()
+	path := filepath.Join(tb.TempDir(), "db")
+	if err := os.WriteFile(path, image, 0o644); err != nil {
+		tb.Fatal(err)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { _ = f.Close() })
+	table, err := ltx.ReadChecksumTable(path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return f, table
+}

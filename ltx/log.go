@@ -181,14 +181,6 @@ func (l *Log) Checksum() (Checksum, uint32) {
 	return l.table.Checksum(), l.table.Pages()
 }
 
-// Changed returns a channel that is closed the next time the log changes
-// or is closed.
-func (l *Log) Changed() <-chan struct{} {
-	l.mu.RLock()
-	defer l.mu.RUnlock()
-	return l.changed
-}
-
 // notify wakes everything waiting on Changed. Caller holds l.mu.
 func (l *Log) notify() {
 	close(l.changed)

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/meridian-db/meridian/internal/testingutil"
 	"github.com/meridian-db/meridian/ltx"
@@ -260,5 +261,12 @@ func TestLog_Snapshot_DatabaseMismatch(t *testing.T) {
 	}
 	if mismatch.Log != c.log.Pos() {
 		t.Fatalf("mismatch reports log at %s, want %s", mismatch.Log, c.log.Pos())
+	}
+}
+
+func TestEncodeSnapshot_ShortFile(t *testing.T) {
+	_, err := ltx.EncodeSnapshot(context.Background(), &bytes.Buffer{}, bytes.NewReader(make([]byte, 4096*3)), 4096, 5, 1, time.Now())
+	if err == nil || !strings.Contains(err.Error(), "ends before page 5 of 5") {
+		t.Fatalf("err = %v, want one saying the file ends before page 5", err)
 	}
 }

@@ -2,6 +2,8 @@ package ltx
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"io"
 
 	"github.com/superfly/ltx"
@@ -83,7 +85,9 @@ func readPages(ctx context.Context, db io.ReaderAt, pageSize, commit uint32, poo
 			return err
 		}
 		b.page(int(n)-1, pageSize) // room for n pages
-		if _, err := db.ReadAt(b.data[:n*pageSize], int64(first-1)*int64(pageSize)); err != nil {
+		if _, err := db.ReadAt(b.data[:n*pageSize], int64(first-1)*int64(pageSize)); errors.Is(err, io.EOF) {
+			return fmt.Errorf("the database file ends before page %d of %d", first+n-1, commit)
+		} else if err != nil {
 			return err
 		}
 		for i := uint32(0); i < n; i++ {
