@@ -34,6 +34,11 @@ type fakeDB struct {
 // exist yet; its first three pages are written and recorded (as a snapshot)
 // with the first commit.
 func newFakeDB(tb testing.TB, dir string, seed uint64) *fakeDB {
+	return newFakeDBAt(tb, dir, filepath.Join(dir, "ltx"), seed)
+}
+
+// newFakeDBAt is newFakeDB with the log in logDir.
+func newFakeDBAt(tb testing.TB, dir, logDir string, seed uint64) *fakeDB {
 	d := &fakeDB{tb: tb, path: filepath.Join(dir, "db"), pageSize: 4096, rng: rand.New(rand.NewPCG(seed, 1))}
 	d.data = make([]byte, 3*d.pageSize)
 	for i := range d.data {
@@ -41,7 +46,7 @@ func newFakeDB(tb testing.TB, dir string, seed uint64) *fakeDB {
 	}
 	copy(d.data, "SQLite format 3\x00")
 	binary.BigEndian.PutUint16(d.data[16:], uint16(d.pageSize))
-	d.log = testingutil.MustOpenLog(tb, "db", filepath.Join(dir, "ltx"), d.path)
+	d.log = testingutil.MustOpenLog(tb, "db", logDir, d.path)
 	return d
 }
 
