@@ -329,3 +329,40 @@ func TestLog_Prune(t *testing.T) {
 		t.Fatal("restore from a pruned log without a snapshot succeeded")
 	}
 }
+
+// TestLog_CloseDuringCommit closes the log while a commit is between
+// writing its file and installing it: the commit completes, no panic, and
+// a cursor waiting on the log is told it closed. Not parallel: the
+// failpoint hook is global.
+func TestLog_CloseDuringCommit(t *testing.T) {
+	d := newFakeDB(t, t.TempDir(), 16)
+	d.run(2, t0, nil)
+	c, err := d.log.Cursor(d.log.Pos())
+	if err != nil {
+		t.Fatal(err)
+	}
+	waiting := make(chan error, 1)
+	go func() {
+		_, err := c.Next(context.Background())
+		waiting <- err
+	}()
+
+	closed := false
+	ltx.SetFailpoint(func(name string) {
+		if name == "syncdir" && !closed {
+			closed = true
+			_ = d.log.Close()
+		}
+	})
+	defer ltx.SetFailpoint(func(string) {})
+	info := d.commit(d.step(), t0.Add(time.Hour))
+	if !closed || info.Header.MaxTXID != 3 || d.log.Pos() != info.Pos() {
+		t.Fatalf("commit across Close: closed %t, file %v, log at %s", closed, info, d.log.Pos())
+	}
+	if err := <-waiting; !errors.Is(err, ltx.ErrClosed) {
+		t.Fatalf("waiting cursor: err = %v, want ErrClosed", err)
+	}
+	if _, err := d.log.Commit(context.Background(), ltx.Tx{DB: bytes.NewReader(d.data), PageSize: d.pageSize, Commit: 1}); !errors.Is(err, ltx.ErrClosed) {
+		t.Fatalf("commit after Close: err = %v, want ErrClosed", err)
+	}
+}

@@ -315,24 +315,31 @@ func (t *teeReader) Read(p []byte) (int, error) {
 
 // VerifyFile reads the whole LTX file at path through a VerifyReader.
 func VerifyFile(path string) (*FileInfo, error) {
+	info, _, err := verifyFile(path)
+	return info, err
+}
+
+// verifyFile is VerifyFile, also returning the seal of the bytes it read,
+// which equals info.Seal if the file is sealed.
+func verifyFile(path string) (*FileInfo, Checksum, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	defer func() { _ = f.Close() }()
 	seal, err := readSeal(f)
 	if err != nil {
-		return nil, fmt.Errorf("verify %s: %w: %v", path, ErrCorrupt, err)
+		return nil, 0, fmt.Errorf("verify %s: %w: %v", path, ErrCorrupt, err)
 	}
 	vr := NewVerifyReader(f, seal)
 	n, err := io.Copy(io.Discard, vr)
 	if err != nil {
-		return nil, fmt.Errorf("verify %s: %w", path, err)
+		return nil, 0, fmt.Errorf("verify %s: %w", path, err)
 	}
 	t := vr.Trailer()
 	info := &FileInfo{Name: filepath.Base(path), Header: vr.Header(), PostApplyChecksum: t.PostApplyChecksum, FileChecksum: t.FileChecksum, Size: n, Seal: seal}
 	if err := info.checkName(); err != nil {
-		return nil, fmt.Errorf("verify %s: %w", path, err)
+		return nil, 0, fmt.Errorf("verify %s: %w", path, err)
 	}
-	return info, nil
+	return info, sealValue(vr.seal), nil
 }

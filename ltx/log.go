@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -52,7 +51,7 @@ type Log struct {
 
 	Logger *slog.Logger
 
-	wmu   sync.Mutex // held by Commit and by the final step of Prune and Compact
+	wmu   sync.Mutex // held by Open and Commit
 	maint sync.Mutex // serializes Prune and Compact
 
 	mu      sync.RWMutex // guards the fields below
@@ -181,8 +180,13 @@ func (l *Log) Checksum() (Checksum, uint32) {
 	return l.table.Checksum(), l.table.Pages()
 }
 
-// notify wakes everything waiting on Changed. Caller holds l.mu.
+// notify wakes cursors waiting in Next. Caller holds l.mu. After Close,
+// which closed the channel for good, there is no one left to wake: a
+// commit in flight when the log closed still completes.
 func (l *Log) notify() {
+	if l.closed {
+		return
+	}
 	close(l.changed)
 	l.changed = make(chan struct{})
 }
@@ -271,11 +275,15 @@ func (l *Log) recover() ([]*logFile, error) {
 // The covering file is verified first.
 func (l *Log) removeSuperseded(files []*logFile) ([]*logFile, error) {
 	var kept []*logFile
+	var verified *logFile
 	for _, f := range files {
 		if n := len(kept); n > 0 && f.info.Header.MaxTXID <= kept[n-1].info.Header.MaxTXID {
 			cover := kept[n-1]
-			if _, err := VerifyFile(l.path(cover.info.Name)); err != nil {
-				return nil, fmt.Errorf("log %s: %s overlaps %s, which does not verify: %w", l.Dir, f.info.Name, cover.info.Name, err)
+			if cover != verified {
+				if _, err := VerifyFile(l.path(cover.info.Name)); err != nil {
+					return nil, fmt.Errorf("log %s: %s overlaps %s, which does not verify: %w", l.Dir, f.info.Name, cover.info.Name, err)
+				}
+				verified = cover
 			}
 			if err := l.removeFile(f.info.Name); err != nil {
 				return nil, err
@@ -330,14 +338,15 @@ func (l *Log) checkChain(files []*logFile) error {
 	return nil
 }
 
-// verifyLast decodes the last file in full; while it fails to verify, it is
-// moved aside and the one before it is checked.
+// verifyLast decodes the last file in full, and seals it if it has no seal;
+// while it fails to verify, it is moved aside and the one before it is
+// checked.
 func (l *Log) verifyLast(files []*logFile) ([]*logFile, error) {
 	for len(files) > 0 {
 		last := files[len(files)-1]
-		_, err := VerifyFile(l.path(last.info.Name))
+		_, seal, err := verifyFile(l.path(last.info.Name))
 		if err == nil {
-			return files, nil
+			return files, l.seal(last, seal)
 		} else if !errors.Is(err, ErrCorrupt) {
 			return nil, err
 		}
@@ -350,38 +359,45 @@ func (l *Log) verifyLast(files []*logFile) ([]*logFile, error) {
 	return files, nil
 }
 
-// sealAll verifies and seals the files that have no seal (see seal.go):
-// files copied in without their extended attributes.
+// sealAll verifies and seals the files before the last (verifyLast did
+// the last) that have no seal (see seal.go): files copied in without their
+// extended attributes.
 func (l *Log) sealAll(files []*logFile) error {
-	for _, f := range files {
+	for _, f := range files[:max(len(files)-1, 0)] {
 		if f.info.Seal != 0 {
 			continue
 		}
-		path := l.path(f.info.Name)
-		if _, err := VerifyFile(path); err != nil {
+		_, seal, err := verifyFile(l.path(f.info.Name))
+		if err != nil {
 			return fmt.Errorf("log %s: %w", l.Dir, err)
 		}
-		fh, err := os.Open(path)
-		if err != nil {
+		if err := l.seal(f, seal); err != nil {
 			return err
-		}
-		seal := newSealHash()
-		_, err = io.Copy(seal, fh)
-		if err == nil {
-			err = writeSeal(fh, sealValue(seal))
-		}
-		if err == nil {
-			err = fh.Sync()
-		}
-		if err == nil {
-			f.info.Seal, err = readSeal(fh)
-		}
-		_ = fh.Close()
-		if err != nil {
-			return fmt.Errorf("seal %s: %w", path, err)
 		}
 	}
 	return nil
+}
+
+// seal stores seal, computed from f's bytes as they verified, on f's file
+// if it has none.
+func (l *Log) seal(f *logFile, seal Checksum) error {
+	if f.info.Seal != 0 {
+		return nil
+	}
+	path := l.path(f.info.Name)
+	fh, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = fh.Close() }()
+	if err := writeSeal(fh, seal); err != nil {
+		return fmt.Errorf("seal %s: %w", path, err)
+	}
+	if err := fh.Sync(); err != nil {
+		return fmt.Errorf("seal %s: %w", path, err)
+	}
+	f.info.Seal, err = readSeal(fh) // stays 0 without extended attributes
+	return err
 }
 
 // loadSidecars reads the position sidecars of the files that have one and
