@@ -2,6 +2,7 @@ package ltx
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -11,6 +12,7 @@ import (
 	"slices"
 
 	"github.com/superfly/ltx"
+	"golang.org/x/sync/errgroup"
 )
 
 // sqliteMagic starts every SQLite database file.
@@ -111,6 +113,79 @@ func ReadChecksumTable(path string) (*ChecksumTable, error) {
 		t.xor ^= sum
 	}
 	return t, nil
+}
+
+// Database reads a database whose content is not simply one file.
+type Database interface {
+	io.ReaderAt
+	// Size returns the database size in bytes.
+	Size() (int64, error)
+}
+
+// ReadChecksumTableFrom computes the table of the database db reads, named
+// name in errors, from scratch, in parallel for databases over 64 MiB.
+func ReadChecksumTableFrom(ctx context.Context, name string, db Database) (*ChecksumTable, error) {
+	size, err := db.Size()
+	if err != nil {
+		return nil, fmt.Errorf("database %s: %w", name, err)
+	}
+	if size == 0 {
+		return NewChecksumTable(0), nil
+	}
+	pageSize, err := ReadPageSize(db)
+	if err != nil {
+		return nil, fmt.Errorf("database %s: %w", name, err)
+	}
+	t := NewChecksumTable(pageSize)
+	if size%int64(pageSize) != 0 {
+		return nil, fmt.Errorf("database %s: size %d is not a whole number of %d-byte pages", name, size, pageSize)
+	}
+	if size/int64(pageSize) > int64(^uint32(0)) {
+		return nil, fmt.Errorf("database %s: %d pages is more than SQLite allows", name, size/int64(pageSize))
+	}
+	n := uint32(size / int64(pageSize))
+	t.sums = make([]Checksum, n)
+	workers := uint32(1)
+	if size >= parallelChecksumBytes {
+		workers = uint32(runtime.GOMAXPROCS(0))
+	}
+	per := (n + workers - 1) / workers
+	g, ctx := errgroup.WithContext(ctx)
+	for first := uint32(0); first < n; first += per {
+		last := min(first+per, n)
+		g.Go(func() error { return checksumRange(ctx, db, pageSize, first, last, t.sums) })
+	}
+	if err := g.Wait(); err != nil {
+		return nil, fmt.Errorf("checksum database %s: %w", name, err)
+	}
+	for _, sum := range t.sums {
+		t.xor ^= sum
+	}
+	return t, nil
+}
+
+// checksumRange fills sums[first:last] with the checksums of those pages
+// (0-based) of db, leaving the lock page zero.
+func checksumRange(ctx context.Context, db io.ReaderAt, pageSize, first, last uint32, sums []Checksum) error {
+	lockPgno := ltx.LockPgno(pageSize)
+	hash := ltx.NewHasher()
+	buf := make([]byte, pageSize)
+	for i := first; i < last; i++ {
+		if i%1024 == 0 {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+		}
+		pgno := i + 1
+		if pgno == lockPgno {
+			continue
+		}
+		if _, err := db.ReadAt(buf, int64(i)*int64(pageSize)); err != nil {
+			return fmt.Errorf("read page %d: %w", pgno, err)
+		}
+		sums[i] = ltx.ChecksumPageWithHasher(hash, pgno, buf)
+	}
+	return nil
 }
 
 // Clone returns a copy of t.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"slices"
 	"time"
 
@@ -25,12 +26,40 @@ type Tx struct {
 	Pgnos []uint32
 	// Timestamp is the commit time; the zero value means now.
 	Timestamp time.Time
+
+	// WAL locates the transaction's frames in SQLite's WAL, for a
+	// transaction committed in WAL mode; zero otherwise. It is stored in
+	// the file's header so recovery can tell which WAL transactions the
+	// log already holds.
+	WAL WALSegment
+
+	// NoSync leaves the file out of fsync: it is whole under its name but
+	// may not survive a power failure until Sync. For transactions whose
+	// pages are durable elsewhere (a synced SQLite WAL) until Sync is
+	// called.
+	NoSync bool
+
+	// SkipUnchanged records nothing, and Commit returns a nil *FileInfo, if
+	// the transaction leaves every page and the size as they were: how a
+	// rolled-back rollback-journal transaction looks from outside.
+	SkipUnchanged bool
 }
+
+// WALSegment is where a transaction's frames are in a SQLite WAL: Offset
+// and Size in bytes, and the WAL header's salts.
+type WALSegment struct {
+	Offset, Size int64
+	Salt1, Salt2 uint32
+}
+
+// errUnchanged stops writing a file for a transaction that changes nothing.
+var errUnchanged = errors.New("transaction changes nothing")
 
 // Commit records tx as the next transaction: it builds its LTX file from
 // the pages in tx.DB, writes it durably (temporary file, fsync, rename,
 // fsync of the directory) and only then advances the position and the
-// checksum table. On error the log is unchanged.
+// checksum table. On error the log is unchanged. See Tx for the exceptions
+// (NoSync, SkipUnchanged).
 //
 // The first transaction of a log, and one that changes the page size, is
 // recorded with every page of the database.
@@ -49,12 +78,41 @@ func (l *Log) Commit(ctx context.Context, tx Tx) (*FileInfo, error) {
 	}
 
 	w, err := l.writeTx(ctx, tx, pos, table)
-	if err != nil {
+	if errors.Is(err, errUnchanged) {
+		return nil, nil
+	} else if err != nil {
 		return nil, err
+	}
+	if tx.NoSync {
+		l.unsynced = append(l.unsynced, w.file.info.Name)
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.install(w), nil
+}
+
+// Sync makes every file committed with NoSync durable: it fsyncs each, then
+// the directory. Commits wait meanwhile.
+func (l *Log) Sync(ctx context.Context) error {
+	l.wmu.Lock()
+	defer l.wmu.Unlock()
+	if len(l.unsynced) == 0 {
+		return nil
+	}
+	for _, name := range l.unsynced {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if err := syncFile(l.path(name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			// A file compacted away since is durable in the compacted file.
+			return fmt.Errorf("sync log of %s: %w", l.Name, err)
+		}
+	}
+	if err := syncDir(l.Dir); err != nil {
+		return fmt.Errorf("sync log of %s: %w", l.Name, err)
+	}
+	l.unsynced = l.unsynced[:0]
+	return nil
 }
 
 // written is an LTX file on disk that is not yet part of the log.
@@ -95,12 +153,17 @@ func (l *Log) writeTx(ctx context.Context, tx Tx, pos Pos, table *ChecksumTable)
 		MaxTXID:          txid,
 		Timestamp:        ts.UnixMilli(),
 		PreApplyChecksum: pos.PostApplyChecksum,
+		WALOffset:        tx.WAL.Offset,
+		WALSize:          tx.WAL.Size,
+		WALSalt1:         tx.WAL.Salt1,
+		WALSalt2:         tx.WAL.Salt2,
 		NodeID:           l.NodeID,
 	}
+	full := txid == 1 || tx.PageSize != table.PageSize()
 
 	var trailer ltx.Trailer
 	name := FormatName(txid, txid)
-	size, seal, err := writeFile(l.Dir, name, func(out io.Writer) error {
+	size, seal, err := writeFileSync(l.Dir, name, !tx.NoSync, func(out io.Writer) error {
 		enc, err := ltx.NewEncoder(out)
 		if err != nil {
 			return err
@@ -123,14 +186,20 @@ func (l *Log) writeTx(ctx context.Context, tx Tx, pos Pos, table *ChecksumTable)
 				return err
 			}
 		}
-		enc.SetPostApplyChecksum(w.table.next(w.changes, tx.Commit))
+		post := w.table.next(w.changes, tx.Commit)
+		if tx.SkipUnchanged && !full && post == pos.PostApplyChecksum && tx.Commit == table.Pages() {
+			return errUnchanged
+		}
+		enc.SetPostApplyChecksum(post)
 		if err := enc.Close(); err != nil {
 			return err
 		}
 		trailer = enc.Trailer()
 		return nil
 	})
-	if err != nil {
+	if errors.Is(err, errUnchanged) {
+		return nil, err
+	} else if err != nil {
 		return nil, fmt.Errorf("commit txid %s to %s: %w", txid, l.Name, err)
 	}
 	w.file = &logFile{info: FileInfo{

@@ -21,6 +21,14 @@ var failpoint = func(name string) {}
 // temporary file is removed and dir is left as it was. It returns the file
 // size and seal.
 func writeFile(dir, name string, write func(w io.Writer) error) (size int64, seal Checksum, err error) {
+	return writeFileSync(dir, name, true, write)
+}
+
+// writeFileSync is writeFile that skips both fsyncs when sync is false: the
+// file appears whole under its name (it is renamed only once written and
+// sealed) but may not survive a power failure until the caller fsyncs it and
+// dir.
+func writeFileSync(dir, name string, sync bool, write func(w io.Writer) error) (size int64, seal Checksum, err error) {
 	f, err := createTemp(dir, name)
 	if err != nil {
 		return 0, 0, err
@@ -47,10 +55,12 @@ func writeFile(dir, name string, write func(w io.Writer) error) (size int64, sea
 		return 0, 0, diskError("seal", tmp, err)
 	}
 	failpoint("seal")
-	if err := f.Sync(); err != nil {
-		return 0, 0, diskError("sync", tmp, err)
+	if sync {
+		if err := f.Sync(); err != nil {
+			return 0, 0, diskError("sync", tmp, err)
+		}
+		failpoint("sync")
 	}
-	failpoint("sync")
 	fi, err := f.Stat()
 	if err != nil {
 		return 0, 0, err
@@ -62,11 +72,26 @@ func writeFile(dir, name string, write func(w io.Writer) error) (size int64, sea
 		return 0, 0, err
 	}
 	failpoint("rename")
-	if err := syncDir(dir); err != nil {
-		return 0, 0, err
+	if sync {
+		if err := syncDir(dir); err != nil {
+			return 0, 0, err
+		}
+		failpoint("syncdir")
 	}
-	failpoint("syncdir")
 	return fi.Size(), seal, nil
+}
+
+// syncFile fsyncs the file at path.
+func syncFile(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = f.Close() }()
+	if err := f.Sync(); err != nil {
+		return diskError("sync", path, err)
+	}
+	return nil
 }
 
 // createTemp creates a temporary file in dir for a file to be named name.

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -38,6 +39,11 @@ type Log struct {
 	Dir    string // directory of LTX files
 	DBPath string // database file the log describes; "" for a log alone
 
+	// DB, if set, reads the database the log describes in place of the
+	// file at DBPath, which then only names it in messages: for a database
+	// whose current content is not one file (SQLite in WAL mode).
+	DB Database
+
 	// NodeID is stamped into the header of files the log builds.
 	NodeID uint64
 
@@ -51,8 +57,9 @@ type Log struct {
 
 	Logger *slog.Logger
 
-	wmu   sync.Mutex // held by Open and Commit
-	maint sync.Mutex // serializes Prune and Compact
+	wmu      sync.Mutex // held by Open, Commit and Sync
+	unsynced []string   // files committed with NoSync; guarded by wmu
+	maint    sync.Mutex // serializes Prune and Compact
 
 	mu      sync.RWMutex // guards the fields below
 	opened  bool
@@ -111,7 +118,7 @@ func (l *Log) Open(ctx context.Context) error {
 		return err
 	}
 	l.files, l.changed, l.opened = files, make(chan struct{}), true
-	if l.DBPath != "" {
+	if l.DBPath != "" || l.DB != nil {
 		if err := l.openDatabase(ctx); err != nil {
 			l.opened = false
 			return err
@@ -457,7 +464,13 @@ func (l *Log) removeFile(name string) error {
 // openDatabase builds the checksum table of the database and checks it
 // against the log, or starts the log from the database if the log is empty.
 func (l *Log) openDatabase(ctx context.Context) error {
-	t, err := ReadChecksumTable(l.DBPath)
+	var t *ChecksumTable
+	var err error
+	if l.DB != nil {
+		t, err = ReadChecksumTableFrom(ctx, l.DBPath, l.DB)
+	} else {
+		t, err = ReadChecksumTable(l.DBPath)
+	}
 	if err != nil {
 		return err
 	}
@@ -477,12 +490,16 @@ func (l *Log) openDatabase(ctx context.Context) error {
 
 // bootstrap records the existing database as a snapshot at TXID 1.
 func (l *Log) bootstrap(ctx context.Context) error {
-	f, err := os.Open(l.DBPath)
-	if err != nil {
-		return err
+	var db io.ReaderAt = l.DB
+	if l.DB == nil {
+		f, err := os.Open(l.DBPath)
+		if err != nil {
+			return err
+		}
+		defer func() { _ = f.Close() }()
+		db = f
 	}
-	defer func() { _ = f.Close() }()
-	w, err := l.writeTx(ctx, Tx{DB: f, PageSize: l.table.PageSize(), Commit: l.table.Pages()}, Pos{}, l.table)
+	w, err := l.writeTx(ctx, Tx{DB: db, PageSize: l.table.PageSize(), Commit: l.table.Pages()}, Pos{}, l.table)
 	if err != nil {
 		return fmt.Errorf("start log from existing database: %w", err)
 	}
