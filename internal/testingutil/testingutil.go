@@ -12,10 +12,13 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"testing"
+	"time"
 
 	_ "github.com/mattn/go-sqlite3" // registers the "sqlite3" driver
 
+	"github.com/meridian-db/meridian/fs"
 	"github.com/meridian-db/meridian/ltx"
 )
 
@@ -103,4 +106,30 @@ func MustReadFile(tb testing.TB, path string) []byte {
 		tb.Fatal(err)
 	}
 	return b
+}
+
+// MustMount mounts a Meridian filesystem over a fresh data directory in a
+// temporary directory, unmounted at cleanup. It needs root and /dev/fuse.
+func MustMount(tb testing.TB) *fs.FileSystem {
+	tb.Helper()
+	dir := tb.TempDir()
+	f := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
+	f.Logger = Logger(tb)
+	MustOpenFS(tb, f)
+	return f
+}
+
+// MustOpenFS opens (recovers and mounts) f, closing it at cleanup.
+func MustOpenFS(tb testing.TB, f *fs.FileSystem) {
+	tb.Helper()
+	if err := f.Open(context.Background()); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := f.Close(ctx); err != nil {
+			tb.Errorf("close filesystem: %v", err)
+		}
+	})
 }

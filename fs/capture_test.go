@@ -1,0 +1,114 @@
+package fs_test
+
+import (
+	"context"
+	"database/sql"
+	"path/filepath"
+	"testing"
+
+	"github.com/meridian-db/meridian/fs"
+	"github.com/meridian-db/meridian/internal/testingutil"
+	"github.com/meridian-db/meridian/ltx"
+)
+
+// journalModes are the journal modes SQLite uses in production.
+var journalModes = []string{"delete", "truncate", "persist", "wal"}
+
+// dataVersion returns PRAGMA data_version on conn, which changes exactly
+// when another connection has committed a transaction since it was last
+// read.
+func dataVersion(tb testing.TB, conn *sql.Conn) int64 {
+	tb.Helper()
+	var v int64
+	if err := conn.QueryRowContext(context.Background(), `PRAGMA data_version`).Scan(&v); err != nil {
+		tb.Fatal(err)
+	}
+	return v
+}
+
+// checkLog asserts that the log of db verifies, that a database rebuilt
+// from the log alone is byte-identical to the backing file, and that
+// SQLite finds the database intact.
+func checkLog(tb testing.TB, fsys *fs.FileSystem, name string, sqldb *sql.DB, wal bool) {
+	tb.Helper()
+	if wal {
+		var busy, logFrames, ckpt int
+		if err := sqldb.QueryRow(`PRAGMA wal_checkpoint(TRUNCATE)`).Scan(&busy, &logFrames, &ckpt); err != nil {
+			tb.Fatal(err)
+		} else if busy != 0 {
+			tb.Fatalf("checkpoint busy")
+		}
+	}
+	var ok string
+	if err := sqldb.QueryRow(`PRAGMA integrity_check`).Scan(&ok); err != nil {
+		tb.Fatal(err)
+	} else if ok != "ok" {
+		tb.Fatalf("integrity_check: %s", ok)
+	}
+	d := fsys.DB(name)
+	logDir := d.Log().Dir
+	if r, err := ltx.VerifyDir(logDir); err != nil {
+		tb.Fatal(err)
+	} else if len(r.Problems) > 0 {
+		tb.Fatalf("log verify: %v", r.Problems)
+	}
+	restored := filepath.Join(tb.TempDir(), "restored.db")
+	pos, err := d.Log().Restore(context.Background(), restored)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if got, want := pos, d.Log().Pos(); got != want {
+		tb.Fatalf("restored to %s, want %s", got, want)
+	}
+	backing := filepath.Join(fsys.DataDir, "dbs", name, "database")
+	if got, want := testingutil.FileSHA256(tb, restored), testingutil.FileSHA256(tb, backing); got != want {
+		a, b := testingutil.MustReadFile(tb, restored), testingutil.MustReadFile(tb, backing)
+		var diff []int
+		for i := 0; i < min(len(a), len(b))/4096; i++ {
+			if string(a[i*4096:(i+1)*4096]) != string(b[i*4096:(i+1)*4096]) {
+				diff = append(diff, i+1)
+			}
+		}
+		tb.Fatalf("database rebuilt from the log differs from the backing file at %s: sizes %d, %d; pages %v", pos, len(a), len(b), diff)
+	}
+}
+
+func TestCapture_Workload(t *testing.T) {
+	for _, mode := range journalModes {
+		t.Run(mode, func(t *testing.T) {
+			fsys := testingutil.MustMount(t)
+			path := filepath.Join(fsys.MountDir, "app.db")
+			db := testingutil.MustOpenSQLite(t, path, mode)
+			watcher := testingutil.MustOpenSQLite(t, path, mode)
+			conn, err := watcher.Conn(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer func() { _ = conn.Close() }()
+
+			w := testingutil.NewWorkload(db, 1)
+			if err := w.Init(); err != nil {
+				t.Fatal(err)
+			}
+			log := fsys.DB("app.db").Log()
+			const batches, steps = 4, 250
+			for b := 0; b < batches; b++ {
+				for i := 0; i < steps; i++ {
+					before, v := log.Pos().TXID, dataVersion(t, conn)
+					what, err := w.Step()
+					if err != nil {
+						t.Fatalf("step %d (%s): %v", i, what, err)
+					}
+					committed := dataVersion(t, conn) != v
+					got := log.Pos().TXID - before
+					if committed && got != 1 || !committed && got != 0 {
+						t.Fatalf("step %d (%s): committed=%v, got %d LTX files", b*steps+i, what, committed, got)
+					}
+				}
+				checkLog(t, fsys, "app.db", db, mode == "wal")
+			}
+			t.Logf("%s: %d transactions in the log", mode, log.Pos().TXID)
+		})
+	}
+}
+

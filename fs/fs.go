@@ -1,0 +1,314 @@
+// Package fs is the FUSE layer that captures SQLite transactions. It shows
+// the databases kept under data_dir/dbs/<name>/ as files of one directory,
+// passes every byte through to the backing files, implements SQLite's POSIX
+// locks itself, and turns each committed transaction into one LTX file in
+// the database's log.
+package fs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"github.com/meridian-db/meridian/ltx"
+)
+
+// FileSystem is the mount: every database under DataDir/dbs, shown at
+// MountDir.
+type FileSystem struct {
+	DataDir  string // backing files: DataDir/dbs/<name>/
+	MountDir string // where the databases appear
+
+	// NodeID is stamped into the LTX files the logs write.
+	NodeID uint64
+	// Retention is how long LTX files are kept (see ltx.Log).
+	Retention time.Duration
+
+	Logger *slog.Logger
+	// Debug logs every FUSE request.
+	Debug bool
+
+	server   *fuse.Server
+	readOnly atomic.Bool
+
+	mu      sync.Mutex
+	dbs     map[string]*DB
+	names   map[string]*node // current directory entries by name
+	nodes   map[uint64]*node
+	handles map[uint64]*handle
+	lastID  uint64
+	lastFh  uint64
+	primary string        // content of .primary; "" hides it
+	lag     func() string // content of .lag; nil hides it
+	refused map[uint32]time.Time
+}
+
+// New returns a filesystem of the databases in dataDir, to be mounted at
+// mountDir. Call Open to recover the databases and mount.
+func New(dataDir, mountDir string) *FileSystem {
+	return &FileSystem{
+		DataDir:   dataDir,
+		MountDir:  mountDir,
+		Retention: ltx.DefaultRetention,
+		Logger:    slog.Default(),
+		dbs:       map[string]*DB{},
+		names:     map[string]*node{},
+		nodes:     map[uint64]*node{},
+		handles:   map[uint64]*handle{},
+		refused:   map[uint32]time.Time{},
+	}
+}
+
+// Open recovers every database (see Recover), then mounts the filesystem.
+// Nothing is served until every database's log and file agree.
+func (f *FileSystem) Open(ctx context.Context) error {
+	if err := os.MkdirAll(f.dbsDir(), 0o755); err != nil {
+		return fmt.Errorf("create data directory: %w", err)
+	}
+	if err := os.MkdirAll(f.MountDir, 0o755); err != nil {
+		return fmt.Errorf("create mount directory: %w", err)
+	}
+	entries, err := os.ReadDir(f.dbsDir())
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		if !e.IsDir() || !validDBName(e.Name()) {
+			continue
+		}
+		d, err := f.openDB(ctx, e.Name())
+		if err != nil {
+			f.closeDBs()
+			return err
+		}
+		f.dbs[d.Name] = d
+	}
+	f.nodes[fuse.FUSE_ROOT_ID] = &node{id: fuse.FUSE_ROOT_ID, kind: kindRoot}
+	f.lastID = fuse.FUSE_ROOT_ID
+
+	server, err := fuse.NewServer(&raw{RawFileSystem: fuse.NewDefaultRawFileSystem(), fs: f}, f.MountDir, &fuse.MountOptions{
+		FsName:        "meridian",
+		Name:          "meridian",
+		EnableLocks:   true,
+		AllowOther:    true,
+		MaxWrite:      1 << 20,
+		MaxReadAhead:  128 << 10,
+		DirectMount:   true,
+		Debug:         f.Debug,
+		DisableXAttrs: true,
+		Options:       []string{"default_permissions"},
+	})
+	if err != nil {
+		f.closeDBs()
+		return fmt.Errorf("mount %s: %w (is fuse3 installed and %s not already mounted? try: fusermount3 -u %s)", f.MountDir, err, f.MountDir, f.MountDir)
+	}
+	f.server = server
+	go server.Serve()
+	if err := server.WaitMount(); err != nil {
+		_ = server.Unmount()
+		f.closeDBs()
+		return fmt.Errorf("mount %s: %w", f.MountDir, err)
+	}
+	f.Logger.Info("mounted", "mount_dir", f.MountDir, "data_dir", f.DataDir, "dbs", len(f.dbs))
+	return nil
+}
+
+// Close unmounts the filesystem, waiting for apps to close their files for
+// up to the context's deadline, and closes the logs.
+func (f *FileSystem) Close(ctx context.Context) error {
+	var err error
+	if f.server != nil {
+		for {
+			if err = f.server.Unmount(); err == nil {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("unmount %s: %w (files still open? try: fusermount3 -u -z %s)", f.MountDir, err, f.MountDir)
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+		f.server.Wait()
+		f.server = nil
+	}
+	f.mu.Lock()
+	for _, d := range f.dbs {
+		d.mu.Lock()
+		if serr := d.syncLog(ctx); serr != nil && err == nil {
+			err = serr
+		}
+		d.mu.Unlock()
+	}
+	f.mu.Unlock()
+	f.closeDBs()
+	return err
+}
+
+func (f *FileSystem) closeDBs() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for name, d := range f.dbs {
+		_ = d.log.Close()
+		d.closeFiles()
+		delete(f.dbs, name)
+	}
+}
+
+// DB returns the database name, or nil.
+func (f *FileSystem) DB(name string) *DB {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.dbs[name]
+}
+
+// DBs returns the names of the databases, sorted.
+func (f *FileSystem) DBs() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	names := make([]string, 0, len(f.dbs))
+	for name := range f.dbs {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	return names
+}
+
+// SetReadOnly switches the mount between read-write and read-only. While
+// read-only, every write to a database, its journal or WAL, and creating or
+// deleting a database, fails with EROFS; reading, locking and the -shm file
+// (which WAL-mode readers write) work as before, so open readers are not
+// disturbed.
+func (f *FileSystem) SetReadOnly(readOnly bool) {
+	if f.readOnly.Swap(readOnly) != readOnly {
+		f.Logger.Info("mount mode changed", "read_only", readOnly)
+	}
+}
+
+// ReadOnly reports whether the mount is read-only.
+func (f *FileSystem) ReadOnly() bool { return f.readOnly.Load() }
+
+// SetPrimary sets the content of .primary, which names the primary on a
+// replica; "" removes the file (on the primary).
+func (f *FileSystem) SetPrimary(primary string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.primary = primary
+}
+
+// SetLag sets the function that gives the content of .lag; nil removes the
+// file.
+func (f *FileSystem) SetLag(lag func() string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.lag = lag
+}
+
+// InvalidatePages drops pages of database name from the kernel's page
+// cache, for a change made to the backing file underneath the mount.
+func (f *FileSystem) InvalidatePages(name string, pageSize uint32, pgnos []uint32) error {
+	f.mu.Lock()
+	n := f.names[name]
+	f.mu.Unlock()
+	if n == nil || f.server == nil {
+		return nil
+	}
+	for _, pgno := range pgnos {
+		off := int64(pgno-1) * int64(pageSize)
+		if st := f.server.InodeNotify(n.id, off, int64(pageSize)); !st.Ok() && st != fuse.ENOENT {
+			return fmt.Errorf("invalidate page %d of %s: %v", pgno, name, st)
+		}
+	}
+	return nil
+}
+
+func (f *FileSystem) dbsDir() string { return filepath.Join(f.DataDir, "dbs") }
+
+// openDB recovers and opens the database in dbs/name.
+func (f *FileSystem) openDB(ctx context.Context, name string) (*DB, error) {
+	d := &DB{
+		Name:   name,
+		dir:    filepath.Join(f.dbsDir(), name),
+		logger: f.Logger.With("db", name),
+	}
+	d.resetWAL()
+	l := ltx.NewLog(name, d.path(logDir), d.path(databaseFile))
+	l.NodeID, l.Retention, l.Logger = f.NodeID, f.Retention, d.logger
+	d.log = l
+	if err := d.recover(ctx); err != nil {
+		d.closeFiles()
+		return nil, fmt.Errorf("database %s: %w", name, err)
+	}
+	return d, nil
+}
+
+// createDB makes a new, empty database name.
+func (f *FileSystem) createDB(ctx context.Context, name string) (*DB, error) {
+	dir := filepath.Join(f.dbsDir(), name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	file, err := os.OpenFile(filepath.Join(dir, databaseFile), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	_ = file.Close()
+	if err := syncDir(dir); err != nil {
+		return nil, err
+	}
+	if err := syncDir(f.dbsDir()); err != nil {
+		return nil, err
+	}
+	return f.openDB(ctx, name)
+}
+
+// deleteDB removes database d and its log. Open files keep working until
+// closed, as with any unlinked file.
+func (f *FileSystem) deleteDB(d *DB) error {
+	_ = d.log.Close()
+	d.closeFiles()
+	// Rename first so a crash never leaves half a database under its name.
+	trash := filepath.Join(f.dbsDir(), "."+d.Name+".deleted")
+	if err := os.RemoveAll(trash); err != nil {
+		return err
+	}
+	if err := os.Rename(d.dir, trash); err != nil {
+		return err
+	}
+	if err := syncDir(f.dbsDir()); err != nil {
+		return err
+	}
+	f.Logger.Info("database deleted", "db", d.Name)
+	return os.RemoveAll(trash)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = d.Close() }()
+	return d.Sync()
+}
+
+// validDBName reports whether name can be a database: not a companion or
+// special file name, not hidden.
+func validDBName(name string) bool {
+	if name == "" || strings.HasPrefix(name, ".") || strings.ContainsAny(name, "/\x00") || len(name) > 200 {
+		return false
+	}
+	_, kind := parseName(name)
+	return kind == kindDB
+}
+
+// errReadOnly is returned for writes on a read-only mount.
+var errReadOnly = errors.New("the mount is read-only on this node")

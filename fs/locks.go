@@ -1,0 +1,217 @@
+package fs
+
+import (
+	"cmp"
+	"context"
+	"slices"
+	"sync"
+	"syscall"
+)
+
+// LockTable holds the POSIX advisory locks of one file: the byte-range locks
+// that processes set with fcntl(F_SETLK/F_SETLKW) and query with F_GETLK,
+// forwarded by FUSE, plus the locks the daemon takes itself to hold SQLite
+// off while it writes.
+//
+// Every lock belongs to an owner: the kernel's lock owner of a FUSE request
+// (one per open file table), or an id the daemon picks for its own locks.
+// An owner never conflicts with itself; locking or unlocking part of its own
+// ranges splits, converts or merges them as POSIX requires.
+//
+// The zero value is an empty table ready to use. A LockTable is safe for
+// concurrent use by multiple goroutines.
+type LockTable struct {
+	mu sync.Mutex
+	// locks is sorted by Start then Owner. The ranges of one owner are
+	// disjoint, and two ranges of one owner with the same type never touch.
+	locks []Lock
+	// released is closed and cleared when a lock is released or downgraded.
+	// It is nil while nobody waits.
+	released chan struct{}
+}
+
+// Lock is one held lock range.
+type Lock struct {
+	Owner      uint64
+	Pid        uint32
+	Typ        uint32 // syscall.F_RDLCK or syscall.F_WRLCK
+	Start, End uint64 // inclusive; End is math.MaxUint64 for "to end of file"
+}
+
+// overlaps reports whether l shares a byte with [start,end].
+func (l Lock) overlaps(start, end uint64) bool {
+	return l.Start <= end && start <= l.End
+}
+
+// touches reports whether l ends just before start or starts just after end.
+// It is false when l overlaps [start,end].
+func (l Lock) touches(start, end uint64) bool {
+	return (l.End < start && l.End+1 == start) || (end < l.Start && end+1 == l.Start)
+}
+
+// conflicts reports whether a lock of typ taken by owner over [start,end]
+// conflicts with l. Read locks only conflict with write locks.
+func (l Lock) conflicts(owner uint64, typ uint32, start, end uint64) bool {
+	return l.Owner != owner && l.overlaps(start, end) &&
+		(typ == syscall.F_WRLCK || l.Typ == syscall.F_WRLCK)
+}
+
+// Test returns the first lock, in the order of Locks, held by another owner
+// that conflicts with a lock of typ (syscall.F_RDLCK or syscall.F_WRLCK) over
+// [start,end], or false if there is none. It implements F_GETLK. An invalid
+// typ or range reports no conflict.
+func (t *LockTable) Test(owner uint64, typ uint32, start, end uint64) (Lock, bool) {
+	if start > end || (typ != syscall.F_RDLCK && typ != syscall.F_WRLCK) {
+		return Lock{}, false
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.conflictLocked(owner, typ, start, end)
+}
+
+// TryLock sets (typ syscall.F_RDLCK or syscall.F_WRLCK) or clears
+// (syscall.F_UNLCK) owner's lock over [start,end] without waiting. It
+// implements F_SETLK.
+//
+// Owner's own ranges are replaced: a write lock over part of a read lock
+// converts that part, an unlock in the middle of a range splits it, and
+// overlapping or adjacent ranges of the same type merge into one that records
+// pid. TryLock returns syscall.EAGAIN, changing nothing, if another owner
+// holds a conflicting lock; syscall.EINVAL if typ is unknown or start > end;
+// and 0 on success. Unlocking a range that is not held succeeds.
+func (t *LockTable) TryLock(owner uint64, pid uint32, typ uint32, start, end uint64) syscall.Errno {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.setLocked(owner, pid, typ, start, end)
+}
+
+// Lock is TryLock that waits while another owner holds a conflicting lock.
+// It implements F_SETLKW. It returns syscall.EINTR if ctx is done before the
+// lock can be taken, and otherwise what TryLock returns, never EAGAIN. A
+// waiter retries each time any lock in the table is released or downgraded.
+// Lock does not detect deadlocks; cancel ctx to give up.
+func (t *LockTable) Lock(ctx context.Context, owner uint64, pid uint32, typ uint32, start, end uint64) syscall.Errno {
+	for {
+		t.mu.Lock()
+		errno := t.setLocked(owner, pid, typ, start, end)
+		if errno != syscall.EAGAIN {
+			t.mu.Unlock()
+			return errno
+		}
+		released := t.watchLocked()
+		t.mu.Unlock()
+
+		select {
+		case <-released:
+		case <-ctx.Done():
+			return syscall.EINTR
+		}
+	}
+}
+
+// ReleaseOwner drops every lock of owner. FUSE calls for it on FLUSH and
+// RELEASE with the lock owner, when a process closes the file or exits.
+func (t *LockTable) ReleaseOwner(owner uint64) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	n := len(t.locks)
+	t.locks = slices.DeleteFunc(t.locks, func(l Lock) bool { return l.Owner == owner })
+	if len(t.locks) != n {
+		t.notifyLocked()
+	}
+}
+
+// Locks returns a copy of the held locks sorted by Start, then Owner.
+func (t *LockTable) Locks() []Lock {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return slices.Clone(t.locks)
+}
+
+// Held reports whether any owner holds a lock that overlaps [start,end].
+func (t *LockTable) Held(start, end uint64) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return slices.ContainsFunc(t.locks, func(l Lock) bool { return l.overlaps(start, end) })
+}
+
+// Watch returns a channel that is closed the next time a lock in the table is
+// released or downgraded from write to read. Taking or upgrading a lock does
+// not close it.
+func (t *LockTable) Watch() <-chan struct{} {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.watchLocked()
+}
+
+func (t *LockTable) watchLocked() chan struct{} {
+	if t.released == nil {
+		t.released = make(chan struct{})
+	}
+	return t.released
+}
+
+func (t *LockTable) notifyLocked() {
+	if t.released != nil {
+		close(t.released)
+		t.released = nil
+	}
+}
+
+func (t *LockTable) conflictLocked(owner uint64, typ uint32, start, end uint64) (Lock, bool) {
+	for _, l := range t.locks {
+		if l.conflicts(owner, typ, start, end) {
+			return l, true
+		}
+	}
+	return Lock{}, false
+}
+
+// setLocked is TryLock with t.mu held.
+func (t *LockTable) setLocked(owner uint64, pid uint32, typ uint32, start, end uint64) syscall.Errno {
+	if start > end || (typ != syscall.F_RDLCK && typ != syscall.F_WRLCK && typ != syscall.F_UNLCK) {
+		return syscall.EINVAL
+	}
+	if typ != syscall.F_UNLCK {
+		if _, ok := t.conflictLocked(owner, typ, start, end); ok {
+			return syscall.EAGAIN
+		}
+	}
+
+	// Rebuild the table: keep other owners' locks, merge owner's same-type
+	// ranges that overlap or touch [start,end] into the new lock, and cut
+	// [start,end] out of owner's other ranges.
+	added := Lock{Owner: owner, Pid: pid, Typ: typ, Start: start, End: end}
+	next := make([]Lock, 0, len(t.locks)+2)
+	released := false
+	for _, l := range t.locks {
+		switch {
+		case l.Owner != owner:
+			next = append(next, l)
+		case l.Typ == typ && (l.overlaps(start, end) || l.touches(start, end)):
+			added.Start, added.End = min(added.Start, l.Start), max(added.End, l.End)
+		case l.overlaps(start, end):
+			// A different type: an unlock, a downgrade or an upgrade.
+			released = released || typ != syscall.F_WRLCK
+			if l.Start < start {
+				next = append(next, Lock{Owner: owner, Pid: l.Pid, Typ: l.Typ, Start: l.Start, End: start - 1})
+			}
+			if l.End > end {
+				next = append(next, Lock{Owner: owner, Pid: l.Pid, Typ: l.Typ, Start: end + 1, End: l.End})
+			}
+		default:
+			next = append(next, l)
+		}
+	}
+	if typ != syscall.F_UNLCK {
+		next = append(next, added)
+	}
+	slices.SortFunc(next, func(a, b Lock) int {
+		return cmp.Or(cmp.Compare(a.Start, b.Start), cmp.Compare(a.Owner, b.Owner))
+	})
+	t.locks = next
+	if released {
+		t.notifyLocked()
+	}
+	return 0
+}

@@ -1,0 +1,391 @@
+package fs
+
+import (
+	"context"
+	"errors"
+	"io"
+	"os"
+	"slices"
+	"syscall"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
+)
+
+const writeFlags = syscall.O_WRONLY | syscall.O_RDWR
+
+func (r *raw) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string, out *fuse.CreateOut) fuse.Status {
+	f := r.fs
+	if in.NodeId != fuse.FUSE_ROOT_ID {
+		return fuse.ENOTDIR
+	}
+	dbName, kind := parseName(name)
+	if kind != kindShm && f.refuseWrite(in.Caller, "create", name) {
+		return fuse.Status(syscall.EROFS)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	d := f.dbs[dbName]
+	switch {
+	case kind == kindDB && !validDBName(name):
+		return fuse.EPERM
+	case kind == kindDB && d == nil:
+		var err error
+		if d, err = f.createDB(context.Background(), name); err != nil {
+			f.Logger.Error("create database", "db", name, "err", err)
+			return fuse.ToStatus(err)
+		}
+		f.dbs[name] = d
+		f.Logger.Info("database created", "db", name)
+	case d == nil:
+		return fuse.Status(syscall.EPERM) // a companion file needs its database
+	case f.names[name] != nil && in.Flags&syscall.O_EXCL != 0:
+		return fuse.Status(syscall.EEXIST)
+	case kind != kindDB && kind != kindJournal && kind != kindWAL && kind != kindShm:
+		return fuse.EPERM
+	}
+	flags := int(in.Flags)&^(syscall.O_EXCL|syscall.O_TRUNC) | syscall.O_CREAT
+	file, err := os.OpenFile(d.path(backingName(kind)), flags, os.FileMode(in.Mode&0o777))
+	if err != nil {
+		return fuse.ToStatus(err)
+	}
+	if kind == kindWAL {
+		if st := r.openedWAL(d); !st.Ok() {
+			_ = file.Close()
+			return st
+		}
+	}
+	n := f.names[name]
+	if n == nil {
+		n = f.newNode(name, kind, d)
+	}
+	n.lookups++
+	if st := f.fillEntry(n, &out.EntryOut); !st.Ok() {
+		_ = file.Close()
+		return st
+	}
+	out.Fh = f.addHandle(n, file, nil)
+	out.OpenFlags = fuse.FOPEN_KEEP_CACHE
+	return fuse.OK
+}
+
+// openedWAL opens the backing WAL for capture once it exists.
+func (r *raw) openedWAL(d *DB) fuse.Status {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return fuse.ToStatus(d.openWALFile())
+}
+
+// addHandle registers an open file. Caller holds f.mu.
+func (f *FileSystem) addHandle(n *node, file *os.File, data []byte) uint64 {
+	f.lastFh++
+	f.handles[f.lastFh] = &handle{node: n, file: file, data: data}
+	n.opens++
+	return f.lastFh
+}
+
+func (r *raw) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
+	f := r.fs
+	f.mu.Lock()
+	n := f.nodes[in.NodeId]
+	f.mu.Unlock()
+	if n == nil {
+		return fuse.ENOENT
+	}
+	if n.kind == kindRoot {
+		return fuse.EISDIR
+	}
+	if n.special() {
+		if in.Flags&writeFlags != 0 {
+			return fuse.Status(syscall.EACCES)
+		}
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		out.Fh = f.addHandle(n, nil, f.content(n))
+		out.OpenFlags = fuse.FOPEN_DIRECT_IO
+		return fuse.OK
+	}
+	if in.Flags&writeFlags != 0 && n.kind != kindShm && f.refuseWrite(in.Caller, "open for writing", n.name) {
+		return fuse.Status(syscall.EROFS)
+	}
+	if in.Flags&syscall.O_TRUNC != 0 {
+		if st := r.truncate(n, 0, in.Caller); !st.Ok() {
+			return st
+		}
+	}
+	flags := int(in.Flags) &^ (syscall.O_CREAT | syscall.O_EXCL | syscall.O_TRUNC)
+	file, err := os.OpenFile(n.db.path(backingName(n.kind)), flags, 0)
+	if err != nil {
+		return fuse.ToStatus(err)
+	}
+	if n.kind == kindWAL {
+		if st := r.openedWAL(n.db); !st.Ok() {
+			_ = file.Close()
+			return st
+		}
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out.Fh = f.addHandle(n, file, nil)
+	out.OpenFlags = fuse.FOPEN_KEEP_CACHE
+	return fuse.OK
+}
+
+func (r *raw) handle(fh uint64) *handle {
+	r.fs.mu.Lock()
+	defer r.fs.mu.Unlock()
+	return r.fs.handles[fh]
+}
+
+func (r *raw) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
+	h := r.handle(in.Fh)
+	if h == nil {
+		return nil, fuse.EBADF
+	}
+	if h.file == nil {
+		off := min(int(in.Offset), len(h.data))
+		end := min(off+int(in.Size), len(h.data))
+		return fuse.ReadResultData(h.data[off:end]), fuse.OK
+	}
+	n, err := h.file.ReadAt(buf[:in.Size], int64(in.Offset))
+	if n > 0 || err == nil || errors.Is(err, io.EOF) {
+		return fuse.ReadResultData(buf[:n]), fuse.OK
+	}
+	return nil, fuse.ToStatus(err)
+}
+
+func (r *raw) Write(cancel <-chan struct{}, in *fuse.WriteIn, data []byte) (uint32, fuse.Status) {
+	h := r.handle(in.Fh)
+	if h == nil || h.file == nil {
+		return 0, fuse.EBADF
+	}
+	n := h.node
+	if n.kind == kindShm {
+		w, err := h.file.WriteAt(data, int64(in.Offset))
+		return uint32(w), fuse.ToStatus(err)
+	}
+	if r.fs.refuseWrite(in.Caller, "write", n.name) {
+		return 0, fuse.Status(syscall.EROFS)
+	}
+	d := n.db
+	off := int64(in.Offset)
+	ctx := context.Background()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var w int
+	var err error
+	switch n.kind {
+	case kindDB:
+		w, err = d.writeDatabase(h.file, data, off)
+	case kindJournal:
+		w, err = d.writeJournal(ctx, h.file, data, off)
+	case kindWAL:
+		w, err = d.writeWAL(ctx, h.file, data, off)
+	default:
+		return 0, fuse.EPERM
+	}
+	if err != nil {
+		return uint32(w), r.fs.ioError(n, "write", err)
+	}
+	return uint32(w), fuse.OK
+}
+
+func (r *raw) Fsync(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
+	h := r.handle(in.Fh)
+	if h == nil {
+		return fuse.EBADF
+	}
+	if h.file == nil {
+		return fuse.OK
+	}
+	if in.FsyncFlags&1 != 0 {
+		return fuse.ToStatus(syscall.Fdatasync(int(h.file.Fd())))
+	}
+	return fuse.ToStatus(h.file.Sync())
+}
+
+func (r *raw) Flush(cancel <-chan struct{}, in *fuse.FlushIn) fuse.Status {
+	h := r.handle(in.Fh)
+	if h == nil {
+		return fuse.EBADF
+	}
+	r.releaseLocks(h.node, in.LockOwner)
+	return fuse.OK
+}
+
+// releaseLocks drops the POSIX locks owner holds on n: the process closed
+// a descriptor of the file (POSIX drops all its locks then) or died.
+func (r *raw) releaseLocks(n *node, owner uint64) {
+	if t := lockTable(n); t != nil {
+		held := len(t.Locks()) > 0
+		t.ReleaseOwner(owner)
+		if held && n.kind == kindDB {
+			r.afterUnlock(n.db)
+		}
+	}
+}
+
+func (r *raw) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {
+	f := r.fs
+	f.mu.Lock()
+	h := f.handles[in.Fh]
+	delete(f.handles, in.Fh)
+	if h != nil {
+		h.node.opens--
+		if h.node.opens == 0 && h.node.lookups == 0 {
+			delete(f.nodes, h.node.id)
+		}
+	}
+	f.mu.Unlock()
+	if h == nil {
+		return
+	}
+	if in.LockOwner != 0 {
+		r.releaseLocks(h.node, in.LockOwner)
+	}
+	if h.file != nil {
+		_ = h.file.Close()
+	}
+}
+
+func (r *raw) Unlink(cancel <-chan struct{}, in *fuse.InHeader, name string) fuse.Status {
+	f := r.fs
+	if in.NodeId != fuse.FUSE_ROOT_ID {
+		return fuse.ENOTDIR
+	}
+	dbName, kind := parseName(name)
+	if kind != kindShm && f.refuseWrite(in.Caller, "delete", name) {
+		return fuse.Status(syscall.EROFS)
+	}
+	f.mu.Lock()
+	d := f.dbs[dbName]
+	n, st := f.lookupLocked(name)
+	f.mu.Unlock()
+	if !st.Ok() {
+		return st
+	}
+	if n.special() {
+		return fuse.EPERM
+	}
+	if kind == kindDB {
+		return r.unlinkDB(d)
+	}
+	d.mu.Lock()
+	ctx := context.Background()
+	var err error
+	switch kind {
+	case kindJournal:
+		err = d.endJournal(ctx)
+	case kindWAL:
+		if err = d.endWAL(ctx, 0); err == nil && d.wal.file != nil {
+			_ = d.wal.file.Close()
+			d.wal.file = nil
+		}
+	}
+	if err == nil {
+		err = os.Remove(d.path(backingName(kind)))
+	}
+	d.mu.Unlock()
+	if err != nil {
+		return r.fs.ioError(n, "delete", err)
+	}
+	f.mu.Lock()
+	n.gone = true
+	delete(f.names, name)
+	f.mu.Unlock()
+	return fuse.OK
+}
+
+// unlinkDB deletes a database with its companion files and log.
+func (r *raw) unlinkDB(d *DB) fuse.Status {
+	f := r.fs
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.deleteDB(d); err != nil {
+		f.Logger.Error("delete database", "db", d.Name, "err", err)
+		return fuse.ToStatus(err)
+	}
+	delete(f.dbs, d.Name)
+	for name, n := range f.names {
+		if n.db == d {
+			n.gone = true
+			delete(f.names, name)
+			_ = f.server.DeleteNotify(fuse.FUSE_ROOT_ID, n.id, name)
+		}
+	}
+	return fuse.OK
+}
+
+func (r *raw) Rename(cancel <-chan struct{}, in *fuse.RenameIn, oldName, newName string) fuse.Status {
+	return fuse.EPERM
+}
+
+func (r *raw) Mkdir(cancel <-chan struct{}, in *fuse.MkdirIn, name string, out *fuse.EntryOut) fuse.Status {
+	return fuse.EPERM
+}
+
+func (r *raw) Access(cancel <-chan struct{}, in *fuse.AccessIn) fuse.Status {
+	if in.Mask&2 != 0 && r.fs.readOnly.Load() {
+		return fuse.Status(syscall.EROFS)
+	}
+	return fuse.OK
+}
+
+func (r *raw) OpenDir(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
+	if in.NodeId != fuse.FUSE_ROOT_ID {
+		return fuse.ENOTDIR
+	}
+	return fuse.OK
+}
+
+func (r *raw) ReadDir(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
+	f := r.fs
+	f.mu.Lock()
+	var names []string
+	for _, name := range f.sortedDBs() {
+		d := f.dbs[name]
+		names = append(names, name)
+		for _, s := range suffixes {
+			if s.kind == kindPos {
+				names = append(names, name+s.suffix)
+			} else if _, err := os.Lstat(d.path(s.backing)); err == nil {
+				names = append(names, name+s.suffix)
+			}
+		}
+	}
+	if f.primary != "" {
+		names = append(names, ".primary")
+	}
+	if f.lag != nil {
+		names = append(names, ".lag")
+	}
+	f.mu.Unlock()
+	all := append([]string{".", ".."}, names...)
+	for i := int(in.Offset); i < len(all); i++ {
+		mode := uint32(syscall.S_IFREG)
+		if i < 2 {
+			mode = syscall.S_IFDIR
+		}
+		if !out.AddDirEntry(fuse.DirEntry{Name: all[i], Mode: mode, Off: uint64(i + 1)}) {
+			break
+		}
+	}
+	return fuse.OK
+}
+
+func (f *FileSystem) sortedDBs() []string {
+	names := make([]string, 0, len(f.dbs))
+	for name := range f.dbs {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	return names
+}
+
+func (r *raw) StatFs(cancel <-chan struct{}, in *fuse.InHeader, out *fuse.StatfsOut) fuse.Status {
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(r.fs.DataDir, &st); err != nil {
+		return fuse.ToStatus(err)
+	}
+	out.FromStatfsT(&st)
+	return fuse.OK
+}

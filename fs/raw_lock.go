@@ -1,0 +1,100 @@
+package fs
+
+import (
+	"context"
+	"syscall"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
+)
+
+// lockTable returns the lock table of n: SQLite locks the database file
+// and the -shm file, nothing else.
+func lockTable(n *node) *LockTable {
+	switch n.kind {
+	case kindDB:
+		return &n.db.Locks
+	case kindShm:
+		return &n.db.ShmLocks
+	}
+	return nil
+}
+
+func (r *raw) lockNode(nodeID uint64) *node {
+	r.fs.mu.Lock()
+	defer r.fs.mu.Unlock()
+	return r.fs.nodes[nodeID]
+}
+
+func (r *raw) GetLk(cancel <-chan struct{}, in *fuse.LkIn, out *fuse.LkOut) fuse.Status {
+	n := r.lockNode(in.NodeId)
+	if n == nil {
+		return fuse.ENOENT
+	}
+	t := lockTable(n)
+	if t == nil || in.LkFlags&fuse.FUSE_LK_FLOCK != 0 {
+		return fuse.ENOSYS
+	}
+	if l, ok := t.Test(in.Owner, in.Lk.Typ, in.Lk.Start, in.Lk.End); ok {
+		out.Lk = fuse.FileLock{Start: l.Start, End: l.End, Typ: l.Typ, Pid: l.Pid}
+	} else {
+		out.Lk = fuse.FileLock{Typ: syscall.F_UNLCK}
+	}
+	return fuse.OK
+}
+
+func (r *raw) SetLk(cancel <-chan struct{}, in *fuse.LkIn) fuse.Status {
+	return r.setLk(cancel, in, false)
+}
+
+func (r *raw) SetLkw(cancel <-chan struct{}, in *fuse.LkIn) fuse.Status {
+	return r.setLk(cancel, in, true)
+}
+
+func (r *raw) setLk(cancel <-chan struct{}, in *fuse.LkIn, wait bool) fuse.Status {
+	n := r.lockNode(in.NodeId)
+	if n == nil {
+		return fuse.ENOENT
+	}
+	t := lockTable(n)
+	if t == nil || in.LkFlags&fuse.FUSE_LK_FLOCK != 0 {
+		return fuse.ENOSYS
+	}
+	var errno syscall.Errno
+	if wait && in.Lk.Typ != syscall.F_UNLCK {
+		ctx, stop := cancelContext(cancel)
+		errno = t.Lock(ctx, in.Owner, in.Lk.Pid, in.Lk.Typ, in.Lk.Start, in.Lk.End)
+		stop()
+	} else {
+		errno = t.TryLock(in.Owner, in.Lk.Pid, in.Lk.Typ, in.Lk.Start, in.Lk.End)
+	}
+	if errno != 0 {
+		return fuse.Status(errno)
+	}
+	if n.kind == kindDB && in.Lk.Typ != syscall.F_WRLCK {
+		r.afterUnlock(n.db)
+	}
+	return fuse.OK
+}
+
+// afterUnlock lets capture see the end of a transaction that no journal
+// marks (journal_mode=OFF or MEMORY).
+func (r *raw) afterUnlock(d *DB) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err := d.unlocked(context.Background()); err != nil {
+		d.logger.Error("commit at unlock", "err", err)
+	}
+}
+
+// cancelContext returns a context done when cancel is closed.
+func cancelContext(cancel <-chan struct{}) (context.Context, func()) {
+	ctx, stop := context.WithCancel(context.Background())
+	go func() {
+		select {
+		case <-cancel:
+			stop()
+		case <-ctx.Done():
+		}
+	}()
+	return ctx, stop
+}

@@ -1,0 +1,207 @@
+package fs
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"os"
+
+	_ "github.com/mattn/go-sqlite3" // SQLite itself rolls back hot journals
+
+	"github.com/meridian-db/meridian/ltx"
+)
+
+// recover brings database d to a state where its file and its log agree,
+// then opens the log. It handles what a crash of the daemon or of an app
+// can leave behind:
+//
+//   - a hot rollback journal whose transaction the log already holds (the
+//     daemon died after writing the LTX file, before the journal was
+//     finalized): the journal is removed, completing the commit;
+//   - any other hot journal: SQLite rolls it back;
+//   - WAL transactions the log does not hold (their LTX files were never
+//     written, or not synced and lost): they are added to the log from the
+//     WAL.
+//
+// The log then checks the database's checksum against its position; a
+// mismatch fails with *ltx.DatabaseMismatchError and nothing is served.
+func (d *DB) recover(ctx context.Context) error {
+	file, err := os.OpenFile(d.path(databaseFile), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return err
+	}
+	d.file = file
+	if err := d.recoverJournal(ctx); err != nil {
+		return err
+	}
+	if err := d.openWALFile(); err != nil {
+		return err
+	}
+	txs, err := d.readWALFile()
+	if err != nil {
+		return err
+	}
+	logged, err := d.openLog(ctx, txs)
+	if err != nil {
+		return err
+	}
+	for _, tx := range txs[logged:] {
+		if err := d.commitWAL(ctx, tx.last); err != nil {
+			return fmt.Errorf("add WAL transaction to the log: %w", err)
+		}
+	}
+	if n := len(txs) - logged; n > 0 {
+		if err := d.syncLog(ctx); err != nil {
+			return err
+		}
+		d.logger.Info("recovered WAL transactions into the log", "count", n, "pos", d.log.Pos())
+	}
+	return nil
+}
+
+// recoverJournal deals with a hot journal.
+func (d *DB) recoverJournal(ctx context.Context) error {
+	hot, err := isHotJournal(d.path(journalFile))
+	if err != nil || !hot {
+		return err
+	}
+	l := ltx.NewLog(d.Name, d.path(logDir), "")
+	l.Logger = d.logger
+	if err := l.Open(ctx); err != nil {
+		return err
+	}
+	pos := l.Pos()
+	_ = l.Close()
+	t, err := ltx.ReadChecksumTable(d.path(databaseFile))
+	if err != nil {
+		return err
+	}
+	if pos.TXID > 0 && t.Checksum() == pos.PostApplyChecksum {
+		d.logger.Info("removing the journal of a transaction the log already holds", "pos", pos)
+		if err := os.Remove(d.path(journalFile)); err != nil {
+			return err
+		}
+		return syncDir(d.dir)
+	}
+	d.logger.Info("rolling back a hot journal", "pos", pos)
+	return rollbackJournal(d.path(databaseFile), d.path(journalFile))
+}
+
+// isHotJournal reports whether the journal at path holds a transaction to
+// roll back: it exists and starts with the journal magic.
+func isHotJournal(path string) (bool, error) {
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	} else if err != nil {
+		return false, err
+	}
+	defer func() { _ = f.Close() }()
+	b := make([]byte, len(journalMagic))
+	if _, err := f.ReadAt(b, 0); err != nil {
+		return false, nil // shorter than a header: not hot
+	}
+	return string(b) == string(journalMagic), nil
+}
+
+// rollbackJournal has SQLite roll back the hot journal of the database at
+// dbPath, under the name SQLite looks for.
+func rollbackJournal(dbPath, journalPath string) error {
+	sqliteJournal := dbPath + "-journal"
+	if err := os.Rename(journalPath, sqliteJournal); err != nil {
+		return err
+	}
+	db, err := sql.Open("sqlite3", "file:"+dbPath+"?mode=rw&_busy_timeout=0")
+	if err != nil {
+		return err
+	}
+	_, qerr := db.Exec(`SELECT count(*) FROM sqlite_master`)
+	cerr := db.Close()
+	if _, err := os.Stat(sqliteJournal); err == nil {
+		if err := os.Rename(sqliteJournal, journalPath); err != nil {
+			return err
+		}
+	}
+	if qerr != nil {
+		return fmt.Errorf("roll back the hot journal with SQLite: %w", qerr)
+	}
+	return cerr
+}
+
+// readWALFile reads the committed transactions of the backing WAL, and
+// sets up the WAL state for its generation.
+func (d *DB) readWALFile() ([]walTx, error) {
+	if d.wal.file == nil {
+		return nil, nil
+	}
+	fi, err := d.wal.file.Stat()
+	if err != nil {
+		return nil, err
+	}
+	h, txs, err := readWAL(d.wal.file, fi.Size())
+	if err != nil {
+		return nil, err
+	}
+	d.wal.hdr, d.wal.valid = h, h.pageSize != 0
+	return txs, nil
+}
+
+// openLog opens the log over the database as it stands after the WAL
+// transactions the log holds, and returns how many of txs that is: those
+// up to the WAL segment of the last LTX file when it is from this WAL
+// generation, else the most that make the database agree with the log.
+func (d *DB) openLog(ctx context.Context, txs []walTx) (int, error) {
+	l := ltx.NewLog(d.Name, d.path(logDir), "")
+	l.Logger = d.logger
+	if err := l.Open(ctx); err != nil {
+		return 0, err
+	}
+	files := l.Files()
+	_ = l.Close()
+
+	candidates := make([]int, 0, len(txs)+1)
+	if k := len(files); k > 0 {
+		h := files[k-1].Header
+		if h.WALOffset > 0 && h.WALSalt1 == d.wal.hdr.salt1 && h.WALSalt2 == d.wal.hdr.salt2 {
+			end := h.WALOffset + h.WALSize
+			n := 0
+			for n < len(txs) && d.wal.hdr.frameOffset(txs[n].last+1) <= end {
+				n++
+			}
+			candidates = append(candidates, n)
+		}
+	}
+	for n := 0; n <= len(txs); n++ {
+		candidates = append(candidates, n)
+	}
+	var firstErr error
+	for _, n := range candidates {
+		d.setCommitted(txs[:n])
+		err := d.log.Open(ctx)
+		if err == nil {
+			return n, nil
+		}
+		var mismatch *ltx.DatabaseMismatchError
+		if !errors.As(err, &mismatch) || len(txs) == 0 {
+			return 0, err
+		}
+		if firstErr == nil {
+			firstErr = err
+		}
+	}
+	return 0, firstErr
+}
+
+// setCommitted makes txs the committed WAL transactions.
+func (d *DB) setCommitted(txs []walTx) {
+	d.resetWAL()
+	for _, tx := range txs {
+		for pgno, off := range tx.frames {
+			d.wal.committed[pgno] = off
+		}
+		d.wal.mxFrame = tx.last + 1
+	}
+	d.wal.scanned = d.wal.mxFrame
+}
+
