@@ -111,4 +111,3 @@ func TestCapture_Workload(t *testing.T) {
 		})
 	}
 }
-

@@ -204,4 +204,3 @@ func (d *DB) setCommitted(txs []walTx) {
 	}
 	d.wal.scanned = d.wal.mxFrame
 }
-

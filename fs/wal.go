@@ -98,8 +98,8 @@ func walChecksum(bigEndian bool, b []byte, s1, s2 uint32) (uint32, uint32) {
 
 // walTx is one committed transaction found in a WAL.
 type walTx struct {
-	first, last int64             // frame indexes, inclusive
-	commit      uint32            // database size in pages after it
+	first, last int64            // frame indexes, inclusive
+	commit      uint32           // database size in pages after it
 	frames      map[uint32]int64 // page number → offset of its last frame in the tx
 }
 
