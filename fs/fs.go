@@ -40,6 +40,7 @@ type FileSystem struct {
 
 	server   *fuse.Server
 	readOnly atomic.Bool
+	mounted  time.Time
 
 	mu      sync.Mutex
 	dbs     map[string]*DB
@@ -95,6 +96,7 @@ func (f *FileSystem) Open(ctx context.Context) error {
 	}
 	f.nodes[fuse.FUSE_ROOT_ID] = &node{id: fuse.FUSE_ROOT_ID, kind: kindRoot}
 	f.lastID = fuse.FUSE_ROOT_ID
+	f.mounted = time.Now()
 
 	server, err := fuse.NewServer(&raw{RawFileSystem: fuse.NewDefaultRawFileSystem(), fs: f}, f.MountDir, &fuse.MountOptions{
 		FsName:        "meridian",

@@ -217,6 +217,7 @@ func (f *FileSystem) fillAttr(n *node, a *fuse.Attr) fuse.Status {
 	case n.kind == kindRoot:
 		a.Mode = syscall.S_IFDIR | 0o755
 		a.Nlink = 2
+		a.SetTimes(&f.mounted, &f.mounted, &f.mounted)
 	case n.special():
 		a.Mode = syscall.S_IFREG | 0o444
 		a.Nlink = 1

@@ -338,6 +338,16 @@ func (r *raw) OpenDir(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut
 }
 
 func (r *raw) ReadDir(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
+	return r.readDir(in, out, false)
+}
+
+// ReadDirPlus lists the directory without attributes: entries carry no
+// node, so the kernel looks each up as it needs it.
+func (r *raw) ReadDirPlus(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
+	return r.readDir(in, out, true)
+}
+
+func (r *raw) readDir(in *fuse.ReadIn, out *fuse.DirEntryList, plus bool) fuse.Status {
 	f := r.fs
 	f.mu.Lock()
 	var names []string
@@ -365,7 +375,12 @@ func (r *raw) ReadDir(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntr
 		if i < 2 {
 			mode = syscall.S_IFDIR
 		}
-		if !out.AddDirEntry(fuse.DirEntry{Name: all[i], Mode: mode, Off: uint64(i + 1)}) {
+		e := fuse.DirEntry{Name: all[i], Mode: mode, Off: uint64(i + 1)}
+		if plus {
+			if out.AddDirLookupEntry(e) == nil {
+				break
+			}
+		} else if !out.AddDirEntry(e) {
 			break
 		}
 	}

@@ -1,7 +1,8 @@
 // Command regiond is Meridian's per-region daemon and its tools.
 //
-// Today it has the `ltx` tools for LTX logs and database files; `run`,
-// `status` and the cluster commands come with the daemon.
+// `regiond run` runs the daemon; `regiond ltx` holds the tools for LTX logs
+// and database files. `status` and the cluster commands come with
+// replication and leases.
 package main
 
 import (
@@ -41,6 +42,7 @@ Usage:
 
 Commands:
 
+	run    run the daemon: mount the databases and capture every transaction
 	ltx    inspect, verify and restore LTX logs and database files
 
 Run "regiond <command> -h" for a command's usage.
@@ -61,6 +63,8 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return flag.ErrHelp
 	}
 	switch args[0] {
+	case "run":
+		return runRun(ctx, args[1:], stderr)
 	case "ltx":
 		return runLTX(ctx, args[1:], stdout, stderr)
 	case "help", "-h", "-help", "--help":

@@ -1,0 +1,605 @@
+package fs
+
+// Internal test: the blocking tests look at LockTable.released to know when a
+// waiter has parked, so they need no sleeps.
+
+import (
+	"cmp"
+	"context"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"runtime"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+)
+
+const (
+	rd = syscall.F_RDLCK
+	wr = syscall.F_WRLCK
+	un = syscall.F_UNLCK
+)
+
+// SQLite's lock bytes in a database file (os_unix.c) and in a WAL index
+// (-shm) file (wal.c).
+const (
+	sqlitePending    = 0x40000000
+	sqliteReserved   = sqlitePending + 1
+	sqliteSharedFrom = sqlitePending + 2
+	sqliteSharedTo   = sqliteSharedFrom + 510 - 1
+
+	shmWrite = 120
+	shmCkpt  = 121
+	shmRead0 = 123
+	shmRead1 = 124
+	shmDMS   = 128
+)
+
+func mustTryLock(tb testing.TB, lt *LockTable, owner uint64, pid, typ uint32, start, end uint64, want syscall.Errno) {
+	tb.Helper()
+	if got := lt.TryLock(owner, pid, typ, start, end); got != want {
+		tb.Fatalf("TryLock(owner=%d, typ=%d, [%#x,%#x]): got %v (%d), want %v (%d)", owner, typ, start, end, got, got, want, want)
+	}
+}
+
+func assertLocks(tb testing.TB, lt *LockTable, want ...Lock) {
+	tb.Helper()
+	if got := lt.Locks(); !slices.Equal(got, want) {
+		tb.Fatalf("Locks():\n got %+v\nwant %+v", got, want)
+	}
+}
+
+func TestLockTable_SQLiteDatabase(t *testing.T) {
+	var lt LockTable
+	// shared takes SQLite's SHARED lock the way unixLock does: a read lock
+	// on PENDING guards a read lock on the SHARED range.
+	shared := func(owner uint64, want syscall.Errno) {
+		t.Helper()
+		pid := uint32(owner) + 100
+		mustTryLock(t, &lt, owner, pid, rd, sqlitePending, sqlitePending, want)
+		if want != 0 {
+			return
+		}
+		mustTryLock(t, &lt, owner, pid, rd, sqliteSharedFrom, sqliteSharedTo, 0)
+		mustTryLock(t, &lt, owner, pid, un, sqlitePending, sqlitePending, 0)
+	}
+
+	shared(1, 0)
+	shared(2, 0)
+	assertLocks(t, &lt,
+		Lock{Owner: 1, Pid: 101, Typ: rd, Start: sqliteSharedFrom, End: sqliteSharedTo},
+		Lock{Owner: 2, Pid: 102, Typ: rd, Start: sqliteSharedFrom, End: sqliteSharedTo},
+	)
+
+	// RESERVED: one writer while readers keep reading.
+	mustTryLock(t, &lt, 1, 101, wr, sqliteReserved, sqliteReserved, 0)
+	mustTryLock(t, &lt, 2, 102, wr, sqliteReserved, sqliteReserved, syscall.EAGAIN)
+
+	// PENDING keeps new readers out while the writer waits for old ones.
+	mustTryLock(t, &lt, 1, 101, wr, sqlitePending, sqlitePending, 0)
+	shared(3, syscall.EAGAIN)
+	if got, ok := lt.Test(3, rd, sqlitePending, sqlitePending); !ok ||
+		got != (Lock{Owner: 1, Pid: 101, Typ: wr, Start: sqlitePending, End: sqliteReserved}) {
+		t.Fatalf("Test PENDING: got %+v, %v, want owner 1's write lock", got, ok)
+	}
+
+	// EXCLUSIVE fails while reader 2 holds SHARED, and F_GETLK names it.
+	mustTryLock(t, &lt, 1, 101, wr, sqliteSharedFrom, sqliteSharedTo, syscall.EAGAIN)
+	if got, ok := lt.Test(1, wr, sqliteSharedFrom, sqliteSharedTo); !ok ||
+		got != (Lock{Owner: 2, Pid: 102, Typ: rd, Start: sqliteSharedFrom, End: sqliteSharedTo}) {
+		t.Fatalf("Test SHARED: got %+v, %v, want reader 2's lock", got, ok)
+	}
+	assertLocks(t, &lt,
+		Lock{Owner: 1, Pid: 101, Typ: wr, Start: sqlitePending, End: sqliteReserved},
+		Lock{Owner: 1, Pid: 101, Typ: rd, Start: sqliteSharedFrom, End: sqliteSharedTo},
+		Lock{Owner: 2, Pid: 102, Typ: rd, Start: sqliteSharedFrom, End: sqliteSharedTo},
+	)
+
+	// Reader 2 finishes; the writer's read lock converts to a write lock
+	// and its three adjacent write ranges coalesce.
+	mustTryLock(t, &lt, 2, 102, un, 0, math.MaxUint64, 0)
+	mustTryLock(t, &lt, 1, 101, wr, sqliteSharedFrom, sqliteSharedTo, 0)
+	assertLocks(t, &lt, Lock{Owner: 1, Pid: 101, Typ: wr, Start: sqlitePending, End: sqliteSharedTo})
+	if _, ok := lt.Test(3, rd, 0, math.MaxUint64); !ok {
+		t.Fatal("Test: got no conflict with EXCLUSIVE, want one")
+	}
+
+	// Back to SHARED the way posixUnlock does it.
+	mustTryLock(t, &lt, 1, 101, rd, sqliteSharedFrom, sqliteSharedTo, 0)
+	mustTryLock(t, &lt, 1, 101, un, sqlitePending, sqlitePending+1, 0)
+	assertLocks(t, &lt, Lock{Owner: 1, Pid: 101, Typ: rd, Start: sqliteSharedFrom, End: sqliteSharedTo})
+	shared(3, 0)
+	assertLocks(t, &lt,
+		Lock{Owner: 1, Pid: 101, Typ: rd, Start: sqliteSharedFrom, End: sqliteSharedTo},
+		Lock{Owner: 3, Pid: 103, Typ: rd, Start: sqliteSharedFrom, End: sqliteSharedTo},
+	)
+	if !lt.Held(sqlitePending, sqliteSharedFrom) || lt.Held(0, sqliteReserved) {
+		t.Fatalf("Held: got %v, %v, want true, false", lt.Held(sqlitePending, sqliteSharedFrom), lt.Held(0, sqliteReserved))
+	}
+}
+
+func TestLockTable_SQLiteWALIndex(t *testing.T) {
+	var lt LockTable
+	// The first connection gets DMS exclusively, then holds it shared.
+	mustTryLock(t, &lt, 1, 101, wr, shmDMS, shmDMS, 0)
+	watch := lt.Watch()
+	mustTryLock(t, &lt, 1, 101, rd, shmDMS, shmDMS, 0)
+	select {
+	case <-watch:
+	default:
+		t.Fatal("Watch: not closed by the DMS downgrade")
+	}
+	mustTryLock(t, &lt, 2, 102, wr, shmDMS, shmDMS, syscall.EAGAIN)
+	mustTryLock(t, &lt, 2, 102, rd, shmDMS, shmDMS, 0)
+	mustTryLock(t, &lt, 3, 103, rd, shmDMS, shmDMS, 0)
+
+	// One writer at a time; readers share read marks; a checkpointer
+	// cannot take a read mark in use.
+	mustTryLock(t, &lt, 1, 101, wr, shmWrite, shmWrite, 0)
+	mustTryLock(t, &lt, 2, 102, wr, shmWrite, shmWrite, syscall.EAGAIN)
+	mustTryLock(t, &lt, 1, 101, rd, shmRead1, shmRead1, 0)
+	mustTryLock(t, &lt, 2, 102, rd, shmRead1, shmRead1, 0)
+	mustTryLock(t, &lt, 2, 102, rd, shmRead0, shmRead0, 0)
+	mustTryLock(t, &lt, 3, 103, wr, shmCkpt, shmCkpt, 0)
+	mustTryLock(t, &lt, 3, 103, wr, shmRead1, shmRead1, syscall.EAGAIN)
+	mustTryLock(t, &lt, 3, 103, rd, shmWrite, shmWrite, syscall.EAGAIN)
+	assertLocks(t, &lt,
+		Lock{Owner: 1, Pid: 101, Typ: wr, Start: shmWrite, End: shmWrite},
+		Lock{Owner: 3, Pid: 103, Typ: wr, Start: shmCkpt, End: shmCkpt},
+		Lock{Owner: 2, Pid: 102, Typ: rd, Start: shmRead0, End: shmRead1},
+		Lock{Owner: 1, Pid: 101, Typ: rd, Start: shmRead1, End: shmRead1},
+		Lock{Owner: 1, Pid: 101, Typ: rd, Start: shmDMS, End: shmDMS},
+		Lock{Owner: 2, Pid: 102, Typ: rd, Start: shmDMS, End: shmDMS},
+		Lock{Owner: 3, Pid: 103, Typ: rd, Start: shmDMS, End: shmDMS},
+	)
+
+	// Connection 1 closes; 2 can write, but DMS stays shared by 2 and 3.
+	lt.ReleaseOwner(1)
+	mustTryLock(t, &lt, 2, 102, wr, shmWrite, shmWrite, 0)
+	mustTryLock(t, &lt, 2, 102, wr, shmDMS, shmDMS, syscall.EAGAIN)
+	assertLocks(t, &lt,
+		Lock{Owner: 2, Pid: 102, Typ: wr, Start: shmWrite, End: shmWrite},
+		Lock{Owner: 3, Pid: 103, Typ: wr, Start: shmCkpt, End: shmCkpt},
+		Lock{Owner: 2, Pid: 102, Typ: rd, Start: shmRead0, End: shmRead1},
+		Lock{Owner: 2, Pid: 102, Typ: rd, Start: shmDMS, End: shmDMS},
+		Lock{Owner: 3, Pid: 103, Typ: rd, Start: shmDMS, End: shmDMS},
+	)
+}
+
+func TestLockTable_TryLock(t *testing.T) {
+	t.Run("Split", func(t *testing.T) {
+		var lt LockTable
+		mustTryLock(t, &lt, 1, 7, wr, 0, 99, 0)
+		mustTryLock(t, &lt, 1, 7, un, 40, 59, 0)
+		assertLocks(t, &lt,
+			Lock{Owner: 1, Pid: 7, Typ: wr, Start: 0, End: 39},
+			Lock{Owner: 1, Pid: 7, Typ: wr, Start: 60, End: 99},
+		)
+		mustTryLock(t, &lt, 2, 8, wr, 40, 59, 0)
+		mustTryLock(t, &lt, 2, 8, rd, 39, 40, syscall.EAGAIN)
+	})
+	t.Run("Convert", func(t *testing.T) {
+		var lt LockTable
+		mustTryLock(t, &lt, 1, 7, rd, 0, 99, 0)
+		mustTryLock(t, &lt, 1, 7, wr, 50, 59, 0)
+		assertLocks(t, &lt,
+			Lock{Owner: 1, Pid: 7, Typ: rd, Start: 0, End: 49},
+			Lock{Owner: 1, Pid: 7, Typ: wr, Start: 50, End: 59},
+			Lock{Owner: 1, Pid: 7, Typ: rd, Start: 60, End: 99},
+		)
+		// Converting back merges the three into one.
+		mustTryLock(t, &lt, 1, 7, rd, 50, 59, 0)
+		assertLocks(t, &lt, Lock{Owner: 1, Pid: 7, Typ: rd, Start: 0, End: 99})
+	})
+	t.Run("UpgradeBlockedByReader", func(t *testing.T) {
+		var lt LockTable
+		mustTryLock(t, &lt, 1, 7, rd, 0, 99, 0)
+		mustTryLock(t, &lt, 2, 8, rd, 90, 90, 0)
+		mustTryLock(t, &lt, 1, 7, wr, 0, 99, syscall.EAGAIN)
+		assertLocks(t, &lt,
+			Lock{Owner: 1, Pid: 7, Typ: rd, Start: 0, End: 99},
+			Lock{Owner: 2, Pid: 8, Typ: rd, Start: 90, End: 90},
+		)
+	})
+	t.Run("Coalesce", func(t *testing.T) {
+		var lt LockTable
+		mustTryLock(t, &lt, 1, 7, wr, 10, 19, 0)
+		mustTryLock(t, &lt, 1, 7, wr, 30, 39, 0)
+		mustTryLock(t, &lt, 1, 7, rd, 20, 29, 0) // touches both, other type
+		mustTryLock(t, &lt, 2, 8, wr, 40, 49, 0) // touches, other owner
+		assertLocks(t, &lt,
+			Lock{Owner: 1, Pid: 7, Typ: wr, Start: 10, End: 19},
+			Lock{Owner: 1, Pid: 7, Typ: rd, Start: 20, End: 29},
+			Lock{Owner: 1, Pid: 7, Typ: wr, Start: 30, End: 39},
+			Lock{Owner: 2, Pid: 8, Typ: wr, Start: 40, End: 49},
+		)
+		mustTryLock(t, &lt, 1, 9, wr, 20, 29, 0)
+		assertLocks(t, &lt,
+			Lock{Owner: 1, Pid: 9, Typ: wr, Start: 10, End: 39},
+			Lock{Owner: 2, Pid: 8, Typ: wr, Start: 40, End: 49},
+		)
+		mustTryLock(t, &lt, 1, 9, wr, 5, 12, 0) // overlaps
+		mustTryLock(t, &lt, 1, 9, wr, 0, 4, 0)  // touches
+		assertLocks(t, &lt,
+			Lock{Owner: 1, Pid: 9, Typ: wr, Start: 0, End: 39},
+			Lock{Owner: 2, Pid: 8, Typ: wr, Start: 40, End: 49},
+		)
+	})
+	t.Run("EndOfFile", func(t *testing.T) {
+		var lt LockTable
+		mustTryLock(t, &lt, 1, 7, rd, 100, math.MaxUint64, 0)
+		// 0 follows MaxUint64 only by overflow: no merge.
+		mustTryLock(t, &lt, 1, 7, rd, 0, 9, 0)
+		mustTryLock(t, &lt, 1, 7, wr, 50, 99, 0)
+		assertLocks(t, &lt,
+			Lock{Owner: 1, Pid: 7, Typ: rd, Start: 0, End: 9},
+			Lock{Owner: 1, Pid: 7, Typ: wr, Start: 50, End: 99},
+			Lock{Owner: 1, Pid: 7, Typ: rd, Start: 100, End: math.MaxUint64},
+		)
+		mustTryLock(t, &lt, 2, 8, rd, math.MaxUint64, math.MaxUint64, 0)
+		mustTryLock(t, &lt, 2, 8, wr, math.MaxUint64, math.MaxUint64, syscall.EAGAIN)
+		mustTryLock(t, &lt, 1, 7, un, 0, math.MaxUint64, 0)
+		assertLocks(t, &lt, Lock{Owner: 2, Pid: 8, Typ: rd, Start: math.MaxUint64, End: math.MaxUint64})
+		mustTryLock(t, &lt, 2, 8, un, 0, math.MaxUint64, 0)
+		assertLocks(t, &lt)
+	})
+	t.Run("UnlockNotHeld", func(t *testing.T) {
+		var lt LockTable
+		mustTryLock(t, &lt, 2, 8, wr, 0, 9, 0)
+		watch := lt.Watch()
+		mustTryLock(t, &lt, 1, 7, un, 0, math.MaxUint64, 0)
+		assertLocks(t, &lt, Lock{Owner: 2, Pid: 8, Typ: wr, Start: 0, End: 9})
+		select {
+		case <-watch:
+			t.Fatal("Watch: closed by an unlock that released nothing")
+		default:
+		}
+	})
+	t.Run("EINVAL", func(t *testing.T) {
+		var lt LockTable
+		mustTryLock(t, &lt, 1, 7, wr, 10, 9, syscall.EINVAL)
+		mustTryLock(t, &lt, 1, 7, 99, 0, 9, syscall.EINVAL)
+		assertLocks(t, &lt)
+	})
+}
+
+func TestLockTable_Test(t *testing.T) {
+	var lt LockTable
+	mustTryLock(t, &lt, 1, 101, rd, 0, 9, 0)
+	mustTryLock(t, &lt, 2, 102, rd, 5, 14, 0)
+	mustTryLock(t, &lt, 2, 102, wr, 40, 49, 0)
+	mustTryLock(t, &lt, 1, 101, rd, 20, 29, 0)
+
+	for _, tc := range []struct {
+		owner      uint64
+		typ        uint32
+		start, end uint64
+		want       Lock
+		wantOK     bool
+	}{
+		{owner: 3, typ: rd, start: 0, end: 4},
+		{owner: 3, typ: wr, start: 0, end: 4, want: Lock{Owner: 1, Pid: 101, Typ: rd, Start: 0, End: 9}, wantOK: true},
+		{owner: 3, typ: wr, start: 10, end: 100, want: Lock{Owner: 2, Pid: 102, Typ: rd, Start: 5, End: 14}, wantOK: true},
+		{owner: 3, typ: rd, start: 0, end: 100, want: Lock{Owner: 2, Pid: 102, Typ: wr, Start: 40, End: 49}, wantOK: true},
+		{owner: 2, typ: wr, start: 0, end: 100, want: Lock{Owner: 1, Pid: 101, Typ: rd, Start: 0, End: 9}, wantOK: true},
+		{owner: 2, typ: wr, start: 10, end: 19},
+		{owner: 1, typ: wr, start: 30, end: math.MaxUint64, want: Lock{Owner: 2, Pid: 102, Typ: wr, Start: 40, End: 49}, wantOK: true},
+		{owner: 1, typ: rd, start: 30, end: 39},
+		{owner: 3, typ: un, start: 0, end: 100},
+		{owner: 3, typ: wr, start: 9, end: 0},
+	} {
+		got, ok := lt.Test(tc.owner, tc.typ, tc.start, tc.end)
+		if got != tc.want || ok != tc.wantOK {
+			t.Fatalf("Test(%d, %d, [%d,%d]): got %+v, %v, want %+v, %v", tc.owner, tc.typ, tc.start, tc.end, got, ok, tc.want, tc.wantOK)
+		}
+	}
+}
+
+// waitParked returns once a Lock call is blocked on lt.released, and fails
+// if done was closed meanwhile.
+func waitParked(tb testing.TB, lt *LockTable, done <-chan syscall.Errno) {
+	tb.Helper()
+	for !parked(lt) {
+		select {
+		case errno := <-done:
+			tb.Fatalf("Lock returned %v before the lock was free", errno)
+		default:
+		}
+		runtime.Gosched()
+	}
+}
+
+// waitReturned returns what a Lock call returned after the lock it waited
+// for was freed, and fails if the call parked again instead.
+func waitReturned(tb testing.TB, lt *LockTable, done <-chan syscall.Errno) syscall.Errno {
+	tb.Helper()
+	for {
+		select {
+		case errno := <-done:
+			return errno
+		default:
+		}
+		if parked(lt) {
+			tb.Fatal("Lock still waits after the lock was freed")
+		}
+		runtime.Gosched()
+	}
+}
+
+// parked reports whether a goroutine may be blocked in lt.Lock: the release
+// channel exists only while someone waits for it (nobody else calls Watch in
+// these tests).
+func parked(lt *LockTable) bool {
+	lt.mu.Lock()
+	defer lt.mu.Unlock()
+	return lt.released != nil
+}
+
+func TestLockTable_Lock(t *testing.T) {
+	t.Run("OK", func(t *testing.T) {
+		var lt LockTable
+		mustTryLock(t, &lt, 1, 101, wr, 0, 9, 0)
+		mustTryLock(t, &lt, 2, 102, rd, 20, 29, 0)
+		ctx, cancel := context.WithCancel(context.Background())
+		var wg sync.WaitGroup
+		defer wg.Wait()
+		defer cancel() // a failed test must not leave the waiter blocked
+		done := make(chan syscall.Errno, 1)
+		wg.Go(func() { done <- lt.Lock(ctx, 3, 103, wr, 5, 25) })
+
+		waitParked(t, &lt, done)
+		lt.ReleaseOwner(2) // wakes the waiter, which still conflicts with 1
+		waitParked(t, &lt, done)
+		lt.ReleaseOwner(1)
+		if errno := waitReturned(t, &lt, done); errno != 0 {
+			t.Fatalf("Lock: got %v, want 0", errno)
+		}
+		assertLocks(t, &lt, Lock{Owner: 3, Pid: 103, Typ: wr, Start: 5, End: 25})
+	})
+	t.Run("Downgrade", func(t *testing.T) {
+		var lt LockTable
+		mustTryLock(t, &lt, 1, 101, wr, 0, 9, 0)
+		ctx, cancel := context.WithCancel(context.Background())
+		var wg sync.WaitGroup
+		defer wg.Wait()
+		defer cancel() // a failed test must not leave the waiter blocked
+		done := make(chan syscall.Errno, 1)
+		wg.Go(func() { done <- lt.Lock(ctx, 2, 102, rd, 0, 0) })
+
+		waitParked(t, &lt, done)
+		mustTryLock(t, &lt, 1, 101, rd, 0, 9, 0)
+		if errno := waitReturned(t, &lt, done); errno != 0 {
+			t.Fatalf("Lock: got %v, want 0", errno)
+		}
+		assertLocks(t, &lt,
+			Lock{Owner: 1, Pid: 101, Typ: rd, Start: 0, End: 9},
+			Lock{Owner: 2, Pid: 102, Typ: rd, Start: 0, End: 0},
+		)
+	})
+	t.Run("EINTR", func(t *testing.T) {
+		var lt LockTable
+		mustTryLock(t, &lt, 1, 101, rd, 0, 9, 0)
+		ctx, cancel := context.WithCancel(context.Background())
+		var wg sync.WaitGroup
+		defer wg.Wait()
+		defer cancel()
+		done := make(chan syscall.Errno, 1)
+		wg.Go(func() { done <- lt.Lock(ctx, 2, 102, wr, 9, 9) })
+
+		waitParked(t, &lt, done)
+		cancel()
+		if errno := <-done; errno != syscall.EINTR {
+			t.Fatalf("Lock: got %v, want EINTR", errno)
+		}
+		assertLocks(t, &lt, Lock{Owner: 1, Pid: 101, Typ: rd, Start: 0, End: 9})
+	})
+	t.Run("MutualExclusion", func(t *testing.T) {
+		var lt LockTable
+		var inside atomic.Int32
+		var wg sync.WaitGroup
+		for owner := range uint64(8) {
+			wg.Go(func() {
+				for range 200 {
+					if errno := lt.Lock(context.Background(), owner, 1, wr, 3, 3); errno != 0 {
+						t.Errorf("Lock: got %v, want 0", errno)
+						return
+					}
+					if n := inside.Add(1); n != 1 {
+						t.Errorf("got %d owners inside the lock, want 1", n)
+					}
+					inside.Add(-1)
+					if errno := lt.TryLock(owner, 1, un, 0, math.MaxUint64); errno != 0 {
+						t.Errorf("unlock: got %v, want 0", errno)
+					}
+				}
+			})
+		}
+		wg.Wait()
+		assertLocks(t, &lt)
+	})
+}
+
+// The model keeps per-cell lock state: cells 0..63 are bytes 0..63 and cell
+// 64 stands for [64, MaxUint64], so ranges to end of file are covered too.
+const modelCells = 65
+
+type lockModel [modelCells]map[uint64]uint32
+
+func cellStart(c int) uint64 { return uint64(c) }
+
+func cellEnd(c int) uint64 {
+	if c == modelCells-1 {
+		return math.MaxUint64
+	}
+	return uint64(c)
+}
+
+type lockOp struct {
+	kind   int // 0 read, 1 write, 2 unlock, 3 release owner, 4 Test read, 5 Test write
+	owner  uint64
+	lo, hi int // cells; hi < lo is an invalid range
+}
+
+func decodeLockOp(b [3]byte) lockOp {
+	return lockOp{kind: int(b[0] % 6), owner: uint64(b[0]/6) % 4, lo: int(b[1]) % modelCells, hi: int(b[2]) % modelCells}
+}
+
+func (op lockOp) String() string {
+	return fmt.Sprintf("{kind %d owner %d [%d,%d]}", op.kind, op.owner, op.lo, op.hi)
+}
+
+func pidOf(owner uint64) uint32 { return uint32(owner) + 100 }
+
+// tryLock applies a lock op to the model and reports its result and whether
+// it released or downgraded anything.
+func (m *lockModel) tryLock(owner uint64, typ uint32, lo, hi int) (syscall.Errno, bool) {
+	if lo > hi {
+		return syscall.EINVAL, false
+	}
+	for c := lo; c <= hi; c++ {
+		for o, ot := range m[c] {
+			if typ != un && o != owner && (typ == wr || ot == wr) {
+				return syscall.EAGAIN, false
+			}
+		}
+	}
+	released := false
+	for c := lo; c <= hi; c++ {
+		old, held := m[c][owner]
+		released = released || (held && typ == un) || (held && old == wr && typ == rd)
+		if typ == un {
+			delete(m[c], owner)
+			continue
+		}
+		if m[c] == nil {
+			m[c] = map[uint64]uint32{}
+		}
+		m[c][owner] = typ
+	}
+	return 0, released
+}
+
+// locks returns the canonical lock list of the model: maximal runs of cells
+// with one owner and type, sorted by Start then Owner.
+func (m *lockModel) locks() []Lock {
+	var out []Lock
+	for owner := range uint64(4) {
+		for c := 0; c < modelCells; c++ {
+			typ, ok := m[c][owner]
+			if !ok {
+				continue
+			}
+			l := Lock{Owner: owner, Pid: pidOf(owner), Typ: typ, Start: cellStart(c), End: cellEnd(c)}
+			for c+1 < modelCells {
+				if next, ok := m[c+1][owner]; !ok || next != typ {
+					break
+				}
+				c++
+				l.End = cellEnd(c)
+			}
+			out = append(out, l)
+		}
+	}
+	slices.SortFunc(out, func(a, b Lock) int {
+		return cmp.Or(cmp.Compare(a.Start, b.Start), cmp.Compare(a.Owner, b.Owner))
+	})
+	return out
+}
+
+// step applies op to lt and the model and fails if they disagree.
+func (m *lockModel) step(tb testing.TB, lt *LockTable, op lockOp) {
+	tb.Helper()
+	start, end := cellStart(op.lo), cellEnd(op.hi)
+	watch := lt.Watch()
+	var wantReleased bool
+	switch op.kind {
+	case 0, 1, 2:
+		typ := []uint32{rd, wr, un}[op.kind]
+		want, released := m.tryLock(op.owner, typ, op.lo, op.hi)
+		wantReleased = released
+		if got := lt.TryLock(op.owner, pidOf(op.owner), typ, start, end); got != want {
+			tb.Fatalf("%v: TryLock got %v, want %v", op, got, want)
+		}
+	case 3:
+		for c := range m {
+			_, held := m[c][op.owner]
+			wantReleased = wantReleased || held
+			delete(m[c], op.owner)
+		}
+		lt.ReleaseOwner(op.owner)
+	case 4, 5:
+		typ := []uint32{rd, wr}[op.kind-4]
+		var want Lock
+		wantOK := false
+		if op.lo <= op.hi {
+			for _, l := range m.locks() {
+				if l.conflicts(op.owner, typ, start, end) {
+					want, wantOK = l, true
+					break
+				}
+			}
+		}
+		if got, ok := lt.Test(op.owner, typ, start, end); got != want || ok != wantOK {
+			tb.Fatalf("%v: Test got %+v, %v, want %+v, %v", op, got, ok, want, wantOK)
+		}
+	}
+
+	want := m.locks()
+	if got := lt.Locks(); !slices.Equal(got, want) {
+		tb.Fatalf("%v: Locks():\n got %+v\nwant %+v", op, got, want)
+	}
+	if op.lo <= op.hi {
+		wantHeld := slices.ContainsFunc(want, func(l Lock) bool { return l.overlaps(start, end) })
+		if got := lt.Held(start, end); got != wantHeld {
+			tb.Fatalf("%v: Held got %v, want %v", op, got, wantHeld)
+		}
+	}
+	gotReleased := false
+	select {
+	case <-watch:
+		gotReleased = true
+	default:
+	}
+	if gotReleased != wantReleased {
+		tb.Fatalf("%v: Watch closed %v, want %v", op, gotReleased, wantReleased)
+	}
+}
+
+func TestLockTable_Model(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for range 300 {
+		var lt LockTable
+		var m lockModel
+		for range 300 {
+			op := lockOp{kind: rng.IntN(6), owner: rng.Uint64N(4), lo: rng.IntN(modelCells)}
+			switch r := rng.IntN(20); {
+			case r == 0 && op.lo > 0:
+				op.hi = op.lo - 1 // invalid
+			case r < 3:
+				op.hi = modelCells - 1 // to end of file
+			default:
+				op.hi = min(op.lo+rng.IntN(12), modelCells-1)
+			}
+			m.step(t, &lt, op)
+		}
+	}
+}
+
+func FuzzLockTable(f *testing.F) {
+	f.Add([]byte{})
+	// Owner 0 reads [64,Max] then [0,5]: must not merge across the overflow.
+	f.Add([]byte{0, 64, 64, 0, 0, 5, 0, 6, 63})
+	// Owners 0 and 1 read, owner 1 wants write, owner 0 downgrades a write.
+	f.Add([]byte{0, 0, 9, 6, 5, 20, 7, 5, 5, 1, 0, 9, 0, 3, 3, 11, 0, 64})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var lt LockTable
+		var m lockModel
+		for len(data) >= 3 {
+			m.step(t, &lt, decodeLockOp([3]byte(data)))
+			data = data[3:]
+		}
+	})
+}

@@ -1,0 +1,423 @@
+// Package regiond is the meridian daemon: it ties the replication, lease and
+// FUSE components of one node together. This file holds its configuration,
+// one YAML file whose keys are the contract shared by docs, tests and deploys.
+package regiond
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"reflect"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Defaults for keys the configuration file leaves out. lease.static_primary
+// defaults to node.
+const (
+	DefaultDataDir   = "/var/lib/meridian"
+	DefaultMountDir  = "/data"
+	DefaultLeaseType = LeaseStatic
+	DefaultCandidate = true
+	DefaultRetention = 10 * time.Minute
+	DefaultLogLevel  = "info"
+	DefaultLogFormat = "text"
+)
+
+// LeaseStatic is the lease type where lease.static_primary names the primary
+// and nothing changes it at run time. It is the only type accepted so far.
+const LeaseStatic = "static"
+
+const (
+	leaseConsul        = "consul" // planned; refused until the Consul leaser exists
+	nodeNameHint       = "use 1-63 lowercase letters, digits and '-', starting with a letter or digit"
+	durationSyntaxHint = "use Go syntax like 10m or 2s"
+)
+
+var (
+	leaseTypes = []string{LeaseStatic}
+	logLevels  = []string{"debug", "info", "warn", "error"}
+	logFormats = []string{"text", "json"}
+	nodeNameRe = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
+)
+
+// Config is the daemon's configuration. Load it with LoadConfig; a Config
+// built in code should start from DefaultConfig and pass Validate.
+type Config struct {
+	Node        string            `yaml:"node"`      // unique node name, e.g. iad-1
+	Region      string            `yaml:"region"`    // region name, e.g. iad
+	DataDir     string            `yaml:"data_dir"`  // backing files and LTX logs
+	MountDir    string            `yaml:"mount_dir"` // FUSE mount the app uses
+	Lease       LeaseConfig       `yaml:"lease"`
+	Replication ReplicationConfig `yaml:"replication"`
+	Log         LogConfig         `yaml:"log"`
+}
+
+// LeaseConfig chooses how the write lease (who is primary) is decided.
+type LeaseConfig struct {
+	Type          string `yaml:"type"`           // only "static" for now
+	Candidate     bool   `yaml:"candidate"`      // this node may become primary
+	StaticPrimary string `yaml:"static_primary"` // static: the primary's node name
+}
+
+// ReplicationConfig holds the settings of LTX replication.
+type ReplicationConfig struct {
+	Retention Duration `yaml:"retention"` // how long LTX files are kept
+}
+
+// LogConfig sets up the daemon's log/slog logger.
+type LogConfig struct {
+	Level  string `yaml:"level"`  // debug | info | warn | error
+	Format string `yaml:"format"` // text | json
+}
+
+// Duration is a time.Duration written in YAML as a Go duration string, such
+// as "10m" or "2s".
+type Duration time.Duration
+
+// String returns the Go syntax of d, e.g. "10m0s".
+func (d Duration) String() string { return time.Duration(d).String() }
+
+// MarshalYAML writes d as a Go duration string.
+func (d Duration) MarshalYAML() (any, error) { return d.String(), nil }
+
+// UnmarshalYAML parses a Go duration string. The error quotes the bad value
+// and says how to write one; the caller adds the key.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind != yaml.ScalarNode {
+		return fmt.Errorf("want a duration (%s), got %s", durationSyntaxHint, kindName(n))
+	}
+	v, err := time.ParseDuration(n.Value)
+	if err != nil {
+		return fmt.Errorf("%q is not a duration (%s)", n.Value, durationSyntaxHint)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// Error lists the problems found in a configuration. Each problem names its
+// key in dotted form (lease.type) and, for problems found while reading the
+// file, its line.
+type Error struct {
+	File     string   // path of the configuration file, "" if none
+	Problems []string // e.g. `line 7: unknown key "replicaton" (keys: ...)`
+}
+
+// Error returns one line per problem, each starting "config <file>: ".
+func (e *Error) Error() string {
+	prefix := "config: "
+	if e.File != "" {
+		prefix = "config " + e.File + ": "
+	}
+	return prefix + strings.Join(e.Problems, "\n"+prefix)
+}
+
+// DefaultConfig returns a Config with every default applied. Node and Region
+// are empty and must be set; Lease.StaticPrimary is empty and ParseConfig
+// sets it to Node when the file leaves it out.
+func DefaultConfig() Config {
+	return Config{
+		DataDir:     DefaultDataDir,
+		MountDir:    DefaultMountDir,
+		Lease:       LeaseConfig{Type: DefaultLeaseType, Candidate: DefaultCandidate},
+		Replication: ReplicationConfig{Retention: Duration(DefaultRetention)},
+		Log:         LogConfig{Level: DefaultLogLevel, Format: DefaultLogFormat},
+	}
+}
+
+// LoadConfig reads, completes and validates the configuration file at path.
+// Relative data_dir and mount_dir are resolved against the file's directory.
+// Errors of the content are *Error with File set to path.
+func LoadConfig(path string) (Config, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("read config: %w", err)
+	}
+	defer f.Close()
+	c, err := ParseConfig(f, filepath.Dir(path))
+	var cerr *Error
+	if errors.As(err, &cerr) {
+		cerr.File = path
+	}
+	return c, err
+}
+
+// ParseConfig reads one YAML document from r, applies defaults for the keys
+// it leaves out, resolves relative data_dir and mount_dir against dir (made
+// absolute), and validates the result. Problems come as one *Error: the
+// syntax error, or every unknown key and bad value, or every Validate problem.
+func ParseConfig(r io.Reader, dir string) (Config, error) {
+	b, err := io.ReadAll(r)
+	if err != nil {
+		return Config{}, fmt.Errorf("read config: %w", err)
+	}
+	c := DefaultConfig()
+	if problems := decode(b, &c); len(problems) > 0 {
+		return Config{}, &Error{Problems: problems}
+	}
+	if c.Lease.StaticPrimary == "" {
+		c.Lease.StaticPrimary = c.Node
+	}
+	c.DataDir, c.MountDir = resolvePath(c.DataDir, dir), resolvePath(c.MountDir, dir)
+	if err := c.Validate(); err != nil {
+		return Config{}, err
+	}
+	return c, nil
+}
+
+// decode reads the one YAML document in b into c. An empty document leaves
+// c as it is.
+func decode(b []byte, c *Config) []string {
+	var doc yaml.Node
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	switch err := dec.Decode(&doc); {
+	case errors.Is(err, io.EOF):
+		return nil
+	case err != nil:
+		return []string{strings.TrimPrefix(err.Error(), "yaml: ") + " (fix the YAML syntax)"}
+	}
+	if problems := decodeSection(&doc, reflect.ValueOf(c).Elem(), ""); len(problems) > 0 {
+		return problems
+	}
+	var extra yaml.Node
+	if dec.Decode(&extra) == nil {
+		return []string{fmt.Sprintf("line %d: a second YAML document; keep one, without a second ---", extra.Line)}
+	}
+	return nil
+}
+
+// resolvePath makes a relative p absolute against dir. An empty p stays
+// empty, and a path that cannot be made absolute stays relative, for
+// Validate to report.
+func resolvePath(p, dir string) string {
+	if p == "" {
+		return ""
+	}
+	if !filepath.IsAbs(p) {
+		p = filepath.Join(dir, p)
+	}
+	if abs, err := filepath.Abs(p); err == nil {
+		return abs
+	}
+	return p
+}
+
+// decodeSection decodes the mapping n into the struct v, key by key, using
+// the yaml tags of v's fields. Keys of nested structs are named with prefix
+// in dotted form. It returns one problem per unknown key or bad value.
+// Keys left out and keys with an empty (null) value keep their defaults.
+func decodeSection(n *yaml.Node, v reflect.Value, prefix string) []string {
+	n = resolveAlias(n)
+	if n.Kind == yaml.DocumentNode && len(n.Content) == 1 {
+		n = resolveAlias(n.Content[0])
+	}
+	if n.Kind == yaml.ScalarNode && n.ShortTag() == "!!null" {
+		return nil
+	}
+	keys, label, under := strings.Join(keysOf(v.Type()), ", "), "", ""
+	if prefix != "" {
+		label, under = prefix+": ", " under "+prefix
+	}
+	if n.Kind != yaml.MappingNode {
+		return []string{fmt.Sprintf("line %d: %swant a mapping of keys (%s), got %s", n.Line, label, keys, kindName(n))}
+	}
+	var problems []string
+	seen := make(map[string]int)
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		k, val := n.Content[i], resolveAlias(n.Content[i+1])
+		key := strings.TrimPrefix(prefix+"."+k.Value, ".")
+		if line, ok := seen[k.Value]; ok {
+			problems = append(problems, fmt.Sprintf("line %d: %s: repeats the key from line %d; keep one", k.Line, key, line))
+			continue
+		}
+		seen[k.Value] = k.Line
+		f, ok := fieldByTag(v, k.Value)
+		if !ok {
+			problems = append(problems, fmt.Sprintf("line %d: unknown key %q (keys%s: %s)", k.Line, key, under, keys))
+			continue
+		}
+		if f.Kind() == reflect.Struct {
+			problems = append(problems, decodeSection(val, f, key)...)
+			continue
+		}
+		if err := decodeValue(val, f); err != nil {
+			problems = append(problems, fmt.Sprintf("line %d: %s: %v", val.Line, key, err))
+		}
+	}
+	return problems
+}
+
+// decodeValue decodes the scalar n into the field f.
+func decodeValue(n *yaml.Node, f reflect.Value) error {
+	if n.Kind != yaml.ScalarNode {
+		return fmt.Errorf("want a single value, got %s", kindName(n))
+	}
+	if err := n.Decode(f.Addr().Interface()); err != nil {
+		var terr *yaml.TypeError
+		if !errors.As(err, &terr) {
+			return err // Duration's own message
+		}
+		if f.Kind() == reflect.Bool {
+			return fmt.Errorf("%q is not a boolean (use true or false)", n.Value)
+		}
+		return fmt.Errorf("%q is not a valid %s", n.Value, f.Kind())
+	}
+	return nil
+}
+
+func fieldByTag(v reflect.Value, name string) (reflect.Value, bool) {
+	for i := range v.NumField() {
+		if yamlName(v.Type().Field(i)) == name {
+			return v.Field(i), true
+		}
+	}
+	return reflect.Value{}, false
+}
+
+// keysOf lists the yaml keys of struct type t in declaration order.
+func keysOf(t reflect.Type) []string {
+	keys := make([]string, 0, t.NumField())
+	for i := range t.NumField() {
+		keys = append(keys, yamlName(t.Field(i)))
+	}
+	return keys
+}
+
+func yamlName(f reflect.StructField) string {
+	name, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+	return name
+}
+
+func resolveAlias(n *yaml.Node) *yaml.Node {
+	for n.Kind == yaml.AliasNode && n.Alias != nil {
+		n = n.Alias
+	}
+	return n
+}
+
+func kindName(n *yaml.Node) string {
+	switch n.Kind {
+	case yaml.MappingNode:
+		return "a mapping"
+	case yaml.SequenceNode:
+		return "a list"
+	default:
+		return fmt.Sprintf("%q", n.Value)
+	}
+}
+
+// problems collects what Validate finds, one line per bad key.
+type problems []string
+
+func (p *problems) add(format string, args ...any) { *p = append(*p, fmt.Sprintf(format, args...)) }
+
+func (p *problems) name(key, v, what string) {
+	if v == "" {
+		p.add("%s: required (%s)", key, what)
+	} else if !nodeNameRe.MatchString(v) {
+		p.add("%s: %q is not a valid name (%s)", key, v, nodeNameHint)
+	}
+}
+
+func (p *problems) oneOf(key, v string, accepted []string) {
+	if !slices.Contains(accepted, v) {
+		p.add("%s: %q is not accepted (use one of: %s)", key, v, strings.Join(accepted, ", "))
+	}
+}
+
+// dir reports an empty or relative directory and says whether dir is usable
+// for further checks.
+func (p *problems) dir(key, dir, def string) bool {
+	switch {
+	case dir == "":
+		p.add("%s: must not be empty (leave the key out to use %s)", key, def)
+	case !filepath.IsAbs(dir):
+		p.add("%s: %q must be an absolute path", key, dir)
+	default:
+		return true
+	}
+	return false
+}
+
+// Validate checks every key and returns an *Error naming each bad key and
+// what to do, or nil. It does not change c.
+func (c *Config) Validate() error {
+	var p problems
+	p.name("node", c.Node, "the unique name of this node, e.g. iad-1")
+	p.name("region", c.Region, "the region this node runs in, e.g. iad")
+	c.validateDirs(&p)
+	switch c.Lease.Type {
+	case LeaseStatic:
+		p.name("lease.static_primary", c.Lease.StaticPrimary, "the node that holds the write lease, e.g. iad-1")
+	case leaseConsul:
+		p.add("lease.type: %q is not available yet; use %q", c.Lease.Type, LeaseStatic)
+	default:
+		p.add("lease.type: %q is not a lease type (accepted: %s)", c.Lease.Type, strings.Join(leaseTypes, ", "))
+	}
+	if c.Replication.Retention <= 0 {
+		p.add("replication.retention: %v must be greater than 0 (e.g. 10m)", c.Replication.Retention)
+	}
+	p.oneOf("log.level", c.Log.Level, logLevels)
+	p.oneOf("log.format", c.Log.Format, logFormats)
+	if len(p) > 0 {
+		return &Error{Problems: p}
+	}
+	return nil
+}
+
+// validateDirs checks data_dir and mount_dir: absolute, different, and
+// neither inside the other.
+func (c *Config) validateDirs(p *problems) {
+	dataOK := p.dir("data_dir", c.DataDir, DefaultDataDir)
+	if !p.dir("mount_dir", c.MountDir, DefaultMountDir) || !dataOK {
+		return
+	}
+	data, mount := filepath.Clean(c.DataDir), filepath.Clean(c.MountDir)
+	switch {
+	case data == mount:
+		p.add("mount_dir: %q is also data_dir; give the FUSE mount its own directory", c.MountDir)
+	case isInside(mount, data):
+		p.add("mount_dir: %q is inside data_dir %q; choose a directory outside it", c.MountDir, c.DataDir)
+	case isInside(data, mount):
+		p.add("data_dir: %q is inside mount_dir %q; choose a directory outside it", c.DataDir, c.MountDir)
+	}
+}
+
+// isInside reports whether path is strictly below dir. Both are clean and
+// absolute.
+func isInside(path, dir string) bool {
+	if dir == string(filepath.Separator) {
+		return path != dir
+	}
+	return strings.HasPrefix(path, dir+string(filepath.Separator))
+}
+
+// IsPrimary reports whether this node holds the write lease: with a static
+// lease, whether node equals lease.static_primary.
+func (c Config) IsPrimary() bool {
+	return c.Lease.Type == LeaseStatic && c.Node == c.Lease.StaticPrimary
+}
+
+// Logger returns a log/slog logger writing to w at log.level in log.format,
+// with the attributes node and region on every record. Unknown values fall
+// back to info and text; Validate reports them.
+func (c Config) Logger(w io.Writer) *slog.Logger {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(c.Log.Level)); err != nil {
+		level = slog.LevelInfo
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	var h slog.Handler = slog.NewTextHandler(w, opts)
+	if c.Log.Format == "json" {
+		h = slog.NewJSONHandler(w, opts)
+	}
+	return slog.New(h).With("node", c.Node, "region", c.Region)
+}

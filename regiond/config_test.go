@@ -1,0 +1,362 @@
+package regiond_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/meridian-db/meridian/regiond"
+)
+
+// fullConfig sets every key to a value other than its default.
+const fullConfig = `# every key the daemon reads
+node: fra-1
+region: fra
+data_dir: /srv/meridian
+mount_dir: /mnt/meridian
+lease:
+  type: static
+  candidate: false
+  static_primary: iad-1
+replication:
+  retention: 90s
+log:
+  level: debug
+  format: json
+`
+
+func parse(t *testing.T, s string) (regiond.Config, error) {
+	t.Helper()
+	return regiond.ParseConfig(strings.NewReader(s), "/etc/meridian")
+}
+
+func TestParseConfig_Defaults(t *testing.T) {
+	got, err := parse(t, "node: iad-1\nregion: iad\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := regiond.Config{
+		Node:        "iad-1",
+		Region:      "iad",
+		DataDir:     "/var/lib/meridian",
+		MountDir:    "/data",
+		Lease:       regiond.LeaseConfig{Type: "static", Candidate: true, StaticPrimary: "iad-1"},
+		Replication: regiond.ReplicationConfig{Retention: regiond.Duration(10 * time.Minute)},
+		Log:         regiond.LogConfig{Level: "info", Format: "text"},
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("got %+v, want %+v", got, want)
+	}
+}
+
+func TestParseConfig_Full(t *testing.T) {
+	got, err := parse(t, fullConfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := regiond.Config{
+		Node:        "fra-1",
+		Region:      "fra",
+		DataDir:     "/srv/meridian",
+		MountDir:    "/mnt/meridian",
+		Lease:       regiond.LeaseConfig{Type: "static", Candidate: false, StaticPrimary: "iad-1"},
+		Replication: regiond.ReplicationConfig{Retention: regiond.Duration(90 * time.Second)},
+		Log:         regiond.LogConfig{Level: "debug", Format: "json"},
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("got %+v, want %+v", got, want)
+	}
+
+	t.Run("RoundTrip", func(t *testing.T) {
+		b, err := yaml.Marshal(got)
+		if err != nil {
+			t.Fatal(err)
+		}
+		again, err := regiond.ParseConfig(bytes.NewReader(b), "/")
+		if err != nil {
+			t.Fatalf("parse marshaled config: %v\n%s", err, b)
+		}
+		if !reflect.DeepEqual(again, want) {
+			t.Fatalf("got %+v, want %+v", again, want)
+		}
+	})
+}
+
+func TestParseConfig_NullKeepsDefault(t *testing.T) {
+	got, err := parse(t, "node: iad-1\nregion: iad\ndata_dir:\nlease:\nreplication:\n  retention:\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.DataDir != "/var/lib/meridian" || !got.Lease.Candidate || got.Replication.Retention != regiond.Duration(10*time.Minute) {
+		t.Fatalf("got %+v, want defaults", got)
+	}
+}
+
+func TestParseConfig_Errors(t *testing.T) {
+	const base = "node: iad-1\nregion: iad\n"
+	for _, tt := range []struct {
+		name, yaml string
+		want       []string // substrings of the error
+	}{
+		{"Empty", "", []string{"node: required (the unique name of this node, e.g. iad-1)"}},
+		{"OnlyComments", "# nothing yet\n", []string{"node: required"}},
+		{"NoRegion", "node: iad-1\n", []string{"region: required"}},
+		{"BadNode", "node: IAD_1\nregion: iad\n", []string{`node: "IAD_1" is not a valid name`, "1-63 lowercase"}},
+		{"NodeStartsWithDash", "node: -iad\nregion: iad\n", []string{`node: "-iad" is not a valid name`}},
+		{"NodeTooLong", "node: " + strings.Repeat("a", 64) + "\nregion: iad\n", []string{"node: "}},
+		{"BadRegion", "node: iad-1\nregion: us.east\n", []string{`region: "us.east" is not a valid name`}},
+		{"NodeList", "node: [a, b]\nregion: iad\n", []string{"line 1: node: want a single value, got a list"}},
+		{"EmptyDataDir", base + "data_dir: ''\n", []string{"data_dir: must not be empty (leave the key out to use /var/lib/meridian)"}},
+		{"BothDirsEmpty", base + "data_dir: ''\nmount_dir: ''\n", []string{"config: data_dir: must not be empty", "\nconfig: mount_dir: must not be empty (leave the key out to use /data)"}},
+		{"SameDirs", base + "data_dir: /x\nmount_dir: /x/\n", []string{`mount_dir: "/x" is also data_dir`}},
+		{"MountInsideData", base + "data_dir: /var/lib/meridian\nmount_dir: /var/lib/meridian/mnt\n",
+			[]string{`mount_dir: "/var/lib/meridian/mnt" is inside data_dir "/var/lib/meridian"`}},
+		{"DataInsideMount", base + "data_dir: /data/meridian\n", []string{`data_dir: "/data/meridian" is inside mount_dir "/data"`}},
+		{"DataDirRoot", base + "data_dir: /\n", []string{`mount_dir: "/data" is inside data_dir "/"`}},
+		{"Consul", base + "lease:\n  type: consul\n", []string{`lease.type: "consul" is not available yet; use "static"`}},
+		{"UnknownLeaseType", base + "lease:\n  type: etcd\n", []string{`lease.type: "etcd" is not a lease type (accepted: static)`}},
+		{"BadStaticPrimary", base + "lease:\n  static_primary: Iad\n", []string{`lease.static_primary: "Iad" is not a valid name`}},
+		{"BadCandidate", base + "lease:\n  candidate: maybe\n", []string{`line 4: lease.candidate: "maybe" is not a boolean (use true or false)`}},
+		{"LeaseNotMapping", base + "lease: static\n", []string{`line 3: lease: want a mapping of keys (type, candidate, static_primary), got "static"`}},
+		{"BadDuration", base + "replication:\n  retention: 10 minutes\n",
+			[]string{`line 4: replication.retention: "10 minutes" is not a duration (use Go syntax like 10m or 2s)`}},
+		{"NumberDuration", base + "replication:\n  retention: 600\n", []string{`replication.retention: "600" is not a duration`}},
+		{"ZeroRetention", base + "replication:\n  retention: 0s\n", []string{"replication.retention: 0s must be greater than 0"}},
+		{"NegativeRetention", base + "replication:\n  retention: -1m\n", []string{"replication.retention: -1m0s must be greater than 0"}},
+		{"BadLevel", base + "log:\n  level: verbose\n", []string{`log.level: "verbose" is not accepted (use one of: debug, info, warn, error)`}},
+		{"BadFormat", base + "log:\n  format: xml\n", []string{`log.format: "xml" is not accepted (use one of: text, json)`}},
+		{"UnknownKey", base + "replicaton:\n  retention: 1m\n",
+			[]string{`line 3: unknown key "replicaton" (keys: node, region, data_dir, mount_dir, lease, replication, log)`}},
+		{"UnknownNestedKey", base + "replication:\n  retenton: 1m\n", []string{`line 4: unknown key "replication.retenton" (keys under replication: retention)`}},
+		{"FutureKey", base + "lease:\n  ttl: 10s\n", []string{`unknown key "lease.ttl"`}},
+		{"RepeatedKey", base + "node: fra-1\n", []string{"line 3: node: repeats the key from line 1"}},
+		{"NotMapping", "- node: iad-1\n", []string{"line 1: want a mapping of keys (node, region,", "got a list"}},
+		{"Syntax", base + "lease:\n  type: static\n candidate: true\n", []string{"config: line 4: did not find expected key (fix the YAML syntax)"}},
+		{"TwoDocuments", base + "---\nnode: fra-1\n", []string{"line 3: a second YAML document"}},
+		{"SeveralProblems", "region: IAD\nlog:\n  level: loud\n", []string{"config: node: required", "\nconfig: region: ", "\nconfig: log.level: "}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := parse(t, tt.yaml)
+			if err == nil {
+				t.Fatalf("got %+v, want error containing %q", c, tt.want)
+			}
+			var cerr *regiond.Error
+			if !errors.As(err, &cerr) {
+				t.Fatalf("got %T, want *regiond.Error", err)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Fatalf("got %q, want it to contain %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestLoadConfig(t *testing.T) {
+	t.Run("RelativePaths", func(t *testing.T) {
+		dir := t.TempDir()
+		path := writeFile(t, dir, "regiond.yml", "node: iad-1\nregion: iad\ndata_dir: state\nmount_dir: ../mnt/db\n")
+		c, err := regiond.LoadConfig(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, want := c.DataDir, filepath.Join(dir, "state"); got != want {
+			t.Fatalf("got %v, want %v", got, want)
+		}
+		if got, want := c.MountDir, filepath.Join(filepath.Dir(dir), "mnt", "db"); got != want {
+			t.Fatalf("got %v, want %v", got, want)
+		}
+	})
+
+	t.Run("RelativeConfigPath", func(t *testing.T) {
+		dir := t.TempDir()
+		writeFile(t, dir, "regiond.yml", "node: iad-1\nregion: iad\ndata_dir: ./state\n")
+		t.Chdir(dir)
+		c, err := regiond.LoadConfig("regiond.yml")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, want := c.DataDir, filepath.Join(dir, "state"); got != want {
+			t.Fatalf("got %v, want %v", got, want)
+		}
+	})
+
+	t.Run("ErrorNamesFile", func(t *testing.T) {
+		dir := t.TempDir()
+		for _, tt := range []struct{ yaml, want string }{
+			{"", "config regiond.yml: node: required (the unique name of this node, e.g. iad-1)"},
+			{"node: iad-1\nregion: iad\nlease:\n  type: consul\n", `config regiond.yml: lease.type: "consul" is not available yet; use "static"`},
+			{"node: iad-1\nregion: iad\n\n\n\n\nreplicaton: {}\n", `config regiond.yml: line 7: unknown key "replicaton" (keys: node, region,`},
+			{"node: iad-1\nregion: iad\nlog: level: info\n", "config regiond.yml: line 3: mapping values are not allowed in this context (fix the YAML syntax)"},
+		} {
+			writeFile(t, dir, "regiond.yml", tt.yaml)
+			t.Chdir(dir)
+			_, err := regiond.LoadConfig("regiond.yml")
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("got %v, want error containing %q", err, tt.want)
+			}
+		}
+	})
+
+	t.Run("Missing", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "nope.yml")
+		_, err := regiond.LoadConfig(path)
+		if !errors.Is(err, os.ErrNotExist) || !strings.Contains(err.Error(), path) {
+			t.Fatalf("got %v, want a not-exist error naming %s", err, path)
+		}
+	})
+}
+
+func writeFile(t *testing.T, dir, name, data string) string {
+	t.Helper()
+	path := filepath.Join(dir, name)
+	if err := os.WriteFile(path, []byte(data), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func TestConfig_Validate(t *testing.T) {
+	t.Run("OK", func(t *testing.T) {
+		c := regiond.DefaultConfig()
+		c.Node, c.Region, c.Lease.StaticPrimary = "iad-1", "iad", "iad-1"
+		if err := c.Validate(); err != nil {
+			t.Fatalf("got %v, want nil", err)
+		}
+	})
+	t.Run("DefaultConfigNeedsNames", func(t *testing.T) {
+		c := regiond.DefaultConfig()
+		err := c.Validate()
+		var cerr *regiond.Error
+		if !errors.As(err, &cerr) {
+			t.Fatalf("got %v, want *regiond.Error", err)
+		}
+		want := []string{
+			"node: required (the unique name of this node, e.g. iad-1)",
+			"region: required (the region this node runs in, e.g. iad)",
+			"lease.static_primary: required (the node that holds the write lease, e.g. iad-1)",
+		}
+		if !reflect.DeepEqual(cerr.Problems, want) {
+			t.Fatalf("got %q, want %q", cerr.Problems, want)
+		}
+	})
+	t.Run("RelativeDir", func(t *testing.T) {
+		c := regiond.DefaultConfig()
+		c.Node, c.Region, c.Lease.StaticPrimary = "iad-1", "iad", "iad-1"
+		c.MountDir = "data"
+		if err := c.Validate(); err == nil || !strings.Contains(err.Error(), `mount_dir: "data" must be an absolute path`) {
+			t.Fatalf("got %v, want mount_dir absolute path error", err)
+		}
+	})
+}
+
+func TestConfig_IsPrimary(t *testing.T) {
+	for _, tt := range []struct {
+		yaml string
+		want bool
+	}{
+		{"node: iad-1\nregion: iad\n", true},
+		{"node: iad-1\nregion: iad\nlease:\n  static_primary: iad-1\n", true},
+		{"node: fra-1\nregion: fra\nlease:\n  static_primary: iad-1\n", false},
+	} {
+		c, err := parse(t, tt.yaml)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := c.IsPrimary(); got != tt.want {
+			t.Fatalf("%q: got %v, want %v", tt.yaml, got, tt.want)
+		}
+	}
+}
+
+func TestConfig_Logger(t *testing.T) {
+	t.Run("Text", func(t *testing.T) {
+		c, err := parse(t, "node: iad-1\nregion: iad\n")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var buf bytes.Buffer
+		log := c.Logger(&buf)
+		log.Debug("hidden")
+		log.Info("started")
+		got := buf.String()
+		if want := "level=INFO msg=started node=iad-1 region=iad\n"; !strings.HasSuffix(got, want) || strings.Contains(got, "hidden") {
+			t.Fatalf("got %q, want one line ending %q", got, want)
+		}
+	})
+	t.Run("JSON", func(t *testing.T) {
+		c, err := parse(t, fullConfig)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var buf bytes.Buffer
+		c.Logger(&buf).Debug("applied", "txid", 7)
+		var rec map[string]any
+		if err := json.Unmarshal(buf.Bytes(), &rec); err != nil {
+			t.Fatalf("got %q, want one JSON record: %v", buf.String(), err)
+		}
+		for k, want := range map[string]any{"level": "DEBUG", "msg": "applied", "node": "fra-1", "region": "fra", "txid": 7.0} {
+			if rec[k] != want {
+				t.Fatalf("%s: got %v, want %v", k, rec[k], want)
+			}
+		}
+	})
+}
+
+func TestDuration_UnmarshalYAML(t *testing.T) {
+	for _, tt := range []struct {
+		in   string
+		want time.Duration
+		err  string
+	}{
+		{"2s", 2 * time.Second, ""},
+		{"1h30m", 90 * time.Minute, ""},
+		{`"10m"`, 10 * time.Minute, ""},
+		{"10 minutes", 0, `"10 minutes" is not a duration (use Go syntax like 10m or 2s)`},
+		{"[1s]", 0, "want a duration (use Go syntax like 10m or 2s), got a list"},
+	} {
+		var d regiond.Duration
+		err := yaml.Unmarshal([]byte(tt.in), &d)
+		if tt.err != "" {
+			if err == nil || err.Error() != tt.err {
+				t.Fatalf("%s: got %v, want %q", tt.in, err, tt.err)
+			}
+			continue
+		}
+		if err != nil || time.Duration(d) != tt.want {
+			t.Fatalf("%s: got %v (%v), want %v", tt.in, d, err, tt.want)
+		}
+	}
+}
+
+func FuzzParseConfig(f *testing.F) {
+	f.Add(fullConfig)
+	f.Add("node: iad-1\nregion: iad\n")
+	f.Add("node: iad-1\nregion: iad\nlease: &l {type: static}\nx: *l\n")
+	f.Fuzz(func(t *testing.T, s string) {
+		c, err := regiond.ParseConfig(strings.NewReader(s), "/etc/meridian")
+		if err != nil {
+			return
+		}
+		if err := c.Validate(); err != nil {
+			t.Fatalf("ParseConfig returned a config that fails Validate: %v", err)
+		}
+		b, err := yaml.Marshal(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		again, err := regiond.ParseConfig(bytes.NewReader(b), "/")
+		if err != nil || !reflect.DeepEqual(again, c) {
+			t.Fatalf("got %+v (%v), want %+v", again, err, c)
+		}
+	})
+}

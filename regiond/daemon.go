@@ -1,0 +1,78 @@
+// Package regiond is Meridian's per-region daemon: its configuration and
+// the Daemon that runs the FUSE capture layer (and, as they land,
+// replication, leases, the router and the admin API).
+package regiond
+
+import (
+	"context"
+	"fmt"
+	"hash/fnv"
+	"log/slog"
+	"time"
+
+	"github.com/meridian-db/meridian/fs"
+)
+
+// Daemon is one node of a Meridian cluster.
+type Daemon struct {
+	Config Config
+	Logger *slog.Logger
+
+	// FS is the FUSE mount; set by Open.
+	FS *fs.FileSystem
+}
+
+// NewDaemon returns a daemon for a validated config.
+func NewDaemon(c Config, logger *slog.Logger) *Daemon {
+	return &Daemon{Config: c, Logger: logger}
+}
+
+// Open recovers every database, mounts the filesystem and sets its mode
+// from the lease: read-write on the primary, read-only elsewhere.
+func (d *Daemon) Open(ctx context.Context) error {
+	c := d.Config
+	f := fs.New(c.DataDir, c.MountDir)
+	f.NodeID = NodeID(c.Node)
+	f.Retention = time.Duration(c.Replication.Retention)
+	f.Logger = d.Logger.With("component", "fs")
+	primary := c.IsPrimary()
+	if !primary {
+		// Set before mounting, so no app ever sees a writable replica.
+		f.SetReadOnly(true)
+		f.SetPrimary(c.Lease.StaticPrimary)
+	} else {
+		f.SetLag(func() string { return "0" })
+	}
+	if err := f.Open(ctx); err != nil {
+		return err
+	}
+	d.FS = f
+	if primary {
+		d.Logger.Info("serving as primary (static lease)", "mount_dir", c.MountDir, "dbs", f.DBs())
+	} else {
+		d.Logger.Warn("serving read-only: this node is not the static primary, and replication is not available yet, so its databases do not change and .lag is absent",
+			"primary", c.Lease.StaticPrimary, "mount_dir", c.MountDir)
+	}
+	return nil
+}
+
+// Close unmounts and closes everything, waiting up to ctx's deadline for
+// apps to close their files.
+func (d *Daemon) Close(ctx context.Context) error {
+	if d.FS == nil {
+		return nil
+	}
+	if err := d.FS.Close(ctx); err != nil {
+		return fmt.Errorf("close filesystem: %w", err)
+	}
+	d.Logger.Info("unmounted", "mount_dir", d.Config.MountDir)
+	return nil
+}
+
+// NodeID is the number stamped into the LTX files a node writes: a hash of
+// its name.
+func NodeID(node string) uint64 {
+	h := fnv.New64a()
+	_, _ = h.Write([]byte(node))
+	return h.Sum64()
+}
