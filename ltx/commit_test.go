@@ -14,8 +14,10 @@ import (
 // imageDB is a database held in memory, as an ltx.Database.
 type imageDB struct{ b []byte }
 
-func (d *imageDB) ReadAt(p []byte, off int64) (int, error) { return bytes.NewReader(d.b).ReadAt(p, off) }
-func (d *imageDB) Size() (int64, error)                    { return int64(len(d.b)), nil }
+func (d *imageDB) ReadAt(p []byte, off int64) (int, error) {
+	return bytes.NewReader(d.b).ReadAt(p, off)
+}
+func (d *imageDB) Size() (int64, error) { return int64(len(d.b)), nil }
 
 func TestLog_Commit_SkipUnchanged(t *testing.T) {
 	db, c := newSQLiteLog(t)
