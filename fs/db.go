@@ -60,6 +60,14 @@ type DB struct {
 	wal   walState
 }
 
+// minPageSize is SQLite's smallest page size: it writes the database file
+// only in whole pages, so in multiples of this at offsets aligned to it.
+const minPageSize = 512
+
+// errNotPages refuses a write to a database file that SQLite would never
+// make, which could only tear pages.
+var errNotPages = errors.New("not a write of whole database pages")
+
 // span is a byte range [off, end) of a file.
 type span struct{ off, end int64 }
 
@@ -96,6 +104,9 @@ func (d *DB) walActive() bool { return d.wal.valid && d.wal.mxFrame > 0 }
 // writeDatabase writes data at off in the database file through f.
 // Caller holds d.mu.
 func (d *DB) writeDatabase(f *os.File, data []byte, off int64) (int, error) {
+	if off%minPageSize != 0 || len(data)%minPageSize != 0 {
+		return 0, fmt.Errorf("%w: %d bytes at offset %d", errNotPages, len(data), off)
+	}
 	n, err := f.WriteAt(data, off)
 	if n > 0 {
 		d.addDirty(span{off, off + int64(n)})

@@ -39,6 +39,7 @@ type FileSystem struct {
 	Debug bool
 
 	server   *fuse.Server
+	notify   sync.WaitGroup // cache notifications sent after a request
 	readOnly atomic.Bool
 	mounted  time.Time
 
@@ -108,7 +109,10 @@ func (f *FileSystem) Open(ctx context.Context) error {
 		DirectMount:   true,
 		Debug:         f.Debug,
 		DisableXAttrs: true,
-		Options:       []string{"default_permissions"},
+		// Pages are invalidated by InvalidatePages, precisely, not whenever
+		// the kernel sees a new mtime.
+		ExplicitDataCacheControl: true,
+		Options:                  []string{"default_permissions"},
 	})
 	if err != nil {
 		f.closeDBs()
@@ -129,6 +133,7 @@ func (f *FileSystem) Open(ctx context.Context) error {
 // up to the context's deadline, and closes the logs.
 func (f *FileSystem) Close(ctx context.Context) error {
 	var err error
+	f.notify.Wait()
 	if f.server != nil {
 		for {
 			if err = f.server.Unmount(); err == nil {
@@ -245,6 +250,7 @@ func (f *FileSystem) openDB(ctx context.Context, name string) (*DB, error) {
 	d.resetWAL()
 	l := ltx.NewLog(name, d.path(logDir), d.path(databaseFile))
 	l.NodeID, l.Retention, l.Logger = f.NodeID, f.Retention, d.logger
+	l.DB = walView{d} // the database as SQLite sees it, WAL included
 	d.log = l
 	if err := d.recover(ctx); err != nil {
 		d.closeFiles()

@@ -183,7 +183,10 @@ func (r *raw) Write(cancel <-chan struct{}, in *fuse.WriteIn, data []byte) (uint
 	default:
 		return 0, fuse.EPERM
 	}
-	if err != nil {
+	if errors.Is(err, errNotPages) {
+		r.fs.Logger.Warn("write refused: SQLite writes a database file only in whole pages", "db", d.Name, "file", n.name, "err", err, "pid", in.Pid)
+		return 0, fuse.EINVAL
+	} else if err != nil {
 		return uint32(w), r.fs.ioError(n, "write", err)
 	}
 	return uint32(w), fuse.OK
@@ -209,6 +212,11 @@ func (r *raw) Flush(cancel <-chan struct{}, in *fuse.FlushIn) fuse.Status {
 		return fuse.EBADF
 	}
 	r.releaseLocks(h.node, in.LockOwner)
+	if h.node.kind == kindDB {
+		// A program that writes the file without SQLite's locks (cp, say)
+		// has made its change when it closes the file.
+		r.afterUnlock(h.node.db)
+	}
 	return fuse.OK
 }
 
@@ -305,13 +313,24 @@ func (r *raw) unlinkDB(d *DB) fuse.Status {
 		return fuse.ToStatus(err)
 	}
 	delete(f.dbs, d.Name)
+	var gone []*node
 	for name, n := range f.names {
 		if n.db == d {
 			n.gone = true
 			delete(f.names, name)
-			_ = f.server.DeleteNotify(fuse.FUSE_ROOT_ID, n.id, name)
+			gone = append(gone, n)
 		}
 	}
+	// The kernel drops the database's own entry; its companions' entries
+	// are dropped by notification, which must not be sent from inside this
+	// request (the kernel holds the directory locked until it returns).
+	f.notify.Go(func() {
+		for _, n := range gone {
+			if n.name != d.Name {
+				_ = f.server.DeleteNotify(fuse.FUSE_ROOT_ID, n.id, n.name)
+			}
+		}
+	})
 	return fuse.OK
 }
 

@@ -182,6 +182,7 @@ func (d *DB) openLog(ctx context.Context, txs []walTx) (int, error) {
 		if err == nil {
 			return n, nil
 		}
+		d.logger.Debug("the log does not end after this many WAL transactions", "n", n, "of", len(txs))
 		var mismatch *ltx.DatabaseMismatchError
 		if !errors.As(err, &mismatch) || len(txs) == 0 {
 			return 0, err

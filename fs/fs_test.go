@@ -1,0 +1,288 @@
+package fs_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/meridian-db/meridian/fs"
+	"github.com/meridian-db/meridian/internal/testingutil"
+)
+
+// logBuffer collects log lines for assertions.
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *logBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *logBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+func TestFileSystem_ReadOnly(t *testing.T) {
+	for _, mode := range journalModes {
+		t.Run(mode, func(t *testing.T) {
+			fsys := testingutil.MustMount(t)
+			var logs logBuffer
+			fsys.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+			path := filepath.Join(fsys.MountDir, "app.db")
+			writer := testingutil.MustOpenSQLite(t, path, mode)
+			if _, err := writer.Exec(`CREATE TABLE t (x); INSERT INTO t VALUES (1), (2)`); err != nil {
+				t.Fatal(err)
+			}
+			reader := testingutil.MustOpenSQLite(t, path, mode)
+			count := func() int {
+				t.Helper()
+				var n int
+				if err := reader.QueryRow(`SELECT count(*) FROM t`).Scan(&n); err != nil {
+					t.Fatalf("read: %v", err)
+				}
+				return n
+			}
+			if got := count(); got != 2 {
+				t.Fatalf("got %d rows, want 2", got)
+			}
+			log := fsys.DB("app.db").Log()
+			pos := log.Pos()
+
+			fsys.SetReadOnly(true)
+			if _, err := writer.Exec(`INSERT INTO t VALUES (3)`); err == nil {
+				t.Fatal("write on a read-only mount succeeded")
+			}
+			if got := log.Pos(); got != pos {
+				t.Fatalf("got position %s after a refused write, want %s", got, pos)
+			}
+			if got := count(); got != 2 {
+				t.Fatalf("reader got %d rows after switching, want 2", got)
+			}
+			_, err := os.OpenFile(path, os.O_RDWR, 0)
+			if !errors.Is(err, syscall.EROFS) {
+				t.Fatalf("open for writing: got %v, want EROFS", err)
+			}
+			if err := os.Remove(path); !errors.Is(err, syscall.EROFS) {
+				t.Fatalf("delete: got %v, want EROFS", err)
+			}
+			if err := os.WriteFile(filepath.Join(fsys.MountDir, "new.db"), nil, 0o644); !errors.Is(err, syscall.EROFS) {
+				t.Fatalf("create: got %v, want EROFS", err)
+			}
+			if got := logs.String(); !strings.Contains(got, "write refused") || !strings.Contains(got, "pid=") {
+				t.Fatalf("no log line names who tried to write:\n%s", got)
+			}
+
+			// A new connection opens the database read-only and reads.
+			fresh := testingutil.MustOpenSQLite(t, path, mode)
+			var n int
+			if err := fresh.QueryRow(`SELECT count(*) FROM t`).Scan(&n); err != nil || n != 2 {
+				t.Fatalf("fresh reader: got %d, %v; want 2 rows", n, err)
+			}
+
+			fsys.SetReadOnly(false)
+			if _, err := writer.Exec(`INSERT INTO t VALUES (3)`); err != nil {
+				t.Fatalf("write after switching back: %v", err)
+			}
+			if got := count(); got != 3 {
+				t.Fatalf("got %d rows, want 3", got)
+			}
+			if got, want := log.Pos().TXID, pos.TXID+1; got != want {
+				t.Fatalf("got TXID %s, want %s", got, want)
+			}
+		})
+	}
+}
+
+func TestFileSystem_SpecialFiles(t *testing.T) {
+	fsys := testingutil.MustMount(t)
+	read := func(name string) (string, error) {
+		b, err := os.ReadFile(filepath.Join(fsys.MountDir, name))
+		return string(b), err
+	}
+	db := testingutil.MustOpenSQLite(t, filepath.Join(fsys.MountDir, "app.db"), "wal")
+	log := fsys.DB("app.db").Log()
+	for i := 0; i < 20; i++ {
+		if _, err := db.Exec(`CREATE TABLE IF NOT EXISTS t (x); INSERT INTO t VALUES (1)`); err != nil {
+			t.Fatal(err)
+		}
+		got, err := read("app.db-pos")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := log.Pos().String() + "\n"; got != want {
+			t.Fatalf("app.db-pos: got %q, want %q", got, want)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(fsys.MountDir, "app.db-pos"), []byte("x"), 0o644); err == nil {
+		t.Fatal("wrote app.db-pos")
+	}
+
+	if _, err := read(".primary"); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf(".primary on a primary: got %v, want not exist", err)
+	}
+	fsys.SetPrimary("iad-1")
+	if got, err := read(".primary"); err != nil || got != "iad-1\n" {
+		t.Fatalf(".primary: got %q, %v; want %q", got, err, "iad-1\n")
+	}
+	if _, err := read(".lag"); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf(".lag unset: got %v, want not exist", err)
+	}
+	lag := "17"
+	fsys.SetLag(func() string { return lag })
+	if got, err := read(".lag"); err != nil || got != "17\n" {
+		t.Fatalf(".lag: got %q, %v; want %q", got, err, "17\n")
+	}
+	lag = "4"
+	if got, _ := read(".lag"); got != "4\n" {
+		t.Fatalf(".lag after change: got %q, want %q", got, "4\n")
+	}
+	entries, err := os.ReadDir(fsys.MountDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	for _, want := range []string{".lag", ".primary", "app.db", "app.db-pos", "app.db-shm", "app.db-wal"} {
+		if !slices.Contains(names, want) {
+			t.Fatalf("directory %v lacks %s", names, want)
+		}
+	}
+}
+
+func TestFileSystem_Databases(t *testing.T) {
+	fsys := testingutil.MustMount(t)
+	dbs := map[string]int{"a.db": 5, "b.db": 9, "c.sqlite": 3}
+	for name, n := range dbs {
+		db := testingutil.MustOpenSQLite(t, filepath.Join(fsys.MountDir, name), "delete")
+		if _, err := db.Exec(`CREATE TABLE t (x)`); err != nil {
+			t.Fatal(err)
+		}
+		for i := 1; i < n; i++ {
+			if _, err := db.Exec(`INSERT INTO t VALUES (?)`, i); err != nil {
+				t.Fatal(err)
+			}
+		}
+		_ = db.Close()
+	}
+	if got, want := fsys.DBs(), []string{"a.db", "b.db", "c.sqlite"}; !slices.Equal(got, want) {
+		t.Fatalf("got databases %v, want %v", got, want)
+	}
+	for name, n := range dbs {
+		if got := fsys.DB(name).Log().Pos().TXID; int(got) != n {
+			t.Fatalf("%s: got TXID %d, want %d", name, got, n)
+		}
+	}
+
+	// Deleting a database removes it and its log; the others stay.
+	if err := os.Remove(filepath.Join(fsys.MountDir, "b.db")); err != nil {
+		t.Fatal(err)
+	}
+	if fsys.DB("b.db") != nil {
+		t.Fatal("b.db still there after delete")
+	}
+	if _, err := os.Stat(filepath.Join(fsys.DataDir, "dbs", "b.db")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("backing directory of b.db: got %v, want not exist", err)
+	}
+	if _, err := os.Stat(filepath.Join(fsys.MountDir, "b.db-pos")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("b.db-pos: got %v, want not exist", err)
+	}
+	// Created again, it starts a new TXID sequence.
+	db := testingutil.MustOpenSQLite(t, filepath.Join(fsys.MountDir, "b.db"), "delete")
+	if _, err := db.Exec(`CREATE TABLE u (y)`); err != nil {
+		t.Fatal(err)
+	}
+	_ = db.Close()
+	if got := fsys.DB("b.db").Log().Pos().TXID; got != 1 {
+		t.Fatalf("new b.db: got TXID %d, want 1", got)
+	}
+	if got := fsys.DB("a.db").Log().Pos().TXID; got != 5 {
+		t.Fatalf("a.db: got TXID %d, want 5", got)
+	}
+
+	// Names that cannot be databases are refused.
+	for _, name := range []string{".hidden", "x.db-pos"} {
+		if err := os.WriteFile(filepath.Join(fsys.MountDir, name), nil, 0o644); err == nil {
+			t.Fatalf("created %s", name)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(fsys.MountDir, "nodb-journal"), nil, 0o644); err == nil {
+		t.Fatal("created a journal without its database")
+	}
+
+	// The databases and positions survive a remount.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := fsys.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	again := fs.New(fsys.DataDir, fsys.MountDir)
+	again.Logger = testingutil.Logger(t)
+	testingutil.MustOpenFS(t, again)
+	for name, want := range map[string]int{"a.db": 5, "b.db": 1, "c.sqlite": 3} {
+		if got := again.DB(name).Log().Pos().TXID; int(got) != want {
+			t.Fatalf("%s after remount: got TXID %d, want %d", name, got, want)
+		}
+	}
+}
+
+// TestFileSystem_PageCache shows the kernel keeps pages read through the
+// mount (a change made to the backing file underneath is not seen) until
+// they are invalidated, precisely: other pages stay cached.
+func TestFileSystem_PageCache(t *testing.T) {
+	fsys := testingutil.MustMount(t)
+	path := filepath.Join(fsys.MountDir, "app.db")
+	db := testingutil.MustOpenSQLite(t, path, "delete")
+	if _, err := db.Exec(`CREATE TABLE t (b); INSERT INTO t VALUES (randomblob(20000))`); err != nil {
+		t.Fatal(err)
+	}
+	before := testingutil.MustReadFile(t, path)
+	if len(before) < 4*4096 {
+		t.Fatalf("database is %d bytes, want at least 4 pages", len(before))
+	}
+	backing, err := os.OpenFile(filepath.Join(fsys.DataDir, "dbs", "app.db", "database"), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = backing.Close() }()
+	// Change pages 3 and 4 underneath the mount.
+	marker := bytes.Repeat([]byte{0xAB}, 4096)
+	for _, pgno := range []int64{3, 4} {
+		if _, err := backing.WriteAt(marker, (pgno-1)*4096); err != nil {
+			t.Fatal(err)
+		}
+	}
+	page := func(b []byte, pgno int) []byte { return b[(pgno-1)*4096 : pgno*4096] }
+	cached := testingutil.MustReadFile(t, path)
+	if !bytes.Equal(cached, before) {
+		t.Fatal("read through the mount saw a change made underneath: pages are not cached")
+	}
+	if err := fsys.InvalidatePages("app.db", 4096, []uint32{3}); err != nil {
+		t.Fatal(err)
+	}
+	after := testingutil.MustReadFile(t, path)
+	if !bytes.Equal(page(after, 3), marker) {
+		t.Fatal("page 3 still cached after invalidation")
+	}
+	if !bytes.Equal(page(after, 4), page(before, 4)) {
+		t.Fatal("page 4 was dropped from the cache too; invalidation is not precise")
+	}
+	if !bytes.Equal(page(after, 2), page(before, 2)) {
+		t.Fatal("page 2 changed")
+	}
+}
