@@ -80,6 +80,11 @@ type walState struct {
 	mxFrame   int64            // frames up to the last commit
 	tx        map[uint32]int64 // frames of the transaction being committed
 	scanned   int64            // frames examined for commits
+	// invalid is a commit frame whose transaction the log could not take,
+	// made invalid to SQLite by zeroing its salts (kept in salts); -1 if
+	// none.
+	invalid int64
+	salts   [8]byte
 }
 
 func (d *DB) path(name string) string { return filepath.Join(d.dir, name) }
@@ -94,6 +99,7 @@ func (d *DB) resetWAL() {
 	d.wal.tx = nil
 	d.wal.mxFrame = 0
 	d.wal.scanned = 0
+	d.wal.invalid = -1
 	d.dirty = d.dirty[:0]
 }
 
@@ -240,6 +246,20 @@ func (d *DB) writeWAL(ctx context.Context, f *os.File, data []byte, off int64) (
 		d.wal.scanned = max(i, d.wal.mxFrame)
 	}
 	end := off + int64(n)
+	if c := d.wal.invalid; c >= 0 {
+		saltsAt := h.frameOffset(c) + 8
+		switch {
+		case off < saltsAt+8 && end > saltsAt:
+			d.wal.invalid = -1 // SQLite wrote a new frame header there
+		case c == d.wal.scanned && end >= h.frameOffset(c+1):
+			// SQLite retries the rest of a short write that completed the
+			// frame: it still means to commit, so try again.
+			if _, err := d.wal.file.WriteAt(d.wal.salts[:], saltsAt); err != nil {
+				return 0, err
+			}
+			d.wal.invalid = -1
+		}
+	}
 	b := make([]byte, walFrameHeaderSize)
 	for ; h.frameOffset(d.wal.scanned+1) <= end; d.wal.scanned++ {
 		i := d.wal.scanned
@@ -292,11 +312,17 @@ func (d *DB) commitWAL(ctx context.Context, c int64) error {
 		},
 	})
 	if err != nil {
-		// SQLite must not find this commit frame valid later, or the
-		// database would hold a transaction the log does not.
+		// SQLite must not find this commit frame valid later (in recovery
+		// after the app dies), or the database would hold a transaction
+		// the log does not. If SQLite retries the write, the salts are
+		// put back and the commit tried again.
 		var zero [8]byte
-		if _, werr := d.wal.file.WriteAt(zero[:], h.frameOffset(c)+8); werr != nil {
+		if _, rerr := d.wal.file.ReadAt(d.wal.salts[:], h.frameOffset(c)+8); rerr != nil {
+			d.logger.Error("invalidate WAL commit frame after a failed commit", "frame", c, "err", rerr)
+		} else if _, werr := d.wal.file.WriteAt(zero[:], h.frameOffset(c)+8); werr != nil {
 			d.logger.Error("invalidate WAL commit frame after a failed commit", "frame", c, "err", werr)
+		} else {
+			d.wal.invalid = c
 		}
 		return err
 	}
