@@ -24,7 +24,7 @@ PROTOC_GEN_GO_GRPC := $(TOOLS_BIN)/protoc-gen-go-grpc-$(PROTOC_GEN_GO_GRPC_VERSI
 # points them at the pinned binaries above, so versions live in this file only.
 PROTOC_PLUGINS := $(TOOLS_DIR)/protoc-plugins
 
-.PHONY: all build test lint proto proto-check fuzz bench tools clean
+.PHONY: all build test test-long lint proto proto-check fuzz bench tools clean
 
 all: build
 
@@ -34,6 +34,12 @@ build:
 
 test:
 	$(GO) test -count=1 ./...
+
+# test-long runs the tests behind the `long` build tag: databases grown past
+# 1 GiB (SQLite's lock page) through the FUSE mount and rebuilt from their
+# logs. About 2 minutes; CI runs it.
+test-long:
+	$(GO) test -tags long -count=1 -timeout 30m -run '^TestLong' ./...
 
 # fuzz runs every FuzzX target of the root package and ltx/, one at a time,
 # for FUZZTIME each (make fuzz FUZZTIME=5m). An input that fails is saved
