@@ -34,6 +34,14 @@ type FileSystem struct {
 	// Retention is how long LTX files are kept (see ltx.Log).
 	Retention time.Duration
 
+	// KernelLocks leaves SQLite's POSIX locks on the mount's files to the
+	// kernel instead of implementing them in the filesystem (Locks and
+	// ShmLocks of each DB then stay empty). Every lock an app takes then
+	// costs a system call instead of a round trip through FUSE, which read
+	// transactions feel most (see bench/fsbench); the daemon can take part
+	// only through a file descriptor on the mount.
+	KernelLocks bool
+
 	Logger *slog.Logger
 	// Debug logs every FUSE request.
 	Debug bool
@@ -102,7 +110,7 @@ func (f *FileSystem) Open(ctx context.Context) error {
 	server, err := fuse.NewServer(&raw{RawFileSystem: fuse.NewDefaultRawFileSystem(), fs: f}, f.MountDir, &fuse.MountOptions{
 		FsName:        "meridian",
 		Name:          "meridian",
-		EnableLocks:   true,
+		EnableLocks:   !f.KernelLocks,
 		AllowOther:    true,
 		MaxWrite:      1 << 20,
 		MaxReadAhead:  128 << 10,

@@ -22,7 +22,7 @@ func TestLong_LockPage(t *testing.T) {
 			}
 			const rowsPerTx = 16
 			for size := int64(0); size < 1<<30+64<<20; {
-				if _, err := db.Exec(`BEGIN; `+repeat(`INSERT INTO t (b) VALUES (randomblob(1048576)); `, rowsPerTx)+`COMMIT`); err != nil {
+				if _, err := db.Exec(`BEGIN; ` + repeat(`INSERT INTO t (b) VALUES (randomblob(1048576)); `, rowsPerTx) + `COMMIT`); err != nil {
 					t.Fatal(err)
 				}
 				var pages, pageSize int64

@@ -30,6 +30,7 @@ const (
 	DefaultRetention = 10 * time.Minute
 	DefaultLogLevel  = "info"
 	DefaultLogFormat = "text"
+	DefaultFSLocks   = "mount"
 )
 
 // LeaseStatic is the lease type where lease.static_primary names the primary
@@ -46,6 +47,7 @@ var (
 	leaseTypes = []string{LeaseStatic}
 	logLevels  = []string{"debug", "info", "warn", "error"}
 	logFormats = []string{"text", "json"}
+	fsLocks    = []string{"mount", "kernel"}
 	nodeNameRe = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
 )
 
@@ -56,9 +58,18 @@ type Config struct {
 	Region      string            `yaml:"region"`    // region name, e.g. iad
 	DataDir     string            `yaml:"data_dir"`  // backing files and LTX logs
 	MountDir    string            `yaml:"mount_dir"` // FUSE mount the app uses
+	FS          FSConfig          `yaml:"fs"`
 	Lease       LeaseConfig       `yaml:"lease"`
 	Replication ReplicationConfig `yaml:"replication"`
 	Log         LogConfig         `yaml:"log"`
+}
+
+// FSConfig tunes the FUSE mount.
+type FSConfig struct {
+	// Locks says who implements SQLite's POSIX locks on the mount's files:
+	// "mount" (the filesystem, so the daemon can hold readers off) or
+	// "kernel" (a system call instead of a FUSE round trip per lock).
+	Locks string `yaml:"locks"`
 }
 
 // LeaseConfig chooses how the write lease (who is primary) is decided.
@@ -127,6 +138,7 @@ func DefaultConfig() Config {
 	return Config{
 		DataDir:     DefaultDataDir,
 		MountDir:    DefaultMountDir,
+		FS:          FSConfig{Locks: DefaultFSLocks},
 		Lease:       LeaseConfig{Type: DefaultLeaseType, Candidate: DefaultCandidate},
 		Replication: ReplicationConfig{Retention: Duration(DefaultRetention)},
 		Log:         LogConfig{Level: DefaultLogLevel, Format: DefaultLogFormat},
@@ -365,6 +377,7 @@ func (c *Config) Validate() error {
 	if c.Replication.Retention <= 0 {
 		p.add("replication.retention: %v must be greater than 0 (e.g. 10m)", c.Replication.Retention)
 	}
+	p.oneOf("fs.locks", c.FS.Locks, fsLocks)
 	p.oneOf("log.level", c.Log.Level, logLevels)
 	p.oneOf("log.format", c.Log.Format, logFormats)
 	if len(p) > 0 {

@@ -22,6 +22,8 @@ node: fra-1
 region: fra
 data_dir: /srv/meridian
 mount_dir: /mnt/meridian
+fs:
+  locks: kernel
 lease:
   type: static
   candidate: false
@@ -48,6 +50,7 @@ func TestParseConfig_Defaults(t *testing.T) {
 		Region:      "iad",
 		DataDir:     "/var/lib/meridian",
 		MountDir:    "/data",
+		FS:          regiond.FSConfig{Locks: "mount"},
 		Lease:       regiond.LeaseConfig{Type: "static", Candidate: true, StaticPrimary: "iad-1"},
 		Replication: regiond.ReplicationConfig{Retention: regiond.Duration(10 * time.Minute)},
 		Log:         regiond.LogConfig{Level: "info", Format: "text"},
@@ -67,6 +70,7 @@ func TestParseConfig_Full(t *testing.T) {
 		Region:      "fra",
 		DataDir:     "/srv/meridian",
 		MountDir:    "/mnt/meridian",
+		FS:          regiond.FSConfig{Locks: "kernel"},
 		Lease:       regiond.LeaseConfig{Type: "static", Candidate: false, StaticPrimary: "iad-1"},
 		Replication: regiond.ReplicationConfig{Retention: regiond.Duration(90 * time.Second)},
 		Log:         regiond.LogConfig{Level: "debug", Format: "json"},
@@ -133,8 +137,9 @@ func TestParseConfig_Errors(t *testing.T) {
 		{"NegativeRetention", base + "replication:\n  retention: -1m\n", []string{"replication.retention: -1m0s must be greater than 0"}},
 		{"BadLevel", base + "log:\n  level: verbose\n", []string{`log.level: "verbose" is not accepted (use one of: debug, info, warn, error)`}},
 		{"BadFormat", base + "log:\n  format: xml\n", []string{`log.format: "xml" is not accepted (use one of: text, json)`}},
+		{"BadLocks", base + "fs:\n  locks: posix\n", []string{`fs.locks: "posix" is not accepted (use one of: mount, kernel)`}},
 		{"UnknownKey", base + "replicaton:\n  retention: 1m\n",
-			[]string{`line 3: unknown key "replicaton" (keys: node, region, data_dir, mount_dir, lease, replication, log)`}},
+			[]string{`line 3: unknown key "replicaton" (keys: node, region, data_dir, mount_dir, fs, lease, replication, log)`}},
 		{"UnknownNestedKey", base + "replication:\n  retenton: 1m\n", []string{`line 4: unknown key "replication.retenton" (keys under replication: retention)`}},
 		{"FutureKey", base + "lease:\n  ttl: 10s\n", []string{`unknown key "lease.ttl"`}},
 		{"RepeatedKey", base + "node: fra-1\n", []string{"line 3: node: repeats the key from line 1"}},

@@ -34,6 +34,7 @@ func (d *Daemon) Open(ctx context.Context) error {
 	f := fs.New(c.DataDir, c.MountDir)
 	f.NodeID = NodeID(c.Node)
 	f.Retention = time.Duration(c.Replication.Retention)
+	f.KernelLocks = c.FS.Locks == "kernel"
 	f.Logger = d.Logger.With("component", "fs")
 	primary := c.IsPrimary()
 	if !primary {
