@@ -24,7 +24,7 @@ func TestCapture_Unaligned(t *testing.T) {
 		t.Fatal(err)
 	}
 	before := testingutil.MustReadFile(t, path)
-	pos := fsys.DB("app.db").Log().Pos()
+	pos := fsys.DB("app.db").Pos()
 
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
@@ -44,7 +44,7 @@ func TestCapture_Unaligned(t *testing.T) {
 	if got := testingutil.MustReadFile(t, path); string(got) != string(before) {
 		t.Fatal("refused writes changed the database")
 	}
-	if got := fsys.DB("app.db").Log().Pos(); got != pos {
+	if got := fsys.DB("app.db").Pos(); got != pos {
 		t.Fatalf("got position %s, want %s", got, pos)
 	}
 	checkLog(t, fsys, "app.db", db, false)
@@ -64,7 +64,7 @@ func TestCapture_CopyIn(t *testing.T) {
 	if err := os.WriteFile(dst, testingutil.MustReadFile(t, src), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	log := fsys.DB("copy.db").Log()
+	log := fsys.DB("copy.db")
 	if got := log.Pos().TXID; got != 1 {
 		t.Fatalf("got TXID %d after the copy, want 1", got)
 	}
@@ -84,7 +84,7 @@ func TestCapture_ExclusiveLocking(t *testing.T) {
 			if _, err := db.Exec(`PRAGMA locking_mode=EXCLUSIVE; CREATE TABLE t (x)`); err != nil {
 				t.Fatal(err)
 			}
-			log := fsys.DB("app.db").Log()
+			log := fsys.DB("app.db")
 			start := log.Pos().TXID
 			const n = 50
 			for i := 0; i < n; i++ {
@@ -163,7 +163,7 @@ func TestCapture_DiskFull(t *testing.T) {
 			if _, err := db.Exec(`CREATE TABLE t (b)`); err != nil {
 				t.Fatal(err)
 			}
-			log := fsys.DB("app.db").Log()
+			log := fsys.DB("app.db")
 			var full error
 			rows := 0
 			for i := 0; i < 1000 && full == nil; i++ {

@@ -31,6 +31,9 @@ func dataVersion(tb testing.TB, conn *sql.Conn) int64 {
 // SQLite finds the database intact.
 func checkLog(tb testing.TB, fsys *fs.FileSystem, name string, sqldb *sql.DB, wal bool) {
 	tb.Helper()
+	if err := fsys.DB(name).Flush(); err != nil {
+		tb.Fatal(err)
+	}
 	if wal {
 		var busy, logFrames, ckpt int
 		if err := sqldb.QueryRow(`PRAGMA wal_checkpoint(TRUNCATE)`).Scan(&busy, &logFrames, &ckpt); err != nil {
@@ -90,7 +93,7 @@ func TestCapture_Workload(t *testing.T) {
 			if err := w.Init(); err != nil {
 				t.Fatal(err)
 			}
-			log := fsys.DB("app.db").Log()
+			log := fsys.DB("app.db")
 			const batches, steps = 4, 250
 			for b := 0; b < batches; b++ {
 				for i := 0; i < steps; i++ {

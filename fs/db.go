@@ -13,6 +13,7 @@ import (
 	"slices"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/meridian-db/meridian/ltx"
 )
@@ -54,10 +55,19 @@ type DB struct {
 	log    *ltx.Log
 	logger *slog.Logger
 
-	mu    sync.Mutex // guards the fields below and orders writes to the backing files
-	file  *os.File   // the backing database file, for reading pages
-	dirty []span     // byte ranges of the database file written since the last commit
-	wal   walState
+	mu       sync.Mutex // guards the fields below and orders writes to the backing files
+	cond     *sync.Cond // on mu: the queue or the worker's state changed
+	file     *os.File   // the backing database file, for reading pages
+	dirty    []span     // byte ranges of the database file written since the last commit
+	wal      walState
+	pageSize uint32      // page size of the log's last transaction
+	queue    []walCommit // WAL transactions whose LTX files the worker has yet to write
+	busy     bool        // the worker is writing queue[0]
+	werr     error       // why the worker's last attempt failed
+	failures int         // attempts that failed
+	kick     bool        // retry now
+	stopping bool
+	done     sync.WaitGroup // the worker
 }
 
 // minPageSize is SQLite's smallest page size: it writes the database file
@@ -78,13 +88,7 @@ type walState struct {
 	valid     bool             // hdr holds a header written in this WAL generation
 	committed map[uint32]int64 // page → offset of its latest committed frame
 	mxFrame   int64            // frames up to the last commit
-	tx        map[uint32]int64 // frames of the transaction being committed
 	scanned   int64            // frames examined for commits
-	// invalid is a commit frame whose transaction the log could not take,
-	// made invalid to SQLite by zeroing its salts (kept in salts); -1 if
-	// none.
-	invalid int64
-	salts   [8]byte
 }
 
 func (d *DB) path(name string) string { return filepath.Join(d.dir, name) }
@@ -96,10 +100,8 @@ func (d *DB) Log() *ltx.Log { return d.log }
 // Caller holds d.mu.
 func (d *DB) resetWAL() {
 	d.wal.committed = map[uint32]int64{}
-	d.wal.tx = nil
 	d.wal.mxFrame = 0
 	d.wal.scanned = 0
-	d.wal.invalid = -1
 	d.dirty = d.dirty[:0]
 }
 
@@ -112,6 +114,12 @@ func (d *DB) walActive() bool { return d.wal.valid && d.wal.mxFrame > 0 }
 func (d *DB) writeDatabase(f *os.File, data []byte, off int64) (int, error) {
 	if off%minPageSize != 0 || len(data)%minPageSize != 0 {
 		return 0, fmt.Errorf("%w: %d bytes at offset %d", errNotPages, len(data), off)
+	}
+	// A checkpoint must not put transactions in the database file before
+	// they are in the log: recovery reads the database file plus the WAL
+	// from the log's position.
+	if err := d.drain(); err != nil {
+		return 0, err
 	}
 	n, err := f.WriteAt(data, off)
 	if n > 0 {
@@ -171,6 +179,9 @@ func (d *DB) commitRollback(ctx context.Context) error {
 	if len(d.dirty) == 0 {
 		return nil
 	}
+	if err := d.drain(); err != nil {
+		return err
+	}
 	fi, err := d.file.Stat()
 	if err != nil {
 		return err
@@ -200,11 +211,17 @@ func (d *DB) commitRollback(ctx context.Context) error {
 		Commit:        commit,
 		Pgnos:         pgnos,
 		SkipUnchanged: true,
+		// The file is fsynced before SQLite's commit point (the journal's
+		// deletion); the directory is not, as SQLite does not fsync it
+		// after deleting the journal under synchronous=FULL. Under EXTRA
+		// it does, and FsyncDir syncs the log's directory then.
+		NoSyncDir: true,
 	})
 	if err != nil {
 		return err
 	}
 	d.dirty = d.dirty[:0]
+	d.pageSize = pageSize
 	if info != nil {
 		d.logger.Debug("commit", "txid", info.Header.MaxTXID, "pages", len(pgnos), "commit", info.Header.Commit)
 	}
@@ -224,6 +241,9 @@ func (d *DB) commitRollback(ctx context.Context) error {
 // Caller holds d.mu.
 func (d *DB) writeWAL(ctx context.Context, f *os.File, data []byte, off int64) (int, error) {
 	if off == 0 {
+		if err := d.drain(); err != nil {
+			return 0, err
+		}
 		if err := d.syncLog(ctx); err != nil {
 			return 0, err
 		}
@@ -246,20 +266,6 @@ func (d *DB) writeWAL(ctx context.Context, f *os.File, data []byte, off int64) (
 		d.wal.scanned = max(i, d.wal.mxFrame)
 	}
 	end := off + int64(n)
-	if c := d.wal.invalid; c >= 0 {
-		saltsAt := h.frameOffset(c) + 8
-		switch {
-		case off < saltsAt+8 && end > saltsAt:
-			d.wal.invalid = -1 // SQLite wrote a new frame header there
-		case c == d.wal.scanned && end >= h.frameOffset(c+1):
-			// SQLite retries the rest of a short write that completed the
-			// frame: it still means to commit, so try again.
-			if _, err := d.wal.file.WriteAt(d.wal.salts[:], saltsAt); err != nil {
-				return 0, err
-			}
-			d.wal.invalid = -1
-		}
-	}
 	b := make([]byte, walFrameHeaderSize)
 	for ; h.frameOffset(d.wal.scanned+1) <= end; d.wal.scanned++ {
 		i := d.wal.scanned
@@ -270,71 +276,208 @@ func (d *DB) writeWAL(ctx context.Context, f *os.File, data []byte, off int64) (
 		if fh.commit == 0 || fh.salt1 != h.salt1 || fh.salt2 != h.salt2 {
 			continue
 		}
-		if err := d.commitWAL(ctx, i); err != nil {
+		if err := d.committedWAL(ctx, i); err != nil {
 			return 0, err
 		}
 	}
 	return n, nil
 }
 
-// commitWAL records the transaction whose commit frame is frame c.
-// Caller holds d.mu.
-func (d *DB) commitWAL(ctx context.Context, c int64) error {
+// walCommit is a transaction SQLite committed in the WAL.
+type walCommit struct {
+	frames map[uint32]int64 // page → offset of its frame in the transaction
+	commit uint32           // database size in pages after it
+	seg    ltx.WALSegment
+}
+
+// maxQueue bounds the WAL transactions waiting for their LTX files; a
+// writer that gets this far ahead waits.
+const maxQueue = 1024
+
+// committedWAL takes the transaction whose commit frame, frame c, SQLite
+// has just written. It is queued for the worker, which writes its LTX file
+// off the app's commit path: until the WAL is reset, the frames are the
+// transaction's durable copy. The first transaction of a log, which holds
+// every page, is recorded at once. Caller holds d.mu.
+func (d *DB) committedWAL(ctx context.Context, c int64) error {
+	tx, err := d.walTxAt(c)
+	if err != nil {
+		return err
+	}
+	d.wal.mxFrame = c + 1
+	d.wal.scanned = max(d.wal.scanned, c+1)
+	if d.log.Pos().TXID == 0 || d.wal.hdr.pageSize != d.pageSize {
+		if err := d.drain(); err != nil {
+			return err
+		}
+		if err := d.logWALTx(ctx, tx); err != nil {
+			return err
+		}
+		d.loggedWALTx(tx)
+		return nil
+	}
+	for len(d.queue) >= maxQueue && d.werr == nil {
+		d.cond.Wait()
+	}
+	d.queue = append(d.queue, tx)
+	d.cond.Broadcast()
+	return nil
+}
+
+// walTxAt reads the frame headers of the transaction whose commit frame is
+// frame c: the frames from the last commit to c. Caller holds d.mu.
+func (d *DB) walTxAt(c int64) (walCommit, error) {
 	h := d.wal.hdr
 	first := d.wal.mxFrame
-	tx := map[uint32]int64{}
-	var commit uint32
-	b := make([]byte, walFrameHeaderSize)
-	for i := first; i <= c; i++ {
-		off := h.frameOffset(i)
-		if _, err := d.wal.file.ReadAt(b, off); err != nil {
-			return fmt.Errorf("database %s: read WAL frame %d: %w", d.Name, i, err)
-		}
-		fh := parseWALFrameHeader(b)
-		if fh.salt1 != h.salt1 || fh.salt2 != h.salt2 || fh.pgno == 0 {
-			return fmt.Errorf("database %s: WAL frame %d does not belong to the current WAL", d.Name, i)
-		}
-		tx[fh.pgno], commit = off, fh.commit
-	}
-	d.wal.tx = tx
-	defer func() { d.wal.tx = nil }()
-	_, err := d.log.Commit(ctx, ltx.Tx{
-		DB:       walView{d},
-		PageSize: h.pageSize,
-		Commit:   commit,
-		Pgnos:    slices.Collect(maps.Keys(tx)),
-		NoSync:   true,
-		WAL: ltx.WALSegment{
+	tx := walCommit{
+		frames: map[uint32]int64{},
+		seg: ltx.WALSegment{
 			Offset: h.frameOffset(first),
 			Size:   (c - first + 1) * h.frameSize(),
 			Salt1:  h.salt1,
 			Salt2:  h.salt2,
 		},
-	})
-	if err != nil {
-		// SQLite must not find this commit frame valid later (in recovery
-		// after the app dies), or the database would hold a transaction
-		// the log does not. If SQLite retries the write, the salts are
-		// put back and the commit tried again.
-		var zero [8]byte
-		if _, rerr := d.wal.file.ReadAt(d.wal.salts[:], h.frameOffset(c)+8); rerr != nil {
-			d.logger.Error("invalidate WAL commit frame after a failed commit", "frame", c, "err", rerr)
-		} else if _, werr := d.wal.file.WriteAt(zero[:], h.frameOffset(c)+8); werr != nil {
-			d.logger.Error("invalidate WAL commit frame after a failed commit", "frame", c, "err", werr)
-		} else {
-			d.wal.invalid = c
-		}
-		return err
 	}
-	maps.Copy(d.wal.committed, tx)
-	d.wal.mxFrame = c + 1
-	d.wal.scanned = max(d.wal.scanned, c+1)
+	b := make([]byte, walFrameHeaderSize)
+	for i := first; i <= c; i++ {
+		off := h.frameOffset(i)
+		if _, err := d.wal.file.ReadAt(b, off); err != nil {
+			return tx, fmt.Errorf("database %s: read WAL frame %d: %w", d.Name, i, err)
+		}
+		fh := parseWALFrameHeader(b)
+		if fh.salt1 != h.salt1 || fh.salt2 != h.salt2 || fh.pgno == 0 {
+			return tx, fmt.Errorf("database %s: WAL frame %d does not belong to the current WAL", d.Name, i)
+		}
+		tx.frames[fh.pgno], tx.commit = off, fh.commit
+	}
+	return tx, nil
+}
+
+// logWALTx records tx in the log, reading its pages from the WAL. Either
+// the caller holds d.mu and the worker is idle, or the caller is the
+// worker: the WAL state it reads changes only when both hold.
+func (d *DB) logWALTx(ctx context.Context, tx walCommit) error {
+	pageSize := d.wal.hdr.pageSize
+	_, err := d.log.Commit(ctx, ltx.Tx{
+		DB:       walView{d, tx.frames},
+		PageSize: pageSize,
+		Commit:   tx.commit,
+		Pgnos:    slices.Collect(maps.Keys(tx.frames)),
+		NoSync:   true,
+		WAL:      tx.seg,
+	})
+	return err
+}
+
+// loggedWALTx updates the WAL state once tx is in the log. Caller holds
+// d.mu.
+func (d *DB) loggedWALTx(tx walCommit) {
+	maps.Copy(d.wal.committed, tx.frames)
+	d.pageSize = d.wal.hdr.pageSize
+}
+
+// run is the database's worker: it writes the LTX files of queued WAL
+// transactions, in order. A failure (a full disk) is retried, with the
+// error kept in d.werr so that whoever waits for the queue fails instead
+// of waiting: the transaction is committed in SQLite and stays in the WAL,
+// which cannot be reset until its file is written.
+func (d *DB) run(ctx context.Context) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	backoff := 10 * time.Millisecond
+	for {
+		for len(d.queue) == 0 && !d.stopping {
+			d.cond.Wait()
+		}
+		if len(d.queue) == 0 {
+			return
+		}
+		tx := d.queue[0]
+		d.busy = true
+		d.mu.Unlock()
+		err := d.logWALTx(ctx, tx)
+		d.mu.Lock()
+		d.busy = false
+		if err != nil {
+			if d.werr == nil {
+				d.logger.Error("write LTX file of a WAL transaction; retrying", "err", err)
+			}
+			d.werr = err
+			d.failures++
+			d.cond.Broadcast()
+			if d.stopping {
+				return
+			}
+			d.pause(backoff)
+			backoff = min(2*backoff, 5*time.Second)
+			continue
+		}
+		if d.werr != nil {
+			d.logger.Info("LTX files are being written again")
+		}
+		d.loggedWALTx(tx)
+		d.werr, backoff = nil, 10*time.Millisecond
+		d.queue = d.queue[1:]
+		d.cond.Broadcast()
+	}
+}
+
+// pause waits for d, or until someone waiting for the queue kicks the
+// worker or it is stopped. Caller (the worker) holds d.mu.
+func (d *DB) pause(d0 time.Duration) {
+	deadline := time.Now().Add(d0)
+	t := time.AfterFunc(d0, func() {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		d.cond.Broadcast()
+	})
+	defer t.Stop()
+	for time.Now().Before(deadline) && !d.kick && !d.stopping {
+		d.cond.Wait()
+	}
+	d.kick = false
+}
+
+// drain waits until the worker has written every queued transaction. If
+// the worker is failing, it has the worker try once more and returns the
+// error if that fails too. Caller holds d.mu.
+func (d *DB) drain() error {
+	start := d.failures
+	for len(d.queue) > 0 || d.busy {
+		if d.werr != nil {
+			if d.failures > start {
+				return d.werr
+			}
+			d.kick = true
+			d.cond.Broadcast()
+		}
+		d.cond.Wait()
+	}
 	return nil
+}
+
+// Flush waits until every transaction SQLite has committed is in the log.
+func (d *DB) Flush() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.drain()
+}
+
+// stop ends the worker once the queue is written (or it fails).
+func (d *DB) stop() {
+	d.mu.Lock()
+	d.stopping = true
+	d.cond.Broadcast()
+	d.mu.Unlock()
+	d.done.Wait()
 }
 
 // endWAL is called before the WAL is truncated or deleted, which SQLite
 // does only once every frame is in the database file. Caller holds d.mu.
 func (d *DB) endWAL(ctx context.Context, size int64) error {
+	if err := d.drain(); err != nil {
+		return err
+	}
 	if err := d.syncLog(ctx); err != nil {
 		return err
 	}
@@ -355,14 +498,17 @@ func (d *DB) syncLog(ctx context.Context) error {
 
 // walView reads the database as SQLite sees it in WAL mode: the latest
 // committed frame of a page, else the database file. Caller holds d.mu.
-type walView struct{ d *DB }
+type walView struct {
+	d  *DB
+	tx map[uint32]int64 // frames of the transaction being recorded
+}
 
 func (v walView) ReadAt(p []byte, off int64) (int, error) {
 	d := v.d
 	if d.wal.valid && len(p) > 0 {
 		ps := int64(d.wal.hdr.pageSize)
 		pgno := uint32(off/ps + 1)
-		frame, ok := d.wal.tx[pgno]
+		frame, ok := v.tx[pgno]
 		if !ok {
 			frame, ok = d.wal.committed[pgno]
 		}
@@ -455,3 +601,13 @@ func isZero(b []byte) bool {
 }
 
 var _ io.ReaderAt = walView{}
+
+// Pos returns the log's position once every transaction SQLite has
+// committed is in it (see Flush); if the worker is failing, the position
+// it has reached.
+func (d *DB) Pos() ltx.Pos {
+	if err := d.Flush(); err != nil {
+		d.logger.Warn("position asked while LTX files are behind", "err", err)
+	}
+	return d.log.Pos()
+}

@@ -158,7 +158,11 @@ func (f *FileSystem) Close(ctx context.Context) error {
 	}
 	f.mu.Lock()
 	for _, d := range f.dbs {
+		d.stop()
 		d.mu.Lock()
+		if werr := d.werr; werr != nil && err == nil {
+			err = fmt.Errorf("database %s: %d WAL transactions have no LTX file yet (recovery adds them at the next start): %w", d.Name, len(d.queue), werr)
+		}
 		if serr := d.syncLog(ctx); serr != nil && err == nil {
 			err = serr
 		}
@@ -173,6 +177,7 @@ func (f *FileSystem) closeDBs() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for name, d := range f.dbs {
+		d.stop()
 		_ = d.log.Close()
 		d.closeFiles()
 		delete(f.dbs, name)
@@ -255,15 +260,21 @@ func (f *FileSystem) openDB(ctx context.Context, name string) (*DB, error) {
 		dir:    filepath.Join(f.dbsDir(), name),
 		logger: f.Logger.With("db", name),
 	}
+	d.cond = sync.NewCond(&d.mu)
 	d.resetWAL()
 	l := ltx.NewLog(name, d.path(logDir), d.path(databaseFile))
 	l.NodeID, l.Retention, l.Logger = f.NodeID, f.Retention, d.logger
-	l.DB = walView{d} // the database as SQLite sees it, WAL included
+	l.DB = walView{d: d} // the database as SQLite sees it, WAL included
 	d.log = l
 	if err := d.recover(ctx); err != nil {
 		d.closeFiles()
 		return nil, fmt.Errorf("database %s: %w", name, err)
 	}
+	d.done.Add(1)
+	go func() {
+		defer d.done.Done()
+		d.run(context.Background())
+	}()
 	return d, nil
 }
 
@@ -290,6 +301,7 @@ func (f *FileSystem) createDB(ctx context.Context, name string) (*DB, error) {
 // deleteDB removes database d and its log. Open files keep working until
 // closed, as with any unlinked file.
 func (f *FileSystem) deleteDB(d *DB) error {
+	d.stop()
 	_ = d.log.Close()
 	d.closeFiles()
 	// Rename first so a crash never leaves half a database under its name.

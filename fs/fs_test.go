@@ -59,7 +59,7 @@ func TestFileSystem_ReadOnly(t *testing.T) {
 			if got := count(); got != 2 {
 				t.Fatalf("got %d rows, want 2", got)
 			}
-			log := fsys.DB("app.db").Log()
+			log := fsys.DB("app.db")
 			pos := log.Pos()
 
 			fsys.SetReadOnly(true)
@@ -114,7 +114,7 @@ func TestFileSystem_SpecialFiles(t *testing.T) {
 		return string(b), err
 	}
 	db := testingutil.MustOpenSQLite(t, filepath.Join(fsys.MountDir, "app.db"), "wal")
-	log := fsys.DB("app.db").Log()
+	log := fsys.DB("app.db")
 	for i := 0; i < 20; i++ {
 		if _, err := db.Exec(`CREATE TABLE IF NOT EXISTS t (x); INSERT INTO t VALUES (1)`); err != nil {
 			t.Fatal(err)
@@ -184,7 +184,7 @@ func TestFileSystem_Databases(t *testing.T) {
 		t.Fatalf("got databases %v, want %v", got, want)
 	}
 	for name, n := range dbs {
-		if got := fsys.DB(name).Log().Pos().TXID; int(got) != n {
+		if got := fsys.DB(name).Pos().TXID; int(got) != n {
 			t.Fatalf("%s: got TXID %d, want %d", name, got, n)
 		}
 	}
@@ -208,10 +208,10 @@ func TestFileSystem_Databases(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = db.Close()
-	if got := fsys.DB("b.db").Log().Pos().TXID; got != 1 {
+	if got := fsys.DB("b.db").Pos().TXID; got != 1 {
 		t.Fatalf("new b.db: got TXID %d, want 1", got)
 	}
-	if got := fsys.DB("a.db").Log().Pos().TXID; got != 5 {
+	if got := fsys.DB("a.db").Pos().TXID; got != 5 {
 		t.Fatalf("a.db: got TXID %d, want 5", got)
 	}
 
@@ -235,7 +235,7 @@ func TestFileSystem_Databases(t *testing.T) {
 	again.Logger = testingutil.Logger(t)
 	testingutil.MustOpenFS(t, again)
 	for name, want := range map[string]int{"a.db": 5, "b.db": 1, "c.sqlite": 3} {
-		if got := again.DB(name).Log().Pos().TXID; int(got) != want {
+		if got := again.DB(name).Pos().TXID; int(got) != want {
 			t.Fatalf("%s after remount: got TXID %d, want %d", name, got, want)
 		}
 	}

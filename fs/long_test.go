@@ -36,7 +36,7 @@ func TestLong_LockPage(t *testing.T) {
 				t.Fatal(err)
 			}
 			checkLog(t, fsys, "big.db", db, mode == "wal")
-			t.Logf("%s: %d transactions, rebuilt byte-identical", mode, fsys.DB("big.db").Log().Pos().TXID)
+			t.Logf("%s: %d transactions, rebuilt byte-identical", mode, fsys.DB("big.db").Pos().TXID)
 		})
 	}
 }

@@ -323,6 +323,10 @@ func (r *raw) truncate(n *node, size int64, c fuse.Caller) fuse.Status {
 	defer d.mu.Unlock()
 	ctx := context.Background()
 	switch {
+	case n.kind == kindDB:
+		if err := d.drain(); err != nil {
+			return r.fs.ioError(n, "truncate", err)
+		}
 	case n.kind == kindJournal && size == 0:
 		if err := d.endJournal(ctx); err != nil {
 			return r.fs.ioError(n, "commit", err)

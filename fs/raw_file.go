@@ -98,6 +98,12 @@ func (r *raw) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) f
 		if in.Flags&writeFlags != 0 {
 			return fuse.Status(syscall.EACCES)
 		}
+		if n.kind == kindPos {
+			// The position of every transaction SQLite has committed.
+			if err := n.db.Flush(); err != nil {
+				f.Logger.Warn("position file: LTX files are behind", "db", n.db.Name, "err", err)
+			}
+		}
 		f.mu.Lock()
 		defer f.mu.Unlock()
 		out.Fh = f.addHandle(n, nil, f.content(n))
@@ -413,6 +419,26 @@ func (f *FileSystem) sortedDBs() []string {
 	}
 	slices.Sort(names)
 	return names
+}
+
+// FsyncDir makes the logs' directories durable along with the mount's:
+// SQLite fsyncs the directory after deleting a journal under
+// synchronous=EXTRA.
+func (r *raw) FsyncDir(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
+	f := r.fs
+	f.mu.Lock()
+	dbs := make([]*DB, 0, len(f.dbs))
+	for _, d := range f.dbs {
+		dbs = append(dbs, d)
+	}
+	f.mu.Unlock()
+	for _, d := range dbs {
+		if err := d.log.Sync(context.Background()); err != nil {
+			f.Logger.Error("fsync directory", "db", d.Name, "err", err)
+			return fuse.EIO
+		}
+	}
+	return fuse.ToStatus(syncDir(f.dbsDir()))
 }
 
 func (r *raw) StatFs(cancel <-chan struct{}, in *fuse.InHeader, out *fuse.StatfsOut) fuse.Status {

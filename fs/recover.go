@@ -46,10 +46,19 @@ func (d *DB) recover(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	for _, tx := range txs[logged:] {
-		if err := d.commitWAL(ctx, tx.last); err != nil {
+	for _, wtx := range txs[logged:] {
+		tx, err := d.walTxAt(wtx.last)
+		if err == nil {
+			err = d.logWALTx(ctx, tx)
+		}
+		if err != nil {
 			return fmt.Errorf("add WAL transaction to the log: %w", err)
 		}
+		d.loggedWALTx(tx)
+		d.wal.mxFrame, d.wal.scanned = wtx.last+1, wtx.last+1
+	}
+	if files := d.log.Files(); len(files) > 0 {
+		d.pageSize = files[len(files)-1].Header.PageSize
 	}
 	if n := len(txs) - logged; n > 0 {
 		if err := d.syncLog(ctx); err != nil {

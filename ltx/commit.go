@@ -39,6 +39,14 @@ type Tx struct {
 	// called.
 	NoSync bool
 
+	// NoSyncDir fsyncs the file but not the directory after renaming it
+	// into place, until Sync. Filesystems that journal metadata in order
+	// (ext4, xfs) make the rename durable no later than any later change
+	// to the same filesystem: for a rollback-journal transaction, no later
+	// than the journal's deletion, SQLite's own commit point, which SQLite
+	// does not fsync under synchronous=FULL either.
+	NoSyncDir bool
+
 	// SkipUnchanged records nothing, and Commit returns a nil *FileInfo, if
 	// the transaction leaves every page and the size as they were: how a
 	// rolled-back rollback-journal transaction looks from outside.
@@ -86,6 +94,9 @@ func (l *Log) Commit(ctx context.Context, tx Tx) (*FileInfo, error) {
 	if tx.NoSync {
 		l.unsynced = append(l.unsynced, w.file.info.Name)
 	}
+	if tx.NoSync || tx.NoSyncDir {
+		l.dirUnsynced = true
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.install(w), nil
@@ -96,7 +107,7 @@ func (l *Log) Commit(ctx context.Context, tx Tx) (*FileInfo, error) {
 func (l *Log) Sync(ctx context.Context) error {
 	l.wmu.Lock()
 	defer l.wmu.Unlock()
-	if len(l.unsynced) == 0 {
+	if len(l.unsynced) == 0 && !l.dirUnsynced {
 		return nil
 	}
 	for _, name := range l.unsynced {
@@ -108,10 +119,10 @@ func (l *Log) Sync(ctx context.Context) error {
 			return fmt.Errorf("sync log of %s: %w", l.Name, err)
 		}
 	}
-	if err := syncDir(l.Dir); err != nil {
+	if err := syncDirectory(l.Dir); err != nil {
 		return fmt.Errorf("sync log of %s: %w", l.Name, err)
 	}
-	l.unsynced = l.unsynced[:0]
+	l.unsynced, l.dirUnsynced = l.unsynced[:0], false
 	return nil
 }
 
@@ -163,7 +174,7 @@ func (l *Log) writeTx(ctx context.Context, tx Tx, pos Pos, table *ChecksumTable)
 
 	var trailer ltx.Trailer
 	name := FormatName(txid, txid)
-	size, seal, err := writeFileSync(l.Dir, name, !tx.NoSync, func(out io.Writer) error {
+	size, seal, err := writeFileSync(l.Dir, name, !tx.NoSync, !tx.NoSyncDir, func(out io.Writer) error {
 		enc, err := ltx.NewEncoder(out)
 		if err != nil {
 			return err

@@ -21,14 +21,14 @@ var failpoint = func(name string) {}
 // temporary file is removed and dir is left as it was. It returns the file
 // size and seal.
 func writeFile(dir, name string, write func(w io.Writer) error) (size int64, seal Checksum, err error) {
-	return writeFileSync(dir, name, true, write)
+	return writeFileSync(dir, name, true, true, write)
 }
 
-// writeFileSync is writeFile that skips both fsyncs when sync is false: the
-// file appears whole under its name (it is renamed only once written and
-// sealed) but may not survive a power failure until the caller fsyncs it and
-// dir.
-func writeFileSync(dir, name string, sync bool, write func(w io.Writer) error) (size int64, seal Checksum, err error) {
+// writeFileSync is writeFile that skips the file's fsync unless sync and
+// the directory's unless syncDir: the file appears whole under its name (it
+// is renamed only once written and sealed) but may not survive a power
+// failure until the caller fsyncs what was skipped.
+func writeFileSync(dir, name string, sync, syncDir bool, write func(w io.Writer) error) (size int64, seal Checksum, err error) {
 	f, err := createTemp(dir, name)
 	if err != nil {
 		return 0, 0, err
@@ -72,8 +72,8 @@ func writeFileSync(dir, name string, sync bool, write func(w io.Writer) error) (
 		return 0, 0, err
 	}
 	failpoint("rename")
-	if sync {
-		if err := syncDir(dir); err != nil {
+	if sync && syncDir {
+		if err := syncDirectory(dir); err != nil {
 			return 0, 0, err
 		}
 		failpoint("syncdir")
@@ -100,9 +100,9 @@ func createTemp(dir, name string) (*os.File, error) {
 	return os.CreateTemp(dir, "."+name+".*"+tmpExt)
 }
 
-// syncDir fsyncs a directory so entries created, renamed or removed in it
+// syncDirectory fsyncs a directory so entries created, renamed or removed in it
 // survive a crash.
-func syncDir(dir string) error {
+func syncDirectory(dir string) error {
 	d, err := os.Open(dir)
 	if err != nil {
 		return err

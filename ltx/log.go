@@ -59,7 +59,10 @@ type Log struct {
 
 	wmu      sync.Mutex // held by Open, Commit and Sync
 	unsynced []string   // files committed with NoSync; guarded by wmu
-	maint    sync.Mutex // serializes Prune and Compact
+	// dirUnsynced: files were renamed into Dir without a directory fsync
+	// since the last Sync; guarded by wmu
+	dirUnsynced bool
+	maint       sync.Mutex // serializes Prune and Compact
 
 	mu      sync.RWMutex // guards the fields below
 	opened  bool
@@ -274,7 +277,7 @@ func (l *Log) recover() ([]*logFile, error) {
 	if err := l.loadSidecars(files, sidecars); err != nil {
 		return nil, err
 	}
-	return files, syncDir(l.Dir)
+	return files, syncDirectory(l.Dir)
 }
 
 // removeSuperseded drops files whose TXID range lies inside another file's:
@@ -443,7 +446,7 @@ func (l *Log) quarantine(name string) error {
 	if err := os.Rename(l.path(name), dst); err != nil {
 		return fmt.Errorf("move torn file out of the log: %w", err)
 	}
-	if err := syncDir(dir); err != nil {
+	if err := syncDirectory(dir); err != nil {
 		return err
 	}
 	l.Logger.Warn("moved a torn or corrupt last file out of the log; it was never applied", "db", l.Name, "file", name, "kept_as", dst)

@@ -51,7 +51,7 @@ func (l *Log) Prune(ctx context.Context, acked TXID, now time.Time) (int, error)
 		failpoint("prune")
 	}
 	if n > 0 {
-		if err := syncDir(l.Dir); err != nil {
+		if err := syncDirectory(l.Dir); err != nil {
 			return 0, err
 		}
 		l.Logger.Debug("pruned log", "db", l.Name, "files", n, "first", removed[0].info.Name, "last", removed[n-1].info.Name)
@@ -101,7 +101,7 @@ func (l *Log) Compact(ctx context.Context, before time.Time) (int, error) {
 			}
 			failpoint("compact-remove")
 		}
-		if err := syncDir(l.Dir); err != nil {
+		if err := syncDirectory(l.Dir); err != nil {
 			return merged, err
 		}
 		merged += len(g) - 1

@@ -257,7 +257,7 @@ func Restore(ctx context.Context, dst string, files ...io.Reader) (Pos, error) {
 	if err := os.Rename(f.Name(), dst); err != nil {
 		return Pos{}, err
 	}
-	return pos, syncDir(filepath.Dir(dst))
+	return pos, syncDirectory(filepath.Dir(dst))
 }
 
 // Restore builds the database file dst from the log alone, which must
