@@ -1,0 +1,357 @@
+// Command fsbench measures the same SQLite workloads on a bare directory and
+// through a Meridian FUSE mount served by `regiond run`, side by side in one
+// run, and prints the ratio of mount to bare throughput against the goals.
+//
+// Workloads, each in every mode of -modes (journal mode and synchronous
+// setting, e.g. wal-full):
+//
+//   - insert-1: BEGIN; INSERT one row; COMMIT, on one connection and a fresh
+//     database, for -duration. Transactions/s and commit latency.
+//   - insert-10: the same with ten rows per transaction.
+//   - read: point queries by random id on a 10,000-row table, after a full
+//     scan to warm the caches. Queries/s and query latency.
+//
+// Each measurement runs -rounds times on each side, bare and mount
+// alternating with the order swapped every round so drift hits both, and the
+// tables show medians across rounds. After each mount run the program counts
+// the LTX files the FUSE capture wrote for the database.
+//
+// Usage:
+//
+//	go build -o bin/regiond ./cmd/regiond
+//	go run ./bench/fsbench [-rounds 5] [-duration 3s] [-modes wal-normal,wal-full,delete-full] [-json out.json]
+//	go run ./bench/fsbench -bare-only    # without regiond: the bare half only
+//
+// Other flags: -workloads (a subset, e.g. read), -keep (keep the work
+// directory), -stall (how long past -duration a mount measurement may run
+// before the mount is taken for hung: regiond is then made to dump its
+// goroutines to its log and killed, and the work directory is kept).
+//
+// Everything lives in a fresh directory under -dir (default /var/tmp): bare/
+// for the baseline, data/ and mnt/ for regiond, so both sides share one
+// filesystem. It is removed at the end unless -keep is set. regiond is
+// stopped on every exit path, Ctrl-C included (SIGTERM, then SIGKILL after
+// 10 s and `fusermount3 -u -z`); a second Ctrl-C kills it at once.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	_ "github.com/mattn/go-sqlite3"
+)
+
+// dbName is the database both sides open.
+const dbName = "bench.db"
+
+type options struct {
+	locks     string // fs.locks of the daemon
+	regiond   string
+	dir       string
+	keep      bool
+	duration  time.Duration
+	rounds    int
+	modes     []mode
+	workloads []workload
+	jsonPath  string
+	bareOnly  bool
+	stall     time.Duration
+}
+
+func parseFlags(args []string, stderr io.Writer) (options, error) {
+	var o options
+	fs := flag.NewFlagSet("fsbench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&o.regiond, "regiond", "bin/regiond", "regiond binary that serves the mount (`regiond run -config FILE`)")
+	fs.StringVar(&o.dir, "dir", "/var/tmp", "parent of the fresh work directory (bare/, data/, mnt/); on disk, not tmpfs")
+	fs.BoolVar(&o.keep, "keep", false, "keep the work directory at the end")
+	fs.DurationVar(&o.duration, "duration", 3*time.Second, "length of each measurement")
+	fs.IntVar(&o.rounds, "rounds", 5, "rounds per measurement and side; the tables show medians")
+	modes := fs.String("modes", "wal-normal,wal-full,delete-full", "comma-separated JOURNAL-SYNC modes")
+	workloads := fs.String("workloads", "insert-1,insert-10,read", "comma-separated workloads")
+	fs.StringVar(&o.jsonPath, "json", "", "also write the results as JSON to this file")
+	fs.BoolVar(&o.bareOnly, "bare-only", false, "measure the bare directory only; no regiond")
+	fs.StringVar(&o.locks, "locks", "mount", "the daemon's fs.locks: mount or kernel")
+	fs.DurationVar(&o.stall, "stall", time.Minute, "take the mount for hung when a measurement runs this long past -duration")
+	if err := fs.Parse(args); err != nil {
+		return o, err
+	}
+	if fs.NArg() > 0 {
+		return o, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if o.rounds < 1 || o.duration <= 0 || o.stall <= 0 {
+		return o, errors.New("-rounds must be at least 1, -duration and -stall positive")
+	}
+	var err error
+	if o.modes, err = parseModes(*modes); err != nil {
+		return o, err
+	}
+	if o.workloads, err = parseWorkloads(*workloads); err != nil {
+		return o, err
+	}
+	if !o.bareOnly {
+		if o.regiond, err = filepath.Abs(o.regiond); err != nil {
+			return o, err
+		}
+	}
+	return o, nil
+}
+
+func main() {
+	o, err := parseFlags(os.Args[1:], os.Stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(2)
+	} else if err != nil {
+		fmt.Fprintln(os.Stderr, "fsbench:", err)
+		os.Exit(2)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	b := &bench{opts: o}
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	go b.watchSignals(sigs, cancel) // lives as long as the process
+	err = b.run(ctx)
+	switch {
+	case err != nil && ctx.Err() != nil:
+		fmt.Fprintln(os.Stderr, "fsbench: interrupted:", err)
+		os.Exit(130)
+	case err != nil:
+		fmt.Fprintln(os.Stderr, "fsbench:", err)
+		os.Exit(1)
+	}
+}
+
+// bench is one benchmark run.
+type bench struct {
+	opts options
+
+	mu       sync.Mutex
+	daemon   *daemon // set as soon as regiond is started
+	workDir  string
+	keepWork atomic.Bool // a mount run failed: keep the work directory
+}
+
+func (b *bench) setDaemon(d *daemon) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.daemon = d
+}
+
+// watchSignals cancels the run on the first SIGINT or SIGTERM, which stops
+// regiond in order on the way out. On a second signal, or if the run has
+// not ended well after the daemon's own stop timeout (e.g. a syscall stuck
+// on a hung mount), it kills regiond, detaches the mount and exits.
+func (b *bench) watchSignals(sigs <-chan os.Signal, cancel context.CancelFunc) {
+	<-sigs
+	fmt.Fprintln(os.Stderr, "\nfsbench: interrupted; stopping regiond and cleaning up (interrupt again to kill it now)")
+	cancel()
+	select {
+	case <-sigs:
+	case <-time.After(2*termTimeout + 5*time.Second):
+	}
+	b.mu.Lock()
+	d, work := b.daemon, b.workDir
+	b.mu.Unlock()
+	if d != nil {
+		d.Kill(syscall.SIGKILL)
+		fmt.Fprintln(os.Stderr, "fsbench: killed regiond and detached its mount")
+	}
+	if work != "" {
+		b.removeWork(work)
+	}
+	os.Exit(130)
+}
+
+// side is where one half of a measurement opens its database.
+type side struct {
+	name   string // "bare" or "mount"
+	dir    string // directory of bench.db
+	ltxDir string // the capture's LTX directory; empty for bare
+}
+
+func (b *bench) run(ctx context.Context) (err error) {
+	o := b.opts
+	parent, err := filepath.EvalSymlinks(o.dir) // mountinfo has resolved paths
+	if err == nil {
+		parent, err = filepath.Abs(parent)
+	}
+	if err != nil {
+		return fmt.Errorf("-dir: %w", err)
+	}
+	work, err := os.MkdirTemp(parent, "fsbench-")
+	if err != nil {
+		return fmt.Errorf("make work directory under -dir: %w", err)
+	}
+	b.mu.Lock()
+	b.workDir = work
+	b.mu.Unlock()
+	bare := side{name: "bare", dir: filepath.Join(work, "bare")}
+	dataDir, mountDir := filepath.Join(work, "data"), filepath.Join(work, "mnt")
+	mount := side{name: "mount", dir: mountDir, ltxDir: filepath.Join(dataDir, "dbs", dbName, "ltx")}
+	defer b.removeWork(work)
+	for _, d := range []string{bare.dir, dataDir, mountDir} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			return err
+		}
+	}
+
+	regiond := o.regiond
+	if o.bareOnly {
+		regiond = ""
+	}
+	mach := describeMachine(work, regiond)
+	printHeader(os.Stdout, mach, o)
+
+	sides := []side{bare}
+	if !o.bareOnly {
+		cfg := filepath.Join(work, "regiond.yaml")
+		if err := writeConfig(cfg, dataDir, mountDir, o.locks); err != nil {
+			return err
+		}
+		var d *daemon
+		d, err = startDaemon(ctx, o.regiond, cfg, mountDir, filepath.Join(work, "regiond.log"), b.setDaemon)
+		if err != nil {
+			return err
+		}
+		defer func() {
+			if serr := d.Stop(); serr != nil {
+				err = errors.Join(err, fmt.Errorf("stop regiond: %w", serr))
+			}
+		}()
+		sides = append(sides, mount)
+	}
+
+	results, err := b.measureAll(ctx, sides)
+	if err != nil {
+		return err
+	}
+	printTables(os.Stdout, results, o.workloads)
+	if !o.bareOnly {
+		printCapture(os.Stdout, results)
+	}
+	if o.jsonPath != "" {
+		if err := writeJSON(o.jsonPath, mach, o, results); err != nil {
+			return fmt.Errorf("write -json: %w", err)
+		}
+	}
+	return nil
+}
+
+// measureAll runs every workload in every mode for the rounds, alternating
+// the sides and swapping their order each round.
+func (b *bench) measureAll(ctx context.Context, sides []side) ([]*result, error) {
+	o := b.opts
+	var results []*result
+	for _, m := range o.modes {
+		for _, w := range o.workloads {
+			r := &result{Workload: w, Mode: m}
+			results = append(results, r)
+			for round := range o.rounds {
+				order := slices.Clone(sides)
+				if round%2 == 1 {
+					slices.Reverse(order)
+				}
+				progress := fmt.Sprintf("fsbench: %s %s round %d/%d:", m.Name, w.Name, round+1, o.rounds)
+				for _, s := range order {
+					// Same seed on both sides: the same rows and ids.
+					rng := rand.New(rand.NewPCG(uint64(round), 0x6d6572696469616e))
+					smp, c, err := b.measureSide(ctx, s, m, w, rng)
+					if err != nil {
+						return nil, fmt.Errorf("%s %s round %d on %s (%s): %w", w.Name, m.Name, round+1, s.name, s.dir, err)
+					}
+					if s.ltxDir == "" {
+						r.Bare = append(r.Bare, smp)
+					} else {
+						r.Mount, r.Capture = append(r.Mount, smp), c
+					}
+					progress += fmt.Sprintf(" %s %s/s p99 %s;", s.name, commas(smp.Rate()), fmtUS(us(smp.P99)))
+				}
+				fmt.Fprintln(os.Stderr, progress)
+			}
+		}
+	}
+	return results, nil
+}
+
+// measureSide runs one measurement on a fresh database; on the mount it
+// also counts the LTX files the capture wrote.
+func (b *bench) measureSide(ctx context.Context, s side, m mode, w workload, rng *rand.Rand) (sample, *capture, error) {
+	path := filepath.Join(s.dir, dbName)
+	if s.ltxDir == "" {
+		if err := removeDB(path); err != nil {
+			return sample{}, nil, err
+		}
+		smp, err := measure(ctx, path, m, w, b.opts.duration, rng)
+		return smp, nil, err
+	}
+
+	// A mount that stops answering would hang the run in a system call;
+	// past the deadline the daemon is made to dump its goroutines and is
+	// killed, which fails the stuck calls.
+	stall := time.AfterFunc(b.opts.duration+b.opts.stall, func() { b.stalled(s) })
+	defer stall.Stop()
+	fail := func(err error) (sample, *capture, error) {
+		b.keepWork.Store(true)
+		if ctx.Err() == nil {
+			err = b.daemon.explain(err)
+		}
+		return sample{}, nil, err
+	}
+	if err := removeDB(path); err != nil {
+		return fail(err)
+	}
+	before := countLTX(s.ltxDir)
+	smp, err := measure(ctx, path, m, w, b.opts.duration, rng)
+	if err != nil {
+		return fail(err)
+	}
+	c := &capture{Commits: smp.Ops, Setup: smp.Setup, Before: before, Files: countLTX(s.ltxDir), Pos: readPos(path + "-pos")}
+	if w.isRead() {
+		c.Commits = 0 // queries commit nothing
+	}
+	c.Expected = 1 + c.Commits + c.Setup
+	return smp, c, nil
+}
+
+// stalled reports a measurement on the mount that has run stallTimeout past
+// its duration, and kills the daemon after a goroutine dump to its log.
+func (b *bench) stalled(s side) {
+	fmt.Fprintf(os.Stderr, "fsbench: no answer from the mount %s for %s past the measurement; killing regiond (goroutine dump in its log)\n", s.dir, b.opts.stall)
+	b.keepWork.Store(true)
+	b.mu.Lock()
+	d := b.daemon
+	b.mu.Unlock()
+	d.Kill(syscall.SIGQUIT)
+}
+
+// removeWork deletes the work directory unless -keep is set, the mount
+// failed (its log and data are kept for a look), or the mount is still
+// attached (removing through a live or dead mount would fail or reach into
+// the daemon's files).
+func (b *bench) removeWork(work string) {
+	if b.opts.keep || b.keepWork.Load() {
+		fmt.Fprintf(os.Stderr, "fsbench: work directory kept at %s (regiond's output in regiond.log)\n", work)
+		return
+	}
+	mountDir := filepath.Join(work, "mnt")
+	if ok, err := isMounted(mountDir, ""); err != nil || ok {
+		fmt.Fprintf(os.Stderr, "fsbench: %s is still mounted; left %s in place\n", mountDir, work)
+		return
+	}
+	if err := os.RemoveAll(work); err != nil {
+		fmt.Fprintln(os.Stderr, "fsbench: remove work directory:", err)
+	}
+}

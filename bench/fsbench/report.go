@@ -1,0 +1,318 @@
+package main
+
+import (
+	"database/sql"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// minMountWriteRate is the floor for mount write tx/s wherever bare
+// manages more.
+const minMountWriteRate = 1000
+
+// capture is what the FUSE capture left in data_dir/dbs/bench.db/ltx/
+// after the last mount run of a measurement.
+type capture struct {
+	Commits  int    `json:"measured_commits"` // timed write transactions
+	Setup    int    `json:"setup_commits"`    // CREATE TABLE, and the load for reads
+	Expected int    `json:"expected_ltx"`     // 1 + Commits + Setup
+	Files    int    `json:"ltx_files"`        // LTX files in the directory after the run
+	Before   int    `json:"ltx_files_before"` // LTX files after removing the database, before the run
+	Pos      string `json:"pos,omitempty"`    // mount_dir/bench.db-pos after the run, if readable
+}
+
+// result is one workload in one mode: a sample per round on each side.
+type result struct {
+	Workload workload
+	Mode     mode
+	Bare     []sample
+	Mount    []sample
+	Capture  *capture
+}
+
+// goal is the target for a result: mount/bare ratio, and for writes the
+// mount rate floor.
+type goal struct {
+	MinRatio float64 `json:"min_ratio"`
+	MinRate  float64 `json:"min_mount_rate,omitempty"`
+}
+
+func (r *result) goal() goal {
+	switch {
+	case r.Workload.isRead():
+		return goal{MinRatio: 0.9}
+	case r.Mode.Sync == "NORMAL" || r.Mode.Sync == "OFF":
+		return goal{MinRatio: 0.5, MinRate: minMountWriteRate}
+	default:
+		return goal{MinRatio: 0.8, MinRate: minMountWriteRate}
+	}
+}
+
+func (g goal) String() string {
+	s := fmt.Sprintf("≥%.2f", g.MinRatio)
+	if g.MinRate > 0 {
+		s += fmt.Sprintf(", ≥%s/s", commas(g.MinRate))
+	}
+	return s
+}
+
+// summary is the medians across rounds of one side.
+type summary struct {
+	Rate   float64         `json:"rate"`
+	P50us  float64         `json:"p50_us"`
+	P99us  float64         `json:"p99_us"`
+	Rounds []sampleSummary `json:"rounds"`
+}
+
+type sampleSummary struct {
+	Ops      int     `json:"ops"`
+	Seconds  float64 `json:"seconds"`
+	Rate     float64 `json:"rate"`
+	P50us    float64 `json:"p50_us"`
+	P99us    float64 `json:"p99_us"`
+	SetupTxs int     `json:"setup_commits"`
+}
+
+func summarize(ss []sample) *summary {
+	if len(ss) == 0 {
+		return nil
+	}
+	var rates, p50s, p99s []float64
+	s := &summary{}
+	for _, x := range ss {
+		rates, p50s, p99s = append(rates, x.Rate()), append(p50s, us(x.P50)), append(p99s, us(x.P99))
+		s.Rounds = append(s.Rounds, sampleSummary{x.Ops, x.Elapsed.Seconds(), x.Rate(), us(x.P50), us(x.P99), x.Setup})
+	}
+	s.Rate, s.P50us, s.P99us = median(rates), median(p50s), median(p99s)
+	return s
+}
+
+func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
+
+func median(xs []float64) float64 {
+	xs = slices.Clone(xs)
+	slices.Sort(xs)
+	n := len(xs)
+	if n%2 == 1 {
+		return xs[n/2]
+	}
+	return (xs[n/2-1] + xs[n/2]) / 2
+}
+
+// verdict compares the medians with the goal; ok is false without a mount
+// side.
+func (r *result) verdict() (ratio float64, meets, ok bool) {
+	b, m := summarize(r.Bare), summarize(r.Mount)
+	if b == nil || m == nil {
+		return 0, false, false
+	}
+	g := r.goal()
+	ratio = m.Rate / b.Rate
+	meets = ratio >= g.MinRatio && (g.MinRate == 0 || b.Rate <= g.MinRate || m.Rate >= g.MinRate)
+	return ratio, meets, true
+}
+
+// machine describes where the benchmark ran.
+type machine struct {
+	GOMAXPROCS    int    `json:"gomaxprocs"`
+	NumCPU        int    `json:"num_cpu"`
+	Kernel        string `json:"kernel"`
+	Dir           string `json:"dir"`
+	DirFS         string `json:"dir_fs"`
+	SQLite        string `json:"sqlite"`
+	Go            string `json:"go"`
+	LoadAvg       string `json:"loadavg"` // /proc/loadavg at the start: 1, 5, 15 minutes
+	Regiond       string `json:"regiond,omitempty"`
+	RegiondBuilt  string `json:"regiond_built,omitempty"`
+	RegiondCommit string `json:"regiond_commit,omitempty"`
+}
+
+func describeMachine(dir, regiond string) machine {
+	m := machine{GOMAXPROCS: runtime.GOMAXPROCS(0), NumCPU: runtime.NumCPU(), Dir: dir, Go: runtime.Version()}
+	var u unix.Utsname
+	if err := unix.Uname(&u); err == nil {
+		m.Kernel = fmt.Sprintf("%s %s %s", unix.ByteSliceToString(u.Sysname[:]), unix.ByteSliceToString(u.Release[:]), unix.ByteSliceToString(u.Machine[:]))
+	}
+	if data, err := os.ReadFile("/proc/loadavg"); err == nil {
+		if f := strings.Fields(string(data)); len(f) >= 3 {
+			m.LoadAvg = strings.Join(f[:3], " ")
+		}
+	}
+	if e, err := mountOf(dir); err == nil {
+		m.DirFS = fmt.Sprintf("%s (%s on %s)", e.FSType, e.Source, e.Point)
+	}
+	if db, err := sql.Open("sqlite3", ":memory:"); err == nil {
+		_ = db.QueryRow("SELECT sqlite_version()").Scan(&m.SQLite)
+		_ = db.Close()
+	}
+	if regiond != "" {
+		m.Regiond = regiond
+		if fi, err := os.Stat(regiond); err == nil {
+			m.RegiondBuilt = fi.ModTime().Format(time.RFC3339)
+		}
+		// The binary's own tree: bin/regiond sits in the repository.
+		git := func(args ...string) ([]byte, error) {
+			cmd := exec.Command("git", args...)
+			cmd.Dir = filepath.Dir(regiond)
+			return cmd.Output()
+		}
+		if out, err := git("rev-parse", "--short", "HEAD"); err == nil {
+			m.RegiondCommit = strings.TrimSpace(string(out))
+			if st, err := git("status", "--porcelain", "--untracked-files=no"); err == nil && len(st) > 0 {
+				m.RegiondCommit += " (uncommitted changes in the tree)"
+			}
+		}
+	}
+	return m
+}
+
+func printHeader(w io.Writer, m machine, o options) {
+	fmt.Fprintf(w, "machine: GOMAXPROCS=%d (NumCPU %d), load average %s, kernel %s, -dir %s on %s, SQLite %s, %s\n",
+		m.GOMAXPROCS, m.NumCPU, m.LoadAvg, m.Kernel, m.Dir, m.DirFS, m.SQLite, m.Go)
+	if m.Regiond != "" {
+		commit := m.RegiondCommit
+		if commit == "" {
+			commit = "unknown (git rev-parse failed)"
+		}
+		fmt.Fprintf(w, "daemon: %s, built %s, source tree at commit %s, fs.locks: %s\n", m.Regiond, m.RegiondBuilt, commit, o.locks)
+	} else {
+		fmt.Fprintln(w, "daemon: none (-bare-only)")
+	}
+	fmt.Fprintf(w, "run: %d rounds of %s per measurement and side, bare and mount alternating (order swapped each round); medians across rounds\n",
+		o.rounds, o.duration)
+}
+
+var workloadTitles = map[string]string{
+	"insert-1":  "insert-1: BEGIN; INSERT 1 row; COMMIT — tx/s and commit latency",
+	"insert-10": "insert-10: BEGIN; INSERT 10 rows; COMMIT — tx/s and commit latency",
+	"read":      fmt.Sprintf("read: SELECT a,b FROM t WHERE id=? on %s rows, warm cache — queries/s and query latency", commas(readRows)),
+}
+
+// printTables prints one table per workload, a row per mode.
+func printTables(w io.Writer, results []*result, workloads []workload) {
+	for _, wl := range workloads {
+		fmt.Fprintf(w, "\n%s\n", workloadTitles[wl.Name])
+		unit := "tx/s"
+		if wl.isRead() {
+			unit = "q/s"
+		}
+		fmt.Fprintf(w, "%-12s %11s %11s %7s  %-19s %-19s %-18s %s\n", "mode",
+			"bare "+unit, "mount "+unit, "ratio", "bare p50 / p99", "mount p50 / p99", "goal", "result")
+		for _, r := range results {
+			if r.Workload != wl {
+				continue
+			}
+			b, m := summarize(r.Bare), summarize(r.Mount)
+			ratio, meets, ok := r.verdict()
+			mountRate, ratioS, mountLat, verdict := "-", "-", "-", "no mount run"
+			if ok {
+				mountRate, ratioS, mountLat = commas(m.Rate), fmt.Sprintf("%.2f", ratio), latencies(m)
+				verdict = "below goal"
+				if meets {
+					verdict = "meets"
+				}
+			}
+			fmt.Fprintf(w, "%-12s %11s %11s %7s  %-19s %-19s %-18s %s\n", r.Mode.Name,
+				commas(b.Rate), mountRate, ratioS, latencies(b), mountLat, r.goal(), verdict)
+		}
+	}
+}
+
+// printCapture prints, per measurement, what the FUSE capture wrote during
+// its last mount run.
+func printCapture(w io.Writer, results []*result) {
+	fmt.Fprintln(w, "\nFUSE capture: LTX files in data_dir/dbs/bench.db/ltx/ after the last mount run of each measurement")
+	fmt.Fprintln(w, "(write transactions = timed commits + setup: CREATE TABLE, and the 10,000-row load for read; expected = 1 + write transactions)")
+	fmt.Fprintf(w, "%-12s %-10s %9s %7s %9s %10s %11s  %s\n", "mode", "workload", "commits", "setup", "expected", "ltx files", "before run", "bench.db-pos")
+	for _, r := range results {
+		c := r.Capture
+		if c == nil {
+			continue
+		}
+		pos := c.Pos
+		if pos == "" {
+			pos = "-"
+		}
+		fmt.Fprintf(w, "%-12s %-10s %9d %7d %9d %10d %11d  %s\n", r.Mode.Name, r.Workload.Name, c.Commits, c.Setup, c.Expected, c.Files, c.Before, pos)
+	}
+}
+
+func latencies(s *summary) string {
+	return fmtUS(s.P50us) + " / " + fmtUS(s.P99us)
+}
+
+func fmtUS(v float64) string {
+	switch {
+	case v < 10:
+		return fmt.Sprintf("%.1fµs", v)
+	case v < 1000:
+		return fmt.Sprintf("%.0fµs", v)
+	case v < 100_000:
+		return fmt.Sprintf("%.2fms", v/1000)
+	default:
+		return fmt.Sprintf("%.0fms", v/1000)
+	}
+}
+
+// commas formats v rounded to an integer with thousands separators.
+func commas(v float64) string {
+	s := fmt.Sprintf("%.0f", v)
+	var b strings.Builder
+	for i, c := range s {
+		if i > 0 && (len(s)-i)%3 == 0 && s[i-1] != '-' {
+			b.WriteByte(',')
+		}
+		b.WriteRune(c)
+	}
+	return b.String()
+}
+
+// jsonReport is the -json output.
+type jsonReport struct {
+	Machine  machine      `json:"machine"`
+	Rounds   int          `json:"rounds"`
+	Duration string       `json:"duration"`
+	Results  []jsonResult `json:"results"`
+}
+
+type jsonResult struct {
+	Workload string   `json:"workload"`
+	Mode     string   `json:"mode"`
+	Unit     string   `json:"unit"`
+	Bare     *summary `json:"bare"`
+	Mount    *summary `json:"mount,omitempty"`
+	Ratio    float64  `json:"ratio,omitempty"`
+	Goal     goal     `json:"goal"`
+	Meets    *bool    `json:"meets,omitempty"`
+	Capture  *capture `json:"capture,omitempty"`
+}
+
+func writeJSON(path string, m machine, o options, results []*result) error {
+	rep := jsonReport{Machine: m, Rounds: o.rounds, Duration: o.duration.String()}
+	for _, r := range results {
+		jr := jsonResult{Workload: r.Workload.Name, Mode: r.Mode.Name, Unit: "tx/s",
+			Bare: summarize(r.Bare), Mount: summarize(r.Mount), Goal: r.goal(), Capture: r.Capture}
+		if r.Workload.isRead() {
+			jr.Unit = "queries/s"
+		}
+		if ratio, meets, ok := r.verdict(); ok {
+			jr.Ratio, jr.Meets = ratio, &meets
+		}
+		rep.Results = append(rep.Results, jr)
+	}
+	data, err := json.MarshalIndent(rep, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, append(data, '\n'), 0o644)
+}
