@@ -51,6 +51,8 @@ type DB struct {
 	// daemon.
 	Locks, ShmLocks LockTable
 
+	flocks, shmFlocks LockTable // flock(2) locks, apart from POSIX ones
+
 	dir    string
 	log    *ltx.Log
 	logger *slog.Logger

@@ -286,3 +286,39 @@ func TestFileSystem_PageCache(t *testing.T) {
 		t.Fatal("page 2 changed")
 	}
 }
+
+// TestFileSystem_Flock: flock(2) works on the mount: per open file, whole
+// file, apart from POSIX locks, released when the file is closed.
+func TestFileSystem_Flock(t *testing.T) {
+	fsys := testingutil.MustMount(t)
+	path := filepath.Join(fsys.MountDir, "app.db")
+	db := testingutil.MustOpenSQLite(t, path, "delete")
+	if _, err := db.Exec(`CREATE TABLE t (x)`); err != nil {
+		t.Fatal(err)
+	}
+	open := func() *os.File {
+		f, err := os.Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	a, b := open(), open()
+	defer func() { _ = b.Close() }()
+	if err := syscall.Flock(int(a.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		t.Fatalf("flock a: %v", err)
+	}
+	if err := syscall.Flock(int(b.Fd()), syscall.LOCK_SH|syscall.LOCK_NB); !errors.Is(err, syscall.EWOULDBLOCK) {
+		t.Fatalf("flock b while a holds it: got %v, want EWOULDBLOCK", err)
+	}
+	// flock and POSIX locks do not conflict.
+	if _, err := db.Exec(`INSERT INTO t VALUES (1)`); err != nil {
+		t.Fatalf("SQLite write while a flock is held: %v", err)
+	}
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Flock(int(b.Fd()), syscall.LOCK_SH|syscall.LOCK_NB); err != nil {
+		t.Fatalf("flock b after a closed: %v", err)
+	}
+}

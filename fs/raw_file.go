@@ -229,7 +229,7 @@ func (r *raw) Flush(cancel <-chan struct{}, in *fuse.FlushIn) fuse.Status {
 // releaseLocks drops the POSIX locks owner holds on n: the process closed
 // a descriptor of the file (POSIX drops all its locks then) or died.
 func (r *raw) releaseLocks(n *node, owner uint64) {
-	if t := lockTable(n); t != nil {
+	if t := lockTable(n, false); t != nil {
 		held := len(t.Locks()) > 0
 		t.ReleaseOwner(owner)
 		if held && n.kind == kindDB {
@@ -255,6 +255,9 @@ func (r *raw) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {
 	}
 	if in.LockOwner != 0 {
 		r.releaseLocks(h.node, in.LockOwner)
+		if t := lockTable(h.node, true); t != nil && in.ReleaseFlags&fuse.FUSE_RELEASE_FLOCK_UNLOCK != 0 {
+			t.ReleaseOwner(in.LockOwner)
+		}
 	}
 	if h.file != nil {
 		_ = h.file.Close()

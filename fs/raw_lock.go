@@ -2,18 +2,24 @@ package fs
 
 import (
 	"context"
+	"math"
 	"syscall"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 )
 
 // lockTable returns the lock table of n: SQLite locks the database file
-// and the -shm file, nothing else.
-func lockTable(n *node) *LockTable {
-	switch n.kind {
-	case kindDB:
+// and the -shm file, nothing else. flock(2) locks (whole file, per open
+// file) are kept apart from POSIX locks, as the kernel keeps them.
+func lockTable(n *node, flock bool) *LockTable {
+	switch {
+	case n.kind == kindDB && flock:
+		return &n.db.flocks
+	case n.kind == kindDB:
 		return &n.db.Locks
-	case kindShm:
+	case n.kind == kindShm && flock:
+		return &n.db.shmFlocks
+	case n.kind == kindShm:
 		return &n.db.ShmLocks
 	}
 	return nil
@@ -30,8 +36,8 @@ func (r *raw) GetLk(cancel <-chan struct{}, in *fuse.LkIn, out *fuse.LkOut) fuse
 	if n == nil {
 		return fuse.ENOENT
 	}
-	t := lockTable(n)
-	if t == nil || in.LkFlags&fuse.FUSE_LK_FLOCK != 0 {
+	t := lockTable(n, in.LkFlags&fuse.FUSE_LK_FLOCK != 0)
+	if t == nil {
 		return fuse.ENOSYS
 	}
 	if l, ok := t.Test(in.Owner, in.Lk.Typ, in.Lk.Start, in.Lk.End); ok {
@@ -55,9 +61,13 @@ func (r *raw) setLk(cancel <-chan struct{}, in *fuse.LkIn, wait bool) fuse.Statu
 	if n == nil {
 		return fuse.ENOENT
 	}
-	t := lockTable(n)
-	if t == nil || in.LkFlags&fuse.FUSE_LK_FLOCK != 0 {
+	flock := in.LkFlags&fuse.FUSE_LK_FLOCK != 0
+	t := lockTable(n, flock)
+	if t == nil {
 		return fuse.ENOSYS
+	}
+	if flock {
+		in.Lk.Start, in.Lk.End = 0, math.MaxUint64
 	}
 	var errno syscall.Errno
 	if wait && in.Lk.Typ != syscall.F_UNLCK {
@@ -70,7 +80,7 @@ func (r *raw) setLk(cancel <-chan struct{}, in *fuse.LkIn, wait bool) fuse.Statu
 	if errno != 0 {
 		return fuse.Status(errno)
 	}
-	if n.kind == kindDB && in.Lk.Typ != syscall.F_WRLCK {
+	if n.kind == kindDB && !flock && in.Lk.Typ != syscall.F_WRLCK {
 		r.afterUnlock(n.db)
 	}
 	return fuse.OK
