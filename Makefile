@@ -24,7 +24,7 @@ PROTOC_GEN_GO_GRPC := $(TOOLS_BIN)/protoc-gen-go-grpc-$(PROTOC_GEN_GO_GRPC_VERSI
 # points them at the pinned binaries above, so versions live in this file only.
 PROTOC_PLUGINS := $(TOOLS_DIR)/protoc-plugins
 
-.PHONY: all build test test-long lint proto proto-check fuzz bench tools clean
+.PHONY: all build test test-long bench-fs lint proto proto-check fuzz bench tools clean
 
 all: build
 
@@ -64,6 +64,13 @@ BENCH_SIZE ?= 256
 
 bench:
 	$(GO) run ./bench/ltxbench -size $(BENCH_SIZE)
+
+# bench-fs runs the same SQLite workloads on a bare directory and through
+# regiond's FUSE mount (needs root and fuse3); see bench/README.md.
+FSBENCH_FLAGS ?=
+
+bench-fs: build
+	$(GO) run ./bench/fsbench -regiond bin/regiond $(FSBENCH_FLAGS)
 
 # lint fails on unformatted Go files (generated *.pb.go excepted), go vet
 # findings and staticcheck findings.
