@@ -7,7 +7,6 @@ package fs
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -337,6 +336,3 @@ func validDBName(name string) bool {
 	_, kind := parseName(name)
 	return kind == kindDB
 }
-
-// errReadOnly is returned for writes on a read-only mount.
-var errReadOnly = errors.New("the mount is read-only on this node")
