@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/meridian-db/meridian/fs"
 	"github.com/meridian-db/meridian/internal/testingutil"
@@ -98,14 +99,22 @@ func TestCapture_Workload(t *testing.T) {
 			for b := 0; b < batches; b++ {
 				for i := 0; i < steps; i++ {
 					before, v := log.Pos().TXID, dataVersion(t, conn)
+					start := time.Now().Truncate(time.Millisecond)
 					what, err := w.Step()
 					if err != nil {
 						t.Fatalf("step %d (%s): %v", i, what, err)
 					}
+					end := time.Now()
 					committed := dataVersion(t, conn) != v
 					got := log.Pos().TXID - before
 					if committed && got != 1 || !committed && got != 0 {
 						t.Fatalf("step %d (%s): committed=%v, got %d LTX files", b*steps+i, what, committed, got)
+					}
+					if committed {
+						files := log.Log().Files()
+						if ts := files[len(files)-1].Header.Timestamp; ts < start.UnixMilli() || ts > end.UnixMilli() {
+							t.Fatalf("step %d (%s): LTX timestamp %d outside the transaction [%d, %d]", b*steps+i, what, ts, start.UnixMilli(), end.UnixMilli())
+						}
 					}
 				}
 				checkLog(t, fsys, "app.db", db, mode == "wal")

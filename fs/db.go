@@ -290,6 +290,7 @@ type walCommit struct {
 	frames map[uint32]int64 // page → offset of its frame in the transaction
 	commit uint32           // database size in pages after it
 	seg    ltx.WALSegment
+	time   time.Time // when SQLite committed it
 }
 
 // maxQueue bounds the WAL transactions waiting for their LTX files; a
@@ -332,6 +333,7 @@ func (d *DB) walTxAt(c int64) (walCommit, error) {
 	h := d.wal.hdr
 	first := d.wal.mxFrame
 	tx := walCommit{
+		time:   time.Now(),
 		frames: map[uint32]int64{},
 		seg: ltx.WALSegment{
 			Offset: h.frameOffset(first),
@@ -361,12 +363,13 @@ func (d *DB) walTxAt(c int64) (walCommit, error) {
 func (d *DB) logWALTx(ctx context.Context, tx walCommit) error {
 	pageSize := d.wal.hdr.pageSize
 	_, err := d.log.Commit(ctx, ltx.Tx{
-		DB:       walView{d, tx.frames},
-		PageSize: pageSize,
-		Commit:   tx.commit,
-		Pgnos:    slices.Collect(maps.Keys(tx.frames)),
-		NoSync:   true,
-		WAL:      tx.seg,
+		DB:        walView{d, tx.frames},
+		PageSize:  pageSize,
+		Commit:    tx.commit,
+		Pgnos:     slices.Collect(maps.Keys(tx.frames)),
+		Timestamp: tx.time,
+		NoSync:    true,
+		WAL:       tx.seg,
 	})
 	return err
 }
