@@ -37,12 +37,15 @@ var journalMagic = []byte{0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7}
 // recorded, and the transaction is committed to the log when the journal is
 // finalized (deleted, truncated to zero, or its header zeroed), before that
 // operation reaches the disk: the LTX file is durable before SQLite's
-// commit point. In WAL mode a transaction is committed to the log when its
-// commit frame has been written, from the frames since the previous commit;
-// its LTX file is written but not fsynced, since the frames are durable in
-// the WAL (under synchronous=FULL) and recovery rebuilds the file from them.
-// Files not yet synced are synced before the WAL is restarted, truncated or
-// deleted, the only moments its frames stop being a copy.
+// commit point. In WAL mode a transaction is taken when its commit frame
+// has been written, from the frames since the previous commit, and queued:
+// the database's worker writes its LTX file, in order, off the app's commit
+// path, and does not fsync it, since the frames are durable in the WAL
+// (under synchronous=FULL) and recovery rebuilds missing files from them.
+// The queue is written and the log synced before the WAL is restarted,
+// truncated or deleted, the only moments its frames stop being a copy, and
+// before a checkpoint writes the database file, so the file is never ahead
+// of the log.
 type DB struct {
 	Name string
 
