@@ -322,7 +322,10 @@ func (d *DB) committedWAL(ctx context.Context, c int64) error {
 		d.loggedWALTx(tx)
 		return nil
 	}
-	for len(d.queue) >= maxQueue && d.werr == nil {
+	// Wait for room, even while the worker is failing: the frames are on
+	// disk, so failing this write would leave SQLite a commit it would
+	// find again in recovery.
+	for len(d.queue) >= maxQueue {
 		d.cond.Wait()
 	}
 	d.queue = append(d.queue, tx)
