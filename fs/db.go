@@ -588,6 +588,27 @@ func (d *DB) openWALFile() error {
 	return nil
 }
 
+// ensureWAL creates an empty WAL for a WAL-mode database that has none. A
+// read-only SQLite connection cannot create the WAL, and without one it
+// cannot open a WAL-mode database at all; an empty WAL changes nothing it
+// reads.
+func (d *DB) ensureWAL() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var hdr [20]byte
+	if n, _ := d.file.ReadAt(hdr[:], 0); n < len(hdr) || hdr[18] != 2 {
+		return nil // not in WAL mode
+	}
+	f, err := os.OpenFile(d.path(walFile), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return d.openWALFile()
+}
+
 // closeFiles closes the backing files capture reads.
 func (d *DB) closeFiles() {
 	d.mu.Lock()

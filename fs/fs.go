@@ -211,6 +211,15 @@ func (f *FileSystem) SetReadOnly(readOnly bool) {
 	if f.readOnly.Swap(readOnly) != readOnly {
 		f.Logger.Info("mount mode changed", "read_only", readOnly)
 	}
+	if readOnly {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		for _, d := range f.dbs {
+			if err := d.ensureWAL(); err != nil {
+				f.Logger.Error("create the WAL readers of a read-only database need", "db", d.Name, "err", err)
+			}
+		}
+	}
 }
 
 // ReadOnly reports whether the mount is read-only.
@@ -268,6 +277,12 @@ func (f *FileSystem) openDB(ctx context.Context, name string) (*DB, error) {
 	if err := d.recover(ctx); err != nil {
 		d.closeFiles()
 		return nil, fmt.Errorf("database %s: %w", name, err)
+	}
+	if f.readOnly.Load() {
+		if err := d.ensureWAL(); err != nil {
+			d.closeFiles()
+			return nil, fmt.Errorf("database %s: %w", name, err)
+		}
 	}
 	d.done.Add(1)
 	go func() {

@@ -3,6 +3,7 @@ package fs_test
 import (
 	"bytes"
 	"context"
+	"database/sql"
 	"errors"
 	"log/slog"
 	"os"
@@ -93,7 +94,22 @@ func TestFileSystem_ReadOnly(t *testing.T) {
 				t.Fatalf("fresh reader: got %d, %v; want 2 rows", n, err)
 			}
 
+			// With every connection closed (in WAL mode SQLite then
+			// deletes the WAL), a new reader still opens the database.
+			for _, db := range []*sql.DB{writer, reader, fresh} {
+				_ = db.Close()
+			}
 			fsys.SetReadOnly(false)
+			fsys.SetReadOnly(true)
+			last := testingutil.MustOpenSQLite(t, path, mode)
+			if err := last.QueryRow(`SELECT count(*) FROM t`).Scan(&n); err != nil || n != 2 {
+				t.Fatalf("reader after every connection closed: got %d, %v; want 2 rows", n, err)
+			}
+			_ = last.Close()
+
+			fsys.SetReadOnly(false)
+			writer = testingutil.MustOpenSQLite(t, path, mode)
+			reader = testingutil.MustOpenSQLite(t, path, mode)
 			if _, err := writer.Exec(`INSERT INTO t VALUES (3)`); err != nil {
 				t.Fatalf("write after switching back: %v", err)
 			}
