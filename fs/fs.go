@@ -32,6 +32,10 @@ type FileSystem struct {
 	NodeID uint64
 	// Retention is how long LTX files are kept (see ltx.Log).
 	Retention time.Duration
+	// MaintainInterval is how often each log merges its files older than
+	// CompactAge and drops those past retention.
+	MaintainInterval time.Duration
+	CompactAge       time.Duration
 
 	// KernelLocks leaves SQLite's POSIX locks on the mount's files to the
 	// kernel instead of implementing them in the filesystem (Locks and
@@ -60,21 +64,32 @@ type FileSystem struct {
 	primary string        // content of .primary; "" hides it
 	lag     func() string // content of .lag; nil hides it
 	refused map[uint32]time.Time
+
+	stopMaintain context.CancelFunc
+	maintained   sync.WaitGroup
 }
+
+// Defaults for FileSystem tunables.
+const (
+	DefaultMaintainInterval = time.Minute
+	DefaultCompactAge       = time.Minute
+)
 
 // New returns a filesystem of the databases in dataDir, to be mounted at
 // mountDir. Call Open to recover the databases and mount.
 func New(dataDir, mountDir string) *FileSystem {
 	return &FileSystem{
-		DataDir:   dataDir,
-		MountDir:  mountDir,
-		Retention: ltx.DefaultRetention,
-		Logger:    slog.Default(),
-		dbs:       map[string]*DB{},
-		names:     map[string]*node{},
-		nodes:     map[uint64]*node{},
-		handles:   map[uint64]*handle{},
-		refused:   map[uint32]time.Time{},
+		DataDir:          dataDir,
+		MountDir:         mountDir,
+		Retention:        ltx.DefaultRetention,
+		MaintainInterval: DefaultMaintainInterval,
+		CompactAge:       DefaultCompactAge,
+		Logger:           slog.Default(),
+		dbs:              map[string]*DB{},
+		names:            map[string]*node{},
+		nodes:            map[uint64]*node{},
+		handles:          map[uint64]*handle{},
+		refused:          map[uint32]time.Time{},
 	}
 }
 
@@ -133,6 +148,55 @@ func (f *FileSystem) Open(ctx context.Context) error {
 		return fmt.Errorf("mount %s: %w", f.MountDir, err)
 	}
 	f.Logger.Info("mounted", "mount_dir", f.MountDir, "data_dir", f.DataDir, "dbs", len(f.dbs))
+	mctx, stop := context.WithCancel(context.Background())
+	f.stopMaintain = stop
+	f.maintained.Add(1)
+	go func() {
+		defer f.maintained.Done()
+		f.maintainLoop(mctx)
+	}()
+	return nil
+}
+
+func (f *FileSystem) maintainLoop(ctx context.Context) {
+	t := time.NewTicker(f.MaintainInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if err := f.Maintain(ctx); err != nil && ctx.Err() == nil {
+				f.Logger.Error("maintain logs", "err", err)
+			}
+		}
+	}
+}
+
+// Maintain compacts each database's log (files older than CompactAge) and
+// prunes it (files past retention). Until replication exists no replica
+// can need a file, so every transaction counts as acknowledged.
+func (f *FileSystem) Maintain(ctx context.Context) error {
+	f.mu.Lock()
+	dbs := make([]*DB, 0, len(f.dbs))
+	for _, d := range f.dbs {
+		dbs = append(dbs, d)
+	}
+	f.mu.Unlock()
+	now := time.Now()
+	for _, d := range dbs {
+		merged, err := d.log.Compact(ctx, now.Add(-f.CompactAge))
+		if err != nil {
+			return fmt.Errorf("compact log of %s: %w", d.Name, err)
+		}
+		pruned, err := d.log.Prune(ctx, d.log.Pos().TXID, now)
+		if err != nil {
+			return fmt.Errorf("prune log of %s: %w", d.Name, err)
+		}
+		if merged+pruned > 0 {
+			d.logger.Debug("log maintained", "merged", merged, "pruned", pruned)
+		}
+	}
 	return nil
 }
 
@@ -140,6 +204,10 @@ func (f *FileSystem) Open(ctx context.Context) error {
 // up to the context's deadline, and closes the logs.
 func (f *FileSystem) Close(ctx context.Context) error {
 	var err error
+	if f.stopMaintain != nil {
+		f.stopMaintain()
+		f.maintained.Wait()
+	}
 	f.notify.Wait()
 	if f.server != nil {
 		for {

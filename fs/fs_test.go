@@ -338,3 +338,51 @@ func TestFileSystem_Flock(t *testing.T) {
 		t.Fatalf("flock b after a closed: %v", err)
 	}
 }
+
+// TestFileSystem_Maintain: the logs are compacted and pruned while the
+// mount serves, and the database still agrees with its log.
+func TestFileSystem_Maintain(t *testing.T) {
+	fsys := testingutil.MustMount(t)
+	fsys.Retention, fsys.CompactAge = time.Nanosecond, 0
+	path := filepath.Join(fsys.MountDir, "app.db")
+	db := testingutil.MustOpenSQLite(t, path, "wal")
+	if _, err := db.Exec(`CREATE TABLE t (x)`); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 50; i++ {
+		if _, err := db.Exec(`INSERT INTO t VALUES (randomblob(500))`); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d := fsys.DB("app.db")
+	pos := d.Pos()
+	if err := fsys.Maintain(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	files := d.Log().Files()
+	if len(files) != 1 {
+		t.Fatalf("got %d files after pruning, want 1 (the newest)", len(files))
+	}
+	if got := d.Pos(); got != pos {
+		t.Fatalf("got position %s after maintenance, want %s", got, pos)
+	}
+	if _, err := db.Exec(`INSERT INTO t VALUES (1)`); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := d.Pos().TXID, pos.TXID+1; got != want {
+		t.Fatalf("got TXID %s, want %s", got, want)
+	}
+	// The database and the log still agree after a remount.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_ = db.Close()
+	if err := fsys.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	again := fs.New(fsys.DataDir, fsys.MountDir)
+	again.Logger = testingutil.Logger(t)
+	testingutil.MustOpenFS(t, again)
+	if got, want := again.DB("app.db").Pos().TXID, pos.TXID+1; got != want {
+		t.Fatalf("after remount: got TXID %s, want %s", got, want)
+	}
+}
