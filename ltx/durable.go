@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sync"
 	"syscall"
 )
 
@@ -41,7 +42,12 @@ func writeFileSync(dir, name string, sync, syncDir bool, write func(w io.Writer)
 		}
 	}()
 
-	bw := bufio.NewWriterSize(f, 64<<10)
+	bw := writerPool.Get().(*bufio.Writer)
+	bw.Reset(f)
+	defer func() {
+		bw.Reset(nil)
+		writerPool.Put(bw)
+	}()
 	h := newSealHash()
 	if err := write(io.MultiWriter(bw, h)); err != nil {
 		return 0, 0, diskError("write", tmp, err)
@@ -80,6 +86,10 @@ func writeFileSync(dir, name string, sync, syncDir bool, write func(w io.Writer)
 	}
 	return fi.Size(), seal, nil
 }
+
+// writerPool holds write buffers for writeFile: one per file written would
+// be 64 KiB of garbage per transaction.
+var writerPool = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 64<<10) }}
 
 // syncFile fsyncs the file at path.
 func syncFile(path string) error {
