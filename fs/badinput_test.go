@@ -12,6 +12,7 @@ import (
 
 	"github.com/meridian-db/meridian/fs"
 	"github.com/meridian-db/meridian/internal/testingutil"
+	"github.com/meridian-db/meridian/ltx"
 )
 
 // TestCapture_Unaligned: a write to a database file that is not whole
@@ -197,6 +198,33 @@ func TestCapture_DiskFull(t *testing.T) {
 				t.Fatalf("got %d rows, %v; want %d", n, err, rows+5)
 			}
 			checkLog(t, fsys, "app.db", db, mode == "wal")
+		})
+	}
+}
+
+// TestCapture_NoJournalFile: with journal_mode=MEMORY or OFF no journal
+// file marks the end of a transaction; the writer's unlock does.
+func TestCapture_NoJournalFile(t *testing.T) {
+	for _, mode := range []string{"memory", "off"} {
+		t.Run(mode, func(t *testing.T) {
+			fsys := testingutil.MustMount(t)
+			path := filepath.Join(fsys.MountDir, "app.db")
+			db := testingutil.MustOpenSQLite(t, path, mode)
+			if _, err := db.Exec(`CREATE TABLE t (x)`); err != nil {
+				t.Fatal(err)
+			}
+			d := fsys.DB("app.db")
+			start := d.Pos().TXID
+			const n = 40
+			for i := 0; i < n; i++ {
+				if _, err := db.Exec(`INSERT INTO t VALUES (randomblob(5000))`); err != nil {
+					t.Fatal(err)
+				}
+				if got, want := d.Pos().TXID, start+ltx.TXID(i+1); got != want {
+					t.Fatalf("after insert %d: got TXID %s, want %s", i, got, want)
+				}
+			}
+			checkLog(t, fsys, "app.db", db, false)
 		})
 	}
 }
