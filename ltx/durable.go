@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"sync"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // failpoint is called at each step of writing and removing log files, by
@@ -90,6 +92,19 @@ func writeFileSync(dir, name string, sync, syncDir bool, write func(w io.Writer)
 // writerPool holds write buffers for writeFile: one per file written would
 // be 64 KiB of garbage per transaction.
 var writerPool = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 64<<10) }}
+
+// syncFS flushes every dirty file of the filesystem that holds dir.
+func syncFS(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = d.Close() }()
+	if err := unix.Syncfs(int(d.Fd())); err != nil {
+		return diskError("syncfs", dir, err)
+	}
+	return nil
+}
 
 // syncFile fsyncs the file at path.
 func syncFile(path string) error {
