@@ -228,3 +228,26 @@ func TestCapture_NoJournalFile(t *testing.T) {
 		})
 	}
 }
+
+// TestCapture_JournalSizeLimit: with journal_size_limit SQLite trims the
+// WAL after a restart while it holds frames of the new generation.
+func TestCapture_JournalSizeLimit(t *testing.T) {
+	fsys := testingutil.MustMount(t)
+	path := filepath.Join(fsys.MountDir, "app.db")
+	db := testingutil.MustOpenSQLite(t, path, "wal")
+	if _, err := db.Exec(`PRAGMA journal_size_limit=8192; PRAGMA wal_autocheckpoint=20; CREATE TABLE t (x)`); err != nil {
+		t.Fatal(err)
+	}
+	d := fsys.DB("app.db")
+	start := d.Pos().TXID
+	const n = 300
+	for i := 0; i < n; i++ {
+		if _, err := db.Exec(`INSERT INTO t VALUES (randomblob(3000))`); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got, want := d.Pos().TXID-start, ltx.TXID(n); got != want {
+		t.Fatalf("got %d LTX files for %d transactions", got, want)
+	}
+	checkLog(t, fsys, "app.db", db, true)
+}

@@ -492,6 +492,11 @@ func (d *DB) endWAL(ctx context.Context, size int64) error {
 	if err := d.syncLog(ctx); err != nil {
 		return err
 	}
+	if d.wal.valid && size >= walHeaderSize && size >= d.wal.hdr.frameOffset(d.wal.mxFrame) {
+		// journal_size_limit: SQLite trims a WAL past its frames after a
+		// restart; the frames of this generation stay.
+		return nil
+	}
 	d.resetWAL()
 	if size < walHeaderSize {
 		d.wal.valid = false
