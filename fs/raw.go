@@ -261,12 +261,25 @@ func (r *raw) Forget(nodeid, nlookup uint64) {
 		return
 	}
 	n.lookups -= min(nlookup, n.lookups)
-	if n.lookups == 0 && n.opens == 0 {
-		delete(f.nodes, nodeid)
+	f.dropIfUnused(n)
+}
+
+// dropIfUnused forgets n once the kernel neither knows it (lookups) nor
+// has it open. Caller holds f.mu.
+func (f *FileSystem) dropIfUnused(n *node) {
+	if n.lookups == 0 && n.opens == 0 && n.kind != kindRoot {
+		delete(f.nodes, n.id)
 		if f.names[n.name] == n {
 			delete(f.names, n.name)
 		}
 	}
+}
+
+// node returns the node nodeID, or nil.
+func (r *raw) node(nodeID uint64) *node {
+	r.fs.mu.Lock()
+	defer r.fs.mu.Unlock()
+	return r.fs.nodes[nodeID]
 }
 
 func (r *raw) GetAttr(cancel <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOut) fuse.Status {
@@ -287,9 +300,7 @@ func (r *raw) GetAttr(cancel <-chan struct{}, in *fuse.GetAttrIn, out *fuse.Attr
 
 func (r *raw) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.AttrOut) fuse.Status {
 	f := r.fs
-	f.mu.Lock()
-	n := f.nodes[in.NodeId]
-	f.mu.Unlock()
+	n := r.node(in.NodeId)
 	if n == nil {
 		return fuse.ENOENT
 	}

@@ -85,9 +85,7 @@ func (f *FileSystem) addHandle(n *node, file *os.File, data []byte) uint64 {
 
 func (r *raw) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
 	f := r.fs
-	f.mu.Lock()
-	n := f.nodes[in.NodeId]
-	f.mu.Unlock()
+	n := r.node(in.NodeId)
 	if n == nil {
 		return fuse.ENOENT
 	}
@@ -245,9 +243,7 @@ func (r *raw) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {
 	delete(f.handles, in.Fh)
 	if h != nil {
 		h.node.opens--
-		if h.node.opens == 0 && h.node.lookups == 0 {
-			delete(f.nodes, h.node.id)
-		}
+		f.dropIfUnused(h.node)
 	}
 	f.mu.Unlock()
 	if h == nil {

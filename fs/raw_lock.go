@@ -25,14 +25,8 @@ func lockTable(n *node, flock bool) *LockTable {
 	return nil
 }
 
-func (r *raw) lockNode(nodeID uint64) *node {
-	r.fs.mu.Lock()
-	defer r.fs.mu.Unlock()
-	return r.fs.nodes[nodeID]
-}
-
 func (r *raw) GetLk(cancel <-chan struct{}, in *fuse.LkIn, out *fuse.LkOut) fuse.Status {
-	n := r.lockNode(in.NodeId)
+	n := r.node(in.NodeId)
 	if n == nil {
 		return fuse.ENOENT
 	}
@@ -57,7 +51,7 @@ func (r *raw) SetLkw(cancel <-chan struct{}, in *fuse.LkIn) fuse.Status {
 }
 
 func (r *raw) setLk(cancel <-chan struct{}, in *fuse.LkIn, wait bool) fuse.Status {
-	n := r.lockNode(in.NodeId)
+	n := r.node(in.NodeId)
 	if n == nil {
 		return fuse.ENOENT
 	}
