@@ -9,6 +9,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -177,14 +178,8 @@ func (f *FileSystem) maintainLoop(ctx context.Context) {
 // prunes it (files past retention). Until replication exists no replica
 // can need a file, so every transaction counts as acknowledged.
 func (f *FileSystem) Maintain(ctx context.Context) error {
-	f.mu.Lock()
-	dbs := make([]*DB, 0, len(f.dbs))
-	for _, d := range f.dbs {
-		dbs = append(dbs, d)
-	}
-	f.mu.Unlock()
 	now := time.Now()
-	for _, d := range dbs {
+	for _, d := range f.dbList() {
 		merged, err := d.log.Compact(ctx, now.Add(-f.CompactAge))
 		if err != nil {
 			return fmt.Errorf("compact log of %s: %w", d.Name, err)
@@ -262,12 +257,19 @@ func (f *FileSystem) DB(name string) *DB {
 func (f *FileSystem) DBs() []string {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	names := make([]string, 0, len(f.dbs))
-	for name := range f.dbs {
-		names = append(names, name)
-	}
-	slices.Sort(names)
-	return names
+	return f.sortedDBs()
+}
+
+// sortedDBs returns the names of the databases, sorted. Caller holds f.mu.
+func (f *FileSystem) sortedDBs() []string {
+	return slices.Sorted(maps.Keys(f.dbs))
+}
+
+// dbList returns the databases, for work done without holding f.mu.
+func (f *FileSystem) dbList() []*DB {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Collect(maps.Values(f.dbs))
 }
 
 // SetReadOnly switches the mount between read-write and read-only. While
@@ -280,9 +282,7 @@ func (f *FileSystem) SetReadOnly(readOnly bool) {
 		f.Logger.Info("mount mode changed", "read_only", readOnly)
 	}
 	if readOnly {
-		f.mu.Lock()
-		defer f.mu.Unlock()
-		for _, d := range f.dbs {
+		for _, d := range f.dbList() {
 			if err := d.ensureWAL(); err != nil {
 				f.Logger.Error("create the WAL readers of a read-only database need", "db", d.Name, "err", err)
 			}

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"io"
 	"os"
-	"slices"
 	"syscall"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -411,27 +410,12 @@ func (r *raw) readDir(in *fuse.ReadIn, out *fuse.DirEntryList, plus bool) fuse.S
 	return fuse.OK
 }
 
-func (f *FileSystem) sortedDBs() []string {
-	names := make([]string, 0, len(f.dbs))
-	for name := range f.dbs {
-		names = append(names, name)
-	}
-	slices.Sort(names)
-	return names
-}
-
 // FsyncDir makes the logs' directories durable along with the mount's:
 // SQLite fsyncs the directory after deleting a journal under
 // synchronous=EXTRA.
 func (r *raw) FsyncDir(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 	f := r.fs
-	f.mu.Lock()
-	dbs := make([]*DB, 0, len(f.dbs))
-	for _, d := range f.dbs {
-		dbs = append(dbs, d)
-	}
-	f.mu.Unlock()
-	for _, d := range dbs {
+	for _, d := range f.dbList() {
 		if err := d.log.Sync(context.Background()); err != nil {
 			f.Logger.Error("fsync directory", "db", d.Name, "err", err)
 			return fuse.EIO
