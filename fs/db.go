@@ -93,7 +93,7 @@ type walState struct {
 	valid     bool             // hdr holds a header written in this WAL generation
 	committed map[uint32]int64 // page → offset of its latest committed frame
 	mxFrame   int64            // frames up to the last commit
-	scanned   int64            // frames examined for commits
+	pgnos     []uint32         // page of each frame examined since the last commit (0: not of this WAL)
 }
 
 func (d *DB) path(name string) string { return filepath.Join(d.dir, name) }
@@ -106,9 +106,12 @@ func (d *DB) Log() *ltx.Log { return d.log }
 func (d *DB) resetWAL() {
 	d.wal.committed = map[uint32]int64{}
 	d.wal.mxFrame = 0
-	d.wal.scanned = 0
+	d.wal.pgnos = d.wal.pgnos[:0]
 	d.dirty = d.dirty[:0]
 }
+
+// scanned is the number of frames examined for commits.
+func (w *walState) scanned() int64 { return w.mxFrame + int64(len(w.pgnos)) }
 
 // walActive reports whether the database has committed frames in the WAL.
 // Caller holds d.mu.
@@ -267,21 +270,27 @@ func (d *DB) writeWAL(ctx context.Context, f *os.File, data []byte, off int64) (
 		return n, err
 	}
 	h := d.wal.hdr
-	if i := (off - walHeaderSize) / h.frameSize(); i < d.wal.scanned {
-		d.wal.scanned = max(i, d.wal.mxFrame)
+	if i := (off - walHeaderSize) / h.frameSize(); i < d.wal.scanned() {
+		d.wal.pgnos = d.wal.pgnos[:max(i-d.wal.mxFrame, 0)]
 	}
 	end := off + int64(n)
 	b := make([]byte, walFrameHeaderSize)
-	for ; h.frameOffset(d.wal.scanned+1) <= end; d.wal.scanned++ {
-		i := d.wal.scanned
+	for i := d.wal.scanned(); h.frameOffset(i+1) <= end; i++ {
 		if _, err := d.wal.file.ReadAt(b, h.frameOffset(i)); err != nil {
 			return 0, fmt.Errorf("read WAL frame %d: %w", i, err)
 		}
 		fh := parseWALFrameHeader(b)
-		if fh.commit == 0 || fh.salt1 != h.salt1 || fh.salt2 != h.salt2 {
+		pgno := fh.pgno
+		if fh.salt1 != h.salt1 || fh.salt2 != h.salt2 {
+			pgno = 0 // not a frame of this WAL
+		}
+		d.wal.pgnos = append(d.wal.pgnos, pgno)
+		if fh.commit == 0 || pgno == 0 {
 			continue
 		}
-		if err := d.committedWAL(ctx, i); err != nil {
+		if err := d.committedWAL(ctx, fh.commit); err != nil {
+			// Examine the commit frame again if SQLite writes it again.
+			d.wal.pgnos = d.wal.pgnos[:len(d.wal.pgnos)-1]
 			return 0, err
 		}
 	}
@@ -296,23 +305,46 @@ type walCommit struct {
 	time   time.Time // when SQLite committed it
 }
 
+// newWALCommit describes the transaction in frames first to last of the
+// current WAL. Caller holds d.mu.
+func (d *DB) newWALCommit(first, last int64, commit uint32, frames map[uint32]int64) walCommit {
+	h := d.wal.hdr
+	return walCommit{
+		frames: frames,
+		commit: commit,
+		time:   time.Now(),
+		seg: ltx.WALSegment{
+			Offset: h.frameOffset(first),
+			Size:   (last - first + 1) * h.frameSize(),
+			Salt1:  h.salt1,
+			Salt2:  h.salt2,
+		},
+	}
+}
+
 // maxQueue bounds the WAL transactions waiting for their LTX files; a
 // writer that gets this far ahead waits.
 const maxQueue = 1024
 
-// committedWAL takes the transaction whose commit frame, frame c, SQLite
-// has just written. It is queued for the worker, which writes its LTX file
-// off the app's commit path: until the WAL is reset, the frames are the
-// transaction's durable copy. The first transaction of a log, which holds
-// every page, is recorded at once. Caller holds d.mu.
-func (d *DB) committedWAL(ctx context.Context, c int64) error {
-	tx, err := d.walTxAt(c)
-	if err != nil {
-		return err
+// committedWAL takes the transaction whose commit frame SQLite has just
+// written, the last of the frames examined since the previous commit. It is
+// queued for the worker, which writes its LTX file off the app's commit
+// path: until the WAL is reset, the frames are the transaction's durable
+// copy. The first transaction of a log, which holds every page, is
+// recorded at once. Caller holds d.mu.
+func (d *DB) committedWAL(ctx context.Context, commit uint32) error {
+	h := d.wal.hdr
+	first := d.wal.mxFrame
+	frames := make(map[uint32]int64, len(d.wal.pgnos))
+	for k, pgno := range d.wal.pgnos {
+		if pgno == 0 {
+			return fmt.Errorf("database %s: WAL frame %d does not belong to the current WAL", d.Name, first+int64(k))
+		}
+		frames[pgno] = h.frameOffset(first + int64(k))
 	}
-	d.wal.mxFrame = c + 1
-	d.wal.scanned = max(d.wal.scanned, c+1)
-	if d.log.Pos().TXID == 0 || d.wal.hdr.pageSize != d.pageSize {
+	last := first + int64(len(d.wal.pgnos)) - 1
+	tx := d.newWALCommit(first, last, commit, frames)
+	if d.log.Pos().TXID == 0 || h.pageSize != d.pageSize {
 		if err := d.drain(); err != nil {
 			return err
 		}
@@ -320,47 +352,18 @@ func (d *DB) committedWAL(ctx context.Context, c int64) error {
 			return err
 		}
 		d.loggedWALTx(tx)
-		return nil
+	} else {
+		// Wait for room, even while the worker is failing: the frames are
+		// on disk, so failing this write would leave SQLite a commit it
+		// would find again in recovery.
+		for len(d.queue) >= maxQueue {
+			d.cond.Wait()
+		}
+		d.queue = append(d.queue, tx)
+		d.cond.Broadcast()
 	}
-	// Wait for room, even while the worker is failing: the frames are on
-	// disk, so failing this write would leave SQLite a commit it would
-	// find again in recovery.
-	for len(d.queue) >= maxQueue {
-		d.cond.Wait()
-	}
-	d.queue = append(d.queue, tx)
-	d.cond.Broadcast()
+	d.wal.mxFrame, d.wal.pgnos = last+1, d.wal.pgnos[:0]
 	return nil
-}
-
-// walTxAt reads the frame headers of the transaction whose commit frame is
-// frame c: the frames from the last commit to c. Caller holds d.mu.
-func (d *DB) walTxAt(c int64) (walCommit, error) {
-	h := d.wal.hdr
-	first := d.wal.mxFrame
-	tx := walCommit{
-		time:   time.Now(),
-		frames: map[uint32]int64{},
-		seg: ltx.WALSegment{
-			Offset: h.frameOffset(first),
-			Size:   (c - first + 1) * h.frameSize(),
-			Salt1:  h.salt1,
-			Salt2:  h.salt2,
-		},
-	}
-	b := make([]byte, walFrameHeaderSize)
-	for i := first; i <= c; i++ {
-		off := h.frameOffset(i)
-		if _, err := d.wal.file.ReadAt(b, off); err != nil {
-			return tx, fmt.Errorf("database %s: read WAL frame %d: %w", d.Name, i, err)
-		}
-		fh := parseWALFrameHeader(b)
-		if fh.salt1 != h.salt1 || fh.salt2 != h.salt2 || fh.pgno == 0 {
-			return tx, fmt.Errorf("database %s: WAL frame %d does not belong to the current WAL", d.Name, i)
-		}
-		tx.frames[fh.pgno], tx.commit = off, fh.commit
-	}
-	return tx, nil
 }
 
 // logWALTx records tx in the log, reading its pages from the WAL. Either

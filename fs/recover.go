@@ -47,15 +47,12 @@ func (d *DB) recover(ctx context.Context) error {
 		return err
 	}
 	for _, wtx := range txs[logged:] {
-		tx, err := d.walTxAt(wtx.last)
-		if err == nil {
-			err = d.logWALTx(ctx, tx)
-		}
-		if err != nil {
+		tx := d.newWALCommit(wtx.first, wtx.last, wtx.commit, wtx.frames)
+		if err := d.logWALTx(ctx, tx); err != nil {
 			return fmt.Errorf("add WAL transaction to the log: %w", err)
 		}
 		d.loggedWALTx(tx)
-		d.wal.mxFrame, d.wal.scanned = wtx.last+1, wtx.last+1
+		d.wal.mxFrame = wtx.last + 1
 	}
 	if files := d.log.Files(); len(files) > 0 {
 		d.pageSize = files[len(files)-1].Header.PageSize
@@ -212,5 +209,4 @@ func (d *DB) setCommitted(txs []walTx) {
 		}
 		d.wal.mxFrame = tx.last + 1
 	}
-	d.wal.scanned = d.wal.mxFrame
 }
