@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -60,10 +61,13 @@ type DB struct {
 	log    *ltx.Log
 	logger *slog.Logger
 
-	mu       sync.Mutex // guards the fields below and orders writes to the backing files
-	cond     *sync.Cond // on mu: the queue or the worker's state changed
-	file     *os.File   // the backing database file, for reading pages
-	dirty    []span     // byte ranges of the database file written since the last commit
+	mu    sync.Mutex // guards the fields below and orders writes to the backing files
+	cond  *sync.Cond // on mu: the queue or the worker's state changed
+	file  *os.File   // the backing database file, for reading pages
+	dirty []span     // byte ranges of the database file written since the last commit
+	// hasDirty is whether dirty is not empty, readable without mu: every
+	// unlock of the database file asks, and readers unlock all the time.
+	hasDirty atomic.Bool
 	wal      walState
 	pageSize uint32      // page size of the log's last transaction
 	queue    []walCommit // WAL transactions whose LTX files the worker has yet to write
@@ -107,7 +111,7 @@ func (d *DB) resetWAL() {
 	d.wal.committed = map[uint32]int64{}
 	d.wal.mxFrame = 0
 	d.wal.pgnos = d.wal.pgnos[:0]
-	d.dirty = d.dirty[:0]
+	d.clearDirty()
 }
 
 // scanned is the number of frames examined for commits.
@@ -137,11 +141,18 @@ func (d *DB) writeDatabase(f *os.File, data []byte, off int64) (int, error) {
 }
 
 func (d *DB) addDirty(s span) {
+	d.hasDirty.Store(true)
 	if k := len(d.dirty); k > 0 && d.dirty[k-1].end == s.off {
 		d.dirty[k-1].end = s.end
 		return
 	}
 	d.dirty = append(d.dirty, s)
+}
+
+// clearDirty forgets the recorded writes. Caller holds d.mu.
+func (d *DB) clearDirty() {
+	d.dirty = d.dirty[:0]
+	d.hasDirty.Store(false)
 }
 
 // writeJournal writes data at off in the rollback journal through f. A
@@ -195,7 +206,7 @@ func (d *DB) commitRollback(ctx context.Context) error {
 		return err
 	}
 	if fi.Size() == 0 {
-		d.dirty = d.dirty[:0]
+		d.clearDirty()
 		return nil
 	}
 	pageSize, err := ltx.ReadPageSize(d.file)
@@ -228,7 +239,7 @@ func (d *DB) commitRollback(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	d.dirty = d.dirty[:0]
+	d.clearDirty()
 	d.pageSize = pageSize
 	if info != nil {
 		d.logger.Debug("commit", "txid", info.Header.MaxTXID, "pages", len(pgnos), "commit", info.Header.Commit)

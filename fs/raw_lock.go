@@ -74,7 +74,7 @@ func (r *raw) setLk(cancel <-chan struct{}, in *fuse.LkIn, wait bool) fuse.Statu
 	if errno != 0 {
 		return fuse.Status(errno)
 	}
-	if n.kind == kindDB && !flock && in.Lk.Typ != syscall.F_WRLCK {
+	if n.kind == kindDB && !flock && in.Lk.Typ == syscall.F_UNLCK {
 		r.afterUnlock(n.db)
 	}
 	return fuse.OK
@@ -83,6 +83,9 @@ func (r *raw) setLk(cancel <-chan struct{}, in *fuse.LkIn, wait bool) fuse.Statu
 // afterUnlock lets capture see the end of a transaction that no journal
 // marks (journal_mode=OFF or MEMORY).
 func (r *raw) afterUnlock(d *DB) {
+	if !d.hasDirty.Load() {
+		return // nothing written: the common case, a reader unlocking
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if err := d.unlocked(context.Background()); err != nil {
