@@ -1,6 +1,7 @@
 package fs
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -160,7 +161,7 @@ func (d *DB) clearDirty() {
 // locking mode): the transaction is committed to the log first.
 // Caller holds d.mu.
 func (d *DB) writeJournal(ctx context.Context, f *os.File, data []byte, off int64) (int, error) {
-	if off == 0 && len(data) >= len(journalMagic) && isZero(data[:len(journalMagic)]) {
+	if off == 0 && len(data) >= len(journalMagic) && binary.BigEndian.Uint64(data) == 0 {
 		if err := d.commitRollback(ctx); err != nil {
 			return 0, err
 		}
@@ -209,13 +210,9 @@ func (d *DB) commitRollback(ctx context.Context) error {
 		d.clearDirty()
 		return nil
 	}
-	pageSize, err := ltx.ReadPageSize(d.file)
+	pageSize, commit, err := databaseSize(d.file, fi.Size())
 	if err != nil {
 		return fmt.Errorf("database %s: %w", d.Name, err)
-	}
-	commit, err := databaseSize(d.file, fi.Size(), pageSize)
-	if err != nil {
-		return err
 	}
 	var pgnos []uint32
 	ps := int64(pageSize)
@@ -564,29 +561,29 @@ func (v walView) Size() (int64, error) {
 	if err != nil || fi.Size() == 0 {
 		return 0, err
 	}
-	pageSize, err := ltx.ReadPageSize(d.file)
-	if err != nil {
-		return 0, err
-	}
-	pages, err := databaseSize(d.file, fi.Size(), pageSize)
+	pageSize, pages, err := databaseSize(d.file, fi.Size())
 	return int64(pages) * int64(pageSize), err
 }
 
-// databaseSize returns the size in pages of the database in f, of size
-// bytes: the size in its header when the header says it is valid (SQLite
-// truncates a shrunk file only after the commit point), else the file's.
-func databaseSize(f io.ReaderAt, size int64, pageSize uint32) (uint32, error) {
+// databaseSize reads the header of the database in f, of size bytes, and
+// returns its page size and its size in pages: the size in the header when
+// the header says it is valid (SQLite truncates a shrunk file only after
+// the commit point), else the file's.
+func databaseSize(f io.ReaderAt, size int64) (pageSize, pages uint32, err error) {
 	var hdr [100]byte
 	if _, err := f.ReadAt(hdr[:], 0); err != nil {
-		return 0, fmt.Errorf("read database header: %w", err)
+		return 0, 0, fmt.Errorf("read database header: %w", err)
 	}
-	pages := uint32(size / int64(pageSize))
+	if pageSize, err = ltx.ReadPageSize(bytes.NewReader(hdr[:])); err != nil {
+		return 0, 0, err
+	}
+	pages = uint32(size / int64(pageSize))
 	inHeader := binary.BigEndian.Uint32(hdr[28:])
 	valid := binary.BigEndian.Uint32(hdr[24:]) == binary.BigEndian.Uint32(hdr[92:])
 	if valid && inHeader != 0 && inHeader <= pages {
-		return inHeader, nil
+		return pageSize, inHeader, nil
 	}
-	return pages, nil
+	return pageSize, pages, nil
 }
 
 var _ ltx.Database = walView{}
@@ -641,17 +638,6 @@ func (d *DB) closeFiles() {
 		d.file = nil
 	}
 }
-
-func isZero(b []byte) bool {
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
-}
-
-var _ io.ReaderAt = walView{}
 
 // Pos returns the log's position once every transaction SQLite has
 // committed is in it (see Flush); if the worker is failing, the position

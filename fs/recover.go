@@ -32,7 +32,11 @@ func (d *DB) recover(ctx context.Context) error {
 		return err
 	}
 	d.file = file
-	if err := d.recoverJournal(ctx); err != nil {
+	last, err := d.lastLogged(ctx)
+	if err != nil {
+		return err
+	}
+	if err := d.recoverJournal(last.Pos()); err != nil {
 		return err
 	}
 	if err := d.openWALFile(); err != nil {
@@ -42,10 +46,12 @@ func (d *DB) recover(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	logged, err := d.openLog(ctx, txs)
-	if err != nil {
+	logged := d.loggedWALTxs(txs, last.Header)
+	d.setCommitted(txs[:logged])
+	if err := d.log.Open(ctx); err != nil {
 		return err
 	}
+	d.pageSize = last.Header.PageSize
 	for _, wtx := range txs[logged:] {
 		tx := d.newWALCommit(wtx.first, wtx.last, wtx.commit, wtx.frames)
 		if err := d.logWALTx(ctx, tx); err != nil {
@@ -53,9 +59,6 @@ func (d *DB) recover(ctx context.Context) error {
 		}
 		d.loggedWALTx(tx)
 		d.wal.mxFrame = wtx.last + 1
-	}
-	if files := d.log.Files(); len(files) > 0 {
-		d.pageSize = files[len(files)-1].Header.PageSize
 	}
 	if n := len(txs) - logged; n > 0 {
 		if err := d.syncLog(ctx); err != nil {
@@ -66,19 +69,28 @@ func (d *DB) recover(ctx context.Context) error {
 	return nil
 }
 
-// recoverJournal deals with a hot journal.
-func (d *DB) recoverJournal(ctx context.Context) error {
+// lastLogged returns the log's last file (zero for an empty log), read
+// with the log alone, before the database is involved.
+func (d *DB) lastLogged(ctx context.Context) (ltx.FileInfo, error) {
+	l := ltx.NewLog(d.Name, d.path(logDir), "")
+	l.Logger = d.logger
+	if err := l.Open(ctx); err != nil {
+		return ltx.FileInfo{}, err
+	}
+	defer func() { _ = l.Close() }()
+	files := l.Files()
+	if len(files) == 0 {
+		return ltx.FileInfo{}, nil
+	}
+	return files[len(files)-1], nil
+}
+
+// recoverJournal deals with a hot journal, the log being at pos.
+func (d *DB) recoverJournal(pos ltx.Pos) error {
 	hot, err := isHotJournal(d.path(journalFile))
 	if err != nil || !hot {
 		return err
 	}
-	l := ltx.NewLog(d.Name, d.path(logDir), "")
-	l.Logger = d.logger
-	if err := l.Open(ctx); err != nil {
-		return err
-	}
-	pos := l.Pos()
-	_ = l.Close()
 	t, err := ltx.ReadChecksumTable(d.path(databaseFile))
 	if err != nil {
 		return err
@@ -153,51 +165,22 @@ func (d *DB) readWALFile() ([]walTx, error) {
 	return txs, nil
 }
 
-// openLog opens the log over the database as it stands after the WAL
-// transactions the log holds, and returns how many of txs that is: those
-// up to the WAL segment of the last LTX file when it is from this WAL
-// generation, else the most that make the database agree with the log.
-func (d *DB) openLog(ctx context.Context, txs []walTx) (int, error) {
-	l := ltx.NewLog(d.Name, d.path(logDir), "")
-	l.Logger = d.logger
-	if err := l.Open(ctx); err != nil {
-		return 0, err
+// loggedWALTxs returns how many of txs, the committed transactions of the
+// current WAL, the log holds: those up to the WAL segment of its last file,
+// last, when that file is from this WAL generation; none otherwise, since
+// the log is synced and the WAL checkpointed before a WAL is restarted, and
+// the newest file is never compacted. Log.Open then checks the database as
+// it stands after them against the log's position.
+func (d *DB) loggedWALTxs(txs []walTx, last ltx.Header) int {
+	if last.WALOffset == 0 || last.WALSalt1 != d.wal.hdr.salt1 || last.WALSalt2 != d.wal.hdr.salt2 {
+		return 0
 	}
-	files := l.Files()
-	_ = l.Close()
-
-	candidates := make([]int, 0, len(txs)+1)
-	if k := len(files); k > 0 {
-		h := files[k-1].Header
-		if h.WALOffset > 0 && h.WALSalt1 == d.wal.hdr.salt1 && h.WALSalt2 == d.wal.hdr.salt2 {
-			end := h.WALOffset + h.WALSize
-			n := 0
-			for n < len(txs) && d.wal.hdr.frameOffset(txs[n].last+1) <= end {
-				n++
-			}
-			candidates = append(candidates, n)
-		}
+	end := last.WALOffset + last.WALSize
+	n := 0
+	for n < len(txs) && d.wal.hdr.frameOffset(txs[n].last+1) <= end {
+		n++
 	}
-	for n := 0; n <= len(txs); n++ {
-		candidates = append(candidates, n)
-	}
-	var firstErr error
-	for _, n := range candidates {
-		d.setCommitted(txs[:n])
-		err := d.log.Open(ctx)
-		if err == nil {
-			return n, nil
-		}
-		d.logger.Debug("the log does not end after this many WAL transactions", "n", n, "of", len(txs))
-		var mismatch *ltx.DatabaseMismatchError
-		if !errors.As(err, &mismatch) || len(txs) == 0 {
-			return 0, err
-		}
-		if firstErr == nil {
-			firstErr = err
-		}
-	}
-	return 0, firstErr
+	return n
 }
 
 // setCommitted makes txs the committed WAL transactions.

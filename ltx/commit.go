@@ -158,7 +158,8 @@ func (l *Log) writeTx(ctx context.Context, tx Tx, pos Pos, table *ChecksumTable)
 	}
 	txid := pos.TXID + 1
 	w := &written{table: table}
-	if txid == 1 || tx.PageSize != table.PageSize() {
+	full := txid == 1 || tx.PageSize != table.PageSize()
+	if full {
 		w.table = NewChecksumTable(tx.PageSize)
 	}
 	pgnos, err := txPages(tx, w.table.Pages())
@@ -183,8 +184,6 @@ func (l *Log) writeTx(ctx context.Context, tx Tx, pos Pos, table *ChecksumTable)
 		WALSalt2:         tx.WAL.Salt2,
 		NodeID:           l.NodeID,
 	}
-	full := txid == 1 || tx.PageSize != table.PageSize()
-
 	var trailer ltx.Trailer
 	name := FormatName(txid, txid)
 	size, seal, err := writeFileSync(l.Dir, name, !tx.NoSync, !tx.NoSyncDir, func(out io.Writer) error {
