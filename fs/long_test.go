@@ -4,6 +4,7 @@ package fs_test
 
 import (
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/meridian-db/meridian/internal/testingutil"
@@ -22,7 +23,7 @@ func TestLong_LockPage(t *testing.T) {
 			}
 			const rowsPerTx = 16
 			for size := int64(0); size < 1<<30+64<<20; {
-				if _, err := db.Exec(`BEGIN; ` + repeat(`INSERT INTO t (b) VALUES (randomblob(1048576)); `, rowsPerTx) + `COMMIT`); err != nil {
+				if _, err := db.Exec(`BEGIN; ` + strings.Repeat(`INSERT INTO t (b) VALUES (randomblob(1048576)); `, rowsPerTx) + `COMMIT`); err != nil {
 					t.Fatal(err)
 				}
 				var pages, pageSize int64
@@ -39,12 +40,4 @@ func TestLong_LockPage(t *testing.T) {
 			t.Logf("%s: %d transactions, rebuilt byte-identical", mode, fsys.DB("big.db").Pos().TXID)
 		})
 	}
-}
-
-func repeat(s string, n int) string {
-	out := ""
-	for range n {
-		out += s
-	}
-	return out
 }
