@@ -74,13 +74,7 @@ var errUnchanged = errors.New("transaction changes nothing")
 func (l *Log) Commit(ctx context.Context, tx Tx) (*FileInfo, error) {
 	l.wmu.Lock()
 	defer l.wmu.Unlock()
-	l.mu.RLock()
-	err := l.checkOpen()
-	if err == nil && l.table == nil {
-		err = fmt.Errorf("log %s has no database to commit from", l.Dir)
-	}
-	pos, table := l.pos(), l.table
-	l.mu.RUnlock()
+	pos, table, err := l.commitState()
 	if err != nil {
 		return nil, err
 	}
@@ -91,6 +85,30 @@ func (l *Log) Commit(ctx context.Context, tx Tx) (*FileInfo, error) {
 	} else if err != nil {
 		return nil, err
 	}
+	if err := w.temp.rename(!tx.NoSync && !tx.NoSyncDir); err != nil {
+		w.temp.remove()
+		return nil, fmt.Errorf("commit txid %s to %s: %w", w.file.info.Header.MinTXID, l.Name, err)
+	}
+	return l.committed(tx, w), nil
+}
+
+// commitState returns the position and checksum table a transaction
+// commits on. Caller holds l.wmu.
+func (l *Log) commitState() (Pos, *ChecksumTable, error) {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	if err := l.checkOpen(); err != nil {
+		return Pos{}, nil, err
+	}
+	if l.table == nil {
+		return Pos{}, nil, fmt.Errorf("log %s has no database to commit from", l.Dir)
+	}
+	return l.pos(), l.table, nil
+}
+
+// committed makes w, renamed into place, part of the log. Caller holds
+// l.wmu.
+func (l *Log) committed(tx Tx, w *written) *FileInfo {
 	if tx.NoSync {
 		l.unsynced = append(l.unsynced, w.file.info.Name)
 	}
@@ -99,8 +117,65 @@ func (l *Log) Commit(ctx context.Context, tx Tx) (*FileInfo, error) {
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.install(w), nil
+	return l.install(w)
 }
+
+// Prepared is a transaction whose LTX file is written and fsynced but not
+// yet in the log: the first half of Commit, for a caller that can write the
+// file while it waits for something else (SQLite's fsync of the database
+// file) and knows only later whether the transaction commits.
+type Prepared struct {
+	l   *Log
+	tx  Tx
+	pos Pos
+	w   *written
+}
+
+// Prepare writes the LTX file of tx as Commit would, always fsynced, and
+// returns it unrenamed, or nil if tx.SkipUnchanged finds nothing changed.
+// The caller must Commit or Abort it. The log is not held meanwhile;
+// Commit fails if another transaction was committed since.
+func (l *Log) Prepare(ctx context.Context, tx Tx) (*Prepared, error) {
+	l.wmu.Lock()
+	defer l.wmu.Unlock()
+	pos, table, err := l.commitState()
+	if err != nil {
+		return nil, err
+	}
+	tx.NoSync = false
+	w, err := l.writeTx(ctx, tx, pos, table)
+	if errors.Is(err, errUnchanged) {
+		return nil, nil
+	} else if err != nil {
+		return nil, err
+	}
+	return &Prepared{l: l, tx: tx, pos: pos, w: w}, nil
+}
+
+// Info describes the prepared file.
+func (p *Prepared) Info() FileInfo { return p.w.file.info }
+
+// Commit puts the prepared file in the log, as the next transaction.
+func (p *Prepared) Commit() (*FileInfo, error) {
+	l := p.l
+	l.wmu.Lock()
+	defer l.wmu.Unlock()
+	pos, _, err := l.commitState()
+	if err == nil && pos != p.pos {
+		err = fmt.Errorf("commit to %s: prepared at %s, the log is at %s", l.Name, p.pos, pos)
+	}
+	if err == nil {
+		err = p.w.temp.rename(!p.tx.NoSyncDir)
+	}
+	if err != nil {
+		p.w.temp.remove()
+		return nil, err
+	}
+	return l.committed(p.tx, p.w), nil
+}
+
+// Abort discards the prepared file.
+func (p *Prepared) Abort() { p.w.temp.remove() }
 
 // Sync makes every file committed with NoSync durable: it fsyncs each, then
 // the directory. Commits wait meanwhile.
@@ -141,6 +216,7 @@ const syncfsFiles = 16
 
 // written is an LTX file on disk that is not yet part of the log.
 type written struct {
+	temp    *tempFile // the file, not yet under its name
 	file    *logFile
 	table   *ChecksumTable // table to apply changes to (a new one on a full rewrite)
 	changes []pageSum
@@ -186,7 +262,7 @@ func (l *Log) writeTx(ctx context.Context, tx Tx, pos Pos, table *ChecksumTable)
 	}
 	var trailer ltx.Trailer
 	name := FormatName(txid, txid)
-	size, seal, err := writeFileSync(l.Dir, name, !tx.NoSync, !tx.NoSyncDir, func(out io.Writer) error {
+	temp, err := writeTemp(l.Dir, name, !tx.NoSync, l.Spares, func(out io.Writer) error {
 		enc, err := ltx.NewEncoder(out)
 		if err != nil {
 			return err
@@ -225,13 +301,14 @@ func (l *Log) writeTx(ctx context.Context, tx Tx, pos Pos, table *ChecksumTable)
 	} else if err != nil {
 		return nil, fmt.Errorf("commit txid %s to %s: %w", txid, l.Name, err)
 	}
+	w.temp = temp
 	w.file = &logFile{info: FileInfo{
 		Name:              name,
 		Header:            hdr,
 		PostApplyChecksum: trailer.PostApplyChecksum,
 		FileChecksum:      trailer.FileChecksum,
-		Size:              size,
-		Seal:              seal,
+		Size:              temp.size,
+		Seal:              temp.seal,
 	}}
 	return w, nil
 }

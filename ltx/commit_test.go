@@ -5,7 +5,9 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
+	"time"
 
 	"github.com/meridian-db/meridian/internal/testingutil"
 	"github.com/meridian-db/meridian/ltx"
@@ -131,5 +133,86 @@ func TestLog_Open_Database(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, ltx.FormatName(1, 1))); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestLog_Prepare checks the two halves of a commit: a prepared file is in
+// the log only once committed, an aborted one leaves nothing, and one
+// prepared before another commit is refused.
+func TestLog_Prepare(t *testing.T) {
+	dir := t.TempDir()
+	d := newFakeDB(t, dir, 3)
+	t0 := time.Date(2026, 3, 4, 5, 6, 7, 0, time.UTC)
+	d.run(2, t0, nil)
+	ctx := context.Background()
+	before := d.log.Pos()
+	names := func() []string {
+		entries, err := os.ReadDir(d.log.Dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, e := range entries {
+			out = append(out, e.Name())
+		}
+		return out
+	}
+	ltxNames := func() []string {
+		return slices.DeleteFunc(names(), func(n string) bool { return filepath.Ext(n) != ".ltx" })
+	}
+	files := names()
+
+	tx := func() ltx.Tx {
+		pgnos := d.step()
+		return ltx.Tx{DB: bytes.NewReader(d.data), PageSize: d.pageSize, Commit: uint32(len(d.data)) / d.pageSize, Pgnos: pgnos, Timestamp: t0, SkipUnchanged: true}
+	}
+	p, err := d.log.Prepare(ctx, tx())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.log.Pos() != before || !slices.Equal(ltxNames(), files) {
+		t.Fatalf("prepared: log at %s with files %v, want %s and %v", d.log.Pos(), ltxNames(), before, files)
+	}
+	p.Abort()
+	if d.log.Pos() != before || !slices.Equal(names(), files) {
+		t.Fatalf("aborted: log at %s with files %v, want %s and %v", d.log.Pos(), names(), before, files)
+	}
+
+	p, err = d.log.Prepare(ctx, tx())
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := p.Commit()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Header.MinTXID != before.TXID+1 || d.log.Pos() != info.Pos() || info.Name != p.Info().Name {
+		t.Fatalf("committed %s at %s; log at %s, was at %s", info.Name, info.Pos(), d.log.Pos(), before)
+	}
+	if got, err := ltx.VerifyFile(filepath.Join(d.log.Dir, info.Name)); err != nil || got.FileChecksum != info.FileChecksum {
+		t.Fatalf("committed file does not verify: %v", err)
+	}
+
+	// Prepared, then overtaken by a commit.
+	stale, err := d.log.Prepare(ctx, tx())
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.commit(d.step(), t0)
+	at := d.log.Pos()
+	if _, err := stale.Commit(); err == nil {
+		t.Fatal("a file prepared before another commit was committed")
+	}
+	if d.log.Pos() != at {
+		t.Fatalf("refused commit moved the log from %s to %s", at, d.log.Pos())
+	}
+
+	// Nothing changed: nothing prepared.
+	same := ltx.Tx{DB: bytes.NewReader(d.data), PageSize: d.pageSize, Commit: uint32(len(d.data)) / d.pageSize, Pgnos: []uint32{2}, SkipUnchanged: true}
+	if p, err := d.log.Prepare(ctx, same); err != nil || p != nil {
+		t.Fatalf("unchanged transaction prepared: %v, %v", p, err)
+	}
+	if n := len(names()); n != len(d.log.Files()) {
+		t.Fatalf("%d files in the directory, %d in the log", n, len(d.log.Files()))
 	}
 }

@@ -65,7 +65,7 @@ func (c *Cursor) Next(ctx context.Context) (*Reader, error) {
 			f := l.files[i]
 			// Open under the lock: once open, pruning or compaction cannot
 			// take the bytes away.
-			fh, err := os.Open(l.path(f.info.Name))
+			fh, err := l.open(f)
 			l.mu.RUnlock()
 			if err != nil {
 				return nil, fmt.Errorf("open %s: %w", f.info.Name, err)
@@ -150,7 +150,7 @@ type Reader struct {
 	Info FileInfo
 
 	vr *VerifyReader
-	f  *os.File
+	f  io.Closer
 }
 
 // newReader serves f to a reader at pos. If pos is inside the file, the file
@@ -158,7 +158,7 @@ type Reader struct {
 // every page its transactions changed, so writing all of them over the
 // database as it was at any position inside the range yields the state at
 // its end.
-func newReader(f *os.File, info FileInfo, pos Pos, tmpDir string) (*Reader, error) {
+func newReader(f *openFile, info FileInfo, pos Pos, tmpDir string) (*Reader, error) {
 	if info.PreApplyPos() == pos {
 		return &Reader{Info: info, vr: NewVerifyReader(f, info.Seal), f: f}, nil
 	}

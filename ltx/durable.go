@@ -24,17 +24,44 @@ var failpoint = func(name string) {}
 // temporary file is removed and dir is left as it was. It returns the file
 // size and seal.
 func writeFile(dir, name string, write func(w io.Writer) error) (size int64, seal Checksum, err error) {
-	return writeFileSync(dir, name, true, true, write)
+	return writeFileSync(dir, name, true, true, nil, write)
 }
 
 // writeFileSync is writeFile that skips the file's fsync unless sync and
 // the directory's unless syncDir: the file appears whole under its name (it
 // is renamed only once written and sealed) but may not survive a power
-// failure until the caller fsyncs what was skipped.
-func writeFileSync(dir, name string, sync, syncDir bool, write func(w io.Writer) error) (size int64, seal Checksum, err error) {
-	f, err := createTemp(dir, name)
+// failure until the caller fsyncs what was skipped. A file from spares, if
+// there is one, is written over instead of creating one.
+func writeFileSync(dir, name string, sync, syncDir bool, spares *Spares, write func(w io.Writer) error) (size int64, seal Checksum, err error) {
+	t, err := writeTemp(dir, name, sync, spares, write)
 	if err != nil {
 		return 0, 0, err
+	}
+	if err := t.rename(sync && syncDir); err != nil {
+		t.remove()
+		return 0, 0, err
+	}
+	return t.size, t.seal, nil
+}
+
+// tempFile is a file written, sealed and closed under a temporary name,
+// to be renamed to its own.
+type tempFile struct {
+	dir, name string // where it goes
+	tmp       string // where it is
+	size      int64
+	seal      Checksum
+}
+
+// writeTemp is the first half of writeFileSync: it writes the file under a
+// temporary name, fsynced if sync.
+func writeTemp(dir, name string, sync bool, spares *Spares, write func(w io.Writer) error) (t *tempFile, err error) {
+	f, err := openSpare(spares)
+	if f == nil && err == nil {
+		f, err = createTemp(dir, name)
+	}
+	if err != nil {
+		return nil, err
 	}
 	tmp := f.Name()
 	defer func() {
@@ -52,41 +79,69 @@ func writeFileSync(dir, name string, sync, syncDir bool, write func(w io.Writer)
 	}()
 	h := newSealHash()
 	if err := write(io.MultiWriter(bw, h)); err != nil {
-		return 0, 0, diskError("write", tmp, err)
+		return nil, diskError("write", tmp, err)
 	}
 	if err := bw.Flush(); err != nil {
-		return 0, 0, diskError("write", tmp, err)
+		return nil, diskError("write", tmp, err)
+	}
+	// A spare may have been longer.
+	written, err := f.Seek(0, io.SeekCurrent)
+	if err == nil {
+		err = f.Truncate(written)
+	}
+	if err != nil {
+		return nil, diskError("write", tmp, err)
 	}
 	failpoint("write")
-	seal = sealValue(h)
+	seal := sealValue(h)
 	if err := writeSeal(f, seal); err != nil {
-		return 0, 0, diskError("seal", tmp, err)
+		return nil, diskError("seal", tmp, err)
 	}
 	failpoint("seal")
 	if sync {
 		if err := f.Sync(); err != nil {
-			return 0, 0, diskError("sync", tmp, err)
+			return nil, diskError("sync", tmp, err)
 		}
 		failpoint("sync")
 	}
-	fi, err := f.Stat()
-	if err != nil {
-		return 0, 0, err
-	}
 	if err := f.Close(); err != nil {
-		return 0, 0, diskError("close", tmp, err)
+		return nil, diskError("close", tmp, err)
 	}
-	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
-		return 0, 0, err
+	return &tempFile{dir: dir, name: name, tmp: tmp, size: written, seal: seal}, nil
+}
+
+// rename gives t its name, then fsyncs the directory if syncDir.
+func (t *tempFile) rename(syncDir bool) error {
+	if err := os.Rename(t.tmp, filepath.Join(t.dir, t.name)); err != nil {
+		return err
 	}
 	failpoint("rename")
-	if sync && syncDir {
-		if err := syncDirectory(dir); err != nil {
-			return 0, 0, err
+	if syncDir {
+		if err := syncDirectory(t.dir); err != nil {
+			return err
 		}
 		failpoint("syncdir")
 	}
-	return fi.Size(), seal, nil
+	return nil
+}
+
+// remove deletes a file that will not be renamed.
+func (t *tempFile) remove() { _ = os.Remove(t.tmp) }
+
+// openSpare opens a file from spares for writing over, or returns nil if
+// there is none.
+func openSpare(spares *Spares) (*os.File, error) {
+	for {
+		path := spares.Take()
+		if path == "" {
+			return nil, nil
+		}
+		f, err := os.OpenFile(path, os.O_WRONLY, 0)
+		if errors.Is(err, os.ErrNotExist) {
+			continue // removed by hand
+		}
+		return f, err
+	}
 }
 
 // writerPool holds write buffers for writeFile: one per file written would

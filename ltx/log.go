@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -57,6 +58,12 @@ type Log struct {
 
 	Logger *slog.Logger
 
+	// Spares, if set, recycles files: new files are written over spares
+	// and removed files become spares, unless a reader has them open.
+	Spares *Spares
+
+	readers atomic.Int32 // files open for reading
+
 	wmu      sync.Mutex // held by Open, Commit and Sync
 	unsynced []string   // files committed with NoSync; guarded by wmu
 	// dirUnsynced: files were renamed into Dir without a directory fsync
@@ -79,6 +86,45 @@ type logFile struct {
 	// positions holds the checksum after each TXID in the file when a
 	// sidecar recorded them (compacted files); nil otherwise.
 	positions []Checksum
+	// readers counts the open readers of the file: one that is removed
+	// while read is deleted, never recycled as a spare.
+	readers atomic.Int32
+}
+
+// open opens f for reading. Caller holds l.mu while f is in l.files, so
+// that a removal sees the reader.
+func (l *Log) open(f *logFile) (*openFile, error) {
+	f.readers.Add(1)
+	l.readers.Add(1)
+	fh, err := os.Open(l.path(f.info.Name))
+	if err != nil {
+		f.readers.Add(-1)
+		l.readers.Add(-1)
+		return nil, err
+	}
+	return &openFile{File: fh, lf: f, l: l}, nil
+}
+
+// Readers returns the number of the log's files open for reading through
+// it, removed ones included until they are closed.
+func (l *Log) Readers() int { return int(l.readers.Load()) }
+
+// openFile is a file of the log open for reading.
+type openFile struct {
+	*os.File
+	lf   *logFile
+	l    *Log
+	once sync.Once
+}
+
+// Close closes the file and counts its reader out.
+func (f *openFile) Close() error {
+	err := f.File.Close()
+	f.once.Do(func() {
+		f.lf.readers.Add(-1)
+		f.l.readers.Add(-1)
+	})
+	return err
 }
 
 // NewLog returns a log of the database name, kept in dir, describing the
@@ -295,7 +341,7 @@ func (l *Log) removeSuperseded(files []*logFile) ([]*logFile, error) {
 				}
 				verified = cover
 			}
-			if err := l.removeFile(f.info.Name); err != nil {
+			if err := l.removeFile(f); err != nil {
 				return nil, err
 			}
 			l.Logger.Info("removed file superseded by a compacted file", "db", l.Name, "file", f.info.Name, "by", cover.info.Name)
@@ -453,9 +499,15 @@ func (l *Log) quarantine(name string) error {
 	return nil
 }
 
-// removeFile removes an LTX file and its sidecar, if any.
-func (l *Log) removeFile(name string) error {
-	if err := os.Remove(l.path(name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+// removeFile removes an LTX file and its sidecar, if any. The file becomes
+// a spare if nobody reads it. Caller has taken f out of l.files.
+func (l *Log) removeFile(f *logFile) error {
+	name := f.info.Name
+	spares := l.Spares
+	if f.readers.Load() > 0 {
+		spares = nil
+	}
+	if err := spares.Put(l.path(name)); err != nil {
 		return err
 	}
 	if err := os.Remove(l.path(posName(name))); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -503,6 +555,11 @@ func (l *Log) bootstrap(ctx context.Context) error {
 		db = f
 	}
 	w, err := l.writeTx(ctx, Tx{DB: db, PageSize: l.table.PageSize(), Commit: l.table.Pages()}, Pos{}, l.table)
+	if err == nil {
+		if err = w.temp.rename(true); err != nil {
+			w.temp.remove()
+		}
+	}
 	if err != nil {
 		return fmt.Errorf("start log from existing database: %w", err)
 	}

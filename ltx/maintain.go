@@ -45,7 +45,7 @@ func (l *Log) Prune(ctx context.Context, acked TXID, now time.Time) (int, error)
 	// Out of the list first, so no cursor opens them; then off the disk,
 	// oldest first, so a crash leaves a log with no gap.
 	for _, f := range removed {
-		if err := l.removeFile(f.info.Name); err != nil {
+		if err := l.removeFile(f); err != nil {
 			return 0, fmt.Errorf("prune %s: %w", f.info.Name, err)
 		}
 		failpoint("prune")
@@ -96,7 +96,7 @@ func (l *Log) Compact(ctx context.Context, before time.Time) (int, error) {
 		l.mu.Unlock()
 		failpoint("compact")
 		for _, f := range g {
-			if err := l.removeFile(f.info.Name); err != nil {
+			if err := l.removeFile(f); err != nil {
 				return merged, err
 			}
 			failpoint("compact-remove")
@@ -166,7 +166,7 @@ func (l *Log) compactGroup(ctx context.Context, g []*logFile) (*logFile, error) 
 
 	rdrs := make([]io.Reader, len(g))
 	for i, f := range g {
-		fh, err := os.Open(l.path(f.info.Name))
+		fh, err := l.open(f)
 		if err != nil {
 			_ = os.Remove(l.path(posName(name)))
 			return nil, err

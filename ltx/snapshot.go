@@ -278,7 +278,7 @@ func (l *Log) Restore(ctx context.Context, dst string) (Pos, error) {
 	}
 	var rdrs []io.Reader
 	for _, f := range l.files {
-		fh, err := os.Open(l.path(f.info.Name))
+		fh, err := l.open(f)
 		if err != nil {
 			l.mu.RUnlock()
 			return Pos{}, err
