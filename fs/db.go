@@ -69,15 +69,25 @@ type DB struct {
 	// hasDirty is whether dirty is not empty, readable without mu: every
 	// unlock of the database file asks, and readers unlock all the time.
 	hasDirty atomic.Bool
-	wal      walState
-	pageSize uint32      // page size of the log's last transaction
-	queue    []walCommit // WAL transactions whose LTX files the worker has yet to write
-	busy     bool        // the worker is writing queue[0]
-	werr     error       // why the worker's last attempt failed
-	failures int         // attempts that failed
-	kick     bool        // retry now
-	stopping bool
-	done     sync.WaitGroup // the worker
+	dirtyGen uint64 // counts writes to dirty
+	// prepared is the LTX file of the pages in dirty, written when SQLite
+	// fsynced the database file, if dirty has not changed since
+	// (preparedGen).
+	prepared    *ltx.Prepared
+	preparedGen uint64
+	wal         walState
+	pageSize    uint32      // page size of the log's last transaction
+	queue       []walCommit // WAL transactions whose LTX files the worker has yet to write
+	busy        bool        // the worker is writing queue[0]
+	werr        error       // why the worker's last attempt failed
+	failures    int         // attempts that failed
+	kick        bool        // retry now
+	stopping    bool
+	done        sync.WaitGroup // the worker
+
+	// dirDirty: a file was created or deleted in dir since it was last
+	// fsynced.
+	dirDirty atomic.Bool
 }
 
 // minPageSize is SQLite's smallest page size: it writes the database file
@@ -143,6 +153,7 @@ func (d *DB) writeDatabase(f *os.File, data []byte, off int64) (int, error) {
 
 func (d *DB) addDirty(s span) {
 	d.hasDirty.Store(true)
+	d.dirtyGen++
 	if k := len(d.dirty); k > 0 && d.dirty[k-1].end == s.off {
 		d.dirty[k-1].end = s.end
 		return
@@ -154,6 +165,10 @@ func (d *DB) addDirty(s span) {
 func (d *DB) clearDirty() {
 	d.dirty = d.dirty[:0]
 	d.hasDirty.Store(false)
+	if d.prepared != nil {
+		d.prepared.Abort()
+		d.prepared = nil
+	}
 }
 
 // writeJournal writes data at off in the rollback journal through f. A
@@ -194,7 +209,8 @@ func (d *DB) unlocked(ctx context.Context) error {
 
 // commitRollback records the pages written to the database file since the
 // last commit as one transaction, unless they were written back unchanged
-// (a rollback). Caller holds d.mu.
+// (a rollback). Its LTX file may have been prepared when SQLite fsynced
+// the database file. Caller holds d.mu.
 func (d *DB) commitRollback(ctx context.Context) error {
 	if len(d.dirty) == 0 {
 		return nil
@@ -202,17 +218,53 @@ func (d *DB) commitRollback(ctx context.Context) error {
 	if err := d.drain(); err != nil {
 		return err
 	}
-	fi, err := d.file.Stat()
+	if p := d.prepared; p != nil && d.preparedGen == d.dirtyGen {
+		d.prepared = nil
+		info, err := p.Commit()
+		if err == nil {
+			d.committedRollback(info)
+			return nil
+		}
+		d.logger.Warn("prepared LTX file not committed; writing it again", "err", err)
+	}
+	tx, ok, err := d.rollbackTx()
+	if err != nil || !ok {
+		return err
+	}
+	info, err := d.log.Commit(ctx, tx)
 	if err != nil {
 		return err
 	}
+	d.committedRollback(info)
+	return nil
+}
+
+// committedRollback records that the pages written since the last commit
+// are in the log as info, or were unchanged if info is nil. Caller holds
+// d.mu.
+func (d *DB) committedRollback(info *ltx.FileInfo) {
+	d.clearDirty()
+	if info != nil {
+		d.pageSize = info.Header.PageSize
+		d.logger.Debug("commit", "txid", info.Header.MaxTXID, "pages", info.Header.Commit)
+	}
+}
+
+// rollbackTx describes the transaction made of the pages written to the
+// database file since the last commit; ok is false if the file is empty
+// (nothing to record). Caller holds d.mu.
+func (d *DB) rollbackTx() (tx ltx.Tx, ok bool, err error) {
+	fi, err := d.file.Stat()
+	if err != nil {
+		return tx, false, err
+	}
 	if fi.Size() == 0 {
 		d.clearDirty()
-		return nil
+		return tx, false, nil
 	}
 	pageSize, commit, err := databaseSize(d.file, fi.Size())
 	if err != nil {
-		return fmt.Errorf("database %s: %w", d.Name, err)
+		return tx, false, fmt.Errorf("database %s: %w", d.Name, err)
 	}
 	var pgnos []uint32
 	ps := int64(pageSize)
@@ -221,7 +273,7 @@ func (d *DB) commitRollback(ctx context.Context) error {
 			pgnos = append(pgnos, uint32(p+1))
 		}
 	}
-	info, err := d.log.Commit(ctx, ltx.Tx{
+	return ltx.Tx{
 		DB:            d.file,
 		PageSize:      pageSize,
 		Commit:        commit,
@@ -232,16 +284,55 @@ func (d *DB) commitRollback(ctx context.Context) error {
 		// after deleting the journal under synchronous=FULL. Under EXTRA
 		// it does, and FsyncDir syncs the log's directory then.
 		NoSyncDir: true,
-	})
-	if err != nil {
-		return err
+	}, true, nil
+}
+
+// syncDatabase fsyncs the database file through f, as SQLite asks once it
+// has written a transaction's pages and before it deletes (or truncates,
+// or zeroes) the journal. In a rollback-journal mode the transaction's LTX
+// file is written and fsynced meanwhile, to be renamed into the log at the
+// commit point; if the transaction goes on writing instead, it is written
+// again then. Caller does not hold d.mu.
+func (d *DB) syncDatabase(f *os.File, datasync bool) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var (
+		wg       sync.WaitGroup
+		prepared *ltx.Prepared
+		perr     error
+	)
+	if d.prepared != nil && d.preparedGen != d.dirtyGen {
+		d.prepared.Abort()
+		d.prepared = nil
 	}
-	d.clearDirty()
-	d.pageSize = pageSize
-	if info != nil {
-		d.logger.Debug("commit", "txid", info.Header.MaxTXID, "pages", len(pgnos), "commit", info.Header.Commit)
+	if d.prepared == nil && len(d.dirty) > 0 && !d.walActive() && d.journalExists() && d.drain() == nil {
+		if tx, ok, err := d.rollbackTx(); err == nil && ok {
+			gen := d.dirtyGen
+			wg.Go(func() { prepared, perr = d.log.Prepare(context.Background(), tx) })
+			defer func() {
+				if prepared != nil {
+					d.prepared, d.preparedGen = prepared, gen
+				}
+			}()
+		}
 	}
-	return nil
+	var err error
+	if datasync {
+		err = syscall.Fdatasync(int(f.Fd()))
+	} else {
+		err = f.Sync()
+	}
+	wg.Wait()
+	if perr != nil {
+		d.logger.Debug("prepare LTX file at the database's fsync", "err", perr)
+	}
+	return err
+}
+
+// journalExists reports whether the database has a rollback journal.
+func (d *DB) journalExists() bool {
+	_, err := os.Lstat(d.path(journalFile))
+	return err == nil
 }
 
 // writeWAL writes data at off in the WAL through f and commits a
@@ -515,6 +606,24 @@ func (d *DB) endWAL(ctx context.Context, size int64) error {
 	return nil
 }
 
+// syncDir makes the creation and deletion of d's files durable, as an
+// fsync of the mount's directory asks: its journal, WAL and log files. The
+// two directories are synced at once.
+func (d *DB) syncDir() error {
+	var dirErr error
+	var wg sync.WaitGroup
+	if d.dirDirty.Swap(false) {
+		wg.Go(func() {
+			if dirErr = syncDir(d.dir); dirErr != nil {
+				d.dirDirty.Store(true)
+			}
+		})
+	}
+	err := d.log.Sync(context.Background())
+	wg.Wait()
+	return errors.Join(err, dirErr)
+}
+
 // syncLog makes the log's files durable. Caller holds d.mu.
 func (d *DB) syncLog(ctx context.Context) error {
 	if err := d.log.Sync(ctx); err != nil {
@@ -629,6 +738,10 @@ func (d *DB) ensureWAL() error {
 func (d *DB) closeFiles() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if d.prepared != nil {
+		d.prepared.Abort()
+		d.prepared = nil
+	}
 	if d.wal.file != nil {
 		_ = d.wal.file.Close()
 		d.wal.file = nil

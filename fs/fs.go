@@ -46,10 +46,17 @@ type FileSystem struct {
 	// only through a file descriptor on the mount.
 	KernelLocks bool
 
+	// MaxSpares bounds the spare files kept in DataDir/spare to be written
+	// over instead of created (see ltx.Spares): removed LTX files and
+	// deleted rollback journals go there, new LTX files and journals come
+	// from there. 0 keeps none.
+	MaxSpares int
+
 	Logger *slog.Logger
 	// Debug logs every FUSE request.
 	Debug bool
 
+	spares   *ltx.Spares
 	server   *fuse.Server
 	notify   sync.WaitGroup // cache notifications sent after a request
 	readOnly atomic.Bool
@@ -74,6 +81,7 @@ type FileSystem struct {
 const (
 	DefaultMaintainInterval = time.Minute
 	DefaultCompactAge       = time.Minute
+	DefaultMaxSpares        = 4096
 )
 
 // New returns a filesystem of the databases in dataDir, to be mounted at
@@ -85,6 +93,7 @@ func New(dataDir, mountDir string) *FileSystem {
 		Retention:        ltx.DefaultRetention,
 		MaintainInterval: DefaultMaintainInterval,
 		CompactAge:       DefaultCompactAge,
+		MaxSpares:        DefaultMaxSpares,
 		Logger:           slog.Default(),
 		dbs:              map[string]*DB{},
 		names:            map[string]*node{},
@@ -103,6 +112,11 @@ func (f *FileSystem) Open(ctx context.Context) error {
 	if err := os.MkdirAll(f.MountDir, 0o755); err != nil {
 		return fmt.Errorf("create mount directory: %w", err)
 	}
+	spares, err := ltx.OpenSpares(filepath.Join(f.DataDir, "spare"), f.MaxSpares)
+	if err != nil {
+		return err
+	}
+	f.spares = spares
 	entries, err := os.ReadDir(f.dbsDir())
 	if err != nil {
 		return err
@@ -339,7 +353,7 @@ func (f *FileSystem) openDB(ctx context.Context, name string) (*DB, error) {
 	d.cond = sync.NewCond(&d.mu)
 	d.resetWAL()
 	l := ltx.NewLog(name, d.path(logDir), d.path(databaseFile))
-	l.NodeID, l.Retention, l.Logger = f.NodeID, f.Retention, d.logger
+	l.NodeID, l.Retention, l.Logger, l.Spares = f.NodeID, f.Retention, d.logger, f.spares
 	l.DB = walView{d: d} // the database as SQLite sees it, WAL included
 	d.log = l
 	if err := d.recover(ctx); err != nil {
@@ -398,6 +412,19 @@ func (f *FileSystem) deleteDB(d *DB) error {
 		return err
 	}
 	f.Logger.Info("database deleted", "db", d.Name)
+	// Its LTX files, unless read, and its journal become spares.
+	if entries, err := os.ReadDir(filepath.Join(trash, logDir)); err == nil && d.log.Readers() == 0 {
+		for _, e := range entries {
+			if e.Type().IsRegular() && f.spares.Len() < f.MaxSpares {
+				if err := f.spares.Put(filepath.Join(trash, logDir, e.Name())); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	if err := f.spares.Put(filepath.Join(trash, journalFile)); err != nil {
+		return err
+	}
 	return os.RemoveAll(trash)
 }
 

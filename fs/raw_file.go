@@ -8,6 +8,7 @@ import (
 	"syscall"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
 )
 
 const writeFlags = syscall.O_WRONLY | syscall.O_RDWR
@@ -42,11 +43,17 @@ func (r *raw) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string, out
 	case kind != kindDB && kind != kindJournal && kind != kindWAL && kind != kindShm:
 		return fuse.EPERM
 	}
+	if kind == kindJournal && f.names[name] == nil {
+		// SQLite creates and deletes a journal for every transaction in
+		// DELETE mode: a spare file saves creating one.
+		f.journalFromSpare(d)
+	}
 	flags := int(in.Flags)&^(syscall.O_EXCL|syscall.O_TRUNC) | syscall.O_CREAT
 	file, err := os.OpenFile(d.path(backingName(kind)), flags, os.FileMode(in.Mode&0o777))
 	if err != nil {
 		return fuse.ToStatus(err)
 	}
+	d.dirDirty.Store(true)
 	if kind == kindWAL {
 		if st := r.openedWAL(d); !st.Ok() {
 			_ = file.Close()
@@ -63,8 +70,19 @@ func (r *raw) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string, out
 		return st
 	}
 	out.Fh = f.addHandle(n, file, nil)
-	out.OpenFlags = fuse.FOPEN_KEEP_CACHE
+	out.OpenFlags = openFlags(kind)
 	return fuse.OK
+}
+
+// openFlags are the FUSE open flags of a file of kind. A rollback journal
+// bypasses the page cache: SQLite writes it in small pieces that straddle
+// pages (a page number, the page, a checksum), which the kernel would send
+// as one request per piece of page, and reads it back only to roll back.
+func openFlags(kind nodeKind) uint32 {
+	if kind == kindJournal {
+		return fuse.FOPEN_DIRECT_IO
+	}
+	return fuse.FOPEN_KEEP_CACHE
 }
 
 // openedWAL opens the backing WAL for capture once it exists.
@@ -129,7 +147,7 @@ func (r *raw) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) f
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	out.Fh = f.addHandle(n, file, nil)
-	out.OpenFlags = fuse.FOPEN_KEEP_CACHE
+	out.OpenFlags = openFlags(n.kind)
 	return fuse.OK
 }
 
@@ -202,6 +220,9 @@ func (r *raw) Fsync(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 	}
 	if h.file == nil {
 		return fuse.OK
+	}
+	if h.node.kind == kindDB {
+		return fuse.ToStatus(h.node.db.syncDatabase(h.file, in.FsyncFlags&1 != 0))
 	}
 	if in.FsyncFlags&1 != 0 {
 		return fuse.ToStatus(syscall.Fdatasync(int(h.file.Fd())))
@@ -293,9 +314,12 @@ func (r *raw) Unlink(cancel <-chan struct{}, in *fuse.InHeader, name string) fus
 			d.wal.file = nil
 		}
 	}
-	if err == nil {
+	if err == nil && kind == kindJournal {
+		err = f.spares.Put(d.path(journalFile))
+	} else if err == nil {
 		err = os.Remove(d.path(backingName(kind)))
 	}
+	d.dirDirty.Store(true)
 	d.mu.Unlock()
 	if err != nil {
 		return r.fs.ioError(n, "delete", err)
@@ -416,12 +440,31 @@ func (r *raw) readDir(in *fuse.ReadIn, out *fuse.DirEntryList, plus bool) fuse.S
 func (r *raw) FsyncDir(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 	f := r.fs
 	for _, d := range f.dbList() {
-		if err := d.log.Sync(context.Background()); err != nil {
+		if err := d.syncDir(); err != nil {
 			f.Logger.Error("fsync directory", "db", d.Name, "err", err)
 			return fuse.EIO
 		}
 	}
-	return fuse.ToStatus(syncDir(f.dbsDir()))
+	return fuse.OK
+}
+
+// journalFromSpare puts an empty spare file in place of d's journal, which
+// does not exist, so that creating it does not create a file. Any failure
+// leaves the journal to be created.
+func (f *FileSystem) journalFromSpare(d *DB) {
+	path := f.spares.Take()
+	if path == "" {
+		return
+	}
+	// Emptied before it is renamed: a spare may hold an old journal, which
+	// must never appear as this database's.
+	err := os.Truncate(path, 0)
+	if err == nil {
+		err = unix.Renameat2(unix.AT_FDCWD, path, unix.AT_FDCWD, d.path(journalFile), unix.RENAME_NOREPLACE)
+	}
+	if err != nil {
+		_ = os.Remove(path)
+	}
 }
 
 func (r *raw) StatFs(cancel <-chan struct{}, in *fuse.InHeader, out *fuse.StatfsOut) fuse.Status {
