@@ -25,7 +25,7 @@ const minMountWriteRate = 1000
 type capture struct {
 	Commits  int    `json:"measured_commits"` // timed write transactions
 	Setup    int    `json:"setup_commits"`    // CREATE TABLE, and the load for reads
-	Expected int    `json:"expected_ltx"`     // 1 + Commits + Setup
+	Expected int    `json:"expected_ltx"`     // Commits + Setup, + 1 in WAL mode (the switch to WAL)
 	Files    int    `json:"ltx_files"`        // LTX files in the directory after the run
 	Before   int    `json:"ltx_files_before"` // LTX files after removing the database, before the run
 	Pos      string `json:"pos,omitempty"`    // mount_dir/bench.db-pos after the run, if readable
@@ -232,7 +232,7 @@ func printTables(w io.Writer, results []*result, workloads []workload) {
 // its last mount run.
 func printCapture(w io.Writer, results []*result) {
 	fmt.Fprintln(w, "\nFUSE capture: LTX files in data_dir/dbs/bench.db/ltx/ after the last mount run of each measurement")
-	fmt.Fprintln(w, "(write transactions = timed commits + setup: CREATE TABLE, and the 10,000-row load for read; expected = 1 + write transactions)")
+	fmt.Fprintln(w, "(write transactions = timed commits + setup: CREATE TABLE, and the 10,000-row load for read; expected = write transactions, + 1 in WAL mode for the switch to WAL)")
 	fmt.Fprintf(w, "%-12s %-10s %9s %7s %9s %10s %11s  %s\n", "mode", "workload", "commits", "setup", "expected", "ltx files", "before run", "bench.db-pos")
 	for _, r := range results {
 		c := r.Capture
@@ -243,7 +243,11 @@ func printCapture(w io.Writer, results []*result) {
 		if pos == "" {
 			pos = "-"
 		}
-		fmt.Fprintf(w, "%-12s %-10s %9d %7d %9d %10d %11d  %s\n", r.Mode.Name, r.Workload.Name, c.Commits, c.Setup, c.Expected, c.Files, c.Before, pos)
+		mark := ""
+		if c.Files != c.Expected {
+			mark = "  MISMATCH"
+		}
+		fmt.Fprintf(w, "%-12s %-10s %9d %7d %9d %10d %11d  %s%s\n", r.Mode.Name, r.Workload.Name, c.Commits, c.Setup, c.Expected, c.Files, c.Before, pos, mark)
 	}
 }
 
