@@ -27,11 +27,18 @@
 // before the mount is taken for hung: regiond is then made to dump its
 // goroutines to its log and killed, and the work directory is kept).
 //
+// With -passthrough (the default) a third side is measured: a go-fuse
+// loopback mount served by fsbench itself, nothing captured, which on
+// kernels with FUSE passthrough (6.9+) lets the kernel read and write the
+// backing files without asking the daemon: the best a FUSE mount does here.
+//
 // Everything lives in a fresh directory under -dir (default /var/tmp): bare/
-// for the baseline, data/ and mnt/ for regiond, so both sides share one
-// filesystem. It is removed at the end unless -keep is set. regiond is
-// stopped on every exit path, Ctrl-C included (SIGTERM, then SIGKILL after
-// 10 s and `fusermount3 -u -z`); a second Ctrl-C kills it at once.
+// for the baseline, data/ and mnt/ for regiond, passthrough-data/ and
+// passthrough-mnt/ for the loopback, so all sides share one filesystem.
+// It is removed at the end unless -keep is set. regiond is stopped and the
+// loopback unmounted on every exit path, Ctrl-C included (SIGTERM, then
+// SIGKILL after 10 s and `fusermount3 -u -z`); a second Ctrl-C kills it at
+// once.
 package main
 
 import (
@@ -42,6 +49,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"slices"
@@ -68,6 +76,7 @@ type options struct {
 	workloads []workload
 	jsonPath  string
 	bareOnly  bool
+	fuse      bool // also measure a passthrough FUSE mount
 	stall     time.Duration
 }
 
@@ -84,6 +93,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	workloads := fs.String("workloads", "insert-1,insert-10,read", "comma-separated workloads")
 	fs.StringVar(&o.jsonPath, "json", "", "also write the results as JSON to this file")
 	fs.BoolVar(&o.bareOnly, "bare-only", false, "measure the bare directory only; no regiond")
+	fs.BoolVar(&o.fuse, "passthrough", true, "also measure a go-fuse loopback mount served by fsbench, nothing captured, with kernel FUSE passthrough where the kernel has it: the best a FUSE mount does here")
 	fs.StringVar(&o.locks, "locks", "mount", "the daemon's fs.locks: mount or kernel")
 	fs.DurationVar(&o.stall, "stall", time.Minute, "take the mount for hung when a measurement runs this long past -duration")
 	if err := fs.Parse(args); err != nil {
@@ -141,8 +151,15 @@ type bench struct {
 
 	mu       sync.Mutex
 	daemon   *daemon // set as soon as regiond is started
+	ptMount  string  // the passthrough mount point, once mounted
 	workDir  string
 	keepWork atomic.Bool // a mount run failed: keep the work directory
+}
+
+func (b *bench) passthroughMount() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.ptMount
 }
 
 func (b *bench) setDaemon(d *daemon) {
@@ -170,6 +187,9 @@ func (b *bench) watchSignals(sigs <-chan os.Signal, cancel context.CancelFunc) {
 		d.Kill(syscall.SIGKILL)
 		fmt.Fprintln(os.Stderr, "fsbench: killed regiond and detached its mount")
 	}
+	if pt := b.passthroughMount(); pt != "" {
+		_ = exec.Command("fusermount3", "-u", "-z", pt).Run()
+	}
 	if work != "" {
 		b.removeWork(work)
 	}
@@ -178,7 +198,7 @@ func (b *bench) watchSignals(sigs <-chan os.Signal, cancel context.CancelFunc) {
 
 // side is where one half of a measurement opens its database.
 type side struct {
-	name   string // "bare" or "mount"
+	name   string // "bare", "fuse" (passthrough) or "mount"
 	dir    string // directory of bench.db
 	ltxDir string // the capture's LTX directory; empty for bare
 }
@@ -203,7 +223,8 @@ func (b *bench) run(ctx context.Context) (err error) {
 	dataDir, mountDir := filepath.Join(work, "data"), filepath.Join(work, "mnt")
 	mount := side{name: "mount", dir: mountDir, ltxDir: filepath.Join(dataDir, "dbs", dbName, "ltx")}
 	defer b.removeWork(work)
-	for _, d := range []string{bare.dir, dataDir, mountDir} {
+	ptData, ptMnt := filepath.Join(work, "passthrough-data"), filepath.Join(work, "passthrough-mnt")
+	for _, d := range []string{bare.dir, dataDir, mountDir, ptData, ptMnt} {
 		if err := os.Mkdir(d, 0o755); err != nil {
 			return err
 		}
@@ -233,6 +254,21 @@ func (b *bench) run(ctx context.Context) (err error) {
 			}
 		}()
 		sides = append(sides, mount)
+		if o.fuse {
+			unmount, err := mountPassthrough(ptData, ptMnt)
+			if err != nil {
+				return err
+			}
+			b.mu.Lock()
+			b.ptMount = ptMnt
+			b.mu.Unlock()
+			defer func() {
+				if uerr := unmount(); uerr != nil {
+					err = errors.Join(err, fmt.Errorf("unmount passthrough: %w", uerr))
+				}
+			}()
+			sides = append(sides, side{name: "fuse", dir: ptMnt})
+		}
 	}
 
 	results, err := b.measureAll(ctx, sides)
@@ -273,9 +309,12 @@ func (b *bench) measureAll(ctx context.Context, sides []side) ([]*result, error)
 					if err != nil {
 						return nil, fmt.Errorf("%s %s round %d on %s (%s): %w", w.Name, m.Name, round+1, s.name, s.dir, err)
 					}
-					if s.ltxDir == "" {
+					switch {
+					case s.name == "fuse":
+						r.Fuse = append(r.Fuse, smp)
+					case s.ltxDir == "":
 						r.Bare = append(r.Bare, smp)
-					} else {
+					default:
 						r.Mount, r.Capture = append(r.Mount, smp), c
 					}
 					progress += fmt.Sprintf(" %s %s/s p99 %s;", s.name, commas(smp.Rate()), fmtUS(us(smp.P99)))

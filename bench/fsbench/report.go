@@ -37,6 +37,7 @@ type result struct {
 	Mode     mode
 	Bare     []sample
 	Mount    []sample
+	Fuse     []sample // the passthrough mount, without capture
 	Capture  *capture
 }
 
@@ -188,7 +189,7 @@ func printHeader(w io.Writer, m machine, o options) {
 	} else {
 		fmt.Fprintln(w, "daemon: none (-bare-only)")
 	}
-	fmt.Fprintf(w, "run: %d rounds of %s per measurement and side, bare and mount alternating (order swapped each round); medians across rounds\n",
+	fmt.Fprintf(w, "run: %d rounds of %s per measurement and side, sides alternating (order reversed each round); medians across rounds\n",
 		o.rounds, o.duration)
 }
 
@@ -225,6 +226,30 @@ func printTables(w io.Writer, results []*result, workloads []workload) {
 			fmt.Fprintf(w, "%-12s %11s %11s %7s  %-19s %-19s %-18s %s\n", r.Mode.Name,
 				commas(b.Rate), mountRate, ratioS, latencies(b), mountLat, r.goal(), verdict)
 		}
+		printPassthrough(w, results, wl, unit)
+	}
+}
+
+// printPassthrough prints, for workload wl, the passthrough mount's
+// figures against bare, and the capturing mount's against it.
+func printPassthrough(w io.Writer, results []*result, wl workload, unit string) {
+	header := false
+	for _, r := range results {
+		f := summarize(r.Fuse)
+		if r.Workload != wl || f == nil {
+			continue
+		}
+		if !header {
+			fmt.Fprintf(w, "  Passthrough: a go-fuse loopback mount, nothing captured, reads and writes passed to the backing file by the kernel\n")
+			fmt.Fprintf(w, "  %-12s %17s %-19s %12s %14s\n", "mode", "passthrough "+unit, "p50 / p99", "vs bare", "mount vs it")
+			header = true
+		}
+		b, m := summarize(r.Bare), summarize(r.Mount)
+		vsMount := "-"
+		if m != nil {
+			vsMount = fmt.Sprintf("%.2f", m.Rate/f.Rate)
+		}
+		fmt.Fprintf(w, "  %-12s %17s %-19s %12s %14s\n", r.Mode.Name, commas(f.Rate), latencies(f), fmt.Sprintf("%.2f", f.Rate/b.Rate), vsMount)
 	}
 }
 
@@ -296,9 +321,12 @@ type jsonResult struct {
 	Bare     *summary `json:"bare"`
 	Mount    *summary `json:"mount,omitempty"`
 	Ratio    float64  `json:"ratio,omitempty"`
-	Goal     goal     `json:"goal"`
-	Meets    *bool    `json:"meets,omitempty"`
-	Capture  *capture `json:"capture,omitempty"`
+	// Passthrough is a go-fuse loopback mount with nothing captured.
+	Passthrough      *summary `json:"passthrough,omitempty"`
+	PassthroughRatio float64  `json:"passthrough_ratio,omitempty"`
+	Goal             goal     `json:"goal"`
+	Meets            *bool    `json:"meets,omitempty"`
+	Capture          *capture `json:"capture,omitempty"`
 }
 
 func writeJSON(path string, m machine, o options, results []*result) error {
@@ -311,6 +339,9 @@ func writeJSON(path string, m machine, o options, results []*result) error {
 		}
 		if ratio, meets, ok := r.verdict(); ok {
 			jr.Ratio, jr.Meets = ratio, &meets
+		}
+		if f := summarize(r.Fuse); f != nil {
+			jr.Passthrough, jr.PassthroughRatio = f, f.Rate/jr.Bare.Rate
 		}
 		rep.Results = append(rep.Results, jr)
 	}
