@@ -412,7 +412,8 @@ func (f *FileSystem) deleteDB(d *DB) error {
 		return err
 	}
 	f.Logger.Info("database deleted", "db", d.Name)
-	// Its LTX files, unless read, and its journal become spares.
+	// Its LTX files become spares, unless read. (Its journal may still be
+	// open in the app.)
 	if entries, err := os.ReadDir(filepath.Join(trash, logDir)); err == nil && d.log.Readers() == 0 {
 		for _, e := range entries {
 			if e.Type().IsRegular() && f.spares.Len() < f.MaxSpares {
@@ -421,9 +422,6 @@ func (f *FileSystem) deleteDB(d *DB) error {
 				}
 			}
 		}
-	}
-	if err := f.spares.Put(filepath.Join(trash, journalFile)); err != nil {
-		return err
 	}
 	return os.RemoveAll(trash)
 }

@@ -302,6 +302,14 @@ func (r *raw) Unlink(cancel <-chan struct{}, in *fuse.InHeader, name string) fus
 	if kind == kindDB {
 		return r.unlinkDB(d)
 	}
+	// SQLite closes a journal before deleting it; one another process has
+	// open (checking whether it is hot) is deleted, not recycled. Opens are
+	// counted under f.mu, taken before d.mu: a reader's open that lands
+	// between this check and the rename below keeps a descriptor on a file
+	// that may be reused.
+	f.mu.Lock()
+	open := n.opens > 0
+	f.mu.Unlock()
 	d.mu.Lock()
 	ctx := context.Background()
 	var err error
@@ -314,7 +322,8 @@ func (r *raw) Unlink(cancel <-chan struct{}, in *fuse.InHeader, name string) fus
 			d.wal.file = nil
 		}
 	}
-	if err == nil && kind == kindJournal {
+	if err == nil && kind == kindJournal && !open {
+		// Unless a process has it open, the journal becomes a spare.
 		err = f.spares.Put(d.path(journalFile))
 	} else if err == nil {
 		err = os.Remove(d.path(backingName(kind)))
