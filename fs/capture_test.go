@@ -3,9 +3,12 @@ package fs_test
 import (
 	"context"
 	"database/sql"
+	"fmt"
 	"path/filepath"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/meridian-db/meridian/fs"
 	"github.com/meridian-db/meridian/internal/testingutil"
@@ -14,6 +17,20 @@ import (
 
 // journalModes are the journal modes SQLite uses in production.
 var journalModes = []string{"delete", "truncate", "persist", "wal"}
+
+// passthroughKernel reports whether the kernel has FUSE passthrough
+// (Linux 6.9 and later; the tests run as root).
+func passthroughKernel(tb testing.TB) bool {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		tb.Fatal(err)
+	}
+	var major, minor int
+	if _, err := fmt.Sscanf(unix.ByteSliceToString(u.Release[:]), "%d.%d", &major, &minor); err != nil {
+		tb.Fatalf("kernel release %q: %v", unix.ByteSliceToString(u.Release[:]), err)
+	}
+	return major > 6 || major == 6 && minor >= 9
+}
 
 // dataVersion returns PRAGMA data_version on conn, which changes exactly
 // when another connection has committed a transaction since it was last
@@ -78,11 +95,25 @@ func checkLog(tb testing.TB, fsys *fs.FileSystem, name string, sqldb *sql.DB, wa
 }
 
 func TestCapture_Workload(t *testing.T) {
+	type variant struct {
+		name, mode  string
+		passthrough bool
+	}
+	var variants []variant
 	for _, mode := range journalModes {
-		t.Run(mode, func(t *testing.T) {
-			fsys := testingutil.MustMount(t)
+		variants = append(variants, variant{mode, mode, true})
+	}
+	variants = append(variants, variant{"wal-without-passthrough", "wal", false})
+	for _, v := range variants {
+		mode := v.mode
+		t.Run(v.name, func(t *testing.T) {
+			fsys := fs.New(filepath.Join(t.TempDir(), "data"), filepath.Join(t.TempDir(), "mnt"))
+			fsys.Logger = testingutil.Logger(t)
+			fsys.Passthrough = v.passthrough
+			testingutil.MustOpenFS(t, fsys)
 			path := filepath.Join(fsys.MountDir, "app.db")
 			db := testingutil.MustOpenSQLite(t, path, mode)
+
 			watcher := testingutil.MustOpenSQLite(t, path, mode)
 			conn, err := watcher.Conn(context.Background())
 			if err != nil {
@@ -119,7 +150,12 @@ func TestCapture_Workload(t *testing.T) {
 				}
 				checkLog(t, fsys, "app.db", db, mode == "wal")
 			}
-			t.Logf("%s: %d transactions in the log", mode, log.Pos().TXID)
+			if mode == "wal" {
+				if got, want := log.WALPassthrough(), v.passthrough && passthroughKernel(t); got != want {
+					t.Fatalf("WAL written by passthrough: %v, want %v", got, want)
+				}
+			}
+			t.Logf("%s: %d transactions in the log", v.name, log.Pos().TXID)
 		})
 	}
 }

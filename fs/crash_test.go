@@ -194,16 +194,20 @@ func TestCrash_Daemon(t *testing.T) {
 	for _, mode := range journalModes {
 		t.Run(mode, func(t *testing.T) {
 			t.Parallel()
-			testCrashDaemon(t, mode)
+			testCrashDaemon(t, mode, true)
 		})
 	}
+	t.Run("wal-without-passthrough", func(t *testing.T) {
+		t.Parallel()
+		testCrashDaemon(t, "wal", false)
+	})
 }
 
-func testCrashDaemon(t *testing.T, mode string) {
+func testCrashDaemon(t *testing.T, mode string, passthrough bool) {
 	seed := uint64(time.Now().UnixNano())
 	rng := rand.New(rand.NewPCG(seed, 2))
 	dir := t.TempDir()
-	d := &daemon{data: filepath.Join(dir, "data"), mnt: filepath.Join(dir, "mnt")}
+	d := &daemon{data: filepath.Join(dir, "data"), mnt: filepath.Join(dir, "mnt"), noPassthrough: !passthrough}
 	t.Cleanup(func() { d.cleanup(t) })
 	path := filepath.Join(d.mnt, "app.db")
 	dbDir := filepath.Join(d.data, "dbs", "app.db")
@@ -467,13 +471,16 @@ func verifyStopped(t *testing.T, dbDir string) ltx.Pos {
 // daemon is the daemon of a crash test: a child process serving the mount.
 type daemon struct {
 	data, mnt string
-	proc      *child // nil when not running
+	// noPassthrough has WAL writes go through the daemon (fs.Passthrough
+	// off).
+	noPassthrough bool
+	proc          *child // nil when not running
 }
 
 // start starts the daemon and waits until it has recovered and mounted.
 func (d *daemon) start(t *testing.T) {
 	t.Helper()
-	d.proc = startChild(t, "daemon", d.data, d.mnt)
+	d.proc = startChild(t, "daemon", d.data, d.mnt, strconv.FormatBool(!d.noPassthrough))
 	var line string
 	select {
 	case line = <-d.proc.lines:

@@ -109,6 +109,14 @@ type walState struct {
 	committed map[uint32]int64 // page → offset of its latest committed frame
 	mxFrame   int64            // frames up to the last commit
 	pgnos     []uint32         // page of each frame examined since the last commit (0: not of this WAL)
+
+	// passthrough: the kernel writes the WAL without the daemon, which
+	// finds commits by scanning it (see scanWAL), with the checksum after
+	// the last commit in sum1, sum2.
+	passthrough bool
+	sum1, sum2  uint32
+	sumAt       int64  // the frame count sum1, sum2 are for; -1: not known
+	frame       []byte // scan buffer
 }
 
 func (d *DB) path(name string) string { return filepath.Join(d.dir, name) }
@@ -121,6 +129,7 @@ func (d *DB) Log() *ltx.Log { return d.log }
 func (d *DB) resetWAL() {
 	d.wal.committed = map[uint32]int64{}
 	d.wal.mxFrame = 0
+	d.wal.sumAt = -1
 	d.wal.pgnos = d.wal.pgnos[:0]
 	d.clearDirty()
 }
@@ -141,6 +150,9 @@ func (d *DB) writeDatabase(f *os.File, data []byte, off int64) (int, error) {
 	// A checkpoint must not put transactions in the database file before
 	// they are in the log: recovery reads the database file plus the WAL
 	// from the log's position.
+	if err := d.scanWAL(context.Background()); err != nil {
+		return 0, err
+	}
 	if err := d.drain(); err != nil {
 		return 0, err
 	}
@@ -323,6 +335,15 @@ func (d *DB) syncDatabase(f *os.File, datasync bool) error {
 		err = f.Sync()
 	}
 	wg.Wait()
+	if err == nil && d.wal.passthrough && d.walActive() {
+		// The end of a checkpoint: once SQLite has recorded it, it may
+		// restart the WAL, which passthrough does not show the daemon.
+		if err = d.scanWAL(context.Background()); err == nil {
+			if err = d.drain(); err == nil {
+				err = d.syncLog(context.Background())
+			}
+		}
+	}
 	if perr != nil {
 		d.logger.Debug("prepare LTX file at the database's fsync", "err", perr)
 	}
@@ -573,6 +594,9 @@ func (d *DB) drain() error {
 func (d *DB) Flush() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if err := d.scanWAL(context.Background()); err != nil {
+		return err
+	}
 	return d.drain()
 }
 
@@ -588,6 +612,9 @@ func (d *DB) stop() {
 // endWAL is called before the WAL is truncated or deleted, which SQLite
 // does only once every frame is in the database file. Caller holds d.mu.
 func (d *DB) endWAL(ctx context.Context, size int64) error {
+	if err := d.scanWAL(ctx); err != nil {
+		return err
+	}
 	if err := d.drain(); err != nil {
 		return err
 	}
@@ -604,6 +631,24 @@ func (d *DB) endWAL(ctx context.Context, size int64) error {
 		d.wal.valid = false
 	}
 	return nil
+}
+
+// syncWAL fsyncs the WAL through f, as SQLite asks at every commit under
+// synchronous=FULL, then takes what it committed if the WAL is written by
+// passthrough.
+func (d *DB) syncWAL(f *os.File, datasync bool) error {
+	var err error
+	if datasync {
+		err = syscall.Fdatasync(int(f.Fd()))
+	} else {
+		err = f.Sync()
+	}
+	if err != nil {
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.scanWAL(context.Background())
 }
 
 // syncDir makes the creation and deletion of d's files durable, as an
@@ -704,6 +749,12 @@ func (d *DB) openWALFile() error {
 		return nil
 	}
 	f, err := os.OpenFile(d.path(walFile), os.O_RDWR, 0)
+	if errors.Is(err, syscall.EPERM) {
+		// Left immutable by a read-only daemon that stopped (see fenceWAL).
+		if err = unfence(d.path(walFile)); err == nil {
+			f, err = os.OpenFile(d.path(walFile), os.O_RDWR, 0)
+		}
+	}
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
 	} else if err != nil {
@@ -711,6 +762,16 @@ func (d *DB) openWALFile() error {
 	}
 	d.wal.file = f
 	return nil
+}
+
+// unfence clears the immutable flag of the file at path.
+func unfence(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = f.Close() }()
+	return setImmutable(f, false)
 }
 
 // ensureWAL creates an empty WAL for a WAL-mode database that has none. A

@@ -52,15 +52,22 @@ type FileSystem struct {
 	// from there. 0 keeps none.
 	MaxSpares int
 
+	// Passthrough lets the kernel write WALs straight to their backing
+	// files (FUSE passthrough, Linux 6.9+, as root) while capture scans
+	// them; where the kernel cannot, WAL writes go through the daemon.
+	Passthrough bool
+
 	Logger *slog.Logger
 	// Debug logs every FUSE request.
 	Debug bool
 
-	spares   *ltx.Spares
-	server   *fuse.Server
-	notify   sync.WaitGroup // cache notifications sent after a request
-	readOnly atomic.Bool
-	mounted  time.Time
+	passthroughOff bool // the kernel refused passthrough; guarded by mu
+	watcher        *walWatcher
+	spares         *ltx.Spares
+	server         *fuse.Server
+	notify         sync.WaitGroup // cache notifications sent after a request
+	readOnly       atomic.Bool
+	mounted        time.Time
 
 	mu      sync.Mutex
 	dbs     map[string]*DB
@@ -94,6 +101,7 @@ func New(dataDir, mountDir string) *FileSystem {
 		MaintainInterval: DefaultMaintainInterval,
 		CompactAge:       DefaultCompactAge,
 		MaxSpares:        DefaultMaxSpares,
+		Passthrough:      true,
 		Logger:           slog.Default(),
 		dbs:              map[string]*DB{},
 		names:            map[string]*node{},
@@ -117,6 +125,11 @@ func (f *FileSystem) Open(ctx context.Context) error {
 		return err
 	}
 	f.spares = spares
+	if f.Passthrough {
+		if f.watcher, err = newWALWatcher(f); err != nil {
+			return err
+		}
+	}
 	entries, err := os.ReadDir(f.dbsDir())
 	if err != nil {
 		return err
@@ -156,13 +169,14 @@ func (f *FileSystem) Open(ctx context.Context) error {
 		return fmt.Errorf("mount %s: %w (is fuse3 installed and %s not already mounted? try: fusermount3 -u %s)", f.MountDir, err, f.MountDir, f.MountDir)
 	}
 	f.server = server
+	dbs := len(f.dbs) // read before requests can change it
 	go server.Serve()
 	if err := server.WaitMount(); err != nil {
 		_ = server.Unmount()
 		f.closeDBs()
 		return fmt.Errorf("mount %s: %w", f.MountDir, err)
 	}
-	f.Logger.Info("mounted", "mount_dir", f.MountDir, "data_dir", f.DataDir, "dbs", len(f.dbs))
+	f.Logger.Info("mounted", "mount_dir", f.MountDir, "data_dir", f.DataDir, "dbs", dbs)
 	mctx, stop := context.WithCancel(context.Background())
 	f.stopMaintain = stop
 	f.maintained.Add(1)
@@ -232,8 +246,23 @@ func (f *FileSystem) Close(ctx context.Context) error {
 		f.server.Wait()
 		f.server = nil
 	}
+	if f.watcher != nil {
+		f.watcher.close()
+	}
 	f.mu.Lock()
 	for _, d := range f.dbs {
+		d.mu.Lock()
+		if serr := d.scanWAL(ctx); serr != nil && err == nil {
+			err = serr
+		}
+		if d.wal.file != nil {
+			// Not left immutable for whoever touches the data directory
+			// next (recovery clears it too, after a crash).
+			if serr := setImmutable(d.wal.file, false); serr != nil {
+				f.Logger.Warn("clear read-only fence of the WAL", "db", d.Name, "err", serr)
+			}
+		}
+		d.mu.Unlock()
 		d.stop()
 		d.mu.Lock()
 		if werr := d.werr; werr != nil && err == nil {
@@ -250,6 +279,9 @@ func (f *FileSystem) Close(ctx context.Context) error {
 }
 
 func (f *FileSystem) closeDBs() {
+	if f.watcher != nil {
+		f.watcher.close()
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for name, d := range f.dbs {
@@ -295,12 +327,19 @@ func (f *FileSystem) SetReadOnly(readOnly bool) {
 	if f.readOnly.Swap(readOnly) != readOnly {
 		f.Logger.Info("mount mode changed", "read_only", readOnly)
 	}
-	if readOnly {
-		for _, d := range f.dbList() {
+	for _, d := range f.dbList() {
+		if readOnly {
 			if err := d.ensureWAL(); err != nil {
 				f.Logger.Error("create the WAL readers of a read-only database need", "db", d.Name, "err", err)
 			}
 		}
+		d.mu.Lock()
+		if d.wal.passthrough || !readOnly {
+			if err := d.fenceWAL(readOnly); err != nil {
+				f.Logger.Error("read-only mode: processes that opened the WAL before can still write to it", "db", d.Name, "err", err)
+			}
+		}
+		d.mu.Unlock()
 	}
 }
 

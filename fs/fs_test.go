@@ -40,9 +40,11 @@ func (b *logBuffer) String() string {
 func TestFileSystem_ReadOnly(t *testing.T) {
 	for _, mode := range journalModes {
 		t.Run(mode, func(t *testing.T) {
-			fsys := testingutil.MustMount(t)
+			dir := t.TempDir()
+			fsys := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
 			var logs logBuffer
 			fsys.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+			testingutil.MustOpenFS(t, fsys)
 			path := filepath.Join(fsys.MountDir, "app.db")
 			writer := testingutil.MustOpenSQLite(t, path, mode)
 			if _, err := writer.Exec(`CREATE TABLE t (x); INSERT INTO t VALUES (1), (2)`); err != nil {
@@ -105,14 +107,17 @@ func TestFileSystem_ReadOnly(t *testing.T) {
 			if err := last.QueryRow(`SELECT count(*) FROM t`).Scan(&n); err != nil || n != 2 {
 				t.Fatalf("reader after every connection closed: got %d, %v; want 2 rows", n, err)
 			}
-			_ = last.Close()
 
+			// Switched back with that read-only connection still open (in
+			// WAL mode it opened the WAL first, read-only), a new writer
+			// writes.
 			fsys.SetReadOnly(false)
 			writer = testingutil.MustOpenSQLite(t, path, mode)
 			reader = testingutil.MustOpenSQLite(t, path, mode)
 			if _, err := writer.Exec(`INSERT INTO t VALUES (3)`); err != nil {
 				t.Fatalf("write after switching back: %v", err)
 			}
+			_ = last.Close()
 			if got := count(); got != 3 {
 				t.Fatalf("got %d rows, want 3", got)
 			}

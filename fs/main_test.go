@@ -58,8 +58,8 @@ func crashChild(args []string) error {
 			return err
 		}
 		return writerChild(args[1], args[2], size)
-	case len(args) == 3 && args[0] == "daemon":
-		return daemonChild(args[1], args[2])
+	case len(args) == 4 && args[0] == "daemon":
+		return daemonChild(args[1], args[2], args[3] == "true")
 	case len(args) == 6 && args[0] == "watch":
 		mask, err := strconv.ParseUint(args[2], 10, 32)
 		if err != nil {
@@ -165,10 +165,11 @@ func writerChild(path, mode string, base int) error {
 // daemonChild recovers and mounts the databases of dataDir at mountDir,
 // prints "mounted", and serves until SIGTERM, then unmounts cleanly. It logs
 // to stderr at level Info, which includes what recovery did.
-func daemonChild(dataDir, mountDir string) error {
+func daemonChild(dataDir, mountDir string, passthrough bool) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 	defer stop()
 	f := fs.New(dataDir, mountDir)
+	f.Passthrough = passthrough
 	f.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	if err := f.Open(ctx); err != nil {
 		return err

@@ -91,6 +91,11 @@ type node struct {
 	lookups uint64
 	opens   int
 	gone    bool // unlinked
+
+	// A WAL served by passthrough: the kernel's id of its backing file,
+	// and the opens using it.
+	backingID   int32
+	backingRefs int
 }
 
 // handle is an open file.
@@ -98,6 +103,8 @@ type handle struct {
 	node *node
 	file *os.File // backing file; nil for special files
 	data []byte   // special files: content at open
+	// backing: the open uses the node's passthrough backing file.
+	backing bool
 }
 
 // raw implements the FUSE protocol over FileSystem.

@@ -71,7 +71,30 @@ func (r *raw) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string, out
 	}
 	out.Fh = f.addHandle(n, file, nil)
 	out.OpenFlags = openFlags(kind)
+	if kind == kindWAL {
+		f.servePassthrough(n, file, out.Fh, &out.OpenOut)
+	}
 	return fuse.OK
+}
+
+// servePassthrough answers an open of WAL node n, with handle fh, with its
+// backing file for the kernel to read and write, if it can. Caller holds
+// f.mu.
+func (f *FileSystem) servePassthrough(n *node, file *os.File, fh uint64, out *fuse.OpenOut) {
+	// The kernel opens the backing file afresh for each open, with that
+	// open's flags, from the path of the one registered.
+	id := f.registerWAL(n, file)
+	if id == 0 {
+		return
+	}
+	if err := f.passedThrough(n.db); err != nil {
+		f.releaseWAL(n)
+		f.Logger.Error("FUSE passthrough", "db", n.db.Name, "err", err)
+		return
+	}
+	f.handles[fh].backing = true
+	out.BackingID = id
+	out.OpenFlags = fuse.FOPEN_PASSTHROUGH
 }
 
 // openFlags are the FUSE open flags of a file of kind. A rollback journal
@@ -148,6 +171,9 @@ func (r *raw) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) f
 	defer f.mu.Unlock()
 	out.Fh = f.addHandle(n, file, nil)
 	out.OpenFlags = openFlags(n.kind)
+	if n.kind == kindWAL {
+		f.servePassthrough(n, file, out.Fh, out)
+	}
 	return fuse.OK
 }
 
@@ -221,8 +247,14 @@ func (r *raw) Fsync(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 	if h.file == nil {
 		return fuse.OK
 	}
-	if h.node.kind == kindDB {
+	switch h.node.kind {
+	case kindDB:
 		return fuse.ToStatus(h.node.db.syncDatabase(h.file, in.FsyncFlags&1 != 0))
+	case kindWAL:
+		if err := h.node.db.syncWAL(h.file, in.FsyncFlags&1 != 0); err != nil {
+			return r.fs.ioError(h.node, "fsync", err)
+		}
+		return fuse.OK
 	}
 	if in.FsyncFlags&1 != 0 {
 		return fuse.ToStatus(syscall.Fdatasync(int(h.file.Fd())))
@@ -262,6 +294,9 @@ func (r *raw) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {
 	h := f.handles[in.Fh]
 	delete(f.handles, in.Fh)
 	if h != nil {
+		if h.backing {
+			f.releaseWAL(h.node)
+		}
 		h.node.opens--
 		f.dropIfUnused(h.node)
 	}

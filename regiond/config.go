@@ -70,6 +70,10 @@ type FSConfig struct {
 	// "mount" (the filesystem, so the daemon can hold readers off) or
 	// "kernel" (a system call instead of a FUSE round trip per lock).
 	Locks string `yaml:"locks"`
+	// Passthrough lets the kernel write WAL files straight to disk (FUSE
+	// passthrough, Linux 6.9+) while capture reads them; the daemon falls
+	// back to serving WAL writes itself where the kernel cannot.
+	Passthrough bool `yaml:"passthrough"`
 }
 
 // LeaseConfig chooses how the write lease (who is primary) is decided.
@@ -138,7 +142,7 @@ func DefaultConfig() Config {
 	return Config{
 		DataDir:     DefaultDataDir,
 		MountDir:    DefaultMountDir,
-		FS:          FSConfig{Locks: DefaultFSLocks},
+		FS:          FSConfig{Locks: DefaultFSLocks, Passthrough: true},
 		Lease:       LeaseConfig{Type: DefaultLeaseType, Candidate: DefaultCandidate},
 		Replication: ReplicationConfig{Retention: Duration(DefaultRetention)},
 		Log:         LogConfig{Level: DefaultLogLevel, Format: DefaultLogFormat},

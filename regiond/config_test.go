@@ -24,6 +24,7 @@ data_dir: /srv/meridian
 mount_dir: /mnt/meridian
 fs:
   locks: kernel
+  passthrough: false
 lease:
   type: static
   candidate: false
@@ -50,7 +51,7 @@ func TestParseConfig_Defaults(t *testing.T) {
 		Region:      "iad",
 		DataDir:     "/var/lib/meridian",
 		MountDir:    "/data",
-		FS:          regiond.FSConfig{Locks: "mount"},
+		FS:          regiond.FSConfig{Locks: "mount", Passthrough: true},
 		Lease:       regiond.LeaseConfig{Type: "static", Candidate: true, StaticPrimary: "iad-1"},
 		Replication: regiond.ReplicationConfig{Retention: regiond.Duration(10 * time.Minute)},
 		Log:         regiond.LogConfig{Level: "info", Format: "text"},
@@ -70,7 +71,7 @@ func TestParseConfig_Full(t *testing.T) {
 		Region:      "fra",
 		DataDir:     "/srv/meridian",
 		MountDir:    "/mnt/meridian",
-		FS:          regiond.FSConfig{Locks: "kernel"},
+		FS:          regiond.FSConfig{Locks: "kernel", Passthrough: false},
 		Lease:       regiond.LeaseConfig{Type: "static", Candidate: false, StaticPrimary: "iad-1"},
 		Replication: regiond.ReplicationConfig{Retention: regiond.Duration(90 * time.Second)},
 		Log:         regiond.LogConfig{Level: "debug", Format: "json"},

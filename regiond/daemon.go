@@ -35,6 +35,7 @@ func (d *Daemon) Open(ctx context.Context) error {
 	f.NodeID = NodeID(c.Node)
 	f.Retention = time.Duration(c.Replication.Retention)
 	f.KernelLocks = c.FS.Locks == "kernel"
+	f.Passthrough = c.FS.Passthrough
 	f.Logger = d.Logger.With("component", "fs")
 	primary := c.IsPrimary()
 	if !primary {

@@ -1,0 +1,286 @@
+package fs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"unsafe"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+)
+
+// WAL passthrough.
+//
+// SQLite writes a WAL in small pieces, a frame header then a page, and the
+// kernel splits a page where it straddles a page of the file: a one-page
+// transaction costs three FUSE round trips. With FUSE passthrough (Linux
+// 6.9 and later, the daemon running as root) the mount hands the backing
+// WAL to the kernel, which reads and writes it without asking the daemon,
+// and the daemon finds the transactions in the backing file instead, as
+// SQLite's own recovery does: frames are taken while their salts match the
+// header and their checksums chain from it, and a transaction ends at a
+// valid commit frame. It looks after every change (inotify), and at once
+// whenever it must know everything SQLite has committed: when SQLite
+// fsyncs the WAL (every commit under synchronous=FULL), before a checkpoint
+// writes the database file, before the WAL is truncated or deleted, and
+// when the position is asked.
+//
+// The invariants of the write path hold: a checkpoint copies only
+// transactions it finds committed when it starts, and its first write to
+// the database file waits until the scan has queued, and the worker
+// written, every transaction in the WAL; SQLite restarts the WAL only once
+// every frame has been checkpointed, and the log is fsynced when SQLite
+// fsyncs the database file at the end of a checkpoint. So frames are never
+// overwritten before their LTX file is written, nor the database file
+// ahead of the log. (Under synchronous=OFF SQLite does not fsync at the end
+// of a checkpoint; a power failure may then lose LTX files as it may lose
+// SQLite's own transactions.)
+
+// registerWAL gives the kernel the backing file of WAL node n, opened as
+// file, for passthrough, and returns the backing id to answer the open
+// with, or 0 to serve the file through the daemon. Caller holds f.mu.
+func (f *FileSystem) registerWAL(n *node, file interface{ Fd() uintptr }) int32 {
+	if !f.Passthrough || f.passthroughOff || f.server == nil {
+		return 0
+	}
+	if n.backingID == 0 {
+		id, errno := f.server.RegisterBackingFd(&fuse.BackingMap{Fd: int32(file.Fd())})
+		if errno != 0 {
+			f.passthroughOff = true
+			f.Logger.Warn("FUSE passthrough unavailable (needs Linux 6.9+ and root); WAL writes go through the daemon", "err", errno)
+			return 0
+		}
+		n.backingID = id
+	}
+	n.backingRefs++
+	return n.backingID
+}
+
+// releaseWAL drops one open of WAL node n from its passthrough backing
+// file. Caller holds f.mu.
+func (f *FileSystem) releaseWAL(n *node) {
+	n.backingRefs--
+	if n.backingRefs > 0 || n.backingID == 0 {
+		return
+	}
+	if f.server != nil {
+		if errno := f.server.UnregisterBackingFd(n.backingID); errno != 0 {
+			f.Logger.Warn("FUSE passthrough: release backing file", "file", n.name, "err", errno)
+		}
+	}
+	n.backingID = 0
+}
+
+// passedThrough marks d's WAL as written by passthrough and watches it.
+// Caller holds f.mu.
+func (f *FileSystem) passedThrough(d *DB) error {
+	d.mu.Lock()
+	on := d.wal.passthrough
+	d.wal.passthrough = true
+	d.mu.Unlock()
+	if on {
+		return nil
+	}
+	return f.watcher.watch(d)
+}
+
+// WALPassthrough reports whether d's WAL is written by FUSE passthrough.
+func (d *DB) WALPassthrough() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.wal.passthrough
+}
+
+// scanWAL finds the transactions SQLite has committed in a WAL written by
+// passthrough since the last scan, and queues them. Frames after the last
+// commit are read again at the next scan. Caller holds d.mu.
+func (d *DB) scanWAL(ctx context.Context) error {
+	w := &d.wal
+	if !w.passthrough || w.file == nil {
+		return nil
+	}
+	var hb [walHeaderSize]byte
+	if n, err := w.file.ReadAt(hb[:], 0); n < walHeaderSize {
+		if err != nil && err != io.EOF {
+			return fmt.Errorf("read WAL header: %w", err)
+		}
+		return nil // not written yet
+	}
+	h, err := parseWALHeader(hb[:])
+	if err != nil {
+		return nil // SQLite ignores a WAL without a valid header
+	}
+	if !w.valid || h.salt1 != w.hdr.salt1 || h.salt2 != w.hdr.salt2 || h.pageSize != w.hdr.pageSize {
+		// A new generation: every frame of the old one was checkpointed,
+		// and so scanned and logged, before SQLite could restart the WAL.
+		d.resetWAL()
+		w.hdr, w.valid = h, true
+	}
+	if cap(w.frame) < int(h.frameSize()) {
+		w.frame = make([]byte, h.frameSize())
+	}
+	frame := w.frame[:h.frameSize()]
+	if w.sumAt != w.mxFrame {
+		// The chain up to the last commit, which the daemon did not follow
+		// (frames written through it, or found by recovery).
+		w.sum1, w.sum2 = h.sum1, h.sum2
+		for i := int64(0); i < w.mxFrame; i++ {
+			if _, err := w.file.ReadAt(frame, h.frameOffset(i)); err != nil {
+				return fmt.Errorf("read WAL frame %d: %w", i, err)
+			}
+			w.sum1, w.sum2 = walChecksum(h.bigEndian, frame[:8], w.sum1, w.sum2)
+			w.sum1, w.sum2 = walChecksum(h.bigEndian, frame[walFrameHeaderSize:], w.sum1, w.sum2)
+		}
+		w.sumAt = w.mxFrame
+	}
+	s1, s2 := w.sum1, w.sum2
+	w.pgnos = w.pgnos[:0]
+	for i := w.mxFrame; ; i++ {
+		n, err := w.file.ReadAt(frame, h.frameOffset(i))
+		if n < len(frame) {
+			if err != nil && err != io.EOF {
+				return fmt.Errorf("read WAL frame %d: %w", i, err)
+			}
+			break
+		}
+		fh := parseWALFrameHeader(frame)
+		if fh.salt1 != h.salt1 || fh.salt2 != h.salt2 || fh.pgno == 0 {
+			break
+		}
+		s1, s2 = walChecksum(h.bigEndian, frame[:8], s1, s2)
+		s1, s2 = walChecksum(h.bigEndian, frame[walFrameHeaderSize:], s1, s2)
+		if s1 != fh.sum1 || s2 != fh.sum2 {
+			break
+		}
+		w.pgnos = append(w.pgnos, fh.pgno)
+		if fh.commit == 0 {
+			continue
+		}
+		if err := d.committedWAL(ctx, fh.commit); err != nil {
+			w.pgnos = w.pgnos[:0]
+			return err
+		}
+		w.sum1, w.sum2, w.sumAt = s1, s2, w.mxFrame
+	}
+	w.pgnos = w.pgnos[:0]
+	return nil
+}
+
+// walWatcher watches the backing WALs written by passthrough and scans one
+// when it changes.
+type walWatcher struct {
+	file   *os.File // the inotify instance, through the runtime's poller
+	logger interface{ Error(string, ...any) }
+
+	mu     sync.Mutex
+	dbs    map[int32]*DB // by watch descriptor
+	wg     sync.WaitGroup
+	closed sync.Once
+}
+
+func newWALWatcher(f *FileSystem) (*walWatcher, error) {
+	fd, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK)
+	if err != nil {
+		return nil, fmt.Errorf("inotify: %w", err)
+	}
+	w := &walWatcher{file: os.NewFile(uintptr(fd), "inotify"), logger: f.Logger, dbs: map[int32]*DB{}}
+	w.wg.Add(1)
+	go w.run()
+	return w, nil
+}
+
+// watch watches d's backing WAL, which exists.
+func (w *walWatcher) watch(d *DB) error {
+	wd, err := unix.InotifyAddWatch(int(w.file.Fd()), d.path(walFile), unix.IN_MODIFY)
+	if err != nil {
+		return fmt.Errorf("watch WAL of %s: %w", d.Name, err)
+	}
+	w.mu.Lock()
+	w.dbs[int32(wd)] = d
+	w.mu.Unlock()
+	return nil
+}
+
+func (w *walWatcher) run() {
+	defer w.wg.Done()
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := w.file.Read(buf)
+		if err != nil || n <= 0 {
+			return // closed
+		}
+		seen := map[*DB]bool{}
+		for off := 0; off+unix.SizeofInotifyEvent <= n; {
+			ev := (*unix.InotifyEvent)(unsafe.Pointer(&buf[off]))
+			off += unix.SizeofInotifyEvent + int(ev.Len)
+			w.mu.Lock()
+			d := w.dbs[ev.Wd]
+			if ev.Mask&unix.IN_IGNORED != 0 {
+				delete(w.dbs, ev.Wd)
+			}
+			w.mu.Unlock()
+			if d == nil || seen[d] || ev.Mask&unix.IN_MODIFY == 0 {
+				continue
+			}
+			seen[d] = true
+			d.mu.Lock()
+			if err := d.scanWAL(context.Background()); err != nil {
+				w.logger.Error("scan WAL", "db", d.Name, "err", err)
+			}
+			d.mu.Unlock()
+		}
+	}
+}
+
+// close stops the watcher.
+func (w *walWatcher) close() {
+	w.closed.Do(func() {
+		_ = w.file.Close()
+		w.wg.Wait()
+	})
+}
+
+// fsImmutableFL is the inode flag of an immutable file (chattr +i).
+const fsImmutableFL = 0x00000010
+
+// fenceWAL makes d's backing WAL immutable, or writable again: the kernel
+// writes a WAL opened with passthrough without asking the daemon, so
+// refusing writes in read-only mode takes the filesystem's own refusal
+// (ext4 fails writes to an immutable file, opened or not, with EPERM).
+// Then everything SQLite committed before is scanned. Caller holds d.mu.
+func (d *DB) fenceWAL(fenced bool) error {
+	if d.wal.file == nil {
+		return nil
+	}
+	if err := setImmutable(d.wal.file, fenced); err != nil {
+		return fmt.Errorf("WAL of %s: %w", d.Name, err)
+	}
+	return d.scanWAL(context.Background())
+}
+
+// setImmutable sets or clears the immutable flag of f.
+func setImmutable(f *os.File, on bool) error {
+	fd := int(f.Fd())
+	flags, err := unix.IoctlGetInt(fd, unix.FS_IOC_GETFLAGS)
+	if !on && (errors.Is(err, unix.ENOTTY) || errors.Is(err, unix.EOPNOTSUPP)) {
+		return nil // no inode flags here: none to clear
+	}
+	if err != nil {
+		return fmt.Errorf("get inode flags: %w", err)
+	}
+	want := flags &^ fsImmutableFL
+	if on {
+		want |= fsImmutableFL
+	}
+	if want == flags {
+		return nil
+	}
+	if err := unix.IoctlSetPointerInt(fd, unix.FS_IOC_SETFLAGS, want); err != nil {
+		return fmt.Errorf("set inode flags: %w", err)
+	}
+	return nil
+}
