@@ -88,7 +88,7 @@ type FileSystem struct {
 const (
 	DefaultMaintainInterval = time.Minute
 	DefaultCompactAge       = time.Minute
-	DefaultMaxSpares        = 4096
+	DefaultMaxSpares        = 65536
 )
 
 // New returns a filesystem of the databases in dataDir, to be mounted at

@@ -86,8 +86,8 @@ func (s *Spares) Take() string {
 	return filepath.Join(s.dir, name)
 }
 
-// Put moves the file at path into the pool, or removes it if the pool is
-// full. A missing file is not an error. The file must not be open for
+// Put empties the file at path and moves it into the pool, or removes it
+// if the pool is full. A missing file is not an error. The file must not be open for
 // reading anywhere it matters: it will be written over.
 func (s *Spares) Put(path string) error {
 	if s == nil {
@@ -101,6 +101,13 @@ func (s *Spares) Put(path string) error {
 	name := strconv.Itoa(s.next)
 	s.next++
 	s.mu.Unlock()
+	// Emptied: a spare keeps an inode, not disk space.
+	if err := os.Truncate(path, 0); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
 	if err := os.Rename(path, filepath.Join(s.dir, name)); err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			return nil

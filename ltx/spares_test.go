@@ -114,6 +114,9 @@ func TestSpares(t *testing.T) {
 		if !slices.Contains(pruned, ino) {
 			t.Fatalf("spare %s (inode %d) is not a pruned file", e.Name(), ino)
 		}
+		if fi, err := e.Info(); err != nil || fi.Size() != 0 {
+			t.Fatalf("spare %s keeps %d bytes (err %v), want 0", e.Name(), fi.Size(), err)
+		}
 	}
 	// The reader still reads the file whole and verified.
 	if _, err := io.Copy(io.Discard, r); err != nil {
