@@ -355,6 +355,7 @@ func (r *raw) Unlink(cancel <-chan struct{}, in *fuse.InHeader, name string) fus
 		if err = d.endWAL(ctx, 0); err == nil && d.wal.file != nil {
 			_ = d.wal.file.Close()
 			d.wal.file = nil
+			d.wal.passthrough = false // decided again when it is opened
 		}
 	}
 	if err == nil && kind == kindJournal && !open {
