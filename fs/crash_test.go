@@ -78,14 +78,7 @@ func testCrashApp(t *testing.T, mode string) {
 		t.Fatalf("schema: got %d LTX files, want %d", got, want)
 	}
 
-	random := appRounds
-	if testing.Short() {
-		random = appRoundsShort
-	}
-	var plan []killPoint
-	for i := 0; i < random; i++ {
-		plan = append(plan, killPoint{name: "random"})
-	}
+	plan := randomKills(appRounds, appRoundsShort)
 	for i := 0; i < appAtRounds; i++ {
 		k := killAtDatabaseWrite
 		k.nth = 1 + rng.IntN(20)
@@ -134,7 +127,7 @@ func testCrashApp(t *testing.T, mode string) {
 		t.Fatalf("after the rounds: log at txid %d, want %d (schema %d + %d rows)", got, want, schemaTXID, rows.max)
 	}
 	t.Logf("%s: %d kills (%d random, %d at database writes), %d with a transaction in flight (%d of those committed, %d left a hot journal: %v), %d rows (seed %d)",
-		mode, len(plan), random, appAtRounds, st.inFlight, st.inFlightCommitted, st.hotJournal, hot, rows.max, seed)
+		mode, len(plan), len(plan)-appAtRounds, appAtRounds, st.inFlight, st.inFlightCommitted, st.hotJournal, hot, rows.max, seed)
 	if mode != "wal" && hot[killAtDatabaseWrite.name] == 0 {
 		t.Fatalf("%s: got 0 of the %d kills at database writes leaving a hot journal, want at least 1: the rollback of a crashed app's transaction by the next one was not exercised", mode, appAtRounds)
 	}
@@ -189,6 +182,19 @@ const (
 // that the log holds exactly one LTX file per committed transaction, and,
 // with the daemon stopped, that the log's position is the checksum of the
 // database file and the log rebuilds it byte for byte.
+// randomKills plans rounds killed at a random moment: n of them, or short
+// with -short.
+func randomKills(n, short int) []killPoint {
+	if testing.Short() {
+		n = short
+	}
+	plan := make([]killPoint, n)
+	for i := range plan {
+		plan[i] = killPoint{name: "random"}
+	}
+	return plan
+}
+
 func TestCrash_Daemon(t *testing.T) {
 	t.Parallel()
 	for _, mode := range journalModes {
@@ -230,14 +236,7 @@ func testCrashDaemon(t *testing.T, mode string, passthrough bool) {
 	if mode == "wal" {
 		precise, other = killAtLTXCreated, killAtLTXRenamed
 	}
-	random := daemonRandomRounds
-	if testing.Short() {
-		random = daemonRandomRoundsShort
-	}
-	var plan []killPoint
-	for i := 0; i < random; i++ {
-		plan = append(plan, killPoint{name: "random"})
-	}
+	plan := randomKills(daemonRandomRounds, daemonRandomRoundsShort)
 	for i := 0; i < daemonAtRounds; i++ {
 		k := precise
 		if i%3 == 2 {
@@ -317,7 +316,7 @@ func testCrashDaemon(t *testing.T, mode string, passthrough bool) {
 	}
 
 	t.Logf("%s: %d kills (%d random, %d at LTX events), %d with a transaction in flight (%d of those committed, %d left a hot journal); recovery: %v; precise kills landed: %v; %d rows (seed %d)",
-		mode, len(plan), random, daemonAtRounds, st.inFlight, st.inFlightCommitted, st.hotJournal, recovered, landed, rows.max, seed)
+		mode, len(plan), len(plan)-daemonAtRounds, daemonAtRounds, st.inFlight, st.inFlightCommitted, st.hotJournal, recovered, landed, rows.max, seed)
 	if landed[precise.name] == 0 {
 		t.Fatalf("%s: got 0 of the %s kills landing where they aim, want at least 1: the recovery path of a crash between the %s was not exercised (recovery: %v)",
 			mode, precise.name, map[string]string{"ltx-renamed": "LTX file and the journal's finalizing", "ltx-created": "commit frame and its LTX file"}[precise.name], recovered)

@@ -258,7 +258,7 @@ func (d *DB) committedRollback(info *ltx.FileInfo) {
 	d.clearDirty()
 	if info != nil {
 		d.pageSize = info.Header.PageSize
-		d.logger.Debug("commit", "txid", info.Header.MaxTXID, "pages", info.Header.Commit)
+		d.logger.Debug("commit", "txid", info.Header.MaxTXID, "commit", info.Header.Commit, "bytes", info.Size)
 	}
 }
 

@@ -455,7 +455,7 @@ func (f *FileSystem) deleteDB(d *DB) error {
 	// open in the app.)
 	if entries, err := os.ReadDir(filepath.Join(trash, logDir)); err == nil && d.log.Readers() == 0 {
 		for _, e := range entries {
-			if e.Type().IsRegular() && f.spares.Len() < f.MaxSpares {
+			if e.Type().IsRegular() {
 				if err := f.spares.Put(filepath.Join(trash, logDir, e.Name())); err != nil {
 					return err
 				}

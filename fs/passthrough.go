@@ -129,31 +129,21 @@ func (d *DB) scanWAL(ctx context.Context) error {
 		// (frames written through it, or found by recovery).
 		w.sum1, w.sum2 = h.sum1, h.sum2
 		for i := int64(0); i < w.mxFrame; i++ {
-			if _, err := w.file.ReadAt(frame, h.frameOffset(i)); err != nil {
-				return fmt.Errorf("read WAL frame %d: %w", i, err)
+			if _, ok, err := h.readFrame(w.file, i, frame, &w.sum1, &w.sum2); err != nil {
+				return err
+			} else if !ok {
+				return fmt.Errorf("database %s: WAL frame %d, before the last commit found, is no longer valid", d.Name, i)
 			}
-			w.sum1, w.sum2 = walChecksum(h.bigEndian, frame[:8], w.sum1, w.sum2)
-			w.sum1, w.sum2 = walChecksum(h.bigEndian, frame[walFrameHeaderSize:], w.sum1, w.sum2)
 		}
 		w.sumAt = w.mxFrame
 	}
 	s1, s2 := w.sum1, w.sum2
 	w.pgnos = w.pgnos[:0]
 	for i := w.mxFrame; ; i++ {
-		n, err := w.file.ReadAt(frame, h.frameOffset(i))
-		if n < len(frame) {
-			if err != nil && err != io.EOF {
-				return fmt.Errorf("read WAL frame %d: %w", i, err)
-			}
-			break
-		}
-		fh := parseWALFrameHeader(frame)
-		if fh.salt1 != h.salt1 || fh.salt2 != h.salt2 || fh.pgno == 0 {
-			break
-		}
-		s1, s2 = walChecksum(h.bigEndian, frame[:8], s1, s2)
-		s1, s2 = walChecksum(h.bigEndian, frame[walFrameHeaderSize:], s1, s2)
-		if s1 != fh.sum1 || s2 != fh.sum2 {
+		fh, ok, err := h.readFrame(w.file, i, frame, &s1, &s2)
+		if err != nil {
+			return err
+		} else if !ok {
 			break
 		}
 		w.pgnos = append(w.pgnos, fh.pgno)

@@ -96,6 +96,30 @@ func walChecksum(bigEndian bool, b []byte, s1, s2 uint32) (uint32, uint32) {
 	return s1, s2
 }
 
+// readFrame reads frame i of the WAL in r into frame (frameSize bytes) and
+// checks it as SQLite's recovery does: its salts match the header and its
+// checksum continues the chain s1, s2, which it then advances. ok is false
+// at the first frame that is not valid, or not whole in r.
+func (h walHeader) readFrame(r io.ReaderAt, i int64, frame []byte, s1, s2 *uint32) (fh walFrameHeader, ok bool, err error) {
+	if n, err := r.ReadAt(frame, h.frameOffset(i)); n < len(frame) {
+		if err != nil && err != io.EOF {
+			return fh, false, fmt.Errorf("read WAL frame %d: %w", i, err)
+		}
+		return fh, false, nil
+	}
+	fh = parseWALFrameHeader(frame)
+	if fh.salt1 != h.salt1 || fh.salt2 != h.salt2 || fh.pgno == 0 {
+		return fh, false, nil
+	}
+	c1, c2 := walChecksum(h.bigEndian, frame[:8], *s1, *s2)
+	c1, c2 = walChecksum(h.bigEndian, frame[walFrameHeaderSize:], c1, c2)
+	if c1 != fh.sum1 || c2 != fh.sum2 {
+		return fh, false, nil
+	}
+	*s1, *s2 = c1, c2
+	return fh, true, nil
+}
+
 // walTx is one committed transaction found in a WAL.
 type walTx struct {
 	first, last int64            // frame indexes, inclusive
@@ -125,20 +149,13 @@ func readWAL(r io.ReaderAt, size int64) (walHeader, []walTx, error) {
 	frame := make([]byte, h.frameSize())
 	cur := walTx{first: 0, frames: map[uint32]int64{}}
 	for i := int64(0); h.frameOffset(i+1) <= size; i++ {
-		off := h.frameOffset(i)
-		if _, err := r.ReadAt(frame, off); err != nil {
-			return h, nil, fmt.Errorf("read WAL frame %d: %w", i, err)
-		}
-		fh := parseWALFrameHeader(frame)
-		if fh.salt1 != h.salt1 || fh.salt2 != h.salt2 || fh.pgno == 0 {
+		fh, ok, err := h.readFrame(r, i, frame, &s1, &s2)
+		if err != nil {
+			return h, nil, err
+		} else if !ok {
 			break
 		}
-		s1, s2 = walChecksum(h.bigEndian, frame[:8], s1, s2)
-		s1, s2 = walChecksum(h.bigEndian, frame[walFrameHeaderSize:], s1, s2)
-		if s1 != fh.sum1 || s2 != fh.sum2 {
-			break
-		}
-		cur.frames[fh.pgno] = off
+		cur.frames[fh.pgno] = h.frameOffset(i)
 		if fh.commit != 0 {
 			cur.last, cur.commit = i, fh.commit
 			txs = append(txs, cur)
