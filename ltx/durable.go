@@ -78,20 +78,14 @@ func writeTemp(dir, name string, sync bool, spares *Spares, write func(w io.Writ
 		writerPool.Put(bw)
 	}()
 	h := newSealHash()
-	if err := write(io.MultiWriter(bw, h)); err != nil {
+	cw := &countingWriter{w: io.MultiWriter(bw, h)}
+	if err := write(cw); err != nil {
 		return nil, diskError("write", tmp, err)
 	}
 	if err := bw.Flush(); err != nil {
 		return nil, diskError("write", tmp, err)
 	}
-	// A spare may have been longer.
-	written, err := f.Seek(0, io.SeekCurrent)
-	if err == nil {
-		err = f.Truncate(written)
-	}
-	if err != nil {
-		return nil, diskError("write", tmp, err)
-	}
+	written := cw.n
 	failpoint("write")
 	seal := sealValue(h)
 	if err := writeSeal(f, seal); err != nil {
@@ -112,8 +106,10 @@ func writeTemp(dir, name string, sync bool, spares *Spares, write func(w io.Writ
 
 // rename gives t its name, then fsyncs the directory if syncDir.
 func (t *tempFile) rename(syncDir bool) error {
-	if err := os.Rename(t.tmp, filepath.Join(t.dir, t.name)); err != nil {
-		return err
+	// Not os.Rename, which stats the new name first to refuse a directory:
+	// a system call per transaction, and log names are never directories.
+	if err := unix.Renameat(unix.AT_FDCWD, t.tmp, unix.AT_FDCWD, filepath.Join(t.dir, t.name)); err != nil {
+		return &os.LinkError{Op: "rename", Old: t.tmp, New: filepath.Join(t.dir, t.name), Err: err}
 	}
 	failpoint("rename")
 	if syncDir {
@@ -128,6 +124,18 @@ func (t *tempFile) rename(syncDir bool) error {
 // remove deletes a file that will not be renamed.
 func (t *tempFile) remove() { _ = os.Remove(t.tmp) }
 
+// countingWriter counts the bytes written through it.
+type countingWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
+}
+
 // openSpare opens a file from spares for writing over, or returns nil if
 // there is none.
 func openSpare(spares *Spares) (*os.File, error) {
@@ -136,7 +144,9 @@ func openSpare(spares *Spares) (*os.File, error) {
 		if path == "" {
 			return nil, nil
 		}
-		f, err := os.OpenFile(path, os.O_WRONLY, 0)
+		// Emptied when put in the pool; O_TRUNC in case it was not (a
+		// crash in between), so the file ends where its bytes do.
+		f, err := os.OpenFile(path, os.O_WRONLY|os.O_TRUNC, 0)
 		if errors.Is(err, os.ErrNotExist) {
 			continue // removed by hand
 		}
