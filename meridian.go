@@ -139,6 +139,24 @@ func (r *Role) UnmarshalText(b []byte) error {
 	return nil
 }
 
+// NameRule says how node and region names are written. A node's name is
+// also the name in its TLS certificate.
+const NameRule = "1-63 lowercase letters, digits and '-', starting with a letter or digit"
+
+// ValidName reports whether s is a valid node or region name (NameRule).
+func ValidName(s string) bool {
+	if len(s) == 0 || len(s) > 63 || s[0] == '-' {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if (c < 'a' || c > 'z') && (c < '0' || c > '9') && c != '-' {
+			return false
+		}
+	}
+	return true
+}
+
 // NodeInfo identifies a node and says how to reach it. It is what the write
 // lease names and what `regiond status` prints.
 type NodeInfo struct {

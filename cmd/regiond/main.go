@@ -1,8 +1,8 @@
 // Command regiond is Meridian's per-region daemon and its tools.
 //
 // `regiond run` runs the daemon; `regiond ltx` holds the tools for LTX logs
-// and database files. `status` and the cluster commands come with
-// replication and leases.
+// and database files; `regiond ca` makes the cluster's mTLS material.
+// `status` and the cluster commands come with replication and leases.
 package main
 
 import (
@@ -44,6 +44,7 @@ Commands:
 
 	run    run the daemon: mount the databases and capture every transaction
 	ltx    inspect, verify and restore LTX logs and database files
+	ca     make the cluster's CA and each node's certificate and key
 
 Run "regiond <command> -h" for a command's usage.
 `
@@ -67,6 +68,8 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runRun(ctx, args[1:], stderr)
 	case "ltx":
 		return runLTX(ctx, args[1:], stdout, stderr)
+	case "ca":
+		return runCA(ctx, args[1:], stdout, stderr)
 	case "help", "-h", "-help", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil
