@@ -12,16 +12,18 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
-	"regexp"
 	"slices"
 	"strings"
 	"time"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/meridian-db/meridian"
 )
 
 // Defaults for keys the configuration file leaves out. lease.static_primary
-// defaults to node.
+// defaults to node; tls.ca, tls.cert and tls.key default to ca.pem,
+// <node>.pem and <node>-key.pem beside the configuration file.
 const (
 	DefaultDataDir   = "/var/lib/meridian"
 	DefaultMountDir  = "/data"
@@ -39,7 +41,7 @@ const LeaseStatic = "static"
 
 const (
 	leaseConsul        = "consul" // planned; refused until the Consul leaser exists
-	nodeNameHint       = "use 1-63 lowercase letters, digits and '-', starting with a letter or digit"
+	nodeNameHint       = "use " + meridian.NameRule
 	durationSyntaxHint = "use Go syntax like 10m or 2s"
 )
 
@@ -48,7 +50,6 @@ var (
 	logLevels  = []string{"debug", "info", "warn", "error"}
 	logFormats = []string{"text", "json"}
 	fsLocks    = []string{"mount", "kernel"}
-	nodeNameRe = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
 )
 
 // Config is the daemon's configuration. Load it with LoadConfig; a Config
@@ -61,6 +62,7 @@ type Config struct {
 	FS          FSConfig          `yaml:"fs"`
 	Lease       LeaseConfig       `yaml:"lease"`
 	Replication ReplicationConfig `yaml:"replication"`
+	TLS         TLSConfig         `yaml:"tls"`
 	Log         LogConfig         `yaml:"log"`
 }
 
@@ -86,6 +88,17 @@ type LeaseConfig struct {
 // ReplicationConfig holds the settings of LTX replication.
 type ReplicationConfig struct {
 	Retention Duration `yaml:"retention"` // how long LTX files are kept
+}
+
+// TLSConfig names the mTLS material a node uses with its peers (see
+// ServerTLS and ClientTLS), made by `regiond ca`.
+type TLSConfig struct {
+	CA   string `yaml:"ca"`   // the cluster's CA certificate(s), PEM
+	Cert string `yaml:"cert"` // this node's certificate, naming node
+	Key  string `yaml:"key"`  // this node's private key, mode 0600
+	// Insecure turns TLS off between nodes: plaintext, no authentication.
+	// For tests and demos only; see TLSWarning.
+	Insecure bool `yaml:"insecure"`
 }
 
 // LogConfig sets up the daemon's log/slog logger.
@@ -137,7 +150,10 @@ func (e *Error) Error() string {
 
 // DefaultConfig returns a Config with every default applied. Node and Region
 // are empty and must be set; Lease.StaticPrimary is empty and ParseConfig
-// sets it to Node when the file leaves it out.
+// sets it to Node when the file leaves it out. The TLS files are empty:
+// ParseConfig sets them to ca.pem, <node>.pem and <node>-key.pem in the
+// file's directory, and a Config built in code must set them or set
+// TLS.Insecure.
 func DefaultConfig() Config {
 	return Config{
 		DataDir:     DefaultDataDir,
@@ -150,7 +166,8 @@ func DefaultConfig() Config {
 }
 
 // LoadConfig reads, completes and validates the configuration file at path.
-// Relative data_dir and mount_dir are resolved against the file's directory.
+// Relative data_dir, mount_dir and tls paths are resolved against the
+// file's directory.
 // Errors of the content are *Error with File set to path.
 func LoadConfig(path string) (Config, error) {
 	f, err := os.Open(path)
@@ -167,9 +184,10 @@ func LoadConfig(path string) (Config, error) {
 }
 
 // ParseConfig reads one YAML document from r, applies defaults for the keys
-// it leaves out, resolves relative data_dir and mount_dir against dir (made
-// absolute), and validates the result. Problems come as one *Error: the
-// syntax error, or every unknown key and bad value, or every Validate problem.
+// it leaves out, resolves relative data_dir, mount_dir, tls.ca, tls.cert and
+// tls.key against dir (made absolute), and validates the result. Problems
+// come as one *Error: the syntax error, or every unknown key and bad value,
+// or every Validate problem.
 func ParseConfig(r io.Reader, dir string) (Config, error) {
 	b, err := io.ReadAll(r)
 	if err != nil {
@@ -183,6 +201,8 @@ func ParseConfig(r io.Reader, dir string) (Config, error) {
 		c.Lease.StaticPrimary = c.Node
 	}
 	c.DataDir, c.MountDir = resolvePath(c.DataDir, dir), resolvePath(c.MountDir, dir)
+	c.TLS.defaults(c.Node)
+	c.TLS.CA, c.TLS.Cert, c.TLS.Key = resolvePath(c.TLS.CA, dir), resolvePath(c.TLS.Cert, dir), resolvePath(c.TLS.Key, dir)
 	if err := c.Validate(); err != nil {
 		return Config{}, err
 	}
@@ -338,7 +358,7 @@ func (p *problems) add(format string, args ...any) { *p = append(*p, fmt.Sprintf
 func (p *problems) name(key, v, what string) {
 	if v == "" {
 		p.add("%s: required (%s)", key, what)
-	} else if !nodeNameRe.MatchString(v) {
+	} else if !meridian.ValidName(v) {
 		p.add("%s: %q is not a valid name (%s)", key, v, nodeNameHint)
 	}
 }
@@ -381,6 +401,7 @@ func (c *Config) Validate() error {
 	if c.Replication.Retention <= 0 {
 		p.add("replication.retention: %v must be greater than 0 (e.g. 10m)", c.Replication.Retention)
 	}
+	c.validateTLS(&p)
 	p.oneOf("fs.locks", c.FS.Locks, fsLocks)
 	p.oneOf("log.level", c.Log.Level, logLevels)
 	p.oneOf("log.format", c.Log.Format, logFormats)

@@ -31,6 +31,11 @@ lease:
   static_primary: iad-1
 replication:
   retention: 90s
+tls:
+  ca: /etc/pki/meridian/cluster.pem
+  cert: certs/fra-1.crt
+  key: certs/fra-1.key
+  insecure: true
 log:
   level: debug
   format: json
@@ -54,6 +59,7 @@ func TestParseConfig_Defaults(t *testing.T) {
 		FS:          regiond.FSConfig{Locks: "mount", Passthrough: true},
 		Lease:       regiond.LeaseConfig{Type: "static", Candidate: true, StaticPrimary: "iad-1"},
 		Replication: regiond.ReplicationConfig{Retention: regiond.Duration(10 * time.Minute)},
+		TLS:         regiond.TLSConfig{CA: "/etc/meridian/ca.pem", Cert: "/etc/meridian/iad-1.pem", Key: "/etc/meridian/iad-1-key.pem"},
 		Log:         regiond.LogConfig{Level: "info", Format: "text"},
 	}
 	if !reflect.DeepEqual(got, want) {
@@ -74,7 +80,9 @@ func TestParseConfig_Full(t *testing.T) {
 		FS:          regiond.FSConfig{Locks: "kernel", Passthrough: false},
 		Lease:       regiond.LeaseConfig{Type: "static", Candidate: false, StaticPrimary: "iad-1"},
 		Replication: regiond.ReplicationConfig{Retention: regiond.Duration(90 * time.Second)},
-		Log:         regiond.LogConfig{Level: "debug", Format: "json"},
+		TLS: regiond.TLSConfig{CA: "/etc/pki/meridian/cluster.pem", Cert: "/etc/meridian/certs/fra-1.crt",
+			Key: "/etc/meridian/certs/fra-1.key", Insecure: true},
+		Log: regiond.LogConfig{Level: "debug", Format: "json"},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("got %+v, want %+v", got, want)
@@ -140,9 +148,13 @@ func TestParseConfig_Errors(t *testing.T) {
 		{"BadFormat", base + "log:\n  format: xml\n", []string{`log.format: "xml" is not accepted (use one of: text, json)`}},
 		{"BadLocks", base + "fs:\n  locks: posix\n", []string{`fs.locks: "posix" is not accepted (use one of: mount, kernel)`}},
 		{"UnknownKey", base + "replicaton:\n  retention: 1m\n",
-			[]string{`line 3: unknown key "replicaton" (keys: node, region, data_dir, mount_dir, fs, lease, replication, log)`}},
+			[]string{`line 3: unknown key "replicaton" (keys: node, region, data_dir, mount_dir, fs, lease, replication, tls, log)`}},
 		{"UnknownNestedKey", base + "replication:\n  retenton: 1m\n", []string{`line 4: unknown key "replication.retenton" (keys under replication: retention)`}},
 		{"FutureKey", base + "lease:\n  ttl: 10s\n", []string{`unknown key "lease.ttl"`}},
+		{"UnknownTLSKey", base + "tls:\n  verify: false\n", []string{`line 4: unknown key "tls.verify" (keys under tls: ca, cert, key, insecure)`}},
+		{"TLSNotMapping", base + "tls: off\n", []string{`line 3: tls: want a mapping of keys (ca, cert, key, insecure), got "off"`}},
+		{"BadInsecure", base + "tls:\n  insecure: please\n", []string{`line 4: tls.insecure: "please" is not a boolean (use true or false)`}},
+		{"TLSCertList", base + "tls:\n  cert: [a.pem, b.pem]\n", []string{"line 4: tls.cert: want a single value, got a list"}},
 		{"RepeatedKey", base + "node: fra-1\n", []string{"line 3: node: repeats the key from line 1"}},
 		{"NotMapping", "- node: iad-1\n", []string{"line 1: want a mapping of keys (node, region,", "got a list"}},
 		{"Syntax", base + "lease:\n  type: static\n candidate: true\n", []string{"config: line 4: did not find expected key (fix the YAML syntax)"}},
@@ -170,7 +182,7 @@ func TestParseConfig_Errors(t *testing.T) {
 func TestLoadConfig(t *testing.T) {
 	t.Run("RelativePaths", func(t *testing.T) {
 		dir := t.TempDir()
-		path := writeFile(t, dir, "regiond.yml", "node: iad-1\nregion: iad\ndata_dir: state\nmount_dir: ../mnt/db\n")
+		path := writeFile(t, dir, "regiond.yml", "node: iad-1\nregion: iad\ndata_dir: state\nmount_dir: ../mnt/db\ntls:\n  ca: ../pki/ca.pem\n  key: /secret/iad-1.key\n")
 		c, err := regiond.LoadConfig(path)
 		if err != nil {
 			t.Fatal(err)
@@ -180,6 +192,10 @@ func TestLoadConfig(t *testing.T) {
 		}
 		if got, want := c.MountDir, filepath.Join(filepath.Dir(dir), "mnt", "db"); got != want {
 			t.Fatalf("got %v, want %v", got, want)
+		}
+		want := regiond.TLSConfig{CA: filepath.Join(filepath.Dir(dir), "pki", "ca.pem"), Cert: filepath.Join(dir, "iad-1.pem"), Key: "/secret/iad-1.key"}
+		if c.TLS != want {
+			t.Fatalf("got %+v, want %+v", c.TLS, want)
 		}
 	})
 
@@ -235,8 +251,35 @@ func TestConfig_Validate(t *testing.T) {
 	t.Run("OK", func(t *testing.T) {
 		c := regiond.DefaultConfig()
 		c.Node, c.Region, c.Lease.StaticPrimary = "iad-1", "iad", "iad-1"
+		c.TLS = regiond.TLSConfig{CA: "/etc/meridian/ca.pem", Cert: "/etc/meridian/iad-1.pem", Key: "/etc/meridian/iad-1-key.pem"}
 		if err := c.Validate(); err != nil {
 			t.Fatalf("got %v, want nil", err)
+		}
+	})
+	t.Run("OKInsecure", func(t *testing.T) {
+		c := regiond.DefaultConfig()
+		c.Node, c.Region, c.Lease.StaticPrimary = "iad-1", "iad", "iad-1"
+		c.TLS.Insecure = true
+		if err := c.Validate(); err != nil {
+			t.Fatalf("got %v, want nil: tls files are not needed with tls.insecure", err)
+		}
+	})
+	t.Run("TLSFiles", func(t *testing.T) {
+		c := regiond.DefaultConfig()
+		c.Node, c.Region, c.Lease.StaticPrimary = "iad-1", "iad", "iad-1"
+		c.TLS.Cert = "iad-1.pem"
+		err := c.Validate()
+		var cerr *regiond.Error
+		if !errors.As(err, &cerr) {
+			t.Fatalf("got %v, want *regiond.Error", err)
+		}
+		want := []string{
+			"tls.ca: required unless tls.insecure is true (the cluster's CA certificate, made by `regiond ca init`; in a config file it defaults to ca.pem beside the file)",
+			`tls.cert: "iad-1.pem" must be an absolute path`,
+			"tls.key: required unless tls.insecure is true (this node's private key, made by `regiond ca issue`; in a config file it defaults to <node>-key.pem beside the file)",
+		}
+		if !reflect.DeepEqual(cerr.Problems, want) {
+			t.Fatalf("got %q, want %q", cerr.Problems, want)
 		}
 	})
 	t.Run("DefaultConfigNeedsNames", func(t *testing.T) {
@@ -250,6 +293,7 @@ func TestConfig_Validate(t *testing.T) {
 			"node: required (the unique name of this node, e.g. iad-1)",
 			"region: required (the region this node runs in, e.g. iad)",
 			"lease.static_primary: required (the node that holds the write lease, e.g. iad-1)",
+			"tls.ca: required unless tls.insecure is true (the cluster's CA certificate, made by `regiond ca init`; in a config file it defaults to ca.pem beside the file)",
 		}
 		if !reflect.DeepEqual(cerr.Problems, want) {
 			t.Fatalf("got %q, want %q", cerr.Problems, want)
