@@ -1,0 +1,301 @@
+package replication_test
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"testing"
+
+	"github.com/meridian-db/meridian/internal/testingutil"
+	"github.com/meridian-db/meridian/ltx"
+	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
+	"github.com/meridian-db/meridian/replication"
+)
+
+// primary is a replication.Source over SQLite databases in rollback
+// (DELETE) mode on a plain directory: each write runs through SQLite and
+// is committed to the database's log with the pages it changed.
+type primary struct {
+	tb  testing.TB
+	dir string
+
+	mu      sync.Mutex
+	dbs     map[string]*primaryDB
+	changed chan struct{}
+}
+
+type primaryDB struct {
+	path string
+	sql  *sql.DB
+	log  *ltx.Log
+	work *testingutil.Workload
+}
+
+func newPrimary(tb testing.TB) *primary {
+	return &primary{tb: tb, dir: tb.TempDir(), dbs: make(map[string]*primaryDB), changed: make(chan struct{})}
+}
+
+// create adds database name, with its schema committed as TXID 1.
+func (p *primary) create(name string, seed uint64) {
+	p.tb.Helper()
+	dir := filepath.Join(p.dir, name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		p.tb.Fatal(err)
+	}
+	path := filepath.Join(dir, "db")
+	d := &primaryDB{path: path, sql: testingutil.MustOpenSQLite(p.tb, path, "delete"),
+		log: testingutil.MustOpenLog(p.tb, name, filepath.Join(dir, "ltx"), path)}
+	d.work = testingutil.NewWorkload(d.sql, seed)
+	p.mu.Lock()
+	p.dbs[name] = d
+	close(p.changed)
+	p.changed = make(chan struct{})
+	p.mu.Unlock()
+	p.write(name, func() error { return d.work.Init() })
+}
+
+// write runs fn on database name and commits what it changed.
+func (p *primary) write(name string, fn func() error) {
+	p.tb.Helper()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	d := p.dbs[name]
+	before, _ := os.ReadFile(d.path)
+	if err := fn(); err != nil {
+		p.tb.Fatal(err)
+	}
+	after := testingutil.MustReadFile(p.tb, d.path)
+	f, err := os.Open(d.path)
+	if err != nil {
+		p.tb.Fatal(err)
+	}
+	defer f.Close()
+	pageSize, err := ltx.ReadPageSize(f)
+	if err != nil {
+		p.tb.Fatal(err)
+	}
+	_, err = d.log.Commit(context.Background(), ltx.Tx{DB: f, PageSize: pageSize, Commit: uint32(len(after) / int(pageSize)),
+		Pgnos: testingutil.ChangedPages(before, after, int(pageSize)), SkipUnchanged: true})
+	if err != nil && !errors.Is(err, context.Canceled) {
+		p.tb.Fatal(err)
+	}
+}
+
+// steps runs n random transactions on database name.
+func (p *primary) steps(name string, n int) {
+	p.tb.Helper()
+	d := p.dbs[name]
+	for range n {
+		p.write(name, func() error { _, err := d.work.Step(); return err })
+	}
+}
+
+func (p *primary) DBs() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	names := make([]string, 0, len(p.dbs))
+	for n := range p.dbs {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	return names
+}
+
+func (p *primary) Log(name string) *ltx.Log {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if d := p.dbs[name]; d != nil {
+		return d.log
+	}
+	return nil
+}
+
+func (p *primary) Snapshot(ctx context.Context, name string, w io.Writer) (*ltx.FileInfo, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	d := p.dbs[name]
+	f, err := os.Open(d.path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return d.log.Snapshot(ctx, w, f)
+}
+
+func (p *primary) Changed() <-chan struct{} {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.changed
+}
+
+// target is a replication.Target that applies files to plain database
+// files and records what it applied.
+type target struct {
+	tb  testing.TB
+	dir string
+
+	mu        sync.Mutex
+	dbs       map[string]*targetDB
+	snapshots []meridianv1.SnapshotReason // reasons of the snapshots applied
+	applied   int
+	fail      error // returned by the next Apply
+}
+
+type targetDB struct {
+	path  string
+	table *ltx.ChecksumTable
+	pos   ltx.Pos
+}
+
+func newTarget(tb testing.TB) *target {
+	return &target{tb: tb, dir: tb.TempDir(), dbs: make(map[string]*targetDB)}
+}
+
+func (t *target) Positions() map[string]ltx.Pos {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	m := make(map[string]ltx.Pos)
+	for name, d := range t.dbs {
+		m[name] = d.pos
+	}
+	return m
+}
+
+func (t *target) Apply(ctx context.Context, f *replication.File) (ltx.Pos, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if err := t.fail; err != nil {
+		t.fail = nil
+		return ltx.Pos{}, err
+	}
+	d := t.dbs[f.DB]
+	if d == nil || f.Info.Header.IsSnapshot() {
+		d = &targetDB{path: filepath.Join(t.dir, f.DB), table: ltx.NewChecksumTable(f.Info.Header.PageSize)}
+	}
+	if f.Info.Header.IsSnapshot() {
+		t.snapshots = append(t.snapshots, f.SnapshotReason)
+	}
+	db, err := os.OpenFile(d.path, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return ltx.Pos{}, err
+	}
+	defer db.Close()
+	r, err := os.Open(f.Path)
+	if err != nil {
+		return ltx.Pos{}, err
+	}
+	defer r.Close()
+	pos, err := ltx.Apply(ctx, db, d.table, d.pos, r)
+	if err != nil {
+		return ltx.Pos{}, err
+	}
+	d.pos = pos
+	t.dbs[f.DB] = d
+	t.applied++
+	return pos, nil
+}
+
+// path returns the file of database name.
+func (t *target) path(name string) string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.dbs[name].path
+}
+
+// count returns how many files were applied.
+func (t *target) count() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.applied
+}
+
+func (t *target) pos(name string) ltx.Pos {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if d := t.dbs[name]; d != nil {
+		return d.pos
+	}
+	return ltx.Pos{}
+}
+
+// pipe connects a Streamer and a Client in memory.
+type pipe struct {
+	toPrimary chan *meridianv1.StreamRequest
+	toReplica chan *meridianv1.StreamResponse
+	done      chan struct{}
+	once      sync.Once
+}
+
+func newPipe() *pipe {
+	return &pipe{toPrimary: make(chan *meridianv1.StreamRequest), toReplica: make(chan *meridianv1.StreamResponse), done: make(chan struct{})}
+}
+
+func (p *pipe) close() { p.once.Do(func() { close(p.done) }) }
+
+// primaryEnd and replicaEnd are the two ends of a pipe. Like a gRPC
+// server stream, the primary's end fails once the context of its call is
+// done.
+type primaryEnd struct {
+	*pipe
+	ctx context.Context
+}
+type replicaEnd struct {
+	*pipe
+	ctx context.Context
+	// served gets what Serve returned for this stream.
+	served chan error
+	// filter, if set, sees every frame to the replica and may change it.
+	filter func(*meridianv1.StreamResponse)
+}
+
+func (e primaryEnd) Send(f *meridianv1.StreamResponse) error {
+	select {
+	case e.toReplica <- f:
+		return nil
+	case <-e.done:
+		return io.EOF
+	case <-e.ctx.Done():
+		return e.ctx.Err()
+	}
+}
+
+func (e primaryEnd) Recv() (*meridianv1.StreamRequest, error) {
+	select {
+	case f := <-e.toPrimary:
+		return f, nil
+	case <-e.done:
+		return nil, io.EOF
+	case <-e.ctx.Done():
+		return nil, e.ctx.Err()
+	}
+}
+
+func (e replicaEnd) Send(f *meridianv1.StreamRequest) error {
+	select {
+	case e.toPrimary <- f:
+		return nil
+	case <-e.done:
+		return io.EOF
+	case <-e.ctx.Done():
+		return e.ctx.Err()
+	}
+}
+
+func (e replicaEnd) Recv() (*meridianv1.StreamResponse, error) {
+	select {
+	case f := <-e.toReplica:
+		if e.filter != nil {
+			e.filter(f)
+		}
+		return f, nil
+	case <-e.done:
+		return nil, io.EOF
+	case <-e.ctx.Done():
+		return nil, e.ctx.Err()
+	}
+}

@@ -1,0 +1,76 @@
+// Package replication ships every committed transaction from the primary to
+// every replica: the primary's Streamer serves each replica's stream from
+// the databases' LTX logs, and a replica's Client receives the files,
+// verifies them and hands them to a Target that applies them.
+//
+// The core knows nothing of gRPC: a stream is a Conn (primary side) or a
+// ClientConn (replica side), and the frames are the protocol buffer
+// messages of proto/meridian/v1, whose file documents the protocol. The
+// gRPC transport lives in grpc.go.
+package replication
+
+import (
+	"errors"
+	"time"
+
+	"github.com/meridian-db/meridian/ltx"
+	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
+)
+
+// Defaults for the tunables of Streamer and Client.
+const (
+	// DefaultChunkSize is the most file bytes one LTXChunk carries: the
+	// protocol's bound, 256 KiB.
+	DefaultChunkSize = 256 << 10
+
+	// DefaultHeartbeatInterval is how often the primary sends a heartbeat.
+	DefaultHeartbeatInterval = time.Second
+
+	// DefaultMaxFileSize bounds the size of one LTX file a replica accepts,
+	// so a damaged LTXBegin cannot make it fill its disk. Snapshots of
+	// databases larger than this are refused: raise it for them.
+	DefaultMaxFileSize = 64 << 30
+
+	// DefaultMinBackoff and DefaultMaxBackoff bound the wait before a
+	// replica reconnects after a stream ends.
+	DefaultMinBackoff = 100 * time.Millisecond
+	DefaultMaxBackoff = 5 * time.Second
+)
+
+// Errors of the protocol. Compare with errors.Is.
+var (
+	// ErrProtocol is a frame that breaks the protocol: no Hello first, a
+	// chunk outside a file, a size bound broken, bytes that do not add up.
+	ErrProtocol = errors.New("replication protocol violation")
+
+	// ErrStaleEpoch is a frame from a lease epoch older than the newest the
+	// replica has seen: the sender has been deposed.
+	ErrStaleEpoch = errors.New("frame from a stale lease epoch")
+
+	// ErrNotPrimary is returned to a replica that opens a stream to a node
+	// that does not hold the write lease.
+	ErrNotPrimary = errors.New("not the primary")
+)
+
+// Conn is one replica's stream as the primary sees it. Send is called from
+// one goroutine at a time, Recv from another; both fail once the stream
+// ends.
+type Conn interface {
+	Send(*meridianv1.StreamResponse) error
+	Recv() (*meridianv1.StreamRequest, error)
+}
+
+// ClientConn is the stream as the replica sees it, with the same rules.
+type ClientConn interface {
+	Send(*meridianv1.StreamRequest) error
+	Recv() (*meridianv1.StreamResponse, error)
+}
+
+// pbPos and fromPB convert positions to and from the wire.
+func pbPos(db string, p ltx.Pos) *meridianv1.DatabasePosition {
+	return &meridianv1.DatabasePosition{Db: db, Txid: uint64(p.TXID), PostApplyChecksum: uint64(p.PostApplyChecksum)}
+}
+
+func fromPB(p *meridianv1.DatabasePosition) ltx.Pos {
+	return ltx.Pos{TXID: ltx.TXID(p.GetTxid()), PostApplyChecksum: ltx.Checksum(p.GetPostApplyChecksum())}
+}

@@ -1,0 +1,415 @@
+package replication_test
+
+import (
+	"bytes"
+	"context"
+	"database/sql"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/meridian-db/meridian/internal/testingutil"
+	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
+	"github.com/meridian-db/meridian/replication"
+)
+
+// cluster is a primary's Streamer and one replica's Client joined by
+// in-memory pipes, one per stream.
+type cluster struct {
+	tb       testing.TB
+	primary  *primary
+	streamer *replication.Streamer
+	epoch    atomic.Uint64
+	target   *target
+
+	mu      sync.Mutex
+	filter  func(*meridianv1.StreamResponse) // applied to the next stream only
+	serveWG sync.WaitGroup
+}
+
+func newCluster(tb testing.TB) *cluster {
+	c := &cluster{tb: tb, primary: newPrimary(tb), target: newTarget(tb)}
+	c.epoch.Store(1)
+	c.streamer = replication.NewStreamer(c.primary, "iad-1", c.epoch.Load, tb.TempDir())
+	c.streamer.HeartbeatInterval = 20 * time.Millisecond
+	c.streamer.Logger = testingutil.Logger(tb)
+	tb.Cleanup(c.serveWG.Wait)
+	return c
+}
+
+// client returns a replica client on the cluster's target.
+func (c *cluster) client() *replication.Client {
+	cl := replication.NewClient("fra-1", "fra", c.target, c.tb.TempDir())
+	cl.MinBackoff, cl.MaxBackoff = time.Millisecond, 10*time.Millisecond
+	cl.Logger = testingutil.Logger(c.tb)
+	return cl
+}
+
+// dial opens a stream to the Streamer.
+func (c *cluster) dial(ctx context.Context) (replication.ClientConn, error) {
+	p := newPipe()
+	c.mu.Lock()
+	filter := c.filter
+	c.filter = nil
+	c.mu.Unlock()
+	served := make(chan error, 1)
+	c.serveWG.Add(1)
+	go func() {
+		defer c.serveWG.Done()
+		err := c.streamer.Serve(ctx, primaryEnd{p, ctx}, "fra-1")
+		p.close()
+		served <- err
+	}()
+	return replicaEnd{pipe: p, ctx: ctx, filter: filter, served: served}, nil
+}
+
+// run runs a client until the test ends or stop is called.
+func (c *cluster) run(cl *replication.Client) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = cl.Run(ctx, c.dial)
+	}()
+	stop = func() { cancel(); <-done }
+	c.tb.Cleanup(stop)
+	return stop
+}
+
+// waitSynced waits until the replica has every database of the primary at
+// the primary's position, then checks the files are byte-identical and
+// sound.
+func (c *cluster) waitSynced() {
+	c.tb.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for _, name := range c.primary.DBs() {
+		want := c.primary.Log(name).Pos()
+		for c.target.pos(name) != want {
+			if time.Now().After(deadline) {
+				c.tb.Fatalf("replica's %s at %s, primary's at %s after 30s", name, c.target.pos(name), want)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		got := testingutil.MustReadFile(c.tb, c.target.path(name))
+		if !bytes.Equal(got, testingutil.MustReadFile(c.tb, c.primary.dbs[name].path)) {
+			c.tb.Fatalf("%s: replica's database differs from the primary's at %s", name, want)
+		}
+		db, err := sql.Open("sqlite3", "file:"+c.target.path(name)+"?mode=ro")
+		if err != nil {
+			c.tb.Fatal(err)
+		}
+		var ok string
+		if err := db.QueryRow("PRAGMA integrity_check").Scan(&ok); err != nil || ok != "ok" {
+			c.tb.Fatalf("%s: integrity_check = %q, %v", name, ok, err)
+		}
+		_ = db.Close()
+	}
+}
+
+func (c *cluster) snapshots() []meridianv1.SnapshotReason {
+	c.target.mu.Lock()
+	defer c.target.mu.Unlock()
+	return append([]meridianv1.SnapshotReason(nil), c.target.snapshots...)
+}
+
+const none = meridianv1.SnapshotReason_SNAPSHOT_REASON_UNSPECIFIED
+
+func TestStream_Converges(t *testing.T) {
+	c := newCluster(t)
+	c.primary.create("a.db", 1)
+	c.primary.create("b.db", 2)
+	c.primary.steps("a.db", 100)
+	c.primary.steps("b.db", 50)
+	c.run(c.client())
+	var wg sync.WaitGroup
+	wg.Go(func() { c.primary.steps("a.db", 200) })
+	wg.Go(func() { c.primary.steps("b.db", 200) })
+	wg.Wait()
+	c.primary.create("c.db", 3) // created while streaming
+	c.primary.steps("c.db", 20)
+	c.waitSynced()
+
+	// Every file applied in order from each log's first snapshot: one
+	// file per transaction, no snapshot but the first.
+	want := 0
+	for _, name := range c.primary.DBs() {
+		want += len(c.primary.Log(name).Files())
+	}
+	if c.target.count() != want {
+		t.Fatalf("replica applied %d files, the logs hold %d", c.target.count(), want)
+	}
+	if got := c.snapshots(); len(got) != 3 || got[0] != none || got[1] != none || got[2] != none {
+		t.Fatalf("snapshots applied: %v, want the first file of each of the 3 logs", got)
+	}
+	// The primary knows where the replica is.
+	reps := c.streamer.Replicas()
+	if len(reps) != 1 || reps[0].Node != "fra-1" || reps[0].Region != "fra" || !reps[0].Connected {
+		t.Fatalf("primary's replicas: %+v", reps)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for _, name := range c.primary.DBs() {
+		for c.streamer.Replicas()[0].Acked[name] != c.primary.Log(name).Pos() {
+			if time.Now().After(deadline) {
+				t.Fatalf("primary has %s acked at %s, want %s", name, c.streamer.Replicas()[0].Acked[name], c.primary.Log(name).Pos())
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+}
+
+func TestStream_Resume(t *testing.T) {
+	c := newCluster(t)
+	c.primary.create("a.db", 1)
+	c.primary.steps("a.db", 50)
+	stop := c.run(c.client())
+	c.waitSynced()
+	stop()
+	applied, files := c.target.count(), len(c.primary.Log("a.db").Files())
+	c.primary.steps("a.db", 70)
+	newFiles := len(c.primary.Log("a.db").Files()) - files
+	if newFiles < 60 {
+		t.Fatalf("70 random transactions made %d LTX files", newFiles)
+	}
+
+	// A new client (a restarted replica) resumes from the target's
+	// position: the new files, no snapshot, no duplicate.
+	cl := c.client()
+	c.run(cl)
+	c.waitSynced()
+	if got := c.target.count() - applied; got != newFiles {
+		t.Fatalf("after restart the replica applied %d files, want the %d new ones", got, newFiles)
+	}
+	if got := c.snapshots(); len(got) != 1 {
+		t.Fatalf("snapshots applied: %v, want only the log's first file", got)
+	}
+	if st := cl.Status(); st.Epoch != 1 || !st.Connected || st.Applied["a.db"].Pos != c.primary.Log("a.db").Pos() {
+		t.Fatalf("client status %+v", st)
+	}
+}
+
+func TestStream_SnapshotWhenRetentionPassed(t *testing.T) {
+	c := newCluster(t)
+	c.primary.create("a.db", 1)
+	c.primary.steps("a.db", 20)
+	stop := c.run(c.client())
+	c.waitSynced()
+	stop()
+	c.primary.steps("a.db", 30)
+	l := c.primary.Log("a.db")
+	l.Retention, l.MaxRetention = time.Minute, time.Minute
+	if n, err := l.Prune(context.Background(), l.Pos().TXID, time.Now().Add(time.Hour)); err != nil || n == 0 {
+		t.Fatalf("prune: %d files, %v", n, err)
+	}
+	c.run(c.client())
+	c.waitSynced()
+	if got := c.snapshots(); len(got) != 2 || got[1] != meridianv1.SnapshotReason_SNAPSHOT_REASON_RETENTION {
+		t.Fatalf("snapshots applied: %v, want a RETENTION snapshot after the first file", got)
+	}
+}
+
+func TestStream_SnapshotWhenDiverged(t *testing.T) {
+	for _, tt := range []struct {
+		name      string
+		ownSteps  int // transactions the replica got from another primary
+		mainSteps int
+		want      meridianv1.SnapshotReason
+	}{
+		{"Ahead", 40, 10, meridianv1.SnapshotReason_SNAPSHOT_REASON_AHEAD},
+		{"ChecksumMismatch", 10, 40, meridianv1.SnapshotReason_SNAPSHOT_REASON_CHECKSUM_MISMATCH},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			// The replica first follows another primary with its own history.
+			other := newCluster(t)
+			other.primary.create("a.db", 99)
+			other.primary.steps("a.db", tt.ownSteps)
+			stop := other.run(other.client())
+			other.waitSynced()
+			stop()
+
+			c := newCluster(t)
+			c.target = other.target
+			c.primary.create("a.db", 1)
+			c.primary.steps("a.db", tt.mainSteps)
+			c.run(c.client())
+			c.waitSynced()
+			if got := c.snapshots(); len(got) != 2 || got[1] != tt.want {
+				t.Fatalf("snapshots applied: %v, want %v after the first", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestStream_StaleEpoch(t *testing.T) {
+	c := newCluster(t)
+	c.primary.create("a.db", 1)
+	c.epoch.Store(7)
+	cl := c.client()
+	stop := c.run(cl)
+	c.waitSynced()
+	stop()
+
+	// The primary is deposed and comes back with an older epoch: the
+	// replica's Hello tells it so, and it refuses to stream.
+	c.epoch.Store(3)
+	c.primary.steps("a.db", 5)
+	before := c.target.pos("a.db")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, _ := c.dial(ctx)
+	_, err := cl.Session(ctx, conn)
+	if served := <-conn.(replicaEnd).served; !errors.Is(served, replication.ErrNotPrimary) {
+		t.Fatalf("Serve with epoch 3 to a replica at epoch 7: %v, want ErrNotPrimary", served)
+	}
+	if err == nil {
+		t.Fatal("session with a deposed primary ended without error")
+	}
+
+	// A frame from an old epoch that reaches the replica anyway is refused.
+	c.epoch.Store(9)
+	c.mu.Lock()
+	c.filter = func(f *meridianv1.StreamResponse) { f.Epoch = 5 }
+	c.mu.Unlock()
+	conn, _ = c.dial(ctx)
+	_, err = cl.Session(ctx, conn)
+	if !errors.Is(err, replication.ErrStaleEpoch) {
+		t.Fatalf("session with frames from epoch 5 after 7: %v, want ErrStaleEpoch", err)
+	}
+	if got := c.target.pos("a.db"); got != before {
+		t.Fatalf("replica moved from %s to %s on stale frames", before, got)
+	}
+}
+
+func TestStream_BadFrames(t *testing.T) {
+	for _, tt := range []struct {
+		name   string
+		filter func(f *meridianv1.StreamResponse) bool // true once it changed a frame
+	}{
+		{"BitFlip", func(f *meridianv1.StreamResponse) bool {
+			if ch := f.GetLtxChunk(); ch != nil && len(ch.Data) > 200 {
+				ch.Data[len(ch.Data)/2] ^= 0x10
+				return true
+			}
+			return false
+		}},
+		{"Truncated", func(f *meridianv1.StreamResponse) bool {
+			if ch := f.GetLtxChunk(); ch != nil && len(ch.Data) > 10 {
+				ch.Data = ch.Data[:len(ch.Data)-7]
+				return true
+			}
+			return false
+		}},
+		{"WrongOffset", func(f *meridianv1.StreamResponse) bool {
+			if ch := f.GetLtxChunk(); ch != nil {
+				ch.Offset++
+				return true
+			}
+			return false
+		}},
+		{"UnknownDatabase", func(f *meridianv1.StreamResponse) bool {
+			if ch := f.GetLtxChunk(); ch != nil {
+				ch.Db = "nope.db"
+				return true
+			}
+			return false
+		}},
+		{"WrongChecksum", func(f *meridianv1.StreamResponse) bool {
+			if e := f.GetLtxEnd(); e != nil {
+				e.PostApplyChecksum ^= 1
+				return true
+			}
+			return false
+		}},
+		{"WrongSize", func(f *meridianv1.StreamResponse) bool {
+			if b := f.GetLtxBegin(); b != nil {
+				b.Size += 100
+				return true
+			}
+			return false
+		}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c := newCluster(t)
+			c.primary.create("a.db", 1)
+			c.primary.steps("a.db", 10)
+			cl := c.client()
+			stop := c.run(cl)
+			c.waitSynced()
+			stop()
+			c.primary.steps("a.db", 10)
+			before := c.target.pos("a.db")
+
+			var changed atomic.Bool
+			c.mu.Lock()
+			c.filter = func(f *meridianv1.StreamResponse) {
+				if !changed.Load() && tt.filter(f) {
+					changed.Store(true)
+				}
+			}
+			c.mu.Unlock()
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			conn, _ := c.dial(ctx)
+			_, err := cl.Session(ctx, conn)
+			if !changed.Load() || !errors.Is(err, replication.ErrProtocol) {
+				t.Fatalf("damaged stream (changed %v): %v, want ErrProtocol", changed.Load(), err)
+			}
+			if got := c.target.pos("a.db"); got != before {
+				t.Fatalf("replica moved from %s to %s on a damaged file", before, got)
+			}
+			// The next stream recovers.
+			c.run(cl)
+			c.waitSynced()
+		})
+	}
+}
+
+func TestStream_ApplyFailureResumes(t *testing.T) {
+	c := newCluster(t)
+	c.primary.create("a.db", 1)
+	c.primary.steps("a.db", 10)
+	c.target.fail = errors.New("disk on fire")
+	cl := c.client()
+	c.run(cl)
+	c.waitSynced()
+	if st := cl.Status(); st.Reconnects == 0 {
+		t.Fatalf("a failed apply did not end the stream: %+v", st)
+	}
+}
+
+func TestServe_RefusesBadHello(t *testing.T) {
+	c := newCluster(t)
+	c.primary.create("a.db", 1)
+	for _, tt := range []struct {
+		name  string
+		req   *meridianv1.StreamRequest
+		epoch uint64
+		want  error
+	}{
+		{"NotHello", &meridianv1.StreamRequest{Frame: &meridianv1.StreamRequest_Ack{Ack: &meridianv1.Ack{Db: "a.db"}}}, 1, replication.ErrProtocol},
+		{"OtherNode", hello("syd-1", 0), 1, replication.ErrPermission},
+		{"DuplicateDatabase", &meridianv1.StreamRequest{Frame: &meridianv1.StreamRequest_Hello{Hello: &meridianv1.Hello{Node: "fra-1",
+			Positions: []*meridianv1.DatabasePosition{{Db: "a.db"}, {Db: "a.db"}}}}}, 1, replication.ErrProtocol},
+		{"NotPrimary", hello("fra-1", 0), 0, replication.ErrNotPrimary},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c.epoch.Store(tt.epoch)
+			p := newPipe()
+			errc := make(chan error, 1)
+			go func() { errc <- c.streamer.Serve(context.Background(), primaryEnd{p, context.Background()}, "fra-1") }()
+			if tt.epoch != 0 {
+				p.toPrimary <- tt.req
+			}
+			err := <-errc
+			p.close()
+			if !errors.Is(err, tt.want) {
+				t.Fatalf("Serve: %v, want %v", err, tt.want)
+			}
+		})
+	}
+}
+
+func hello(node string, epoch uint64) *meridianv1.StreamRequest {
+	return &meridianv1.StreamRequest{Frame: &meridianv1.StreamRequest_Hello{Hello: &meridianv1.Hello{Node: node, Epoch: epoch}}}
+}

@@ -1,0 +1,457 @@
+package replication
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+
+	"github.com/meridian-db/meridian/ltx"
+	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
+)
+
+// Source is the primary's databases as the Streamer reads them.
+type Source interface {
+	// DBs returns the names of the databases, sorted.
+	DBs() []string
+	// Log returns the log of database name, or nil if there is none.
+	Log(name string) *ltx.Log
+	// Snapshot writes a snapshot of database name at its log's position to
+	// w, holding writers off while it reads, and describes what it wrote.
+	Snapshot(ctx context.Context, name string, w io.Writer) (*ltx.FileInfo, error)
+	// Changed returns a channel closed the next time a database is created
+	// or deleted.
+	Changed() <-chan struct{}
+}
+
+// Streamer is the primary side of replication: it serves every replica's
+// stream from the logs of Source. Each database of each stream is read by
+// its own cursor from disk, so a slow replica holds up neither commits nor
+// the other replicas; the only memory a stream holds is a few frames.
+type Streamer struct {
+	Source Source
+	// Node is this node's name, for logs.
+	Node string
+	// Epoch returns the write-lease epoch this node holds, 0 if it holds
+	// none. Every frame is stamped with it; a stream ends when it changes.
+	Epoch func() uint64
+
+	ChunkSize         int
+	HeartbeatInterval time.Duration
+	// TempDir holds snapshots while they are sent.
+	TempDir string
+	Logger  *slog.Logger
+
+	mu       sync.Mutex
+	replicas map[string]*replica
+}
+
+// NewStreamer returns a Streamer of src's databases with default tunables.
+func NewStreamer(src Source, node string, epoch func() uint64, tempDir string) *Streamer {
+	return &Streamer{
+		Source:            src,
+		Node:              node,
+		Epoch:             epoch,
+		ChunkSize:         DefaultChunkSize,
+		HeartbeatInterval: DefaultHeartbeatInterval,
+		TempDir:           tempDir,
+		Logger:            slog.New(slog.DiscardHandler),
+	}
+}
+
+// replica is what the primary knows of one replica.
+type replica struct {
+	node, region string
+	streams      int                // open streams (a reconnect may overlap the old one)
+	acked        map[string]ltx.Pos // by database
+	ackedAt      map[string]time.Time
+}
+
+// ReplicaStatus is the primary's view of one replica.
+type ReplicaStatus struct {
+	Node, Region string
+	Connected    bool
+	// Acked is the last position the replica acknowledged for each
+	// database (from its Hello until its first ack), and AckedAt when.
+	Acked   map[string]ltx.Pos
+	AckedAt map[string]time.Time
+}
+
+// Replicas returns the replicas that have opened a stream since the
+// Streamer started, by node name.
+func (s *Streamer) Replicas() []ReplicaStatus {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []ReplicaStatus
+	for _, r := range s.replicas {
+		st := ReplicaStatus{Node: r.node, Region: r.region, Connected: r.streams > 0,
+			Acked: make(map[string]ltx.Pos), AckedAt: make(map[string]time.Time)}
+		for db, p := range r.acked {
+			st.Acked[db], st.AckedAt[db] = p, r.ackedAt[db]
+		}
+		out = append(out, st)
+	}
+	slices.SortFunc(out, func(a, b ReplicaStatus) int { return compareStrings(a.Node, b.Node) })
+	return out
+}
+
+func compareStrings(a, b string) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// Serve runs the stream of one replica until it ends, the lease epoch
+// changes or ctx is done. peer is the node name the transport
+// authenticated (its TLS certificate), "" if it authenticated none
+// (insecure mode); the replica's Hello must name the same node.
+func (s *Streamer) Serve(ctx context.Context, conn Conn, peer string) error {
+	epoch := s.Epoch()
+	if epoch == 0 {
+		return fmt.Errorf("%w: node %s does not hold the write lease", ErrNotPrimary, s.Node)
+	}
+	req, err := conn.Recv()
+	if err != nil {
+		return err
+	}
+	hello := req.GetHello()
+	if hello == nil {
+		return fmt.Errorf("%w: first frame is not a Hello", ErrProtocol)
+	}
+	if peer != "" && hello.GetNode() != peer {
+		return fmt.Errorf("%w: Hello names node %q, but its certificate names %q", ErrPermission, hello.GetNode(), peer)
+	}
+	if hello.GetEpoch() > epoch {
+		return fmt.Errorf("%w: replica %s has seen lease epoch %d, newer than this node's %d", ErrNotPrimary, hello.GetNode(), hello.GetEpoch(), epoch)
+	}
+	positions := make(map[string]ltx.Pos)
+	for _, p := range hello.GetPositions() {
+		if _, ok := positions[p.GetDb()]; ok {
+			return fmt.Errorf("%w: Hello lists database %q twice", ErrProtocol, p.GetDb())
+		}
+		positions[p.GetDb()] = fromPB(p)
+	}
+	r := s.connected(hello, positions)
+	defer s.disconnected(r)
+	log := s.Logger.With("replica", hello.GetNode(), "replica_region", hello.GetRegion())
+	log.Info("replica connected", "epoch", epoch, "dbs", len(positions))
+
+	st := &stream{s: s, conn: conn, epoch: epoch, replica: r, log: log,
+		out: make(chan *meridianv1.StreamResponse, 4), started: make(map[string]bool)}
+	// Recv returns only when a frame arrives or the stream ends, which a
+	// transport does once Serve has returned: so the receiver is not
+	// waited for, and reports through recvErr.
+	recvErr := make(chan error, 1)
+	go func() { recvErr <- st.recv() }()
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		select {
+		case err := <-recvErr:
+			return err
+		case <-gctx.Done():
+			return gctx.Err()
+		}
+	})
+	g.Go(func() error { return st.send(gctx) })
+	g.Go(func() error { return st.heartbeats(gctx) })
+	g.Go(func() error { return st.databases(gctx, g, positions) })
+	err = g.Wait()
+	log.Info("replica stream ended", "err", err)
+	return err
+}
+
+// ErrPermission is a peer that is not allowed to do what it asked.
+var ErrPermission = errors.New("permission denied")
+
+func (s *Streamer) connected(hello *meridianv1.Hello, positions map[string]ltx.Pos) *replica {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.replicas == nil {
+		s.replicas = make(map[string]*replica)
+	}
+	r := s.replicas[hello.GetNode()]
+	if r == nil {
+		r = &replica{node: hello.GetNode(), acked: make(map[string]ltx.Pos), ackedAt: make(map[string]time.Time)}
+		s.replicas[r.node] = r
+	}
+	r.region = hello.GetRegion()
+	r.streams++
+	now := time.Now()
+	for db, p := range positions {
+		r.acked[db], r.ackedAt[db] = p, now
+	}
+	return r
+}
+
+func (s *Streamer) disconnected(r *replica) {
+	s.mu.Lock()
+	r.streams--
+	s.mu.Unlock()
+}
+
+// stream is one replica's stream on the primary.
+type stream struct {
+	s       *Streamer
+	conn    Conn
+	epoch   uint64
+	replica *replica
+	log     *slog.Logger
+	out     chan *meridianv1.StreamResponse
+
+	mu      sync.Mutex
+	started map[string]bool // databases with a sender
+}
+
+// send writes the frames of every database to the connection, stamped with
+// the epoch, and ends the stream if the lease changes hands.
+func (st *stream) send(ctx context.Context) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case f := <-st.out:
+			if e := st.s.Epoch(); e != st.epoch {
+				return fmt.Errorf("%w: lease epoch changed from %d to %d", ErrNotPrimary, st.epoch, e)
+			}
+			f.Epoch = st.epoch
+			if err := st.conn.Send(f); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// push queues a frame for send.
+func (st *stream) push(ctx context.Context, f *meridianv1.StreamResponse) error {
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case st.out <- f:
+		return nil
+	}
+}
+
+// recv reads the replica's acks until the stream ends.
+func (st *stream) recv() error {
+	for {
+		req, err := st.conn.Recv()
+		if err != nil {
+			return err
+		}
+		ack := req.GetAck()
+		if ack == nil {
+			return fmt.Errorf("%w: a frame other than Ack after the Hello", ErrProtocol)
+		}
+		st.s.mu.Lock()
+		st.replica.acked[ack.GetDb()] = ltx.Pos{TXID: ltx.TXID(ack.GetTxid()), PostApplyChecksum: ltx.Checksum(ack.GetPostApplyChecksum())}
+		st.replica.ackedAt[ack.GetDb()] = time.Now()
+		st.s.mu.Unlock()
+	}
+}
+
+// heartbeats sends the primary's clock and high-water marks on an interval.
+func (st *stream) heartbeats(ctx context.Context) error {
+	t := time.NewTicker(st.s.HeartbeatInterval)
+	defer t.Stop()
+	for {
+		hb := &meridianv1.Heartbeat{SentAtUnixNano: time.Now().UnixNano()}
+		for _, db := range st.s.Source.DBs() {
+			if l := st.s.Source.Log(db); l != nil {
+				hb.Positions = append(hb.Positions, pbPos(db, l.Pos()))
+			}
+		}
+		if err := st.push(ctx, &meridianv1.StreamResponse{Frame: &meridianv1.StreamResponse_Heartbeat{Heartbeat: hb}}); err != nil {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+// databases starts a sender for every database, now and as they are
+// created.
+func (st *stream) databases(ctx context.Context, g *errgroup.Group, positions map[string]ltx.Pos) error {
+	for {
+		changed := st.s.Source.Changed()
+		for _, db := range st.s.Source.DBs() {
+			st.mu.Lock()
+			started := st.started[db]
+			st.started[db] = true
+			st.mu.Unlock()
+			if started {
+				continue
+			}
+			pos, known := positions[db]
+			g.Go(func() error {
+				err := st.database(ctx, db, pos, known)
+				st.mu.Lock()
+				delete(st.started, db) // a database deleted and created again
+				st.mu.Unlock()
+				return err
+			})
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-changed:
+		}
+	}
+}
+
+// database sends one database's files from pos, or a snapshot first when
+// the log cannot continue from pos (or pos is unknown), until the stream
+// ends or the database is deleted.
+func (st *stream) database(ctx context.Context, db string, pos ltx.Pos, known bool) error {
+	l := st.s.Source.Log(db)
+	if l == nil {
+		return nil // deleted meanwhile
+	}
+	for {
+		c, err := l.Cursor(pos)
+		if err != nil {
+			reason, err := snapshotReason(err)
+			if err != nil {
+				return fmt.Errorf("stream %s: %w", db, err)
+			}
+			if !known {
+				reason = meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION
+			}
+			if pos, err = st.snapshot(ctx, db, reason, pos); err != nil {
+				return err
+			}
+			known = true
+			continue
+		}
+		if pos, err = st.follow(ctx, db, c); errors.Is(err, ltx.ErrClosed) {
+			return nil
+		} else if err != nil {
+			return err
+		}
+		known = true
+	}
+}
+
+// follow sends the files of c as the log gets them, until the log can no
+// longer serve the cursor's position, which it returns. It returns
+// ltx.ErrClosed when the database is deleted.
+func (st *stream) follow(ctx context.Context, db string, c *ltx.Cursor) (ltx.Pos, error) {
+	for {
+		r, err := c.Next(ctx)
+		if errors.Is(err, ltx.ErrClosed) {
+			return ltx.Pos{}, err // deleted, or the node is shutting down
+		}
+		var pe *ltx.PosError
+		if errors.As(err, &pe) {
+			return c.Pos(), nil
+		} else if err != nil {
+			return ltx.Pos{}, fmt.Errorf("stream %s: %w", db, err)
+		}
+		err = st.file(ctx, db, r, &r.Info, meridianv1.SnapshotReason_SNAPSHOT_REASON_UNSPECIFIED)
+		_ = r.Close()
+		if err != nil {
+			return ltx.Pos{}, err
+		}
+	}
+}
+
+// snapshotReason maps a log's refusal to serve a position to the reason a
+// snapshot is sent instead. Other errors come back as they are.
+func snapshotReason(err error) (meridianv1.SnapshotReason, error) {
+	var pe *ltx.PosError
+	if !errors.As(err, &pe) {
+		return 0, err
+	}
+	switch {
+	case errors.Is(err, ltx.ErrPosTooOld):
+		return meridianv1.SnapshotReason_SNAPSHOT_REASON_RETENTION, nil
+	case errors.Is(err, ltx.ErrPosMismatch):
+		return meridianv1.SnapshotReason_SNAPSHOT_REASON_CHECKSUM_MISMATCH, nil
+	case pe.Pos.TXID > pe.Last.TXID:
+		return meridianv1.SnapshotReason_SNAPSHOT_REASON_AHEAD, nil
+	default:
+		// Inside a file compacted without a record of its positions.
+		return meridianv1.SnapshotReason_SNAPSHOT_REASON_RETENTION, nil
+	}
+}
+
+// snapshot sends a snapshot of db, built into a temporary file first so
+// its size is known before the first byte goes out, and returns its
+// position.
+func (st *stream) snapshot(ctx context.Context, db string, reason meridianv1.SnapshotReason, from ltx.Pos) (ltx.Pos, error) {
+	f, err := os.CreateTemp(st.s.TempDir, "snapshot-*.ltx")
+	if err != nil {
+		return ltx.Pos{}, fmt.Errorf("snapshot %s: %w", db, err)
+	}
+	defer func() {
+		_ = f.Close()
+		_ = os.Remove(f.Name())
+	}()
+	info, err := st.s.Source.Snapshot(ctx, db, f)
+	if err != nil {
+		return ltx.Pos{}, fmt.Errorf("snapshot %s: %w", db, err)
+	}
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		return ltx.Pos{}, fmt.Errorf("snapshot %s: %w", db, err)
+	}
+	st.log.Info("sending snapshot", "db", db, "reason", reason.String(), "replica_pos", from.String(), "pos", info.Pos().String(), "size", info.Size)
+	if err := st.file(ctx, db, ltx.NewVerifyReader(f, 0), info, reason); err != nil {
+		return ltx.Pos{}, err
+	}
+	return info.Pos(), nil
+}
+
+// file sends one LTX file: LTXBegin, its bytes in chunks, LTXEnd. r
+// verifies the bytes as they are read, so a damaged file ends the stream
+// before its LTXEnd goes out.
+func (st *stream) file(ctx context.Context, db string, r io.Reader, info *ltx.FileInfo, reason meridianv1.SnapshotReason) error {
+	h := info.Header
+	begin := &meridianv1.LTXBegin{
+		Db:                  db,
+		IsSnapshot:          h.IsSnapshot(),
+		SnapshotReason:      reason,
+		MinTxid:             uint64(h.MinTXID),
+		MaxTxid:             uint64(h.MaxTXID),
+		PreApplyChecksum:    uint64(h.PreApplyChecksum),
+		Size:                uint64(info.Size),
+		CommittedAtUnixNano: info.Time().UnixNano(),
+	}
+	if err := st.push(ctx, &meridianv1.StreamResponse{Frame: &meridianv1.StreamResponse_LtxBegin{LtxBegin: begin}}); err != nil {
+		return err
+	}
+	var off int64
+	for {
+		buf := make([]byte, st.s.ChunkSize)
+		n, err := io.ReadFull(r, buf)
+		if n > 0 {
+			chunk := &meridianv1.LTXChunk{Db: db, Offset: uint64(off), Data: buf[:n]}
+			if err := st.push(ctx, &meridianv1.StreamResponse{Frame: &meridianv1.StreamResponse_LtxChunk{LtxChunk: chunk}}); err != nil {
+				return err
+			}
+			off += int64(n)
+		}
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			break
+		} else if err != nil {
+			return fmt.Errorf("send %s of %s: %w", info.Name, db, err)
+		}
+	}
+	if off != info.Size {
+		return fmt.Errorf("send %s of %s: read %d bytes, the log says %d", info.Name, db, off, info.Size)
+	}
+	end := &meridianv1.LTXEnd{Db: db, FileChecksum: uint64(info.FileChecksum), PostApplyChecksum: uint64(info.PostApplyChecksum)}
+	return st.push(ctx, &meridianv1.StreamResponse{Frame: &meridianv1.StreamResponse_LtxEnd{LtxEnd: end}})
+}
