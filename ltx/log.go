@@ -538,6 +538,11 @@ func (l *Log) openDatabase(ctx context.Context) error {
 	}
 	last := l.files[len(l.files)-1].info
 	if t.Checksum() != last.PostApplyChecksum || t.Pages() != last.Header.Commit {
+		if ok, err := l.rollForward(ctx, t); err != nil {
+			return err
+		} else if ok {
+			return nil
+		}
 		return &DatabaseMismatchError{DB: l.Name, Path: l.DBPath, Dir: l.Dir, Log: last.Pos(), Checksum: t.Checksum(), Pages: t.Pages()}
 	}
 	return nil

@@ -119,13 +119,22 @@ type DatabaseFile interface {
 // verifies the file first (VerifyReader); a log's files are verified as
 // cursors read them.
 func Apply(ctx context.Context, db DatabaseFile, t *ChecksumTable, pos Pos, r io.Reader) (Pos, error) {
+	post, _, err := applyFile(ctx, db, t, pos, r)
+	return post, err
+}
+
+// applyFile is Apply, returning also the pages written, ascending. With a
+// nil db it writes nothing: it only checks that the file would leave a
+// database whose page checksums are t at its post-apply checksum, and
+// updates t as if it had.
+func applyFile(ctx context.Context, db DatabaseFile, t *ChecksumTable, pos Pos, r io.Reader) (Pos, []uint32, error) {
 	dec := NewDecoder(r)
 	if err := dec.DecodeHeader(); err != nil {
-		return pos, fmt.Errorf("%w: header: %v", ErrCorrupt, err)
+		return pos, nil, fmt.Errorf("%w: header: %v", ErrCorrupt, err)
 	}
 	hdr := dec.Header()
 	if !hdr.IsSnapshot() && hdr.PreApplyPos() != pos {
-		return pos, fmt.Errorf("file txid %s-%s applies at %s, but the database is at %s", hdr.MinTXID, hdr.MaxTXID, hdr.PreApplyPos(), pos)
+		return pos, nil, fmt.Errorf("file txid %s-%s applies at %s, but the database is at %s", hdr.MinTXID, hdr.MaxTXID, hdr.PreApplyPos(), pos)
 	}
 	base := t
 	if hdr.IsSnapshot() || hdr.PageSize != t.PageSize() {
@@ -143,8 +152,10 @@ func Apply(ctx context.Context, db DatabaseFile, t *ChecksumTable, pos Pos, r io
 	g.Go(func() error {
 		for b := range batches {
 			b.checksum(hdr.PageSize)
-			if err := writePages(db, b, hdr.PageSize); err != nil {
-				return fmt.Errorf("write pages %d-%d: %w", b.pgnos[0], b.pgnos[len(b.pgnos)-1], err)
+			if db != nil {
+				if err := writePages(db, b, hdr.PageSize); err != nil {
+					return fmt.Errorf("write pages %d-%d: %w", b.pgnos[0], b.pgnos[len(b.pgnos)-1], err)
+				}
 			}
 			for i, pgno := range b.pgnos {
 				changes = append(changes, pageSum{pgno, b.sums[i]})
@@ -154,19 +165,25 @@ func Apply(ctx context.Context, db DatabaseFile, t *ChecksumTable, pos Pos, r io
 		return nil
 	})
 	if err := g.Wait(); err != nil {
-		return pos, err
+		return pos, nil, err
 	}
-	if err := db.Truncate(int64(hdr.Commit) * int64(hdr.PageSize)); err != nil {
-		return pos, fmt.Errorf("truncate database to %d pages: %w", hdr.Commit, err)
+	if db != nil {
+		if err := db.Truncate(int64(hdr.Commit) * int64(hdr.PageSize)); err != nil {
+			return pos, nil, fmt.Errorf("truncate database to %d pages: %w", hdr.Commit, err)
+		}
 	}
 	post := dec.PostApplyPos()
 	if got := base.next(changes, hdr.Commit); got != post.PostApplyChecksum {
-		return pos, fmt.Errorf("file txid %s-%s should leave the database at checksum %s, but it is %s",
+		return pos, nil, fmt.Errorf("file txid %s-%s should leave the database at checksum %s, but it is %s",
 			hdr.MinTXID, hdr.MaxTXID, post.PostApplyChecksum, got)
 	}
 	base.apply(changes, hdr.Commit)
 	*t = *base
-	return post, nil
+	pgnos := make([]uint32, len(changes))
+	for i, c := range changes {
+		pgnos[i] = c.pgno
+	}
+	return post, pgnos, nil
 }
 
 // decodePages decodes the page frames of dec in batches and sends them to
