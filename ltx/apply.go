@@ -48,7 +48,14 @@ func (l *Log) Apply(ctx context.Context, path, lostDir string) (*FileInfo, []uin
 		}
 	}
 	info.Name = FormatName(hdr.MinTXID, hdr.MaxTXID)
+	// The marker names the file whose pages go into the database next, for
+	// Open to finish the job after a crash; copyIn's directory fsync makes
+	// it durable with the file.
+	if err := writeApplying(l.path(applyingName), info.Name); err != nil {
+		return nil, nil, fmt.Errorf("apply %s to %s: %w", info.Name, l.Name, err)
+	}
 	if err := l.copyIn(ctx, path, info); err != nil {
+		_ = os.Remove(l.path(applyingName))
 		return nil, nil, err
 	}
 	if hdr.IsSnapshot() {
@@ -61,6 +68,9 @@ func (l *Log) Apply(ctx context.Context, path, lostDir string) (*FileInfo, []uin
 	if err != nil {
 		return nil, nil, err
 	}
+	// Its removal need not be durable: a marker naming a file the database
+	// already matches is ignored.
+	_ = os.Remove(l.path(applyingName))
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if old != nil {
@@ -174,16 +184,35 @@ func (r *ctxReader) Read(p []byte) (int, error) {
 	return r.r.Read(p)
 }
 
-// rollForward finishes applying the log's last file to a database that a
-// crash left between the file before it and the file: t holds the page
-// checksums of the database as it is. It writes nothing unless the file,
-// applied over t, gives exactly its post-apply checksum; it reports
-// whether it applied it. Caller holds l.wmu and l.mu.
-func (l *Log) rollForward(ctx context.Context, t *ChecksumTable) (bool, error) {
-	if l.DBPath == "" || len(l.files) == 0 {
-		return false, nil
+// applyingName is the marker Apply leaves in the log directory while it
+// writes a file's pages into the database.
+const applyingName = ".applying"
+
+// writeApplying writes the marker naming the file being applied, fsynced.
+func writeApplying(path, name string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
 	}
-	last := l.files[len(l.files)-1].info
+	_, err = f.WriteString(name)
+	if err == nil {
+		err = f.Sync()
+	}
+	return errors.Join(err, f.Close())
+}
+
+// rollForward finishes applying the log's last file to a database that a
+// crash left in the middle of Apply: the marker names that file, and t
+// holds the page checksums of the database as it is. It writes nothing
+// unless the file, applied over t, gives exactly its post-apply checksum,
+// and reports whether it applied it. Caller holds l.wmu and l.mu.
+func (l *Log) rollForward(ctx context.Context, t *ChecksumTable, last FileInfo) (bool, error) {
+	marker, err := os.ReadFile(l.path(applyingName))
+	if errors.Is(err, os.ErrNotExist) || (err == nil && string(marker) != last.Name) {
+		return false, nil
+	} else if err != nil {
+		return false, err
+	}
 	dry := t.Clone()
 	pos := last.PreApplyPos()
 	f, err := os.Open(l.path(last.Name))
@@ -198,6 +227,7 @@ func (l *Log) rollForward(ctx context.Context, t *ChecksumTable) (bool, error) {
 	if _, err := l.applyToDatabase(ctx, &last, t, pos); err != nil {
 		return false, err
 	}
+	_ = os.Remove(l.path(applyingName))
 	l.Logger.Warn("finished applying the log's last file to the database, which a crash interrupted", "db", l.Name, "file", last.Name, "pos", last.Pos())
 	return true, nil
 }

@@ -132,9 +132,16 @@ func TestLog_ApplyRollForward(t *testing.T) {
 	}{
 		{"FileInLogOnly", func(t *testing.T, dst *ltx.Log, last ltx.FileInfo) {
 			copyFile(t, filepath.Join(src.log.Dir, last.Name), filepath.Join(dst.Dir, last.Name))
+			writeMarker(t, dst, last)
 		}, nil},
+		{"ErrNoMarker", func(t *testing.T, dst *ltx.Log, last ltx.FileInfo) {
+			// The same files without the marker: a database behind its
+			// log that nothing says was being applied is left alone.
+			copyFile(t, filepath.Join(src.log.Dir, last.Name), filepath.Join(dst.Dir, last.Name))
+		}, &ltx.DatabaseMismatchError{}},
 		{"PartlyWritten", func(t *testing.T, dst *ltx.Log, last ltx.FileInfo) {
 			copyFile(t, filepath.Join(src.log.Dir, last.Name), filepath.Join(dst.Dir, last.Name))
+			writeMarker(t, dst, last)
 			// One page of the file reached the database.
 			want := src.data
 			db, err := os.OpenFile(dst.DBPath, os.O_RDWR, 0)
@@ -154,6 +161,7 @@ func TestLog_ApplyRollForward(t *testing.T) {
 		}, nil},
 		{"ErrOtherChange", func(t *testing.T, dst *ltx.Log, last ltx.FileInfo) {
 			copyFile(t, filepath.Join(src.log.Dir, last.Name), filepath.Join(dst.Dir, last.Name))
+			writeMarker(t, dst, last)
 			db, err := os.OpenFile(dst.DBPath, os.O_RDWR, 0)
 			if err != nil {
 				t.Fatal(err)
@@ -179,7 +187,7 @@ func TestLog_ApplyRollForward(t *testing.T) {
 				if !errors.As(err, &mismatch) {
 					t.Fatalf("Open: %v, want a DatabaseMismatchError", err)
 				}
-				if got := testingutil.MustReadFile(t, dst.DBPath); bytes.Equal(got, src.data) || len(got) != len(before) {
+				if got := testingutil.MustReadFile(t, dst.DBPath); bytes.Equal(got, src.data) || (tt.name == "ErrNoMarker" && !bytes.Equal(got, before)) {
 					t.Fatal("Open changed a database that does not match the log")
 				}
 				return
@@ -199,6 +207,14 @@ func TestLog_ApplyRollForward(t *testing.T) {
 func copyFile(tb testing.TB, src, dst string) {
 	tb.Helper()
 	if err := os.WriteFile(dst, testingutil.MustReadFile(tb, src), 0o644); err != nil {
+		tb.Fatal(err)
+	}
+}
+
+// writeMarker leaves the marker Apply writes while it applies last.
+func writeMarker(tb testing.TB, dst *ltx.Log, last ltx.FileInfo) {
+	tb.Helper()
+	if err := os.WriteFile(filepath.Join(dst.Dir, ".applying"), []byte(last.Name), 0o644); err != nil {
 		tb.Fatal(err)
 	}
 }

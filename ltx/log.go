@@ -279,6 +279,8 @@ func (l *Log) recover() ([]*logFile, error) {
 				return nil, fmt.Errorf("remove unfinished file: %w", err)
 			}
 			l.Logger.Info("removed unfinished file from the log", "db", l.Name, "file", name)
+		case name == applyingName:
+			// Read by openDatabase: the file Apply was writing.
 		case strings.HasSuffix(name, posExt):
 			sidecars[name] = true
 		case strings.HasSuffix(name, ltxExt):
@@ -538,7 +540,7 @@ func (l *Log) openDatabase(ctx context.Context) error {
 	}
 	last := l.files[len(l.files)-1].info
 	if t.Checksum() != last.PostApplyChecksum || t.Pages() != last.Header.Commit {
-		if ok, err := l.rollForward(ctx, t); err != nil {
+		if ok, err := l.rollForward(ctx, t, last); err != nil {
 			return err
 		} else if ok {
 			return nil
