@@ -1,6 +1,7 @@
 package replication_test
 
 import (
+	"bytes"
 	"context"
 	"database/sql"
 	"errors"
@@ -10,6 +11,7 @@ import (
 	"slices"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/meridian-db/meridian/internal/testingutil"
 	"github.com/meridian-db/meridian/ltx"
@@ -143,6 +145,8 @@ type target struct {
 	dbs       map[string]*targetDB
 	snapshots []meridianv1.SnapshotReason // reasons of the snapshots applied
 	applied   int
+	calls     int   // Apply calls, whether they applied or not
+	largest   int64 // size of the largest file applied
 	fail      error // returned by the next Apply
 }
 
@@ -169,6 +173,7 @@ func (t *target) Positions() map[string]ltx.Pos {
 func (t *target) Apply(ctx context.Context, f *replication.File) (ltx.Pos, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	t.calls++
 	if err := t.fail; err != nil {
 		t.fail = nil
 		return ltx.Pos{}, err
@@ -197,6 +202,7 @@ func (t *target) Apply(ctx context.Context, f *replication.File) (ltx.Pos, error
 	d.pos = pos
 	t.dbs[f.DB] = d
 	t.applied++
+	t.largest = max(t.largest, f.Info.Size)
 	return pos, nil
 }
 
@@ -221,6 +227,50 @@ func (t *target) pos(name string) ltx.Pos {
 		return d.pos
 	}
 	return ltx.Pos{}
+}
+
+// counts returns how many files were applied, how many times Apply was
+// called, and the size of the largest file applied.
+func (t *target) counts() (applied, calls int, largest int64) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.applied, t.calls, t.largest
+}
+
+// snapshotReasons returns the reasons of the snapshots applied, in order.
+func (t *target) snapshotReasons() []meridianv1.SnapshotReason {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return slices.Clone(t.snapshots)
+}
+
+// waitSynced waits until t has every database of p at p's position, then
+// checks the files are byte-identical and sound.
+func waitSynced(tb testing.TB, p *primary, t *target) {
+	tb.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for _, name := range p.DBs() {
+		want := p.Log(name).Pos()
+		for t.pos(name) != want {
+			if time.Now().After(deadline) {
+				tb.Fatalf("replica's %s at %s, primary's at %s after 30s", name, t.pos(name), want)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		got := testingutil.MustReadFile(tb, t.path(name))
+		if !bytes.Equal(got, testingutil.MustReadFile(tb, p.dbs[name].path)) {
+			tb.Fatalf("%s: replica's database differs from the primary's at %s", name, want)
+		}
+		db, err := sql.Open("sqlite3", "file:"+t.path(name)+"?mode=ro")
+		if err != nil {
+			tb.Fatal(err)
+		}
+		var ok string
+		if err := db.QueryRow("PRAGMA integrity_check").Scan(&ok); err != nil || ok != "ok" {
+			tb.Fatalf("%s: integrity_check = %q, %v", name, ok, err)
+		}
+		_ = db.Close()
+	}
 }
 
 // pipe connects a Streamer and a Client in memory.

@@ -1,9 +1,7 @@
 package replication_test
 
 import (
-	"bytes"
 	"context"
-	"database/sql"
 	"errors"
 	"sync"
 	"sync/atomic"
@@ -83,36 +81,10 @@ func (c *cluster) run(cl *replication.Client) (stop func()) {
 // sound.
 func (c *cluster) waitSynced() {
 	c.tb.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for _, name := range c.primary.DBs() {
-		want := c.primary.Log(name).Pos()
-		for c.target.pos(name) != want {
-			if time.Now().After(deadline) {
-				c.tb.Fatalf("replica's %s at %s, primary's at %s after 30s", name, c.target.pos(name), want)
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-		got := testingutil.MustReadFile(c.tb, c.target.path(name))
-		if !bytes.Equal(got, testingutil.MustReadFile(c.tb, c.primary.dbs[name].path)) {
-			c.tb.Fatalf("%s: replica's database differs from the primary's at %s", name, want)
-		}
-		db, err := sql.Open("sqlite3", "file:"+c.target.path(name)+"?mode=ro")
-		if err != nil {
-			c.tb.Fatal(err)
-		}
-		var ok string
-		if err := db.QueryRow("PRAGMA integrity_check").Scan(&ok); err != nil || ok != "ok" {
-			c.tb.Fatalf("%s: integrity_check = %q, %v", name, ok, err)
-		}
-		_ = db.Close()
-	}
+	waitSynced(c.tb, c.primary, c.target)
 }
 
-func (c *cluster) snapshots() []meridianv1.SnapshotReason {
-	c.target.mu.Lock()
-	defer c.target.mu.Unlock()
-	return append([]meridianv1.SnapshotReason(nil), c.target.snapshots...)
-}
+func (c *cluster) snapshots() []meridianv1.SnapshotReason { return c.target.snapshotReasons() }
 
 const none = meridianv1.SnapshotReason_SNAPSHOT_REASON_UNSPECIFIED
 
