@@ -41,15 +41,15 @@ test:
 test-long:
 	$(GO) test -tags long -count=1 -timeout 30m -run '^TestLong' ./...
 
-# fuzz runs every FuzzX target of the root package, ltx/, fs/ and regiond/,
-# one at a time,
+# fuzz runs every FuzzX target of the root package, ltx/, fs/, replication/
+# and regiond/, one at a time,
 # for FUZZTIME each (make fuzz FUZZTIME=5m). An input that fails is saved
 # under the package's testdata/fuzz/FuzzX/ and stops the run; commit it with
 # the fix, as plain `go test` runs it from then on.
 FUZZTIME ?= 30s
 
 fuzz:
-	@set -e; for pkg in . ./ltx ./fs ./regiond; do \
+	@set -e; for pkg in . ./ltx ./fs ./replication ./regiond; do \
 		list=$$($(GO) test -list '^Fuzz' $$pkg); \
 		targets=$$(echo "$$list" | grep '^Fuzz' || true); \
 		[ -n "$$targets" ] || { echo "fuzz: no FuzzX targets in $$pkg"; exit 1; }; \
