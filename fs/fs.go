@@ -79,6 +79,7 @@ type FileSystem struct {
 	primary string        // content of .primary; "" hides it
 	lag     func() string // content of .lag; nil hides it
 	refused map[uint32]time.Time
+	changed chan struct{} // closed and replaced when a database comes or goes
 
 	stopMaintain context.CancelFunc
 	maintained   sync.WaitGroup
@@ -108,7 +109,23 @@ func New(dataDir, mountDir string) *FileSystem {
 		nodes:            map[uint64]*node{},
 		handles:          map[uint64]*handle{},
 		refused:          map[uint32]time.Time{},
+		changed:          make(chan struct{}),
 	}
+}
+
+// Changed returns a channel closed the next time a database is created or
+// deleted.
+func (f *FileSystem) Changed() <-chan struct{} {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.changed
+}
+
+// changedLocked announces that the set of databases changed. Caller holds
+// f.mu.
+func (f *FileSystem) changedLocked() {
+	close(f.changed)
+	f.changed = make(chan struct{})
 }
 
 // Open recovers every database (see Recover), then mounts the filesystem.

@@ -35,6 +35,7 @@ func (r *raw) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string, out
 			return fuse.ToStatus(err)
 		}
 		f.dbs[name] = d
+		f.changedLocked()
 		f.Logger.Info("database created", "db", name)
 	case d == nil:
 		return fuse.Status(syscall.EPERM) // a companion file needs its database
@@ -386,6 +387,7 @@ func (r *raw) unlinkDB(d *DB) fuse.Status {
 		return fuse.ToStatus(err)
 	}
 	delete(f.dbs, d.Name)
+	f.changedLocked()
 	var gone []*node
 	for name, n := range f.names {
 		if n.db == d {

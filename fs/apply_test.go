@@ -1,0 +1,205 @@
+package fs_test
+
+import (
+	"bytes"
+	"context"
+	"database/sql"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/meridian-db/meridian/internal/testingutil"
+	"github.com/meridian-db/meridian/ltx"
+)
+
+// bank is a source database outside any mount whose transactions move
+// money between accounts, keeping the total, and sometimes add a large
+// row; each is committed to its log as the primary's capture would.
+type bank struct {
+	tb   testing.TB
+	path string
+	db   *sql.DB
+	log  *ltx.Log
+	rng  *rand.Rand
+	wal  bool
+}
+
+func newBank(tb testing.TB, mode string) *bank {
+	dir := tb.TempDir()
+	b := &bank{tb: tb, path: filepath.Join(dir, "bank.db"), rng: rand.New(rand.NewPCG(1, 2)), wal: mode == "wal"}
+	b.db = testingutil.MustOpenSQLite(tb, b.path, mode)
+	b.log = testingutil.MustOpenLog(tb, "bank.db", filepath.Join(dir, "ltx"), b.path)
+	b.tx(func(tx *sql.Tx) error {
+		if _, err := tx.Exec(`CREATE TABLE accounts (id INTEGER PRIMARY KEY, balance INTEGER); CREATE TABLE blob (b)`); err != nil {
+			return err
+		}
+		for i := range accounts {
+			if _, err := tx.Exec(`INSERT INTO accounts VALUES (?, 1000)`, i); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return b
+}
+
+// tx runs fn in a transaction and commits the pages it changed to the log.
+func (b *bank) tx(fn func(*sql.Tx) error) {
+	b.tb.Helper()
+	before, _ := os.ReadFile(b.path)
+	tx, err := b.db.Begin()
+	if err != nil {
+		b.tb.Fatal(err)
+	}
+	if err := fn(tx); err != nil {
+		b.tb.Fatal(err)
+	}
+	if err := tx.Commit(); err != nil {
+		b.tb.Fatal(err)
+	}
+	if b.wal {
+		// The log is made from the database file: move the WAL into it.
+		if _, err := b.db.Exec(`PRAGMA wal_checkpoint(TRUNCATE)`); err != nil {
+			b.tb.Fatal(err)
+		}
+	}
+	after := testingutil.MustReadFile(b.tb, b.path)
+	f, err := os.Open(b.path)
+	if err != nil {
+		b.tb.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := b.log.Commit(context.Background(), ltx.Tx{DB: f, PageSize: 4096, Commit: uint32(len(after) / 4096),
+		Pgnos: testingutil.ChangedPages(before, after, 4096)}); err != nil {
+		b.tb.Fatal(err)
+	}
+}
+
+// step moves money, or adds a row large enough to grow the database.
+func (b *bank) step() {
+	b.tx(func(tx *sql.Tx) error {
+		if b.rng.IntN(10) == 0 {
+			_, err := tx.Exec(`INSERT INTO blob VALUES (randomblob(?))`, 1000+b.rng.IntN(9000))
+			return err
+		}
+		from, to, amount := b.rng.IntN(accounts), b.rng.IntN(accounts), b.rng.IntN(100)
+		if _, err := tx.Exec(`UPDATE accounts SET balance = balance - ? WHERE id = ?`, amount, from); err != nil {
+			return err
+		}
+		_, err := tx.Exec(`UPDATE accounts SET balance = balance + ? WHERE id = ?`, amount, to)
+		return err
+	})
+}
+
+// TestFileSystem_Apply applies a primary's transactions to a read-only
+// mount while readers on it check, in every read transaction, that the
+// total is what every transaction keeps: a reader never sees half of one.
+func TestFileSystem_Apply(t *testing.T) {
+	for _, mode := range []string{"delete", "wal"} {
+		t.Run(mode, func(t *testing.T) {
+			src := newBank(t, mode)
+			for range 300 {
+				src.step()
+			}
+			f := testingutil.MustMount(t)
+			f.SetReadOnly(true)
+			ctx := context.Background()
+			files := src.log.Files()
+			// The first file makes the database; readers start then.
+			if _, err := f.Apply(ctx, "bank.db", filepath.Join(src.log.Dir, files[0].Name), false); err != nil {
+				t.Fatal(err)
+			}
+			var (
+				stop          atomic.Bool
+				wg            sync.WaitGroup
+				reads, busies atomic.Int64
+				failure       atomic.Value
+			)
+			var readers []*sql.DB
+			for r := range 3 {
+				db, err := sql.Open("sqlite3", "file:"+filepath.Join(f.MountDir, "bank.db")+"?_busy_timeout=5000")
+				if err != nil {
+					t.Fatal(err)
+				}
+				db.SetMaxOpenConns(1)
+				t.Cleanup(func() { _ = db.Close() })
+				readers = append(readers, db)
+				wg.Go(func() {
+					for !stop.Load() {
+						var sum, n int
+						err := db.QueryRow(`SELECT sum(balance), count(*) FROM accounts`).Scan(&sum, &n)
+						if err != nil && strings.Contains(err.Error(), "locked") {
+							busies.Add(1)
+							continue
+						}
+						if err != nil || sum != accountsSum || n != accounts {
+							failure.CompareAndSwap(nil, fmt.Sprintf("reader %d: sum %d of %d accounts, %v; want %d of %d", r, sum, n, err, accountsSum, accounts))
+							return
+						}
+						reads.Add(1)
+					}
+				})
+			}
+			for _, file := range files[1:] {
+				info, err := f.Apply(ctx, "bank.db", filepath.Join(src.log.Dir, file.Name), false)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if info.Pos() != file.Pos() {
+					t.Fatalf("applied %s at %s, want %s", file.Name, info.Pos(), file.Pos())
+				}
+				time.Sleep(200 * time.Microsecond) // let readers in between
+			}
+			stop.Store(true)
+			wg.Wait()
+			if msg := failure.Load(); msg != nil {
+				t.Fatal(msg)
+			}
+			t.Logf("%d files applied under %d reads (%d busy)", len(files), reads.Load(), busies.Load())
+			if reads.Load() < int64(len(files)) {
+				t.Fatalf("only %d reads ran during %d applies", reads.Load(), len(files))
+			}
+			if got := f.DB("bank.db").Pos(); got != src.log.Pos() {
+				t.Fatalf("replica at %s, want %s", got, src.log.Pos())
+			}
+			if pos := testingutil.MustReadFile(t, filepath.Join(f.MountDir, "bank.db-pos")); !bytes.Contains(pos, []byte(src.log.Pos().String())) {
+				t.Fatalf("bank.db-pos says %q, want %s", pos, src.log.Pos())
+			}
+			backing := filepath.Join(f.DataDir, "dbs", "bank.db", "database")
+			if !bytes.Equal(testingutil.MustReadFile(t, backing), testingutil.MustReadFile(t, src.path)) {
+				t.Fatal("the replica's database differs from the source's")
+			}
+			// A fresh reader through the mount sees the last transaction.
+			db, err := sql.Open("sqlite3", "file:"+filepath.Join(f.MountDir, "bank.db"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer db.Close()
+			var blobs, want int
+			if err := db.QueryRow(`SELECT count(*) FROM blob`).Scan(&blobs); err != nil {
+				t.Fatal(err)
+			}
+			if err := src.db.QueryRow(`SELECT count(*) FROM blob`).Scan(&want); err != nil || blobs != want {
+				t.Fatalf("replica has %d blobs, source %d (%v)", blobs, want, err)
+			}
+			// The readers that ran all along see it too: no page of theirs
+			// stayed cached, in the kernel or in SQLite.
+			for i, r := range readers {
+				var n int
+				if err := r.QueryRow(`SELECT count(*) FROM blob`).Scan(&n); err != nil || n != want {
+					t.Fatalf("reader %d sees %d blobs (%v), want %d", i, n, err, want)
+				}
+			}
+			var ok string
+			if err := db.QueryRow(`PRAGMA integrity_check`).Scan(&ok); err != nil || ok != "ok" {
+				t.Fatalf("integrity_check: %q, %v", ok, err)
+			}
+		})
+	}
+}
