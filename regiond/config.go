@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -87,7 +88,20 @@ type LeaseConfig struct {
 
 // ReplicationConfig holds the settings of LTX replication.
 type ReplicationConfig struct {
+	// Listen is the address the replication gRPC server listens on; ""
+	// serves none (a replica nobody streams from).
+	Listen string `yaml:"listen"`
+	// Peers are the other nodes of the cluster: replicas stream from the
+	// primary's addr, and the primary serves only the nodes listed here.
+	Peers     []Peer   `yaml:"peers"`
 	Retention Duration `yaml:"retention"` // how long LTX files are kept
+}
+
+// Peer is another node of the cluster.
+type Peer struct {
+	Node   string `yaml:"node"`   // its node name (its certificate's name)
+	Region string `yaml:"region"` // its region
+	Addr   string `yaml:"addr"`   // its replication.listen address, host:port
 }
 
 // TLSConfig names the mTLS material a node uses with its peers (see
@@ -284,9 +298,35 @@ func decodeSection(n *yaml.Node, v reflect.Value, prefix string) []string {
 			problems = append(problems, decodeSection(val, f, key)...)
 			continue
 		}
+		if f.Kind() == reflect.Slice && f.Type().Elem().Kind() == reflect.Struct {
+			problems = append(problems, decodeList(val, f, key)...)
+			continue
+		}
 		if err := decodeValue(val, f); err != nil {
 			problems = append(problems, fmt.Sprintf("line %d: %s: %v", val.Line, key, err))
 		}
+	}
+	return problems
+}
+
+// decodeList decodes the sequence n of mappings into the slice of structs
+// f, naming items key[i].
+func decodeList(n *yaml.Node, f reflect.Value, key string) []string {
+	if n.Kind == yaml.ScalarNode && n.ShortTag() == "!!null" {
+		return nil
+	}
+	if n.Kind != yaml.SequenceNode {
+		return []string{fmt.Sprintf("line %d: %s: want a list, got %s", n.Line, key, kindName(n))}
+	}
+	var problems []string
+	list := reflect.MakeSlice(f.Type(), 0, len(n.Content))
+	for i, item := range n.Content {
+		elem := reflect.New(f.Type().Elem()).Elem()
+		problems = append(problems, decodeSection(item, elem, fmt.Sprintf("%s[%d]", key, i))...)
+		list = reflect.Append(list, elem)
+	}
+	if list.Len() > 0 {
+		f.Set(list)
 	}
 	return problems
 }
@@ -401,6 +441,7 @@ func (c *Config) Validate() error {
 	if c.Replication.Retention <= 0 {
 		p.add("replication.retention: %v must be greater than 0 (e.g. 10m)", c.Replication.Retention)
 	}
+	c.validateReplication(&p)
 	c.validateTLS(&p)
 	p.oneOf("fs.locks", c.FS.Locks, fsLocks)
 	p.oneOf("log.level", c.Log.Level, logLevels)
@@ -409,6 +450,58 @@ func (c *Config) Validate() error {
 		return &Error{Problems: p}
 	}
 	return nil
+}
+
+// validateReplication checks replication.listen and replication.peers:
+// names valid and unique, addresses host:port, and a listen address on a
+// primary with peers. (A replica whose primary has no address runs, read
+// only and not replicating; the daemon says so.)
+func (c *Config) validateReplication(p *problems) {
+	if c.Replication.Listen != "" {
+		if _, _, err := net.SplitHostPort(c.Replication.Listen); err != nil {
+			p.add("replication.listen: %q is not host:port (e.g. 127.0.0.1:20210)", c.Replication.Listen)
+		}
+	}
+	seen := map[string]bool{}
+	for i, peer := range c.Replication.Peers {
+		key := fmt.Sprintf("replication.peers[%d]", i)
+		p.name(key+".node", peer.Node, "the peer's node name")
+		p.name(key+".region", peer.Region, "the peer's region")
+		switch {
+		case peer.Node == c.Node && peer.Node != "":
+			p.add("%s.node: %q is this node; list only the other nodes", key, peer.Node)
+		case seen[peer.Node]:
+			p.add("%s.node: %q is listed twice", key, peer.Node)
+		}
+		seen[peer.Node] = true
+		if peer.Addr != "" {
+			if _, _, err := net.SplitHostPort(peer.Addr); err != nil {
+				p.add("%s.addr: %q is not host:port (e.g. 127.0.0.1:20210)", key, peer.Addr)
+			}
+		}
+	}
+	if c.IsPrimary() && c.Replication.Listen == "" && len(c.Replication.Peers) > 0 {
+		p.add("replication.listen: required on the primary when replication.peers lists replicas (e.g. 127.0.0.1:20210)")
+	}
+}
+
+// Peer returns the peer named node.
+func (c Config) Peer(node string) (Peer, bool) {
+	for _, p := range c.Replication.Peers {
+		if p.Node == node {
+			return p, true
+		}
+	}
+	return Peer{}, false
+}
+
+// PeerNodes returns the names of the peers.
+func (c Config) PeerNodes() []string {
+	nodes := make([]string, 0, len(c.Replication.Peers))
+	for _, p := range c.Replication.Peers {
+		nodes = append(nodes, p.Node)
+	}
+	return nodes
 }
 
 // validateDirs checks data_dir and mount_dir: absolute, different, and

@@ -20,6 +20,8 @@ type Daemon struct {
 
 	// FS is the FUSE mount; set by Open.
 	FS *fs.FileSystem
+
+	repl *replicationNode
 }
 
 // NewDaemon returns a daemon for a validated config.
@@ -49,11 +51,19 @@ func (d *Daemon) Open(ctx context.Context) error {
 		return err
 	}
 	d.FS = f
+	repl, err := d.openReplication(f)
+	if err != nil {
+		closeCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = f.Close(closeCtx)
+		d.FS = nil
+		return err
+	}
+	d.repl = repl
 	if primary {
 		d.Logger.Info("serving as primary (static lease)", "mount_dir", c.MountDir, "dbs", f.DBs())
 	} else {
-		d.Logger.Warn("serving read-only: this node is not the static primary, and replication is not available yet, so its databases do not change and .lag is absent",
-			"primary", c.Lease.StaticPrimary, "mount_dir", c.MountDir)
+		d.Logger.Info("serving read-only as a replica (static lease)", "primary", c.Lease.StaticPrimary, "mount_dir", c.MountDir)
 	}
 	return nil
 }
@@ -61,6 +71,9 @@ func (d *Daemon) Open(ctx context.Context) error {
 // Close unmounts and closes everything, waiting up to ctx's deadline for
 // apps to close their files.
 func (d *Daemon) Close(ctx context.Context) error {
+	if d.repl != nil {
+		d.repl.close()
+	}
 	if d.FS == nil {
 		return nil
 	}

@@ -1,0 +1,222 @@
+package regiond
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+
+	"github.com/meridian-db/meridian/fs"
+	"github.com/meridian-db/meridian/ltx"
+	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
+	"github.com/meridian-db/meridian/replication"
+)
+
+// staticEpoch is the lease epoch of a static lease: it never changes hands.
+const staticEpoch = 1
+
+// fsSource is the mount as the primary's Streamer reads it.
+type fsSource struct{ f *fs.FileSystem }
+
+func (s fsSource) DBs() []string { return s.f.DBs() }
+
+func (s fsSource) Log(name string) *ltx.Log {
+	if d := s.f.DB(name); d != nil {
+		return d.Log()
+	}
+	return nil
+}
+
+func (s fsSource) Snapshot(ctx context.Context, name string, w io.Writer) (*ltx.FileInfo, error) {
+	d := s.f.DB(name)
+	if d == nil {
+		return nil, fmt.Errorf("snapshot of %s: the database was deleted", name)
+	}
+	return d.Snapshot(ctx, w)
+}
+
+func (s fsSource) Changed() <-chan struct{} { return s.f.Changed() }
+
+// fsTarget is the mount as a replica's Client applies to it.
+type fsTarget struct{ f *fs.FileSystem }
+
+func (t fsTarget) Positions() map[string]ltx.Pos {
+	m := make(map[string]ltx.Pos)
+	for _, name := range t.f.DBs() {
+		if d := t.f.DB(name); d != nil {
+			m[name] = d.Log().Pos()
+		}
+	}
+	return m
+}
+
+func (t fsTarget) Apply(ctx context.Context, file *replication.File) (ltx.Pos, error) {
+	diverged := file.SnapshotReason == meridianv1.SnapshotReason_SNAPSHOT_REASON_AHEAD ||
+		file.SnapshotReason == meridianv1.SnapshotReason_SNAPSHOT_REASON_CHECKSUM_MISMATCH
+	info, err := t.f.Apply(ctx, file.DB, file.Path, diverged)
+	if err != nil {
+		return ltx.Pos{}, err
+	}
+	return info.Pos(), nil
+}
+
+// replicationNode is the replication side of a daemon: the gRPC server
+// every node with replication.listen runs (streams on the primary, status
+// everywhere) and, on a replica, the client streaming from the primary.
+type replicationNode struct {
+	logger *slog.Logger
+	server *grpc.Server
+	dialer *replication.Dialer
+	client *replication.Client
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// openReplication starts the replication server and, on a replica, the
+// stream from the primary.
+func (d *Daemon) openReplication(f *fs.FileSystem) (*replicationNode, error) {
+	c := d.Config
+	r := &replicationNode{logger: d.Logger.With("component", "replication")}
+	tmp := filepath.Join(c.DataDir, "tmp")
+	if err := os.RemoveAll(tmp); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(tmp, 0o700); err != nil {
+		return nil, err
+	}
+	if w := c.TLSWarning(); w != "" {
+		r.logger.Warn(w)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	r.cancel = cancel
+	primary := c.IsPrimary()
+	if c.Replication.Listen != "" {
+		epoch := func() uint64 {
+			if primary {
+				return staticEpoch
+			}
+			return 0
+		}
+		streamer := replication.NewStreamer(fsSource{f}, c.Node, epoch, tmp)
+		streamer.Logger = r.logger
+		var tlsConfig *tls.Config
+		if !c.TLS.Insecure {
+			var err error
+			if tlsConfig, err = c.ServerTLS(c.PeerNodes); err != nil {
+				r.close()
+				return nil, err
+			}
+		}
+		srv := replication.NewServer(streamer, d.status(f, primary))
+		srv.Logger = r.logger
+		ln, err := net.Listen("tcp", c.Replication.Listen)
+		if err != nil {
+			r.close()
+			return nil, fmt.Errorf("replication.listen %s: %w", c.Replication.Listen, err)
+		}
+		r.server = replication.NewGRPCServer(srv, tlsConfig)
+		r.wg.Go(func() {
+			if err := r.server.Serve(ln); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+				r.logger.Error("replication server stopped", "err", err)
+			}
+		})
+		r.logger.Info("replication server listening", "addr", ln.Addr().String(), "peers", c.PeerNodes())
+	}
+	if primary {
+		return r, nil
+	}
+	peer, ok := c.Peer(c.Lease.StaticPrimary)
+	if !ok || peer.Addr == "" {
+		r.logger.Warn("not replicating: replication.peers has no addr for the primary, so this node's databases do not change",
+			"primary", c.Lease.StaticPrimary)
+		return r, nil
+	}
+	var tlsConfig *tls.Config
+	if !c.TLS.Insecure {
+		var err error
+		if tlsConfig, err = c.ClientTLS(peer.Node); err != nil {
+			r.close()
+			return nil, err
+		}
+	}
+	dialer, err := replication.Dial(peer.Addr, tlsConfig, r.logger)
+	if err != nil {
+		r.close()
+		return nil, err
+	}
+	r.dialer = dialer
+	r.client = replication.NewClient(c.Node, c.Region, fsTarget{f}, tmp)
+	r.client.Logger = r.logger
+	f.SetLag(r.lag)
+	r.wg.Go(func() { _ = r.client.Run(ctx, dialer.Stream) })
+	r.logger.Info("replicating from the primary", "primary", peer.Node, "addr", peer.Addr)
+	return r, nil
+}
+
+// lag is the content of .lag on a replica: 0 when every database is at
+// the primary's last heartbeat position, else the milliseconds since the
+// last transaction applied committed on the primary (an upper bound, by
+// the primary's clock), or since the last heartbeat when there is none.
+func (r *replicationNode) lag() string {
+	st := r.client.Status()
+	now := time.Now()
+	var behind time.Duration
+	for db, hwm := range st.Primary {
+		a, ok := st.Applied[db]
+		switch {
+		case ok && a.Pos == hwm:
+		case ok:
+			behind = max(behind, now.Sub(a.CommittedAt))
+		case !st.HeartbeatAt.IsZero():
+			behind = max(behind, now.Sub(st.HeartbeatAt))
+		}
+	}
+	if !st.Connected && !st.HeartbeatAt.IsZero() {
+		behind = max(behind, now.Sub(st.HeartbeatAt))
+	}
+	return strconv.FormatInt(behind.Milliseconds(), 10)
+}
+
+// status returns the node's own view for the Status RPC.
+func (d *Daemon) status(f *fs.FileSystem, primary bool) func(context.Context) *meridianv1.StatusResponse {
+	return func(context.Context) *meridianv1.StatusResponse {
+		resp := &meridianv1.StatusResponse{Node: d.Config.Node, Region: d.Config.Region, Role: meridianv1.Role_ROLE_REPLICA}
+		if primary {
+			resp.Role, resp.Epoch = meridianv1.Role_ROLE_PRIMARY, staticEpoch
+		}
+		names := f.DBs()
+		slices.Sort(names)
+		for _, name := range names {
+			if db := f.DB(name); db != nil {
+				p := db.Log().Pos()
+				resp.Positions = append(resp.Positions, &meridianv1.DatabasePosition{Db: name, Txid: uint64(p.TXID), PostApplyChecksum: uint64(p.PostApplyChecksum)})
+			}
+		}
+		return resp
+	}
+}
+
+// close stops the client and the server.
+func (r *replicationNode) close() {
+	if r.cancel != nil {
+		r.cancel()
+	}
+	if r.server != nil {
+		r.server.Stop()
+	}
+	if r.dialer != nil {
+		_ = r.dialer.Close()
+	}
+	r.wg.Wait()
+}
