@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"syscall"
 	"time"
 
@@ -133,13 +134,13 @@ type readerHold struct {
 // file.
 func (f *FileSystem) holdReaders(ctx context.Context, d *DB) (*readerHold, error) {
 	path := filepath.Join(f.MountDir, d.Name)
-	db, err := os.OpenFile(path, os.O_RDWR, 0)
+	db, err := f.openOwn(path, os.O_RDWR)
 	if err != nil {
 		return nil, err
 	}
 	h := &readerHold{db: db}
 	if walMode(db) {
-		if h.shm, err = os.OpenFile(path+"-shm", os.O_RDWR|os.O_CREATE, 0o644); err != nil {
+		if h.shm, err = f.openOwn(path+"-shm", os.O_RDWR|os.O_CREATE); err != nil {
 			h.release()
 			return nil, err
 		}
@@ -254,4 +255,32 @@ func (d *DB) Snapshot(ctx context.Context, w io.Writer) (*ltx.FileInfo, error) {
 		return nil, err
 	}
 	return d.log.Snapshot(ctx, w, walView{d: d})
+}
+
+// openOwn opens a file of the mount for the daemon itself, which a
+// read-only mount lets write: FUSE names the calling thread, so the open
+// runs on a thread of its own whose ID the mount knows meanwhile.
+func (f *FileSystem) openOwn(path string, flag int) (*os.File, error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	tid := uint32(unix.Gettid())
+	f.mu.Lock()
+	f.ownTIDs[tid]++
+	f.mu.Unlock()
+	defer func() {
+		f.mu.Lock()
+		if f.ownTIDs[tid]--; f.ownTIDs[tid] == 0 {
+			delete(f.ownTIDs, tid)
+		}
+		f.mu.Unlock()
+	}()
+	return os.OpenFile(path, flag, 0o644)
+}
+
+// ownOpen reports whether the FUSE caller pid (a thread ID) is in
+// openOwn.
+func (f *FileSystem) ownOpen(pid uint32) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.ownTIDs[pid] > 0
 }

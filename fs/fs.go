@@ -79,7 +79,8 @@ type FileSystem struct {
 	primary string        // content of .primary; "" hides it
 	lag     func() string // content of .lag; nil hides it
 	refused map[uint32]time.Time
-	changed chan struct{} // closed and replaced when a database comes or goes
+	changed chan struct{}  // closed and replaced when a database comes or goes
+	ownTIDs map[uint32]int // threads in openOwn
 
 	stopMaintain context.CancelFunc
 	maintained   sync.WaitGroup
@@ -110,6 +111,7 @@ func New(dataDir, mountDir string) *FileSystem {
 		handles:          map[uint64]*handle{},
 		refused:          map[uint32]time.Time{},
 		changed:          make(chan struct{}),
+		ownTIDs:          map[uint32]int{},
 	}
 }
 

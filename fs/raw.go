@@ -368,11 +368,11 @@ func (f *FileSystem) ioError(n *node, op string, err error) fuse.Status {
 }
 
 // refuseWrite reports whether the mount is read-only, logging who tried to
-// write (once a minute per process). The daemon itself is not refused: it
-// opens a replica's databases for writing through the mount to take
-// SQLite's locks while it applies a transaction (see holdReaders).
+// write (once a minute per process). The daemon itself is not refused when
+// it opens a replica's database for writing through the mount to take
+// SQLite's locks (see holdReaders).
 func (f *FileSystem) refuseWrite(c fuse.Caller, op, name string) bool {
-	if !f.readOnly.Load() || isOwnThread(c.Pid) {
+	if !f.readOnly.Load() || f.ownOpen(c.Pid) {
 		return false
 	}
 	f.mu.Lock()
@@ -391,11 +391,4 @@ func (f *FileSystem) refuseWrite(c fuse.Caller, op, name string) bool {
 	f.Logger.Warn("write refused: the mount is read-only on this node", "op", op, "file", name,
 		"pid", c.Pid, "uid", c.Uid, "process", strings.TrimSpace(string(comm)), "primary", strings.TrimSpace(primary))
 	return true
-}
-
-// isOwnThread reports whether pid, as FUSE reports a caller (a thread ID),
-// is a thread of this process.
-func isOwnThread(pid uint32) bool {
-	_, err := os.Stat(fmt.Sprintf("/proc/self/task/%d", pid))
-	return err == nil
 }
