@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meridian-db/meridian/fs"
 	"github.com/meridian-db/meridian/internal/testingutil"
 	"github.com/meridian-db/meridian/ltx"
 )
@@ -201,5 +202,43 @@ func TestFileSystem_Apply(t *testing.T) {
 				t.Fatalf("integrity_check: %q, %v", ok, err)
 			}
 		})
+	}
+}
+
+// TestFileSystem_SetAcked checks that Maintain keeps the LTX files a
+// replica has not acknowledged, and removes them once it has.
+func TestFileSystem_SetAcked(t *testing.T) {
+	dir := t.TempDir()
+	f := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
+	f.Logger = testingutil.Logger(t)
+	f.Retention = time.Nanosecond
+	testingutil.MustOpenFS(t, f)
+	db := testingutil.MustOpenSQLite(t, filepath.Join(f.MountDir, "app.db"), "delete")
+	for i := range 10 {
+		if _, err := db.Exec(`CREATE TABLE IF NOT EXISTS t (x); INSERT INTO t VALUES (?)`, i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l := f.DB("app.db").Log()
+	last := l.Pos().TXID
+	ctx := context.Background()
+	f.SetAcked(func(name string) ltx.TXID {
+		if name != "app.db" {
+			t.Errorf("acked asked for %q", name)
+		}
+		return 4
+	})
+	if err := f.Maintain(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if first := l.Files()[0].Header.MinTXID; first != 5 {
+		t.Fatalf("with TXID 4 acknowledged the log starts at TXID %d, want 5", first)
+	}
+	f.SetAcked(nil)
+	if err := f.Maintain(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if files := l.Files(); len(files) != 1 || files[0].Header.MaxTXID != last {
+		t.Fatalf("with everything acknowledged the log holds %d files, want only the newest (TXID %d)", len(files), last)
 	}
 }

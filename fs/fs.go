@@ -81,6 +81,7 @@ type FileSystem struct {
 	refused map[uint32]time.Time
 	changed chan struct{}  // closed and replaced when a database comes or goes
 	ownTIDs map[uint32]int // threads in openOwn
+	acked   func(name string) ltx.TXID
 
 	stopMaintain context.CancelFunc
 	maintained   sync.WaitGroup
@@ -113,6 +114,16 @@ func New(dataDir, mountDir string) *FileSystem {
 		changed:          make(chan struct{}),
 		ownTIDs:          map[uint32]int{},
 	}
+}
+
+// SetAcked sets how Maintain learns what the replicas have: acked returns
+// the lowest TXID of database name that every live replica acknowledged,
+// and files past it are kept (at most the log's MaxRetention). Until it
+// is set, or with nil, every transaction counts as acknowledged.
+func (f *FileSystem) SetAcked(acked func(name string) ltx.TXID) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.acked = acked
 }
 
 // Changed returns a channel closed the next time a database is created or
@@ -231,7 +242,14 @@ func (f *FileSystem) Maintain(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("compact log of %s: %w", d.Name, err)
 		}
-		pruned, err := d.log.Prune(ctx, d.log.Pos().TXID, now)
+		acked := d.log.Pos().TXID
+		f.mu.Lock()
+		ackedFn := f.acked
+		f.mu.Unlock()
+		if ackedFn != nil {
+			acked = min(acked, ackedFn(d.Name))
+		}
+		pruned, err := d.log.Prune(ctx, acked, now)
 		if err != nil {
 			return fmt.Errorf("prune log of %s: %w", d.Name, err)
 		}

@@ -110,6 +110,9 @@ func (d *Daemon) openReplication(f *fs.FileSystem) (*replicationNode, error) {
 		}
 		streamer := replication.NewStreamer(fsSource{f}, c.Node, epoch, tmp)
 		streamer.Logger = r.logger
+		if primary {
+			f.SetAcked(ackedBy(streamer, c.PeerNodes()))
+		}
 		var tlsConfig *tls.Config
 		if !c.TLS.Insecure {
 			var err error
@@ -162,6 +165,28 @@ func (d *Daemon) openReplication(f *fs.FileSystem) (*replicationNode, error) {
 	r.wg.Go(func() { _ = r.client.Run(ctx, dialer.Stream) })
 	r.logger.Info("replicating from the primary", "primary", peer.Node, "addr", peer.Addr)
 	return r, nil
+}
+
+// ackedBy returns the lowest TXID of a database that every replica in
+// peers has acknowledged, for log retention. A replica that never
+// connected, or acknowledged nothing of the database, holds everything
+// back, up to the log's MaxRetention.
+func ackedBy(s *replication.Streamer, peers []string) func(string) ltx.TXID {
+	return func(db string) ltx.TXID {
+		acked := ltx.TXID(1<<63 - 1)
+		seen := map[string]replication.ReplicaStatus{}
+		for _, r := range s.Replicas() {
+			seen[r.Node] = r
+		}
+		for _, node := range peers {
+			pos, ok := seen[node].Acked[db]
+			if !ok {
+				return 0
+			}
+			acked = min(acked, pos.TXID)
+		}
+		return acked
+	}
 }
 
 // lag is the content of .lag on a replica: 0 when every database is at
