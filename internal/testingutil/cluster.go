@@ -1,0 +1,576 @@
+package testingutil
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/meridian-db/meridian"
+)
+
+// Bounds of the cluster harness's waits.
+const (
+	// ClusterMountTimeout bounds how long a started node may take to mount.
+	ClusterMountTimeout = 20 * time.Second
+	// ClusterStopTimeout bounds how long a node may take to exit after
+	// SIGTERM before it is killed.
+	ClusterStopTimeout = 15 * time.Second
+)
+
+// ClusterNodeSpec describes a node of a test cluster.
+type ClusterNodeSpec struct {
+	Name   string // node name, e.g. iad-1; also its certificate's name
+	Region string // e.g. iad
+	Locks  string // fs.locks: "mount" or "kernel"; "" for mount
+	// OtherCA gives the node a certificate from a CA of its own instead of
+	// the cluster's. Its tls.ca holds both CAs, so it loads its own
+	// certificate and trusts the cluster's nodes, but they do not trust it.
+	OtherCA bool
+}
+
+// Cluster is a cluster of real `regiond run` processes on loopback, with
+// a static lease, mutual TLS from `regiond ca`, and each node's files in a
+// directory of its own. NewCluster writes the configuration; Start starts
+// the nodes.
+type Cluster struct {
+	Dir     string // holds ca/ and a directory per node
+	Primary string // lease.static_primary
+	Nodes   []*ClusterNode
+	// Command returns the command that runs regiond with args.
+	Command func(args ...string) *exec.Cmd
+
+	tb testing.TB
+}
+
+// ClusterNode is one node of a Cluster: its configuration and, while it
+// runs, its process.
+type ClusterNode struct {
+	ClusterNodeSpec
+	Addr     string // replication.listen, 127.0.0.1:PORT
+	Dir      string // holds regiond.yml, its certificate and key, and its log
+	DataDir  string
+	MountDir string
+	Config   string // path of regiond.yml
+	LogPath  string // the process's stderr, every run appended
+
+	c    *Cluster
+	proc *clusterProc // nil when not running
+}
+
+// clusterProc is a running regiond process.
+type clusterProc struct {
+	cmd  *exec.Cmd
+	done chan struct{} // closed once the process is waited for
+	err  error         // what Wait returned; set before done is closed
+}
+
+// NewCluster makes the cluster's CA and a certificate per node with
+// `regiond ca`, picks a free loopback port per node and writes each node's
+// regiond.yml: primary holds the static lease, and every node lists every
+// other as a peer. At cleanup it stops every node still running (SIGTERM,
+// then SIGKILL after ClusterStopTimeout), lazily unmounts any mount left,
+// fails the test if a mount is still there, and, if the test failed, logs
+// the tail of every node's log.
+func NewCluster(tb testing.TB, command func(args ...string) *exec.Cmd, primary string, specs ...ClusterNodeSpec) *Cluster {
+	tb.Helper()
+	c := &Cluster{Dir: tb.TempDir(), Primary: primary, Command: command, tb: tb}
+	tb.Cleanup(c.cleanup)
+	caDir := filepath.Join(c.Dir, "ca")
+	c.regiondCA("init", "-dir", caDir)
+	for _, s := range specs {
+		if s.Locks == "" {
+			s.Locks = "mount"
+		}
+		dir := filepath.Join(c.Dir, s.Name)
+		n := &ClusterNode{
+			ClusterNodeSpec: s,
+			Addr:            FreeAddr(tb),
+			Dir:             dir,
+			DataDir:         filepath.Join(dir, "data"),
+			MountDir:        filepath.Join(dir, "mnt"),
+			Config:          filepath.Join(dir, "regiond.yml"),
+			LogPath:         filepath.Join(dir, "regiond.log"),
+			c:               c,
+		}
+		c.Nodes = append(c.Nodes, n)
+	}
+	for _, n := range c.Nodes {
+		c.writeConfig(n, caDir)
+	}
+	return c
+}
+
+// regiondCA runs `regiond ca ARGS...` and fails the test if it fails.
+func (c *Cluster) regiondCA(args ...string) {
+	c.tb.Helper()
+	cmd := c.Command(append([]string{"ca"}, args...)...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		c.tb.Fatalf("regiond ca %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+}
+
+// writeConfig issues n's certificate and writes its regiond.yml.
+func (c *Cluster) writeConfig(n *ClusterNode, caDir string) {
+	c.tb.Helper()
+	ca := filepath.Join(caDir, "ca.pem")
+	if n.OtherCA {
+		own := filepath.Join(n.Dir, "other-ca")
+		c.regiondCA("init", "-dir", own, "-name", "Other CA of "+n.Name)
+		c.regiondCA("issue", "-dir", own, "-node", n.Name, "-out", n.Dir)
+		ca = filepath.Join(n.Dir, "ca-bundle.pem")
+		bundle := slices.Concat(MustReadFile(c.tb, filepath.Join(own, "ca.pem")), MustReadFile(c.tb, filepath.Join(caDir, "ca.pem")))
+		if err := os.WriteFile(ca, bundle, 0o644); err != nil {
+			c.tb.Fatal(err)
+		}
+	} else {
+		c.regiondCA("issue", "-dir", caDir, "-node", n.Name, "-out", n.Dir)
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "node: %s\nregion: %s\n", n.Name, n.Region)
+	fmt.Fprintf(&b, "data_dir: %q\nmount_dir: %q\n", n.DataDir, n.MountDir)
+	fmt.Fprintf(&b, "fs: {locks: %s}\n", n.Locks)
+	fmt.Fprintf(&b, "lease: {type: static, static_primary: %s}\n", c.Primary)
+	fmt.Fprintf(&b, "replication:\n  listen: %s\n  peers:\n", n.Addr)
+	for _, p := range c.Nodes {
+		if p != n {
+			fmt.Fprintf(&b, "    - {node: %s, region: %s, addr: %q}\n", p.Name, p.Region, p.Addr)
+		}
+	}
+	fmt.Fprintf(&b, "tls: {ca: %q, cert: %q, key: %q}\n", ca,
+		filepath.Join(n.Dir, n.Name+".pem"), filepath.Join(n.Dir, n.Name+"-key.pem"))
+	fmt.Fprintf(&b, "log: {level: debug}\n")
+	if err := os.WriteFile(n.Config, []byte(b.String()), 0o644); err != nil {
+		c.tb.Fatal(err)
+	}
+}
+
+// FreeAddr returns a loopback address with a port that was free a moment
+// ago: it listens on 127.0.0.1:0 and closes the listener.
+func FreeAddr(tb testing.TB) string {
+	tb.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	addr := l.Addr().String()
+	if err := l.Close(); err != nil {
+		tb.Fatal(err)
+	}
+	return addr
+}
+
+// Node returns the node named name.
+func (c *Cluster) Node(name string) *ClusterNode {
+	for _, n := range c.Nodes {
+		if n.Name == name {
+			return n
+		}
+	}
+	c.tb.Fatalf("cluster: no node %q", name)
+	return nil
+}
+
+// Start starts every node and waits until each has mounted.
+func (c *Cluster) Start(tb testing.TB) {
+	tb.Helper()
+	for _, n := range c.Nodes {
+		n.start(tb)
+	}
+	for _, n := range c.Nodes {
+		n.waitMounted(tb)
+	}
+}
+
+// Start starts the node and waits until it has mounted.
+func (n *ClusterNode) Start(tb testing.TB) {
+	tb.Helper()
+	n.start(tb)
+	n.waitMounted(tb)
+}
+
+// start starts the node's process, its stderr appended to LogPath.
+func (n *ClusterNode) start(tb testing.TB) {
+	tb.Helper()
+	if n.proc != nil {
+		tb.Fatalf("%s: already running", n.Name)
+	}
+	if err := os.MkdirAll(n.MountDir, 0o755); err != nil {
+		tb.Fatal(err)
+	}
+	log, err := os.OpenFile(n.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer log.Close()
+	fmt.Fprintf(log, "=== harness: starting %s at %s\n", n.Name, time.Now().Format(time.RFC3339Nano))
+	cmd := n.c.Command("run", "-config", n.Config)
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Start(); err != nil {
+		tb.Fatalf("start %s: %v", n.Name, err)
+	}
+	p := &clusterProc{cmd: cmd, done: make(chan struct{})}
+	go func() {
+		p.err = cmd.Wait()
+		close(p.done)
+	}()
+	n.proc = p
+}
+
+// waitMounted waits until the node's mount is in /proc/self/mountinfo, and
+// fails the test if the process exits first or ClusterMountTimeout passes.
+func (n *ClusterNode) waitMounted(tb testing.TB) {
+	tb.Helper()
+	deadline := time.Now().Add(ClusterMountTimeout)
+	for !Mounted(tb, n.MountDir) {
+		select {
+		case <-n.proc.done:
+			tb.Fatalf("%s exited before it mounted: %v\n%s", n.Name, n.proc.err, n.LogTail(16<<10))
+		default:
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("%s: %s not mounted %v after start\n%s", n.Name, n.MountDir, ClusterMountTimeout, n.LogTail(16<<10))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// Running reports whether the node's process has been started and has not
+// been seen to exit.
+func (n *ClusterNode) Running() bool {
+	if n.proc == nil {
+		return false
+	}
+	select {
+	case <-n.proc.done:
+		return false
+	default:
+		return true
+	}
+}
+
+// Kill kills the node with SIGKILL, by its PID, waits for it and lazily
+// unmounts its dead mount. A node that does not exit fails the test, with
+// the kernel stacks of its threads; its mount's FUSE connection is then
+// aborted so that it can exit.
+func (n *ClusterNode) Kill(tb testing.TB) {
+	tb.Helper()
+	p := n.proc
+	if p == nil {
+		tb.Fatalf("%s: not running", n.Name)
+	}
+	n.proc = nil
+	var err error
+	select {
+	case <-p.done:
+		err = fmt.Errorf("%s exited on its own before it was killed: %v", n.Name, p.err)
+	default:
+		err = n.kill(p)
+	}
+	if uerr := Unmount(n.MountDir); uerr != nil {
+		err = errors.Join(err, fmt.Errorf("%s: unmount the dead mount: %w", n.Name, uerr))
+	}
+	if err != nil {
+		tb.Fatal(err)
+	}
+}
+
+// kill kills p with SIGKILL and waits for it to exit. If it has not after
+// ClusterStopTimeout, it aborts the FUSE connection of the node's mount,
+// waits again, and returns an error saying where the process was stuck.
+func (n *ClusterNode) kill(p *clusterProc) error {
+	pid := p.cmd.Process.Pid
+	own := n.ownMountFiles(pid)
+	_ = p.cmd.Process.Signal(syscall.SIGKILL)
+	select {
+	case <-p.done:
+		return nil
+	case <-time.After(ClusterStopTimeout):
+	}
+	stuck := threadStacks(pid) + "files it had open on its own mount when killed: " + own
+	aerr := abortFUSE(n.MountDir)
+	select {
+	case <-p.done:
+	case <-time.After(ClusterStopTimeout):
+		return fmt.Errorf("%s (pid %d) did not exit %v after SIGKILL, nor after its FUSE connection was aborted (%v):\n%s",
+			n.Name, pid, ClusterStopTimeout, aerr, stuck)
+	}
+	return fmt.Errorf("%s (pid %d) did not exit %v after SIGKILL, until its FUSE connection was aborted (%v); its threads were:\n%s",
+		n.Name, pid, ClusterStopTimeout, aerr, stuck)
+}
+
+// Stop stops the node with SIGTERM and waits for it to exit; after
+// ClusterStopTimeout it kills it. It returns an error if the node had to be
+// killed, exited with an error or left its mount, which it then unmounts.
+func (n *ClusterNode) Stop() error {
+	p := n.proc
+	if p == nil {
+		return nil
+	}
+	n.proc = nil
+	select {
+	case <-p.done:
+		return errors.Join(fmt.Errorf("%s exited on its own before it was stopped: %v", n.Name, p.err), n.unmountLeft())
+	default:
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	var err error
+	select {
+	case <-p.done:
+		if p.err != nil {
+			err = fmt.Errorf("%s exited with %v after SIGTERM", n.Name, p.err)
+		}
+	case <-time.After(ClusterStopTimeout):
+		err = fmt.Errorf("%s did not exit %v after SIGTERM; killed it", n.Name, ClusterStopTimeout)
+		err = errors.Join(err, n.kill(p))
+	}
+	return errors.Join(err, n.unmountLeft())
+}
+
+// ownMountFiles lists the files process pid has open on the node's mount,
+// as "fd N: PATH" lines, or says it has none.
+func (n *ClusterNode) ownMountFiles(pid int) string {
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	fds, err := os.ReadDir(dir)
+	if err != nil {
+		return err.Error()
+	}
+	var b strings.Builder
+	for _, fd := range fds {
+		if target, err := os.Readlink(filepath.Join(dir, fd.Name())); err == nil && strings.HasPrefix(target, n.MountDir+"/") {
+			fmt.Fprintf(&b, "\nfd %s: %s", fd.Name(), target)
+		}
+	}
+	if b.Len() == 0 {
+		return "none"
+	}
+	return b.String()
+}
+
+// threadStacks returns the state, wait channel and kernel stack of every
+// thread of process pid.
+func threadStacks(pid int) string {
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		return err.Error()
+	}
+	var b strings.Builder
+	for _, t := range tasks {
+		dir := fmt.Sprintf("/proc/%d/task/%s", pid, t.Name())
+		stat, _ := os.ReadFile(dir + "/stat")
+		state := "?"
+		if _, after, ok := bytes.Cut(stat, []byte(") ")); ok && len(after) > 0 {
+			state = string(after[:1])
+		}
+		wchan, _ := os.ReadFile(dir + "/wchan")
+		stack, _ := os.ReadFile(dir + "/stack")
+		if state == "S" && len(stack) == 0 {
+			continue
+		}
+		fmt.Fprintf(&b, "thread %s: state %s, waiting in %s\n%s", t.Name(), state, wchan, stack)
+	}
+	return b.String()
+}
+
+// abortFUSE aborts the FUSE connection of the mount at dir, through
+// /sys/fs/fuse/connections: every request waiting on it fails, which
+// frees a FUSE server stuck on its own mount.
+func abortFUSE(dir string) error {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return err
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 5 || f[4] != dir {
+			continue
+		}
+		_, minor, ok := strings.Cut(f[2], ":")
+		if !ok {
+			return fmt.Errorf("mountinfo of %s: bad device %q", dir, f[2])
+		}
+		return os.WriteFile("/sys/fs/fuse/connections/"+minor+"/abort", []byte("1"), 0)
+	}
+	return fmt.Errorf("abort the FUSE connection of %s: not mounted", dir)
+}
+
+// unmountLeft lazily unmounts the node's mount if it is still there and
+// reports that it was.
+func (n *ClusterNode) unmountLeft() error {
+	mounted, err := isMounted(n.MountDir)
+	if err != nil || !mounted {
+		return err
+	}
+	return errors.Join(fmt.Errorf("%s left its mount %s", n.Name, n.MountDir), Unmount(n.MountDir))
+}
+
+// cleanup stops every node, removes the mounts left and checks that none
+// is, and logs the nodes' logs if the test failed.
+func (c *Cluster) cleanup() {
+	tb := c.tb
+	for _, n := range c.Nodes {
+		if err := n.Stop(); err != nil {
+			tb.Error(err)
+		}
+	}
+	for _, n := range c.Nodes {
+		if mounted, err := isMounted(n.MountDir); err != nil {
+			tb.Error(err)
+		} else if mounted {
+			tb.Errorf("%s: %s is still mounted after cleanup", n.Name, n.MountDir)
+		}
+	}
+	if tb.Failed() {
+		for _, n := range c.Nodes {
+			tb.Logf("log of %s (%s):\n%s", n.Name, n.LogPath, n.LogTail(64<<10))
+		}
+	}
+}
+
+// Log returns everything the node has logged, over all its runs.
+func (n *ClusterNode) Log() string {
+	b, err := os.ReadFile(n.LogPath)
+	if err != nil {
+		return fmt.Sprintf("(no log: %v)", err)
+	}
+	return string(b)
+}
+
+// LogTail returns the last max bytes of the node's log.
+func (n *ClusterNode) LogTail(max int) string {
+	s := n.Log()
+	if len(s) > max {
+		s = "[...]" + s[len(s)-max:]
+	}
+	return s
+}
+
+// Pos returns the position in the node's <db>-pos file, and false if the
+// file does not exist.
+func (n *ClusterNode) Pos(tb testing.TB, db string) (meridian.Pos, bool) {
+	tb.Helper()
+	b, err := os.ReadFile(filepath.Join(n.MountDir, db+"-pos"))
+	if errors.Is(err, os.ErrNotExist) {
+		return meridian.Pos{}, false
+	} else if err != nil {
+		tb.Fatalf("%s: %v", n.Name, err)
+	}
+	p, err := meridian.ParsePos(string(bytes.TrimSpace(b)))
+	if err != nil {
+		tb.Fatalf("%s: %s-pos: %v", n.Name, db, err)
+	}
+	return p, true
+}
+
+// BackingFile returns the path of the backing database file of db.
+func (n *ClusterNode) BackingFile(db string) string {
+	return filepath.Join(n.DataDir, "dbs", db, "database")
+}
+
+// WaitCaughtUp waits until every running node's position of each db equals
+// the primary's, which must not move meanwhile, and fails the test after
+// timeout. It returns the primary's positions.
+func (c *Cluster) WaitCaughtUp(tb testing.TB, timeout time.Duration, dbs ...string) map[string]meridian.Pos {
+	tb.Helper()
+	primary := c.Node(c.Primary)
+	want := make(map[string]meridian.Pos)
+	for _, db := range dbs {
+		p, ok := primary.Pos(tb, db)
+		if !ok {
+			tb.Fatalf("primary %s has no %s-pos", primary.Name, db)
+		}
+		want[db] = p
+	}
+	deadline := time.Now().Add(timeout)
+	for {
+		var behind []string
+		for _, n := range c.Nodes {
+			if !n.Running() {
+				continue
+			}
+			for _, db := range dbs {
+				if got, ok := n.Pos(tb, db); !ok || got != want[db] {
+					behind = append(behind, fmt.Sprintf("%s %s at %v (have it: %v), want %v", n.Name, db, got, ok, want[db]))
+				}
+			}
+		}
+		if len(behind) == 0 {
+			return want
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("replicas not caught up with the primary in %v:\n%s", timeout, strings.Join(behind, "\n"))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Mounted reports whether dir is a mount point of a Meridian filesystem
+// (type fuse.meridian in /proc/self/mountinfo).
+func Mounted(tb testing.TB, dir string) bool {
+	tb.Helper()
+	ok, err := isMounted(dir)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return ok
+}
+
+func isMounted(dir string) (bool, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(f)
+	if err != nil {
+		return false, err
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		pre, post, ok := strings.Cut(line, " - ")
+		f, g := strings.Fields(pre), strings.Fields(post)
+		if ok && len(f) >= 5 && len(g) >= 1 && f[4] == dir && g[0] == "fuse.meridian" {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// Unmount lazily unmounts the FUSE mount at dir with `fusermount3 -u -z`,
+// falling back to umount2(MNT_DETACH) if fusermount3 fails.
+func Unmount(dir string) error {
+	out, err := exec.Command("fusermount3", "-u", "-z", dir).CombinedOutput()
+	if err == nil {
+		return nil
+	}
+	if uerr := syscall.Unmount(dir, syscall.MNT_DETACH); uerr != nil {
+		return fmt.Errorf("fusermount3 -u -z %s: %v: %s; umount2: %w", dir, err, bytes.TrimSpace(out), uerr)
+	}
+	return nil
+}
+
+// WaitPos waits until the node has db at a position that reached returns
+// true for, and returns it; after timeout it fails the test, saying the node
+// did not reach want.
+func (n *ClusterNode) WaitPos(tb testing.TB, db string, timeout time.Duration, want string, reached func(meridian.Pos) bool) meridian.Pos {
+	tb.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		p, ok := n.Pos(tb, db)
+		if ok && reached(p) {
+			return p
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("%s: %s at %v (have it: %v) after %v, want %s", n.Name, db, p, ok, timeout, want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
