@@ -8,12 +8,9 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"runtime"
 	"syscall"
-	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
-	"golang.org/x/sys/unix"
 
 	"github.com/meridian-db/meridian/ltx"
 )
@@ -120,38 +117,43 @@ const (
 	walLockCount  = 8
 )
 
-// readerHold is SQLite's readers held off one database: write locks taken
-// through the mount, exactly where a SQLite writer takes them, so they
-// work whether the mount or the kernel implements locks.
+// daemonLockOwner owns the locks the daemon takes in a database's lock
+// tables. Kernel lock owners are scrambled pointers; this one is not.
+const daemonLockOwner = 1<<64 - 0x4d52 // "MR"
+
+// readerHold is SQLite's readers held off one database: the write locks a
+// SQLite writer would take, in the mount's own lock tables. The daemon
+// holds no file on its own mount: a process killed with one open would
+// hang for good in the FLUSH its exit sends to itself.
 type readerHold struct {
-	db  *os.File // the database through the mount
-	shm *os.File // its -shm through the mount, in WAL mode
+	f   *FileSystem
+	d   *DB
+	wal bool
 }
 
 // holdReaders waits until no reader is in a transaction on d and keeps new
-// ones out: in rollback-journal mode with the PENDING byte then the SHARED
-// range of the database file, in WAL mode with every WAL lock of the -shm
-// file.
+// ones out: in rollback-journal mode with the PENDING byte, which stops new
+// SHARED locks, then the SHARED range of the database file; in WAL mode
+// with every WAL lock of the -shm file, one at a time (a reader that finds
+// a READ lock taken uses another). It needs the mount to implement locks.
 func (f *FileSystem) holdReaders(ctx context.Context, d *DB) (*readerHold, error) {
-	path := filepath.Join(f.MountDir, d.Name)
-	db, err := f.openOwn(path, os.O_RDWR)
-	if err != nil {
-		return nil, err
+	if f.KernelLocks {
+		return nil, errors.New("a replica needs fs.locks: mount to hold SQLite's readers off while it applies")
 	}
-	h := &readerHold{db: db}
-	if walMode(db) {
-		if h.shm, err = f.openOwn(path+"-shm", os.O_RDWR|os.O_CREATE); err != nil {
-			h.release()
-			return nil, err
+	h := &readerHold{f: f, d: d, wal: walMode(d.file)}
+	lock := func(t *LockTable, start, end uint64) error {
+		if errno := t.Lock(ctx, daemonLockOwner, uint32(os.Getpid()), syscall.F_WRLCK, start, end); errno != 0 {
+			return fmt.Errorf("lock bytes %d-%d: readers hold them: %w", start, end, errno)
 		}
-		// One at a time: a reader that finds a READ lock taken uses
-		// another, so the daemon collects them as readers finish instead
-		// of waiting for a moment when no reader holds any.
-		for i := int64(0); i < walLockCount && err == nil; i++ {
-			err = lockWait(ctx, h.shm, walLockOffset+i, 1)
+		return nil
+	}
+	var err error
+	if h.wal {
+		for i := uint64(0); i < walLockCount && err == nil; i++ {
+			err = lock(&d.ShmLocks, walLockOffset+i, walLockOffset+i)
 		}
-	} else if err = lockWait(ctx, db, pendingByte, 1); err == nil {
-		err = lockWait(ctx, db, sharedFirst, sharedSize)
+	} else if err = lock(&d.Locks, pendingByte, pendingByte); err == nil {
+		err = lock(&d.Locks, sharedFirst, sharedFirst+sharedSize-1)
 	}
 	if err != nil {
 		h.release()
@@ -161,47 +163,36 @@ func (f *FileSystem) holdReaders(ctx context.Context, d *DB) (*readerHold, error
 }
 
 // walMode reports whether the database file's header says WAL mode.
-func walMode(db *os.File) bool {
+func walMode(db io.ReaderAt) bool {
 	var hdr [20]byte
 	n, _ := db.ReadAt(hdr[:], 0)
 	return n == len(hdr) && hdr[18] == 2
-}
-
-// lockWait takes a write lock on n bytes at off of f, an open file
-// description lock, retrying until ctx is done: like SQLite, it does not
-// queue behind readers in the kernel.
-func lockWait(ctx context.Context, f *os.File, off, n int64) error {
-	lk := unix.Flock_t{Type: unix.F_WRLCK, Whence: 0, Start: off, Len: n}
-	wait := 20 * time.Microsecond
-	for {
-		err := unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &lk)
-		if err == nil {
-			return nil
-		}
-		if !errors.Is(err, syscall.EAGAIN) && !errors.Is(err, syscall.EACCES) {
-			return fmt.Errorf("lock bytes %d-%d of %s: %w", off, off+n-1, f.Name(), err)
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("lock bytes %d-%d of %s: readers hold them: %w", off, off+n-1, f.Name(), ctx.Err())
-		case <-time.After(wait):
-		}
-		wait = min(2*wait, 200*time.Microsecond)
-	}
 }
 
 // changed tells WAL-mode readers that the database file changed under
 // them: SQLite keeps its page cache across read transactions as long as
 // the wal-index header in the -shm is unchanged, so the header's change
 // counter is bumped (both copies, checksum redone), as a checkpoint does.
-// In rollback-journal mode readers see the change counter of page 1,
-// which the primary's transaction wrote.
+// Readers map the -shm through the mount: the kernel's copy of its first
+// page is dropped before (writing back what readers wrote) and after the
+// backing file is written. In rollback-journal mode readers see the change
+// counter of page 1, which the primary's transaction wrote.
 func (h *readerHold) changed() error {
-	if h.shm == nil {
+	if !h.wal {
 		return nil
 	}
+	if err := h.f.invalidateShm(h.d); err != nil {
+		return err
+	}
+	shm, err := os.OpenFile(h.d.path(shmFile), os.O_RDWR, 0)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil // no reader yet
+	} else if err != nil {
+		return err
+	}
+	defer func() { _ = shm.Close() }()
 	var hdr [96]byte // two copies of the 48-byte header
-	if n, _ := h.shm.ReadAt(hdr[:], 0); n < len(hdr) || hdr[12] == 0 {
+	if n, _ := shm.ReadAt(hdr[:], 0); n < len(hdr) || hdr[12] == 0 {
 		return nil // not initialized: the next reader builds it from scratch
 	}
 	// The header is in the machine's byte order, its checksum too
@@ -217,28 +208,34 @@ func (h *readerHold) changed() error {
 	}
 	order.PutUint32(w[40:], s1)
 	order.PutUint32(w[44:], s2)
-	// Copy 2 first, as SQLite writes it, then copy 1.
-	if _, err := h.shm.WriteAt(w, 48); err != nil {
+	copy(hdr[48:], w)
+	if _, err := shm.WriteAt(hdr[:], 0); err != nil {
 		return err
 	}
-	_, err := h.shm.WriteAt(w, 0)
-	return err
+	return h.f.invalidateShm(h.d)
 }
 
-// release lets readers go on. The locks are dropped one by one: closing
-// the file would not drop them in a FUSE filesystem's own lock table,
-// because the kernel sends the owner of open file description locks
-// neither with FLUSH nor with RELEASE.
+// invalidateShm drops the kernel's cache of the first page of d's -shm.
+func (f *FileSystem) invalidateShm(d *DB) error {
+	f.mu.Lock()
+	n := f.names[d.Name+"-shm"]
+	f.mu.Unlock()
+	if n == nil || f.server == nil {
+		return nil
+	}
+	if st := f.server.InodeNotify(n.id, 0, 4096); !st.Ok() && st != fuse.ENOENT {
+		return fmt.Errorf("invalidate the -shm of %s: %v", d.Name, st)
+	}
+	return nil
+}
+
+// release lets readers go on.
 func (h *readerHold) release() {
-	unlock := func(f *os.File) {
-		lk := unix.Flock_t{Type: unix.F_UNLCK}
-		_ = unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &lk)
-		_ = f.Close()
+	if h.wal {
+		h.d.ShmLocks.ReleaseOwner(daemonLockOwner)
+	} else {
+		h.d.Locks.ReleaseOwner(daemonLockOwner)
 	}
-	if h.shm != nil {
-		unlock(h.shm)
-	}
-	unlock(h.db)
 }
 
 // Snapshot writes a snapshot of the database at its log's position to w,
@@ -255,32 +252,4 @@ func (d *DB) Snapshot(ctx context.Context, w io.Writer) (*ltx.FileInfo, error) {
 		return nil, err
 	}
 	return d.log.Snapshot(ctx, w, walView{d: d})
-}
-
-// openOwn opens a file of the mount for the daemon itself, which a
-// read-only mount lets write: FUSE names the calling thread, so the open
-// runs on a thread of its own whose ID the mount knows meanwhile.
-func (f *FileSystem) openOwn(path string, flag int) (*os.File, error) {
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	tid := uint32(unix.Gettid())
-	f.mu.Lock()
-	f.ownTIDs[tid]++
-	f.mu.Unlock()
-	defer func() {
-		f.mu.Lock()
-		if f.ownTIDs[tid]--; f.ownTIDs[tid] == 0 {
-			delete(f.ownTIDs, tid)
-		}
-		f.mu.Unlock()
-	}()
-	return os.OpenFile(path, flag, 0o644)
-}
-
-// ownOpen reports whether the FUSE caller pid (a thread ID) is in
-// openOwn.
-func (f *FileSystem) ownOpen(pid uint32) bool {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.ownTIDs[pid] > 0
 }

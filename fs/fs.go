@@ -79,8 +79,7 @@ type FileSystem struct {
 	primary string        // content of .primary; "" hides it
 	lag     func() string // content of .lag; nil hides it
 	refused map[uint32]time.Time
-	changed chan struct{}  // closed and replaced when a database comes or goes
-	ownTIDs map[uint32]int // threads in openOwn
+	changed chan struct{} // closed and replaced when a database comes or goes
 	acked   func(name string) ltx.TXID
 
 	stopMaintain context.CancelFunc
@@ -112,7 +111,6 @@ func New(dataDir, mountDir string) *FileSystem {
 		handles:          map[uint64]*handle{},
 		refused:          map[uint32]time.Time{},
 		changed:          make(chan struct{}),
-		ownTIDs:          map[uint32]int{},
 	}
 }
 

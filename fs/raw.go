@@ -368,11 +368,9 @@ func (f *FileSystem) ioError(n *node, op string, err error) fuse.Status {
 }
 
 // refuseWrite reports whether the mount is read-only, logging who tried to
-// write (once a minute per process). The daemon itself is not refused when
-// it opens a replica's database for writing through the mount to take
-// SQLite's locks (see holdReaders).
+// write (once a minute per process).
 func (f *FileSystem) refuseWrite(c fuse.Caller, op, name string) bool {
-	if !f.readOnly.Load() || f.ownOpen(c.Pid) {
+	if !f.readOnly.Load() {
 		return false
 	}
 	f.mu.Lock()

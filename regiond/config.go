@@ -444,6 +444,9 @@ func (c *Config) Validate() error {
 	c.validateReplication(&p)
 	c.validateTLS(&p)
 	p.oneOf("fs.locks", c.FS.Locks, fsLocks)
+	if c.FS.Locks == "kernel" && c.Lease.Type == LeaseStatic && !c.IsPrimary() {
+		p.add("fs.locks: %q is for the primary; a replica needs %q, to hold SQLite's readers off while it applies a transaction", c.FS.Locks, "mount")
+	}
 	p.oneOf("log.level", c.Log.Level, logLevels)
 	p.oneOf("log.format", c.Log.Format, logFormats)
 	if len(p) > 0 {

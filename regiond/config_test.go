@@ -18,8 +18,8 @@ import (
 
 // fullConfig sets every key to a value other than its default.
 const fullConfig = `# every key the daemon reads
-node: fra-1
-region: fra
+node: iad-1
+region: iad
 data_dir: /srv/meridian
 mount_dir: /mnt/meridian
 fs:
@@ -30,11 +30,16 @@ lease:
   candidate: false
   static_primary: iad-1
 replication:
+  listen: 127.0.0.1:20210
+  peers:
+    - {node: fra-1, region: fra, addr: 127.0.0.1:20220}
+    - node: syd-1
+      region: syd
   retention: 90s
 tls:
   ca: /etc/pki/meridian/cluster.pem
-  cert: certs/fra-1.crt
-  key: certs/fra-1.key
+  cert: certs/iad-1.crt
+  key: certs/iad-1.key
   insecure: true
 log:
   level: debug
@@ -73,15 +78,17 @@ func TestParseConfig_Full(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := regiond.Config{
-		Node:        "fra-1",
-		Region:      "fra",
-		DataDir:     "/srv/meridian",
-		MountDir:    "/mnt/meridian",
-		FS:          regiond.FSConfig{Locks: "kernel", Passthrough: false},
-		Lease:       regiond.LeaseConfig{Type: "static", Candidate: false, StaticPrimary: "iad-1"},
-		Replication: regiond.ReplicationConfig{Retention: regiond.Duration(90 * time.Second)},
-		TLS: regiond.TLSConfig{CA: "/etc/pki/meridian/cluster.pem", Cert: "/etc/meridian/certs/fra-1.crt",
-			Key: "/etc/meridian/certs/fra-1.key", Insecure: true},
+		Node:     "iad-1",
+		Region:   "iad",
+		DataDir:  "/srv/meridian",
+		MountDir: "/mnt/meridian",
+		FS:       regiond.FSConfig{Locks: "kernel", Passthrough: false},
+		Lease:    regiond.LeaseConfig{Type: "static", Candidate: false, StaticPrimary: "iad-1"},
+		Replication: regiond.ReplicationConfig{Listen: "127.0.0.1:20210", Peers: []regiond.Peer{
+			{Node: "fra-1", Region: "fra", Addr: "127.0.0.1:20220"}, {Node: "syd-1", Region: "syd"}},
+			Retention: regiond.Duration(90 * time.Second)},
+		TLS: regiond.TLSConfig{CA: "/etc/pki/meridian/cluster.pem", Cert: "/etc/meridian/certs/iad-1.crt",
+			Key: "/etc/meridian/certs/iad-1.key", Insecure: true},
 		Log: regiond.LogConfig{Level: "debug", Format: "json"},
 	}
 	if !reflect.DeepEqual(got, want) {
@@ -354,7 +361,7 @@ func TestConfig_Logger(t *testing.T) {
 		if err := json.Unmarshal(buf.Bytes(), &rec); err != nil {
 			t.Fatalf("got %q, want one JSON record: %v", buf.String(), err)
 		}
-		for k, want := range map[string]any{"level": "DEBUG", "msg": "applied", "node": "fra-1", "region": "fra", "txid": 7.0} {
+		for k, want := range map[string]any{"level": "DEBUG", "msg": "applied", "node": "iad-1", "region": "iad", "txid": 7.0} {
 			if rec[k] != want {
 				t.Fatalf("%s: got %v, want %v", k, rec[k], want)
 			}
@@ -409,4 +416,30 @@ func FuzzParseConfig(f *testing.F) {
 			t.Fatalf("got %+v (%v), want %+v", again, err, c)
 		}
 	})
+}
+
+func TestValidate_Replication(t *testing.T) {
+	for _, tt := range []struct {
+		name, yaml, want string
+	}{
+		{"KernelLocksOnReplica", "node: fra-1\nregion: fra\nfs: {locks: kernel}\nlease: {static_primary: iad-1}\ntls: {insecure: true}\n",
+			`fs.locks: "kernel" is for the primary; a replica needs "mount"`},
+		{"PeerIsSelf", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:1, peers: [{node: iad-1, region: iad}]}\ntls: {insecure: true}\n",
+			`replication.peers[0].node: "iad-1" is this node`},
+		{"PeerTwice", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:1, peers: [{node: fra-1, region: fra}, {node: fra-1, region: fra}]}\ntls: {insecure: true}\n",
+			`replication.peers[1].node: "fra-1" is listed twice`},
+		{"BadAddr", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:1, peers: [{node: fra-1, region: fra, addr: nowhere}]}\ntls: {insecure: true}\n",
+			`replication.peers[0].addr: "nowhere" is not host:port`},
+		{"PrimaryWithoutListen", "node: iad-1\nregion: iad\nreplication: {peers: [{node: fra-1, region: fra}]}\ntls: {insecure: true}\n",
+			`replication.listen: required on the primary`},
+		{"UnknownPeerKey", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:1, peers: [{node: fra-1, region: fra, adr: x}]}\ntls: {insecure: true}\n",
+			`unknown key "replication.peers[0].adr" (keys under replication.peers[0]: node, region, addr)`},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := parse(t, tt.yaml)
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("got %v, want an error containing %q", err, tt.want)
+			}
+		})
+	}
 }

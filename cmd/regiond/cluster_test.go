@@ -77,15 +77,15 @@ func openOnPrimary(t *testing.T, c *testingutil.Cluster, dbs []*clusterDB) {
 
 // TestCluster_Replicates commits random transactions (schema changes,
 // overflow pages, growth, VACUUM) to a DELETE-mode and a WAL-mode database
-// on the primary and checks that both replicas (one with kernel locks)
+// on the primary (with kernel locks) and checks that both replicas
 // reach the primary's position, with backing files equal byte for byte,
 // databases SQLite finds intact, the same schema and row counts, and
 // mounts that refuse writes.
 func TestCluster_Replicates(t *testing.T) {
 	t.Parallel()
-	sydKernel := syd
-	sydKernel.Locks = "kernel"
-	c := testingutil.NewCluster(t, regiondCommand, iad.Name, iad, fra, sydKernel)
+	iadKernel := iad
+	iadKernel.Locks = "kernel"
+	c := testingutil.NewCluster(t, regiondCommand, iad.Name, iadKernel, fra, syd)
 	c.Start(t)
 	dbs := []*clusterDB{{name: "delete.db", mode: "delete"}, {name: "wal.db", mode: "wal"}}
 	openOnPrimary(t, c, dbs)
