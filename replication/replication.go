@@ -50,6 +50,10 @@ var (
 	// ErrNotPrimary is returned to a replica that opens a stream to a node
 	// that does not hold the write lease.
 	ErrNotPrimary = errors.New("not the primary")
+
+	// ErrPermission is a peer that is not allowed to do what it asked: a
+	// Hello naming another node than its certificate.
+	ErrPermission = errors.New("permission denied")
 )
 
 // Conn is one replica's stream as the primary sees it. Send is called from

@@ -171,9 +171,6 @@ func (s *Streamer) Serve(ctx context.Context, conn Conn, peer string) error {
 	return err
 }
 
-// ErrPermission is a peer that is not allowed to do what it asked.
-var ErrPermission = errors.New("permission denied")
-
 func (s *Streamer) connected(hello *meridianv1.Hello, positions map[string]ltx.Pos) *replica {
 	s.mu.Lock()
 	defer s.mu.Unlock()
