@@ -33,7 +33,7 @@ func (l *Log) Apply(ctx context.Context, path, lostDir string) (*FileInfo, []uin
 	if err != nil {
 		return nil, nil, err
 	}
-	info, err := VerifyFile(path)
+	info, err := ReadFileInfo(path)
 	if err != nil {
 		return nil, nil, fmt.Errorf("apply %s to %s: %w", path, l.Name, err)
 	}
@@ -41,22 +41,29 @@ func (l *Log) Apply(ctx context.Context, path, lostDir string) (*FileInfo, []uin
 	if !hdr.IsSnapshot() && info.PreApplyPos() != pos {
 		return nil, nil, fmt.Errorf("apply txid %s-%s to %s: it applies at %s, the log is at %s", hdr.MinTXID, hdr.MaxTXID, l.Name, info.PreApplyPos(), pos)
 	}
-	var old []*logFile
+	info.Name = FormatName(hdr.MinTXID, hdr.MaxTXID)
+	// Copied, verified as it is read, before anything in the log changes.
+	t, err := l.copyIn(ctx, path, info)
+	if err != nil {
+		return nil, nil, err
+	}
 	if hdr.IsSnapshot() {
-		if old, err = l.setAside(lostDir); err != nil {
+		if err := l.setAside(lostDir); err != nil {
+			t.remove()
 			return nil, nil, err
 		}
 	}
-	info.Name = FormatName(hdr.MinTXID, hdr.MaxTXID)
 	// The marker names the file whose pages go into the database next, for
-	// Open to finish the job after a crash; copyIn's directory fsync makes
-	// it durable with the file.
+	// Open to finish the job after a crash; the rename's directory fsync
+	// makes it durable with the file.
 	if err := writeApplying(l.path(applyingName), info.Name); err != nil {
+		t.remove()
 		return nil, nil, fmt.Errorf("apply %s to %s: %w", info.Name, l.Name, err)
 	}
-	if err := l.copyIn(ctx, path, info); err != nil {
+	if err := t.rename(true); err != nil {
+		t.remove()
 		_ = os.Remove(l.path(applyingName))
-		return nil, nil, err
+		return nil, nil, fmt.Errorf("apply %s to %s: %w", info.Name, l.Name, err)
 	}
 	if hdr.IsSnapshot() {
 		table = NewChecksumTable(hdr.PageSize)
@@ -73,7 +80,7 @@ func (l *Log) Apply(ctx context.Context, path, lostDir string) (*FileInfo, []uin
 	_ = os.Remove(l.path(applyingName))
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if old != nil {
+	if hdr.IsSnapshot() {
 		l.files = l.files[:0]
 	}
 	l.table = table
@@ -85,18 +92,18 @@ func (l *Log) Apply(ctx context.Context, path, lostDir string) (*FileInfo, []uin
 
 // setAside takes every file out of the log directory ahead of a snapshot:
 // into lostDir/<time>/ if lostDir is set, else removed. Caller holds l.wmu.
-func (l *Log) setAside(lostDir string) ([]*logFile, error) {
+func (l *Log) setAside(lostDir string) error {
 	l.mu.RLock()
 	files := append([]*logFile(nil), l.files...)
 	l.mu.RUnlock()
 	if len(files) == 0 {
-		return []*logFile{}, nil
+		return nil
 	}
 	var dst string
 	if lostDir != "" {
 		dst = filepath.Join(lostDir, time.Now().UTC().Format("20060102T150405.000000000Z"))
 		if err := os.MkdirAll(dst, 0o755); err != nil {
-			return nil, fmt.Errorf("keep the lost transactions of %s: %w", l.Name, err)
+			return fmt.Errorf("keep the lost transactions of %s: %w", l.Name, err)
 		}
 	}
 	for _, f := range files {
@@ -107,45 +114,42 @@ func (l *Log) setAside(lostDir string) ([]*logFile, error) {
 			err = l.removeFile(f)
 		}
 		if err != nil && !errors.Is(err, os.ErrNotExist) {
-			return nil, fmt.Errorf("replace the log of %s with a snapshot: %w", l.Name, err)
+			return fmt.Errorf("replace the log of %s with a snapshot: %w", l.Name, err)
 		}
 		_ = os.Remove(l.path(posName(f.info.Name)))
 	}
 	if dst != "" {
 		if err := syncDirectory(dst); err != nil {
-			return nil, err
+			return err
 		}
 		l.Logger.Warn("kept the transactions a snapshot replaces", "db", l.Name, "dir", dst, "files", len(files),
 			"from", files[0].info.PreApplyPos(), "to", files[len(files)-1].info.Pos())
 	}
-	return files, syncDirectory(l.Dir)
+	return syncDirectory(l.Dir)
 }
 
-// copyIn writes the file at path into the log directory under info.Name,
-// sealed and durable, and records its seal in info. Caller holds l.wmu.
-func (l *Log) copyIn(ctx context.Context, path string, info *FileInfo) error {
+// copyIn copies the file at path into the log directory under a
+// temporary name, sealed and fsynced, verifying it as it reads it, and
+// records its seal in info. Caller holds l.wmu and renames or removes it.
+func (l *Log) copyIn(ctx context.Context, path string, info *FileInfo) (*tempFile, error) {
 	src, err := os.Open(path)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer func() { _ = src.Close() }()
 	t, err := writeTemp(l.Dir, info.Name, true, l.Spares, func(w io.Writer) error {
-		_, err := io.Copy(w, &ctxReader{ctx: ctx, r: src})
+		_, err := io.Copy(w, &ctxReader{ctx: ctx, r: NewVerifyReader(src, 0)})
 		return err
 	})
 	if err != nil {
-		return fmt.Errorf("apply %s to %s: %w", info.Name, l.Name, err)
+		return nil, fmt.Errorf("apply %s to %s: %w", info.Name, l.Name, err)
 	}
 	if t.size != info.Size {
 		t.remove()
-		return fmt.Errorf("apply %s to %s: copied %d bytes of %d", info.Name, l.Name, t.size, info.Size)
-	}
-	if err := t.rename(true); err != nil {
-		t.remove()
-		return fmt.Errorf("apply %s to %s: %w", info.Name, l.Name, err)
+		return nil, fmt.Errorf("apply %s to %s: copied %d bytes of %d", info.Name, l.Name, t.size, info.Size)
 	}
 	info.Seal = t.seal
-	return nil
+	return t, nil
 }
 
 // applyToDatabase writes the log's file info into the database file at

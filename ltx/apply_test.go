@@ -79,6 +79,27 @@ func TestLog_Apply(t *testing.T) {
 		applyAll(t, dst, src.log, files[len(files)-2:])
 	})
 
+	t.Run("ErrCorrupt", func(t *testing.T) {
+		src.run(1, t0.Add(2*time.Hour), nil)
+		files := src.log.Files()
+		next := files[len(files)-1]
+		b := testingutil.MustReadFile(t, filepath.Join(src.log.Dir, next.Name))
+		b[len(b)/2] ^= 0x40
+		bad := filepath.Join(t.TempDir(), next.Name)
+		if err := os.WriteFile(bad, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		before, n := testingutil.MustReadFile(t, dst.DBPath), len(dst.Files())
+		if _, _, err := dst.Apply(context.Background(), bad, ""); !errors.Is(err, ltx.ErrCorrupt) {
+			t.Fatalf("applying a damaged file: %v, want ErrCorrupt", err)
+		}
+		entries, _ := os.ReadDir(dst.Dir)
+		if !bytes.Equal(testingutil.MustReadFile(t, dst.DBPath), before) || len(dst.Files()) != n || len(entries) != n {
+			t.Fatalf("a damaged file changed the replica: %d files in the log, %d entries in its directory, want %d", len(dst.Files()), len(entries), n)
+		}
+		applyAll(t, dst, src.log, files[len(files)-1:])
+	})
+
 	t.Run("SnapshotKeepsLost", func(t *testing.T) {
 		// Another history: a source with other content and fewer files.
 		other := newFakeDB(t, t.TempDir(), 2)
