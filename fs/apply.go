@@ -87,7 +87,8 @@ func (f *FileSystem) dbForApply(ctx context.Context, name string) (*DB, error) {
 }
 
 // invalidate drops the kernel's cache of the pages info wrote, and of the
-// file's size; of all of it for a snapshot.
+// file's size (the kernel drops the attributes with every notification);
+// of all of it for a snapshot.
 func (f *FileSystem) invalidate(d *DB, info *ltx.FileInfo, pgnos []uint32) error {
 	f.mu.Lock()
 	n := f.names[d.Name]
@@ -101,8 +102,9 @@ func (f *FileSystem) invalidate(d *DB, info *ltx.FileInfo, pgnos []uint32) error
 		}
 		return nil
 	}
-	if err := f.InvalidatePages(d.Name, info.Header.PageSize, pgnos); err != nil {
-		return err
+	if len(pgnos) > 0 {
+		// Each page's notification drops the cached size too.
+		return f.InvalidatePages(d.Name, info.Header.PageSize, pgnos)
 	}
 	if st := f.server.InodeNotify(n.id, -1, 0); !st.Ok() && st != fuse.ENOENT {
 		return fmt.Errorf("invalidate the attributes of %s: %v", d.Name, st)

@@ -781,9 +781,8 @@ func unfence(path string) error {
 func (d *DB) ensureWAL() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	var hdr [20]byte
-	if n, _ := d.file.ReadAt(hdr[:], 0); n < len(hdr) || hdr[18] != 2 {
-		return nil // not in WAL mode
+	if !walMode(d.file) {
+		return nil
 	}
 	f, err := os.OpenFile(d.path(walFile), os.O_RDWR|os.O_CREATE, 0o644)
 	if err != nil {
