@@ -70,14 +70,7 @@ func (b *bank) tx(fn func(*sql.Tx) error) {
 			b.tb.Fatal(err)
 		}
 	}
-	after := testingutil.MustReadFile(b.tb, b.path)
-	f, err := os.Open(b.path)
-	if err != nil {
-		b.tb.Fatal(err)
-	}
-	defer f.Close()
-	if _, err := b.log.Commit(context.Background(), ltx.Tx{DB: f, PageSize: 4096, Commit: uint32(len(after) / 4096),
-		Pgnos: testingutil.ChangedPages(before, after, 4096)}); err != nil {
+	if _, err := testingutil.CommitChanged(b.log, before, testingutil.MustReadFile(b.tb, b.path)); err != nil {
 		b.tb.Fatal(err)
 	}
 }

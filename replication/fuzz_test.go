@@ -241,18 +241,7 @@ func seedLTX(tb testing.TB) [][]byte {
 		if _, err := work.Step(); err != nil {
 			tb.Fatal(err)
 		}
-		after := testingutil.MustReadFile(tb, path)
-		f, err := os.Open(path)
-		if err != nil {
-			tb.Fatal(err)
-		}
-		pageSize, err := ltx.ReadPageSize(f)
-		if err == nil {
-			_, err = l.Commit(context.Background(), ltx.Tx{DB: f, PageSize: pageSize, Commit: uint32(len(after) / int(pageSize)),
-				Pgnos: testingutil.ChangedPages(before, after, int(pageSize)), SkipUnchanged: true})
-		}
-		_ = f.Close()
-		if err != nil {
+		if _, err := testingutil.CommitChanged(l, before, testingutil.MustReadFile(tb, path)); err != nil {
 			tb.Fatal(err)
 		}
 	}

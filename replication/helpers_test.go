@@ -71,18 +71,7 @@ func (p *primary) write(name string, fn func() error) {
 	if err := fn(); err != nil {
 		p.tb.Fatal(err)
 	}
-	after := testingutil.MustReadFile(p.tb, d.path)
-	f, err := os.Open(d.path)
-	if err != nil {
-		p.tb.Fatal(err)
-	}
-	defer f.Close()
-	pageSize, err := ltx.ReadPageSize(f)
-	if err != nil {
-		p.tb.Fatal(err)
-	}
-	_, err = d.log.Commit(context.Background(), ltx.Tx{DB: f, PageSize: pageSize, Commit: uint32(len(after) / int(pageSize)),
-		Pgnos: testingutil.ChangedPages(before, after, int(pageSize)), SkipUnchanged: true})
+	_, err := testingutil.CommitChanged(d.log, before, testingutil.MustReadFile(p.tb, d.path))
 	if err != nil && !errors.Is(err, context.Canceled) {
 		p.tb.Fatal(err)
 	}

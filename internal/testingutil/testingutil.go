@@ -87,6 +87,19 @@ func ChangedPages(before, after []byte, pageSize int) []uint32 {
 	return pgnos
 }
 
+// CommitChanged commits to l, as one transaction, the pages that differ
+// between before and after, the database file's bytes around it, as a
+// capture layer would; a transaction that changed nothing is skipped (nil
+// info).
+func CommitChanged(l *ltx.Log, before, after []byte) (*ltx.FileInfo, error) {
+	pageSize, err := ltx.ReadPageSize(bytes.NewReader(after))
+	if err != nil {
+		return nil, err
+	}
+	return l.Commit(context.Background(), ltx.Tx{DB: bytes.NewReader(after), PageSize: pageSize,
+		Commit: uint32(len(after) / int(pageSize)), Pgnos: ChangedPages(before, after, int(pageSize)), SkipUnchanged: true})
+}
+
 // FileSHA256 returns the hex SHA-256 of the file at path.
 func FileSHA256(tb testing.TB, path string) string {
 	tb.Helper()
