@@ -1,6 +1,7 @@
 package replication
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -98,18 +99,8 @@ func (s *Streamer) Replicas() []ReplicaStatus {
 		}
 		out = append(out, st)
 	}
-	slices.SortFunc(out, func(a, b ReplicaStatus) int { return compareStrings(a.Node, b.Node) })
+	slices.SortFunc(out, func(a, b ReplicaStatus) int { return cmp.Compare(a.Node, b.Node) })
 	return out
-}
-
-func compareStrings(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // Serve runs the stream of one replica until it ends, the lease epoch
