@@ -52,6 +52,7 @@ type Streamer struct {
 
 	mu       sync.Mutex
 	replicas map[string]*replica
+	acks     chan struct{} // closed and replaced at every ack; nil until needed
 }
 
 // NewStreamer returns a Streamer of src's databases with default tunables.
@@ -73,6 +74,11 @@ type replica struct {
 	streams      int                // open streams (a reconnect may overlap the old one)
 	acked        map[string]ltx.Pos // by database
 	ackedAt      map[string]time.Time
+	// confirmed is the last position of each database the replica
+	// acknowledged applying from this Streamer. Unlike acked, which a
+	// Hello sets, it is on this primary's history: a rejoining node's
+	// divergent position confirms nothing.
+	confirmed map[string]ltx.TXID
 }
 
 // ReplicaStatus is the primary's view of one replica.
@@ -170,7 +176,8 @@ func (s *Streamer) connected(hello *meridianv1.Hello, positions map[string]ltx.P
 	}
 	r := s.replicas[hello.GetNode()]
 	if r == nil {
-		r = &replica{node: hello.GetNode(), acked: make(map[string]ltx.Pos), ackedAt: make(map[string]time.Time)}
+		r = &replica{node: hello.GetNode(), acked: make(map[string]ltx.Pos), ackedAt: make(map[string]time.Time),
+			confirmed: make(map[string]ltx.TXID)}
 		s.replicas[r.node] = r
 	}
 	r.region = hello.GetRegion()
@@ -241,10 +248,7 @@ func (st *stream) recv() error {
 		if ack == nil {
 			return fmt.Errorf("%w: a frame other than Ack after the Hello", ErrProtocol)
 		}
-		st.s.mu.Lock()
-		st.replica.acked[ack.GetDb()] = ltx.Pos{TXID: ltx.TXID(ack.GetTxid()), PostApplyChecksum: ltx.Checksum(ack.GetPostApplyChecksum())}
-		st.replica.ackedAt[ack.GetDb()] = time.Now()
-		st.s.mu.Unlock()
+		st.s.acked(st.replica, ack)
 	}
 }
 

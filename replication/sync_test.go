@@ -1,0 +1,169 @@
+package replication_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/meridian-db/meridian/internal/testingutil"
+	"github.com/meridian-db/meridian/ltx"
+	"github.com/meridian-db/meridian/replication"
+)
+
+func TestQuorum_Met(t *testing.T) {
+	three := map[string]string{"fra-1": "fra", "fra-2": "fra", "syd-1": "syd"}
+	for _, tt := range []struct {
+		q    replication.Quorum
+		reps map[string]string
+		want bool
+	}{
+		{replication.Quorum{Acks: 1}, nil, false},
+		{replication.Quorum{Acks: 1}, map[string]string{"fra-1": "fra"}, true},
+		{replication.Quorum{Acks: 2}, map[string]string{"fra-1": "fra"}, false},
+		{replication.Quorum{Acks: 3}, three, true},
+		{replication.Quorum{Regions: []string{"fra", "syd"}}, three, true},
+		{replication.Quorum{Regions: []string{"fra", "syd"}}, map[string]string{"fra-1": "fra", "fra-2": "fra"}, false},
+		{replication.Quorum{Acks: 2, Regions: []string{"syd"}}, map[string]string{"fra-1": "fra", "fra-2": "fra"}, false},
+		{replication.Quorum{Acks: 2, Regions: []string{"syd"}}, map[string]string{"fra-1": "fra", "syd-1": "syd"}, true},
+	} {
+		if got := tt.q.Met(tt.reps); got != tt.want {
+			t.Errorf("%v.Met(%v) = %v, want %v", tt.q, tt.reps, got, tt.want)
+		}
+	}
+}
+
+// advance commits random transactions to db until one changes it, and
+// returns its TXID.
+func advance(c *cluster, db string) ltx.TXID {
+	before := c.primary.Log(db).Pos().TXID
+	for c.primary.Log(db).Pos().TXID == before {
+		c.primary.steps(db, 1)
+	}
+	return c.primary.Log(db).Pos().TXID
+}
+
+func newGate(c *cluster, timeout time.Duration) *replication.Gate {
+	return &replication.Gate{Streamer: c.streamer, Quorum: replication.Quorum{Acks: 1}, Timeout: timeout,
+		Logger: testingutil.Logger(c.tb)}
+}
+
+// TestGate_Acknowledged checks that a wait returns once the replica has
+// applied the transaction, and not before.
+func TestGate_Acknowledged(t *testing.T) {
+	c := newCluster(t)
+	c.primary.create("a.db", 1)
+	c.run(c.client())
+	g := newGate(c, time.Minute)
+	ctx := context.Background()
+	for range 20 {
+		advance(c, "a.db")
+		pos := c.primary.Log("a.db").Pos()
+		if err := g.Wait(ctx, "a.db", pos.TXID, true); err != nil {
+			t.Fatal(err)
+		}
+		// The replica applied it before acknowledging.
+		if got := c.target.pos("a.db"); got.TXID < pos.TXID {
+			t.Fatalf("wait for %v returned with the replica at %v", pos, got)
+		}
+	}
+	if st := g.Status(); st.Degraded || st.Timeouts != 0 || st.Waiting != 0 {
+		t.Fatalf("status %+v, want no degradation, timeout or waiter", st)
+	}
+}
+
+// TestGate_Timeout checks the three ways a wait ends when no replica
+// acknowledges: failing, waiting on (until its context ends), degrading
+// until the replica catches up.
+func TestGate_Timeout(t *testing.T) {
+	c := newCluster(t)
+	c.primary.create("a.db", 1)
+	txid := advance(c, "a.db")
+	g := newGate(c, 20*time.Millisecond)
+
+	err := g.Wait(context.Background(), "a.db", txid, true)
+	if !errors.Is(err, replication.ErrSyncTimeout) {
+		t.Fatalf("wait that can fail: %v, want ErrSyncTimeout", err)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	err = g.Wait(ctx, "a.db", txid, false)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("wait that cannot fail: %v, want it to wait until its context ends", err)
+	}
+	if st := g.Status(); st.Timeouts < 3 || st.Degraded {
+		t.Fatalf("status %+v, want 3 or more timeouts and no degradation", st)
+	}
+
+	g.Degrade = true
+	if err := g.Wait(context.Background(), "a.db", txid, false); err != nil {
+		t.Fatalf("degrading wait: %v", err)
+	}
+	st := g.Status()
+	if !st.Degraded || st.DegradedSince.IsZero() {
+		t.Fatalf("status %+v after a degrading timeout, want degraded", st)
+	}
+	// Degraded: later commits do not wait, even the ones that could.
+	if err := g.Wait(context.Background(), "a.db", advance(c, "a.db"), true); err != nil {
+		t.Fatalf("wait while degraded: %v", err)
+	}
+	if got := g.Status(); got.Timeouts != st.Timeouts || !got.Degraded {
+		t.Fatalf("status %+v after a wait while degraded, want still degraded and no new timeout (%d)", got, st.Timeouts)
+	}
+	// The replica returns and catches up: the next commit waits for it
+	// again, and the gate is no longer degraded.
+	c.run(c.client())
+	c.waitSynced()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if reps, _ := c.streamer.Confirmed("a.db", c.primary.Log("a.db").Pos().TXID); len(reps) == 1 {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatal("the replica's acks did not reach the primary in 10s")
+		}
+	}
+	g.Timeout = time.Minute
+	advance(c, "a.db")
+	pos := c.primary.Log("a.db").Pos()
+	if err := g.Wait(context.Background(), "a.db", pos.TXID, true); err != nil {
+		t.Fatal(err)
+	}
+	if got := c.target.pos("a.db"); got.TXID < pos.TXID {
+		t.Fatalf("wait for %v returned with the replica at %v", pos, got)
+	}
+	if st := g.Status(); st.Degraded {
+		t.Fatalf("status %+v once the replica caught up, want not degraded", st)
+	}
+}
+
+// TestGate_HelloConfirmsNothing checks that a replica's own claim of a
+// position, in its Hello, does not count as acknowledging it: an old
+// primary rejoining with transactions nobody else has must not satisfy a
+// sync commit at the same TXIDs.
+func TestGate_HelloConfirmsNothing(t *testing.T) {
+	c := newCluster(t)
+	c.primary.create("a.db", 1)
+	c.primary.steps("a.db", 5)
+	stop := c.run(c.client())
+	c.waitSynced()
+	stop()
+	// A new primary process: a Streamer that has seen no ack.
+	c.streamer = replication.NewStreamer(c.primary, "iad-1", c.epoch.Load, t.TempDir())
+	c.streamer.Logger = testingutil.Logger(t)
+	c.run(c.client())
+	txid := c.primary.Log("a.db").Pos().TXID
+	deadline := time.Now().Add(10 * time.Second)
+	for len(c.streamer.Replicas()) == 0 || c.streamer.Replicas()[0].Acked["a.db"].TXID != txid {
+		if time.Now().After(deadline) {
+			t.Fatalf("replica's Hello not seen: %+v", c.streamer.Replicas())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if reps, _ := c.streamer.Confirmed("a.db", txid); len(reps) != 0 {
+		t.Fatalf("confirmed by %v from a Hello alone", reps)
+	}
+	g := newGate(c, 50*time.Millisecond)
+	if err := g.Wait(context.Background(), "a.db", txid, true); !errors.Is(err, replication.ErrSyncTimeout) {
+		t.Fatalf("wait for a position only a Hello claims: %v, want ErrSyncTimeout", err)
+	}
+}
