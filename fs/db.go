@@ -88,6 +88,18 @@ type DB struct {
 	// dirDirty: a file was created or deleted in dir since it was last
 	// fsynced.
 	dirDirty atomic.Bool
+
+	// committed counts the transactions committed (logged, or queued for
+	// the worker) while the daemon runs, with the TXID of the last: an
+	// app's operation that moves it is held by the FileSystem's commit
+	// wait. Guarded by mu.
+	committed commitMark
+}
+
+// commitMark is where a database's commits stand.
+type commitMark struct {
+	n    uint64
+	txid ltx.TXID
 }
 
 // minPageSize is SQLite's smallest page size: it writes the database file
@@ -257,6 +269,7 @@ func (d *DB) commitRollback(ctx context.Context) error {
 func (d *DB) committedRollback(info *ltx.FileInfo) {
 	d.clearDirty()
 	if info != nil {
+		d.committed = commitMark{d.committed.n + 1, info.Header.MaxTXID}
 		d.pageSize = info.Header.PageSize
 		d.logger.Debug("commit", "txid", info.Header.MaxTXID, "commit", info.Header.Commit, "bytes", info.Size)
 	}
@@ -423,6 +436,7 @@ type walCommit struct {
 	commit uint32           // database size in pages after it
 	seg    ltx.WALSegment
 	time   time.Time // when SQLite committed it
+	txid   ltx.TXID  // the TXID its LTX file gets, once queued
 }
 
 // newWALCommit describes the transaction in frames first to last of the
@@ -472,6 +486,7 @@ func (d *DB) committedWAL(ctx context.Context, commit uint32) error {
 			return err
 		}
 		d.loggedWALTx(tx)
+		d.committed = commitMark{d.committed.n + 1, d.log.Pos().TXID}
 	} else {
 		// Wait for room, even while the worker is failing: the frames are
 		// on disk, so failing this write would leave SQLite a commit it
@@ -479,6 +494,14 @@ func (d *DB) committedWAL(ctx context.Context, commit uint32) error {
 		for len(d.queue) >= maxQueue {
 			d.cond.Wait()
 		}
+		// The worker writes the queue in order: this transaction's TXID
+		// follows the last queued, or the log's position if none is.
+		txid := d.log.Pos().TXID + 1
+		if len(d.queue) > 0 {
+			txid = d.queue[len(d.queue)-1].txid + 1
+		}
+		tx.txid = txid
+		d.committed = commitMark{d.committed.n + 1, txid}
 		d.queue = append(d.queue, tx)
 		d.cond.Broadcast()
 	}

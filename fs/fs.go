@@ -82,6 +82,8 @@ type FileSystem struct {
 	changed chan struct{} // closed and replaced when a database comes or goes
 	acked   func(name string) ltx.TXID
 
+	commitWait atomic.Pointer[CommitWait]
+
 	stopMaintain context.CancelFunc
 	maintained   sync.WaitGroup
 }
@@ -122,6 +124,45 @@ func (f *FileSystem) SetAcked(acked func(name string) ltx.TXID) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.acked = acked
+}
+
+// CommitWait holds an app's operation that committed transaction txid of
+// database db, once the transaction is in the log, until it returns nil:
+// sync durability waits there for replicas. canFail says whether SQLite
+// takes an error from the operation for a failed commit (the end of a
+// rollback journal); elsewhere (a WAL commit frame, an unlock) SQLite
+// would ignore the error or take a committed transaction for a rolled
+// back one, so the wait must not give up.
+//
+// A signal to the app does not end the wait: SQLite retries a write or
+// a truncate that fails with EINTR, and the retry, committing nothing new,
+// would return at once.
+type CommitWait func(ctx context.Context, db string, txid ltx.TXID, canFail bool) error
+
+// SetCommitWait sets the commit wait; nil removes it. Operations already
+// waiting keep the one they have.
+func (f *FileSystem) SetCommitWait(w CommitWait) {
+	if w == nil {
+		f.commitWait.Store(nil)
+		return
+	}
+	f.commitWait.Store(&w)
+}
+
+// awaitCommit holds an app's operation on n that moved its database's
+// commits from before to after, and returned st, in the commit wait. If
+// the wait fails, so does the operation, with EIO; the transaction stays
+// committed.
+func (f *FileSystem) awaitCommit(n *node, before, after commitMark, st fuse.Status) fuse.Status {
+	w := f.commitWait.Load()
+	if w == nil || !st.Ok() || after.n == before.n {
+		return st
+	}
+	if err := (*w)(context.Background(), n.db.Name, after.txid, n.kind == kindJournal); err != nil {
+		f.Logger.Error("commit fails: it is not acknowledged as durability requires; the transaction is committed here", "db", n.db.Name, "txid", after.txid.String(), "err", err)
+		return fuse.EIO
+	}
+	return st
 }
 
 // Changed returns a channel closed the next time a database is created or
@@ -427,7 +468,8 @@ func (f *FileSystem) openDB(ctx context.Context, name string) (*DB, error) {
 	d.cond = sync.NewCond(&d.mu)
 	d.resetWAL()
 	l := ltx.NewLog(name, d.path(logDir), d.path(databaseFile))
-	l.NodeID, l.Retention, l.Logger, l.Spares = f.NodeID, f.Retention, d.logger, f.spares
+	// The log names its database in every line itself.
+	l.NodeID, l.Retention, l.Logger, l.Spares = f.NodeID, f.Retention, f.Logger, f.spares
 	l.DB = walView{d: d} // the database as SQLite sees it, WAL included
 	d.log = l
 	if err := d.recover(ctx); err != nil {

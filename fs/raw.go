@@ -338,7 +338,17 @@ func (r *raw) truncate(n *node, size int64, c fuse.Caller) fuse.Status {
 	}
 	d := n.db
 	d.mu.Lock()
-	defer d.mu.Unlock()
+	before := d.committed
+	st := r.truncateLocked(n, size)
+	after := d.committed
+	d.mu.Unlock()
+	return r.fs.awaitCommit(n, before, after, st)
+}
+
+// truncateLocked truncates n's backing file. Caller holds its database's
+// mu.
+func (r *raw) truncateLocked(n *node, size int64) fuse.Status {
+	d := n.db
 	ctx := context.Background()
 	switch {
 	case n.kind == kindDB:

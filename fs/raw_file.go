@@ -215,10 +215,20 @@ func (r *raw) Write(cancel <-chan struct{}, in *fuse.WriteIn, data []byte) (uint
 		return 0, fuse.Status(syscall.EROFS)
 	}
 	d := n.db
+	d.mu.Lock()
+	before := d.committed
+	w, st := r.write(h, in, data)
+	after := d.committed
+	d.mu.Unlock()
+	return w, r.fs.awaitCommit(n, before, after, st)
+}
+
+// write writes data through h, which may commit a transaction. Caller
+// holds the database's mu.
+func (r *raw) write(h *handle, in *fuse.WriteIn, data []byte) (uint32, fuse.Status) {
+	n, d := h.node, h.node.db
 	off := int64(in.Offset)
 	ctx := context.Background()
-	d.mu.Lock()
-	defer d.mu.Unlock()
 	var w int
 	var err error
 	switch n.kind {
@@ -252,10 +262,17 @@ func (r *raw) Fsync(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 	case kindDB:
 		return fuse.ToStatus(h.node.db.syncDatabase(h.file, in.FsyncFlags&1 != 0))
 	case kindWAL:
-		if err := h.node.db.syncWAL(h.file, in.FsyncFlags&1 != 0); err != nil {
+		d := h.node.db
+		d.mu.Lock()
+		before := d.committed
+		d.mu.Unlock()
+		if err := d.syncWAL(h.file, in.FsyncFlags&1 != 0); err != nil {
 			return r.fs.ioError(h.node, "fsync", err)
 		}
-		return fuse.OK
+		d.mu.Lock()
+		after := d.committed
+		d.mu.Unlock()
+		return r.fs.awaitCommit(h.node, before, after, fuse.OK)
 	}
 	if in.FsyncFlags&1 != 0 {
 		return fuse.ToStatus(syscall.Fdatasync(int(h.file.Fd())))
@@ -268,25 +285,26 @@ func (r *raw) Flush(cancel <-chan struct{}, in *fuse.FlushIn) fuse.Status {
 	if h == nil {
 		return fuse.EBADF
 	}
-	r.releaseLocks(h.node, in.LockOwner)
-	if h.node.kind == kindDB {
+	st := r.releaseLocks(h.node, in.LockOwner)
+	if h.node.kind == kindDB && st.Ok() {
 		// A program that writes the file without SQLite's locks (cp, say)
 		// has made its change when it closes the file.
-		r.afterUnlock(h.node.db)
+		st = r.afterUnlock(h.node)
 	}
-	return fuse.OK
+	return st
 }
 
 // releaseLocks drops the POSIX locks owner holds on n: the process closed
 // a descriptor of the file (POSIX drops all its locks then) or died.
-func (r *raw) releaseLocks(n *node, owner uint64) {
+func (r *raw) releaseLocks(n *node, owner uint64) fuse.Status {
 	if t := lockTable(n, false); t != nil {
 		held := len(t.Locks()) > 0
 		t.ReleaseOwner(owner)
 		if held && n.kind == kindDB {
-			r.afterUnlock(n.db)
+			return r.afterUnlock(n)
 		}
 	}
+	return fuse.OK
 }
 
 func (r *raw) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {
@@ -306,7 +324,8 @@ func (r *raw) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {
 		return
 	}
 	if in.LockOwner != 0 {
-		r.releaseLocks(h.node, in.LockOwner)
+		// Nobody waits for a release: an error has nowhere to go.
+		_ = r.releaseLocks(h.node, in.LockOwner)
 		if t := lockTable(h.node, true); t != nil && in.ReleaseFlags&fuse.FUSE_RELEASE_FLOCK_UNLOCK != 0 {
 			t.ReleaseOwner(in.LockOwner)
 		}
@@ -347,6 +366,7 @@ func (r *raw) Unlink(cancel <-chan struct{}, in *fuse.InHeader, name string) fus
 	open := n.opens > 0
 	f.mu.Unlock()
 	d.mu.Lock()
+	before := d.committed
 	ctx := context.Background()
 	var err error
 	switch kind {
@@ -366,6 +386,7 @@ func (r *raw) Unlink(cancel <-chan struct{}, in *fuse.InHeader, name string) fus
 		err = os.Remove(d.path(backingName(kind)))
 	}
 	d.dirDirty.Store(true)
+	after := d.committed
 	d.mu.Unlock()
 	if err != nil {
 		return r.fs.ioError(n, "delete", err)
@@ -374,7 +395,13 @@ func (r *raw) Unlink(cancel <-chan struct{}, in *fuse.InHeader, name string) fus
 	n.gone = true
 	delete(f.names, name)
 	f.mu.Unlock()
-	return fuse.OK
+	st = f.awaitCommit(n, before, after, fuse.OK)
+	if !st.Ok() {
+		// The file is gone, though the kernel, told the unlink failed,
+		// keeps its entry: drop it, from outside this request.
+		f.notify.Go(func() { _ = f.server.DeleteNotify(fuse.FUSE_ROOT_ID, n.id, n.name) })
+	}
+	return st
 }
 
 // unlinkDB deletes a database with its companion files and log.

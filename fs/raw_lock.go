@@ -75,22 +75,26 @@ func (r *raw) setLk(cancel <-chan struct{}, in *fuse.LkIn, wait bool) fuse.Statu
 		return fuse.Status(errno)
 	}
 	if n.kind == kindDB && !flock && in.Lk.Typ == syscall.F_UNLCK {
-		r.afterUnlock(n.db)
+		return r.afterUnlock(n)
 	}
 	return fuse.OK
 }
 
 // afterUnlock lets capture see the end of a transaction that no journal
-// marks (journal_mode=OFF or MEMORY).
-func (r *raw) afterUnlock(d *DB) {
+// marks (journal_mode=OFF or MEMORY), on database file n.
+func (r *raw) afterUnlock(n *node) fuse.Status {
+	d := n.db
 	if !d.hasDirty.Load() {
-		return // nothing written: the common case, a reader unlocking
+		return fuse.OK // nothing written: the common case, a reader unlocking
 	}
 	d.mu.Lock()
-	defer d.mu.Unlock()
+	before := d.committed
 	if err := d.unlocked(context.Background()); err != nil {
 		d.logger.Error("commit at unlock", "err", err)
 	}
+	after := d.committed
+	d.mu.Unlock()
+	return r.fs.awaitCommit(n, before, after, fuse.OK)
 }
 
 // cancelContext returns a context done when cancel is closed.

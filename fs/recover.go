@@ -73,7 +73,7 @@ func (d *DB) recover(ctx context.Context) error {
 // with the log alone, before the database is involved.
 func (d *DB) lastLogged(ctx context.Context) (ltx.FileInfo, error) {
 	l := ltx.NewLog(d.Name, d.path(logDir), "")
-	l.Logger = d.logger
+	l.Logger = d.log.Logger
 	if err := l.Open(ctx); err != nil {
 		return ltx.FileInfo{}, err
 	}

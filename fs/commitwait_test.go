@@ -1,0 +1,128 @@
+package fs_test
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meridian-db/meridian/fs"
+	"github.com/meridian-db/meridian/internal/testingutil"
+	"github.com/meridian-db/meridian/ltx"
+)
+
+// commitCall is one call of a commit wait.
+type commitCall struct {
+	db      string
+	txid    ltx.TXID
+	canFail bool
+	release chan error // what the wait returns
+}
+
+// TestFileSystem_CommitWait checks that an app's COMMIT returns only once
+// the commit wait lets it, with the TXID the log gives the transaction,
+// in every journal mode; that the end of a rollback journal may fail the
+// COMMIT, with the transaction committed in the database and the log as
+// the error says; and that a WAL commit frame may not.
+func TestFileSystem_CommitWait(t *testing.T) {
+	for _, mode := range []string{"delete", "truncate", "persist", "wal"} {
+		t.Run(mode, func(t *testing.T) {
+			dir := t.TempDir()
+			f := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
+			f.Logger = testingutil.Logger(t)
+			// WAL writes come through the daemon, as sync durability has
+			// them: passthrough would show a commit only at an fsync.
+			f.Passthrough = false
+			testingutil.MustOpenFS(t, f)
+			db := testingutil.MustOpenSQLite(t, filepath.Join(f.MountDir, "w.db"), mode)
+			if _, err := db.Exec(`CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)`); err != nil {
+				t.Fatal(err)
+			}
+			calls := make(chan commitCall)
+			f.SetCommitWait(func(ctx context.Context, name string, txid ltx.TXID, canFail bool) error {
+				c := commitCall{name, txid, canFail, make(chan error)}
+				calls <- c
+				return <-c.release
+			})
+			t.Cleanup(func() { f.SetCommitWait(nil) })
+			d := f.DB("w.db")
+			rollback := mode != "wal"
+
+			commit := func(id int) (commitCall, chan error) {
+				t.Helper()
+				done := make(chan error, 1)
+				go func() {
+					_, err := db.Exec(`INSERT INTO t VALUES (?, 'x')`, id)
+					done <- err
+				}()
+				var c commitCall
+				select {
+				case c = <-calls:
+				case err := <-done:
+					t.Fatalf("insert %d returned (%v) without waiting", id, err)
+				case <-time.After(10 * time.Second):
+					t.Fatalf("insert %d: no commit wait in 10s", id)
+				}
+				if err := d.Flush(); err != nil {
+					t.Fatal(err)
+				}
+				if c.db != "w.db" || c.canFail != rollback {
+					t.Fatalf("commit wait called for %q, canFail %v; want w.db, %v", c.db, c.canFail, rollback)
+				}
+				if pos := d.Log().Pos(); c.txid != pos.TXID {
+					t.Fatalf("commit wait for txid %v; the log is at %v", c.txid, pos)
+				}
+				// The app's commit is held while the wait is.
+				select {
+				case err := <-done:
+					t.Fatalf("insert %d returned (%v) while its commit wait had not", id, err)
+				case <-time.After(50 * time.Millisecond):
+				}
+				return c, done
+			}
+
+			var last ltx.TXID
+			for id := range 5 {
+				c, done := commit(id)
+				if last != 0 && c.txid != last+1 {
+					t.Fatalf("commit wait for txid %v after %v", c.txid, last)
+				}
+				last = c.txid
+				c.release <- nil
+				if err := <-done; err != nil {
+					t.Fatalf("insert %d: %v", id, err)
+				}
+			}
+			if !rollback {
+				return
+			}
+			c, done := commit(100)
+			c.release <- errors.New("replicas did not acknowledge")
+			err := <-done
+			if err == nil || !strings.Contains(err.Error(), "disk I/O error") {
+				t.Fatalf("insert whose commit wait failed: %v, want a disk I/O error", err)
+			}
+			// The transaction is committed here, as the error says.
+			f.SetCommitWait(nil)
+			var n int
+			if err := db.QueryRow(`SELECT count(*) FROM t WHERE id = 100`).Scan(&n); err != nil || n != 1 {
+				t.Fatalf("row of the failed commit: count %d, %v; want 1", n, err)
+			}
+			if _, err := db.Exec(`INSERT INTO t VALUES (101, 'y')`); err != nil {
+				t.Fatalf("insert after a failed commit: %v", err)
+			}
+			if pos := d.Log().Pos(); pos.TXID != c.txid+1 {
+				t.Fatalf("log at %v after the failed commit %v and one more, want txid %v", pos, c.txid, c.txid+1)
+			}
+			table, err := ltx.ReadChecksumTable(filepath.Join(f.DataDir, "dbs", "w.db", "database"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got, want := table.Checksum(), d.Log().Pos().PostApplyChecksum; got != want {
+				t.Fatalf("database checksum %v, log position checksum %v", got, want)
+			}
+		})
+	}
+}
