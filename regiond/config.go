@@ -34,6 +34,16 @@ const (
 	DefaultLogLevel  = "info"
 	DefaultLogFormat = "text"
 	DefaultFSLocks   = "mount"
+
+	DefaultDurability    = "async"
+	DefaultSyncAcks      = 1
+	DefaultSyncTimeout   = 5 * time.Second
+	DefaultSyncOnTimeout = "fail"
+)
+
+var (
+	durabilities   = []string{"async", "sync"}
+	syncOnTimeouts = []string{"fail", "degrade"}
 )
 
 // LeaseStatic is the lease type where lease.static_primary names the primary
@@ -95,6 +105,21 @@ type ReplicationConfig struct {
 	// primary's addr, and the primary serves only the nodes listed here.
 	Peers     []Peer   `yaml:"peers"`
 	Retention Duration `yaml:"retention"` // how long LTX files are kept
+
+	// Durability is async (a commit returns once it is durable here) or
+	// sync (once replicas acknowledged it too, see SyncAcks).
+	Durability string `yaml:"durability"`
+	// SyncAcks is how many replicas must acknowledge a commit in sync
+	// durability; with SyncRegions, at least one in every other region of
+	// the peers must be among them.
+	SyncAcks    int  `yaml:"sync_acks"`
+	SyncRegions bool `yaml:"sync_regions"`
+	// SyncTimeout bounds a commit's wait for its acknowledgements; then
+	// SyncOnTimeout decides: fail the commit (where SQLite can be told;
+	// a WAL commit keeps waiting) or degrade to async until the replicas
+	// catch up.
+	SyncTimeout   Duration `yaml:"sync_timeout"`
+	SyncOnTimeout string   `yaml:"sync_on_timeout"`
 }
 
 // Peer is another node of the cluster.
@@ -170,12 +195,13 @@ func (e *Error) Error() string {
 // TLS.Insecure.
 func DefaultConfig() Config {
 	return Config{
-		DataDir:     DefaultDataDir,
-		MountDir:    DefaultMountDir,
-		FS:          FSConfig{Locks: DefaultFSLocks, Passthrough: true},
-		Lease:       LeaseConfig{Type: DefaultLeaseType, Candidate: DefaultCandidate},
-		Replication: ReplicationConfig{Retention: Duration(DefaultRetention)},
-		Log:         LogConfig{Level: DefaultLogLevel, Format: DefaultLogFormat},
+		DataDir:  DefaultDataDir,
+		MountDir: DefaultMountDir,
+		FS:       FSConfig{Locks: DefaultFSLocks, Passthrough: true},
+		Lease:    LeaseConfig{Type: DefaultLeaseType, Candidate: DefaultCandidate},
+		Replication: ReplicationConfig{Retention: Duration(DefaultRetention), Durability: DefaultDurability,
+			SyncAcks: DefaultSyncAcks, SyncTimeout: Duration(DefaultSyncTimeout), SyncOnTimeout: DefaultSyncOnTimeout},
+		Log: LogConfig{Level: DefaultLogLevel, Format: DefaultLogFormat},
 	}
 }
 
@@ -486,6 +512,47 @@ func (c *Config) validateReplication(p *problems) {
 	if c.IsPrimary() && c.Replication.Listen == "" && len(c.Replication.Peers) > 0 {
 		p.add("replication.listen: required on the primary when replication.peers lists replicas (e.g. 127.0.0.1:20210)")
 	}
+	r := c.Replication
+	p.oneOf("replication.durability", r.Durability, durabilities)
+	p.oneOf("replication.sync_on_timeout", r.SyncOnTimeout, syncOnTimeouts)
+	if r.SyncTimeout <= 0 {
+		p.add("replication.sync_timeout: %v must be greater than 0 (e.g. 5s)", r.SyncTimeout)
+	}
+	switch {
+	case r.SyncAcks < 0:
+		p.add("replication.sync_acks: %d cannot be negative", r.SyncAcks)
+	case r.Durability != "sync":
+	case r.SyncAcks == 0 && !r.SyncRegions:
+		p.add("replication.sync_acks: 0 with sync_regions off asks no replica to acknowledge; set it to 1 or more, or use durability: async")
+	case r.SyncAcks > c.replicaCount():
+		p.add("replication.sync_acks: %d, but replication.peers lists only %d replica(s): no commit could ever return", r.SyncAcks, c.replicaCount())
+	}
+	if r.Durability == "sync" && r.SyncRegions && len(c.SyncRegions()) == 0 {
+		p.add("replication.sync_regions: no peer is in a region other than %q, so there is no region to acknowledge", c.Region)
+	}
+}
+
+// replicaCount is how many of the peers are replicas of a static lease.
+func (c Config) replicaCount() int {
+	n := len(c.Replication.Peers)
+	if c.Lease.Type == LeaseStatic && !c.IsPrimary() {
+		n-- // the primary
+	}
+	return n
+}
+
+// SyncRegions returns the regions whose replicas must acknowledge a commit
+// with replication.sync_regions: every region of the peers but this
+// node's, sorted.
+func (c Config) SyncRegions() []string {
+	var out []string
+	for _, p := range c.Replication.Peers {
+		if p.Region != c.Region && !slices.Contains(out, p.Region) {
+			out = append(out, p.Region)
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 // Peer returns the peer named node.

@@ -36,6 +36,11 @@ replication:
     - node: syd-1
       region: syd
   retention: 90s
+  durability: sync
+  sync_acks: 2
+  sync_regions: true
+  sync_timeout: 2s
+  sync_on_timeout: degrade
 tls:
   ca: /etc/pki/meridian/cluster.pem
   cert: certs/iad-1.crt
@@ -57,15 +62,16 @@ func TestParseConfig_Defaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := regiond.Config{
-		Node:        "iad-1",
-		Region:      "iad",
-		DataDir:     "/var/lib/meridian",
-		MountDir:    "/data",
-		FS:          regiond.FSConfig{Locks: "mount", Passthrough: true},
-		Lease:       regiond.LeaseConfig{Type: "static", Candidate: true, StaticPrimary: "iad-1"},
-		Replication: regiond.ReplicationConfig{Retention: regiond.Duration(10 * time.Minute)},
-		TLS:         regiond.TLSConfig{CA: "/etc/meridian/ca.pem", Cert: "/etc/meridian/iad-1.pem", Key: "/etc/meridian/iad-1-key.pem"},
-		Log:         regiond.LogConfig{Level: "info", Format: "text"},
+		Node:     "iad-1",
+		Region:   "iad",
+		DataDir:  "/var/lib/meridian",
+		MountDir: "/data",
+		FS:       regiond.FSConfig{Locks: "mount", Passthrough: true},
+		Lease:    regiond.LeaseConfig{Type: "static", Candidate: true, StaticPrimary: "iad-1"},
+		Replication: regiond.ReplicationConfig{Retention: regiond.Duration(10 * time.Minute), Durability: "async",
+			SyncAcks: 1, SyncTimeout: regiond.Duration(5 * time.Second), SyncOnTimeout: "fail"},
+		TLS: regiond.TLSConfig{CA: "/etc/meridian/ca.pem", Cert: "/etc/meridian/iad-1.pem", Key: "/etc/meridian/iad-1-key.pem"},
+		Log: regiond.LogConfig{Level: "info", Format: "text"},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("got %+v, want %+v", got, want)
@@ -86,7 +92,8 @@ func TestParseConfig_Full(t *testing.T) {
 		Lease:    regiond.LeaseConfig{Type: "static", Candidate: false, StaticPrimary: "iad-1"},
 		Replication: regiond.ReplicationConfig{Listen: "127.0.0.1:20210", Peers: []regiond.Peer{
 			{Node: "fra-1", Region: "fra", Addr: "127.0.0.1:20220"}, {Node: "syd-1", Region: "syd"}},
-			Retention: regiond.Duration(90 * time.Second)},
+			Retention: regiond.Duration(90 * time.Second), Durability: "sync", SyncAcks: 2, SyncRegions: true,
+			SyncTimeout: regiond.Duration(2 * time.Second), SyncOnTimeout: "degrade"},
 		TLS: regiond.TLSConfig{CA: "/etc/pki/meridian/cluster.pem", Cert: "/etc/meridian/certs/iad-1.crt",
 			Key: "/etc/meridian/certs/iad-1.key", Insecure: true},
 		Log: regiond.LogConfig{Level: "debug", Format: "json"},
@@ -156,7 +163,7 @@ func TestParseConfig_Errors(t *testing.T) {
 		{"BadLocks", base + "fs:\n  locks: posix\n", []string{`fs.locks: "posix" is not accepted (use one of: mount, kernel)`}},
 		{"UnknownKey", base + "replicaton:\n  retention: 1m\n",
 			[]string{`line 3: unknown key "replicaton" (keys: node, region, data_dir, mount_dir, fs, lease, replication, tls, log)`}},
-		{"UnknownNestedKey", base + "replication:\n  retenton: 1m\n", []string{`line 4: unknown key "replication.retenton" (keys under replication: listen, peers, retention)`}},
+		{"UnknownNestedKey", base + "replication:\n  retenton: 1m\n", []string{`line 4: unknown key "replication.retenton" (keys under replication: listen, peers, retention, durability, sync_acks, sync_regions, sync_timeout, sync_on_timeout)`}},
 		{"FutureKey", base + "lease:\n  ttl: 10s\n", []string{`unknown key "lease.ttl"`}},
 		{"UnknownTLSKey", base + "tls:\n  verify: false\n", []string{`line 4: unknown key "tls.verify" (keys under tls: ca, cert, key, insecure)`}},
 		{"TLSNotMapping", base + "tls: off\n", []string{`line 3: tls: want a mapping of keys (ca, cert, key, insecure), got "off"`}},
@@ -432,6 +439,20 @@ func TestValidate_Replication(t *testing.T) {
 			`replication.peers[0].addr: "nowhere" is not host:port`},
 		{"PrimaryWithoutListen", "node: iad-1\nregion: iad\nreplication: {peers: [{node: fra-1, region: fra}]}\ntls: {insecure: true}\n",
 			`replication.listen: required on the primary`},
+		{"BadDurability", "node: iad-1\nregion: iad\nreplication: {durability: semisync}\ntls: {insecure: true}\n",
+			`replication.durability: "semisync" is not accepted (use one of: async, sync)`},
+		{"BadOnTimeout", "node: iad-1\nregion: iad\nreplication: {sync_on_timeout: wait}\ntls: {insecure: true}\n",
+			`replication.sync_on_timeout: "wait" is not accepted (use one of: fail, degrade)`},
+		{"ZeroSyncTimeout", "node: iad-1\nregion: iad\nreplication: {sync_timeout: 0s}\ntls: {insecure: true}\n",
+			`replication.sync_timeout: 0s must be greater than 0`},
+		{"SyncAcksBeyondPeers", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:1, durability: sync, sync_acks: 2, peers: [{node: fra-1, region: fra}]}\ntls: {insecure: true}\n",
+			`replication.sync_acks: 2, but replication.peers lists only 1 replica(s)`},
+		{"SyncAcksBeyondReplicas", "node: fra-1\nregion: fra\nlease: {static_primary: iad-1}\nreplication: {durability: sync, sync_acks: 2, peers: [{node: iad-1, region: iad}, {node: syd-1, region: syd}]}\ntls: {insecure: true}\n",
+			`replication.sync_acks: 2, but replication.peers lists only 1 replica(s)`},
+		{"SyncNoAcks", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:1, durability: sync, sync_acks: 0, peers: [{node: fra-1, region: fra}]}\ntls: {insecure: true}\n",
+			`replication.sync_acks: 0 with sync_regions off asks no replica`},
+		{"SyncRegionsNone", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:1, durability: sync, sync_regions: true, peers: [{node: iad-2, region: iad}]}\ntls: {insecure: true}\n",
+			`replication.sync_regions: no peer is in a region other than "iad"`},
 		{"UnknownPeerKey", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:1, peers: [{node: fra-1, region: fra, adr: x}]}\ntls: {insecure: true}\n",
 			`unknown key "replication.peers[0].adr" (keys under replication.peers[0]: node, region, addr)`},
 	} {

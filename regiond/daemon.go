@@ -38,6 +38,12 @@ func (d *Daemon) Open(ctx context.Context) error {
 	f.Retention = time.Duration(c.Replication.Retention)
 	f.KernelLocks = c.FS.Locks == "kernel"
 	f.Passthrough = c.FS.Passthrough
+	if c.Replication.Durability == "sync" && f.Passthrough {
+		// A WAL written by passthrough shows the daemon a commit only
+		// after the app's write returned: too late to hold it.
+		f.Passthrough = false
+		d.Logger.Info("fs.passthrough off: sync durability holds each WAL commit in its write")
+	}
 	f.Logger = d.Logger.With("component", "fs")
 	primary := c.IsPrimary()
 	if !primary {
@@ -71,6 +77,13 @@ func (d *Daemon) Open(ctx context.Context) error {
 // Close unmounts and closes everything, waiting up to ctx's deadline for
 // apps to close their files.
 func (d *Daemon) Close(ctx context.Context) error {
+	if d.FS != nil && d.repl != nil && d.repl.gate != nil {
+		// Commits still waiting for replicas fail as replication stops.
+		// A WAL commit frame failed leaves SQLite thinking the
+		// transaction rolled back while the WAL holds it: no write may
+		// follow it before the mount goes.
+		d.FS.SetReadOnly(true)
+	}
 	if d.repl != nil {
 		d.repl.close()
 	}

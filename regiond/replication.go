@@ -76,6 +76,7 @@ func (t fsTarget) Apply(ctx context.Context, file *replication.File) (ltx.Pos, e
 // everywhere) and, on a replica, the client streaming from the primary.
 type replicationNode struct {
 	logger *slog.Logger
+	gate   *replication.Gate // sync durability on the primary, nil in async
 	server *grpc.Server
 	dialer *replication.Dialer
 	client *replication.Client
@@ -112,6 +113,9 @@ func (d *Daemon) openReplication(f *fs.FileSystem) (*replicationNode, error) {
 		streamer.Logger = r.logger
 		if primary {
 			f.SetAcked(ackedBy(streamer, c.PeerNodes()))
+			if c.Replication.Durability == "sync" {
+				r.gate = r.syncGate(ctx, f, streamer, c)
+			}
 		}
 		var tlsConfig *tls.Config
 		if !c.TLS.Insecure {
@@ -121,7 +125,7 @@ func (d *Daemon) openReplication(f *fs.FileSystem) (*replicationNode, error) {
 				return nil, err
 			}
 		}
-		srv := replication.NewServer(streamer, d.status(f, primary))
+		srv := replication.NewServer(streamer, d.status(f, primary, r.gate))
 		srv.Logger = r.logger
 		ln, err := net.Listen("tcp", c.Replication.Listen)
 		if err != nil {
@@ -165,6 +169,27 @@ func (d *Daemon) openReplication(f *fs.FileSystem) (*replicationNode, error) {
 	r.wg.Go(func() { _ = r.client.Run(ctx, dialer.Stream) })
 	r.logger.Info("replicating from the primary", "primary", peer.Node, "addr", peer.Addr)
 	return r, nil
+}
+
+// syncGate holds every commit on f until the replicas of
+// replication.sync_acks and sync_regions acknowledged it. A wait ends when
+// the daemon shuts down (ctx), failing the commit.
+func (r *replicationNode) syncGate(ctx context.Context, f *fs.FileSystem, s *replication.Streamer, c Config) *replication.Gate {
+	rc := c.Replication
+	g := &replication.Gate{Streamer: s, Timeout: time.Duration(rc.SyncTimeout), Degrade: rc.SyncOnTimeout == "degrade",
+		Quorum: replication.Quorum{Acks: rc.SyncAcks}, Logger: r.logger}
+	if rc.SyncRegions {
+		g.Quorum.Regions = c.SyncRegions()
+	}
+	f.SetCommitWait(func(wctx context.Context, db string, txid ltx.TXID, canFail bool) error {
+		wctx, stop := context.WithCancel(wctx)
+		defer stop()
+		defer context.AfterFunc(ctx, stop)()
+		return g.Wait(wctx, db, txid, canFail)
+	})
+	r.logger.Info("sync durability: a commit returns once replicas acknowledge it", "quorum", g.Quorum.String(),
+		"timeout", g.Timeout, "on_timeout", rc.SyncOnTimeout)
+	return g
 }
 
 // ackedBy returns the lowest TXID of a database that every replica in
@@ -214,11 +239,20 @@ func (r *replicationNode) lag() string {
 }
 
 // status returns the node's own view for the Status RPC.
-func (d *Daemon) status(f *fs.FileSystem, primary bool) func(context.Context) *meridianv1.StatusResponse {
+func (d *Daemon) status(f *fs.FileSystem, primary bool, gate *replication.Gate) func(context.Context) *meridianv1.StatusResponse {
 	return func(context.Context) *meridianv1.StatusResponse {
 		resp := &meridianv1.StatusResponse{Node: d.Config.Node, Region: d.Config.Region, Role: meridianv1.Role_ROLE_REPLICA}
 		if primary {
 			resp.Role, resp.Epoch = meridianv1.Role_ROLE_PRIMARY, staticEpoch
+			resp.Durability = &meridianv1.Durability{Mode: d.Config.Replication.Durability}
+			if gate != nil {
+				st := gate.Status()
+				resp.Durability.Quorum, resp.Durability.Degraded = st.Quorum, st.Degraded
+				resp.Durability.Timeouts, resp.Durability.Waiting = st.Timeouts, uint32(st.Waiting)
+				if !st.DegradedSince.IsZero() {
+					resp.Durability.DegradedSinceUnixNano = st.DegradedSince.UnixNano()
+				}
+			}
 		}
 		names := f.DBs()
 		slices.Sort(names)

@@ -36,6 +36,9 @@ type ClusterNodeSpec struct {
 	// the cluster's. Its tls.ca holds both CAs, so it loads its own
 	// certificate and trusts the cluster's nodes, but they do not trust it.
 	OtherCA bool
+	// Replication holds more keys of its replication section, one per
+	// line, e.g. "durability: sync".
+	Replication []string
 }
 
 // Cluster is a cluster of real `regiond run` processes on loopback, with
@@ -63,8 +66,9 @@ type ClusterNode struct {
 	Config   string // path of regiond.yml
 	LogPath  string // the process's stderr, every run appended
 
-	c    *Cluster
-	proc *clusterProc // nil when not running
+	c      *Cluster
+	caFile string       // its tls.ca
+	proc   *clusterProc // nil when not running
 }
 
 // clusterProc is a running regiond process.
@@ -105,9 +109,20 @@ func NewCluster(tb testing.TB, command func(args ...string) *exec.Cmd, primary s
 		c.Nodes = append(c.Nodes, n)
 	}
 	for _, n := range c.Nodes {
-		c.writeConfig(n, caDir)
+		c.issue(n, caDir)
+		c.writeConfig(n)
 	}
 	return c
+}
+
+// SetPrimary makes node the static primary in every node's regiond.yml,
+// for the nodes' next start.
+func (c *Cluster) SetPrimary(node string) {
+	c.tb.Helper()
+	c.Primary = node
+	for _, n := range c.Nodes {
+		c.writeConfig(n)
+	}
 }
 
 // regiondCA runs `regiond ca ARGS...` and fails the test if it fails.
@@ -119,8 +134,9 @@ func (c *Cluster) regiondCA(args ...string) {
 	}
 }
 
-// writeConfig issues n's certificate and writes its regiond.yml.
-func (c *Cluster) writeConfig(n *ClusterNode, caDir string) {
+// issue issues n's certificate, from the cluster's CA in caDir or, with
+// OtherCA, from a CA of its own.
+func (c *Cluster) issue(n *ClusterNode, caDir string) {
 	c.tb.Helper()
 	ca := filepath.Join(caDir, "ca.pem")
 	if n.OtherCA {
@@ -135,6 +151,12 @@ func (c *Cluster) writeConfig(n *ClusterNode, caDir string) {
 	} else {
 		c.regiondCA("issue", "-dir", caDir, "-node", n.Name, "-out", n.Dir)
 	}
+	n.caFile = ca
+}
+
+// writeConfig writes n's regiond.yml.
+func (c *Cluster) writeConfig(n *ClusterNode) {
+	c.tb.Helper()
 	var b strings.Builder
 	fmt.Fprintf(&b, "node: %s\nregion: %s\n", n.Name, n.Region)
 	fmt.Fprintf(&b, "data_dir: %q\nmount_dir: %q\n", n.DataDir, n.MountDir)
@@ -146,7 +168,10 @@ func (c *Cluster) writeConfig(n *ClusterNode, caDir string) {
 			fmt.Fprintf(&b, "    - {node: %s, region: %s, addr: %q}\n", p.Name, p.Region, p.Addr)
 		}
 	}
-	fmt.Fprintf(&b, "tls: {ca: %q, cert: %q, key: %q}\n", ca,
+	for _, line := range n.Replication {
+		fmt.Fprintf(&b, "  %s\n", line)
+	}
+	fmt.Fprintf(&b, "tls: {ca: %q, cert: %q, key: %q}\n", n.caFile,
 		filepath.Join(n.Dir, n.Name+".pem"), filepath.Join(n.Dir, n.Name+"-key.pem"))
 	fmt.Fprintf(&b, "log: {level: debug}\n")
 	if err := os.WriteFile(n.Config, []byte(b.String()), 0o644); err != nil {

@@ -992,7 +992,9 @@ type StatusResponse struct {
 	// primary, the newest epoch it has accepted frames from on a replica.
 	Epoch uint64 `protobuf:"varint,4,opt,name=epoch,proto3" json:"epoch,omitempty"`
 	// Position of each database on the node, in name order.
-	Positions     []*DatabasePosition `protobuf:"bytes,5,rep,name=positions,proto3" json:"positions,omitempty"`
+	Positions []*DatabasePosition `protobuf:"bytes,5,rep,name=positions,proto3" json:"positions,omitempty"`
+	// How the primary's commits wait for replicas; unset on a replica.
+	Durability    *Durability `protobuf:"bytes,6,opt,name=durability,proto3" json:"durability,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1062,6 +1064,106 @@ func (x *StatusResponse) GetPositions() []*DatabasePosition {
 	return nil
 }
 
+func (x *StatusResponse) GetDurability() *Durability {
+	if x != nil {
+		return x.Durability
+	}
+	return nil
+}
+
+// Durability is the primary's replication.durability and how it fares.
+type Durability struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "async" or "sync".
+	Mode string `protobuf:"bytes,1,opt,name=mode,proto3" json:"mode,omitempty"`
+	// In sync mode, which replicas must acknowledge a commit, in words.
+	Quorum string `protobuf:"bytes,2,opt,name=quorum,proto3" json:"quorum,omitempty"`
+	// Whether sync durability has degraded to async after a timeout (with
+	// replication.sync_on_timeout: degrade) until the replicas catch up.
+	Degraded bool `protobuf:"varint,3,opt,name=degraded,proto3" json:"degraded,omitempty"`
+	// When it last degraded, 0 if never.
+	DegradedSinceUnixNano int64 `protobuf:"varint,4,opt,name=degraded_since_unix_nano,json=degradedSinceUnixNano,proto3" json:"degraded_since_unix_nano,omitempty"`
+	// Commits that waited longer than replication.sync_timeout since the
+	// node started.
+	Timeouts uint64 `protobuf:"varint,5,opt,name=timeouts,proto3" json:"timeouts,omitempty"`
+	// Commits waiting for acknowledgements now.
+	Waiting       uint32 `protobuf:"varint,6,opt,name=waiting,proto3" json:"waiting,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Durability) Reset() {
+	*x = Durability{}
+	mi := &file_meridian_v1_replication_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Durability) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Durability) ProtoMessage() {}
+
+func (x *Durability) ProtoReflect() protoreflect.Message {
+	mi := &file_meridian_v1_replication_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Durability.ProtoReflect.Descriptor instead.
+func (*Durability) Descriptor() ([]byte, []int) {
+	return file_meridian_v1_replication_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *Durability) GetMode() string {
+	if x != nil {
+		return x.Mode
+	}
+	return ""
+}
+
+func (x *Durability) GetQuorum() string {
+	if x != nil {
+		return x.Quorum
+	}
+	return ""
+}
+
+func (x *Durability) GetDegraded() bool {
+	if x != nil {
+		return x.Degraded
+	}
+	return false
+}
+
+func (x *Durability) GetDegradedSinceUnixNano() int64 {
+	if x != nil {
+		return x.DegradedSinceUnixNano
+	}
+	return 0
+}
+
+func (x *Durability) GetTimeouts() uint64 {
+	if x != nil {
+		return x.Timeouts
+	}
+	return 0
+}
+
+func (x *Durability) GetWaiting() uint32 {
+	if x != nil {
+		return x.Waiting
+	}
+	return 0
+}
+
 var File_meridian_v1_replication_proto protoreflect.FileDescriptor
 
 const file_meridian_v1_replication_proto_rawDesc = "" +
@@ -1118,13 +1220,24 @@ const file_meridian_v1_replication_proto_rawDesc = "" +
 	"\x02db\x18\x01 \x01(\tR\x02db\x12\x12\n" +
 	"\x04txid\x18\x02 \x01(\x04R\x04txid\x12.\n" +
 	"\x13post_apply_checksum\x18\x03 \x01(\x06R\x11postApplyChecksum\"\x0f\n" +
-	"\rStatusRequest\"\xb6\x01\n" +
+	"\rStatusRequest\"\xef\x01\n" +
 	"\x0eStatusResponse\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x16\n" +
 	"\x06region\x18\x02 \x01(\tR\x06region\x12%\n" +
 	"\x04role\x18\x03 \x01(\x0e2\x11.meridian.v1.RoleR\x04role\x12\x14\n" +
 	"\x05epoch\x18\x04 \x01(\x04R\x05epoch\x12;\n" +
-	"\tpositions\x18\x05 \x03(\v2\x1d.meridian.v1.DatabasePositionR\tpositions*\xb3\x01\n" +
+	"\tpositions\x18\x05 \x03(\v2\x1d.meridian.v1.DatabasePositionR\tpositions\x127\n" +
+	"\n" +
+	"durability\x18\x06 \x01(\v2\x17.meridian.v1.DurabilityR\n" +
+	"durability\"\xc3\x01\n" +
+	"\n" +
+	"Durability\x12\x12\n" +
+	"\x04mode\x18\x01 \x01(\tR\x04mode\x12\x16\n" +
+	"\x06quorum\x18\x02 \x01(\tR\x06quorum\x12\x1a\n" +
+	"\bdegraded\x18\x03 \x01(\bR\bdegraded\x127\n" +
+	"\x18degraded_since_unix_nano\x18\x04 \x01(\x03R\x15degradedSinceUnixNano\x12\x1a\n" +
+	"\btimeouts\x18\x05 \x01(\x04R\btimeouts\x12\x18\n" +
+	"\awaiting\x18\x06 \x01(\rR\awaiting*\xb3\x01\n" +
 	"\x0eSnapshotReason\x12\x1f\n" +
 	"\x1bSNAPSHOT_REASON_UNSPECIFIED\x10\x00\x12\x1f\n" +
 	"\x1bSNAPSHOT_REASON_NO_POSITION\x10\x01\x12\x1d\n" +
@@ -1152,7 +1265,7 @@ func file_meridian_v1_replication_proto_rawDescGZIP() []byte {
 }
 
 var file_meridian_v1_replication_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_meridian_v1_replication_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_meridian_v1_replication_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_meridian_v1_replication_proto_goTypes = []any{
 	(SnapshotReason)(0),      // 0: meridian.v1.SnapshotReason
 	(Role)(0),                // 1: meridian.v1.Role
@@ -1167,6 +1280,7 @@ var file_meridian_v1_replication_proto_goTypes = []any{
 	(*DatabasePosition)(nil), // 10: meridian.v1.DatabasePosition
 	(*StatusRequest)(nil),    // 11: meridian.v1.StatusRequest
 	(*StatusResponse)(nil),   // 12: meridian.v1.StatusResponse
+	(*Durability)(nil),       // 13: meridian.v1.Durability
 }
 var file_meridian_v1_replication_proto_depIdxs = []int32{
 	3,  // 0: meridian.v1.StreamRequest.hello:type_name -> meridian.v1.Hello
@@ -1180,15 +1294,16 @@ var file_meridian_v1_replication_proto_depIdxs = []int32{
 	10, // 8: meridian.v1.Heartbeat.positions:type_name -> meridian.v1.DatabasePosition
 	1,  // 9: meridian.v1.StatusResponse.role:type_name -> meridian.v1.Role
 	10, // 10: meridian.v1.StatusResponse.positions:type_name -> meridian.v1.DatabasePosition
-	2,  // 11: meridian.v1.ReplicationService.Stream:input_type -> meridian.v1.StreamRequest
-	11, // 12: meridian.v1.ReplicationService.Status:input_type -> meridian.v1.StatusRequest
-	5,  // 13: meridian.v1.ReplicationService.Stream:output_type -> meridian.v1.StreamResponse
-	12, // 14: meridian.v1.ReplicationService.Status:output_type -> meridian.v1.StatusResponse
-	13, // [13:15] is the sub-list for method output_type
-	11, // [11:13] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	13, // 11: meridian.v1.StatusResponse.durability:type_name -> meridian.v1.Durability
+	2,  // 12: meridian.v1.ReplicationService.Stream:input_type -> meridian.v1.StreamRequest
+	11, // 13: meridian.v1.ReplicationService.Status:input_type -> meridian.v1.StatusRequest
+	5,  // 14: meridian.v1.ReplicationService.Stream:output_type -> meridian.v1.StreamResponse
+	12, // 15: meridian.v1.ReplicationService.Status:output_type -> meridian.v1.StatusResponse
+	14, // [14:16] is the sub-list for method output_type
+	12, // [12:14] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_meridian_v1_replication_proto_init() }
@@ -1212,7 +1327,7 @@ func file_meridian_v1_replication_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meridian_v1_replication_proto_rawDesc), len(file_meridian_v1_replication_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   11,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
