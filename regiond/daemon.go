@@ -53,6 +53,12 @@ func (d *Daemon) Open(ctx context.Context) error {
 	} else {
 		f.SetLag(func() string { return "0" })
 	}
+	holdWrites := primary && c.Replication.Durability == "sync"
+	if holdWrites {
+		// No write until the commit wait is in place: one committed
+		// before would return unacknowledged.
+		f.SetReadOnly(true)
+	}
 	if err := f.Open(ctx); err != nil {
 		return err
 	}
@@ -66,6 +72,9 @@ func (d *Daemon) Open(ctx context.Context) error {
 		return err
 	}
 	d.repl = repl
+	if holdWrites {
+		f.SetReadOnly(false)
+	}
 	if primary {
 		d.Logger.Info("serving as primary (static lease)", "mount_dir", c.MountDir, "dbs", f.DBs())
 	} else {

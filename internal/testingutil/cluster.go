@@ -237,7 +237,7 @@ func (n *ClusterNode) start(tb testing.TB) {
 		tb.Fatal(err)
 	}
 	defer log.Close()
-	fmt.Fprintf(log, "=== harness: starting %s at %s\n", n.Name, time.Now().Format(time.RFC3339Nano))
+	fmt.Fprintf(log, "%s%s at %s\n", startMarker, n.Name, time.Now().Format(time.RFC3339Nano))
 	cmd := n.c.Command("run", "-config", n.Config)
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
@@ -251,19 +251,33 @@ func (n *ClusterNode) start(tb testing.TB) {
 	n.proc = p
 }
 
-// waitMounted waits until the node's mount is in /proc/self/mountinfo, and
-// fails the test if the process exits first or ClusterMountTimeout passes.
+// startMarker begins the log of each run of a node.
+const startMarker = "=== harness: starting "
+
+// ready reports whether the node's current run has logged that it serves:
+// mounted, replicating, and admitting writes if it is the primary.
+func (n *ClusterNode) ready() bool {
+	log := n.Log()
+	if i := strings.LastIndex(log, startMarker); i >= 0 {
+		log = log[i:]
+	}
+	return strings.Contains(log, "msg=\"serving as primary") || strings.Contains(log, "msg=\"serving read-only as a replica")
+}
+
+// waitMounted waits until the node's mount is in /proc/self/mountinfo and
+// the node says it serves, and fails the test if the process exits first
+// or ClusterMountTimeout passes.
 func (n *ClusterNode) waitMounted(tb testing.TB) {
 	tb.Helper()
 	deadline := time.Now().Add(ClusterMountTimeout)
-	for !Mounted(tb, n.MountDir) {
+	for !Mounted(tb, n.MountDir) || !n.ready() {
 		select {
 		case <-n.proc.done:
 			tb.Fatalf("%s exited before it mounted: %v\n%s", n.Name, n.proc.err, n.LogTail(16<<10))
 		default:
 		}
 		if time.Now().After(deadline) {
-			tb.Fatalf("%s: %s not mounted %v after start\n%s", n.Name, n.MountDir, ClusterMountTimeout, n.LogTail(16<<10))
+			tb.Fatalf("%s: %s not mounted and serving %v after start\n%s", n.Name, n.MountDir, ClusterMountTimeout, n.LogTail(16<<10))
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
