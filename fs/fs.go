@@ -31,8 +31,10 @@ type FileSystem struct {
 
 	// NodeID is stamped into the LTX files the logs write.
 	NodeID uint64
-	// Retention is how long LTX files are kept (see ltx.Log).
-	Retention time.Duration
+	// Retention is how long LTX files are kept (see ltx.Log), and
+	// MaxRetention how long past it the files a replica has not
+	// acknowledged are.
+	Retention, MaxRetention time.Duration
 	// MaintainInterval is how often each log merges its files older than
 	// CompactAge and drops those past retention.
 	MaintainInterval time.Duration
@@ -102,6 +104,7 @@ func New(dataDir, mountDir string) *FileSystem {
 		DataDir:          dataDir,
 		MountDir:         mountDir,
 		Retention:        ltx.DefaultRetention,
+		MaxRetention:     ltx.DefaultMaxRetention,
 		MaintainInterval: DefaultMaintainInterval,
 		CompactAge:       DefaultCompactAge,
 		MaxSpares:        DefaultMaxSpares,
@@ -469,7 +472,7 @@ func (f *FileSystem) openDB(ctx context.Context, name string) (*DB, error) {
 	d.resetWAL()
 	l := ltx.NewLog(name, d.path(logDir), d.path(databaseFile))
 	// The log names its database in every line itself.
-	l.NodeID, l.Retention, l.Logger, l.Spares = f.NodeID, f.Retention, f.Logger, f.spares
+	l.NodeID, l.Retention, l.MaxRetention, l.Logger, l.Spares = f.NodeID, f.Retention, f.MaxRetention, f.Logger, f.spares
 	l.DB = walView{d: d} // the database as SQLite sees it, WAL included
 	d.log = l
 	if err := d.recover(ctx); err != nil {

@@ -31,9 +31,11 @@ const (
 	DefaultLeaseType = LeaseStatic
 	DefaultCandidate = true
 	DefaultRetention = 10 * time.Minute
-	DefaultLogLevel  = "info"
-	DefaultLogFormat = "text"
-	DefaultFSLocks   = "mount"
+	// DefaultMaxRetention is replication.max_retention.
+	DefaultMaxRetention = 24 * time.Hour
+	DefaultLogLevel     = "info"
+	DefaultLogFormat    = "text"
+	DefaultFSLocks      = "mount"
 
 	DefaultDurability    = "async"
 	DefaultSyncAcks      = 1
@@ -105,6 +107,9 @@ type ReplicationConfig struct {
 	// primary's addr, and the primary serves only the nodes listed here.
 	Peers     []Peer   `yaml:"peers"`
 	Retention Duration `yaml:"retention"` // how long LTX files are kept
+	// MaxRetention is how long LTX files a peer has not acknowledged are
+	// kept past Retention; a peer further behind gets a snapshot.
+	MaxRetention Duration `yaml:"max_retention"`
 
 	// Durability is async (a commit returns once it is durable here) or
 	// sync (once replicas acknowledged it too, see SyncAcks).
@@ -199,7 +204,7 @@ func DefaultConfig() Config {
 		MountDir: DefaultMountDir,
 		FS:       FSConfig{Locks: DefaultFSLocks, Passthrough: true},
 		Lease:    LeaseConfig{Type: DefaultLeaseType, Candidate: DefaultCandidate},
-		Replication: ReplicationConfig{Retention: Duration(DefaultRetention), Durability: DefaultDurability,
+		Replication: ReplicationConfig{Retention: Duration(DefaultRetention), MaxRetention: Duration(DefaultMaxRetention), Durability: DefaultDurability,
 			SyncAcks: DefaultSyncAcks, SyncTimeout: Duration(DefaultSyncTimeout), SyncOnTimeout: DefaultSyncOnTimeout},
 		Log: LogConfig{Level: DefaultLogLevel, Format: DefaultLogFormat},
 	}
@@ -466,6 +471,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Replication.Retention <= 0 {
 		p.add("replication.retention: %v must be greater than 0 (e.g. 10m)", c.Replication.Retention)
+	}
+	if c.Replication.MaxRetention < c.Replication.Retention {
+		p.add("replication.max_retention: %v is shorter than replication.retention %v", c.Replication.MaxRetention, c.Replication.Retention)
 	}
 	c.validateReplication(&p)
 	c.validateTLS(&p)

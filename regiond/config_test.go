@@ -36,6 +36,7 @@ replication:
     - node: syd-1
       region: syd
   retention: 90s
+  max_retention: 1h
   durability: sync
   sync_acks: 2
   sync_regions: true
@@ -68,7 +69,7 @@ func TestParseConfig_Defaults(t *testing.T) {
 		MountDir: "/data",
 		FS:       regiond.FSConfig{Locks: "mount", Passthrough: true},
 		Lease:    regiond.LeaseConfig{Type: "static", Candidate: true, StaticPrimary: "iad-1"},
-		Replication: regiond.ReplicationConfig{Retention: regiond.Duration(10 * time.Minute), Durability: "async",
+		Replication: regiond.ReplicationConfig{Retention: regiond.Duration(10 * time.Minute), MaxRetention: regiond.Duration(24 * time.Hour), Durability: "async",
 			SyncAcks: 1, SyncTimeout: regiond.Duration(5 * time.Second), SyncOnTimeout: "fail"},
 		TLS: regiond.TLSConfig{CA: "/etc/meridian/ca.pem", Cert: "/etc/meridian/iad-1.pem", Key: "/etc/meridian/iad-1-key.pem"},
 		Log: regiond.LogConfig{Level: "info", Format: "text"},
@@ -92,7 +93,7 @@ func TestParseConfig_Full(t *testing.T) {
 		Lease:    regiond.LeaseConfig{Type: "static", Candidate: false, StaticPrimary: "iad-1"},
 		Replication: regiond.ReplicationConfig{Listen: "127.0.0.1:20210", Peers: []regiond.Peer{
 			{Node: "fra-1", Region: "fra", Addr: "127.0.0.1:20220"}, {Node: "syd-1", Region: "syd"}},
-			Retention: regiond.Duration(90 * time.Second), Durability: "sync", SyncAcks: 2, SyncRegions: true,
+			Retention: regiond.Duration(90 * time.Second), MaxRetention: regiond.Duration(time.Hour), Durability: "sync", SyncAcks: 2, SyncRegions: true,
 			SyncTimeout: regiond.Duration(2 * time.Second), SyncOnTimeout: "degrade"},
 		TLS: regiond.TLSConfig{CA: "/etc/pki/meridian/cluster.pem", Cert: "/etc/meridian/certs/iad-1.crt",
 			Key: "/etc/meridian/certs/iad-1.key", Insecure: true},
@@ -163,7 +164,7 @@ func TestParseConfig_Errors(t *testing.T) {
 		{"BadLocks", base + "fs:\n  locks: posix\n", []string{`fs.locks: "posix" is not accepted (use one of: mount, kernel)`}},
 		{"UnknownKey", base + "replicaton:\n  retention: 1m\n",
 			[]string{`line 3: unknown key "replicaton" (keys: node, region, data_dir, mount_dir, fs, lease, replication, tls, log)`}},
-		{"UnknownNestedKey", base + "replication:\n  retenton: 1m\n", []string{`line 4: unknown key "replication.retenton" (keys under replication: listen, peers, retention, durability, sync_acks, sync_regions, sync_timeout, sync_on_timeout)`}},
+		{"UnknownNestedKey", base + "replication:\n  retenton: 1m\n", []string{`line 4: unknown key "replication.retenton" (keys under replication: listen, peers, retention, max_retention, durability, sync_acks, sync_regions, sync_timeout, sync_on_timeout)`}},
 		{"FutureKey", base + "lease:\n  ttl: 10s\n", []string{`unknown key "lease.ttl"`}},
 		{"UnknownTLSKey", base + "tls:\n  verify: false\n", []string{`line 4: unknown key "tls.verify" (keys under tls: ca, cert, key, insecure)`}},
 		{"TLSNotMapping", base + "tls: off\n", []string{`line 3: tls: want a mapping of keys (ca, cert, key, insecure), got "off"`}},
@@ -439,6 +440,8 @@ func TestValidate_Replication(t *testing.T) {
 			`replication.peers[0].addr: "nowhere" is not host:port`},
 		{"PrimaryWithoutListen", "node: iad-1\nregion: iad\nreplication: {peers: [{node: fra-1, region: fra}]}\ntls: {insecure: true}\n",
 			`replication.listen: required on the primary`},
+		{"MaxRetentionShort", "node: iad-1\nregion: iad\nreplication: {retention: 1h, max_retention: 10m}\ntls: {insecure: true}\n",
+			`replication.max_retention: 10m0s is shorter than replication.retention 1h0m0s`},
 		{"BadDurability", "node: iad-1\nregion: iad\nreplication: {durability: semisync}\ntls: {insecure: true}\n",
 			`replication.durability: "semisync" is not accepted (use one of: async, sync)`},
 		{"BadOnTimeout", "node: iad-1\nregion: iad\nreplication: {sync_on_timeout: wait}\ntls: {insecure: true}\n",

@@ -36,6 +36,9 @@ func (d *Daemon) Open(ctx context.Context) error {
 	f := fs.New(c.DataDir, c.MountDir)
 	f.NodeID = NodeID(c.Node)
 	f.Retention = time.Duration(c.Replication.Retention)
+	f.MaxRetention = time.Duration(c.Replication.MaxRetention)
+	// Often enough for retention to mean what it says.
+	f.MaintainInterval = min(max(f.Retention/2, time.Second), fs.DefaultMaintainInterval)
 	f.KernelLocks = c.FS.Locks == "kernel"
 	f.Passthrough = c.FS.Passthrough
 	if c.Replication.Durability == "sync" && f.Passthrough {
