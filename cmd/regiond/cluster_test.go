@@ -34,7 +34,7 @@ var (
 const (
 	// clusterTransactions is how many random transactions
 	// TestCluster_Replicates commits to each database.
-	clusterTransactions = 500
+	clusterTransactions = 10000
 	// catchUpTimeout bounds the wait for replicas to reach the primary's
 	// position once it stopped committing.
 	catchUpTimeout = 120 * time.Second
@@ -77,8 +77,9 @@ func openOnPrimary(t *testing.T, c *testingutil.Cluster, dbs []*clusterDB) {
 }
 
 // TestCluster_Replicates commits random transactions (schema changes,
-// overflow pages, growth, VACUUM) to a DELETE-mode and a WAL-mode database
-// on the primary (with kernel locks) and checks that both replicas
+// overflow pages, growth, VACUUM) to a database in each journal mode
+// SQLite uses in production (DELETE, TRUNCATE, PERSIST, WAL) on the
+// primary (with kernel locks) and checks that both replicas
 // reach the primary's position, with backing files equal byte for byte,
 // databases SQLite finds intact, the same schema and row counts, and
 // mounts that refuse writes.
@@ -88,7 +89,8 @@ func TestCluster_Replicates(t *testing.T) {
 	iadKernel.Locks = "kernel"
 	c := testingutil.NewCluster(t, regiondCommand, iad.Name, iadKernel, fra, syd)
 	c.Start(t)
-	dbs := []*clusterDB{{name: "delete.db", mode: "delete"}, {name: "wal.db", mode: "wal"}}
+	dbs := []*clusterDB{{name: "delete.db", mode: "delete"}, {name: "truncate.db", mode: "truncate"},
+		{name: "persist.db", mode: "persist"}, {name: "wal.db", mode: "wal"}}
 	openOnPrimary(t, c, dbs)
 
 	seed := uint64(time.Now().UnixNano())
@@ -96,6 +98,7 @@ func TestCluster_Replicates(t *testing.T) {
 	var g errgroup.Group
 	for i, d := range dbs {
 		w := testingutil.NewWorkload(d.db, seed+uint64(i))
+		w.Light = true
 		g.Go(func() error { return runWorkload(w, d.name, clusterTransactions) })
 	}
 	if err := g.Wait(); err != nil {

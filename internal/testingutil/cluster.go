@@ -12,11 +12,24 @@ import (
 	"slices"
 	"strings"
 	"syscall"
-	"testing"
 	"time"
 
 	"github.com/meridian-db/meridian"
 )
+
+// TB is the part of testing.TB a Cluster uses, so that a program (a
+// benchmark under bench/) can run one too.
+type TB interface {
+	Helper()
+	Cleanup(func())
+	TempDir() string
+	Failed() bool
+	Logf(format string, args ...any)
+	Error(args ...any)
+	Errorf(format string, args ...any)
+	Fatal(args ...any)
+	Fatalf(format string, args ...any)
+}
 
 // Bounds of the cluster harness's waits.
 const (
@@ -52,7 +65,7 @@ type Cluster struct {
 	// Command returns the command that runs regiond with args.
 	Command func(args ...string) *exec.Cmd
 
-	tb testing.TB
+	tb TB
 }
 
 // ClusterNode is one node of a Cluster: its configuration and, while it
@@ -85,7 +98,7 @@ type clusterProc struct {
 // then SIGKILL after ClusterStopTimeout), lazily unmounts any mount left,
 // fails the test if a mount is still there, and, if the test failed, logs
 // the tail of every node's log.
-func NewCluster(tb testing.TB, command func(args ...string) *exec.Cmd, primary string, specs ...ClusterNodeSpec) *Cluster {
+func NewCluster(tb TB, command func(args ...string) *exec.Cmd, primary string, specs ...ClusterNodeSpec) *Cluster {
 	tb.Helper()
 	c := &Cluster{Dir: tb.TempDir(), Primary: primary, Command: command, tb: tb}
 	tb.Cleanup(c.cleanup)
@@ -181,7 +194,7 @@ func (c *Cluster) writeConfig(n *ClusterNode) {
 
 // FreeAddr returns a loopback address with a port that was free a moment
 // ago: it listens on 127.0.0.1:0 and closes the listener.
-func FreeAddr(tb testing.TB) string {
+func FreeAddr(tb TB) string {
 	tb.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -206,7 +219,7 @@ func (c *Cluster) Node(name string) *ClusterNode {
 }
 
 // Start starts every node and waits until each has mounted.
-func (c *Cluster) Start(tb testing.TB) {
+func (c *Cluster) Start(tb TB) {
 	tb.Helper()
 	for _, n := range c.Nodes {
 		n.start(tb)
@@ -217,14 +230,14 @@ func (c *Cluster) Start(tb testing.TB) {
 }
 
 // Start starts the node and waits until it has mounted.
-func (n *ClusterNode) Start(tb testing.TB) {
+func (n *ClusterNode) Start(tb TB) {
 	tb.Helper()
 	n.start(tb)
 	n.waitMounted(tb)
 }
 
 // start starts the node's process, its stderr appended to LogPath.
-func (n *ClusterNode) start(tb testing.TB) {
+func (n *ClusterNode) start(tb TB) {
 	tb.Helper()
 	if n.proc != nil {
 		tb.Fatalf("%s: already running", n.Name)
@@ -267,7 +280,7 @@ func (n *ClusterNode) ready() bool {
 // waitMounted waits until the node's mount is in /proc/self/mountinfo and
 // the node says it serves, and fails the test if the process exits first
 // or ClusterMountTimeout passes.
-func (n *ClusterNode) waitMounted(tb testing.TB) {
+func (n *ClusterNode) waitMounted(tb TB) {
 	tb.Helper()
 	deadline := time.Now().Add(ClusterMountTimeout)
 	for !Mounted(tb, n.MountDir) || !n.ready() {
@@ -301,7 +314,7 @@ func (n *ClusterNode) Running() bool {
 // unmounts its dead mount. A node that does not exit fails the test, with
 // the kernel stacks of its threads; its mount's FUSE connection is then
 // aborted so that it can exit.
-func (n *ClusterNode) Kill(tb testing.TB) {
+func (n *ClusterNode) Kill(tb TB) {
 	tb.Helper()
 	p := n.proc
 	if p == nil {
@@ -495,7 +508,7 @@ func (n *ClusterNode) LogTail(max int) string {
 
 // Pos returns the position in the node's <db>-pos file, and false if the
 // file does not exist.
-func (n *ClusterNode) Pos(tb testing.TB, db string) (meridian.Pos, bool) {
+func (n *ClusterNode) Pos(tb TB, db string) (meridian.Pos, bool) {
 	tb.Helper()
 	b, err := os.ReadFile(filepath.Join(n.MountDir, db+"-pos"))
 	if errors.Is(err, os.ErrNotExist) {
@@ -518,7 +531,7 @@ func (n *ClusterNode) BackingFile(db string) string {
 // WaitCaughtUp waits until every running node's position of each db equals
 // the primary's, which must not move meanwhile, and fails the test after
 // timeout. It returns the primary's positions.
-func (c *Cluster) WaitCaughtUp(tb testing.TB, timeout time.Duration, dbs ...string) map[string]meridian.Pos {
+func (c *Cluster) WaitCaughtUp(tb TB, timeout time.Duration, dbs ...string) map[string]meridian.Pos {
 	tb.Helper()
 	primary := c.Node(c.Primary)
 	want := make(map[string]meridian.Pos)
@@ -554,7 +567,7 @@ func (c *Cluster) WaitCaughtUp(tb testing.TB, timeout time.Duration, dbs ...stri
 
 // Mounted reports whether dir is a mount point of a Meridian filesystem
 // (type fuse.meridian in /proc/self/mountinfo).
-func Mounted(tb testing.TB, dir string) bool {
+func Mounted(tb TB, dir string) bool {
 	tb.Helper()
 	ok, err := isMounted(dir)
 	if err != nil {
@@ -599,7 +612,7 @@ func Unmount(dir string) error {
 // WaitPos waits until the node has db at a position that reached returns
 // true for, and returns it; after timeout it fails the test, saying the node
 // did not reach want.
-func (n *ClusterNode) WaitPos(tb testing.TB, db string, timeout time.Duration, want string, reached func(meridian.Pos) bool) meridian.Pos {
+func (n *ClusterNode) WaitPos(tb TB, db string, timeout time.Duration, want string, reached func(meridian.Pos) bool) meridian.Pos {
 	tb.Helper()
 	deadline := time.Now().Add(timeout)
 	for {

@@ -101,7 +101,7 @@ func CommitChanged(l *ltx.Log, before, after []byte) (*ltx.FileInfo, error) {
 }
 
 // FileSHA256 returns the hex SHA-256 of the file at path.
-func FileSHA256(tb testing.TB, path string) string {
+func FileSHA256(tb TB, path string) string {
 	tb.Helper()
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -112,7 +112,7 @@ func FileSHA256(tb testing.TB, path string) string {
 }
 
 // MustReadFile returns the content of the file at path.
-func MustReadFile(tb testing.TB, path string) []byte {
+func MustReadFile(tb TB, path string) []byte {
 	tb.Helper()
 	b, err := os.ReadFile(path)
 	if err != nil {

@@ -13,6 +13,10 @@ import (
 type Workload struct {
 	DB  *sql.DB
 	Rng *rand.Rand
+	// Light keeps each transaction to a few pages, for long runs: rows
+	// changed a handful at a time, blobs of one or two pages, a VACUUM one
+	// time in 500.
+	Light bool
 
 	tables int // tables t0..t(tables-1) exist
 }
@@ -30,6 +34,9 @@ func (w *Workload) Init() error {
 
 // Step runs one random transaction and says what it was.
 func (w *Workload) Step() (string, error) {
+	if w.Light {
+		return w.lightStep()
+	}
 	switch n := w.Rng.IntN(100); {
 	case n < 35:
 		return "insert", w.tx(func(tx *sql.Tx) error {
@@ -50,6 +57,40 @@ func (w *Workload) Step() (string, error) {
 	case n < 88:
 		return "update blob", w.exec(fmt.Sprintf(`UPDATE %s SET b = randomblob(?) WHERE id IN (SELECT id FROM %[1]s ORDER BY random() LIMIT 3)`, w.table()), w.Rng.IntN(20000))
 	case n < 96:
+		return "schema", w.schema()
+	default:
+		return "vacuum", w.exec(`VACUUM`)
+	}
+}
+
+// lightStep is Step for a Light workload.
+func (w *Workload) lightStep() (string, error) {
+	// A few rows from a random id on.
+	some := func(t string, n int) string {
+		return fmt.Sprintf(`SELECT id FROM %[1]s WHERE id >= (SELECT coalesce(max(id), 0) * %[2]f FROM %[1]s) LIMIT %[3]d`, t, w.Rng.Float64(), n)
+	}
+	switch n := w.Rng.IntN(1000); {
+	case n < 400:
+		return "insert", w.tx(func(tx *sql.Tx) error {
+			for i := w.Rng.IntN(5) + 1; i > 0; i-- {
+				if _, err := tx.Exec(fmt.Sprintf(`INSERT INTO %s (k, v) VALUES (?, ?)`, w.table()), w.Rng.IntN(1e6), w.text(10, 200)); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+	case n < 480:
+		return "insert blob", w.exec(fmt.Sprintf(`INSERT INTO %s (k, b) VALUES (?, randomblob(?))`, w.table()), w.Rng.IntN(1e6), 4096+w.Rng.IntN(4096))
+	case n < 700:
+		t := w.table()
+		return "update", w.exec(fmt.Sprintf(`UPDATE %s SET v = ?, k = k + 1 WHERE id IN (%s)`, t, some(t, 5)), w.text(1, 300))
+	case n < 880:
+		t := w.table()
+		return "delete", w.exec(fmt.Sprintf(`DELETE FROM %s WHERE id IN (%s)`, t, some(t, 4)))
+	case n < 960:
+		t := w.table()
+		return "update blob", w.exec(fmt.Sprintf(`UPDATE %s SET b = randomblob(?) WHERE id IN (%s)`, t, some(t, 1)), w.Rng.IntN(8000))
+	case n < 998:
 		return "schema", w.schema()
 	default:
 		return "vacuum", w.exec(`VACUUM`)

@@ -1,0 +1,150 @@
+package main
+
+import (
+	"database/sql"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meridian-db/meridian/internal/testingutil"
+	"github.com/meridian-db/meridian/ltx"
+)
+
+// joinMB is the size of the database TestCluster_Join sends to a node
+// joining from scratch.
+const joinMB = 50
+
+// TestCluster_Join starts a replica with no database while the primary
+// holds a 50 MB one and a small one, and checks that it receives both and
+// ends byte-identical. (While the primary's log still starts at TXID 1,
+// as here, it is replayed; a snapshot goes out once it does not.) Then it
+// kills the
+// primary with SIGKILL, restarts it, commits more, and checks that both
+// replicas resume their streams rather than take a snapshot again.
+func TestCluster_Join(t *testing.T) {
+	t.Parallel()
+	c := testingutil.NewCluster(t, regiondCommand, iad.Name, iad, fra, syd)
+	primary, joiner := c.Node(iad.Name), c.Node(syd.Name)
+	primary.Start(t)
+	c.Node(fra.Name).Start(t)
+	dbs := []*clusterDB{{name: "big.db", mode: "wal"}, {name: "small.db", mode: "delete"}}
+	openOnPrimary(t, c, dbs)
+	fillMB(t, dbs[0].db, joinMB)
+	if _, err := dbs[1].db.Exec(`CREATE TABLE rows (node TEXT, i INTEGER, pad BLOB)`); err != nil {
+		t.Fatal(err)
+	}
+	insertRows(t, dbs[1].db, primary.Name, 20)
+	checkpointAll(t, dbs)
+	c.WaitCaughtUp(t, catchUpTimeout, names(dbs)...)
+
+	start := time.Now()
+	joiner.Start(t)
+	pos := c.WaitCaughtUp(t, catchUpTimeout, names(dbs)...)
+	fi, err := os.Stat(joiner.BackingFile("big.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Size() < joinMB<<20 {
+		t.Fatalf("big.db on %s: %d bytes, want at least %d MB", joiner.Name, fi.Size(), joinMB)
+	}
+	t.Logf("%s joined with %.1f MB in %v", joiner.Name, float64(fi.Size())/1e6, time.Since(start).Round(time.Millisecond))
+	checkReplicas(t, c, dbs, pos)
+
+	// The primary dies and comes back: the replicas resume from where
+	// they are.
+	for _, d := range dbs {
+		_ = d.db.Close()
+	}
+	snapshots := map[string]int{}
+	for _, n := range c.Nodes {
+		snapshots[n.Name] = strings.Count(n.Log(), "applying a snapshot")
+	}
+	primary.Kill(t)
+	primary.Start(t)
+	openOnPrimary(t, c, dbs)
+	insertRows(t, dbs[1].db, primary.Name, 20)
+	if _, err := dbs[0].db.Exec(`DELETE FROM b WHERE rowid % 7 = 0`); err != nil {
+		t.Fatal(err)
+	}
+	checkpointAll(t, dbs)
+	pos = c.WaitCaughtUp(t, catchUpTimeout, names(dbs)...)
+	checkReplicas(t, c, dbs, pos)
+	for _, n := range c.Nodes {
+		if got := strings.Count(n.Log(), "applying a snapshot"); got != snapshots[n.Name] {
+			t.Fatalf("%s applied %d snapshots after the primary restarted, want its stream resumed", n.Name, got-snapshots[n.Name])
+		}
+	}
+}
+
+// TestCluster_OfflinePastRetention stops a replica, has the primary
+// commit until the files the replica would need are past
+// replication.max_retention and pruned, restarts it, and checks that it
+// gets a snapshot for that reason and ends equal to the primary.
+func TestCluster_OfflinePastRetention(t *testing.T) {
+	t.Parallel()
+	primarySpec := iad
+	primarySpec.Replication = []string{"retention: 1s", "max_retention: 2s"}
+	c := testingutil.NewCluster(t, regiondCommand, iad.Name, primarySpec, fra)
+	c.Start(t)
+	primary, offline := c.Node(iad.Name), c.Node(fra.Name)
+	dbs := []*clusterDB{{name: "d.db", mode: "delete"}}
+	openOnPrimary(t, c, dbs)
+	if _, err := dbs[0].db.Exec(`CREATE TABLE rows (node TEXT, i INTEGER, pad BLOB)`); err != nil {
+		t.Fatal(err)
+	}
+	insertRows(t, dbs[0].db, primary.Name, 10)
+	before := c.WaitCaughtUp(t, catchUpTimeout, "d.db")["d.db"]
+	if err := offline.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	// Commit, a second apart, until the log no longer holds the file
+	// after the replica's position.
+	logDir := filepath.Join(primary.DataDir, "dbs", "d.db", "ltx")
+	deadline := time.Now().Add(time.Minute)
+	for oldestTXID(t, logDir) <= before.TXID+1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the primary's log still starts at txid %v a minute later; the replica is at %v", oldestTXID(t, logDir), before)
+		}
+		insertRows(t, dbs[0].db, primary.Name, 1)
+		time.Sleep(time.Second)
+	}
+	t.Logf("the primary's log starts at txid %v; the replica stopped at %v", oldestTXID(t, logDir), before)
+	offline.Start(t)
+	pos := c.WaitCaughtUp(t, catchUpTimeout, "d.db")
+	checkReplicas(t, c, dbs, pos)
+	if l := logLine(offline.Log(), "applying a snapshot", "SNAPSHOT_REASON_RETENTION"); l == "" {
+		t.Fatalf("%s did not log a snapshot for retention", offline.Name)
+	}
+}
+
+// fillMB commits about mb megabytes of random blobs to db, in
+// transactions of 1 MB.
+func fillMB(t *testing.T, db *sql.DB, mb int) {
+	t.Helper()
+	if _, err := db.Exec(`CREATE TABLE b (v BLOB)`); err != nil {
+		t.Fatal(err)
+	}
+	for range mb {
+		if _, err := db.Exec(`WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM s WHERE i < 16) INSERT INTO b SELECT randomblob(65536) FROM s`); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// oldestTXID returns the first TXID of the oldest LTX file in dir.
+func oldestTXID(t *testing.T, dir string) ltx.TXID {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	oldest := ltx.TXID(0)
+	for _, e := range entries {
+		if lo, _, err := ltx.ParseName(e.Name()); err == nil && (oldest == 0 || lo < oldest) {
+			oldest = lo
+		}
+	}
+	return oldest
+}
