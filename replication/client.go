@@ -212,7 +212,12 @@ func (c *Client) checkEpoch(e uint64) error {
 // apply hands a file to the Target and acks the new position.
 func (c *Client) apply(ctx context.Context, conn ClientConn, f *File) error {
 	defer func() { _ = os.Remove(f.Path) }()
-	if r := f.SnapshotReason; r != meridianv1.SnapshotReason_SNAPSHOT_REASON_UNSPECIFIED {
+	switch r := f.SnapshotReason; r {
+	case meridianv1.SnapshotReason_SNAPSHOT_REASON_UNSPECIFIED:
+	case meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION:
+		// A database this node never had: the usual way it arrives.
+		c.Logger.Info("applying a snapshot from the primary", "db", f.DB, "reason", r.String(), "pos", f.Info.Pos().String())
+	default:
 		c.Logger.Warn("applying a snapshot from the primary", "db", f.DB, "reason", r.String(), "pos", f.Info.Pos().String())
 	}
 	pos, err := c.Target.Apply(ctx, f)

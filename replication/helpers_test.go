@@ -133,6 +133,7 @@ type target struct {
 	mu        sync.Mutex
 	dbs       map[string]*targetDB
 	snapshots []meridianv1.SnapshotReason // reasons of the snapshots applied
+	first     map[string]ltx.TXID         // by database: the TXID of its first snapshot
 	applied   int
 	calls     int   // Apply calls, whether they applied or not
 	largest   int64 // size of the largest file applied
@@ -146,7 +147,7 @@ type targetDB struct {
 }
 
 func newTarget(tb testing.TB) *target {
-	return &target{tb: tb, dir: tb.TempDir(), dbs: make(map[string]*targetDB)}
+	return &target{tb: tb, dir: tb.TempDir(), dbs: make(map[string]*targetDB), first: make(map[string]ltx.TXID)}
 }
 
 func (t *target) Positions() map[string]ltx.Pos {
@@ -173,6 +174,9 @@ func (t *target) Apply(ctx context.Context, f *replication.File) (ltx.Pos, error
 	}
 	if f.Info.Header.IsSnapshot() {
 		t.snapshots = append(t.snapshots, f.SnapshotReason)
+		if _, ok := t.first[f.DB]; !ok {
+			t.first[f.DB] = f.Info.Header.MaxTXID
+		}
 	}
 	db, err := os.OpenFile(d.path, os.O_RDWR|os.O_CREATE, 0o644)
 	if err != nil {
@@ -224,6 +228,28 @@ func (t *target) counts() (applied, calls int, largest int64) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return t.applied, t.calls, t.largest
+}
+
+// wantApplied is how many files t applied if it got every database of p
+// as a snapshot, then each of the log's files after it once: no file
+// twice, none left out.
+func (t *target) wantApplied(p *primary) int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	n := 0
+	for _, name := range p.DBs() {
+		first, ok := t.first[name]
+		if !ok {
+			continue
+		}
+		n++
+		for _, f := range p.Log(name).Files() {
+			if f.Header.MinTXID > first {
+				n++
+			}
+		}
+	}
+	return n
 }
 
 // snapshotReasons returns the reasons of the snapshots applied, in order.

@@ -3,6 +3,7 @@ package replication_test
 import (
 	"context"
 	"errors"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -86,8 +87,6 @@ func (c *cluster) waitSynced() {
 
 func (c *cluster) snapshots() []meridianv1.SnapshotReason { return c.target.snapshotReasons() }
 
-const none = meridianv1.SnapshotReason_SNAPSHOT_REASON_UNSPECIFIED
-
 func TestStream_Converges(t *testing.T) {
 	c := newCluster(t)
 	c.primary.create("a.db", 1)
@@ -103,17 +102,14 @@ func TestStream_Converges(t *testing.T) {
 	c.primary.steps("c.db", 20)
 	c.waitSynced()
 
-	// Every file applied in order from each log's first snapshot: one
-	// file per transaction, no snapshot but the first.
-	want := 0
-	for _, name := range c.primary.DBs() {
-		want += len(c.primary.Log(name).Files())
+	// Each database sent whole, as a snapshot, then every file after
+	// it once, in order.
+	if got, want := c.target.count(), c.target.wantApplied(c.primary); got != want {
+		t.Fatalf("replica applied %d files, want %d: a snapshot of each database and the files after it", got, want)
 	}
-	if c.target.count() != want {
-		t.Fatalf("replica applied %d files, the logs hold %d", c.target.count(), want)
-	}
-	if got := c.snapshots(); len(got) != 3 || got[0] != none || got[1] != none || got[2] != none {
-		t.Fatalf("snapshots applied: %v, want the first file of each of the 3 logs", got)
+	noPos := meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION
+	if got := c.snapshots(); !slices.Equal(got, []meridianv1.SnapshotReason{noPos, noPos, noPos}) {
+		t.Fatalf("snapshots applied: %v, want one for each of the 3 databases, for lack of a position", got)
 	}
 	// The primary knows where the replica is.
 	reps := c.streamer.Replicas()
@@ -154,7 +150,7 @@ func TestStream_Resume(t *testing.T) {
 		t.Fatalf("after restart the replica applied %d files, want the %d new ones", got, newFiles)
 	}
 	if got := c.snapshots(); len(got) != 1 {
-		t.Fatalf("snapshots applied: %v, want only the log's first file", got)
+		t.Fatalf("snapshots applied: %v, want only the first, for lack of a position", got)
 	}
 	if st := cl.Status(); st.Epoch != 1 || !st.Connected || st.Applied["a.db"].Pos != c.primary.Log("a.db").Pos() {
 		t.Fatalf("client status %+v", st)

@@ -313,19 +313,24 @@ func (st *stream) database(ctx context.Context, db string, pos ltx.Pos, known bo
 		return nil // deleted meanwhile
 	}
 	for {
+		if !known {
+			// A replica without the database gets it whole: one file the
+			// size of the database, where the log could hold far more.
+			var err error
+			if pos, err = st.snapshot(ctx, db, meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION, pos); err != nil {
+				return err
+			}
+			known = true
+		}
 		c, err := l.Cursor(pos)
 		if err != nil {
 			reason, err := snapshotReason(err)
 			if err != nil {
 				return fmt.Errorf("stream %s: %w", db, err)
 			}
-			if !known {
-				reason = meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION
-			}
 			if pos, err = st.snapshot(ctx, db, reason, pos); err != nil {
 				return err
 			}
-			known = true
 			continue
 		}
 		if pos, err = st.follow(ctx, db, c); errors.Is(err, ltx.ErrClosed) {

@@ -17,10 +17,8 @@ import (
 const joinMB = 50
 
 // TestCluster_Join starts a replica with no database while the primary
-// holds a 50 MB one and a small one, and checks that it receives both and
-// ends byte-identical. (While the primary's log still starts at TXID 1,
-// as here, it is replayed; a snapshot goes out once it does not.) Then it
-// kills the
+// holds a 50 MB one and a small one, and checks that it receives both as
+// snapshots (no position) and ends byte-identical. Then it kills the
 // primary with SIGKILL, restarts it, commits more, and checks that both
 // replicas resume their streams rather than take a snapshot again.
 func TestCluster_Join(t *testing.T) {
@@ -51,6 +49,11 @@ func TestCluster_Join(t *testing.T) {
 	}
 	t.Logf("%s joined with %.1f MB in %v", joiner.Name, float64(fi.Size())/1e6, time.Since(start).Round(time.Millisecond))
 	checkReplicas(t, c, dbs, pos)
+	for _, d := range dbs {
+		if l := logLine(joiner.Log(), "applying a snapshot", "db="+d.name, "SNAPSHOT_REASON_NO_POSITION"); l == "" {
+			t.Fatalf("%s did not log a snapshot of %s for lack of a position", joiner.Name, d.name)
+		}
+	}
 
 	// The primary dies and comes back: the replicas resume from where
 	// they are.
