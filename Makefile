@@ -24,7 +24,7 @@ PROTOC_GEN_GO_GRPC := $(TOOLS_BIN)/protoc-gen-go-grpc-$(PROTOC_GEN_GO_GRPC_VERSI
 # points them at the pinned binaries above, so versions live in this file only.
 PROTOC_PLUGINS := $(TOOLS_DIR)/protoc-plugins
 
-.PHONY: all build test test-long bench-fs lint proto proto-check fuzz bench tools clean
+.PHONY: all build test test-long bench-fs bench-repl lint proto proto-check fuzz bench tools clean
 
 all: build
 
@@ -72,6 +72,15 @@ FSBENCH_FLAGS ?=
 
 bench-fs: build
 	$(GO) run ./bench/fsbench -regiond bin/regiond $(FSBENCH_FLAGS)
+
+# bench-repl measures replication across real regiond processes on loopback
+# (needs root and fuse3): lag at paced and maximum commit rates with one and
+# three replicas, apply against commit throughput, and a joining node's
+# snapshot against copying the file; see bench/README.md.
+REPLBENCH_FLAGS ?=
+
+bench-repl: build
+	$(GO) run ./bench/replbench -regiond bin/regiond $(REPLBENCH_FLAGS)
 
 # lint fails on unformatted Go files (generated *.pb.go excepted), go vet
 # findings and staticcheck findings.

@@ -709,6 +709,20 @@ type walView struct {
 
 func (v walView) ReadAt(p []byte, off int64) (int, error) {
 	d := v.d
+	if ps := int64(d.wal.hdr.pageSize); d.wal.valid && ps > 0 && (off%ps)+int64(len(p)) > ps {
+		// Several pages (a snapshot reads in large blocks): each may be
+		// in the WAL.
+		n := 0
+		for n < len(p) {
+			end := min(len(p), n+int(ps-(off+int64(n))%ps))
+			m, err := v.ReadAt(p[n:end], off+int64(n))
+			n += m
+			if err != nil {
+				return n, err
+			}
+		}
+		return n, nil
+	}
 	if d.wal.valid && len(p) > 0 {
 		ps := int64(d.wal.hdr.pageSize)
 		pgno := uint32(off/ps + 1)

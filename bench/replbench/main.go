@@ -1,0 +1,495 @@
+// Command replbench measures replication across real regiond processes on
+// loopback, with mutual TLS and FUSE mounts as in production: the lag from
+// a COMMIT returning on the primary to the transaction being applied on
+// each replica, at paced and at maximum commit rates, with one and with
+// three replicas; how fast replicas apply compared with how fast the
+// primary commits; and how fast a node joining from scratch receives a
+// snapshot, compared with copying the database file on the same disk.
+//
+// A transaction counts as applied on a replica when its LTX file is in the
+// replica's log and its pages are in the database file: when the log's
+// .applying marker naming it is removed, seen through inotify. Every
+// process runs on this machine, so one clock serves both ends.
+//
+//	go run ./bench/replbench -regiond bin/regiond
+//
+// It needs root and fuse3, like regiond.
+package main
+
+import (
+	"database/sql"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"text/tabwriter"
+	"time"
+	"unsafe"
+
+	_ "github.com/mattn/go-sqlite3"
+	"golang.org/x/sys/unix"
+
+	"github.com/meridian-db/meridian/internal/testingutil"
+	"github.com/meridian-db/meridian/ltx"
+)
+
+type options struct {
+	regiond    string
+	duration   time.Duration
+	rates      []int // transactions a second; 0 is as fast as possible
+	maxTx      int
+	replicas   []int
+	snapshotMB int
+}
+
+func main() {
+	var o options
+	var rates, replicas string
+	flag.StringVar(&o.regiond, "regiond", "bin/regiond", "regiond binary (make build)")
+	flag.DurationVar(&o.duration, "duration", 5*time.Second, "how long each paced rate runs")
+	flag.StringVar(&rates, "rates", "100,1000,max", "commit rates to measure, transactions a second, or max")
+	flag.IntVar(&o.maxTx, "max-tx", 5000, "transactions committed at the maximum rate")
+	flag.StringVar(&replicas, "replicas", "1,3", "replica counts to measure")
+	flag.IntVar(&o.snapshotMB, "snapshot-mb", 100, "size of the database a joining node receives as a snapshot, MB (0: skip)")
+	flag.Parse()
+	for _, r := range strings.Split(rates, ",") {
+		if r == "max" {
+			o.rates = append(o.rates, 0)
+		} else if n, err := strconv.Atoi(r); err == nil && n > 0 {
+			o.rates = append(o.rates, n)
+		} else {
+			fmt.Fprintf(os.Stderr, "replbench: -rates: %q is not a rate (a number of transactions a second, or max)\n", r)
+			os.Exit(2)
+		}
+	}
+	for _, r := range strings.Split(replicas, ",") {
+		n, err := strconv.Atoi(r)
+		if err != nil || n < 1 || n > len(replicaSpecs) {
+			fmt.Fprintf(os.Stderr, "replbench: -replicas: %q is not a count from 1 to %d\n", r, len(replicaSpecs))
+			os.Exit(2)
+		}
+		o.replicas = append(o.replicas, n)
+	}
+	if _, err := os.Stat(o.regiond); err != nil {
+		fmt.Fprintf(os.Stderr, "replbench: regiond binary: %v; build it with `make build` or pass -regiond PATH\n", err)
+		os.Exit(2)
+	}
+	if err := run(o); err != nil {
+		fmt.Fprintf(os.Stderr, "replbench: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+var (
+	primarySpec  = testingutil.ClusterNodeSpec{Name: "iad-1", Region: "iad", Locks: "kernel"}
+	replicaSpecs = []testingutil.ClusterNodeSpec{{Name: "fra-1", Region: "fra"}, {Name: "syd-1", Region: "syd"}, {Name: "gru-1", Region: "gru"}}
+	joinerSpec   = testingutil.ClusterNodeSpec{Name: "lhr-1", Region: "lhr"}
+)
+
+// row is one measurement: a rate on a cluster.
+type row struct {
+	replicas      int
+	target        int // 0: max
+	n             int
+	commitRate    float64
+	p50, p99, max time.Duration
+	applyRate     float64 // of the slowest replica
+}
+
+func run(o options) (err error) {
+	h := &harness{}
+	defer func() {
+		if r := recover(); r != nil {
+			if _, ok := r.(fatal); !ok {
+				panic(r)
+			}
+			err = errors.New("stopped")
+		}
+		h.close()
+	}()
+	fmt.Printf("replbench: %d CPUs, regiond %s, WAL with synchronous=NORMAL on the primary (fs.locks: kernel), replicas with fs.locks: mount\n\n", cpus(), o.regiond)
+	var rows []row
+	var snap *snapshotResult
+	for _, n := range o.replicas {
+		rs, s, err := measureCluster(h, o, n)
+		if err != nil {
+			return err
+		}
+		rows = append(rows, rs...)
+		if s != nil {
+			snap = s
+		}
+		h.close()
+		h = &harness{}
+	}
+	printRows(os.Stdout, rows)
+	if snap != nil {
+		snap.print(os.Stdout)
+	}
+	return nil
+}
+
+// measureCluster runs the rates on a cluster of a primary and n replicas,
+// and, with one replica, the snapshot of a joining node.
+func measureCluster(h *harness, o options, n int) ([]row, *snapshotResult, error) {
+	specs := append([]testingutil.ClusterNodeSpec{primarySpec}, replicaSpecs[:n]...)
+	join := n == 1 && o.snapshotMB > 0
+	if join {
+		specs = append(specs, joinerSpec)
+	}
+	c := testingutil.NewCluster(h, func(args ...string) *exec.Cmd { return exec.Command(o.regiond, args...) }, primarySpec.Name, specs...)
+	for _, node := range c.Nodes {
+		if node.Name != joinerSpec.Name {
+			node.Start(h)
+		}
+	}
+	primary := c.Node(primarySpec.Name)
+	db, err := sql.Open("sqlite3", "file:"+filepath.Join(primary.MountDir, "bench.db")+"?_journal_mode=wal&_synchronous=NORMAL&_busy_timeout=5000")
+	if err != nil {
+		return nil, nil, err
+	}
+	db.SetMaxOpenConns(1)
+	h.Cleanup(func() { _ = db.Close() })
+	if _, err := db.Exec(`CREATE TABLE tx (id INTEGER PRIMARY KEY, v BLOB)`); err != nil {
+		return nil, nil, err
+	}
+	replicas := c.Nodes[1 : n+1]
+	c.WaitCaughtUp(h, time.Minute, "bench.db")
+	var watchers []*applyWatcher
+	for _, r := range replicas {
+		w, err := watchApplies(filepath.Join(r.DataDir, "dbs", "bench.db", "ltx"))
+		if err != nil {
+			return nil, nil, err
+		}
+		h.Cleanup(w.close)
+		watchers = append(watchers, w)
+	}
+	var rows []row
+	for _, rate := range o.rates {
+		count := o.maxTx
+		if rate > 0 {
+			count = int(float64(rate) * o.duration.Seconds())
+		}
+		fmt.Fprintf(os.Stderr, "%d replica(s), %s: %d transactions\n", n, rateName(rate), count)
+		r, err := measureRate(h, c, db, watchers, rate, count)
+		if err != nil {
+			return nil, nil, err
+		}
+		r.replicas = n
+		rows = append(rows, r)
+	}
+	if !join {
+		return rows, nil, nil
+	}
+	s, err := measureSnapshot(h, c, o.snapshotMB)
+	return rows, s, err
+}
+
+// measureRate commits count single-row transactions at rate (0: as fast
+// as possible) and measures when each is applied on every replica.
+func measureRate(h *harness, c *testingutil.Cluster, db *sql.DB, watchers []*applyWatcher, rate, count int) (row, error) {
+	primary := c.Node(c.Primary)
+	base, _ := primary.Pos(h, "bench.db")
+	commits := make([]time.Time, count)
+	start := time.Now()
+	for i := range count {
+		if rate > 0 {
+			if d := time.Until(start.Add(time.Duration(i) * time.Second / time.Duration(rate))); d > 0 {
+				time.Sleep(d)
+			}
+		}
+		if _, err := db.Exec(`INSERT INTO tx (v) VALUES (randomblob(100))`); err != nil {
+			return row{}, fmt.Errorf("commit %d: %w", i, err)
+		}
+		commits[i] = time.Now()
+	}
+	pos := c.WaitCaughtUp(h, 10*time.Minute, "bench.db")
+	if got, want := pos["bench.db"].TXID, base.TXID+ltx.TXID(count); got != want {
+		return row{}, fmt.Errorf("primary at txid %v after %d single-row commits from %v, want %v", got, count, base.TXID, want)
+	}
+	r := row{target: rate, n: count, commitRate: float64(count-1) / commits[count-1].Sub(commits[0]).Seconds()}
+	lags := make([]time.Duration, count)
+	r.applyRate = -1
+	for _, w := range watchers {
+		applied, err := w.wait(base.TXID+1, base.TXID+ltx.TXID(count), 30*time.Second)
+		if err != nil {
+			return row{}, err
+		}
+		for i := range count {
+			lags[i] = max(lags[i], applied[i].Sub(commits[i]))
+		}
+		rate := float64(count-1) / applied[count-1].Sub(applied[0]).Seconds()
+		if r.applyRate < 0 || rate < r.applyRate {
+			r.applyRate = rate
+		}
+	}
+	slices.Sort(lags)
+	r.p50, r.p99, r.max = lags[count/2], lags[count*99/100], lags[count-1]
+	return r, nil
+}
+
+// snapshotResult is what a node joining from scratch took.
+type snapshotResult struct {
+	bytes      int64
+	join, copy time.Duration
+}
+
+// measureSnapshot makes a database of about mb megabytes on the primary,
+// starts a node that has none of the cluster's databases, and times until
+// it is at the primary's positions; then it times copying the primary's
+// backing files, with an fsync, on the same disk.
+func measureSnapshot(h *harness, c *testingutil.Cluster, mb int) (*snapshotResult, error) {
+	primary := c.Node(c.Primary)
+	db, err := sql.Open("sqlite3", "file:"+filepath.Join(primary.MountDir, "big.db")+"?_journal_mode=wal&_synchronous=NORMAL")
+	if err != nil {
+		return nil, err
+	}
+	defer db.Close()
+	db.SetMaxOpenConns(1)
+	if _, err := db.Exec(`CREATE TABLE b (v BLOB)`); err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(os.Stderr, "snapshot: writing a %d MB database\n", mb)
+	for range mb {
+		if _, err := db.Exec(`WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM s WHERE i < 16) INSERT INTO b SELECT randomblob(65536) FROM s`); err != nil {
+			return nil, err
+		}
+	}
+	if _, err := db.Exec(`PRAGMA wal_checkpoint(TRUNCATE)`); err != nil {
+		return nil, err
+	}
+	dbs := []string{"bench.db", "big.db"}
+	c.WaitCaughtUp(h, 10*time.Minute, dbs...)
+	res := &snapshotResult{}
+	for _, name := range dbs {
+		fi, err := os.Stat(primary.BackingFile(name))
+		if err != nil {
+			return nil, err
+		}
+		res.bytes += fi.Size()
+	}
+	joiner := c.Node(joinerSpec.Name)
+	fmt.Fprintf(os.Stderr, "snapshot: %s joins\n", joiner.Name)
+	start := time.Now()
+	joiner.Start(h)
+	c.WaitCaughtUp(h, 10*time.Minute, dbs...)
+	res.join = time.Since(start)
+	start = time.Now()
+	for _, name := range dbs {
+		if err := copyFile(primary.BackingFile(name), filepath.Join(h.TempDir(), name)); err != nil {
+			return nil, err
+		}
+	}
+	res.copy = time.Since(start)
+	return res, nil
+}
+
+// copyFile copies src to dst and fsyncs it, as a baseline for a snapshot.
+func copyFile(src, dst string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.Create(dst)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		_ = out.Close()
+		return err
+	}
+	if err := out.Sync(); err != nil {
+		_ = out.Close()
+		return err
+	}
+	return out.Close()
+}
+
+// applyWatcher records when each transaction is applied in one replica's
+// log directory: the LTX file of a single transaction renamed in, then
+// the .applying marker removed once its pages are in the database.
+type applyWatcher struct {
+	fd      int
+	mu      sync.Mutex
+	applied map[ltx.TXID]time.Time
+	err     error
+	done    chan struct{}
+}
+
+func watchApplies(dir string) (*applyWatcher, error) {
+	fd, err := unix.InotifyInit1(unix.IN_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("inotify: %w", err)
+	}
+	if _, err := unix.InotifyAddWatch(fd, dir, unix.IN_MOVED_TO|unix.IN_DELETE); err != nil {
+		_ = unix.Close(fd)
+		return nil, fmt.Errorf("watch %s: %w", dir, err)
+	}
+	w := &applyWatcher{fd: fd, applied: make(map[ltx.TXID]time.Time), done: make(chan struct{})}
+	go w.run()
+	return w, nil
+}
+
+func (w *applyWatcher) run() {
+	defer close(w.done)
+	buf := make([]byte, 64<<10)
+	var current ltx.TXID // the file being applied
+	for {
+		n, err := unix.Read(w.fd, buf)
+		if err != nil {
+			if !errors.Is(err, unix.EINTR) {
+				w.mu.Lock()
+				w.err = err
+				w.mu.Unlock()
+				return
+			}
+			continue
+		}
+		now := time.Now()
+		for off := 0; off+unix.SizeofInotifyEvent <= n; {
+			ev := (*unix.InotifyEvent)(unsafe.Pointer(&buf[off]))
+			name := strings.TrimRight(string(buf[off+unix.SizeofInotifyEvent:off+unix.SizeofInotifyEvent+int(ev.Len)]), "\x00")
+			off += unix.SizeofInotifyEvent + int(ev.Len)
+			switch {
+			case ev.Mask&unix.IN_IGNORED != 0:
+				return
+			case ev.Mask&unix.IN_MOVED_TO != 0:
+				if lo, hi, err := ltx.ParseName(name); err == nil && lo == hi {
+					current = hi
+				}
+			case ev.Mask&unix.IN_DELETE != 0 && name == ".applying" && current != 0:
+				w.mu.Lock()
+				w.applied[current] = now
+				w.mu.Unlock()
+				current = 0
+			}
+		}
+	}
+}
+
+// wait returns the times at which from through to were applied, waiting
+// up to timeout for the events to arrive.
+func (w *applyWatcher) wait(from, to ltx.TXID, timeout time.Duration) ([]time.Time, error) {
+	deadline := time.Now().Add(timeout)
+	for {
+		w.mu.Lock()
+		var missing []ltx.TXID
+		out := make([]time.Time, 0, to-from+1)
+		for id := from; id <= to; id++ {
+			t, ok := w.applied[id]
+			if !ok {
+				missing = append(missing, id)
+			}
+			out = append(out, t)
+		}
+		err := w.err
+		w.mu.Unlock()
+		if len(missing) == 0 {
+			return out, nil
+		}
+		if err != nil || time.Now().After(deadline) {
+			return nil, fmt.Errorf("no apply seen for %d of txids %v to %v (first %v): %v", len(missing), from, to, missing[0], err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func (w *applyWatcher) close() {
+	_ = unix.Close(w.fd)
+}
+
+func rateName(rate int) string {
+	if rate == 0 {
+		return "max"
+	}
+	return fmt.Sprintf("%d tx/s", rate)
+}
+
+func ms(d time.Duration) string { return fmt.Sprintf("%.2f", float64(d)/float64(time.Millisecond)) }
+
+func printRows(w io.Writer, rows []row) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "replicas\trate\ttx\tcommitted tx/s\tlag p50 ms\tp99 ms\tmax ms\tslowest replica applies tx/s\tapply/commit\t")
+	for _, r := range rows {
+		fmt.Fprintf(tw, "%d\t%s\t%d\t%.0f\t%s\t%s\t%s\t%.0f\t%.2f\t\n", r.replicas, rateName(r.target), r.n, r.commitRate,
+			ms(r.p50), ms(r.p99), ms(r.max), r.applyRate, r.applyRate/r.commitRate)
+	}
+	_ = tw.Flush()
+	fmt.Fprintln(w, "\nlag: from COMMIT returning on the primary to the transaction applied on the farthest replica.")
+	fmt.Fprintln(w, "apply/commit is meaningful at max rate: below 1, the replicas fall behind a primary committing flat out.")
+}
+
+func (s *snapshotResult) print(w io.Writer) {
+	mb := float64(s.bytes) / 1e6
+	fmt.Fprintf(w, "\nsnapshot: a node joining from scratch got %.1f MB in %v: %.0f MB/s (start to caught up, mount included)\n",
+		mb, s.join.Round(time.Millisecond), mb/s.join.Seconds())
+	fmt.Fprintf(w, "copying the same files with an fsync: %v: %.0f MB/s; snapshot/copy %.2f\n",
+		s.copy.Round(time.Millisecond), mb/s.copy.Seconds(), s.copy.Seconds()/s.join.Seconds())
+}
+
+// harness runs a Cluster outside a test: Fatal stops the benchmark, and
+// the cleanups run when it ends.
+type harness struct {
+	mu       sync.Mutex
+	cleanups []func()
+	failed   bool
+}
+
+// fatal is the panic of a Fatal.
+type fatal struct{}
+
+func (h *harness) Helper() {}
+
+func (h *harness) Cleanup(f func()) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.cleanups = append(h.cleanups, f)
+}
+
+func (h *harness) TempDir() string {
+	dir, err := os.MkdirTemp("", "replbench-")
+	if err != nil {
+		h.Fatal(err)
+	}
+	h.Cleanup(func() { _ = os.RemoveAll(dir) })
+	return dir
+}
+
+func (h *harness) Failed() bool { return h.failed }
+
+func (h *harness) Logf(format string, args ...any) { fmt.Fprintf(os.Stderr, format+"\n", args...) }
+
+func (h *harness) Error(args ...any) { h.failed = true; fmt.Fprintln(os.Stderr, args...) }
+
+func (h *harness) Errorf(format string, args ...any) { h.failed = true; h.Logf(format, args...) }
+
+func (h *harness) Fatal(args ...any) { h.Error(args...); panic(fatal{}) }
+
+func (h *harness) Fatalf(format string, args ...any) { h.Errorf(format, args...); panic(fatal{}) }
+
+// close runs the cleanups, last first.
+func (h *harness) close() {
+	h.mu.Lock()
+	fs := h.cleanups
+	h.cleanups = nil
+	h.mu.Unlock()
+	for i := len(fs) - 1; i >= 0; i-- {
+		fs[i]()
+	}
+}
+
+func cpus() int {
+	var set unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &set); err != nil {
+		return 0
+	}
+	return set.Count()
+}
