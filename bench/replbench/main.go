@@ -25,6 +25,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -114,7 +115,7 @@ func run(o options) (err error) {
 		}
 		h.close()
 	}()
-	fmt.Printf("replbench: %d CPUs, regiond %s, WAL with synchronous=NORMAL on the primary (fs.locks: kernel), replicas with fs.locks: mount\n\n", cpus(), o.regiond)
+	fmt.Printf("replbench: %d CPUs, regiond %s, WAL with synchronous=NORMAL on the primary (fs.locks: kernel), replicas with fs.locks: mount\n\n", runtime.NumCPU(), o.regiond)
 	var rows []row
 	var snap *snapshotResult
 	for _, n := range o.replicas {
@@ -484,12 +485,4 @@ func (h *harness) close() {
 	for i := len(fs) - 1; i >= 0; i-- {
 		fs[i]()
 	}
-}
-
-func cpus() int {
-	var set unix.CPUSet
-	if err := unix.SchedGetaffinity(0, &set); err != nil {
-		return 0
-	}
-	return set.Count()
 }

@@ -1,9 +1,9 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"database/sql"
-	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -141,7 +141,7 @@ func lostFiles(t *testing.T, dir string) []*ltx.FileInfo {
 		}
 		files = append(files, info)
 	}
-	slices.SortFunc(files, func(a, b *ltx.FileInfo) int { return int(a.Header.MinTXID) - int(b.Header.MinTXID) })
+	slices.SortFunc(files, func(a, b *ltx.FileInfo) int { return cmp.Compare(a.Header.MinTXID, b.Header.MinTXID) })
 	for i := 1; i < len(files); i++ {
 		if files[i].Header.MinTXID != files[i-1].Header.MaxTXID+1 {
 			t.Fatalf("lost files in %s: %s after %s, not contiguous", dir, files[i].Name, files[i-1].Name)
@@ -176,7 +176,7 @@ func rebuild(t *testing.T, dir string, files []*ltx.FileInfo) *sql.DB {
 	t.Cleanup(func() { _ = db.Close() })
 	var ok string
 	if err := db.QueryRow(`PRAGMA integrity_check`).Scan(&ok); err != nil || ok != "ok" {
-		t.Fatal(fmt.Errorf("rebuilt %s: integrity_check %q, %v", dir, ok, err))
+		t.Fatalf("rebuilt %s: integrity_check %q, %v", dir, ok, err)
 	}
 	return db
 }

@@ -110,7 +110,7 @@ func hasToken(t *testing.T, n *testingutil.ClusterNode, db string, trial int, to
 	case err != nil:
 		t.Fatalf("%s: read %s: %v", n.Name, db, err)
 	case got != token:
-		t.Fatal(fmt.Errorf("%s: %s has token %s for trial %d, want %s", n.Name, db, got, trial, token))
+		t.Fatalf("%s: %s has token %s for trial %d, want %s", n.Name, db, got, trial, token)
 	}
 	return true
 }
