@@ -6,6 +6,8 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -93,9 +95,9 @@ func TestLog_Apply(t *testing.T) {
 		if _, _, err := dst.Apply(context.Background(), bad, ""); !errors.Is(err, ltx.ErrCorrupt) {
 			t.Fatalf("applying a damaged file: %v, want ErrCorrupt", err)
 		}
-		entries, _ := os.ReadDir(dst.Dir)
+		entries := logEntries(t, dst)
 		if !bytes.Equal(testingutil.MustReadFile(t, dst.DBPath), before) || len(dst.Files()) != n || len(entries) != n {
-			t.Fatalf("a damaged file changed the replica: %d files in the log, %d entries in its directory, want %d", len(dst.Files()), len(entries), n)
+			t.Fatalf("a damaged file changed the replica: %d files in the log, entries %v in its directory, want %d", len(dst.Files()), entries, n)
 		}
 		applyAll(t, dst, src.log, files[len(files)-1:])
 	})
@@ -225,6 +227,26 @@ func TestLog_ApplyRollForward(t *testing.T) {
 	}
 }
 
+// logEntries returns the names in l's directory but its empty marker,
+// which Apply leaves between files.
+func logEntries(tb testing.TB, l *ltx.Log) []string {
+	tb.Helper()
+	entries, err := os.ReadDir(l.Dir)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var names []string
+	for _, e := range entries {
+		if e.Name() == ".applying" {
+			if fi, err := e.Info(); err == nil && fi.Size() == 0 {
+				continue
+			}
+		}
+		names = append(names, e.Name())
+	}
+	return names
+}
+
 func copyFile(tb testing.TB, src, dst string) {
 	tb.Helper()
 	if err := os.WriteFile(dst, testingutil.MustReadFile(tb, src), 0o644); err != nil {
@@ -237,5 +259,251 @@ func writeMarker(tb testing.TB, dst *ltx.Log, last ltx.FileInfo) {
 	tb.Helper()
 	if err := os.WriteFile(filepath.Join(dst.Dir, ".applying"), []byte(last.Name), 0o644); err != nil {
 		tb.Fatal(err)
+	}
+}
+
+// TestLog_ApplyFiles applies a source's files in groups of different
+// sizes, as a replica catching up does: after each group the database is
+// the source's at the group's last position, and the pages reported are
+// every page that changed.
+func TestLog_ApplyFiles(t *testing.T) {
+	t0 := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	src := newFakeDB(t, t.TempDir(), 3)
+	h := history{}
+	src.run(60, t0, h)
+	files := src.log.Files()
+	dst := newReplicaLog(t)
+	paths := func(fs []ltx.FileInfo) []string {
+		var out []string
+		for _, f := range fs {
+			out = append(out, filepath.Join(src.log.Dir, f.Name))
+		}
+		return out
+	}
+
+	t.Run("Groups", func(t *testing.T) {
+		// 20 files go through the syncfs(2) path, 3 through fsyncs.
+		i := 0
+		for _, n := range []int{1, 3, 20, 1, 35} {
+			group := files[i : i+n]
+			before := testingutil.MustReadFile(t, dst.DBPath)
+			infos, pgnos, err := dst.ApplyFiles(context.Background(), paths(group), ltx.ApplyOptions{})
+			if err != nil {
+				t.Fatalf("group of %d from %s: %v", n, group[0].Name, err)
+			}
+			i += n
+			last := group[n-1]
+			if len(infos) != n || infos[n-1].Pos() != last.Pos() || dst.Pos() != last.Pos() {
+				t.Fatalf("group of %d: %d files, log at %s; want %d, %s", n, len(infos), dst.Pos(), n, last.Pos())
+			}
+			for j, info := range infos {
+				if info.Name != group[j].Name || info.FileChecksum != group[j].FileChecksum {
+					t.Fatalf("group of %d: file %d is %s, want %s", n, j, info.Name, group[j].Name)
+				}
+			}
+			after := testingutil.MustReadFile(t, dst.DBPath)
+			if !bytes.Equal(after, h[last.Pos()]) {
+				t.Fatalf("group of %d: database differs from the source's at %s", n, last.Pos())
+			}
+			if !slices.IsSorted(pgnos) || len(slices.Compact(slices.Clone(pgnos))) != len(pgnos) {
+				t.Fatalf("group of %d: pages %v are not ascending and unique", n, pgnos)
+			}
+			for _, pgno := range testingutil.ChangedPages(before, after, int(src.pageSize)) {
+				if _, ok := slices.BinarySearch(pgnos, pgno); !ok && int(pgno)*int(src.pageSize) <= len(after) {
+					t.Fatalf("group of %d: page %d changed but is not among the pages reported, %v", n, pgno, pgnos)
+				}
+			}
+		}
+		rep, err := ltx.VerifyDir(dst.Dir)
+		if err != nil || len(rep.Files) != len(files) {
+			t.Fatalf("replica log directory: %d files, %v; want %d", len(rep.Files), err, len(files))
+		}
+		if marker, err := os.ReadFile(filepath.Join(dst.Dir, ".applying")); err != nil || len(marker) != 0 {
+			t.Fatalf("marker after the groups: %q, %v; want it empty", marker, err)
+		}
+	})
+
+	t.Run("ErrGap", func(t *testing.T) {
+		src.run(3, t0.Add(time.Hour), h)
+		files := src.log.Files()
+		before, n := testingutil.MustReadFile(t, dst.DBPath), len(dst.Files())
+		gap := paths([]ltx.FileInfo{files[len(files)-3], files[len(files)-1]})
+		if _, _, err := dst.ApplyFiles(context.Background(), gap, ltx.ApplyOptions{}); err == nil || !strings.Contains(err.Error(), "applies at") {
+			t.Fatalf("a group with a gap: %v, want an error naming the position", err)
+		}
+		entries := logEntries(t, dst)
+		if !bytes.Equal(testingutil.MustReadFile(t, dst.DBPath), before) || len(dst.Files()) != n || len(entries) != n {
+			t.Fatalf("a refused group changed the replica: %d files, entries %v; want %d", len(dst.Files()), entries, n)
+		}
+		if _, _, err := dst.ApplyFiles(context.Background(), paths(files[len(files)-3:]), ltx.ApplyOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	t.Run("ErrSnapshotNotFirst", func(t *testing.T) {
+		snap := filepath.Join(t.TempDir(), "snapshot.ltx")
+		f, err := os.Create(snap)
+		if err != nil {
+			t.Fatal(err)
+		}
+		db, _ := os.Open(src.path)
+		_, err = src.log.Snapshot(context.Background(), f, db)
+		_ = db.Close()
+		_ = f.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		src.run(1, t0.Add(2*time.Hour), h)
+		files := src.log.Files()
+		next := filepath.Join(src.log.Dir, files[len(files)-1].Name)
+		if _, _, err := dst.ApplyFiles(context.Background(), []string{next, snap}, ltx.ApplyOptions{}); err == nil || !strings.Contains(err.Error(), "snapshot must be the first") {
+			t.Fatalf("a snapshot second in a group: %v", err)
+		}
+		// First, followed by the file after it: the same database.
+		infos, _, err := dst.ApplyFiles(context.Background(), []string{snap, next}, ltx.ApplyOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(infos) != 2 || len(dst.Files()) != 2 || dst.Pos() != src.log.Pos() || !bytes.Equal(testingutil.MustReadFile(t, dst.DBPath), src.data) {
+			t.Fatalf("snapshot and file: log of %d files at %s, want 2 at %s and the source's database", len(dst.Files()), dst.Pos(), src.log.Pos())
+		}
+	})
+}
+
+// TestLog_ApplyFilesMove moves received files into the log instead of
+// copying them: they leave where they were, sealed in the log; a damaged
+// one changes nothing.
+func TestLog_ApplyFilesMove(t *testing.T) {
+	t0 := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	src := newFakeDB(t, t.TempDir(), 5)
+	src.run(12, t0, nil)
+	files := src.log.Files()
+	dst := newReplicaLog(t)
+	recv := t.TempDir() // on the log's filesystem, as a replica's data_dir/tmp is
+	received := func(fs []ltx.FileInfo, damage bool) []string {
+		var out []string
+		for _, f := range fs {
+			b := testingutil.MustReadFile(t, filepath.Join(src.log.Dir, f.Name))
+			if damage {
+				b[len(b)/2] ^= 0x10
+			}
+			path := filepath.Join(recv, "recv-"+f.Name)
+			if err := os.WriteFile(path, b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, path)
+		}
+		return out
+	}
+	ctx := context.Background()
+	if _, _, err := dst.ApplyFiles(ctx, received(files[:8], false), ltx.ApplyOptions{Move: true}); err != nil {
+		t.Fatal(err)
+	}
+	if left, _ := os.ReadDir(recv); len(left) != 0 {
+		t.Fatalf("%d received files left after they moved into the log", len(left))
+	}
+	before := testingutil.MustReadFile(t, dst.DBPath)
+	bad := received(files[8:10], true)
+	if _, _, err := dst.ApplyFiles(ctx, bad, ltx.ApplyOptions{Move: true}); !errors.Is(err, ltx.ErrCorrupt) {
+		t.Fatalf("a damaged file moved in: %v, want ErrCorrupt", err)
+	}
+	if entries := logEntries(t, dst); len(entries) != 8 || len(dst.Files()) != 8 || !bytes.Equal(testingutil.MustReadFile(t, dst.DBPath), before) {
+		t.Fatalf("a damaged group changed the replica: entries %v, %d files", entries, len(dst.Files()))
+	}
+	for _, path := range bad {
+		_ = os.Remove(path)
+	}
+	// One file alone is fsynced on its own, not with syncfs.
+	if _, _, err := dst.ApplyFiles(ctx, received(files[8:11], false), ltx.ApplyOptions{Move: true}); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := dst.ApplyFiles(ctx, received(files[11:], false), ltx.ApplyOptions{Move: true}); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := ltx.VerifyDir(dst.Dir)
+	if err != nil || len(rep.Files) != len(files) {
+		t.Fatalf("replica log directory: %d files, %v; want %d", len(rep.Files), err, len(files))
+	}
+	for _, f := range dst.Files() {
+		if f.Seal == 0 {
+			t.Fatalf("%s moved into the log without a seal", f.Name)
+		}
+	}
+	if dst.Pos() != src.log.Pos() || !bytes.Equal(testingutil.MustReadFile(t, dst.DBPath), src.data) {
+		t.Fatalf("replica at %s, want %s and the source's database", dst.Pos(), src.log.Pos())
+	}
+}
+
+// TestLog_ApplyFilesRollForward opens a log that a crash stopped in the
+// middle of a group: its files are in the log and the database holds some
+// pages of its last file but not those of the first.
+func TestLog_ApplyFilesRollForward(t *testing.T) {
+	t0 := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	src := newFakeDB(t, t.TempDir(), 4)
+	h := history{}
+	src.run(20, t0, h)
+	files := src.log.Files()
+	const k = 12 // the group is files[k:]
+	for _, tt := range []struct {
+		name   string
+		marker string
+		ok     bool
+	}{
+		{"PartlyWritten", files[k].Name, true},
+		{"ErrMarkerNotInLog", "0000000000000001-0000000000000999.ltx", false},
+		{"ErrMarkerAtLastFile", files[len(files)-1].Name, false}, // the group's earlier files are not accounted for
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			dst := newReplicaLog(t)
+			applyAll(t, dst, src.log, files[:k])
+			if err := dst.Close(); err != nil {
+				t.Fatal(err)
+			}
+			for _, f := range files[k:] {
+				copyFile(t, filepath.Join(src.log.Dir, f.Name), filepath.Join(dst.Dir, f.Name))
+			}
+			if err := os.WriteFile(filepath.Join(dst.Dir, ".applying"), []byte(tt.marker), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			// Pages of the final image that the group's first file does not
+			// write reached the database; nothing of the first file did.
+			have := testingutil.MustReadFile(t, dst.DBPath)
+			ps := int(src.pageSize)
+			firstImage := h[files[k].Pos()]
+			var wrote int
+			for _, pgno := range testingutil.ChangedPages(have, src.data, ps) {
+				off := (int(pgno) - 1) * ps
+				if off+ps > len(src.data) || off+ps > len(have) || (off+ps <= len(firstImage) && !bytes.Equal(firstImage[off:off+ps], have[off:off+ps])) {
+					continue
+				}
+				copy(have[off:], src.data[off:off+ps])
+				wrote++
+			}
+			if wrote == 0 {
+				t.Fatal("no page of the group's last files to write")
+			}
+			if err := os.WriteFile(dst.DBPath, have, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			l := testingutil.NewLog(t, "db", dst.Dir, dst.DBPath)
+			err := l.Open(context.Background())
+			if !tt.ok {
+				var mismatch *ltx.DatabaseMismatchError
+				if !errors.As(err, &mismatch) {
+					t.Fatalf("Open: %v, want a DatabaseMismatchError", err)
+				}
+				if !bytes.Equal(testingutil.MustReadFile(t, dst.DBPath), have) {
+					t.Fatal("Open changed a database it could not roll forward")
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Open: %v", err)
+			}
+			defer l.Close()
+			if l.Pos() != src.log.Pos() || !bytes.Equal(testingutil.MustReadFile(t, dst.DBPath), src.data) {
+				t.Fatalf("after Open the log is at %s, want %s and the source's database", l.Pos(), src.log.Pos())
+			}
+		})
 	}
 }

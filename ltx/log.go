@@ -540,7 +540,7 @@ func (l *Log) openDatabase(ctx context.Context) error {
 	}
 	last := l.files[len(l.files)-1].info
 	if t.Checksum() != last.PostApplyChecksum || t.Pages() != last.Header.Commit {
-		if ok, err := l.rollForward(ctx, t, last); err != nil {
+		if ok, err := l.rollForward(ctx, t); err != nil {
 			return err
 		} else if ok {
 			return nil
