@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"syscall"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -26,6 +27,31 @@ import (
 //
 // The mount must be open; Apply is for a replica, whose apps cannot write.
 func (f *FileSystem) Apply(ctx context.Context, name, path string, keepLost bool) (*ltx.FileInfo, error) {
+	infos, err := f.ApplyFiles(ctx, name, []string{path}, ApplyOptions{KeepLost: keepLost})
+	if err != nil {
+		return nil, err
+	}
+	return &infos[0], nil
+}
+
+// ApplyOptions are how ApplyFiles treats the files it applies.
+type ApplyOptions struct {
+	// KeepLost moves the files a snapshot replaces to
+	// DataDir/lost/<name>/<time>/ instead of removing them.
+	KeepLost bool
+	// Move moves the files into the database's log instead of copying
+	// them (see ltx.ApplyOptions).
+	Move bool
+}
+
+// ApplyFiles is Apply for files that follow one another, applied as one
+// group (see ltx.Log.ApplyFiles) under one hold of the readers, who see
+// the database move from before the first file to after the last. Only
+// the first may be a snapshot.
+func (f *FileSystem) ApplyFiles(ctx context.Context, name string, paths []string, opts ApplyOptions) ([]ltx.FileInfo, error) {
+	if len(paths) == 0 {
+		return nil, nil
+	}
 	d, err := f.dbForApply(ctx, name)
 	if err != nil {
 		return nil, err
@@ -42,11 +68,11 @@ func (f *FileSystem) Apply(ctx context.Context, name, path string, keepLost bool
 		return nil, fmt.Errorf("apply to %s: %w", name, err)
 	}
 	defer hold.release()
-	lost := ""
-	if keepLost {
-		lost = filepath.Join(f.DataDir, "lost", name)
+	lopts := ltx.ApplyOptions{Move: opts.Move}
+	if opts.KeepLost {
+		lopts.LostDir = filepath.Join(f.DataDir, "lost", name)
 	}
-	info, pgnos, err := d.log.Apply(ctx, path, lost)
+	infos, pgnos, err := d.log.ApplyFiles(ctx, paths, lopts)
 	if err != nil {
 		return nil, err
 	}
@@ -57,13 +83,17 @@ func (f *FileSystem) Apply(ctx context.Context, name, path string, keepLost bool
 			return nil, fmt.Errorf("apply to %s: %w", name, err)
 		}
 	}
-	if err := f.invalidate(d, info, pgnos); err != nil {
+	// After a snapshot, or a page size that changed within the group, all
+	// of the file is dropped from the cache.
+	pageSize := infos[len(infos)-1].Header.PageSize
+	all := infos[0].Header.IsSnapshot() || slices.ContainsFunc(infos, func(i ltx.FileInfo) bool { return i.Header.PageSize != pageSize })
+	if err := f.invalidate(d, all, pageSize, pgnos); err != nil {
 		return nil, err
 	}
 	if err := hold.changed(); err != nil {
 		return nil, fmt.Errorf("apply to %s: tell WAL readers: %w", name, err)
 	}
-	return info, nil
+	return infos, nil
 }
 
 // dbForApply returns database name, created empty if it does not exist.
@@ -86,17 +116,17 @@ func (f *FileSystem) dbForApply(ctx context.Context, name string) (*DB, error) {
 	return d, nil
 }
 
-// invalidate drops the kernel's cache of the pages info wrote, and of the
-// file's size (the kernel drops the attributes with every notification);
-// of all of it for a snapshot.
-func (f *FileSystem) invalidate(d *DB, info *ltx.FileInfo, pgnos []uint32) error {
+// invalidate drops the kernel's cache of the pages pgnos, of pageSize
+// bytes, and of the file's size (the kernel drops the attributes with
+// every notification); of all of it after a snapshot.
+func (f *FileSystem) invalidate(d *DB, snapshot bool, pageSize uint32, pgnos []uint32) error {
 	f.mu.Lock()
 	n := f.names[d.Name]
 	f.mu.Unlock()
 	if n == nil || f.server == nil {
 		return nil // nobody has looked it up: nothing cached
 	}
-	if info.Header.IsSnapshot() {
+	if snapshot {
 		if st := f.server.InodeNotify(n.id, 0, 0); !st.Ok() && st != fuse.ENOENT {
 			return fmt.Errorf("invalidate the cache of %s: %v", d.Name, st)
 		}
@@ -104,7 +134,7 @@ func (f *FileSystem) invalidate(d *DB, info *ltx.FileInfo, pgnos []uint32) error
 	}
 	if len(pgnos) > 0 {
 		// Each page's notification drops the cached size too.
-		return f.InvalidatePages(d.Name, info.Header.PageSize, pgnos)
+		return f.InvalidatePages(d.Name, pageSize, pgnos)
 	}
 	if st := f.server.InodeNotify(n.id, -1, 0); !st.Ok() && st != fuse.ENOENT {
 		return fmt.Errorf("invalidate the attributes of %s: %v", d.Name, st)

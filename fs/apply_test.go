@@ -93,7 +93,8 @@ func (b *bank) step() {
 
 // TestFileSystem_Apply applies a primary's transactions to a read-only
 // mount while readers on it check, in every read transaction, that the
-// total is what every transaction keeps: a reader never sees half of one.
+// total is what every transaction keeps: a reader never sees half of one,
+// whether files come one at a time or in groups.
 func TestFileSystem_Apply(t *testing.T) {
 	for _, mode := range []string{"delete", "wal"} {
 		t.Run(mode, func(t *testing.T) {
@@ -140,14 +141,22 @@ func TestFileSystem_Apply(t *testing.T) {
 					}
 				})
 			}
-			for _, file := range files[1:] {
-				info, err := f.Apply(ctx, "bank.db", filepath.Join(src.log.Dir, file.Name), false)
+			// Single files and groups, as a replica catching up applies.
+			sizes := []int{1, 3, 1, 7, 2, 20}
+			for i, g := 1, 0; i < len(files); g++ {
+				group := files[i:min(i+sizes[g%len(sizes)], len(files))]
+				var paths []string
+				for _, file := range group {
+					paths = append(paths, filepath.Join(src.log.Dir, file.Name))
+				}
+				infos, err := f.ApplyFiles(ctx, "bank.db", paths, fs.ApplyOptions{})
 				if err != nil {
 					t.Fatal(err)
 				}
-				if info.Pos() != file.Pos() {
-					t.Fatalf("applied %s at %s, want %s", file.Name, info.Pos(), file.Pos())
+				if last := group[len(group)-1]; len(infos) != len(group) || infos[len(infos)-1].Pos() != last.Pos() {
+					t.Fatalf("applied %d files up to %s, want %d up to %s", len(infos), infos[len(infos)-1].Pos(), len(group), last.Pos())
 				}
+				i += len(group)
 				time.Sleep(200 * time.Microsecond) // let readers in between
 			}
 			stop.Store(true)

@@ -441,8 +441,15 @@ func (f *FileSystem) SetLag(lag func() string) {
 	f.lag = lag
 }
 
+// Spares returns the pool of spare files in DataDir/spare, nil before
+// Open: files to write over instead of creating new ones, for anything
+// written on the mount's filesystem and then moved into a log (see
+// ApplyOptions.Move).
+func (f *FileSystem) Spares() *ltx.Spares { return f.spares }
+
 // InvalidatePages drops pages of database name from the kernel's page
-// cache, for a change made to the backing file underneath the mount.
+// cache, for a change made to the backing file underneath the mount. The
+// page numbers are ascending.
 func (f *FileSystem) InvalidatePages(name string, pageSize uint32, pgnos []uint32) error {
 	f.mu.Lock()
 	n := f.names[name]
@@ -450,11 +457,17 @@ func (f *FileSystem) InvalidatePages(name string, pageSize uint32, pgnos []uint3
 	if n == nil || f.server == nil {
 		return nil
 	}
-	for _, pgno := range pgnos {
-		off := int64(pgno-1) * int64(pageSize)
-		if st := f.server.InodeNotify(n.id, off, int64(pageSize)); !st.Ok() && st != fuse.ENOENT {
-			return fmt.Errorf("invalidate page %d of %s: %v", pgno, name, st)
+	// One notification for each run of consecutive pages.
+	for i := 0; i < len(pgnos); {
+		j := i + 1
+		for j < len(pgnos) && pgnos[j] == pgnos[j-1]+1 {
+			j++
 		}
+		off := int64(pgnos[i]-1) * int64(pageSize)
+		if st := f.server.InodeNotify(n.id, off, int64(j-i)*int64(pageSize)); !st.Ok() && st != fuse.ENOENT {
+			return fmt.Errorf("invalidate pages %d-%d of %s: %v", pgnos[i], pgnos[j-1], name, st)
+		}
+		i = j
 	}
 	return nil
 }
