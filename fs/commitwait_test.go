@@ -1,8 +1,11 @@
 package fs_test
 
 import (
+	"bytes"
 	"context"
+	"database/sql"
 	"errors"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -104,12 +107,37 @@ func TestFileSystem_CommitWait(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), "disk I/O error") {
 				t.Fatalf("insert whose commit wait failed: %v, want a disk I/O error", err)
 			}
-			// The transaction is committed here, as the error says.
-			f.SetCommitWait(nil)
-			var n int
-			if err := db.QueryRow(`SELECT count(*) FROM t WHERE id = 100`).Scan(&n); err != nil || n != 1 {
-				t.Fatalf("row of the failed commit: count %d, %v; want 1", n, err)
+			if mode == "delete" {
+				// The unlink failed, so the journal is still there, for the
+				// kernel as for the daemon, with its header zeroed as
+				// PERSIST mode commits: not hot.
+				hdr, err := os.ReadFile(filepath.Join(f.MountDir, "w.db-journal"))
+				if err != nil || len(hdr) < 28 || !bytes.Equal(hdr[:28], make([]byte, 28)) {
+					t.Fatalf("journal after its unlink failed: %d bytes, %v; want it there with a zeroed header", len(hdr), err)
+				}
 			}
+			// The next transaction right away, on the same connection: it
+			// opens the journal again, and fails the same way.
+			c2, done := commit(102)
+			if c2.txid != c.txid+1 {
+				t.Fatalf("commit wait for txid %v after the failed %v", c2.txid, c.txid)
+			}
+			c2.release <- errors.New("replicas did not acknowledge")
+			if err := <-done; err == nil || !strings.Contains(err.Error(), "disk I/O error") {
+				t.Fatalf("second insert whose commit wait failed: %v, want a disk I/O error", err)
+			}
+			// The transactions are committed here, as the error says: a
+			// new connection, which would roll back a hot journal, sees
+			// them too.
+			f.SetCommitWait(nil)
+			other := testingutil.MustOpenSQLite(t, filepath.Join(f.MountDir, "w.db"), mode)
+			for _, conn := range []*sql.DB{other, db} {
+				var n int
+				if err := conn.QueryRow(`SELECT count(*) FROM t WHERE id IN (100, 102)`).Scan(&n); err != nil || n != 2 {
+					t.Fatalf("rows of the failed commits: count %d, %v; want 2", n, err)
+				}
+			}
+			c.txid = c2.txid
 			if _, err := db.Exec(`INSERT INTO t VALUES (101, 'y')`); err != nil {
 				t.Fatalf("insert after a failed commit: %v", err)
 			}

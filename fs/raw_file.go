@@ -379,6 +379,26 @@ func (r *raw) Unlink(cancel <-chan struct{}, in *fuse.InHeader, name string) fus
 			d.wal.passthrough = false // decided again when it is opened
 		}
 	}
+	after := d.committed
+	if err == nil && kind == kindJournal && after.n != before.n && f.commitWait.Load() != nil {
+		// The commit must be acknowledged before the unlink returns, and
+		// if it is not, the unlink fails with the journal still there for
+		// the kernel. Zeroed first, as PERSIST mode leaves it: not hot,
+		// so neither SQLite nor a restart rolls back the transaction,
+		// which is committed here whatever the replicas do.
+		err = zeroJournalHeader(d.path(journalFile))
+		d.mu.Unlock()
+		if err != nil {
+			return r.fs.ioError(n, "delete", err)
+		}
+		if st := f.awaitCommit(n, before, after, fuse.OK); !st.Ok() {
+			return st
+		}
+		d.mu.Lock()
+		f.mu.Lock()
+		open = n.opens > 0
+		f.mu.Unlock()
+	}
 	if err == nil && kind == kindJournal && !open {
 		// Unless a process has it open, the journal becomes a spare.
 		err = f.spares.Put(d.path(journalFile))
@@ -386,7 +406,9 @@ func (r *raw) Unlink(cancel <-chan struct{}, in *fuse.InHeader, name string) fus
 		err = os.Remove(d.path(backingName(kind)))
 	}
 	d.dirDirty.Store(true)
-	after := d.committed
+	if kind != kindJournal {
+		after = d.committed
+	}
 	d.mu.Unlock()
 	if err != nil {
 		return r.fs.ioError(n, "delete", err)
@@ -395,6 +417,9 @@ func (r *raw) Unlink(cancel <-chan struct{}, in *fuse.InHeader, name string) fus
 	n.gone = true
 	delete(f.names, name)
 	f.mu.Unlock()
+	if kind == kindJournal {
+		return fuse.OK // waited for above
+	}
 	st = f.awaitCommit(n, before, after, fuse.OK)
 	if !st.Ok() {
 		// The file is gone, though the kernel, told the unlink failed,
@@ -402,6 +427,17 @@ func (r *raw) Unlink(cancel <-chan struct{}, in *fuse.InHeader, name string) fus
 		f.notify.Go(func() { _ = f.server.DeleteNotify(fuse.FUSE_ROOT_ID, n.id, n.name) })
 	}
 	return st
+}
+
+// zeroJournalHeader zeroes the header of the rollback journal at path, as
+// SQLite does to commit in PERSIST mode (pager.c, zeroJournalHdr).
+func zeroJournalHeader(path string) error {
+	j, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	_, err = j.WriteAt(make([]byte, 28), 0)
+	return errors.Join(err, j.Close())
 }
 
 // unlinkDB deletes a database with its companion files and log.
