@@ -61,14 +61,21 @@ func (t fsTarget) Positions() map[string]ltx.Pos {
 	return m
 }
 
-func (t fsTarget) Apply(ctx context.Context, file *replication.File) (ltx.Pos, error) {
-	diverged := file.SnapshotReason == meridianv1.SnapshotReason_SNAPSHOT_REASON_AHEAD ||
-		file.SnapshotReason == meridianv1.SnapshotReason_SNAPSHOT_REASON_CHECKSUM_MISMATCH
-	info, err := t.f.Apply(ctx, file.DB, file.Path, diverged)
+func (t fsTarget) Apply(ctx context.Context, db string, files []*replication.File) (ltx.Pos, error) {
+	reason := files[0].SnapshotReason
+	opts := fs.ApplyOptions{
+		KeepLost: reason == meridianv1.SnapshotReason_SNAPSHOT_REASON_AHEAD || reason == meridianv1.SnapshotReason_SNAPSHOT_REASON_CHECKSUM_MISMATCH,
+		Move:     true, // received in data_dir/tmp or data_dir/spare, on the logs' filesystem
+	}
+	paths := make([]string, len(files))
+	for i, f := range files {
+		paths[i] = f.Path
+	}
+	infos, err := t.f.ApplyFiles(ctx, db, paths, opts)
 	if err != nil {
 		return ltx.Pos{}, err
 	}
-	return info.Pos(), nil
+	return infos[len(infos)-1].Pos(), nil
 }
 
 // replicationNode is the replication side of a daemon: the gRPC server
@@ -164,6 +171,7 @@ func (d *Daemon) openReplication(f *fs.FileSystem) (*replicationNode, error) {
 	}
 	r.dialer = dialer
 	r.client = replication.NewClient(c.Node, c.Region, fsTarget{f}, tmp)
+	r.client.Spares = f.Spares()
 	r.client.Logger = r.logger
 	f.SetLag(r.lag)
 	r.wg.Go(func() { _ = r.client.Run(ctx, dialer.Stream) })

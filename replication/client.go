@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -19,14 +18,16 @@ type Target interface {
 	// Positions returns the position of every database the node has. It
 	// is called at the start of every stream.
 	Positions() map[string]ltx.Pos
-	// Apply applies a received, verified file to database f.DB and returns
-	// the database's new position. A file that does not apply at the
-	// database's position is refused with an error, the database
-	// untouched; the stream then starts again from the position the
-	// database has. A snapshot replaces the database whole; for a diverged
-	// history (f.SnapshotReason AHEAD or CHECKSUM_MISMATCH) the Target
-	// keeps the transactions it is about to lose. Apply may move f.Path.
-	Apply(ctx context.Context, f *File) (ltx.Pos, error)
+	// Apply applies received, verified files to database db, in order, as
+	// one group, and returns the database's new position: they follow one
+	// another, and only the first may be a snapshot. Files that do not
+	// apply at the database's position are refused with an error, the
+	// database untouched; the stream then starts again from the position
+	// the database has. A snapshot replaces the database whole; for a
+	// diverged history (SnapshotReason AHEAD or CHECKSUM_MISMATCH) the
+	// Target keeps the transactions it is about to lose. Apply may move
+	// the files' Paths.
+	Apply(ctx context.Context, db string, files []*File) (ltx.Pos, error)
 }
 
 // Client is the replica side of replication: it keeps one stream open to
@@ -34,9 +35,18 @@ type Target interface {
 type Client struct {
 	Node, Region string
 	Target       Target
-	// TempDir holds files while they arrive.
-	TempDir     string
+	// TempDir holds files while they arrive, when Spares has none.
+	TempDir string
+	// Spares, if not nil, supplies files to receive into, written over
+	// instead of created, and takes back those the Target did not move.
+	Spares      *ltx.Spares
 	MaxFileSize int64
+	// MaxGroup bounds the files applied as one group. Files that arrive
+	// while a group applies wait, and go together into the next one: a
+	// replica that keeps up applies each file on its own, and one that
+	// falls behind catches up with a few fsyncs per group instead of
+	// several per file.
+	MaxGroup int
 	// MinBackoff and MaxBackoff bound the wait between attempts.
 	MinBackoff, MaxBackoff time.Duration
 	Logger                 *slog.Logger
@@ -55,6 +65,7 @@ func NewClient(node, region string, target Target, tempDir string) *Client {
 		Target:      target,
 		TempDir:     tempDir,
 		MaxFileSize: DefaultMaxFileSize,
+		MaxGroup:    DefaultMaxGroup,
 		MinBackoff:  DefaultMinBackoff,
 		MaxBackoff:  DefaultMaxBackoff,
 		Logger:      slog.New(slog.DiscardHandler),
@@ -140,7 +151,9 @@ func (c *Client) attempt(ctx context.Context, dial func(context.Context) (Client
 }
 
 // Session runs one stream on conn until it ends, and returns how many
-// frames it received. Cancelling ctx must end conn's Recv.
+// frames it received. Cancelling ctx must end conn's Recv. Frames are
+// received on one goroutine and files applied on another, so the stream
+// keeps flowing while a group applies.
 func (c *Client) Session(ctx context.Context, conn ClientConn) (int, error) {
 	hello := &meridianv1.Hello{Node: c.Node, Region: c.Region, Epoch: c.epoch.Load()}
 	positions := c.Target.Positions()
@@ -150,45 +163,173 @@ func (c *Client) Session(ctx context.Context, conn ClientConn) (int, error) {
 	if err := conn.Send(&meridianv1.StreamRequest{Frame: &meridianv1.StreamRequest_Hello{Hello: hello}}); err != nil {
 		return 0, err
 	}
-	rv := newReceiver(c.TempDir, c.MaxFileSize)
+	var frames atomic.Int64
+	queue := make(chan *File, max(c.MaxGroup, 1))
+	recvErr := make(chan error, 1)
+	go func() {
+		// Not waited for when applying fails: Recv returns once the
+		// caller cancels ctx. Then the queue is drained.
+		defer close(queue)
+		recvErr <- c.receive(ctx, conn, &frames, queue)
+	}()
+	err := c.applyQueued(ctx, conn, queue, recvErr)
+	go func() {
+		for f := range queue {
+			c.release(f)
+		}
+	}()
+	return int(frames.Load()), err
+}
+
+// receive reads frames until the stream ends, and queues each file once it
+// is whole and verified.
+func (c *Client) receive(ctx context.Context, conn ClientConn, frames *atomic.Int64, queue chan<- *File) error {
+	rv := newReceiver(c.TempDir, c.MaxFileSize, c.Spares)
 	defer rv.close()
-	for frames := 0; ; frames++ {
+	for {
 		resp, err := conn.Recv()
 		if err != nil {
-			return frames, err
+			return err
 		}
-		if frames == 0 {
+		if frames.Add(1) == 1 {
 			c.mu.Lock()
 			c.status.Connected = true
 			c.mu.Unlock()
 		}
-		if err := c.frame(ctx, conn, rv, resp); err != nil {
-			return frames, err
+		file, err := c.frame(rv, resp)
+		if err != nil {
+			return err
+		}
+		if file == nil {
+			continue
+		}
+		select {
+		case queue <- file:
+		case <-ctx.Done():
+			c.release(file)
+			return ctx.Err()
 		}
 	}
 }
 
-// frame handles one frame from the primary.
-func (c *Client) frame(ctx context.Context, conn ClientConn, rv *receiver, resp *meridianv1.StreamResponse) error {
+// frame handles one frame from the primary, and returns the file it
+// completes, if it does.
+func (c *Client) frame(rv *receiver, resp *meridianv1.StreamResponse) (*File, error) {
 	if err := c.checkEpoch(resp.GetEpoch()); err != nil {
-		return err
+		return nil, err
 	}
 	switch f := resp.GetFrame().(type) {
 	case *meridianv1.StreamResponse_LtxBegin:
-		return rv.begin(f.LtxBegin)
+		return nil, rv.begin(f.LtxBegin)
 	case *meridianv1.StreamResponse_LtxChunk:
-		return rv.chunk(f.LtxChunk)
+		return nil, rv.chunk(f.LtxChunk)
 	case *meridianv1.StreamResponse_LtxEnd:
-		file, err := rv.end(f.LtxEnd)
+		return rv.end(f.LtxEnd)
+	case *meridianv1.StreamResponse_Heartbeat:
+		c.heartbeat(f.Heartbeat)
+		return nil, nil
+	default:
+		return nil, fmt.Errorf("%w: %w", ErrProtocol, errUnexpectedFrame)
+	}
+}
+
+// applyQueued applies the queued files until the queue closes, taking
+// every file that has arrived, up to MaxGroup, at a time; it returns the
+// error that ended the stream.
+func (c *Client) applyQueued(ctx context.Context, conn ClientConn, queue <-chan *File, recvErr <-chan error) error {
+	for {
+		var files []*File
+		select {
+		case f, ok := <-queue:
+			if !ok {
+				return <-recvErr
+			}
+			files = append(files, f)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	more:
+		for len(files) < max(c.MaxGroup, 1) {
+			select {
+			case f, ok := <-queue:
+				if !ok {
+					break more
+				}
+				files = append(files, f)
+			default:
+				break more
+			}
+		}
+		err := c.applyFiles(ctx, conn, files)
+		for _, f := range files {
+			c.release(f)
+		}
 		if err != nil {
 			return err
 		}
-		return c.apply(ctx, conn, file)
-	case *meridianv1.StreamResponse_Heartbeat:
-		c.heartbeat(f.Heartbeat)
-		return nil
+	}
+}
+
+// applyFiles applies files, in the order they arrived, a group per
+// database (a snapshot starts a new one), and acks each group's position.
+func (c *Client) applyFiles(ctx context.Context, conn ClientConn, files []*File) error {
+	var order []string
+	groups := make(map[string][][]*File)
+	for _, f := range files {
+		g := groups[f.DB]
+		if g == nil {
+			order = append(order, f.DB)
+		}
+		if len(g) == 0 || f.Info.Header.IsSnapshot() {
+			g = append(g, nil)
+		}
+		g[len(g)-1] = append(g[len(g)-1], f)
+		groups[f.DB] = g
+	}
+	for _, db := range order {
+		for _, g := range groups[db] {
+			if err := c.apply(ctx, conn, db, g); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// apply hands a group of files of db to the Target and acks the new
+// position.
+func (c *Client) apply(ctx context.Context, conn ClientConn, db string, files []*File) error {
+	first, last := files[0], files[len(files)-1]
+	switch r := first.SnapshotReason; r {
+	case meridianv1.SnapshotReason_SNAPSHOT_REASON_UNSPECIFIED:
+	case meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION:
+		// A database this node never had: the usual way it arrives.
+		c.Logger.Info("applying a snapshot from the primary", "db", db, "reason", r.String(), "pos", first.Info.Pos().String())
 	default:
-		return fmt.Errorf("%w: %w", ErrProtocol, errUnexpectedFrame)
+		c.Logger.Warn("applying a snapshot from the primary", "db", db, "reason", r.String(), "pos", first.Info.Pos().String())
+	}
+	pos, err := c.Target.Apply(ctx, db, files)
+	if err != nil {
+		if len(files) == 1 {
+			return fmt.Errorf("apply %s to %s: %w", first.Info.Name, db, err)
+		}
+		return fmt.Errorf("apply %d files, %s to %s, to %s: %w", len(files), first.Info.Name, last.Info.Name, db, err)
+	}
+	now := time.Now()
+	c.mu.Lock()
+	if c.status.Applied == nil {
+		c.status.Applied = make(map[string]Applied)
+	}
+	c.status.Applied[db] = Applied{Pos: pos, CommittedAt: last.CommittedAt, AppliedAt: now}
+	c.mu.Unlock()
+	ack := &meridianv1.Ack{Db: db, Txid: uint64(pos.TXID), PostApplyChecksum: uint64(pos.PostApplyChecksum), AppliedAtUnixNano: now.UnixNano()}
+	return conn.Send(&meridianv1.StreamRequest{Frame: &meridianv1.StreamRequest_Ack{Ack: ack}})
+}
+
+// release gives back a received file the Target did not move.
+func (c *Client) release(f *File) {
+	if err := c.Spares.Put(f.Path); err != nil {
+		c.Logger.Warn("remove a received file", "path", f.Path, "err", err)
 	}
 }
 
@@ -207,32 +348,6 @@ func (c *Client) checkEpoch(e uint64) error {
 			return nil
 		}
 	}
-}
-
-// apply hands a file to the Target and acks the new position.
-func (c *Client) apply(ctx context.Context, conn ClientConn, f *File) error {
-	defer func() { _ = os.Remove(f.Path) }()
-	switch r := f.SnapshotReason; r {
-	case meridianv1.SnapshotReason_SNAPSHOT_REASON_UNSPECIFIED:
-	case meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION:
-		// A database this node never had: the usual way it arrives.
-		c.Logger.Info("applying a snapshot from the primary", "db", f.DB, "reason", r.String(), "pos", f.Info.Pos().String())
-	default:
-		c.Logger.Warn("applying a snapshot from the primary", "db", f.DB, "reason", r.String(), "pos", f.Info.Pos().String())
-	}
-	pos, err := c.Target.Apply(ctx, f)
-	if err != nil {
-		return fmt.Errorf("apply %s to %s: %w", f.Info.Name, f.DB, err)
-	}
-	now := time.Now()
-	c.mu.Lock()
-	if c.status.Applied == nil {
-		c.status.Applied = make(map[string]Applied)
-	}
-	c.status.Applied[f.DB] = Applied{Pos: pos, CommittedAt: f.CommittedAt, AppliedAt: now}
-	c.mu.Unlock()
-	ack := &meridianv1.Ack{Db: f.DB, Txid: uint64(pos.TXID), PostApplyChecksum: uint64(pos.PostApplyChecksum), AppliedAtUnixNano: now.UnixNano()}
-	return conn.Send(&meridianv1.StreamRequest{Frame: &meridianv1.StreamRequest_Ack{Ack: ack}})
 }
 
 func (c *Client) heartbeat(hb *meridianv1.Heartbeat) {

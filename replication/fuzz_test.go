@@ -350,7 +350,7 @@ func fuzzDir(tb testing.TB) string {
 // receive runs the frames of input through a receiver of files in the
 // empty directory dir and checks what it does (see FuzzReceiver).
 func receive(t testing.TB, dir string, input []byte) {
-	rv := newReceiver(dir, 1<<20)
+	rv := newReceiver(dir, 1<<20, nil)
 	var returned []string
 	sent := make(map[string][]byte)                 // bytes of each file accepted so far
 	begins := make(map[string]*meridianv1.LTXBegin) // of the files in flight

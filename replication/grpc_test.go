@@ -311,10 +311,10 @@ func TestGRPC_Stream(t *testing.T) {
 		waitSynced(t, p, tg)
 
 		// Every file once after a snapshot of each database.
-		applied, calls, largest := tg.counts()
+		applied, offered, largest := tg.counts()
 		want := tg.wantApplied(p)
-		if applied != want || calls != want {
-			t.Fatalf("replica applied %d files in %d calls, want %d of each", applied, calls, want)
+		if applied != want || offered != want {
+			t.Fatalf("replica applied %d of %d files it was offered, want %d of %d", applied, offered, want, want)
 		}
 		got := tg.snapshotReasons()
 		noPos := meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION
@@ -497,9 +497,9 @@ func TestGRPC_Reconnect(t *testing.T) {
 
 	// Resumed where it stopped: every file applied once, no snapshot but
 	// the log's first file, and no file offered twice.
-	applied, calls, _ := tg.counts()
-	if want := tg.wantApplied(p); applied != want || calls != want {
-		t.Fatalf("replica applied %d files in %d calls, want %d", applied, calls, want)
+	applied, offered, _ := tg.counts()
+	if want := tg.wantApplied(p); applied != want || offered != want {
+		t.Fatalf("replica applied %d of %d files it was offered, want %d of %d", applied, offered, want, want)
 	}
 	if got := tg.snapshotReasons(); !slices.Equal(got, []meridianv1.SnapshotReason{meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION}) {
 		t.Fatalf("snapshots applied: %v, want only the first, for lack of a position", got)

@@ -136,8 +136,12 @@ type target struct {
 	first     map[string]ltx.TXID         // by database: the TXID of its first snapshot
 	applied   int
 	calls     int   // Apply calls, whether they applied or not
+	offered   int   // files passed to Apply, whether they applied or not
 	largest   int64 // size of the largest file applied
+	groups    []int // files passed to each Apply call
 	fail      error // returned by the next Apply
+	// before, if set, runs at the start of every Apply call.
+	before func(db string, files []*replication.File)
 }
 
 type targetDB struct {
@@ -160,43 +164,78 @@ func (t *target) Positions() map[string]ltx.Pos {
 	return m
 }
 
-func (t *target) Apply(ctx context.Context, f *replication.File) (ltx.Pos, error) {
+func (t *target) Apply(ctx context.Context, db string, files []*replication.File) (ltx.Pos, error) {
+	t.mu.Lock()
+	before := t.before
+	t.mu.Unlock()
+	if before != nil {
+		before(db, files)
+	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.calls++
+	t.offered += len(files)
+	t.groups = append(t.groups, len(files))
 	if err := t.fail; err != nil {
 		t.fail = nil
 		return ltx.Pos{}, err
 	}
-	d := t.dbs[f.DB]
-	if d == nil || f.Info.Header.IsSnapshot() {
-		d = &targetDB{path: filepath.Join(t.dir, f.DB), table: ltx.NewChecksumTable(f.Info.Header.PageSize)}
-	}
-	if f.Info.Header.IsSnapshot() {
-		t.snapshots = append(t.snapshots, f.SnapshotReason)
-		if _, ok := t.first[f.DB]; !ok {
-			t.first[f.DB] = f.Info.Header.MaxTXID
+	for i, f := range files {
+		if f.DB != db || (i > 0 && f.Info.Header.IsSnapshot()) {
+			t.tb.Errorf("Apply to %s got file %s of %s, a snapshot: %v, at %d in its group", db, f.Info.Name, f.DB, f.Info.Header.IsSnapshot(), i)
 		}
 	}
+	// The table and position change only if the whole group applies; a
+	// file refused for its position writes nothing.
+	d := t.dbs[db]
+	if d != nil {
+		d = &targetDB{path: d.path, table: d.table.Clone(), pos: d.pos}
+	}
+	var snapshots []meridianv1.SnapshotReason
+	for _, f := range files {
+		if d == nil || f.Info.Header.IsSnapshot() {
+			d = &targetDB{path: filepath.Join(t.dir, db), table: ltx.NewChecksumTable(f.Info.Header.PageSize)}
+		}
+		if f.Info.Header.IsSnapshot() {
+			snapshots = append(snapshots, f.SnapshotReason)
+		}
+		if err := applyTo(ctx, d, f); err != nil {
+			return ltx.Pos{}, err
+		}
+	}
+	if len(snapshots) > 0 {
+		t.snapshots = append(t.snapshots, snapshots...)
+		if _, ok := t.first[db]; !ok {
+			t.first[db] = files[0].Info.Header.MaxTXID
+		}
+	}
+	t.dbs[db] = d
+	t.applied += len(files)
+	for _, f := range files {
+		t.largest = max(t.largest, f.Info.Size)
+	}
+	return d.pos, nil
+}
+
+// applyTo applies f to the database file of d, which holds its checksums
+// and position.
+func applyTo(ctx context.Context, d *targetDB, f *replication.File) error {
 	db, err := os.OpenFile(d.path, os.O_RDWR|os.O_CREATE, 0o644)
 	if err != nil {
-		return ltx.Pos{}, err
+		return err
 	}
 	defer db.Close()
 	r, err := os.Open(f.Path)
 	if err != nil {
-		return ltx.Pos{}, err
+		return err
 	}
 	defer r.Close()
 	pos, err := ltx.Apply(ctx, db, d.table, d.pos, r)
 	if err != nil {
-		return ltx.Pos{}, err
+		return err
 	}
 	d.pos = pos
-	t.dbs[f.DB] = d
-	t.applied++
-	t.largest = max(t.largest, f.Info.Size)
-	return pos, nil
+	return nil
 }
 
 // path returns the file of database name.
@@ -222,12 +261,12 @@ func (t *target) pos(name string) ltx.Pos {
 	return ltx.Pos{}
 }
 
-// counts returns how many files were applied, how many times Apply was
-// called, and the size of the largest file applied.
-func (t *target) counts() (applied, calls int, largest int64) {
+// counts returns how many files were applied, how many were passed to
+// Apply, and the size of the largest file applied.
+func (t *target) counts() (applied, offered int, largest int64) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return t.applied, t.calls, t.largest
+	return t.applied, t.offered, t.largest
 }
 
 // wantApplied is how many files t applied if it got every database of p

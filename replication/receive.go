@@ -16,7 +16,7 @@ import (
 // the primary announced.
 type File struct {
 	DB   string
-	Path string // a temporary file holding the bytes; removed after Apply unless the Target moved it
+	Path string // a temporary file holding the bytes; given back after Apply unless the Target moved it
 	Info ltx.FileInfo
 	// SnapshotReason says why the primary sent a snapshot instead of
 	// continuing from the replica's position: NO_POSITION, RETENTION, or a
@@ -37,20 +37,22 @@ const maxChunk = 256 << 10
 // different databases may interleave; each database has at most one file
 // in flight.
 type receiver struct {
-	dir     string // where files are assembled
+	dir     string      // where files are assembled
+	spares  *ltx.Spares // files to write over instead, if not nil
 	maxSize int64
 	files   map[string]*incoming
 }
 
 // incoming is a file being received.
 type incoming struct {
-	begin *meridianv1.LTXBegin
-	f     *os.File
-	n     uint64
+	begin  *meridianv1.LTXBegin
+	f      *os.File
+	n      uint64
+	spares *ltx.Spares
 }
 
-func newReceiver(dir string, maxSize int64) *receiver {
-	return &receiver{dir: dir, maxSize: maxSize, files: make(map[string]*incoming)}
+func newReceiver(dir string, maxSize int64, spares *ltx.Spares) *receiver {
+	return &receiver{dir: dir, spares: spares, maxSize: maxSize, files: make(map[string]*incoming)}
 }
 
 // close removes the files still in flight.
@@ -63,7 +65,7 @@ func (r *receiver) close() {
 
 func (in *incoming) discard() {
 	_ = in.f.Close()
-	_ = os.Remove(in.f.Name())
+	_ = in.spares.Put(in.f.Name())
 }
 
 // begin starts a file.
@@ -81,12 +83,27 @@ func (r *receiver) begin(b *meridianv1.LTXBegin) error {
 	case b.GetSize() == 0 || b.GetSize() > uint64(r.maxSize):
 		return fmt.Errorf("%w: LTXBegin for %s announces %d bytes; the bound is %d (replication max_file_size)", ErrProtocol, db, b.GetSize(), r.maxSize)
 	}
-	f, err := os.CreateTemp(r.dir, "recv-*.ltx")
+	f, err := r.create()
 	if err != nil {
 		return fmt.Errorf("receive %s: %w", db, err)
 	}
-	r.files[db] = &incoming{begin: b, f: f}
+	r.files[db] = &incoming{begin: b, f: f, spares: r.spares}
 	return nil
+}
+
+// create opens a spare file to write over, or creates a file.
+func (r *receiver) create() (*os.File, error) {
+	for {
+		path := r.spares.Take()
+		if path == "" {
+			return os.CreateTemp(r.dir, "recv-*.ltx")
+		}
+		f, err := os.OpenFile(path, os.O_RDWR|os.O_TRUNC, 0)
+		if errors.Is(err, os.ErrNotExist) {
+			continue // removed by hand
+		}
+		return f, err
+	}
 }
 
 // chunk appends the next bytes of a file.
@@ -135,9 +152,7 @@ func (in *incoming) verify(e *meridianv1.LTXEnd) (*File, error) {
 	if in.n != b.GetSize() {
 		return nil, fmt.Errorf("%w: file of %s ended after %d of the %d bytes its LTXBegin announced", ErrProtocol, db, in.n, b.GetSize())
 	}
-	if err := in.f.Sync(); err != nil {
-		return nil, fmt.Errorf("receive %s: %w", db, err)
-	}
+	// Not fsynced: the Target makes it durable, once, where it keeps it.
 	if _, err := in.f.Seek(0, io.SeekStart); err != nil {
 		return nil, fmt.Errorf("receive %s: %w", db, err)
 	}

@@ -31,6 +31,9 @@ const (
 	// databases larger than this are refused: raise it for them.
 	DefaultMaxFileSize = 64 << 30
 
+	// DefaultMaxGroup is the most files a replica applies as one group.
+	DefaultMaxGroup = 256
+
 	// DefaultMinBackoff and DefaultMaxBackoff bound the wait before a
 	// replica reconnects after a stream ends.
 	DefaultMinBackoff = 100 * time.Millisecond

@@ -3,6 +3,8 @@ package replication_test
 import (
 	"context"
 	"errors"
+	"os"
+	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -10,6 +12,7 @@ import (
 	"time"
 
 	"github.com/meridian-db/meridian/internal/testingutil"
+	"github.com/meridian-db/meridian/ltx"
 	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
 	"github.com/meridian-db/meridian/replication"
 )
@@ -206,6 +209,76 @@ func TestStream_SnapshotWhenDiverged(t *testing.T) {
 				t.Fatalf("snapshots applied: %v, want %v after the first", got, tt.want)
 			}
 		})
+	}
+}
+
+// TestStream_Groups holds a replica's first Apply while the primary
+// commits: the files that arrive meanwhile queue up to MaxGroup, are
+// applied as groups of at most that many, each once, with one ack per
+// group, and received into spare files when there are some.
+func TestStream_Groups(t *testing.T) {
+	c := newCluster(t)
+	c.primary.create("a.db", 1)
+	cl := c.client()
+	cl.MaxGroup = 8
+	spares, err := ltx.OpenSpares(filepath.Join(t.TempDir(), "spare"), 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl.Spares = spares
+	var once sync.Once
+	held := make(chan struct{})
+	c.target.before = func(db string, files []*replication.File) {
+		once.Do(func() {
+			defer close(held)
+			// Queue full: MaxGroup files waiting, one more received and
+			// waiting to be queued.
+			c.primary.steps("a.db", 60)
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				entries, _ := os.ReadDir(cl.TempDir)
+				if len(entries) >= cl.MaxGroup+1 {
+					return
+				}
+				if time.Now().After(deadline) {
+					t.Errorf("%d files received while the first Apply waits, want %d", len(entries), cl.MaxGroup+1)
+					return
+				}
+				time.Sleep(time.Millisecond)
+			}
+		})
+	}
+	c.run(cl)
+	<-held
+	c.waitSynced()
+
+	applied, offered, _ := c.target.counts()
+	if want := c.target.wantApplied(c.primary); applied != want || offered != want {
+		t.Fatalf("replica applied %d of %d files it was offered, want %d of %d", applied, offered, want, want)
+	}
+	c.target.mu.Lock()
+	groups := slices.Clone(c.target.groups)
+	c.target.mu.Unlock()
+	if len(groups) < 2 || groups[0] != 1 || groups[1] != cl.MaxGroup || slices.Max(groups) > cl.MaxGroup {
+		t.Fatalf("groups applied: %v; want the snapshot alone, then %d files queued meanwhile, none larger", groups, cl.MaxGroup)
+	}
+	t.Logf("groups applied: %v", groups)
+	// Each group's ack carries its last position.
+	want := c.primary.Log("a.db").Pos()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		reps := c.streamer.Replicas()
+		if len(reps) == 1 && reps[0].Acked["a.db"] == want {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("primary's view of the replica: %+v, want a.db acked at %s", reps, want)
+		}
+	}
+	// The files given back are spares now, and later files were received
+	// into them rather than into new files.
+	entries, _ := os.ReadDir(cl.TempDir)
+	if spares.Len() == 0 || len(entries)+spares.Len() >= applied {
+		t.Fatalf("%d files created in %s and %d spares for %d files received: spares were not reused", len(entries), cl.TempDir, spares.Len(), applied)
 	}
 }
 
