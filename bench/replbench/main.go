@@ -8,7 +8,8 @@
 //
 // A transaction counts as applied on a replica when its LTX file is in the
 // replica's log and its pages are in the database file: when the log's
-// .applying marker naming it is removed, seen through inotify. Every
+// .applying marker naming it (or the first file of its group) is emptied,
+// seen through inotify. Every
 // process runs on this machine, so one clock serves both ends.
 //
 //	go run ./bench/replbench -regiond bin/regiond
@@ -315,8 +316,8 @@ func copyFile(src, dst string) error {
 }
 
 // applyWatcher records when each transaction is applied in one replica's
-// log directory: the LTX file of a single transaction renamed in, then
-// the .applying marker removed once its pages are in the database.
+// log directory: the LTX files of a group renamed in, then the .applying
+// marker emptied once their pages are in the database.
 type applyWatcher struct {
 	fd      int
 	mu      sync.Mutex
@@ -330,7 +331,7 @@ func watchApplies(dir string) (*applyWatcher, error) {
 	if err != nil {
 		return nil, fmt.Errorf("inotify: %w", err)
 	}
-	if _, err := unix.InotifyAddWatch(fd, dir, unix.IN_MOVED_TO|unix.IN_DELETE); err != nil {
+	if _, err := unix.InotifyAddWatch(fd, dir, unix.IN_MOVED_TO|unix.IN_MODIFY); err != nil {
 		_ = unix.Close(fd)
 		return nil, fmt.Errorf("watch %s: %w", dir, err)
 	}
@@ -342,7 +343,7 @@ func watchApplies(dir string) (*applyWatcher, error) {
 func (w *applyWatcher) run() {
 	defer close(w.done)
 	buf := make([]byte, 64<<10)
-	var current ltx.TXID // the file being applied
+	var pending []ltx.TXID // of the group being applied
 	for {
 		n, err := unix.Read(w.fd, buf)
 		if err != nil {
@@ -363,14 +364,20 @@ func (w *applyWatcher) run() {
 			case ev.Mask&unix.IN_IGNORED != 0:
 				return
 			case ev.Mask&unix.IN_MOVED_TO != 0:
-				if lo, hi, err := ltx.ParseName(name); err == nil && lo == hi {
-					current = hi
+				if lo, hi, err := ltx.ParseName(name); err == nil {
+					for id := lo; id <= hi; id++ {
+						pending = append(pending, id)
+					}
 				}
-			case ev.Mask&unix.IN_DELETE != 0 && name == ".applying" && current != 0:
+			case ev.Mask&unix.IN_MODIFY != 0 && name == ".applying" && len(pending) > 0:
+				// Written before the files are renamed in, emptied after
+				// their pages are in the database.
 				w.mu.Lock()
-				w.applied[current] = now
+				for _, id := range pending {
+					w.applied[id] = now
+				}
 				w.mu.Unlock()
-				current = 0
+				pending = pending[:0]
 			}
 		}
 	}
