@@ -81,7 +81,7 @@ func (l *Log) ApplyFiles(ctx context.Context, paths []string, opts ApplyOptions)
 	// Copied, verified as they are read, before anything in the log
 	// changes; the marker names the group's first file, whose pages go
 	// into the database first, for Open to finish the job after a crash.
-	temps, err := l.copyInAll(ctx, paths, infos, opts.Move)
+	temps, err := l.copyInAll(ctx, paths, infos, opts.Move, opts.Seals)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -133,6 +133,12 @@ type ApplyOptions struct {
 	// small one on some filesystems. A file that did not go into the log
 	// is left where it was, or removed.
 	Move bool
+	// Seals, if set, holds the seal of each file's bytes (see
+	// VerifyReader.Seal) as the caller read them, verifying the whole file,
+	// moments before: a file moved in is then not read again before it is
+	// installed, and its pages, applied, are checked against the seal. 0
+	// for a file to verify here.
+	Seals []Checksum
 }
 
 // setAside takes every file out of the log directory ahead of a snapshot:
@@ -177,14 +183,18 @@ func (l *Log) setAside(lostDir string) error {
 // under temporary names, sealed, verifying each as it reads it, and
 // records their seals in infos. A single file is fsynced here; a group is
 // made durable by installTemps. Caller holds l.wmu.
-func (l *Log) copyInAll(ctx context.Context, paths []string, infos []FileInfo, move bool) ([]*tempFile, error) {
+func (l *Log) copyInAll(ctx context.Context, paths []string, infos []FileInfo, move bool, seals []Checksum) ([]*tempFile, error) {
 	temps := make([]*tempFile, 0, len(paths))
 	sync := len(paths) == 1
 	for i, path := range paths {
 		var t *tempFile
 		var err error
 		if move {
-			t, err = l.moveIn(ctx, path, &infos[i], sync)
+			var seal Checksum
+			if i < len(seals) {
+				seal = seals[i]
+			}
+			t, err = l.moveIn(ctx, path, &infos[i], seal, sync)
 		}
 		if !move || errors.Is(err, unix.EXDEV) {
 			t, err = l.copyIn(ctx, path, &infos[i], sync)
@@ -226,8 +236,8 @@ func (l *Log) copyIn(ctx context.Context, path string, info *FileInfo, sync bool
 // moveIn is copyIn that moves the file into the log directory instead:
 // renamed to a temporary name there (an error wrapping unix.EXDEV if it
 // is on another filesystem, and then left where it is), then verified as
-// it is read, sealed, and fsynced if sync.
-func (l *Log) moveIn(ctx context.Context, path string, info *FileInfo, sync bool) (t *tempFile, err error) {
+// it is read unless its seal is known, sealed, and fsynced if sync.
+func (l *Log) moveIn(ctx context.Context, path string, info *FileInfo, seal Checksum, sync bool) (t *tempFile, err error) {
 	tmp := filepath.Join(l.Dir, "."+info.Name+"."+strconv.FormatUint(rand.Uint64(), 36)+tmpExt)
 	if err := unix.Renameat(unix.AT_FDCWD, path, unix.AT_FDCWD, tmp); err != nil {
 		return nil, &os.LinkError{Op: "rename", Old: path, New: tmp, Err: err}
@@ -242,15 +252,17 @@ func (l *Log) moveIn(ctx context.Context, path string, info *FileInfo, sync bool
 		return nil, err
 	}
 	defer func() { _ = f.Close() }()
-	h := newSealHash()
-	n, err := io.Copy(h, &ctxReader{ctx: ctx, r: NewVerifyReader(f, 0)})
-	if err != nil {
-		return nil, fmt.Errorf("apply %s to %s: %w", info.Name, l.Name, err)
+	n := info.Size
+	if seal == 0 {
+		h := newSealHash()
+		if n, err = io.Copy(h, &ctxReader{ctx: ctx, r: NewVerifyReader(f, 0)}); err != nil {
+			return nil, fmt.Errorf("apply %s to %s: %w", info.Name, l.Name, err)
+		}
+		if n != info.Size {
+			return nil, fmt.Errorf("apply %s to %s: read %d bytes of %d", info.Name, l.Name, n, info.Size)
+		}
+		seal = sealValue(h)
 	}
-	if n != info.Size {
-		return nil, fmt.Errorf("apply %s to %s: read %d bytes of %d", info.Name, l.Name, n, info.Size)
-	}
-	seal := sealValue(h)
 	if err := writeSeal(f, seal); err != nil {
 		return nil, diskError("seal", tmp, err)
 	}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -428,6 +429,42 @@ func TestLog_ApplyFilesMove(t *testing.T) {
 		if f.Seal == 0 {
 			t.Fatalf("%s moved into the log without a seal", f.Name)
 		}
+	}
+
+	// Files whose seals the caller knows go in unread; the seal still
+	// guards their pages: bytes that changed since are refused, and the
+	// same files sent again repair the database.
+	src.run(4, t0.Add(time.Hour), nil)
+	files = src.log.Files()
+	next := files[len(files)-4:]
+	sealOf := func(path string) ltx.Checksum {
+		f, err := os.Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		vr := ltx.NewVerifyReader(f, 0)
+		if _, err := io.Copy(io.Discard, vr); err != nil {
+			t.Fatal(err)
+		}
+		return vr.Seal()
+	}
+	var seals []ltx.Checksum
+	for _, path := range received(next, false) {
+		seals = append(seals, sealOf(path))
+	}
+	changed := received(next, true) // over the files whose seals were taken
+	if _, _, err := dst.ApplyFiles(ctx, changed, ltx.ApplyOptions{Move: true, Seals: seals}); !errors.Is(err, ltx.ErrCorrupt) {
+		t.Fatalf("files changed after their seals were taken: %v, want ErrCorrupt", err)
+	}
+	if got := dst.Pos(); got != files[len(files)-5].Pos() {
+		t.Fatalf("log moved to %s on files that did not apply", got)
+	}
+	if _, _, err := dst.ApplyFiles(ctx, received(next, false), ltx.ApplyOptions{Move: true, Seals: seals}); err != nil {
+		t.Fatal(err)
+	}
+	if rep, err := ltx.VerifyDir(dst.Dir); err != nil || len(rep.Files) != len(files) {
+		t.Fatalf("replica log directory: %d files, %v; want %d", len(rep.Files), err, len(files))
 	}
 	if dst.Pos() != src.log.Pos() || !bytes.Equal(testingutil.MustReadFile(t, dst.DBPath), src.data) {
 		t.Fatalf("replica at %s, want %s and the source's database", dst.Pos(), src.log.Pos())

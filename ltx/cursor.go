@@ -196,6 +196,7 @@ func (r *Reader) Close() error { return r.f.Close() }
 // which must be inside its TXID range.
 func rebase(w io.Writer, src io.Reader, pos Pos) (*FileInfo, error) {
 	dec := NewDecoder(src)
+	defer dec.Release()
 	if err := dec.DecodeHeader(); err != nil {
 		return nil, fmt.Errorf("%w: header: %v", ErrCorrupt, err)
 	}

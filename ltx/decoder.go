@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"sync"
 
 	"github.com/pierrec/lz4/v4"
 	"github.com/superfly/ltx"
@@ -17,17 +18,45 @@ import (
 // up to 4 GiB. Use it for every LTX file read from outside the process.
 type Decoder struct {
 	*ltx.Decoder
-	peek *bufio.Reader // positioned where the codec reads next
-	done bool          // the end-of-pages marker has been read
+	peek   *bufio.Reader // positioned where the codec reads next
+	pooled bool          // peek is from readerPool
+	done   bool          // the end-of-pages marker has been read
 }
 
-// NewDecoder returns a Decoder reading from r.
+// NewDecoder returns a Decoder reading from r. Release gives back its read
+// buffer once it is done with.
 func NewDecoder(r io.Reader) *Decoder {
 	br, ok := r.(*bufio.Reader)
 	if !ok {
-		br = bufio.NewReaderSize(r, readBufferSize)
+		br = getReader(r)
 	}
-	return &Decoder{Decoder: ltx.NewDecoder(br), peek: br}
+	return &Decoder{Decoder: ltx.NewDecoder(br), peek: br, pooled: !ok}
+}
+
+// Release returns the decoder's read buffer, if it made one, for another
+// to use. The decoder must not be used after.
+func (d *Decoder) Release() {
+	if d.pooled {
+		putReader(d.peek)
+		d.pooled, d.peek = false, nil
+	}
+}
+
+// readerPool holds read buffers for LTX files: one per file read would be
+// 64 KiB of garbage per transaction a replica applies, several times over.
+var readerPool = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, readBufferSize) }}
+
+// getReader returns a pooled buffered reader of r.
+func getReader(r io.Reader) *bufio.Reader {
+	br := readerPool.Get().(*bufio.Reader)
+	br.Reset(r)
+	return br
+}
+
+// putReader returns br to the pool.
+func putReader(br *bufio.Reader) {
+	br.Reset(nil)
+	readerPool.Put(br)
 }
 
 // DecodePage reads the next page frame into hdr and data; see the codec.

@@ -160,7 +160,8 @@ type VerifyReader struct {
 	page  []byte
 	pages uint32 // pages decoded
 	state int
-	err   error // sticky result once decoding ends
+	err   error         // sticky result once decoding ends
+	br    *bufio.Reader // from readerPool; returned when decoding ends
 }
 
 // VerifyReader states.
@@ -176,8 +177,8 @@ const (
 func NewVerifyReader(r io.Reader, seal Checksum) *VerifyReader {
 	// The buffer sits below the tee, so the codec never reads ahead of what
 	// it has decoded and Read hands out nothing undecoded.
-	br := bufio.NewReaderSize(r, readBufferSize)
-	vr := &VerifyReader{seal: newSealHash(), want: seal}
+	br := getReader(r)
+	vr := &VerifyReader{seal: newSealHash(), want: seal, br: br}
 	vr.tee = teeReader{r: br, w: io.MultiWriter(&vr.out, vr.seal)}
 	vr.dec = &Decoder{Decoder: ltx.NewDecoder(&vr.tee), peek: br}
 	return vr
@@ -185,6 +186,10 @@ func NewVerifyReader(r io.Reader, seal Checksum) *VerifyReader {
 
 // Header returns the file header; valid once Read has returned data.
 func (vr *VerifyReader) Header() Header { return vr.dec.Header() }
+
+// Seal returns the seal of the bytes read (see seal.go): once Read has
+// returned io.EOF, that of the whole file.
+func (vr *VerifyReader) Seal() Checksum { return sealValue(vr.seal) }
 
 // Trailer returns the trailer; valid once Read has returned io.EOF.
 func (vr *VerifyReader) Trailer() ltx.Trailer { return vr.dec.Trailer() }
@@ -203,11 +208,16 @@ func (vr *VerifyReader) Read(p []byte) (int, error) {
 // step decodes the next part of the file: the header, one page, or the
 // index and trailer.
 func (vr *VerifyReader) step() {
-	// Bytes of a step that fails are never handed out.
+	// Bytes of a step that fails are never handed out. Once decoding
+	// ends, nothing reads the buffer again.
 	kept := vr.out.Len()
 	defer func() {
 		if vr.err != nil && vr.err != io.EOF {
 			vr.out.Truncate(kept)
+		}
+		if vr.err != nil && vr.br != nil {
+			putReader(vr.br)
+			vr.br = nil
 		}
 	}()
 	switch vr.state {

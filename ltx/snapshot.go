@@ -130,6 +130,7 @@ func Apply(ctx context.Context, db DatabaseFile, t *ChecksumTable, pos Pos, r io
 // checked (the caller checks a later file's).
 func applyFile(ctx context.Context, db DatabaseFile, t *ChecksumTable, pos Pos, r io.Reader, check bool) (Pos, []uint32, error) {
 	dec := NewDecoder(r)
+	defer dec.Release() // after g.Wait below: nothing decodes any more
 	if err := dec.DecodeHeader(); err != nil {
 		return pos, nil, fmt.Errorf("%w: header: %v", ErrCorrupt, err)
 	}

@@ -23,6 +23,9 @@ type File struct {
 	// diverged history (AHEAD, CHECKSUM_MISMATCH), whose transactions the
 	// Target must keep aside before applying. UNSPECIFIED otherwise.
 	SnapshotReason meridianv1.SnapshotReason
+	// Seal is the seal of the file's bytes as received and verified (see
+	// ltx.VerifyReader.Seal).
+	Seal ltx.Checksum
 	// CommittedAt is when the file's last transaction committed on the
 	// primary, by the primary's clock.
 	CommittedAt time.Time
@@ -182,6 +185,7 @@ func (in *incoming) verify(e *meridianv1.LTXEnd) (*File, error) {
 			FileChecksum:      t.FileChecksum,
 			Size:              int64(in.n),
 		},
+		Seal:           vr.Seal(),
 		SnapshotReason: b.GetSnapshotReason(),
 		CommittedAt:    time.Unix(0, b.GetCommittedAtUnixNano()),
 		Traceparent:    b.GetTraceparent(),

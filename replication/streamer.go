@@ -431,7 +431,9 @@ func (st *stream) file(ctx context.Context, db string, r io.Reader, info *ltx.Fi
 	}
 	var off int64
 	for {
-		buf := make([]byte, st.s.ChunkSize)
+		// Sized to what is left (most files are a few KiB): one byte past
+		// the end finds EOF, or a file longer than the log says.
+		buf := make([]byte, min(int64(st.s.ChunkSize), max(info.Size-off, 1)))
 		n, err := io.ReadFull(r, buf)
 		if n > 0 {
 			chunk := &meridianv1.LTXChunk{Db: db, Offset: uint64(off), Data: buf[:n]}
