@@ -136,8 +136,8 @@ type ApplyOptions struct {
 	// Seals, if set, holds the seal of each file's bytes (see
 	// VerifyReader.Seal) as the caller read them, verifying the whole file,
 	// moments before: a file moved in is then not read again before it is
-	// installed, and its pages, applied, are checked against the seal. 0
-	// for a file to verify here.
+	// installed. Applying it still checks its file checksum and the
+	// database checksum it leaves. 0 for a file to verify here.
 	Seals []Checksum
 }
 
@@ -355,7 +355,10 @@ func (l *Log) applyToDatabase(ctx context.Context, infos []FileInfo, table *Chec
 	return pgnos, nil
 }
 
-// applyLogFile writes the pages of the log's file info into db.
+// applyLogFile writes the pages of the log's file info into db. The file
+// is decoded once: its structure and file checksum are checked as it is
+// (its seal would add a pass over every byte), and its pages by the
+// database checksum it must leave, which covers them all.
 func (l *Log) applyLogFile(ctx context.Context, db DatabaseFile, info *FileInfo, table *ChecksumTable, pos Pos, check bool) ([]uint32, error) {
 	src, err := os.Open(l.path(info.Name))
 	if err != nil {
@@ -365,7 +368,7 @@ func (l *Log) applyLogFile(ctx context.Context, db DatabaseFile, info *FileInfo,
 	if !check {
 		pos = info.PreApplyPos()
 	}
-	_, pgnos, err := applyFile(ctx, db, table, pos, NewVerifyReader(src, info.Seal), check)
+	_, pgnos, err := applyFile(ctx, db, table, pos, src, check)
 	return pgnos, err
 }
 

@@ -176,7 +176,7 @@ func applyFile(ctx context.Context, db DatabaseFile, t *ChecksumTable, pos Pos, 
 	}
 	post := dec.PostApplyPos()
 	if got := base.next(changes, hdr.Commit); check && got != post.PostApplyChecksum {
-		return pos, nil, fmt.Errorf("file txid %s-%s should leave the database at checksum %s, but it is %s",
+		return pos, nil, fmt.Errorf("%w: file txid %s-%s should leave the database at checksum %s, but it is %s", ErrCorrupt,
 			hdr.MinTXID, hdr.MaxTXID, post.PostApplyChecksum, got)
 	}
 	base.apply(changes, hdr.Commit)

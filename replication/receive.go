@@ -46,12 +46,55 @@ type receiver struct {
 	files   map[string]*incoming
 }
 
-// incoming is a file being received.
+// incoming is a file being received. Its bytes are verified as they
+// arrive, on a goroutine of its own reading them through a pipe, so a
+// large file is checked while the next chunks travel.
 type incoming struct {
-	begin  *meridianv1.LTXBegin
-	f      *os.File
-	n      uint64
-	spares *ltx.Spares
+	begin    *meridianv1.LTXBegin
+	f        *os.File
+	n        uint64
+	spares   *ltx.Spares
+	pw       *io.PipeWriter
+	verified chan verifyResult
+	result   *verifyResult // once received from verified
+}
+
+// wait closes the pipe with err (nil: the file is complete) and returns
+// what the verifier found.
+func (in *incoming) wait(err error) verifyResult {
+	if in.result == nil {
+		_ = in.pw.CloseWithError(err)
+		res := <-in.verified
+		in.result = &res
+	}
+	return *in.result
+}
+
+// verifyResult is what the verifier of an incoming file found.
+type verifyResult struct {
+	header                     ltx.Header
+	postApplySum, fileChecksum ltx.Checksum // from the trailer
+	seal                       ltx.Checksum
+	err                        error
+}
+
+// errExtraBytes ends the verifier of a file with bytes after its trailer.
+var errExtraBytes = errors.New("bytes after the trailer")
+
+// verify reads the file's bytes from pr as they arrive, decoding and
+// checking them, then expects no more.
+func verify(pr *io.PipeReader, out chan<- verifyResult) {
+	vr := ltx.NewVerifyReader(pr, 0)
+	_, err := io.Copy(io.Discard, vr)
+	if err == nil {
+		var b [1]byte
+		if n, _ := pr.Read(b[:]); n > 0 {
+			err = errExtraBytes
+		}
+	}
+	_ = pr.CloseWithError(err) // writers see why it stopped reading
+	t := vr.Trailer()
+	out <- verifyResult{header: vr.Header(), postApplySum: t.PostApplyChecksum, fileChecksum: t.FileChecksum, seal: vr.Seal(), err: err}
 }
 
 func newReceiver(dir string, maxSize int64, spares *ltx.Spares) *receiver {
@@ -67,6 +110,7 @@ func (r *receiver) close() {
 }
 
 func (in *incoming) discard() {
+	in.wait(errors.New("file discarded"))
 	_ = in.f.Close()
 	_ = in.spares.Put(in.f.Name())
 }
@@ -90,7 +134,10 @@ func (r *receiver) begin(b *meridianv1.LTXBegin) error {
 	if err != nil {
 		return fmt.Errorf("receive %s: %w", db, err)
 	}
-	r.files[db] = &incoming{begin: b, f: f, spares: r.spares}
+	pr, pw := io.Pipe()
+	in := &incoming{begin: b, f: f, spares: r.spares, pw: pw, verified: make(chan verifyResult, 1)}
+	go verify(pr, in.verified)
+	r.files[db] = in
 	return nil
 }
 
@@ -126,6 +173,12 @@ func (r *receiver) chunk(c *meridianv1.LTXChunk) error {
 	if _, err := in.f.Write(c.GetData()); err != nil {
 		return fmt.Errorf("receive %s: %w", db, err)
 	}
+	if _, err := in.pw.Write(c.GetData()); err != nil {
+		// The verifier stopped: the file is bad. It goes when the
+		// stream ends, with the receiver.
+		b := in.begin
+		return fmt.Errorf("%w: file %d-%d of %s: %v", ErrProtocol, b.GetMinTxid(), b.GetMaxTxid(), db, err)
+	}
 	in.n += uint64(len(c.GetData()))
 	return nil
 }
@@ -155,25 +208,23 @@ func (in *incoming) verify(e *meridianv1.LTXEnd) (*File, error) {
 	if in.n != b.GetSize() {
 		return nil, fmt.Errorf("%w: file of %s ended after %d of the %d bytes its LTXBegin announced", ErrProtocol, db, in.n, b.GetSize())
 	}
-	// Not fsynced: the Target makes it durable, once, where it keeps it.
-	if _, err := in.f.Seek(0, io.SeekStart); err != nil {
-		return nil, fmt.Errorf("receive %s: %w", db, err)
-	}
-	vr := ltx.NewVerifyReader(in.f, 0)
-	if _, err := io.Copy(io.Discard, vr); err != nil {
-		return nil, fmt.Errorf("%w: file %d-%d of %s: %v", ErrProtocol, b.GetMinTxid(), b.GetMaxTxid(), db, err)
+	// Verified as it arrived; not fsynced: the Target makes it durable,
+	// once, where it keeps it.
+	res := in.wait(nil)
+	if res.err != nil {
+		return nil, fmt.Errorf("%w: file %d-%d of %s: %v", ErrProtocol, b.GetMinTxid(), b.GetMaxTxid(), db, res.err)
 	}
 	if err := in.f.Close(); err != nil {
 		return nil, fmt.Errorf("receive %s: %w", db, err)
 	}
-	h, t := vr.Header(), vr.Trailer()
+	h := res.header
 	switch {
 	case uint64(h.MinTXID) != b.GetMinTxid() || uint64(h.MaxTXID) != b.GetMaxTxid():
 		return nil, fmt.Errorf("%w: file of %s holds TXIDs %d-%d, its LTXBegin said %d-%d", ErrProtocol, db, h.MinTXID, h.MaxTXID, b.GetMinTxid(), b.GetMaxTxid())
 	case uint64(h.PreApplyChecksum) != b.GetPreApplyChecksum():
 		return nil, fmt.Errorf("%w: file %d-%d of %s has pre-apply checksum %s, its LTXBegin said %016x", ErrProtocol, h.MinTXID, h.MaxTXID, db, h.PreApplyChecksum, b.GetPreApplyChecksum())
-	case uint64(t.FileChecksum) != e.GetFileChecksum() || uint64(t.PostApplyChecksum) != e.GetPostApplyChecksum():
-		return nil, fmt.Errorf("%w: file %d-%d of %s has checksums %s/%s, its LTXEnd said %016x/%016x", ErrProtocol, h.MinTXID, h.MaxTXID, db, t.FileChecksum, t.PostApplyChecksum, e.GetFileChecksum(), e.GetPostApplyChecksum())
+	case uint64(res.fileChecksum) != e.GetFileChecksum() || uint64(res.postApplySum) != e.GetPostApplyChecksum():
+		return nil, fmt.Errorf("%w: file %d-%d of %s has checksums %s/%s, its LTXEnd said %016x/%016x", ErrProtocol, h.MinTXID, h.MaxTXID, db, res.fileChecksum, res.postApplySum, e.GetFileChecksum(), e.GetPostApplyChecksum())
 	}
 	return &File{
 		DB:   db,
@@ -181,11 +232,11 @@ func (in *incoming) verify(e *meridianv1.LTXEnd) (*File, error) {
 		Info: ltx.FileInfo{
 			Name:              ltx.FormatName(h.MinTXID, h.MaxTXID),
 			Header:            h,
-			PostApplyChecksum: t.PostApplyChecksum,
-			FileChecksum:      t.FileChecksum,
+			PostApplyChecksum: res.postApplySum,
+			FileChecksum:      res.fileChecksum,
 			Size:              int64(in.n),
 		},
-		Seal:           vr.Seal(),
+		Seal:           res.seal,
 		SnapshotReason: b.GetSnapshotReason(),
 		CommittedAt:    time.Unix(0, b.GetCommittedAtUnixNano()),
 		Traceparent:    b.GetTraceparent(),

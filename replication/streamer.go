@@ -405,7 +405,10 @@ func (st *stream) snapshot(ctx context.Context, db string, reason meridianv1.Sna
 		return ltx.Pos{}, fmt.Errorf("snapshot %s: %w", db, err)
 	}
 	st.log.Info("sending snapshot", "db", db, "reason", reason.String(), "replica_pos", from.String(), "pos", info.Pos().String(), "size", info.Size)
-	if err := st.file(ctx, db, ltx.NewVerifyReader(f, 0), info, reason); err != nil {
+	// Not verified again as it is read, unlike the log's files: it was
+	// encoded a moment ago, and the replica verifies it as it arrives. A
+	// file of another size than encoded ends the stream.
+	if err := st.file(ctx, db, f, info, reason); err != nil {
 		return ltx.Pos{}, err
 	}
 	return info.Pos(), nil
