@@ -78,8 +78,8 @@ func (l *Log) ApplyFiles(ctx context.Context, paths []string, opts ApplyOptions)
 		at = info.Pos()
 	}
 	snapshot := infos[0].Header.IsSnapshot()
-	// Copied, verified as they are read, before anything in the log
-	// changes; the marker names the group's first file, whose pages go
+	// Copied or moved in, verified (unless the caller did), before
+	// anything in the log changes; the marker names the group's first file, whose pages go
 	// into the database first, for Open to finish the job after a crash.
 	temps, err := l.copyInAll(ctx, paths, infos, opts.Move, opts.Seals)
 	if err != nil {
@@ -180,8 +180,8 @@ func (l *Log) setAside(lostDir string) error {
 }
 
 // copyInAll copies, or moves, the files at paths into the log directory
-// under temporary names, sealed, verifying each as it reads it, and
-// records their seals in infos. A single file is fsynced here; a group is
+// under temporary names, sealed, verifying each as it reads it unless its
+// seal is given, and records their seals in infos. A single file is fsynced here; a group is
 // made durable by installTemps. Caller holds l.wmu.
 func (l *Log) copyInAll(ctx context.Context, paths []string, infos []FileInfo, move bool, seals []Checksum) ([]*tempFile, error) {
 	temps := make([]*tempFile, 0, len(paths))
