@@ -143,8 +143,9 @@ func TestFileSystem_Apply(t *testing.T) {
 			}
 			// Single files and groups, as a replica catching up applies.
 			sizes := []int{1, 3, 1, 7, 2, 20}
-			for i, g := 1, 0; i < len(files); g++ {
-				group := files[i:min(i+sizes[g%len(sizes)], len(files))]
+			groups := 0
+			for i := 1; i < len(files); groups++ {
+				group := files[i:min(i+sizes[groups%len(sizes)], len(files))]
 				var paths []string
 				for _, file := range group {
 					paths = append(paths, filepath.Join(src.log.Dir, file.Name))
@@ -157,16 +158,19 @@ func TestFileSystem_Apply(t *testing.T) {
 					t.Fatalf("applied %d files up to %s, want %d up to %s", len(infos), infos[len(infos)-1].Pos(), len(group), last.Pos())
 				}
 				i += len(group)
-				time.Sleep(200 * time.Microsecond) // let readers in between
+				// Readers get in between groups: wait for one read.
+				for r0, deadline := reads.Load(), time.Now().Add(2*time.Second); reads.Load() == r0 && time.Now().Before(deadline); {
+					time.Sleep(100 * time.Microsecond)
+				}
 			}
 			stop.Store(true)
 			wg.Wait()
 			if msg := failure.Load(); msg != nil {
 				t.Fatal(msg)
 			}
-			t.Logf("%d files applied under %d reads (%d busy)", len(files), reads.Load(), busies.Load())
-			if reads.Load() < int64(len(files)) {
-				t.Fatalf("only %d reads ran during %d applies", reads.Load(), len(files))
+			t.Logf("%d files applied in %d groups under %d reads (%d busy)", len(files), groups, reads.Load(), busies.Load())
+			if reads.Load() < int64(groups) {
+				t.Fatalf("only %d reads ran during %d applies", reads.Load(), groups)
 			}
 			if got := f.DB("bank.db").Pos(); got != src.log.Pos() {
 				t.Fatalf("replica at %s, want %s", got, src.log.Pos())
