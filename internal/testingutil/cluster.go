@@ -253,6 +253,13 @@ func (n *ClusterNode) start(tb TB) {
 	fmt.Fprintf(log, "%s%s at %s\n", startMarker, n.Name, time.Now().Format(time.RFC3339Nano))
 	cmd := n.c.Command("run", "-config", n.Config)
 	cmd.Stdout, cmd.Stderr = log, log
+	// A harness killed before its cleanups run (a test binary past its
+	// timeout, a benchmark whose output pipe closed) takes its nodes with
+	// it: on SIGTERM a node unmounts and exits.
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	cmd.SysProcAttr.Pdeathsig = syscall.SIGTERM
 	if err := cmd.Start(); err != nil {
 		tb.Fatalf("start %s: %v", n.Name, err)
 	}
