@@ -41,12 +41,14 @@ type Client struct {
 	// instead of created, and takes back those the Target did not move.
 	Spares      *ltx.Spares
 	MaxFileSize int64
-	// MaxGroup bounds the files applied as one group. Files that arrive
-	// while a group applies wait, and go together into the next one: a
-	// replica that keeps up applies each file on its own, and one that
-	// falls behind catches up with a few fsyncs per group instead of
-	// several per file.
-	MaxGroup int
+	// MaxGroup bounds the files applied as one group, and MaxGroupBytes
+	// their size (a group holds local readers off while it applies; a
+	// file larger than it goes alone). Files that arrive while a group
+	// applies wait, and go together into the next one: a replica that
+	// keeps up applies each file on its own, and one that falls behind
+	// catches up with a few fsyncs per group instead of several per file.
+	MaxGroup      int
+	MaxGroupBytes int64
 	// MinBackoff and MaxBackoff bound the wait between attempts.
 	MinBackoff, MaxBackoff time.Duration
 	Logger                 *slog.Logger
@@ -60,15 +62,16 @@ type Client struct {
 // NewClient returns a replica client with default tunables.
 func NewClient(node, region string, target Target, tempDir string) *Client {
 	return &Client{
-		Node:        node,
-		Region:      region,
-		Target:      target,
-		TempDir:     tempDir,
-		MaxFileSize: DefaultMaxFileSize,
-		MaxGroup:    DefaultMaxGroup,
-		MinBackoff:  DefaultMinBackoff,
-		MaxBackoff:  DefaultMaxBackoff,
-		Logger:      slog.New(slog.DiscardHandler),
+		Node:          node,
+		Region:        region,
+		Target:        target,
+		TempDir:       tempDir,
+		MaxFileSize:   DefaultMaxFileSize,
+		MaxGroup:      DefaultMaxGroup,
+		MaxGroupBytes: DefaultMaxGroupBytes,
+		MinBackoff:    DefaultMinBackoff,
+		MaxBackoff:    DefaultMaxBackoff,
+		Logger:        slog.New(slog.DiscardHandler),
 	}
 }
 
@@ -248,17 +251,18 @@ func (c *Client) applyQueued(ctx context.Context, conn ClientConn, queue <-chan 
 		case <-ctx.Done():
 			return ctx.Err()
 		}
-	more:
-		for len(files) < max(c.MaxGroup, 1) {
+		size := files[0].Info.Size
+		for len(files) < max(c.MaxGroup, 1) && (c.MaxGroupBytes <= 0 || size < c.MaxGroupBytes) {
+			var f *File
 			select {
-			case f, ok := <-queue:
-				if !ok {
-					break more
-				}
-				files = append(files, f)
+			case f = <-queue:
 			default:
-				break more
 			}
+			if f == nil {
+				break // nothing more has arrived, or the stream ended
+			}
+			files = append(files, f)
+			size += f.Info.Size
 		}
 		err := c.applyFiles(ctx, conn, files)
 		for _, f := range files {

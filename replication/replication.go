@@ -31,8 +31,10 @@ const (
 	// databases larger than this are refused: raise it for them.
 	DefaultMaxFileSize = 64 << 30
 
-	// DefaultMaxGroup is the most files a replica applies as one group.
-	DefaultMaxGroup = 256
+	// DefaultMaxGroup is the most files a replica applies as one group,
+	// and DefaultMaxGroupBytes about the most bytes.
+	DefaultMaxGroup      = 256
+	DefaultMaxGroupBytes = 64 << 20
 
 	// DefaultMinBackoff and DefaultMaxBackoff bound the wait before a
 	// replica reconnects after a stream ends.

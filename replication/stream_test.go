@@ -282,6 +282,39 @@ func TestStream_Groups(t *testing.T) {
 	}
 }
 
+// TestStream_GroupBytes bounds groups by size: with MaxGroupBytes smaller
+// than any file, files queued while the first Apply waits still go one
+// at a time.
+func TestStream_GroupBytes(t *testing.T) {
+	c := newCluster(t)
+	c.primary.create("a.db", 1)
+	cl := c.client()
+	cl.MaxGroup, cl.MaxGroupBytes = 8, 1
+	var once sync.Once
+	held := make(chan struct{})
+	c.target.before = func(db string, files []*replication.File) {
+		once.Do(func() {
+			defer close(held)
+			c.primary.steps("a.db", 20)
+			for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+				if entries, _ := os.ReadDir(cl.TempDir); len(entries) >= cl.MaxGroup+1 {
+					return
+				}
+			}
+			t.Errorf("the queue did not fill while the first Apply waited")
+		})
+	}
+	c.run(cl)
+	<-held
+	c.waitSynced()
+	c.target.mu.Lock()
+	groups := slices.Clone(c.target.groups)
+	c.target.mu.Unlock()
+	if slices.Max(groups) != 1 || len(groups) != c.target.wantApplied(c.primary) {
+		t.Fatalf("groups applied: %v; want every file alone", groups)
+	}
+}
+
 func TestStream_StaleEpoch(t *testing.T) {
 	c := newCluster(t)
 	c.primary.create("a.db", 1)
