@@ -62,9 +62,13 @@ func (t fsTarget) Positions() map[string]ltx.Pos {
 }
 
 func (t fsTarget) Apply(ctx context.Context, db string, files []*replication.File) (ltx.Pos, error) {
+	// A snapshot for a diverged history replaces transactions the primary
+	// does not have: they are kept in data_dir/lost/. So are those a
+	// snapshot for retention replaces: past retention the primary cannot
+	// tell a replica that is behind from one that diverged.
 	reason := files[0].SnapshotReason
 	opts := fs.ApplyOptions{
-		KeepLost: reason == meridianv1.SnapshotReason_SNAPSHOT_REASON_AHEAD || reason == meridianv1.SnapshotReason_SNAPSHOT_REASON_CHECKSUM_MISMATCH,
+		KeepLost: reason != meridianv1.SnapshotReason_SNAPSHOT_REASON_UNSPECIFIED && reason != meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION,
 		Move:     true, // received in data_dir/tmp or data_dir/spare, on the logs' filesystem
 	}
 	paths := make([]string, len(files))

@@ -124,6 +124,21 @@ func TestCluster_OfflinePastRetention(t *testing.T) {
 	if l := logLine(offline.Log(), "applying a snapshot", "SNAPSHOT_REASON_RETENTION"); l == "" {
 		t.Fatalf("%s did not log a snapshot for retention", offline.Name)
 	}
+	// Past retention the primary cannot tell whether the replica's history
+	// diverged: the transactions the snapshot replaced are kept, up to the
+	// replica's position when it stopped.
+	dir := filepath.Join(offline.DataDir, "lost", "d.db")
+	sets, err := filepath.Glob(filepath.Join(dir, "*"))
+	if err != nil || len(sets) != 1 {
+		t.Fatalf("%s: %v (%v), want one set of replaced transactions", dir, sets, err)
+	}
+	files := lostFiles(t, sets[0])
+	if last := files[len(files)-1]; last.Header.MaxTXID != before.TXID || last.PostApplyChecksum != before.PostApplyChecksum {
+		t.Fatalf("%s: replaced files end at %v, want the replica's position when it stopped, %v", sets[0], last.Pos(), before)
+	}
+	if l := logLine(offline.Log(), "kept the transactions a snapshot replaces", "d.db"); l == "" {
+		t.Fatalf("%s did not log where the replaced transactions went", offline.Name)
+	}
 }
 
 // fillMB commits about mb megabytes of random blobs to db, in
