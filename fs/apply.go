@@ -40,9 +40,10 @@ type ApplyOptions struct {
 	// DataDir/lost/<name>/<time>/ instead of removing them.
 	KeepLost bool
 	// Move moves the files into the database's log instead of copying
-	// them, and Seals vouches for their bytes (see ltx.ApplyOptions).
-	Move  bool
-	Seals []ltx.Checksum
+	// them, and Verified describes them as the caller verified them (see
+	// ltx.ApplyOptions).
+	Move     bool
+	Verified []ltx.FileInfo
 }
 
 // ApplyFiles is Apply for files that follow one another, applied as one
@@ -69,7 +70,7 @@ func (f *FileSystem) ApplyFiles(ctx context.Context, name string, paths []string
 		return nil, fmt.Errorf("apply to %s: %w", name, err)
 	}
 	defer hold.release()
-	lopts := ltx.ApplyOptions{Move: opts.Move, Seals: opts.Seals}
+	lopts := ltx.ApplyOptions{Move: opts.Move, Verified: opts.Verified}
 	if opts.KeepLost {
 		lopts.LostDir = filepath.Join(f.DataDir, "lost", name)
 	}

@@ -61,9 +61,15 @@ func (l *Log) ApplyFiles(ctx context.Context, paths []string, opts ApplyOptions)
 	}
 	infos := make([]FileInfo, len(paths))
 	at := pos
+	if len(opts.Verified) != 0 && len(opts.Verified) != len(paths) {
+		return nil, nil, fmt.Errorf("apply to %s: %d files described as verified for %d files", l.Name, len(opts.Verified), len(paths))
+	}
+	verified := opts.Move && len(opts.Verified) != 0
 	for i, path := range paths {
-		info, err := ReadFileInfo(path)
-		if err != nil {
+		info := &FileInfo{}
+		if verified {
+			*info = opts.Verified[i]
+		} else if info, err = ReadFileInfo(path); err != nil {
 			return nil, nil, fmt.Errorf("apply %s to %s: %w", path, l.Name, err)
 		}
 		hdr := info.Header
@@ -81,7 +87,7 @@ func (l *Log) ApplyFiles(ctx context.Context, paths []string, opts ApplyOptions)
 	// Copied or moved in, verified (unless the caller did), before
 	// anything in the log changes; the marker names the group's first file, whose pages go
 	// into the database first, for Open to finish the job after a crash.
-	temps, err := l.copyInAll(ctx, paths, infos, opts.Move, opts.Seals)
+	temps, err := l.copyInAll(ctx, paths, infos, opts.Move, verified)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -133,12 +139,12 @@ type ApplyOptions struct {
 	// small one on some filesystems. A file that did not go into the log
 	// is left where it was, or removed.
 	Move bool
-	// Seals, if set, holds the seal of each file's bytes (see
-	// VerifyReader.Seal) as the caller read them, verifying the whole file,
-	// moments before: a file moved in is then not read again before it is
-	// installed. Applying it still checks its file checksum and the
-	// database checksum it leaves. 0 for a file to verify here.
-	Seals []Checksum
+	// Verified, if set with Move, describes each file as the caller read
+	// and verified it moments before: header, trailer, size, and Seal the
+	// seal of its bytes (see VerifyReader.Seal). The files are then not
+	// read again before they are installed; applying them still checks
+	// their file checksums and the database checksum they leave.
+	Verified []FileInfo
 }
 
 // setAside takes every file out of the log directory ahead of a snapshot:
@@ -180,21 +186,18 @@ func (l *Log) setAside(lostDir string) error {
 }
 
 // copyInAll copies, or moves, the files at paths into the log directory
-// under temporary names, sealed, verifying each as it reads it unless its
-// seal is given, and records their seals in infos. A single file is fsynced here; a group is
-// made durable by installTemps. Caller holds l.wmu.
-func (l *Log) copyInAll(ctx context.Context, paths []string, infos []FileInfo, move bool, seals []Checksum) ([]*tempFile, error) {
+// under temporary names, sealed, verifying each as it reads it unless the
+// caller verified it (infos then hold its seal), and records their seals
+// in infos. A single file is fsynced here; a group is made durable by
+// installTemps. Caller holds l.wmu.
+func (l *Log) copyInAll(ctx context.Context, paths []string, infos []FileInfo, move, verified bool) ([]*tempFile, error) {
 	temps := make([]*tempFile, 0, len(paths))
 	sync := len(paths) == 1
 	for i, path := range paths {
 		var t *tempFile
 		var err error
 		if move {
-			var seal Checksum
-			if i < len(seals) {
-				seal = seals[i]
-			}
-			t, err = l.moveIn(ctx, path, &infos[i], seal, sync)
+			t, err = l.moveIn(ctx, path, &infos[i], verified, sync)
 		}
 		if !move || errors.Is(err, unix.EXDEV) {
 			t, err = l.copyIn(ctx, path, &infos[i], sync)
@@ -236,8 +239,9 @@ func (l *Log) copyIn(ctx context.Context, path string, info *FileInfo, sync bool
 // moveIn is copyIn that moves the file into the log directory instead:
 // renamed to a temporary name there (an error wrapping unix.EXDEV if it
 // is on another filesystem, and then left where it is), then verified as
-// it is read unless its seal is known, sealed, and fsynced if sync.
-func (l *Log) moveIn(ctx context.Context, path string, info *FileInfo, seal Checksum, sync bool) (t *tempFile, err error) {
+// it is read unless the caller verified it (info.Seal is then the seal of
+// its bytes), sealed, and fsynced if sync.
+func (l *Log) moveIn(ctx context.Context, path string, info *FileInfo, verified, sync bool) (t *tempFile, err error) {
 	tmp := filepath.Join(l.Dir, "."+info.Name+"."+strconv.FormatUint(rand.Uint64(), 36)+tmpExt)
 	if err := unix.Renameat(unix.AT_FDCWD, path, unix.AT_FDCWD, tmp); err != nil {
 		return nil, &os.LinkError{Op: "rename", Old: path, New: tmp, Err: err}
@@ -252,18 +256,18 @@ func (l *Log) moveIn(ctx context.Context, path string, info *FileInfo, seal Chec
 		return nil, err
 	}
 	defer func() { _ = f.Close() }()
-	n := info.Size
-	if seal == 0 {
+	if !verified {
 		h := newSealHash()
-		if n, err = io.Copy(h, &ctxReader{ctx: ctx, r: NewVerifyReader(f, 0)}); err != nil {
+		n, err := io.Copy(h, &ctxReader{ctx: ctx, r: NewVerifyReader(f, 0)})
+		if err != nil {
 			return nil, fmt.Errorf("apply %s to %s: %w", info.Name, l.Name, err)
 		}
 		if n != info.Size {
 			return nil, fmt.Errorf("apply %s to %s: read %d bytes of %d", info.Name, l.Name, n, info.Size)
 		}
-		seal = sealValue(h)
+		info.Seal = sealValue(h)
 	}
-	if err := writeSeal(f, seal); err != nil {
+	if err := writeSeal(f, info.Seal); err != nil {
 		return nil, diskError("seal", tmp, err)
 	}
 	if sync {
@@ -271,8 +275,7 @@ func (l *Log) moveIn(ctx context.Context, path string, info *FileInfo, seal Chec
 			return nil, diskError("sync", tmp, err)
 		}
 	}
-	info.Seal = seal
-	return &tempFile{dir: l.Dir, name: info.Name, tmp: tmp, size: n, seal: seal}, nil
+	return &tempFile{dir: l.Dir, name: info.Name, tmp: tmp, size: info.Size, seal: info.Seal}, nil
 }
 
 // installTemps makes temps, written by copyInAll, part of the log directory

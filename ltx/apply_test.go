@@ -431,37 +431,43 @@ func TestLog_ApplyFilesMove(t *testing.T) {
 		}
 	}
 
-	// Files whose seals the caller knows go in unread; the seal still
-	// guards their pages: bytes that changed since are refused, and the
-	// same files sent again repair the database.
+	// Files the caller verified go in unread; applying them still checks
+	// them: bytes that changed since are refused, and the same files sent
+	// again repair the database.
 	src.run(4, t0.Add(time.Hour), nil)
 	files = src.log.Files()
 	next := files[len(files)-4:]
-	sealOf := func(path string) ltx.Checksum {
+	infoOf := func(path string) ltx.FileInfo {
 		f, err := os.Open(path)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer f.Close()
 		vr := ltx.NewVerifyReader(f, 0)
-		if _, err := io.Copy(io.Discard, vr); err != nil {
+		n, err := io.Copy(io.Discard, vr)
+		if err != nil {
 			t.Fatal(err)
 		}
-		return vr.Seal()
+		h, tr := vr.Header(), vr.Trailer()
+		return ltx.FileInfo{Name: ltx.FormatName(h.MinTXID, h.MaxTXID), Header: h, PostApplyChecksum: tr.PostApplyChecksum,
+			FileChecksum: tr.FileChecksum, Size: n, Seal: vr.Seal()}
 	}
-	var seals []ltx.Checksum
+	var verified []ltx.FileInfo
 	for _, path := range received(next, false) {
-		seals = append(seals, sealOf(path))
+		verified = append(verified, infoOf(path))
 	}
-	changed := received(next, true) // over the files whose seals were taken
-	if _, _, err := dst.ApplyFiles(ctx, changed, ltx.ApplyOptions{Move: true, Seals: seals}); !errors.Is(err, ltx.ErrCorrupt) {
-		t.Fatalf("files changed after their seals were taken: %v, want ErrCorrupt", err)
+	changed := received(next, true) // over the files verified
+	if _, _, err := dst.ApplyFiles(ctx, changed, ltx.ApplyOptions{Move: true, Verified: verified}); !errors.Is(err, ltx.ErrCorrupt) {
+		t.Fatalf("files changed after they were verified: %v, want ErrCorrupt", err)
 	}
 	if got := dst.Pos(); got != files[len(files)-5].Pos() {
 		t.Fatalf("log moved to %s on files that did not apply", got)
 	}
-	if _, _, err := dst.ApplyFiles(ctx, received(next, false), ltx.ApplyOptions{Move: true, Seals: seals}); err != nil {
+	if _, _, err := dst.ApplyFiles(ctx, received(next, false), ltx.ApplyOptions{Move: true, Verified: verified}); err != nil {
 		t.Fatal(err)
+	}
+	if _, _, err := dst.ApplyFiles(ctx, received(next[:2], false), ltx.ApplyOptions{Move: true, Verified: verified}); err == nil || !strings.Contains(err.Error(), "4 files described as verified for 2") {
+		t.Fatalf("2 files described by 4: %v", err)
 	}
 	if rep, err := ltx.VerifyDir(dst.Dir); err != nil || len(rep.Files) != len(files) {
 		t.Fatalf("replica log directory: %d files, %v; want %d", len(rep.Files), err, len(files))

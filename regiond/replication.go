@@ -74,7 +74,7 @@ func (t fsTarget) Apply(ctx context.Context, db string, files []*replication.Fil
 	paths := make([]string, len(files))
 	for i, f := range files {
 		paths[i] = f.Path
-		opts.Seals = append(opts.Seals, f.Seal) // verified as received
+		opts.Verified = append(opts.Verified, f.Info) // as received
 	}
 	infos, err := t.f.ApplyFiles(ctx, db, paths, opts)
 	if err != nil {

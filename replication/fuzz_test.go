@@ -423,7 +423,7 @@ func checkReceived(t testing.TB, dir string, file *File, b *meridianv1.LTXBegin,
 	}
 	h, tr := vr.Header(), vr.Trailer()
 	want := ltx.FileInfo{Name: ltx.FormatName(h.MinTXID, h.MaxTXID), Header: h, PostApplyChecksum: tr.PostApplyChecksum,
-		FileChecksum: tr.FileChecksum, Size: int64(len(got))}
+		FileChecksum: tr.FileChecksum, Size: int64(len(got)), Seal: vr.Seal()}
 	if file.Info != want {
 		t.Fatalf("got info %+v, want %+v from the bytes", file.Info, want)
 	}

@@ -17,15 +17,14 @@ import (
 type File struct {
 	DB   string
 	Path string // a temporary file holding the bytes; given back after Apply unless the Target moved it
+	// Info describes the file; its Seal is that of the bytes received
+	// (see ltx.VerifyReader.Seal), for the Target to keep.
 	Info ltx.FileInfo
 	// SnapshotReason says why the primary sent a snapshot instead of
 	// continuing from the replica's position: NO_POSITION, RETENTION, or a
 	// diverged history (AHEAD, CHECKSUM_MISMATCH), whose transactions the
 	// Target must keep aside before applying. UNSPECIFIED otherwise.
 	SnapshotReason meridianv1.SnapshotReason
-	// Seal is the seal of the file's bytes as received and verified (see
-	// ltx.VerifyReader.Seal).
-	Seal ltx.Checksum
 	// CommittedAt is when the file's last transaction committed on the
 	// primary, by the primary's clock.
 	CommittedAt time.Time
@@ -234,9 +233,9 @@ func (in *incoming) verify(e *meridianv1.LTXEnd) (*File, error) {
 			Header:            h,
 			PostApplyChecksum: res.postApplySum,
 			FileChecksum:      res.fileChecksum,
+			Seal:              res.seal, // of the bytes received, not stored yet
 			Size:              int64(in.n),
 		},
-		Seal:           res.seal,
 		SnapshotReason: b.GetSnapshotReason(),
 		CommittedAt:    time.Unix(0, b.GetCommittedAtUnixNano()),
 		Traceparent:    b.GetTraceparent(),
