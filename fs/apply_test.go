@@ -106,9 +106,16 @@ func TestFileSystem_Apply(t *testing.T) {
 			f.SetReadOnly(true)
 			ctx := context.Background()
 			files := src.log.Files()
-			// The first file makes the database; readers start then.
-			if _, err := f.Apply(ctx, "bank.db", filepath.Join(src.log.Dir, files[0].Name), false); err != nil {
-				t.Fatal(err)
+			// The first files make the database and its tables (in WAL mode
+			// the switch to WAL comes first, alone); readers start then.
+			first := 0
+			for ; !hasAccounts(t, f); first++ {
+				if first == len(files) {
+					t.Fatalf("none of the %d files makes the accounts table", len(files))
+				}
+				if _, err := f.Apply(ctx, "bank.db", filepath.Join(src.log.Dir, files[first].Name), false); err != nil {
+					t.Fatal(err)
+				}
 			}
 			var (
 				stop          atomic.Bool
@@ -144,7 +151,7 @@ func TestFileSystem_Apply(t *testing.T) {
 			// Single files and groups, as a replica catching up applies.
 			sizes := []int{1, 3, 1, 7, 2, 20}
 			groups := 0
-			for i := 1; i < len(files); groups++ {
+			for i := first; i < len(files); groups++ {
 				group := files[i:min(i+sizes[groups%len(sizes)], len(files))]
 				var paths []string
 				for _, file := range group {
@@ -209,6 +216,24 @@ func TestFileSystem_Apply(t *testing.T) {
 			}
 		})
 	}
+}
+
+// hasAccounts reports whether the replica's bank.db has its accounts yet.
+func hasAccounts(t *testing.T, f *fs.FileSystem) bool {
+	t.Helper()
+	if f.DB("bank.db") == nil {
+		return false
+	}
+	db, err := sql.Open("sqlite3", "file:"+filepath.Join(f.MountDir, "bank.db")+"?mode=ro")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var n int
+	if err := db.QueryRow(`SELECT count(*) FROM sqlite_schema WHERE name = 'accounts'`).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n == 1
 }
 
 // TestFileSystem_SetAcked checks that Maintain keeps the LTX files a
