@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# install-consul.sh builds the Consul agent that Meridian's lease tests, the
+# demo and the benchmarks run, from the Go module proxy, at a pinned version,
+# and prints the path of the binary.
+#
+# A `consul` on PATH is used as it is. Otherwise the binary is built once into
+# $MERIDIAN_CACHE (default ~/.cache/meridian) and found there from then on;
+# running the script again does nothing but print the path.
+#
+# `go install github.com/hashicorp/consul@VERSION` refuses the module: its
+# go.mod replaces its nested modules (api, sdk, ...) with directories that the
+# module's zip does not hold, since each is a module of its own. So the script
+# downloads the module, puts each nested module it replaces beside it at the
+# version its go.mod requires, and builds in that tree. The first build takes
+# about five minutes on two cores.
+set -euo pipefail
+
+# v1.20.6: the newest release whose nested modules the proxy and checksum
+# database both serve (v1.22.0 needs envoyextensions v0.9.0, which sum.golang.org
+# does not know).
+CONSUL_VERSION=v1.20.6
+CACHE="${MERIDIAN_CACHE:-$HOME/.cache/meridian}"
+BIN="$CACHE/consul-$CONSUL_VERSION/consul"
+GO="${GO:-go}"
+
+if [[ "${1:-}" != "--build" ]]; then
+	if path=$(command -v consul 2>/dev/null); then
+		echo "$path"
+		exit 0
+	fi
+fi
+if [[ -x "$BIN" ]]; then
+	echo "$BIN"
+	exit 0
+fi
+
+export GOFLAGS=-mod=mod GOWORK=off GOTOOLCHAIN=local
+work=$(mktemp -d)
+trap 'chmod -R u+w "$work" 2>/dev/null; rm -rf "$work"' EXIT
+
+# moddir MODULE@VERSION prints where the module proxy's copy landed.
+moddir() {
+	local out dir
+	out=$("$GO" mod download -json "$1" 2>&1) || true
+	dir=$(sed -n 's/^\t"Dir": "\(.*\)",$/\1/p' <<<"$out")
+	if [[ -z "$dir" ]]; then
+		echo "install-consul: cannot download $1 from the Go module proxy:" >&2
+		echo "$out" >&2
+		return 1
+	fi
+	echo "$dir"
+}
+
+echo "install-consul: downloading github.com/hashicorp/consul@$CONSUL_VERSION" >&2
+src=$(moddir "github.com/hashicorp/consul@$CONSUL_VERSION")
+cp -r "$src" "$work/consul"
+chmod -R u+w "$work/consul"
+
+# Each `github.com/hashicorp/consul/X => ./X` replace, at its required version.
+sed -n 's#^\t\(github.com/hashicorp/consul/[a-z/-]*\) => \./\([a-z/-]*\)$#\1 \2#p' "$work/consul/go.mod" |
+	while read -r mod dir; do
+		version=$(sed -n "s#^\t$mod \(v[^ ]*\).*#\1#p" "$work/consul/go.mod" | head -1)
+		[[ -n "$version" ]] || { echo "install-consul: go.mod replaces $mod but requires no version of it" >&2; exit 1; }
+		echo "install-consul: nested module $mod@$version" >&2
+		nested=$(moddir "$mod@$version") || exit 1
+		rm -rf "${work:?}/consul/$dir"
+		cp -r "$nested" "$work/consul/$dir"
+		chmod -R u+w "$work/consul/$dir"
+	done
+
+echo "install-consul: building (about five minutes the first time)" >&2
+mkdir -p "$(dirname "$BIN")"
+(cd "$work/consul" && "$GO" build -trimpath -o "$BIN.tmp" .)
+mv "$BIN.tmp" "$BIN"
+"$BIN" version >&2
+echo "$BIN"
