@@ -39,14 +39,7 @@ func (w *Workload) Step() (string, error) {
 	}
 	switch n := w.Rng.IntN(100); {
 	case n < 35:
-		return "insert", w.tx(func(tx *sql.Tx) error {
-			for i := w.Rng.IntN(20) + 1; i > 0; i-- {
-				if _, err := tx.Exec(fmt.Sprintf(`INSERT INTO %s (k, v) VALUES (?, ?)`, w.table()), w.Rng.IntN(1e6), w.text(10, 200)); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
+		return "insert", w.insertRows(20)
 	case n < 45:
 		// A blob over several pages: overflow page chains.
 		return "insert blob", w.exec(fmt.Sprintf(`INSERT INTO %s (k, b) VALUES (?, randomblob(?))`, w.table()), w.Rng.IntN(1e6), 4096+w.Rng.IntN(40000))
@@ -63,6 +56,18 @@ func (w *Workload) Step() (string, error) {
 	}
 }
 
+// insertRows inserts 1 to max rows into a random table in one transaction.
+func (w *Workload) insertRows(max int) error {
+	return w.tx(func(tx *sql.Tx) error {
+		for i := w.Rng.IntN(max) + 1; i > 0; i-- {
+			if _, err := tx.Exec(fmt.Sprintf(`INSERT INTO %s (k, v) VALUES (?, ?)`, w.table()), w.Rng.IntN(1e6), w.text(10, 200)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
 // lightStep is Step for a Light workload.
 func (w *Workload) lightStep() (string, error) {
 	// A few rows from a random id on.
@@ -71,14 +76,7 @@ func (w *Workload) lightStep() (string, error) {
 	}
 	switch n := w.Rng.IntN(1000); {
 	case n < 400:
-		return "insert", w.tx(func(tx *sql.Tx) error {
-			for i := w.Rng.IntN(5) + 1; i > 0; i-- {
-				if _, err := tx.Exec(fmt.Sprintf(`INSERT INTO %s (k, v) VALUES (?, ?)`, w.table()), w.Rng.IntN(1e6), w.text(10, 200)); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
+		return "insert", w.insertRows(5)
 	case n < 480:
 		return "insert blob", w.exec(fmt.Sprintf(`INSERT INTO %s (k, b) VALUES (?, randomblob(?))`, w.table()), w.Rng.IntN(1e6), 4096+w.Rng.IntN(4096))
 	case n < 700:
