@@ -5,7 +5,8 @@
 #
 # A `consul` on PATH is used as it is. Otherwise the binary is built once into
 # $MERIDIAN_CACHE (default ~/.cache/meridian) and found there from then on;
-# running the script again does nothing but print the path.
+# running the script again does nothing but print the path. `--build` skips
+# the PATH lookup, to build the pinned version even where a consul is installed.
 #
 # `go install github.com/hashicorp/consul@VERSION` refuses the module: its
 # go.mod replaces its nested modules (api, sdk, ...) with directories that the
