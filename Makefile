@@ -24,7 +24,7 @@ PROTOC_GEN_GO_GRPC := $(TOOLS_BIN)/protoc-gen-go-grpc-$(PROTOC_GEN_GO_GRPC_VERSI
 # points them at the pinned binaries above, so versions live in this file only.
 PROTOC_PLUGINS := $(TOOLS_DIR)/protoc-plugins
 
-.PHONY: all build test test-long bench-fs bench-repl lint proto proto-check fuzz bench tools clean
+.PHONY: all build test test-long test-hang-check bench-fs bench-repl lint proto proto-check fuzz bench tools clean
 
 all: build
 
@@ -32,14 +32,30 @@ build:
 	$(GO) build ./...
 	$(GO) build -o bin/regiond ./cmd/regiond
 
+# Test runs have two bounds: each test binary's own -timeout, and the whole
+# run's, which scripts/bounded-run enforces whatever the tests do: past it,
+# it prints the stacks of the running tests, aborts the FUSE connections of
+# the run's mounts, kills the run's processes and fails. Either way nothing
+# of the run is left: no mount, no process (see DESIGN.md, "Testing FUSE
+# safely").
+TEST_TIMEOUT ?= 12m
+TEST_BOUND   ?= 14m
+
 test:
-	$(GO) test -count=1 ./...
+	scripts/bounded-run $(TEST_BOUND) $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
 
 # test-long runs the tests behind the `long` build tag: databases grown past
 # 1 GiB (SQLite's lock page) through the FUSE mount and rebuilt from their
 # logs. About 2 minutes; CI runs it.
 test-long:
-	$(GO) test -tags long -count=1 -timeout 30m -run '^TestLong' ./...
+	scripts/bounded-run 35m $(GO) test -tags long -count=1 -timeout 30m -run '^TestLong' ./...
+
+# test-hang-check proves the bounds: a test wedged in a FUSE request on its
+# own mount (fs/hang_test.go, build tag hangcheck) must fail within its
+# bound and leave no mount and no process, whether its -timeout, the bound
+# or a SIGKILL ends it. About a minute; CI runs it.
+test-hang-check:
+	scripts/hang-check
 
 # fuzz runs every FuzzX target of the root package, ltx/, fs/, replication/
 # and regiond/, one at a time,

@@ -171,7 +171,7 @@ func TestFileSystem_Apply(t *testing.T) {
 				}
 			}
 			stop.Store(true)
-			wg.Wait()
+			testingutil.Within(t, 30*time.Second, "the readers to stop", wg.Wait)
 			if msg := failure.Load(); msg != nil {
 				t.Fatal(msg)
 			}

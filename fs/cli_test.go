@@ -224,11 +224,15 @@ func freeLeaves(tb testing.TB, img []byte) map[uint32]bool {
 	return leaves
 }
 
+// cliTimeout bounds a run of the sqlite3 CLI: a script of hundreds of
+// transactions takes seconds.
+const cliTimeout = 2 * time.Minute
+
 // runCLI runs the sqlite3 CLI on path with script as its input and returns
 // its standard output, failing the test on any error.
 func runCLI(tb testing.TB, path, script string) string {
 	tb.Helper()
-	cmd := exec.Command("sqlite3", path)
+	cmd := testingutil.Command(tb, cliTimeout, "sqlite3", path)
 	cmd.Stdin = strings.NewReader(script)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr

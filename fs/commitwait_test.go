@@ -5,6 +5,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,6 +16,9 @@ import (
 	"github.com/meridian-db/meridian/internal/testingutil"
 	"github.com/meridian-db/meridian/ltx"
 )
+
+// commitWaitTimeout bounds each wait of TestFileSystem_CommitWait.
+const commitWaitTimeout = 10 * time.Second
 
 // commitCall is one call of a commit wait.
 type commitCall struct {
@@ -43,13 +47,33 @@ func TestFileSystem_CommitWait(t *testing.T) {
 			if _, err := db.Exec(`CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)`); err != nil {
 				t.Fatal(err)
 			}
+			// The wait answers the app's FUSE request: it must end, or
+			// the request never would. It gives up when the test ends
+			// (this cleanup runs before the database and mount close) or
+			// after commitWaitTimeout.
 			calls := make(chan commitCall)
+			ended := make(chan struct{})
 			f.SetCommitWait(func(ctx context.Context, name string, txid ltx.TXID, canFail bool) error {
-				c := commitCall{name, txid, canFail, make(chan error)}
-				calls <- c
-				return <-c.release
+				c := commitCall{name, txid, canFail, make(chan error, 1)}
+				timeout := time.NewTimer(commitWaitTimeout)
+				defer timeout.Stop()
+				select {
+				case calls <- c:
+				case <-ended:
+					return errors.New("the test ended")
+				case <-timeout.C:
+					return fmt.Errorf("the test took no commit wait for txid %v in %v", txid, commitWaitTimeout)
+				}
+				select {
+				case err := <-c.release:
+					return err
+				case <-ended:
+					return errors.New("the test ended")
+				case <-timeout.C:
+					return fmt.Errorf("the test did not release the commit wait for txid %v in %v", txid, commitWaitTimeout)
+				}
 			})
-			t.Cleanup(func() { f.SetCommitWait(nil) })
+			t.Cleanup(func() { f.SetCommitWait(nil); close(ended) })
 			d := f.DB("w.db")
 			rollback := mode != "wal"
 
@@ -94,7 +118,7 @@ func TestFileSystem_CommitWait(t *testing.T) {
 				}
 				last = c.txid
 				c.release <- nil
-				if err := <-done; err != nil {
+				if err := testingutil.Recv(t, done, commitWaitTimeout, fmt.Sprintf("insert %d to return", id)); err != nil {
 					t.Fatalf("insert %d: %v", id, err)
 				}
 			}
@@ -103,7 +127,7 @@ func TestFileSystem_CommitWait(t *testing.T) {
 			}
 			c, done := commit(100)
 			c.release <- errors.New("replicas did not acknowledge")
-			err := <-done
+			err := testingutil.Recv(t, done, commitWaitTimeout, "insert 100 to return")
 			if err == nil || !strings.Contains(err.Error(), "disk I/O error") {
 				t.Fatalf("insert whose commit wait failed: %v, want a disk I/O error", err)
 			}
@@ -123,7 +147,7 @@ func TestFileSystem_CommitWait(t *testing.T) {
 				t.Fatalf("commit wait for txid %v after the failed %v", c2.txid, c.txid)
 			}
 			c2.release <- errors.New("replicas did not acknowledge")
-			if err := <-done; err == nil || !strings.Contains(err.Error(), "disk I/O error") {
+			if err := testingutil.Recv(t, done, commitWaitTimeout, "insert 102 to return"); err == nil || !strings.Contains(err.Error(), "disk I/O error") {
 				t.Fatalf("second insert whose commit wait failed: %v, want a disk I/O error", err)
 			}
 			// The transactions are committed here, as the error says: a

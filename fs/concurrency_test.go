@@ -62,7 +62,7 @@ const readerPace = 500 * time.Microsecond
 // timeout of readerTimeout. It is fed queries until stop is closed.
 func startCLIReader(tb testing.TB, path, mode string, stop <-chan struct{}, wg *sync.WaitGroup) *cliReader {
 	tb.Helper()
-	r := &cliReader{cmd: exec.Command("sqlite3", path)}
+	r := &cliReader{cmd: testingutil.Command(tb, cliTimeout, "sqlite3", path)}
 	r.cmd.Stdout, r.cmd.Stderr = &r.stdout, &r.stderr
 	stdin, err := r.cmd.StdinPipe()
 	if err != nil {
@@ -200,7 +200,7 @@ func startCLIWriter(tb testing.TB, path, mode string, ts []transfer) *cliWriter 
 		script.WriteString(strings.Join(t.statements(), " ") + "\n")
 	}
 	script.WriteString("SELECT 'done';\n")
-	w := &cliWriter{cmd: exec.Command("sqlite3", path)}
+	w := &cliWriter{cmd: testingutil.Command(tb, cliTimeout, "sqlite3", path)}
 	w.cmd.Stdin = strings.NewReader(script.String())
 	w.cmd.Stdout, w.cmd.Stderr = &w.stdout, &w.stderr
 	if err := w.cmd.Start(); err != nil {
@@ -294,7 +294,10 @@ func testReadersAndWriter(t *testing.T, mode string, seed uint64) {
 	start := time.Now()
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
-	stopReaders := sync.OnceFunc(func() { close(stop); wg.Wait() })
+	stopReaders := sync.OnceFunc(func() {
+		close(stop)
+		testingutil.Within(t, 30*time.Second, "the readers to stop", wg.Wait)
+	})
 	t.Cleanup(stopReaders)
 	readers := make([]*cliReader, cliReaders)
 	for i := range readers {
@@ -317,7 +320,7 @@ func testReadersAndWriter(t *testing.T, mode string, seed uint64) {
 		}
 		results = append(results, parseCLIOutput(mode, r.stdout.String(), r.stderr.String()))
 	}
-	checkReaders(t, mode, append(results, <-goRes), writeTime)
+	checkReaders(t, mode, append(results, testingutil.Recv(t, goRes, 10*time.Second, "the Go reader's results")), writeTime)
 	t.Logf("%s: the longest statement of the writers took %v (sqlite3) and %v (Go)", mode, cliLongest, goLongest.Round(time.Millisecond))
 
 	var sum, n int
@@ -414,7 +417,7 @@ type lockChild struct {
 
 func startLockChild(tb testing.TB, path string) *lockChild {
 	tb.Helper()
-	c := &lockChild{tb: tb, cmd: exec.Command("python3", "-c", lockChildScript, path), lines: make(chan string, 16)}
+	c := &lockChild{tb: tb, cmd: testingutil.Command(tb, cliTimeout, "python3", "-c", lockChildScript, path), lines: make(chan string, 16)}
 	c.cmd.Stderr = &c.stderr
 	stdin, err := c.cmd.StdinPipe()
 	if err != nil {

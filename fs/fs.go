@@ -16,10 +16,12 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 
+	"github.com/meridian-db/meridian/internal/fusectl"
 	"github.com/meridian-db/meridian/ltx"
 )
 
@@ -67,6 +69,8 @@ type FileSystem struct {
 	watcher        *walWatcher
 	spares         *ltx.Spares
 	server         *fuse.Server
+	served         chan struct{}  // closed when the server's loop ends
+	conn           uint32         // the mount's FUSE connection number
 	notify         sync.WaitGroup // cache notifications sent after a request
 	readOnly       atomic.Bool
 	mounted        time.Time
@@ -86,6 +90,7 @@ type FileSystem struct {
 
 	commitWait atomic.Pointer[CommitWait]
 
+	closing      chan struct{} // closed when Close begins
 	stopMaintain context.CancelFunc
 	maintained   sync.WaitGroup
 }
@@ -116,6 +121,7 @@ func New(dataDir, mountDir string) *FileSystem {
 		handles:          map[uint64]*handle{},
 		refused:          map[uint32]time.Time{},
 		changed:          make(chan struct{}),
+		closing:          make(chan struct{}),
 	}
 }
 
@@ -186,6 +192,9 @@ func (f *FileSystem) changedLocked() {
 // Open recovers every database (see Recover), then mounts the filesystem.
 // Nothing is served until every database's log and file agree.
 func (f *FileSystem) Open(ctx context.Context) error {
+	if err := f.clearDeadMount(); err != nil {
+		return err
+	}
 	if err := os.MkdirAll(f.dbsDir(), 0o755); err != nil {
 		return fmt.Errorf("create data directory: %w", err)
 	}
@@ -242,13 +251,30 @@ func (f *FileSystem) Open(ctx context.Context) error {
 	}
 	f.server = server
 	dbs := len(f.dbs) // read before requests can change it
-	go server.Serve()
+	f.served = make(chan struct{})
+	go func() {
+		defer close(f.served)
+		server.Serve()
+	}()
 	if err := server.WaitMount(); err != nil {
 		_ = server.Unmount()
 		f.closeDBs()
 		return fmt.Errorf("mount %s: %w", f.MountDir, err)
 	}
-	f.Logger.Info("mounted", "mount_dir", f.MountDir, "data_dir", f.DataDir, "dbs", dbs)
+	if m, ok, err := fusectl.At(f.MountDir); err == nil && ok {
+		f.conn = m.Conn
+	}
+	f.Logger.Info("mounted", "mount_dir", f.MountDir, "data_dir", f.DataDir, "dbs", dbs, "fuse_conn", f.conn)
+	f.maintained.Add(1)
+	go func() {
+		defer f.maintained.Done()
+		select {
+		case <-f.served:
+			f.Logger.Error("the mount ended: unmounted or its FUSE connection aborted from outside; apps get ENOTCONN until the daemon restarts",
+				"mount_dir", f.MountDir, "fuse_conn", f.conn)
+		case <-f.closing:
+		}
+	}()
 	mctx, stop := context.WithCancel(context.Background())
 	f.stopMaintain = stop
 	f.maintained.Add(1)
@@ -306,23 +332,20 @@ func (f *FileSystem) Maintain(ctx context.Context) error {
 // up to the context's deadline, and closes the logs.
 func (f *FileSystem) Close(ctx context.Context) error {
 	var err error
+	select {
+	case <-f.closing:
+	default:
+		close(f.closing)
+	}
 	if f.stopMaintain != nil {
 		f.stopMaintain()
-		f.maintained.Wait()
 	}
+	f.maintained.Wait()
 	f.notify.Wait()
 	if f.server != nil {
-		for {
-			if err = f.server.Unmount(); err == nil {
-				break
-			}
-			select {
-			case <-ctx.Done():
-				return fmt.Errorf("unmount %s: %w (files still open? try: fusermount3 -u -z %s)", f.MountDir, err, f.MountDir)
-			case <-time.After(100 * time.Millisecond):
-			}
+		if err = f.unmount(ctx); err != nil {
+			return err
 		}
-		f.server.Wait()
 		f.server = nil
 	}
 	if f.watcher != nil {
@@ -356,6 +379,92 @@ func (f *FileSystem) Close(ctx context.Context) error {
 	f.closeDBs()
 	return err
 }
+
+// unmount unmounts the filesystem and waits for the server's loop to end,
+// retrying while apps still have files open, up to ctx's deadline. A mount
+// that ended already, unmounted or its connection aborted from outside,
+// is only detached if still there: nothing could be served through it.
+func (f *FileSystem) unmount(ctx context.Context) error {
+	for {
+		select {
+		case <-f.served:
+			f.Logger.Warn("the mount had ended already: unmounted or its FUSE connection aborted from outside",
+				"mount_dir", f.MountDir, "fuse_conn", f.conn)
+			if m, ok, err := fusectl.At(f.MountDir); err != nil {
+				return err
+			} else if ok && m.Conn == f.conn {
+				if err := fusectl.Detach(f.MountDir); err != nil {
+					return err
+				}
+				f.Logger.Info("detached the dead mount", "mount_dir", f.MountDir)
+			}
+			return nil
+		default:
+		}
+		if m, ok, err := fusectl.At(f.MountDir); err == nil && f.conn != 0 && (!ok || m.Conn != f.conn) {
+			// Detached lazily from outside: the connection would live on
+			// until apps close their last files, and there is nothing
+			// left to unmount.
+			f.Logger.Warn("the mount was unmounted from outside: ending its FUSE connection; files apps still have open on it fail from now on",
+				"mount_dir", f.MountDir, "fuse_conn", f.conn)
+			if err := fusectl.Abort(f.conn); err != nil {
+				return err
+			}
+			select {
+			case <-f.served:
+				return nil
+			case <-ctx.Done():
+				return fmt.Errorf("unmount %s: the FUSE connection %d, aborted, did not end: %w", f.MountDir, f.conn, ctx.Err())
+			}
+		}
+		err := f.server.Unmount()
+		if err == nil {
+			f.server.Wait()
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("unmount %s: %w (files still open? try: fusermount3 -u -z %s)", f.MountDir, err, f.MountDir)
+		case <-f.served:
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// clearDeadMount detaches a FUSE mount left at MountDir by a daemon that
+// is gone (its server exited or its connection was aborted: the mount
+// point answers ENOTCONN), so that the filesystem can mount there again.
+// A live mount is an error: another daemon serves it.
+func (f *FileSystem) clearDeadMount() error {
+	m, ok, err := fusectl.At(f.MountDir)
+	if err != nil || !ok {
+		return err
+	}
+	// statfs asks the server every time (stat may be answered from the
+	// kernel's cache). On a mount whose server is alive but stuck, it
+	// would not return: it is given a moment only.
+	statErr := make(chan error, 1)
+	go func() {
+		var st syscall.Statfs_t
+		statErr <- syscall.Statfs(f.MountDir, &st)
+	}()
+	select {
+	case err := <-statErr:
+		if !fusectl.IsDead(err) {
+			return fmt.Errorf("mount %s: it is already a FUSE mount (%s, connection %d) that answers: is another regiond serving it? Stop it, or unmount it: fusermount3 -u %s",
+				f.MountDir, m.Source, m.Conn, f.MountDir)
+		}
+	case <-time.After(deadMountStatTimeout):
+		return fmt.Errorf("mount %s: it is already a FUSE mount (%s, connection %d) whose server does not answer; abort it (echo 1 > %s/%d/abort) and unmount it (fusermount3 -u -z %s)",
+			f.MountDir, m.Source, m.Conn, fusectl.ConnectionsDir, m.Conn, f.MountDir)
+	}
+	f.Logger.Warn("mount_dir is a dead FUSE mount, left by a daemon that is gone: unmounting it", "mount_dir", f.MountDir, "fuse_conn", m.Conn)
+	return fusectl.Detach(f.MountDir)
+}
+
+// deadMountStatTimeout is how long Open waits for a FUSE mount already at
+// MountDir to answer.
+const deadMountStatTimeout = 2 * time.Second
 
 func (f *FileSystem) closeDBs() {
 	if f.watcher != nil {

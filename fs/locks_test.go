@@ -15,6 +15,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 )
 
 const (
@@ -298,15 +299,22 @@ func TestLockTable_Test(t *testing.T) {
 	}
 }
 
+// lockWaitTimeout bounds each wait of the lock table tests.
+const lockWaitTimeout = 10 * time.Second
+
 // waitParked returns once a Lock call is blocked on lt.released, and fails
 // if done was closed meanwhile.
 func waitParked(tb testing.TB, lt *LockTable, done <-chan syscall.Errno) {
 	tb.Helper()
+	deadline := time.Now().Add(lockWaitTimeout)
 	for !parked(lt) {
 		select {
 		case errno := <-done:
 			tb.Fatalf("Lock returned %v before the lock was free", errno)
 		default:
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("waiting for Lock to park: not parked in %v", lockWaitTimeout)
 		}
 		runtime.Gosched()
 	}
@@ -316,6 +324,7 @@ func waitParked(tb testing.TB, lt *LockTable, done <-chan syscall.Errno) {
 // for was freed, and fails if the call parked again instead.
 func waitReturned(tb testing.TB, lt *LockTable, done <-chan syscall.Errno) syscall.Errno {
 	tb.Helper()
+	deadline := time.Now().Add(lockWaitTimeout)
 	for {
 		select {
 		case errno := <-done:
@@ -324,6 +333,9 @@ func waitReturned(tb testing.TB, lt *LockTable, done <-chan syscall.Errno) sysca
 		}
 		if parked(lt) {
 			tb.Fatal("Lock still waits after the lock was freed")
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("waiting for Lock to return: not returned in %v", lockWaitTimeout)
 		}
 		runtime.Gosched()
 	}
@@ -391,8 +403,13 @@ func TestLockTable_Lock(t *testing.T) {
 
 		waitParked(t, &lt, done)
 		cancel()
-		if errno := <-done; errno != syscall.EINTR {
-			t.Fatalf("Lock: got %v, want EINTR", errno)
+		select {
+		case errno := <-done:
+			if errno != syscall.EINTR {
+				t.Fatalf("Lock: got %v, want EINTR", errno)
+			}
+		case <-time.After(lockWaitTimeout):
+			t.Fatalf("waiting for Lock to return after its context was cancelled: not returned in %v", lockWaitTimeout)
 		}
 		assertLocks(t, &lt, Lock{Owner: 1, Pid: 101, Typ: rd, Start: 0, End: 9})
 	})
@@ -417,7 +434,13 @@ func TestLockTable_Lock(t *testing.T) {
 				}
 			})
 		}
-		wg.Wait()
+		finished := make(chan struct{})
+		go func() { wg.Wait(); close(finished) }()
+		select {
+		case <-finished:
+		case <-time.After(lockWaitTimeout):
+			t.Fatalf("waiting for the lockers to finish: not done in %v", lockWaitTimeout)
+		}
 		assertLocks(t, &lt)
 	})
 }

@@ -27,6 +27,7 @@ import (
 	_ "github.com/mattn/go-sqlite3" // registers the "sqlite3" driver
 
 	"github.com/meridian-db/meridian/fs"
+	"github.com/meridian-db/meridian/internal/testingutil"
 )
 
 // crashChildEnv, when set, makes the test binary run a child process of the
@@ -47,7 +48,7 @@ func TestMain(m *testing.M) {
 		}
 		os.Exit(0)
 	}
-	os.Exit(m.Run())
+	testingutil.Main(m)
 }
 
 func crashChild(args []string) error {
@@ -306,6 +307,7 @@ func startChild(t *testing.T, args ...string) *child {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), crashChildEnv+"="+strings.Join(args, " "))
+	testingutil.DieWithParent(cmd)
 	c := &child{cmd: cmd, lines: make(chan string, 1<<16), stderr: &lockedBuffer{}, done: make(chan struct{})}
 	cmd.Stderr = c.stderr
 	stdout, err := cmd.StdoutPipe()

@@ -105,10 +105,7 @@ func TestSampleFiles_Damage(t *testing.T) {
 					if err != nil {
 						t.Fatal(err)
 					}
-					r, err := c.Next(ctx)
-					if err != nil {
-						t.Fatal(err)
-					}
+					r := mustNext(t, c)
 					got, err := io.ReadAll(r)
 					_ = r.Close()
 					if !errors.Is(err, ltx.ErrCorrupt) {

@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -37,7 +38,7 @@ func TestMain(m *testing.M) {
 		}
 		os.Exit(0)
 	}
-	os.Exit(m.Run())
+	testingutil.Main(m)
 }
 
 // crashChild commits random transactions to a log until it is killed,
@@ -126,6 +127,11 @@ type intent struct {
 	sha      string
 }
 
+// crashRunTimeout bounds one run of TestLog_Crash, a child process that
+// commits until it is killed. A deadline against hangs, not a measure of
+// speed.
+const crashRunTimeout = time.Minute
+
 // TestLog_Crash kills a child process with SIGKILL at random points while
 // it commits, compacts and prunes, then checks that the log opens at the
 // last acknowledged transaction or the one being committed, that the
@@ -152,6 +158,7 @@ func TestLog_Crash(t *testing.T) {
 		prune := run%3 == 2 || k.point == "prune"
 		cmd := exec.Command(os.Args[0], "-test.run=^$")
 		cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%s %d %t %s %d", crashChildEnv, dir, rng.Uint64(), prune, k.point, k.n))
+		testingutil.DieWithParent(cmd)
 		cmd.Stderr = os.Stderr
 		stdout, err := cmd.StdoutPipe()
 		if err != nil {
@@ -161,6 +168,13 @@ func TestLog_Crash(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { _ = cmd.Process.Kill() })
+		// A child nobody kills (its failpoint never passes n times)
+		// commits for ever: kill it after a deadline and fail the test.
+		var timedOut atomic.Bool
+		watchdog := time.AfterFunc(crashRunTimeout, func() {
+			timedOut.Store(true)
+			_ = cmd.Process.Kill()
+		})
 
 		// Kill after a random number of acknowledged commits, at a random
 		// moment of the next ones; keep reading what the child printed
@@ -190,6 +204,10 @@ func TestLog_Crash(t *testing.T) {
 				}
 				killed = true
 			}
+		}
+		watchdog.Stop()
+		if timedOut.Load() {
+			t.Fatalf("run %d (%v): child still committing after %v (last acknowledged txid %d), never killed", run, k, crashRunTimeout, lastAck)
 		}
 		if err := cmd.Wait(); err == nil || !strings.Contains(err.Error(), "killed") {
 			t.Fatalf("run %d (%v): child ended with %v before it was killed", run, k, err)
@@ -243,10 +261,7 @@ func mustReadAll(tb testing.TB, l *ltx.Log) {
 		tb.Fatal(err)
 	}
 	for c.Pos() != l.Pos() {
-		r, err := c.Next(context.Background())
-		if err != nil {
-			tb.Fatal(err)
-		}
+		r := mustNext(tb, c)
 		if _, err := io.Copy(io.Discard, r); err != nil {
 			tb.Fatalf("read %s: %v", r.Info.Name, err)
 		}

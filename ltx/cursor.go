@@ -78,12 +78,15 @@ func (c *Cursor) Next(ctx context.Context) (*Reader, error) {
 			return r, nil
 		}
 		changed := l.changed
+		l.waiting.Add(1)
 		l.mu.RUnlock()
 
 		select {
 		case <-ctx.Done():
+			l.waiting.Add(-1)
 			return nil, ctx.Err()
 		case <-changed:
+			l.waiting.Add(-1)
 		}
 	}
 }

@@ -14,13 +14,11 @@ import (
 	"github.com/meridian-db/meridian/ltx"
 )
 
-// readNext reads the cursor's next file in full.
-func readNext(tb testing.TB, ctx context.Context, c *ltx.Cursor) (*ltx.Reader, []byte) {
+// readNext reads the cursor's next file, which the log already holds, in
+// full.
+func readNext(tb testing.TB, c *ltx.Cursor) (*ltx.Reader, []byte) {
 	tb.Helper()
-	r, err := c.Next(ctx)
-	if err != nil {
-		tb.Fatal(err)
-	}
+	r := mustNext(tb, c)
 	defer func() { _ = r.Close() }()
 	b, err := io.ReadAll(r)
 	if err != nil {
@@ -29,8 +27,59 @@ func readNext(tb testing.TB, ctx context.Context, c *ltx.Cursor) (*ltx.Reader, [
 	return r, b
 }
 
+// nextResult is what a Next called by goNext returned.
+type nextResult struct {
+	r   *ltx.Reader
+	err error
+}
+
+// goNext calls c.Next(ctx) in a new goroutine and returns a channel that
+// gets what it returned.
+func goNext(ctx context.Context, c *ltx.Cursor) <-chan nextResult {
+	ch := make(chan nextResult, 1)
+	go func() {
+		r, err := c.Next(ctx)
+		ch <- nextResult{r, err}
+	}()
+	return ch
+}
+
+// awaitNext returns what the Next of goNext returned, or fails the test
+// after waitTimeout saying what it waited for.
+func awaitNext(tb testing.TB, next <-chan nextResult, what string) nextResult {
+	tb.Helper()
+	select {
+	case res := <-next:
+		return res
+	case <-time.After(waitTimeout):
+		tb.Fatalf("waited %v for %s", waitTimeout, what)
+		return nextResult{}
+	}
+}
+
+// waitCursorWaits returns once the Next of goNext, on a cursor of l, is
+// blocked waiting for the log to change. It fails the test if that Next
+// returns first, or after waitTimeout.
+func waitCursorWaits(tb testing.TB, l *ltx.Log, next <-chan nextResult) {
+	tb.Helper()
+	deadline := time.Now().Add(waitTimeout)
+	for l.Waiting() == 0 {
+		select {
+		case res := <-next:
+			name := "no file"
+			if res.r != nil {
+				name = res.r.Info.Name
+			}
+			tb.Fatalf("Next returned (%s, err %v) instead of waiting for the log to change", name, res.err)
+		case <-time.After(time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("waited %v for a cursor to wait in Next for the log to change", waitTimeout)
+		}
+	}
+}
+
 func TestCursor_ReadsEveryFileThenWaits(t *testing.T) {
-	ctx := context.Background()
 	d := newFakeDB(t, t.TempDir(), 10)
 	d.run(5, t0, nil)
 
@@ -39,7 +88,7 @@ func TestCursor_ReadsEveryFileThenWaits(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, fi := range d.log.Files() {
-		r, b := readNext(t, ctx, c)
+		r, b := readNext(t, c)
 		if r.Info != fi {
 			t.Fatalf("served %v, want %v", r.Info, fi)
 		}
@@ -52,25 +101,28 @@ func TestCursor_ReadsEveryFileThenWaits(t *testing.T) {
 	}
 
 	// At the end, Next waits for the next commit.
-	done := make(chan *ltx.FileInfo)
-	go func() {
-		time.Sleep(50 * time.Millisecond)
-		done <- d.commit(d.step(), t0.Add(time.Hour))
-	}()
-	waitCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	r, _ := readNext(t, waitCtx, c)
-	if info := <-done; r.Info != *info {
-		t.Fatalf("served %v after waiting, want %v", r.Info, info)
+	next := goNext(t.Context(), c)
+	waitCursorWaits(t, d.log, next)
+	info := d.commit(d.step(), t0.Add(time.Hour))
+	res := awaitNext(t, next, "Next to return the file committed while it waited")
+	if res.err != nil {
+		t.Fatalf("Next waiting for a commit: %v", res.err)
+	}
+	_, err = io.ReadAll(res.r)
+	_ = res.r.Close()
+	if err != nil {
+		t.Fatalf("read %s: %v", res.r.Info.Name, err)
+	}
+	if res.r.Info != *info {
+		t.Fatalf("served %v after waiting, want %v", res.r.Info, info)
 	}
 
 	// A closed log wakes a waiting cursor.
-	go func() {
-		time.Sleep(50 * time.Millisecond)
-		_ = d.log.Close()
-	}()
-	if _, err := c.Next(waitCtx); !errors.Is(err, ltx.ErrClosed) {
-		t.Fatalf("Next on a closed log: err = %v, want ErrClosed", err)
+	next = goNext(t.Context(), c)
+	waitCursorWaits(t, d.log, next)
+	_ = d.log.Close()
+	if res := awaitNext(t, next, "Next to return once the log closed"); !errors.Is(res.err, ltx.ErrClosed) {
+		t.Fatalf("Next on a closed log: err = %v, want ErrClosed", res.err)
 	}
 }
 
@@ -112,8 +164,8 @@ func TestCursor_PosErrors(t *testing.T) {
 	if n, err := d.log.Prune(context.Background(), 6, t0.Add(time.Hour)); err != nil || n != 6 {
 		t.Fatalf("prune removed %d files, err %v; want 6", n, err)
 	}
-	if _, err := c.Next(context.Background()); !errors.Is(err, ltx.ErrPosTooOld) {
-		t.Fatalf("Next after prune: err = %v, want ErrPosTooOld", err)
+	if res := awaitNext(t, goNext(t.Context(), c), "Next after prune to return"); !errors.Is(res.err, ltx.ErrPosTooOld) {
+		t.Fatalf("Next after prune: err = %v, want ErrPosTooOld", res.err)
 	}
 	for _, p := range []ltx.Pos{{}, pos(0), pos(4)} {
 		if _, err := d.log.Cursor(p); !errors.Is(err, ltx.ErrPosTooOld) {
@@ -136,8 +188,8 @@ func TestCursor_ContextCanceled(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
-	if _, err := c.Next(ctx); !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("err = %v, want DeadlineExceeded", err)
+	if res := awaitNext(t, goNext(ctx, c), "Next to return when its context ended"); !errors.Is(res.err, context.DeadlineExceeded) {
+		t.Fatalf("err = %v, want DeadlineExceeded", res.err)
 	}
 }
 
@@ -152,10 +204,7 @@ func applyFrom(tb testing.TB, l *ltx.Log, pos ltx.Pos, image []byte) []byte {
 		tb.Fatalf("cursor at %s: %v", pos, err)
 	}
 	for c.Pos() != l.Pos() {
-		r, err := c.Next(ctx)
-		if err != nil {
-			tb.Fatal(err)
-		}
+		r := mustNext(tb, c)
 		if r.Info.PreApplyPos() != pos && !(pos.TXID == 0 && r.Info.Header.IsSnapshot()) {
 			tb.Fatalf("served %v to a reader at %s", r.Info, pos)
 		}
@@ -341,11 +390,8 @@ func TestLog_CloseDuringCommit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waiting := make(chan error, 1)
-	go func() {
-		_, err := c.Next(context.Background())
-		waiting <- err
-	}()
+	waiting := goNext(t.Context(), c)
+	waitCursorWaits(t, d.log, waiting)
 
 	closed := false
 	ltx.SetFailpoint(func(name string) {
@@ -359,8 +405,8 @@ func TestLog_CloseDuringCommit(t *testing.T) {
 	if !closed || info.Header.MaxTXID != 3 || d.log.Pos() != info.Pos() {
 		t.Fatalf("commit across Close: closed %t, file %v, log at %s", closed, info, d.log.Pos())
 	}
-	if err := <-waiting; !errors.Is(err, ltx.ErrClosed) {
-		t.Fatalf("waiting cursor: err = %v, want ErrClosed", err)
+	if res := awaitNext(t, waiting, "the waiting cursor to return once the log closed"); !errors.Is(res.err, ltx.ErrClosed) {
+		t.Fatalf("waiting cursor: err = %v, want ErrClosed", res.err)
 	}
 	if _, err := d.log.Commit(context.Background(), ltx.Tx{DB: bytes.NewReader(d.data), PageSize: d.pageSize, Commit: 1}); !errors.Is(err, ltx.ErrClosed) {
 		t.Fatalf("commit after Close: err = %v, want ErrClosed", err)

@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
+	"errors"
 	"io/fs"
 	"math/rand/v2"
 	"os"
@@ -188,4 +189,24 @@ func openImage(tb testing.TB, image []byte) (*os.File, *ltx.ChecksumTable) {
 		tb.Fatal(err)
 	}
 	return f, table
+}
+
+// waitTimeout bounds every wait of these tests, so that one that is not
+// met fails its test instead of hanging it. It is a deadline against
+// hangs, never a measure of speed.
+const waitTimeout = 10 * time.Second
+
+// mustNext returns the cursor's next file, which the log already holds: a
+// Next that waits for a commit instead fails the test after waitTimeout.
+func mustNext(tb testing.TB, c *ltx.Cursor) *ltx.Reader {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	defer cancel()
+	r, err := c.Next(ctx)
+	if errors.Is(err, context.DeadlineExceeded) {
+		tb.Fatalf("cursor at %s waited %v for a file the log already holds", c.Pos(), waitTimeout)
+	} else if err != nil {
+		tb.Fatalf("next file after %s: %v", c.Pos(), err)
+	}
+	return r
 }

@@ -118,10 +118,7 @@ func TestLog_LockPage(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r, err := c.Next(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := mustNext(t, c)
 	pos, err := ltx.Apply(ctx, d2.f, table2, before, r)
 	_ = r.Close()
 	if err != nil {

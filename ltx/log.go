@@ -63,6 +63,10 @@ type Log struct {
 	Spares *Spares
 
 	readers atomic.Int32 // files open for reading
+	// waiting counts the cursors blocked in Next until the log changes. A
+	// cursor counts itself while it still holds mu: once it is counted,
+	// the next change (a commit, Close) wakes it.
+	waiting atomic.Int32
 
 	wmu      sync.Mutex // held by Open, Commit and Sync
 	unsynced []string   // files committed with NoSync; guarded by wmu

@@ -81,10 +81,7 @@ func TestSpares(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r, err := c.Next(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := mustNext(t, c)
 	if r.Info.Name != files[2].Name {
 		t.Fatalf("reader opened %s, want %s", r.Info.Name, files[2].Name)
 	}

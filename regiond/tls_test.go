@@ -9,8 +9,10 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/meridian-db/meridian/internal/pki"
+	"github.com/meridian-db/meridian/internal/testingutil"
 	"github.com/meridian-db/meridian/regiond"
 )
 
@@ -58,6 +60,12 @@ func TestConfig_ServerTLS(t *testing.T) {
 			t.Fatalf("got MinVersion %x and %x, ClientAuth %v; want TLS 1.3 and verified client certificates", scfg.MinVersion, ccfg.MinVersion, scfg.ClientAuth)
 		}
 		a, b := net.Pipe()
+		// A handshake that stalls fails the test instead of hanging it.
+		for _, c := range []net.Conn{a, b} {
+			if err := c.SetDeadline(time.Now().Add(10 * time.Second)); err != nil {
+				t.Fatal(err)
+			}
+		}
 		server, client := tls.Server(a, scfg), tls.Client(b, ccfg)
 		defer server.Close()
 		defer client.Close()
@@ -66,7 +74,7 @@ func TestConfig_ServerTLS(t *testing.T) {
 		if err := client.Handshake(); err != nil {
 			t.Fatal(err)
 		}
-		if err := <-errc; err != nil {
+		if err := testingutil.Recv(t, errc, 10*time.Second, "the server's handshake"); err != nil {
 			t.Fatal(err)
 		}
 		if got, err := pki.PeerNode(server.ConnectionState()); err != nil || got != "fra-1" {

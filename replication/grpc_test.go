@@ -145,8 +145,13 @@ func serve(tb testing.TB, streamer *replication.Streamer, status func(context.Co
 	n.stop = func() {
 		once.Do(func() {
 			gs.Stop()
-			if err := <-done; err != nil {
-				tb.Errorf("serve on %s: %v", n.addr, err)
+			select {
+			case err := <-done:
+				if err != nil {
+					tb.Errorf("serve on %s: %v", n.addr, err)
+				}
+			case <-time.After(waitTimeout):
+				tb.Errorf("serve on %s: Serve did not return within %v of Stop", n.addr, waitTimeout)
 			}
 		})
 	}
@@ -193,7 +198,13 @@ func runClient(tb testing.TB, cl *replication.Client, dial func(context.Context)
 		defer close(done)
 		_ = cl.Run(ctx, dial)
 	}()
-	stop = func() { cancel(); <-done }
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			waitClosed(tb, done, "the replica's Run to return once its context was canceled")
+		})
+	}
 	tb.Cleanup(stop)
 	return stop
 }
@@ -483,13 +494,18 @@ func TestGRPC_Reconnect(t *testing.T) {
 	// the same address with a new Streamer, as after a restart.
 	var wg sync.WaitGroup
 	wg.Go(func() { p.steps("a.db", 100) })
-	for base, _, _ := tg.counts(); ; time.Sleep(time.Millisecond) {
-		if applied, _, _ := tg.counts(); applied >= base+10 {
+	base, _, _ := tg.counts()
+	for deadline := time.Now().Add(waitTimeout); ; time.Sleep(time.Millisecond) {
+		applied, _, _ := tg.counts()
+		if applied >= base+10 {
 			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("replica applied %d files in %v while the primary committed, want 10 before it stops", applied-base, waitTimeout)
 		}
 	}
 	n1.stop()
-	wg.Wait()
+	waitGroup(t, &wg, "the transactions committed while the primary stopped")
 	p.steps("a.db", 10)
 	streamer2 := newStreamer(t, p, &epoch, logger)
 	serve(t, streamer2, nil, c.server(t), n1.addr, logger)

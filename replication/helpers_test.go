@@ -403,3 +403,28 @@ func (e replicaEnd) Recv() (*meridianv1.StreamResponse, error) {
 		return nil, e.ctx.Err()
 	}
 }
+
+// waitTimeout bounds every wait of these tests that has no deadline of its
+// own, so that one that is not met fails its test instead of hanging it. It
+// is a deadline against hangs, never a measure of speed.
+const waitTimeout = 30 * time.Second
+
+// waitClosed returns once done is closed, or fails the test after
+// waitTimeout saying what it waited for.
+func waitClosed(tb testing.TB, done <-chan struct{}, what string) {
+	tb.Helper()
+	testingutil.Within(tb, waitTimeout, what, func() { <-done })
+}
+
+// waitGroup is wg.Wait with waitClosed's deadline.
+func waitGroup(tb testing.TB, wg *sync.WaitGroup, what string) {
+	tb.Helper()
+	testingutil.Within(tb, waitTimeout, what, wg.Wait)
+}
+
+// awaitErr returns the error from errc, or fails the test after
+// waitTimeout saying what it waited for.
+func awaitErr(tb testing.TB, errc <-chan error, what string) error {
+	tb.Helper()
+	return testingutil.Recv(tb, errc, waitTimeout, what)
+}

@@ -37,7 +37,7 @@ func newCluster(tb testing.TB) *cluster {
 	c.streamer = replication.NewStreamer(c.primary, "iad-1", c.epoch.Load, tb.TempDir())
 	c.streamer.HeartbeatInterval = 20 * time.Millisecond
 	c.streamer.Logger = testingutil.Logger(tb)
-	tb.Cleanup(c.serveWG.Wait)
+	tb.Cleanup(func() { waitGroup(tb, &c.serveWG, "the streams' Serve calls to return once their replicas stopped") })
 	return c
 }
 
@@ -75,7 +75,13 @@ func (c *cluster) run(cl *replication.Client) (stop func()) {
 		defer close(done)
 		_ = cl.Run(ctx, c.dial)
 	}()
-	stop = func() { cancel(); <-done }
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			waitClosed(c.tb, done, "the replica's Run to return once its context was canceled")
+		})
+	}
 	c.tb.Cleanup(stop)
 	return stop
 }
@@ -100,7 +106,7 @@ func TestStream_Converges(t *testing.T) {
 	var wg sync.WaitGroup
 	wg.Go(func() { c.primary.steps("a.db", 200) })
 	wg.Go(func() { c.primary.steps("b.db", 200) })
-	wg.Wait()
+	waitGroup(t, &wg, "the transactions committed while streaming")
 	c.primary.create("c.db", 3) // created while streaming
 	c.primary.steps("c.db", 20)
 	c.waitSynced()
@@ -249,7 +255,7 @@ func TestStream_Groups(t *testing.T) {
 		})
 	}
 	c.run(cl)
-	<-held
+	waitClosed(t, held, "the replica's first Apply and the files queued while it waited")
 	c.waitSynced()
 
 	applied, offered, _ := c.target.counts()
@@ -305,7 +311,7 @@ func TestStream_GroupBytes(t *testing.T) {
 		})
 	}
 	c.run(cl)
-	<-held
+	waitClosed(t, held, "the replica's first Apply and the files queued while it waited")
 	c.waitSynced()
 	c.target.mu.Lock()
 	groups := slices.Clone(c.target.groups)
@@ -333,7 +339,7 @@ func TestStream_StaleEpoch(t *testing.T) {
 	defer cancel()
 	conn, _ := c.dial(ctx)
 	_, err := cl.Session(ctx, conn)
-	if served := <-conn.(replicaEnd).served; !errors.Is(served, replication.ErrNotPrimary) {
+	if served := awaitErr(t, conn.(replicaEnd).served, "Serve with a stale epoch to return"); !errors.Is(served, replication.ErrNotPrimary) {
 		t.Fatalf("Serve with epoch 3 to a replica at epoch 7: %v, want ErrNotPrimary", served)
 	}
 	if err == nil {
@@ -473,9 +479,15 @@ func TestServe_RefusesBadHello(t *testing.T) {
 			errc := make(chan error, 1)
 			go func() { errc <- c.streamer.Serve(context.Background(), primaryEnd{p, context.Background()}, "fra-1") }()
 			if tt.epoch != 0 {
-				p.toPrimary <- tt.req
+				select {
+				case p.toPrimary <- tt.req:
+				case err := <-errc:
+					t.Fatalf("Serve returned %v before it read the first frame", err)
+				case <-time.After(waitTimeout):
+					t.Fatalf("waited %v for Serve to read the first frame", waitTimeout)
+				}
 			}
-			err := <-errc
+			err := awaitErr(t, errc, "Serve to return after the first frame")
 			p.close()
 			if !errors.Is(err, tt.want) {
 				t.Fatalf("Serve: %v, want %v", err, tt.want)

@@ -36,8 +36,12 @@ func TestQuorum_Met(t *testing.T) {
 // advance commits random transactions to db until one changes it, and
 // returns its TXID.
 func advance(c *cluster, db string) ltx.TXID {
+	c.tb.Helper()
 	before := c.primary.Log(db).Pos().TXID
-	for c.primary.Log(db).Pos().TXID == before {
+	for i := 0; c.primary.Log(db).Pos().TXID == before; i++ {
+		if i == 100 {
+			c.tb.Fatalf("%d random transactions left %s at txid %d", i, db, before)
+		}
 		c.primary.steps(db, 1)
 	}
 	return c.primary.Log(db).Pos().TXID
@@ -86,10 +90,25 @@ func TestGate_Timeout(t *testing.T) {
 		t.Fatalf("wait that can fail: %v, want ErrSyncTimeout", err)
 	}
 
-	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	// A wait that cannot fail outlasts its timeouts; its context ends it
+	// once it has seen two.
+	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	err = g.Wait(ctx, "a.db", txid, false)
-	if !errors.Is(err, context.DeadlineExceeded) {
+	errc := make(chan error, 1)
+	go func() { errc <- g.Wait(ctx, "a.db", txid, false) }()
+	for deadline := time.Now().Add(waitTimeout); g.Status().Timeouts < 3; {
+		select {
+		case err := <-errc:
+			t.Fatalf("wait that cannot fail: %v after %d timeouts, want it to wait until its context ends", err, g.Status().Timeouts)
+		case <-time.After(time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("status %+v after %v, want 3 or more timeouts", g.Status(), waitTimeout)
+		}
+	}
+	cancel()
+	err = awaitErr(t, errc, "the wait that cannot fail to return once its context ended")
+	if !errors.Is(err, context.Canceled) {
 		t.Fatalf("wait that cannot fail: %v, want it to wait until its context ends", err)
 	}
 	if st := g.Status(); st.Timeouts < 3 || st.Degraded {
@@ -97,7 +116,9 @@ func TestGate_Timeout(t *testing.T) {
 	}
 
 	g.Degrade = true
-	if err := g.Wait(context.Background(), "a.db", txid, false); err != nil {
+	ctx, cancel = context.WithTimeout(context.Background(), waitTimeout) // a wait that does not degrade would never end
+	defer cancel()
+	if err := g.Wait(ctx, "a.db", txid, false); err != nil {
 		t.Fatalf("degrading wait: %v", err)
 	}
 	st := g.Status()

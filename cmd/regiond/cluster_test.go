@@ -44,6 +44,9 @@ const (
 	// two-core machine running the other test packages at once it fell
 	// 45 s behind a stream of 100 a second per database.
 	streamInterval = 25 * time.Millisecond
+	// workloadTimeout bounds the workloads of TestCluster_Replicates,
+	// which take a few minutes on a busy two-core machine.
+	workloadTimeout = 10 * time.Minute
 	// restartRounds is how many times TestCluster_ReplicaRestart kills and
 	// restarts the replica.
 	restartRounds = 3
@@ -101,8 +104,10 @@ func TestCluster_Replicates(t *testing.T) {
 		w.Light = true
 		g.Go(func() error { return runWorkload(w, d.name, clusterTransactions) })
 	}
-	if err := g.Wait(); err != nil {
-		t.Fatalf("%v (seed %d)", err, seed)
+	var werr error
+	testingutil.Within(t, workloadTimeout, "the workloads to commit their transactions", func() { werr = g.Wait() })
+	if werr != nil {
+		t.Fatalf("%v (seed %d)", werr, seed)
 	}
 	written := time.Now()
 	checkpointAll(t, dbs)
@@ -153,7 +158,12 @@ func TestCluster_ReplicaRestart(t *testing.T) {
 	}
 	// Stop the writers before anything fails the test, so that cleanup
 	// does not close their databases under them.
-	stopWriters := func() error { stop(); return g.Wait() }
+	stopWriters := func() error {
+		stop()
+		var err error
+		testingutil.Within(t, time.Minute, "the writers to stop", func() { err = g.Wait() })
+		return err
+	}
 	t.Cleanup(func() { _ = stopWriters() })
 
 	rng := rand.New(rand.NewPCG(seed, 3))

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/meridian-db/meridian/internal/testingutil"
 	"github.com/meridian-db/meridian/ltx"
@@ -26,7 +27,7 @@ func TestMain(m *testing.M) {
 		main()
 		os.Exit(0)
 	}
-	os.Exit(m.Run())
+	testingutil.Main(m)
 }
 
 const (
@@ -52,7 +53,7 @@ func run(t *testing.T, args ...string) (stdout, stderr string, err error) {
 // standard error.
 func exitStatus(t *testing.T, args ...string) (int, string) {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], args...)
+	cmd := testingutil.Command(t, time.Minute, os.Args[0], args...)
 	cmd.Env = append(os.Environ(), runAsMainEnv+"=1")
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr

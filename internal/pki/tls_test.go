@@ -45,7 +45,11 @@ func (s *statusServer) Status(ctx context.Context, _ *meridianv1.StatusRequest) 
 	if err != nil {
 		return nil, status.Error(codes.PermissionDenied, err.Error())
 	}
-	s.callers <- node
+	select {
+	case s.callers <- node:
+	case <-ctx.Done(): // a caller the test does not wait for
+		return nil, status.FromContextError(ctx.Err()).Err()
+	}
 	return &meridianv1.StatusResponse{Node: "iad-1", Region: "iad", Role: meridianv1.Role_ROLE_PRIMARY}, nil
 }
 
@@ -88,8 +92,13 @@ func startServer(t *testing.T, cfg *tls.Config) *testServer {
 	go func() { done <- s.Serve(lis) }()
 	t.Cleanup(func() {
 		s.Stop()
-		if err := <-done; err != nil {
-			t.Errorf("serve: %v", err)
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("serve: %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Errorf("Serve did not return within 10s of Stop")
 		}
 	})
 	return ts
@@ -243,8 +252,13 @@ func TestTLS_GRPC(t *testing.T) {
 		if resp.GetNode() != "iad-1" {
 			t.Fatalf("got node %q, want iad-1", resp.GetNode())
 		}
-		if got := <-ts.callers; got != "fra-1" {
-			t.Fatalf("server saw caller %q, want fra-1", got)
+		select {
+		case got := <-ts.callers:
+			if got != "fra-1" {
+				t.Fatalf("server saw caller %q, want fra-1", got)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("the server's Status handler reported no caller in 10s")
 		}
 		if node, err := pki.PeerNode(*state); err != nil || node != "iad-1" {
 			t.Fatalf("client's PeerNode: got %q, %v, want iad-1", node, err)

@@ -343,6 +343,20 @@ func (n *ClusterNode) Kill(tb TB) {
 	}
 }
 
+// Crash kills the node with SIGKILL, by its PID, and waits for it, like
+// Kill, but leaves its dead mount in place, as a crashed daemon does.
+func (n *ClusterNode) Crash(tb TB) {
+	tb.Helper()
+	p := n.proc
+	if p == nil {
+		tb.Fatalf("%s: not running", n.Name)
+	}
+	n.proc = nil
+	if err := n.kill(p); err != nil {
+		tb.Fatal(err)
+	}
+}
+
 // kill kills p with SIGKILL and waits for it to exit. If it has not after
 // ClusterStopTimeout, it aborts the FUSE connection of the node's mount,
 // waits again, and returns an error saying where the process was stuck.
@@ -486,6 +500,9 @@ func (c *Cluster) cleanup() {
 			tb.Error(err)
 		} else if mounted {
 			tb.Errorf("%s: %s is still mounted after cleanup", n.Name, n.MountDir)
+			if err := Unmount(n.MountDir); err != nil {
+				tb.Error(err)
+			}
 		}
 	}
 	if tb.Failed() {
