@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -15,6 +14,7 @@ import (
 	"time"
 
 	"github.com/meridian-db/meridian"
+	"github.com/meridian-db/meridian/internal/fusectl"
 )
 
 // TB is the part of testing.TB a Cluster uses, so that a program (a
@@ -454,26 +454,16 @@ func threadStacks(pid int) string {
 	return b.String()
 }
 
-// abortFUSE aborts the FUSE connection of the mount at dir, through
-// /sys/fs/fuse/connections: every request waiting on it fails, which
-// frees a FUSE server stuck on its own mount.
+// abortFUSE aborts the FUSE connection of the mount at dir: every request
+// waiting on it fails, which frees a FUSE server stuck on its own mount.
 func abortFUSE(dir string) error {
-	b, err := os.ReadFile("/proc/self/mountinfo")
+	m, ok, err := fusectl.At(dir)
 	if err != nil {
 		return err
+	} else if !ok {
+		return fmt.Errorf("abort the FUSE connection of %s: not mounted", dir)
 	}
-	for line := range strings.SplitSeq(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 5 || f[4] != dir {
-			continue
-		}
-		_, minor, ok := strings.Cut(f[2], ":")
-		if !ok {
-			return fmt.Errorf("mountinfo of %s: bad device %q", dir, f[2])
-		}
-		return os.WriteFile("/sys/fs/fuse/connections/"+minor+"/abort", []byte("1"), 0)
-	}
-	return fmt.Errorf("abort the FUSE connection of %s: not mounted", dir)
+	return fusectl.Abort(m.Conn)
 }
 
 // unmountLeft lazily unmounts the node's mount if it is still there and
@@ -601,37 +591,12 @@ func Mounted(tb TB, dir string) bool {
 }
 
 func isMounted(dir string) (bool, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return false, err
-	}
-	defer f.Close()
-	b, err := io.ReadAll(f)
-	if err != nil {
-		return false, err
-	}
-	for line := range strings.SplitSeq(string(b), "\n") {
-		pre, post, ok := strings.Cut(line, " - ")
-		f, g := strings.Fields(pre), strings.Fields(post)
-		if ok && len(f) >= 5 && len(g) >= 1 && f[4] == dir && g[0] == "fuse.meridian" {
-			return true, nil
-		}
-	}
-	return false, nil
+	m, ok, err := fusectl.At(dir)
+	return ok && m.FSType == "fuse.meridian", err
 }
 
-// Unmount lazily unmounts the FUSE mount at dir with `fusermount3 -u -z`,
-// falling back to umount2(MNT_DETACH) if fusermount3 fails.
-func Unmount(dir string) error {
-	out, err := exec.Command("fusermount3", "-u", "-z", dir).CombinedOutput()
-	if err == nil {
-		return nil
-	}
-	if uerr := syscall.Unmount(dir, syscall.MNT_DETACH); uerr != nil {
-		return fmt.Errorf("fusermount3 -u -z %s: %v: %s; umount2: %w", dir, err, bytes.TrimSpace(out), uerr)
-	}
-	return nil
-}
+// Unmount lazily unmounts the FUSE mount at dir (see fusectl.Detach).
+func Unmount(dir string) error { return fusectl.Detach(dir) }
 
 // WaitPos waits until the node has db at a position that reached returns
 // true for, and returns it; after timeout it fails the test, saying the node
