@@ -3,6 +3,8 @@ package fs_test
 import (
 	"database/sql"
 	"errors"
+	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -202,27 +204,65 @@ func TestCapture_DiskFull(t *testing.T) {
 	}
 }
 
-// TestCapture_NoJournalFile: with journal_mode=MEMORY or OFF no journal
-// file marks the end of a transaction; the writer's unlock does.
+// TestCapture_NoJournalFile: journal_mode=MEMORY and OFF are refused. No
+// file marks the end of such a transaction, and a writer killed half-way
+// through one leaves half its pages in the database file with nothing to
+// roll them back: the log would take them as committed. A write in those
+// modes fails (a disk I/O error in SQLite) and changes nothing, on a new
+// database as on one switched to them; the daemon says why; switched back
+// to DELETE, the database and its log go on as before.
 func TestCapture_NoJournalFile(t *testing.T) {
 	for _, mode := range []string{"memory", "off"} {
 		t.Run(mode, func(t *testing.T) {
-			fsys := testingutil.MustMount(t)
+			var logged lockedBuffer
+			dir := t.TempDir()
+			fsys := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
+			fsys.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil))
+			testingutil.MustOpenFS(t, fsys)
+
+			// A new database: its first transaction is refused.
+			fresh := testingutil.MustOpenSQLite(t, filepath.Join(fsys.MountDir, "new.db"), mode)
+			if _, err := fresh.Exec(`CREATE TABLE t (x)`); err == nil || !strings.Contains(err.Error(), "disk I/O error") {
+				t.Fatalf("CREATE TABLE in journal_mode=%s: %v, want a disk I/O error", mode, err)
+			}
+			if pos := fsys.DB("new.db").Pos(); pos.TXID != 0 {
+				t.Fatalf("new.db: log at %v after a refused transaction, want empty", pos)
+			}
+
+			// A database made in DELETE mode, then switched.
 			path := filepath.Join(fsys.MountDir, "app.db")
-			db := testingutil.MustOpenSQLite(t, path, mode)
-			if _, err := db.Exec(`CREATE TABLE t (x)`); err != nil {
+			db := testingutil.MustOpenSQLite(t, path, "delete")
+			if _, err := db.Exec(`CREATE TABLE t (x); INSERT INTO t VALUES (randomblob(5000))`); err != nil {
 				t.Fatal(err)
 			}
 			d := fsys.DB("app.db")
-			start := d.Pos().TXID
-			const n = 40
-			for i := 0; i < n; i++ {
-				if _, err := db.Exec(`INSERT INTO t VALUES (randomblob(5000))`); err != nil {
-					t.Fatal(err)
+			before := d.Pos()
+			if _, err := db.Exec(`PRAGMA journal_mode=` + mode); err != nil {
+				t.Fatal(err)
+			}
+			for i := range 3 {
+				if _, err := db.Exec(`INSERT INTO t VALUES (randomblob(5000))`); err == nil || !strings.Contains(err.Error(), "disk I/O error") {
+					t.Fatalf("insert %d in journal_mode=%s: %v, want a disk I/O error", i, mode, err)
 				}
-				if got, want := d.Pos().TXID, start+ltx.TXID(i+1); got != want {
-					t.Fatalf("after insert %d: got TXID %s, want %s", i, got, want)
-				}
+			}
+			if got := d.Pos(); got != before {
+				t.Fatalf("log moved from %v to %v with every write refused", before, got)
+			}
+			if !strings.Contains(logged.String(), "journal_mode=MEMORY or OFF") {
+				t.Fatalf("the daemon did not say why it refused the writes:\n%s", logged.String())
+			}
+			if _, err := db.Exec(`PRAGMA journal_mode=delete`); err != nil {
+				t.Fatal(err)
+			}
+			var n int
+			if err := db.QueryRow(`SELECT count(*) FROM t`).Scan(&n); err != nil || n != 1 {
+				t.Fatalf("rows after the refused inserts: %d, %v; want 1", n, err)
+			}
+			if _, err := db.Exec(`INSERT INTO t VALUES (randomblob(5000))`); err != nil {
+				t.Fatalf("insert back in DELETE mode: %v", err)
+			}
+			if got, want := d.Pos().TXID, before.TXID+1; got != want {
+				t.Fatalf("log at txid %v after one more transaction, want %v", got, want)
 			}
 			checkLog(t, fsys, "app.db", db, false)
 		})
@@ -250,4 +290,84 @@ func TestCapture_JournalSizeLimit(t *testing.T) {
 		t.Fatalf("got %d LTX files for %d transactions", got, want)
 	}
 	checkLog(t, fsys, "app.db", db, true)
+}
+
+// TestCapture_Attach: a transaction over two databases of the mount
+// (ATTACH, one COMMIT) in a rollback-journal mode needs SQLite's
+// super-journal, which the mount refuses: each database has a log of its
+// own, which cannot commit such a transaction atomically. The COMMIT fails,
+// neither database nor log changes, no stray database appears, and the
+// daemon says why. A transaction that writes one attached database, and a
+// two-database transaction in WAL mode (atomic per database only, SQLite
+// uses no super-journal then), give one LTX file per database written.
+func TestCapture_Attach(t *testing.T) {
+	var logged lockedBuffer
+	dir := t.TempDir()
+	fsys := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
+	fsys.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil))
+	testingutil.MustOpenFS(t, fsys)
+
+	for _, mode := range []string{"delete", "wal"} {
+		a, b := mode+"-a.db", mode+"-b.db"
+		for _, name := range []string{a, b} {
+			db := testingutil.MustOpenSQLite(t, filepath.Join(fsys.MountDir, name), mode)
+			if _, err := db.Exec(`CREATE TABLE t (x)`); err != nil {
+				t.Fatal(err)
+			}
+			_ = db.Close()
+		}
+		db := testingutil.MustOpenSQLite(t, filepath.Join(fsys.MountDir, a), mode)
+		if _, err := db.Exec(`ATTACH ? AS b`, filepath.Join(fsys.MountDir, b)); err != nil {
+			t.Fatal(err)
+		}
+		da, dbb := fsys.DB(a), fsys.DB(b)
+		posA, posB := da.Pos(), dbb.Pos()
+
+		// One database written: an ordinary transaction.
+		if _, err := db.Exec(`INSERT INTO b.t VALUES (1)`); err != nil {
+			t.Fatalf("%s: insert into the attached database: %v", mode, err)
+		}
+		if err := dbb.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		if got, want := dbb.Pos().TXID, posB.TXID+1; got != want || da.Pos() != posA {
+			t.Fatalf("%s: after a transaction on %s: logs at %v and %v, want %v unchanged and txid %v", mode, b, da.Pos(), dbb.Pos(), posA, want)
+		}
+		posB = dbb.Pos()
+
+		_, err := db.Exec(`BEGIN; INSERT INTO main.t VALUES (2); INSERT INTO b.t VALUES (2); COMMIT`)
+		if mode == "wal" {
+			if err != nil {
+				t.Fatalf("wal: a transaction over two databases: %v", err)
+			}
+			for _, d := range []*fs.DB{da, dbb} {
+				if err := d.Flush(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if da.Pos().TXID != posA.TXID+1 || dbb.Pos().TXID != posB.TXID+1 {
+				t.Fatalf("wal: logs at %v and %v after a transaction over both, want one more file each than %v and %v", da.Pos(), dbb.Pos(), posA, posB)
+			}
+			continue
+		}
+		if err == nil {
+			t.Fatalf("%s: a transaction over two databases committed, want it refused", mode)
+		}
+		t.Logf("%s: a transaction over two databases: %v", mode, err)
+		_, _ = db.Exec(`ROLLBACK`)
+		var n int
+		if err := db.QueryRow(`SELECT (SELECT count(*) FROM main.t) + (SELECT count(*) FROM b.t)`).Scan(&n); err != nil || n != 1 {
+			t.Fatalf("%s: rows after the refused commit: %d, %v; want 1", mode, n, err)
+		}
+		if da.Pos() != posA || dbb.Pos() != posB {
+			t.Fatalf("%s: logs moved to %v and %v with the commit refused, want %v and %v", mode, da.Pos(), dbb.Pos(), posA, posB)
+		}
+		if !strings.Contains(logged.String(), "refused a transaction over several databases") {
+			t.Fatalf("%s: the daemon did not say why it refused the commit:\n%s", mode, logged.String())
+		}
+		checkLog(t, fsys, a, db, false)
+	}
+	if got := fsys.DBs(); len(got) != 4 {
+		t.Fatalf("databases on the mount: %q, want the four the test made", got)
+	}
 }

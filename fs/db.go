@@ -94,6 +94,8 @@ type DB struct {
 	// app's operation that moves it is held by the FileSystem's commit
 	// wait. Guarded by mu.
 	committed commitMark
+
+	noJournalLogged time.Time // when a write without a journal was last logged; guarded by mu
 }
 
 // commitMark is where a database's commits stand.
@@ -168,11 +170,37 @@ func (d *DB) writeDatabase(f *os.File, data []byte, off int64) (int, error) {
 	if err := d.drain(); err != nil {
 		return 0, err
 	}
+	if len(d.dirty) == 0 && d.unjournaled() {
+		return 0, errNoJournal
+	}
 	n, err := f.WriteAt(data, off)
 	if n > 0 {
 		d.addDirty(span{off, off + int64(n)})
 	}
 	return n, err
+}
+
+// errNoJournal refuses the writes of journal_mode=MEMORY and OFF. No file
+// marks such a transaction's end, and nothing can roll back one cut short
+// (a writer killed half-way leaves half its pages in the database file):
+// the log would take it as committed.
+var errNoJournal = errors.New("journal_mode=MEMORY and OFF are not supported: a transaction cut short could not be told from a committed one")
+
+// unjournaled reports whether SQLite is writing the database file without
+// a rollback journal: a writer holds EXCLUSIVE, the file is not in WAL
+// mode and no journal exists. In DELETE, TRUNCATE and PERSIST modes SQLite
+// creates the journal before it writes the database file; checkpoints in
+// WAL mode write it without one, and so does a program copying a database
+// in (cp), which takes no lock. With kernel locks the mount sees no lock
+// and cannot tell. Caller holds d.mu.
+func (d *DB) unjournaled() bool {
+	if _, exclusive := d.Locks.Test(0, syscall.F_RDLCK, sharedFirst, sharedFirst+sharedSize-1); !exclusive {
+		return false
+	}
+	if walMode(d.file) {
+		return false
+	}
+	return !d.journalExists()
 }
 
 func (d *DB) addDirty(s span) {
@@ -212,9 +240,11 @@ func (d *DB) writeJournal(ctx context.Context, f *os.File, data []byte, off int6
 // the commit point of DELETE and TRUNCATE modes. Caller holds d.mu.
 func (d *DB) endJournal(ctx context.Context) error { return d.commitRollback(ctx) }
 
-// unlocked is called after a lock on the database file is released. With
-// journal_mode=OFF or MEMORY no journal marks the end of a transaction;
-// the writer giving up its lock does. Caller holds d.mu.
+// unlocked is called after a lock on the database file is released. A
+// program that wrote the database file without a journal (a copy made
+// under SQLite's locks; SQLite's own journal_mode=MEMORY and OFF are
+// refused, see unjournaled) has made its change when it gives up its
+// lock. Caller holds d.mu.
 func (d *DB) unlocked(ctx context.Context) error {
 	if len(d.dirty) == 0 || d.walActive() {
 		return nil

@@ -39,6 +39,7 @@ const (
 	kindPos
 	kindPrimary
 	kindLag
+	kindSuper // a super-journal of a multi-database transaction: refused
 )
 
 // Suffixes of the files beside a database, as SQLite names them, and of
@@ -67,7 +68,26 @@ func parseName(name string) (db string, kind nodeKind) {
 			return base, s.kind
 		}
 	}
+	if base, ok := cutSuperJournal(name); ok {
+		return base, kindSuper
+	}
 	return name, kindDB
+}
+
+// cutSuperJournal returns the database a super-journal name belongs to.
+// SQLite names the super-journal of a transaction over several databases
+// after the main one: "-mj", six hex digits, "9", two hex digits.
+func cutSuperJournal(name string) (string, bool) {
+	const suffixLen = len("-mj") + 9
+	if len(name) <= suffixLen || !strings.HasPrefix(name[len(name)-suffixLen:], "-mj") {
+		return "", false
+	}
+	for _, c := range name[len(name)-9:] {
+		if !('0' <= c && c <= '9' || 'A' <= c && c <= 'F') {
+			return "", false
+		}
+	}
+	return name[:len(name)-suffixLen], true
 }
 
 func backingName(kind nodeKind) string {
@@ -165,6 +185,8 @@ func (f *FileSystem) lookupLocked(name string) (*node, fuse.Status) {
 		if f.lag == nil {
 			return nil, fuse.ENOENT
 		}
+	case kindSuper:
+		return nil, fuse.ENOENT // never created (see Create)
 	default:
 		if d = f.dbs[dbName]; d == nil {
 			return nil, fuse.ENOENT

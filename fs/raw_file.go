@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"syscall"
+	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
@@ -19,6 +20,13 @@ func (r *raw) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string, out
 		return fuse.ENOTDIR
 	}
 	dbName, kind := parseName(name)
+	if kind == kindSuper {
+		// Capture keeps one log per database; a transaction over several
+		// could be committed in one log and not another.
+		f.Logger.Error("refused a transaction over several databases (ATTACH): their logs are separate and cannot commit it atomically; commit each database in a transaction of its own",
+			"super_journal", name, "pid", in.Caller.Pid)
+		return fuse.EPERM
+	}
 	if kind != kindShm && f.refuseWrite(in.Caller, "create", name) {
 		return fuse.Status(syscall.EROFS)
 	}
@@ -244,6 +252,13 @@ func (r *raw) write(h *handle, in *fuse.WriteIn, data []byte) (uint32, fuse.Stat
 	if errors.Is(err, errNotPages) {
 		r.fs.Logger.Warn("write refused: SQLite writes a database file only in whole pages", "db", d.Name, "file", n.name, "err", err, "pid", in.Pid)
 		return 0, fuse.EINVAL
+	} else if errors.Is(err, errNoJournal) {
+		if time.Since(d.noJournalLogged) > time.Minute {
+			d.noJournalLogged = time.Now()
+			r.fs.Logger.Error("write refused: SQLite writes the database without a rollback journal, in journal_mode=MEMORY or OFF; use DELETE, TRUNCATE, PERSIST or WAL",
+				"db", d.Name, "err", err, "pid", in.Pid)
+		}
+		return 0, fuse.EIO
 	} else if err != nil {
 		return uint32(w), r.fs.ioError(n, "write", err)
 	}

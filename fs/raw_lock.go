@@ -80,8 +80,8 @@ func (r *raw) setLk(cancel <-chan struct{}, in *fuse.LkIn, wait bool) fuse.Statu
 	return fuse.OK
 }
 
-// afterUnlock lets capture see the end of a transaction that no journal
-// marks (journal_mode=OFF or MEMORY), on database file n.
+// afterUnlock lets capture see the end of a change that no journal marks
+// (a program copying a database in), on database file n.
 func (r *raw) afterUnlock(n *node) fuse.Status {
 	d := n.db
 	if !d.hasDirty.Load() {

@@ -10,6 +10,7 @@ import (
 	"database/sql"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -65,6 +66,9 @@ func NewLog(tb testing.TB, name, dir, dbPath string) *ltx.Log {
 func Logger(tb testing.TB) *slog.Logger {
 	return slog.New(slog.NewTextHandler(tbWriter{tb}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
+
+// LogWriter returns a writer to tb's log, a line per write.
+func LogWriter(tb testing.TB) io.Writer { return tbWriter{tb} }
 
 type tbWriter struct{ tb testing.TB }
 
