@@ -3,6 +3,7 @@ package fs_test
 import (
 	"database/sql"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -369,5 +370,49 @@ func TestCapture_Attach(t *testing.T) {
 	}
 	if got := fsys.DBs(); len(got) != 4 {
 		t.Fatalf("databases on the mount: %q, want the four the test made", got)
+	}
+}
+
+// TestCapture_SectorPadding: with powersafe overwrite off (psow=0) and
+// synchronous=FULL, SQLite pads each WAL commit to a sector boundary with
+// copies of its commit frame, each a valid commit frame in itself. They
+// are one transaction, not several: exactly one LTX file per COMMIT.
+func TestCapture_SectorPadding(t *testing.T) {
+	for _, passthrough := range []bool{true, false} {
+		t.Run(fmt.Sprintf("passthrough=%v", passthrough), func(t *testing.T) {
+			dir := t.TempDir()
+			fsys := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
+			fsys.Logger = testingutil.Logger(t)
+			fsys.Passthrough = passthrough
+			testingutil.MustOpenFS(t, fsys)
+			path := filepath.Join(fsys.MountDir, "app.db")
+			db, err := sql.Open("sqlite3", "file:"+path+"?psow=0&_journal_mode=wal&_synchronous=FULL&_busy_timeout=5000")
+			if err != nil {
+				t.Fatal(err)
+			}
+			db.SetMaxOpenConns(1)
+			t.Cleanup(func() { _ = db.Close() })
+			if _, err := db.Exec(`CREATE TABLE t (x)`); err != nil {
+				t.Fatal(err)
+			}
+			d := fsys.DB("app.db")
+			if err := d.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			start := d.Pos().TXID
+			const n = 30
+			for i := range n {
+				if _, err := db.Exec(`INSERT INTO t VALUES (randomblob(100 + 700 * ?))`, i%7); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := d.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			if got := d.Pos().TXID - start; got != n {
+				t.Fatalf("%d LTX files for %d transactions", got, n)
+			}
+			checkLog(t, fsys, "app.db", db, true)
+		})
 	}
 }

@@ -499,6 +499,14 @@ const maxQueue = 1024
 func (d *DB) committedWAL(ctx context.Context, commit uint32) error {
 	h := d.wal.hdr
 	first := d.wal.mxFrame
+	if len(d.wal.pgnos) == 1 && first > 0 {
+		if pad, err := isPadding(d.wal.file, h, first); err != nil {
+			return err
+		} else if pad {
+			d.wal.mxFrame, d.wal.pgnos = first+1, d.wal.pgnos[:0]
+			return nil
+		}
+	}
 	frames := make(map[uint32]int64, len(d.wal.pgnos))
 	for k, pgno := range d.wal.pgnos {
 		if pgno == 0 {

@@ -1,6 +1,7 @@
 package fs
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -147,6 +148,7 @@ func readWAL(r io.ReaderAt, size int64) (walHeader, []walTx, error) {
 	var txs []walTx
 	s1, s2 := h.sum1, h.sum2
 	frame := make([]byte, h.frameSize())
+	prev := make([]byte, h.frameSize()) // the last commit frame
 	cur := walTx{first: 0, frames: map[uint32]int64{}}
 	for i := int64(0); h.frameOffset(i+1) <= size; i++ {
 		fh, ok, err := h.readFrame(r, i, frame, &s1, &s2)
@@ -157,10 +159,34 @@ func readWAL(r io.ReaderAt, size int64) (walHeader, []walTx, error) {
 		}
 		cur.frames[fh.pgno] = h.frameOffset(i)
 		if fh.commit != 0 {
+			if i == cur.first && i > 0 && bytes.Equal(frame[:8], prev[:8]) && bytes.Equal(frame[walFrameHeaderSize:], prev[walFrameHeaderSize:]) {
+				// Padding after the previous commit (see isPadding).
+				cur = walTx{first: i + 1, frames: map[uint32]int64{}}
+				continue
+			}
 			cur.last, cur.commit = i, fh.commit
 			txs = append(txs, cur)
 			cur = walTx{first: i + 1, frames: map[uint32]int64{}}
+			copy(prev, frame)
 		}
 	}
 	return h, txs, nil
+}
+
+// isPadding reports whether frame i of the WAL in r, a commit frame alone
+// in its transaction, repeats the commit frame before it: page number,
+// database size and page bytes. With powersafe overwrite off (psow=0) and
+// synchronous=FULL, SQLite pads each commit to a sector boundary with such
+// copies, each a valid commit frame; they belong to the transaction before
+// them, and SQLite counts them in mxFrame. A real transaction that wrote
+// exactly the page its predecessor committed, byte for byte, changed
+// nothing: dropping it loses nothing either.
+func isPadding(r io.ReaderAt, h walHeader, i int64) (bool, error) {
+	b := make([]byte, 2*h.frameSize())
+	if _, err := r.ReadAt(b, h.frameOffset(i-1)); err != nil {
+		return false, fmt.Errorf("read WAL frames %d-%d: %w", i-1, i, err)
+	}
+	prev, cur := b[:h.frameSize()], b[h.frameSize():]
+	return binary.BigEndian.Uint32(prev[4:]) != 0 &&
+		bytes.Equal(prev[:8], cur[:8]) && bytes.Equal(prev[walFrameHeaderSize:], cur[walFrameHeaderSize:]), nil
 }

@@ -3,6 +3,7 @@ package fs
 import (
 	"bytes"
 	"encoding/binary"
+	"slices"
 	"testing"
 )
 
@@ -65,6 +66,32 @@ func TestReadWAL(t *testing.T) {
 	bad[h.frameOffset(2)+walFrameHeaderSize+7] ^= 1
 	if _, txs, _ := readWAL(bytes.NewReader(bad), int64(len(bad))); len(txs) != 1 {
 		t.Fatalf("flipped bit in frame 2: got %d transactions, want 1", len(txs))
+	}
+}
+
+// TestReadWAL_SectorPadding: copies of a commit frame after it (SQLite's
+// padding to a sector boundary with psow=0) are not transactions of their
+// own; the next transaction starts after them. isPadding agrees.
+func TestReadWAL_SectorPadding(t *testing.T) {
+	img := walImage(512, [][]uint32{{1, 2}, {2}, {2}, {3}, {3, 1}})
+	h, txs, err := readWAL(bytes.NewReader(img), int64(len(img)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got [][2]int64
+	for _, tx := range txs {
+		got = append(got, [2]int64{tx.first, tx.last})
+	}
+	if want := [][2]int64{{0, 1}, {4, 4}, {5, 6}}; !slices.Equal(got, want) {
+		t.Fatalf("transactions (first, last frame): got %v, want %v", got, want)
+	}
+	for i, want := range []bool{false, false, true, true, false, false, false} {
+		if i == 0 {
+			continue
+		}
+		if pad, err := isPadding(bytes.NewReader(img), h, int64(i)); err != nil || pad != want {
+			t.Errorf("isPadding(frame %d): got %v, %v, want %v", i, pad, err, want)
+		}
 	}
 }
 
