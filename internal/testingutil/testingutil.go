@@ -136,9 +136,16 @@ func MustMount(tb testing.TB) *fs.FileSystem {
 	return f
 }
 
-// MustOpenFS opens (recovers and mounts) f, closing it at cleanup.
+// MustOpenFS opens (recovers and mounts) f, closing it at cleanup. Unless
+// the test chose another MaintainInterval, background maintenance is off
+// (an hour): it would compact the log under a test that reads the log's
+// directory (a test that runs past a minute did see files vanish under
+// ltx.VerifyDir); tests call Maintain themselves.
 func MustOpenFS(tb testing.TB, f *fs.FileSystem) {
 	tb.Helper()
+	if f.MaintainInterval == fs.DefaultMaintainInterval {
+		f.MaintainInterval = time.Hour
+	}
 	if err := f.Open(context.Background()); err != nil {
 		tb.Fatal(err)
 	}
