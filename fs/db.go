@@ -96,6 +96,14 @@ type DB struct {
 	committed commitMark
 
 	noJournalLogged time.Time // when a write without a journal was last logged; guarded by mu
+
+	// shmPassthrough: the -shm is served by passthrough, so the daemon
+	// reads the wal-index as SQLite writes it (see walIndexLimit).
+	shmPassthrough atomic.Bool
+	// rescan is set while a scan found a commit frame past the wal-index's
+	// last frame and a later scan is due; guarded by mu.
+	rescan     *time.Timer
+	rescanWait time.Duration // the wait before the last rescan; 0 after a scan that deferred nothing
 }
 
 // commitMark is where a database's commits stand.
@@ -665,6 +673,10 @@ func (d *DB) Flush() error {
 func (d *DB) stop() {
 	d.mu.Lock()
 	d.stopping = true
+	if d.rescan != nil {
+		d.rescan.Stop()
+		d.rescan = nil
+	}
 	d.cond.Broadcast()
 	d.mu.Unlock()
 	d.done.Wait()

@@ -128,6 +128,13 @@ func (t *LockTable) Locks() []Lock {
 	return slices.Clone(t.locks)
 }
 
+// HeldBy reports whether owner holds a lock of type typ over byte off.
+func (t *LockTable) HeldBy(owner uint64, typ uint32, off uint64) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return slices.ContainsFunc(t.locks, func(l Lock) bool { return l.Owner == owner && l.Typ == typ && l.overlaps(off, off) })
+}
+
 // Held reports whether any owner holds a lock that overlaps [start,end].
 func (t *LockTable) Held(start, end uint64) bool {
 	t.mu.Lock()

@@ -36,6 +36,7 @@ import (
 //	writer PATH MODE BLOB             commit rows to the SQLite database PATH until killed
 //	daemon DATA MOUNT                 mount DATA at MOUNT, serve until SIGTERM
 //	watch DIR MASK SUFFIX NTH PID     kill PID at an inotify event in DIR
+//	reader PATH                       read the SQLite database PATH every 2 ms until killed
 //
 // Paths must not contain spaces (t.TempDir's do not).
 const crashChildEnv = "MERIDIAN_FS_CRASH_CHILD"
@@ -59,6 +60,8 @@ func crashChild(args []string) error {
 			return err
 		}
 		return writerChild(args[1], args[2], size)
+	case len(args) == 2 && args[0] == "reader":
+		return readerChild(args[1])
 	case len(args) == 4 && args[0] == "daemon":
 		return daemonChild(args[1], args[2], args[3] == "true")
 	case len(args) == 6 && args[0] == "watch":

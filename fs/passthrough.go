@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"sync"
+	"time"
 	"unsafe"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -22,8 +23,10 @@ import (
 // WAL to the kernel, which reads and writes it without asking the daemon,
 // and the daemon finds the transactions in the backing file instead, as
 // SQLite's own recovery does: frames are taken while their salts match the
-// header and their checksums chain from it, and a transaction ends at a
-// valid commit frame. It looks after every change (inotify), and at once
+// header and their checksums chain from it, a transaction ends at a valid
+// commit frame, and only frames up to the wal-index's last are committed
+// (see walindex.go; the -shm is passed through as well). It looks when the
+// writer gives up the WAL write lock, after every change (inotify), and at once
 // whenever it must know everything SQLite has committed: when SQLite
 // fsyncs the WAL (every commit under synchronous=FULL), before a checkpoint
 // writes the database file, before the WAL is truncated or deleted, and
@@ -137,6 +140,16 @@ func (d *DB) scanWAL(ctx context.Context) error {
 		}
 		w.sumAt = w.mxFrame
 	}
+	limit, gated, err := d.walIndexLimit()
+	if err != nil {
+		return fmt.Errorf("database %s: %w", d.Name, err)
+	}
+	if gated && limit < w.mxFrame {
+		// The log already holds frames the wal-index does not count:
+		// taken by their commit frames before the wal-index could be
+		// read. Nothing to undo: go on from there.
+		gated = false
+	}
 	s1, s2 := w.sum1, w.sum2
 	w.pgnos = w.pgnos[:0]
 	for i := w.mxFrame; ; i++ {
@@ -150,6 +163,14 @@ func (d *DB) scanWAL(ctx context.Context) error {
 		if fh.commit == 0 {
 			continue
 		}
+		if gated && i >= limit {
+			// A commit frame SQLite has not committed (yet, or ever: its
+			// writer may have died before updating the wal-index). The
+			// writer's unlock, or a later scan, decides.
+			d.scanLater()
+			w.pgnos = w.pgnos[:0]
+			return nil
+		}
 		if err := d.committedWAL(ctx, fh.commit); err != nil {
 			w.pgnos = w.pgnos[:0]
 			return err
@@ -157,7 +178,37 @@ func (d *DB) scanWAL(ctx context.Context) error {
 		w.sum1, w.sum2, w.sumAt = s1, s2, w.mxFrame
 	}
 	w.pgnos = w.pgnos[:0]
+	d.rescanWait = 0
 	return nil
+}
+
+// Bounds of how soon a commit frame past the wal-index is looked at again
+// when no unlock of the WAL write lock comes first (with kernel locks the
+// daemon sees none): soon, then less and less often while it stays
+// uncommitted, as frames left by a writer that died do until the next
+// writer overwrites them.
+const (
+	minRescanWait = 2 * time.Millisecond
+	maxRescanWait = time.Second
+)
+
+// scanLater scans the WAL again after a while. Caller holds d.mu.
+func (d *DB) scanLater() {
+	if d.rescan != nil {
+		return
+	}
+	d.rescanWait = min(max(2*d.rescanWait, minRescanWait), maxRescanWait)
+	d.rescan = time.AfterFunc(d.rescanWait, func() {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		d.rescan = nil
+		if d.stopping {
+			return
+		}
+		if err := d.scanWAL(context.Background()); err != nil {
+			d.logger.Error("scan the WAL", "err", err)
+		}
+	})
 }
 
 // walWatcher watches the backing WALs written by passthrough and scans one

@@ -80,14 +80,16 @@ func (r *raw) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string, out
 	}
 	out.Fh = f.addHandle(n, file, nil)
 	out.OpenFlags = openFlags(kind)
-	if kind == kindWAL {
+	if kind == kindWAL || kind == kindShm {
 		f.servePassthrough(n, file, out.Fh, &out.OpenOut)
 	}
 	return fuse.OK
 }
 
-// servePassthrough answers an open of WAL node n, with handle fh, with its
-// backing file for the kernel to read and write, if it can. Caller holds
+// servePassthrough answers an open of WAL or -shm node n, with handle fh,
+// with its backing file for the kernel to read, write and map, if it can.
+// A -shm passed through shares its pages with the backing file: the daemon
+// reads SQLite's wal-index as SQLite has just written it. Caller holds
 // f.mu.
 func (f *FileSystem) servePassthrough(n *node, file *os.File, fh uint64, out *fuse.OpenOut) {
 	// The kernel opens the backing file afresh for each open, with that
@@ -96,7 +98,9 @@ func (f *FileSystem) servePassthrough(n *node, file *os.File, fh uint64, out *fu
 	if id == 0 {
 		return
 	}
-	if err := f.passedThrough(n.db); err != nil {
+	if n.kind == kindShm {
+		n.db.shmPassthrough.Store(true)
+	} else if err := f.passedThrough(n.db); err != nil {
 		f.releaseWAL(n)
 		f.Logger.Error("FUSE passthrough", "db", n.db.Name, "err", err)
 		return
@@ -180,7 +184,7 @@ func (r *raw) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) f
 	defer f.mu.Unlock()
 	out.Fh = f.addHandle(n, file, nil)
 	out.OpenFlags = openFlags(n.kind)
-	if n.kind == kindWAL {
+	if n.kind == kindWAL || n.kind == kindShm {
 		f.servePassthrough(n, file, out.Fh, out)
 	}
 	return fuse.OK
@@ -312,6 +316,9 @@ func (r *raw) Flush(cancel <-chan struct{}, in *fuse.FlushIn) fuse.Status {
 // releaseLocks drops the POSIX locks owner holds on n: the process closed
 // a descriptor of the file (POSIX drops all its locks then) or died.
 func (r *raw) releaseLocks(n *node, owner uint64) fuse.Status {
+	if n.kind == kindShm {
+		r.beforeWALUnlock(n, owner)
+	}
 	if t := lockTable(n, false); t != nil {
 		held := len(t.Locks()) > 0
 		t.ReleaseOwner(owner)

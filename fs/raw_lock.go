@@ -63,6 +63,9 @@ func (r *raw) setLk(cancel <-chan struct{}, in *fuse.LkIn, wait bool) fuse.Statu
 	if flock {
 		in.Lk.Start, in.Lk.End = 0, math.MaxUint64
 	}
+	if n.kind == kindShm && !flock && in.Lk.Typ != syscall.F_WRLCK && in.Lk.Start <= walLockOffset && walLockOffset <= in.Lk.End {
+		r.beforeWALUnlock(n, in.Owner)
+	}
 	var errno syscall.Errno
 	if wait && in.Lk.Typ != syscall.F_UNLCK {
 		ctx, stop := cancelContext(cancel)
@@ -95,6 +98,24 @@ func (r *raw) afterUnlock(n *node) fuse.Status {
 	after := d.committed
 	d.mu.Unlock()
 	return r.fs.awaitCommit(n, before, after, fuse.OK)
+}
+
+// beforeWALUnlock is called before owner gives up, or may give up, the
+// WAL write lock of -shm node n: if it holds it, the transaction it
+// committed is in the wal-index now, and nobody else can write the WAL
+// until the lock goes. The WAL is scanned then, so that the commit is
+// taken before the writer's unlock returns and before another writer
+// can write over frames it left uncommitted.
+func (r *raw) beforeWALUnlock(n *node, owner uint64) {
+	d := n.db
+	if !d.ShmLocks.HeldBy(owner, syscall.F_WRLCK, walLockOffset) {
+		return
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err := d.scanWAL(context.Background()); err != nil {
+		d.logger.Error("scan the WAL at the end of a write transaction", "err", err)
+	}
 }
 
 // cancelContext returns a context done when cancel is closed.
