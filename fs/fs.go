@@ -90,6 +90,10 @@ type FileSystem struct {
 
 	commitWait atomic.Pointer[CommitWait]
 
+	// failpoint, set by tests only, can fail an operation by its name
+	// ("wal-sync"): a fault injected where the disk would fail.
+	failpoint atomic.Pointer[func(name string) error]
+
 	closing      chan struct{} // closed when Close begins
 	stopMaintain context.CancelFunc
 	maintained   sync.WaitGroup
@@ -172,6 +176,14 @@ func (f *FileSystem) awaitCommit(n *node, before, after commitMark, st fuse.Stat
 		return fuse.EIO
 	}
 	return st
+}
+
+// fail returns the error the test failpoint gives operation name, if any.
+func (f *FileSystem) fail(name string) error {
+	if fp := f.failpoint.Load(); fp != nil {
+		return (*fp)(name)
+	}
+	return nil
 }
 
 // Changed returns a channel closed the next time a database is created or

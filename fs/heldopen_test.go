@@ -7,6 +7,8 @@ import (
 	"math/rand/v2"
 	"path/filepath"
 	"strconv"
+	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -136,4 +138,62 @@ func readerChild(path string) error {
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
+}
+
+// TestCapture_WALSyncFails fails the WAL fsync of some commits of a live
+// writer (synchronous=FULL) while another connection keeps the wal-index
+// alive: SQLite rolls those transactions back, though their frames, commit
+// frame included, are in the WAL, and goes on committing over them. The
+// log must hold exactly the transactions whose COMMIT succeeded, and
+// rebuild the database.
+func TestCapture_WALSyncFails(t *testing.T) {
+	dir := t.TempDir()
+	fsys := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
+	fsys.Logger = infoLogger(t)
+	testingutil.MustOpenFS(t, fsys)
+	path := filepath.Join(fsys.MountDir, "app.db")
+	db := testingutil.MustOpenSQLite(t, path, "wal")
+	if _, err := db.Exec(`CREATE TABLE t (i INTEGER PRIMARY KEY, b BLOB)`); err != nil {
+		t.Fatal(err)
+	}
+	reader := testingutil.MustOpenSQLite(t, path, "wal")
+	d := fsys.DB("app.db")
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	start := d.Pos().TXID
+
+	var syncs, failed atomic.Int64
+	fsys.SetFailpoint(func(name string) error {
+		if name == "wal-sync" && syncs.Add(1)%3 == 0 {
+			failed.Add(1)
+			return syscall.EIO
+		}
+		return nil
+	})
+	const n = 150
+	var acked []int
+	for i := range n {
+		if _, err := db.Exec(`INSERT INTO t VALUES (?, randomblob(?))`, i, 500+i*97%9000); err == nil {
+			acked = append(acked, i)
+		} else if !strings.Contains(err.Error(), "disk I/O error") {
+			t.Fatalf("insert %d: %v, want success or a disk I/O error", i, err)
+		}
+		var rows int
+		if err := reader.QueryRow(`SELECT count(*) FROM t`).Scan(&rows); err != nil || rows != len(acked) {
+			t.Fatalf("after insert %d: the other connection sees %d rows, %v; want %d", i, rows, err, len(acked))
+		}
+	}
+	fsys.SetFailpoint(nil)
+	if failed.Load() == 0 || len(acked) == n {
+		t.Fatalf("%d WAL fsyncs failed, %d of %d commits succeeded: the failure was not exercised", failed.Load(), len(acked), n)
+	}
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := d.Pos().TXID-start, ltx.TXID(len(acked)); got != want {
+		t.Fatalf("%d LTX files for %d successful commits (%d WAL fsyncs failed)", got, want, failed.Load())
+	}
+	checkLog(t, fsys, "app.db", db, true)
+	t.Logf("%d commits: %d succeeded, %d failed in the WAL fsync", n, len(acked), failed.Load())
 }

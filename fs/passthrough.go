@@ -148,6 +148,7 @@ func (d *DB) scanWAL(ctx context.Context) error {
 		// The log already holds frames the wal-index does not count:
 		// taken by their commit frames before the wal-index could be
 		// read. Nothing to undo: go on from there.
+		d.logger.Warn("the wal-index counts fewer frames than the log holds", "wal_index_frames", limit, "logged_frames", w.mxFrame)
 		gated = false
 	}
 	s1, s2 := w.sum1, w.sum2

@@ -285,6 +285,9 @@ func (r *raw) Fsync(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 		d.mu.Lock()
 		before := d.committed
 		d.mu.Unlock()
+		if err := r.fs.fail("wal-sync"); err != nil {
+			return r.fs.ioError(h.node, "fsync", err)
+		}
 		if err := d.syncWAL(h.file, in.FsyncFlags&1 != 0); err != nil {
 			return r.fs.ioError(h.node, "fsync", err)
 		}

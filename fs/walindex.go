@@ -116,10 +116,12 @@ func (d *DB) walIndexLimit() (limit int64, gated bool, err error) {
 		binary.BigEndian.PutUint32(salt[0:], d.wal.hdr.salt1)
 		binary.BigEndian.PutUint32(salt[4:], d.wal.hdr.salt2)
 		if h.salt != salt {
-			// The WAL was restarted and its new header written; the
-			// wal-index still describes the old one: nothing of the new
-			// generation is committed yet.
-			return 0, true, nil
+			// A writer is restarting the WAL: it gave the wal-index new
+			// salts (and no frames) before it writes the WAL's new
+			// header, and may yet fail. Every frame of the old
+			// generation was committed and checkpointed, and so taken;
+			// nothing new is committed until the two agree.
+			return d.wal.mxFrame, true, nil
 		}
 		return h.mxFrame, true, nil
 	}
