@@ -38,8 +38,8 @@ build:
 # the run's mounts, kills the run's processes and fails. Either way nothing
 # of the run is left: no mount, no process (see DESIGN.md, "Testing FUSE
 # safely").
-TEST_TIMEOUT ?= 12m
-TEST_BOUND   ?= 14m
+TEST_TIMEOUT ?= 13m
+TEST_BOUND   ?= 870s
 
 test:
 	scripts/bounded-run $(TEST_BOUND) $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
