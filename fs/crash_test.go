@@ -93,21 +93,7 @@ func testCrashApp(t *testing.T, mode string) {
 	for round, k := range plan {
 		w := startChild(t, "writer", path, mode, strconv.Itoa(smallBlob))
 		ready := w.mustReadLine(t, "ready")
-		if k.mask == 0 {
-			time.Sleep(time.Duration(5000+rng.IntN(195000)) * time.Microsecond)
-		} else {
-			tr := killOnEvent(t, dbDir, k, w.cmd.Process.Pid)
-			select {
-			case <-w.done:
-			case <-time.After(10 * time.Second):
-			}
-			tr.stop(t)
-			if !tr.fired {
-				t.Fatalf("round %d: no %s event: the writer wrote nothing?\n%s", round, k.name, w.stderr.String())
-			}
-		}
-		w.mustKill(t)
-		run := w.writerRun(t, ready)
+		run := killWriter(t, w, ready, k, dbDir, rng, round)
 		if hotJournal(t, dbDir) {
 			st.hotJournal++
 			hot[k.name]++
@@ -131,6 +117,28 @@ func testCrashApp(t *testing.T, mode string) {
 	if mode != "wal" && hot[killAtDatabaseWrite.name] == 0 {
 		t.Fatalf("%s: got 0 of the %d kills at database writes leaving a hot journal, want at least 1: the rollback of a crashed app's transaction by the next one was not exercised", mode, appAtRounds)
 	}
+}
+
+// killWriter kills writer child w, which found rows up to ready, at kill
+// point k of round: after a random pause, or at k's event in dbDir; and
+// returns what it said before it died.
+func killWriter(t *testing.T, w *child, ready int64, k killPoint, dbDir string, rng *rand.Rand, round int) writerRun {
+	t.Helper()
+	if k.mask == 0 {
+		time.Sleep(time.Duration(5000+rng.IntN(195000)) * time.Microsecond)
+	} else {
+		tr := killOnEvent(t, dbDir, k, w.cmd.Process.Pid)
+		select {
+		case <-w.done:
+		case <-time.After(10 * time.Second):
+		}
+		tr.stop(t)
+		if !tr.fired {
+			t.Fatalf("round %d: no %s event: the writer wrote nothing?\n%s", round, k.name, w.stderr.String())
+		}
+	}
+	w.mustKill(t)
+	return w.writerRun(t, ready)
 }
 
 // schemaTransactions is how many LTX files a new database holds once the

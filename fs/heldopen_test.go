@@ -73,21 +73,7 @@ func TestCrash_AppWALHeldOpen(t *testing.T) {
 	for round, k := range plan {
 		w := startChild(t, "writer", path, "wal", strconv.Itoa(largeBlob/4))
 		ready := w.mustReadLine(t, "ready")
-		if k.mask == 0 {
-			time.Sleep(time.Duration(5000+rng.IntN(195000)) * time.Microsecond)
-		} else {
-			tr := killOnEvent(t, dbDir, k, w.cmd.Process.Pid)
-			select {
-			case <-w.done:
-			case <-time.After(10 * time.Second):
-			}
-			tr.stop(t)
-			if !tr.fired {
-				t.Fatalf("round %d: no %s event: the writer wrote nothing?\n%s", round, k.name, w.stderr.String())
-			}
-		}
-		w.mustKill(t)
-		run := w.writerRun(t, ready)
+		run := killWriter(t, w, ready, k, dbDir, rng, round)
 
 		// A fresh process commits, over whatever the killed one left.
 		db := testingutil.MustOpenSQLite(t, path, "wal")
