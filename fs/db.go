@@ -139,6 +139,21 @@ type walState struct {
 	sum1, sum2  uint32
 	sumAt       int64  // the frame count sum1, sum2 are for; -1: not known
 	frame       []byte // scan buffer
+
+	// uncommitted is the transaction a scan found whole in the WAL,
+	// commit frame included, past the wal-index's last frame, while its
+	// fate was open (see scanWAL).
+	uncommitted uncommittedTx
+}
+
+// uncommittedTx is a transaction found in the WAL that SQLite has not
+// committed: frames first to last, and the checksum chain after its
+// commit frame, which tells it from another transaction written over it
+// that ends at the same frame.
+type uncommittedTx struct {
+	found       bool
+	first, last int64
+	sum1, sum2  uint32
 }
 
 func (d *DB) path(name string) string { return filepath.Join(d.dir, name) }
@@ -153,6 +168,7 @@ func (d *DB) resetWAL() {
 	d.wal.mxFrame = 0
 	d.wal.sumAt = -1
 	d.wal.pgnos = d.wal.pgnos[:0]
+	d.wal.uncommitted = uncommittedTx{}
 	d.clearDirty()
 }
 

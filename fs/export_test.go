@@ -1,5 +1,7 @@
 package fs
 
+import "context"
+
 // SetFailpoint makes operation name of f fail with what fn returns for it
 // (nil: no failure); nil removes it. Names: "wal-sync", the fsync of a WAL.
 func (f *FileSystem) SetFailpoint(fn func(name string) error) {
@@ -8,4 +10,14 @@ func (f *FileSystem) SetFailpoint(fn func(name string) error) {
 		return
 	}
 	f.failpoint.Store(&fn)
+}
+
+// ScanUncommitted scans d's WAL as capture does and reports whether it
+// holds a transaction, commit frame included, that the wal-index does not
+// count (see scanWAL).
+func (d *DB) ScanUncommitted() (bool, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	err := d.scanWAL(context.Background())
+	return d.wal.uncommitted.found, err
 }

@@ -4,6 +4,8 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"io"
+	"log/slog"
 	"math/rand/v2"
 	"path/filepath"
 	"strconv"
@@ -23,6 +25,10 @@ const (
 	heldOpenRandomRounds = 70 // kills at a random moment
 	heldOpenWALRounds    = 40 // kills at the nth write of the WAL
 )
+
+// logSkippedUncommitted is what the daemon logs for a transaction whose
+// frames were in the WAL but which SQLite never committed (fs/passthrough.go).
+const logSkippedUncommitted = "skipped a transaction SQLite never committed"
 
 // killAtWALWrite kills the app at a write of the WAL: its transaction's
 // frames are partly written, or all of them with the wal-index not yet
@@ -99,6 +105,109 @@ func TestCrash_AppWALHeldOpen(t *testing.T) {
 		len(plan), heldOpenWALRounds, st.inFlight, st.inFlightCommitted, rows.max, seed)
 }
 
+// TestCrash_KilledInWALSync kills a writer (synchronous=FULL) inside the
+// WAL fsync of its commit, while another process keeps the wal-index
+// alive: its frames, commit frame included, are all in the WAL, and the
+// wal-index does not count them. SQLite never committed the transaction:
+// the next writer, a fresh process, writes over it. The log must hold
+// exactly the transactions SQLite committed, the daemon must say once
+// what it skipped, and the log must rebuild the database.
+func TestCrash_KilledInWALSync(t *testing.T) {
+	t.Parallel()
+	seed := uint64(time.Now().UnixNano())
+	rng := rand.New(rand.NewPCG(seed, 3))
+	dir := t.TempDir()
+	fsys := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
+	var logged lockedBuffer
+	fsys.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil))
+	testingutil.MustOpenFS(t, fsys)
+	path := filepath.Join(fsys.MountDir, "app.db")
+	db := testingutil.MustOpenSQLite(t, path, "wal")
+	if _, err := db.Exec(crashSchema + `CREATE TABLE fresh (round INTEGER PRIMARY KEY);`); err != nil {
+		t.Fatal(err)
+	}
+	_ = db.Close()
+	captured := fsys.DB("app.db")
+	schemaTXID := captured.Pos().TXID
+
+	holder := startChild(t, "reader", path)
+	holder.mustReadLine(t, "ready")
+
+	const rounds = 10
+	var rows rowState
+	var st crashStats
+	for round := range rounds {
+		// Block the fsync of the writer's skip+1st commit, once its
+		// frames are all in the WAL: the wal-index does not count them
+		// before the fsync returns.
+		skip := rng.IntN(4)
+		inSync, release := make(chan struct{}), make(chan struct{})
+		var fired atomic.Bool
+		fsys.SetFailpoint(func(name string) error {
+			if name != "wal-sync" || fired.Load() {
+				return nil
+			}
+			if found, err := captured.ScanUncommitted(); err != nil || !found {
+				return err // a checkpoint's or a new WAL header's fsync
+			}
+			if skip > 0 {
+				skip--
+				return nil
+			}
+			fired.Store(true)
+			close(inSync)
+			select {
+			case <-release:
+			case <-time.After(30 * time.Second):
+			}
+			return nil
+		})
+		w := startChild(t, "writer", path, "wal", strconv.Itoa(largeBlob/4))
+		ready := w.mustReadLine(t, "ready")
+		select {
+		case <-inSync:
+		case <-w.done:
+			t.Fatalf("round %d: the writer ended before its commit's WAL fsync: %v\n%s", round, w.err, w.stderr.String())
+		case <-time.After(30 * time.Second):
+			t.Fatalf("round %d: no WAL fsync of a commit in 30s", round)
+		}
+		// SIGKILL lands when the fsync returns: the process never sees it.
+		if err := w.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		close(release)
+		w.mustKill(t)
+		fsys.SetFailpoint(nil)
+		run := w.writerRun(t, ready)
+		before := strings.Count(logged.String(), logSkippedUncommitted)
+
+		db := testingutil.MustOpenSQLite(t, path, "wal")
+		if got := rows.check(t, db, run, largeBlob/4, &st); got != run.lastAck {
+			t.Fatalf("round %d: rows up to %d after a kill inside the fsync of %d, want %d: SQLite never committed it", round, got, run.lastBegin, run.lastAck)
+		}
+		if _, err := db.Exec(`INSERT INTO fresh VALUES (?)`, round); err != nil {
+			t.Fatalf("round %d: commit after the kill: %v", round, err)
+		}
+		_ = db.Close()
+		if got, want := captured.Pos().TXID-schemaTXID, ltx.TXID(rows.max)+ltx.TXID(round+1); got != want {
+			t.Fatalf("round %d: got %d LTX files after the schema, want %d: %d rows committed by writers and %d by the fresh processes (seed %d)",
+				round, got, want, rows.max, round+1, seed)
+		}
+		if got := strings.Count(logged.String(), logSkippedUncommitted) - before; got != 1 {
+			t.Fatalf("round %d: the daemon logged %d skipped transactions after the fresh commit, want 1", round, got)
+		}
+	}
+	if err := holder.kill(); err != nil {
+		t.Fatal(err)
+	}
+	if out := holder.stderr.String(); out != "" {
+		t.Fatalf("reader: %s", out)
+	}
+	db = testingutil.MustOpenSQLite(t, path, "wal")
+	checkLog(t, fsys, "app.db", db, true)
+	t.Logf("%d kills inside a commit's WAL fsync, %d rows (seed %d)", rounds, rows.max, seed)
+}
+
 // readerChild opens the SQLite database at path (WAL mode) and counts its
 // rows every 2 ms until killed, keeping its wal-index alive. It prints
 // "ready 0" once it has read once, and exits at the first error.
@@ -135,10 +244,16 @@ func readerChild(path string) error {
 func TestCapture_WALSyncFails(t *testing.T) {
 	dir := t.TempDir()
 	fsys := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
-	fsys.Logger = infoLogger(t)
+	var logged lockedBuffer
+	fsys.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil))
 	testingutil.MustOpenFS(t, fsys)
 	path := filepath.Join(fsys.MountDir, "app.db")
 	db := testingutil.MustOpenSQLite(t, path, "wal")
+	// No checkpoint, so no WAL restart: every failed fsync is the one
+	// that would have made a transaction durable.
+	if _, err := db.Exec(`PRAGMA wal_autocheckpoint = 0`); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := db.Exec(`CREATE TABLE t (i INTEGER PRIMARY KEY, b BLOB)`); err != nil {
 		t.Fatal(err)
 	}
@@ -173,6 +288,18 @@ func TestCapture_WALSyncFails(t *testing.T) {
 	fsys.SetFailpoint(nil)
 	if failed.Load() == 0 || len(acked) == n {
 		t.Fatalf("%d WAL fsyncs failed, %d of %d commits succeeded: the failure was not exercised", failed.Load(), len(acked), n)
+	}
+	// One more commit writes over the last failed transaction, if the
+	// last insert failed.
+	if _, err := db.Exec(`INSERT INTO t VALUES (?, randomblob(100))`, n); err != nil {
+		t.Fatal(err)
+	}
+	acked = append(acked, n)
+	// Each failed transaction's frames were in the WAL, commit frame
+	// included, until the next one wrote over them: the daemon says so
+	// once for each.
+	if got := strings.Count(logged.String(), logSkippedUncommitted); got != int(failed.Load()) {
+		t.Fatalf("the daemon logged %d skipped transactions, want %d (one per failed WAL fsync)", got, failed.Load())
 	}
 	if err := d.Flush(); err != nil {
 		t.Fatal(err)

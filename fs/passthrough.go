@@ -120,6 +120,7 @@ func (d *DB) scanWAL(ctx context.Context) error {
 	if !w.valid || h.salt1 != w.hdr.salt1 || h.salt2 != w.hdr.salt2 || h.pageSize != w.hdr.pageSize {
 		// A new generation: every frame of the old one was checkpointed,
 		// and so scanned and logged, before SQLite could restart the WAL.
+		d.writtenOver(w.uncommitted, "the WAL was restarted")
 		d.resetWAL()
 		w.hdr, w.valid = h, true
 	}
@@ -164,14 +165,24 @@ func (d *DB) scanWAL(ctx context.Context) error {
 		if fh.commit == 0 {
 			continue
 		}
+		found := uncommittedTx{found: true, first: w.mxFrame, last: i, sum1: s1, sum2: s2}
+		if u := w.uncommitted; u.found && u != found {
+			// The transaction found uncommitted before is gone: the
+			// frames from its first on are another's now.
+			d.writtenOver(u, "a later transaction wrote over it")
+			w.uncommitted = uncommittedTx{}
+		}
 		if gated && i >= limit {
 			// A commit frame SQLite has not committed (yet, or ever: its
-			// writer may have died before updating the wal-index). The
-			// writer's unlock, or a later scan, decides.
+			// writer may have died, or failed its fsync, before updating
+			// the wal-index). The writer's unlock, or a later scan,
+			// decides.
+			w.uncommitted = found
 			d.scanLater()
 			w.pgnos = w.pgnos[:0]
 			return nil
 		}
+		w.uncommitted = uncommittedTx{}
 		if err := d.committedWAL(ctx, fh.commit); err != nil {
 			w.pgnos = w.pgnos[:0]
 			return err
@@ -192,6 +203,17 @@ const (
 	minRescanWait = 2 * time.Millisecond
 	maxRescanWait = time.Second
 )
+
+// writtenOver says that u, a transaction found in the WAL that SQLite
+// had not committed, never will be: why says what replaced it. Its
+// frames never became an LTX file.
+func (d *DB) writtenOver(u uncommittedTx, why string) {
+	if !u.found {
+		return
+	}
+	d.logger.Warn("skipped a transaction SQLite never committed: its frames were in the WAL, commit frame included, but the wal-index never counted them (the writer died or its WAL fsync failed); it is not in the log",
+		"frames", fmt.Sprintf("%d-%d", u.first+1, u.last+1), "then", why)
+}
 
 // scanLater scans the WAL again after a while. Caller holds d.mu.
 func (d *DB) scanLater() {
