@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -309,4 +310,62 @@ func TestCapture_WALSyncFails(t *testing.T) {
 	}
 	checkLog(t, fsys, "app.db", db, true)
 	t.Logf("%d commits: %d succeeded, %d failed in the WAL fsync", n, len(acked), failed.Load())
+}
+
+// TestCapture_ShmHeaderCopiesDiffer damages the second copy of the
+// wal-index header, through the mount, while connections hold the
+// wal-index: SQLite finds the copies differ and rebuilds the wal-index
+// from the WAL; capture waits for a header it can trust and goes on. The
+// log holds exactly the transactions committed, before and after.
+func TestCapture_ShmHeaderCopiesDiffer(t *testing.T) {
+	dir := t.TempDir()
+	fsys := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
+	fsys.Logger = infoLogger(t)
+	testingutil.MustOpenFS(t, fsys)
+	path := filepath.Join(fsys.MountDir, "app.db")
+	db := testingutil.MustOpenSQLite(t, path, "wal")
+	if _, err := db.Exec(`PRAGMA wal_autocheckpoint = 0; CREATE TABLE t (i INTEGER PRIMARY KEY, b BLOB)`); err != nil {
+		t.Fatal(err)
+	}
+	reader := testingutil.MustOpenSQLite(t, path, "wal")
+	d := fsys.DB("app.db")
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	start := d.Pos().TXID
+	insert := func(i int) {
+		t.Helper()
+		if _, err := db.Exec(`INSERT INTO t VALUES (?, randomblob(?))`, i, 300+i*500); err != nil {
+			t.Fatalf("insert %d: %v", i, err)
+		}
+		var n int
+		if err := reader.QueryRow(`SELECT count(*) FROM t`).Scan(&n); err != nil || n != i+1 {
+			t.Fatalf("after insert %d the other connection sees %d rows, %v", i, n, err)
+		}
+	}
+	for i := range 5 {
+		insert(i)
+	}
+	shm, err := os.OpenFile(path+"-shm", os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = shm.Close() }()
+	b := make([]byte, 1)
+	if _, err := shm.ReadAt(b, 48+16); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := shm.WriteAt([]byte{b[0] + 1}, 48+16); err != nil { // copy 2's mxFrame
+		t.Fatal(err)
+	}
+	for i := 5; i < 10; i++ {
+		insert(i)
+	}
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got := d.Pos().TXID - start; got != 10 {
+		t.Fatalf("%d LTX files for 10 commits", got)
+	}
+	checkLog(t, fsys, "app.db", db, true)
 }
