@@ -47,7 +47,7 @@ var journalMagic = []byte{0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7}
 // The queue is written and the log synced before the WAL is restarted,
 // truncated or deleted, the only moments its frames stop being a copy, and
 // before a checkpoint writes the database file, so the file is never ahead
-// of the log.
+// of the log, even after a power failure.
 type DB struct {
 	Name string
 
@@ -186,13 +186,19 @@ func (d *DB) writeDatabase(f *os.File, data []byte, off int64) (int, error) {
 		return 0, fmt.Errorf("%w: %d bytes at offset %d", errNotPages, len(data), off)
 	}
 	// A checkpoint must not put transactions in the database file before
-	// they are in the log: recovery reads the database file plus the WAL
-	// from the log's position.
+	// they are in the log, durably: recovery reads the database file plus
+	// the WAL from the log's position, and a power failure may empty LTX
+	// files never fsynced while the kernel has written these pages.
 	if err := d.scanWAL(context.Background()); err != nil {
 		return 0, err
 	}
 	if err := d.drain(); err != nil {
 		return 0, err
+	}
+	if d.walActive() {
+		if err := d.syncLog(context.Background()); err != nil {
+			return 0, err
+		}
 	}
 	if len(d.dirty) == 0 && d.unjournaled() {
 		return 0, errNoJournal

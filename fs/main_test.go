@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -34,7 +35,7 @@ import (
 // crash tests instead of the tests. Its value is one of
 //
 //	writer PATH MODE BLOB             commit rows to the SQLite database PATH until killed
-//	daemon DATA MOUNT                 mount DATA at MOUNT, serve until SIGTERM
+//	daemon DATA MOUNT PASSTHROUGH     mount DATA at MOUNT, serve until SIGTERM (SIGUSR1: cut the power)
 //	watch DIR MASK SUFFIX NTH PID     kill PID at an inotify event in DIR
 //	reader PATH                       read the SQLite database PATH every 2 ms until killed
 //
@@ -168,10 +169,13 @@ func writerChild(path, mode string, base int) error {
 
 // daemonChild recovers and mounts the databases of dataDir at mountDir,
 // prints "mounted", and serves until SIGTERM, then unmounts cleanly. It logs
-// to stderr at level Info, which includes what recovery did.
+// to stderr at level Info, which includes what recovery did. On SIGUSR1 it
+// cuts the power (see powerCut).
 func daemonChild(dataDir, mountDir string, passthrough bool) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 	defer stop()
+	cut := make(chan os.Signal, 1)
+	signal.Notify(cut, syscall.SIGUSR1)
 	f := fs.New(dataDir, mountDir)
 	f.Passthrough = passthrough
 	f.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
@@ -181,10 +185,43 @@ func daemonChild(dataDir, mountDir string, passthrough bool) error {
 	if _, err := fmt.Println("mounted"); err != nil {
 		return err
 	}
-	<-ctx.Done()
+	select {
+	case <-ctx.Done():
+	case <-cut:
+		return powerCut(f)
+	}
 	closeCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	return f.Close(closeCtx)
+}
+
+// powerCut does what a power failure does to the log of each database of
+// f: every LTX file written since the log's last fsync loses its content
+// (a file whose rename reached the disk before its data does), whatever
+// else the daemon was doing. It prints "cut N", N files emptied, and
+// dies with SIGKILL at once, its mount left dead.
+func powerCut(f *fs.FileSystem) error {
+	entries, err := os.ReadDir(filepath.Join(f.DataDir, "dbs"))
+	if err != nil {
+		return err
+	}
+	n := 0
+	for _, e := range entries {
+		d := f.DB(e.Name())
+		if d == nil {
+			continue
+		}
+		for _, name := range d.Log().Unsynced() {
+			if err := os.Truncate(filepath.Join(d.Log().Dir, name), 0); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return err
+			}
+			n++
+		}
+	}
+	if _, err := fmt.Printf("cut %d\n", n); err != nil {
+		return err
+	}
+	return syscall.Kill(os.Getpid(), syscall.SIGKILL)
 }
 
 // watchChild watches dir for inotify events of mask and kills the process

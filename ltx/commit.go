@@ -210,6 +210,14 @@ func (l *Log) Sync(ctx context.Context) error {
 	return nil
 }
 
+// Unsynced returns the names of the files committed without a sync since
+// the last Sync: those a power failure may empty or tear.
+func (l *Log) Unsynced() []string {
+	l.wmu.Lock()
+	defer l.wmu.Unlock()
+	return slices.Clone(l.unsynced)
+}
+
 // syncfsFiles is how many unsynced files make Sync flush the whole
 // filesystem instead of fsyncing each.
 const syncfsFiles = 16
