@@ -17,6 +17,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -35,7 +36,7 @@ import (
 // crash tests instead of the tests. Its value is one of
 //
 //	writer PATH MODE BLOB             commit rows to the SQLite database PATH until killed
-//	daemon DATA MOUNT PASSTHROUGH     mount DATA at MOUNT, serve until SIGTERM (SIGUSR1: cut the power)
+//	daemon DATA MOUNT PASSTHROUGH     mount DATA at MOUNT, serve until SIGTERM (SIGUSR1, SIGUSR2: cut the power)
 //	watch DIR MASK SUFFIX NTH PID     kill PID at an inotify event in DIR
 //	reader PATH                       read the SQLite database PATH every 2 ms until killed
 //
@@ -175,7 +176,7 @@ func daemonChild(dataDir, mountDir string, passthrough bool) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 	defer stop()
 	cut := make(chan os.Signal, 1)
-	signal.Notify(cut, syscall.SIGUSR1)
+	signal.Notify(cut, syscall.SIGUSR1, syscall.SIGUSR2)
 	f := fs.New(dataDir, mountDir)
 	f.Passthrough = passthrough
 	f.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
@@ -187,8 +188,8 @@ func daemonChild(dataDir, mountDir string, passthrough bool) error {
 	}
 	select {
 	case <-ctx.Done():
-	case <-cut:
-		return powerCut(f)
+	case sig := <-cut:
+		return powerCut(f, sig == syscall.SIGUSR2)
 	}
 	closeCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -197,28 +198,47 @@ func daemonChild(dataDir, mountDir string, passthrough bool) error {
 
 // powerCut does what a power failure does to the log of each database of
 // f: every LTX file written since the log's last fsync loses its content
-// (a file whose rename reached the disk before its data does), whatever
-// else the daemon was doing. It prints "cut N", N files emptied, and
-// dies with SIGKILL at once, its mount left dead.
-func powerCut(f *fs.FileSystem) error {
+// (a file whose rename reached the disk before its data did), whatever
+// else the daemon was doing; with keepNewest, the newest of them keeps
+// its content when there are several (the disk wrote the files' data in
+// another order; the cut waits for that, for 5 seconds at most). It prints "cut N" and "kept K", N files emptied and K
+// kept, and dies with SIGKILL at once, its mount left dead.
+func powerCut(f *fs.FileSystem, keepNewest bool) error {
 	entries, err := os.ReadDir(filepath.Join(f.DataDir, "dbs"))
 	if err != nil {
 		return err
 	}
-	n := 0
+	if keepNewest {
+		// Cut when some log has two unsynced files or more, as it soon
+		// has under an app that commits between checkpoints.
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Microsecond) {
+			if slices.ContainsFunc(entries, func(e os.DirEntry) bool {
+				d := f.DB(e.Name())
+				return d != nil && len(d.Log().Unsynced()) > 1
+			}) {
+				break
+			}
+		}
+	}
+	n, kept := 0, 0
 	for _, e := range entries {
 		d := f.DB(e.Name())
 		if d == nil {
 			continue
 		}
-		for _, name := range d.Log().Unsynced() {
+		unsynced := d.Log().Unsynced()
+		if keepNewest && len(unsynced) > 1 {
+			unsynced = unsynced[:len(unsynced)-1]
+			kept++
+		}
+		for _, name := range unsynced {
 			if err := os.Truncate(filepath.Join(d.Log().Dir, name), 0); err != nil && !errors.Is(err, os.ErrNotExist) {
 				return err
 			}
 			n++
 		}
 	}
-	if _, err := fmt.Printf("cut %d\n", n); err != nil {
+	if _, err := fmt.Printf("cut %d\nkept %d\n", n, kept); err != nil {
 		return err
 	}
 	return syscall.Kill(os.Getpid(), syscall.SIGKILL)

@@ -16,10 +16,16 @@ import (
 // each journal mode.
 const powerCutRounds = 12
 
+// powerCutBlob is the size of the rows of TestCrash_PowerCut: small, so
+// that several transactions commit between checkpoints and several LTX
+// files are unsynced at a time.
+const powerCutBlob = 256
+
 // TestCrash_PowerCut cuts the power under an app committing with
 // synchronous=FULL (checkpointing often, in WAL mode): the daemon empties
 // every LTX file it has not fsynced, as a power failure may, and dies at
-// once. The daemon must come back up on what is left, with no transaction
+// once; in every other round the newest of them keeps its content, so
+// that an empty file is followed by a whole one. The daemon must come back up on what is left, with no transaction
 // SQLite committed missing from the log (in WAL mode it rebuilds the lost
 // files from the WAL, which a checkpoint never gets ahead of), and the log
 // must hold one LTX file per committed transaction and rebuild the
@@ -48,16 +54,19 @@ func TestCrash_PowerCut(t *testing.T) {
 
 			var rows rowState
 			var st crashStats
-			emptied, cutRounds := 0, 0
+			emptied, cutRounds, keptRounds := 0, 0, 0
 			for round := range powerCutRounds {
 				d.start(t)
-				w := startChild(t, "writer", path, mode, strconv.Itoa(smallBlob))
+				w := startChild(t, "writer", path, mode, strconv.Itoa(powerCutBlob))
 				ready := w.mustReadLine(t, "ready")
 				time.Sleep(time.Duration(20+rng.IntN(180)) * time.Millisecond)
-				n := d.powerCut(t)
+				n, kept := d.powerCut(t, round%2 == 1)
 				emptied += n
 				if n > 0 {
 					cutRounds++
+				}
+				if kept > 0 {
+					keptRounds++
 				}
 				if err := w.kill(); err != nil {
 					t.Fatal(err)
@@ -66,7 +75,7 @@ func TestCrash_PowerCut(t *testing.T) {
 
 				d.start(t)
 				db := testingutil.MustOpenSQLite(t, path, mode)
-				last := rows.check(t, db, run, smallBlob, &st)
+				last := rows.check(t, db, run, powerCutBlob, &st)
 				if mode == "wal" {
 					checkpoint(t, db)
 				}
@@ -77,28 +86,34 @@ func TestCrash_PowerCut(t *testing.T) {
 						round, n, seed, got, want, stderr)
 				}
 			}
-			t.Logf("%s: %d power cuts, %d of them emptied %d LTX files in all; %d with a transaction in flight (%d of those committed); %d rows (seed %d)",
-				mode, powerCutRounds, cutRounds, emptied, st.inFlight, st.inFlightCommitted, rows.max, seed)
-			if mode == "wal" && emptied == 0 {
-				t.Fatalf("no power cut emptied an LTX file: the WAL rebuild was not exercised (seed %d)", seed)
+			t.Logf("%s: %d power cuts, %d of them emptied %d LTX files in all, %d kept a later file whole; %d with a transaction in flight (%d of those committed); %d rows (seed %d)",
+				mode, powerCutRounds, cutRounds, emptied, keptRounds, st.inFlight, st.inFlightCommitted, rows.max, seed)
+			if mode == "wal" && (emptied == 0 || keptRounds == 0) {
+				t.Fatalf("%d power cuts emptied an LTX file, %d kept a later one whole: the WAL rebuild was not exercised in both ways (seed %d)", cutRounds, keptRounds, seed)
 			}
 		})
 	}
 }
 
 // powerCut has the daemon cut the power (see powerCut in main_test.go),
-// removes its dead mount, and returns how many LTX files it emptied.
-func (d *daemon) powerCut(t *testing.T) int {
+// keeping the newest unsynced LTX file whole if keepNewest, removes its
+// dead mount, and returns how many LTX files it emptied and kept.
+func (d *daemon) powerCut(t *testing.T, keepNewest bool) (emptied, kept int) {
 	t.Helper()
 	p := d.proc
-	if err := p.cmd.Process.Signal(syscall.SIGUSR1); err != nil {
+	sig := syscall.SIGUSR1
+	if keepNewest {
+		sig = syscall.SIGUSR2
+	}
+	if err := p.cmd.Process.Signal(sig); err != nil {
 		t.Fatal(err)
 	}
-	n := int(p.mustReadLine(t, "cut"))
+	emptied = int(p.mustReadLine(t, "cut"))
+	kept = int(p.mustReadLine(t, "kept"))
 	p.mustKill(t)
 	d.proc = nil
 	if err := syscall.Unmount(d.mnt, syscall.MNT_DETACH); err != nil {
 		t.Fatalf("unmount the dead mount %s: %v", d.mnt, err)
 	}
-	return n
+	return emptied, kept
 }

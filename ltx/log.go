@@ -58,6 +58,16 @@ type Log struct {
 
 	Logger *slog.Logger
 
+	// MayBeUnsynced, if set, tells Open which files a power failure may
+	// have emptied or torn though a later file survived whole: files
+	// written without an fsync since the log was last synced, whose
+	// transactions their writer can write again (in WAL mode, the files of
+	// the WAL's current generation: the log is synced before a checkpoint
+	// writes the database and before the WAL restarts). An unreadable
+	// file followed only by such files is moved aside, with every file
+	// after it, as a torn last file is, instead of stopping Open.
+	MayBeUnsynced func(Header) bool
+
 	// Spares, if set, recycles files: new files are written over spares
 	// and removed files become spares, unless a reader has them open.
 	Spares *Spares
@@ -314,7 +324,7 @@ func (l *Log) recover() ([]*logFile, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := l.quarantineBad(files, bad); err != nil {
+	if files, err = l.quarantineBad(files, bad); err != nil {
 		return nil, err
 	}
 	if err := l.checkChain(files); err != nil {
@@ -365,22 +375,52 @@ type badFile struct {
 }
 
 // quarantineBad moves unreadable files that come after every readable one
-// (a torn last append) aside; an unreadable file anywhere else is an error.
-func (l *Log) quarantineBad(files []*logFile, bad []badFile) error {
-	var last TXID
-	if len(files) > 0 {
-		last = files[len(files)-1].info.Header.MaxTXID
+// (a torn last append) aside, and returns the files that stay. An
+// unreadable file anywhere else is an error, unless every file after it
+// may be unsynced (see MayBeUnsynced): then it goes aside with all of
+// them.
+func (l *Log) quarantineBad(files []*logFile, bad []badFile) ([]*logFile, error) {
+	if len(bad) == 0 {
+		return files, nil
+	}
+	first := bad[0]
+	firstMin, _, _ := ParseName(first.name)
+	for _, b := range bad[1:] {
+		if min, _, _ := ParseName(b.name); min < firstMin {
+			first, firstMin = b, min
+		}
+	}
+	keep := len(files)
+	for keep > 0 && files[keep-1].info.Header.MinTXID > firstMin {
+		keep--
+	}
+	if keep < len(files) {
+		later := files[keep:]
+		if l.MayBeUnsynced == nil || !allFiles(later, func(f *logFile) bool { return l.MayBeUnsynced(f.info.Header) }) {
+			return nil, fmt.Errorf("log %s: %w; it is not the last file, so the log cannot continue past it: "+
+				"restore the file from a replica or a backup, or move it and every later file out of the directory", l.Dir, first.err)
+		}
+		l.Logger.Warn("an LTX file written since the log's last fsync does not read, though later ones do: a power failure? "+
+			"It and every later file are moved aside; their transactions are written again from the WAL",
+			"db", l.Name, "file", first.name, "err", first.err, "later_files", len(later))
+		for _, f := range later {
+			if err := l.quarantine(f.info.Name); err != nil {
+				return nil, err
+			}
+		}
+		files = files[:keep]
 	}
 	for _, b := range bad {
-		if min, _, _ := ParseName(b.name); min <= last {
-			return fmt.Errorf("log %s: %w; it is not the last file, so the log cannot continue past it: "+
-				"restore the file from a replica or a backup, or move it and every later file out of the directory", l.Dir, b.err)
-		}
 		if err := l.quarantine(b.name); err != nil {
-			return err
+			return nil, err
 		}
 	}
-	return nil
+	return files, nil
+}
+
+// allFiles reports whether ok holds for every file of files.
+func allFiles(files []*logFile, ok func(*logFile) bool) bool {
+	return !slices.ContainsFunc(files, func(f *logFile) bool { return !ok(f) })
 }
 
 // checkChain checks that each file starts where the previous one ended.

@@ -151,6 +151,59 @@ func TestLog_Open_CorruptMiddleFile(t *testing.T) {
 	assertDirState(t, dir, state)
 }
 
+// TestLog_Open_UnsyncedMiddleFile empties a file that later files follow,
+// as a power failure may do to files never fsynced: when every later file
+// may be unsynced (MayBeUnsynced), the empty file and all after it are
+// moved aside and the log opens at the file before; otherwise Open fails
+// as for any unreadable file in the middle, changing nothing.
+func TestLog_Open_UnsyncedMiddleFile(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		unsynced ltx.TXID // files from this TXID on may be unsynced; 0: no MayBeUnsynced
+		opens    bool
+	}{
+		{name: "later files unsynced", unsynced: 3, opens: true},
+		{name: "a later file synced", unsynced: 5},
+		{name: "no hint"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			d := newFakeDB(t, dir, 5)
+			d.run(5, t0, nil)
+			_ = d.log.Close()
+			files := d.log.Files()
+			if err := os.Truncate(filepath.Join(d.log.Dir, files[2].Name), 0); err != nil {
+				t.Fatal(err)
+			}
+			state := dirState(t, dir)
+			l := testingutil.NewLog(t, "db", d.log.Dir, "")
+			if tc.unsynced != 0 {
+				l.MayBeUnsynced = func(h ltx.Header) bool { return h.MinTXID >= tc.unsynced }
+			}
+			err := l.Open(context.Background())
+			t.Cleanup(func() { _ = l.Close() })
+			if !tc.opens {
+				if !errors.Is(err, ltx.ErrCorrupt) || !strings.Contains(err.Error(), files[2].Name) || !strings.Contains(err.Error(), "not the last file") {
+					t.Fatalf("err = %v, want one naming %s, not the last file", err, files[2].Name)
+				}
+				assertDirState(t, dir, state)
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got, want := l.Pos(), files[1].Pos(); got != want {
+				t.Fatalf("position %s, want %s, the file before the empty one", got, want)
+			}
+			for _, f := range files[2:] {
+				if _, err := os.Stat(filepath.Join(d.log.Dir, "corrupt", f.Name)); err != nil {
+					t.Fatalf("%s not moved aside: %v", f.Name, err)
+				}
+			}
+		})
+	}
+}
+
 func TestLog_Open_Gap(t *testing.T) {
 	dir := t.TempDir()
 	d := newFakeDB(t, dir, 5)
