@@ -67,6 +67,13 @@ func TestReadWAL(t *testing.T) {
 	if _, txs, _ := readWAL(bytes.NewReader(bad), int64(len(bad))); len(txs) != 1 {
 		t.Fatalf("flipped bit in frame 2: got %d transactions, want 1", len(txs))
 	}
+	// A frame whose salt is not the header's (left by an earlier WAL
+	// generation) ends the WAL there too, whatever follows.
+	bad = bytes.Clone(img)
+	bad[h.frameOffset(3)+8] ^= 1
+	if _, txs, _ := readWAL(bytes.NewReader(bad), int64(len(bad))); len(txs) != 2 {
+		t.Fatalf("other salt in frame 3: got %d transactions, want 2", len(txs))
+	}
 }
 
 // TestReadWAL_SectorPadding: copies of a commit frame after it (SQLite's
