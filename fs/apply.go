@@ -229,17 +229,12 @@ func (h *readerHold) changed() error {
 	if n, _ := shm.ReadAt(hdr[:], 0); n < len(hdr) || hdr[12] == 0 {
 		return nil // not initialized: the next reader builds it from scratch
 	}
-	// The header is in the machine's byte order, its checksum too
-	// (SQLite's walIndexWriteHdr); bigEndCksum is about WAL frames.
+	// The header is in the machine's byte order, its checksum too.
 	w := hdr[:48]
 	order := binary.NativeEndian
 	order.PutUint32(w[8:], order.Uint32(w[8:])+1) // iChange
 	order.PutUint32(w[20:], 0)                    // nPage: 0 lets readers size the file itself
-	var s1, s2 uint32
-	for i := 0; i < 40; i += 8 {
-		s1 += order.Uint32(w[i:]) + s2
-		s2 += order.Uint32(w[i+4:]) + s1
-	}
+	s1, s2 := walIndexChecksum(w)
 	order.PutUint32(w[40:], s1)
 	order.PutUint32(w[44:], s2)
 	copy(hdr[48:], w)

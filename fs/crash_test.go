@@ -220,23 +220,7 @@ func TestCrash_Daemon(t *testing.T) {
 func testCrashDaemon(t *testing.T, mode string, passthrough bool) {
 	seed := uint64(time.Now().UnixNano())
 	rng := rand.New(rand.NewPCG(seed, 2))
-	dir := t.TempDir()
-	d := &daemon{data: filepath.Join(dir, "data"), mnt: filepath.Join(dir, "mnt"), noPassthrough: !passthrough}
-	t.Cleanup(func() { d.cleanup(t) })
-	path := filepath.Join(d.mnt, "app.db")
-	dbDir := filepath.Join(d.data, "dbs", "app.db")
-
-	d.start(t)
-	db := testingutil.MustOpenSQLite(t, path, mode)
-	if _, err := db.Exec(crashSchema); err != nil {
-		t.Fatal(err)
-	}
-	_ = db.Close()
-	d.stop(t)
-	schemaTXID := verifyStopped(t, dbDir).TXID
-	if got, want := schemaTXID, schemaTransactions(mode); got != want {
-		t.Fatalf("schema: got %d LTX files, want %d", got, want)
-	}
+	d, path, dbDir, schemaTXID := newCrashDaemon(t, mode, passthrough)
 
 	// The precise points: (a) in rollback modes, (b) in WAL mode, and the
 	// other event of each for good measure.
@@ -482,6 +466,31 @@ type daemon struct {
 	// off).
 	noPassthrough bool
 	proc          *child // nil when not running
+}
+
+// newCrashDaemon makes a daemon on a new data directory whose app.db, in
+// journal mode, holds crashSchema, and stops it. It returns the daemon,
+// app.db's path on the mount, its backing directory and the schema's
+// last TXID.
+func newCrashDaemon(t *testing.T, mode string, passthrough bool) (d *daemon, path, dbDir string, schemaTXID ltx.TXID) {
+	t.Helper()
+	dir := t.TempDir()
+	d = &daemon{data: filepath.Join(dir, "data"), mnt: filepath.Join(dir, "mnt"), noPassthrough: !passthrough}
+	t.Cleanup(func() { d.cleanup(t) })
+	path = filepath.Join(d.mnt, "app.db")
+	dbDir = filepath.Join(d.data, "dbs", "app.db")
+	d.start(t)
+	db := testingutil.MustOpenSQLite(t, path, mode)
+	if _, err := db.Exec(crashSchema); err != nil {
+		t.Fatal(err)
+	}
+	_ = db.Close()
+	d.stop(t)
+	schemaTXID = verifyStopped(t, dbDir).TXID
+	if got, want := schemaTXID, schemaTransactions(mode); got != want {
+		t.Fatalf("schema: got %d LTX files, want %d", got, want)
+	}
+	return d, path, dbDir, schemaTXID
 }
 
 // start starts the daemon and waits until it has recovered and mounted.

@@ -50,21 +50,7 @@ func TestCrash_AppWALHeldOpen(t *testing.T) {
 	t.Parallel()
 	seed := uint64(time.Now().UnixNano())
 	rng := rand.New(rand.NewPCG(seed, 2))
-	dir := t.TempDir()
-	fsys := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
-	fsys.Logger = infoLogger(t)
-	testingutil.MustOpenFS(t, fsys)
-	path := filepath.Join(fsys.MountDir, "app.db")
-	db := testingutil.MustOpenSQLite(t, path, "wal")
-	if _, err := db.Exec(crashSchema + `CREATE TABLE fresh (round INTEGER PRIMARY KEY);`); err != nil {
-		t.Fatal(err)
-	}
-	_ = db.Close()
-	captured := fsys.DB("app.db")
-	schemaTXID := captured.Pos().TXID
-
-	holder := startChild(t, "reader", path)
-	holder.mustReadLine(t, "ready")
+	h := newHeldOpen(t, infoLogger(t))
 
 	plan := randomKills(heldOpenRandomRounds, heldOpenRandomRounds/2)
 	for range heldOpenWALRounds {
@@ -74,34 +60,19 @@ func TestCrash_AppWALHeldOpen(t *testing.T) {
 	}
 	rng.Shuffle(len(plan), func(i, j int) { plan[i], plan[j] = plan[j], plan[i] })
 
-	dbDir := filepath.Join(fsys.DataDir, "dbs", "app.db")
+	dbDir := filepath.Join(h.fsys.DataDir, "dbs", "app.db")
 	var rows rowState
 	var st crashStats
 	for round, k := range plan {
-		w := startChild(t, "writer", path, "wal", strconv.Itoa(largeBlob/4))
+		w := startChild(t, "writer", h.path, "wal", strconv.Itoa(largeBlob/4))
 		ready := w.mustReadLine(t, "ready")
 		run := killWriter(t, w, ready, k, dbDir, rng, round)
 
-		// A fresh process commits, over whatever the killed one left.
-		db := testingutil.MustOpenSQLite(t, path, "wal")
+		db := testingutil.MustOpenSQLite(t, h.path, "wal")
 		rows.check(t, db, run, largeBlob/4, &st)
-		if _, err := db.Exec(`INSERT INTO fresh VALUES (?)`, round); err != nil {
-			t.Fatalf("round %d: commit after the kill: %v", round, err)
-		}
-		_ = db.Close()
-		if got, want := captured.Pos().TXID-schemaTXID, ltx.TXID(rows.max)+ltx.TXID(round+1); got != want {
-			t.Fatalf("round %d (%s): got %d LTX files after the schema, want %d: %d rows committed by writers and %d by the fresh processes (seed %d)",
-				round, k.name, got, want, rows.max, round+1, seed)
-		}
+		h.commitFresh(t, db, round, rows.max, fmt.Sprintf("%s, seed %d", k.name, seed))
 	}
-	if err := holder.kill(); err != nil {
-		t.Fatal(err)
-	}
-	if out := holder.stderr.String(); out != "" {
-		t.Fatalf("reader: %s", out)
-	}
-	db = testingutil.MustOpenSQLite(t, path, "wal")
-	checkLog(t, fsys, "app.db", db, true)
+	h.finish(t)
 	t.Logf("%d kills (%d at WAL writes), %d with a transaction in flight (%d of those committed), %d rows (seed %d)",
 		len(plan), heldOpenWALRounds, st.inFlight, st.inFlightCommitted, rows.max, seed)
 }
@@ -117,22 +88,8 @@ func TestCrash_KilledInWALSync(t *testing.T) {
 	t.Parallel()
 	seed := uint64(time.Now().UnixNano())
 	rng := rand.New(rand.NewPCG(seed, 3))
-	dir := t.TempDir()
-	fsys := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
 	var logged lockedBuffer
-	fsys.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil))
-	testingutil.MustOpenFS(t, fsys)
-	path := filepath.Join(fsys.MountDir, "app.db")
-	db := testingutil.MustOpenSQLite(t, path, "wal")
-	if _, err := db.Exec(crashSchema + `CREATE TABLE fresh (round INTEGER PRIMARY KEY);`); err != nil {
-		t.Fatal(err)
-	}
-	_ = db.Close()
-	captured := fsys.DB("app.db")
-	schemaTXID := captured.Pos().TXID
-
-	holder := startChild(t, "reader", path)
-	holder.mustReadLine(t, "ready")
+	h := newHeldOpen(t, slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil)))
 
 	const rounds = 10
 	var rows rowState
@@ -144,11 +101,11 @@ func TestCrash_KilledInWALSync(t *testing.T) {
 		skip := rng.IntN(4)
 		inSync, release := make(chan struct{}), make(chan struct{})
 		var fired atomic.Bool
-		fsys.SetFailpoint(func(name string) error {
+		h.fsys.SetFailpoint(func(name string) error {
 			if name != "wal-sync" || fired.Load() {
 				return nil
 			}
-			if found, err := captured.ScanUncommitted(); err != nil || !found {
+			if found, err := h.captured.ScanUncommitted(); err != nil || !found {
 				return err // a checkpoint's or a new WAL header's fsync
 			}
 			if skip > 0 {
@@ -159,11 +116,11 @@ func TestCrash_KilledInWALSync(t *testing.T) {
 			close(inSync)
 			select {
 			case <-release:
-			case <-time.After(30 * time.Second):
+			case <-t.Context().Done(): // the test failed before the kill
 			}
 			return nil
 		})
-		w := startChild(t, "writer", path, "wal", strconv.Itoa(largeBlob/4))
+		w := startChild(t, "writer", h.path, "wal", strconv.Itoa(largeBlob/4))
 		ready := w.mustReadLine(t, "ready")
 		select {
 		case <-inSync:
@@ -178,35 +135,80 @@ func TestCrash_KilledInWALSync(t *testing.T) {
 		}
 		close(release)
 		w.mustKill(t)
-		fsys.SetFailpoint(nil)
+		h.fsys.SetFailpoint(nil)
 		run := w.writerRun(t, ready)
 		before := strings.Count(logged.String(), logSkippedUncommitted)
 
-		db := testingutil.MustOpenSQLite(t, path, "wal")
+		db := testingutil.MustOpenSQLite(t, h.path, "wal")
 		if got := rows.check(t, db, run, largeBlob/4, &st); got != run.lastAck {
 			t.Fatalf("round %d: rows up to %d after a kill inside the fsync of %d, want %d: SQLite never committed it", round, got, run.lastBegin, run.lastAck)
 		}
-		if _, err := db.Exec(`INSERT INTO fresh VALUES (?)`, round); err != nil {
-			t.Fatalf("round %d: commit after the kill: %v", round, err)
-		}
-		_ = db.Close()
-		if got, want := captured.Pos().TXID-schemaTXID, ltx.TXID(rows.max)+ltx.TXID(round+1); got != want {
-			t.Fatalf("round %d: got %d LTX files after the schema, want %d: %d rows committed by writers and %d by the fresh processes (seed %d)",
-				round, got, want, rows.max, round+1, seed)
-		}
+		h.commitFresh(t, db, round, rows.max, fmt.Sprintf("seed %d", seed))
 		if got := strings.Count(logged.String(), logSkippedUncommitted) - before; got != 1 {
 			t.Fatalf("round %d: the daemon logged %d skipped transactions after the fresh commit, want 1", round, got)
 		}
 	}
-	if err := holder.kill(); err != nil {
+	h.finish(t)
+	t.Logf("%d kills inside a commit's WAL fsync, %d rows (seed %d)", rounds, rows.max, seed)
+}
+
+// heldOpen is the WAL database app.db of a mount, with crashSchema and a
+// table fresh, that a reader process keeps open, reading it every few
+// milliseconds: its wal-index stays alive whatever happens to writers.
+type heldOpen struct {
+	fsys       *fs.FileSystem
+	path       string // app.db on the mount
+	captured   *fs.DB
+	schemaTXID ltx.TXID
+	holder     *child
+}
+
+func newHeldOpen(t *testing.T, logger *slog.Logger) *heldOpen {
+	t.Helper()
+	dir := t.TempDir()
+	h := &heldOpen{fsys: fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))}
+	h.fsys.Logger = logger
+	testingutil.MustOpenFS(t, h.fsys)
+	h.path = filepath.Join(h.fsys.MountDir, "app.db")
+	db := testingutil.MustOpenSQLite(t, h.path, "wal")
+	if _, err := db.Exec(crashSchema + `CREATE TABLE fresh (round INTEGER PRIMARY KEY);`); err != nil {
 		t.Fatal(err)
 	}
-	if out := holder.stderr.String(); out != "" {
+	_ = db.Close()
+	h.captured = h.fsys.DB("app.db")
+	h.schemaTXID = h.captured.Pos().TXID
+	h.holder = startChild(t, "reader", h.path)
+	h.holder.mustReadLine(t, "ready")
+	return h
+}
+
+// commitFresh commits round into table fresh through db, a fresh process's
+// connection, over whatever a killed writer left, and closes db. The log
+// must then hold one LTX file per transaction SQLite committed: rows by
+// writers, and one by a fresh process each round so far.
+func (h *heldOpen) commitFresh(t *testing.T, db *sql.DB, round int, rows int64, what string) {
+	t.Helper()
+	if _, err := db.Exec(`INSERT INTO fresh VALUES (?)`, round); err != nil {
+		t.Fatalf("round %d: commit after the kill: %v", round, err)
+	}
+	_ = db.Close()
+	if got, want := h.captured.Pos().TXID-h.schemaTXID, ltx.TXID(rows)+ltx.TXID(round+1); got != want {
+		t.Fatalf("round %d (%s): got %d LTX files after the schema, want %d: %d rows committed by writers and %d by the fresh processes",
+			round, what, got, want, rows, round+1)
+	}
+}
+
+// finish stops the reader, which must never have failed, and checks that
+// the log, checkpointed, rebuilds the database.
+func (h *heldOpen) finish(t *testing.T) {
+	t.Helper()
+	if err := h.holder.kill(); err != nil {
+		t.Fatal(err)
+	}
+	if out := h.holder.stderr.String(); out != "" {
 		t.Fatalf("reader: %s", out)
 	}
-	db = testingutil.MustOpenSQLite(t, path, "wal")
-	checkLog(t, fsys, "app.db", db, true)
-	t.Logf("%d kills inside a commit's WAL fsync, %d rows (seed %d)", rounds, rows.max, seed)
+	checkLog(t, h.fsys, "app.db", testingutil.MustOpenSQLite(t, h.path, "wal"), true)
 }
 
 // readerChild opens the SQLite database at path (WAL mode) and counts its

@@ -2,7 +2,6 @@ package fs_test
 
 import (
 	"math/rand/v2"
-	"path/filepath"
 	"strconv"
 	"syscall"
 	"testing"
@@ -37,20 +36,7 @@ func TestCrash_PowerCut(t *testing.T) {
 			t.Parallel()
 			seed := uint64(time.Now().UnixNano())
 			rng := rand.New(rand.NewPCG(seed, 4))
-			dir := t.TempDir()
-			d := &daemon{data: filepath.Join(dir, "data"), mnt: filepath.Join(dir, "mnt")}
-			t.Cleanup(func() { d.cleanup(t) })
-			path := filepath.Join(d.mnt, "app.db")
-			dbDir := filepath.Join(d.data, "dbs", "app.db")
-
-			d.start(t)
-			db := testingutil.MustOpenSQLite(t, path, mode)
-			if _, err := db.Exec(crashSchema); err != nil {
-				t.Fatal(err)
-			}
-			_ = db.Close()
-			d.stop(t)
-			schemaTXID := verifyStopped(t, dbDir).TXID
+			d, path, dbDir, schemaTXID := newCrashDaemon(t, mode, true)
 
 			var rows rowState
 			var st crashStats

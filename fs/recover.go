@@ -74,7 +74,7 @@ func (d *DB) recover(ctx context.Context) error {
 func (d *DB) lastLogged(ctx context.Context) (ltx.FileInfo, error) {
 	l := ltx.NewLog(d.Name, d.path(logDir), "")
 	l.Logger = d.log.Logger
-	l.MayBeUnsynced = d.currentWALFile
+	l.MayBeUnsynced = d.currentWALFiles()
 	if err := l.Open(ctx); err != nil {
 		return ltx.FileInfo{}, err
 	}
@@ -86,26 +86,29 @@ func (d *DB) lastLogged(ctx context.Context) (ltx.FileInfo, error) {
 	return files[len(files)-1], nil
 }
 
-// currentWALFile reports whether the LTX file of h holds a transaction of
-// the backing WAL's current generation. Such a file may never have been
-// fsynced (the log is synced before a checkpoint writes the database and
-// before the WAL restarts), and its frames are still in the WAL, from
-// which recovery writes it again.
-func (d *DB) currentWALFile(h ltx.Header) bool {
-	if h.WALOffset == 0 {
-		return false
-	}
+// currentWALFiles returns a test of whether an LTX file holds a
+// transaction of the backing WAL's current generation. Such a file may
+// never have been fsynced (the log is synced before a checkpoint writes
+// the database and before the WAL restarts), and its frames are still in
+// the WAL, from which recovery writes it again. It returns nil without a
+// WAL.
+func (d *DB) currentWALFiles() func(ltx.Header) bool {
 	f, err := os.Open(d.path(walFile))
 	if err != nil {
-		return false
+		return nil
 	}
 	defer func() { _ = f.Close() }()
 	var b [walHeaderSize]byte
 	if _, err := f.ReadAt(b[:], 0); err != nil {
-		return false
+		return nil
 	}
 	wh, err := parseWALHeader(b[:])
-	return err == nil && h.WALSalt1 == wh.salt1 && h.WALSalt2 == wh.salt2
+	if err != nil {
+		return nil
+	}
+	return func(h ltx.Header) bool {
+		return h.WALOffset != 0 && h.WALSalt1 == wh.salt1 && h.WALSalt2 == wh.salt2
+	}
 }
 
 // recoverJournal deals with a hot journal, the log being at pos.

@@ -67,17 +67,24 @@ func readWalIndexHeader(r io.ReaderAt) (h walIndexHeader, ok bool, err error) {
 	if v := order.Uint32(h1[0:]); v != walIndexVersion {
 		return h, false, fmt.Errorf("wal-index header: version %d, want %d", v, walIndexVersion)
 	}
-	var s1, s2 uint32
-	for i := 0; i < 40; i += 8 {
-		s1 += order.Uint32(h1[i:]) + s2
-		s2 += order.Uint32(h1[i+4:]) + s1
-	}
-	if s1 != order.Uint32(h1[40:]) || s2 != order.Uint32(h1[44:]) {
+	if s1, s2 := walIndexChecksum(h1); s1 != order.Uint32(h1[40:]) || s2 != order.Uint32(h1[44:]) {
 		return h, false, errWalIndexBusy
 	}
 	h.mxFrame = int64(order.Uint32(h1[16:]))
 	copy(h.salt[:], h1[32:40])
 	return h, true, nil
+}
+
+// walIndexChecksum returns the checksum of a wal-index header copy h (its
+// first 40 bytes, in the machine's byte order, as SQLite's
+// walIndexWriteHdr computes it; bigEndCksum is about WAL frames).
+func walIndexChecksum(h []byte) (s1, s2 uint32) {
+	order := binary.NativeEndian
+	for i := 0; i < 40; i += 8 {
+		s1 += order.Uint32(h[i:]) + s2
+		s2 += order.Uint32(h[i+4:]) + s1
+	}
+	return s1, s2
 }
 
 // walIndexRetries bounds how often walIndexLimit reads a header that a

@@ -404,14 +404,14 @@ func (l *Log) quarantineBad(files []*logFile, bad []badFile) ([]*logFile, error)
 			"It and every later file are moved aside; their transactions are written again from the WAL",
 			"db", l.Name, "file", first.name, "err", first.err, "later_files", len(later))
 		for _, f := range later {
-			if err := l.quarantine(f.info.Name); err != nil {
+			if err := l.quarantine(f.info.Name, "it follows a file that does not read"); err != nil {
 				return nil, err
 			}
 		}
 		files = files[:keep]
 	}
 	for _, b := range bad {
-		if err := l.quarantine(b.name); err != nil {
+		if err := l.quarantine(b.name, "it does not read"); err != nil {
 			return nil, err
 		}
 	}
@@ -453,7 +453,7 @@ func (l *Log) verifyLast(files []*logFile) ([]*logFile, error) {
 			return nil, err
 		}
 		l.Logger.Warn("last file in the log does not verify", "db", l.Name, "file", last.info.Name, "err", err)
-		if err := l.quarantine(last.info.Name); err != nil {
+		if err := l.quarantine(last.info.Name, "it does not verify"); err != nil {
 			return nil, err
 		}
 		files = files[:len(files)-1]
@@ -528,8 +528,9 @@ func (l *Log) loadSidecars(files []*logFile, sidecars map[string]bool) error {
 	return nil
 }
 
-// quarantine moves a file out of the log into the corrupt subdirectory.
-func (l *Log) quarantine(name string) error {
+// quarantine moves a file out of the log into the corrupt subdirectory,
+// for the reason why.
+func (l *Log) quarantine(name, why string) error {
 	dir := l.path(corruptDir)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
@@ -541,7 +542,7 @@ func (l *Log) quarantine(name string) error {
 	if err := syncDirectory(dir); err != nil {
 		return err
 	}
-	l.Logger.Warn("moved a torn or corrupt last file out of the log; it was never applied", "db", l.Name, "file", name, "kept_as", dst)
+	l.Logger.Warn("moved a file at the end of the log out of it; it was never applied", "db", l.Name, "file", name, "why", why, "kept_as", dst)
 	return nil
 }
 
