@@ -97,19 +97,31 @@ func checkLog(tb testing.TB, fsys *fs.FileSystem, name string, sqldb *sql.DB, wa
 func TestCapture_Workload(t *testing.T) {
 	type variant struct {
 		name, mode  string
-		passthrough bool
+		passthrough bool // fs.passthrough: the WAL written by the kernel
+		// noKernelPassthrough: as on a kernel without passthrough, the
+		// -shm is served by the daemon too.
+		noKernelPassthrough bool
+		kernelLocks         bool // the daemon sees no lock: the WAL's commits are found by scans
 	}
 	var variants []variant
 	for _, mode := range journalModes {
-		variants = append(variants, variant{mode, mode, true})
+		variants = append(variants, variant{mode, mode, true, false, false})
 	}
-	variants = append(variants, variant{"wal-without-passthrough", "wal", false})
+	variants = append(variants,
+		variant{"wal-without-passthrough", "wal", false, false, false},
+		variant{"wal-kernel-locks", "wal", true, false, true},
+		variant{"wal-no-kernel-passthrough", "wal", true, true, false},
+		variant{"wal-no-kernel-passthrough-kernel-locks", "wal", true, true, true})
 	for _, v := range variants {
-		mode := v.mode
+		mode, kernelLocks := v.mode, v.kernelLocks
 		t.Run(v.name, func(t *testing.T) {
 			fsys := fs.New(filepath.Join(t.TempDir(), "data"), filepath.Join(t.TempDir(), "mnt"))
 			fsys.Logger = testingutil.Logger(t)
 			fsys.Passthrough = v.passthrough
+			fsys.KernelLocks = v.kernelLocks
+			if v.noKernelPassthrough {
+				fsys.WithoutKernelPassthrough()
+			}
 			testingutil.MustOpenFS(t, fsys)
 			path := filepath.Join(fsys.MountDir, "app.db")
 			db := testingutil.MustOpenSQLite(t, path, mode)
@@ -141,6 +153,11 @@ func TestCapture_Workload(t *testing.T) {
 					if committed && got != 1 || !committed && got != 0 {
 						t.Fatalf("step %d (%s): committed=%v, got %d LTX files", b*steps+i, what, committed, got)
 					}
+					if kernelLocks {
+						// Found by a scan, at the latest when the
+						// position was read.
+						end = time.Now()
+					}
 					if committed {
 						files := log.Log().Files()
 						if ts := files[len(files)-1].Header.Timestamp; ts < start.UnixMilli() || ts > end.UnixMilli() {
@@ -151,7 +168,7 @@ func TestCapture_Workload(t *testing.T) {
 				checkLog(t, fsys, "app.db", db, mode == "wal")
 			}
 			if mode == "wal" {
-				if got, want := log.WALPassthrough(), v.passthrough && passthroughKernel(t); got != want {
+				if got, want := log.WALPassthrough(), v.passthrough && !v.noKernelPassthrough && passthroughKernel(t); got != want {
 					t.Fatalf("WAL written by passthrough: %v, want %v", got, want)
 				}
 			}

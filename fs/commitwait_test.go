@@ -30,18 +30,19 @@ type commitCall struct {
 
 // TestFileSystem_CommitWait checks that an app's COMMIT returns only once
 // the commit wait lets it, with the TXID the log gives the transaction,
-// in every journal mode; that the end of a rollback journal may fail the
-// COMMIT, with the transaction committed in the database and the log as
-// the error says; and that a WAL commit frame may not.
+// in every journal mode, with and without WAL passthrough (a WAL commit
+// is held at the release of the WAL write lock); that the end of a
+// rollback journal may fail the COMMIT, with the transaction committed in
+// the database and the log as the error says; and that a WAL commit may
+// not.
 func TestFileSystem_CommitWait(t *testing.T) {
-	for _, mode := range []string{"delete", "truncate", "persist", "wal"} {
-		t.Run(mode, func(t *testing.T) {
+	for _, name := range []string{"delete", "truncate", "persist", "wal", "wal-without-passthrough"} {
+		t.Run(name, func(t *testing.T) {
+			mode := strings.TrimSuffix(name, "-without-passthrough")
 			dir := t.TempDir()
 			f := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
 			f.Logger = testingutil.Logger(t)
-			// WAL writes come through the daemon, as sync durability has
-			// them: passthrough would show a commit only at an fsync.
-			f.Passthrough = false
+			f.Passthrough = mode == name
 			testingutil.MustOpenFS(t, f)
 			db := testingutil.MustOpenSQLite(t, filepath.Join(f.MountDir, "w.db"), mode)
 			if _, err := db.Exec(`CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)`); err != nil {

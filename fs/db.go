@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/meridian-db/meridian/ltx"
 )
 
@@ -39,8 +40,9 @@ var journalMagic = []byte{0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7}
 // recorded, and the transaction is committed to the log when the journal is
 // finalized (deleted, truncated to zero, or its header zeroed), before that
 // operation reaches the disk: the LTX file is durable before SQLite's
-// commit point. In WAL mode a transaction is taken when its commit frame
-// has been written, from the frames since the previous commit, and queued:
+// commit point. In WAL mode a transaction is taken once the wal-index
+// counts its commit frame (see scanWAL), from the frames since the
+// previous commit, and queued:
 // the database's worker writes its LTX file, in order, off the app's commit
 // path, and does not fsync it, since the frames are durable in the WAL
 // (under synchronous=FULL) and recovery rebuilds missing files from them.
@@ -94,12 +96,23 @@ type DB struct {
 	// app's operation that moves it is held by the FileSystem's commit
 	// wait. Guarded by mu.
 	committed commitMark
+	// walHeld is where commits stood at the last release of the WAL write
+	// lock, which the commit wait holds for every WAL transaction
+	// committed since. Guarded by mu.
+	walHeld commitMark
 
 	noJournalLogged time.Time // when a write without a journal was last logged; guarded by mu
 
 	// shmPassthrough: the -shm is served by passthrough, so the daemon
-	// reads the wal-index as SQLite writes it (see walIndexLimit).
+	// reads the wal-index as SQLite writes it in the backing file.
+	// Otherwise shmNode is the -shm's node, whose pages SQLite writes in
+	// the kernel's page cache, which retrieve reads (see walIndexLimit).
 	shmPassthrough atomic.Bool
+	shmNode        atomic.Uint64
+	retrieve       func(node uint64, off int64, dest []byte) (int, fuse.Status)
+	// kernelLocks: the kernel implements SQLite's locks; the daemon sees
+	// no end of a write transaction.
+	kernelLocks bool
 	// rescan is set while a scan found a commit frame past the wal-index's
 	// last frame and a later scan is due; guarded by mu.
 	rescan     *time.Timer
@@ -130,11 +143,11 @@ type walState struct {
 	valid     bool             // hdr holds a header written in this WAL generation
 	committed map[uint32]int64 // page → offset of its latest committed frame
 	mxFrame   int64            // frames up to the last commit
-	pgnos     []uint32         // page of each frame examined since the last commit (0: not of this WAL)
+	pgnos     []uint32         // page of each frame scanned since the last commit
 
-	// passthrough: the kernel writes the WAL without the daemon, which
-	// finds commits by scanning it (see scanWAL), with the checksum after
-	// the last commit in sum1, sum2.
+	// passthrough: the kernel writes the WAL without the daemon. Either
+	// way the daemon finds commits by scanning it (see scanWAL), with the
+	// checksum after the last commit in sum1, sum2.
 	passthrough bool
 	sum1, sum2  uint32
 	sumAt       int64  // the frame count sum1, sum2 are for; -1: not known
@@ -171,9 +184,6 @@ func (d *DB) resetWAL() {
 	d.wal.uncommitted = uncommittedTx{}
 	d.clearDirty()
 }
-
-// scanned is the number of frames examined for commits.
-func (w *walState) scanned() int64 { return w.mxFrame + int64(len(w.pgnos)) }
 
 // walActive reports whether the database has committed frames in the WAL.
 // Caller holds d.mu.
@@ -429,25 +439,25 @@ func (d *DB) journalExists() bool {
 	return err == nil
 }
 
-// writeWAL writes data at off in the WAL through f and commits a
-// transaction to the log once its commit frame is whole. A header write
-// starts a new WAL generation: the files of the old one are synced first.
-//
-// The kernel splits writes at page boundaries, so a frame header may
-// arrive in two writes: frames are examined in the backing file once a
-// write has reached their end. SQLite writes a transaction's frames in
-// order from the frame after the last commit, so a write before the
-// examined frames (a rolled-back transaction's frames being overwritten, or
-// a frame rewritten in place) moves the examination back.
+// writeWAL writes data at off in the WAL through f, for an app whose WAL
+// is not written by passthrough. A header write starts a new WAL
+// generation: the files of the old one are synced first. Transactions are
+// taken by scanWAL, as with passthrough, once the wal-index counts them:
+// a commit frame written is not yet a commit. With kernel locks the daemon
+// sees no end of a write transaction, so a write schedules a scan.
 // Caller holds d.mu.
 func (d *DB) writeWAL(ctx context.Context, f *os.File, data []byte, off int64) (int, error) {
 	if off == 0 {
+		if err := d.scanWAL(ctx); err != nil {
+			return 0, err
+		}
 		if err := d.drain(); err != nil {
 			return 0, err
 		}
 		if err := d.syncLog(ctx); err != nil {
 			return 0, err
 		}
+		d.writtenOver(d.wal.uncommitted, "the WAL was restarted")
 		d.resetWAL()
 		d.wal.valid = false
 		n, err := f.WriteAt(data, off)
@@ -459,35 +469,10 @@ func (d *DB) writeWAL(ctx context.Context, f *os.File, data []byte, off int64) (
 		return n, err
 	}
 	n, err := f.WriteAt(data, off)
-	if err != nil || !d.wal.valid || off < walHeaderSize {
-		return n, err
+	if err == nil && d.kernelLocks {
+		d.scanLater()
 	}
-	h := d.wal.hdr
-	if i := (off - walHeaderSize) / h.frameSize(); i < d.wal.scanned() {
-		d.wal.pgnos = d.wal.pgnos[:max(i-d.wal.mxFrame, 0)]
-	}
-	end := off + int64(n)
-	b := make([]byte, walFrameHeaderSize)
-	for i := d.wal.scanned(); h.frameOffset(i+1) <= end; i++ {
-		if _, err := d.wal.file.ReadAt(b, h.frameOffset(i)); err != nil {
-			return 0, fmt.Errorf("read WAL frame %d: %w", i, err)
-		}
-		fh := parseWALFrameHeader(b)
-		pgno := fh.pgno
-		if fh.salt1 != h.salt1 || fh.salt2 != h.salt2 {
-			pgno = 0 // not a frame of this WAL
-		}
-		d.wal.pgnos = append(d.wal.pgnos, pgno)
-		if fh.commit == 0 || pgno == 0 {
-			continue
-		}
-		if err := d.committedWAL(ctx, fh.commit); err != nil {
-			// Examine the commit frame again if SQLite writes it again.
-			d.wal.pgnos = d.wal.pgnos[:len(d.wal.pgnos)-1]
-			return 0, err
-		}
-	}
-	return n, nil
+	return n, err
 }
 
 // walCommit is a transaction SQLite committed in the WAL.
@@ -520,8 +505,8 @@ func (d *DB) newWALCommit(first, last int64, commit uint32, frames map[uint32]in
 // writer that gets this far ahead waits.
 const maxQueue = 1024
 
-// committedWAL takes the transaction whose commit frame SQLite has just
-// written, the last of the frames examined since the previous commit. It is
+// committedWAL takes the transaction whose commit frame the wal-index
+// counts, the last of the frames scanned since the previous commit. It is
 // queued for the worker, which writes its LTX file off the app's commit
 // path: until the WAL is reset, the frames are the transaction's durable
 // copy. The first transaction of a log, which holds every page, is
@@ -539,9 +524,6 @@ func (d *DB) committedWAL(ctx context.Context, commit uint32) error {
 	}
 	frames := make(map[uint32]int64, len(d.wal.pgnos))
 	for k, pgno := range d.wal.pgnos {
-		if pgno == 0 {
-			return fmt.Errorf("database %s: WAL frame %d does not belong to the current WAL", d.Name, first+int64(k))
-		}
 		frames[pgno] = h.frameOffset(first + int64(k))
 	}
 	last := first + int64(len(d.wal.pgnos)) - 1

@@ -21,3 +21,10 @@ func (d *DB) ScanUncommitted() (bool, error) {
 	err := d.scanWAL(context.Background())
 	return d.wal.uncommitted.found, err
 }
+
+// WithoutKernelPassthrough has f serve every file itself, as on a kernel
+// without FUSE passthrough: the WAL, and the -shm, whose wal-index capture
+// then reads in the kernel's page cache. Call it before Open.
+func (f *FileSystem) WithoutKernelPassthrough() {
+	f.passthroughOff = true
+}

@@ -143,7 +143,7 @@ func (f *FileSystem) SetAcked(acked func(name string) ltx.TXID) {
 // database db, once the transaction is in the log, until it returns nil:
 // sync durability waits there for replicas. canFail says whether SQLite
 // takes an error from the operation for a failed commit (the end of a
-// rollback journal); elsewhere (a WAL commit frame, an unlock) SQLite
+// rollback journal); elsewhere (the release of the WAL write lock, any unlock) SQLite
 // would ignore the error or take a committed transaction for a rolled
 // back one, so the wait must not give up.
 //
@@ -593,6 +593,15 @@ func (f *FileSystem) InvalidatePages(name string, pageSize uint32, pgnos []uint3
 	return nil
 }
 
+// retrieveCache reads what the kernel caches of node's file at off into
+// dest; 0 bytes when it caches nothing there or the mount is not served.
+func (f *FileSystem) retrieveCache(node uint64, off int64, dest []byte) (int, fuse.Status) {
+	if f.server == nil {
+		return 0, fuse.ENOSYS
+	}
+	return f.server.InodeRetrieveCache(node, off, dest)
+}
+
 func (f *FileSystem) dbsDir() string { return filepath.Join(f.DataDir, "dbs") }
 
 // openDB recovers and opens the database in dbs/name.
@@ -603,6 +612,7 @@ func (f *FileSystem) openDB(ctx context.Context, name string) (*DB, error) {
 		logger: f.Logger.With("db", name),
 	}
 	d.cond = sync.NewCond(&d.mu)
+	d.retrieve, d.kernelLocks = f.retrieveCache, f.KernelLocks
 	d.resetWAL()
 	l := ltx.NewLog(name, d.path(logDir), d.path(databaseFile))
 	// The log names its database in every line itself.

@@ -48,9 +48,13 @@ var killAtWALWrite = killPoint{name: "wal-write", mask: syscall.IN_MODIFY, suffi
 // byte.
 func TestCrash_AppWALHeldOpen(t *testing.T) {
 	t.Parallel()
+	forWALPassthrough(t, true, testAppWALHeldOpen)
+}
+
+func testAppWALHeldOpen(t *testing.T, passthrough bool) {
 	seed := uint64(time.Now().UnixNano())
 	rng := rand.New(rand.NewPCG(seed, 2))
-	h := newHeldOpen(t, infoLogger(t))
+	h := newHeldOpen(t, infoLogger(t), passthrough)
 
 	plan := randomKills(heldOpenRandomRounds, heldOpenRandomRounds/2)
 	for range heldOpenWALRounds {
@@ -86,10 +90,14 @@ func TestCrash_AppWALHeldOpen(t *testing.T) {
 // what it skipped, and the log must rebuild the database.
 func TestCrash_KilledInWALSync(t *testing.T) {
 	t.Parallel()
+	forWALPassthrough(t, true, testKilledInWALSync)
+}
+
+func testKilledInWALSync(t *testing.T, passthrough bool) {
 	seed := uint64(time.Now().UnixNano())
 	rng := rand.New(rand.NewPCG(seed, 3))
 	var logged lockedBuffer
-	h := newHeldOpen(t, slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil)))
+	h := newHeldOpen(t, slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil)), passthrough)
 
 	const rounds = 10
 	var rows rowState
@@ -152,6 +160,26 @@ func TestCrash_KilledInWALSync(t *testing.T) {
 	t.Logf("%d kills inside a commit's WAL fsync, %d rows (seed %d)", rounds, rows.max, seed)
 }
 
+// forWALPassthrough runs test with FUSE passthrough (where the kernel has
+// it: the WAL written by the kernel, the wal-index read in the backing
+// -shm) and as on a kernel without it (the WAL written through the daemon,
+// the wal-index read in the kernel's page cache of the -shm), in parallel
+// subtests if parallel.
+func forWALPassthrough(t *testing.T, parallel bool, test func(t *testing.T, passthrough bool)) {
+	for _, passthrough := range []bool{true, false} {
+		name := "passthrough"
+		if !passthrough {
+			name = "no-kernel-passthrough"
+		}
+		t.Run(name, func(t *testing.T) {
+			if parallel {
+				t.Parallel()
+			}
+			test(t, passthrough)
+		})
+	}
+}
+
 // heldOpen is the WAL database app.db of a mount, with crashSchema and a
 // table fresh, that a reader process keeps open, reading it every few
 // milliseconds: its wal-index stays alive whatever happens to writers.
@@ -163,11 +191,14 @@ type heldOpen struct {
 	holder     *child
 }
 
-func newHeldOpen(t *testing.T, logger *slog.Logger) *heldOpen {
+func newHeldOpen(t *testing.T, logger *slog.Logger, passthrough bool) *heldOpen {
 	t.Helper()
 	dir := t.TempDir()
 	h := &heldOpen{fsys: fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))}
 	h.fsys.Logger = logger
+	if !passthrough {
+		h.fsys.WithoutKernelPassthrough()
+	}
 	testingutil.MustOpenFS(t, h.fsys)
 	h.path = filepath.Join(h.fsys.MountDir, "app.db")
 	db := testingutil.MustOpenSQLite(t, h.path, "wal")
@@ -245,8 +276,15 @@ func readerChild(path string) error {
 // log must hold exactly the transactions whose COMMIT succeeded, and
 // rebuild the database.
 func TestCapture_WALSyncFails(t *testing.T) {
+	forWALPassthrough(t, false, testWALSyncFails)
+}
+
+func testWALSyncFails(t *testing.T, passthrough bool) {
 	dir := t.TempDir()
 	fsys := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
+	if !passthrough {
+		fsys.WithoutKernelPassthrough()
+	}
 	var logged lockedBuffer
 	fsys.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil))
 	testingutil.MustOpenFS(t, fsys)
@@ -320,8 +358,15 @@ func TestCapture_WALSyncFails(t *testing.T) {
 // from the WAL; capture waits for a header it can trust and goes on. The
 // log holds exactly the transactions committed, before and after.
 func TestCapture_ShmHeaderCopiesDiffer(t *testing.T) {
+	forWALPassthrough(t, false, testShmHeaderCopiesDiffer)
+}
+
+func testShmHeaderCopiesDiffer(t *testing.T, passthrough bool) {
 	dir := t.TempDir()
 	fsys := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
+	if !passthrough {
+		fsys.WithoutKernelPassthrough()
+	}
 	fsys.Logger = infoLogger(t)
 	testingutil.MustOpenFS(t, fsys)
 	path := filepath.Join(fsys.MountDir, "app.db")

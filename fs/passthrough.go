@@ -30,7 +30,9 @@ import (
 // whenever it must know everything SQLite has committed: when SQLite
 // fsyncs the WAL (every commit under synchronous=FULL), before a checkpoint
 // writes the database file, before the WAL is truncated or deleted, and
-// when the position is asked.
+// when the position is asked. Without passthrough the daemon writes the
+// WAL for the app (writeWAL) and finds commits the same way, reading the
+// wal-index in the kernel's page cache (see shmCache).
 //
 // The invariants of the write path hold: a checkpoint copies only
 // transactions it finds committed when it starts, and its first write to
@@ -43,18 +45,21 @@ import (
 // of a checkpoint; a power failure may then lose LTX files as it may lose
 // SQLite's own transactions.)
 
-// registerWAL gives the kernel the backing file of WAL node n, opened as
-// file, for passthrough, and returns the backing id to answer the open
-// with, or 0 to serve the file through the daemon. Caller holds f.mu.
+// registerWAL gives the kernel the backing file of WAL or -shm node n,
+// opened as file, for passthrough, and returns the backing id to answer
+// the open with, or 0 to serve the file through the daemon. A -shm is
+// passed through wherever the kernel can, whatever f.Passthrough says:
+// capture only reads it, and reads it fastest in the backing file. Caller
+// holds f.mu.
 func (f *FileSystem) registerWAL(n *node, file interface{ Fd() uintptr }) int32 {
-	if !f.Passthrough || f.passthroughOff || f.server == nil {
+	if n.kind == kindWAL && !f.Passthrough || f.passthroughOff || f.server == nil {
 		return 0
 	}
 	if n.backingID == 0 {
 		id, errno := f.server.RegisterBackingFd(&fuse.BackingMap{Fd: int32(file.Fd())})
 		if errno != 0 {
 			f.passthroughOff = true
-			f.Logger.Warn("FUSE passthrough unavailable (needs Linux 6.9+ and root); WAL writes go through the daemon", "err", errno)
+			f.Logger.Warn("FUSE passthrough unavailable (needs Linux 6.9+ and root); WAL writes go through the daemon, and capture reads the wal-index in the kernel's page cache", "err", errno)
 			return 0
 		}
 		n.backingID = id
@@ -98,12 +103,12 @@ func (d *DB) WALPassthrough() bool {
 	return d.wal.passthrough
 }
 
-// scanWAL finds the transactions SQLite has committed in a WAL written by
-// passthrough since the last scan, and queues them. Frames after the last
-// commit are read again at the next scan. Caller holds d.mu.
+// scanWAL finds the transactions SQLite has committed in the WAL since
+// the last scan, and queues them. Frames after the last commit are read
+// again at the next scan. Caller holds d.mu.
 func (d *DB) scanWAL(ctx context.Context) error {
 	w := &d.wal
-	if !w.passthrough || w.file == nil {
+	if w.file == nil {
 		return nil
 	}
 	var hb [walHeaderSize]byte
@@ -141,17 +146,10 @@ func (d *DB) scanWAL(ctx context.Context) error {
 		}
 		w.sumAt = w.mxFrame
 	}
-	limit, gated, err := d.walIndexLimit()
-	if err != nil {
-		return fmt.Errorf("database %s: %w", d.Name, err)
-	}
-	if gated && limit < w.mxFrame {
-		// The log already holds frames the wal-index does not count:
-		// taken by their commit frames before the wal-index could be
-		// read. Nothing to undo: go on from there.
-		d.logger.Warn("the wal-index counts fewer frames than the log holds", "wal_index_frames", limit, "logged_frames", w.mxFrame)
-		gated = false
-	}
+	// The wal-index is read at the first commit frame found: most scans
+	// find none.
+	var limit int64
+	var gated, read bool
 	s1, s2 := w.sum1, w.sum2
 	w.pgnos = w.pgnos[:0]
 	for i := w.mxFrame; ; i++ {
@@ -164,6 +162,21 @@ func (d *DB) scanWAL(ctx context.Context) error {
 		w.pgnos = append(w.pgnos, fh.pgno)
 		if fh.commit == 0 {
 			continue
+		}
+		if !read {
+			read = true
+			if limit, gated, err = d.walIndexLimit(); err != nil {
+				w.pgnos = w.pgnos[:0]
+				return fmt.Errorf("database %s: %w", d.Name, err)
+			}
+			if gated && limit < w.mxFrame {
+				// The log already holds frames the wal-index does not
+				// count: taken by their commit frames before the
+				// wal-index could be read. Nothing to undo: go on from
+				// there.
+				d.logger.Warn("the wal-index counts fewer frames than the log holds", "wal_index_frames", limit, "logged_frames", w.mxFrame)
+				gated = false
+			}
 		}
 		found := uncommittedTx{found: true, first: w.mxFrame, last: i, sum1: s1, sum2: s2}
 		if u := w.uncommitted; u.found && u != found {
@@ -215,9 +228,11 @@ func (d *DB) writtenOver(u uncommittedTx, why string) {
 		"frames", fmt.Sprintf("%d-%d", u.first+1, u.last+1), "then", why)
 }
 
-// scanLater scans the WAL again after a while. Caller holds d.mu.
+// scanLater scans the WAL again after a while, unless a writer holds the
+// WAL write lock: the mount sees its release, which scans. Caller holds
+// d.mu.
 func (d *DB) scanLater() {
-	if d.rescan != nil {
+	if d.rescan != nil || !d.kernelLocks && d.ShmLocks.Held(walLockOffset, walLockOffset) {
 		return
 	}
 	d.rescanWait = min(max(2*d.rescanWait, minRescanWait), maxRescanWait)

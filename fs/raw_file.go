@@ -95,6 +95,9 @@ func (f *FileSystem) servePassthrough(n *node, file *os.File, fh uint64, out *fu
 	// The kernel opens the backing file afresh for each open, with that
 	// open's flags, from the path of the one registered.
 	id := f.registerWAL(n, file)
+	if n.kind == kindShm {
+		n.db.shmNode.Store(n.id)
+	}
 	if id == 0 {
 		return
 	}

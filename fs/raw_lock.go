@@ -63,8 +63,9 @@ func (r *raw) setLk(cancel <-chan struct{}, in *fuse.LkIn, wait bool) fuse.Statu
 	if flock {
 		in.Lk.Start, in.Lk.End = 0, math.MaxUint64
 	}
+	committed := fuse.OK
 	if n.kind == kindShm && !flock && in.Lk.Typ != syscall.F_WRLCK && in.Lk.Start <= walLockOffset && walLockOffset <= in.Lk.End {
-		r.beforeWALUnlock(n, in.Owner)
+		committed = r.beforeWALUnlock(n, in.Owner)
 	}
 	var errno syscall.Errno
 	if wait && in.Lk.Typ != syscall.F_UNLCK {
@@ -80,7 +81,7 @@ func (r *raw) setLk(cancel <-chan struct{}, in *fuse.LkIn, wait bool) fuse.Statu
 	if n.kind == kindDB && !flock && in.Lk.Typ == syscall.F_UNLCK {
 		return r.afterUnlock(n)
 	}
-	return fuse.OK
+	return committed
 }
 
 // afterUnlock lets capture see the end of a change that no journal marks
@@ -105,17 +106,25 @@ func (r *raw) afterUnlock(n *node) fuse.Status {
 // committed is in the wal-index now, and nobody else can write the WAL
 // until the lock goes. The WAL is scanned then, so that the commit is
 // taken before the writer's unlock returns and before another writer
-// can write over frames it left uncommitted.
-func (r *raw) beforeWALUnlock(n *node, owner uint64) {
+// can write over frames it left uncommitted; and the commit wait (sync
+// durability) holds the unlock, and so the app's COMMIT, with the lock
+// still held, for every transaction committed since the last such wait
+// (another trigger, a read of the position say, may have taken it in the
+// instant between the wal-index's update and the unlock). It returns what
+// the unlock must return.
+func (r *raw) beforeWALUnlock(n *node, owner uint64) fuse.Status {
 	d := n.db
 	if !d.ShmLocks.HeldBy(owner, syscall.F_WRLCK, walLockOffset) {
-		return
+		return fuse.OK
 	}
 	d.mu.Lock()
-	defer d.mu.Unlock()
 	if err := d.scanWAL(context.Background()); err != nil {
 		d.logger.Error("scan the WAL at the end of a write transaction", "err", err)
 	}
+	before, after := d.walHeld, d.committed
+	d.walHeld = after
+	d.mu.Unlock()
+	return r.fs.awaitCommit(n, before, after, fuse.OK)
 }
 
 // cancelContext returns a context done when cancel is closed.

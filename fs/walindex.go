@@ -23,7 +23,28 @@ import (
 //
 // When the -shm is served by passthrough its pages are those of the
 // backing file, so the daemon reads the header as SQLite has just written
-// it, and takes transactions only up to its mxFrame (see scanWAL).
+// it there; otherwise it asks the kernel for its cached page of the -shm
+// (shmCache). Either way it takes transactions only up to its mxFrame
+// (see scanWAL).
+
+// shmCache reads a -shm served by the daemon: SQLite maps it, so what it
+// writes is in the kernel's page cache of the -shm's node, and reaches the
+// backing file only when the kernel writes the page back. The daemon reads
+// the cached page (FUSE_NOTIFY_RETRIEVE), or the backing file when the
+// kernel caches none (nobody maps it, or the node is gone).
+type shmCache struct {
+	d       *DB
+	backing io.ReaderAt
+}
+
+func (c shmCache) ReadAt(p []byte, off int64) (int, error) {
+	if node := c.d.shmNode.Load(); node != 0 && c.d.retrieve != nil {
+		if n, st := c.d.retrieve(node, off, p); st.Ok() && n == len(p) {
+			return n, nil
+		}
+	}
+	return c.backing.ReadAt(p, off)
+}
 
 // walIndexHeaderSize is the size of one copy of the wal-index header; the
 // -shm begins with two copies of it.
@@ -92,20 +113,24 @@ func walIndexChecksum(h []byte) (s1, s2 uint32) {
 const walIndexRetries = 100
 
 // walIndexLimit returns how many frames of the current WAL SQLite has
-// committed, by its wal-index, when capture can read it (the -shm is
-// served by passthrough and holds a header). gated is false otherwise:
-// then the frames decide, as in recovery. Caller holds d.mu.
+// committed, by its wal-index, when capture can read it (a -shm that holds
+// a header). gated is false otherwise: then the frames decide, as in
+// recovery. Caller holds d.mu.
 func (d *DB) walIndexLimit() (limit int64, gated bool, err error) {
-	if !d.shmPassthrough.Load() || !d.wal.valid {
+	if !d.wal.valid {
 		return 0, false, nil
 	}
-	f, err := os.Open(d.path(shmFile))
+	file, err := os.Open(d.path(shmFile))
 	if errors.Is(err, os.ErrNotExist) {
 		return 0, false, nil
 	} else if err != nil {
 		return 0, false, err
 	}
-	defer func() { _ = f.Close() }()
+	defer func() { _ = file.Close() }()
+	var f io.ReaderAt = file
+	if !d.shmPassthrough.Load() {
+		f = shmCache{d, file}
+	}
 	for try := 0; ; try++ {
 		h, ok, err := readWalIndexHeader(f)
 		if errors.Is(err, errWalIndexBusy) && try < walIndexRetries {

@@ -535,6 +535,9 @@ func (c *Config) validateReplication(p *problems) {
 	case r.SyncAcks > c.replicaCount():
 		p.add("replication.sync_acks: %d, but replication.peers lists only %d replica(s): no commit could ever return", r.SyncAcks, c.replicaCount())
 	}
+	if r.Durability == "sync" && c.FS.Locks == "kernel" {
+		p.add("replication.durability: sync holds each WAL commit at the end of its write transaction, the release of SQLite's WAL write lock, which the mount sees only with fs.locks: mount (fs.locks is %q)", c.FS.Locks)
+	}
 	if r.Durability == "sync" && r.SyncRegions && len(c.SyncRegions()) == 0 {
 		p.add("replication.sync_regions: no peer is in a region other than %q, so there is no region to acknowledge", c.Region)
 	}

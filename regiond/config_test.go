@@ -16,14 +16,15 @@ import (
 	"github.com/meridian-db/meridian/regiond"
 )
 
-// fullConfig sets every key to a value other than its default.
+// fullConfig sets every key to a value other than its default, except
+// fs.locks: durability sync needs the default.
 const fullConfig = `# every key the daemon reads
 node: iad-1
 region: iad
 data_dir: /srv/meridian
 mount_dir: /mnt/meridian
 fs:
-  locks: kernel
+  locks: mount
   passthrough: false
 lease:
   type: static
@@ -89,7 +90,7 @@ func TestParseConfig_Full(t *testing.T) {
 		Region:   "iad",
 		DataDir:  "/srv/meridian",
 		MountDir: "/mnt/meridian",
-		FS:       regiond.FSConfig{Locks: "kernel", Passthrough: false},
+		FS:       regiond.FSConfig{Locks: "mount", Passthrough: false},
 		Lease:    regiond.LeaseConfig{Type: "static", Candidate: false, StaticPrimary: "iad-1"},
 		Replication: regiond.ReplicationConfig{Listen: "127.0.0.1:20210", Peers: []regiond.Peer{
 			{Node: "fra-1", Region: "fra", Addr: "127.0.0.1:20220"}, {Node: "syd-1", Region: "syd"}},
@@ -454,6 +455,8 @@ func TestValidate_Replication(t *testing.T) {
 			`replication.sync_acks: 2, but replication.peers lists only 1 replica(s)`},
 		{"SyncNoAcks", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:1, durability: sync, sync_acks: 0, peers: [{node: fra-1, region: fra}]}\ntls: {insecure: true}\n",
 			`replication.sync_acks: 0 with sync_regions off asks no replica`},
+		{"SyncKernelLocks", "node: iad-1\nregion: iad\nfs: {locks: kernel}\nreplication: {listen: 127.0.0.1:1, durability: sync, peers: [{node: fra-1, region: fra}]}\ntls: {insecure: true}\n",
+			`replication.durability: sync holds each WAL commit at the end of its write transaction, the release of SQLite's WAL write lock, which the mount sees only with fs.locks: mount (fs.locks is "kernel")`},
 		{"SyncRegionsNone", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:1, durability: sync, sync_regions: true, peers: [{node: iad-2, region: iad}]}\ntls: {insecure: true}\n",
 			`replication.sync_regions: no peer is in a region other than "iad"`},
 		{"UnknownPeerKey", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:1, peers: [{node: fra-1, region: fra, adr: x}]}\ntls: {insecure: true}\n",

@@ -41,12 +41,6 @@ func (d *Daemon) Open(ctx context.Context) error {
 	f.MaintainInterval = min(max(f.Retention/2, time.Second), fs.DefaultMaintainInterval)
 	f.KernelLocks = c.FS.Locks == "kernel"
 	f.Passthrough = c.FS.Passthrough
-	if c.Replication.Durability == "sync" && f.Passthrough {
-		// A WAL written by passthrough shows the daemon a commit only
-		// after the app's write returned: too late to hold it.
-		f.Passthrough = false
-		d.Logger.Info("fs.passthrough off: sync durability holds each WAL commit in its write")
-	}
 	f.Logger = d.Logger.With("component", "fs")
 	primary := c.IsPrimary()
 	if !primary {

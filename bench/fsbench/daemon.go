@@ -43,17 +43,18 @@ type daemon struct {
 
 // writeConfig writes a regiond config for a static-primary node serving
 // dataDir at mountDir.
-func writeConfig(path, dataDir, mountDir, locks string) error {
+func writeConfig(path, dataDir, mountDir, locks string, passthrough bool) error {
 	cfg := fmt.Sprintf(`node: bench-1
 region: local
 data_dir: %q
 mount_dir: %q
 fs:
   locks: %s
+  passthrough: %v
 lease:
   type: static
   static_primary: bench-1
-`, dataDir, mountDir, locks)
+`, dataDir, mountDir, locks, passthrough)
 	return os.WriteFile(path, []byte(cfg), 0o644)
 }
 

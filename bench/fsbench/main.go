@@ -78,6 +78,8 @@ type options struct {
 	bareOnly  bool
 	fuse      bool // also measure a passthrough FUSE mount
 	stall     time.Duration
+	// walPassthrough is the daemon's fs.passthrough.
+	walPassthrough bool
 }
 
 func parseFlags(args []string, stderr io.Writer) (options, error) {
@@ -95,6 +97,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.BoolVar(&o.bareOnly, "bare-only", false, "measure the bare directory only; no regiond")
 	fs.BoolVar(&o.fuse, "passthrough", true, "also measure a go-fuse loopback mount served by fsbench, nothing captured, with kernel FUSE passthrough where the kernel has it: the best a FUSE mount does here")
 	fs.StringVar(&o.locks, "locks", "mount", "the daemon's fs.locks: mount or kernel")
+	fs.BoolVar(&o.walPassthrough, "wal-passthrough", true, "the daemon's fs.passthrough: false serves every WAL write through the daemon")
 	fs.DurationVar(&o.stall, "stall", time.Minute, "take the mount for hung when a measurement runs this long past -duration")
 	if err := fs.Parse(args); err != nil {
 		return o, err
@@ -240,7 +243,7 @@ func (b *bench) run(ctx context.Context) (err error) {
 	sides := []side{bare}
 	if !o.bareOnly {
 		cfg := filepath.Join(work, "regiond.yaml")
-		if err := writeConfig(cfg, dataDir, mountDir, o.locks); err != nil {
+		if err := writeConfig(cfg, dataDir, mountDir, o.locks, o.walPassthrough); err != nil {
 			return err
 		}
 		var d *daemon

@@ -185,7 +185,7 @@ func printHeader(w io.Writer, m machine, o options) {
 		if commit == "" {
 			commit = "unknown (git rev-parse failed)"
 		}
-		fmt.Fprintf(w, "daemon: %s, built %s, source tree at commit %s, fs.locks: %s\n", m.Regiond, m.RegiondBuilt, commit, o.locks)
+		fmt.Fprintf(w, "daemon: %s, built %s, source tree at commit %s, fs.locks: %s, fs.passthrough: %v\n", m.Regiond, m.RegiondBuilt, commit, o.locks, o.walPassthrough)
 	} else {
 		fmt.Fprintln(w, "daemon: none (-bare-only)")
 	}
