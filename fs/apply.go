@@ -65,18 +65,58 @@ func (f *FileSystem) ApplyFiles(ctx context.Context, name string, paths []string
 			f.Logger.Warn("forget that the database did not exist", "db", name, "status", st)
 		}
 	}
-	hold, err := f.holdReaders(ctx, d)
-	if err != nil {
+	// After an apply that failed part way, the readers are still held off.
+	torn := d.torn.Swap(nil)
+	var hold *readerHold
+	if torn != nil {
+		hold = torn.hold
+	} else if hold, err = f.holdReaders(ctx, d); err != nil {
 		return nil, fmt.Errorf("apply to %s: %w", name, err)
 	}
-	defer hold.release()
+	keep := false
+	defer func() {
+		if !keep {
+			hold.release()
+		}
+	}()
 	lopts := ltx.ApplyOptions{Move: opts.Move, Verified: opts.Verified}
 	if opts.KeepLost {
 		lopts.LostDir = filepath.Join(f.DataDir, "lost", name)
 	}
 	infos, pgnos, err := d.log.ApplyFiles(ctx, paths, lopts)
-	if err != nil {
+	var partly *ltx.PartlyAppliedError
+	if errors.As(err, &partly) || err != nil && torn != nil {
+		// The database file may hold part of a transaction: readers stay
+		// out until an apply reaches the end of every group that failed.
+		until := d.log.Pos().TXID
+		if torn != nil {
+			until = torn.until
+		}
+		if partly != nil {
+			until = max(until, partly.MaxTXID)
+		}
+		keep = true
+		d.torn.Store(&tornApply{hold: hold, until: until})
+		f.Logger.Error("an apply failed part way: the database's readers are held off until its transactions are applied again", "db", name, "until_txid", until.String(), "err", err)
 		return nil, err
+	} else if err != nil {
+		return nil, err
+	}
+	pageSize := infos[len(infos)-1].Header.PageSize
+	// After a snapshot, or a page size that changed within the group, all
+	// of the file is dropped from the cache; after a failed apply too, as
+	// the applies since wrote pages the cache still holds.
+	all := infos[0].Header.IsSnapshot() || slices.ContainsFunc(infos, func(i ltx.FileInfo) bool { return i.Header.PageSize != pageSize })
+	if torn != nil {
+		if infos[len(infos)-1].Pos().TXID < torn.until && !infos[0].Header.IsSnapshot() {
+			// Pages of the failed group past this one may still be in
+			// the file.
+			keep = true
+			d.torn.Store(torn)
+			return infos, nil
+		}
+		all = true
+		f.Logger.Info("applied again after a failed apply: readers may read the database again", "db", name, "txid", infos[len(infos)-1].Pos().TXID.String())
 	}
 	if f.readOnly.Load() {
 		// A file that switched the database to WAL mode: readers need a
@@ -85,10 +125,6 @@ func (f *FileSystem) ApplyFiles(ctx context.Context, name string, paths []string
 			return nil, fmt.Errorf("apply to %s: %w", name, err)
 		}
 	}
-	// After a snapshot, or a page size that changed within the group, all
-	// of the file is dropped from the cache.
-	pageSize := infos[len(infos)-1].Header.PageSize
-	all := infos[0].Header.IsSnapshot() || slices.ContainsFunc(infos, func(i ltx.FileInfo) bool { return i.Header.PageSize != pageSize })
 	if err := f.invalidate(d, all, pageSize, pgnos); err != nil {
 		return nil, err
 	}
@@ -154,6 +190,13 @@ const (
 // daemonLockOwner owns the locks the daemon takes in a database's lock
 // tables. Kernel lock owners are scrambled pointers; this one is not.
 const daemonLockOwner = 1<<64 - 0x4d52 // "MR"
+
+// tornApply is the hold of the readers of a database that an apply left
+// part-written: it is kept until an apply reaches until.
+type tornApply struct {
+	hold  *readerHold
+	until ltx.TXID
+}
 
 // readerHold is SQLite's readers held off one database: the write locks a
 // SQLite writer would take, in the mount's own lock tables. The daemon

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -271,5 +273,196 @@ func TestFileSystem_SetAcked(t *testing.T) {
 	}
 	if files := l.Files(); len(files) != 1 || files[0].Header.MaxTXID != last {
 		t.Fatalf("with everything acknowledged the log holds %d files, want only the newest (TXID %d)", len(files), last)
+	}
+}
+
+// TestFileSystem_ApplyOverlappingReaders applies a primary's WAL-mode
+// transactions to a replica while two processes read it in transactions
+// of 50 ms, back to back, the second started half a transaction after the
+// first, so that one of them always holds SQLite's read lock. An apply
+// that waited for a moment when neither holds it would wait until their
+// phases drift together (0.3 to 3.6 s for the first apply, in three runs
+// here); once the apply waits, new read transactions wait for it
+// (LockTable; TestLockTable_WriterWaitsFirst checks the rule itself), so
+// it gets in within one of theirs. Every apply must end, and the readers,
+// checking the invariant in every transaction, must never fail.
+func TestFileSystem_ApplyOverlappingReaders(t *testing.T) {
+	src := newBank(t, "wal")
+	for range 60 {
+		src.step()
+	}
+	f := testingutil.MustMount(t)
+	f.SetReadOnly(true)
+	files := src.log.Files()
+	first := 0
+	for ; !hasAccounts(t, f); first++ {
+		if first == len(files) {
+			t.Fatalf("none of the %d files makes the accounts table", len(files))
+		}
+		if _, err := f.Apply(context.Background(), "bank.db", filepath.Join(src.log.Dir, files[first].Name), false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	path := filepath.Join(f.MountDir, "bank.db")
+	var readers []*child
+	for range 2 {
+		r := startChild(t, "bank-reader", path, "50")
+		r.mustReadLine(t, "ready")
+		readers = append(readers, r)
+		time.Sleep(25 * time.Millisecond)
+	}
+	for i := first; i < len(files); i++ {
+		// Bounded so that the test fails rather than hangs.
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		_, err := f.Apply(ctx, "bank.db", filepath.Join(src.log.Dir, files[i].Name), false)
+		cancel()
+		if err != nil {
+			t.Fatalf("apply %d of %d under overlapping readers: %v", i+1, len(files), err)
+		}
+	}
+	for i, r := range readers {
+		if err := r.kill(); err != nil {
+			t.Fatal(err)
+		}
+		if out := r.stderr.String(); out != "" {
+			t.Fatalf("reader %d: %s", i, out)
+		}
+	}
+	if got := f.DB("bank.db").Pos(); got != src.log.Pos() {
+		t.Fatalf("replica at %s, want %s", got, src.log.Pos())
+	}
+	t.Logf("%d files applied one at a time under two overlapping readers", len(files)-first)
+}
+
+// bankReaderChild reads bank.db at path in read transactions of about
+// hold, back to back, checking the accounts' total at their start and end,
+// until killed. It prints "ready 0" after its first transaction and exits
+// at the first error.
+func bankReaderChild(path string, hold time.Duration) error {
+	db, err := sql.Open("sqlite3", fmt.Sprintf("file:%s?_busy_timeout=5000", path))
+	if err != nil {
+		return err
+	}
+	defer func() { _ = db.Close() }()
+	db.SetMaxOpenConns(1)
+	check := func(tx *sql.Tx) error {
+		var sum, n int
+		if err := tx.QueryRow(`SELECT sum(balance), count(*) FROM accounts`).Scan(&sum, &n); err != nil {
+			return err
+		}
+		if sum != accountsSum || n != accounts {
+			return fmt.Errorf("sum %d of %d accounts, want %d of %d", sum, n, accountsSum, accounts)
+		}
+		return nil
+	}
+	for first := true; ; first = false {
+		tx, err := db.Begin()
+		if err != nil {
+			return err
+		}
+		if err := check(tx); err != nil {
+			return err
+		}
+		time.Sleep(hold)
+		if err := check(tx); err != nil {
+			return err
+		}
+		if err := tx.Rollback(); err != nil {
+			return err
+		}
+		if first {
+			if _, err := fmt.Println("ready 0"); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// TestFileSystem_ApplyFailsPartWay fills the replica's disk in the middle
+// of an apply (a 2 MiB tmpfs under its data directory, a transaction that
+// grows the database by 4 MiB of zeros, whose LTX file is small): the
+// database file then holds part of the transaction, so readers on the
+// mount must stay held off (SQLite says the database is locked) rather
+// than read it, until the same file is applied again with room to spare;
+// then they read the whole transaction.
+func TestFileSystem_ApplyFailsPartWay(t *testing.T) {
+	src := newBank(t, "delete")
+	for range 20 {
+		src.step()
+	}
+	dir := t.TempDir()
+	data := filepath.Join(dir, "data")
+	if err := os.Mkdir(data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mount("tmpfs", data, "tmpfs", 0, "size=2m"); err != nil {
+		t.Fatalf("mount tmpfs (this test needs root): %v", err)
+	}
+	t.Cleanup(func() { _ = syscall.Unmount(data, syscall.MNT_DETACH) })
+	f := fs.New(data, filepath.Join(dir, "mnt"))
+	f.Logger = testingutil.Logger(t)
+	f.SetReadOnly(true)
+	testingutil.MustOpenFS(t, f)
+	ctx := context.Background()
+	for _, file := range src.log.Files() {
+		if _, err := f.Apply(ctx, "bank.db", filepath.Join(src.log.Dir, file.Name), false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	reader, err := sql.Open("sqlite3", "file:"+filepath.Join(f.MountDir, "bank.db")+"?_busy_timeout=200")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reader.Close()
+	reader.SetMaxOpenConns(1)
+	read := func() (blobs int, err error) {
+		var sum, n int
+		if err := reader.QueryRow(`SELECT sum(balance), count(*) FROM accounts`).Scan(&sum, &n); err != nil {
+			return 0, err
+		}
+		if sum != accountsSum || n != accounts {
+			return 0, fmt.Errorf("sum %d of %d accounts, want %d of %d", sum, n, accountsSum, accounts)
+		}
+		var ok string
+		if err := reader.QueryRow(`PRAGMA integrity_check`).Scan(&ok); err != nil || ok != "ok" {
+			return 0, fmt.Errorf("integrity_check: %q, %v", ok, err)
+		}
+		err = reader.QueryRow(`SELECT count(*) FROM blob`).Scan(&blobs)
+		return blobs, err
+	}
+	before, err := read()
+	if err != nil {
+		t.Fatalf("read before: %v", err)
+	}
+
+	src.tx(func(tx *sql.Tx) error {
+		_, err := tx.Exec(`INSERT INTO blob VALUES (zeroblob(4 << 20))`)
+		return err
+	})
+	files := src.log.Files()
+	big := filepath.Join(src.log.Dir, files[len(files)-1].Name)
+	_, err = f.Apply(ctx, "bank.db", big, false)
+	var partly *ltx.PartlyAppliedError
+	if !errors.As(err, &partly) || !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("apply onto a full disk: %v, want a partly applied error with ENOSPC", err)
+	}
+	for range 3 {
+		if _, err := read(); err == nil || !strings.Contains(err.Error(), "database is locked") {
+			t.Fatalf("read after an apply that failed part way: %v, want the database locked", err)
+		}
+	}
+	if err := syscall.Mount("tmpfs", data, "tmpfs", syscall.MS_REMOUNT, "size=32m"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Apply(ctx, "bank.db", big, false); err != nil {
+		t.Fatalf("apply again with room: %v", err)
+	}
+	after, err := read()
+	if err != nil || after != before+1 {
+		t.Fatalf("read after the apply: %d blobs, %v; want %d", after, err, before+1)
+	}
+	backing := filepath.Join(f.DataDir, "dbs", "bank.db", "database")
+	if !bytes.Equal(testingutil.MustReadFile(t, backing), testingutil.MustReadFile(t, src.path)) {
+		t.Fatal("the replica's database differs from the source's")
 	}
 }

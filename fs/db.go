@@ -117,6 +117,10 @@ type DB struct {
 	// last frame and a later scan is due; guarded by mu.
 	rescan     *time.Timer
 	rescanWait time.Duration // the wait before the last rescan; 0 after a scan that deferred nothing
+
+	// torn is set while an apply that failed part way keeps the readers
+	// out (see ApplyFiles).
+	torn atomic.Pointer[tornApply]
 }
 
 // commitMark is where a database's commits stand.

@@ -3,6 +3,7 @@ package fs
 import (
 	"cmp"
 	"context"
+	"math"
 	"slices"
 	"sync"
 	"syscall"
@@ -28,6 +29,21 @@ type LockTable struct {
 	// released is closed and cleared when a lock is released or downgraded.
 	// It is nil while nobody waits.
 	released chan struct{}
+	// waiting are the write locks Lock calls wait for, oldest first.
+	// While one waits, a new lock over any of its bytes is refused to
+	// every other owner that holds no lock over them: readers whose
+	// transactions overlap one another could otherwise keep a writer out
+	// for ever (POSIX leaves the order open, and Linux's own locks starve
+	// writers that way). Owners that hold a lock there may still change
+	// it, so that they can finish and let the writer in.
+	waiting  []waiter
+	lastWait uint64
+}
+
+// waiter is a write lock a Lock call waits for; seq orders waiters.
+type waiter struct {
+	Lock
+	seq uint64
 }
 
 // Lock is one held lock range.
@@ -82,21 +98,37 @@ func (t *LockTable) Test(owner uint64, typ uint32, start, end uint64) (Lock, boo
 func (t *LockTable) TryLock(owner uint64, pid uint32, typ uint32, start, end uint64) syscall.Errno {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return t.setLocked(owner, pid, typ, start, end)
+	return t.setLocked(owner, pid, typ, start, end, math.MaxUint64)
 }
 
 // Lock is TryLock that waits while another owner holds a conflicting lock.
 // It implements F_SETLKW. It returns syscall.EINTR if ctx is done before the
 // lock can be taken, and otherwise what TryLock returns, never EAGAIN. A
 // waiter retries each time any lock in the table is released or downgraded.
-// Lock does not detect deadlocks; cancel ctx to give up.
+// A write lock that waits goes before new locks over its bytes (see
+// LockTable), and after write locks that waited before it. Lock does not
+// detect deadlocks; cancel ctx to give up.
 func (t *LockTable) Lock(ctx context.Context, owner uint64, pid uint32, typ uint32, start, end uint64) syscall.Errno {
+	seq := uint64(math.MaxUint64)
+	defer func() {
+		if seq != math.MaxUint64 {
+			t.mu.Lock()
+			t.waiting = slices.DeleteFunc(t.waiting, func(w waiter) bool { return w.seq == seq })
+			t.notifyLocked() // a waiter after this one may go now
+			t.mu.Unlock()
+		}
+	}()
 	for {
 		t.mu.Lock()
-		errno := t.setLocked(owner, pid, typ, start, end)
+		errno := t.setLocked(owner, pid, typ, start, end, seq)
 		if errno != syscall.EAGAIN {
 			t.mu.Unlock()
 			return errno
+		}
+		if typ == syscall.F_WRLCK && seq == math.MaxUint64 {
+			t.lastWait++
+			seq = t.lastWait
+			t.waiting = append(t.waiting, waiter{Lock{Owner: owner, Pid: pid, Typ: typ, Start: start, End: end}, seq})
 		}
 		released := t.watchLocked()
 		t.mu.Unlock()
@@ -165,6 +197,24 @@ func (t *LockTable) notifyLocked() {
 	}
 }
 
+// waiterFirstLocked reports whether a write lock that waits, of another
+// owner and before seq, goes before owner's new lock over [start,end]:
+// it overlaps it, and owner holds no lock there.
+func (t *LockTable) waiterFirstLocked(owner uint64, start, end uint64, seq uint64) bool {
+	for _, w := range t.waiting {
+		if w.seq >= seq || w.Owner == owner || !w.overlaps(start, end) {
+			continue
+		}
+		held := slices.ContainsFunc(t.locks, func(l Lock) bool {
+			return l.Owner == owner && l.overlaps(max(start, w.Start), min(end, w.End))
+		})
+		if !held {
+			return true
+		}
+	}
+	return false
+}
+
 func (t *LockTable) conflictLocked(owner uint64, typ uint32, start, end uint64) (Lock, bool) {
 	for _, l := range t.locks {
 		if l.conflicts(owner, typ, start, end) {
@@ -174,13 +224,17 @@ func (t *LockTable) conflictLocked(owner uint64, typ uint32, start, end uint64) 
 	return Lock{}, false
 }
 
-// setLocked is TryLock with t.mu held.
-func (t *LockTable) setLocked(owner uint64, pid uint32, typ uint32, start, end uint64) syscall.Errno {
+// setLocked is TryLock with t.mu held, for a caller that goes after the
+// waiters before seq (math.MaxUint64: all of them).
+func (t *LockTable) setLocked(owner uint64, pid uint32, typ uint32, start, end uint64, seq uint64) syscall.Errno {
 	if start > end || (typ != syscall.F_RDLCK && typ != syscall.F_WRLCK && typ != syscall.F_UNLCK) {
 		return syscall.EINVAL
 	}
 	if typ != syscall.F_UNLCK {
 		if _, ok := t.conflictLocked(owner, typ, start, end); ok {
+			return syscall.EAGAIN
+		}
+		if t.waiterFirstLocked(owner, start, end, seq) {
 			return syscall.EAGAIN
 		}
 	}

@@ -631,3 +631,62 @@ func FuzzLockTable(f *testing.F) {
 		}
 	})
 }
+
+// TestLockTable_WriterWaitsFirst: while a write lock waits for readers,
+// owners that hold nothing there cannot take new locks over its bytes,
+// so readers whose locks overlap one another cannot keep it out for ever;
+// the readers already in may change their own locks and leave, and the
+// writer gets in once the last of them has. Two waiters go in the order
+// they came.
+func TestLockTable_WriterWaitsFirst(t *testing.T) {
+	var lt LockTable
+	mustTryLock(t, &lt, 1, 101, rd, 5, 5, 0)
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel() // a failed test must not leave a waiter blocked
+	first := make(chan syscall.Errno, 1)
+	wg.Go(func() { first <- lt.Lock(ctx, 9, 109, wr, 0, 9) })
+	waitParked(t, &lt, first)
+
+	// A new reader of byte 5, or of any byte the writer waits for, waits:
+	// without the waiter it would get in beside owner 1.
+	mustTryLock(t, &lt, 2, 102, rd, 5, 5, syscall.EAGAIN)
+	mustTryLock(t, &lt, 2, 102, rd, 8, 12, syscall.EAGAIN)
+	mustTryLock(t, &lt, 2, 102, rd, 10, 12, 0) // past the writer's bytes
+	// Owner 1, in already, may take its byte again and more of the range.
+	mustTryLock(t, &lt, 1, 101, rd, 5, 6, 0)
+	// A second writer waits behind the first.
+	second := make(chan syscall.Errno, 1)
+	wg.Go(func() { second <- lt.Lock(ctx, 8, 108, wr, 5, 5) })
+	waitParked(t, &lt, second)
+
+	lt.ReleaseOwner(1)
+	if errno := <-first; errno != 0 {
+		t.Fatalf("first writer: Lock returned %v, want 0", errno)
+	}
+	assertLocks(t, &lt,
+		Lock{Owner: 9, Pid: 109, Typ: wr, Start: 0, End: 9},
+		Lock{Owner: 2, Pid: 102, Typ: rd, Start: 10, End: 12},
+	)
+	// The second goes next, before a reader that comes after it.
+	lt.ReleaseOwner(9)
+	if errno := waitReturned(t, &lt, second); errno != 0 {
+		t.Fatalf("second writer: Lock returned %v, want 0", errno)
+	}
+	mustTryLock(t, &lt, 3, 103, rd, 5, 5, syscall.EAGAIN)
+	lt.ReleaseOwner(8)
+	mustTryLock(t, &lt, 3, 103, rd, 5, 5, 0)
+
+	// A waiter that gives up stops going first.
+	cancelled, stop := context.WithCancel(context.Background())
+	gaveUp := make(chan syscall.Errno, 1)
+	wg.Go(func() { gaveUp <- lt.Lock(cancelled, 7, 107, wr, 5, 5) })
+	waitParked(t, &lt, gaveUp)
+	mustTryLock(t, &lt, 4, 104, rd, 5, 5, syscall.EAGAIN)
+	stop()
+	if errno := <-gaveUp; errno != syscall.EINTR {
+		t.Fatalf("cancelled writer: Lock returned %v, want EINTR", errno)
+	}
+	mustTryLock(t, &lt, 4, 104, rd, 5, 5, 0)
+}

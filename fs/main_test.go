@@ -39,6 +39,7 @@ import (
 //	daemon DATA MOUNT PASSTHROUGH     mount DATA at MOUNT, serve until SIGTERM (SIGUSR1, SIGUSR2: cut the power)
 //	watch DIR MASK SUFFIX NTH PID     kill PID at an inotify event in DIR
 //	reader PATH                       read the SQLite database PATH every 2 ms until killed
+//	bank-reader PATH MS               read transactions of MS ms on bank.db at PATH, back to back, until killed
 //
 // Paths must not contain spaces (t.TempDir's do not).
 const crashChildEnv = "MERIDIAN_FS_CRASH_CHILD"
@@ -64,6 +65,12 @@ func crashChild(args []string) error {
 		return writerChild(args[1], args[2], size)
 	case len(args) == 2 && args[0] == "reader":
 		return readerChild(args[1])
+	case len(args) == 3 && args[0] == "bank-reader":
+		ms, err := strconv.Atoi(args[2])
+		if err != nil {
+			return err
+		}
+		return bankReaderChild(args[1], time.Duration(ms)*time.Millisecond)
 	case len(args) == 4 && args[0] == "daemon":
 		return daemonChild(args[1], args[2], args[3] == "true")
 	case len(args) == 6 && args[0] == "watch":

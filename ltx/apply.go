@@ -39,6 +39,23 @@ func (l *Log) Apply(ctx context.Context, path, lostDir string) (*FileInfo, []uin
 	return &infos[0], pgnos, nil
 }
 
+// PartlyAppliedError is the error of an apply that failed once it had
+// begun to write the database file (a full disk, a cancelled context): the
+// file may hold part of the group's transactions, up to MaxTXID, while the
+// log's position has not moved. Applying files up to MaxTXID again
+// repairs it, as Open does after a crash; until then readers must be kept
+// out.
+type PartlyAppliedError struct {
+	Err     error
+	MaxTXID TXID
+}
+
+func (e *PartlyAppliedError) Error() string {
+	return fmt.Sprintf("%v (the database file may hold part of the transactions up to %s until they are applied again)", e.Err, e.MaxTXID)
+}
+
+func (e *PartlyAppliedError) Unwrap() error { return e.Err }
+
 // ApplyFiles is Apply for files that follow one another, applied as one
 // group commit: they go into the log together (fsynced together, one
 // directory fsync), then their pages into the database in order, which is
@@ -108,7 +125,7 @@ func (l *Log) ApplyFiles(ctx context.Context, paths []string, opts ApplyOptions)
 	}
 	pgnos, err := l.applyToDatabase(ctx, infos, table, pos, true)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, &PartlyAppliedError{Err: err, MaxTXID: infos[len(infos)-1].Header.MaxTXID}
 	}
 	// Emptied, not removed: removing and creating a file per group costs
 	// more than writing it on some filesystems. Neither need be durable: a
