@@ -84,11 +84,20 @@ func (d *Daemon) Open(ctx context.Context) error {
 // apps to close their files.
 func (d *Daemon) Close(ctx context.Context) error {
 	if d.FS != nil && d.repl != nil && d.repl.gate != nil {
-		// Commits still waiting for replicas fail as replication stops.
-		// A WAL commit frame failed leaves SQLite thinking the
-		// transaction rolled back while the WAL holds it: no write may
-		// follow it before the mount goes.
+		// No new writes; commits already waiting for replicas get their
+		// acknowledgements while replication still runs, for up to
+		// replication.sync_timeout. Those still waiting then end as
+		// replication stops: a rollback-journal commit fails; a WAL
+		// commit returns as committed, since SQLite cannot fail a
+		// commit past its commit point (the wal-index), and reaches the
+		// replicas when this node runs again.
 		d.FS.SetReadOnly(true)
+		g := d.repl.gate
+		dctx, cancel := context.WithTimeout(ctx, g.Timeout)
+		if n := g.Drain(dctx); n > 0 {
+			d.Logger.Error("shutting down with commits that replicas have not acknowledged", "waiting", n, "need", g.Quorum.String())
+		}
+		cancel()
 	}
 	if d.repl != nil {
 		d.repl.close()

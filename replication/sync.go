@@ -192,6 +192,22 @@ func (g *Gate) Wait(ctx context.Context, db string, txid ltx.TXID, canFail bool)
 	}
 }
 
+// Drain returns once no commit waits at the gate, or when ctx is done,
+// reporting how many still wait then.
+func (g *Gate) Drain(ctx context.Context) int {
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if n := g.Status().Waiting; n == 0 || ctx.Err() != nil {
+			return n
+		}
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+		}
+	}
+}
+
 // passDegraded reports whether db's commit of txid goes through without
 // waiting because the gate is degraded, and leaves the degraded state once
 // the quorum has acknowledged the last transaction let through.

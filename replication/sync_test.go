@@ -188,3 +188,35 @@ func TestGate_HelloConfirmsNothing(t *testing.T) {
 		t.Fatalf("wait for a position only a Hello claims: %v, want ErrSyncTimeout", err)
 	}
 }
+
+// TestGate_Drain checks that Drain returns at once with nobody waiting,
+// waits for a commit that its replica acknowledges once it connects, and
+// gives up with its context, reporting the commits still waiting.
+func TestGate_Drain(t *testing.T) {
+	c := newCluster(t)
+	c.primary.create("a.db", 1)
+	txid := advance(c, "a.db")
+	g := newGate(c, time.Minute)
+	if n := g.Drain(context.Background()); n != 0 {
+		t.Fatalf("Drain with nobody waiting: %d waiting", n)
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- g.Wait(context.Background(), "a.db", txid, false) }()
+	for deadline := time.Now().Add(waitTimeout); g.Status().Waiting == 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no waiter after %v", waitTimeout)
+		}
+	}
+	short, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if n := g.Drain(short); n != 1 {
+		t.Fatalf("Drain that timed out with no replica: %d waiting, want 1", n)
+	}
+	c.run(c.client())
+	if n := g.Drain(context.Background()); n != 0 {
+		t.Fatalf("Drain once the replica runs: %d waiting, want 0", n)
+	}
+	if err := awaitErr(t, errc, "the wait to return once acknowledged"); err != nil {
+		t.Fatalf("wait: %v", err)
+	}
+}
