@@ -103,6 +103,12 @@ type row struct {
 	commitRate    float64
 	p50, p99, max time.Duration
 	applyRate     float64 // of the slowest replica
+	// visible: from COMMIT returning on the primary to a reader polling
+	// the first replica through its mount seeing the row; reads: that
+	// reader's queries meanwhile.
+	visP50, visP99, visMax    time.Duration
+	reads, readErrs           int
+	readP50, readP99, readMax time.Duration
 }
 
 func run(o options) (err error) {
@@ -195,10 +201,20 @@ func measureCluster(h *harness, o options, n int) ([]row, *snapshotResult, error
 }
 
 // measureRate commits count single-row transactions at rate (0: as fast
-// as possible) and measures when each is applied on every replica.
+// as possible) and measures when each is applied on every replica, and
+// when a reader polling the first replica through its mount sees it.
 func measureRate(h *harness, c *testingutil.Cluster, db *sql.DB, watchers []*applyWatcher, rate, count int) (row, error) {
 	primary := c.Node(c.Primary)
 	base, _ := primary.Pos(h, "bench.db")
+	var lastID int64
+	if err := db.QueryRow(`SELECT coalesce(max(id), 0) FROM tx`).Scan(&lastID); err != nil {
+		return row{}, err
+	}
+	reader, err := startPollReader(filepath.Join(c.Nodes[1].MountDir, "bench.db"), lastID, count)
+	if err != nil {
+		return row{}, err
+	}
+	defer reader.stopReading()
 	commits := make([]time.Time, count)
 	start := time.Now()
 	for i := range count {
@@ -234,7 +250,114 @@ func measureRate(h *harness, c *testingutil.Cluster, db *sql.DB, watchers []*app
 	}
 	slices.Sort(lags)
 	r.p50, r.p99, r.max = lags[count/2], lags[count*99/100], lags[count-1]
+	if err := reader.waitSeen(30 * time.Second); err != nil {
+		return row{}, err
+	}
+	reader.stopReading()
+	vis := make([]time.Duration, count)
+	for i := range count {
+		vis[i] = reader.seen[i].Sub(commits[i])
+	}
+	slices.Sort(vis)
+	r.visP50, r.visP99, r.visMax = vis[count/2], vis[count*99/100], vis[count-1]
+	lat := reader.latencies
+	slices.Sort(lat)
+	r.reads, r.readErrs = len(lat), reader.errs
+	if len(lat) > 0 {
+		r.readP50, r.readP99, r.readMax = lat[len(lat)/2], lat[len(lat)*99/100], lat[len(lat)-1]
+	}
+	if reader.firstErr != nil {
+		fmt.Fprintf(os.Stderr, "replica reader: %d errors, the first: %v\n", reader.errs, reader.firstErr)
+	}
 	return r, nil
+}
+
+// pollReader queries a replica through its mount as fast as it can, as an
+// app reading locally would (one connection, a 5 s busy timeout), and
+// records when it first sees each of count rows after base, and how long
+// each query took.
+type pollReader struct {
+	db        *sql.DB
+	base      int64
+	stop      chan struct{}
+	done      chan struct{}
+	stopOnce  sync.Once
+	mu        sync.Mutex
+	seen      []time.Time // by row: id - base - 1
+	nSeen     int
+	latencies []time.Duration
+	errs      int
+	firstErr  error
+}
+
+func startPollReader(path string, base int64, count int) (*pollReader, error) {
+	db, err := sql.Open("sqlite3", "file:"+path+"?_busy_timeout=5000")
+	if err != nil {
+		return nil, err
+	}
+	db.SetMaxOpenConns(1)
+	r := &pollReader{db: db, base: base, stop: make(chan struct{}), done: make(chan struct{}), seen: make([]time.Time, count)}
+	go r.run()
+	return r, nil
+}
+
+func (r *pollReader) run() {
+	defer close(r.done)
+	last := r.base
+	for {
+		select {
+		case <-r.stop:
+			return
+		default:
+		}
+		start := time.Now()
+		var m int64
+		err := r.db.QueryRow(`SELECT coalesce(max(id), 0) FROM tx`).Scan(&m)
+		now := time.Now()
+		r.mu.Lock()
+		r.latencies = append(r.latencies, now.Sub(start))
+		if err != nil {
+			r.errs++
+			if r.firstErr == nil {
+				r.firstErr = err
+			}
+		}
+		for ; err == nil && last < m; last++ {
+			if i := last - r.base; i < int64(len(r.seen)) {
+				r.seen[i] = now
+				r.nSeen++
+			}
+		}
+		r.mu.Unlock()
+	}
+}
+
+// waitSeen waits until the reader has seen every row, or fails after
+// timeout.
+func (r *pollReader) waitSeen(timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		r.mu.Lock()
+		n := r.nSeen
+		r.mu.Unlock()
+		if n == len(r.seen) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the replica's reader saw %d of %d rows in %v", n, len(r.seen), timeout)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// stopReading stops the reader and closes its connection; it may be
+// called again.
+func (r *pollReader) stopReading() {
+	r.stopOnce.Do(func() {
+		close(r.stop)
+		<-r.done
+		_ = r.db.Close()
+	})
 }
 
 // snapshotResult is what a node joining from scratch took.
@@ -425,13 +548,16 @@ func ms(d time.Duration) string { return fmt.Sprintf("%.2f", float64(d)/float64(
 
 func printRows(w io.Writer, rows []row) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "replicas\trate\ttx\tcommitted tx/s\tlag p50 ms\tp99 ms\tmax ms\tslowest replica applies tx/s\tapply/commit\t")
+	fmt.Fprintln(tw, "replicas\trate\ttx\tcommitted tx/s\tlag p50 ms\tp99 ms\tmax ms\tslowest replica applies tx/s\tapply/commit\tvisible p50 ms\tp99 ms\tmax ms\treads\terrors\tread p50 ms\tp99 ms\tmax ms\t")
 	for _, r := range rows {
-		fmt.Fprintf(tw, "%d\t%s\t%d\t%.0f\t%s\t%s\t%s\t%.0f\t%.2f\t\n", r.replicas, rateName(r.target), r.n, r.commitRate,
-			ms(r.p50), ms(r.p99), ms(r.max), r.applyRate, r.applyRate/r.commitRate)
+		fmt.Fprintf(tw, "%d\t%s\t%d\t%.0f\t%s\t%s\t%s\t%.0f\t%.2f\t%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t\n", r.replicas, rateName(r.target), r.n, r.commitRate,
+			ms(r.p50), ms(r.p99), ms(r.max), r.applyRate, r.applyRate/r.commitRate,
+			ms(r.visP50), ms(r.visP99), ms(r.visMax), r.reads, r.readErrs, ms(r.readP50), ms(r.readP99), ms(r.readMax))
 	}
 	_ = tw.Flush()
 	fmt.Fprintln(w, "\nlag: from COMMIT returning on the primary to the transaction applied on the farthest replica.")
+	fmt.Fprintln(w, "visible: from COMMIT returning on the primary to a reader polling the first replica through its mount")
+	fmt.Fprintln(w, "(one connection, 5 s busy timeout, SELECT max(id) back to back) seeing the row; reads: that reader's queries.")
 	fmt.Fprintln(w, "apply/commit is meaningful at max rate: below 1, the replicas fall behind a primary committing flat out.")
 }
 
