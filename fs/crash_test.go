@@ -465,7 +465,10 @@ type daemon struct {
 	// noPassthrough has WAL writes go through the daemon (fs.Passthrough
 	// off).
 	noPassthrough bool
-	proc          *child // nil when not running
+	// noKernelPassthrough serves the WAL and the -shm through the daemon,
+	// as on a kernel without FUSE passthrough.
+	noKernelPassthrough bool
+	proc                *child // nil when not running
 }
 
 // newCrashDaemon makes a daemon on a new data directory whose app.db, in
@@ -496,7 +499,11 @@ func newCrashDaemon(t *testing.T, mode string, passthrough bool) (d *daemon, pat
 // start starts the daemon and waits until it has recovered and mounted.
 func (d *daemon) start(t *testing.T) {
 	t.Helper()
-	d.proc = startChild(t, "daemon", d.data, d.mnt, strconv.FormatBool(!d.noPassthrough))
+	passthrough := strconv.FormatBool(!d.noPassthrough)
+	if d.noKernelPassthrough {
+		passthrough = "no-kernel"
+	}
+	d.proc = startChild(t, "daemon", d.data, d.mnt, passthrough)
 	var line string
 	select {
 	case line = <-d.proc.lines:

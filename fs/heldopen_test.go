@@ -48,13 +48,9 @@ var killAtWALWrite = killPoint{name: "wal-write", mask: syscall.IN_MODIFY, suffi
 // byte.
 func TestCrash_AppWALHeldOpen(t *testing.T) {
 	t.Parallel()
-	forWALPassthrough(t, true, testAppWALHeldOpen)
-}
-
-func testAppWALHeldOpen(t *testing.T, passthrough bool) {
 	seed := uint64(time.Now().UnixNano())
 	rng := rand.New(rand.NewPCG(seed, 2))
-	h := newHeldOpen(t, infoLogger(t), passthrough)
+	h := newHeldOpen(t, infoLogger(t))
 
 	plan := randomKills(heldOpenRandomRounds, heldOpenRandomRounds/2)
 	for range heldOpenWALRounds {
@@ -90,14 +86,10 @@ func testAppWALHeldOpen(t *testing.T, passthrough bool) {
 // what it skipped, and the log must rebuild the database.
 func TestCrash_KilledInWALSync(t *testing.T) {
 	t.Parallel()
-	forWALPassthrough(t, true, testKilledInWALSync)
-}
-
-func testKilledInWALSync(t *testing.T, passthrough bool) {
 	seed := uint64(time.Now().UnixNano())
 	rng := rand.New(rand.NewPCG(seed, 3))
 	var logged lockedBuffer
-	h := newHeldOpen(t, slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil)), passthrough)
+	h := newHeldOpen(t, slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil)))
 
 	const rounds = 10
 	var rows rowState
@@ -160,26 +152,6 @@ func testKilledInWALSync(t *testing.T, passthrough bool) {
 	t.Logf("%d kills inside a commit's WAL fsync, %d rows (seed %d)", rounds, rows.max, seed)
 }
 
-// forWALPassthrough runs test with FUSE passthrough (where the kernel has
-// it: the WAL written by the kernel, the wal-index read in the backing
-// -shm) and as on a kernel without it (the WAL written through the daemon,
-// the wal-index read in the kernel's page cache of the -shm), in parallel
-// subtests if parallel.
-func forWALPassthrough(t *testing.T, parallel bool, test func(t *testing.T, passthrough bool)) {
-	for _, passthrough := range []bool{true, false} {
-		name := "passthrough"
-		if !passthrough {
-			name = "no-kernel-passthrough"
-		}
-		t.Run(name, func(t *testing.T) {
-			if parallel {
-				t.Parallel()
-			}
-			test(t, passthrough)
-		})
-	}
-}
-
 // heldOpen is the WAL database app.db of a mount, with crashSchema and a
 // table fresh, that a reader process keeps open, reading it every few
 // milliseconds: its wal-index stays alive whatever happens to writers.
@@ -191,14 +163,11 @@ type heldOpen struct {
 	holder     *child
 }
 
-func newHeldOpen(t *testing.T, logger *slog.Logger, passthrough bool) *heldOpen {
+func newHeldOpen(t *testing.T, logger *slog.Logger) *heldOpen {
 	t.Helper()
 	dir := t.TempDir()
 	h := &heldOpen{fsys: fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))}
 	h.fsys.Logger = logger
-	if !passthrough {
-		h.fsys.WithoutKernelPassthrough()
-	}
 	testingutil.MustOpenFS(t, h.fsys)
 	h.path = filepath.Join(h.fsys.MountDir, "app.db")
 	db := testingutil.MustOpenSQLite(t, h.path, "wal")
@@ -276,15 +245,8 @@ func readerChild(path string) error {
 // log must hold exactly the transactions whose COMMIT succeeded, and
 // rebuild the database.
 func TestCapture_WALSyncFails(t *testing.T) {
-	forWALPassthrough(t, false, testWALSyncFails)
-}
-
-func testWALSyncFails(t *testing.T, passthrough bool) {
 	dir := t.TempDir()
 	fsys := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
-	if !passthrough {
-		fsys.WithoutKernelPassthrough()
-	}
 	var logged lockedBuffer
 	fsys.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil))
 	testingutil.MustOpenFS(t, fsys)
@@ -358,15 +320,8 @@ func testWALSyncFails(t *testing.T, passthrough bool) {
 // from the WAL; capture waits for a header it can trust and goes on. The
 // log holds exactly the transactions committed, before and after.
 func TestCapture_ShmHeaderCopiesDiffer(t *testing.T) {
-	forWALPassthrough(t, false, testShmHeaderCopiesDiffer)
-}
-
-func testShmHeaderCopiesDiffer(t *testing.T, passthrough bool) {
 	dir := t.TempDir()
 	fsys := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
-	if !passthrough {
-		fsys.WithoutKernelPassthrough()
-	}
 	fsys.Logger = infoLogger(t)
 	testingutil.MustOpenFS(t, fsys)
 	path := filepath.Join(fsys.MountDir, "app.db")
@@ -415,4 +370,77 @@ func testShmHeaderCopiesDiffer(t *testing.T, passthrough bool) {
 		t.Fatalf("%d LTX files for 10 commits", got)
 	}
 	checkLog(t, fsys, "app.db", db, true)
+}
+
+// TestCapture_WALIndexInPageCache runs the daemon in a child process as on
+// a kernel without FUSE passthrough: it serves the WAL and the -shm, which
+// SQLite maps, so SQLite's wal-index lives in the kernel's page cache of
+// the mount's -shm and reaches the backing file only when the kernel
+// writes it back; capture must read it there (FUSE_NOTIFY_RETRIEVE). A
+// reader process keeps the wal-index alive while writers committing large
+// transactions are killed at writes of the WAL, some between their commit
+// frame and the wal-index's update; after each kill a fresh commit must
+// leave exactly one LTX file per transaction SQLite committed, by the
+// position file, and the log must rebuild the database. (The daemon is
+// another process: a page fault of this one on a -shm it served itself
+// could wait for a thread of its own.)
+func TestCapture_WALIndexInPageCache(t *testing.T) {
+	seed := uint64(time.Now().UnixNano())
+	rng := rand.New(rand.NewPCG(seed, 4))
+	d, path, dbDir, schemaTXID := newCrashDaemon(t, "wal", false)
+	d.noKernelPassthrough = true
+	d.start(t)
+	db := testingutil.MustOpenSQLite(t, path, "wal")
+	if _, err := db.Exec(`CREATE TABLE fresh (round INTEGER PRIMARY KEY)`); err != nil {
+		t.Fatal(err)
+	}
+	_ = db.Close()
+	holder := startChild(t, "reader", path)
+	holder.mustReadLine(t, "ready")
+	txid := func() ltx.TXID {
+		t.Helper()
+		b := testingutil.MustReadFile(t, path+"-pos")
+		n, err := strconv.ParseUint(string(b[:min(len(b), 16)]), 16, 64)
+		if err != nil {
+			t.Fatalf("app.db-pos: %q: %v", b, err)
+		}
+		return ltx.TXID(n)
+	}
+	const rounds = 20
+	var rows rowState
+	var st crashStats
+	for round := range rounds {
+		k := killAtWALWrite
+		k.nth = 1 + rng.IntN(400)
+		w := startChild(t, "writer", path, "wal", strconv.Itoa(largeBlob/4))
+		ready := w.mustReadLine(t, "ready")
+		run := killWriter(t, w, ready, k, dbDir, rng, round)
+		db := testingutil.MustOpenSQLite(t, path, "wal")
+		rows.check(t, db, run, largeBlob/4, &st)
+		if _, err := db.Exec(`INSERT INTO fresh VALUES (?)`, round); err != nil {
+			t.Fatalf("round %d: commit after the kill: %v", round, err)
+		}
+		_ = db.Close()
+		// The schema, the table fresh, a row per writer commit, one fresh
+		// commit a round.
+		if got, want := txid()-schemaTXID, 1+ltx.TXID(rows.max)+ltx.TXID(round+1); got != want {
+			t.Fatalf("round %d (kill at WAL write %d, seed %d): %d LTX files after the schema, want %d: %d rows by writers, %d fresh commits",
+				round, k.nth, seed, got, want, rows.max, round+1)
+		}
+	}
+	if err := holder.kill(); err != nil {
+		t.Fatal(err)
+	}
+	if out := holder.stderr.String(); out != "" {
+		t.Fatalf("reader: %s", out)
+	}
+	db = testingutil.MustOpenSQLite(t, path, "wal")
+	if _, err := db.Exec(`PRAGMA wal_checkpoint(TRUNCATE)`); err != nil {
+		t.Fatal(err)
+	}
+	_ = db.Close()
+	d.stop(t)
+	verifyStopped(t, dbDir)
+	t.Logf("%d kills at WAL writes, %d with a transaction in flight (%d of those committed), %d rows (seed %d)",
+		rounds, st.inFlight, st.inFlightCommitted, rows.max, seed)
 }

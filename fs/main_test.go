@@ -36,7 +36,7 @@ import (
 // crash tests instead of the tests. Its value is one of
 //
 //	writer PATH MODE BLOB             commit rows to the SQLite database PATH until killed
-//	daemon DATA MOUNT PASSTHROUGH     mount DATA at MOUNT, serve until SIGTERM (SIGUSR1, SIGUSR2: cut the power)
+//	daemon DATA MOUNT PASSTHROUGH     mount DATA at MOUNT (PASSTHROUGH: true, false, no-kernel), serve until SIGTERM (SIGUSR1, SIGUSR2: cut the power)
 //	watch DIR MASK SUFFIX NTH PID     kill PID at an inotify event in DIR
 //	reader PATH                       read the SQLite database PATH every 2 ms until killed
 //	bank-reader PATH MS               read transactions of MS ms on bank.db at PATH, back to back, until killed
@@ -72,7 +72,7 @@ func crashChild(args []string) error {
 		}
 		return bankReaderChild(args[1], time.Duration(ms)*time.Millisecond)
 	case len(args) == 4 && args[0] == "daemon":
-		return daemonChild(args[1], args[2], args[3] == "true")
+		return daemonChild(args[1], args[2], args[3])
 	case len(args) == 6 && args[0] == "watch":
 		mask, err := strconv.ParseUint(args[2], 10, 32)
 		if err != nil {
@@ -179,13 +179,19 @@ func writerChild(path, mode string, base int) error {
 // prints "mounted", and serves until SIGTERM, then unmounts cleanly. It logs
 // to stderr at level Info, which includes what recovery did. On SIGUSR1 it
 // cuts the power (see powerCut).
-func daemonChild(dataDir, mountDir string, passthrough bool) error {
+//
+// passthrough is "true" (fs.Passthrough), "false", or "no-kernel": as on a
+// kernel without FUSE passthrough, the daemon serves the WAL and the -shm.
+func daemonChild(dataDir, mountDir, passthrough string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 	defer stop()
 	cut := make(chan os.Signal, 1)
 	signal.Notify(cut, syscall.SIGUSR1, syscall.SIGUSR2)
 	f := fs.New(dataDir, mountDir)
-	f.Passthrough = passthrough
+	f.Passthrough = passthrough == "true"
+	if passthrough == "no-kernel" {
+		f.WithoutKernelPassthrough()
+	}
 	f.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	if err := f.Open(ctx); err != nil {
 		return err
