@@ -390,15 +390,7 @@ func TestFileSystem_ApplyFailsPartWay(t *testing.T) {
 	for range 20 {
 		src.step()
 	}
-	dir := t.TempDir()
-	data := filepath.Join(dir, "data")
-	if err := os.Mkdir(data, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := syscall.Mount("tmpfs", data, "tmpfs", 0, "size=2m"); err != nil {
-		t.Fatalf("mount tmpfs (this test needs root): %v", err)
-	}
-	t.Cleanup(func() { _ = syscall.Unmount(data, syscall.MNT_DETACH) })
+	dir, data := smallDataDir(t, "2m")
 	f := fs.New(data, filepath.Join(dir, "mnt"))
 	f.Logger = testingutil.Logger(t)
 	f.SetReadOnly(true)

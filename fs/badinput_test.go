@@ -149,15 +149,7 @@ func TestCapture_PageSizeChange(t *testing.T) {
 func TestCapture_DiskFull(t *testing.T) {
 	for _, mode := range journalModes {
 		t.Run(mode, func(t *testing.T) {
-			dir := t.TempDir()
-			data := filepath.Join(dir, "data")
-			if err := os.Mkdir(data, 0o755); err != nil {
-				t.Fatal(err)
-			}
-			if err := syscall.Mount("tmpfs", data, "tmpfs", 0, "size=3m"); err != nil {
-				t.Fatalf("mount tmpfs (this test needs root): %v", err)
-			}
-			t.Cleanup(func() { _ = syscall.Unmount(data, syscall.MNT_DETACH) })
+			dir, data := smallDataDir(t, "3m")
 			fsys := fs.New(data, filepath.Join(dir, "mnt"))
 			fsys.Logger = testingutil.Logger(t)
 			testingutil.MustOpenFS(t, fsys)
@@ -452,4 +444,20 @@ func TestCapture_CellSizeCheck(t *testing.T) {
 			checkLog(t, fsys, "app.db", db, mode == "wal")
 		})
 	}
+}
+
+// smallDataDir returns a new directory and, in it, a data directory on a
+// tmpfs of size (e.g. "3m"), unmounted at cleanup: a disk that fills.
+func smallDataDir(t *testing.T, size string) (dir, data string) {
+	t.Helper()
+	dir = t.TempDir()
+	data = filepath.Join(dir, "data")
+	if err := os.Mkdir(data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mount("tmpfs", data, "tmpfs", 0, "size="+size); err != nil {
+		t.Fatalf("mount tmpfs (this test needs root): %v", err)
+	}
+	t.Cleanup(func() { _ = syscall.Unmount(data, syscall.MNT_DETACH) })
+	return dir, data
 }

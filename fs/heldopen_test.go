@@ -19,6 +19,7 @@ import (
 	"github.com/meridian-db/meridian/fs"
 	"github.com/meridian-db/meridian/internal/testingutil"
 	"github.com/meridian-db/meridian/ltx"
+	sltx "github.com/superfly/ltx"
 )
 
 // Rounds of TestCrash_AppWALHeldOpen.
@@ -249,23 +250,9 @@ func TestCapture_WALSyncFails(t *testing.T) {
 	fsys := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
 	var logged lockedBuffer
 	fsys.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil))
-	testingutil.MustOpenFS(t, fsys)
-	path := filepath.Join(fsys.MountDir, "app.db")
-	db := testingutil.MustOpenSQLite(t, path, "wal")
 	// No checkpoint, so no WAL restart: every failed fsync is the one
 	// that would have made a transaction durable.
-	if _, err := db.Exec(`PRAGMA wal_autocheckpoint = 0`); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := db.Exec(`CREATE TABLE t (i INTEGER PRIMARY KEY, b BLOB)`); err != nil {
-		t.Fatal(err)
-	}
-	reader := testingutil.MustOpenSQLite(t, path, "wal")
-	d := fsys.DB("app.db")
-	if err := d.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	start := d.Pos().TXID
+	db, reader, d, start := openWALIndexApp(t, fsys)
 
 	var syncs, failed atomic.Int64
 	fsys.SetFailpoint(func(name string) error {
@@ -314,6 +301,26 @@ func TestCapture_WALSyncFails(t *testing.T) {
 	t.Logf("%d commits: %d succeeded, %d failed in the WAL fsync", n, len(acked), failed.Load())
 }
 
+// openWALIndexApp mounts fsys and opens its app.db in WAL mode, with no
+// automatic checkpoint and a table t, through a writer's connection and
+// another one, which keeps the wal-index alive. It returns them, the
+// database, and the log's TXID after the table.
+func openWALIndexApp(t *testing.T, fsys *fs.FileSystem) (db, reader *sql.DB, d *fs.DB, start ltx.TXID) {
+	t.Helper()
+	testingutil.MustOpenFS(t, fsys)
+	path := filepath.Join(fsys.MountDir, "app.db")
+	db = testingutil.MustOpenSQLite(t, path, "wal")
+	if _, err := db.Exec(`PRAGMA wal_autocheckpoint = 0; CREATE TABLE t (i INTEGER PRIMARY KEY, b BLOB)`); err != nil {
+		t.Fatal(err)
+	}
+	reader = testingutil.MustOpenSQLite(t, path, "wal")
+	d = fsys.DB("app.db")
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	return db, reader, d, d.Pos().TXID
+}
+
 // TestCapture_ShmHeaderCopiesDiffer damages the second copy of the
 // wal-index header, through the mount, while connections hold the
 // wal-index: SQLite finds the copies differ and rebuilds the wal-index
@@ -323,18 +330,8 @@ func TestCapture_ShmHeaderCopiesDiffer(t *testing.T) {
 	dir := t.TempDir()
 	fsys := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
 	fsys.Logger = infoLogger(t)
-	testingutil.MustOpenFS(t, fsys)
+	db, reader, d, start := openWALIndexApp(t, fsys)
 	path := filepath.Join(fsys.MountDir, "app.db")
-	db := testingutil.MustOpenSQLite(t, path, "wal")
-	if _, err := db.Exec(`PRAGMA wal_autocheckpoint = 0; CREATE TABLE t (i INTEGER PRIMARY KEY, b BLOB)`); err != nil {
-		t.Fatal(err)
-	}
-	reader := testingutil.MustOpenSQLite(t, path, "wal")
-	d := fsys.DB("app.db")
-	if err := d.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	start := d.Pos().TXID
 	insert := func(i int) {
 		t.Helper()
 		if _, err := db.Exec(`INSERT INTO t VALUES (?, randomblob(?))`, i, 300+i*500); err != nil {
@@ -400,11 +397,11 @@ func TestCapture_WALIndexInPageCache(t *testing.T) {
 	txid := func() ltx.TXID {
 		t.Helper()
 		b := testingutil.MustReadFile(t, path+"-pos")
-		n, err := strconv.ParseUint(string(b[:min(len(b), 16)]), 16, 64)
+		pos, err := sltx.ParsePos(strings.TrimSpace(string(b)))
 		if err != nil {
 			t.Fatalf("app.db-pos: %q: %v", b, err)
 		}
-		return ltx.TXID(n)
+		return pos.TXID
 	}
 	const rounds = 20
 	var rows rowState
