@@ -28,3 +28,10 @@ func (d *DB) ScanUncommitted() (bool, error) {
 func (f *FileSystem) WithoutKernelPassthrough() {
 	f.passthroughOff = true
 }
+
+// Freeze stops d for good, for a process about to be killed: it takes
+// d.mu and never gives it back, so no write to the database file, scan or
+// log sync under it happens any more.
+func (d *DB) Freeze() {
+	d.mu.Lock()
+}

@@ -233,6 +233,14 @@ func powerCut(f *fs.FileSystem, keepNewest bool) error {
 			}
 		}
 	}
+	// The power goes at one instant: nothing the daemon does after the
+	// unsynced files are listed (a checkpoint that syncs the log and then
+	// writes the database file) may reach the disk.
+	for _, e := range entries {
+		if d := f.DB(e.Name()); d != nil {
+			d.Freeze()
+		}
+	}
 	n, kept := 0, 0
 	for _, e := range entries {
 		d := f.DB(e.Name())
