@@ -83,6 +83,10 @@ func (f *FileSystem) ApplyFiles(ctx context.Context, name string, paths []string
 	if opts.KeepLost {
 		lopts.LostDir = filepath.Join(f.DataDir, "lost", name)
 	}
+	var before int64
+	if st, err := os.Stat(d.path(databaseFile)); err == nil {
+		before = st.Size()
+	}
 	infos, pgnos, err := d.log.ApplyFiles(ctx, paths, lopts)
 	var partly *ltx.PartlyAppliedError
 	if errors.As(err, &partly) || err != nil && torn != nil {
@@ -124,6 +128,9 @@ func (f *FileSystem) ApplyFiles(ctx context.Context, name string, paths []string
 		if err := d.ensureWAL(); err != nil {
 			return nil, fmt.Errorf("apply to %s: %w", name, err)
 		}
+	}
+	if err := f.storeSize(d, before, pageSize); err != nil {
+		return nil, err
 	}
 	if err := f.invalidate(d, all, pageSize, pgnos); err != nil {
 		return nil, err
@@ -180,6 +187,46 @@ func (f *FileSystem) invalidate(d *DB, snapshot bool, pageSize uint32, pgnos []u
 	return nil
 }
 
+// storeSize gives the kernel the database file's new size, when an apply
+// grew it from before bytes, by storing its last page in the kernel's
+// cache (FUSE_NOTIFY_STORE extends the cached size under the inode's
+// lock). Invalidating the attributes is not enough: Linux's FUSE client
+// marks the attributes of a GETATTR reply valid before it writes the
+// reply's size (fuse_change_attributes), so an fstat by another thread in
+// that instant gets the old size as valid. SQLite, reading a page 1 that
+// counts more pages than that size, fails the read with "database disk
+// image is malformed" (btree.c, lockBtree). With the size stored first,
+// every answer has the new size. A database that shrank keeps its larger
+// cached size until the next GETATTR, which SQLite tolerates: it trusts
+// the page count of page 1 when that is smaller.
+func (f *FileSystem) storeSize(d *DB, before int64, pageSize uint32) error {
+	f.mu.Lock()
+	n := f.names[d.Name]
+	f.mu.Unlock()
+	if n == nil || f.server == nil {
+		return nil // nobody has looked it up: nothing cached
+	}
+	db, err := os.Open(d.path(databaseFile))
+	if err != nil {
+		return err
+	}
+	defer func() { _ = db.Close() }()
+	st, err := db.Stat()
+	if err != nil || st.Size() <= before {
+		return err
+	}
+	// The last page, or as much of it as lies past the old end.
+	off := max(before, st.Size()-int64(pageSize))
+	last := make([]byte, st.Size()-off)
+	if _, err := db.ReadAt(last, off); err != nil {
+		return fmt.Errorf("read the end of %s: %w", d.Name, err)
+	}
+	if s := f.server.InodeNotifyStoreCache(n.id, off, last); !s.Ok() && s != fuse.ENOENT {
+		return fmt.Errorf("give the kernel the size of %s: %v", d.Name, s)
+	}
+	return nil
+}
+
 // SQLite's lock bytes in the -shm file in WAL mode: WRITE, CKPT, RECOVER,
 // READ0-4 (those of the database file are in raw.go).
 const (
@@ -223,6 +270,12 @@ func (f *FileSystem) holdReaders(ctx context.Context, d *DB) (*readerHold, error
 			return fmt.Errorf("lock bytes %d-%d: readers hold them: %w", start, end, errno)
 		}
 		return nil
+	}
+	// Readers the last hold let in go first (see AwaitFresh).
+	if h.wal {
+		d.ShmLocks.AwaitFresh(ctx)
+	} else {
+		d.Locks.AwaitFresh(ctx)
 	}
 	var err error
 	if h.wal {

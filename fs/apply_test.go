@@ -1,11 +1,13 @@
 package fs_test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"database/sql"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -378,6 +380,43 @@ func bankReaderChild(path string, hold time.Duration) error {
 	}
 }
 
+// bankReaderStepChild reads bank.db at path in one read transaction for
+// each line on its stdin, checking the accounts' total, and prints "saw N"
+// after each, N the rows of table blob it saw. It exits at EOF or at the
+// first error.
+func bankReaderStepChild(path string) error {
+	db, err := sql.Open("sqlite3", fmt.Sprintf("file:%s?_busy_timeout=5000", path))
+	if err != nil {
+		return err
+	}
+	defer func() { _ = db.Close() }()
+	db.SetMaxOpenConns(1)
+	in := bufio.NewScanner(os.Stdin)
+	for in.Scan() {
+		tx, err := db.Begin()
+		if err != nil {
+			return err
+		}
+		var sum, n, blobs int
+		if err := tx.QueryRow(`SELECT sum(balance), count(*) FROM accounts`).Scan(&sum, &n); err != nil {
+			return err
+		}
+		if sum != accountsSum || n != accounts {
+			return fmt.Errorf("sum %d of %d accounts, want %d of %d", sum, n, accountsSum, accounts)
+		}
+		if err := tx.QueryRow(`SELECT count(*) FROM blob`).Scan(&blobs); err != nil {
+			return err
+		}
+		if err := tx.Rollback(); err != nil {
+			return err
+		}
+		if _, err := fmt.Println("saw", blobs); err != nil {
+			return err
+		}
+	}
+	return in.Err()
+}
+
 // TestFileSystem_ApplyFailsPartWay fills the replica's disk in the middle
 // of an apply (a 2 MiB tmpfs under its data directory, a transaction that
 // grows the database by 4 MiB of zeros, whose LTX file is small): the
@@ -456,5 +495,85 @@ func TestFileSystem_ApplyFailsPartWay(t *testing.T) {
 	backing := filepath.Join(f.DataDir, "dbs", "bank.db", "database")
 	if !bytes.Equal(testingutil.MustReadFile(t, backing), testingutil.MustReadFile(t, src.path)) {
 		t.Fatal("the replica's database differs from the source's")
+	}
+}
+
+// TestFileSystem_ApplyQueuesReaders: an app's read transaction that meets
+// a replica's apply waits in the mount for the apply to end, rather than
+// fail with EAGAIN and sleep in SQLite's back-off while applies follow one
+// another, and it goes before the next apply. The reader runs in another
+// process, one read transaction each time it is told to.
+func TestFileSystem_ApplyQueuesReaders(t *testing.T) {
+	for _, mode := range []string{"delete", "wal"} {
+		t.Run(mode, func(t *testing.T) {
+			src := newBank(t, mode)
+			// The last file, applied while the reader waits, adds a row to
+			// blob.
+			src.tx(func(tx *sql.Tx) error {
+				_, err := tx.Exec(`INSERT INTO blob VALUES (1)`)
+				return err
+			})
+			f := testingutil.MustMount(t)
+			f.SetReadOnly(true)
+			files := src.log.Files()
+			for _, file := range files[:len(files)-1] {
+				if _, err := f.Apply(context.Background(), "bank.db", filepath.Join(src.log.Dir, file.Name), false); err != nil {
+					t.Fatal(err)
+				}
+			}
+			r := startChild(t, "bank-reader-step", filepath.Join(f.MountDir, "bank.db"))
+			step := func() {
+				t.Helper()
+				if _, err := io.WriteString(r.stdin, "go\n"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			step() // opens the database and reads its schema
+			if blobs := r.mustReadLine(t, "saw"); blobs != 0 {
+				t.Fatalf("the reader saw %d rows in blob before the last file, want 0", blobs)
+			}
+
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			release, err := f.HoldReaders(ctx, "bank.db")
+			if err != nil {
+				t.Fatal(err)
+			}
+			d := f.DB("bank.db")
+			step()
+			deadline := time.Now().Add(10 * time.Second)
+			for d.QueuedLocks() == 0 {
+				if time.Now().After(deadline) {
+					release()
+					t.Fatal("the reader's lock request did not wait in the mount's lock table in 10s")
+				}
+				time.Sleep(time.Millisecond)
+			}
+			// The hold ends and the apply of the last file begins at once:
+			// the reader, queued first, reads before it.
+			release()
+			applied := make(chan error, 1)
+			go func() {
+				_, err := f.Apply(ctx, "bank.db", filepath.Join(src.log.Dir, files[len(files)-1].Name), false)
+				applied <- err
+			}()
+			if blobs := r.mustReadLine(t, "saw"); blobs != 0 {
+				t.Fatalf("the queued read saw %d rows in blob, want 0: the apply went first", blobs)
+			}
+			if err := <-applied; err != nil {
+				t.Fatal(err)
+			}
+			step()
+			if blobs := r.mustReadLine(t, "saw"); blobs != 1 {
+				t.Fatalf("the read after the apply saw %d rows in blob, want 1", blobs)
+			}
+			if err := r.stdin.Close(); err != nil {
+				t.Fatal(err)
+			}
+			testingutil.Within(t, 10*time.Second, "the reader to exit", func() { <-r.done })
+			if r.err != nil {
+				t.Fatalf("reader: %v\n%s", r.err, r.stderr.String())
+			}
+		})
 	}
 }

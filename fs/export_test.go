@@ -1,6 +1,9 @@
 package fs
 
-import "context"
+import (
+	"context"
+	"fmt"
+)
 
 // SetFailpoint makes operation name of f fail with what fn returns for it
 // (nil: no failure); nil removes it. Names: "wal-sync", the fsync of a WAL.
@@ -34,4 +37,29 @@ func (f *FileSystem) WithoutKernelPassthrough() {
 // log sync under it happens any more.
 func (d *DB) Freeze() {
 	d.mu.Lock()
+}
+
+// HoldReaders holds the readers of database name off as an apply does,
+// until release is called.
+func (f *FileSystem) HoldReaders(ctx context.Context, name string) (release func(), err error) {
+	d := f.DB(name)
+	if d == nil {
+		return nil, fmt.Errorf("no database %s", name)
+	}
+	h, err := f.holdReaders(ctx, d)
+	if err != nil {
+		return nil, err
+	}
+	return h.release, nil
+}
+
+// QueuedLocks returns how many lock requests wait in d's lock tables.
+func (d *DB) QueuedLocks() int {
+	n := 0
+	for _, t := range []*LockTable{&d.Locks, &d.ShmLocks} {
+		t.mu.Lock()
+		n += len(t.waiting)
+		t.mu.Unlock()
+	}
+	return n
 }

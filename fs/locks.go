@@ -7,6 +7,7 @@ import (
 	"slices"
 	"sync"
 	"syscall"
+	"time"
 )
 
 // LockTable holds the POSIX advisory locks of one file: the byte-range locks
@@ -29,18 +30,28 @@ type LockTable struct {
 	// released is closed and cleared when a lock is released or downgraded.
 	// It is nil while nobody waits.
 	released chan struct{}
-	// waiting are the write locks Lock calls wait for, oldest first.
-	// While one waits, a new lock over any of its bytes is refused to
-	// every other owner that holds no lock over them: readers whose
-	// transactions overlap one another could otherwise keep a writer out
-	// for ever (POSIX leaves the order open, and Linux's own locks starve
-	// writers that way). Owners that hold a lock there may still change
-	// it, so that they can finish and let the writer in.
+	// waiting are the locks Lock and WaitLock calls wait for, oldest
+	// first. While a write lock waits, a new lock over any of its bytes
+	// is refused to every other owner that holds no lock over them:
+	// readers whose transactions overlap one another could otherwise keep
+	// a writer out for ever (POSIX leaves the order open, and Linux's own
+	// locks starve writers that way). Owners that hold a lock there may
+	// still change it, so that they can finish and let the writer in. A
+	// read lock that waits (WaitLock) goes before new write locks over its
+	// bytes in the same way, so that a writer that takes its locks again
+	// and again lets waiting readers in between.
 	waiting  []waiter
 	lastWait uint64
+	// fresh are the owners WaitLock let in after they waited, until they
+	// take a lock again or their deadline passes (see AwaitFresh).
+	fresh map[uint64]time.Time
 }
 
-// waiter is a write lock a Lock call waits for; seq orders waiters.
+// freshGrace is how long AwaitFresh waits at most for an owner WaitLock
+// let in to take its next lock.
+const freshGrace = 5 * time.Millisecond
+
+// waiter is a lock a Lock or WaitLock call waits for; seq orders waiters.
 type waiter struct {
 	Lock
 	seq uint64
@@ -98,7 +109,65 @@ func (t *LockTable) Test(owner uint64, typ uint32, start, end uint64) (Lock, boo
 func (t *LockTable) TryLock(owner uint64, pid uint32, typ uint32, start, end uint64) syscall.Errno {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return t.setLocked(owner, pid, typ, start, end, math.MaxUint64)
+	errno := t.setLocked(owner, pid, typ, start, end, math.MaxUint64)
+	if errno == 0 && typ != syscall.F_UNLCK {
+		t.lockedLocked(owner, false)
+	}
+	return errno
+}
+
+// lockedLocked records that owner took a lock, after waiting in WaitLock
+// (waited) or not.
+func (t *LockTable) lockedLocked(owner uint64, waited bool) {
+	switch {
+	case waited:
+		if t.fresh == nil {
+			t.fresh = make(map[uint64]time.Time)
+		}
+		t.fresh[owner] = time.Now().Add(freshGrace)
+	case t.fresh != nil:
+		if _, ok := t.fresh[owner]; ok {
+			delete(t.fresh, owner)
+			t.notifyLocked()
+		}
+	}
+}
+
+// AwaitFresh waits, up to freshGrace and ctx, until every owner that
+// WaitLock let in after a wait has taken a lock again. A holder calls it
+// before it takes its locks again: a reader let in may find it must start
+// over (a SQLite reader in WAL mode that finds the wal-index header
+// changed drops its read lock and takes it again), and without the grace
+// the holder's next locks would keep it out once more.
+func (t *LockTable) AwaitFresh(ctx context.Context) {
+	for {
+		t.mu.Lock()
+		now := time.Now()
+		var next time.Time
+		for owner, deadline := range t.fresh {
+			if !deadline.After(now) {
+				delete(t.fresh, owner)
+			} else if next.IsZero() || deadline.Before(next) {
+				next = deadline
+			}
+		}
+		if next.IsZero() {
+			t.mu.Unlock()
+			return
+		}
+		changed := t.watchLocked()
+		t.mu.Unlock()
+		timer := time.NewTimer(next.Sub(now))
+		select {
+		case <-changed:
+		case <-timer.C:
+		case <-ctx.Done():
+		}
+		timer.Stop()
+		if ctx.Err() != nil {
+			return
+		}
+	}
 }
 
 // Lock is TryLock that waits while another owner holds a conflicting lock.
@@ -129,6 +198,9 @@ func (t *LockTable) Lock(ctx context.Context, owner uint64, pid uint32, typ uint
 			t.lastWait++
 			seq = t.lastWait
 			t.waiting = append(t.waiting, waiter{Lock{Owner: owner, Pid: pid, Typ: typ, Start: start, End: end}, seq})
+			// A WaitLock call that waits for this owner while it holds
+			// bytes this lock needs must give up: wake it to look again.
+			t.notifyLocked()
 		}
 		released := t.watchLocked()
 		t.mu.Unlock()
@@ -141,6 +213,83 @@ func (t *LockTable) Lock(ctx context.Context, owner uint64, pid uint32, typ uint
 	}
 }
 
+// WaitLock is TryLock that waits, up to ctx, while what stands in the way
+// is only holder's: locks holder holds, or holder's write locks that wait
+// and go first. It is how a reader's F_SETLK meets the daemon's hold of a
+// replica's readers (holder daemonLockOwner): SQLite never waits in the
+// kernel, it sleeps and tries again, and against a holder that takes its
+// locks again as soon as it has dropped them those tries can fail for
+// seconds. A reader queued here instead gets in as the hold ends, before
+// the holder's next lock over its bytes.
+//
+// WaitLock does not wait, and returns syscall.EAGAIN at once, when another
+// owner's lock is in the way, or when owner holds a lock over bytes a
+// waiting write lock of holder's needs: holder may be waiting for owner.
+// It returns syscall.EAGAIN when ctx ends with ctx.Err()
+// context.DeadlineExceeded, syscall.EINTR when it ends otherwise, and
+// otherwise what TryLock returns.
+func (t *LockTable) WaitLock(ctx context.Context, owner uint64, pid uint32, typ uint32, start, end uint64, holder uint64) syscall.Errno {
+	seq := uint64(math.MaxUint64)
+	defer func() {
+		if seq != math.MaxUint64 {
+			t.mu.Lock()
+			t.waiting = slices.DeleteFunc(t.waiting, func(w waiter) bool { return w.seq == seq })
+			t.notifyLocked() // a waiter after this one may go now
+			t.mu.Unlock()
+		}
+	}()
+	for {
+		t.mu.Lock()
+		errno := t.setLocked(owner, pid, typ, start, end, seq)
+		if errno == 0 {
+			t.lockedLocked(owner, seq != math.MaxUint64)
+		}
+		if errno != syscall.EAGAIN || !t.onlyHolderLocked(owner, typ, start, end, seq, holder) {
+			t.mu.Unlock()
+			return errno
+		}
+		if seq == math.MaxUint64 {
+			t.lastWait++
+			seq = t.lastWait
+			t.waiting = append(t.waiting, waiter{Lock{Owner: owner, Pid: pid, Typ: typ, Start: start, End: end}, seq})
+		}
+		released := t.watchLocked()
+		t.mu.Unlock()
+
+		select {
+		case <-released:
+		case <-ctx.Done():
+			if ctx.Err() == context.DeadlineExceeded {
+				return syscall.EAGAIN
+			}
+			return syscall.EINTR
+		}
+	}
+}
+
+// onlyHolderLocked reports whether everything that keeps owner's lock of
+// typ over [start,end], queued at seq, out is holder's, and owner holds no
+// lock that a waiting write lock of holder's needs.
+func (t *LockTable) onlyHolderLocked(owner uint64, typ uint32, start, end uint64, seq uint64, holder uint64) bool {
+	for _, l := range t.locks {
+		if l.conflicts(owner, typ, start, end) && l.Owner != holder {
+			return false
+		}
+	}
+	for _, w := range t.waiting {
+		if w.Owner != holder {
+			if w.seq < seq && w.blocks(owner, typ, start, end) {
+				return false
+			}
+			continue
+		}
+		if w.Typ == syscall.F_WRLCK && slices.ContainsFunc(t.locks, func(l Lock) bool { return l.Owner == owner && l.overlaps(w.Start, w.End) }) {
+			return false
+		}
+	}
+	return true
+}
+
 // ReleaseOwner drops every lock of owner. FUSE calls for it on FLUSH and
 // RELEASE with the lock owner, when a process closes the file or exits.
 func (t *LockTable) ReleaseOwner(owner uint64) {
@@ -148,6 +297,10 @@ func (t *LockTable) ReleaseOwner(owner uint64) {
 	defer t.mu.Unlock()
 	n := len(t.locks)
 	t.locks = slices.DeleteFunc(t.locks, func(l Lock) bool { return l.Owner == owner })
+	if _, ok := t.fresh[owner]; ok {
+		delete(t.fresh, owner) // closed the file, or gone
+		n = -1
+	}
 	if len(t.locks) != n {
 		t.notifyLocked()
 	}
@@ -197,12 +350,19 @@ func (t *LockTable) notifyLocked() {
 	}
 }
 
-// waiterFirstLocked reports whether a write lock that waits, of another
-// owner and before seq, goes before owner's new lock over [start,end]:
-// it overlaps it, and owner holds no lock there.
-func (t *LockTable) waiterFirstLocked(owner uint64, start, end uint64, seq uint64) bool {
+// blocks reports whether waiter w, of another owner, would conflict with
+// owner's lock of typ over [start,end]: a waiting read lock only goes
+// before write locks.
+func (w waiter) blocks(owner uint64, typ uint32, start, end uint64) bool {
+	return w.Owner != owner && w.overlaps(start, end) && (w.Typ == syscall.F_WRLCK || typ == syscall.F_WRLCK)
+}
+
+// waiterFirstLocked reports whether a lock that waits, of another owner
+// and before seq, goes before owner's new lock of typ over [start,end]:
+// the two conflict, and owner holds no lock there.
+func (t *LockTable) waiterFirstLocked(owner uint64, typ uint32, start, end uint64, seq uint64) bool {
 	for _, w := range t.waiting {
-		if w.seq >= seq || w.Owner == owner || !w.overlaps(start, end) {
+		if w.seq >= seq || !w.blocks(owner, typ, start, end) {
 			continue
 		}
 		held := slices.ContainsFunc(t.locks, func(l Lock) bool {
@@ -234,7 +394,7 @@ func (t *LockTable) setLocked(owner uint64, pid uint32, typ uint32, start, end u
 		if _, ok := t.conflictLocked(owner, typ, start, end); ok {
 			return syscall.EAGAIN
 		}
-		if t.waiterFirstLocked(owner, start, end, seq) {
+		if t.waiterFirstLocked(owner, typ, start, end, seq) {
 			return syscall.EAGAIN
 		}
 	}

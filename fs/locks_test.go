@@ -690,3 +690,119 @@ func TestLockTable_WriterWaitsFirst(t *testing.T) {
 	}
 	mustTryLock(t, &lt, 4, 104, rd, 5, 5, 0)
 }
+
+// queued reports whether n calls wait in lt's queue, each on lt.released.
+func queued(lt *LockTable, n int) bool {
+	lt.mu.Lock()
+	defer lt.mu.Unlock()
+	return lt.released != nil && len(lt.waiting) == n
+}
+
+// waitQueued returns once n calls wait in lt's queue.
+func waitQueued(tb testing.TB, lt *LockTable, n int) {
+	tb.Helper()
+	deadline := time.Now().Add(lockWaitTimeout)
+	for !queued(lt, n) {
+		if time.Now().After(deadline) {
+			tb.Fatalf("waiting for %d calls to queue: not queued in %v", n, lockWaitTimeout)
+		}
+		runtime.Gosched()
+	}
+}
+
+func TestLockTable_WaitLock(t *testing.T) {
+	const holder = 100
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel() // a failed test must not leave a waiter blocked
+
+	t.Run("ReaderGoesBeforeTheHoldersNextLock", func(t *testing.T) {
+		var lt LockTable
+		mustTryLock(t, &lt, holder, 1, wr, 0, 9, 0)
+		reader := make(chan syscall.Errno, 1)
+		wg.Go(func() { reader <- lt.WaitLock(ctx, 2, 102, rd, 5, 5, holder) })
+		waitQueued(t, &lt, 1)
+		lt.ReleaseOwner(holder)
+		// The reader was queued first: the holder, taking its locks again
+		// at once, waits for it, before and after the reader has its lock.
+		mustTryLock(t, &lt, holder, 1, wr, 0, 9, syscall.EAGAIN)
+		if errno := waitReturned(t, &lt, reader); errno != 0 {
+			t.Fatalf("reader: WaitLock returned %v, want 0", errno)
+		}
+		assertLocks(t, &lt, Lock{Owner: 2, Pid: 102, Typ: rd, Start: 5, End: 5})
+		mustTryLock(t, &lt, holder, 1, wr, 0, 9, syscall.EAGAIN)
+		// Readers do not queue behind a waiting reader.
+		mustTryLock(t, &lt, 3, 103, rd, 5, 5, 0)
+		lt.ReleaseOwner(2)
+		lt.ReleaseOwner(3)
+		mustTryLock(t, &lt, holder, 1, wr, 0, 9, 0)
+	})
+
+	t.Run("OnlyForTheHolder", func(t *testing.T) {
+		var lt LockTable
+		mustTryLock(t, &lt, 3, 103, wr, 20, 20, 0)
+		mustTryLock(t, &lt, holder, 1, wr, 0, 9, 0)
+		// Another owner's lock is in the way: no wait.
+		if errno := lt.WaitLock(ctx, 2, 102, rd, 20, 20, holder); errno != syscall.EAGAIN {
+			t.Fatalf("WaitLock over another owner's lock: got %v, want EAGAIN", errno)
+		}
+		if errno := lt.WaitLock(ctx, 2, 102, rd, 5, 25, holder); errno != syscall.EAGAIN {
+			t.Fatalf("WaitLock over the holder's and another owner's locks: got %v, want EAGAIN", errno)
+		}
+		// A free range is taken at once.
+		if errno := lt.WaitLock(ctx, 2, 102, rd, 10, 19, holder); errno != 0 {
+			t.Fatalf("WaitLock over free bytes: got %v, want 0", errno)
+		}
+		assertLocks(t, &lt,
+			Lock{Owner: holder, Pid: 1, Typ: wr, Start: 0, End: 9},
+			Lock{Owner: 2, Pid: 102, Typ: rd, Start: 10, End: 19},
+			Lock{Owner: 3, Pid: 103, Typ: wr, Start: 20, End: 20},
+		)
+	})
+
+	t.Run("DeadlineAndCancel", func(t *testing.T) {
+		var lt LockTable
+		mustTryLock(t, &lt, holder, 1, wr, 0, 9, 0)
+		short, stop := context.WithTimeout(ctx, 10*time.Millisecond)
+		defer stop()
+		if errno := lt.WaitLock(short, 2, 102, rd, 5, 5, holder); errno != syscall.EAGAIN {
+			t.Fatalf("WaitLock past its deadline: got %v, want EAGAIN", errno)
+		}
+		cancelled, interrupt := context.WithCancel(ctx)
+		got := make(chan syscall.Errno, 1)
+		wg.Go(func() { got <- lt.WaitLock(cancelled, 2, 102, rd, 5, 5, holder) })
+		waitQueued(t, &lt, 1)
+		interrupt()
+		if errno := <-got; errno != syscall.EINTR {
+			t.Fatalf("WaitLock interrupted: got %v, want EINTR", errno)
+		}
+		// Neither left a waiter behind: the holder takes its lock again.
+		lt.ReleaseOwner(holder)
+		mustTryLock(t, &lt, holder, 1, wr, 0, 9, 0)
+	})
+
+	t.Run("NoWaitWhileTheHolderWaitsForTheOwner", func(t *testing.T) {
+		var lt LockTable
+		mustTryLock(t, &lt, 2, 102, rd, 5, 5, 0)
+		mustTryLock(t, &lt, holder, 1, wr, 30, 30, 0)
+		// The reader waits for byte 30 first; then the holder waits for
+		// byte 5, which the reader holds: the reader must give up.
+		reader := make(chan syscall.Errno, 1)
+		wg.Go(func() { reader <- lt.WaitLock(ctx, 2, 102, rd, 30, 30, holder) })
+		waitQueued(t, &lt, 1)
+		writer := make(chan syscall.Errno, 1)
+		wg.Go(func() { writer <- lt.Lock(ctx, holder, 1, wr, 0, 9) })
+		if errno := <-reader; errno != syscall.EAGAIN {
+			t.Fatalf("reader holding what the holder waits for: WaitLock got %v, want EAGAIN", errno)
+		}
+		// Asked again now, it does not wait at all.
+		if errno := lt.WaitLock(ctx, 2, 102, rd, 30, 30, holder); errno != syscall.EAGAIN {
+			t.Fatalf("WaitLock again: got %v, want EAGAIN", errno)
+		}
+		lt.ReleaseOwner(2)
+		if errno := waitReturned(t, &lt, writer); errno != 0 {
+			t.Fatalf("holder: Lock returned %v, want 0", errno)
+		}
+	})
+}

@@ -10,6 +10,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math/rand/v2"
 	"os"
@@ -71,6 +72,8 @@ func crashChild(args []string) error {
 			return err
 		}
 		return bankReaderChild(args[1], time.Duration(ms)*time.Millisecond)
+	case len(args) == 2 && args[0] == "bank-reader-step":
+		return bankReaderStepChild(args[1])
 	case len(args) == 4 && args[0] == "daemon":
 		return daemonChild(args[1], args[2], args[3])
 	case len(args) == 6 && args[0] == "watch":
@@ -376,6 +379,7 @@ func pinTogether(pid int) error {
 // modes of crashChild.
 type child struct {
 	cmd    *exec.Cmd
+	stdin  io.WriteCloser
 	lines  chan string // stdout, line by line; closed at EOF
 	stderr *lockedBuffer
 	done   chan struct{} // closed once the process is waited for
@@ -393,6 +397,9 @@ func startChild(t *testing.T, args ...string) *child {
 	cmd.Stderr = c.stderr
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
+		t.Fatal(err)
+	}
+	if c.stdin, err = cmd.StdinPipe(); err != nil {
 		t.Fatal(err)
 	}
 	if err := cmd.Start(); err != nil {

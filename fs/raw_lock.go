@@ -4,6 +4,7 @@ import (
 	"context"
 	"math"
 	"syscall"
+	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 )
@@ -24,6 +25,13 @@ func lockTable(n *node, flock bool) *LockTable {
 	}
 	return nil
 }
+
+// holdWait bounds how long an app's F_SETLK waits for the end of a
+// replica's apply that holds SQLite's readers off (LockTable.WaitLock).
+// An apply holds them for about a millisecond; past the bound, when the
+// apply itself waits for a long read transaction, SQLite gets EAGAIN and
+// tries again after its own sleep, as without the wait.
+const holdWait = time.Second
 
 func (r *raw) GetLk(cancel <-chan struct{}, in *fuse.LkIn, out *fuse.LkOut) fuse.Status {
 	n := r.node(in.NodeId)
@@ -68,11 +76,24 @@ func (r *raw) setLk(cancel <-chan struct{}, in *fuse.LkIn, wait bool) fuse.Statu
 		committed = r.beforeWALUnlock(n, in.Owner)
 	}
 	var errno syscall.Errno
-	if wait && in.Lk.Typ != syscall.F_UNLCK {
+	switch {
+	case wait && in.Lk.Typ != syscall.F_UNLCK:
 		ctx, stop := cancelContext(cancel)
 		errno = t.Lock(ctx, in.Owner, in.Lk.Pid, in.Lk.Typ, in.Lk.Start, in.Lk.End)
 		stop()
-	} else {
+	case in.Lk.Typ != syscall.F_UNLCK && !flock:
+		errno = t.TryLock(in.Owner, in.Lk.Pid, in.Lk.Typ, in.Lk.Start, in.Lk.End)
+		if errno != syscall.EAGAIN {
+			break
+		}
+		// Held off by a replica's apply, the request waits for its end
+		// rather than send SQLite into its back-off (see WaitLock).
+		ctx, stop := cancelContext(cancel)
+		ctx, cancelWait := context.WithTimeout(ctx, holdWait)
+		errno = t.WaitLock(ctx, in.Owner, in.Lk.Pid, in.Lk.Typ, in.Lk.Start, in.Lk.End, daemonLockOwner)
+		cancelWait()
+		stop()
+	default:
 		errno = t.TryLock(in.Owner, in.Lk.Pid, in.Lk.Typ, in.Lk.Start, in.Lk.End)
 	}
 	if errno != 0 {

@@ -49,6 +49,7 @@ type options struct {
 	maxTx      int
 	replicas   []int
 	snapshotMB int
+	poll       bool
 }
 
 func main() {
@@ -60,6 +61,7 @@ func main() {
 	flag.IntVar(&o.maxTx, "max-tx", 5000, "transactions committed at the maximum rate")
 	flag.StringVar(&replicas, "replicas", "1,3", "replica counts to measure")
 	flag.IntVar(&o.snapshotMB, "snapshot-mb", 100, "size of the database a joining node receives as a snapshot, MB (0: skip)")
+	flag.BoolVar(&o.poll, "poll", true, "poll the first replica with a reader during each rate (false: lag alone, no reader on the replica)")
 	flag.Parse()
 	for _, r := range strings.Split(rates, ",") {
 		if r == "max" {
@@ -186,7 +188,7 @@ func measureCluster(h *harness, o options, n int) ([]row, *snapshotResult, error
 			count = int(float64(rate) * o.duration.Seconds())
 		}
 		fmt.Fprintf(os.Stderr, "%d replica(s), %s: %d transactions\n", n, rateName(rate), count)
-		r, err := measureRate(h, c, db, watchers, rate, count)
+		r, err := measureRate(h, c, db, watchers, rate, count, o.poll)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -203,18 +205,21 @@ func measureCluster(h *harness, o options, n int) ([]row, *snapshotResult, error
 // measureRate commits count single-row transactions at rate (0: as fast
 // as possible) and measures when each is applied on every replica, and
 // when a reader polling the first replica through its mount sees it.
-func measureRate(h *harness, c *testingutil.Cluster, db *sql.DB, watchers []*applyWatcher, rate, count int) (row, error) {
+func measureRate(h *harness, c *testingutil.Cluster, db *sql.DB, watchers []*applyWatcher, rate, count int, poll bool) (row, error) {
 	primary := c.Node(c.Primary)
 	base, _ := primary.Pos(h, "bench.db")
 	var lastID int64
 	if err := db.QueryRow(`SELECT coalesce(max(id), 0) FROM tx`).Scan(&lastID); err != nil {
 		return row{}, err
 	}
-	reader, err := startPollReader(filepath.Join(c.Nodes[1].MountDir, "bench.db"), lastID, count)
-	if err != nil {
-		return row{}, err
+	var reader *pollReader
+	if poll {
+		var err error
+		if reader, err = startPollReader(filepath.Join(c.Nodes[1].MountDir, "bench.db"), lastID, count); err != nil {
+			return row{}, err
+		}
+		defer reader.stopReading()
 	}
-	defer reader.stopReading()
 	commits := make([]time.Time, count)
 	start := time.Now()
 	for i := range count {
@@ -250,6 +255,10 @@ func measureRate(h *harness, c *testingutil.Cluster, db *sql.DB, watchers []*app
 	}
 	slices.Sort(lags)
 	r.p50, r.p99, r.max = lags[count/2], lags[count*99/100], lags[count-1]
+	r.reads = -1
+	if reader == nil {
+		return r, nil
+	}
 	if err := reader.waitSeen(30 * time.Second); err != nil {
 		return row{}, err
 	}
@@ -550,6 +559,11 @@ func printRows(w io.Writer, rows []row) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "replicas\trate\ttx\tcommitted tx/s\tlag p50 ms\tp99 ms\tmax ms\tslowest replica applies tx/s\tapply/commit\tvisible p50 ms\tp99 ms\tmax ms\treads\terrors\tread p50 ms\tp99 ms\tmax ms\t")
 	for _, r := range rows {
+		if r.reads < 0 { // no reader
+			fmt.Fprintf(tw, "%d\t%s\t%d\t%.0f\t%s\t%s\t%s\t%.0f\t%.2f\t-\t-\t-\t-\t-\t-\t-\t-\t\n", r.replicas, rateName(r.target), r.n, r.commitRate,
+				ms(r.p50), ms(r.p99), ms(r.max), r.applyRate, r.applyRate/r.commitRate)
+			continue
+		}
 		fmt.Fprintf(tw, "%d\t%s\t%d\t%.0f\t%s\t%s\t%s\t%.0f\t%.2f\t%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t\n", r.replicas, rateName(r.target), r.n, r.commitRate,
 			ms(r.p50), ms(r.p99), ms(r.max), r.applyRate, r.applyRate/r.commitRate,
 			ms(r.visP50), ms(r.visP99), ms(r.visMax), r.reads, r.readErrs, ms(r.readP50), ms(r.readP99), ms(r.readMax))
