@@ -9,7 +9,9 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 
@@ -129,6 +131,11 @@ func (f *FileSystem) ApplyFiles(ctx context.Context, name string, paths []string
 			return nil, fmt.Errorf("apply to %s: %w", name, err)
 		}
 	}
+	if f.readOnly.Load() && !slices.Contains(pgnos, 1) {
+		// Readers see the change counter of page 1 move with every apply
+		// (serveChangeCounter): the kernel's copy must go.
+		pgnos = append([]uint32{1}, pgnos...)
+	}
 	if err := f.storeSize(d, before, pageSize); err != nil {
 		return nil, err
 	}
@@ -227,6 +234,44 @@ func (f *FileSystem) storeSize(d *DB, before int64, pageSize uint32) error {
 	return nil
 }
 
+// sqliteHeaderSize is the size of the header at the start of page 1.
+const sqliteHeaderSize = 100
+
+// serveChangeCounter rewrites, in data, read at off from the database
+// file db of a replica at txid, the change counter of page 1 (bytes 24-27)
+// and its copy, the version-valid-for number (92-95), as SQLite's readers
+// on the mount are to see them: the low 32 bits of txid. A reader in
+// rollback-journal mode keeps its page cache across read transactions
+// while bytes 24-39 of page 1 stay the same, and a primary's writer does
+// not always move the counter: in locking_mode=EXCLUSIVE it moves it only
+// in the first transaction of its lock. The position moves with every
+// apply, so every apply tells the replica's readers to drop their cache.
+// The file itself keeps the primary's bytes; WAL-mode databases, whose
+// readers watch the wal-index instead, are served as they are.
+func serveChangeCounter(db io.ReaderAt, txid ltx.TXID, data []byte, off int64) {
+	var hdr [sqliteHeaderSize]byte
+	if off == 0 && len(data) >= len(hdr) {
+		copy(hdr[:], data)
+	} else if n, _ := db.ReadAt(hdr[:], 0); n < len(hdr) {
+		return
+	}
+	if hdr[18] != 1 || hdr[19] != 1 {
+		return // not a rollback-journal database (WAL is 2)
+	}
+	counter := uint32(txid)
+	vvf := counter
+	if binary.BigEndian.Uint32(hdr[92:]) != binary.BigEndian.Uint32(hdr[24:]) {
+		vvf = counter + 1 // the page count at 28 is not valid: keep it so
+	}
+	binary.BigEndian.PutUint32(hdr[24:], counter)
+	binary.BigEndian.PutUint32(hdr[92:], vvf)
+	for _, r := range [][2]int64{{24, 28}, {92, 96}} {
+		for i := max(r[0], off); i < r[1] && i < off+int64(len(data)); i++ {
+			data[i-off] = hdr[i]
+		}
+	}
+}
+
 // SQLite's lock bytes in the -shm file in WAL mode: WRITE, CKPT, RECOVER,
 // READ0-4 (those of the database file are in raw.go).
 const (
@@ -277,6 +322,39 @@ func (f *FileSystem) holdReaders(ctx context.Context, d *DB) (*readerHold, error
 	} else {
 		d.Locks.AwaitFresh(ctx)
 	}
+	// A read transaction that keeps the apply waiting is named in the
+	// log, again and again while it lasts.
+	began := time.Now()
+	var (
+		warn *time.Timer
+		held atomic.Bool
+	)
+	every := f.readHoldWarning
+	if every <= 0 {
+		every = readHoldWarning
+	}
+	warn = time.AfterFunc(every, func() {
+		if held.Load() {
+			return
+		}
+		t := &d.Locks
+		if h.wal {
+			t = &d.ShmLocks
+		}
+		var pids []uint32
+		for _, l := range t.Locks() {
+			if l.Owner != daemonLockOwner && !slices.Contains(pids, l.Pid) {
+				pids = append(pids, l.Pid)
+			}
+		}
+		f.Logger.Warn("an apply waits for read transactions on the mount to end; the replica falls behind meanwhile",
+			"db", d.Name, "waited", time.Since(began).Round(time.Millisecond), "reader_pids", pids)
+		warn.Reset(every)
+	})
+	defer func() {
+		held.Store(true)
+		warn.Stop()
+	}()
 	var err error
 	if h.wal {
 		for i := uint64(0); i < walLockCount && err == nil; i++ {
@@ -291,6 +369,10 @@ func (f *FileSystem) holdReaders(ctx context.Context, d *DB) (*readerHold, error
 	}
 	return h, nil
 }
+
+// readHoldWarning is how long an apply waits for SQLite's readers before
+// the log names them.
+const readHoldWarning = 5 * time.Second
 
 // walMode reports whether the database file's header says WAL mode.
 func walMode(db io.ReaderAt) bool {

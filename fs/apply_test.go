@@ -5,9 +5,11 @@ import (
 	"bytes"
 	"context"
 	"database/sql"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -575,5 +577,133 @@ func TestFileSystem_ApplyQueuesReaders(t *testing.T) {
 				t.Fatalf("reader: %v\n%s", r.err, r.stderr.String())
 			}
 		})
+	}
+}
+
+// TestFileSystem_ApplyExclusiveWriter: a primary's writer in
+// locking_mode=EXCLUSIVE with a rollback journal moves page 1's change
+// counter only in the first transaction of its lock, and SQLite's readers
+// in that mode keep their page cache while the counter stays the same. A
+// replica's reader that keeps its connection must still see every
+// transaction as it is applied.
+func TestFileSystem_ApplyExclusiveWriter(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "x.db")
+	src := testingutil.MustOpenSQLite(t, path, "delete")
+	log := testingutil.MustOpenLog(t, "x.db", filepath.Join(dir, "ltx"), path)
+	var counters []uint32 // page 1's change counter after each commit
+	commit := func(stmt string) {
+		t.Helper()
+		before, _ := os.ReadFile(path)
+		if _, err := src.Exec(stmt); err != nil {
+			t.Fatal(err)
+		}
+		after := testingutil.MustReadFile(t, path)
+		if _, err := testingutil.CommitChanged(log, before, after); err != nil {
+			t.Fatal(err)
+		}
+		counters = append(counters, binary.BigEndian.Uint32(after[24:]))
+	}
+	commit(`CREATE TABLE t (x INTEGER)`)
+	commit(`INSERT INTO t VALUES (0)`)
+	if _, err := src.Exec(`PRAGMA locking_mode=EXCLUSIVE`); err != nil {
+		t.Fatal(err)
+	}
+	const updates = 30
+	for i := 1; i <= updates; i++ {
+		commit(fmt.Sprintf(`UPDATE t SET x = %d`, i))
+	}
+	// The case under test: updates after the first leave the counter.
+	if last := counters[len(counters)-1]; last != counters[len(counters)-updates+1] {
+		t.Fatalf("page 1's change counter went from %d to %d over the exclusive updates: SQLite no longer leaves it, the test tests nothing", counters[len(counters)-updates+1], last)
+	}
+
+	f := testingutil.MustMount(t)
+	f.SetReadOnly(true)
+	files := log.Files()
+	apply := func(i int) {
+		t.Helper()
+		if _, err := f.Apply(context.Background(), "x.db", filepath.Join(log.Dir, files[i].Name), false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	first := len(files) - updates
+	for i := range first {
+		apply(i)
+	}
+	reader, err := sql.Open("sqlite3", "file:"+filepath.Join(f.MountDir, "x.db")+"?_busy_timeout=5000")
+	if err != nil {
+		t.Fatal(err)
+	}
+	reader.SetMaxOpenConns(1)
+	t.Cleanup(func() { _ = reader.Close() })
+	read := func() int {
+		t.Helper()
+		var x int
+		if err := reader.QueryRow(`SELECT x FROM t`).Scan(&x); err != nil {
+			t.Fatal(err)
+		}
+		return x
+	}
+	if x := read(); x != 0 {
+		t.Fatalf("before the updates the reader sees x = %d, want 0", x)
+	}
+	for i := first; i < len(files); i++ {
+		apply(i)
+		if x, want := read(), i-first+1; x != want {
+			t.Fatalf("after update %d of %d the reader sees x = %d, want %d (stale page cache)", want, updates, x, want)
+		}
+	}
+	// The file keeps the primary's bytes.
+	if got, want := testingutil.MustReadFile(t, filepath.Join(f.DataDir, "dbs", "x.db", "database")), testingutil.MustReadFile(t, path); !bytes.Equal(got, want) {
+		t.Fatal("the replica's database file differs from the primary's")
+	}
+}
+
+// TestFileSystem_ApplyLongReader: an apply held off by a read transaction
+// on the mount says so in the log, naming the reader's process, while it
+// waits (every 100 ms here; 5 s by default).
+func TestFileSystem_ApplyLongReader(t *testing.T) {
+	src := newBank(t, "delete")
+	src.step()
+	var logged lockedBuffer
+	dir := t.TempDir()
+	f := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
+	f.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil))
+	f.SetReadHoldWarning(100 * time.Millisecond)
+	testingutil.MustOpenFS(t, f)
+	f.SetReadOnly(true)
+	files := src.log.Files()
+	for _, file := range files[:len(files)-1] {
+		if _, err := f.Apply(context.Background(), "bank.db", filepath.Join(src.log.Dir, file.Name), false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Read transactions of a second, back to back: the apply waits for
+	// one to end.
+	r := startChild(t, "bank-reader", filepath.Join(f.MountDir, "bank.db"), "1000")
+	r.mustReadLine(t, "ready")
+	// Apply while the reader is in a transaction.
+	d := f.DB("bank.db")
+	for deadline := time.Now().Add(10 * time.Second); len(d.Locks.Locks()) == 0; {
+		if time.Now().After(deadline) {
+			t.Fatal("the reader took no lock in 10s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := f.Apply(ctx, "bank.db", filepath.Join(src.log.Dir, files[len(files)-1].Name), false); err != nil {
+		t.Fatal(err)
+	}
+	want := fmt.Sprintf("reader_pids=[%d]", r.cmd.Process.Pid)
+	var warned bool
+	for line := range strings.SplitSeq(logged.String(), "\n") {
+		if strings.Contains(line, "an apply waits for read transactions") && strings.Contains(line, want) {
+			warned = true
+		}
+	}
+	if !warned {
+		t.Fatalf("no warning naming the reader (%s) in the log:\n%s", want, logged.String())
 	}
 }

@@ -3,6 +3,7 @@ package fs
 import (
 	"context"
 	"fmt"
+	"time"
 )
 
 // SetFailpoint makes operation name of f fail with what fn returns for it
@@ -63,3 +64,7 @@ func (d *DB) QueuedLocks() int {
 	}
 	return n
 }
+
+// SetReadHoldWarning sets how long an apply waits for readers before the
+// log names them.
+func (f *FileSystem) SetReadHoldWarning(d time.Duration) { f.readHoldWarning = d }

@@ -73,7 +73,10 @@ type FileSystem struct {
 	conn           uint32         // the mount's FUSE connection number
 	notify         sync.WaitGroup // cache notifications sent after a request
 	readOnly       atomic.Bool
-	mounted        time.Time
+	// readHoldWarning overrides how long an apply waits for readers
+	// before the log names them (readHoldWarning), for tests.
+	readHoldWarning time.Duration
+	mounted         time.Time
 
 	mu      sync.Mutex
 	dbs     map[string]*DB
@@ -526,6 +529,18 @@ func (f *FileSystem) dbList() []*DB {
 func (f *FileSystem) SetReadOnly(readOnly bool) {
 	if f.readOnly.Swap(readOnly) != readOnly {
 		f.Logger.Info("mount mode changed", "read_only", readOnly)
+		// Page 1 is served with another change counter on a read-only
+		// mount (serveChangeCounter): drop the kernel's copy.
+		for _, d := range f.dbList() {
+			f.mu.Lock()
+			n := f.names[d.Name]
+			f.mu.Unlock()
+			if n != nil && f.server != nil {
+				if st := f.server.InodeNotify(n.id, 0, sqliteHeaderSize); !st.Ok() && st != fuse.ENOENT {
+					f.Logger.Warn("drop the cached header of a database", "db", d.Name, "status", st)
+				}
+			}
+		}
 	}
 	for _, d := range f.dbList() {
 		if readOnly {

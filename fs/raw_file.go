@@ -210,6 +210,9 @@ func (r *raw) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.Re
 		return fuse.ReadResultData(h.data[off:end]), fuse.OK
 	}
 	n, err := h.file.ReadAt(buf[:in.Size], int64(in.Offset))
+	if h.node.kind == kindDB && n > 0 && in.Offset < sqliteHeaderSize && r.fs.readOnly.Load() {
+		serveChangeCounter(h.file, h.node.db.log.Pos().TXID, buf[:n], int64(in.Offset))
+	}
 	if n > 0 || err == nil || errors.Is(err, io.EOF) {
 		return fuse.ReadResultData(buf[:n]), fuse.OK
 	}
