@@ -50,6 +50,7 @@ type options struct {
 	replicas   []int
 	snapshotMB int
 	poll       bool
+	litefs     string // LiteFS binary to measure beside regiond ("": none)
 }
 
 func main() {
@@ -61,6 +62,7 @@ func main() {
 	flag.IntVar(&o.maxTx, "max-tx", 5000, "transactions committed at the maximum rate")
 	flag.StringVar(&replicas, "replicas", "1,3", "replica counts to measure")
 	flag.IntVar(&o.snapshotMB, "snapshot-mb", 100, "size of the database a joining node receives as a snapshot, MB (0: skip)")
+	flag.StringVar(&o.litefs, "litefs", "", "also measure LiteFS, the litefs binary at this path, with one replica (scripts/install-litefs.sh builds v0.5.14)")
 	flag.BoolVar(&o.poll, "poll", true, "poll the first replica with a reader during each rate (false: lag alone, no reader on the replica)")
 	flag.Parse()
 	for _, r := range strings.Split(rates, ",") {
@@ -111,6 +113,7 @@ type row struct {
 	visP50, visP99, visMax    time.Duration
 	reads, readErrs           int
 	readP50, readP99, readMax time.Duration
+	litefs                    bool // measured on LiteFS: no lag
 }
 
 func run(o options) (err error) {
@@ -138,6 +141,13 @@ func run(o options) (err error) {
 		}
 		h.close()
 		h = &harness{}
+	}
+	if o.litefs != "" {
+		rs, err := measureLiteFS(h, o, o.litefs)
+		if err != nil {
+			return err
+		}
+		rows = append(rows, rs...)
 	}
 	printRows(os.Stdout, rows)
 	if snap != nil {
@@ -220,18 +230,9 @@ func measureRate(h *harness, c *testingutil.Cluster, db *sql.DB, watchers []*app
 		}
 		defer reader.stopReading()
 	}
-	commits := make([]time.Time, count)
-	start := time.Now()
-	for i := range count {
-		if rate > 0 {
-			if d := time.Until(start.Add(time.Duration(i) * time.Second / time.Duration(rate))); d > 0 {
-				time.Sleep(d)
-			}
-		}
-		if _, err := db.Exec(`INSERT INTO tx (v) VALUES (randomblob(100))`); err != nil {
-			return row{}, fmt.Errorf("commit %d: %w", i, err)
-		}
-		commits[i] = time.Now()
+	commits, err := commitRows(db, rate, count)
+	if err != nil {
+		return row{}, err
 	}
 	pos := c.WaitCaughtUp(h, 10*time.Minute, "bench.db")
 	if got, want := pos["bench.db"].TXID, base.TXID+ltx.TXID(count); got != want {
@@ -259,8 +260,34 @@ func measureRate(h *harness, c *testingutil.Cluster, db *sql.DB, watchers []*app
 	if reader == nil {
 		return r, nil
 	}
+	return r, reader.result(&r, commits)
+}
+
+// commitRows commits count single-row transactions to db at rate (0: as
+// fast as possible), and returns when each COMMIT returned.
+func commitRows(db *sql.DB, rate, count int) ([]time.Time, error) {
+	commits := make([]time.Time, count)
+	start := time.Now()
+	for i := range count {
+		if rate > 0 {
+			if d := time.Until(start.Add(time.Duration(i) * time.Second / time.Duration(rate))); d > 0 {
+				time.Sleep(d)
+			}
+		}
+		if _, err := db.Exec(`INSERT INTO tx (v) VALUES (randomblob(100))`); err != nil {
+			return nil, fmt.Errorf("commit %d: %w", i, err)
+		}
+		commits[i] = time.Now()
+	}
+	return commits, nil
+}
+
+// result waits until the reader has seen every row committed at commits,
+// stops it, and puts what it measured into r.
+func (reader *pollReader) result(r *row, commits []time.Time) error {
+	count := len(commits)
 	if err := reader.waitSeen(30 * time.Second); err != nil {
-		return row{}, err
+		return err
 	}
 	reader.stopReading()
 	vis := make([]time.Duration, count)
@@ -278,7 +305,7 @@ func measureRate(h *harness, c *testingutil.Cluster, db *sql.DB, watchers []*app
 	if reader.firstErr != nil {
 		fmt.Fprintf(os.Stderr, "replica reader: %d errors, the first: %v\n", reader.errs, reader.firstErr)
 	}
-	return r, nil
+	return nil
 }
 
 // pollReader queries a replica through its mount as fast as it can, as an
@@ -557,8 +584,14 @@ func ms(d time.Duration) string { return fmt.Sprintf("%.2f", float64(d)/float64(
 
 func printRows(w io.Writer, rows []row) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "replicas\trate\ttx\tcommitted tx/s\tlag p50 ms\tp99 ms\tmax ms\tslowest replica applies tx/s\tapply/commit\tvisible p50 ms\tp99 ms\tmax ms\treads\terrors\tread p50 ms\tp99 ms\tmax ms\t")
+	fmt.Fprintln(tw, "system\treplicas\trate\ttx\tcommitted tx/s\tlag p50 ms\tp99 ms\tmax ms\tslowest replica applies tx/s\tapply/commit\tvisible p50 ms\tp99 ms\tmax ms\treads\terrors\tread p50 ms\tp99 ms\tmax ms\t")
 	for _, r := range rows {
+		if r.litefs {
+			fmt.Fprintf(tw, "litefs\t%d\t%s\t%d\t%.0f\t-\t-\t-\t-\t-\t%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t\n", r.replicas, rateName(r.target), r.n, r.commitRate,
+				ms(r.visP50), ms(r.visP99), ms(r.visMax), r.reads, r.readErrs, ms(r.readP50), ms(r.readP99), ms(r.readMax))
+			continue
+		}
+		fmt.Fprint(tw, "meridian\t")
 		if r.reads < 0 { // no reader
 			fmt.Fprintf(tw, "%d\t%s\t%d\t%.0f\t%s\t%s\t%s\t%.0f\t%.2f\t-\t-\t-\t-\t-\t-\t-\t-\t\n", r.replicas, rateName(r.target), r.n, r.commitRate,
 				ms(r.p50), ms(r.p99), ms(r.max), r.applyRate, r.applyRate/r.commitRate)
