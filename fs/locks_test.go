@@ -732,6 +732,26 @@ func TestLockTable_WaitLock(t *testing.T) {
 		}
 		assertLocks(t, &lt, Lock{Owner: 2, Pid: 102, Typ: rd, Start: 5, End: 5})
 		mustTryLock(t, &lt, holder, 1, wr, 0, 9, syscall.EAGAIN)
+		// Let in after a wait, the reader is fresh until it locks again
+		// (AwaitFresh waits for that), as a WAL reader does.
+		if got := freshOwners(&lt); !slices.Equal(got, []uint64{2}) {
+			t.Fatalf("fresh owners %v, want the reader's", got)
+		}
+		mustTryLock(t, &lt, 2, 102, syscall.F_UNLCK, 5, 5, 0)
+		if got := freshOwners(&lt); !slices.Equal(got, []uint64{2}) {
+			t.Fatalf("fresh owners %v after the reader's unlock, want the reader's", got)
+		}
+		awaited := make(chan struct{})
+		wg.Go(func() { lt.AwaitFresh(ctx); close(awaited) })
+		mustTryLock(t, &lt, 2, 102, rd, 5, 5, 0)
+		if got := freshOwners(&lt); len(got) != 0 {
+			t.Fatalf("fresh owners %v after the reader locked again, want none", got)
+		}
+		select {
+		case <-awaited:
+		case <-time.After(lockWaitTimeout):
+			t.Fatalf("AwaitFresh did not return in %v after the reader locked again", lockWaitTimeout)
+		}
 		// Readers do not queue behind a waiting reader.
 		mustTryLock(t, &lt, 3, 103, rd, 5, 5, 0)
 		lt.ReleaseOwner(2)
@@ -805,4 +825,16 @@ func TestLockTable_WaitLock(t *testing.T) {
 			t.Fatalf("holder: Lock returned %v, want 0", errno)
 		}
 	})
+}
+
+// freshOwners returns the owners lt counts as fresh (see AwaitFresh).
+func freshOwners(lt *LockTable) []uint64 {
+	lt.mu.Lock()
+	defer lt.mu.Unlock()
+	var owners []uint64
+	for o := range lt.fresh {
+		owners = append(owners, o)
+	}
+	slices.Sort(owners)
+	return owners
 }
