@@ -51,6 +51,7 @@ type options struct {
 	snapshotMB int
 	poll       bool
 	litefs     string // LiteFS binary to measure beside regiond ("": none)
+	sync       string // the writer's synchronous setting: NORMAL or FULL
 }
 
 func main() {
@@ -63,6 +64,7 @@ func main() {
 	flag.StringVar(&replicas, "replicas", "1,3", "replica counts to measure")
 	flag.IntVar(&o.snapshotMB, "snapshot-mb", 100, "size of the database a joining node receives as a snapshot, MB (0: skip)")
 	flag.StringVar(&o.litefs, "litefs", "", "also measure LiteFS, the litefs binary at this path, with one replica (scripts/install-litefs.sh builds v0.5.14)")
+	flag.StringVar(&o.sync, "synchronous", "NORMAL", "the writer's PRAGMA synchronous on the primary: NORMAL or FULL (WAL mode)")
 	flag.BoolVar(&o.poll, "poll", true, "poll the first replica with a reader during each rate (false: lag alone, no reader on the replica)")
 	flag.Parse()
 	for _, r := range strings.Split(rates, ",") {
@@ -82,6 +84,10 @@ func main() {
 			os.Exit(2)
 		}
 		o.replicas = append(o.replicas, n)
+	}
+	if o.sync != "NORMAL" && o.sync != "FULL" {
+		fmt.Fprintf(os.Stderr, "replbench: -synchronous: %q is not NORMAL or FULL\n", o.sync)
+		os.Exit(2)
 	}
 	if _, err := os.Stat(o.regiond); err != nil {
 		fmt.Fprintf(os.Stderr, "replbench: regiond binary: %v; build it with `make build` or pass -regiond PATH\n", err)
@@ -127,7 +133,7 @@ func run(o options) (err error) {
 		}
 		h.close()
 	}()
-	fmt.Printf("replbench: %d CPUs, regiond %s, WAL with synchronous=NORMAL on the primary (fs.locks: kernel), replicas with fs.locks: mount\n\n", runtime.NumCPU(), o.regiond)
+	fmt.Printf("replbench: %d CPUs, regiond %s, WAL with synchronous=%s on the primary (fs.locks: kernel), replicas with fs.locks: mount\n\n", runtime.NumCPU(), o.regiond, o.sync)
 	var rows []row
 	var snap *snapshotResult
 	for _, n := range o.replicas {
@@ -171,7 +177,7 @@ func measureCluster(h *harness, o options, n int) ([]row, *snapshotResult, error
 		}
 	}
 	primary := c.Node(primarySpec.Name)
-	db, err := sql.Open("sqlite3", "file:"+filepath.Join(primary.MountDir, "bench.db")+"?_journal_mode=wal&_synchronous=NORMAL&_busy_timeout=5000")
+	db, err := sql.Open("sqlite3", "file:"+filepath.Join(primary.MountDir, "bench.db")+"?_journal_mode=wal&_synchronous="+o.sync+"&_busy_timeout=5000")
 	if err != nil {
 		return nil, nil, err
 	}
