@@ -179,14 +179,7 @@ func (t *LockTable) AwaitFresh(ctx context.Context) {
 // detect deadlocks; cancel ctx to give up.
 func (t *LockTable) Lock(ctx context.Context, owner uint64, pid uint32, typ uint32, start, end uint64) syscall.Errno {
 	seq := uint64(math.MaxUint64)
-	defer func() {
-		if seq != math.MaxUint64 {
-			t.mu.Lock()
-			t.waiting = slices.DeleteFunc(t.waiting, func(w waiter) bool { return w.seq == seq })
-			t.notifyLocked() // a waiter after this one may go now
-			t.mu.Unlock()
-		}
-	}()
+	defer func() { t.dequeue(seq) }()
 	for {
 		t.mu.Lock()
 		errno := t.setLocked(owner, pid, typ, start, end, seq)
@@ -195,9 +188,7 @@ func (t *LockTable) Lock(ctx context.Context, owner uint64, pid uint32, typ uint
 			return errno
 		}
 		if typ == syscall.F_WRLCK && seq == math.MaxUint64 {
-			t.lastWait++
-			seq = t.lastWait
-			t.waiting = append(t.waiting, waiter{Lock{Owner: owner, Pid: pid, Typ: typ, Start: start, End: end}, seq})
+			seq = t.enqueueLocked(Lock{Owner: owner, Pid: pid, Typ: typ, Start: start, End: end})
 			// A WaitLock call that waits for this owner while it holds
 			// bytes this lock needs must give up: wake it to look again.
 			t.notifyLocked()
@@ -230,14 +221,7 @@ func (t *LockTable) Lock(ctx context.Context, owner uint64, pid uint32, typ uint
 // otherwise what TryLock returns.
 func (t *LockTable) WaitLock(ctx context.Context, owner uint64, pid uint32, typ uint32, start, end uint64, holder uint64) syscall.Errno {
 	seq := uint64(math.MaxUint64)
-	defer func() {
-		if seq != math.MaxUint64 {
-			t.mu.Lock()
-			t.waiting = slices.DeleteFunc(t.waiting, func(w waiter) bool { return w.seq == seq })
-			t.notifyLocked() // a waiter after this one may go now
-			t.mu.Unlock()
-		}
-	}()
+	defer func() { t.dequeue(seq) }()
 	for {
 		t.mu.Lock()
 		errno := t.setLocked(owner, pid, typ, start, end, seq)
@@ -249,9 +233,7 @@ func (t *LockTable) WaitLock(ctx context.Context, owner uint64, pid uint32, typ 
 			return errno
 		}
 		if seq == math.MaxUint64 {
-			t.lastWait++
-			seq = t.lastWait
-			t.waiting = append(t.waiting, waiter{Lock{Owner: owner, Pid: pid, Typ: typ, Start: start, End: end}, seq})
+			seq = t.enqueueLocked(Lock{Owner: owner, Pid: pid, Typ: typ, Start: start, End: end})
 		}
 		released := t.watchLocked()
 		t.mu.Unlock()
@@ -265,6 +247,25 @@ func (t *LockTable) WaitLock(ctx context.Context, owner uint64, pid uint32, typ 
 			return syscall.EINTR
 		}
 	}
+}
+
+// enqueueLocked puts l at the end of the waiting locks and returns its place.
+func (t *LockTable) enqueueLocked(l Lock) uint64 {
+	t.lastWait++
+	t.waiting = append(t.waiting, waiter{l, t.lastWait})
+	return t.lastWait
+}
+
+// dequeue takes the waiter at seq, if any (math.MaxUint64: none), off the
+// waiting locks and wakes the others: a waiter after it may go now.
+func (t *LockTable) dequeue(seq uint64) {
+	if seq == math.MaxUint64 {
+		return
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.waiting = slices.DeleteFunc(t.waiting, func(w waiter) bool { return w.seq == seq })
+	t.notifyLocked()
 }
 
 // onlyHolderLocked reports whether everything that keeps owner's lock of
