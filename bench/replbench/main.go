@@ -52,6 +52,7 @@ type options struct {
 	poll       bool
 	litefs     string // LiteFS binary to measure beside regiond ("": none)
 	sync       string // the writer's synchronous setting: NORMAL or FULL
+	cpuProfile string // directory for the regiond processes' CPU profiles ("": none)
 }
 
 func main() {
@@ -65,6 +66,7 @@ func main() {
 	flag.IntVar(&o.snapshotMB, "snapshot-mb", 100, "size of the database a joining node receives as a snapshot, MB (0: skip)")
 	flag.StringVar(&o.litefs, "litefs", "", "also measure LiteFS, the litefs binary at this path, with one replica (scripts/install-litefs.sh builds v0.5.14)")
 	flag.StringVar(&o.sync, "synchronous", "NORMAL", "the writer's PRAGMA synchronous on the primary: NORMAL or FULL (WAL mode)")
+	flag.StringVar(&o.cpuProfile, "cpuprofile", "", "write each regiond's CPU profile to this `dir`ectory, as NODE-REPLICAS.pprof")
 	flag.BoolVar(&o.poll, "poll", true, "poll the first replica with a reader during each rate (false: lag alone, no reader on the replica)")
 	flag.Parse()
 	for _, r := range strings.Split(rates, ",") {
@@ -170,7 +172,15 @@ func measureCluster(h *harness, o options, n int) ([]row, *snapshotResult, error
 	if join {
 		specs = append(specs, joinerSpec)
 	}
-	c := testingutil.NewCluster(h, func(args ...string) *exec.Cmd { return exec.Command(o.regiond, args...) }, primarySpec.Name, specs...)
+	command := func(args ...string) *exec.Cmd {
+		if o.cpuProfile != "" && len(args) > 0 && args[0] == "run" {
+			// The node's directory is named after the node.
+			node := filepath.Base(filepath.Dir(args[len(args)-1]))
+			args = append(args, "-cpuprofile", filepath.Join(o.cpuProfile, fmt.Sprintf("%s-%d.pprof", node, n)))
+		}
+		return exec.Command(o.regiond, args...)
+	}
+	c := testingutil.NewCluster(h, command, primarySpec.Name, specs...)
 	for _, node := range c.Nodes {
 		if node.Name != joinerSpec.Name {
 			node.Start(h)

@@ -5,6 +5,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
+	"runtime/pprof"
 	"time"
 
 	"github.com/meridian-db/meridian/regiond"
@@ -26,6 +28,7 @@ func runRun(ctx context.Context, args []string, stderr io.Writer) error {
 	fl.SetOutput(stderr)
 	fl.Usage = func() { fmt.Fprint(stderr, runUsage); fl.PrintDefaults() }
 	configPath := fl.String("config", "regiond.yml", "configuration `file`")
+	cpuProfile := fl.String("cpuprofile", "", "write a CPU profile of the whole run to `file` (go tool pprof reads it)")
 	if err := fl.Parse(args); err != nil {
 		return err
 	}
@@ -37,6 +40,13 @@ func runRun(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	logger := cfg.Logger(stderr)
+	if *cpuProfile != "" {
+		stop, err := startCPUProfile(*cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
 	d := regiond.NewDaemon(cfg, logger)
 	if err := d.Open(ctx); err != nil {
 		return err
@@ -46,4 +56,21 @@ func runRun(ctx context.Context, args []string, stderr io.Writer) error {
 	closeCtx, cancel := context.WithTimeout(context.Background(), unmountTimeout)
 	defer cancel()
 	return d.Close(closeCtx)
+}
+
+// startCPUProfile starts profiling the process into path and returns the
+// function that stops it and closes the file.
+func startCPUProfile(path string) (stop func(), err error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, fmt.Errorf("run: -cpuprofile: %w", err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("run: -cpuprofile %s: %w", path, err)
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		f.Close()
+	}, nil
 }
