@@ -3,8 +3,10 @@
 // a COMMIT returning on the primary to the transaction being applied on
 // each replica, at paced and at maximum commit rates, with one and with
 // three replicas; how fast replicas apply compared with how fast the
-// primary commits; and how fast a node joining from scratch receives a
-// snapshot, compared with copying the database file on the same disk.
+// primary commits; warm point queries on a replica's mount, with nothing
+// being applied, against the same queries on a bare copy of its database;
+// and how fast a node joining from scratch receives a snapshot, compared
+// with copying the database file on the same disk.
 //
 // A transaction counts as applied on a replica when its LTX file is in the
 // replica's log and its pages are in the database file: when the log's
@@ -53,6 +55,10 @@ type options struct {
 	litefs     string // LiteFS binary to measure beside regiond ("": none)
 	sync       string // the writer's synchronous setting: NORMAL or FULL
 	cpuProfile string // directory for the regiond processes' CPU profiles ("": none)
+	// replicaLocks is the fs.locks of the replicas and of the joining
+	// node: mount or kernel.
+	replicaLocks string
+	warmReads    bool
 }
 
 func main() {
@@ -68,6 +74,8 @@ func main() {
 	flag.StringVar(&o.sync, "synchronous", "NORMAL", "the writer's PRAGMA synchronous on the primary: NORMAL or FULL (WAL mode)")
 	flag.StringVar(&o.cpuProfile, "cpuprofile", "", "write each regiond's CPU profile to this `dir`ectory, as NODE-REPLICAS.pprof")
 	flag.BoolVar(&o.poll, "poll", true, "poll the first replica with a reader during each rate (false: lag alone, no reader on the replica)")
+	flag.StringVar(&o.replicaLocks, "replica-locks", "mount", "fs.locks of the replicas and of the joining node: mount or kernel (the primary's is kernel)")
+	flag.BoolVar(&o.warmReads, "warm-reads", true, "after the rates with one replica, time warm point queries on its mount against a bare copy of the database")
 	flag.Parse()
 	for _, r := range strings.Split(rates, ",") {
 		if r == "max" {
@@ -89,6 +97,10 @@ func main() {
 	}
 	if o.sync != "NORMAL" && o.sync != "FULL" {
 		fmt.Fprintf(os.Stderr, "replbench: -synchronous: %q is not NORMAL or FULL\n", o.sync)
+		os.Exit(2)
+	}
+	if o.replicaLocks != "mount" && o.replicaLocks != "kernel" {
+		fmt.Fprintf(os.Stderr, "replbench: -replica-locks: %q is not mount or kernel\n", o.replicaLocks)
 		os.Exit(2)
 	}
 	if _, err := os.Stat(o.regiond); err != nil {
@@ -124,6 +136,13 @@ type row struct {
 	litefs                    bool // measured on LiteFS: no lag
 }
 
+// results is what a run measured.
+type results struct {
+	rows []row
+	snap *snapshotResult // nil: not measured
+	warm *warmResult     // nil: not measured
+}
+
 func run(o options) (err error) {
 	h := &harness{}
 	defer func() {
@@ -135,17 +154,11 @@ func run(o options) (err error) {
 		}
 		h.close()
 	}()
-	fmt.Printf("replbench: %d CPUs, regiond %s, WAL with synchronous=%s on the primary (fs.locks: kernel), replicas with fs.locks: mount\n\n", runtime.NumCPU(), o.regiond, o.sync)
-	var rows []row
-	var snap *snapshotResult
+	fmt.Printf("replbench: %d CPUs, regiond %s, WAL with synchronous=%s on the primary (fs.locks: kernel), replicas with fs.locks: %s\n\n", runtime.NumCPU(), o.regiond, o.sync, o.replicaLocks)
+	var res results
 	for _, n := range o.replicas {
-		rs, s, err := measureCluster(h, o, n)
-		if err != nil {
+		if err := measureCluster(h, o, n, &res); err != nil {
 			return err
-		}
-		rows = append(rows, rs...)
-		if s != nil {
-			snap = s
 		}
 		h.close()
 		h = &harness{}
@@ -155,22 +168,29 @@ func run(o options) (err error) {
 		if err != nil {
 			return err
 		}
-		rows = append(rows, rs...)
+		res.rows = append(res.rows, rs...)
 	}
-	printRows(os.Stdout, rows)
-	if snap != nil {
-		snap.print(os.Stdout)
+	printRows(os.Stdout, res.rows)
+	if res.warm != nil {
+		res.warm.print(os.Stdout)
+	}
+	if res.snap != nil {
+		res.snap.print(os.Stdout)
 	}
 	return nil
 }
 
 // measureCluster runs the rates on a cluster of a primary and n replicas,
-// and, with one replica, the snapshot of a joining node.
-func measureCluster(h *harness, o options, n int) ([]row, *snapshotResult, error) {
+// and, with one replica, the warm reads and the snapshot of a joining node,
+// adding what it measured to res.
+func measureCluster(h *harness, o options, n int, res *results) error {
 	specs := append([]testingutil.ClusterNodeSpec{primarySpec}, replicaSpecs[:n]...)
 	join := n == 1 && o.snapshotMB > 0
 	if join {
 		specs = append(specs, joinerSpec)
+	}
+	for i := 1; i < len(specs); i++ {
+		specs[i].Locks = o.replicaLocks
 	}
 	command := func(args ...string) *exec.Cmd {
 		if o.cpuProfile != "" && len(args) > 0 && args[0] == "run" {
@@ -189,12 +209,12 @@ func measureCluster(h *harness, o options, n int) ([]row, *snapshotResult, error
 	primary := c.Node(primarySpec.Name)
 	db, err := sql.Open("sqlite3", "file:"+filepath.Join(primary.MountDir, "bench.db")+"?_journal_mode=wal&_synchronous="+o.sync+"&_busy_timeout=5000")
 	if err != nil {
-		return nil, nil, err
+		return err
 	}
 	db.SetMaxOpenConns(1)
 	h.Cleanup(func() { _ = db.Close() })
 	if _, err := db.Exec(`CREATE TABLE tx (id INTEGER PRIMARY KEY, v BLOB)`); err != nil {
-		return nil, nil, err
+		return err
 	}
 	replicas := c.Nodes[1 : n+1]
 	c.WaitCaughtUp(h, time.Minute, "bench.db")
@@ -202,12 +222,11 @@ func measureCluster(h *harness, o options, n int) ([]row, *snapshotResult, error
 	for _, r := range replicas {
 		w, err := watchApplies(filepath.Join(r.DataDir, "dbs", "bench.db", "ltx"))
 		if err != nil {
-			return nil, nil, err
+			return err
 		}
 		h.Cleanup(w.close)
 		watchers = append(watchers, w)
 	}
-	var rows []row
 	for _, rate := range o.rates {
 		count := o.maxTx
 		if rate > 0 {
@@ -216,16 +235,22 @@ func measureCluster(h *harness, o options, n int) ([]row, *snapshotResult, error
 		fmt.Fprintf(os.Stderr, "%d replica(s), %s: %d transactions\n", n, rateName(rate), count)
 		r, err := measureRate(h, c, db, watchers, rate, count, o.poll)
 		if err != nil {
-			return nil, nil, err
+			return err
 		}
 		r.replicas = n
-		rows = append(rows, r)
+		res.rows = append(res.rows, r)
 	}
-	if !join {
-		return rows, nil, nil
+	if n == 1 && o.warmReads {
+		if res.warm, err = measureWarmReads(h, c, replicas[0]); err != nil {
+			return err
+		}
 	}
-	s, err := measureSnapshot(h, c, o.snapshotMB)
-	return rows, s, err
+	if join {
+		if res.snap, err = measureSnapshot(h, c, o.snapshotMB); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // measureRate commits count single-row transactions at rate (0: as fast
@@ -343,11 +368,10 @@ type pollReader struct {
 }
 
 func startPollReader(path string, base int64, count int) (*pollReader, error) {
-	db, err := sql.Open("sqlite3", "file:"+path+"?_busy_timeout=5000")
+	db, err := openReader(path, "")
 	if err != nil {
 		return nil, err
 	}
-	db.SetMaxOpenConns(1)
 	r := &pollReader{db: db, base: base, stop: make(chan struct{}), done: make(chan struct{}), seen: make([]time.Time, count)}
 	go r.run()
 	return r, nil
