@@ -298,6 +298,11 @@ type readerHold struct {
 	f   *FileSystem
 	d   *DB
 	wal bool
+	// With kernel locks: the lock holder holding them, and the files on
+	// the mount it locked.
+	holder *lockHolder
+	paths  []string
+	began  time.Time
 }
 
 // holdReaders waits until no reader is in a transaction on d and keeps new
@@ -306,10 +311,10 @@ type readerHold struct {
 // with every WAL lock of the -shm file, one at a time (a reader that finds
 // a READ lock taken uses another). It needs the mount to implement locks.
 func (f *FileSystem) holdReaders(ctx context.Context, d *DB) (*readerHold, error) {
-	if f.KernelLocks {
-		return nil, errors.New("a replica needs fs.locks: mount to hold SQLite's readers off while it applies")
-	}
 	h := &readerHold{f: f, d: d, wal: walMode(d.file)}
+	if f.KernelLocks {
+		return h, f.holdReadersKernel(ctx, h)
+	}
 	lock := func(t *LockTable, start, end uint64) error {
 		if errno := t.Lock(ctx, daemonLockOwner, uint32(os.Getpid()), syscall.F_WRLCK, start, end); errno != 0 {
 			return fmt.Errorf("lock bytes %d-%d: readers hold them: %w", start, end, errno)
@@ -329,10 +334,7 @@ func (f *FileSystem) holdReaders(ctx context.Context, d *DB) (*readerHold, error
 		warn *time.Timer
 		held atomic.Bool
 	)
-	every := f.readHoldWarning
-	if every <= 0 {
-		every = readHoldWarning
-	}
+	every := f.readHoldEvery()
 	warn = time.AfterFunc(every, func() {
 		if held.Load() {
 			return
@@ -436,8 +438,86 @@ func (f *FileSystem) invalidateShm(d *DB) error {
 	return nil
 }
 
+// holdReadersKernel is holdReaders with kernel locks: the same locks,
+// taken through the lock holder. Readers that meet them do not wait for
+// them; they fail and SQLite sleeps and tries again. So that they get in
+// while a primary writes flat out, a hold starts no sooner after the last
+// one ended than that one lasted (at least holdGapMin, at most
+// holdGapMax).
+func (f *FileSystem) holdReadersKernel(ctx context.Context, h *readerHold) error {
+	d := h.d
+	if wait := time.Until(time.Unix(0, d.holdFree.Load())); wait > 0 {
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return fmt.Errorf("hold readers off: %w", ctx.Err())
+		}
+	}
+	holder, err := f.lockHolder()
+	if err != nil {
+		return fmt.Errorf("hold readers off: %w", err)
+	}
+	h.holder = holder
+	h.began = time.Now()
+	lock := func(name string, create bool, start, end uint64) error {
+		path := filepath.Join(f.MountDir, name)
+		if !slices.Contains(h.paths, path) {
+			h.paths = append(h.paths, path)
+		}
+		if err := holder.lock(ctx, path, create, start, end); err != nil {
+			return fmt.Errorf("lock bytes %d-%d of %s: %w", start, end, name, err)
+		}
+		return nil
+	}
+	warn := time.AfterFunc(f.readHoldEvery(), func() {
+		f.Logger.Warn("an apply waits for read transactions on the mount to end; the replica falls behind meanwhile (their locks are in /proc/locks)",
+			"db", d.Name, "waited", time.Since(h.began).Round(time.Millisecond))
+	})
+	defer warn.Stop()
+	if h.wal {
+		// The -shm is created if no reader made one yet: one that comes
+		// during the hold finds the locks taken.
+		for i := uint64(0); i < walLockCount && err == nil; i++ {
+			err = lock(d.Name+"-shm", true, walLockOffset+i, walLockOffset+i)
+		}
+	} else if err = lock(d.Name, false, pendingByte, pendingByte); err == nil {
+		err = lock(d.Name, false, sharedFirst, sharedFirst+sharedSize-1)
+	}
+	if err != nil {
+		h.release()
+		return fmt.Errorf("hold readers off: %w", err)
+	}
+	return nil
+}
+
+// Bounds of the gap a kernel-locks hold leaves readers after it.
+const (
+	holdGapMin = time.Millisecond
+	holdGapMax = 50 * time.Millisecond
+)
+
+// readHoldEvery is how often the log names an apply waiting for readers.
+func (f *FileSystem) readHoldEvery() time.Duration {
+	if f.readHoldWarning > 0 {
+		return f.readHoldWarning
+	}
+	return readHoldWarning
+}
+
 // release lets readers go on.
 func (h *readerHold) release() {
+	if h.holder != nil {
+		for _, p := range h.paths {
+			if err := h.holder.unlock(p); err != nil {
+				h.f.Logger.Error("drop the lock holder's locks", "db", h.d.Name, "file", p, "err", err)
+			}
+		}
+		now := time.Now()
+		h.d.holdFree.Store(now.Add(min(max(now.Sub(h.began), holdGapMin), holdGapMax)).UnixNano())
+		return
+	}
 	if h.wal {
 		h.d.ShmLocks.ReleaseOwner(daemonLockOwner)
 	} else {

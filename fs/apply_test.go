@@ -13,6 +13,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -101,15 +102,25 @@ func (b *bank) step() {
 // mount while readers on it check, in every read transaction, that the
 // total is what every transaction keeps: a reader never sees half of one,
 // whether files come one at a time or in groups.
+//
+// With kernel locks the readers' locks never reach the daemon, and the
+// lock holder takes the applier's (fs.RunLockHolder).
 func TestFileSystem_Apply(t *testing.T) {
-	for _, mode := range []string{"delete", "wal"} {
-		t.Run(mode, func(t *testing.T) {
+	for _, tc := range []struct {
+		mode   string
+		kernel bool
+	}{{"delete", false}, {"wal", false}, {"delete", true}, {"wal", true}} {
+		name := tc.mode
+		if tc.kernel {
+			name += "-kernel-locks"
+		}
+		mode := tc.mode
+		t.Run(name, func(t *testing.T) {
 			src := newBank(t, mode)
 			for range 300 {
 				src.step()
 			}
-			f := testingutil.MustMount(t)
-			f.SetReadOnly(true)
+			f := newReplicaFS(t, tc.kernel)
 			ctx := context.Background()
 			files := src.log.Files()
 			// The first files make the database and its tables (in WAL mode
@@ -222,6 +233,23 @@ func TestFileSystem_Apply(t *testing.T) {
 			}
 		})
 	}
+}
+
+// newReplicaFS mounts a read-only filesystem, as on a replica; with
+// kernelLocks, SQLite's locks on it are the kernel's and this test binary
+// is its lock holder.
+func newReplicaFS(t *testing.T, kernelLocks bool) *fs.FileSystem {
+	t.Helper()
+	dir := t.TempDir()
+	f := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
+	f.Logger = testingutil.Logger(t)
+	if kernelLocks {
+		f.KernelLocks = true
+		f.LockHolder = lockHolderCommand
+	}
+	f.SetReadOnly(true)
+	testingutil.MustOpenFS(t, f)
+	return f
 }
 
 // hasAccounts reports whether the replica's bank.db has its accounts yet.
@@ -578,6 +606,95 @@ func TestFileSystem_ApplyQueuesReaders(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestFileSystem_ApplyKernelLocks: on a replica with kernel locks the
+// readers' locks never reach the daemon; the lock holder, a child process,
+// takes the applier's write locks in the kernel. A read transaction made
+// during a hold must not run until the hold ends, and it then sees the
+// database as it was. The reader runs in another process.
+func TestFileSystem_ApplyKernelLocks(t *testing.T) {
+	for _, mode := range []string{"delete", "wal"} {
+		t.Run(mode, func(t *testing.T) {
+			src := newBank(t, mode)
+			src.tx(func(tx *sql.Tx) error {
+				_, err := tx.Exec(`INSERT INTO blob VALUES (1)`)
+				return err
+			})
+			f := newReplicaFS(t, true)
+			files := src.log.Files()
+			for _, file := range files[:len(files)-1] {
+				if _, err := f.Apply(context.Background(), "bank.db", filepath.Join(src.log.Dir, file.Name), false); err != nil {
+					t.Fatal(err)
+				}
+			}
+			r := startChild(t, "bank-reader-step", filepath.Join(f.MountDir, "bank.db"))
+			step := func() {
+				t.Helper()
+				if _, err := io.WriteString(r.stdin, "go\n"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			step()
+			if blobs := r.mustReadLine(t, "saw"); blobs != 0 {
+				t.Fatalf("the reader saw %d rows in blob before the last file, want 0", blobs)
+			}
+
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			release, err := f.HoldReaders(ctx, "bank.db")
+			if err != nil {
+				t.Fatal(err)
+			}
+			pid := f.LockHolderPid()
+			if pid == 0 || pid == os.Getpid() {
+				release()
+				t.Fatalf("lock holder pid %d: want a child process", pid)
+			}
+			if n := writeLocksOf(t, pid); n == 0 {
+				release()
+				t.Fatalf("/proc/locks has no write lock of the lock holder (pid %d) during a hold", pid)
+			}
+			step()
+			select {
+			case line := <-r.lines:
+				release()
+				t.Fatalf("the reader read during the hold: %q", line)
+			case <-time.After(500 * time.Millisecond):
+			}
+			release()
+			if blobs := r.mustReadLine(t, "saw"); blobs != 0 {
+				t.Fatalf("the read made during the hold saw %d rows in blob, want 0", blobs)
+			}
+			if _, err := f.Apply(ctx, "bank.db", filepath.Join(src.log.Dir, files[len(files)-1].Name), false); err != nil {
+				t.Fatal(err)
+			}
+			step()
+			if blobs := r.mustReadLine(t, "saw"); blobs != 1 {
+				t.Fatalf("the read after the apply saw %d rows in blob, want 1", blobs)
+			}
+			// The holds are over: the lock holder keeps no lock.
+			if n := writeLocksOf(t, pid); n != 0 {
+				t.Fatalf("/proc/locks has %d write locks of the lock holder (pid %d) after the apply", n, pid)
+			}
+			if err := r.stdin.Close(); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// writeLocksOf counts the POSIX write locks of process pid in /proc/locks.
+func writeLocksOf(t *testing.T, pid int) int {
+	t.Helper()
+	n := 0
+	for line := range strings.Lines(string(testingutil.MustReadFile(t, "/proc/locks"))) {
+		f := strings.Fields(line)
+		if len(f) >= 5 && f[1] == "POSIX" && f[3] == "WRITE" && f[4] == strconv.Itoa(pid) {
+			n++
+		}
+	}
+	return n
 }
 
 // TestFileSystem_ApplyExclusiveWriter: a primary's writer in

@@ -121,6 +121,9 @@ type DB struct {
 	// torn is set while an apply that failed part way keeps the readers
 	// out (see ApplyFiles).
 	torn atomic.Pointer[tornApply]
+	// holdFree is when, in Unix nanoseconds, the next kernel-locks hold
+	// of the readers may begin (see holdReadersKernel).
+	holdFree atomic.Int64
 }
 
 // commitMark is where a database's commits stand.

@@ -54,6 +54,16 @@ func (f *FileSystem) HoldReaders(ctx context.Context, name string) (release func
 	return h.release, nil
 }
 
+// LockHolderPid returns the PID of f's running lock holder, 0 if none.
+func (f *FileSystem) LockHolderPid() int {
+	f.holderMu.Lock()
+	defer f.holderMu.Unlock()
+	if f.holder == nil || !f.holder.alive() {
+		return 0
+	}
+	return f.holder.cmd.Process.Pid
+}
+
 // QueuedLocks returns how many lock requests wait in d's lock tables.
 func (d *DB) QueuedLocks() int {
 	n := 0

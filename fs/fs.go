@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"maps"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -50,6 +51,12 @@ type FileSystem struct {
 	// only through a file descriptor on the mount.
 	KernelLocks bool
 
+	// LockHolder returns the command that runs RunLockHolder (regiond runs
+	// itself as "regiond lock-holder"). A replica with KernelLocks needs
+	// it: through it, the applier takes SQLite's locks in the kernel to
+	// hold readers off (see lockholder.go).
+	LockHolder func() *exec.Cmd
+
 	// MaxSpares bounds the spare files kept in DataDir/spare to be written
 	// over instead of created (see ltx.Spares): removed LTX files and
 	// deleted rollback journals go there, new LTX files and journals come
@@ -73,6 +80,9 @@ type FileSystem struct {
 	conn           uint32         // the mount's FUSE connection number
 	notify         sync.WaitGroup // cache notifications sent after a request
 	readOnly       atomic.Bool
+	holderMu       sync.Mutex  // guards holder
+	holder         *lockHolder // the running lock holder, if any
+	holderPid      atomic.Int32
 	// readHoldWarning overrides how long an apply waits for readers
 	// before the log names them (readHoldWarning), for tests.
 	readHoldWarning time.Duration
@@ -357,6 +367,8 @@ func (f *FileSystem) Close(ctx context.Context) error {
 	}
 	f.maintained.Wait()
 	f.notify.Wait()
+	// The lock holder has files open on the mount.
+	f.stopLockHolder()
 	if f.server != nil {
 		if err = f.unmount(ctx); err != nil {
 			return err

@@ -72,6 +72,8 @@ func crashChild(args []string) error {
 			return err
 		}
 		return bankReaderChild(args[1], time.Duration(ms)*time.Millisecond)
+	case len(args) == 1 && args[0] == "lock-holder":
+		return fs.RunLockHolder(os.Stdin, os.Stdout)
 	case len(args) == 2 && args[0] == "bank-reader-step":
 		return bankReaderStepChild(args[1])
 	case len(args) == 4 && args[0] == "daemon":
@@ -385,6 +387,15 @@ type child struct {
 	done   chan struct{} // closed once the process is waited for
 	err    error         // what Wait returned; set before done is closed
 	exited time.Time     // when Wait returned; set before done is closed
+}
+
+// lockHolderCommand runs this test binary as a lock holder
+// (fs.RunLockHolder), for a replica with kernel locks.
+func lockHolderCommand() *exec.Cmd {
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), crashChildEnv+"=lock-holder")
+	cmd.Stderr = os.Stderr
+	return cmd
 }
 
 // startChild starts a child process, killed and waited for at cleanup.

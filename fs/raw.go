@@ -402,7 +402,9 @@ func (f *FileSystem) ioError(n *node, op string, err error) fuse.Status {
 // refuseWrite reports whether the mount is read-only, logging who tried to
 // write (once a minute per process).
 func (f *FileSystem) refuseWrite(c fuse.Caller, op, name string) bool {
-	if !f.readOnly.Load() {
+	if !f.readOnly.Load() || f.isLockHolder(c.Pid) {
+		// The lock holder opens the database for writing to take write
+		// locks; it writes nothing.
 		return false
 	}
 	f.mu.Lock()

@@ -82,8 +82,12 @@ type Config struct {
 // FSConfig tunes the FUSE mount.
 type FSConfig struct {
 	// Locks says who implements SQLite's POSIX locks on the mount's files:
-	// "mount" (the filesystem, so the daemon can hold readers off) or
-	// "kernel" (a system call instead of a FUSE round trip per lock).
+	// "mount" (the filesystem's lock table: a reader that meets an apply
+	// waits for it and goes before the next one, and new readers wait for
+	// a waiting apply) or "kernel" (a system call instead of a FUSE round
+	// trip per lock: reads at the speed of a local file; on a replica a
+	// child process, "regiond lock-holder", takes the applier's locks, and
+	// a reader that meets an apply sleeps in SQLite's busy handler).
 	Locks string `yaml:"locks"`
 	// Passthrough lets the kernel write WAL files straight to disk (FUSE
 	// passthrough, Linux 6.9+) while capture reads them; the daemon falls
@@ -478,9 +482,6 @@ func (c *Config) Validate() error {
 	c.validateReplication(&p)
 	c.validateTLS(&p)
 	p.oneOf("fs.locks", c.FS.Locks, fsLocks)
-	if c.FS.Locks == "kernel" && c.Lease.Type == LeaseStatic && !c.IsPrimary() {
-		p.add("fs.locks: %q is for the primary; a replica needs %q, to hold SQLite's readers off while it applies a transaction", c.FS.Locks, "mount")
-	}
 	p.oneOf("log.level", c.Log.Level, logLevels)
 	p.oneOf("log.format", c.Log.Format, logFormats)
 	if len(p) > 0 {

@@ -280,6 +280,15 @@ func TestConfig_Validate(t *testing.T) {
 			t.Fatalf("got %v, want nil: tls files are not needed with tls.insecure", err)
 		}
 	})
+	t.Run("OKKernelLocksOnReplica", func(t *testing.T) {
+		c := regiond.DefaultConfig()
+		c.Node, c.Region, c.Lease.StaticPrimary = "fra-1", "fra", "iad-1"
+		c.TLS.Insecure = true
+		c.FS.Locks = "kernel"
+		if err := c.Validate(); err != nil {
+			t.Fatalf("got %v, want nil: a replica holds readers off with kernel locks through its lock holder", err)
+		}
+	})
 	t.Run("TLSFiles", func(t *testing.T) {
 		c := regiond.DefaultConfig()
 		c.Node, c.Region, c.Lease.StaticPrimary = "iad-1", "iad", "iad-1"
@@ -431,8 +440,6 @@ func TestValidate_Replication(t *testing.T) {
 	for _, tt := range []struct {
 		name, yaml, want string
 	}{
-		{"KernelLocksOnReplica", "node: fra-1\nregion: fra\nfs: {locks: kernel}\nlease: {static_primary: iad-1}\ntls: {insecure: true}\n",
-			`fs.locks: "kernel" is for the primary; a replica needs "mount"`},
 		{"PeerIsSelf", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:1, peers: [{node: iad-1, region: iad}]}\ntls: {insecure: true}\n",
 			`replication.peers[0].node: "iad-1" is this node`},
 		{"PeerTwice", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:1, peers: [{node: fra-1, region: fra}, {node: fra-1, region: fra}]}\ntls: {insecure: true}\n",

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"log/slog"
+	"os/exec"
 	"time"
 
 	"github.com/meridian-db/meridian/fs"
@@ -20,6 +21,11 @@ type Daemon struct {
 
 	// FS is the FUSE mount; set by Open.
 	FS *fs.FileSystem
+
+	// LockHolder returns the command that runs fs.RunLockHolder, which a
+	// replica with fs.locks: kernel needs (regiond runs itself as
+	// "regiond lock-holder"); see fs.FileSystem.LockHolder.
+	LockHolder func() *exec.Cmd
 
 	repl *replicationNode
 }
@@ -40,6 +46,7 @@ func (d *Daemon) Open(ctx context.Context) error {
 	// Often enough for retention to mean what it says.
 	f.MaintainInterval = min(max(f.Retention/2, time.Second), fs.DefaultMaintainInterval)
 	f.KernelLocks = c.FS.Locks == "kernel"
+	f.LockHolder = d.LockHolder
 	f.Passthrough = c.FS.Passthrough
 	f.Logger = d.Logger.With("component", "fs")
 	primary := c.IsPrimary()

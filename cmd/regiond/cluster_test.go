@@ -82,15 +82,16 @@ func openOnPrimary(t *testing.T, c *testingutil.Cluster, dbs []*clusterDB) {
 // TestCluster_Replicates commits random transactions (schema changes,
 // overflow pages, growth, VACUUM) to a database in each journal mode
 // SQLite uses in production (DELETE, TRUNCATE, PERSIST, WAL) on the
-// primary (with kernel locks) and checks that both replicas
+// primary (with kernel locks) and checks that both replicas (fra-1 with
+// the mount's locks, syd-1 with kernel locks and its lock holder)
 // reach the primary's position, with backing files equal byte for byte,
 // databases SQLite finds intact, the same schema and row counts, and
 // mounts that refuse writes.
 func TestCluster_Replicates(t *testing.T) {
 	t.Parallel()
-	iadKernel := iad
-	iadKernel.Locks = "kernel"
-	c := testingutil.NewCluster(t, regiondCommand, iad.Name, iadKernel, fra, syd)
+	iadKernel, sydKernel := iad, syd
+	iadKernel.Locks, sydKernel.Locks = "kernel", "kernel"
+	c := testingutil.NewCluster(t, regiondCommand, iad.Name, iadKernel, fra, sydKernel)
 	c.Start(t)
 	dbs := []*clusterDB{{name: "delete.db", mode: "delete"}, {name: "truncate.db", mode: "truncate"},
 		{name: "persist.db", mode: "persist"}, {name: "wal.db", mode: "wal"}}
@@ -142,7 +143,11 @@ func TestCluster_Replicates(t *testing.T) {
 // running, having resumed its stream rather than taken a snapshot.
 func TestCluster_ReplicaRestart(t *testing.T) {
 	t.Parallel()
-	c := testingutil.NewCluster(t, regiondCommand, iad.Name, iad, fra, syd)
+	// The victim holds its readers off through a lock holder process,
+	// which must die with it.
+	fraKernel := fra
+	fraKernel.Locks = "kernel"
+	c := testingutil.NewCluster(t, regiondCommand, iad.Name, iad, fraKernel, syd)
 	c.Start(t)
 	victim := c.Node(fra.Name)
 	dbs := []*clusterDB{{name: "delete.db", mode: "delete"}, {name: "wal.db", mode: "wal"}}

@@ -14,6 +14,8 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/meridian-db/meridian/fs"
 )
 
 func main() {
@@ -70,6 +72,11 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runLTX(ctx, args[1:], stdout, stderr)
 	case "ca":
 		return runCA(ctx, args[1:], stdout, stderr)
+	case lockHolderCmd:
+		if len(args) > 1 {
+			return usagef("%s takes no arguments; regiond starts it itself", lockHolderCmd)
+		}
+		return fs.RunLockHolder(os.Stdin, stdout)
 	case "help", "-h", "-help", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil

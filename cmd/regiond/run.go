@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"runtime/pprof"
 	"time"
 
@@ -48,6 +49,7 @@ func runRun(ctx context.Context, args []string, stderr io.Writer) error {
 		defer stop()
 	}
 	d := regiond.NewDaemon(cfg, logger)
+	d.LockHolder = lockHolderCommand
 	if err := d.Open(ctx); err != nil {
 		return err
 	}
@@ -74,3 +76,19 @@ func startCPUProfile(path string) (stop func(), err error) {
 		f.Close()
 	}, nil
 }
+
+// lockHolderCommand runs this binary as the lock holder of a replica with
+// fs.locks: kernel (fs.RunLockHolder).
+func lockHolderCommand() *exec.Cmd {
+	exe, err := os.Executable()
+	if err != nil {
+		exe = os.Args[0]
+	}
+	cmd := exec.Command(exe, lockHolderCmd)
+	cmd.Stderr = os.Stderr
+	return cmd
+}
+
+// lockHolderCmd is the hidden command that runs the lock holder; only
+// regiond itself starts it.
+const lockHolderCmd = "lock-holder"

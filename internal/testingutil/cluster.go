@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -360,12 +361,23 @@ func (n *ClusterNode) Crash(tb TB) {
 // kill kills p with SIGKILL and waits for it to exit. If it has not after
 // ClusterStopTimeout, it aborts the FUSE connection of the node's mount,
 // waits again, and returns an error saying where the process was stuck.
+// The node's child processes (a lock holder) must die with it.
 func (n *ClusterNode) kill(p *clusterProc) error {
 	pid := p.cmd.Process.Pid
 	own := n.ownMountFiles(pid)
+	kids := childPids(pid)
 	_ = p.cmd.Process.Signal(syscall.SIGKILL)
 	select {
 	case <-p.done:
+		for _, kid := range kids {
+			deadline := time.Now().Add(ClusterStopTimeout)
+			for processAlive(kid) {
+				if time.Now().After(deadline) {
+					return fmt.Errorf("%s (pid %d) was killed, but its child process %d still runs %v later", n.Name, pid, kid, ClusterStopTimeout)
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		}
 		return nil
 	case <-time.After(ClusterStopTimeout):
 	}
@@ -427,6 +439,31 @@ func (n *ClusterNode) ownMountFiles(pid int) string {
 		return "none"
 	}
 	return b.String()
+}
+
+// childPids returns the PIDs of the child processes of pid.
+func childPids(pid int) []int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
+	if err != nil {
+		return nil
+	}
+	var kids []int
+	for _, f := range strings.Fields(string(b)) {
+		if kid, err := strconv.Atoi(f); err == nil {
+			kids = append(kids, kid)
+		}
+	}
+	return kids
+}
+
+// processAlive reports whether process pid exists and is not a zombie.
+func processAlive(pid int) bool {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	_, after, ok := bytes.Cut(stat, []byte(") "))
+	return ok && len(after) > 0 && after[0] != 'Z'
 }
 
 // threadStacks returns the state, wait channel and kernel stack of every
