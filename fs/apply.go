@@ -443,10 +443,10 @@ func (f *FileSystem) invalidateShm(d *DB) error {
 // them; they fail and SQLite sleeps and tries again. So that they get in
 // while a primary writes flat out, a hold starts no sooner after the last
 // one ended than that one lasted (at least holdGapMin, at most
-// holdGapMax).
+// holdGapMax), when a process has the database or its -shm open.
 func (f *FileSystem) holdReadersKernel(ctx context.Context, h *readerHold) error {
 	d := h.d
-	if wait := time.Until(time.Unix(0, d.holdFree.Load())); wait > 0 {
+	if wait := time.Until(time.Unix(0, d.holdFree.Load())); wait > 0 && f.readersOpen(d) {
 		t := time.NewTimer(wait)
 		select {
 		case <-t.C:
@@ -461,31 +461,29 @@ func (f *FileSystem) holdReadersKernel(ctx context.Context, h *readerHold) error
 	}
 	h.holder = holder
 	h.began = time.Now()
-	lock := func(name string, create bool, start, end uint64) error {
-		path := filepath.Join(f.MountDir, name)
-		if !slices.Contains(h.paths, path) {
-			h.paths = append(h.paths, path)
+	var reqs []lockRequest
+	if h.wal {
+		// Every WAL lock, one at a time (a reader that finds a READ lock
+		// taken uses another). The -shm is created if no reader made one
+		// yet: one that comes during the hold finds the locks taken.
+		shm := filepath.Join(f.MountDir, d.Name+"-shm")
+		for i := uint64(0); i < walLockCount; i++ {
+			reqs = append(reqs, lockRequest{op: "lock", create: true, start: walLockOffset + i, end: walLockOffset + i, path: shm})
 		}
-		if err := holder.lock(ctx, path, create, start, end); err != nil {
-			return fmt.Errorf("lock bytes %d-%d of %s: %w", start, end, name, err)
+	} else {
+		db := filepath.Join(f.MountDir, d.Name)
+		reqs = []lockRequest{
+			{op: "lock", start: pendingByte, end: pendingByte, path: db},
+			{op: "lock", start: sharedFirst, end: sharedFirst + sharedSize - 1, path: db},
 		}
-		return nil
 	}
+	h.paths = []string{reqs[0].path}
 	warn := time.AfterFunc(f.readHoldEvery(), func() {
 		f.Logger.Warn("an apply waits for read transactions on the mount to end; the replica falls behind meanwhile (their locks are in /proc/locks)",
 			"db", d.Name, "waited", time.Since(h.began).Round(time.Millisecond))
 	})
 	defer warn.Stop()
-	if h.wal {
-		// The -shm is created if no reader made one yet: one that comes
-		// during the hold finds the locks taken.
-		for i := uint64(0); i < walLockCount && err == nil; i++ {
-			err = lock(d.Name+"-shm", true, walLockOffset+i, walLockOffset+i)
-		}
-	} else if err = lock(d.Name, false, pendingByte, pendingByte); err == nil {
-		err = lock(d.Name, false, sharedFirst, sharedFirst+sharedSize-1)
-	}
-	if err != nil {
+	if err := holder.lock(ctx, reqs); err != nil {
 		h.release()
 		return fmt.Errorf("hold readers off: %w", err)
 	}

@@ -628,6 +628,10 @@ func TestFileSystem_ApplyKernelLocks(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
+			// The lock holder's own opens of the files make no reader.
+			if f.ReadersOpen("bank.db") {
+				t.Fatal("readers open before any reader started")
+			}
 			r := startChild(t, "bank-reader-step", filepath.Join(f.MountDir, "bank.db"))
 			step := func() {
 				t.Helper()
@@ -638,6 +642,9 @@ func TestFileSystem_ApplyKernelLocks(t *testing.T) {
 			step()
 			if blobs := r.mustReadLine(t, "saw"); blobs != 0 {
 				t.Fatalf("the reader saw %d rows in blob before the last file, want 0", blobs)
+			}
+			if !f.ReadersOpen("bank.db") {
+				t.Fatal("no reader open while the reader has the database open")
 			}
 
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
@@ -680,7 +687,61 @@ func TestFileSystem_ApplyKernelLocks(t *testing.T) {
 			if err := r.stdin.Close(); err != nil {
 				t.Fatal(err)
 			}
+			testingutil.Within(t, 10*time.Second, "the reader to exit", func() { <-r.done })
+			if r.err != nil {
+				t.Fatalf("reader: %v\n%s", r.err, r.stderr.String())
+			}
+			if f.ReadersOpen("bank.db") {
+				t.Fatal("readers open after the reader exited")
+			}
 		})
+	}
+}
+
+// TestFileSystem_SpareFill: a filesystem keeps SpareFill spare files
+// ready, and makes more once the pool falls below a quarter of it.
+func TestFileSystem_SpareFill(t *testing.T) {
+	dir := t.TempDir()
+	f := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
+	f.Logger = testingutil.Logger(t)
+	f.SpareFill = 64
+	testingutil.MustOpenFS(t, f)
+	spares := func() int {
+		entries, err := os.ReadDir(filepath.Join(f.DataDir, "spare"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(entries)
+	}
+	// Taken spares stay in the directory until their taker renames them.
+	var taken []string
+	waitFor := func(want int) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); f.Spares().Len() != want || spares() != want+len(taken); time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("pool holds %d, directory %d files, want %d and %d", f.Spares().Len(), spares(), want, want+len(taken))
+			}
+		}
+	}
+	waitFor(64)
+	// The filler may still be between its last file and its check
+	// that the pool is full: let it finish.
+	time.Sleep(100 * time.Millisecond)
+	waitFor(64)
+	// Taken down to 16, a quarter: it stays so.
+	for range 48 {
+		taken = append(taken, f.Spares().Take())
+	}
+	time.Sleep(1500 * time.Millisecond) // past the filler's next look
+	if n := f.Spares().Len(); n != 16 {
+		t.Fatalf("pool holds %d after 48 of 64 were taken, want 16: it refills only below a quarter", n)
+	}
+	taken = append(taken, f.Spares().Take())
+	waitFor(64)
+	for _, p := range taken {
+		if _, err := os.Stat(p); err != nil {
+			t.Fatalf("a taken spare is gone: %v", err)
+		}
 	}
 }
 

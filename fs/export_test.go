@@ -64,6 +64,12 @@ func (f *FileSystem) LockHolderPid() int {
 	return f.holder.cmd.Process.Pid
 }
 
+// ReadersOpen reports whether a process other than the lock holder has
+// database name or its -shm open.
+func (f *FileSystem) ReadersOpen(name string) bool {
+	return f.readersOpen(f.DB(name))
+}
+
 // QueuedLocks returns how many lock requests wait in d's lock tables.
 func (d *DB) QueuedLocks() int {
 	n := 0

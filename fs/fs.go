@@ -63,6 +63,14 @@ type FileSystem struct {
 	// from there. 0 keeps none.
 	MaxSpares int
 
+	// SpareFill is how many spare files the filesystem keeps ready: it
+	// creates empty ones in the background when the pool falls below a
+	// quarter of it (see ltx.Spares.Fill). Logs that have removed no file
+	// yet, a new node's or a burst's, then write over spares too. 0 (what
+	// New sets) creates none; regiond sets DefaultSpareFill
+	// (fs.spare_files).
+	SpareFill int
+
 	// Passthrough lets the kernel write WALs straight to their backing
 	// files (FUSE passthrough, Linux 6.9+, as root) while capture scans
 	// them; where the kernel cannot, WAL writes go through the daemon.
@@ -117,6 +125,7 @@ const (
 	DefaultMaintainInterval = time.Minute
 	DefaultCompactAge       = time.Minute
 	DefaultMaxSpares        = 65536
+	DefaultSpareFill        = 4096
 )
 
 // New returns a filesystem of the databases in dataDir, to be mounted at
@@ -307,7 +316,39 @@ func (f *FileSystem) Open(ctx context.Context) error {
 		defer f.maintained.Done()
 		f.maintainLoop(mctx)
 	}()
+	if f.SpareFill > 0 {
+		f.maintained.Add(1)
+		go func() {
+			defer f.maintained.Done()
+			f.fillSpares(mctx)
+		}()
+	}
 	return nil
+}
+
+// fillSpares keeps SpareFill spare files ready: it fills the pool at once,
+// then again whenever it has fallen below a quarter of SpareFill, looking
+// every second.
+func (f *FileSystem) fillSpares(ctx context.Context) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		if f.spares.Len() < max(f.SpareFill/4, 1) {
+			began := time.Now()
+			n, err := f.spares.Fill(ctx, f.SpareFill)
+			if err != nil && ctx.Err() == nil {
+				f.Logger.Warn("create spare files", "err", err)
+			}
+			if n > 0 {
+				f.Logger.Debug("spare files created", "files", n, "took", time.Since(began).Round(time.Millisecond))
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }
 
 func (f *FileSystem) maintainLoop(ctx context.Context) {

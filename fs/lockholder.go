@@ -270,21 +270,30 @@ func (h *lockHolder) send(req lockRequest, wait bool) (chan error, error) {
 	return ch, nil
 }
 
-// lock takes a write lock of bytes start to end of path on the mount,
-// waiting for readers to drop theirs, up to ctx. A lock given up on is
-// still taken when the readers go, until unlock of the same path, which
-// is done after it.
-func (h *lockHolder) lock(ctx context.Context, path string, create bool, start, end uint64) error {
-	ch, err := h.send(lockRequest{op: "lock", create: create, start: start, end: end, path: path}, true)
-	if err != nil {
-		return err
+// lock takes the write locks reqs (op "lock"), one after the other in the
+// holder, each waiting for readers to drop theirs, and waits for all of
+// them up to ctx. Locks given up on are still taken when the readers go,
+// until unlock of the same path, which is done after them.
+func (h *lockHolder) lock(ctx context.Context, reqs []lockRequest) error {
+	replies := make([]chan error, len(reqs))
+	for i, req := range reqs {
+		ch, err := h.send(req, true)
+		if err != nil {
+			return err
+		}
+		replies[i] = ch
 	}
-	select {
-	case err := <-ch:
-		return err
-	case <-ctx.Done():
-		return ctx.Err()
+	for i, ch := range replies {
+		select {
+		case err := <-ch:
+			if err != nil {
+				return err
+			}
+		case <-ctx.Done():
+			return fmt.Errorf("lock bytes %d-%d of %s: %w", reqs[i].start, reqs[i].end, reqs[i].path, ctx.Err())
+		}
 	}
+	return nil
 }
 
 // unlock drops every lock of path, without waiting.
@@ -363,4 +372,26 @@ func (f *FileSystem) isLockHolder(tid uint32) bool {
 	}
 	_, err := os.Stat(fmt.Sprintf("/proc/%d/task/%d", pid, tid))
 	return err == nil
+}
+
+// markLockHolder marks handle fh as the lock holder's if tid is one of its
+// threads. Caller holds f.mu.
+func (f *FileSystem) markLockHolder(fh uint64, tid uint32) {
+	if h := f.handles[fh]; h != nil && f.isLockHolder(tid) {
+		h.holder = true
+		h.node.holderOpens++
+	}
+}
+
+// readersOpen reports whether any process but the lock holder has d's
+// database or -shm open: only then can a reader be waiting to get in.
+func (f *FileSystem) readersOpen(d *DB) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, name := range []string{d.Name, d.Name + "-shm"} {
+		if n := f.names[name]; n != nil && n.opens > n.holderOpens {
+			return true
+		}
+	}
+	return false
 }

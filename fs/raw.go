@@ -110,7 +110,10 @@ type node struct {
 	db      *DB
 	lookups uint64
 	opens   int
-	gone    bool // unlinked
+	// holderOpens counts the opens by the lock holder, which take no
+	// part in reading.
+	holderOpens int
+	gone        bool // unlinked
 
 	// A WAL served by passthrough: the kernel's id of its backing file,
 	// and the opens using it.
@@ -125,6 +128,7 @@ type handle struct {
 	data []byte   // special files: content at open
 	// backing: the open uses the node's passthrough backing file.
 	backing bool
+	holder  bool // opened by the lock holder
 }
 
 // raw implements the FUSE protocol over FileSystem.

@@ -79,6 +79,7 @@ func (r *raw) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string, out
 		return st
 	}
 	out.Fh = f.addHandle(n, file, nil)
+	f.markLockHolder(out.Fh, in.Caller.Pid)
 	out.OpenFlags = openFlags(kind)
 	if kind == kindWAL || kind == kindShm {
 		f.servePassthrough(n, file, out.Fh, &out.OpenOut)
@@ -186,6 +187,7 @@ func (r *raw) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) f
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	out.Fh = f.addHandle(n, file, nil)
+	f.markLockHolder(out.Fh, in.Caller.Pid)
 	out.OpenFlags = openFlags(n.kind)
 	if n.kind == kindWAL || n.kind == kindShm {
 		f.servePassthrough(n, file, out.Fh, out)
@@ -348,6 +350,9 @@ func (r *raw) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {
 			f.releaseWAL(h.node)
 		}
 		h.node.opens--
+		if h.holder {
+			h.node.holderOpens--
+		}
 		f.dropIfUnused(h.node)
 	}
 	f.mu.Unlock()

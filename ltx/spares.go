@@ -1,12 +1,14 @@
 package ltx
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
 	"sync"
+	"time"
 )
 
 // Spares is a pool of files that are no longer needed, kept to be written
@@ -118,6 +120,53 @@ func (s *Spares) Put(path string) error {
 	s.free = append(s.free, name)
 	s.mu.Unlock()
 	return nil
+}
+
+// Fill creates empty spare files until the pool holds n (at most its
+// limit), so that a log that has removed no file yet, on a new node or in
+// a burst, writes over spares too. It creates them in batches and rests
+// after each batch as long as the batch took, so it uses at most half of
+// a CPU; it stops when ctx is done. It returns how many files it created.
+func (s *Spares) Fill(ctx context.Context, n int) (int, error) {
+	if s == nil {
+		return 0, nil
+	}
+	const batch = 32
+	created := 0
+	began := time.Now()
+	for {
+		s.mu.Lock()
+		if len(s.free) >= min(n, s.max) {
+			s.mu.Unlock()
+			return created, nil
+		}
+		s.mu.Unlock()
+		if created > 0 && created%batch == 0 {
+			t := time.NewTimer(time.Since(began))
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return created, ctx.Err()
+			case <-t.C:
+			}
+			began = time.Now()
+		}
+		s.mu.Lock()
+		name := strconv.Itoa(s.next)
+		s.next++
+		s.mu.Unlock()
+		f, err := os.OpenFile(filepath.Join(s.dir, name), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+		if err != nil {
+			return created, fmt.Errorf("spare files: %w", err)
+		}
+		if err := f.Close(); err != nil {
+			return created, fmt.Errorf("spare files: %w", err)
+		}
+		s.mu.Lock()
+		s.free = append(s.free, name)
+		s.mu.Unlock()
+		created++
+	}
 }
 
 func removeIfExists(path string) error {

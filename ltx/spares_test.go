@@ -151,3 +151,58 @@ func TestSpares(t *testing.T) {
 		t.Fatalf("reopened at %s, want %s", l.Pos(), d.log.Pos())
 	}
 }
+
+// TestSpares_Fill checks that Fill creates empty spare files up to the
+// number asked and the pool's limit, that they survive a reopen, and that
+// a done context stops it.
+func TestSpares_Fill(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "spare")
+	s, err := ltx.OpenSpares(dir, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, err := s.Fill(context.Background(), 70); err != nil || n != 70 || s.Len() != 70 {
+		t.Fatalf("Fill(70): created %d, %v; pool holds %d; want 70, nil, 70", n, err, s.Len())
+	}
+	if n, err := s.Fill(context.Background(), 70); err != nil || n != 0 {
+		t.Fatalf("Fill(70) again: created %d, %v; want 0, nil", n, err)
+	}
+	if n, err := s.Fill(context.Background(), 500); err != nil || n != 30 || s.Len() != 100 {
+		t.Fatalf("Fill(500) with a limit of 100: created %d, %v; pool holds %d; want 30, nil, 100", n, err, s.Len())
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil || len(entries) != 100 {
+		t.Fatalf("%s holds %d files (%v), want 100", dir, len(entries), err)
+	}
+	for _, e := range entries {
+		if fi, err := e.Info(); err != nil || !fi.Mode().IsRegular() || fi.Size() != 0 {
+			t.Fatalf("spare %s: %v, %v; want an empty regular file", e.Name(), fi, err)
+		}
+	}
+	// Taken, written and put back, a filled spare is like any other.
+	p := s.Take()
+	if err := os.WriteFile(p, []byte("ltx"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Put(p); err != nil {
+		t.Fatal(err)
+	}
+	again, err := ltx.OpenSpares(dir, 100)
+	if err != nil || again.Len() != 100 {
+		t.Fatalf("reopened pool holds %d (%v), want 100", again.Len(), err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	big, err := ltx.OpenSpares(filepath.Join(t.TempDir(), "spare"), 1000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// It stops at the first rest after ctx is done: after one batch.
+	if n, err := big.Fill(ctx, 1000); err != context.Canceled || n == 0 || n >= 1000 {
+		t.Fatalf("Fill with a cancelled context: created %d, %v; want fewer than 1000, context.Canceled", n, err)
+	}
+	var nilPool *ltx.Spares
+	if n, err := nilPool.Fill(context.Background(), 10); n != 0 || err != nil {
+		t.Fatalf("Fill of a nil pool: %d, %v; want 0, nil", n, err)
+	}
+}

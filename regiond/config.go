@@ -20,6 +20,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/meridian-db/meridian"
+	"github.com/meridian-db/meridian/fs"
 )
 
 // Defaults for keys the configuration file leaves out. lease.static_primary
@@ -93,6 +94,10 @@ type FSConfig struct {
 	// passthrough, Linux 6.9+) while capture reads them; the daemon falls
 	// back to serving WAL writes itself where the kernel cannot.
 	Passthrough bool `yaml:"passthrough"`
+	// SpareFiles is how many spare files the daemon keeps ready to write
+	// LTX files and journals over instead of creating them (see
+	// fs.FileSystem.SpareFill); 0 keeps none ready.
+	SpareFiles int `yaml:"spare_files"`
 }
 
 // LeaseConfig chooses how the write lease (who is primary) is decided.
@@ -206,7 +211,7 @@ func DefaultConfig() Config {
 	return Config{
 		DataDir:  DefaultDataDir,
 		MountDir: DefaultMountDir,
-		FS:       FSConfig{Locks: DefaultFSLocks, Passthrough: true},
+		FS:       FSConfig{Locks: DefaultFSLocks, Passthrough: true, SpareFiles: fs.DefaultSpareFill},
 		Lease:    LeaseConfig{Type: DefaultLeaseType, Candidate: DefaultCandidate},
 		Replication: ReplicationConfig{Retention: Duration(DefaultRetention), MaxRetention: Duration(DefaultMaxRetention), Durability: DefaultDurability,
 			SyncAcks: DefaultSyncAcks, SyncTimeout: Duration(DefaultSyncTimeout), SyncOnTimeout: DefaultSyncOnTimeout},
@@ -482,6 +487,9 @@ func (c *Config) Validate() error {
 	c.validateReplication(&p)
 	c.validateTLS(&p)
 	p.oneOf("fs.locks", c.FS.Locks, fsLocks)
+	if c.FS.SpareFiles < 0 || c.FS.SpareFiles > fs.DefaultMaxSpares {
+		p.add("fs.spare_files: %d is not between 0 and %d", c.FS.SpareFiles, fs.DefaultMaxSpares)
+	}
 	p.oneOf("log.level", c.Log.Level, logLevels)
 	p.oneOf("log.format", c.Log.Format, logFormats)
 	if len(p) > 0 {

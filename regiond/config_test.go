@@ -26,6 +26,7 @@ mount_dir: /mnt/meridian
 fs:
   locks: mount
   passthrough: false
+  spare_files: 100
 lease:
   type: static
   candidate: false
@@ -68,7 +69,7 @@ func TestParseConfig_Defaults(t *testing.T) {
 		Region:   "iad",
 		DataDir:  "/var/lib/meridian",
 		MountDir: "/data",
-		FS:       regiond.FSConfig{Locks: "mount", Passthrough: true},
+		FS:       regiond.FSConfig{Locks: "mount", Passthrough: true, SpareFiles: 4096},
 		Lease:    regiond.LeaseConfig{Type: "static", Candidate: true, StaticPrimary: "iad-1"},
 		Replication: regiond.ReplicationConfig{Retention: regiond.Duration(10 * time.Minute), MaxRetention: regiond.Duration(24 * time.Hour), Durability: "async",
 			SyncAcks: 1, SyncTimeout: regiond.Duration(5 * time.Second), SyncOnTimeout: "fail"},
@@ -90,7 +91,7 @@ func TestParseConfig_Full(t *testing.T) {
 		Region:   "iad",
 		DataDir:  "/srv/meridian",
 		MountDir: "/mnt/meridian",
-		FS:       regiond.FSConfig{Locks: "mount", Passthrough: false},
+		FS:       regiond.FSConfig{Locks: "mount", Passthrough: false, SpareFiles: 100},
 		Lease:    regiond.LeaseConfig{Type: "static", Candidate: false, StaticPrimary: "iad-1"},
 		Replication: regiond.ReplicationConfig{Listen: "127.0.0.1:20210", Peers: []regiond.Peer{
 			{Node: "fra-1", Region: "fra", Addr: "127.0.0.1:20220"}, {Node: "syd-1", Region: "syd"}},
@@ -163,6 +164,8 @@ func TestParseConfig_Errors(t *testing.T) {
 		{"BadLevel", base + "log:\n  level: verbose\n", []string{`log.level: "verbose" is not accepted (use one of: debug, info, warn, error)`}},
 		{"BadFormat", base + "log:\n  format: xml\n", []string{`log.format: "xml" is not accepted (use one of: text, json)`}},
 		{"BadLocks", base + "fs:\n  locks: posix\n", []string{`fs.locks: "posix" is not accepted (use one of: mount, kernel)`}},
+		{"NegativeSpareFiles", base + "fs:\n  spare_files: -1\n", []string{`fs.spare_files: -1 is not between 0 and 65536`}},
+		{"TooManySpareFiles", base + "fs:\n  spare_files: 100000\n", []string{`fs.spare_files: 100000 is not between 0 and 65536`}},
 		{"UnknownKey", base + "replicaton:\n  retention: 1m\n",
 			[]string{`line 3: unknown key "replicaton" (keys: node, region, data_dir, mount_dir, fs, lease, replication, tls, log)`}},
 		{"UnknownNestedKey", base + "replication:\n  retenton: 1m\n", []string{`line 4: unknown key "replication.retenton" (keys under replication: listen, peers, retention, max_retention, durability, sync_acks, sync_regions, sync_timeout, sync_on_timeout)`}},

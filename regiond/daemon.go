@@ -47,6 +47,7 @@ func (d *Daemon) Open(ctx context.Context) error {
 	f.MaintainInterval = min(max(f.Retention/2, time.Second), fs.DefaultMaintainInterval)
 	f.KernelLocks = c.FS.Locks == "kernel"
 	f.LockHolder = d.LockHolder
+	f.SpareFill = c.FS.SpareFiles
 	f.Passthrough = c.FS.Passthrough
 	f.Logger = d.Logger.With("component", "fs")
 	primary := c.IsPrimary()

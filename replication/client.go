@@ -312,6 +312,7 @@ func (c *Client) apply(ctx context.Context, conn ClientConn, db string, files []
 	default:
 		c.Logger.Warn("applying a snapshot from the primary", "db", db, "reason", r.String(), "pos", first.Info.Pos().String())
 	}
+	began := time.Now()
 	pos, err := c.Target.Apply(ctx, db, files)
 	if err != nil {
 		if len(files) == 1 {
@@ -320,6 +321,7 @@ func (c *Client) apply(ctx context.Context, conn ClientConn, db string, files []
 		return fmt.Errorf("apply %d files, %s to %s, to %s: %w", len(files), first.Info.Name, last.Info.Name, db, err)
 	}
 	now := time.Now()
+	c.Logger.Debug("applied", "db", db, "files", len(files), "txid", pos.TXID.String(), "took", now.Sub(began), "behind", now.Sub(last.CommittedAt))
 	c.mu.Lock()
 	if c.status.Applied == nil {
 		c.status.Applied = make(map[string]Applied)

@@ -40,6 +40,7 @@ import (
 	_ "github.com/mattn/go-sqlite3"
 	"golang.org/x/sys/unix"
 
+	"github.com/meridian-db/meridian/fs"
 	"github.com/meridian-db/meridian/internal/testingutil"
 	"github.com/meridian-db/meridian/ltx"
 )
@@ -126,7 +127,10 @@ type row struct {
 	n             int
 	commitRate    float64
 	p50, p99, max time.Duration
-	applyRate     float64 // of the slowest replica
+	// logged: from COMMIT returning on the primary to the transaction's
+	// LTX file in the primary's log.
+	logP50, logP99 time.Duration
+	applyRate      float64 // of the slowest replica
 	// visible: from COMMIT returning on the primary to a reader polling
 	// the first replica through its mount seeing the row; reads: that
 	// reader's queries meanwhile.
@@ -218,9 +222,17 @@ func measureCluster(h *harness, o options, n int, res *results) error {
 	}
 	replicas := c.Nodes[1 : n+1]
 	c.WaitCaughtUp(h, time.Minute, "bench.db")
+	if err := waitSpares(c, time.Minute); err != nil {
+		return err
+	}
+	logged, err := watchApplies(filepath.Join(primary.DataDir, "dbs", "bench.db", "ltx"), true)
+	if err != nil {
+		return err
+	}
+	h.Cleanup(logged.close)
 	var watchers []*applyWatcher
 	for _, r := range replicas {
-		w, err := watchApplies(filepath.Join(r.DataDir, "dbs", "bench.db", "ltx"))
+		w, err := watchApplies(filepath.Join(r.DataDir, "dbs", "bench.db", "ltx"), false)
 		if err != nil {
 			return err
 		}
@@ -233,7 +245,7 @@ func measureCluster(h *harness, o options, n int, res *results) error {
 			count = int(float64(rate) * o.duration.Seconds())
 		}
 		fmt.Fprintf(os.Stderr, "%d replica(s), %s: %d transactions\n", n, rateName(rate), count)
-		r, err := measureRate(h, c, db, watchers, rate, count, o.poll)
+		r, err := measureRate(h, c, db, logged, watchers, rate, count, o.poll)
 		if err != nil {
 			return err
 		}
@@ -253,10 +265,34 @@ func measureCluster(h *harness, o options, n int, res *results) error {
 	return nil
 }
 
+// waitSpares waits until every running node has created its spare files
+// (fs.DefaultSpareFill), as a node that has run for a while has them:
+// measuring while they are created measures the creating.
+func waitSpares(c *testingutil.Cluster, timeout time.Duration) error {
+	began := time.Now()
+	for _, node := range c.Nodes {
+		if !node.Running() {
+			continue
+		}
+		for {
+			entries, err := os.ReadDir(filepath.Join(node.DataDir, "spare"))
+			if err == nil && len(entries) >= fs.DefaultSpareFill {
+				break
+			}
+			if time.Since(began) > timeout {
+				return fmt.Errorf("%s: %d spare files after %v, want %d", node.Name, len(entries), timeout, fs.DefaultSpareFill)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	fmt.Fprintf(os.Stderr, "spare files ready on every node after %v\n", time.Since(began).Round(time.Millisecond))
+	return nil
+}
+
 // measureRate commits count single-row transactions at rate (0: as fast
 // as possible) and measures when each is applied on every replica, and
 // when a reader polling the first replica through its mount sees it.
-func measureRate(h *harness, c *testingutil.Cluster, db *sql.DB, watchers []*applyWatcher, rate, count int, poll bool) (row, error) {
+func measureRate(h *harness, c *testingutil.Cluster, db *sql.DB, logged *applyWatcher, watchers []*applyWatcher, rate, count int, poll bool) (row, error) {
 	primary := c.Node(c.Primary)
 	base, _ := primary.Pos(h, "bench.db")
 	var lastID int64
@@ -280,6 +316,16 @@ func measureRate(h *harness, c *testingutil.Cluster, db *sql.DB, watchers []*app
 		return row{}, fmt.Errorf("primary at txid %v after %d single-row commits from %v, want %v", got, count, base.TXID, want)
 	}
 	r := row{target: rate, n: count, commitRate: float64(count-1) / commits[count-1].Sub(commits[0]).Seconds()}
+	inLog, err := logged.wait(base.TXID+1, base.TXID+ltx.TXID(count), 30*time.Second)
+	if err != nil {
+		return row{}, fmt.Errorf("the primary's log: %w", err)
+	}
+	logLags := make([]time.Duration, count)
+	for i := range count {
+		logLags[i] = inLog[i].Sub(commits[i])
+	}
+	slices.Sort(logLags)
+	r.logP50, r.logP99 = logLags[count/2], logLags[count*99/100]
 	lags := make([]time.Duration, count)
 	r.applyRate = -1
 	for _, w := range watchers {
@@ -518,14 +564,18 @@ func copyFile(src, dst string) error {
 // log directory: the LTX files of a group renamed in, then the .applying
 // marker emptied once their pages are in the database.
 type applyWatcher struct {
-	fd      int
-	mu      sync.Mutex
-	applied map[ltx.TXID]time.Time
-	err     error
-	done    chan struct{}
+	fd       int
+	atRename bool // a transaction counts when its file is renamed in
+	mu       sync.Mutex
+	applied  map[ltx.TXID]time.Time
+	err      error
+	done     chan struct{}
 }
 
-func watchApplies(dir string) (*applyWatcher, error) {
+// watchApplies watches a log directory. With atRename (the primary's log)
+// a transaction counts when its LTX file is renamed in; otherwise (a
+// replica's) when the .applying marker of its group is emptied.
+func watchApplies(dir string, atRename bool) (*applyWatcher, error) {
 	fd, err := unix.InotifyInit1(unix.IN_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("inotify: %w", err)
@@ -534,7 +584,7 @@ func watchApplies(dir string) (*applyWatcher, error) {
 		_ = unix.Close(fd)
 		return nil, fmt.Errorf("watch %s: %w", dir, err)
 	}
-	w := &applyWatcher{fd: fd, applied: make(map[ltx.TXID]time.Time), done: make(chan struct{})}
+	w := &applyWatcher{fd: fd, atRename: atRename, applied: make(map[ltx.TXID]time.Time), done: make(chan struct{})}
 	go w.run()
 	return w, nil
 }
@@ -564,9 +614,15 @@ func (w *applyWatcher) run() {
 				return
 			case ev.Mask&unix.IN_MOVED_TO != 0:
 				if lo, hi, err := ltx.ParseName(name); err == nil {
+					w.mu.Lock()
 					for id := lo; id <= hi; id++ {
-						pending = append(pending, id)
+						if w.atRename {
+							w.applied[id] = now
+						} else {
+							pending = append(pending, id)
+						}
 					}
+					w.mu.Unlock()
 				}
 			case ev.Mask&unix.IN_MODIFY != 0 && name == ".applying" && len(pending) > 0:
 				// Written before the files are renamed in, emptied after
@@ -624,25 +680,26 @@ func ms(d time.Duration) string { return fmt.Sprintf("%.2f", float64(d)/float64(
 
 func printRows(w io.Writer, rows []row) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "system\treplicas\trate\ttx\tcommitted tx/s\tlag p50 ms\tp99 ms\tmax ms\tslowest replica applies tx/s\tapply/commit\tvisible p50 ms\tp99 ms\tmax ms\treads\terrors\tread p50 ms\tp99 ms\tmax ms\t")
+	fmt.Fprintln(tw, "system\treplicas\trate\ttx\tcommitted tx/s\tlogged p50 ms\tp99 ms\tlag p50 ms\tp99 ms\tmax ms\tslowest replica applies tx/s\tapply/commit\tvisible p50 ms\tp99 ms\tmax ms\treads\terrors\tread p50 ms\tp99 ms\tmax ms\t")
 	for _, r := range rows {
 		if r.litefs {
-			fmt.Fprintf(tw, "litefs\t%d\t%s\t%d\t%.0f\t-\t-\t-\t-\t-\t%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t\n", r.replicas, rateName(r.target), r.n, r.commitRate,
+			fmt.Fprintf(tw, "litefs\t%d\t%s\t%d\t%.0f\t-\t-\t-\t-\t-\t-\t-\t%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t\n", r.replicas, rateName(r.target), r.n, r.commitRate,
 				ms(r.visP50), ms(r.visP99), ms(r.visMax), r.reads, r.readErrs, ms(r.readP50), ms(r.readP99), ms(r.readMax))
 			continue
 		}
 		fmt.Fprint(tw, "meridian\t")
 		if r.reads < 0 { // no reader
-			fmt.Fprintf(tw, "%d\t%s\t%d\t%.0f\t%s\t%s\t%s\t%.0f\t%.2f\t-\t-\t-\t-\t-\t-\t-\t-\t\n", r.replicas, rateName(r.target), r.n, r.commitRate,
-				ms(r.p50), ms(r.p99), ms(r.max), r.applyRate, r.applyRate/r.commitRate)
+			fmt.Fprintf(tw, "%d\t%s\t%d\t%.0f\t%s\t%s\t%s\t%s\t%s\t%.0f\t%.2f\t-\t-\t-\t-\t-\t-\t-\t-\t\n", r.replicas, rateName(r.target), r.n, r.commitRate,
+				ms(r.logP50), ms(r.logP99), ms(r.p50), ms(r.p99), ms(r.max), r.applyRate, r.applyRate/r.commitRate)
 			continue
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%d\t%.0f\t%s\t%s\t%s\t%.0f\t%.2f\t%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t\n", r.replicas, rateName(r.target), r.n, r.commitRate,
-			ms(r.p50), ms(r.p99), ms(r.max), r.applyRate, r.applyRate/r.commitRate,
+		fmt.Fprintf(tw, "%d\t%s\t%d\t%.0f\t%s\t%s\t%s\t%s\t%s\t%.0f\t%.2f\t%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t\n", r.replicas, rateName(r.target), r.n, r.commitRate,
+			ms(r.logP50), ms(r.logP99), ms(r.p50), ms(r.p99), ms(r.max), r.applyRate, r.applyRate/r.commitRate,
 			ms(r.visP50), ms(r.visP99), ms(r.visMax), r.reads, r.readErrs, ms(r.readP50), ms(r.readP99), ms(r.readMax))
 	}
 	_ = tw.Flush()
-	fmt.Fprintln(w, "\nlag: from COMMIT returning on the primary to the transaction applied on the farthest replica.")
+	fmt.Fprintln(w, "\nlogged: from COMMIT returning on the primary to the transaction's LTX file in the primary's log.")
+	fmt.Fprintln(w, "lag: from COMMIT returning on the primary to the transaction applied on the farthest replica.")
 	fmt.Fprintln(w, "visible: from COMMIT returning on the primary to a reader polling the first replica through its mount")
 	fmt.Fprintln(w, "(one connection, 5 s busy timeout, SELECT max(id) back to back) seeing the row; reads: that reader's queries.")
 	fmt.Fprintln(w, "apply/commit is meaningful at max rate: below 1, the replicas fall behind a primary committing flat out.")
