@@ -447,6 +447,43 @@ func bankReaderStepChild(path string) error {
 	return in.Err()
 }
 
+// replicaBeforeLastRow makes a source database whose last transaction adds
+// a row to blob, and a replica of it (newReplicaFS) with every file but
+// that last one applied. It returns them and the source's files.
+func replicaBeforeLastRow(t *testing.T, mode string, kernelLocks bool) (*bank, *fs.FileSystem, []ltx.FileInfo) {
+	t.Helper()
+	src := newBank(t, mode)
+	src.tx(func(tx *sql.Tx) error {
+		_, err := tx.Exec(`INSERT INTO blob VALUES (1)`)
+		return err
+	})
+	f := newReplicaFS(t, kernelLocks)
+	files := src.log.Files()
+	for _, file := range files[:len(files)-1] {
+		if _, err := f.Apply(context.Background(), "bank.db", filepath.Join(src.log.Dir, file.Name), false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return src, f, files
+}
+
+// stepReader is a bank-reader-step child on a replica's bank.db: each
+// step makes it run one read transaction and print "saw N", the rows of
+// blob it saw.
+type stepReader struct{ *child }
+
+func startStepReader(t *testing.T, f *fs.FileSystem) stepReader {
+	t.Helper()
+	return stepReader{startChild(t, "bank-reader-step", filepath.Join(f.MountDir, "bank.db"))}
+}
+
+func (r stepReader) step(t *testing.T) {
+	t.Helper()
+	if _, err := io.WriteString(r.stdin, "go\n"); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestFileSystem_ApplyFailsPartWay fills the replica's disk in the middle
 // of an apply (a 2 MiB tmpfs under its data directory, a transaction that
 // grows the database by 4 MiB of zeros, whose LTX file is small): the
@@ -536,28 +573,11 @@ func TestFileSystem_ApplyFailsPartWay(t *testing.T) {
 func TestFileSystem_ApplyQueuesReaders(t *testing.T) {
 	for _, mode := range []string{"delete", "wal"} {
 		t.Run(mode, func(t *testing.T) {
-			src := newBank(t, mode)
 			// The last file, applied while the reader waits, adds a row to
 			// blob.
-			src.tx(func(tx *sql.Tx) error {
-				_, err := tx.Exec(`INSERT INTO blob VALUES (1)`)
-				return err
-			})
-			f := testingutil.MustMount(t)
-			f.SetReadOnly(true)
-			files := src.log.Files()
-			for _, file := range files[:len(files)-1] {
-				if _, err := f.Apply(context.Background(), "bank.db", filepath.Join(src.log.Dir, file.Name), false); err != nil {
-					t.Fatal(err)
-				}
-			}
-			r := startChild(t, "bank-reader-step", filepath.Join(f.MountDir, "bank.db"))
-			step := func() {
-				t.Helper()
-				if _, err := io.WriteString(r.stdin, "go\n"); err != nil {
-					t.Fatal(err)
-				}
-			}
+			src, f, files := replicaBeforeLastRow(t, mode, false)
+			r := startStepReader(t, f)
+			step := func() { r.step(t) }
 			step() // opens the database and reads its schema
 			if blobs := r.mustReadLine(t, "saw"); blobs != 0 {
 				t.Fatalf("the reader saw %d rows in blob before the last file, want 0", blobs)
@@ -616,29 +636,13 @@ func TestFileSystem_ApplyQueuesReaders(t *testing.T) {
 func TestFileSystem_ApplyKernelLocks(t *testing.T) {
 	for _, mode := range []string{"delete", "wal"} {
 		t.Run(mode, func(t *testing.T) {
-			src := newBank(t, mode)
-			src.tx(func(tx *sql.Tx) error {
-				_, err := tx.Exec(`INSERT INTO blob VALUES (1)`)
-				return err
-			})
-			f := newReplicaFS(t, true)
-			files := src.log.Files()
-			for _, file := range files[:len(files)-1] {
-				if _, err := f.Apply(context.Background(), "bank.db", filepath.Join(src.log.Dir, file.Name), false); err != nil {
-					t.Fatal(err)
-				}
-			}
+			src, f, files := replicaBeforeLastRow(t, mode, true)
 			// The lock holder's own opens of the files make no reader.
 			if f.ReadersOpen("bank.db") {
 				t.Fatal("readers open before any reader started")
 			}
-			r := startChild(t, "bank-reader-step", filepath.Join(f.MountDir, "bank.db"))
-			step := func() {
-				t.Helper()
-				if _, err := io.WriteString(r.stdin, "go\n"); err != nil {
-					t.Fatal(err)
-				}
-			}
+			r := startStepReader(t, f)
+			step := func() { r.step(t) }
 			step()
 			if blobs := r.mustReadLine(t, "saw"); blobs != 0 {
 				t.Fatalf("the reader saw %d rows in blob before the last file, want 0", blobs)
@@ -695,6 +699,51 @@ func TestFileSystem_ApplyKernelLocks(t *testing.T) {
 				t.Fatal("readers open after the reader exited")
 			}
 		})
+	}
+}
+
+// TestFileSystem_ApplyLockHolderKilled: a lock holder that dies (killed
+// here between two applies) is replaced at the next apply, which works.
+func TestFileSystem_ApplyLockHolderKilled(t *testing.T) {
+	src := newBank(t, "wal")
+	for range 5 {
+		src.step()
+	}
+	f := newReplicaFS(t, true)
+	files := src.log.Files()
+	apply := func(file ltx.FileInfo) {
+		t.Helper()
+		if _, err := f.Apply(context.Background(), "bank.db", filepath.Join(src.log.Dir, file.Name), false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, file := range files[:3] {
+		apply(file)
+	}
+	first := f.LockHolderPid()
+	if first == 0 {
+		t.Fatal("no lock holder after three applies")
+	}
+	if err := syscall.Kill(first, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); f.LockHolderPid() != 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("lock holder %d still counts as running 10s after SIGKILL", first)
+		}
+	}
+	for _, file := range files[3:] {
+		apply(file)
+	}
+	if second := f.LockHolderPid(); second == 0 || second == first {
+		t.Fatalf("lock holder after the kill: pid %d, want a new one (the killed one was %d)", second, first)
+	}
+	if got := f.DB("bank.db").Pos(); got != src.log.Pos() {
+		t.Fatalf("replica at %s, want %s", got, src.log.Pos())
+	}
+	backing := filepath.Join(f.DataDir, "dbs", "bank.db", "database")
+	if !bytes.Equal(testingutil.MustReadFile(t, backing), testingutil.MustReadFile(t, src.path)) {
+		t.Fatal("the replica's database differs from the source's")
 	}
 }
 

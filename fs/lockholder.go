@@ -176,15 +176,16 @@ func (q lockRequest) do(files map[string]*os.File, mu *sync.Mutex) error {
 
 // lockHolder is the daemon's side of a running lock holder.
 type lockHolder struct {
-	cmd     *exec.Cmd
-	stdin   io.WriteCloser
-	exited  chan struct{} // closed when the process is gone
-	mu      sync.Mutex    // guards what follows
-	next    uint64
-	pending map[uint64]chan error
-	err     error // why the process is gone
-	onError func(lockRequest, error)
-	sent    map[uint64]lockRequest
+	cmd      *exec.Cmd
+	stdin    io.WriteCloser
+	exited   chan struct{} // closed when the process is gone
+	mu       sync.Mutex    // guards what follows
+	next     uint64
+	pending  map[uint64]chan error
+	err      error // why the process is gone
+	stopping bool  // stop was called
+	onError  func(lockRequest, error)
+	sent     map[uint64]lockRequest
 }
 
 // startLockHolder starts cmd as a lock holder. It is killed when the daemon
@@ -238,6 +239,11 @@ func (h *lockHolder) read(stdout io.Reader) {
 	err := h.cmd.Wait()
 	h.mu.Lock()
 	h.err = fmt.Errorf("the lock holder (pid %d) exited: %v", h.cmd.Process.Pid, err)
+	if !h.stopping && h.onError != nil {
+		// Its locks went with it: readers may have come in while an
+		// apply wrote the database.
+		go h.onError(lockRequest{}, h.err)
+	}
 	for id, ch := range h.pending {
 		ch <- h.err
 		delete(h.pending, id)
@@ -315,6 +321,9 @@ func (h *lockHolder) alive() bool {
 // stop kills the process, which drops its locks and closes its files on
 // the mount, and waits for it.
 func (h *lockHolder) stop() {
+	h.mu.Lock()
+	h.stopping = true
+	h.mu.Unlock()
 	_ = h.stdin.Close()
 	_ = h.cmd.Process.Kill()
 	<-h.exited
@@ -336,9 +345,13 @@ func (f *FileSystem) lockHolder() (*lockHolder, error) {
 	default:
 	}
 	if f.holder != nil {
-		f.Logger.Warn("the lock holder exited; starting another", "err", f.holder.err)
+		f.Logger.Info("starting another lock holder", "last", f.holder.err)
 	}
 	h, err := startLockHolder(f.LockHolder(), func(req lockRequest, err error) {
+		if req.op == "" {
+			f.Logger.Error("the lock holder exited on its own: if an apply was under way, readers may have read part of it; the next apply starts another", "err", err)
+			return
+		}
 		f.Logger.Error("the lock holder failed a request", "request", req.String(), "err", err)
 	})
 	if err != nil {
