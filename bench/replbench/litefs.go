@@ -84,7 +84,7 @@ func measureLiteFS(h *harness, o options, bin string) ([]row, error) {
 	}); err != nil {
 		return nil, fmt.Errorf("litefs replica: no .primary on its mount: %w (logs in %s)", err, dir)
 	}
-	db, err := sql.Open("sqlite3", "file:"+filepath.Join(primaryMnt, "bench.db")+"?_journal_mode=wal&_synchronous="+o.sync+"&_busy_timeout=5000")
+	db, err := sql.Open("sqlite3", "file:"+filepath.Join(primaryMnt, "bench.db")+o.writerParams())
 	if err != nil {
 		return nil, err
 	}

@@ -55,6 +55,7 @@ type options struct {
 	poll       bool
 	litefs     string // LiteFS binary to measure beside regiond ("": none)
 	sync       string // the writer's synchronous setting: NORMAL or FULL
+	journal    string // the writer's journal mode: WAL or DELETE
 	cpuProfile string // directory for the regiond processes' CPU profiles ("": none)
 	// replicaLocks is the fs.locks of the replicas and of the joining
 	// node: mount or kernel.
@@ -72,7 +73,8 @@ func main() {
 	flag.StringVar(&replicas, "replicas", "1,3", "replica counts to measure")
 	flag.IntVar(&o.snapshotMB, "snapshot-mb", 100, "size of the database a joining node receives as a snapshot, MB (0: skip)")
 	flag.StringVar(&o.litefs, "litefs", "", "also measure LiteFS, the litefs binary at this path, with one replica (scripts/install-litefs.sh builds v0.5.14)")
-	flag.StringVar(&o.sync, "synchronous", "NORMAL", "the writer's PRAGMA synchronous on the primary: NORMAL or FULL (WAL mode)")
+	flag.StringVar(&o.sync, "synchronous", "NORMAL", "the writer's PRAGMA synchronous on the primary: NORMAL or FULL")
+	flag.StringVar(&o.journal, "journal", "WAL", "the writer's PRAGMA journal_mode on the primary: WAL or DELETE")
 	flag.StringVar(&o.cpuProfile, "cpuprofile", "", "write each regiond's CPU profile to this `dir`ectory, as NODE-REPLICAS.pprof")
 	flag.BoolVar(&o.poll, "poll", true, "poll the first replica with a reader during each rate (false: lag alone, no reader on the replica)")
 	flag.StringVar(&o.replicaLocks, "replica-locks", "mount", "fs.locks of the replicas and of the joining node: mount or kernel (the primary's is kernel)")
@@ -95,6 +97,10 @@ func main() {
 			os.Exit(2)
 		}
 		o.replicas = append(o.replicas, n)
+	}
+	if o.journal != "WAL" && o.journal != "DELETE" {
+		fmt.Fprintf(os.Stderr, "replbench: -journal: %q is not WAL or DELETE\n", o.journal)
+		os.Exit(2)
 	}
 	if o.sync != "NORMAL" && o.sync != "FULL" {
 		fmt.Fprintf(os.Stderr, "replbench: -synchronous: %q is not NORMAL or FULL\n", o.sync)
@@ -158,7 +164,7 @@ func run(o options) (err error) {
 		}
 		h.close()
 	}()
-	fmt.Printf("replbench: %d CPUs, regiond %s, WAL with synchronous=%s on the primary (fs.locks: kernel), replicas with fs.locks: %s\n\n", runtime.NumCPU(), o.regiond, o.sync, o.replicaLocks)
+	fmt.Printf("replbench: %d CPUs, regiond %s, %s with synchronous=%s on the primary (fs.locks: kernel), replicas with fs.locks: %s\n\n", runtime.NumCPU(), o.regiond, o.journal, o.sync, o.replicaLocks)
 	var res results
 	for _, n := range o.replicas {
 		if err := measureCluster(h, o, n, &res); err != nil {
@@ -211,7 +217,7 @@ func measureCluster(h *harness, o options, n int, res *results) error {
 		}
 	}
 	primary := c.Node(primarySpec.Name)
-	db, err := sql.Open("sqlite3", "file:"+filepath.Join(primary.MountDir, "bench.db")+"?_journal_mode=wal&_synchronous="+o.sync+"&_busy_timeout=5000")
+	db, err := sql.Open("sqlite3", "file:"+filepath.Join(primary.MountDir, "bench.db")+o.writerParams())
 	if err != nil {
 		return err
 	}
@@ -263,6 +269,11 @@ func measureCluster(h *harness, o options, n int, res *results) error {
 		}
 	}
 	return nil
+}
+
+// writerParams returns the query parameters of the writer's database name.
+func (o options) writerParams() string {
+	return "?_journal_mode=" + o.journal + "&_synchronous=" + o.sync + "&_busy_timeout=5000"
 }
 
 // waitSpares waits until every running node has created its spare files
