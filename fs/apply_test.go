@@ -747,6 +747,30 @@ func TestFileSystem_ApplyLockHolderKilled(t *testing.T) {
 	}
 }
 
+// TestFileSystem_ChildrenWithoutFUSEConnection: a child process started
+// after a mount (as the lock holder is) must not inherit the /dev/fuse
+// descriptor. One that did would keep the connection alive after the
+// daemon died, and its exit would hang for good in the FLUSH of a file
+// it had open on the mount.
+func TestFileSystem_ChildrenWithoutFUSEConnection(t *testing.T) {
+	testingutil.MustMount(t)
+	c := startChild(t, "lock-holder")
+	dir := fmt.Sprintf("/proc/%d/fd", c.cmd.Process.Pid)
+	fds, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, fd := range fds {
+		if target, _ := os.Readlink(filepath.Join(dir, fd.Name())); target == "/dev/fuse" {
+			t.Fatalf("the child's fd %s is /dev/fuse: it inherited the mount's FUSE connection", fd.Name())
+		}
+	}
+	if err := c.stdin.Close(); err != nil {
+		t.Fatal(err)
+	}
+	testingutil.Within(t, 10*time.Second, "the child to exit", func() { <-c.done })
+}
+
 // TestFileSystem_SpareFill: a filesystem keeps SpareFill spare files
 // ready, and makes more once the pool falls below a quarter of it.
 func TestFileSystem_SpareFill(t *testing.T) {

@@ -283,6 +283,11 @@ func (f *FileSystem) Open(ctx context.Context) error {
 		f.closeDBs()
 		return fmt.Errorf("mount %s: %w (is fuse3 installed and %s not already mounted? try: fusermount3 -u %s)", f.MountDir, err, f.MountDir, f.MountDir)
 	}
+	// The lock holder, and any child regiond starts, must not inherit the
+	// FUSE connection (see fusectl.CloseOnExec).
+	if err := fusectl.CloseOnExec(); err != nil {
+		f.Logger.Warn("child processes inherit the FUSE connection; one killed with a file open on the mount may hang", "err", err)
+	}
 	f.server = server
 	dbs := len(f.dbs) // read before requests can change it
 	f.served = make(chan struct{})

@@ -6,6 +6,8 @@ import (
 
 	gofs "github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"github.com/meridian-db/meridian/internal/fusectl"
 )
 
 // mountPassthrough mounts data at mnt with go-fuse's loopback filesystem,
@@ -37,6 +39,11 @@ func mountPassthrough(data, mnt string) (unmount func() error, err error) {
 	})
 	if err != nil {
 		return nil, fmt.Errorf("passthrough mount at %s: %w (is fuse3 installed?)", mnt, err)
+	}
+	// The regiond fsbench starts must not inherit this mount's connection.
+	if err := fusectl.CloseOnExec(); err != nil {
+		_ = server.Unmount()
+		return nil, err
 	}
 	return server.Unmount, nil
 }

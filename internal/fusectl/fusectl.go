@@ -208,3 +208,27 @@ func IsDead(err error) bool {
 func (m Mount) String() string {
 	return fmt.Sprintf("%s (FUSE connection %d)", m.Point, m.Conn)
 }
+
+// CloseOnExec marks every /dev/fuse descriptor of this process
+// close-on-exec. go-fuse opens /dev/fuse without O_CLOEXEC when it mounts
+// by itself (as root), so every child process would inherit the FUSE
+// connection: a child with files open on the mount then keeps the
+// connection alive after the server dies, and its exit hangs for good in
+// the FLUSH it sends to a connection nobody serves. Call it after each
+// mount, before starting a child process.
+func CloseOnExec() error {
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return fmt.Errorf("list this process's file descriptors: %w", err)
+	}
+	for _, e := range entries {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if target, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && target == "/dev/fuse" {
+			syscall.CloseOnExec(fd)
+		}
+	}
+	return nil
+}

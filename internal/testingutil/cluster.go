@@ -441,29 +441,46 @@ func (n *ClusterNode) ownMountFiles(pid int) string {
 	return b.String()
 }
 
-// childPids returns the PIDs of the child processes of pid.
+// childPids returns the PIDs of the child processes of pid: each thread
+// lists the children it started.
 func childPids(pid int) []int {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
 	if err != nil {
 		return nil
 	}
 	var kids []int
-	for _, f := range strings.Fields(string(b)) {
-		if kid, err := strconv.Atoi(f); err == nil {
-			kids = append(kids, kid)
+	for _, task := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", pid, task.Name()))
+		if err != nil {
+			continue
+		}
+		for _, f := range strings.Fields(string(b)) {
+			if kid, err := strconv.Atoi(f); err == nil {
+				kids = append(kids, kid)
+			}
 		}
 	}
 	return kids
 }
 
-// processAlive reports whether process pid exists and is not a zombie.
+// processAlive reports whether process pid exists and has a thread that
+// is not a zombie: a process whose exit hangs (in the FLUSH of a file on a
+// FUSE mount nobody serves) shows a zombie leader and a thread in D.
 func processAlive(pid int) bool {
-	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
 	if err != nil {
 		return false
 	}
-	_, after, ok := bytes.Cut(stat, []byte(") "))
-	return ok && len(after) > 0 && after[0] != 'Z'
+	for _, task := range tasks {
+		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/stat", pid, task.Name()))
+		if err != nil {
+			continue
+		}
+		if _, after, ok := bytes.Cut(stat, []byte(") ")); ok && len(after) > 0 && after[0] != 'Z' {
+			return true
+		}
+	}
+	return false
 }
 
 // threadStacks returns the state, wait channel and kernel stack of every
