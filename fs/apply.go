@@ -309,11 +309,15 @@ type readerHold struct {
 // ones out: in rollback-journal mode with the PENDING byte, which stops new
 // SHARED locks, then the SHARED range of the database file; in WAL mode
 // with every WAL lock of the -shm file, one at a time (a reader that finds
-// a READ lock taken uses another). It needs the mount to implement locks.
+// a READ lock taken uses another). With kernel locks the lock holder takes
+// them (holdReadersKernel).
 func (f *FileSystem) holdReaders(ctx context.Context, d *DB) (*readerHold, error) {
 	h := &readerHold{f: f, d: d, wal: walMode(d.file)}
 	if f.KernelLocks {
-		return h, f.holdReadersKernel(ctx, h)
+		if err := f.holdReadersKernel(ctx, h); err != nil {
+			return nil, err
+		}
+		return h, nil
 	}
 	lock := func(t *LockTable, start, end uint64) error {
 		if errno := t.Lock(ctx, daemonLockOwner, uint32(os.Getpid()), syscall.F_WRLCK, start, end); errno != 0 {
@@ -478,11 +482,25 @@ func (f *FileSystem) holdReadersKernel(ctx context.Context, h *readerHold) error
 		}
 	}
 	h.paths = []string{reqs[0].path}
-	warn := time.AfterFunc(f.readHoldEvery(), func() {
+	// Named in the log, again and again while it lasts; the kernel keeps
+	// the readers' locks (/proc/locks lists them).
+	every := f.readHoldEvery()
+	var (
+		warn *time.Timer
+		held atomic.Bool
+	)
+	warn = time.AfterFunc(every, func() {
+		if held.Load() {
+			return
+		}
 		f.Logger.Warn("an apply waits for read transactions on the mount to end; the replica falls behind meanwhile (their locks are in /proc/locks)",
 			"db", d.Name, "waited", time.Since(h.began).Round(time.Millisecond))
+		warn.Reset(every)
 	})
-	defer warn.Stop()
+	defer func() {
+		held.Store(true)
+		warn.Stop()
+	}()
 	if err := holder.lock(ctx, reqs); err != nil {
 		h.release()
 		return fmt.Errorf("hold readers off: %w", err)

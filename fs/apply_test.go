@@ -820,11 +820,20 @@ func TestFileSystem_SpareFill(t *testing.T) {
 
 // writeLocksOf counts the POSIX write locks of process pid in /proc/locks.
 func writeLocksOf(t *testing.T, pid int) int {
+	return locksOf(t, pid, "WRITE")
+}
+
+// readLocksOf counts the POSIX read locks of process pid in /proc/locks.
+func readLocksOf(t *testing.T, pid int) int {
+	return locksOf(t, pid, "READ")
+}
+
+func locksOf(t *testing.T, pid int, typ string) int {
 	t.Helper()
 	n := 0
 	for line := range strings.Lines(string(testingutil.MustReadFile(t, "/proc/locks"))) {
 		f := strings.Fields(line)
-		if len(f) >= 5 && f[1] == "POSIX" && f[3] == "WRITE" && f[4] == strconv.Itoa(pid) {
+		if len(f) >= 5 && f[1] == "POSIX" && f[3] == typ && f[4] == strconv.Itoa(pid) {
 			n++
 		}
 	}
@@ -912,9 +921,22 @@ func TestFileSystem_ApplyExclusiveWriter(t *testing.T) {
 }
 
 // TestFileSystem_ApplyLongReader: an apply held off by a read transaction
-// on the mount says so in the log, naming the reader's process, while it
-// waits (every 100 ms here; 5 s by default).
+// on the mount says so in the log, while it waits (every 100 ms here; 5 s
+// by default): naming the reader's process with the mount's locks.
 func TestFileSystem_ApplyLongReader(t *testing.T) {
+	for _, kernel := range []bool{false, true} {
+		name := "mount-locks"
+		if kernel {
+			name = "kernel-locks"
+		}
+		t.Run(name, func(t *testing.T) { testApplyLongReader(t, kernel) })
+	}
+}
+
+// testApplyLongReader is TestFileSystem_ApplyLongReader with the mount's
+// locks or, with kernel, the kernel's: the log cannot name the readers
+// then, it points to /proc/locks.
+func testApplyLongReader(t *testing.T, kernel bool) {
 	src := newBank(t, "delete")
 	src.step()
 	var logged lockedBuffer
@@ -922,6 +944,9 @@ func TestFileSystem_ApplyLongReader(t *testing.T) {
 	f := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
 	f.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil))
 	f.SetReadHoldWarning(100 * time.Millisecond)
+	if kernel {
+		f.KernelLocks, f.LockHolder = true, lockHolderCommand
+	}
 	testingutil.MustOpenFS(t, f)
 	f.SetReadOnly(true)
 	files := src.log.Files()
@@ -936,7 +961,13 @@ func TestFileSystem_ApplyLongReader(t *testing.T) {
 	r.mustReadLine(t, "ready")
 	// Apply while the reader is in a transaction.
 	d := f.DB("bank.db")
-	for deadline := time.Now().Add(10 * time.Second); len(d.Locks.Locks()) == 0; {
+	locked := func() bool {
+		if kernel {
+			return readLocksOf(t, r.cmd.Process.Pid) > 0
+		}
+		return len(d.Locks.Locks()) > 0
+	}
+	for deadline := time.Now().Add(10 * time.Second); !locked(); {
 		if time.Now().After(deadline) {
 			t.Fatal("the reader took no lock in 10s")
 		}
@@ -948,6 +979,9 @@ func TestFileSystem_ApplyLongReader(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := fmt.Sprintf("reader_pids=[%d]", r.cmd.Process.Pid)
+	if kernel {
+		want = "/proc/locks"
+	}
 	var warned bool
 	for line := range strings.SplitSeq(logged.String(), "\n") {
 		if strings.Contains(line, "an apply waits for read transactions") && strings.Contains(line, want) {
@@ -955,6 +989,6 @@ func TestFileSystem_ApplyLongReader(t *testing.T) {
 		}
 	}
 	if !warned {
-		t.Fatalf("no warning naming the reader (%s) in the log:\n%s", want, logged.String())
+		t.Fatalf("no warning with %q in the log:\n%s", want, logged.String())
 	}
 }
