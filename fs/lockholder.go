@@ -30,7 +30,11 @@ import (
 // Unlike the mount's own lock table (fs.locks: mount), the kernel gives a
 // waiting writer no preference and lets no reader wait: a reader that
 // meets a hold fails its lock and SQLite sleeps and tries again. The
-// applier therefore leaves readers a gap after every hold (holdGap).
+// applier therefore leaves readers a gap after every hold, while any
+// process has the database open (holdReadersKernel, holdGapMin and
+// holdGapMax). The holder must not inherit the daemon's FUSE connection
+// (see fusectl.CloseOnExec): killed with the daemon, it would keep the
+// connection alive and hang in the FLUSH of its own files.
 //
 // The protocol is one line per request, "ID OP CREATE START END PATH"
 // (OP lock or unlock; CREATE 1 to create the file if needed; PATH last,
