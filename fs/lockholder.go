@@ -159,23 +159,18 @@ func (q lockRequest) do(files map[string]*os.File, mu *sync.Mutex) error {
 		files[q.path] = f
 		mu.Unlock()
 	}
-	lk := syscall.Flock_t{Type: syscall.F_UNLCK, Whence: 0}
+	cmd, lk := syscall.F_SETLK, syscall.Flock_t{Type: syscall.F_UNLCK}
 	if q.op == "lock" {
-		lk = syscall.Flock_t{Type: syscall.F_WRLCK, Start: int64(q.start), Len: int64(q.end - q.start + 1)}
+		cmd, lk = syscall.F_SETLKW, syscall.Flock_t{Type: syscall.F_WRLCK, Start: int64(q.start), Len: int64(q.end - q.start + 1)}
 	}
-	cmd := syscall.F_SETLK
-	if q.op == "lock" {
-		cmd = syscall.F_SETLKW
+	err := syscall.FcntlFlock(f.Fd(), cmd, &lk)
+	for err == syscall.EINTR {
+		err = syscall.FcntlFlock(f.Fd(), cmd, &lk)
 	}
-	for {
-		err := syscall.FcntlFlock(f.Fd(), cmd, &lk)
-		if err != syscall.EINTR {
-			if err != nil {
-				return fmt.Errorf("%s bytes %d-%d of %s: %w", q.op, q.start, q.end, q.path, err)
-			}
-			return nil
-		}
+	if err != nil {
+		return fmt.Errorf("%s bytes %d-%d of %s: %w", q.op, q.start, q.end, q.path, err)
 	}
+	return nil
 }
 
 // lockHolder is the daemon's side of a running lock holder.
