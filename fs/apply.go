@@ -69,6 +69,13 @@ func (f *FileSystem) ApplyFiles(ctx context.Context, name string, paths []string
 	}
 	// After an apply that failed part way, the readers are still held off.
 	torn := d.torn.Swap(nil)
+	if torn == nil && f.readOnly.Load() {
+		if hdr, err := firstHeader(paths[0], opts.Verified); err != nil {
+			return nil, fmt.Errorf("apply to %s: %w", name, err)
+		} else if f.framesApply(d, hdr) {
+			return f.applyFrames(ctx, d, paths, opts, hdr.PageSize)
+		}
+	}
 	var hold *readerHold
 	if torn != nil {
 		hold = torn.hold
@@ -84,6 +91,14 @@ func (f *FileSystem) ApplyFiles(ctx context.Context, name string, paths []string
 	lopts := ltx.ApplyOptions{Move: opts.Move, Verified: opts.Verified}
 	if opts.KeepLost {
 		lopts.LostDir = filepath.Join(f.DataDir, "lost", name)
+	}
+	// Frames the applier wrote to the WAL go into the database file first,
+	// while no reader is in.
+	d.mu.Lock()
+	folded, err := d.foldWAL()
+	d.mu.Unlock()
+	if err != nil {
+		return nil, fmt.Errorf("apply to %s: %w", name, err)
 	}
 	var before int64
 	if st, err := os.Stat(d.path(databaseFile)); err == nil {
@@ -112,7 +127,7 @@ func (f *FileSystem) ApplyFiles(ctx context.Context, name string, paths []string
 	// After a snapshot, or a page size that changed within the group, all
 	// of the file is dropped from the cache; after a failed apply too, as
 	// the applies since wrote pages the cache still holds.
-	all := infos[0].Header.IsSnapshot() || slices.ContainsFunc(infos, func(i ltx.FileInfo) bool { return i.Header.PageSize != pageSize })
+	all := infos[0].Header.IsSnapshot() || slices.ContainsFunc(infos, func(i ltx.FileInfo) bool { return i.Header.PageSize != pageSize }) || len(folded) > 0
 	if torn != nil {
 		if infos[len(infos)-1].Pos().TXID < torn.until && !infos[0].Header.IsSnapshot() {
 			// Pages of the failed group past this one may still be in
@@ -146,6 +161,28 @@ func (f *FileSystem) ApplyFiles(ctx context.Context, name string, paths []string
 		return nil, fmt.Errorf("apply to %s: tell WAL readers: %w", name, err)
 	}
 	return infos, nil
+}
+
+// firstHeader returns the header of the LTX file at path: from verified,
+// the caller's description of it, if given.
+func firstHeader(path string, verified []ltx.FileInfo) (ltx.Header, error) {
+	if len(verified) > 0 {
+		return verified[0].Header, nil
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return ltx.Header{}, err
+	}
+	defer func() { _ = f.Close() }()
+	b := make([]byte, 100) // an LTX header
+	if _, err := io.ReadFull(f, b); err != nil {
+		return ltx.Header{}, fmt.Errorf("read the header of %s: %w", path, err)
+	}
+	var h ltx.Header
+	if err := h.UnmarshalBinary(b); err != nil {
+		return ltx.Header{}, fmt.Errorf("%s: %w", path, err)
+	}
+	return h, nil
 }
 
 // dbForApply returns database name, created empty if it does not exist.
@@ -349,7 +386,7 @@ func (f *FileSystem) holdReaders(ctx context.Context, d *DB) (*readerHold, error
 		}
 		var pids []uint32
 		for _, l := range t.Locks() {
-			if l.Owner != daemonLockOwner && !slices.Contains(pids, l.Pid) {
+			if l.Owner != daemonLockOwner && l.Owner != dmsLockOwner && !slices.Contains(pids, l.Pid) {
 				pids = append(pids, l.Pid)
 			}
 		}
@@ -525,8 +562,13 @@ func (f *FileSystem) readHoldEvery() time.Duration {
 // release lets readers go on.
 func (h *readerHold) release() {
 	if h.holder != nil {
+		var start, end uint64 // all of the database file's locks
+		if h.wal {
+			// Not the DMS byte, which the applier of WAL frames holds.
+			start, end = walLockOffset, walLockOffset+walLockCount-1
+		}
 		for _, p := range h.paths {
-			if err := h.holder.unlock(p); err != nil {
+			if err := h.holder.unlock(p, start, end); err != nil {
 				h.f.Logger.Error("drop the lock holder's locks", "db", h.d.Name, "file", p, "err", err)
 			}
 		}

@@ -121,6 +121,7 @@ func TestFileSystem_Apply(t *testing.T) {
 				src.step()
 			}
 			f := newReplicaFS(t, tc.kernel)
+			f.SetCheckpointFrames(20)
 			ctx := context.Background()
 			files := src.log.Files()
 			// The first files make the database and its tables (in WAL mode
@@ -202,10 +203,6 @@ func TestFileSystem_Apply(t *testing.T) {
 			if pos := testingutil.MustReadFile(t, filepath.Join(f.MountDir, "bank.db-pos")); !bytes.Contains(pos, []byte(src.log.Pos().String())) {
 				t.Fatalf("bank.db-pos says %q, want %s", pos, src.log.Pos())
 			}
-			backing := filepath.Join(f.DataDir, "dbs", "bank.db", "database")
-			if !bytes.Equal(testingutil.MustReadFile(t, backing), testingutil.MustReadFile(t, src.path)) {
-				t.Fatal("the replica's database differs from the source's")
-			}
 			// A fresh reader through the mount sees the last transaction.
 			db, err := sql.Open("sqlite3", "file:"+filepath.Join(f.MountDir, "bank.db"))
 			if err != nil {
@@ -230,6 +227,24 @@ func TestFileSystem_Apply(t *testing.T) {
 			var ok string
 			if err := db.QueryRow(`PRAGMA integrity_check`).Scan(&ok); err != nil || ok != "ok" {
 				t.Fatalf("integrity_check: %q, %v", ok, err)
+			}
+			if mode == "wal" {
+				// Applied as WAL frames, checkpointed and started over
+				// along the way.
+				frames, done, gens := f.WALFrames("bank.db")
+				if frames == 0 || done > frames || gens < 3 {
+					t.Fatalf("the replica's WAL holds %d frames, %d checkpointed, in its generation %d; want several generations", frames, done, gens)
+				}
+				// A replica made writable copies its WAL into the database
+				// file first.
+				f.SetReadOnly(false)
+				if b := testingutil.MustReadFile(t, filepath.Join(f.DataDir, "dbs", "bank.db", "wal")); len(b) != 0 {
+					t.Fatalf("the WAL holds %d bytes after the replica became writable", len(b))
+				}
+			}
+			backing := filepath.Join(f.DataDir, "dbs", "bank.db", "database")
+			if !bytes.Equal(testingutil.MustReadFile(t, backing), testingutil.MustReadFile(t, src.path)) {
+				t.Fatal("the replica's database differs from the source's")
 			}
 		})
 	}
@@ -600,18 +615,43 @@ func TestFileSystem_ApplyQueuesReaders(t *testing.T) {
 				time.Sleep(time.Millisecond)
 			}
 			// The hold ends and the apply of the last file begins at once:
-			// the reader, queued first, reads before it.
+			// the reader, queued first, reads before it. In WAL mode an
+			// apply holds no reader off (it appends WAL frames); the next
+			// hold (a snapshot's, or a replica's that becomes writable) is
+			// taken instead, and kept until the read is done.
 			release()
-			applied := make(chan error, 1)
+			applied, readDone := make(chan error, 1), make(chan struct{})
+			var once sync.Once
+			done := func() { once.Do(func() { close(readDone) }) }
+			defer done()
 			go func() {
+				if mode == "wal" {
+					release, err := f.HoldReaders(ctx, "bank.db")
+					if err == nil {
+						select {
+						case <-readDone:
+						case <-ctx.Done():
+						}
+						release()
+					}
+					applied <- err
+					return
+				}
 				_, err := f.Apply(ctx, "bank.db", filepath.Join(src.log.Dir, files[len(files)-1].Name), false)
 				applied <- err
 			}()
-			if blobs := r.mustReadLine(t, "saw"); blobs != 0 {
+			blobs := r.mustReadLine(t, "saw")
+			done()
+			if blobs != 0 {
 				t.Fatalf("the queued read saw %d rows in blob, want 0: the apply went first", blobs)
 			}
 			if err := <-applied; err != nil {
 				t.Fatal(err)
+			}
+			if mode == "wal" {
+				if _, err := f.Apply(ctx, "bank.db", filepath.Join(src.log.Dir, files[len(files)-1].Name), false); err != nil {
+					t.Fatal(err)
+				}
 			}
 			step()
 			if blobs := r.mustReadLine(t, "saw"); blobs != 1 {
@@ -741,6 +781,8 @@ func TestFileSystem_ApplyLockHolderKilled(t *testing.T) {
 	if got := f.DB("bank.db").Pos(); got != src.log.Pos() {
 		t.Fatalf("replica at %s, want %s", got, src.log.Pos())
 	}
+	// Made writable, the replica copies the WAL it wrote into the file.
+	f.SetReadOnly(false)
 	backing := filepath.Join(f.DataDir, "dbs", "bank.db", "database")
 	if !bytes.Equal(testingutil.MustReadFile(t, backing), testingutil.MustReadFile(t, src.path)) {
 		t.Fatal("the replica's database differs from the source's")

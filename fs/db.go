@@ -124,6 +124,16 @@ type DB struct {
 	// holdFree is when, in Unix nanoseconds, the next kernel-locks hold
 	// of the readers may begin (see holdReadersKernel).
 	holdFree atomic.Int64
+
+	// applied is what the applier knows of a WAL it writes as frames
+	// (see apply_wal.go), walGenerations how many it started, walFenced
+	// whether the backing WAL is immutable (fenceWAL); guarded by mu.
+	// dmsHolder is the lock holder holding the -shm's DMS byte for the
+	// applier.
+	applied        appliedWAL
+	walGenerations uint64
+	walFenced      bool
+	dmsHolder      atomic.Pointer[lockHolder]
 }
 
 // commitMark is where a database's commits stand.
@@ -903,6 +913,10 @@ func (d *DB) closeFiles() {
 	if d.wal.file != nil {
 		_ = d.wal.file.Close()
 		d.wal.file = nil
+	}
+	if d.applied.shm != nil {
+		_ = d.applied.shm.Close()
+		d.applied.shm = nil
 	}
 	if d.file != nil {
 		_ = d.file.Close()

@@ -84,3 +84,17 @@ func (d *DB) QueuedLocks() int {
 // SetReadHoldWarning sets how long an apply waits for readers before the
 // log names them.
 func (f *FileSystem) SetReadHoldWarning(d time.Duration) { f.readHoldWarning = d }
+
+// SetCheckpointFrames sets how many frames a replica's WAL holds before a
+// checkpoint copies them into the database file.
+func (f *FileSystem) SetCheckpointFrames(n uint32) { f.checkpointFrames = n }
+
+// WALFrames returns how many frames the WAL of database name holds, how
+// many of them are in the database file, and how many WAL generations the
+// applier has started.
+func (f *FileSystem) WALFrames(name string) (frames, checkpointed uint32, generations uint64) {
+	d := f.DB(name)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return uint32(d.wal.mxFrame), d.applied.backfill, d.walGenerations
+}

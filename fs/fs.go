@@ -94,7 +94,9 @@ type FileSystem struct {
 	// readHoldWarning overrides how long an apply waits for readers
 	// before the log names them (readHoldWarning), for tests.
 	readHoldWarning time.Duration
-	mounted         time.Time
+	// checkpointFrames overrides walFoldFrames, for tests.
+	checkpointFrames uint32
+	mounted          time.Time
 
 	mu      sync.Mutex
 	dbs     map[string]*DB
@@ -585,6 +587,13 @@ func (f *FileSystem) dbList() []*DB {
 // (which WAL-mode readers write) work as before, so open readers are not
 // disturbed.
 func (f *FileSystem) SetReadOnly(readOnly bool) {
+	if !readOnly && f.readOnly.Load() {
+		// Before apps may write: they would append to the WAL the applier
+		// wrote, which capture cannot tell from its own.
+		for _, d := range f.dbList() {
+			f.foldForWriting(d)
+		}
+	}
 	if f.readOnly.Swap(readOnly) != readOnly {
 		f.Logger.Info("mount mode changed", "read_only", readOnly)
 		// Page 1 is served with another change counter on a read-only

@@ -37,7 +37,10 @@ import (
 // connection alive and hang in the FLUSH of its own files.
 //
 // The protocol is one line per request, "ID OP CREATE START END PATH"
-// (OP lock or unlock; CREATE 1 to create the file if needed; PATH last,
+// (OP lock, share, try or unlock: lock and share wait for a write or read
+// lock, try takes a write lock or fails at once with an error starting
+// "busy", unlock drops the bytes, or every lock of the file when START and
+// END are 0; CREATE 1 to create the file if needed; PATH last,
 // to the end of the line), and one line per reply, "ID ok" or
 // "ID error MESSAGE". Requests for one path run in the order they came,
 // each after the one before has finished: POSIX locks belong to the
@@ -125,8 +128,10 @@ func parseLockRequest(line string) (lockRequest, error) {
 		return q, fmt.Errorf("request %q: ID: %w", line, err)
 	}
 	q.op, q.create, q.path = f[1], f[2] == "1", f[5]
-	if q.op != "lock" && q.op != "unlock" {
-		return q, fmt.Errorf("request %q: OP %q is neither lock nor unlock", line, q.op)
+	switch q.op {
+	case "lock", "try", "share", "unlock":
+	default:
+		return q, fmt.Errorf("request %q: OP %q is not lock, try, share or unlock", line, q.op)
 	}
 	if q.start, err = strconv.ParseUint(f[3], 10, 63); err != nil {
 		return q, fmt.Errorf("request %q: START: %w", line, err)
@@ -159,19 +164,35 @@ func (q lockRequest) do(files map[string]*os.File, mu *sync.Mutex) error {
 		files[q.path] = f
 		mu.Unlock()
 	}
-	cmd, lk := syscall.F_SETLK, syscall.Flock_t{Type: syscall.F_UNLCK}
-	if q.op == "lock" {
-		cmd, lk = syscall.F_SETLKW, syscall.Flock_t{Type: syscall.F_WRLCK, Start: int64(q.start), Len: int64(q.end - q.start + 1)}
+	lk := syscall.Flock_t{Type: syscall.F_WRLCK, Start: int64(q.start), Len: int64(q.end - q.start + 1)}
+	cmd := syscall.F_SETLKW
+	switch q.op {
+	case "try":
+		cmd = syscall.F_SETLK
+	case "share":
+		lk.Type = syscall.F_RDLCK
+	case "unlock":
+		cmd, lk.Type = syscall.F_SETLK, syscall.F_UNLCK
+		if q.start == 0 && q.end == 0 {
+			lk.Len = 0 // the whole file
+		}
 	}
 	err := syscall.FcntlFlock(f.Fd(), cmd, &lk)
 	for err == syscall.EINTR {
 		err = syscall.FcntlFlock(f.Fd(), cmd, &lk)
+	}
+	if q.op == "try" && (err == syscall.EAGAIN || err == syscall.EACCES) {
+		return errors.New(errLockBusy)
 	}
 	if err != nil {
 		return fmt.Errorf("%s bytes %d-%d of %s: %w", q.op, q.start, q.end, q.path, err)
 	}
 	return nil
 }
+
+// errLockBusy is the lock holder's reply to a try that another process's
+// lock keeps out.
+const errLockBusy = "busy: another process holds a lock over the bytes"
 
 // lockHolder is the daemon's side of a running lock holder.
 type lockHolder struct {
@@ -302,8 +323,8 @@ func (h *lockHolder) lock(ctx context.Context, reqs []lockRequest) error {
 }
 
 // unlock drops every lock of path, without waiting.
-func (h *lockHolder) unlock(path string) error {
-	_, err := h.send(lockRequest{op: "unlock", path: path}, false)
+func (h *lockHolder) unlock(path string, start, end uint64) error {
+	_, err := h.send(lockRequest{op: "unlock", path: path, start: start, end: end}, false)
 	return err
 }
 

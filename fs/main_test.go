@@ -41,6 +41,8 @@ import (
 //	watch DIR MASK SUFFIX NTH PID     kill PID at an inotify event in DIR
 //	reader PATH                       read the SQLite database PATH every 2 ms until killed
 //	bank-reader PATH MS               read transactions of MS ms on bank.db at PATH, back to back, until killed
+//	bank-reader-step PATH             one read transaction of bank.db at PATH per line on stdin
+//	bank-reader-tx PATH               begin, read in or end one read transaction of bank.db at PATH, as stdin says
 //
 // Paths must not contain spaces (t.TempDir's do not).
 const crashChildEnv = "MERIDIAN_FS_CRASH_CHILD"
@@ -76,6 +78,8 @@ func crashChild(args []string) error {
 		return fs.RunLockHolder(os.Stdin, os.Stdout)
 	case len(args) == 2 && args[0] == "bank-reader-step":
 		return bankReaderStepChild(args[1])
+	case len(args) == 2 && args[0] == "bank-reader-tx":
+		return bankReaderTxChild(args[1])
 	case len(args) == 4 && args[0] == "daemon":
 		return daemonChild(args[1], args[2], args[3])
 	case len(args) == 6 && args[0] == "watch":

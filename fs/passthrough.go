@@ -338,6 +338,7 @@ func (d *DB) fenceWAL(fenced bool) error {
 	if err := setImmutable(d.wal.file, fenced); err != nil {
 		return fmt.Errorf("WAL of %s: %w", d.Name, err)
 	}
+	d.walFenced = fenced
 	return d.scanWAL(context.Background())
 }
 

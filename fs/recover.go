@@ -46,6 +46,20 @@ func (d *DB) recover(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if d.walApplied() {
+		// Frames the applier of a replica wrote: their transactions are
+		// in the log already. Into the database file with them, before
+		// anything reads it.
+		d.setCommitted(txs)
+		pgnos, err := d.foldWAL()
+		if err != nil {
+			return fmt.Errorf("copy the WAL the replica wrote into the database file: %w", err)
+		}
+		d.logger.Info("copied the WAL the replica wrote into the database file", "transactions", len(txs), "pages", len(pgnos))
+		txs = nil
+	} else if err := os.Remove(d.path(walAppliedFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
 	logged := d.loggedWALTxs(txs, last.Header)
 	d.setCommitted(txs[:logged])
 	if err := d.log.Open(ctx); err != nil {

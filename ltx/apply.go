@@ -123,7 +123,7 @@ func (l *Log) ApplyFiles(ctx context.Context, paths []string, opts ApplyOptions)
 	} else {
 		table = table.Clone()
 	}
-	pgnos, err := l.applyToDatabase(ctx, infos, table, pos, true)
+	pgnos, err := l.applyToDatabase(ctx, infos, table, pos, true, opts.Target)
 	if err != nil {
 		return nil, nil, &PartlyAppliedError{Err: err, MaxTXID: infos[len(infos)-1].Header.MaxTXID}
 	}
@@ -162,6 +162,19 @@ type ApplyOptions struct {
 	// read again before they are installed; applying them still checks
 	// their file checksums and the database checksum they leave.
 	Verified []FileInfo
+	// Target, if set, receives the group's pages in place of the database
+	// file: its Sync is called once every file of the group has been
+	// written through it and checked, and the group is applied when Sync
+	// returns nil. A crash before that leaves the group to Open, which
+	// finishes it in the database file.
+	Target ApplyTarget
+}
+
+// ApplyTarget is what ApplyFiles writes a group's pages through in place of
+// the database file (see ApplyOptions.Target).
+type ApplyTarget interface {
+	DatabaseFile
+	Sync() error
 }
 
 // setAside takes every file out of the log directory ahead of a snapshot:
@@ -346,12 +359,16 @@ func removeTemps(temps []*tempFile) {
 // check, only the last file must leave the database at its post-apply
 // checksum: a crash in the middle of a group leaves pages of later files
 // in the database, which earlier ones do not account for.
-func (l *Log) applyToDatabase(ctx context.Context, infos []FileInfo, table *ChecksumTable, pos Pos, check bool) ([]uint32, error) {
-	db, err := os.OpenFile(l.DBPath, os.O_RDWR|os.O_CREATE, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("apply %s to %s: %w", infos[0].Name, l.Name, err)
+func (l *Log) applyToDatabase(ctx context.Context, infos []FileInfo, table *ChecksumTable, pos Pos, check bool, target ApplyTarget) ([]uint32, error) {
+	db := target
+	if db == nil {
+		f, err := os.OpenFile(l.DBPath, os.O_RDWR|os.O_CREATE, 0o644)
+		if err != nil {
+			return nil, fmt.Errorf("apply %s to %s: %w", infos[0].Name, l.Name, err)
+		}
+		defer func() { _ = f.Close() }()
+		db = f
 	}
-	defer func() { _ = db.Close() }()
 	var pgnos []uint32
 	for i := range infos {
 		p, err := l.applyLogFile(ctx, db, &infos[i], table, pos, check || i == len(infos)-1)
@@ -454,7 +471,7 @@ func (l *Log) rollForward(ctx context.Context, t *ChecksumTable) (bool, error) {
 	if dry.Checksum() != last.PostApplyChecksum || dry.Pages() != last.Header.Commit {
 		return false, nil
 	}
-	if _, err := l.applyToDatabase(ctx, group, t, group[0].PreApplyPos(), false); err != nil {
+	if _, err := l.applyToDatabase(ctx, group, t, group[0].PreApplyPos(), false, nil); err != nil {
 		return false, err
 	}
 	_ = os.Truncate(l.path(applyingName), 0)

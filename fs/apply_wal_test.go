@@ -1,0 +1,453 @@
+package fs_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"database/sql"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meridian-db/meridian/fs"
+	"github.com/meridian-db/meridian/internal/testingutil"
+)
+
+// bankReaderTxChild keeps one read transaction of bank.db at path open as
+// its stdin says: "begin" begins one, "read" reads in it, "end" ends it and
+// reads after it. After each it prints "saw N", N the rows of table blob
+// it read, having checked the accounts' total. It exits at EOF or at the
+// first error.
+func bankReaderTxChild(path string) error {
+	db, err := sql.Open("sqlite3", fmt.Sprintf("file:%s?_busy_timeout=5000", path))
+	if err != nil {
+		return err
+	}
+	defer func() { _ = db.Close() }()
+	db.SetMaxOpenConns(1)
+	type querier interface {
+		QueryRow(string, ...any) *sql.Row
+	}
+	read := func(q querier) (int, error) {
+		var sum, n, blobs int
+		if err := q.QueryRow(`SELECT sum(balance), count(*) FROM accounts`).Scan(&sum, &n); err != nil {
+			return 0, err
+		}
+		if sum != accountsSum || n != accounts {
+			return 0, fmt.Errorf("sum %d of %d accounts, want %d of %d", sum, n, accountsSum, accounts)
+		}
+		err := q.QueryRow(`SELECT count(*) FROM blob`).Scan(&blobs)
+		return blobs, err
+	}
+	var tx *sql.Tx
+	in := bufio.NewScanner(os.Stdin)
+	for in.Scan() {
+		var q querier = db
+		switch in.Text() {
+		case "begin":
+			if tx, err = db.Begin(); err != nil {
+				return err
+			}
+			q = tx
+		case "read":
+			q = tx
+		case "end":
+			if err := tx.Rollback(); err != nil {
+				return err
+			}
+		default:
+			return fmt.Errorf("unknown command %q", in.Text())
+		}
+		blobs, err := read(q)
+		if err != nil {
+			return err
+		}
+		if _, err := fmt.Println("saw", blobs); err != nil {
+			return err
+		}
+	}
+	return in.Err()
+}
+
+// TestFileSystem_ApplyWALLongReader: on a replica, a WAL-mode database is
+// applied as WAL frames. A read transaction in another process that stays
+// open never holds an apply off, and keeps reading the snapshot it began
+// with; checkpoints copy only the frames it does not need, and the log
+// says the WAL grows because of it; once it ends, the checkpoint catches
+// up, and the database equals the source's.
+func TestFileSystem_ApplyWALLongReader(t *testing.T) {
+	for _, kernel := range []bool{false, true} {
+		name := "mount-locks"
+		if kernel {
+			name = "kernel-locks"
+		}
+		t.Run(name, func(t *testing.T) { testApplyWALLongReader(t, kernel) })
+	}
+}
+
+func testApplyWALLongReader(t *testing.T, kernel bool) {
+	src := newBank(t, "wal")
+	addBlob := func() {
+		src.tx(func(tx *sql.Tx) error {
+			_, err := tx.Exec(`INSERT INTO blob VALUES (randomblob(5000))`)
+			return err
+		})
+	}
+	addBlob()
+	var logged lockedBuffer
+	dir := t.TempDir()
+	f := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
+	f.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil))
+	if kernel {
+		f.KernelLocks, f.LockHolder = true, lockHolderCommand
+	}
+	f.SetCheckpointFrames(10)
+	f.SetReadOnly(true)
+	testingutil.MustOpenFS(t, f)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	applied := 0
+	applyNew := func() {
+		t.Helper()
+		files := src.log.Files()
+		for _, file := range files[applied:] {
+			// An apply that waited for the reader would end with ctx.
+			if _, err := f.Apply(ctx, "bank.db", filepath.Join(src.log.Dir, file.Name), false); err != nil {
+				t.Fatal(err)
+			}
+		}
+		applied = len(files)
+	}
+	applyNew()
+
+	r := startChild(t, "bank-reader-tx", filepath.Join(f.MountDir, "bank.db"))
+	say := func(cmd string) int64 {
+		t.Helper()
+		if _, err := io.WriteString(r.stdin, cmd+"\n"); err != nil {
+			t.Fatal(err)
+		}
+		return r.mustReadLine(t, "saw")
+	}
+	if n := say("begin"); n != 1 {
+		t.Fatalf("the reader's transaction began with %d rows in blob, want 1", n)
+	}
+	snapshot, _, _ := f.WALFrames("bank.db")
+	for i := range 40 {
+		addBlob()
+		src.step()
+		applyNew()
+		if i%10 == 0 {
+			if n := say("read"); n != 1 {
+				t.Fatalf("after %d more rows were applied the reader's transaction reads %d rows in blob, want 1", i+1, n)
+			}
+		}
+	}
+	frames, done, _ := f.WALFrames("bank.db")
+	if done > snapshot || frames < 10*10 {
+		t.Fatalf("the WAL has %d frames, %d checkpointed; the reader's snapshot ends at frame %d", frames, done, snapshot)
+	}
+	if !strings.Contains(logged.String(), "keep the WAL from being checkpointed") {
+		t.Fatalf("no warning that readers keep the WAL from being checkpointed in the log:\n%s", logged.String())
+	}
+	if n := say("read"); n != 1 {
+		t.Fatalf("the reader's transaction reads %d rows in blob at its end, want 1", n)
+	}
+	blobs := func() int64 {
+		t.Helper()
+		var n int64
+		if err := src.db.QueryRow(`SELECT count(*) FROM blob`).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	if n, want := say("end"), blobs(); n != want {
+		t.Fatalf("after its transaction the reader reads %d rows in blob, want %d", n, want)
+	}
+	addBlob()
+	applyNew()
+	if frames, done, _ := f.WALFrames("bank.db"); done != frames {
+		t.Fatalf("with the reader's transaction over, %d of %d frames are checkpointed", done, frames)
+	}
+	if n, want := say("begin"), blobs(); n != want {
+		t.Fatalf("a new transaction reads %d rows in blob, want %d", n, want)
+	}
+	if n, want := say("end"), blobs(); n != want {
+		t.Fatalf("after its transaction the reader reads %d rows in blob, want %d", n, want)
+	}
+	if err := r.stdin.Close(); err != nil {
+		t.Fatal(err)
+	}
+	testingutil.Within(t, 10*time.Second, "the reader to exit", func() { <-r.done })
+	if r.err != nil {
+		t.Fatalf("reader: %v\n%s", r.err, r.stderr.String())
+	}
+	f.SetReadOnly(false)
+	backing := filepath.Join(f.DataDir, "dbs", "bank.db", "database")
+	if !bytes.Equal(testingutil.MustReadFile(t, backing), testingutil.MustReadFile(t, src.path)) {
+		t.Fatal("the replica's database differs from the source's")
+	}
+}
+
+// TestFileSystem_ApplyWALLeavesWAL: a transaction that takes a replicated
+// database out of WAL mode is applied into the database file, after the
+// frames of the WAL, while a reader in another process reads before and
+// after it; later transactions in rollback-journal mode follow.
+func TestFileSystem_ApplyWALLeavesWAL(t *testing.T) {
+	src := newBank(t, "wal")
+	for range 30 {
+		src.step()
+	}
+	f := newReplicaFS(t, false)
+	applied := 0
+	applyNew := func() {
+		t.Helper()
+		files := src.log.Files()
+		for _, file := range files[applied:] {
+			if _, err := f.Apply(context.Background(), "bank.db", filepath.Join(src.log.Dir, file.Name), false); err != nil {
+				t.Fatal(err)
+			}
+		}
+		applied = len(files)
+	}
+	applyNew()
+	if frames, _, _ := f.WALFrames("bank.db"); frames == 0 {
+		t.Fatal("no WAL frames on the replica after 30 transactions in WAL mode")
+	}
+	r := startStepReader(t, f)
+	r.step(t)
+	r.mustReadLine(t, "saw")
+
+	before := testingutil.MustReadFile(t, src.path)
+	if _, err := src.db.Exec(`PRAGMA journal_mode=DELETE`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := testingutil.CommitChanged(src.log, before, testingutil.MustReadFile(t, src.path)); err != nil {
+		t.Fatal(err)
+	}
+	applyNew()
+	var want int64
+	count := func() int64 {
+		t.Helper()
+		if err := src.db.QueryRow(`SELECT count(*) FROM blob`).Scan(&want); err != nil {
+			t.Fatal(err)
+		}
+		return want
+	}
+	r.step(t)
+	if n, want := r.mustReadLine(t, "saw"), count(); n != want {
+		t.Fatalf("after the switch the reader sees %d rows in blob, want %d", n, want)
+	}
+	if frames, _, _ := f.WALFrames("bank.db"); frames != 0 {
+		t.Fatalf("the WAL still has %d frames in rollback-journal mode", frames)
+	}
+	// A connection that opened the database in WAL mode keeps its SHARED
+	// lock of the database file while it lives, in any mode: the
+	// rollback-journal applies that follow would wait for it (as they
+	// would on the primary, where the switch itself waits for it).
+	if err := r.stdin.Close(); err != nil {
+		t.Fatal(err)
+	}
+	testingutil.Within(t, 10*time.Second, "the reader to exit", func() { <-r.done })
+	if r.err != nil {
+		t.Fatalf("reader: %v\n%s", r.err, r.stderr.String())
+	}
+	src.wal = false
+	for range 20 {
+		src.step()
+	}
+	applyNew()
+	r = startStepReader(t, f)
+	r.step(t)
+	if n, want := r.mustReadLine(t, "saw"), count(); n != want {
+		t.Fatalf("the reader sees %d rows in blob, want %d", n, want)
+	}
+	backing := filepath.Join(f.DataDir, "dbs", "bank.db", "database")
+	if !bytes.Equal(testingutil.MustReadFile(t, backing), testingutil.MustReadFile(t, src.path)) {
+		t.Fatal("the replica's database differs from the source's")
+	}
+	if err := r.stdin.Close(); err != nil {
+		t.Fatal(err)
+	}
+	testingutil.Within(t, 10*time.Second, "the reader to exit", func() { <-r.done })
+}
+
+// TestFileSystem_ApplyWALRestart: a daemon that starts with a WAL its
+// replica applier wrote copies it into the database file before anything
+// reads it, whether it starts as a replica again, which then applies on,
+// or as the primary, which must not take the frames for transactions of
+// its own.
+func TestFileSystem_ApplyWALRestart(t *testing.T) {
+	for _, primary := range []bool{false, true} {
+		name := "replica"
+		if primary {
+			name = "primary"
+		}
+		t.Run(name, func(t *testing.T) {
+			src := newBank(t, "wal")
+			for range 40 {
+				src.step()
+			}
+			f := newReplicaFS(t, false)
+			f.SetCheckpointFrames(1 << 30)
+			for _, file := range src.log.Files() {
+				if _, err := f.Apply(context.Background(), "bank.db", filepath.Join(src.log.Dir, file.Name), false); err != nil {
+					t.Fatal(err)
+				}
+			}
+			frames, done, _ := f.WALFrames("bank.db")
+			if frames == 0 || done != 0 {
+				t.Fatalf("the replica's WAL has %d frames, %d checkpointed; want frames, none checkpointed", frames, done)
+			}
+			files := len(f.DB("bank.db").Log().Files())
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			if err := f.Close(ctx); err != nil {
+				t.Fatal(err)
+			}
+
+			var logged lockedBuffer
+			again := fs.New(f.DataDir, f.MountDir)
+			again.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil))
+			again.SetReadOnly(!primary)
+			testingutil.MustOpenFS(t, again)
+			if !strings.Contains(logged.String(), "copied the WAL the replica wrote into the database file") {
+				t.Fatalf("no word of the replica's WAL in the log:\n%s", logged.String())
+			}
+			d := again.DB("bank.db")
+			if got := d.Pos(); got != src.log.Pos() {
+				t.Fatalf("after the restart the database is at %s, want %s", got, src.log.Pos())
+			}
+			if got := len(d.Log().Files()); got != files {
+				t.Fatalf("after the restart the log has %d files, before it %d", got, files)
+			}
+			backing := filepath.Join(again.DataDir, "dbs", "bank.db", "database")
+			if !bytes.Equal(testingutil.MustReadFile(t, backing), testingutil.MustReadFile(t, src.path)) {
+				t.Fatal("after the restart the replica's database file differs from the source's")
+			}
+			if b := testingutil.MustReadFile(t, filepath.Join(again.DataDir, "dbs", "bank.db", "wal")); len(b) != 0 {
+				t.Fatalf("after the restart the WAL holds %d bytes", len(b))
+			}
+			if primary {
+				return
+			}
+			n := len(src.log.Files())
+			for range 10 {
+				src.step()
+			}
+			for _, file := range src.log.Files()[n:] {
+				if _, err := again.Apply(context.Background(), "bank.db", filepath.Join(src.log.Dir, file.Name), false); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var want int64
+			if err := src.db.QueryRow(`SELECT count(*) FROM blob`).Scan(&want); err != nil {
+				t.Fatal(err)
+			}
+			r := startStepReader(t, again)
+			r.step(t)
+			if got := r.mustReadLine(t, "saw"); got != want {
+				t.Fatalf("after the restart a reader sees %d rows in blob, want %d", got, want)
+			}
+			if err := r.stdin.Close(); err != nil {
+				t.Fatal(err)
+			}
+			testingutil.Within(t, 10*time.Second, "the reader to exit", func() { <-r.done })
+		})
+	}
+}
+
+// TestFileSystem_ApplyWALSnapshot: a snapshot applied to a replica whose
+// WAL holds frames replaces the database, WAL included, under a hold of
+// the readers; a reader in another process then reads the snapshot, and
+// frames follow it again.
+func TestFileSystem_ApplyWALSnapshot(t *testing.T) {
+	src := newBank(t, "wal")
+	for range 30 {
+		src.step()
+	}
+	f := newReplicaFS(t, true)
+	f.SetCheckpointFrames(1 << 30)
+	for _, file := range src.log.Files() {
+		if _, err := f.Apply(context.Background(), "bank.db", filepath.Join(src.log.Dir, file.Name), false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if frames, _, _ := f.WALFrames("bank.db"); frames == 0 {
+		t.Fatal("no WAL frames on the replica")
+	}
+	r := startStepReader(t, f)
+	r.step(t)
+	r.mustReadLine(t, "saw")
+
+	// The source moves on; the replica gets a snapshot of it.
+	for range 30 {
+		src.step()
+	}
+	snap := filepath.Join(t.TempDir(), "snapshot.ltx")
+	out, err := os.Create(snap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	db, err := os.Open(src.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if _, err := src.log.Snapshot(context.Background(), out, db); err != nil {
+		t.Fatal(err)
+	}
+	if err := out.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Apply(context.Background(), "bank.db", snap, false); err != nil {
+		t.Fatal(err)
+	}
+	if frames, _, _ := f.WALFrames("bank.db"); frames != 0 {
+		t.Fatalf("the WAL holds %d frames after the snapshot", frames)
+	}
+	count := func() int64 {
+		t.Helper()
+		var n int64
+		if err := src.db.QueryRow(`SELECT count(*) FROM blob`).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	r.step(t)
+	if n, want := r.mustReadLine(t, "saw"), count(); n != want {
+		t.Fatalf("after the snapshot the reader sees %d rows in blob, want %d", n, want)
+	}
+	n := len(src.log.Files())
+	for range 10 {
+		src.step()
+	}
+	for _, file := range src.log.Files()[n:] {
+		if _, err := f.Apply(context.Background(), "bank.db", filepath.Join(src.log.Dir, file.Name), false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if frames, _, _ := f.WALFrames("bank.db"); frames == 0 {
+		t.Fatal("no WAL frames after the snapshot and 10 transactions")
+	}
+	r.step(t)
+	if n, want := r.mustReadLine(t, "saw"), count(); n != want {
+		t.Fatalf("the reader sees %d rows in blob, want %d", n, want)
+	}
+	if err := r.stdin.Close(); err != nil {
+		t.Fatal(err)
+	}
+	testingutil.Within(t, 10*time.Second, "the reader to exit", func() { <-r.done })
+	if r.err != nil {
+		t.Fatalf("reader: %v\n%s", r.err, r.stderr.String())
+	}
+	f.SetReadOnly(false)
+	backing := filepath.Join(f.DataDir, "dbs", "bank.db", "database")
+	if !bytes.Equal(testingutil.MustReadFile(t, backing), testingutil.MustReadFile(t, src.path)) {
+		t.Fatal("the replica's database differs from the source's")
+	}
+}
