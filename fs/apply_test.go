@@ -326,13 +326,13 @@ func TestFileSystem_SetAcked(t *testing.T) {
 // TestFileSystem_ApplyOverlappingReaders applies a primary's WAL-mode
 // transactions to a replica while two processes read it in transactions
 // of 50 ms, back to back, the second started half a transaction after the
-// first, so that one of them always holds SQLite's read lock. An apply
-// that waited for a moment when neither holds it would wait until their
-// phases drift together (0.3 to 3.6 s for the first apply, in three runs
-// here); once the apply waits, new read transactions wait for it
-// (LockTable; TestLockTable_WriterWaitsFirst checks the rule itself), so
-// it gets in within one of theirs. Every apply must end, and the readers,
-// checking the invariant in every transaction, must never fail.
+// first, so that one of them always holds SQLite's read lock. The applies
+// are WAL frames, which wait for no reader (an apply into the database
+// file, which must wait for a moment when neither reads, gets in within
+// one of their transactions: once it waits, new read transactions wait
+// for it; TestLockTable_WriterWaitsFirst checks that rule). Every apply
+// must end, and the readers, checking the invariant in every transaction,
+// must never fail.
 func TestFileSystem_ApplyOverlappingReaders(t *testing.T) {
 	src := newBank(t, "wal")
 	for range 60 {

@@ -351,20 +351,21 @@ func checkpointAll(t *testing.T, dbs []*clusterDB) {
 }
 
 // checkReplicas checks every replica of c, at the positions pos: its
-// backing file of each database is the primary's byte for byte, and
+// backing file of each database, with the WAL frames it applied copied
+// in, is the primary's byte for byte, and
 // through its mount SQLite finds the database intact, with the primary's
 // schema and row counts.
 func checkReplicas(t *testing.T, c *testingutil.Cluster, dbs []*clusterDB, pos map[string]meridian.Pos) {
 	t.Helper()
 	primary := c.Node(c.Primary)
 	for _, d := range dbs {
-		wantSum := testingutil.FileSHA256(t, primary.BackingFile(d.name))
+		wantSum := testingutil.DatabaseSHA256(t, primary.BackingFile(d.name))
 		want := summarize(t, d.db)
 		for _, n := range c.Nodes {
 			if n == primary {
 				continue
 			}
-			if got := testingutil.FileSHA256(t, n.BackingFile(d.name)); got != wantSum {
+			if got := testingutil.DatabaseSHA256(t, n.BackingFile(d.name)); got != wantSum {
 				t.Fatalf("%s: %s backing file at %v: got sha256 %s, want %s, the primary's", n.Name, d.name, pos[d.name], got, wantSum)
 			}
 			r := openOnReplica(t, n, d.name)
@@ -446,7 +447,7 @@ func summarize(t *testing.T, db *sql.DB) dbSummary {
 // EACCES), and that it is unchanged after both.
 func checkReadOnly(t *testing.T, n *testingutil.ClusterNode, db string, pos meridian.Pos) {
 	t.Helper()
-	sum := testingutil.FileSHA256(t, n.BackingFile(db))
+	sum := testingutil.DatabaseSHA256(t, n.BackingFile(db))
 	r := openOnReplica(t, n, db)
 	if _, err := r.Exec(`CREATE TABLE written_on_replica (x)`); err == nil {
 		t.Fatalf("%s: %s: CREATE TABLE through the replica's mount: got no error, want the write refused", n.Name, db)
@@ -464,7 +465,7 @@ func checkReadOnly(t *testing.T, n *testingutil.ClusterNode, db string, pos meri
 	if got, _ := n.Pos(t, db); got != pos {
 		t.Fatalf("%s: %s after the refused writes: got position %v, want %v", n.Name, db, got, pos)
 	}
-	if got := testingutil.FileSHA256(t, n.BackingFile(db)); got != sum {
+	if got := testingutil.DatabaseSHA256(t, n.BackingFile(db)); got != sum {
 		t.Fatalf("%s: %s after the refused writes: backing file changed (sha256 %s, was %s)", n.Name, db, got, sum)
 	}
 }

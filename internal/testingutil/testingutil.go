@@ -115,6 +115,43 @@ func FileSHA256(tb TB, path string) string {
 	return hex.EncodeToString(sum[:])
 }
 
+// DatabaseSHA256 returns the SHA-256 of the database whose backing file is
+// path (data_dir/dbs/<name>/database), as SQLite reads it: with the
+// committed frames of the backing WAL next to it, which a replica appends
+// its transactions to, copied in by SQLite itself, in a copy.
+func DatabaseSHA256(tb TB, path string) string {
+	tb.Helper()
+	wal := filepath.Join(filepath.Dir(path), "wal")
+	if fi, err := os.Stat(wal); err != nil || fi.Size() == 0 {
+		return FileSHA256(tb, path)
+	}
+	dir, err := os.MkdirTemp("", "meridian-dbsum-")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer func() { _ = os.RemoveAll(dir) }()
+	copyPath := filepath.Join(dir, "db")
+	if err := os.WriteFile(copyPath, MustReadFile(tb, path), 0o644); err != nil {
+		tb.Fatal(err)
+	}
+	if err := os.WriteFile(copyPath+"-wal", MustReadFile(tb, wal), 0o644); err != nil {
+		tb.Fatal(err)
+	}
+	db, err := sql.Open("sqlite3", "file:"+copyPath)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var busy, frames, done int
+	err = db.QueryRow(`PRAGMA wal_checkpoint(TRUNCATE)`).Scan(&busy, &frames, &done)
+	if cerr := db.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil || busy != 0 {
+		tb.Fatalf("checkpoint a copy of %s with its WAL: busy %d, %v", path, busy, err)
+	}
+	return FileSHA256(tb, copyPath)
+}
+
 // MustReadFile returns the content of the file at path.
 func MustReadFile(tb TB, path string) []byte {
 	tb.Helper()
