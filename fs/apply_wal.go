@@ -354,8 +354,12 @@ func (d *DB) appendWALTx(pgnos []uint32, pages [][]byte, commit, pageSize uint32
 	if err != nil {
 		return err
 	}
-	if err := appendWalIndex(shm, uint32(w.mxFrame), pgnos); err != nil {
+	grew, err := appendWalIndex(shm, uint32(w.mxFrame), pgnos)
+	if err != nil {
 		return err
+	}
+	if grew && d.shmResized != nil {
+		d.shmResized()
 	}
 	for i, pgno := range pgnos {
 		w.committed[pgno] = w.hdr.frameOffset(w.mxFrame + int64(i))
@@ -370,8 +374,10 @@ func (d *DB) appendWALTx(pgnos []uint32, pages [][]byte, commit, pageSize uint32
 // publishWalIndex writes the wal-index header for the WAL as the applier
 // has written it. Caller holds d.mu and the WAL write lock.
 func (d *DB) publishWalIndex(shm *os.File) error {
-	if err := growShm(shm, walIndexBlockSize); err != nil {
+	if grew, err := growShm(shm, walIndexBlockSize); err != nil {
 		return err
+	} else if grew && d.shmResized != nil {
+		d.shmResized()
 	}
 	d.applied.change = readWalIndexChange(shm) + 1
 	return writeWalIndexHdr(shm, walIndexHdr{
@@ -742,5 +748,18 @@ func (f *FileSystem) foldForWriting(d *DB) {
 	}
 	if err != nil {
 		f.Logger.Error("copy the WAL the replica wrote into the database file", "db", d.Name, "err", err)
+	}
+}
+
+// invalidateShmAttr drops the kernel's attributes of d's -shm, whose size
+// the applier changed in the backing file. It takes no lock: the caller
+// may hold d.mu, and dropping attributes alone sends the daemon nothing.
+func (f *FileSystem) invalidateShmAttr(d *DB) {
+	node := d.shmNode.Load()
+	if node == 0 || f.server == nil {
+		return // no reader opened it: nothing cached
+	}
+	if st := f.server.InodeNotify(node, -1, 0); !st.Ok() && st != fuse.ENOENT {
+		f.Logger.Warn("drop the cached size of a -shm", "db", d.Name, "status", st)
 	}
 }

@@ -78,8 +78,9 @@ func bankReaderTxChild(path string) error {
 // applied as WAL frames. A read transaction in another process that stays
 // open never holds an apply off, and keeps reading the snapshot it began
 // with; checkpoints copy only the frames it does not need, and the log
-// says the WAL grows because of it; once it ends, the checkpoint catches
-// up, and the database equals the source's.
+// says the WAL grows because of it, past the first block of the
+// wal-index; once it ends, its next reads see everything, the checkpoint
+// catches up, and the database equals the source's.
 func TestFileSystem_ApplyWALLongReader(t *testing.T) {
 	for _, kernel := range []bool{false, true} {
 		name := "mount-locks"
@@ -146,6 +147,20 @@ func testApplyWALLongReader(t *testing.T, kernel bool) {
 				t.Fatalf("after %d more rows were applied the reader's transaction reads %d rows in blob, want 1", i+1, n)
 			}
 		}
+	}
+	// Rows of 100 KB grow the WAL past the first block of the wal-index
+	// (4,062 frames), which the readers that come must map too.
+	for i := 0; ; i++ {
+		if frames, _, _ := f.WALFrames("bank.db"); frames > 4500 {
+			break
+		} else if i == 200 {
+			t.Fatalf("the WAL holds %d frames after 200 rows of 100 KB", frames)
+		}
+		src.tx(func(tx *sql.Tx) error {
+			_, err := tx.Exec(`INSERT INTO blob VALUES (randomblob(100000))`)
+			return err
+		})
+		applyNew()
 	}
 	frames, done, _ := f.WALFrames("bank.db")
 	if done > snapshot || frames < 10*10 {

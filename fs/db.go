@@ -134,6 +134,9 @@ type DB struct {
 	walGenerations uint64
 	walFenced      bool
 	dmsHolder      atomic.Pointer[lockHolder]
+	// shmResized tells the kernel that the backing -shm changed size
+	// (see growShm); nil outside a mount.
+	shmResized func()
 }
 
 // commitMark is where a database's commits stand.

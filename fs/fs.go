@@ -695,6 +695,7 @@ func (f *FileSystem) openDB(ctx context.Context, name string) (*DB, error) {
 	}
 	d.cond = sync.NewCond(&d.mu)
 	d.retrieve, d.kernelLocks = f.retrieveCache, f.KernelLocks
+	d.shmResized = func() { f.invalidateShmAttr(d) }
 	d.resetWAL()
 	l := ltx.NewLog(name, d.path(logDir), d.path(databaseFile))
 	// The log names its database in every line itself.

@@ -67,7 +67,7 @@ func walHashSlot(pgno uint32) uint32 { return (pgno * 383) & (hashNSlot - 1) }
 // first, and a block is cleared when its first frame is written. The -shm
 // grows as needed. Readers look frames up only to their snapshot's last
 // frame, so entries past it change nothing they see.
-func appendWalIndex(shm *os.File, mxFrame uint32, pgnos []uint32) error {
+func appendWalIndex(shm *os.File, mxFrame uint32, pgnos []uint32) (grew bool, err error) {
 	order := binary.NativeEndian
 	var (
 		buf   []byte
@@ -83,21 +83,28 @@ func appendWalIndex(shm *os.File, mxFrame uint32, pgnos []uint32) error {
 		}
 		return nil
 	}
+	defer func() {
+		if err != nil {
+			grew = false
+		}
+	}()
 	for i, pgno := range pgnos {
 		iFrame := mxFrame + uint32(i) + 1
 		block, zero := walIndexBlock(iFrame)
 		if block != cur {
 			if err := flush(); err != nil {
-				return err
+				return grew, err
 			}
 			cur, start = block, walIndexPgnos(block)
 			end := (block + 1) * walIndexBlockSize
-			if err := growShm(shm, end); err != nil {
-				return err
+			g, err := growShm(shm, end)
+			if err != nil {
+				return grew, err
 			}
+			grew = grew || g
 			buf = make([]byte, end-start)
 			if _, err := shm.ReadAt(buf, start); err != nil && err != io.EOF {
-				return fmt.Errorf("read wal-index block %d: %w", block, err)
+				return grew, fmt.Errorf("read wal-index block %d: %w", block, err)
 			}
 		}
 		hashAt := walIndexHash(block) - start
@@ -119,7 +126,7 @@ func appendWalIndex(shm *os.File, mxFrame uint32, pgnos []uint32) error {
 		slot, collide := walHashSlot(pgno), idx
 		for order.Uint16(aHash[2*slot:]) != 0 {
 			if collide == 0 {
-				return fmt.Errorf("wal-index block %d: hash table full", block)
+				return grew, fmt.Errorf("wal-index block %d: hash table full", block)
 			}
 			collide--
 			slot = (slot + 1) & (hashNSlot - 1)
@@ -127,21 +134,24 @@ func appendWalIndex(shm *os.File, mxFrame uint32, pgnos []uint32) error {
 		order.PutUint32(aPgno[(idx-1)*4:], pgno)
 		order.PutUint16(aHash[2*slot:], uint16(idx))
 	}
-	return flush()
+	return grew, flush()
 }
 
-// growShm makes the -shm at least size bytes long.
-func growShm(shm *os.File, size int64) error {
+// growShm makes the -shm at least size bytes long, and reports whether it
+// grew. SQLite's readers map only as much of it as fstat says it has: the
+// kernel's cached size of the mount's -shm must go (DB.shmResized).
+func growShm(shm *os.File, size int64) (bool, error) {
 	fi, err := shm.Stat()
 	if err != nil {
-		return err
+		return false, err
 	}
-	if fi.Size() < size {
-		if err := shm.Truncate(size); err != nil {
-			return fmt.Errorf("grow the -shm to %d bytes: %w", size, err)
-		}
+	if fi.Size() >= size {
+		return false, nil
 	}
-	return nil
+	if err := shm.Truncate(size); err != nil {
+		return false, fmt.Errorf("grow the -shm to %d bytes: %w", size, err)
+	}
+	return true, nil
 }
 
 // walIndexHdr is the wal-index header a writer publishes.
