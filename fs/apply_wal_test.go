@@ -74,6 +74,60 @@ func bankReaderTxChild(path string) error {
 	return in.Err()
 }
 
+// follower applies a source's new LTX files to a replica, in order.
+type follower struct {
+	f       *fs.FileSystem
+	src     *bank
+	applied int
+}
+
+// applyNew applies the files the source's log gained since the last call.
+// An apply that waited for a reader would end with ctx.
+func (w *follower) applyNew(t *testing.T, ctx context.Context) {
+	t.Helper()
+	files := w.src.log.Files()
+	for _, file := range files[w.applied:] {
+		if _, err := w.f.Apply(ctx, "bank.db", filepath.Join(w.src.log.Dir, file.Name), false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w.applied = len(files)
+}
+
+// blobs returns the rows of table blob in the source.
+func (b *bank) blobs(t *testing.T) int64 {
+	t.Helper()
+	var n int64
+	if err := b.db.QueryRow(`SELECT count(*) FROM blob`).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// mustExit ends a reader child's input and waits for it to exit cleanly.
+func (c *child) mustExit(t *testing.T) {
+	t.Helper()
+	if err := c.stdin.Close(); err != nil {
+		t.Fatal(err)
+	}
+	testingutil.Within(t, 10*time.Second, "the reader to exit", func() { <-c.done })
+	if c.err != nil {
+		t.Fatalf("reader: %v\n%s", c.err, c.stderr.String())
+	}
+}
+
+// mustMatchSource makes replica f writable, which copies the WAL it wrote
+// into its database file, and checks that file is the source's, byte for
+// byte.
+func mustMatchSource(t *testing.T, f *fs.FileSystem, src *bank) {
+	t.Helper()
+	f.SetReadOnly(false)
+	backing := filepath.Join(f.DataDir, "dbs", "bank.db", "database")
+	if !bytes.Equal(testingutil.MustReadFile(t, backing), testingutil.MustReadFile(t, src.path)) {
+		t.Fatal("the replica's database differs from the source's")
+	}
+}
+
 // TestFileSystem_ApplyWALLongReader: on a replica, a WAL-mode database is
 // applied as WAL frames. A read transaction in another process that stays
 // open never holds an apply off, and keeps reading the snapshot it began
@@ -112,18 +166,8 @@ func testApplyWALLongReader(t *testing.T, kernel bool) {
 	testingutil.MustOpenFS(t, f)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	applied := 0
-	applyNew := func() {
-		t.Helper()
-		files := src.log.Files()
-		for _, file := range files[applied:] {
-			// An apply that waited for the reader would end with ctx.
-			if _, err := f.Apply(ctx, "bank.db", filepath.Join(src.log.Dir, file.Name), false); err != nil {
-				t.Fatal(err)
-			}
-		}
-		applied = len(files)
-	}
+	w := &follower{f: f, src: src}
+	applyNew := func() { w.applyNew(t, ctx) }
 	applyNew()
 
 	r := startChild(t, "bank-reader-tx", filepath.Join(f.MountDir, "bank.db"))
@@ -172,15 +216,7 @@ func testApplyWALLongReader(t *testing.T, kernel bool) {
 	if n := say("read"); n != 1 {
 		t.Fatalf("the reader's transaction reads %d rows in blob at its end, want 1", n)
 	}
-	blobs := func() int64 {
-		t.Helper()
-		var n int64
-		if err := src.db.QueryRow(`SELECT count(*) FROM blob`).Scan(&n); err != nil {
-			t.Fatal(err)
-		}
-		return n
-	}
-	if n, want := say("end"), blobs(); n != want {
+	if n, want := say("end"), src.blobs(t); n != want {
 		t.Fatalf("after its transaction the reader reads %d rows in blob, want %d", n, want)
 	}
 	addBlob()
@@ -188,24 +224,14 @@ func testApplyWALLongReader(t *testing.T, kernel bool) {
 	if frames, done, _ := f.WALFrames("bank.db"); done != frames {
 		t.Fatalf("with the reader's transaction over, %d of %d frames are checkpointed", done, frames)
 	}
-	if n, want := say("begin"), blobs(); n != want {
+	if n, want := say("begin"), src.blobs(t); n != want {
 		t.Fatalf("a new transaction reads %d rows in blob, want %d", n, want)
 	}
-	if n, want := say("end"), blobs(); n != want {
+	if n, want := say("end"), src.blobs(t); n != want {
 		t.Fatalf("after its transaction the reader reads %d rows in blob, want %d", n, want)
 	}
-	if err := r.stdin.Close(); err != nil {
-		t.Fatal(err)
-	}
-	testingutil.Within(t, 10*time.Second, "the reader to exit", func() { <-r.done })
-	if r.err != nil {
-		t.Fatalf("reader: %v\n%s", r.err, r.stderr.String())
-	}
-	f.SetReadOnly(false)
-	backing := filepath.Join(f.DataDir, "dbs", "bank.db", "database")
-	if !bytes.Equal(testingutil.MustReadFile(t, backing), testingutil.MustReadFile(t, src.path)) {
-		t.Fatal("the replica's database differs from the source's")
-	}
+	r.mustExit(t)
+	mustMatchSource(t, f, src)
 }
 
 // TestFileSystem_ApplyWALLeavesWAL: a transaction that takes a replicated
@@ -218,17 +244,8 @@ func TestFileSystem_ApplyWALLeavesWAL(t *testing.T) {
 		src.step()
 	}
 	f := newReplicaFS(t, false)
-	applied := 0
-	applyNew := func() {
-		t.Helper()
-		files := src.log.Files()
-		for _, file := range files[applied:] {
-			if _, err := f.Apply(context.Background(), "bank.db", filepath.Join(src.log.Dir, file.Name), false); err != nil {
-				t.Fatal(err)
-			}
-		}
-		applied = len(files)
-	}
+	w := &follower{f: f, src: src}
+	applyNew := func() { w.applyNew(t, context.Background()) }
 	applyNew()
 	if frames, _, _ := f.WALFrames("bank.db"); frames == 0 {
 		t.Fatal("no WAL frames on the replica after 30 transactions in WAL mode")
@@ -245,16 +262,8 @@ func TestFileSystem_ApplyWALLeavesWAL(t *testing.T) {
 		t.Fatal(err)
 	}
 	applyNew()
-	var want int64
-	count := func() int64 {
-		t.Helper()
-		if err := src.db.QueryRow(`SELECT count(*) FROM blob`).Scan(&want); err != nil {
-			t.Fatal(err)
-		}
-		return want
-	}
 	r.step(t)
-	if n, want := r.mustReadLine(t, "saw"), count(); n != want {
+	if n, want := r.mustReadLine(t, "saw"), src.blobs(t); n != want {
 		t.Fatalf("after the switch the reader sees %d rows in blob, want %d", n, want)
 	}
 	if frames, _, _ := f.WALFrames("bank.db"); frames != 0 {
@@ -264,13 +273,7 @@ func TestFileSystem_ApplyWALLeavesWAL(t *testing.T) {
 	// lock of the database file while it lives, in any mode: the
 	// rollback-journal applies that follow would wait for it (as they
 	// would on the primary, where the switch itself waits for it).
-	if err := r.stdin.Close(); err != nil {
-		t.Fatal(err)
-	}
-	testingutil.Within(t, 10*time.Second, "the reader to exit", func() { <-r.done })
-	if r.err != nil {
-		t.Fatalf("reader: %v\n%s", r.err, r.stderr.String())
-	}
+	r.mustExit(t)
 	src.wal = false
 	for range 20 {
 		src.step()
@@ -278,17 +281,11 @@ func TestFileSystem_ApplyWALLeavesWAL(t *testing.T) {
 	applyNew()
 	r = startStepReader(t, f)
 	r.step(t)
-	if n, want := r.mustReadLine(t, "saw"), count(); n != want {
+	if n, want := r.mustReadLine(t, "saw"), src.blobs(t); n != want {
 		t.Fatalf("the reader sees %d rows in blob, want %d", n, want)
 	}
-	backing := filepath.Join(f.DataDir, "dbs", "bank.db", "database")
-	if !bytes.Equal(testingutil.MustReadFile(t, backing), testingutil.MustReadFile(t, src.path)) {
-		t.Fatal("the replica's database differs from the source's")
-	}
-	if err := r.stdin.Close(); err != nil {
-		t.Fatal(err)
-	}
-	testingutil.Within(t, 10*time.Second, "the reader to exit", func() { <-r.done })
+	r.mustExit(t)
+	mustMatchSource(t, f, src)
 }
 
 // TestFileSystem_ApplyWALRestart: a daemon that starts with a WAL its
@@ -309,11 +306,8 @@ func TestFileSystem_ApplyWALRestart(t *testing.T) {
 			}
 			f := newReplicaFS(t, false)
 			f.SetCheckpointFrames(1 << 30)
-			for _, file := range src.log.Files() {
-				if _, err := f.Apply(context.Background(), "bank.db", filepath.Join(src.log.Dir, file.Name), false); err != nil {
-					t.Fatal(err)
-				}
-			}
+			w := &follower{f: f, src: src}
+			w.applyNew(t, context.Background())
 			frames, done, _ := f.WALFrames("bank.db")
 			if frames == 0 || done != 0 {
 				t.Fatalf("the replica's WAL has %d frames, %d checkpointed; want frames, none checkpointed", frames, done)
@@ -350,28 +344,17 @@ func TestFileSystem_ApplyWALRestart(t *testing.T) {
 			if primary {
 				return
 			}
-			n := len(src.log.Files())
 			for range 10 {
 				src.step()
 			}
-			for _, file := range src.log.Files()[n:] {
-				if _, err := again.Apply(context.Background(), "bank.db", filepath.Join(src.log.Dir, file.Name), false); err != nil {
-					t.Fatal(err)
-				}
-			}
-			var want int64
-			if err := src.db.QueryRow(`SELECT count(*) FROM blob`).Scan(&want); err != nil {
-				t.Fatal(err)
-			}
+			w.f = again
+			w.applyNew(t, context.Background())
 			r := startStepReader(t, again)
 			r.step(t)
-			if got := r.mustReadLine(t, "saw"); got != want {
+			if got, want := r.mustReadLine(t, "saw"), src.blobs(t); got != want {
 				t.Fatalf("after the restart a reader sees %d rows in blob, want %d", got, want)
 			}
-			if err := r.stdin.Close(); err != nil {
-				t.Fatal(err)
-			}
-			testingutil.Within(t, 10*time.Second, "the reader to exit", func() { <-r.done })
+			r.mustExit(t)
 		})
 	}
 }
@@ -387,11 +370,8 @@ func TestFileSystem_ApplyWALSnapshot(t *testing.T) {
 	}
 	f := newReplicaFS(t, true)
 	f.SetCheckpointFrames(1 << 30)
-	for _, file := range src.log.Files() {
-		if _, err := f.Apply(context.Background(), "bank.db", filepath.Join(src.log.Dir, file.Name), false); err != nil {
-			t.Fatal(err)
-		}
-	}
+	w := &follower{f: f, src: src}
+	w.applyNew(t, context.Background())
 	if frames, _, _ := f.WALFrames("bank.db"); frames == 0 {
 		t.Fatal("no WAL frames on the replica")
 	}
@@ -425,44 +405,22 @@ func TestFileSystem_ApplyWALSnapshot(t *testing.T) {
 	if frames, _, _ := f.WALFrames("bank.db"); frames != 0 {
 		t.Fatalf("the WAL holds %d frames after the snapshot", frames)
 	}
-	count := func() int64 {
-		t.Helper()
-		var n int64
-		if err := src.db.QueryRow(`SELECT count(*) FROM blob`).Scan(&n); err != nil {
-			t.Fatal(err)
-		}
-		return n
-	}
 	r.step(t)
-	if n, want := r.mustReadLine(t, "saw"), count(); n != want {
+	if n, want := r.mustReadLine(t, "saw"), src.blobs(t); n != want {
 		t.Fatalf("after the snapshot the reader sees %d rows in blob, want %d", n, want)
 	}
-	n := len(src.log.Files())
+	w.applied = len(src.log.Files()) // the snapshot holds them
 	for range 10 {
 		src.step()
 	}
-	for _, file := range src.log.Files()[n:] {
-		if _, err := f.Apply(context.Background(), "bank.db", filepath.Join(src.log.Dir, file.Name), false); err != nil {
-			t.Fatal(err)
-		}
-	}
+	w.applyNew(t, context.Background())
 	if frames, _, _ := f.WALFrames("bank.db"); frames == 0 {
 		t.Fatal("no WAL frames after the snapshot and 10 transactions")
 	}
 	r.step(t)
-	if n, want := r.mustReadLine(t, "saw"), count(); n != want {
+	if n, want := r.mustReadLine(t, "saw"), src.blobs(t); n != want {
 		t.Fatalf("the reader sees %d rows in blob, want %d", n, want)
 	}
-	if err := r.stdin.Close(); err != nil {
-		t.Fatal(err)
-	}
-	testingutil.Within(t, 10*time.Second, "the reader to exit", func() { <-r.done })
-	if r.err != nil {
-		t.Fatalf("reader: %v\n%s", r.err, r.stderr.String())
-	}
-	f.SetReadOnly(false)
-	backing := filepath.Join(f.DataDir, "dbs", "bank.db", "database")
-	if !bytes.Equal(testingutil.MustReadFile(t, backing), testingutil.MustReadFile(t, src.path)) {
-		t.Fatal("the replica's database differs from the source's")
-	}
+	r.mustExit(t)
+	mustMatchSource(t, f, src)
 }

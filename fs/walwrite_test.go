@@ -285,10 +285,11 @@ func TestWALWriter_FoldAndRestart(t *testing.T) {
 	x.check(r)
 }
 
-// TestWALWriter_Recover: a daemon that starts with a WAL its applier wrote
-// copies it into the database file, and takes none of it for an app's
-// transactions.
-func TestWALWriter_Recover(t *testing.T) {
+// TestWALWriter_Mark: the WAL generation the applier writes is marked as
+// its own, durably, so that a daemon that starts with it knows it by the
+// mark alone (TestFileSystem_ApplyWALRestart restarts one), and SQLite's
+// recovery finds the transaction in its frames.
+func TestWALWriter_Mark(t *testing.T) {
 	x := newWALWriterFixture(t)
 	x.insert(50, 900)
 	x.ship()
