@@ -92,10 +92,11 @@ func (f *FileSystem) ApplyFiles(ctx context.Context, name string, paths []string
 	if opts.KeepLost {
 		lopts.LostDir = filepath.Join(f.DataDir, "lost", name)
 	}
-	// Frames the applier wrote to the WAL go into the database file first,
-	// while no reader is in.
+	// Frames in the WAL (the applier's, or left by this node's app when it
+	// was the primary, which recovery logged) go into the database file
+	// first, while no reader is in.
 	d.mu.Lock()
-	folded, err := d.foldWAL()
+	folded, err := d.foldWAL(f.readOnly.Load())
 	d.mu.Unlock()
 	if err != nil {
 		return nil, fmt.Errorf("apply to %s: %w", name, err)

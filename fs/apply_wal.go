@@ -292,7 +292,7 @@ func (t *walTarget) leaveWAL() error {
 	defer hold.release()
 	d.mu.Lock()
 	err = func() error {
-		if _, err := d.foldWAL(); err != nil {
+		if _, err := d.foldWAL(true); err != nil {
 			return err
 		}
 		ps := int64(t.pageSize)
@@ -619,12 +619,15 @@ func (d *DB) copyFrames(from, to uint32, all bool) ([]uint32, error) {
 	return pgnos, nil
 }
 
-// foldWAL copies every frame of a WAL the applier wrote into the database
-// file and starts the WAL over, empty, with no reader able to see it
-// happen: at start, before the mount serves the database, or under a hold
-// of every WAL lock. It returns the pages written. Caller holds d.mu.
-func (d *DB) foldWAL() ([]uint32, error) {
-	if !d.walApplied() {
+// foldWAL copies every committed frame of a WAL the applier wrote (with
+// any, of any WAL: a replica's apply into the database file must not
+// leave older pages in the WAL, where readers would find them first) into
+// the database file and starts the WAL over, empty, with no reader able
+// to see it happen: at start, before the mount serves the database, or
+// under a hold of every WAL lock. It returns the pages written. Caller
+// holds d.mu.
+func (d *DB) foldWAL(any bool) ([]uint32, error) {
+	if !d.walApplied() && !(any && d.walActive()) {
 		return nil, nil
 	}
 	if d.applied.nPage == 0 {
@@ -741,7 +744,7 @@ func (f *FileSystem) foldForWriting(d *DB) {
 	}
 	defer hold.release()
 	d.mu.Lock()
-	_, err = d.foldWAL()
+	_, err = d.foldWAL(false)
 	d.mu.Unlock()
 	if err == nil {
 		err = f.invalidate(d, true, 0, nil)

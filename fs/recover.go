@@ -51,7 +51,7 @@ func (d *DB) recover(ctx context.Context) error {
 		// in the log already. Into the database file with them, before
 		// anything reads it.
 		d.setCommitted(txs)
-		pgnos, err := d.foldWAL()
+		pgnos, err := d.foldWAL(false)
 		if err != nil {
 			return fmt.Errorf("copy the WAL the replica wrote into the database file: %w", err)
 		}

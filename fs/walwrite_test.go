@@ -254,7 +254,7 @@ func TestWALWriter_FoldAndRestart(t *testing.T) {
 	}
 	salt := x.d.wal.hdr.salt1
 	x.d.mu.Lock()
-	pgnos, err := x.d.foldWAL()
+	pgnos, err := x.d.foldWAL(false)
 	x.d.mu.Unlock()
 	if err != nil {
 		t.Fatal(err)
@@ -462,4 +462,29 @@ func TestWALWriter_Checkpoint(t *testing.T) {
 	}
 	x.check(r)
 	x.check(x.openReplica())
+}
+
+// TestWALWriter_FoldOthers: a WAL whose frames the applier did not write
+// (an app's, from when the node was the primary) is folded only when the
+// caller asks for any WAL, as a replica's apply into the database file
+// does.
+func TestWALWriter_FoldOthers(t *testing.T) {
+	x := newWALWriterFixture(t)
+	x.insert(40, 800)
+	x.ship()
+	x.d.mu.Lock()
+	defer x.d.mu.Unlock()
+	if err := os.Remove(filepath.Join(filepath.Dir(x.rPath), walAppliedFile)); err != nil {
+		t.Fatal(err)
+	}
+	x.d.applied.mine = false
+	if pgnos, err := x.d.foldWAL(false); err != nil || pgnos != nil || x.d.wal.mxFrame == 0 {
+		t.Fatalf("foldWAL(false) of a WAL not the applier's: pages %v, %v, %d frames left; want nothing done", pgnos, err, x.d.wal.mxFrame)
+	}
+	if pgnos, err := x.d.foldWAL(true); err != nil || len(pgnos) == 0 || x.d.wal.mxFrame != 0 {
+		t.Fatalf("foldWAL(true): pages %v, %v, %d frames left; want them all in the database file", pgnos, err, x.d.wal.mxFrame)
+	}
+	if got, err := os.ReadFile(x.rPath); err != nil || !bytes.Equal(got, x.concat(x.prev)) {
+		t.Fatalf("after the fold the database file (%d bytes, %v) differs from the primary's (%d bytes)", len(got), err, len(x.concat(x.prev)))
+	}
 }
