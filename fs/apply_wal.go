@@ -703,18 +703,23 @@ func (d *DB) appliedShm() (*os.File, error) {
 	return shm, nil
 }
 
-// walApplied reports whether the WAL's generation is the applier's, by
-// the mark it left. Caller holds d.mu.
-func (d *DB) walApplied() bool {
-	if d.applied.mine {
-		return true
-	}
+// walApplied reports whether the WAL's generation is the applier's.
+// Caller holds d.mu.
+func (d *DB) walApplied() bool { return d.applied.mine }
+
+// readWALAppliedMark learns, at start, whether the WAL's generation is the
+// one an applier started before, by the mark it left: the only time the
+// mark is read, since afterwards the applier knows. Caller holds d.mu.
+func (d *DB) readWALAppliedMark() error {
 	b, err := os.ReadFile(d.path(walAppliedFile))
-	if err != nil || !d.wal.valid {
-		return false
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	} else if err != nil {
+		return err
 	}
 	s := d.wal.hdr.saltBytes()
-	return string(b) == string(s[:])
+	d.applied.mine = d.wal.valid && string(b) == string(s[:])
+	return nil
 }
 
 // appliedWAL is what the applier knows of the WAL it writes.

@@ -46,6 +46,9 @@ func (d *DB) recover(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if err := d.readWALAppliedMark(); err != nil {
+		return err
+	}
 	if d.walApplied() {
 		// Frames the applier of a replica wrote: their transactions are
 		// in the log already. Into the database file with them, before

@@ -298,9 +298,24 @@ func TestWALWriter_Mark(t *testing.T) {
 		t.Fatal("the applier's WAL is not marked as its own")
 	}
 	x.d.applied = appliedWAL{} // a new daemon knows only the mark
-	x.d.mu.Unlock()
+	if x.d.walApplied() {
+		t.Fatal("the applier's WAL is its own before the mark is read")
+	}
+	if err := x.d.readWALAppliedMark(); err != nil {
+		t.Fatal(err)
+	}
 	if !x.d.walApplied() {
+		x.d.mu.Unlock()
 		t.Fatal("the mark alone does not tell the applier's WAL")
+	}
+	x.d.wal.hdr.salt1++ // a generation the applier did not start
+	x.d.applied = appliedWAL{}
+	err := x.d.readWALAppliedMark()
+	x.d.wal.hdr.salt1--
+	mine := x.d.walApplied()
+	x.d.mu.Unlock()
+	if err != nil || mine {
+		t.Fatalf("a mark with other salts makes the WAL the applier's (%v)", err)
 	}
 	f, err := os.Open(filepath.Join(filepath.Dir(x.rPath), walFile))
 	if err != nil {
