@@ -45,6 +45,14 @@ func newPrimary(tb testing.TB) *primary {
 // create adds database name, with its schema committed as TXID 1.
 func (p *primary) create(name string, seed uint64) {
 	p.tb.Helper()
+	d := p.register(name, seed)
+	p.write(name, func() error { return d.work.Init() })
+}
+
+// register adds database name with an empty log, as a database is between
+// its creation and its first transaction.
+func (p *primary) register(name string, seed uint64) *primaryDB {
+	p.tb.Helper()
 	dir := filepath.Join(p.dir, name)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		p.tb.Fatal(err)
@@ -58,7 +66,7 @@ func (p *primary) create(name string, seed uint64) {
 	close(p.changed)
 	p.changed = make(chan struct{})
 	p.mu.Unlock()
-	p.write(name, func() error { return d.work.Init() })
+	return d
 }
 
 // write runs fn on database name and commits what it changed.
@@ -135,11 +143,12 @@ type target struct {
 	snapshots []meridianv1.SnapshotReason // reasons of the snapshots applied
 	first     map[string]ltx.TXID         // by database: the TXID of its first snapshot
 	applied   int
-	calls     int   // Apply calls, whether they applied or not
-	offered   int   // files passed to Apply, whether they applied or not
-	largest   int64 // size of the largest file applied
-	groups    []int // files passed to each Apply call
-	fail      error // returned by the next Apply
+	appliedOf map[string]int // by database
+	calls     int            // Apply calls, whether they applied or not
+	offered   int            // files passed to Apply, whether they applied or not
+	largest   int64          // size of the largest file applied
+	groups    []int          // files passed to each Apply call
+	fail      error          // returned by the next Apply
 	// before, if set, runs at the start of every Apply call.
 	before func(db string, files []*replication.File)
 }
@@ -151,7 +160,7 @@ type targetDB struct {
 }
 
 func newTarget(tb testing.TB) *target {
-	return &target{tb: tb, dir: tb.TempDir(), dbs: make(map[string]*targetDB), first: make(map[string]ltx.TXID)}
+	return &target{tb: tb, dir: tb.TempDir(), dbs: make(map[string]*targetDB), first: make(map[string]ltx.TXID), appliedOf: make(map[string]int)}
 }
 
 func (t *target) Positions() map[string]ltx.Pos {
@@ -211,6 +220,7 @@ func (t *target) Apply(ctx context.Context, db string, files []*replication.File
 	}
 	t.dbs[db] = d
 	t.applied += len(files)
+	t.appliedOf[db] += len(files)
 	for _, f := range files {
 		t.largest = max(t.largest, f.Info.Size)
 	}
@@ -243,6 +253,13 @@ func (t *target) path(name string) string {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return t.dbs[name].path
+}
+
+// countOf returns how many files of database name were applied.
+func (t *target) countOf(name string) int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.appliedOf[name]
 }
 
 // count returns how many files were applied.

@@ -3,6 +3,7 @@ package replication_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -111,14 +112,20 @@ func TestStream_Converges(t *testing.T) {
 	c.primary.steps("c.db", 20)
 	c.waitSynced()
 
-	// Each database sent whole, as a snapshot, then every file after
-	// it once, in order.
+	// The databases the replica lacked at the start, whose logs hold
+	// more than they do, came whole, as a snapshot; the one created
+	// while streaming came as its log, from its first transaction (a
+	// file of TXID 1, which holds every page). Then every file after
+	// that once, in order.
 	if got, want := c.target.count(), c.target.wantApplied(c.primary); got != want {
-		t.Fatalf("replica applied %d files, want %d: a snapshot of each database and the files after it", got, want)
+		t.Fatalf("replica applied %d files, want %d: a snapshot or the first file of each database and the files after it", got, want)
 	}
-	noPos := meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION
-	if got := c.snapshots(); !slices.Equal(got, []meridianv1.SnapshotReason{noPos, noPos, noPos}) {
-		t.Fatalf("snapshots applied: %v, want one for each of the 3 databases, for lack of a position", got)
+	noPos, none := meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION, meridianv1.SnapshotReason_SNAPSHOT_REASON_UNSPECIFIED
+	if got := c.snapshots(); !slices.Equal(slices.Sorted(slices.Values(got)), []meridianv1.SnapshotReason{none, noPos, noPos}) {
+		t.Fatalf("files of TXID 1 applied, by snapshot reason: %v, want a snapshot of a.db and b.db for lack of a position, then c.db's first transaction", got)
+	}
+	if got, want := c.target.countOf("c.db"), len(c.primary.Log("c.db").Files()); got != want {
+		t.Fatalf("replica applied %d files of c.db, want its log's %d", got, want)
 	}
 	// The primary knows where the replica is.
 	reps := c.streamer.Replicas()
@@ -133,6 +140,41 @@ func TestStream_Converges(t *testing.T) {
 			}
 			time.Sleep(5 * time.Millisecond)
 		}
+	}
+}
+
+// TestStream_NewDatabases creates databases while a replica streams, each
+// first with an empty log for a moment, as the mount has one between a
+// database's creation and its first commit: each reaches the replica
+// through the stream it has open, from its first transaction, with no
+// snapshot and no reconnect.
+func TestStream_NewDatabases(t *testing.T) {
+	c := newCluster(t)
+	cl := c.client()
+	c.run(cl)
+	const n = 50
+	for i := range n {
+		name := fmt.Sprintf("new-%02d.db", i)
+		d := c.primary.register(name, uint64(i))
+		time.Sleep(2 * time.Millisecond) // the stream finds the log empty
+		c.primary.write(name, d.work.Init)
+		c.primary.steps(name, 1+i%3)
+	}
+	c.waitSynced()
+	if got := len(c.primary.DBs()); got != n {
+		t.Fatalf("primary has %d databases, want %d", got, n)
+	}
+	for _, name := range c.primary.DBs() {
+		if got, want := c.target.countOf(name), len(c.primary.Log(name).Files()); got != want {
+			t.Fatalf("replica applied %d files of %s, want its log's %d", got, name, want)
+		}
+	}
+	none := meridianv1.SnapshotReason_SNAPSHOT_REASON_UNSPECIFIED
+	if got := c.snapshots(); len(got) != n || slices.ContainsFunc(got, func(r meridianv1.SnapshotReason) bool { return r != none }) {
+		t.Fatalf("files of TXID 1 applied, by snapshot reason: %v, want %d first transactions and no snapshot", got, n)
+	}
+	if r := cl.Status().Reconnects; r != 0 {
+		t.Fatalf("the replica reconnected %d times, want 0", r)
 	}
 }
 

@@ -313,9 +313,10 @@ func (st *stream) database(ctx context.Context, db string, pos ltx.Pos, known bo
 		return nil // deleted meanwhile
 	}
 	for {
-		if !known {
+		if !known && !fromStart(l) {
 			// A replica without the database gets it whole: one file the
-			// size of the database, where the log could hold far more.
+			// size of the database, where the log holds more, or no
+			// longer starts at its first transaction.
 			var err error
 			if pos, err = st.snapshot(ctx, db, meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION, pos); err != nil {
 				return err
@@ -328,18 +329,46 @@ func (st *stream) database(ctx context.Context, db string, pos ltx.Pos, known bo
 			if err != nil {
 				return fmt.Errorf("stream %s: %w", db, err)
 			}
+			if !known {
+				// The log's start was pruned meanwhile.
+				reason = meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION
+			}
 			if pos, err = st.snapshot(ctx, db, reason, pos); err != nil {
 				return err
 			}
+			known = true
 			continue
 		}
+		known = true
 		if pos, err = st.follow(ctx, db, c); errors.Is(err, ltx.ErrClosed) {
 			return nil
 		} else if err != nil {
 			return err
 		}
-		known = true
 	}
+}
+
+// fromStart reports whether a replica without database l gets it from the
+// start of its log, file by file, rather than as a snapshot: the log still
+// starts at the database's first transaction (whose file, as any file of
+// TXID 1, holds every page), and its files add up to no more than the
+// database. So a database created while replicas stream reaches them
+// with its first transaction, as any other transaction does, and one
+// that holds no transaction yet is waited for.
+func fromStart(l *ltx.Log) bool {
+	files := l.Files()
+	if len(files) == 0 {
+		return true
+	}
+	if files[0].PreApplyPos() != (ltx.Pos{}) {
+		return false
+	}
+	var size int64
+	for _, f := range files {
+		size += f.Size
+	}
+	_, pages := l.Checksum()
+	return size <= int64(pages)*int64(files[len(files)-1].Header.PageSize)
 }
 
 // follow sends the files of c as the log gets them, until the log can no

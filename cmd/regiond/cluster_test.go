@@ -234,6 +234,49 @@ func killAndRestart(t *testing.T, c *testingutil.Cluster, victim *testingutil.Cl
 	return before
 }
 
+// TestCluster_NewDatabases creates 50 databases on the primary, in DELETE
+// and WAL mode, while both replicas stream: each reaches them through the
+// stream they have open, from its first transaction, with no snapshot and
+// no reconnect, and ends equal to the primary's.
+func TestCluster_NewDatabases(t *testing.T) {
+	t.Parallel()
+	c := testingutil.NewCluster(t, regiondCommand, iad.Name, iad, fra, syd)
+	c.Start(t)
+	primary := c.Node(c.Primary)
+	var dbs []string
+	for i := range 50 {
+		name, mode := fmt.Sprintf("new-%02d.db", i), []string{"delete", "wal"}[i%2]
+		db := testingutil.MustOpenSQLite(t, filepath.Join(primary.MountDir, name), mode)
+		for _, q := range []string{`CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)`,
+			`INSERT INTO t (v) VALUES ('a')`, `INSERT INTO t (v) VALUES (randomblob(5000))`} {
+			if _, err := db.Exec(q); err != nil {
+				t.Fatalf("%s: %s: %v", name, q, err)
+			}
+		}
+		if err := db.Close(); err != nil {
+			t.Fatal(err)
+		}
+		dbs = append(dbs, name)
+	}
+	pos := c.WaitCaughtUp(t, catchUpTimeout, dbs...)
+	for _, name := range dbs {
+		want := testingutil.DatabaseSHA256(t, primary.BackingFile(name))
+		for _, n := range c.Nodes {
+			if got := testingutil.DatabaseSHA256(t, n.BackingFile(name)); got != want {
+				t.Fatalf("%s: %s at %v: got sha256 %s, want %s, the primary's", n.Name, name, pos[name], got, want)
+			}
+		}
+	}
+	for _, n := range c.Nodes {
+		for _, words := range [][]string{{"snapshot"}, {"reconnecting"}, {"no transactions"}} {
+			if line := logLine(n.Log(), words...); line != "" {
+				t.Fatalf("%s logged %q, want no snapshot and no reconnect for new databases:\n%s", n.Name, words, line)
+			}
+		}
+	}
+	t.Logf("%d databases on %d replicas, equal to the primary's, with no snapshot and no reconnect", len(dbs), len(c.Nodes)-1)
+}
+
 // TestCluster_RefusesWrongCA runs a fourth node, ams-1, that the primary
 // knows by name but whose certificate comes from another CA, and checks
 // that it never receives the database the other replica does, and that the

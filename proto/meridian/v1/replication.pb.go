@@ -53,7 +53,8 @@ const (
 type SnapshotReason int32
 
 const (
-	// Not a reset: the file continues from the replica's position.
+	// Not a reset: the file continues from the replica's position (or is the
+	// first transaction of a database the replica does not have yet).
 	SnapshotReason_SNAPSHOT_REASON_UNSPECIFIED SnapshotReason = 0
 	// The replica has no position for the database (new replica or new db).
 	SnapshotReason_SNAPSHOT_REASON_NO_POSITION SnapshotReason = 1
@@ -266,7 +267,10 @@ type Hello struct {
 	Epoch uint64 `protobuf:"varint,3,opt,name=epoch,proto3" json:"epoch,omitempty"`
 	// Position of every database the replica has, at most one entry per
 	// database. A database the primary has and this list lacks is sent from
-	// scratch as a snapshot.
+	// scratch: as its log's files from the first transaction (TXID 1, whose
+	// file holds every page), when the log still starts there and holds no
+	// more bytes than the database, as for a database created while the
+	// replica streams; otherwise as a snapshot (NO_POSITION).
 	Positions     []*DatabasePosition `protobuf:"bytes,4,rep,name=positions,proto3" json:"positions,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
