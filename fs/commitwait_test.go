@@ -8,9 +8,14 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/meridian-db/meridian/fs"
 	"github.com/meridian-db/meridian/internal/testingutil"
@@ -178,4 +183,155 @@ func TestFileSystem_CommitWait(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestFileSystem_CommitWaitInterrupted interrupts a writer process whose
+// COMMIT waits in the commit wait, with SIGKILL or with a signal it
+// handles (SIGUSR1), in DELETE and WAL mode. A killed writer dies at
+// once, its wait canceled, where it used to wait until the wait ended.
+// A handled signal fails a rollback-journal COMMIT with an I/O error (the
+// transaction committed here, as after a timeout), and never lets a WAL
+// COMMIT return before the wait does: there SQLite would take any error
+// for success.
+func TestFileSystem_CommitWaitInterrupted(t *testing.T) {
+	for _, tc := range []struct {
+		mode string
+		sig  syscall.Signal
+	}{{"delete", syscall.SIGKILL}, {"delete", syscall.SIGUSR1}, {"wal", syscall.SIGKILL}, {"wal", syscall.SIGUSR1}} {
+		t.Run(tc.mode+"-"+unix.SignalName(tc.sig), func(t *testing.T) {
+			dir := t.TempDir()
+			f := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
+			f.Logger = testingutil.Logger(t)
+			testingutil.MustOpenFS(t, f)
+			path := filepath.Join(f.MountDir, "w.db")
+			db := testingutil.MustOpenSQLite(t, path, tc.mode)
+			if _, err := db.Exec(crashSchema); err != nil {
+				t.Fatal(err)
+			}
+			if err := db.Close(); err != nil {
+				t.Fatal(err)
+			}
+			waits := make(chan context.Context, 1) // the first wait's
+			release := make(chan struct{})         // closed: every wait returns nil
+			f.SetCommitWait(func(ctx context.Context, _ string, txid ltx.TXID, _ bool) error {
+				select {
+				case waits <- ctx:
+				default:
+				}
+				select {
+				case <-ctx.Done():
+					return ctx.Err()
+				case <-release:
+					return nil
+				case <-time.After(commitWaitTimeout):
+					return fmt.Errorf("the test did not release the commit wait for txid %v in %v", txid, commitWaitTimeout)
+				}
+			})
+			var once sync.Once
+			releaseAll := func() { once.Do(func() { close(release) }) }
+			t.Cleanup(func() { f.SetCommitWait(nil); releaseAll() })
+
+			c := startChild(t, "writer", path, tc.mode, "100")
+			c.mustReadLine(t, "ready")
+			seq := c.mustReadLine(t, "begin")
+			ctx := testingutil.Recv(t, waits, commitWaitTimeout, "the writer's COMMIT to reach the commit wait")
+			pid := c.cmd.Process.Pid
+			tid := committingThread(t, pid)
+			if err := unix.Tgkill(pid, tid, tc.sig); err != nil {
+				t.Fatal(err)
+			}
+
+			exited := func(within time.Duration) bool {
+				select {
+				case <-c.done:
+					return true
+				case <-time.After(within):
+					return false
+				}
+			}
+			canceled := func(within time.Duration) bool {
+				if ctx.Err() != nil {
+					return true
+				}
+				select {
+				case <-ctx.Done():
+					return true
+				case <-time.After(within):
+					return false
+				}
+			}
+			switch {
+			case tc.sig == syscall.SIGKILL:
+				if !exited(10 * time.Second) {
+					t.Fatalf("the writer, killed while its COMMIT waited, still runs 10s later")
+				}
+				if !canceled(5 * time.Second) {
+					t.Fatal("the commit wait of a killed writer goes on")
+				}
+			case tc.mode == "delete":
+				if !exited(10 * time.Second) {
+					t.Fatalf("the writer, interrupted while its COMMIT waited, still runs 10s later")
+				}
+				if !strings.Contains(c.stderr.String(), fmt.Sprintf("commit %d: disk I/O error", seq)) {
+					t.Fatalf("the interrupted writer said %q, want its commit %d failed with a disk I/O error", c.stderr.String(), seq)
+				}
+				if !canceled(0) {
+					t.Fatal("the writer's COMMIT failed, but its commit wait was not canceled")
+				}
+				// Committed here, as the error says: a new connection,
+				// which would roll back a hot journal, sees the row.
+				r := testingutil.MustOpenSQLite(t, path, tc.mode)
+				var n int
+				if err := r.QueryRow(`SELECT count(*) FROM t WHERE seq = ?`, seq).Scan(&n); err != nil || n != 1 {
+					t.Fatalf("row %d of the interrupted commit: count %d, %v; want 1", seq, n, err)
+				}
+			default:
+				// A WAL commit cannot fail where it waits: a signal that
+				// does not kill changes nothing.
+				if exited(500*time.Millisecond) || canceled(0) {
+					t.Fatalf("the writer's WAL COMMIT ended (exited: %v) at a signal it handles, want it to wait on\n%s", c.err, c.stderr.String())
+				}
+				releaseAll()
+				if got := c.mustReadLine(t, "ack"); got != seq {
+					t.Fatalf("the writer acknowledged %d, want %d", got, seq)
+				}
+				return
+			}
+			for line := range c.lines {
+				if strings.HasPrefix(line, "ack ") {
+					t.Fatalf("the interrupted writer said %q, want no COMMIT acknowledged", line)
+				}
+			}
+		})
+	}
+}
+
+// committingThread returns the thread of process pid that is in the system
+// call that commits (a rollback journal's unlink, the unlock or sync of a
+// WAL), waiting for the mount.
+func committingThread(t *testing.T, pid int) int {
+	t.Helper()
+	committing := map[string]bool{"87": true, "263": true, "72": true, "74": true, "75": true} // x86-64: unlink, unlinkat, fcntl, fsync, fdatasync
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var seen []string
+	for _, task := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/syscall", pid, task.Name()))
+		if err != nil {
+			continue
+		}
+		nr, _, _ := strings.Cut(strings.TrimSpace(string(b)), " ")
+		if committing[nr] {
+			tid, err := strconv.Atoi(task.Name())
+			if err != nil {
+				t.Fatal(err)
+			}
+			return tid
+		}
+		seen = append(seen, task.Name()+": "+nr)
+	}
+	t.Fatalf("no thread of process %d is in a system call that commits; threads and their system calls: %v", pid, seen)
+	return 0
 }

@@ -7,6 +7,7 @@ package fs
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -14,6 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -167,13 +169,16 @@ func (f *FileSystem) SetAcked(acked func(name string) ltx.TXID) {
 // database db, once the transaction is in the log, until it returns nil:
 // sync durability waits there for replicas. canFail says whether SQLite
 // takes an error from the operation for a failed commit (the end of a
-// rollback journal); elsewhere (the release of the WAL write lock, any unlock) SQLite
-// would ignore the error or take a committed transaction for a rolled
-// back one, so the wait must not give up.
+// rollback journal); elsewhere (the release of the WAL write lock, any
+// unlock) SQLite would ignore the error or take a committed transaction
+// for a rolled back one, so the wait must not give up while the app
+// lives.
 //
-// A signal to the app does not end the wait: SQLite retries a write or
-// a truncate that fails with EINTR, and the retry, committing nothing new,
-// would return at once.
+// ctx ends when the app's request is interrupted and its COMMIT may
+// fail: where canFail, at any signal (the operation then fails with EIO,
+// never EINTR, which SQLite retries, and a retry that commits nothing new
+// would succeed at once); elsewhere, only once the app is being killed,
+// since it will never see the operation return.
 type CommitWait func(ctx context.Context, db string, txid ltx.TXID, canFail bool) error
 
 // SetCommitWait sets the commit wait; nil removes it. Operations already
@@ -189,17 +194,82 @@ func (f *FileSystem) SetCommitWait(w CommitWait) {
 // awaitCommit holds an app's operation on n that moved its database's
 // commits from before to after, and returned st, in the commit wait. If
 // the wait fails, so does the operation, with EIO; the transaction stays
-// committed.
-func (f *FileSystem) awaitCommit(n *node, before, after commitMark, st fuse.Status) fuse.Status {
+// committed. cancel is the request's interrupt, and caller the thread
+// that made it.
+func (f *FileSystem) awaitCommit(cancel <-chan struct{}, caller uint32, n *node, before, after commitMark, st fuse.Status) fuse.Status {
 	w := f.commitWait.Load()
 	if w == nil || !st.Ok() || after.n == before.n {
 		return st
 	}
-	if err := (*w)(context.Background(), n.db.Name, after.txid, n.kind == kindJournal); err != nil {
-		f.Logger.Error("commit fails: it is not acknowledged as durability requires; the transaction is committed here", "db", n.db.Name, "txid", after.txid.String(), "err", err)
+	canFail := n.kind == kindJournal
+	ctx, stop := f.commitContext(cancel, caller, n.db, after.txid, canFail)
+	defer stop()
+	if err := (*w)(ctx, n.db.Name, after.txid, canFail); err != nil {
+		msg := "commit fails: it is not acknowledged as durability requires; the transaction is committed here"
+		if ctx.Err() != nil {
+			msg = "commit fails: the app was interrupted while it waited for the acknowledgements durability requires; the transaction is committed here"
+		}
+		f.Logger.Error(msg, "db", n.db.Name, "txid", after.txid.String(), "pid", caller, "err", err)
 		return fuse.EIO
 	}
 	return st
+}
+
+// commitContext returns the context of a commit wait (see CommitWait):
+// canceled when the request is interrupted, if the commit can fail, and
+// otherwise once the calling thread has SIGKILL pending. stop releases
+// it.
+func (f *FileSystem) commitContext(cancel <-chan struct{}, caller uint32, d *DB, txid ltx.TXID, canFail bool) (context.Context, func()) {
+	ctx, stop := context.WithCancel(context.Background())
+	go func() {
+		select {
+		case <-cancel:
+		case <-ctx.Done():
+			return
+		}
+		if canFail {
+			stop()
+			return
+		}
+		// The kernel interrupts a request once, at the first signal; a
+		// SIGKILL after it sends nothing more. So look.
+		d.logger.Warn("the app got a signal while its WAL commit waits for acknowledgements; it cannot fail there, so the wait goes on unless the app is killed",
+			"txid", txid.String(), "pid", caller)
+		tick := time.NewTicker(killPoll)
+		defer tick.Stop()
+		for !killPending(caller) {
+			select {
+			case <-tick.C:
+			case <-ctx.Done():
+				return
+			}
+		}
+		stop()
+	}()
+	return ctx, stop
+}
+
+// killPoll is how often a WAL commit wait that was interrupted looks for
+// its app's death.
+const killPoll = 50 * time.Millisecond
+
+// killPending reports whether thread tid has SIGKILL pending, or is gone:
+// its process is dying, and nothing of it waits for the request.
+func killPending(tid uint32) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", tid))
+	if err != nil {
+		return errors.Is(err, os.ErrNotExist)
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		name, value, ok := strings.Cut(line, ":")
+		if !ok || name != "SigPnd" && name != "ShdPnd" {
+			continue
+		}
+		if set, err := strconv.ParseUint(strings.TrimSpace(value), 16, 64); err == nil && set&(1<<(syscall.SIGKILL-1)) != 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // fail returns the error the test failpoint gives operation name, if any.

@@ -151,6 +151,9 @@ func writerChild(path, mode string, base int) error {
 	} else if got != mode {
 		return fmt.Errorf("journal_mode = %q, want %q", got, mode)
 	}
+	// A signal with a handler, as apps have for SIGINT: it interrupts a
+	// FUSE request, but does not kill (TestFileSystem_CommitWaitInterrupted).
+	signal.Notify(make(chan os.Signal, 1), syscall.SIGUSR1)
 	// Checkpoint often: kills land in checkpoints and WAL restarts too.
 	if _, err := conn.ExecContext(ctx, `PRAGMA wal_autocheckpoint = 16`); err != nil {
 		return err

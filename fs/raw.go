@@ -341,7 +341,7 @@ func (r *raw) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.Attr
 		return fuse.EPERM
 	}
 	if in.Valid&fuse.FATTR_SIZE != 0 {
-		if st := r.truncate(n, int64(in.Size), in.Caller); !st.Ok() {
+		if st := r.truncate(cancel, n, int64(in.Size), in.Caller); !st.Ok() {
 			return st
 		}
 	}
@@ -358,7 +358,7 @@ func (r *raw) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.Attr
 
 // truncate sets the size of a backing file, committing a transaction first
 // where truncating ends one.
-func (r *raw) truncate(n *node, size int64, c fuse.Caller) fuse.Status {
+func (r *raw) truncate(cancel <-chan struct{}, n *node, size int64, c fuse.Caller) fuse.Status {
 	if n.kind != kindShm && r.fs.refuseWrite(c, "truncate", n.name) {
 		return fuse.Status(syscall.EROFS)
 	}
@@ -368,7 +368,7 @@ func (r *raw) truncate(n *node, size int64, c fuse.Caller) fuse.Status {
 	st := r.truncateLocked(n, size)
 	after := d.committed
 	d.mu.Unlock()
-	return r.fs.awaitCommit(n, before, after, st)
+	return r.fs.awaitCommit(cancel, c.Pid, n, before, after, st)
 }
 
 // truncateLocked truncates n's backing file. Caller holds its database's

@@ -169,7 +169,7 @@ func (r *raw) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) f
 		return fuse.Status(syscall.EROFS)
 	}
 	if in.Flags&syscall.O_TRUNC != 0 {
-		if st := r.truncate(n, 0, in.Caller); !st.Ok() {
+		if st := r.truncate(cancel, n, 0, in.Caller); !st.Ok() {
 			return st
 		}
 	}
@@ -240,7 +240,7 @@ func (r *raw) Write(cancel <-chan struct{}, in *fuse.WriteIn, data []byte) (uint
 	w, st := r.write(h, in, data)
 	after := d.committed
 	d.mu.Unlock()
-	return w, r.fs.awaitCommit(n, before, after, st)
+	return w, r.fs.awaitCommit(cancel, in.Caller.Pid, n, before, after, st)
 }
 
 // write writes data through h, which may commit a transaction. Caller
@@ -302,7 +302,7 @@ func (r *raw) Fsync(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 		d.mu.Lock()
 		after := d.committed
 		d.mu.Unlock()
-		return r.fs.awaitCommit(h.node, before, after, fuse.OK)
+		return r.fs.awaitCommit(cancel, in.Caller.Pid, h.node, before, after, fuse.OK)
 	}
 	if in.FsyncFlags&1 != 0 {
 		return fuse.ToStatus(syscall.Fdatasync(int(h.file.Fd())))
@@ -315,26 +315,27 @@ func (r *raw) Flush(cancel <-chan struct{}, in *fuse.FlushIn) fuse.Status {
 	if h == nil {
 		return fuse.EBADF
 	}
-	st := r.releaseLocks(h.node, in.LockOwner)
+	st := r.releaseLocks(cancel, in.Caller.Pid, h.node, in.LockOwner)
 	if h.node.kind == kindDB && st.Ok() {
 		// A program that writes the file without SQLite's locks (cp, say)
 		// has made its change when it closes the file.
-		st = r.afterUnlock(h.node)
+		st = r.afterUnlock(cancel, in.Caller.Pid, h.node)
 	}
 	return st
 }
 
 // releaseLocks drops the POSIX locks owner holds on n: the process closed
 // a descriptor of the file (POSIX drops all its locks then) or died.
-func (r *raw) releaseLocks(n *node, owner uint64) fuse.Status {
+// cancel and caller are the request's (see awaitCommit).
+func (r *raw) releaseLocks(cancel <-chan struct{}, caller uint32, n *node, owner uint64) fuse.Status {
 	if n.kind == kindShm {
-		r.beforeWALUnlock(n, owner)
+		r.beforeWALUnlock(cancel, caller, n, owner)
 	}
 	if t := lockTable(n, false); t != nil {
 		held := len(t.Locks()) > 0
 		t.ReleaseOwner(owner)
 		if held && n.kind == kindDB {
-			return r.afterUnlock(n)
+			return r.afterUnlock(cancel, caller, n)
 		}
 	}
 	return fuse.OK
@@ -361,7 +362,7 @@ func (r *raw) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {
 	}
 	if in.LockOwner != 0 {
 		// Nobody waits for a release: an error has nowhere to go.
-		_ = r.releaseLocks(h.node, in.LockOwner)
+		_ = r.releaseLocks(cancel, in.Caller.Pid, h.node, in.LockOwner)
 		if t := lockTable(h.node, true); t != nil && in.ReleaseFlags&fuse.FUSE_RELEASE_FLOCK_UNLOCK != 0 {
 			t.ReleaseOwner(in.LockOwner)
 		}
@@ -427,7 +428,7 @@ func (r *raw) Unlink(cancel <-chan struct{}, in *fuse.InHeader, name string) fus
 		if err != nil {
 			return r.fs.ioError(n, "delete", err)
 		}
-		if st := f.awaitCommit(n, before, after, fuse.OK); !st.Ok() {
+		if st := f.awaitCommit(cancel, in.Caller.Pid, n, before, after, fuse.OK); !st.Ok() {
 			return st
 		}
 		d.mu.Lock()
@@ -456,7 +457,7 @@ func (r *raw) Unlink(cancel <-chan struct{}, in *fuse.InHeader, name string) fus
 	if kind == kindJournal {
 		return fuse.OK // waited for above
 	}
-	st = f.awaitCommit(n, before, after, fuse.OK)
+	st = f.awaitCommit(cancel, in.Caller.Pid, n, before, after, fuse.OK)
 	if !st.Ok() {
 		// The file is gone, though the kernel, told the unlink failed,
 		// keeps its entry: drop it, from outside this request.

@@ -73,7 +73,7 @@ func (r *raw) setLk(cancel <-chan struct{}, in *fuse.LkIn, wait bool) fuse.Statu
 	}
 	committed := fuse.OK
 	if n.kind == kindShm && !flock && in.Lk.Typ != syscall.F_WRLCK && in.Lk.Start <= walLockOffset && walLockOffset <= in.Lk.End {
-		committed = r.beforeWALUnlock(n, in.Owner)
+		committed = r.beforeWALUnlock(cancel, in.Caller.Pid, n, in.Owner)
 	}
 	var errno syscall.Errno
 	switch {
@@ -100,14 +100,14 @@ func (r *raw) setLk(cancel <-chan struct{}, in *fuse.LkIn, wait bool) fuse.Statu
 		return fuse.Status(errno)
 	}
 	if n.kind == kindDB && !flock && in.Lk.Typ == syscall.F_UNLCK {
-		return r.afterUnlock(n)
+		return r.afterUnlock(cancel, in.Caller.Pid, n)
 	}
 	return committed
 }
 
 // afterUnlock lets capture see the end of a change that no journal marks
 // (a program copying a database in), on database file n.
-func (r *raw) afterUnlock(n *node) fuse.Status {
+func (r *raw) afterUnlock(cancel <-chan struct{}, caller uint32, n *node) fuse.Status {
 	d := n.db
 	if !d.hasDirty.Load() {
 		return fuse.OK // nothing written: the common case, a reader unlocking
@@ -119,7 +119,7 @@ func (r *raw) afterUnlock(n *node) fuse.Status {
 	}
 	after := d.committed
 	d.mu.Unlock()
-	return r.fs.awaitCommit(n, before, after, fuse.OK)
+	return r.fs.awaitCommit(cancel, caller, n, before, after, fuse.OK)
 }
 
 // beforeWALUnlock is called before owner gives up, or may give up, the
@@ -133,7 +133,7 @@ func (r *raw) afterUnlock(n *node) fuse.Status {
 // (another trigger, a read of the position say, may have taken it in the
 // instant between the wal-index's update and the unlock). It returns what
 // the unlock must return.
-func (r *raw) beforeWALUnlock(n *node, owner uint64) fuse.Status {
+func (r *raw) beforeWALUnlock(cancel <-chan struct{}, caller uint32, n *node, owner uint64) fuse.Status {
 	d := n.db
 	if !d.ShmLocks.HeldBy(owner, syscall.F_WRLCK, walLockOffset) {
 		return fuse.OK
@@ -145,7 +145,7 @@ func (r *raw) beforeWALUnlock(n *node, owner uint64) fuse.Status {
 	before, after := d.walHeld, d.committed
 	d.walHeld = after
 	d.mu.Unlock()
-	return r.fs.awaitCommit(n, before, after, fuse.OK)
+	return r.fs.awaitCommit(cancel, caller, n, before, after, fuse.OK)
 }
 
 // cancelContext returns a context done when cancel is closed.

@@ -36,6 +36,20 @@ func (l *Log) Cursor(pos Pos) (*Cursor, error) {
 	return &Cursor{log: l, pos: pos}, nil
 }
 
+// Contains reports whether pos is a position of the log's history that it
+// can tell: its current position, or one a cursor could start from. A
+// position of another history of the same name (a database deleted and
+// created again) is not, whether its TXID is behind or ahead.
+func (l *Log) Contains(pos Pos) bool {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	if l.checkOpen() != nil {
+		return false
+	}
+	_, err := l.locate(pos)
+	return err == nil
+}
+
 // Pos returns the position the cursor has reached: the position after the
 // last file Next returned.
 func (c *Cursor) Pos() Pos { return c.pos }

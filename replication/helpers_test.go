@@ -69,6 +69,20 @@ func (p *primary) register(name string, seed uint64) *primaryDB {
 	return d
 }
 
+// drop deletes database name: its log closes, its files go.
+func (p *primary) drop(name string) {
+	p.tb.Helper()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	d := p.dbs[name]
+	if err := errors.Join(d.log.Close(), d.sql.Close(), os.RemoveAll(filepath.Dir(d.path))); err != nil {
+		p.tb.Fatal(err)
+	}
+	delete(p.dbs, name)
+	close(p.changed)
+	p.changed = make(chan struct{})
+}
+
 // write runs fn on database name and commits what it changed.
 func (p *primary) write(name string, fn func() error) {
 	p.tb.Helper()

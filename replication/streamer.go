@@ -77,8 +77,9 @@ type replica struct {
 	// confirmed is the last position of each database the replica
 	// acknowledged applying from this Streamer. Unlike acked, which a
 	// Hello sets, it is on this primary's history: a rejoining node's
-	// divergent position confirms nothing.
-	confirmed map[string]ltx.TXID
+	// divergent position confirms nothing. It confirms a TXID only while
+	// it is a position of the database's log (see Confirmed).
+	confirmed map[string]ltx.Pos
 }
 
 // ReplicaStatus is the primary's view of one replica.
@@ -177,7 +178,7 @@ func (s *Streamer) connected(hello *meridianv1.Hello, positions map[string]ltx.P
 	r := s.replicas[hello.GetNode()]
 	if r == nil {
 		r = &replica{node: hello.GetNode(), acked: make(map[string]ltx.Pos), ackedAt: make(map[string]time.Time),
-			confirmed: make(map[string]ltx.TXID)}
+			confirmed: make(map[string]ltx.Pos)}
 		s.replicas[r.node] = r
 	}
 	r.region = hello.GetRegion()

@@ -27,7 +27,7 @@ func (s *Streamer) acked(r *replica, ack *meridianv1.Ack) {
 	db, txid := ack.GetDb(), ltx.TXID(ack.GetTxid())
 	r.acked[db] = ltx.Pos{TXID: txid, PostApplyChecksum: ltx.Checksum(ack.GetPostApplyChecksum())}
 	r.ackedAt[db] = time.Now()
-	r.confirmed[db] = txid
+	r.confirmed[db] = r.acked[db]
 	if s.acks != nil {
 		close(s.acks)
 		s.acks = nil
@@ -36,8 +36,12 @@ func (s *Streamer) acked(r *replica, ack *meridianv1.Ack) {
 
 // Confirmed returns the replicas, by node name with their regions, that
 // have acknowledged applying db at txid or later from this Streamer, and a
-// channel closed at the next ack.
+// channel closed at the next ack. An acknowledged position counts only if
+// it is one of db's log as it is now: a database deleted and created
+// again under the same name starts a new history, which acks of the old
+// one do not confirm, however high their TXIDs.
 func (s *Streamer) Confirmed(db string, txid ltx.TXID) (map[string]string, <-chan struct{}) {
+	l := s.Source.Log(db)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.acks == nil {
@@ -45,7 +49,7 @@ func (s *Streamer) Confirmed(db string, txid ltx.TXID) (map[string]string, <-cha
 	}
 	out := make(map[string]string)
 	for _, r := range s.replicas {
-		if r.confirmed[db] >= txid {
+		if p, ok := r.confirmed[db]; ok && p.TXID >= txid && l != nil && l.Contains(p) {
 			out[r.node] = r.region
 		}
 	}

@@ -76,6 +76,45 @@ func TestGate_Acknowledged(t *testing.T) {
 	}
 }
 
+// TestGate_RecreatedDatabase deletes a database the replica acknowledged
+// up to a high TXID and creates it again under the same name: its first
+// commits wait for the replica as any other, since the acks of the old
+// history confirm nothing of the new one.
+func TestGate_RecreatedDatabase(t *testing.T) {
+	c := newCluster(t)
+	c.primary.create("a.db", 1)
+	stop := c.run(c.client())
+	g := newGate(c, time.Minute)
+	for range 20 {
+		advance(c, "a.db")
+	}
+	old := c.primary.Log("a.db").Pos()
+	if err := g.Wait(context.Background(), "a.db", old.TXID, true); err != nil {
+		t.Fatal(err)
+	}
+	stop()
+
+	c.primary.drop("a.db")
+	c.primary.create("a.db", 2)
+	pos := c.primary.Log("a.db").Pos()
+	if pos.TXID >= old.TXID {
+		t.Fatalf("the new a.db is at %v, want it behind the old one's %v", pos, old)
+	}
+	g.Timeout = 100 * time.Millisecond
+	if err := g.Wait(context.Background(), "a.db", pos.TXID, true); !errors.Is(err, replication.ErrSyncTimeout) {
+		t.Fatalf("wait for the new a.db's %v with the replica away: %v, want ErrSyncTimeout (acks up to the old a.db's %v confirm nothing of it)", pos, err, old)
+	}
+	// The replica returns, takes the new history and acknowledges it.
+	c.run(c.client())
+	g.Timeout = time.Minute
+	if err := g.Wait(context.Background(), "a.db", pos.TXID, true); err != nil {
+		t.Fatalf("wait for the new a.db's %v once the replica returned: %v", pos, err)
+	}
+	if got := c.target.pos("a.db"); got.TXID < pos.TXID || !c.primary.Log("a.db").Contains(got) {
+		t.Fatalf("the replica has a.db at %v after the wait for %v of the new history", got, pos)
+	}
+}
+
 // TestGate_Timeout checks the three ways a wait ends when no replica
 // acknowledges: failing, waiting on (until its context ends), degrading
 // until the replica catches up.
