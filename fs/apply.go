@@ -583,19 +583,3 @@ func (h *readerHold) release() {
 		h.d.Locks.ReleaseOwner(daemonLockOwner)
 	}
 }
-
-// Snapshot writes a snapshot of the database at its log's position to w,
-// for a replica that cannot continue from its own position. Every
-// transaction SQLite committed is in the log first, and the database's
-// writers wait while its pages are read.
-func (d *DB) Snapshot(ctx context.Context, w io.Writer) (*ltx.FileInfo, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if err := d.scanWAL(ctx); err != nil {
-		return nil, err
-	}
-	if err := d.drain(); err != nil {
-		return nil, err
-	}
-	return d.log.Snapshot(ctx, w, walView{d: d})
-}

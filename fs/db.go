@@ -64,10 +64,14 @@ type DB struct {
 	log    *ltx.Log
 	logger *slog.Logger
 
-	mu    sync.Mutex // guards the fields below and orders writes to the backing files
-	cond  *sync.Cond // on mu: the queue or the worker's state changed
-	file  *os.File   // the backing database file, for reading pages
-	dirty []span     // byte ranges of the database file written since the last commit
+	snapMu sync.Mutex   // held while a snapshot is read: one at a time
+	mu     sync.Mutex   // guards the fields below and orders writes to the backing files
+	cond   *sync.Cond   // on mu: the queue or the worker's state changed
+	file   *os.File     // the backing database file, for reading pages
+	dirty  []span       // byte ranges of the database file written since the last commit
+	snap   *snapshotCOW // the snapshot being read, if any (snapshot.go)
+	// snapKept counts the pages snapshots kept before a change.
+	snapKept int
 	// hasDirty is whether dirty is not empty, readable without mu: every
 	// unlock of the database file asks, and readers unlock all the time.
 	hasDirty atomic.Bool
@@ -233,6 +237,7 @@ func (d *DB) writeDatabase(f *os.File, data []byte, off int64) (int, error) {
 	if len(d.dirty) == 0 && d.unjournaled() {
 		return 0, errNoJournal
 	}
+	d.keepFileRange(off, off+int64(len(data)))
 	n, err := f.WriteAt(data, off)
 	if n > 0 {
 		d.addDirty(span{off, off + int64(n)})
@@ -599,6 +604,7 @@ func (d *DB) logWALTx(ctx context.Context, tx walCommit) error {
 // loggedWALTx updates the WAL state once tx is in the log. Caller holds
 // d.mu.
 func (d *DB) loggedWALTx(tx walCommit) {
+	d.keepWALTx(tx.frames)
 	maps.Copy(d.wal.committed, tx.frames)
 	d.pageSize = d.wal.hdr.pageSize
 }

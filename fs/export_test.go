@@ -98,3 +98,11 @@ func (f *FileSystem) WALFrames(name string) (frames, checkpointed uint32, genera
 	defer d.mu.Unlock()
 	return uint32(d.wal.mxFrame), d.applied.backfill, d.walGenerations
 }
+
+// SnapshotPagesKept returns how many pages d's snapshots have kept, in
+// all, for being changed before they were read.
+func (d *DB) SnapshotPagesKept() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.snapKept
+}

@@ -381,6 +381,7 @@ func (r *raw) truncateLocked(n *node, size int64) fuse.Status {
 		if err := d.drain(); err != nil {
 			return r.fs.ioError(n, "truncate", err)
 		}
+		d.keepFileRange(size, -1)
 	case n.kind == kindJournal && size == 0:
 		if err := d.endJournal(ctx); err != nil {
 			return r.fs.ioError(n, "commit", err)

@@ -71,31 +71,55 @@ func EncodeSnapshot(ctx context.Context, w io.Writer, db io.ReaderAt, pageSize, 
 // database meanwhile. If the pages do not add up to the log's checksum it
 // fails with a *DatabaseMismatchError.
 func (l *Log) Snapshot(ctx context.Context, w io.Writer, db io.ReaderAt) (*FileInfo, error) {
-	l.mu.RLock()
-	err := l.checkOpen()
-	if err == nil && l.table == nil {
-		err = fmt.Errorf("log %s has no database to snapshot", l.Dir)
-	}
+	at, err := l.SnapshotPoint()
 	if err != nil {
-		l.mu.RUnlock()
 		return nil, err
 	}
-	pos, pageSize, pages := l.pos(), l.table.PageSize(), l.table.Pages()
-	var ts time.Time
-	if len(l.files) > 0 {
-		ts = l.files[len(l.files)-1].info.Time()
-	}
-	l.mu.RUnlock()
+	return l.WriteSnapshot(ctx, w, db, at)
+}
 
-	if pos.TXID == 0 {
-		return nil, fmt.Errorf("snapshot %s: the database has no transactions yet", l.Name)
+// SnapshotPoint is a position of the log a snapshot is taken at, with
+// what the snapshot needs to know of the database there.
+type SnapshotPoint struct {
+	Pos      Pos
+	PageSize uint32
+	Pages    uint32 // the database's size there
+	Time     time.Time
+}
+
+// SnapshotPoint returns the log's current position as a SnapshotPoint. A
+// caller that reads the database while it changes takes it at the moment
+// its reader's view of the database is the log's.
+func (l *Log) SnapshotPoint() (SnapshotPoint, error) {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	if err := l.checkOpen(); err != nil {
+		return SnapshotPoint{}, err
 	}
-	info, err := EncodeSnapshot(ctx, w, db, pageSize, pages, pos.TXID, ts)
+	if l.table == nil {
+		return SnapshotPoint{}, fmt.Errorf("log %s has no database to snapshot", l.Dir)
+	}
+	at := SnapshotPoint{Pos: l.pos(), PageSize: l.table.PageSize(), Pages: l.table.Pages()}
+	if len(l.files) > 0 {
+		at.Time = l.files[len(l.files)-1].info.Time()
+	}
+	if at.Pos.TXID == 0 {
+		return SnapshotPoint{}, fmt.Errorf("snapshot %s: the database has no transactions yet", l.Name)
+	}
+	return at, nil
+}
+
+// WriteSnapshot writes a snapshot of the database at point at to w,
+// reading the pages from db, which must read the database as it was
+// there. If the pages do not add up to its checksum it fails with a
+// *DatabaseMismatchError.
+func (l *Log) WriteSnapshot(ctx context.Context, w io.Writer, db io.ReaderAt, at SnapshotPoint) (*FileInfo, error) {
+	info, err := EncodeSnapshot(ctx, w, db, at.PageSize, at.Pages, at.Pos.TXID, at.Time)
 	if err != nil {
 		return nil, fmt.Errorf("snapshot %s: %w", l.Name, err)
 	}
-	if info.PostApplyChecksum != pos.PostApplyChecksum {
-		return nil, &DatabaseMismatchError{DB: l.Name, Path: l.DBPath, Dir: l.Dir, Log: pos, Checksum: info.PostApplyChecksum, Pages: pages}
+	if info.PostApplyChecksum != at.Pos.PostApplyChecksum {
+		return nil, &DatabaseMismatchError{DB: l.Name, Path: l.DBPath, Dir: l.Dir, Log: at.Pos, Checksum: info.PostApplyChecksum, Pages: at.Pages}
 	}
 	return info, nil
 }

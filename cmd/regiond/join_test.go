@@ -1,13 +1,21 @@
 package main
 
 import (
+	"context"
 	"database/sql"
+	"fmt"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"golang.org/x/sync/errgroup"
+
+	"github.com/meridian-db/meridian"
 	"github.com/meridian-db/meridian/internal/testingutil"
 	"github.com/meridian-db/meridian/ltx"
 )
@@ -84,6 +92,112 @@ func TestCluster_Join(t *testing.T) {
 		}
 	}
 }
+
+// joinWritingMB is the size of the WAL-mode database TestCluster_JoinWhileWriting
+// sends to a joining node while the app writes it; a DELETE-mode one of a
+// fifth of it goes along.
+const joinWritingMB = 100
+
+// TestCluster_JoinWhileWriting starts a replica with no database while the
+// app on the primary updates random rows of a 100 MB WAL database and a
+// 20 MB DELETE one as fast as it can. The replica receives both as
+// snapshots and ends byte-identical to the primary; the primary never
+// takes the database for changed outside regiond (a snapshot that read a
+// half-written transaction did), and the app's commits go on during the
+// join. The commit latencies before and during the join are logged: the
+// snapshot holds writers off only while it reads a batch of pages.
+func TestCluster_JoinWhileWriting(t *testing.T) {
+	t.Parallel()
+	c := testingutil.NewCluster(t, regiondCommand, iad.Name, iad, syd)
+	primary, joiner := c.Node(iad.Name), c.Node(syd.Name)
+	primary.Start(t)
+	dbs := []*clusterDB{{name: "big.db", mode: "wal"}, {name: "mid.db", mode: "delete"}}
+	openOnPrimary(t, c, dbs)
+	fillMB(t, dbs[0].db, joinWritingMB)
+	fillMB(t, dbs[1].db, joinWritingMB/5)
+
+	var (
+		mu      sync.Mutex
+		commits = map[string][]commitSpan{}
+	)
+	ctx, stop := context.WithCancel(context.Background())
+	var g errgroup.Group
+	for i, d := range dbs {
+		rows := joinWritingMB * 16 / (1 + 4*i)
+		g.Go(func() error {
+			rng := rand.New(rand.NewPCG(uint64(i), 7))
+			for ctx.Err() == nil {
+				began := time.Now()
+				if _, err := d.db.Exec(`UPDATE b SET v = randomblob(65536) WHERE rowid = ?`, 1+rng.IntN(rows)); err != nil {
+					return fmt.Errorf("%s: %w", d.name, err)
+				}
+				mu.Lock()
+				commits[d.name] = append(commits[d.name], commitSpan{began, time.Now()})
+				mu.Unlock()
+			}
+			return nil
+		})
+	}
+	stopWriters := func() error {
+		stop()
+		var err error
+		testingutil.Within(t, time.Minute, "the writers to stop", func() { err = g.Wait() })
+		return err
+	}
+	t.Cleanup(func() { _ = stopWriters() })
+	time.Sleep(500 * time.Millisecond) // commits before the join, to compare with
+
+	start := time.Now()
+	want := map[string]meridian.Pos{}
+	for _, d := range dbs {
+		want[d.name], _ = primary.Pos(t, d.name)
+	}
+	joiner.Start(t)
+	for _, d := range dbs {
+		joiner.WaitPos(t, d.name, catchUpTimeout, fmt.Sprintf("txid %d or more", want[d.name].TXID),
+			func(p meridian.Pos) bool { return p.TXID >= want[d.name].TXID })
+	}
+	joined := time.Now()
+	if err := stopWriters(); err != nil {
+		t.Fatal(err)
+	}
+	checkpointAll(t, dbs)
+	pos := c.WaitCaughtUp(t, catchUpTimeout, names(dbs)...)
+	checkReplicas(t, c, dbs, pos)
+	for _, d := range dbs {
+		if l := logLine(joiner.Log(), "applying a snapshot", "db="+d.name, "SNAPSHOT_REASON_NO_POSITION"); l == "" {
+			t.Fatalf("%s did not log a snapshot of %s for lack of a position", joiner.Name, d.name)
+		}
+		var before, during []time.Duration
+		for _, c := range commits[d.name] {
+			switch {
+			case c.end.Before(start):
+				before = append(before, c.end.Sub(c.began))
+			case c.began.Before(joined):
+				during = append(during, c.end.Sub(c.began))
+			}
+		}
+		if len(during) == 0 {
+			t.Fatalf("%s: no commit in the %v of the join, want the app's writes to go on", d.name, joined.Sub(start))
+		}
+		slices.Sort(before)
+		slices.Sort(during)
+		read := logLine(primary.Log(), "snapshot read", "db="+d.name)
+		if read == "" {
+			t.Fatalf("%s did not log reading a snapshot of %s", primary.Name, d.name)
+		}
+		t.Logf("%s: %s", primary.Name, read)
+		t.Logf("%s (%s): joined in %v; commits before: %d, p50 %v, max %v; during the join: %d, p50 %v, max %v",
+			d.name, d.mode, joined.Sub(start).Round(time.Millisecond), len(before), before[len(before)/2].Round(time.Microsecond),
+			before[len(before)-1].Round(time.Microsecond), len(during), during[len(during)/2].Round(time.Microsecond), during[len(during)-1].Round(time.Microsecond))
+	}
+	if l := logLine(primary.Log(), "does not match its LTX log"); l != "" {
+		t.Fatalf("%s took a database for changed outside regiond while it was written: %s", primary.Name, l)
+	}
+}
+
+// commitSpan is when one commit began and ended.
+type commitSpan struct{ began, end time.Time }
 
 // TestCluster_OfflinePastRetention stops a replica, has the primary
 // commit until the files the replica would need are past
