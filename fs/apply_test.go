@@ -980,7 +980,7 @@ func TestFileSystem_ApplyLongReader(t *testing.T) {
 func testApplyLongReader(t *testing.T, kernel bool) {
 	src := newBank(t, "delete")
 	src.step()
-	var logged lockedBuffer
+	var logged testingutil.LockedBuffer
 	dir := t.TempDir()
 	f := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
 	f.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil))

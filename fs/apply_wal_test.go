@@ -154,7 +154,7 @@ func testApplyWALLongReader(t *testing.T, kernel bool) {
 		})
 	}
 	addBlob()
-	var logged lockedBuffer
+	var logged testingutil.LockedBuffer
 	dir := t.TempDir()
 	f := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
 	f.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil))
@@ -319,7 +319,7 @@ func TestFileSystem_ApplyWALRestart(t *testing.T) {
 				t.Fatal(err)
 			}
 
-			var logged lockedBuffer
+			var logged testingutil.LockedBuffer
 			again := fs.New(f.DataDir, f.MountDir)
 			again.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil))
 			again.SetReadOnly(!primary)

@@ -207,7 +207,7 @@ func TestCapture_DiskFull(t *testing.T) {
 func TestCapture_NoJournalFile(t *testing.T) {
 	for _, mode := range []string{"memory", "off"} {
 		t.Run(mode, func(t *testing.T) {
-			var logged lockedBuffer
+			var logged testingutil.LockedBuffer
 			dir := t.TempDir()
 			fsys := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
 			fsys.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil))
@@ -294,7 +294,7 @@ func TestCapture_JournalSizeLimit(t *testing.T) {
 // two-database transaction in WAL mode (atomic per database only, SQLite
 // uses no super-journal then), give one LTX file per database written.
 func TestCapture_Attach(t *testing.T) {
-	var logged lockedBuffer
+	var logged testingutil.LockedBuffer
 	dir := t.TempDir()
 	fsys := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
 	fsys.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil))

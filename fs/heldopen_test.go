@@ -89,7 +89,7 @@ func TestCrash_KilledInWALSync(t *testing.T) {
 	t.Parallel()
 	seed := uint64(time.Now().UnixNano())
 	rng := rand.New(rand.NewPCG(seed, 3))
-	var logged lockedBuffer
+	var logged testingutil.LockedBuffer
 	h := newHeldOpen(t, slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil)))
 
 	const rounds = 10
@@ -248,7 +248,7 @@ func readerChild(path string) error {
 func TestCapture_WALSyncFails(t *testing.T) {
 	dir := t.TempDir()
 	fsys := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
-	var logged lockedBuffer
+	var logged testingutil.LockedBuffer
 	fsys.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil))
 	// No checkpoint, so no WAL restart: every failed fsync is the one
 	// that would have made a transaction durable.

@@ -2,7 +2,6 @@ package fs_test
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"database/sql"
@@ -21,7 +20,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -390,7 +388,7 @@ type child struct {
 	cmd    *exec.Cmd
 	stdin  io.WriteCloser
 	lines  chan string // stdout, line by line; closed at EOF
-	stderr *lockedBuffer
+	stderr *testingutil.LockedBuffer
 	done   chan struct{} // closed once the process is waited for
 	err    error         // what Wait returned; set before done is closed
 	exited time.Time     // when Wait returned; set before done is closed
@@ -411,7 +409,7 @@ func startChild(t *testing.T, args ...string) *child {
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), crashChildEnv+"="+strings.Join(args, " "))
 	testingutil.DieWithParent(cmd)
-	c := &child{cmd: cmd, lines: make(chan string, 1<<16), stderr: &lockedBuffer{}, done: make(chan struct{})}
+	c := &child{cmd: cmd, lines: make(chan string, 1<<16), stderr: &testingutil.LockedBuffer{}, done: make(chan struct{})}
 	cmd.Stderr = c.stderr
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -542,22 +540,4 @@ func (c *child) writerRun(t *testing.T, ready int64) writerRun {
 		}
 	}
 	return run
-}
-
-// lockedBuffer is a bytes.Buffer safe for concurrent use.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }

@@ -36,6 +36,12 @@ const (
 	DefaultMaxGroup      = 256
 	DefaultMaxGroupBytes = 64 << 20
 
+	// DefaultSnapshotInterval is the least time between two snapshots of
+	// a database for one replica. A replica that asks again sooner (it
+	// reconnects without a position, in a loop) waits: each snapshot
+	// reads the whole database on the primary.
+	DefaultSnapshotInterval = 10 * time.Second
+
 	// DefaultMinBackoff and DefaultMaxBackoff bound the wait before a
 	// replica reconnects after a stream ends.
 	DefaultMinBackoff = 100 * time.Millisecond

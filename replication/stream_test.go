@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -37,6 +39,7 @@ func newCluster(tb testing.TB) *cluster {
 	c.epoch.Store(1)
 	c.streamer = replication.NewStreamer(c.primary, "iad-1", c.epoch.Load, tb.TempDir())
 	c.streamer.HeartbeatInterval = 20 * time.Millisecond
+	c.streamer.SnapshotInterval = 0 // TestStream_SnapshotRateLimited tests it
 	c.streamer.Logger = testingutil.Logger(tb)
 	tb.Cleanup(func() { waitGroup(tb, &c.serveWG, "the streams' Serve calls to return once their replicas stopped") })
 	return c
@@ -497,6 +500,63 @@ func TestStream_ApplyFailureResumes(t *testing.T) {
 	c.waitSynced()
 	if st := cl.Status(); st.Reconnects == 0 {
 		t.Fatalf("a failed apply did not end the stream: %+v", st)
+	}
+}
+
+// TestStream_SnapshotRateLimited has a replica reconnect without a
+// position, three times, as a node that loses its databases in a loop
+// would: each stream gets its snapshot, but no sooner than
+// SnapshotInterval after the last one began, and the primary says why it
+// waits.
+func TestStream_SnapshotRateLimited(t *testing.T) {
+	c := newCluster(t)
+	var logged testingutil.LockedBuffer
+	c.streamer.Logger = slog.New(slog.NewTextHandler(&logged, nil))
+	const interval = 300 * time.Millisecond
+	c.streamer.SnapshotInterval = interval
+	c.primary.create("a.db", 1)
+	c.primary.steps("a.db", 100)
+
+	var prevBegin time.Time
+	var prevBuilt time.Duration // from dial to LTXBegin: the most its build took
+	for round := range 3 {
+		ctx, cancel := context.WithCancel(context.Background())
+		dialed := time.Now()
+		conn, err := c.dial(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := conn.Send(hello("fra-1", 0)); err != nil {
+			t.Fatal(err)
+		}
+		var begin *meridianv1.LTXBegin
+		for deadline := time.Now().Add(waitTimeout); begin == nil; {
+			if time.Now().After(deadline) {
+				t.Fatalf("round %d: no snapshot in %v", round, waitTimeout)
+			}
+			f, err := conn.Recv()
+			if err != nil {
+				t.Fatalf("round %d: %v", round, err)
+			}
+			begin = f.GetLtxBegin()
+		}
+		began := time.Now()
+		cancel()
+		if !begin.GetIsSnapshot() || begin.GetSnapshotReason() != meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION {
+			t.Fatalf("round %d: first file %d-%d, reason %v; want a snapshot for lack of a position", round, begin.GetMinTxid(), begin.GetMaxTxid(), begin.GetSnapshotReason())
+		}
+		// The last snapshot began building at prevBegin-prevBuilt at the
+		// earliest; this one no sooner than interval after that.
+		if round > 0 {
+			if gap, least := began.Sub(prevBegin), interval-prevBuilt; gap < least {
+				t.Fatalf("round %d: snapshot %v after the last, want at least %v (interval %v less the last build's %v)", round, gap, least, interval, prevBuilt)
+			}
+		}
+		prevBegin, prevBuilt = began, began.Sub(dialed)
+	}
+	waitGroup(t, &c.serveWG, "the streams to end")
+	if got := strings.Count(logged.String(), "faster than the primary sends them"); got != 2 || !strings.Contains(logged.String(), "replica=fra-1") {
+		t.Fatalf("the primary logged %d waits for fra-1's snapshots, want 2:\n%s", got, logged.String())
 	}
 }
 

@@ -46,6 +46,9 @@ type Streamer struct {
 
 	ChunkSize         int
 	HeartbeatInterval time.Duration
+	// SnapshotInterval is the least time between two snapshots of a
+	// database for one replica (see DefaultSnapshotInterval); 0: none.
+	SnapshotInterval time.Duration
 	// TempDir holds snapshots while they are sent.
 	TempDir string
 	Logger  *slog.Logger
@@ -63,6 +66,7 @@ func NewStreamer(src Source, node string, epoch func() uint64, tempDir string) *
 		Epoch:             epoch,
 		ChunkSize:         DefaultChunkSize,
 		HeartbeatInterval: DefaultHeartbeatInterval,
+		SnapshotInterval:  DefaultSnapshotInterval,
 		TempDir:           tempDir,
 		Logger:            slog.New(slog.DiscardHandler),
 	}
@@ -80,6 +84,9 @@ type replica struct {
 	// divergent position confirms nothing. It confirms a TXID only while
 	// it is a position of the database's log (see Confirmed).
 	confirmed map[string]ltx.Pos
+	// snapshotAt is when the last snapshot of each database for the
+	// replica began.
+	snapshotAt map[string]time.Time
 }
 
 // ReplicaStatus is the primary's view of one replica.
@@ -178,7 +185,7 @@ func (s *Streamer) connected(hello *meridianv1.Hello, positions map[string]ltx.P
 	r := s.replicas[hello.GetNode()]
 	if r == nil {
 		r = &replica{node: hello.GetNode(), acked: make(map[string]ltx.Pos), ackedAt: make(map[string]time.Time),
-			confirmed: make(map[string]ltx.Pos)}
+			confirmed: make(map[string]ltx.Pos), snapshotAt: make(map[string]time.Time)}
 		s.replicas[r.node] = r
 	}
 	r.region = hello.GetRegion()
@@ -419,6 +426,9 @@ func snapshotReason(err error) (meridianv1.SnapshotReason, error) {
 // its size is known before the first byte goes out, and returns its
 // position.
 func (st *stream) snapshot(ctx context.Context, db string, reason meridianv1.SnapshotReason, from ltx.Pos) (ltx.Pos, error) {
+	if err := st.snapshotTurn(ctx, db); err != nil {
+		return ltx.Pos{}, err
+	}
 	f, err := os.CreateTemp(st.s.TempDir, "snapshot-*.ltx")
 	if err != nil {
 		return ltx.Pos{}, fmt.Errorf("snapshot %s: %w", db, err)
@@ -442,6 +452,32 @@ func (st *stream) snapshot(ctx context.Context, db string, reason meridianv1.Sna
 		return ltx.Pos{}, err
 	}
 	return info.Pos(), nil
+}
+
+// snapshotTurn waits, if the replica had a snapshot of db less than
+// SnapshotInterval ago, until that much time has passed, and records the
+// start of this one.
+func (st *stream) snapshotTurn(ctx context.Context, db string) error {
+	s, r := st.s, st.replica
+	s.mu.Lock()
+	last := r.snapshotAt[db]
+	wait := time.Until(last.Add(s.SnapshotInterval))
+	s.mu.Unlock()
+	if !last.IsZero() && wait > 0 {
+		st.log.Warn("replica asks for snapshots of a database faster than the primary sends them; its next one waits",
+			"db", db, "wait", wait.Round(time.Millisecond), "limit", fmt.Sprintf("one per %v", s.SnapshotInterval))
+		t := time.NewTimer(wait)
+		defer t.Stop()
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+	s.mu.Lock()
+	r.snapshotAt[db] = time.Now()
+	s.mu.Unlock()
+	return nil
 }
 
 // file sends one LTX file: LTXBegin, its bytes in chunks, LTXEnd. r

@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -193,4 +194,24 @@ func MustOpenFS(tb testing.TB, f *fs.FileSystem) {
 			tb.Errorf("close filesystem: %v", err)
 		}
 	})
+}
+
+// LockedBuffer is a bytes.Buffer that goroutines may write and read at
+// once: a child process's stderr, a logger's output.
+type LockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *LockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+// String returns what was written so far.
+func (b *LockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
