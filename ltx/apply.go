@@ -109,6 +109,14 @@ func (l *Log) ApplyFiles(ctx context.Context, paths []string, opts ApplyOptions)
 		return nil, nil, err
 	}
 	if snapshot {
+		// The snapshot replaces the log's files, which Prune and Compact
+		// must neither remove by name nor replace meanwhile (a new file
+		// may have the name of an old one): they are held off until the
+		// list holds the new files. They hold l.maint only to remove files
+		// or to put a compacted file in place, never while they compact
+		// (see compactRun), so the apply waits for one such step at most.
+		l.maint.Lock()
+		defer l.maint.Unlock()
 		if err := l.setAside(opts.LostDir); err != nil {
 			removeTemps(temps)
 			return nil, nil, err
@@ -178,7 +186,8 @@ type ApplyTarget interface {
 }
 
 // setAside takes every file out of the log directory ahead of a snapshot:
-// into lostDir/<time>/ if lostDir is set, else removed. Caller holds l.wmu.
+// into lostDir/<time>/ if lostDir is set, else removed. Caller holds l.wmu
+// and l.maint.
 func (l *Log) setAside(lostDir string) error {
 	l.mu.RLock()
 	files := append([]*logFile(nil), l.files...)

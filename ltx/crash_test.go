@@ -149,7 +149,7 @@ func TestLog_Crash(t *testing.T) {
 	for i := 0; i < 30; i++ {
 		kills = append(kills, kill{"-", 0})
 	}
-	for _, p := range []string{"write", "seal", "sync", "rename", "syncdir", "compact", "compact-remove", "prune"} {
+	for _, p := range []string{"write", "seal", "sync", "rename", "syncdir", "compact-written", "compact", "compact-remove", "prune"} {
 		kills = append(kills, kill{p, 1 + rng.IntN(80)}, kill{p, 1 + rng.IntN(10)})
 	}
 	var atAck, atIntent, inFlight int

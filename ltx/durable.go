@@ -18,32 +18,6 @@ import (
 // exactly that step.
 var failpoint = func(name string) {}
 
-// writeFile creates dir/name durably and atomically: write writes the
-// content into a temporary file in dir, which is sealed (see seal.go),
-// fsynced and renamed to name, and then dir is fsynced. On any error the
-// temporary file is removed and dir is left as it was. It returns the file
-// size and seal.
-func writeFile(dir, name string, write func(w io.Writer) error) (size int64, seal Checksum, err error) {
-	return writeFileSync(dir, name, true, true, nil, write)
-}
-
-// writeFileSync is writeFile that skips the file's fsync unless sync and
-// the directory's unless syncDir: the file appears whole under its name (it
-// is renamed only once written and sealed) but may not survive a power
-// failure until the caller fsyncs what was skipped. A file from spares, if
-// there is one, is written over instead of creating one.
-func writeFileSync(dir, name string, sync, syncDir bool, spares *Spares, write func(w io.Writer) error) (size int64, seal Checksum, err error) {
-	t, err := writeTemp(dir, name, sync, spares, write)
-	if err != nil {
-		return 0, 0, err
-	}
-	if err := t.rename(sync && syncDir); err != nil {
-		t.remove()
-		return 0, 0, err
-	}
-	return t.size, t.seal, nil
-}
-
 // tempFile is a file written, sealed and closed under a temporary name,
 // to be renamed to its own.
 type tempFile struct {
@@ -53,8 +27,11 @@ type tempFile struct {
 	seal      Checksum
 }
 
-// writeTemp is the first half of writeFileSync: it writes the file under a
-// temporary name, fsynced if sync.
+// writeTemp writes a file to be named dir/name under a temporary name in
+// dir, for its rename to give it its name: write writes the content, which
+// is sealed (see seal.go) and fsynced if sync. A file from spares, if there
+// is one, is written over instead of creating one. On an error the
+// temporary file is removed.
 func writeTemp(dir, name string, sync bool, spares *Spares, write func(w io.Writer) error) (t *tempFile, err error) {
 	f, err := openSpare(spares)
 	if f == nil && err == nil {
@@ -154,7 +131,7 @@ func openSpare(spares *Spares) (*os.File, error) {
 	}
 }
 
-// writerPool holds write buffers for writeFile: one per file written would
+// writerPool holds write buffers for writeTemp: one per file written would
 // be 64 KiB of garbage per transaction.
 var writerPool = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 64<<10) }}
 

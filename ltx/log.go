@@ -32,9 +32,9 @@ const corruptDir = "corrupt"
 // its current position and, when it has a database file, the checksum of
 // every page of it.
 //
-// Methods are safe for concurrent use. Writers (Commit, Prune, Compact)
-// serialize among themselves; readers (Pos, Files, cursors) are not held up
-// by a writer's disk I/O.
+// Methods are safe for concurrent use. Writers (Commit, Apply, Prune,
+// Compact) serialize where they change the same files; readers (Pos,
+// Files, cursors) are not held up by a writer's disk I/O.
 type Log struct {
 	Name   string // database name, used in errors and logs
 	Dir    string // directory of LTX files
@@ -83,7 +83,11 @@ type Log struct {
 	// dirUnsynced: files were renamed into Dir without a directory fsync
 	// since the last Sync; guarded by wmu
 	dirUnsynced bool
-	maint       sync.Mutex // serializes Prune and Compact
+	// maint is held while files leave the log other than by Open: by
+	// Prune, by a compaction opening its files and putting the compacted
+	// file in their place, and by a snapshot's apply until the list holds
+	// its files. Taken after wmu, before mu.
+	maint sync.Mutex
 
 	mu      sync.RWMutex // guards the fields below
 	opened  bool
@@ -105,8 +109,8 @@ type logFile struct {
 	readers atomic.Int32
 }
 
-// open opens f for reading. Caller holds l.mu while f is in l.files, so
-// that a removal sees the reader.
+// open opens f for reading. Caller holds l.mu, or l.maint, while f is in
+// l.files, so that a removal sees the reader.
 func (l *Log) open(f *logFile) (*openFile, error) {
 	f.readers.Add(1)
 	l.readers.Add(1)

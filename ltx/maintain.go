@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"slices"
 	"time"
 
@@ -17,6 +18,8 @@ import (
 // the lowest TXID every live replica has acknowledged) and it is older than
 // Retention, or when it is older than MaxRetention whatever was
 // acknowledged. The newest file always stays: it holds the log's position.
+// It holds l.maint throughout: a snapshot applied meanwhile replaces the
+// log's files before or after it, never while it removes files by name.
 // It returns the number of files removed.
 func (l *Log) Prune(ctx context.Context, acked TXID, now time.Time) (int, error) {
 	l.maint.Lock()
@@ -67,11 +70,14 @@ func (l *Log) Prune(ctx context.Context, acked TXID, now time.Time) (int, error)
 // written with a position sidecar recording the checksum after each of its
 // transactions, and a cursor positioned inside it is served the file
 // re-encoded to apply there. Compaction does not hold up commits.
+//
+// Files may leave the log while a run is compacted: a snapshot applied to a
+// replica replaces them all (ApplyFiles), Prune removes the oldest. A
+// compacted file is written under a temporary name and checked, when it
+// is to go into the log, against the log's files: if its run is no longer
+// there, it is removed and Compact returns, merging no more.
 // It returns the number of files merged away.
 func (l *Log) Compact(ctx context.Context, before time.Time) (int, error) {
-	l.maint.Lock()
-	defer l.maint.Unlock()
-
 	l.mu.RLock()
 	err := l.checkOpen()
 	files := slices.Clone(l.files)
@@ -85,29 +91,131 @@ func (l *Log) Compact(ctx context.Context, before time.Time) (int, error) {
 		if err := ctx.Err(); err != nil {
 			return merged, err
 		}
-		out, err := l.compactGroup(ctx, g)
+		ok, err := l.compactRun(ctx, g)
 		if err != nil {
 			return merged, fmt.Errorf("compact %s to %s: %w", g[0].info.Name, g[len(g)-1].info.Name, err)
-		}
-		// Only Commit changes the list meanwhile, and it only appends.
-		l.mu.Lock()
-		i := slices.Index(l.files, g[0])
-		l.files = slices.Replace(l.files, i, i+len(g), out)
-		l.mu.Unlock()
-		failpoint("compact")
-		for _, f := range g {
-			if err := l.removeFile(f); err != nil {
-				return merged, err
-			}
-			failpoint("compact-remove")
-		}
-		if err := syncDirectory(l.Dir); err != nil {
-			return merged, err
+		} else if !ok {
+			// The groups after it were drawn from the same old list.
+			return merged, nil
 		}
 		merged += len(g) - 1
-		l.Logger.Debug("compacted log files", "db", l.Name, "files", len(g), "into", out.info.Name, "bytes", out.info.Size)
 	}
 	return merged, nil
+}
+
+// compactRun compacts g, a run of the log's files, into one file and puts
+// it in their place. It reports false, having changed nothing, if g is no
+// longer a run of the log when it begins or when its file is written.
+//
+// It holds l.maint, which a snapshot's apply holds while it replaces the
+// log's files, only to open g's files and to put the compacted file in
+// their place, never while it compacts: a replica's apply waits for one
+// install at most, not for a compaction, let alone for every group of a
+// Compact. Opened under l.maint, g's files are read whole even if a
+// snapshot removes them next: a file open for reading is deleted, never
+// recycled as a spare.
+func (l *Log) compactRun(ctx context.Context, g []*logFile) (bool, error) {
+	l.maint.Lock()
+	fhs, err := l.openRun(g)
+	l.maint.Unlock()
+	if err != nil || fhs == nil {
+		return false, err
+	}
+	out, temps, err := l.compactGroup(ctx, g, fhs)
+	for _, fh := range fhs {
+		_ = fh.Close()
+	}
+	if err != nil {
+		return false, err
+	}
+	failpoint("compact-written")
+
+	l.maint.Lock()
+	defer l.maint.Unlock()
+	return l.installCompacted(g, out, temps)
+}
+
+// runIndex returns the index in l.files of g's first file if l.files holds
+// g as a run, else -1. Caller holds l.mu.
+func (l *Log) runIndex(g []*logFile) int {
+	i := slices.Index(l.files, g[0])
+	if i < 0 || len(l.files)-i < len(g) || !slices.Equal(l.files[i:i+len(g)], g) {
+		return -1
+	}
+	return i
+}
+
+// openRun opens g's files for reading, or returns nil if g is no longer a
+// run of the log. Caller holds l.maint, which every removal of a file from
+// the log holds: none is removed between the check and the opens.
+func (l *Log) openRun(g []*logFile) ([]*openFile, error) {
+	l.mu.RLock()
+	i := l.runIndex(g)
+	l.mu.RUnlock()
+	if i < 0 {
+		l.Logger.Debug("not compacting: the files left the log", "db", l.Name, "first", g[0].info.Name, "last", g[len(g)-1].info.Name)
+		return nil, nil
+	}
+	fhs := make([]*openFile, 0, len(g))
+	for _, f := range g {
+		fh, err := l.open(f)
+		if err != nil {
+			for _, fh := range fhs {
+				_ = fh.Close()
+			}
+			return nil, err
+		}
+		fhs = append(fhs, fh)
+	}
+	return fhs, nil
+}
+
+// installCompacted puts out, g's compacted file, in g's place in the log:
+// it renames temps (out's position sidecar, then out itself) into the log
+// directory, replaces g by out in the list and removes g's files. If g is
+// no longer a run of the log, it removes temps instead, so the file is
+// never in the log directory under its name, and reports false. Caller
+// holds l.maint.
+func (l *Log) installCompacted(g []*logFile, out *logFile, temps []*tempFile) (bool, error) {
+	l.mu.RLock()
+	i := l.runIndex(g)
+	l.mu.RUnlock()
+	if i < 0 {
+		removeTemps(temps)
+		l.Logger.Debug("discarded a compacted file: its files left the log while it was written", "db", l.Name, "file", out.info.Name)
+		return false, nil
+	}
+	// The sidecar first: Open removes a sidecar without a file, and
+	// removes the inputs of a compacted file that is present.
+	for j, t := range temps {
+		if err := t.rename(true); err != nil {
+			// Renamed or not (the directory's fsync may have failed), the
+			// compacted file and its sidecar go: their names are theirs
+			// alone while l.maint is held.
+			for _, t := range temps[:j+1] {
+				_ = os.Remove(filepath.Join(t.dir, t.name))
+			}
+			removeTemps(temps)
+			return false, err
+		}
+	}
+	// Under l.maint only Commit and Apply change the list, by appending:
+	// g is still at i.
+	l.mu.Lock()
+	l.files = slices.Replace(l.files, i, i+len(g), out)
+	l.mu.Unlock()
+	failpoint("compact")
+	for _, f := range g {
+		if err := l.removeFile(f); err != nil {
+			return true, err
+		}
+		failpoint("compact-remove")
+	}
+	if err := syncDirectory(l.Dir); err != nil {
+		return true, err
+	}
+	l.Logger.Debug("compacted log files", "db", l.Name, "files", len(g), "into", out.info.Name, "bytes", out.info.Size)
+	return true, nil
 }
 
 // compactionGroups splits the leading files committed before `before` into
@@ -139,10 +247,11 @@ func compactionGroups(files []*logFile, before time.Time, maxSize int64) [][]*lo
 	return groups
 }
 
-// compactGroup writes the compacted file of g and its position sidecar. The
-// sidecar goes first: Open removes a sidecar without a file, and removes
-// the inputs of a compacted file that is present.
-func (l *Log) compactGroup(ctx context.Context, g []*logFile) (*logFile, error) {
+// compactGroup writes the compacted file of g, whose files fhs are open,
+// and its position sidecar under temporary names, fsynced, for
+// installCompacted to rename: the sidecar, then the file. On an error it
+// removes what it wrote.
+func (l *Log) compactGroup(ctx context.Context, g []*logFile, fhs []*openFile) (*logFile, []*tempFile, error) {
 	first, last := &g[0].info, &g[len(g)-1].info
 	name := FormatName(first.Header.MinTXID, last.Header.MaxTXID)
 
@@ -157,37 +266,32 @@ func (l *Log) compactGroup(ctx context.Context, g []*logFile) (*logFile, error) 
 		}
 		sums = append(sums, f.info.PostApplyChecksum)
 	}
-	if _, _, err := writeFile(l.Dir, posName(name), func(w io.Writer) error {
+	sidecar, err := writeTemp(l.Dir, posName(name), true, nil, func(w io.Writer) error {
 		_, err := w.Write(encodePositions(first.Header.MinTXID, sums))
 		return err
-	}); err != nil {
-		return nil, err
+	})
+	if err != nil {
+		return nil, nil, err
 	}
 
-	rdrs := make([]io.Reader, len(g))
-	for i, f := range g {
-		fh, err := l.open(f)
-		if err != nil {
-			_ = os.Remove(l.path(posName(name)))
-			return nil, err
-		}
-		defer func() { _ = fh.Close() }()
+	rdrs := make([]io.Reader, len(fhs))
+	for i, fh := range fhs {
 		rdrs[i] = bufio.NewReaderSize(fh, readBufferSize)
 	}
 	var c *ltx.Compactor
-	size, seal, err := writeFile(l.Dir, name, func(w io.Writer) (err error) {
+	t, err := writeTemp(l.Dir, name, true, nil, func(w io.Writer) (err error) {
 		if c, err = ltx.NewCompactor(w, rdrs); err != nil {
 			return err
 		}
 		return c.Compact(ctx)
 	})
 	if err != nil {
-		_ = os.Remove(l.path(posName(name)))
-		return nil, err
+		sidecar.remove()
+		return nil, nil, err
 	}
-	t := c.Trailer()
+	tr := c.Trailer()
 	return &logFile{
-		info:      FileInfo{Name: name, Header: c.Header(), PostApplyChecksum: t.PostApplyChecksum, FileChecksum: t.FileChecksum, Size: size, Seal: seal},
+		info:      FileInfo{Name: name, Header: c.Header(), PostApplyChecksum: tr.PostApplyChecksum, FileChecksum: tr.FileChecksum, Size: t.size, Seal: t.seal},
 		positions: sums,
-	}, nil
+	}, []*tempFile{sidecar, t}, nil
 }
