@@ -3,6 +3,7 @@ package fs_test
 import (
 	"context"
 	"database/sql"
+	"io"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -181,5 +182,64 @@ func checkSnapshotRestores(t *testing.T, path, dst string, info *ltx.FileInfo) {
 	}
 	if pos != info.Pos() {
 		t.Fatalf("the snapshot applies to %v, want %v", pos, info.Pos())
+	}
+}
+
+// TestDB_SnapshotMidTransaction asks for a snapshot of a DELETE-mode
+// database while a transaction has spilled pages into the database file
+// but not committed. The snapshot waits for the transaction to end rather
+// than read its pages, which made it fail as a database "changed outside
+// regiond": a warning that cried wolf.
+func TestDB_SnapshotMidTransaction(t *testing.T) {
+	dir := t.TempDir()
+	f := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
+	f.Logger = testingutil.Logger(t)
+	testingutil.MustOpenFS(t, f)
+	db := testingutil.MustOpenSQLite(t, filepath.Join(f.MountDir, "m.db"), "delete")
+	if _, err := db.Exec(`CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Exec(`WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 500)
+		INSERT INTO t (v) SELECT randomblob(3900) FROM n`); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	conn, err := db.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	// A cache of 10 pages: the update spills its pages into the database
+	// file long before it commits.
+	for _, q := range []string{`PRAGMA cache_size = 10`, `BEGIN`, `UPDATE t SET v = randomblob(3900)`} {
+		if _, err := conn.ExecContext(ctx, q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	d := f.DB("m.db")
+	before := d.Log().Pos()
+	type result struct {
+		info *ltx.FileInfo
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		info, err := d.Snapshot(ctx, io.Discard)
+		done <- result{info, err}
+	}()
+	select {
+	case r := <-done:
+		t.Fatalf("the snapshot returned (%v, %v) while a transaction had pages in the database file, want it to wait for the transaction", r.info, r.err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	if _, err := conn.ExecContext(ctx, `COMMIT`); err != nil {
+		t.Fatal(err)
+	}
+	r := testingutil.Recv(t, done, time.Minute, "the snapshot once the transaction committed")
+	if r.err != nil {
+		t.Fatalf("snapshot after the transaction committed: %v", r.err)
+	}
+	if after := d.Log().Pos(); r.info.Pos() != after || after.TXID != before.TXID+1 {
+		t.Fatalf("snapshot at %v; the log went from %v to %v, want the snapshot at the committed transaction", r.info.Pos(), before, after)
 	}
 }
