@@ -40,6 +40,7 @@ import (
 	_ "github.com/mattn/go-sqlite3"
 	"golang.org/x/sys/unix"
 
+	"github.com/meridian-db/meridian"
 	"github.com/meridian-db/meridian/fs"
 	"github.com/meridian-db/meridian/internal/testingutil"
 	"github.com/meridian-db/meridian/ltx"
@@ -493,10 +494,16 @@ func (r *pollReader) stopReading() {
 	})
 }
 
-// snapshotResult is what a node joining from scratch took.
+// snapshotResult is what a node joining from scratch took, and what the
+// app writing the primary meanwhile saw.
 type snapshotResult struct {
 	bytes      int64
 	join, copy time.Duration
+	// before and during are the commit latencies of a writer updating
+	// big.db for a second before the join and during it, sorted.
+	before, during []time.Duration
+	// read is the primary's log line about the snapshot it read.
+	read string
 }
 
 // measureSnapshot makes a database of about mb megabytes on the primary,
@@ -534,11 +541,69 @@ func measureSnapshot(h *harness, c *testingutil.Cluster, mb int) (*snapshotResul
 		res.bytes += fi.Size()
 	}
 	joiner := c.Node(joinerSpec.Name)
+
+	// The app goes on writing: one 64 KiB row per transaction, anywhere
+	// in the database, from a second before the join to its end.
+	var (
+		mu    sync.Mutex
+		spans [][2]time.Time
+		werr  error
+	)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		rows := mb * 16
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			began := time.Now()
+			_, err := db.Exec(`UPDATE b SET v = randomblob(65536) WHERE rowid = ?`, 1+(i*7919)%rows)
+			mu.Lock()
+			spans = append(spans, [2]time.Time{began, time.Now()})
+			werr = err
+			mu.Unlock()
+			if err != nil {
+				return
+			}
+		}
+	})
+	time.Sleep(time.Second)
 	fmt.Fprintf(os.Stderr, "snapshot: %s joins\n", joiner.Name)
 	start := time.Now()
+	want := make(map[string]meridian.Pos)
+	for _, name := range dbs {
+		want[name], _ = primary.Pos(h, name)
+	}
 	joiner.Start(h)
-	c.WaitCaughtUp(h, 10*time.Minute, dbs...)
+	for _, name := range dbs {
+		joiner.WaitPos(h, name, 10*time.Minute, want[name].String(), func(p meridian.Pos) bool { return p.TXID >= want[name].TXID })
+	}
 	res.join = time.Since(start)
+	joined := time.Now()
+	close(stop)
+	wg.Wait()
+	if werr != nil {
+		return nil, fmt.Errorf("writer during the join: %w", werr)
+	}
+	for _, sp := range spans {
+		switch {
+		case sp[1].Before(start):
+			res.before = append(res.before, sp[1].Sub(sp[0]))
+		case sp[0].Before(joined):
+			res.during = append(res.during, sp[1].Sub(sp[0]))
+		}
+	}
+	slices.Sort(res.before)
+	slices.Sort(res.during)
+	for line := range strings.SplitSeq(primary.Log(), "\n") {
+		if strings.Contains(line, "snapshot read") && strings.Contains(line, "db=big.db") {
+			res.read = line
+		}
+	}
+	c.WaitCaughtUp(h, 10*time.Minute, dbs...)
 	start = time.Now()
 	for _, name := range dbs {
 		if err := copyFile(primary.BackingFile(name), filepath.Join(h.TempDir(), name)); err != nil {
@@ -722,6 +787,17 @@ func (s *snapshotResult) print(w io.Writer) {
 		mb, s.join.Round(time.Millisecond), mb/s.join.Seconds())
 	fmt.Fprintf(w, "copying the same files with an fsync: %v: %.0f MB/s; snapshot/copy %.2f\n",
 		s.copy.Round(time.Millisecond), mb/s.copy.Seconds(), s.copy.Seconds()/s.join.Seconds())
+	stats := func(d []time.Duration) string {
+		if len(d) == 0 {
+			return "none"
+		}
+		return fmt.Sprintf("%d commits, p50 %s ms, p99 %s ms, max %s ms", len(d), ms(d[len(d)/2]), ms(d[len(d)*99/100]), ms(d[len(d)-1]))
+	}
+	fmt.Fprintf(w, "an app updating big.db meanwhile (one 64 KiB row per transaction): the second before the join: %s; during the join: %s\n",
+		stats(s.before), stats(s.during))
+	if s.read != "" {
+		fmt.Fprintf(w, "the primary: %s\n", s.read)
+	}
 }
 
 // harness runs a Cluster outside a test: Fatal stops the benchmark, and
