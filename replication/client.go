@@ -51,9 +51,18 @@ type Client struct {
 	MaxGroupBytes int64
 	// MinBackoff and MaxBackoff bound the wait between attempts.
 	MinBackoff, MaxBackoff time.Duration
-	Logger                 *slog.Logger
+	// Epochs, if not nil, keeps the newest lease epoch accepted across
+	// restarts: the client starts from the epoch it holds (see LoadEpoch),
+	// and stores a newer one before it accepts the first frame of it.
+	// Without it the client starts from epoch 0, and accepts any.
+	Epochs EpochStore
+	Logger *slog.Logger
 
 	epoch atomic.Uint64 // newest lease epoch accepted
+	// epochMu serializes loading and storing the epoch; epochLoaded says
+	// it was loaded from Epochs.
+	epochMu     sync.Mutex
+	epochLoaded bool
 
 	mu     sync.Mutex
 	status ClientStatus
@@ -156,8 +165,12 @@ func (c *Client) attempt(ctx context.Context, dial func(context.Context) (Client
 // Session runs one stream on conn until it ends, and returns how many
 // frames it received. Cancelling ctx must end conn's Recv. Frames are
 // received on one goroutine and files applied on another, so the stream
-// keeps flowing while a group applies.
+// keeps flowing while a group applies. It loads the epoch first if
+// LoadEpoch was not called.
 func (c *Client) Session(ctx context.Context, conn ClientConn) (int, error) {
+	if err := c.LoadEpoch(ctx); err != nil {
+		return 0, err
+	}
 	hello := &meridianv1.Hello{Node: c.Node, Region: c.Region, Epoch: c.epoch.Load()}
 	positions := c.Target.Positions()
 	for db, p := range positions {
@@ -199,7 +212,7 @@ func (c *Client) receive(ctx context.Context, conn ClientConn, frames *atomic.In
 			c.status.Connected = true
 			c.mu.Unlock()
 		}
-		file, err := c.frame(rv, resp)
+		file, err := c.frame(ctx, rv, resp)
 		if err != nil {
 			return err
 		}
@@ -217,8 +230,8 @@ func (c *Client) receive(ctx context.Context, conn ClientConn, frames *atomic.In
 
 // frame handles one frame from the primary, and returns the file it
 // completes, if it does.
-func (c *Client) frame(rv *receiver, resp *meridianv1.StreamResponse) (*File, error) {
-	if err := c.checkEpoch(resp.GetEpoch()); err != nil {
+func (c *Client) frame(ctx context.Context, rv *receiver, resp *meridianv1.StreamResponse) (*File, error) {
+	if err := c.checkEpoch(ctx, resp.GetEpoch()); err != nil {
 		return nil, err
 	}
 	switch f := resp.GetFrame().(type) {
@@ -339,21 +352,59 @@ func (c *Client) release(f *File) {
 	}
 }
 
+// LoadEpoch sets the newest epoch the client accepted to the one Epochs
+// holds, once: from then on it refuses frames of older epochs, and its
+// Hello tells an older primary that it was deposed. Session calls it; call
+// it first to have a damaged store reported before any stream starts. It
+// may be called from any goroutine.
+func (c *Client) LoadEpoch(ctx context.Context) error {
+	c.epochMu.Lock()
+	defer c.epochMu.Unlock()
+	if c.epochLoaded || c.Epochs == nil {
+		return nil
+	}
+	e, err := c.Epochs.Load(ctx)
+	if err != nil {
+		return fmt.Errorf("load the newest lease epoch seen: %w", err)
+	}
+	if e > c.epoch.Load() { // the epoch changes only under epochMu
+		c.epoch.Store(e)
+	}
+	c.epochLoaded = true
+	return nil
+}
+
 // checkEpoch accepts a frame's epoch if it is not older than the newest
-// seen (fencing a deposed primary).
-func (c *Client) checkEpoch(e uint64) error {
+// seen (fencing a deposed primary). A newer epoch is stored in Epochs
+// before it is accepted: a frame of it is refused if it cannot be.
+func (c *Client) checkEpoch(ctx context.Context, e uint64) error {
 	if e == 0 {
 		return fmt.Errorf("%w: frame without a lease epoch", ErrProtocol)
 	}
-	for {
-		newest := c.epoch.Load()
-		if e < newest {
-			return fmt.Errorf("%w: frame from epoch %d, but this replica has seen epoch %d", ErrStaleEpoch, e, newest)
-		}
-		if e == newest || c.epoch.CompareAndSwap(newest, e) {
-			return nil
+	if newest := c.epoch.Load(); e < newest {
+		return fmt.Errorf("%w: frame from epoch %d, but this replica has seen epoch %d", ErrStaleEpoch, e, newest)
+	} else if e == newest {
+		return nil
+	}
+	// A new epoch: rare, and serialized with LoadEpoch and any other
+	// stream's receiver still running.
+	c.epochMu.Lock()
+	defer c.epochMu.Unlock()
+	newest := c.epoch.Load()
+	switch {
+	case e < newest:
+		return fmt.Errorf("%w: frame from epoch %d, but this replica has seen epoch %d", ErrStaleEpoch, e, newest)
+	case e == newest:
+		return nil
+	}
+	if c.Epochs != nil {
+		if err := c.Epochs.Store(ctx, e); err != nil {
+			return fmt.Errorf("accept lease epoch %d: %w", e, err)
 		}
 	}
+	c.epoch.Store(e)
+	c.Logger.Info("accepted a new lease epoch", "epoch", e, "previous", newest)
+	return nil
 }
 
 func (c *Client) heartbeat(hb *meridianv1.Heartbeat) {

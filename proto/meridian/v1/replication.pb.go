@@ -261,8 +261,8 @@ type Hello struct {
 	Node string `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
 	// Region the replica serves, e.g. "fra", from its `region` config key.
 	Region string `protobuf:"bytes,2,opt,name=region,proto3" json:"region,omitempty"`
-	// Highest lease epoch the replica has accepted frames from (0 if none).
-	// A primary whose own epoch is lower has been deposed: it must end the
+	// Highest lease epoch the replica has accepted frames from (0 if none),
+	// kept across its restarts. A primary whose own epoch is lower has been deposed: it must end the
 	// stream with FAILED_PRECONDITION and stop acting as primary.
 	Epoch uint64 `protobuf:"varint,3,opt,name=epoch,proto3" json:"epoch,omitempty"`
 	// Position of every database the replica has, at most one entry per
