@@ -182,6 +182,8 @@ func (d *Daemon) openReplication(f *fs.FileSystem) (*replicationNode, error) {
 	r.client = replication.NewClient(c.Node, c.Region, fsTarget{f}, tmp)
 	r.client.Spares = f.Spares()
 	r.client.Logger = r.logger
+	r.client.PrimaryNode = peer.Node
+	r.client.MaxInFlightFiles, r.client.MaxInFlightBytes = c.Replication.MaxInFlightFiles, c.Replication.MaxInFlightBytes
 	r.client.Epochs = &replication.EpochFile{Path: filepath.Join(c.DataDir, epochFile)}
 	if err := r.client.LoadEpoch(ctx); err != nil {
 		r.close()
