@@ -21,6 +21,7 @@ import (
 
 	"github.com/meridian-db/meridian"
 	"github.com/meridian-db/meridian/fs"
+	"github.com/meridian-db/meridian/replication"
 )
 
 // Defaults for keys the configuration file leaves out. lease.static_primary
@@ -38,10 +39,23 @@ const (
 	DefaultLogFormat    = "text"
 	DefaultFSLocks      = "mount"
 
+	// DefaultMaxInFlightFiles and DefaultMaxInFlightBytes are
+	// replication.max_in_flight_files and max_in_flight_bytes.
+	DefaultMaxInFlightFiles = replication.DefaultMaxInFlightFiles
+	DefaultMaxInFlightBytes = replication.DefaultMaxInFlightBytes
+
 	DefaultDurability    = "async"
 	DefaultSyncAcks      = 1
 	DefaultSyncTimeout   = 5 * time.Second
 	DefaultSyncOnTimeout = "fail"
+)
+
+// Bounds of replication.max_in_flight_files and max_in_flight_bytes: each
+// file in flight holds a file descriptor; fewer bytes than a MiB is a
+// value meant in other units.
+const (
+	maxInFlightFiles = 4096
+	minInFlightBytes = 1 << 20
 )
 
 var (
@@ -134,6 +148,14 @@ type ReplicationConfig struct {
 	// catch up.
 	SyncTimeout   Duration `yaml:"sync_timeout"`
 	SyncOnTimeout string   `yaml:"sync_on_timeout"`
+
+	// MaxInFlightFiles bounds the files a replica receives at once on its
+	// stream, begun and not yet ended, and MaxInFlightBytes the bytes the
+	// stream takes on its disk: the sizes of those files and of the files
+	// received and waiting to be applied (see replication.Client). The
+	// replica announces both to the primary, which keeps within them.
+	MaxInFlightFiles int   `yaml:"max_in_flight_files"`
+	MaxInFlightBytes int64 `yaml:"max_in_flight_bytes"`
 }
 
 // Peer is another node of the cluster.
@@ -214,7 +236,8 @@ func DefaultConfig() Config {
 		FS:       FSConfig{Locks: DefaultFSLocks, Passthrough: true, SpareFiles: fs.DefaultSpareFill},
 		Lease:    LeaseConfig{Type: DefaultLeaseType, Candidate: DefaultCandidate},
 		Replication: ReplicationConfig{Retention: Duration(DefaultRetention), MaxRetention: Duration(DefaultMaxRetention), Durability: DefaultDurability,
-			SyncAcks: DefaultSyncAcks, SyncTimeout: Duration(DefaultSyncTimeout), SyncOnTimeout: DefaultSyncOnTimeout},
+			SyncAcks: DefaultSyncAcks, SyncTimeout: Duration(DefaultSyncTimeout), SyncOnTimeout: DefaultSyncOnTimeout,
+			MaxInFlightFiles: DefaultMaxInFlightFiles, MaxInFlightBytes: DefaultMaxInFlightBytes},
 		Log: LogConfig{Level: DefaultLogLevel, Format: DefaultLogFormat},
 	}
 }
@@ -530,6 +553,12 @@ func (c *Config) validateReplication(p *problems) {
 		p.add("replication.listen: required on the primary when replication.peers lists replicas (e.g. 127.0.0.1:20210)")
 	}
 	r := c.Replication
+	if r.MaxInFlightFiles < 1 || r.MaxInFlightFiles > maxInFlightFiles {
+		p.add("replication.max_in_flight_files: %d is not between 1 and %d", r.MaxInFlightFiles, maxInFlightFiles)
+	}
+	if r.MaxInFlightBytes < minInFlightBytes {
+		p.add("replication.max_in_flight_bytes: %d is less than %d (1 MiB); it counts bytes, e.g. %d for 64 GiB", r.MaxInFlightBytes, minInFlightBytes, int64(64<<30))
+	}
 	p.oneOf("replication.durability", r.Durability, durabilities)
 	p.oneOf("replication.sync_on_timeout", r.SyncOnTimeout, syncOnTimeouts)
 	if r.SyncTimeout <= 0 {

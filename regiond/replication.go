@@ -26,6 +26,10 @@ import (
 // staticEpoch is the lease epoch of a static lease: it never changes hands.
 const staticEpoch = 1
 
+// epochFile is the file in data_dir where a replica keeps the newest lease
+// epoch it has accepted frames from (see replication.EpochFile).
+const epochFile = "epoch"
+
 // fsSource is the mount as the primary's Streamer reads it.
 type fsSource struct{ f *fs.FileSystem }
 
@@ -178,9 +182,16 @@ func (d *Daemon) openReplication(f *fs.FileSystem) (*replicationNode, error) {
 	r.client = replication.NewClient(c.Node, c.Region, fsTarget{f}, tmp)
 	r.client.Spares = f.Spares()
 	r.client.Logger = r.logger
+	r.client.PrimaryNode = peer.Node
+	r.client.MaxInFlightFiles, r.client.MaxInFlightBytes = c.Replication.MaxInFlightFiles, c.Replication.MaxInFlightBytes
+	r.client.Epochs = &replication.EpochFile{Path: filepath.Join(c.DataDir, epochFile)}
+	if err := r.client.LoadEpoch(ctx); err != nil {
+		r.close()
+		return nil, err
+	}
 	f.SetLag(r.lag)
 	r.wg.Go(func() { _ = r.client.Run(ctx, dialer.Stream) })
-	r.logger.Info("replicating from the primary", "primary", peer.Node, "addr", peer.Addr)
+	r.logger.Info("replicating from the primary", "primary", peer.Node, "addr", peer.Addr, "epoch", r.client.Status().Epoch)
 	return r, nil
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"sync"
 	"sync/atomic"
@@ -41,6 +42,21 @@ type Client struct {
 	// instead of created, and takes back those the Target did not move.
 	Spares      *ltx.Spares
 	MaxFileSize int64
+	// MaxInFlightFiles bounds the files of a stream begun and not yet
+	// ended (at most one per database), each holding a file descriptor
+	// and a goroutine; MaxInFlightBytes bounds the disk a stream takes:
+	// the sizes announced of those files and of the files received and
+	// waiting to be applied. The Hello announces both and the primary
+	// keeps the files in flight within them; a stream that breaks them
+	// ends with ErrProtocol. The stream is not read while files waiting
+	// to be applied hold the room the next file needs. A file larger than
+	// MaxInFlightBytes is refused, as one larger than MaxFileSize is. 0:
+	// no bound.
+	MaxInFlightFiles int
+	MaxInFlightBytes int64
+	// PrimaryNode names the node streamed from, for errors; "" if not
+	// known.
+	PrimaryNode string
 	// MaxGroup bounds the files applied as one group, and MaxGroupBytes
 	// their size (a group holds local readers off while it applies; a
 	// file larger than it goes alone). Files that arrive while a group
@@ -51,9 +67,18 @@ type Client struct {
 	MaxGroupBytes int64
 	// MinBackoff and MaxBackoff bound the wait between attempts.
 	MinBackoff, MaxBackoff time.Duration
-	Logger                 *slog.Logger
+	// Epochs, if not nil, keeps the newest lease epoch accepted across
+	// restarts: the client starts from the epoch it holds (see LoadEpoch),
+	// and stores a newer one before it accepts the first frame of it.
+	// Without it the client starts from epoch 0, and accepts any.
+	Epochs EpochStore
+	Logger *slog.Logger
 
 	epoch atomic.Uint64 // newest lease epoch accepted
+	// epochMu serializes loading and storing the epoch; epochLoaded says
+	// it was loaded from Epochs.
+	epochMu     sync.Mutex
+	epochLoaded bool
 
 	mu     sync.Mutex
 	status ClientStatus
@@ -62,16 +87,18 @@ type Client struct {
 // NewClient returns a replica client with default tunables.
 func NewClient(node, region string, target Target, tempDir string) *Client {
 	return &Client{
-		Node:          node,
-		Region:        region,
-		Target:        target,
-		TempDir:       tempDir,
-		MaxFileSize:   DefaultMaxFileSize,
-		MaxGroup:      DefaultMaxGroup,
-		MaxGroupBytes: DefaultMaxGroupBytes,
-		MinBackoff:    DefaultMinBackoff,
-		MaxBackoff:    DefaultMaxBackoff,
-		Logger:        slog.New(slog.DiscardHandler),
+		Node:             node,
+		Region:           region,
+		Target:           target,
+		TempDir:          tempDir,
+		MaxFileSize:      DefaultMaxFileSize,
+		MaxInFlightFiles: DefaultMaxInFlightFiles,
+		MaxInFlightBytes: DefaultMaxInFlightBytes,
+		MaxGroup:         DefaultMaxGroup,
+		MaxGroupBytes:    DefaultMaxGroupBytes,
+		MinBackoff:       DefaultMinBackoff,
+		MaxBackoff:       DefaultMaxBackoff,
+		Logger:           slog.New(slog.DiscardHandler),
 	}
 }
 
@@ -156,9 +183,15 @@ func (c *Client) attempt(ctx context.Context, dial func(context.Context) (Client
 // Session runs one stream on conn until it ends, and returns how many
 // frames it received. Cancelling ctx must end conn's Recv. Frames are
 // received on one goroutine and files applied on another, so the stream
-// keeps flowing while a group applies.
+// keeps flowing while a group applies. It loads the epoch first if
+// LoadEpoch was not called.
 func (c *Client) Session(ctx context.Context, conn ClientConn) (int, error) {
-	hello := &meridianv1.Hello{Node: c.Node, Region: c.Region, Epoch: c.epoch.Load()}
+	if err := c.LoadEpoch(ctx); err != nil {
+		return 0, err
+	}
+	rv := c.newReceiver()
+	hello := &meridianv1.Hello{Node: c.Node, Region: c.Region, Epoch: c.epoch.Load(),
+		MaxInFlightFiles: uint32(min(int64(rv.maxFiles), math.MaxUint32)), MaxInFlightBytes: uint64(rv.maxBytes)}
 	positions := c.Target.Positions()
 	for db, p := range positions {
 		hello.Positions = append(hello.Positions, pbPos(db, p))
@@ -173,21 +206,30 @@ func (c *Client) Session(ctx context.Context, conn ClientConn) (int, error) {
 		// Not waited for when applying fails: Recv returns once the
 		// caller cancels ctx. Then the queue is drained.
 		defer close(queue)
-		recvErr <- c.receive(ctx, conn, &frames, queue)
+		recvErr <- c.receive(ctx, conn, rv, &frames, queue)
 	}()
-	err := c.applyQueued(ctx, conn, queue, recvErr)
+	err := c.applyQueued(ctx, conn, rv.held, queue, recvErr)
 	go func() {
 		for f := range queue {
-			c.release(f)
+			c.release(rv.held, f)
 		}
 	}()
 	return int(frames.Load()), err
 }
 
-// receive reads frames until the stream ends, and queues each file once it
-// is whole and verified.
-func (c *Client) receive(ctx context.Context, conn ClientConn, frames *atomic.Int64, queue chan<- *File) error {
+// newReceiver returns a receiver for a stream, with the client's bounds.
+func (c *Client) newReceiver() *receiver {
 	rv := newReceiver(c.TempDir, c.MaxFileSize, c.Spares)
+	rv.maxFiles, rv.maxBytes = max(c.MaxInFlightFiles, 0), max(c.MaxInFlightBytes, 0)
+	if c.PrimaryNode != "" {
+		rv.peer = "primary " + c.PrimaryNode
+	}
+	return rv
+}
+
+// receive reads frames into rv until the stream ends, and queues each file
+// once it is whole and verified.
+func (c *Client) receive(ctx context.Context, conn ClientConn, rv *receiver, frames *atomic.Int64, queue chan<- *File) error {
 	defer rv.close()
 	for {
 		resp, err := conn.Recv()
@@ -199,7 +241,7 @@ func (c *Client) receive(ctx context.Context, conn ClientConn, frames *atomic.In
 			c.status.Connected = true
 			c.mu.Unlock()
 		}
-		file, err := c.frame(rv, resp)
+		file, err := c.frame(ctx, rv, resp)
 		if err != nil {
 			return err
 		}
@@ -209,7 +251,7 @@ func (c *Client) receive(ctx context.Context, conn ClientConn, frames *atomic.In
 		select {
 		case queue <- file:
 		case <-ctx.Done():
-			c.release(file)
+			c.release(rv.held, file)
 			return ctx.Err()
 		}
 	}
@@ -217,13 +259,13 @@ func (c *Client) receive(ctx context.Context, conn ClientConn, frames *atomic.In
 
 // frame handles one frame from the primary, and returns the file it
 // completes, if it does.
-func (c *Client) frame(rv *receiver, resp *meridianv1.StreamResponse) (*File, error) {
-	if err := c.checkEpoch(resp.GetEpoch()); err != nil {
+func (c *Client) frame(ctx context.Context, rv *receiver, resp *meridianv1.StreamResponse) (*File, error) {
+	if err := c.checkEpoch(ctx, resp.GetEpoch()); err != nil {
 		return nil, err
 	}
 	switch f := resp.GetFrame().(type) {
 	case *meridianv1.StreamResponse_LtxBegin:
-		return nil, rv.begin(f.LtxBegin)
+		return nil, rv.begin(ctx, f.LtxBegin)
 	case *meridianv1.StreamResponse_LtxChunk:
 		return nil, rv.chunk(f.LtxChunk)
 	case *meridianv1.StreamResponse_LtxEnd:
@@ -239,7 +281,7 @@ func (c *Client) frame(rv *receiver, resp *meridianv1.StreamResponse) (*File, er
 // applyQueued applies the queued files until the queue closes, taking
 // every file that has arrived, up to MaxGroup, at a time; it returns the
 // error that ended the stream.
-func (c *Client) applyQueued(ctx context.Context, conn ClientConn, queue <-chan *File, recvErr <-chan error) error {
+func (c *Client) applyQueued(ctx context.Context, conn ClientConn, h *held, queue <-chan *File, recvErr <-chan error) error {
 	for {
 		var files []*File
 		select {
@@ -266,7 +308,7 @@ func (c *Client) applyQueued(ctx context.Context, conn ClientConn, queue <-chan 
 		}
 		err := c.applyFiles(ctx, conn, files)
 		for _, f := range files {
-			c.release(f)
+			c.release(h, f)
 		}
 		if err != nil {
 			return err
@@ -332,28 +374,68 @@ func (c *Client) apply(ctx context.Context, conn ClientConn, db string, files []
 	return conn.Send(&meridianv1.StreamRequest{Frame: &meridianv1.StreamRequest_Ack{Ack: ack}})
 }
 
-// release gives back a received file the Target did not move.
-func (c *Client) release(f *File) {
+// release gives back a received file the Target did not move, and takes
+// it away from the files h holds.
+func (c *Client) release(h *held, f *File) {
 	if err := c.Spares.Put(f.Path); err != nil {
 		c.Logger.Warn("remove a received file", "path", f.Path, "err", err)
 	}
+	h.done(f)
+}
+
+// LoadEpoch sets the newest epoch the client accepted to the one Epochs
+// holds, once: from then on it refuses frames of older epochs, and its
+// Hello tells an older primary that it was deposed. Session calls it; call
+// it first to have a damaged store reported before any stream starts. It
+// may be called from any goroutine.
+func (c *Client) LoadEpoch(ctx context.Context) error {
+	c.epochMu.Lock()
+	defer c.epochMu.Unlock()
+	if c.epochLoaded || c.Epochs == nil {
+		return nil
+	}
+	e, err := c.Epochs.Load(ctx)
+	if err != nil {
+		return fmt.Errorf("load the newest lease epoch seen: %w", err)
+	}
+	if e > c.epoch.Load() { // the epoch changes only under epochMu
+		c.epoch.Store(e)
+	}
+	c.epochLoaded = true
+	return nil
 }
 
 // checkEpoch accepts a frame's epoch if it is not older than the newest
-// seen (fencing a deposed primary).
-func (c *Client) checkEpoch(e uint64) error {
+// seen (fencing a deposed primary). A newer epoch is stored in Epochs
+// before it is accepted: a frame of it is refused if it cannot be.
+func (c *Client) checkEpoch(ctx context.Context, e uint64) error {
 	if e == 0 {
 		return fmt.Errorf("%w: frame without a lease epoch", ErrProtocol)
 	}
-	for {
-		newest := c.epoch.Load()
-		if e < newest {
-			return fmt.Errorf("%w: frame from epoch %d, but this replica has seen epoch %d", ErrStaleEpoch, e, newest)
-		}
-		if e == newest || c.epoch.CompareAndSwap(newest, e) {
-			return nil
+	if newest := c.epoch.Load(); e < newest {
+		return fmt.Errorf("%w: frame from epoch %d, but this replica has seen epoch %d", ErrStaleEpoch, e, newest)
+	} else if e == newest {
+		return nil
+	}
+	// A new epoch: rare, and serialized with LoadEpoch and any other
+	// stream's receiver still running.
+	c.epochMu.Lock()
+	defer c.epochMu.Unlock()
+	newest := c.epoch.Load()
+	switch {
+	case e < newest:
+		return fmt.Errorf("%w: frame from epoch %d, but this replica has seen epoch %d", ErrStaleEpoch, e, newest)
+	case e == newest:
+		return nil
+	}
+	if c.Epochs != nil {
+		if err := c.Epochs.Store(ctx, e); err != nil {
+			return fmt.Errorf("accept lease epoch %d: %w", e, err)
 		}
 	}
+	c.epoch.Store(e)
+	c.Logger.Info("accepted a new lease epoch", "epoch", e, "previous", newest)
+	return nil
 }
 
 func (c *Client) heartbeat(hb *meridianv1.Heartbeat) {

@@ -351,6 +351,9 @@ func fuzzDir(tb testing.TB) string {
 // empty directory dir and checks what it does (see FuzzReceiver).
 func receive(t testing.TB, dir string, input []byte) {
 	rv := newReceiver(dir, 1<<20, nil)
+	// Two files of a MiB cannot be in flight at once. Each file returned
+	// is taken as applied at once: the receiver never waits for room.
+	rv.maxFiles, rv.maxBytes = 2, 3<<19
 	var returned []string
 	sent := make(map[string][]byte)                 // bytes of each file accepted so far
 	begins := make(map[string]*meridianv1.LTXBegin) // of the files in flight
@@ -360,7 +363,7 @@ func receive(t testing.TB, dir string, input []byte) {
 			var err error
 			switch fr := fr.GetFrame().(type) {
 			case *meridianv1.StreamResponse_LtxBegin:
-				if err = rv.begin(fr.LtxBegin); err == nil {
+				if err = rv.begin(context.Background(), fr.LtxBegin); err == nil {
 					begins[fr.LtxBegin.Db], sent[fr.LtxBegin.Db] = fr.LtxBegin, nil
 				}
 			case *meridianv1.StreamResponse_LtxChunk:
@@ -374,6 +377,7 @@ func receive(t testing.TB, dir string, input []byte) {
 				if err == nil {
 					checkReceived(t, dir, file, begins[db], fr.LtxEnd, sent[db])
 					returned = append(returned, file.Path)
+					rv.held.done(file)
 				}
 				delete(begins, db)
 				delete(sent, db)

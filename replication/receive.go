@@ -1,10 +1,12 @@
 package replication
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"github.com/meridian-db/meridian/ltx"
@@ -37,12 +39,44 @@ const maxChunk = 256 << 10
 
 // receiver reassembles the files of one stream from its frames. Files of
 // different databases may interleave; each database has at most one file
-// in flight.
+// in flight, and the stream at most maxFiles, whose sizes, with those of
+// the files received and not yet applied, add up to at most maxBytes.
+//
+// Files received and waiting to be applied need no bound of their own for
+// memory: the stream stops being read while the queue to the applier is
+// full, so there are at most MaxGroup of them queued, a group of at most
+// MaxGroup applying and one waiting for room in the queue, each holding
+// no more than its File. Their disk is bounded with those in flight, by
+// maxBytes: a file does not begin while they hold the room it needs.
 type receiver struct {
-	dir     string      // where files are assembled
-	spares  *ltx.Spares // files to write over instead, if not nil
-	maxSize int64
-	files   map[string]*incoming
+	dir      string      // where files are assembled
+	spares   *ltx.Spares // files to write over instead, if not nil
+	maxSize  int64
+	maxFiles int    // files in flight; 0: no bound
+	maxBytes int64  // bytes in flight and held; 0: no bound
+	peer     string // who sends the files, for errors: "primary iad-1"
+	files    map[string]*incoming
+	inFlight int64 // sizes announced of the files in flight
+	held     *held // files received, not yet applied
+}
+
+// held counts the bytes of the files of a stream received whole and not
+// yet applied or given back: the receiver adds them, and the applier takes
+// them away, on another goroutine.
+type held struct {
+	bytes atomic.Int64
+	freed chan struct{} // takes a token when bytes go down
+}
+
+func newHeld() *held { return &held{freed: make(chan struct{}, 1)} }
+
+// done takes away the bytes of a file applied or given back.
+func (h *held) done(f *File) {
+	h.bytes.Add(-f.Info.Size)
+	select {
+	case h.freed <- struct{}{}:
+	default:
+	}
 }
 
 // incoming is a file being received. Its bytes are verified as they
@@ -96,8 +130,10 @@ func verify(pr *io.PipeReader, out chan<- verifyResult) {
 	out <- verifyResult{header: vr.Header(), postApplySum: t.PostApplyChecksum, fileChecksum: t.FileChecksum, seal: vr.Seal(), err: err}
 }
 
+// newReceiver returns a receiver of files of at most maxSize bytes, into
+// spares or new files in dir, with no bound on the files in flight.
 func newReceiver(dir string, maxSize int64, spares *ltx.Spares) *receiver {
-	return &receiver{dir: dir, spares: spares, maxSize: maxSize, files: make(map[string]*incoming)}
+	return &receiver{dir: dir, spares: spares, maxSize: maxSize, peer: "the primary", files: make(map[string]*incoming), held: newHeld()}
 }
 
 // close removes the files still in flight.
@@ -106,6 +142,7 @@ func (r *receiver) close() {
 		in.discard()
 		delete(r.files, db)
 	}
+	r.inFlight = 0
 }
 
 func (in *incoming) discard() {
@@ -114,8 +151,9 @@ func (in *incoming) discard() {
 	_ = in.spares.Put(in.f.Name())
 }
 
-// begin starts a file.
-func (r *receiver) begin(b *meridianv1.LTXBegin) error {
+// begin starts a file, once the files received and not yet applied leave
+// room for it (ctx ends that wait).
+func (r *receiver) begin(ctx context.Context, b *meridianv1.LTXBegin) error {
 	db := b.GetDb()
 	switch {
 	case db == "":
@@ -129,6 +167,9 @@ func (r *receiver) begin(b *meridianv1.LTXBegin) error {
 	case b.GetSize() == 0 || b.GetSize() > uint64(r.maxSize):
 		return fmt.Errorf("%w: LTXBegin for %s announces %d bytes; the bound is %d (replication max_file_size)", ErrProtocol, db, b.GetSize(), r.maxSize)
 	}
+	if err := r.room(ctx, db, int64(b.GetSize())); err != nil {
+		return err
+	}
 	f, err := r.create()
 	if err != nil {
 		return fmt.Errorf("receive %s: %w", db, err)
@@ -137,6 +178,36 @@ func (r *receiver) begin(b *meridianv1.LTXBegin) error {
 	in := &incoming{begin: b, f: f, spares: r.spares, pw: pw, verified: make(chan verifyResult, 1)}
 	go verify(pr, in.verified)
 	r.files[db] = in
+	r.inFlight += int64(b.GetSize())
+	return nil
+}
+
+// room checks that a file of db of size bytes keeps the files in flight
+// within the bounds the replica announced, and waits until the files held
+// leave room for it. The primary keeps the files in flight within them;
+// one that does not gets an error that names it, the database and the
+// bound broken. Waiting for files in flight instead would never end: their
+// ends come after this frame.
+func (r *receiver) room(ctx context.Context, db string, size int64) error {
+	switch {
+	case r.maxFiles > 0 && len(r.files) >= r.maxFiles:
+		return fmt.Errorf("%w: %s began a file of %s while %d files were in flight, the most this replica receives at once, "+
+			"as its Hello announced (raise replication.max_in_flight_files to receive more)", ErrProtocol, r.peer, db, len(r.files))
+	case r.maxBytes > 0 && size > r.maxBytes:
+		return fmt.Errorf("%w: %s began a file of %s of %d bytes, more than the %d this replica receives at once "+
+			"(raise replication.max_in_flight_bytes to receive it)", ErrProtocol, r.peer, db, size, r.maxBytes)
+	case r.maxBytes > 0 && r.inFlight+size > r.maxBytes:
+		return fmt.Errorf("%w: %s began a file of %s of %d bytes while %d files of %d bytes were in flight, more than the %d bytes "+
+			"this replica receives at once, as its Hello announced (raise replication.max_in_flight_bytes to receive more)",
+			ErrProtocol, r.peer, db, size, len(r.files), r.inFlight, r.maxBytes)
+	}
+	for r.maxBytes > 0 && r.inFlight+r.held.bytes.Load()+size > r.maxBytes && r.held.bytes.Load() > 0 {
+		select {
+		case <-r.held.freed:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 	return nil
 }
 
@@ -191,11 +262,13 @@ func (r *receiver) end(e *meridianv1.LTXEnd) (*File, error) {
 		return nil, fmt.Errorf("%w: LTXEnd for %s outside a file", ErrProtocol, db)
 	}
 	delete(r.files, db)
+	r.inFlight -= int64(in.begin.GetSize())
 	f, err := in.verify(e)
 	if err != nil {
 		in.discard()
 		return nil, err
 	}
+	r.held.bytes.Add(f.Info.Size)
 	return f, nil
 }
 

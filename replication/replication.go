@@ -31,6 +31,17 @@ const (
 	// databases larger than this are refused: raise it for them.
 	DefaultMaxFileSize = 64 << 30
 
+	// DefaultMaxInFlightFiles is the most files a replica receives at once
+	// on a stream, begun and not yet ended, each of another database; each
+	// holds a file descriptor and a goroutine that verifies it.
+	DefaultMaxInFlightFiles = 32
+
+	// DefaultMaxInFlightBytes bounds the disk a stream takes on a
+	// replica: the sizes of the files in flight and of those received and
+	// waiting to be applied add up to no more. As large as the largest
+	// file a replica accepts, which then goes alone.
+	DefaultMaxInFlightBytes = DefaultMaxFileSize
+
 	// DefaultMaxGroup is the most files a replica applies as one group,
 	// and DefaultMaxGroupBytes about the most bytes.
 	DefaultMaxGroup      = 256

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -403,6 +404,116 @@ func TestStream_StaleEpoch(t *testing.T) {
 	}
 	if got := c.target.pos("a.db"); got != before {
 		t.Fatalf("replica moved from %s to %s on stale frames", before, got)
+	}
+}
+
+// TestStream_EpochSurvivesRestart restarts a replica that accepted epoch 7
+// as a new Client on the same EpochFile: it still refuses a primary of an
+// older epoch, through its Hello and frame by frame, and follows one of
+// epoch 7 or newer, each newer epoch stored before a frame of it is
+// accepted.
+func TestStream_EpochSurvivesRestart(t *testing.T) {
+	c := newCluster(t)
+	c.primary.create("a.db", 1)
+	c.primary.steps("a.db", 5)
+	epochs := &replication.EpochFile{Path: filepath.Join(t.TempDir(), "epoch")}
+	restart := func() *replication.Client {
+		cl := c.client()
+		cl.Epochs = epochs
+		return cl
+	}
+	c.epoch.Store(7)
+	stop := c.run(restart())
+	c.waitSynced()
+	stop()
+	mustEpochFile(t, epochs.Path, "7\n")
+
+	// Restarted, it starts from epoch 7.
+	cl := restart()
+	if err := cl.LoadEpoch(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := cl.Status().Epoch; got != 7 {
+		t.Fatalf("restarted replica at epoch %d, want 7", got)
+	}
+	// The deposed primary, at epoch 3, learns from the Hello that it was
+	// deposed and refuses to stream.
+	c.epoch.Store(3)
+	c.primary.steps("a.db", 5)
+	before := c.target.pos("a.db")
+	err, served := c.session(cl)
+	if want := "replica fra-1 has seen lease epoch 7, newer than this node's 3"; !errors.Is(served, replication.ErrNotPrimary) || !strings.Contains(served.Error(), want) {
+		t.Fatalf("Serve at epoch 3 to a restarted replica that accepted 7: %v, want ErrNotPrimary saying %q", served, want)
+	}
+	if !errors.Is(err, io.EOF) { // the in-memory stream's end; gRPC's says FAILED_PRECONDITION
+		t.Fatalf("session with a deposed primary: %v, want the stream ended (EOF)", err)
+	}
+	// Frames of epoch 5 that reach a restarted replica anyway are refused.
+	c.epoch.Store(9)
+	c.mu.Lock()
+	c.filter = func(f *meridianv1.StreamResponse) { f.Epoch = 5 }
+	c.mu.Unlock()
+	if err, _ := c.session(restart()); !errors.Is(err, replication.ErrStaleEpoch) ||
+		!strings.Contains(err.Error(), "frame from epoch 5, but this replica has seen epoch 7") {
+		t.Fatalf("restarted replica that accepted 7, sent frames of epoch 5: %v, want ErrStaleEpoch", err)
+	}
+	if got := c.target.pos("a.db"); got != before {
+		t.Fatalf("replica moved from %s to %s on a stale primary's frames", before, got)
+	}
+
+	// A primary of epoch 7 itself is followed.
+	c.epoch.Store(7)
+	stop = c.run(restart())
+	c.waitSynced()
+	stop()
+	mustEpochFile(t, epochs.Path, "7\n")
+
+	// A newer epoch is stored before any frame of it is accepted: while
+	// it cannot be, nothing of it applies.
+	c.epoch.Store(9)
+	c.primary.steps("a.db", 5)
+	before = c.target.pos("a.db")
+	storeErr := errors.New("disk on fire")
+	cl = restart()
+	cl.Epochs = failingStore{EpochStore: epochs, err: storeErr}
+	if err, _ := c.session(cl); !errors.Is(err, storeErr) {
+		t.Fatalf("session of epoch 9 with a store that fails: %v, want the store's error", err)
+	}
+	if got, epoch := c.target.pos("a.db"), cl.Status().Epoch; got != before || epoch != 7 {
+		t.Fatalf("replica whose store failed moved from %s to %s and is at epoch %d; want it unmoved at epoch 7", before, got, epoch)
+	}
+	mustEpochFile(t, epochs.Path, "7\n")
+	stop = c.run(restart())
+	c.waitSynced()
+	stop()
+	mustEpochFile(t, epochs.Path, "9\n")
+}
+
+// session runs one stream of cl to the cluster's Streamer and returns what
+// the client's Session and the Streamer's Serve returned.
+func (c *cluster) session(cl *replication.Client) (err, served error) {
+	c.tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	defer cancel()
+	conn, _ := c.dial(ctx)
+	_, err = cl.Session(ctx, conn)
+	cancel()
+	return err, awaitErr(c.tb, conn.(replicaEnd).served, "the stream's Serve to return")
+}
+
+// failingStore is an EpochStore whose Store fails with err.
+type failingStore struct {
+	replication.EpochStore
+	err error
+}
+
+func (s failingStore) Store(context.Context, uint64) error { return s.err }
+
+// mustEpochFile fails tb unless the file at path holds want.
+func mustEpochFile(tb testing.TB, path, want string) {
+	tb.Helper()
+	if got := string(testingutil.MustReadFile(tb, path)); got != want {
+		tb.Fatalf("%s holds %q, want %q", path, got, want)
 	}
 }
 

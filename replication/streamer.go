@@ -7,12 +7,14 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"slices"
 	"sync"
 	"time"
 
 	"golang.org/x/sync/errgroup"
+	"golang.org/x/sync/semaphore"
 
 	"github.com/meridian-db/meridian/ltx"
 	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
@@ -150,10 +152,18 @@ func (s *Streamer) Serve(ctx context.Context, conn Conn, peer string) error {
 	r := s.connected(hello, positions)
 	defer s.disconnected(r)
 	log := s.Logger.With("replica", hello.GetNode(), "replica_region", hello.GetRegion())
-	log.Info("replica connected", "epoch", epoch, "dbs", len(positions))
+	log.Info("replica connected", "epoch", epoch, "dbs", len(positions),
+		"max_in_flight_files", hello.GetMaxInFlightFiles(), "max_in_flight_bytes", hello.GetMaxInFlightBytes())
 
 	st := &stream{s: s, conn: conn, epoch: epoch, replica: r, log: log,
 		out: make(chan *meridianv1.StreamResponse, 4), started: make(map[string]bool)}
+	if n := hello.GetMaxInFlightFiles(); n > 0 {
+		st.files = semaphore.NewWeighted(int64(n))
+	}
+	if n := hello.GetMaxInFlightBytes(); n > 0 {
+		st.maxBytes = int64(min(n, math.MaxInt64))
+		st.bytes = semaphore.NewWeighted(st.maxBytes)
+	}
 	// Recv returns only when a frame arrives or the stream ends, which a
 	// transport does once Serve has returned: so the receiver is not
 	// waited for, and reports through recvErr.
@@ -211,6 +221,12 @@ type stream struct {
 	replica *replica
 	log     *slog.Logger
 	out     chan *meridianv1.StreamResponse
+	// files and bytes are the room for files in flight that the
+	// replica's Hello announced, nil if it announced no bound: a file
+	// takes one file and its size in bytes, maxBytes in all, from its
+	// LTXBegin to its LTXEnd.
+	files, bytes *semaphore.Weighted
+	maxBytes     int64
 
 	mu      sync.Mutex
 	started map[string]bool // databases with a sender
@@ -484,6 +500,11 @@ func (st *stream) snapshotTurn(ctx context.Context, db string) error {
 // verifies the bytes as they are read, so a damaged file ends the stream
 // before its LTXEnd goes out.
 func (st *stream) file(ctx context.Context, db string, r io.Reader, info *ltx.FileInfo, reason meridianv1.SnapshotReason) error {
+	release, err := st.room(ctx, db, info)
+	if err != nil {
+		return err
+	}
+	defer release()
 	h := info.Header
 	begin := &meridianv1.LTXBegin{
 		Db:                  db,
@@ -522,4 +543,38 @@ func (st *stream) file(ctx context.Context, db string, r io.Reader, info *ltx.Fi
 	}
 	end := &meridianv1.LTXEnd{Db: db, FileChecksum: uint64(info.FileChecksum), PostApplyChecksum: uint64(info.PostApplyChecksum)}
 	return st.push(ctx, &meridianv1.StreamResponse{Frame: &meridianv1.StreamResponse_LtxEnd{LtxEnd: end}})
+}
+
+// room waits until the replica has room for file info of db in flight,
+// and returns the function that gives it back once the file's LTXEnd is
+// queued (frames go out in the order they are queued, so the replica sees
+// that LTXEnd before the LTXBegin that takes the room next). Files wait in
+// turn, a large one too. A file larger than all the room can never be
+// sent: an error.
+func (st *stream) room(ctx context.Context, db string, info *ltx.FileInfo) (release func(), err error) {
+	if st.bytes != nil && info.Size > st.maxBytes {
+		return nil, fmt.Errorf("send %s of %s: the file has %d bytes, more than the %d replica %s receives at once "+
+			"(its replication.max_in_flight_bytes)", info.Name, db, info.Size, st.maxBytes, st.replica.node)
+	}
+	if st.files != nil {
+		if err := st.files.Acquire(ctx, 1); err != nil {
+			return nil, err
+		}
+	}
+	if st.bytes != nil {
+		if err := st.bytes.Acquire(ctx, info.Size); err != nil {
+			if st.files != nil {
+				st.files.Release(1)
+			}
+			return nil, err
+		}
+	}
+	return func() {
+		if st.files != nil {
+			st.files.Release(1)
+		}
+		if st.bytes != nil {
+			st.bytes.Release(info.Size)
+		}
+	}, nil
 }

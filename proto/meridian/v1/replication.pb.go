@@ -261,8 +261,8 @@ type Hello struct {
 	Node string `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
 	// Region the replica serves, e.g. "fra", from its `region` config key.
 	Region string `protobuf:"bytes,2,opt,name=region,proto3" json:"region,omitempty"`
-	// Highest lease epoch the replica has accepted frames from (0 if none).
-	// A primary whose own epoch is lower has been deposed: it must end the
+	// Highest lease epoch the replica has accepted frames from (0 if none),
+	// kept across its restarts. A primary whose own epoch is lower has been deposed: it must end the
 	// stream with FAILED_PRECONDITION and stop acting as primary.
 	Epoch uint64 `protobuf:"varint,3,opt,name=epoch,proto3" json:"epoch,omitempty"`
 	// Position of every database the replica has, at most one entry per
@@ -271,9 +271,23 @@ type Hello struct {
 	// file holds every page), when the log still starts there and holds no
 	// more bytes than the database, as for a database created while the
 	// replica streams; otherwise as a snapshot (NO_POSITION).
-	Positions     []*DatabasePosition `protobuf:"bytes,4,rep,name=positions,proto3" json:"positions,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Positions []*DatabasePosition `protobuf:"bytes,4,rep,name=positions,proto3" json:"positions,omitempty"`
+	// Bounds of what the replica receives at once, so that a stream's memory
+	// and disk on the replica are bounded: the primary never has more than
+	// max_in_flight_files files begun (LTXBegin sent) and not ended (LTXEnd
+	// sent), nor files whose sizes add up to more than max_in_flight_bytes;
+	// a file waits for room before its LTXBegin. A file larger than
+	// max_in_flight_bytes cannot be sent: the primary ends the stream saying
+	// so. The replica ends a stream that breaks a bound with a protocol
+	// violation. It may also hold frames back until files it received are
+	// applied, so that those and the files in flight stay within
+	// max_in_flight_bytes. Replicas that announce no bound send 0.
+	MaxInFlightFiles uint32 `protobuf:"varint,5,opt,name=max_in_flight_files,json=maxInFlightFiles,proto3" json:"max_in_flight_files,omitempty"`
+	// Bound of the sum of the sizes of the files in flight, as above; 0: no
+	// bound.
+	MaxInFlightBytes uint64 `protobuf:"varint,6,opt,name=max_in_flight_bytes,json=maxInFlightBytes,proto3" json:"max_in_flight_bytes,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *Hello) Reset() {
@@ -332,6 +346,20 @@ func (x *Hello) GetPositions() []*DatabasePosition {
 		return x.Positions
 	}
 	return nil
+}
+
+func (x *Hello) GetMaxInFlightFiles() uint32 {
+	if x != nil {
+		return x.MaxInFlightFiles
+	}
+	return 0
+}
+
+func (x *Hello) GetMaxInFlightBytes() uint64 {
+	if x != nil {
+		return x.MaxInFlightBytes
+	}
+	return 0
 }
 
 // Ack reports that the replica has applied a file: the pages are in its
@@ -1176,12 +1204,14 @@ const file_meridian_v1_replication_proto_rawDesc = "" +
 	"\rStreamRequest\x12*\n" +
 	"\x05hello\x18\x01 \x01(\v2\x12.meridian.v1.HelloH\x00R\x05hello\x12$\n" +
 	"\x03ack\x18\x02 \x01(\v2\x10.meridian.v1.AckH\x00R\x03ackB\a\n" +
-	"\x05frame\"\x86\x01\n" +
+	"\x05frame\"\xe4\x01\n" +
 	"\x05Hello\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x16\n" +
 	"\x06region\x18\x02 \x01(\tR\x06region\x12\x14\n" +
 	"\x05epoch\x18\x03 \x01(\x04R\x05epoch\x12;\n" +
-	"\tpositions\x18\x04 \x03(\v2\x1d.meridian.v1.DatabasePositionR\tpositions\"\x8a\x01\n" +
+	"\tpositions\x18\x04 \x03(\v2\x1d.meridian.v1.DatabasePositionR\tpositions\x12-\n" +
+	"\x13max_in_flight_files\x18\x05 \x01(\rR\x10maxInFlightFiles\x12-\n" +
+	"\x13max_in_flight_bytes\x18\x06 \x01(\x04R\x10maxInFlightBytes\"\x8a\x01\n" +
 	"\x03Ack\x12\x0e\n" +
 	"\x02db\x18\x01 \x01(\tR\x02db\x12\x12\n" +
 	"\x04txid\x18\x02 \x01(\x04R\x04txid\x12.\n" +

@@ -62,7 +62,8 @@ type ReplicationServiceClient interface {
 	// epoch. For one database, files are sent whole and in order: LTXBegin,
 	// zero or more LTXChunk, LTXEnd, then the next file. Files of different
 	// databases may interleave, so a large snapshot of one database does not
-	// hold up the others.
+	// hold up the others, within the bounds of the replica's Hello
+	// (max_in_flight_files, max_in_flight_bytes).
 	//
 	// A node that does not hold the write lease fails the call with
 	// FAILED_PRECONDITION; a protocol violation (no Hello first, a second
@@ -120,7 +121,8 @@ type ReplicationServiceServer interface {
 	// epoch. For one database, files are sent whole and in order: LTXBegin,
 	// zero or more LTXChunk, LTXEnd, then the next file. Files of different
 	// databases may interleave, so a large snapshot of one database does not
-	// hold up the others.
+	// hold up the others, within the bounds of the replica's Hello
+	// (max_in_flight_files, max_in_flight_bytes).
 	//
 	// A node that does not hold the write lease fails the call with
 	// FAILED_PRECONDITION; a protocol violation (no Hello first, a second

@@ -1,0 +1,124 @@
+package replication
+
+import (
+	"context"
+	"errors"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+
+	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
+)
+
+// TestReceiver_HeldRoom bounds the bytes of the files in flight and of
+// those received and not yet applied together: a file does not begin
+// while files held take the room it needs, and begins once one of them
+// is applied.
+func TestReceiver_HeldRoom(t *testing.T) {
+	next := seedLTX(t)[1]
+	size := int64(len(next))
+	dir := t.TempDir()
+	rv := newReceiver(dir, 1<<20, nil)
+	rv.maxBytes = 2*size + size/2
+	defer rv.close()
+	var held []*File
+	for _, db := range []string{"a.db", "b.db"} {
+		f := mustReceive(t, rv, db, next)
+		held = append(held, f)
+	}
+	if got := rv.held.bytes.Load(); got != 2*size {
+		t.Fatalf("files held: %d bytes, want the two received, %d", got, 2*size)
+	}
+	// A third would take 3*size of the 2.5*size: it waits, here until
+	// its context ends, and creates no file.
+	begin := fileFrames("c.db", next, 0)[0].GetLtxBegin()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := rv.begin(ctx, begin); !errors.Is(err, context.Canceled) {
+		t.Fatalf("LTXBegin of c.db with two files held and room for 2.5: %v, want it to wait (context.Canceled)", err)
+	}
+	if entries, _ := os.ReadDir(dir); len(entries) != 2 {
+		t.Fatalf("%s holds %d files, want the 2 received", dir, len(entries))
+	}
+	// Once one is applied, it begins.
+	rv.held.done(held[0])
+	if err := rv.begin(ctx, begin); err != nil {
+		t.Fatalf("LTXBegin of c.db once a file held was applied: %v", err)
+	}
+	if got := rv.inFlight; got != size {
+		t.Fatalf("files in flight: %d bytes, want c.db's %d", got, size)
+	}
+}
+
+// TestReceiver_Bounds sends a receiver more files at once than it
+// announced: the file that breaks a bound is refused with an error that
+// names the sender, the database and the bound, before it creates a file.
+func TestReceiver_Bounds(t *testing.T) {
+	next := seedLTX(t)[1]
+	size := len(next)
+	for _, tt := range []struct {
+		name     string
+		maxFiles int
+		maxBytes int64
+		want     string // of the error for the last file
+	}{
+		{"Files", 3, 0, "primary iad-1 began a file of d3.db while 3 files were in flight, the most this replica receives at once, " +
+			"as its Hello announced (raise replication.max_in_flight_files to receive more)"},
+		{"Bytes", 0, int64(3*size + size/2), "primary iad-1 began a file of d3.db of " + itoa(size) + " bytes while 3 files of " + itoa(3*size) +
+			" bytes were in flight, more than the " + itoa(3*size+size/2) + " bytes this replica receives at once, as its Hello announced " +
+			"(raise replication.max_in_flight_bytes to receive more)"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			rv := newReceiver(dir, 1<<20, nil)
+			rv.maxFiles, rv.maxBytes, rv.peer = tt.maxFiles, tt.maxBytes, "primary iad-1"
+			for i := range 4 {
+				frames := fileFrames("d"+itoa(i)+".db", next, size/2)
+				err := rv.begin(context.Background(), frames[0].GetLtxBegin())
+				if i < 3 {
+					if err != nil {
+						t.Fatalf("file %d: %v", i, err)
+					}
+					if err := rv.chunk(frames[1].GetLtxChunk()); err != nil {
+						t.Fatalf("file %d: %v", i, err)
+					}
+					continue
+				}
+				if !errors.Is(err, ErrProtocol) || !strings.Contains(err.Error(), tt.want) {
+					t.Fatalf("file %d: %v, want ErrProtocol saying %q", i, err, tt.want)
+				}
+			}
+			if entries, _ := os.ReadDir(dir); len(entries) != 3 {
+				t.Fatalf("%s holds %d files, want the 3 in flight", dir, len(entries))
+			}
+			rv.close()
+			if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+				t.Fatalf("%s holds %d files after close, want none", dir, len(entries))
+			}
+		})
+	}
+}
+
+// mustReceive sends data whole as a file of db through rv and returns it.
+func mustReceive(tb testing.TB, rv *receiver, db string, data []byte) *File {
+	tb.Helper()
+	var file *File
+	for _, fr := range fileFrames(db, data, 0) {
+		var err error
+		switch fr := fr.GetFrame().(type) {
+		case *meridianv1.StreamResponse_LtxBegin:
+			err = rv.begin(context.Background(), fr.LtxBegin)
+		case *meridianv1.StreamResponse_LtxChunk:
+			err = rv.chunk(fr.LtxChunk)
+		case *meridianv1.StreamResponse_LtxEnd:
+			file, err = rv.end(fr.LtxEnd)
+		}
+		if err != nil {
+			tb.Fatalf("receive %s: %v", db, err)
+		}
+	}
+	return file
+}
+
+func itoa(i int) string { return strconv.Itoa(i) }
