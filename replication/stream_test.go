@@ -113,6 +113,14 @@ func TestStream_Converges(t *testing.T) {
 	wg.Go(func() { c.primary.steps("b.db", 200) })
 	waitGroup(t, &wg, "the transactions committed while streaming")
 	c.primary.create("c.db", 3) // created while streaming
+	// Its first transaction reaches the replica before the next: had
+	// the log grown past the database's size first, a snapshot would
+	// have been cheaper.
+	for deadline := time.Now().Add(waitTimeout); c.target.pos("c.db").TXID == 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("c.db did not reach the replica in %v", waitTimeout)
+		}
+	}
 	c.primary.steps("c.db", 20)
 	c.waitSynced()
 
