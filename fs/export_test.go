@@ -106,3 +106,7 @@ func (d *DB) SnapshotPagesKept() int {
 	defer d.mu.Unlock()
 	return d.snapKept
 }
+
+// SetSnapshotKeepMax sets how many bytes of pages a snapshot keeps before
+// it holds writers off for the rest of its read, and returns the old bound.
+func SetSnapshotKeepMax(n int64) int64 { return snapshotKeepMax.Swap(n) }

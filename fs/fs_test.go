@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -19,30 +18,12 @@ import (
 	"github.com/meridian-db/meridian/internal/testingutil"
 )
 
-// logBuffer collects log lines for assertions.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *logBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *logBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 func TestFileSystem_ReadOnly(t *testing.T) {
 	for _, mode := range journalModes {
 		t.Run(mode, func(t *testing.T) {
 			dir := t.TempDir()
 			fsys := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
-			var logs logBuffer
+			var logs testingutil.LockedBuffer
 			fsys.Logger = slog.New(slog.NewTextHandler(&logs, nil))
 			testingutil.MustOpenFS(t, fsys)
 			path := filepath.Join(fsys.MountDir, "app.db")

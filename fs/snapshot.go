@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"sync/atomic"
 	"time"
 
 	"github.com/meridian-db/meridian/ltx"
@@ -30,6 +31,13 @@ import (
 // half written into the database file: the pages it wrote are not the
 // log's, and their committed content is in the app's journal.
 
+// snapshotKeepMax bounds the bytes of pages a snapshot keeps: past it,
+// the snapshot holds the database's writers off for the rest of its read,
+// as it did all along before it kept pages, rather than keep more.
+var snapshotKeepMax atomic.Int64
+
+func init() { snapshotKeepMax.Store(64 << 20) }
+
 // snapshotReadMax bounds the wait for a write transaction to end before a
 // snapshot of a rollback-journal database starts.
 const snapshotReadMax = 10 * time.Second
@@ -43,7 +51,11 @@ type snapshotCOW struct {
 	saved    map[uint32][]byte // pages kept at the snapshot's position
 	kept     int               // pages kept, in all
 	longest  time.Duration     // the longest the reader held writers off
-	err      error             // a page could not be kept: the snapshot fails
+	// holding is set once the pages kept reached snapshotKeepMax: the
+	// reader holds d.mu from then to the end of the read, since holdStart.
+	holding   bool
+	holdStart time.Time
+	err       error // a page could not be kept: the snapshot fails
 }
 
 // Snapshot writes a snapshot of the database at its log's position to w,
@@ -60,7 +72,11 @@ func (d *DB) Snapshot(ctx context.Context, w io.Writer) (*ltx.FileInfo, error) {
 	}
 	began := time.Now()
 	info, err := d.log.WriteSnapshot(ctx, w, snapshotReader{d}, at)
-	d.mu.Lock()
+	if s := d.snap; s.holding {
+		s.longest = max(s.longest, time.Since(s.holdStart)) // d.mu is held
+	} else {
+		d.mu.Lock()
+	}
 	kept, longest := d.snap.kept, d.snap.longest
 	d.snapKept += kept
 	d.snap = nil
@@ -130,13 +146,24 @@ func (r snapshotReader) ReadAt(p []byte, off int64) (int, error) {
 
 func (r snapshotReader) readAt(p []byte, off int64) (int, error) {
 	d := r.d
-	d.mu.Lock()
+	s := d.snap // set and cleared by the reader's goroutine, as is holding
+	if !s.holding {
+		d.mu.Lock()
+	}
 	held := time.Now()
 	defer func() {
-		d.snap.longest = max(d.snap.longest, time.Since(held))
+		if s.holding {
+			return
+		}
+		if len(s.saved)*int(s.pageSize) >= int(snapshotKeepMax.Load()) {
+			s.holding, s.holdStart = true, held
+			d.logger.Warn("the app changed more pages than a snapshot keeps before it read them: its writers wait for the rest of the read",
+				"pages_kept", len(s.saved), "bound_bytes", snapshotKeepMax.Load(), "read_pages", s.next-1, "of", s.pages)
+			return
+		}
+		s.longest = max(s.longest, time.Since(held))
 		d.mu.Unlock()
 	}()
-	s := d.snap
 	if s.err != nil {
 		return 0, s.err
 	}

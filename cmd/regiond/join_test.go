@@ -138,13 +138,7 @@ func TestCluster_JoinWhileWriting(t *testing.T) {
 			return nil
 		})
 	}
-	stopWriters := func() error {
-		stop()
-		var err error
-		testingutil.Within(t, time.Minute, "the writers to stop", func() { err = g.Wait() })
-		return err
-	}
-	t.Cleanup(func() { _ = stopWriters() })
+	stopWriters := stopper(t, stop, &g)
 	time.Sleep(500 * time.Millisecond) // commits before the join, to compare with
 
 	start := time.Now()
