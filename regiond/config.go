@@ -39,8 +39,10 @@ const (
 	DefaultLogFormat    = "text"
 	DefaultFSLocks      = "mount"
 
-	// DefaultMaxInFlightFiles and DefaultMaxInFlightBytes are
-	// replication.max_in_flight_files and max_in_flight_bytes.
+	// DefaultMaxFileSize, DefaultMaxInFlightFiles and
+	// DefaultMaxInFlightBytes are replication.max_file_size,
+	// max_in_flight_files and max_in_flight_bytes.
+	DefaultMaxFileSize      = replication.DefaultMaxFileSize
 	DefaultMaxInFlightFiles = replication.DefaultMaxInFlightFiles
 	DefaultMaxInFlightBytes = replication.DefaultMaxInFlightBytes
 
@@ -156,6 +158,9 @@ type ReplicationConfig struct {
 	// replica announces both to the primary, which keeps within them.
 	MaxInFlightFiles int   `yaml:"max_in_flight_files"`
 	MaxInFlightBytes int64 `yaml:"max_in_flight_bytes"`
+	// MaxFileSize bounds one LTX file a replica receives, a snapshot
+	// too: a database larger than it cannot join.
+	MaxFileSize int64 `yaml:"max_file_size"`
 }
 
 // Peer is another node of the cluster.
@@ -237,7 +242,8 @@ func DefaultConfig() Config {
 		Lease:    LeaseConfig{Type: DefaultLeaseType, Candidate: DefaultCandidate},
 		Replication: ReplicationConfig{Retention: Duration(DefaultRetention), MaxRetention: Duration(DefaultMaxRetention), Durability: DefaultDurability,
 			SyncAcks: DefaultSyncAcks, SyncTimeout: Duration(DefaultSyncTimeout), SyncOnTimeout: DefaultSyncOnTimeout,
-			MaxInFlightFiles: DefaultMaxInFlightFiles, MaxInFlightBytes: DefaultMaxInFlightBytes},
+			MaxInFlightFiles: DefaultMaxInFlightFiles, MaxInFlightBytes: DefaultMaxInFlightBytes,
+			MaxFileSize: DefaultMaxFileSize},
 		Log: LogConfig{Level: DefaultLogLevel, Format: DefaultLogFormat},
 	}
 }
@@ -558,6 +564,9 @@ func (c *Config) validateReplication(p *problems) {
 	}
 	if r.MaxInFlightBytes < minInFlightBytes {
 		p.add("replication.max_in_flight_bytes: %d is less than %d (1 MiB); it counts bytes, e.g. %d for 64 GiB", r.MaxInFlightBytes, minInFlightBytes, int64(64<<30))
+	}
+	if r.MaxFileSize < minInFlightBytes {
+		p.add("replication.max_file_size: %d is less than %d (1 MiB); it counts bytes, e.g. %d for 64 GiB", r.MaxFileSize, minInFlightBytes, int64(64<<30))
 	}
 	p.oneOf("replication.durability", r.Durability, durabilities)
 	p.oneOf("replication.sync_on_timeout", r.SyncOnTimeout, syncOnTimeouts)

@@ -46,6 +46,7 @@ replication:
   sync_on_timeout: degrade
   max_in_flight_files: 8
   max_in_flight_bytes: 1073741824
+  max_file_size: 536870912
 tls:
   ca: /etc/pki/meridian/cluster.pem
   cert: certs/iad-1.crt
@@ -74,7 +75,8 @@ func TestParseConfig_Defaults(t *testing.T) {
 		FS:       regiond.FSConfig{Locks: "mount", Passthrough: true, SpareFiles: 4096},
 		Lease:    regiond.LeaseConfig{Type: "static", Candidate: true, StaticPrimary: "iad-1"},
 		Replication: regiond.ReplicationConfig{Retention: regiond.Duration(10 * time.Minute), MaxRetention: regiond.Duration(24 * time.Hour), Durability: "async",
-			SyncAcks: 1, SyncTimeout: regiond.Duration(5 * time.Second), SyncOnTimeout: "fail", MaxInFlightFiles: 32, MaxInFlightBytes: 64 << 30},
+			SyncAcks: 1, SyncTimeout: regiond.Duration(5 * time.Second), SyncOnTimeout: "fail", MaxInFlightFiles: 32, MaxInFlightBytes: 64 << 30,
+			MaxFileSize: 64 << 30},
 		TLS: regiond.TLSConfig{CA: "/etc/meridian/ca.pem", Cert: "/etc/meridian/iad-1.pem", Key: "/etc/meridian/iad-1-key.pem"},
 		Log: regiond.LogConfig{Level: "info", Format: "text"},
 	}
@@ -98,7 +100,8 @@ func TestParseConfig_Full(t *testing.T) {
 		Replication: regiond.ReplicationConfig{Listen: "127.0.0.1:20210", Peers: []regiond.Peer{
 			{Node: "fra-1", Region: "fra", Addr: "127.0.0.1:20220"}, {Node: "syd-1", Region: "syd"}},
 			Retention: regiond.Duration(90 * time.Second), MaxRetention: regiond.Duration(time.Hour), Durability: "sync", SyncAcks: 2, SyncRegions: true,
-			SyncTimeout: regiond.Duration(2 * time.Second), SyncOnTimeout: "degrade", MaxInFlightFiles: 8, MaxInFlightBytes: 1 << 30},
+			SyncTimeout: regiond.Duration(2 * time.Second), SyncOnTimeout: "degrade", MaxInFlightFiles: 8, MaxInFlightBytes: 1 << 30,
+			MaxFileSize: 512 << 20},
 		TLS: regiond.TLSConfig{CA: "/etc/pki/meridian/cluster.pem", Cert: "/etc/meridian/certs/iad-1.crt",
 			Key: "/etc/meridian/certs/iad-1.key", Insecure: true},
 		Log: regiond.LogConfig{Level: "debug", Format: "json"},
@@ -170,7 +173,7 @@ func TestParseConfig_Errors(t *testing.T) {
 		{"TooManySpareFiles", base + "fs:\n  spare_files: 100000\n", []string{`fs.spare_files: 100000 is not between 0 and 65536`}},
 		{"UnknownKey", base + "replicaton:\n  retention: 1m\n",
 			[]string{`line 3: unknown key "replicaton" (keys: node, region, data_dir, mount_dir, fs, lease, replication, tls, log)`}},
-		{"UnknownNestedKey", base + "replication:\n  retenton: 1m\n", []string{`line 4: unknown key "replication.retenton" (keys under replication: listen, peers, retention, max_retention, durability, sync_acks, sync_regions, sync_timeout, sync_on_timeout, max_in_flight_files, max_in_flight_bytes)`}},
+		{"UnknownNestedKey", base + "replication:\n  retenton: 1m\n", []string{`line 4: unknown key "replication.retenton" (keys under replication: listen, peers, retention, max_retention, durability, sync_acks, sync_regions, sync_timeout, sync_on_timeout, max_in_flight_files, max_in_flight_bytes, max_file_size)`}},
 		{"FutureKey", base + "lease:\n  ttl: 10s\n", []string{`unknown key "lease.ttl"`}},
 		{"UnknownTLSKey", base + "tls:\n  verify: false\n", []string{`line 4: unknown key "tls.verify" (keys under tls: ca, cert, key, insecure)`}},
 		{"TLSNotMapping", base + "tls: off\n", []string{`line 3: tls: want a mapping of keys (ca, cert, key, insecure), got "off"`}},
@@ -467,6 +470,8 @@ func TestValidate_Replication(t *testing.T) {
 			`replication.max_in_flight_files: 5000 is not between 1 and 4096`},
 		{"FewInFlightBytes", "node: iad-1\nregion: iad\nreplication: {max_in_flight_bytes: 64}\ntls: {insecure: true}\n",
 			`replication.max_in_flight_bytes: 64 is less than 1048576 (1 MiB); it counts bytes, e.g. 68719476736 for 64 GiB`},
+		{"SmallMaxFileSize", "node: iad-1\nregion: iad\nreplication: {max_file_size: 4096}\ntls: {insecure: true}\n",
+			`replication.max_file_size: 4096 is less than 1048576 (1 MiB); it counts bytes, e.g. 68719476736 for 64 GiB`},
 		{"SyncAcksBeyondPeers", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:1, durability: sync, sync_acks: 2, peers: [{node: fra-1, region: fra}]}\ntls: {insecure: true}\n",
 			`replication.sync_acks: 2, but replication.peers lists only 1 replica(s)`},
 		{"SyncAcksBeyondReplicas", "node: fra-1\nregion: fra\nlease: {static_primary: iad-1}\nreplication: {durability: sync, sync_acks: 2, peers: [{node: iad-1, region: iad}, {node: syd-1, region: syd}]}\ntls: {insecure: true}\n",

@@ -184,6 +184,7 @@ func (d *Daemon) openReplication(f *fs.FileSystem) (*replicationNode, error) {
 	r.client.Logger = r.logger
 	r.client.PrimaryNode = peer.Node
 	r.client.MaxInFlightFiles, r.client.MaxInFlightBytes = c.Replication.MaxInFlightFiles, c.Replication.MaxInFlightBytes
+	r.client.MaxFileSize = c.Replication.MaxFileSize
 	r.client.Epochs = &replication.EpochFile{Path: filepath.Join(c.DataDir, epochFile)}
 	if err := r.client.LoadEpoch(ctx); err != nil {
 		r.close()

@@ -165,7 +165,7 @@ func (r *receiver) begin(ctx context.Context, b *meridianv1.LTXBegin) error {
 	case b.GetIsSnapshot() != (b.GetMinTxid() == 1):
 		return fmt.Errorf("%w: LTXBegin for %s: is_snapshot %v with min_txid %d", ErrProtocol, db, b.GetIsSnapshot(), b.GetMinTxid())
 	case b.GetSize() == 0 || b.GetSize() > uint64(r.maxSize):
-		return fmt.Errorf("%w: LTXBegin for %s announces %d bytes; the bound is %d (replication max_file_size)", ErrProtocol, db, b.GetSize(), r.maxSize)
+		return fmt.Errorf("%w: LTXBegin for %s announces %d bytes; the bound is %d (replication.max_file_size)", ErrProtocol, db, b.GetSize(), r.maxSize)
 	}
 	if err := r.room(ctx, db, int64(b.GetSize())); err != nil {
 		return err
