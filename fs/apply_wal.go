@@ -14,6 +14,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 
+	"github.com/meridian-db/meridian/internal/durable"
 	"github.com/meridian-db/meridian/ltx"
 )
 
@@ -417,7 +418,7 @@ func (d *DB) newWALGeneration(pageSize uint32) error {
 	// durably: a daemon that started without the mark would take the
 	// frames for an app's transactions.
 	salts := h.saltBytes()
-	if err := writeFileSync(d.path(walAppliedFile), salts[:]); err != nil {
+	if err := durable.WriteFile(d.path(walAppliedFile), salts[:]); err != nil {
 		return err
 	}
 	d.applied.mine = true
@@ -671,22 +672,6 @@ func (d *DB) foldWAL(any bool) ([]uint32, error) {
 	d.wal.valid = false
 	d.applied = appliedWAL{shm: d.applied.shm}
 	return pgnos, nil
-}
-
-// writeFileSync writes data to a new file at path, durably.
-func writeFileSync(path string, data []byte) error {
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if err := errors.Join(err, f.Close()); err != nil {
-		return err
-	}
-	return syncDir(filepath.Dir(path))
 }
 
 // appliedShm returns the backing -shm, opened once and kept open: closing a

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"github.com/meridian-db/meridian/internal/durable"
 	"github.com/meridian-db/meridian/ltx"
 )
 
@@ -762,7 +763,7 @@ func (d *DB) syncDir() error {
 	var wg sync.WaitGroup
 	if d.dirDirty.Swap(false) {
 		wg.Go(func() {
-			if dirErr = syncDir(d.dir); dirErr != nil {
+			if dirErr = durable.SyncDir(d.dir); dirErr != nil {
 				d.dirDirty.Store(true)
 			}
 		})

@@ -24,6 +24,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 
+	"github.com/meridian-db/meridian/internal/durable"
 	"github.com/meridian-db/meridian/internal/fusectl"
 	"github.com/meridian-db/meridian/ltx"
 )
@@ -801,10 +802,10 @@ func (f *FileSystem) createDB(ctx context.Context, name string) (*DB, error) {
 		return nil, err
 	}
 	_ = file.Close()
-	if err := syncDir(dir); err != nil {
+	if err := durable.SyncDir(dir); err != nil {
 		return nil, err
 	}
-	if err := syncDir(f.dbsDir()); err != nil {
+	if err := durable.SyncDir(f.dbsDir()); err != nil {
 		return nil, err
 	}
 	return f.openDB(ctx, name)
@@ -824,7 +825,7 @@ func (f *FileSystem) deleteDB(d *DB) error {
 	if err := os.Rename(d.dir, trash); err != nil {
 		return err
 	}
-	if err := syncDir(f.dbsDir()); err != nil {
+	if err := durable.SyncDir(f.dbsDir()); err != nil {
 		return err
 	}
 	f.Logger.Info("database deleted", "db", d.Name)
@@ -840,15 +841,6 @@ func (f *FileSystem) deleteDB(d *DB) error {
 		}
 	}
 	return os.RemoveAll(trash)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer func() { _ = d.Close() }()
-	return d.Sync()
 }
 
 // validDBName reports whether name can be a database: not a companion or

@@ -9,6 +9,7 @@ import (
 
 	_ "github.com/mattn/go-sqlite3" // SQLite itself rolls back hot journals
 
+	"github.com/meridian-db/meridian/internal/durable"
 	"github.com/meridian-db/meridian/ltx"
 )
 
@@ -143,7 +144,7 @@ func (d *DB) recoverJournal(pos ltx.Pos) error {
 		if err := os.Remove(d.path(journalFile)); err != nil {
 			return err
 		}
-		return syncDir(d.dir)
+		return durable.SyncDir(d.dir)
 	}
 	d.logger.Info("rolling back a hot journal", "pos", pos)
 	return rollbackJournal(d.path(databaseFile), d.path(journalFile))

@@ -11,6 +11,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/meridian-db/meridian/internal/durable"
 )
 
 // failpoint is called at each step of writing and removing log files, by
@@ -170,12 +172,7 @@ func createTemp(dir, name string) (*os.File, error) {
 // syncDirectory fsyncs a directory so entries created, renamed or removed in it
 // survive a crash.
 func syncDirectory(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer func() { _ = d.Close() }()
-	if err := d.Sync(); err != nil {
+	if err := durable.SyncDir(dir); err != nil {
 		return diskError("sync directory", dir, err)
 	}
 	return nil

@@ -7,8 +7,9 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"strconv"
+
+	"github.com/meridian-db/meridian/internal/durable"
 )
 
 // EpochStore keeps the newest lease epoch a replica has accepted frames
@@ -67,41 +68,8 @@ func (f *EpochFile) Load(context.Context) (uint64, error) {
 // Store writes epoch into a temporary file beside Path, fsyncs it, renames
 // it to Path and fsyncs the directory.
 func (f *EpochFile) Store(_ context.Context, epoch uint64) error {
-	tmp := f.Path + ".tmp"
-	err := writeSynced(tmp, []byte(strconv.FormatUint(epoch, 10)+"\n"))
-	if err == nil {
-		err = os.Rename(tmp, f.Path)
-	}
-	if err == nil {
-		err = syncDir(filepath.Dir(f.Path))
-	}
-	if err != nil {
-		_ = os.Remove(tmp)
+	if err := durable.ReplaceFile(f.Path, []byte(strconv.FormatUint(epoch, 10)+"\n")); err != nil {
 		return fmt.Errorf("store lease epoch %d in %s: %w", epoch, f.Path, err)
 	}
 	return nil
-}
-
-// writeSynced writes data into the file at path, created or truncated,
-// and fsyncs it.
-func writeSynced(path string, data []byte) error {
-	fh, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
-	if err != nil {
-		return err
-	}
-	_, err = fh.Write(data)
-	if err == nil {
-		err = fh.Sync()
-	}
-	return errors.Join(err, fh.Close())
-}
-
-// syncDir fsyncs directory dir, so that the entries renamed in it survive
-// a crash.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	return errors.Join(d.Sync(), d.Close())
 }

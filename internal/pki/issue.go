@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/meridian-db/meridian"
+	"github.com/meridian-db/meridian/internal/durable"
 )
 
 // InitCA makes a new cluster CA named name (DefaultCAName if empty), valid
@@ -273,7 +274,7 @@ func writeFiles(cert *x509.Certificate, key *ecdsa.PrivateKey, certPath, keyPath
 			return err
 		}
 	}
-	return syncDir(filepath.Dir(keyPath))
+	return durable.SyncDir(filepath.Dir(keyPath))
 }
 
 // writeTemp writes data to a new temporary file beside path, with mode,
@@ -298,16 +299,4 @@ func writeTemp(path string, data []byte, mode os.FileMode) (string, error) {
 		return "", err
 	}
 	return f.Name(), nil
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	return err
 }
