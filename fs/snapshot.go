@@ -15,7 +15,7 @@ import (
 // A snapshot for a joining replica reads every page of the database as it
 // was at one position of the log, however large the database, without
 // holding its writers off for more than the read of one batch of pages:
-// the daemon's lock is held for each batch (a megabyte), not for the whole
+// the daemon's lock is held for each batch (128 KiB), not for the whole
 // encode. Between batches the app commits on. Before a page the snapshot
 // has not read yet changes, as the log sees the database (walView), its
 // content at the snapshot's position is kept for the snapshot: copy on
@@ -172,20 +172,28 @@ func (r snapshotReader) readAt(p []byte, off int64) (int, error) {
 		return 0, fmt.Errorf("snapshot of %s: read of %d bytes at %d is not in whole pages", d.Name, len(p), off)
 	}
 	n, err := walView{d: d}.ReadAt(p, off)
-	first, last := uint32(off/ps)+1, uint32((off+int64(len(p)))/ps)
-	for pgno := first; pgno <= last; pgno++ {
-		if b, ok := s.saved[pgno]; ok {
-			i := int64(pgno-first) * ps
-			copy(p[i:i+ps], b)
-			n = max(n, int(i+ps))
-			delete(s.saved, pgno)
+	// Pages read whole, then the kept ones over them: a page kept past
+	// the end of a file truncated since extends what was read only where
+	// it follows it.
+	first, pages := uint32(off/ps)+1, len(p)/int(ps)
+	whole := n / int(ps)
+	for i := range pages {
+		if b, ok := s.saved[first+uint32(i)]; ok {
+			copy(p[int64(i)*ps:], b)
+			delete(s.saved, first+uint32(i))
+			if i == whole {
+				whole++
+			}
 		}
 	}
-	s.next = max(s.next, last+1)
-	if n == len(p) {
-		err = nil // pages kept past the end of a file truncated since
+	s.next = max(s.next, first+uint32(pages))
+	if whole == pages {
+		return len(p), nil
 	}
-	return n, err
+	if err == nil {
+		err = io.ErrUnexpectedEOF
+	}
+	return whole * int(ps), err
 }
 
 // keepForSnapshot keeps pages first to last, as walView reads them now,
