@@ -162,11 +162,12 @@ type killPoint struct {
 }
 
 var (
-	// (a) in rollback mode: the LTX file is in the log, the journal not yet
-	// finalized. (b) in WAL mode: the commit frame is in the WAL, its LTX
-	// file is being written.
-	killAtLTXRenamed = killPoint{name: "ltx-renamed", mask: syscall.IN_MOVED_TO, suffix: ".ltx"}
-	killAtLTXCreated = killPoint{name: "ltx-created", mask: syscall.IN_CREATE, suffix: ".tmp"}
+	// (a) in rollback mode: the LTX file is in the log (its segment index
+	// record written), the journal not yet finalized. (b) in WAL mode: the
+	// commit frame is in the WAL, its LTX file is being written to its
+	// segment.
+	killAtLTXRenamed = killPoint{name: "ltx-committed", mask: syscall.IN_MODIFY, suffix: ".index"}
+	killAtLTXCreated = killPoint{name: "ltx-writing", mask: syscall.IN_MODIFY, suffix: ".segment"}
 	// An app writing pages to the database file: in rollback modes the
 	// journal is hot and the transaction not committed; in WAL mode it is
 	// checkpointing.
@@ -311,7 +312,7 @@ func testCrashDaemon(t *testing.T, mode string, passthrough bool) {
 		mode, len(plan), len(plan)-daemonAtRounds, daemonAtRounds, st.inFlight, st.inFlightCommitted, st.hotJournal, recovered, landed, rows.max, seed)
 	if landed[precise.name] == 0 {
 		t.Fatalf("%s: got 0 of the %s kills landing where they aim, want at least 1: the recovery path of a crash between the %s was not exercised (recovery: %v)",
-			mode, precise.name, map[string]string{"ltx-renamed": "LTX file and the journal's finalizing", "ltx-created": "commit frame and its LTX file"}[precise.name], recovered)
+			mode, precise.name, map[string]string{"ltx-committed": "LTX file and the journal's finalizing", "ltx-writing": "commit frame and its LTX file"}[precise.name], recovered)
 	}
 }
 

@@ -74,6 +74,10 @@ type FileSystem struct {
 	// (fs.spare_files).
 	SpareFill int
 
+	// LogSegmentSize is the size at which a database's log starts a new
+	// segment (see ltx.Log.SegmentSize); 0 writes a file per transaction.
+	LogSegmentSize int64
+
 	// Passthrough lets the kernel write WALs straight to their backing
 	// files (FUSE passthrough, Linux 6.9+, as root) while capture scans
 	// them; where the kernel cannot, WAL writes go through the daemon.
@@ -144,6 +148,7 @@ func New(dataDir, mountDir string) *FileSystem {
 		MaintainInterval: DefaultMaintainInterval,
 		CompactAge:       DefaultCompactAge,
 		MaxSpares:        DefaultMaxSpares,
+		LogSegmentSize:   ltx.DefaultSegmentSize,
 		Passthrough:      true,
 		Logger:           slog.Default(),
 		dbs:              map[string]*DB{},
@@ -771,6 +776,9 @@ func (f *FileSystem) openDB(ctx context.Context, name string) (*DB, error) {
 	l := ltx.NewLog(name, d.path(logDir), d.path(databaseFile))
 	// The log names its database in every line itself.
 	l.NodeID, l.Retention, l.MaxRetention, l.Logger, l.Spares = f.NodeID, f.Retention, f.MaxRetention, f.Logger, f.spares
+	// A segment stays while it holds the log's newest file: rolled at the
+	// retention at least, it keeps pruned files on disk little longer.
+	l.SegmentSize, l.SegmentAge = f.LogSegmentSize, min(ltx.DefaultSegmentAge, max(f.Retention, time.Second))
 	l.DB = walView{d: d} // the database as SQLite sees it, WAL included
 	d.log = l
 	if err := d.recover(ctx); err != nil {

@@ -29,6 +29,7 @@ import (
 
 	"github.com/meridian-db/meridian/fs"
 	"github.com/meridian-db/meridian/internal/testingutil"
+	"github.com/meridian-db/meridian/ltx"
 )
 
 // crashChildEnv, when set, makes the test binary run a child process of the
@@ -262,8 +263,8 @@ func powerCut(f *fs.FileSystem, keepNewest bool) error {
 			unsynced = unsynced[:len(unsynced)-1]
 			kept++
 		}
-		for _, name := range unsynced {
-			if err := os.Truncate(filepath.Join(d.Log().Dir, name), 0); err != nil && !errors.Is(err, os.ErrNotExist) {
+		for _, st := range unsynced {
+			if err := loseData(st); err != nil {
 				return err
 			}
 			n++
@@ -273,6 +274,29 @@ func powerCut(f *fs.FileSystem, keepNewest bool) error {
 		return err
 	}
 	return syscall.Kill(os.Getpid(), syscall.SIGKILL)
+}
+
+// loseData does to the stored LTX file what a power failure does to a file
+// whose data had not reached the disk while its name (or its index record)
+// had: a file of its own is emptied, a file in a segment zeroed.
+func loseData(st ltx.Stored) error {
+	if !st.Segment {
+		if err := os.Truncate(st.Path, 0); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		return nil
+	}
+	f, err := os.OpenFile(st.Path, os.O_WRONLY, 0)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	} else if err != nil {
+		return err
+	}
+	_, err = f.WriteAt(make([]byte, st.Size), st.Offset)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // watchChild watches dir for inotify events of mask and kills the process

@@ -204,15 +204,25 @@ func (l *Log) setAside(lostDir string) error {
 	}
 	for _, f := range files {
 		var err error
-		if dst != "" {
+		switch {
+		case dst != "" && f.seg != nil:
+			// Cut out of its segment, which goes with its last file.
+			if err = copyRange(l.path(f.seg.name), f.off, f.info.Size, filepath.Join(dst, f.info.Name)); err == nil {
+				err = l.removeFile(f)
+			}
+		case dst != "":
 			err = os.Rename(l.path(f.info.Name), filepath.Join(dst, f.info.Name))
-		} else {
+		default:
 			err = l.removeFile(f)
 		}
 		if err != nil && !errors.Is(err, os.ErrNotExist) {
 			return fmt.Errorf("replace the log of %s with a snapshot: %w", l.Name, err)
 		}
 		_ = os.Remove(l.path(posName(f.info.Name)))
+	}
+	// The next commit starts a segment of its own.
+	if err := l.rollSegment(); err != nil {
+		return fmt.Errorf("replace the log of %s with a snapshot: %w", l.Name, err)
 	}
 	if dst != "" {
 		if err := syncDirectory(dst); err != nil {

@@ -85,8 +85,8 @@ func (l *Log) Commit(ctx context.Context, tx Tx) (*FileInfo, error) {
 	} else if err != nil {
 		return nil, err
 	}
-	if err := w.temp.rename(!tx.NoSync && !tx.NoSyncDir); err != nil {
-		w.temp.remove()
+	if err := w.out.rename(!tx.NoSync && !tx.NoSyncDir); err != nil {
+		w.out.remove()
 		return nil, fmt.Errorf("commit txid %s to %s: %w", w.file.info.Header.MinTXID, l.Name, err)
 	}
 	return l.committed(tx, w), nil
@@ -98,6 +98,9 @@ func (l *Log) commitState() (Pos, *ChecksumTable, error) {
 	l.mu.RLock()
 	defer l.mu.RUnlock()
 	if err := l.checkOpen(); err != nil {
+		if l.closed {
+			l.closeSegment()
+		}
 		return Pos{}, nil, err
 	}
 	if l.table == nil {
@@ -110,9 +113,9 @@ func (l *Log) commitState() (Pos, *ChecksumTable, error) {
 // l.wmu.
 func (l *Log) committed(tx Tx, w *written) *FileInfo {
 	if tx.NoSync {
-		l.unsynced = append(l.unsynced, w.file.info.Name)
+		l.unsynced = append(l.unsynced, w.file)
 	}
-	if tx.NoSync || tx.NoSyncDir {
+	if (tx.NoSync || tx.NoSyncDir) && w.file.seg == nil {
 		l.dirUnsynced = true
 	}
 	l.mu.Lock()
@@ -165,27 +168,39 @@ func (p *Prepared) Commit() (*FileInfo, error) {
 		err = fmt.Errorf("commit to %s: prepared at %s, the log is at %s", l.Name, p.pos, pos)
 	}
 	if err == nil {
-		err = p.w.temp.rename(!p.tx.NoSyncDir)
+		err = p.w.out.rename(!p.tx.NoSyncDir)
 	}
 	if err != nil {
-		p.w.temp.remove()
+		p.w.out.remove()
 		return nil, err
 	}
 	return l.committed(p.tx, p.w), nil
 }
 
 // Abort discards the prepared file.
-func (p *Prepared) Abort() { p.w.temp.remove() }
+func (p *Prepared) Abort() { p.w.out.remove() }
 
 // Sync makes every file committed with NoSync durable: it fsyncs each, then
 // the directory. Commits wait meanwhile.
 func (l *Log) Sync(ctx context.Context) error {
 	l.wmu.Lock()
 	defer l.wmu.Unlock()
-	if len(l.unsynced) == 0 && !l.dirUnsynced {
+	if l.seg != nil && l.seg.unsynced {
+		if err := l.seg.sync(); err != nil {
+			return fmt.Errorf("sync log of %s: %w", l.Name, err)
+		}
+	}
+	alone := 0
+	for _, f := range l.unsynced {
+		if f.seg == nil {
+			alone++
+		}
+	}
+	if alone == 0 && !l.dirUnsynced {
+		l.unsynced = l.unsynced[:0]
 		return nil
 	}
-	if len(l.unsynced) > syncfsFiles {
+	if alone > syncfsFiles {
 		// One syncfs(2) commits every file and the directory in one
 		// journal commit, where an fsync each would take one apiece.
 		if err := syncFS(l.Dir); err != nil {
@@ -194,11 +209,14 @@ func (l *Log) Sync(ctx context.Context) error {
 		l.unsynced, l.dirUnsynced = l.unsynced[:0], false
 		return nil
 	}
-	for _, name := range l.unsynced {
+	for _, f := range l.unsynced {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		if err := syncFile(l.path(name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		if f.seg != nil {
+			continue // synced with its segment above
+		}
+		if err := syncFile(l.path(f.info.Name)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			// A file compacted away since is durable in the compacted file.
 			return fmt.Errorf("sync log of %s: %w", l.Name, err)
 		}
@@ -210,21 +228,53 @@ func (l *Log) Sync(ctx context.Context) error {
 	return nil
 }
 
-// Unsynced returns the names of the files committed without a sync since
-// the last Sync: those a power failure may empty or tear.
-func (l *Log) Unsynced() []string {
+// Unsynced returns where the files committed without a sync since the
+// last Sync are stored: those a power failure may empty or tear.
+func (l *Log) Unsynced() []Stored {
 	l.wmu.Lock()
 	defer l.wmu.Unlock()
-	return slices.Clone(l.unsynced)
+	a := make([]Stored, len(l.unsynced))
+	for i, f := range l.unsynced {
+		a[i] = l.stored(f)
+	}
+	return a
+}
+
+// Stored is where a file of the log is stored: alone at Path, or Size
+// bytes at Offset of the segment at Path.
+type Stored struct {
+	Name    string
+	Path    string
+	Segment bool
+	Offset  int64
+	Size    int64
+}
+
+func (l *Log) stored(f *logFile) Stored {
+	if f.seg != nil {
+		return Stored{Name: f.info.Name, Path: l.path(f.seg.name), Segment: true, Offset: f.off, Size: f.info.Size}
+	}
+	return Stored{Name: f.info.Name, Path: l.path(f.info.Name), Size: f.info.Size}
 }
 
 // syncfsFiles is how many unsynced files make Sync flush the whole
 // filesystem instead of fsyncing each.
 const syncfsFiles = 16
 
+// pending is an LTX file written, not yet in the log: rename puts it
+// there (a temporary file renamed to its name, or a segment append
+// committed by its index record), remove discards it.
+type pending interface {
+	rename(syncDir bool) error
+	remove()
+}
+
+func (a *segmentAppend) rename(syncIndex bool) error { return a.commit(syncIndex) }
+func (a *segmentAppend) remove()                     { a.discard() }
+
 // written is an LTX file on disk that is not yet part of the log.
 type written struct {
-	temp    *tempFile // the file, not yet under its name
+	out     pending // the file, not yet in the log
 	file    *logFile
 	table   *ChecksumTable // table to apply changes to (a new one on a full rewrite)
 	changes []pageSum
@@ -270,11 +320,9 @@ func (l *Log) writeTx(ctx context.Context, tx Tx, pos Pos, table *ChecksumTable)
 	}
 	var trailer ltx.Trailer
 	name := FormatName(txid, txid)
-	temp, err := writeTemp(l.Dir, name, !tx.NoSync, l.Spares, func(out io.Writer) error {
-		enc, err := ltx.NewEncoder(out)
-		if err != nil {
-			return err
-		}
+	encode := func(out io.Writer) error {
+		enc := getEncoder(out)
+		defer putEncoder(enc)
 		if err := enc.EncodeHeader(hdr); err != nil {
 			return err
 		}
@@ -303,21 +351,27 @@ func (l *Log) writeTx(ctx context.Context, tx Tx, pos Pos, table *ChecksumTable)
 		}
 		trailer = enc.Trailer()
 		return nil
-	})
+	}
+	w.file = &logFile{info: FileInfo{Name: name, Header: hdr}}
+	if l.SegmentSize > 0 {
+		var a *segmentAppend
+		if a, err = l.writeSegment(txid, tx.WAL, !tx.NoSync, encode); err == nil {
+			w.out, w.file.seg, w.file.off = a, a.s, a.off
+			w.file.info.Size, w.file.info.Seal = a.size, a.seal
+		}
+	} else {
+		var t *tempFile
+		if t, err = writeTemp(l.Dir, name, !tx.NoSync, l.Spares, encode); err == nil {
+			w.out = t
+			w.file.info.Size, w.file.info.Seal = t.size, t.seal
+		}
+	}
 	if errors.Is(err, errUnchanged) {
 		return nil, err
 	} else if err != nil {
 		return nil, fmt.Errorf("commit txid %s to %s: %w", txid, l.Name, err)
 	}
-	w.temp = temp
-	w.file = &logFile{info: FileInfo{
-		Name:              name,
-		Header:            hdr,
-		PostApplyChecksum: trailer.PostApplyChecksum,
-		FileChecksum:      trailer.FileChecksum,
-		Size:              temp.size,
-		Seal:              temp.seal,
-	}}
+	w.file.info.PostApplyChecksum, w.file.info.FileChecksum = trailer.PostApplyChecksum, trailer.FileChecksum
 	return w, nil
 }
 
@@ -325,6 +379,9 @@ func (l *Log) writeTx(ctx context.Context, tx Tx, pos Pos, table *ChecksumTable)
 func (l *Log) install(w *written) *FileInfo {
 	w.table.apply(w.changes, w.file.info.Header.Commit)
 	l.table = w.table
+	if w.file.seg != nil {
+		w.file.seg.live.Add(1)
+	}
 	l.files = append(l.files, w.file)
 	l.notify()
 	info := w.file.info

@@ -26,8 +26,9 @@ import (
 )
 
 // crashChildEnv, when set, makes the test binary run crashChild instead of
-// the tests. Its value is "DIR SEED PRUNE FAILPOINT N": FAILPOINT is a
-// failpoint name at whose Nth pass the child kills itself, or "-".
+// the tests. Its value is "DIR SEED PRUNE FAILPOINT N SEGMENT": FAILPOINT
+// is a failpoint name at whose Nth pass the child kills itself, or "-";
+// SEGMENT is the log's SegmentSize (0: a file per transaction).
 const crashChildEnv = "MERIDIAN_LTX_CRASH_CHILD"
 
 func TestMain(m *testing.M) {
@@ -51,8 +52,9 @@ func crashChild(arg string) error {
 		seed       uint64
 		prune      bool
 		n          int
+		segment    int64
 	)
-	if _, err := fmt.Sscanf(arg, "%s %d %t %s %d", &dir, &seed, &prune, &point, &n); err != nil {
+	if _, err := fmt.Sscanf(arg, "%s %d %t %s %d %d", &dir, &seed, &prune, &point, &n, &segment); err != nil {
 		return err
 	}
 	ltx.SetFailpoint(func(name string) {
@@ -66,7 +68,7 @@ func crashChild(arg string) error {
 	dbPath := filepath.Join(dir, "db")
 	l := ltx.NewLog("db", filepath.Join(dir, "ltx"), dbPath)
 	l.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
-	l.CompactionSize, l.Retention = 32<<10, 0
+	l.CompactionSize, l.Retention, l.SegmentSize = 32<<10, 0, segment
 	if err := l.Open(ctx); err != nil {
 		return err
 	}
@@ -157,7 +159,13 @@ func TestLog_Crash(t *testing.T) {
 		dir := t.TempDir()
 		prune := run%3 == 2 || k.point == "prune"
 		cmd := exec.Command(os.Args[0], "-test.run=^$")
-		cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%s %d %t %s %d", crashChildEnv, dir, rng.Uint64(), prune, k.point, k.n))
+		// Every other run writes a file per transaction, the others
+		// segments small enough to roll and be pruned.
+		segment := 0
+		if run%2 == 1 {
+			segment = 64 << 10
+		}
+		cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%s %d %t %s %d %d", crashChildEnv, dir, rng.Uint64(), prune, k.point, k.n, segment))
 		testingutil.DieWithParent(cmd)
 		cmd.Stderr = os.Stderr
 		stdout, err := cmd.StdoutPipe()

@@ -223,10 +223,8 @@ func rebase(w io.Writer, src io.Reader, pos Pos) (*FileInfo, error) {
 	}
 	hdr.MinTXID, hdr.PreApplyChecksum = pos.TXID+1, pos.PostApplyChecksum
 
-	enc, err := ltx.NewEncoder(w)
-	if err != nil {
-		return nil, err
-	}
+	enc := getEncoder(w)
+	defer putEncoder(enc)
 	if err := enc.EncodeHeader(hdr); err != nil {
 		return nil, err
 	}

@@ -56,6 +56,12 @@ type Log struct {
 	// CompactionSize bounds the input bytes merged into one compacted file.
 	CompactionSize int64
 
+	// SegmentSize and SegmentAge are when the log starts a new segment
+	// (see segment.go): at this size, or this old. A SegmentSize of 0
+	// writes each committed transaction to a file of its own instead.
+	SegmentSize int64
+	SegmentAge  time.Duration
+
 	Logger *slog.Logger
 
 	// MayBeUnsynced, if set, tells Open which files a power failure may
@@ -79,7 +85,8 @@ type Log struct {
 	waiting atomic.Int32
 
 	wmu      sync.Mutex // held by Open, Commit and Sync
-	unsynced []string   // files committed with NoSync; guarded by wmu
+	unsynced []*logFile // files committed with NoSync; guarded by wmu
+	seg      *segment   // the segment appended to; guarded by wmu
 	// dirUnsynced: files were renamed into Dir without a directory fsync
 	// since the last Sync; guarded by wmu
 	dirUnsynced bool
@@ -107,6 +114,10 @@ type logFile struct {
 	// readers counts the open readers of the file: one that is removed
 	// while read is deleted, never recycled as a spare.
 	readers atomic.Int32
+	// seg is the segment the file is in, at offset off; nil for a file
+	// of its own.
+	seg *segment
+	off int64
 }
 
 // open opens f for reading. Caller holds l.mu, or l.maint, while f is in
@@ -114,26 +125,39 @@ type logFile struct {
 func (l *Log) open(f *logFile) (*openFile, error) {
 	f.readers.Add(1)
 	l.readers.Add(1)
-	fh, err := os.Open(l.path(f.info.Name))
+	name := f.info.Name
+	if f.seg != nil {
+		name = f.seg.name
+	}
+	fh, err := os.Open(l.path(name))
 	if err != nil {
 		f.readers.Add(-1)
 		l.readers.Add(-1)
 		return nil, err
 	}
-	return &openFile{File: fh, lf: f, l: l}, nil
+	of := &openFile{File: fh, lf: f, l: l, r: fh}
+	if f.seg != nil {
+		of.r = io.NewSectionReader(fh, f.off, f.info.Size)
+	}
+	return of, nil
 }
 
 // Readers returns the number of the log's files open for reading through
 // it, removed ones included until they are closed.
 func (l *Log) Readers() int { return int(l.readers.Load()) }
 
-// openFile is a file of the log open for reading.
+// openFile is a file of the log open for reading: its bytes alone,
+// whether it is a file of its own or in a segment.
 type openFile struct {
 	*os.File
+	r    io.Reader
 	lf   *logFile
 	l    *Log
 	once sync.Once
 }
+
+// Read reads the file's bytes.
+func (f *openFile) Read(p []byte) (int, error) { return f.r.Read(p) }
 
 // Close closes the file and counts its reader out.
 func (f *openFile) Close() error {
@@ -155,6 +179,8 @@ func NewLog(name, dir, dbPath string) *Log {
 		Retention:      DefaultRetention,
 		MaxRetention:   DefaultMaxRetention,
 		CompactionSize: DefaultCompactionSize,
+		SegmentSize:    DefaultSegmentSize,
+		SegmentAge:     DefaultSegmentAge,
 		Logger:         slog.Default(),
 	}
 }
@@ -194,17 +220,33 @@ func (l *Log) Open(ctx context.Context) error {
 	return nil
 }
 
-// Close stops cursors waiting on the log. It does not wait for writers.
+// Close stops cursors waiting on the log. It does not wait for writers:
+// the segment being appended to is closed now if no writer holds it, else
+// by the next writer, which finds the log closed.
 func (l *Log) Close() error {
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	if !l.closed {
 		l.closed = true
 		if l.changed != nil {
 			close(l.changed)
 		}
 	}
+	l.mu.Unlock()
+	if l.wmu.TryLock() {
+		l.closeSegment()
+		l.wmu.Unlock()
+	}
 	return nil
+}
+
+// closeSegment closes the segment being appended to, if any, leaving it
+// for Open to read again. Caller holds l.wmu.
+func (l *Log) closeSegment() {
+	if s := l.seg; s != nil {
+		l.seg = nil
+		s.active.Store(false)
+		s.close()
+	}
 }
 
 // Pos returns the position after the last transaction in the log, or the
@@ -286,6 +328,8 @@ func (l *Log) recover() ([]*logFile, error) {
 		files    []*logFile
 		bad      []badFile
 		sidecars = map[string]bool{}
+		segments []*segment
+		indexes  = map[string]bool{}
 	)
 	for _, e := range entries {
 		name := e.Name()
@@ -301,6 +345,15 @@ func (l *Log) recover() ([]*logFile, error) {
 			// Read by openDatabase: the file Apply was writing.
 		case strings.HasSuffix(name, posExt):
 			sidecars[name] = true
+		case strings.HasSuffix(name, idxExt):
+			indexes[name] = true
+		case strings.HasSuffix(name, segExt):
+			seg, in, err := l.openSegment(name)
+			if err != nil {
+				return nil, err
+			}
+			segments = append(segments, seg)
+			files = append(files, in...)
 		case strings.HasSuffix(name, ltxExt):
 			if _, _, err := ParseName(name); err != nil {
 				return nil, fmt.Errorf("log %s: %v: rename or move it out of the log directory", l.Dir, err)
@@ -342,6 +395,20 @@ func (l *Log) recover() ([]*logFile, error) {
 	}
 	if err := l.loadSidecars(files, sidecars); err != nil {
 		return nil, err
+	}
+	for _, seg := range segments {
+		delete(indexes, indexName(seg.name))
+		if seg.live.Load() == 0 {
+			if err := l.removeSegment(seg); err != nil {
+				return nil, err
+			}
+		}
+	}
+	for name := range indexes {
+		// The index of a segment removed before it.
+		if err := removeIfExists(l.path(name)); err != nil {
+			return nil, err
+		}
 	}
 	return files, syncDirectory(l.Dir)
 }
@@ -444,12 +511,46 @@ func (l *Log) checkChain(files []*logFile) error {
 	return nil
 }
 
+// verifyEntry decodes f, a file in a segment, in full, checking its seal.
+func (l *Log) verifyEntry(f *logFile) error {
+	fh, err := l.open(f)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = fh.Close() }()
+	if _, err := io.Copy(io.Discard, NewVerifyReader(fh, f.info.Seal)); err != nil {
+		return fmt.Errorf("verify %s in segment %s at offset %d: %w", f.info.Name, l.path(f.seg.name), f.off, err)
+	}
+	return nil
+}
+
 // verifyLast decodes the last file in full, and seals it if it has no seal;
 // while it fails to verify, it is moved aside and the one before it is
 // checked.
 func (l *Log) verifyLast(files []*logFile) ([]*logFile, error) {
 	for len(files) > 0 {
 		last := files[len(files)-1]
+		if last.seg != nil {
+			err := l.verifyEntry(last)
+			if err == nil {
+				return files, nil
+			} else if !errors.Is(err, ErrCorrupt) {
+				return nil, err
+			}
+			l.Logger.Warn("last file in the log does not verify", "db", l.Name, "file", last.info.Name,
+				"segment", last.seg.name, "offset", last.off, "err", err)
+			st, err := os.Stat(l.path(last.seg.name))
+			if err != nil {
+				return nil, err
+			}
+			n := int(last.info.Header.MinTXID - last.seg.first)
+			if err := l.cutSegment(last.seg, n, last.off, st.Size(), true); err != nil {
+				return nil, err
+			}
+			last.seg.live.Add(-1)
+			files = files[:len(files)-1]
+			continue
+		}
 		_, seal, err := verifyFile(l.path(last.info.Name))
 		if err == nil {
 			return files, l.seal(last, seal)
@@ -470,7 +571,7 @@ func (l *Log) verifyLast(files []*logFile) ([]*logFile, error) {
 // extended attributes.
 func (l *Log) sealAll(files []*logFile) error {
 	for _, f := range files[:max(len(files)-1, 0)] {
-		if f.info.Seal != 0 {
+		if f.info.Seal != 0 || f.seg != nil {
 			continue
 		}
 		_, seal, err := verifyFile(l.path(f.info.Name))
@@ -553,6 +654,12 @@ func (l *Log) quarantine(name, why string) error {
 // removeFile removes an LTX file and its sidecar, if any. The file becomes
 // a spare if nobody reads it. Caller has taken f out of l.files.
 func (l *Log) removeFile(f *logFile) error {
+	if s := f.seg; s != nil {
+		if s.live.Add(-1) == 0 && !s.active.Load() {
+			return l.removeSegment(s)
+		}
+		return nil
+	}
 	name := f.info.Name
 	spares := l.Spares
 	if f.readers.Load() > 0 {
@@ -612,8 +719,8 @@ func (l *Log) bootstrap(ctx context.Context) error {
 	}
 	w, err := l.writeTx(ctx, Tx{DB: db, PageSize: l.table.PageSize(), Commit: l.table.Pages()}, Pos{}, l.table)
 	if err == nil {
-		if err = w.temp.rename(true); err != nil {
-			w.temp.remove()
+		if err = w.out.rename(true); err != nil {
+			w.out.remove()
 		}
 	}
 	if err != nil {

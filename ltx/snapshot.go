@@ -18,10 +18,8 @@ import (
 // txid, and as post-apply checksum the database checksum computed from the
 // pages read.
 func EncodeSnapshot(ctx context.Context, w io.Writer, db io.ReaderAt, pageSize, commit uint32, txid TXID, ts time.Time) (*FileInfo, error) {
-	enc, err := ltx.NewEncoder(w)
-	if err != nil {
-		return nil, err
-	}
+	enc := getEncoder(w)
+	defer putEncoder(enc)
 	hdr := ltx.Header{
 		Version:   ltx.Version,
 		PageSize:  pageSize,

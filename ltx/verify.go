@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -13,6 +14,7 @@ import (
 // DirReport is what VerifyDir found in a log directory.
 type DirReport struct {
 	Files    []FileInfo // the files that form the log, oldest first
+	Stored   []Stored   // where each of Files is stored
 	Problems []error    // each says which file and what is wrong
 	Notes    []string   // things Open would tidy up, which are not damage
 }
@@ -32,6 +34,8 @@ func VerifyDir(dir string) (*DirReport, error) {
 	}
 	r := &DirReport{}
 	sidecars := map[string]bool{}
+	stored := map[string]Stored{}
+	indexes := map[string]bool{}
 	for _, e := range entries {
 		name := e.Name()
 		switch {
@@ -52,6 +56,15 @@ func VerifyDir(dir string) (*DirReport, error) {
 				continue
 			}
 			r.Files = append(r.Files, *info)
+			stored[info.Name] = Stored{Name: info.Name, Path: filepath.Join(dir, name), Size: info.Size}
+		case strings.HasSuffix(name, idxExt):
+			indexes[name] = true
+		case strings.HasSuffix(name, segExt):
+			delete(indexes, indexName(name))
+			for _, e := range r.verifySegment(filepath.Join(dir, name)) {
+				r.Files = append(r.Files, e.FileInfo)
+				stored[e.Name] = Stored{Name: e.Name, Path: filepath.Join(dir, name), Segment: true, Offset: e.Offset, Size: e.Size}
+			}
 		default:
 			r.Notes = append(r.Notes, fmt.Sprintf("%s: not an LTX file, ignored", name))
 		}
@@ -81,6 +94,14 @@ func VerifyDir(dir string) (*DirReport, error) {
 		chain = append(chain, f)
 	}
 	r.Files = chain
+	for _, f := range r.Files {
+		r.Stored = append(r.Stored, stored[f.Name])
+	}
+	for name := range indexes {
+		if !slices.ContainsFunc(entries, func(e os.DirEntry) bool { return e.Name() == strings.TrimSuffix(name, idxExt)+segExt }) {
+			r.Notes = append(r.Notes, fmt.Sprintf("%s: index without its segment; opening the log removes it", name))
+		}
+	}
 
 	for i := range r.Files {
 		f := &r.Files[i]
@@ -111,3 +132,59 @@ func VerifyDir(dir string) (*DirReport, error) {
 
 // Err returns the problems as one error, or nil.
 func (r *DirReport) Err() error { return errors.Join(r.Problems...) }
+
+// verifySegment reads the segment at path and decodes each file its index
+// records, adding what is wrong to r's problems, and returns the files
+// that verify, up to the first that does not.
+func (r *DirReport) verifySegment(path string) []SegmentEntry {
+	rep, err := ReadSegment(path)
+	if err != nil {
+		r.Problems = append(r.Problems, err)
+		return nil
+	}
+	for i, e := range rep.Entries {
+		if err := verifyStored(Stored{Name: e.Name, Path: path, Segment: true, Offset: e.Offset, Size: e.Size}, e.Seal); err != nil {
+			r.Problems = append(r.Problems, err)
+			return rep.Entries[:i]
+		}
+	}
+	if rep.Bad != nil {
+		r.Problems = append(r.Problems, rep.Bad)
+	} else if rep.Uncommitted > 0 {
+		r.Notes = append(r.Notes, fmt.Sprintf("%s: %d bytes after its last committed file: an append in progress, or one that never committed; opening the log removes them",
+			filepath.Base(path), rep.Uncommitted))
+	}
+	return rep.Entries
+}
+
+// verifyStored decodes the stored file in full, checking seal if not 0.
+func verifyStored(st Stored, seal Checksum) error {
+	f, err := OpenStored(st)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = f.Close() }()
+	if _, err := io.Copy(io.Discard, NewVerifyReader(f, seal)); err != nil {
+		if st.Segment {
+			return fmt.Errorf("verify %s in segment %s at offset %d: %w", st.Name, st.Path, st.Offset, err)
+		}
+		return fmt.Errorf("verify %s: %w", st.Path, err)
+	}
+	return nil
+}
+
+// OpenStored opens the bytes of a stored LTX file for reading: the file,
+// or its part of a segment.
+func OpenStored(st Stored) (io.ReadCloser, error) {
+	f, err := os.Open(st.Path)
+	if err != nil {
+		return nil, err
+	}
+	if !st.Segment {
+		return f, nil
+	}
+	return struct {
+		io.Reader
+		io.Closer
+	}{io.NewSectionReader(f, st.Offset, st.Size), f}, nil
+}

@@ -21,6 +21,7 @@ import (
 
 	"github.com/meridian-db/meridian"
 	"github.com/meridian-db/meridian/fs"
+	"github.com/meridian-db/meridian/ltx"
 	"github.com/meridian-db/meridian/replication"
 )
 
@@ -114,6 +115,10 @@ type FSConfig struct {
 	// LTX files and journals over instead of creating them (see
 	// fs.FileSystem.SpareFill); 0 keeps none ready.
 	SpareFiles int `yaml:"spare_files"`
+	// LogSegmentSize is the size in bytes at which a database's LTX log
+	// starts a new segment file (see ltx.Log.SegmentSize); 0 writes one
+	// file per transaction instead, the log's layout before segments.
+	LogSegmentSize int64 `yaml:"log_segment_size"`
 }
 
 // LeaseConfig chooses how the write lease (who is primary) is decided.
@@ -238,7 +243,7 @@ func DefaultConfig() Config {
 	return Config{
 		DataDir:  DefaultDataDir,
 		MountDir: DefaultMountDir,
-		FS:       FSConfig{Locks: DefaultFSLocks, Passthrough: true, SpareFiles: fs.DefaultSpareFill},
+		FS:       FSConfig{Locks: DefaultFSLocks, Passthrough: true, SpareFiles: fs.DefaultSpareFill, LogSegmentSize: ltx.DefaultSegmentSize},
 		Lease:    LeaseConfig{Type: DefaultLeaseType, Candidate: DefaultCandidate},
 		Replication: ReplicationConfig{Retention: Duration(DefaultRetention), MaxRetention: Duration(DefaultMaxRetention), Durability: DefaultDurability,
 			SyncAcks: DefaultSyncAcks, SyncTimeout: Duration(DefaultSyncTimeout), SyncOnTimeout: DefaultSyncOnTimeout,
@@ -518,6 +523,9 @@ func (c *Config) Validate() error {
 	p.oneOf("fs.locks", c.FS.Locks, fsLocks)
 	if c.FS.SpareFiles < 0 || c.FS.SpareFiles > fs.DefaultMaxSpares {
 		p.add("fs.spare_files: %d is not between 0 and %d", c.FS.SpareFiles, fs.DefaultMaxSpares)
+	}
+	if s := c.FS.LogSegmentSize; s != 0 && (s < 64<<10 || s > 1<<30) {
+		p.add("fs.log_segment_size: %d is not 0 (a file per transaction) or between 65536 (64 KiB) and 1073741824 (1 GiB)", s)
 	}
 	p.oneOf("log.level", c.Log.Level, logLevels)
 	p.oneOf("log.format", c.Log.Format, logFormats)

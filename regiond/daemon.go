@@ -48,6 +48,7 @@ func (d *Daemon) Open(ctx context.Context) error {
 	f.KernelLocks = c.FS.Locks == "kernel"
 	f.LockHolder = d.LockHolder
 	f.SpareFill = c.FS.SpareFiles
+	f.LogSegmentSize = c.FS.LogSegmentSize
 	f.Passthrough = c.FS.Passthrough
 	f.Logger = d.Logger.With("component", "fs")
 	primary := c.IsPrimary()

@@ -272,7 +272,11 @@ func oldestTXID(t *testing.T, dir string) ltx.TXID {
 	}
 	oldest := ltx.TXID(0)
 	for _, e := range entries {
-		if lo, _, err := ltx.ParseName(e.Name()); err == nil && (oldest == 0 || lo < oldest) {
+		lo, _, err := ltx.ParseName(e.Name())
+		if err != nil {
+			lo, err = ltx.ParseSegmentName(e.Name())
+		}
+		if err == nil && (oldest == 0 || lo < oldest) {
 			oldest = lo
 		}
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/hex"
 	"encoding/json"
@@ -31,6 +32,8 @@ Usage:
 	regiond ltx checksum DBFILE         compute the LTX checksum of a database file
 	regiond ltx restore -o DBFILE DIR|FILE...
 	                                    rebuild a database from a snapshot and later files
+	regiond ltx export [-from TXID] [-to TXID] DIR OUTDIR
+	                                    write the log's files, verified, one LTX file each
 
 Every command only reads its inputs; restore writes only DBFILE. A command
 that finds corruption says where and exits with status 1.
@@ -47,6 +50,7 @@ func runLTX(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		"verify":   ltxVerify,
 		"checksum": ltxChecksum,
 		"restore":  ltxRestore,
+		"export":   ltxExport,
 	}
 	cmd, ok := cmds[args[0]]
 	if !ok {
@@ -91,16 +95,36 @@ func ltxLs(_ context.Context, args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintln(tw, "FILE\tPAGE SIZE\tCOMMIT\tPRE-APPLY\tPOST-APPLY\tTIMESTAMP\tSIZE")
 	}
 	enc := json.NewEncoder(stdout)
+	var infos []*ltx.FileInfo
 	for _, e := range entries {
-		if e.IsDir() || !strings.HasSuffix(e.Name(), ".ltx") {
-			continue
+		switch {
+		case e.IsDir():
+		case strings.HasSuffix(e.Name(), ".ltx"):
+			info, err := ltx.ReadFileInfo(filepath.Join(dir, e.Name()))
+			if err != nil {
+				bad++
+				fmt.Fprintf(stderr, "%s\n", err)
+				continue
+			}
+			infos = append(infos, info)
+		case strings.HasSuffix(e.Name(), ".segment"):
+			rep, err := ltx.ReadSegment(filepath.Join(dir, e.Name()))
+			if err == nil {
+				err = rep.Bad
+			}
+			if err != nil {
+				bad++
+				fmt.Fprintf(stderr, "%s\n", err)
+			}
+			if rep != nil {
+				for _, e := range rep.Entries {
+					infos = append(infos, &e.FileInfo)
+				}
+			}
 		}
-		info, err := ltx.ReadFileInfo(filepath.Join(dir, e.Name()))
-		if err != nil {
-			bad++
-			fmt.Fprintf(stderr, "%s\n", err)
-			continue
-		}
+	}
+	slices.SortStableFunc(infos, func(a, b *ltx.FileInfo) int { return cmp.Compare(a.Header.MinTXID, b.Header.MinTXID) })
+	for _, info := range infos {
 		if *asJSON {
 			if err := enc.Encode(fileJSON(info)); err != nil {
 				return err
@@ -301,7 +325,7 @@ func ltxRestore(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return fmt.Errorf("%s exists; pass -f to replace it", *out)
 	}
 
-	var paths []string
+	var stored []ltx.Stored
 	if fi, err := os.Stat(fs.Arg(0)); err == nil && fi.IsDir() {
 		if fs.NArg() != 1 {
 			return usagef("ltx restore: give one log directory, or LTX files")
@@ -312,19 +336,20 @@ func ltxRestore(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		} else if !r.OK() {
 			return fmt.Errorf("log %s does not verify: %w", fs.Arg(0), r.Err())
 		}
-		for _, f := range r.Files {
-			paths = append(paths, filepath.Join(fs.Arg(0), f.Name))
-		}
+		stored = r.Stored
 	} else {
-		paths = slices.Clone(fs.Args())
+		for _, p := range fs.Args() {
+			stored = append(stored, ltx.Stored{Name: filepath.Base(p), Path: p})
+		}
 	}
+	paths := stored
 	if len(paths) == 0 {
 		return fmt.Errorf("nothing to restore: %s is an empty log", fs.Arg(0))
 	}
 
 	var rdrs []io.Reader
-	for _, p := range paths {
-		f, err := os.Open(p)
+	for _, st := range stored {
+		f, err := ltx.OpenStored(st)
 		if err != nil {
 			return err
 		}
@@ -336,5 +361,64 @@ func ltxRestore(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return err
 	}
 	fmt.Fprintf(stdout, "%s: restored to %s from %d files\n", *out, pos, len(paths))
+	return nil
+}
+
+// ltxExport writes the files of a log directory, whether each is a file of
+// its own or part of a segment, as LTX files of their own, each verified
+// as it is copied.
+func ltxExport(_ context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("export", "[-from TXID] [-to TXID] DIR OUTDIR", stderr)
+	from := fs.Uint64("from", 0, "export only files that end at or after this TXID")
+	to := fs.Uint64("to", 0, "export only files that begin at or before this TXID (0: no bound)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	} else if fs.NArg() != 2 {
+		return usagef("ltx export: want a log directory and an output directory, got %d arguments", fs.NArg())
+	}
+	r, err := ltx.VerifyDir(fs.Arg(0))
+	if err != nil {
+		return err
+	} else if !r.OK() {
+		return fmt.Errorf("log %s does not verify: %w", fs.Arg(0), r.Err())
+	}
+	if err := os.MkdirAll(fs.Arg(1), 0o755); err != nil {
+		return err
+	}
+	n := 0
+	for i, info := range r.Files {
+		if uint64(info.Header.MaxTXID) < *from || (*to != 0 && uint64(info.Header.MinTXID) > *to) {
+			continue
+		}
+		if err := exportFile(r.Stored[i], info.Seal, filepath.Join(fs.Arg(1), info.Name)); err != nil {
+			return err
+		}
+		n++
+	}
+	fmt.Fprintf(stdout, "exported %d files to %s\n", n, fs.Arg(1))
+	return nil
+}
+
+// exportFile copies the stored file to dst, verifying it on the way.
+func exportFile(st ltx.Stored, seal ltx.Checksum, dst string) error {
+	src, err := ltx.OpenStored(st)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = src.Close() }()
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return fmt.Errorf("%w (export writes new files only: empty the output directory first)", err)
+	}
+	if _, err = io.Copy(out, ltx.NewVerifyReader(src, seal)); err == nil {
+		err = out.Sync()
+	}
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		_ = os.Remove(dst)
+		return fmt.Errorf("export %s: %w", st.Name, err)
+	}
 	return nil
 }

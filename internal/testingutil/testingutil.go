@@ -56,8 +56,19 @@ func MustOpenLog(tb testing.TB, name, dir, dbPath string) *ltx.Log {
 	return l
 }
 
-// NewLog returns an unopened log that logs to tb.
+// NewLog returns an unopened log that logs to tb and writes a file of its
+// own per transaction (SegmentSize 0), for tests that reach into a log
+// directory by file name; NewSegmentLog returns one that writes segments,
+// as a log does by default.
 func NewLog(tb testing.TB, name, dir, dbPath string) *ltx.Log {
+	l := NewSegmentLog(tb, name, dir, dbPath)
+	l.SegmentSize = 0
+	return l
+}
+
+// NewSegmentLog returns an unopened log that logs to tb, with the default
+// segments.
+func NewSegmentLog(tb testing.TB, name, dir, dbPath string) *ltx.Log {
 	l := ltx.NewLog(name, dir, dbPath)
 	l.Logger = Logger(tb)
 	return l

@@ -1,0 +1,688 @@
+package ltx_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"hash/crc64"
+	"io"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/meridian-db/meridian/internal/testingutil"
+	"github.com/meridian-db/meridian/ltx"
+)
+
+// newSegmentDB is newFakeDB with a log that writes segments of size bytes
+// (0: the default).
+func newSegmentDB(tb testing.TB, dir string, seed uint64, size int64) *fakeDB {
+	tb.Helper()
+	d := &fakeDB{tb: tb, path: filepath.Join(dir, "db"), pageSize: 4096, rng: rand.New(rand.NewPCG(seed, 1))}
+	d.data = make([]byte, 3*d.pageSize)
+	for i := range d.data {
+		d.data[i] = byte(d.rng.Uint32())
+	}
+	copy(d.data, "SQLite format 3\x00")
+	binary.BigEndian.PutUint16(d.data[16:], uint16(d.pageSize))
+	l, err := openSegmentLog(tb, filepath.Join(dir, "ltx"), d.path, size, nil)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	d.log = l
+	return d
+}
+
+// openSegmentLog opens the segment log in dir of the database at dbPath.
+func openSegmentLog(tb testing.TB, dir, dbPath string, size int64, mayBeUnsynced func(ltx.Header) bool) (*ltx.Log, error) {
+	l := testingutil.NewSegmentLog(tb, "db", dir, dbPath)
+	if size > 0 {
+		l.SegmentSize = size
+	}
+	l.MayBeUnsynced = mayBeUnsynced
+	if err := l.Open(context.Background()); err != nil {
+		return nil, err
+	}
+	tb.Cleanup(func() { _ = l.Close() })
+	return l, nil
+}
+
+// reopen closes d's log and opens it again, as a restart does.
+func (d *fakeDB) reopen(size int64, mayBeUnsynced func(ltx.Header) bool) error {
+	d.tb.Helper()
+	if err := d.log.Close(); err != nil {
+		d.tb.Fatal(err)
+	}
+	l, err := openSegmentLog(d.tb, d.log.Dir, d.path, size, mayBeUnsynced)
+	if err == nil {
+		d.log = l
+	}
+	return err
+}
+
+// logNames returns the names in dir, sorted, directories with a slash.
+func logNames(tb testing.TB, dir string) []string {
+	tb.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var names []string
+	for _, e := range entries {
+		name := e.Name()
+		if e.IsDir() {
+			name += "/"
+		}
+		names = append(names, name)
+	}
+	return names
+}
+
+// readAll reads every file of l through a cursor from the start, each to
+// io.EOF (which verifies it), and returns their infos.
+func readAll(tb testing.TB, l *ltx.Log) []ltx.FileInfo {
+	tb.Helper()
+	c, err := l.Cursor(ltx.Pos{})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var infos []ltx.FileInfo
+	for c.Pos() != l.Pos() {
+		r := mustNext(tb, c)
+		if _, err := io.Copy(io.Discard, r); err != nil {
+			tb.Fatalf("read %s: %v", r.Info.Name, err)
+		}
+		_ = r.Close()
+		infos = append(infos, r.Info)
+	}
+	return infos
+}
+
+func TestSegment_CommitAndReopen(t *testing.T) {
+	d := newSegmentDB(t, t.TempDir(), 1, 0)
+	d.run(40, t0, nil)
+	dir := d.log.Dir
+	if got, want := logNames(t, dir), []string{"0000000000000001.index", "0000000000000001.segment"}; !slices.Equal(got, want) {
+		t.Fatalf("log directory holds %v, want %v: one segment, no file per transaction", got, want)
+	}
+	files := d.log.Files()
+	if len(files) != 40 {
+		t.Fatalf("%d files in the log, want 40", len(files))
+	}
+	for i, f := range files {
+		if want := ltx.FormatName(ltx.TXID(i+1), ltx.TXID(i+1)); f.Name != want || f.Seal == 0 {
+			t.Fatalf("file %d is %s with seal %s, want %s, sealed", i, f.Name, f.Seal, want)
+		}
+	}
+	if st := mustStat(t, filepath.Join(dir, "0000000000000001.index")); st.Size() != 40*56 {
+		t.Fatalf("index holds %d bytes, want 40 records of 56", st.Size())
+	}
+	var size int64
+	for _, f := range files {
+		size += f.Size
+	}
+	if st := mustStat(t, filepath.Join(dir, "0000000000000001.segment")); st.Size() != size {
+		t.Fatalf("segment holds %d bytes, its files %d", st.Size(), size)
+	}
+	if got := readAll(t, d.log); !slices.Equal(got, files) {
+		t.Fatalf("cursor read %d files, not the log's %d as listed", len(got), len(files))
+	}
+
+	pos := d.log.Pos()
+	if err := d.reopen(0, nil); err != nil {
+		t.Fatal(err)
+	}
+	if d.log.Pos() != pos || !slices.Equal(d.log.Files(), files) {
+		t.Fatalf("reopened at %s with %d files, want %s and the same %d files", d.log.Pos(), len(d.log.Files()), pos, len(files))
+	}
+	// A reopened log appends to a segment of its own.
+	d.run(5, t0.Add(time.Hour), nil)
+	if got, want := logNames(t, dir), []string{"0000000000000001.index", "0000000000000001.segment", "0000000000000029.index", "0000000000000029.segment"}; !slices.Equal(got, want) {
+		t.Fatalf("log directory holds %v, want %v", got, want)
+	}
+
+	r, err := ltx.VerifyDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	} else if !r.OK() || len(r.Files) != 45 || len(r.Stored) != 45 || !r.Stored[44].Segment {
+		t.Fatalf("verify: %d files, %d stored, problems %v", len(r.Files), len(r.Stored), r.Problems)
+	}
+	restored := filepath.Join(t.TempDir(), "restored")
+	if _, err := d.log.Restore(context.Background(), restored); err != nil {
+		t.Fatal(err)
+	} else if !bytes.Equal(testingutil.MustReadFile(t, restored), d.data) {
+		t.Fatal("restored database differs")
+	}
+}
+
+// TestSegment_RollPruneCompact checks that segments roll at their size,
+// that a segment goes when its last file leaves the log (pruned or
+// compacted) and not before, that a reader keeps reading a file whose
+// segment went, and that compaction leaves a log that reopens the same.
+func TestSegment_RollPruneCompact(t *testing.T) {
+	d := newSegmentDB(t, t.TempDir(), 2, 24<<10)
+	h := history{}
+	d.run(30, t0, h)
+	dir := d.log.Dir
+	segments := func() []string {
+		var a []string
+		for _, n := range logNames(t, dir) {
+			if strings.HasSuffix(n, ".segment") {
+				a = append(a, n)
+			}
+		}
+		return a
+	}
+	if n := len(segments()); n < 4 {
+		t.Fatalf("%d segments for 30 transactions of 24 KiB segments, want several", n)
+	}
+
+	// Compact the first half: its segments go once all their files are
+	// compacted; positions inside stay servable.
+	before := segments()
+	merged, err := d.log.Compact(context.Background(), t0.Add(15*time.Minute))
+	if err != nil || merged == 0 {
+		t.Fatalf("compact: %d merged, %v", merged, err)
+	}
+	files := d.log.Files()
+	first, last := files[0], files[len(files)-1]
+	if first.Header.MinTXID != 1 || first.Header.MaxTXID < 10 {
+		t.Fatalf("first file after compaction is %s", first.Name)
+	}
+	for _, s := range before {
+		var n uint64
+		for _, c := range strings.TrimSuffix(s, ".segment") {
+			n = n*16 + uint64(strings.IndexRune("0123456789abcdef", c))
+		}
+		if ltx.TXID(n) <= first.Header.MaxTXID && slices.Contains(segments(), s) {
+			// Its first file is compacted; it stays only if a later one of
+			// its files is still in the log as it is.
+			if !slices.ContainsFunc(files[1:], func(f ltx.FileInfo) bool { return f.Header.MinTXID >= ltx.TXID(n) && f.Header.MinTXID < ltx.TXID(n)+8 }) {
+				t.Errorf("segment %s stayed after its files were compacted", s)
+			}
+		}
+	}
+	if err := d.reopen(24<<10, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := d.log.Files(); !slices.Equal(got, files) {
+		t.Fatalf("reopened after compaction with files %v, want %v", names(got), names(files))
+	}
+	readAll(t, d.log)
+
+	// A reader holds the oldest segment file open while every file but
+	// the newest is pruned: it reads its file whole.
+	c, err := d.log.Cursor(files[1].PreApplyPos())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := mustNext(t, c)
+	n, err := d.log.Prune(context.Background(), last.Header.MaxTXID, t0.Add(100*time.Hour))
+	if err != nil || n != len(files)-1 {
+		t.Fatalf("prune: %d files, %v; want %d", n, err, len(files)-1)
+	}
+	if _, err := io.Copy(io.Discard, r); err != nil {
+		t.Fatalf("read a file pruned while open: %v", err)
+	}
+	_ = r.Close()
+	if got := segments(); len(got) != 1 {
+		t.Fatalf("segments after pruning all but the newest file: %v, want only the newest's", got)
+	}
+	if d.log.Readers() != 0 {
+		t.Fatalf("%d readers left", d.log.Readers())
+	}
+}
+
+func names(files []ltx.FileInfo) []string {
+	a := make([]string, len(files))
+	for i, f := range files {
+		a[i] = f.Name
+	}
+	return a
+}
+
+// segmentFile returns the path of the segment holding the log's only
+// segment's files, and where each of them is.
+func onlySegment(tb testing.TB, l *ltx.Log) (string, []ltx.SegmentEntry) {
+	tb.Helper()
+	path := filepath.Join(l.Dir, "0000000000000001.segment")
+	rep, err := ltx.ReadSegment(path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return path, rep.Entries
+}
+
+func flipByte(tb testing.TB, path string, off int64) {
+	tb.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer func() { _ = f.Close() }()
+	b := make([]byte, 1)
+	if _, err := f.ReadAt(b, off); err != nil {
+		tb.Fatal(err)
+	}
+	b[0] ^= 0x10
+	if _, err := f.WriteAt(b, off); err != nil {
+		tb.Fatal(err)
+	}
+}
+
+func appendBytes(tb testing.TB, path string, b []byte) {
+	tb.Helper()
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer func() { _ = f.Close() }()
+	if _, err := f.Write(b); err != nil {
+		tb.Fatal(err)
+	}
+}
+
+// rewriteRecord changes index record i of the segment at segPath with
+// change, and gives it a valid record checksum.
+func rewriteRecord(tb testing.TB, segPath string, i int, change func(rec []byte)) {
+	tb.Helper()
+	path := strings.TrimSuffix(segPath, ".segment") + ".index"
+	b := testingutil.MustReadFile(tb, path)
+	rec := b[i*56 : (i+1)*56]
+	change(rec)
+	binary.BigEndian.PutUint64(rec[48:], crc64.Checksum(rec[:48], crc64.MakeTable(crc64.ISO)))
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		tb.Fatal(err)
+	}
+}
+
+// TestSegment_Damage damages a closed log's segment and index the ways a
+// crash, a bad disk or a hand can, and checks what Open, a cursor and
+// VerifyDir make of it: a torn append is cut off, a committed file that
+// does not read is an error naming the segment and the offset, and no
+// file before the damage is lost.
+func TestSegment_Damage(t *testing.T) {
+	const n = 12
+	h := history{}
+	// at sets the database file to the image the log's file i leaves, as
+	// the log's owner does when the log loses its later files.
+	at := func(d *fakeDB, files []ltx.FileInfo, i int) {
+		d.data = bytes.Clone(h[files[i].Pos()])
+		d.write()
+	}
+	setup := func(t *testing.T) (*fakeDB, string, []ltx.SegmentEntry, []ltx.FileInfo) {
+		d := newSegmentDB(t, t.TempDir(), 3, 0)
+		d.run(n, t0, h)
+		files := d.log.Files()
+		if err := d.log.Close(); err != nil {
+			t.Fatal(err)
+		}
+		path, entries := onlySegment(t, d.log)
+		if len(entries) != n {
+			t.Fatalf("%d files in the segment, want %d", len(entries), n)
+		}
+		return d, path, entries, files
+	}
+	corrupt := func(t *testing.T, dir string) []string {
+		entries, _ := os.ReadDir(filepath.Join(dir, "corrupt"))
+		var a []string
+		for _, e := range entries {
+			a = append(a, e.Name())
+		}
+		return a
+	}
+
+	t.Run("UncommittedAppend", func(t *testing.T) {
+		d, path, entries, files := setup(t)
+		end := entries[n-1].Offset + entries[n-1].Size
+		appendBytes(t, path, bytes.Repeat([]byte{0xab}, 5000))
+		if err := d.reopen(0, nil); err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(d.log.Files(), files) {
+			t.Fatal("files changed")
+		}
+		if st := mustStat(t, path); st.Size() != end {
+			t.Fatalf("segment is %d bytes after open, want %d: the uncommitted append cut off", st.Size(), end)
+		}
+		if c := corrupt(t, d.log.Dir); len(c) != 0 {
+			t.Fatalf("an append that never committed kept as corrupt: %v", c)
+		}
+	})
+
+	t.Run("TornIndexRecord", func(t *testing.T) {
+		d, path, _, files := setup(t)
+		appendBytes(t, strings.TrimSuffix(path, ".segment")+".index", make([]byte, 30))
+		if err := d.reopen(0, nil); err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(d.log.Files(), files) {
+			t.Fatal("files changed")
+		}
+		if st := mustStat(t, strings.TrimSuffix(path, ".segment")+".index"); st.Size() != n*56 {
+			t.Fatalf("index is %d bytes after open, want %d", st.Size(), n*56)
+		}
+	})
+
+	t.Run("LastFileBitFlip", func(t *testing.T) {
+		d, path, entries, files := setup(t)
+		last := entries[n-1]
+		flipByte(t, path, last.Offset+last.Size/2)
+		at(d, files, n-2)
+		if err := d.reopen(0, nil); err != nil {
+			t.Fatal(err)
+		}
+		if got := d.log.Files(); !slices.Equal(got, files[:n-1]) {
+			t.Fatalf("log holds %d files, want the %d before the damaged last one", len(got), n-1)
+		}
+		want := filepath.Base(path) + "." + itoa(last.Offset)
+		if c := corrupt(t, d.log.Dir); !slices.Equal(c, []string{want}) {
+			t.Fatalf("corrupt directory holds %v, want %s", c, want)
+		}
+		if got := testingutil.MustReadFile(t, filepath.Join(d.log.Dir, "corrupt", want)); int64(len(got)) != last.Size {
+			t.Fatalf("kept %d bytes of the damaged file, want %d", len(got), last.Size)
+		}
+		// The log goes on from the file before.
+		d.run(2, t0.Add(time.Hour), nil)
+		if p := d.log.Pos(); p.TXID != n+1 {
+			t.Fatalf("log at %s after two commits, want txid %d", p, n+1)
+		}
+		readAll(t, d.log)
+	})
+
+	t.Run("MiddleFileBitFlip", func(t *testing.T) {
+		d, path, entries, files := setup(t)
+		mid := entries[5]
+		flipByte(t, path, mid.Offset+mid.Size/2)
+		// Open checks the last file in full, and the records of the others.
+		if err := d.reopen(0, nil); err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(d.log.Files(), files) {
+			t.Fatal("files changed")
+		}
+		c, err := d.log.Cursor(files[5].PreApplyPos())
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := mustNext(t, c)
+		_, err = io.Copy(io.Discard, r)
+		_ = r.Close()
+		if !errors.Is(err, ltx.ErrCorrupt) {
+			t.Fatalf("reading the damaged file: err = %v, want ErrCorrupt", err)
+		}
+		rep, err := ltx.VerifyDir(d.log.Dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		msg := rep.Err()
+		if msg == nil || !strings.Contains(msg.Error(), path) || !strings.Contains(msg.Error(), "offset "+itoa(mid.Offset)) {
+			t.Fatalf("verify: %v, want the segment %s and offset %d named", msg, path, mid.Offset)
+		}
+	})
+
+	t.Run("IndexDisagrees", func(t *testing.T) {
+		d, path, entries, _ := setup(t)
+		rewriteRecord(t, path, 4, func(rec []byte) {
+			binary.BigEndian.PutUint64(rec[16:], uint64(entries[4].Size+1))
+		})
+		err := d.reopen(0, nil)
+		if err == nil || !errors.Is(err, ltx.ErrCorrupt) || !strings.Contains(err.Error(), path) ||
+			!strings.Contains(err.Error(), "record 4") || !strings.Contains(err.Error(), "offset "+itoa(entries[4].Offset)) {
+			t.Fatalf("open with an index record that disagrees with the segment: %v", err)
+		}
+		// Nothing was changed: the files are all still there to recover by hand.
+		if st := mustStat(t, path); st.Size() != entries[n-1].Offset+entries[n-1].Size {
+			t.Fatal("open changed the segment it refused")
+		}
+	})
+
+	t.Run("RecordBitFlip", func(t *testing.T) {
+		d, path, _, _ := setup(t)
+		flipByte(t, strings.TrimSuffix(path, ".segment")+".index", 3*56+10)
+		err := d.reopen(0, nil)
+		if err == nil || !strings.Contains(err.Error(), "record 3") || !strings.Contains(err.Error(), "record checksum") {
+			t.Fatalf("open with a damaged index record: %v", err)
+		}
+	})
+
+	// A power failure lost the bytes of files written without an fsync
+	// while their index records reached the disk.
+	t.Run("UnsyncedFilesLost", func(t *testing.T) {
+		for _, unsynced := range []bool{true, false} {
+			d, path, entries, files := setup(t)
+			f, err := os.OpenFile(path, os.O_WRONLY, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := f.WriteAt(make([]byte, entries[n-1].Offset+entries[n-1].Size-entries[8].Offset), entries[8].Offset); err != nil {
+				t.Fatal(err)
+			}
+			_ = f.Close()
+			at(d, files, 7)
+			var hint func(ltx.Header) bool
+			if unsynced {
+				hint = func(h ltx.Header) bool { return h.MinTXID >= 9 }
+			}
+			err = d.reopen(0, hint)
+			if !unsynced {
+				if err == nil || !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), "not the last file") {
+					t.Fatalf("open with files lost that were synced: %v", err)
+				}
+				continue
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := d.log.Files(); !slices.Equal(got, files[:8]) {
+				t.Fatalf("log holds %d files, want the 8 synced ones", len(got))
+			}
+			readAll(t, d.log)
+		}
+	})
+}
+
+func itoa(n int64) string { return strconv.FormatInt(n, 10) }
+
+func mustStat(tb testing.TB, path string) os.FileInfo {
+	tb.Helper()
+	st, err := os.Stat(path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return st
+}
+
+// TestSegment_Prepare checks the two halves of a commit on segments: a
+// prepared file is in the log only once committed; one aborted, or not
+// committed before a crash, never is; and a prepared file written over by
+// a commit since does not commit.
+func TestSegment_Prepare(t *testing.T) {
+	d := newSegmentDB(t, t.TempDir(), 4, 0)
+	d.run(3, t0, nil)
+	tx := func() ltx.Tx {
+		pgnos := d.step()
+		return ltx.Tx{DB: bytes.NewReader(d.data), PageSize: d.pageSize, Commit: uint32(len(d.data)) / d.pageSize, Pgnos: pgnos, Timestamp: t0}
+	}
+	ctx := context.Background()
+
+	p, err := d.log.Prepare(ctx, tx())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.log.Pos().TXID != 3 {
+		t.Fatal("prepared file in the log before its commit")
+	}
+	if info, err := p.Commit(); err != nil || info.Header.MinTXID != 4 || d.log.Pos() != info.Pos() {
+		t.Fatalf("commit prepared: %v, %v", info, err)
+	}
+
+	before := bytes.Clone(d.data)
+	p, err = d.log.Prepare(ctx, tx())
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Abort()
+	d.data = before        // rolled back
+	d.commit(d.step(), t0) // txid 5, written over the aborted file
+	if _, err := p.Commit(); err == nil {
+		t.Fatal("an aborted prepared file committed after another commit")
+	}
+	committed := bytes.Clone(d.data)
+
+	p, err = d.log.Prepare(ctx, tx())
+	if err != nil {
+		t.Fatal(err)
+	}
+	q, err := d.log.Prepare(ctx, tx())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Commit(); err == nil {
+		t.Fatal("a prepared file written over by a later prepare committed")
+	}
+	q.Abort()
+	d.data = bytes.Clone(committed) // both rolled back
+	d.write()
+
+	if _, err := d.log.Prepare(ctx, tx()); err != nil {
+		t.Fatal(err)
+	}
+	pos, files := d.log.Pos(), d.log.Files()
+	d.data = bytes.Clone(committed) // the prepared transaction rolled back
+	d.write()
+	if err := d.reopen(0, nil); err != nil {
+		t.Fatal(err)
+	}
+	if d.log.Pos() != pos || !slices.Equal(d.log.Files(), files) {
+		t.Fatalf("reopened at %s, want %s: a prepared file never committed is not in the log", d.log.Pos(), pos)
+	}
+	readAll(t, d.log)
+}
+
+// TestSegment_SnapshotReplaces applies a snapshot to a log whose own
+// history is in segments: the files it replaces go to the lost directory
+// as LTX files of their own that verify, and the segments go.
+func TestSegment_SnapshotReplaces(t *testing.T) {
+	src := newSegmentDB(t, t.TempDir(), 5, 0)
+	src.run(6, t0, nil)
+	st := src.log.Unsynced()
+	if len(st) != 0 {
+		t.Fatalf("%d unsynced files after synced commits", len(st))
+	}
+	rep, err := ltx.VerifyDir(src.log.Dir)
+	if err != nil || !rep.OK() {
+		t.Fatalf("verify: %v %v", err, rep.Problems)
+	}
+	snap := filepath.Join(t.TempDir(), rep.Files[0].Name)
+	copyStored(t, rep.Stored[0], snap)
+
+	dst := newSegmentDB(t, t.TempDir(), 6, 0)
+	dst.run(4, t0, nil)
+	lost := t.TempDir()
+	if _, _, err := dst.log.Apply(context.Background(), snap, lost); err != nil {
+		t.Fatal(err)
+	}
+	if got := logNames(t, dst.log.Dir); !slices.Equal(got, []string{".applying", rep.Files[0].Name}) {
+		t.Fatalf("log directory after the snapshot: %v", got)
+	}
+	dirs, _ := os.ReadDir(lost)
+	if len(dirs) != 1 {
+		t.Fatalf("lost directory holds %d entries", len(dirs))
+	}
+	kept := filepath.Join(lost, dirs[0].Name())
+	lr, err := ltx.VerifyDir(kept)
+	if err != nil || !lr.OK() || len(lr.Files) != 4 || lr.Stored[0].Segment {
+		t.Fatalf("lost files: %v, %d files, problems %v", err, len(lr.Files), lr.Problems)
+	}
+	// The next commit starts a new segment.
+	dst.commit(dst.step(), t0)
+	if !slices.Contains(logNames(t, dst.log.Dir), "0000000000000002.segment") {
+		t.Fatalf("no new segment after the snapshot: %v", logNames(t, dst.log.Dir))
+	}
+}
+
+func copyStored(tb testing.TB, st ltx.Stored, dst string) {
+	tb.Helper()
+	r, err := ltx.OpenStored(st)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer func() { _ = r.Close() }()
+	b, err := io.ReadAll(r)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if err := os.WriteFile(dst, b, 0o644); err != nil {
+		tb.Fatal(err)
+	}
+}
+
+// TestSegment_DiskFull fills the volume under a segment log: the commit
+// that does not fit fails saying the volume is full and leaves the log's
+// position and files as they were; once pruning has freed whole segments,
+// commits go on, and the log reopens and verifies.
+func TestSegment_DiskFull(t *testing.T) {
+	mnt := t.TempDir()
+	if err := syscall.Mount("tmpfs", mnt, "tmpfs", 0, "size=256k"); err != nil {
+		t.Fatalf("mount a tmpfs for the log (the tests run as root): %v", err)
+	}
+	t.Cleanup(func() {
+		if err := syscall.Unmount(mnt, 0); err != nil {
+			t.Errorf("unmount %s: %v", mnt, err)
+		}
+	})
+	d := newSegmentDB(t, t.TempDir(), 7, 0)
+	if err := d.log.Close(); err != nil {
+		t.Fatal(err)
+	}
+	l, err := openSegmentLog(t, filepath.Join(mnt, "ltx"), d.path, 32<<10, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.log = l
+
+	var full error
+	for i := 0; i < 1000 && full == nil; i++ {
+		committed := bytes.Clone(d.data)
+		pgnos := d.step()
+		pos, files := d.log.Pos(), d.log.Files()
+		_, full = d.log.Commit(context.Background(), ltx.Tx{
+			DB: bytes.NewReader(d.data), PageSize: d.pageSize, Commit: uint32(len(d.data)) / d.pageSize, Pgnos: pgnos, Timestamp: t0,
+		})
+		if full != nil {
+			if !errors.Is(full, syscall.ENOSPC) || !strings.Contains(full.Error(), "the volume is full") || !strings.Contains(full.Error(), "nothing was added to the log") {
+				t.Fatalf("commit on a full volume: err = %v", full)
+			}
+			if d.log.Pos() != pos || !slices.Equal(d.log.Files(), files) {
+				t.Fatalf("failed commit changed the log from %s to %s", pos, d.log.Pos())
+			}
+			d.data = committed // the app's transaction failed
+			d.write()
+		}
+	}
+	if full == nil {
+		t.Fatal("the volume never filled")
+	}
+	if n, err := d.log.Prune(context.Background(), d.log.Pos().TXID, t0.Add(time.Hour)); err != nil || n == 0 {
+		t.Fatalf("prune: %d files, %v", n, err)
+	}
+	d.run(3, t0.Add(time.Hour), nil)
+	pos := d.log.Pos()
+	if err := d.reopen(32<<10, nil); err != nil {
+		t.Fatal(err)
+	}
+	if d.log.Pos() != pos {
+		t.Fatalf("reopened at %s, want %s", d.log.Pos(), pos)
+	}
+	if r, err := ltx.VerifyDir(d.log.Dir); err != nil || !r.OK() {
+		t.Fatalf("verify: %v %v", err, r.Problems)
+	}
+}
