@@ -24,6 +24,7 @@ const (
 
 // daemon is a regiond serving one FUSE mount for the benchmark.
 type daemon struct {
+	name     string // "regiond", or "baseline regiond": how messages name it
 	mountDir string
 	logPath  string
 
@@ -42,8 +43,14 @@ type daemon struct {
 }
 
 // writeConfig writes a regiond config for a static-primary node serving
-// dataDir at mountDir.
-func writeConfig(path, dataDir, mountDir, locks string, passthrough bool) error {
+// dataDir at mountDir. fs.log_segment_size is written only when
+// segmentSize is not negative: a regiond from before the key rejects it as
+// unknown.
+func writeConfig(path, dataDir, mountDir, locks string, passthrough bool, segmentSize int64) error {
+	segment := ""
+	if segmentSize >= 0 {
+		segment = fmt.Sprintf("  log_segment_size: %d\n", segmentSize)
+	}
 	cfg := fmt.Sprintf(`node: bench-1
 region: local
 data_dir: %q
@@ -51,22 +58,23 @@ mount_dir: %q
 fs:
   locks: %s
   passthrough: %v
-lease:
+%slease:
   type: static
   static_primary: bench-1
-`, dataDir, mountDir, locks, passthrough)
+`, dataDir, mountDir, locks, passthrough, segment)
 	return os.WriteFile(path, []byte(cfg), 0o644)
 }
 
-// startDaemon starts `bin run -config cfgPath` and waits until it has
+// startDaemon starts `bin run -config cfgPath`, named name in messages,
+// and waits until it has
 // mounted mountDir. The daemon gets its own process group, so a Ctrl-C at
 // the terminal reaches only fsbench, which then stops the daemon in order;
 // it is also sent SIGTERM if fsbench dies without doing so. started is
 // called with the daemon as soon as the process runs, so a signal handler
 // can kill it while the mount is awaited.
-func startDaemon(ctx context.Context, bin, cfgPath, mountDir, logPath string, started func(*daemon)) (*daemon, error) {
+func startDaemon(ctx context.Context, name, bin, cfgPath, mountDir, logPath string, started func(*daemon)) (*daemon, error) {
 	if _, err := os.Stat(bin); err != nil {
-		return nil, fmt.Errorf("regiond binary: %w; build it with `go build -o bin/regiond ./cmd/regiond`, pass -regiond PATH, or run with -bare-only", err)
+		return nil, fmt.Errorf("%s binary: %w; build it with `go build -o bin/regiond ./cmd/regiond`, pass -regiond PATH (or -baseline PATH), or run with -bare-only", name, err)
 	}
 	log, err := os.Create(logPath)
 	if err != nil {
@@ -77,9 +85,9 @@ func startDaemon(ctx context.Context, bin, cfgPath, mountDir, logPath string, st
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
 	if err := cmd.Start(); err != nil {
 		_ = log.Close()
-		return nil, fmt.Errorf("start regiond: %w", err)
+		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
-	d := &daemon{mountDir: mountDir, logPath: logPath, cmd: cmd, log: log, done: make(chan struct{})}
+	d := &daemon{name: name, mountDir: mountDir, logPath: logPath, cmd: cmd, log: log, done: make(chan struct{})}
 	go func() {
 		d.waitErr = cmd.Wait()
 		close(d.done)
@@ -111,13 +119,13 @@ func (d *daemon) waitMounted(ctx context.Context) error {
 		}
 		select {
 		case <-d.done:
-			return fmt.Errorf("regiond exited (%v) before mounting %s; its output:\n%s", d.waitErr, d.mountDir, d.logTail())
+			return fmt.Errorf("%s exited (%v) before mounting %s; its output:\n%s", d.name, d.waitErr, d.mountDir, d.logTail())
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-time.After(50 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("regiond did not mount %s as %s within %s; its output:\n%s", d.mountDir, mountFSType, mountTimeout, d.logTail())
+			return fmt.Errorf("%s did not mount %s as %s within %s; its output:\n%s", d.name, d.mountDir, mountFSType, mountTimeout, d.logTail())
 		}
 	}
 }
@@ -134,10 +142,10 @@ func (d *daemon) exited() bool {
 
 // explain adds the daemon's state and output to an error seen on the mount.
 func (d *daemon) explain(err error) error {
-	state := "regiond is still running"
+	state := d.name + " is still running"
 	select {
 	case <-d.done:
-		state = fmt.Sprintf("regiond exited (%v)", d.waitErr)
+		state = fmt.Sprintf("%s exited (%v)", d.name, d.waitErr)
 	case <-time.After(time.Second): // a dying daemon may take a moment
 	}
 	return fmt.Errorf("%w\n%s; its output ends:\n%s", err, state, d.logTail())
@@ -156,7 +164,7 @@ func (d *daemon) stop() error {
 	var errs []error
 	if d.exited() {
 		if d.waitErr != nil {
-			errs = append(errs, fmt.Errorf("regiond had exited with %v before fsbench stopped it", d.waitErr))
+			errs = append(errs, fmt.Errorf("%s had exited with %v before fsbench stopped it", d.name, d.waitErr))
 		}
 	} else {
 		_ = d.cmd.Process.Signal(syscall.SIGTERM)
@@ -164,10 +172,10 @@ func (d *daemon) stop() error {
 	select {
 	case <-d.done:
 		if d.waitErr != nil && len(errs) == 0 {
-			errs = append(errs, fmt.Errorf("regiond exited with %v after SIGTERM; its output ends:\n%s", d.waitErr, d.logTail()))
+			errs = append(errs, fmt.Errorf("%s exited with %v after SIGTERM; its output ends:\n%s", d.name, d.waitErr, d.logTail()))
 		}
 	case <-time.After(termTimeout):
-		errs = append(errs, fmt.Errorf("regiond did not exit within %s of SIGTERM; killed it", termTimeout))
+		errs = append(errs, fmt.Errorf("%s did not exit within %s of SIGTERM; killed it", d.name, termTimeout))
 		d.kill()
 	}
 	if err := d.detach(); err != nil {
@@ -208,7 +216,7 @@ func (d *daemon) kill() {
 	d.mu.Unlock()
 	if conn != "" {
 		if err := os.WriteFile(filepath.Join(conn, "abort"), []byte("1"), 0); err == nil {
-			fmt.Fprintf(os.Stderr, "fsbench: regiond stuck after SIGKILL; aborted its FUSE connection %s\n", conn)
+			fmt.Fprintf(os.Stderr, "fsbench: %s stuck after SIGKILL; aborted its FUSE connection %s\n", d.name, conn)
 		}
 	}
 	select {
@@ -231,7 +239,7 @@ func (d *daemon) detach() error {
 	if still, _ := isMounted(dir, ""); err != nil && still {
 		return fmt.Errorf("%s still mounted and `fusermount3 -u -z` failed: %v: %s", dir, err, bytes.TrimSpace(out))
 	}
-	return fmt.Errorf("regiond left %s mounted; detached it with `fusermount3 -u -z`", dir)
+	return fmt.Errorf("%s left %s mounted; detached it with `fusermount3 -u -z`", d.name, dir)
 }
 
 // logTail returns the last lines of the daemon's output.
@@ -345,10 +353,21 @@ func mountOf(path string) (mountEntry, error) {
 	return best, nil
 }
 
-// ltxName matches the LTX log's file names, %016x-%016x.ltx.
-var ltxName = regexp.MustCompile(`^[0-9a-f]{16}-[0-9a-f]{16}\.ltx$`)
+// The LTX log's file names: a standalone LTX file, %016x-%016x.ltx, and a
+// segment's index, %016x.index, beside its %016x.segment of LTX files
+// appended whole.
+var (
+	ltxName   = regexp.MustCompile(`^[0-9a-f]{16}-[0-9a-f]{16}\.ltx$`)
+	indexName = regexp.MustCompile(`^[0-9a-f]{16}\.index$`)
+)
 
-// countLTX counts the LTX files in dir; a missing directory has none.
+// indexRecordSize is the size of one record of a segment's index: one per
+// LTX file committed to the segment.
+const indexRecordSize = 56
+
+// countLTX counts the LTX files in the log directory dir: standalone files,
+// plus the whole records of each segment index (a record being written is
+// not counted). A missing directory has none.
 func countLTX(dir string) int {
 	entries, err := os.ReadDir(dir)
 	if err != nil {
@@ -356,8 +375,14 @@ func countLTX(dir string) int {
 	}
 	n := 0
 	for _, e := range entries {
-		if e.Type().IsRegular() && ltxName.MatchString(e.Name()) {
+		switch {
+		case !e.Type().IsRegular():
+		case ltxName.MatchString(e.Name()):
 			n++
+		case indexName.MatchString(e.Name()):
+			if fi, err := e.Info(); err == nil {
+				n += int(fi.Size() / indexRecordSize)
+			}
 		}
 	}
 	return n

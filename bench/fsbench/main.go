@@ -14,13 +14,18 @@
 // Each measurement runs -rounds times on each side, bare and mount
 // alternating with the order swapped every round so drift hits both, and the
 // tables show medians across rounds. After each mount run the program counts
-// the LTX files the FUSE capture wrote for the database.
+// the LTX files the FUSE capture wrote for the database (standalone files,
+// and the LTX files appended to log segments, one record each in the
+// segment's index), and reads the CPU time regiond used during the run
+// (user and system, from /proc/PID/stat) to report the daemon's CPU per
+// write transaction. Only regiond's CPU is counted: SQLite runs in fsbench.
 //
 // Usage:
 //
 //	go build -o bin/regiond ./cmd/regiond
 //	go run ./bench/fsbench [-rounds 5] [-duration 3s] [-modes wal-normal,wal-full,delete-full] [-json out.json]
 //	go run ./bench/fsbench -bare-only    # without regiond: the bare half only
+//	go run ./bench/fsbench -baseline /tmp/regiond-old -baseline-label "26762fb per-file"
 //
 // Other flags: -workloads (a subset, e.g. read), -keep (keep the work
 // directory), -stall (how long past -duration a mount measurement may run
@@ -32,13 +37,25 @@
 // kernels with FUSE passthrough (6.9+) lets the kernel read and write the
 // backing files without asking the daemon: the best a FUSE mount does here.
 //
+// With -baseline BIN a fourth side, "baseline", is measured: a second
+// regiond, e.g. a build of an earlier commit, serving its own mount with
+// the same fs.locks and fs.passthrough, so a change to the daemon is
+// measured against what it replaces on the same machine in the same run.
+// -baseline-label names it in the report (e.g. "26762fb per-file").
+// -segment-size N and -baseline-segment-size N write fs.log_segment_size: N
+// into the daemon's and the baseline's config (0: one file per
+// transaction); by default the key is not written, as a regiond from
+// before it rejects it, and the binary's default applies. So one binary can
+// be measured against itself: -baseline bin/regiond -baseline-segment-size 0.
+//
 // Everything lives in a fresh directory under -dir (default /var/tmp): bare/
-// for the baseline, data/ and mnt/ for regiond, passthrough-data/ and
+// for the bare directory, data/ and mnt/ for regiond, baseline-data/ and
+// baseline-mnt/ for the baseline regiond, passthrough-data/ and
 // passthrough-mnt/ for the loopback, so all sides share one filesystem.
-// It is removed at the end unless -keep is set. regiond is stopped and the
-// loopback unmounted on every exit path, Ctrl-C included (SIGTERM, then
-// SIGKILL after 10 s and `fusermount3 -u -z`); a second Ctrl-C kills it at
-// once.
+// It is removed at the end unless -keep is set. Each regiond is stopped and
+// the loopback unmounted on every exit path, Ctrl-C included (SIGTERM, then
+// SIGKILL after 10 s and `fusermount3 -u -z`); a second Ctrl-C kills them
+// at once.
 package main
 
 import (
@@ -80,6 +97,12 @@ type options struct {
 	stall     time.Duration
 	// walPassthrough is the daemon's fs.passthrough.
 	walPassthrough bool
+	// segmentSize is the daemon's fs.log_segment_size; -1 leaves it out.
+	segmentSize int64
+
+	baseline        string // a second regiond measured as the "baseline" side; "" for none
+	baselineLabel   string // how the report names it
+	baselineSegment int64  // the baseline's fs.log_segment_size; -1 leaves it out
 }
 
 func parseFlags(args []string, stderr io.Writer) (options, error) {
@@ -99,6 +122,10 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.locks, "locks", "mount", "the daemon's fs.locks: mount or kernel")
 	fs.BoolVar(&o.walPassthrough, "wal-passthrough", true, "the daemon's fs.passthrough: false serves every WAL write through the daemon")
 	fs.DurationVar(&o.stall, "stall", time.Minute, "take the mount for hung when a measurement runs this long past -duration")
+	fs.Int64Var(&o.segmentSize, "segment-size", -1, "the daemon's fs.log_segment_size in bytes (0: one file per transaction); -1 leaves the key out of its config")
+	fs.StringVar(&o.baseline, "baseline", "", "a second regiond `binary` (e.g. a build of an earlier commit) measured as a fourth side, \"baseline\", with the same fs.locks and fs.passthrough")
+	fs.StringVar(&o.baselineLabel, "baseline-label", "", "names the -baseline binary in the report, e.g. \"26762fb per-file\"")
+	fs.Int64Var(&o.baselineSegment, "baseline-segment-size", -1, "the baseline's fs.log_segment_size in bytes; -1 leaves the key out of its config (a regiond from before the key rejects it)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -107,6 +134,15 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	}
 	if o.rounds < 1 || o.duration <= 0 || o.stall <= 0 {
 		return o, errors.New("-rounds must be at least 1, -duration and -stall positive")
+	}
+	if o.segmentSize < -1 || o.baselineSegment < -1 {
+		return o, errors.New("-segment-size and -baseline-segment-size must be a size in bytes, 0 for one file per transaction, or -1 to leave the key out")
+	}
+	if o.baseline == "" && (o.baselineLabel != "" || o.baselineSegment != -1) {
+		return o, errors.New("-baseline-label and -baseline-segment-size describe the -baseline binary; pass -baseline PATH too")
+	}
+	if o.bareOnly && (o.baseline != "" || o.segmentSize != -1) {
+		return o, errors.New("-baseline and -segment-size need a daemon; drop -bare-only")
 	}
 	var err error
 	if o.modes, err = parseModes(*modes); err != nil {
@@ -117,6 +153,11 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	}
 	if !o.bareOnly {
 		if o.regiond, err = filepath.Abs(o.regiond); err != nil {
+			return o, err
+		}
+	}
+	if o.baseline != "" {
+		if o.baseline, err = filepath.Abs(o.baseline); err != nil {
 			return o, err
 		}
 	}
@@ -153,8 +194,8 @@ type bench struct {
 	opts options
 
 	mu       sync.Mutex
-	daemon   *daemon // set as soon as regiond is started
-	ptMount  string  // the passthrough mount point, once mounted
+	daemons  []*daemon // each regiond, added as soon as it is started
+	ptMount  string    // the passthrough mount point, once mounted
 	workDir  string
 	keepWork atomic.Bool // a mount run failed: keep the work directory
 }
@@ -165,30 +206,33 @@ func (b *bench) passthroughMount() string {
 	return b.ptMount
 }
 
-func (b *bench) setDaemon(d *daemon) {
+func (b *bench) addDaemon(d *daemon) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.daemon = d
+	b.daemons = append(b.daemons, d)
 }
 
 // watchSignals cancels the run on the first SIGINT or SIGTERM, which stops
-// regiond in order on the way out. On a second signal, or if the run has
-// not ended well after the daemon's own stop timeout (e.g. a syscall stuck
-// on a hung mount), it kills regiond, detaches the mount and exits.
+// each regiond in order on the way out. On a second signal, or if the run
+// has not ended well after the daemons' own stop timeout (e.g. a syscall
+// stuck on a hung mount), it kills them, detaches their mounts and exits.
 func (b *bench) watchSignals(sigs <-chan os.Signal, cancel context.CancelFunc) {
 	<-sigs
-	fmt.Fprintln(os.Stderr, "\nfsbench: interrupted; stopping regiond and cleaning up (interrupt again to kill it now)")
+	fmt.Fprintln(os.Stderr, "\nfsbench: interrupted; stopping regiond and cleaning up (interrupt again to kill at once)")
 	cancel()
+	b.mu.Lock()
+	n := max(1, len(b.daemons)) // they stop one after the other
+	b.mu.Unlock()
 	select {
 	case <-sigs:
-	case <-time.After(2*termTimeout + 5*time.Second):
+	case <-time.After(time.Duration(n)*(2*termTimeout) + 5*time.Second):
 	}
 	b.mu.Lock()
-	d, work := b.daemon, b.workDir
+	ds, work := slices.Clone(b.daemons), b.workDir
 	b.mu.Unlock()
-	if d != nil {
+	for _, d := range ds {
 		d.Kill(syscall.SIGKILL)
-		fmt.Fprintln(os.Stderr, "fsbench: killed regiond and detached its mount")
+		fmt.Fprintf(os.Stderr, "fsbench: killed %s and detached its mount\n", d.name)
 	}
 	if pt := b.passthroughMount(); pt != "" {
 		_ = exec.Command("fusermount3", "-u", "-z", pt).Run()
@@ -201,10 +245,28 @@ func (b *bench) watchSignals(sigs <-chan os.Signal, cancel context.CancelFunc) {
 
 // side is where one half of a measurement opens its database.
 type side struct {
-	name   string // "bare", "fuse" (passthrough) or "mount"
-	dir    string // directory of bench.db
-	ltxDir string // the capture's LTX directory; empty for bare
+	name   string  // "bare", "fuse" (passthrough), "mount" or "baseline"
+	dir    string  // directory of bench.db
+	ltxDir string  // the capture's LTX directory; empty for bare and fuse
+	daemon *daemon // the regiond serving the mount; nil for bare and fuse
 }
+
+// daemonSpec is a regiond mount side to start: its side name, binary and
+// fs.log_segment_size (-1: not written).
+type daemonSpec struct {
+	name, bin string
+	segment   int64
+}
+
+// Work directory layout: a mount side's data_dir, mount_dir, config and
+// log, by side name.
+var daemonFiles = map[string]struct{ data, mnt, cfg, log string }{
+	"mount":    {"data", "mnt", "regiond.yaml", "regiond.log"},
+	"baseline": {"baseline-data", "baseline-mnt", "baseline.yaml", "baseline.log"},
+}
+
+// mountDirs are the work directory's mount points.
+var mountDirs = []string{"mnt", "baseline-mnt", "passthrough-mnt"}
 
 func (b *bench) run(ctx context.Context) (err error) {
 	o := b.opts
@@ -222,42 +284,44 @@ func (b *bench) run(ctx context.Context) (err error) {
 	b.mu.Lock()
 	b.workDir = work
 	b.mu.Unlock()
-	bare := side{name: "bare", dir: filepath.Join(work, "bare")}
-	dataDir, mountDir := filepath.Join(work, "data"), filepath.Join(work, "mnt")
-	mount := side{name: "mount", dir: mountDir, ltxDir: filepath.Join(dataDir, "dbs", dbName, "ltx")}
 	defer b.removeWork(work)
+	bare := side{name: "bare", dir: filepath.Join(work, "bare")}
 	ptData, ptMnt := filepath.Join(work, "passthrough-data"), filepath.Join(work, "passthrough-mnt")
-	for _, d := range []string{bare.dir, dataDir, mountDir, ptData, ptMnt} {
-		if err := os.Mkdir(d, 0o755); err != nil {
-			return err
-		}
+	if err := os.Mkdir(bare.dir, 0o755); err != nil {
+		return err
 	}
 
 	regiond := o.regiond
 	if o.bareOnly {
 		regiond = ""
 	}
-	mach := describeMachine(work, regiond)
+	mach := describeMachine(work, regiond, o.baseline)
 	printHeader(os.Stdout, mach, o)
 
 	sides := []side{bare}
 	if !o.bareOnly {
-		cfg := filepath.Join(work, "regiond.yaml")
-		if err := writeConfig(cfg, dataDir, mountDir, o.locks, o.walPassthrough); err != nil {
-			return err
+		specs := []daemonSpec{{"mount", o.regiond, o.segmentSize}}
+		if o.baseline != "" {
+			specs = append(specs, daemonSpec{"baseline", o.baseline, o.baselineSegment})
 		}
-		var d *daemon
-		d, err = startDaemon(ctx, o.regiond, cfg, mountDir, filepath.Join(work, "regiond.log"), b.setDaemon)
-		if err != nil {
-			return err
-		}
-		defer func() {
-			if serr := d.Stop(); serr != nil {
-				err = errors.Join(err, fmt.Errorf("stop regiond: %w", serr))
+		for _, spec := range specs {
+			s, err := b.startMountSide(ctx, work, spec)
+			if err != nil {
+				return err
 			}
-		}()
-		sides = append(sides, mount)
+			defer func() {
+				if serr := s.daemon.Stop(); serr != nil {
+					err = errors.Join(err, fmt.Errorf("stop %s: %w", s.daemon.name, serr))
+				}
+			}()
+			sides = append(sides, s)
+		}
 		if o.fuse {
+			for _, d := range []string{ptData, ptMnt} {
+				if err := os.Mkdir(d, 0o755); err != nil {
+					return err
+				}
+			}
 			unmount, err := mountPassthrough(ptData, ptMnt)
 			if err != nil {
 				return err
@@ -290,6 +354,33 @@ func (b *bench) run(ctx context.Context) (err error) {
 	return nil
 }
 
+// startMountSide writes the config of the regiond serving the mount side
+// spec.name ("mount" or "baseline") under work, starts spec.bin with it and
+// waits for the mount. The caller stops the side's daemon.
+func (b *bench) startMountSide(ctx context.Context, work string, spec daemonSpec) (side, error) {
+	name := spec.name
+	f := daemonFiles[name]
+	dataDir, mountDir := filepath.Join(work, f.data), filepath.Join(work, f.mnt)
+	for _, d := range []string{dataDir, mountDir} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			return side{}, err
+		}
+	}
+	cfg := filepath.Join(work, f.cfg)
+	if err := writeConfig(cfg, dataDir, mountDir, b.opts.locks, b.opts.walPassthrough, spec.segment); err != nil {
+		return side{}, err
+	}
+	dname := "regiond"
+	if name != "mount" {
+		dname = name + " regiond"
+	}
+	d, err := startDaemon(ctx, dname, spec.bin, cfg, mountDir, filepath.Join(work, f.log), b.addDaemon)
+	if err != nil {
+		return side{}, err
+	}
+	return side{name: name, dir: mountDir, ltxDir: filepath.Join(dataDir, "dbs", dbName, "ltx"), daemon: d}, nil
+}
+
 // measureAll runs every workload in every mode for the rounds, alternating
 // the sides and swapping their order each round.
 func (b *bench) measureAll(ctx context.Context, sides []side) ([]*result, error) {
@@ -306,19 +397,21 @@ func (b *bench) measureAll(ctx context.Context, sides []side) ([]*result, error)
 				}
 				progress := fmt.Sprintf("fsbench: %s %s round %d/%d:", m.Name, w.Name, round+1, o.rounds)
 				for _, s := range order {
-					// Same seed on both sides: the same rows and ids.
+					// Same seed on every side: the same rows and ids.
 					rng := rand.New(rand.NewPCG(uint64(round), 0x6d6572696469616e))
 					smp, c, err := b.measureSide(ctx, s, m, w, rng)
 					if err != nil {
 						return nil, fmt.Errorf("%s %s round %d on %s (%s): %w", w.Name, m.Name, round+1, s.name, s.dir, err)
 					}
-					switch {
-					case s.name == "fuse":
+					switch s.name {
+					case "fuse":
 						r.Fuse = append(r.Fuse, smp)
-					case s.ltxDir == "":
-						r.Bare = append(r.Bare, smp)
-					default:
+					case "mount":
 						r.Mount, r.Capture = append(r.Mount, smp), c
+					case "baseline":
+						r.Baseline, r.BaselineCapture = append(r.Baseline, smp), c
+					default:
+						r.Bare = append(r.Bare, smp)
 					}
 					progress += fmt.Sprintf(" %s %s/s p99 %s;", s.name, commas(smp.Rate()), fmtUS(us(smp.P99)))
 				}
@@ -329,11 +422,12 @@ func (b *bench) measureAll(ctx context.Context, sides []side) ([]*result, error)
 	return results, nil
 }
 
-// measureSide runs one measurement on a fresh database; on the mount it
-// also counts the LTX files the capture wrote.
+// measureSide runs one measurement on a fresh database; on a regiond mount
+// it also counts the LTX files the capture wrote and reads the CPU time the
+// daemon used.
 func (b *bench) measureSide(ctx context.Context, s side, m mode, w workload, rng *rand.Rand) (sample, *capture, error) {
 	path := filepath.Join(s.dir, dbName)
-	if s.ltxDir == "" {
+	if s.daemon == nil {
 		if err := removeDB(path); err != nil {
 			return sample{}, nil, err
 		}
@@ -349,7 +443,7 @@ func (b *bench) measureSide(ctx context.Context, s side, m mode, w workload, rng
 	fail := func(err error) (sample, *capture, error) {
 		b.keepWork.Store(true)
 		if ctx.Err() == nil {
-			err = b.daemon.explain(err)
+			err = s.daemon.explain(err)
 		}
 		return sample{}, nil, err
 	}
@@ -357,10 +451,12 @@ func (b *bench) measureSide(ctx context.Context, s side, m mode, w workload, rng
 		return fail(err)
 	}
 	before := countLTX(s.ltxDir)
+	cpu0, cpuErr0 := s.daemon.cpuTime()
 	smp, err := measure(ctx, path, m, w, b.opts.duration, rng)
 	if err != nil {
 		return fail(err)
 	}
+	cpu1, cpuErr1 := s.daemon.cpuTime()
 	c := &capture{Commits: smp.Ops, Setup: smp.Setup, Before: before, Files: countLTX(s.ltxDir), Pos: readPos(path + "-pos")}
 	if w.isRead() {
 		c.Commits = 0 // queries commit nothing
@@ -369,33 +465,45 @@ func (b *bench) measureSide(ctx context.Context, s side, m mode, w workload, rng
 	if strings.EqualFold(m.Journal, "wal") {
 		c.Expected++ // PRAGMA journal_mode=WAL writes the header
 	}
+	if cpuErr := errors.Join(cpuErr0, cpuErr1); cpuErr != nil {
+		fmt.Fprintf(os.Stderr, "fsbench: %v; no CPU figure for this run\n", cpuErr)
+	} else {
+		smp.DaemonCPU, smp.HasCPU = cpu1-cpu0, true
+	}
+	if !w.isRead() {
+		smp.Writes = c.Expected
+	}
 	return smp, c, nil
 }
 
-// stalled reports a measurement on the mount that has run stallTimeout past
-// its duration, and kills the daemon after a goroutine dump to its log.
+// stalled reports a measurement on a regiond mount that has run
+// stallTimeout past its duration, and kills the daemon after a goroutine
+// dump to its log.
 func (b *bench) stalled(s side) {
-	fmt.Fprintf(os.Stderr, "fsbench: no answer from the mount %s for %s past the measurement; killing regiond (goroutine dump in its log)\n", s.dir, b.opts.stall)
+	fmt.Fprintf(os.Stderr, "fsbench: no answer from the mount %s for %s past the measurement; killing %s (goroutine dump in its log)\n", s.dir, b.opts.stall, s.daemon.name)
 	b.keepWork.Store(true)
-	b.mu.Lock()
-	d := b.daemon
-	b.mu.Unlock()
-	d.Kill(syscall.SIGQUIT)
+	s.daemon.Kill(syscall.SIGQUIT)
 }
 
-// removeWork deletes the work directory unless -keep is set, the mount
-// failed (its log and data are kept for a look), or the mount is still
-// attached (removing through a live or dead mount would fail or reach into
-// the daemon's files).
+// removeWork deletes the work directory unless -keep is set, a mount run
+// failed (the daemons' logs and data are kept for a look), or a mount is
+// still attached (removing through a live or dead mount would fail or reach
+// into a daemon's files).
 func (b *bench) removeWork(work string) {
 	if b.opts.keep || b.keepWork.Load() {
-		fmt.Fprintf(os.Stderr, "fsbench: work directory kept at %s (regiond's output in regiond.log)\n", work)
+		logs := "regiond's output in regiond.log"
+		if b.opts.baseline != "" {
+			logs += ", the baseline's in baseline.log"
+		}
+		fmt.Fprintf(os.Stderr, "fsbench: work directory kept at %s (%s)\n", work, logs)
 		return
 	}
-	mountDir := filepath.Join(work, "mnt")
-	if ok, err := isMounted(mountDir, ""); err != nil || ok {
-		fmt.Fprintf(os.Stderr, "fsbench: %s is still mounted; left %s in place\n", mountDir, work)
-		return
+	for _, mnt := range mountDirs {
+		mountDir := filepath.Join(work, mnt)
+		if ok, err := isMounted(mountDir, ""); err != nil || ok {
+			fmt.Fprintf(os.Stderr, "fsbench: %s is still mounted; left %s in place\n", mountDir, work)
+			return
+		}
 	}
 	if err := os.RemoveAll(work); err != nil {
 		fmt.Fprintln(os.Stderr, "fsbench: remove work directory:", err)

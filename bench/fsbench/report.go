@@ -21,24 +21,28 @@ import (
 const minMountWriteRate = 1000
 
 // capture is what the FUSE capture left in data_dir/dbs/bench.db/ltx/
-// after the last mount run of a measurement.
+// after the last run of a measurement on a regiond mount. LTX files are
+// the files in the log: standalone .ltx files and those appended to
+// segments, one record each in the segment's .index.
 type capture struct {
 	Commits  int    `json:"measured_commits"` // timed write transactions
 	Setup    int    `json:"setup_commits"`    // CREATE TABLE, and the load for reads
 	Expected int    `json:"expected_ltx"`     // Commits + Setup, + 1 in WAL mode (the switch to WAL)
-	Files    int    `json:"ltx_files"`        // LTX files in the directory after the run
+	Files    int    `json:"ltx_files"`        // LTX files in the log after the run
 	Before   int    `json:"ltx_files_before"` // LTX files after removing the database, before the run
 	Pos      string `json:"pos,omitempty"`    // mount_dir/bench.db-pos after the run, if readable
 }
 
 // result is one workload in one mode: a sample per round on each side.
 type result struct {
-	Workload workload
-	Mode     mode
-	Bare     []sample
-	Mount    []sample
-	Fuse     []sample // the passthrough mount, without capture
-	Capture  *capture
+	Workload        workload
+	Mode            mode
+	Bare            []sample
+	Mount           []sample
+	Baseline        []sample // the -baseline regiond's mount
+	Fuse            []sample // the passthrough mount, without capture
+	Capture         *capture
+	BaselineCapture *capture
 }
 
 // goal is the target for a result: mount/bare ratio, and for writes the
@@ -69,10 +73,13 @@ func (g goal) String() string {
 
 // summary is the medians across rounds of one side.
 type summary struct {
-	Rate   float64         `json:"rate"`
-	P50us  float64         `json:"p50_us"`
-	P99us  float64         `json:"p99_us"`
-	Rounds []sampleSummary `json:"rounds"`
+	Rate  float64 `json:"rate"`
+	P50us float64 `json:"p50_us"`
+	P99us float64 `json:"p99_us"`
+	// CPUPerWriteUS is the daemon's CPU time per write transaction, on a
+	// regiond mount in a write workload.
+	CPUPerWriteUS *float64        `json:"daemon_cpu_us_per_write,omitempty"`
+	Rounds        []sampleSummary `json:"rounds"`
 }
 
 type sampleSummary struct {
@@ -82,19 +89,35 @@ type sampleSummary struct {
 	P50us    float64 `json:"p50_us"`
 	P99us    float64 `json:"p99_us"`
 	SetupTxs int     `json:"setup_commits"`
+	// The daemon's CPU time, user and system, during the run, and the
+	// write transactions it covers, on a regiond mount.
+	DaemonCPUus *float64 `json:"daemon_cpu_us,omitempty"`
+	Writes      int      `json:"writes,omitempty"`
 }
 
 func summarize(ss []sample) *summary {
 	if len(ss) == 0 {
 		return nil
 	}
-	var rates, p50s, p99s []float64
+	var rates, p50s, p99s, cpus []float64
 	s := &summary{}
 	for _, x := range ss {
 		rates, p50s, p99s = append(rates, x.Rate()), append(p50s, us(x.P50)), append(p99s, us(x.P99))
-		s.Rounds = append(s.Rounds, sampleSummary{x.Ops, x.Elapsed.Seconds(), x.Rate(), us(x.P50), us(x.P99), x.Setup})
+		round := sampleSummary{Ops: x.Ops, Seconds: x.Elapsed.Seconds(), Rate: x.Rate(), P50us: us(x.P50), P99us: us(x.P99), SetupTxs: x.Setup, Writes: x.Writes}
+		if x.HasCPU {
+			cpu := us(x.DaemonCPU)
+			round.DaemonCPUus = &cpu
+		}
+		if c, ok := x.cpuPerWrite(); ok {
+			cpus = append(cpus, us(c))
+		}
+		s.Rounds = append(s.Rounds, round)
 	}
 	s.Rate, s.P50us, s.P99us = median(rates), median(p50s), median(p99s)
+	if len(cpus) > 0 {
+		c := median(cpus)
+		s.CPUPerWriteUS = &c
+	}
 	return s
 }
 
@@ -136,9 +159,13 @@ type machine struct {
 	Regiond       string `json:"regiond,omitempty"`
 	RegiondBuilt  string `json:"regiond_built,omitempty"`
 	RegiondCommit string `json:"regiond_commit,omitempty"`
+	// The -baseline regiond, if any.
+	Baseline       string `json:"baseline,omitempty"`
+	BaselineBuilt  string `json:"baseline_built,omitempty"`
+	BaselineCommit string `json:"baseline_commit,omitempty"`
 }
 
-func describeMachine(dir, regiond string) machine {
+func describeMachine(dir, regiond, baseline string) machine {
 	m := machine{GOMAXPROCS: runtime.GOMAXPROCS(0), NumCPU: runtime.NumCPU(), Dir: dir, Go: runtime.Version()}
 	var u unix.Utsname
 	if err := unix.Uname(&u); err == nil {
@@ -158,39 +185,86 @@ func describeMachine(dir, regiond string) machine {
 	}
 	if regiond != "" {
 		m.Regiond = regiond
-		if fi, err := os.Stat(regiond); err == nil {
-			m.RegiondBuilt = fi.ModTime().Format(time.RFC3339)
-		}
-		// The binary's own tree: bin/regiond sits in the repository.
-		git := func(args ...string) ([]byte, error) {
-			cmd := exec.Command("git", args...)
-			cmd.Dir = filepath.Dir(regiond)
-			return cmd.Output()
-		}
-		if out, err := git("rev-parse", "--short", "HEAD"); err == nil {
-			m.RegiondCommit = strings.TrimSpace(string(out))
-			if st, err := git("status", "--porcelain", "--untracked-files=no"); err == nil && len(st) > 0 {
-				m.RegiondCommit += " (uncommitted changes in the tree)"
-			}
-		}
+		m.RegiondBuilt, m.RegiondCommit = describeBinary(regiond)
+	}
+	if baseline != "" {
+		m.Baseline = baseline
+		m.BaselineBuilt, m.BaselineCommit = describeBinary(baseline)
 	}
 	return m
+}
+
+// describeBinary returns when the binary at path was built (its mtime) and
+// the commit of the git tree it sits in (bin/regiond sits in the
+// repository), each "" if unknown: a binary outside a tree, e.g. in /tmp,
+// has no commit.
+func describeBinary(path string) (built, commit string) {
+	if fi, err := os.Stat(path); err == nil {
+		built = fi.ModTime().Format(time.RFC3339)
+	}
+	git := func(args ...string) ([]byte, error) {
+		cmd := exec.Command("git", args...)
+		cmd.Dir = filepath.Dir(path)
+		return cmd.Output()
+	}
+	if out, err := git("rev-parse", "--short", "HEAD"); err == nil {
+		commit = strings.TrimSpace(string(out))
+		if st, err := git("status", "--porcelain", "--untracked-files=no"); err == nil && len(st) > 0 {
+			commit += " (uncommitted changes in the tree)"
+		}
+	}
+	return built, commit
 }
 
 func printHeader(w io.Writer, m machine, o options) {
 	fmt.Fprintf(w, "machine: GOMAXPROCS=%d (NumCPU %d), load average %s, kernel %s, -dir %s on %s, SQLite %s, %s\n",
 		m.GOMAXPROCS, m.NumCPU, m.LoadAvg, m.Kernel, m.Dir, m.DirFS, m.SQLite, m.Go)
 	if m.Regiond != "" {
-		commit := m.RegiondCommit
-		if commit == "" {
-			commit = "unknown (git rev-parse failed)"
-		}
-		fmt.Fprintf(w, "daemon: %s, built %s, source tree at commit %s, fs.locks: %s, fs.passthrough: %v\n", m.Regiond, m.RegiondBuilt, commit, o.locks, o.walPassthrough)
+		fmt.Fprintf(w, "daemon: %s, built %s, source tree at commit %s, fs.locks: %s, fs.passthrough: %v, fs.log_segment_size: %s\n",
+			m.Regiond, orUnknown(m.RegiondBuilt), commitOrUnknown(m.RegiondCommit), o.locks, o.walPassthrough, segmentSetting(o.segmentSize))
 	} else {
 		fmt.Fprintln(w, "daemon: none (-bare-only)")
 	}
+	if m.Baseline != "" {
+		fmt.Fprintf(w, "baseline: %s, %s, built %s, source tree at commit %s, fs.locks: %s, fs.passthrough: %v, fs.log_segment_size: %s\n",
+			baselineName(o), m.Baseline, orUnknown(m.BaselineBuilt), commitOrUnknown(m.BaselineCommit), o.locks, o.walPassthrough, segmentSetting(o.baselineSegment))
+	}
 	fmt.Fprintf(w, "run: %d rounds of %s per measurement and side, sides alternating (order reversed each round); medians across rounds\n",
 		o.rounds, o.duration)
+}
+
+func orUnknown(s string) string {
+	if s == "" {
+		return "unknown"
+	}
+	return s
+}
+
+func commitOrUnknown(commit string) string {
+	if commit == "" {
+		return "unknown (not in a git tree)"
+	}
+	return commit
+}
+
+// segmentSetting describes a -segment-size flag's effect on the config.
+func segmentSetting(n int64) string {
+	switch {
+	case n < 0:
+		return "not set (the binary's default)"
+	case n == 0:
+		return "0 (one file per transaction)"
+	default:
+		return fmt.Sprintf("%d bytes", n)
+	}
+}
+
+// baselineName is how the report names the -baseline side.
+func baselineName(o options) string {
+	if o.baselineLabel != "" {
+		return fmt.Sprintf("%q", o.baselineLabel)
+	}
+	return "unlabelled"
 }
 
 var workloadTitles = map[string]string{
@@ -226,7 +300,31 @@ func printTables(w io.Writer, results []*result, workloads []workload) {
 			fmt.Fprintf(w, "%-12s %11s %11s %7s  %-19s %-19s %-18s %s\n", r.Mode.Name,
 				commas(b.Rate), mountRate, ratioS, latencies(b), mountLat, r.goal(), verdict)
 		}
+		printBaseline(w, results, wl, unit)
 		printPassthrough(w, results, wl, unit)
+	}
+}
+
+// printBaseline prints, for workload wl, the -baseline regiond's figures
+// and the mount's against them.
+func printBaseline(w io.Writer, results []*result, wl workload, unit string) {
+	header := false
+	for _, r := range results {
+		bl := summarize(r.Baseline)
+		if r.Workload != wl || bl == nil {
+			continue
+		}
+		if !header {
+			fmt.Fprintf(w, "  Mount vs baseline: the -baseline regiond's mount, same fs.locks and fs.passthrough\n")
+			fmt.Fprintf(w, "  %-12s %17s %-19s %12s %18s\n", "mode", "baseline "+unit, "p50 / p99", "vs bare", "mount vs baseline")
+			header = true
+		}
+		b, m := summarize(r.Bare), summarize(r.Mount)
+		vsMount := "-"
+		if m != nil {
+			vsMount = fmt.Sprintf("%.2f", m.Rate/bl.Rate)
+		}
+		fmt.Fprintf(w, "  %-12s %17s %-19s %12s %18s\n", r.Mode.Name, commas(bl.Rate), latencies(bl), fmt.Sprintf("%.2f", bl.Rate/b.Rate), vsMount)
 	}
 }
 
@@ -253,26 +351,38 @@ func printPassthrough(w io.Writer, results []*result, wl workload, unit string) 
 	}
 }
 
-// printCapture prints, per measurement, what the FUSE capture wrote during
-// its last mount run.
+// printCapture prints, per measurement and regiond mount, what the FUSE
+// capture wrote during its last run, and the daemon's CPU per write.
 func printCapture(w io.Writer, results []*result) {
-	fmt.Fprintln(w, "\nFUSE capture: LTX files in data_dir/dbs/bench.db/ltx/ after the last mount run of each measurement")
-	fmt.Fprintln(w, "(write transactions = timed commits + setup: CREATE TABLE, and the 10,000-row load for read; expected = write transactions, + 1 in WAL mode for the switch to WAL)")
-	fmt.Fprintf(w, "%-12s %-10s %9s %7s %9s %10s %11s  %s\n", "mode", "workload", "commits", "setup", "expected", "ltx files", "before run", "bench.db-pos")
+	fmt.Fprintln(w, "\nFUSE capture: LTX files in data_dir/dbs/bench.db/ltx/ after the last run of each measurement on each regiond mount")
+	fmt.Fprintln(w, "(LTX files = files in the log, standalone or appended to a segment: .ltx files, plus one per 56-byte record of each segment's .index;")
+	fmt.Fprintln(w, " write transactions = timed commits + setup: CREATE TABLE, and the 10,000-row load for read; expected = write transactions, + 1 in WAL mode for the switch to WAL;")
+	fmt.Fprintf(w, " cpu/write = regiond's user+system CPU during a run (/proc/PID/stat, %s ticks) / the run's expected LTX files, median across rounds; writes only)\n", clockTick())
+	fmt.Fprintf(w, "%-12s %-10s %-9s %9s %7s %9s %10s %11s %10s  %s\n", "mode", "workload", "side", "commits", "setup", "expected", "ltx files", "before run", "cpu/write", "bench.db-pos")
 	for _, r := range results {
-		c := r.Capture
-		if c == nil {
-			continue
+		for _, sc := range []struct {
+			name    string
+			c       *capture
+			samples []sample
+		}{{"mount", r.Capture, r.Mount}, {"baseline", r.BaselineCapture, r.Baseline}} {
+			c := sc.c
+			if c == nil {
+				continue
+			}
+			pos := c.Pos
+			if pos == "" {
+				pos = "-"
+			}
+			mark := ""
+			if c.Files != c.Expected {
+				mark = "  MISMATCH"
+			}
+			cpu := "-"
+			if s := summarize(sc.samples); s != nil && s.CPUPerWriteUS != nil {
+				cpu = fmtUS(*s.CPUPerWriteUS)
+			}
+			fmt.Fprintf(w, "%-12s %-10s %-9s %9d %7d %9d %10d %11d %10s  %s%s\n", r.Mode.Name, r.Workload.Name, sc.name, c.Commits, c.Setup, c.Expected, c.Files, c.Before, cpu, pos, mark)
 		}
-		pos := c.Pos
-		if pos == "" {
-			pos = "-"
-		}
-		mark := ""
-		if c.Files != c.Expected {
-			mark = "  MISMATCH"
-		}
-		fmt.Fprintf(w, "%-12s %-10s %9d %7d %9d %10d %11d  %s%s\n", r.Mode.Name, r.Workload.Name, c.Commits, c.Setup, c.Expected, c.Files, c.Before, pos, mark)
 	}
 }
 
@@ -308,10 +418,15 @@ func commas(v float64) string {
 
 // jsonReport is the -json output.
 type jsonReport struct {
-	Machine  machine      `json:"machine"`
-	Rounds   int          `json:"rounds"`
-	Duration string       `json:"duration"`
-	Results  []jsonResult `json:"results"`
+	Machine  machine `json:"machine"`
+	Rounds   int     `json:"rounds"`
+	Duration string  `json:"duration"`
+	// The fs.log_segment_size written into each daemon's config; absent
+	// where the key was left out.
+	SegmentSize         *int64       `json:"log_segment_size,omitempty"`
+	BaselineLabel       string       `json:"baseline_label,omitempty"`
+	BaselineSegmentSize *int64       `json:"baseline_log_segment_size,omitempty"`
+	Results             []jsonResult `json:"results"`
 }
 
 type jsonResult struct {
@@ -324,16 +439,31 @@ type jsonResult struct {
 	// Passthrough is a go-fuse loopback mount with nothing captured.
 	Passthrough      *summary `json:"passthrough,omitempty"`
 	PassthroughRatio float64  `json:"passthrough_ratio,omitempty"`
-	Goal             goal     `json:"goal"`
-	Meets            *bool    `json:"meets,omitempty"`
-	Capture          *capture `json:"capture,omitempty"`
+	// Baseline is the -baseline regiond's mount; BaselineRatio is the
+	// mount's rate over it.
+	Baseline        *summary `json:"baseline,omitempty"`
+	BaselineRatio   float64  `json:"mount_baseline_ratio,omitempty"`
+	Goal            goal     `json:"goal"`
+	Meets           *bool    `json:"meets,omitempty"`
+	Capture         *capture `json:"capture,omitempty"`
+	BaselineCapture *capture `json:"baseline_capture,omitempty"`
 }
 
 func writeJSON(path string, m machine, o options, results []*result) error {
-	rep := jsonReport{Machine: m, Rounds: o.rounds, Duration: o.duration.String()}
+	rep := jsonReport{Machine: m, Rounds: o.rounds, Duration: o.duration.String(), BaselineLabel: o.baselineLabel}
+	if o.segmentSize >= 0 {
+		rep.SegmentSize = &o.segmentSize
+	}
+	if o.baselineSegment >= 0 {
+		rep.BaselineSegmentSize = &o.baselineSegment
+	}
 	for _, r := range results {
 		jr := jsonResult{Workload: r.Workload.Name, Mode: r.Mode.Name, Unit: "tx/s",
-			Bare: summarize(r.Bare), Mount: summarize(r.Mount), Goal: r.goal(), Capture: r.Capture}
+			Bare: summarize(r.Bare), Mount: summarize(r.Mount), Goal: r.goal(), Capture: r.Capture,
+			Baseline: summarize(r.Baseline), BaselineCapture: r.BaselineCapture}
+		if jr.Baseline != nil && jr.Mount != nil {
+			jr.BaselineRatio = jr.Mount.Rate / jr.Baseline.Rate
+		}
 		if r.Workload.isRead() {
 			jr.Unit = "queries/s"
 		}

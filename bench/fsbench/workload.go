@@ -77,10 +77,28 @@ type sample struct {
 	P50     time.Duration // commit latency (writes) or query latency (reads)
 	P99     time.Duration
 	Setup   int // write transactions before the timed loop (schema, load)
+	// On a regiond mount: the CPU time, user and system, the daemon used
+	// from just before the database was opened to just after it was
+	// closed (HasCPU false if it could not be read), and the write
+	// transactions committed in that time: timed commits, setup, and the
+	// switch to WAL; 0 for the read workload, whose few writes are not
+	// what the daemon spends its time on.
+	DaemonCPU time.Duration
+	HasCPU    bool
+	Writes    int
 }
 
 // Rate is operations per second.
 func (s sample) Rate() float64 { return float64(s.Ops) / s.Elapsed.Seconds() }
+
+// cpuPerWrite returns the daemon's CPU time per write transaction, and
+// false if there is none to report.
+func (s sample) cpuPerWrite() (time.Duration, bool) {
+	if !s.HasCPU || s.Writes == 0 {
+		return 0, false
+	}
+	return s.DaemonCPU / time.Duration(s.Writes), true
+}
 
 // dbFiles are the database's file and SQLite's companions.
 func dbFiles(path string) []string {
