@@ -27,6 +27,7 @@ fs:
   locks: mount
   passthrough: false
   spare_files: 100
+  log_segment_size: 1048576
 lease:
   type: static
   candidate: false
@@ -72,7 +73,7 @@ func TestParseConfig_Defaults(t *testing.T) {
 		Region:   "iad",
 		DataDir:  "/var/lib/meridian",
 		MountDir: "/data",
-		FS:       regiond.FSConfig{Locks: "mount", Passthrough: true, SpareFiles: 4096},
+		FS:       regiond.FSConfig{Locks: "mount", Passthrough: true, SpareFiles: 4096, LogSegmentSize: 16 << 20},
 		Lease:    regiond.LeaseConfig{Type: "static", Candidate: true, StaticPrimary: "iad-1"},
 		Replication: regiond.ReplicationConfig{Retention: regiond.Duration(10 * time.Minute), MaxRetention: regiond.Duration(24 * time.Hour), Durability: "async",
 			SyncAcks: 1, SyncTimeout: regiond.Duration(5 * time.Second), SyncOnTimeout: "fail", MaxInFlightFiles: 32, MaxInFlightBytes: 64 << 30,
@@ -95,7 +96,7 @@ func TestParseConfig_Full(t *testing.T) {
 		Region:   "iad",
 		DataDir:  "/srv/meridian",
 		MountDir: "/mnt/meridian",
-		FS:       regiond.FSConfig{Locks: "mount", Passthrough: false, SpareFiles: 100},
+		FS:       regiond.FSConfig{Locks: "mount", Passthrough: false, SpareFiles: 100, LogSegmentSize: 1 << 20},
 		Lease:    regiond.LeaseConfig{Type: "static", Candidate: false, StaticPrimary: "iad-1"},
 		Replication: regiond.ReplicationConfig{Listen: "127.0.0.1:20210", Peers: []regiond.Peer{
 			{Node: "fra-1", Region: "fra", Addr: "127.0.0.1:20220"}, {Node: "syd-1", Region: "syd"}},
@@ -171,6 +172,7 @@ func TestParseConfig_Errors(t *testing.T) {
 		{"BadLocks", base + "fs:\n  locks: posix\n", []string{`fs.locks: "posix" is not accepted (use one of: mount, kernel)`}},
 		{"NegativeSpareFiles", base + "fs:\n  spare_files: -1\n", []string{`fs.spare_files: -1 is not between 0 and 65536`}},
 		{"TooManySpareFiles", base + "fs:\n  spare_files: 100000\n", []string{`fs.spare_files: 100000 is not between 0 and 65536`}},
+		{"SmallSegments", base + "fs:\n  log_segment_size: 4096\n", []string{`fs.log_segment_size: 4096 is not 0 (a file per transaction) or between 65536 (64 KiB) and 1073741824 (1 GiB)`}},
 		{"UnknownKey", base + "replicaton:\n  retention: 1m\n",
 			[]string{`line 3: unknown key "replicaton" (keys: node, region, data_dir, mount_dir, fs, lease, replication, tls, log)`}},
 		{"UnknownNestedKey", base + "replication:\n  retenton: 1m\n", []string{`line 4: unknown key "replication.retenton" (keys under replication: listen, peers, retention, max_retention, durability, sync_acks, sync_regions, sync_timeout, sync_on_timeout, max_in_flight_files, max_in_flight_bytes, max_file_size)`}},
