@@ -33,6 +33,9 @@ type (
 // ChecksumFlag is set on every valid page and database checksum.
 const ChecksumFlag = ltx.ChecksumFlag
 
+// HeaderSize is the size of an LTX file's header, its first bytes.
+const HeaderSize = ltx.HeaderSize
+
 // Errors returned by the log. Position errors come wrapped in a *PosError.
 var (
 	// ErrPosUnknown: the log cannot say whether the position is in its

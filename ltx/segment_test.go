@@ -686,3 +686,33 @@ func TestSegment_DiskFull(t *testing.T) {
 		t.Fatalf("verify: %v %v", err, r.Problems)
 	}
 }
+
+// TestSnapshotBound encodes snapshots of pages LZ4 cannot compress and of
+// pages it can, for several page sizes, and checks each stays within
+// SnapshotBound, and, for the pages it cannot compress, that the bound is
+// above the size by no more than 2% and the varints' worst case of 30
+// bytes a page.
+func TestSnapshotBound(t *testing.T) {
+	rng := rand.New(rand.NewPCG(9, 9))
+	for _, pageSize := range []uint32{512, 4096, 65536} {
+		for _, random := range []bool{true, false} {
+			const pages = 40
+			data := make([]byte, pages*int(pageSize))
+			if random {
+				for i := range data {
+					data[i] = byte(rng.Uint32())
+				}
+			}
+			copy(data, "SQLite format 3\x00")
+			var buf bytes.Buffer
+			info, err := ltx.EncodeSnapshot(context.Background(), &buf, bytes.NewReader(data), pageSize, pages, 7, t0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			bound := ltx.SnapshotBound(info.Header)
+			if info.Size > bound || (random && bound-info.Size > info.Size/50+pages*30) {
+				t.Fatalf("page size %d, random %v: %d bytes, bound %d", pageSize, random, info.Size, bound)
+			}
+		}
+	}
+}

@@ -2,6 +2,7 @@ package ltx
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -9,6 +10,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/pierrec/lz4/v4"
 	"github.com/superfly/ltx"
 	"golang.org/x/sync/errgroup"
 )
@@ -329,4 +331,16 @@ func (l *Log) Restore(ctx context.Context, dst string) (Pos, error) {
 	}
 	l.mu.RUnlock()
 	return Restore(ctx, dst, rdrs...)
+}
+
+// SnapshotBound returns the most bytes an LTX file of every page of a
+// database whose header is h can take: each page compressed as badly as
+// LZ4 can, with its frame header and size and its page index entry, plus
+// the file's header, end-of-pages marker, index end and trailer. A
+// snapshot sent while it is encoded is announced with it.
+func SnapshotBound(h Header) int64 {
+	const perPage = ltx.PageHeaderSize + 4 + 3*binary.MaxVarintLen64
+	pages := int64(h.Commit)
+	return ltx.HeaderSize + pages*(perPage+int64(lz4.CompressBlockBound(int(h.PageSize)))) +
+		ltx.PageHeaderSize + binary.MaxVarintLen64 + 8 + ltx.TrailerSize
 }

@@ -191,7 +191,8 @@ func (c *Client) Session(ctx context.Context, conn ClientConn) (int, error) {
 	}
 	rv := c.newReceiver()
 	hello := &meridianv1.Hello{Node: c.Node, Region: c.Region, Epoch: c.epoch.Load(),
-		MaxInFlightFiles: uint32(min(int64(rv.maxFiles), math.MaxUint32)), MaxInFlightBytes: uint64(rv.maxBytes)}
+		MaxInFlightFiles: uint32(min(int64(rv.maxFiles), math.MaxUint32)), MaxInFlightBytes: uint64(rv.maxBytes),
+		StreamedFiles: true}
 	positions := c.Target.Positions()
 	for db, p := range positions {
 		hello.Positions = append(hello.Positions, pbPos(db, p))

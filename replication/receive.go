@@ -83,7 +83,10 @@ func (h *held) done(f *File) {
 // arrive, on a goroutine of its own reading them through a pipe, so a
 // large file is checked while the next chunks travel.
 type incoming struct {
-	begin    *meridianv1.LTXBegin
+	begin *meridianv1.LTXBegin
+	// room is the most bytes the file may have, which it takes of the
+	// bounds: its size, or the bound of a file sent while encoded.
+	room     uint64
 	f        *os.File
 	n        uint64
 	spares   *ltx.Spares
@@ -164,10 +167,13 @@ func (r *receiver) begin(ctx context.Context, b *meridianv1.LTXBegin) error {
 		return fmt.Errorf("%w: LTXBegin for %s with TXIDs %d-%d", ErrProtocol, db, b.GetMinTxid(), b.GetMaxTxid())
 	case b.GetIsSnapshot() != (b.GetMinTxid() == 1):
 		return fmt.Errorf("%w: LTXBegin for %s: is_snapshot %v with min_txid %d", ErrProtocol, db, b.GetIsSnapshot(), b.GetMinTxid())
-	case b.GetSize() == 0 || b.GetSize() > uint64(r.maxSize):
-		return fmt.Errorf("%w: LTXBegin for %s announces %d bytes; the bound is %d (replication.max_file_size)", ErrProtocol, db, b.GetSize(), r.maxSize)
+	case (b.GetSize() == 0) == (b.GetSizeBound() == 0):
+		return fmt.Errorf("%w: LTXBegin for %s announces size %d and size_bound %d; want one of them", ErrProtocol, db, b.GetSize(), b.GetSizeBound())
+	case max(b.GetSize(), b.GetSizeBound()) > uint64(r.maxSize):
+		return fmt.Errorf("%w: LTXBegin for %s announces %d bytes; the bound is %d (replication.max_file_size)", ErrProtocol, db, max(b.GetSize(), b.GetSizeBound()), r.maxSize)
 	}
-	if err := r.room(ctx, db, int64(b.GetSize())); err != nil {
+	room := max(b.GetSize(), b.GetSizeBound())
+	if err := r.room(ctx, db, int64(room)); err != nil {
 		return err
 	}
 	f, err := r.create()
@@ -175,10 +181,10 @@ func (r *receiver) begin(ctx context.Context, b *meridianv1.LTXBegin) error {
 		return fmt.Errorf("receive %s: %w", db, err)
 	}
 	pr, pw := io.Pipe()
-	in := &incoming{begin: b, f: f, spares: r.spares, pw: pw, verified: make(chan verifyResult, 1)}
+	in := &incoming{begin: b, room: room, f: f, spares: r.spares, pw: pw, verified: make(chan verifyResult, 1)}
 	go verify(pr, in.verified)
 	r.files[db] = in
-	r.inFlight += int64(b.GetSize())
+	r.inFlight += int64(room)
 	return nil
 }
 
@@ -237,8 +243,8 @@ func (r *receiver) chunk(c *meridianv1.LTXChunk) error {
 		return fmt.Errorf("%w: LTXChunk for %s at offset %d, want %d (a chunk was lost or repeated)", ErrProtocol, db, c.GetOffset(), in.n)
 	case len(c.GetData()) == 0 || len(c.GetData()) > maxChunk:
 		return fmt.Errorf("%w: LTXChunk for %s with %d bytes; want 1 to %d", ErrProtocol, db, len(c.GetData()), maxChunk)
-	case in.n+uint64(len(c.GetData())) > in.begin.GetSize():
-		return fmt.Errorf("%w: LTXChunk for %s runs past the %d bytes its LTXBegin announced", ErrProtocol, db, in.begin.GetSize())
+	case in.n+uint64(len(c.GetData())) > in.room:
+		return fmt.Errorf("%w: LTXChunk for %s runs past the %d bytes its LTXBegin announced", ErrProtocol, db, in.room)
 	}
 	if _, err := in.f.Write(c.GetData()); err != nil {
 		return fmt.Errorf("receive %s: %w", db, err)
@@ -262,7 +268,7 @@ func (r *receiver) end(e *meridianv1.LTXEnd) (*File, error) {
 		return nil, fmt.Errorf("%w: LTXEnd for %s outside a file", ErrProtocol, db)
 	}
 	delete(r.files, db)
-	r.inFlight -= int64(in.begin.GetSize())
+	r.inFlight -= int64(in.room)
 	f, err := in.verify(e)
 	if err != nil {
 		in.discard()
@@ -277,8 +283,13 @@ func (r *receiver) end(e *meridianv1.LTXEnd) (*File, error) {
 // agree with LTXBegin and LTXEnd.
 func (in *incoming) verify(e *meridianv1.LTXEnd) (*File, error) {
 	b, db := in.begin, in.begin.GetDb()
-	if in.n != b.GetSize() {
+	switch {
+	case b.GetSize() != 0 && in.n != b.GetSize():
 		return nil, fmt.Errorf("%w: file of %s ended after %d of the %d bytes its LTXBegin announced", ErrProtocol, db, in.n, b.GetSize())
+	case b.GetSize() != 0 && e.GetSize() != 0 && e.GetSize() != b.GetSize():
+		return nil, fmt.Errorf("%w: LTXEnd for %s says %d bytes, its LTXBegin %d", ErrProtocol, db, e.GetSize(), b.GetSize())
+	case b.GetSize() == 0 && in.n != e.GetSize():
+		return nil, fmt.Errorf("%w: file of %s ended after %d bytes, its LTXEnd says %d", ErrProtocol, db, in.n, e.GetSize())
 	}
 	// Verified as it arrived; not fsynced: the Target makes it durable,
 	// once, where it keeps it.

@@ -122,3 +122,67 @@ func mustReceive(tb testing.TB, rv *receiver, db string, data []byte) *File {
 }
 
 func itoa(i int) string { return strconv.Itoa(i) }
+
+// TestReceiver_Streamed receives files announced without a size, as a
+// snapshot sent while it is encoded is: one within its bound and whose
+// LTXEnd gives its size is received; one that runs past its bound, whose
+// LTXEnd gives another size, that announces both a size and a bound or
+// neither, or a bound past replication.max_file_size, is refused.
+func TestReceiver_Streamed(t *testing.T) {
+	next := seedLTX(t)[1]
+	size := uint64(len(next))
+	streamed := func(bound, endSize uint64) []*meridianv1.StreamResponse {
+		frames := fileFrames("a.db", next, 0)
+		b := frames[0].GetLtxBegin()
+		b.Size, b.SizeBound = 0, bound
+		frames[len(frames)-1].GetLtxEnd().Size = endSize
+		return frames
+	}
+	for _, tt := range []struct {
+		name   string
+		frames []*meridianv1.StreamResponse
+		want   string // of the error; "" for none
+	}{
+		{"OK", streamed(size+100, size), ""},
+		{"ExactBound", streamed(size, size), ""},
+		{"PastBound", streamed(size-1, size), "runs past the " + itoa(int(size-1)) + " bytes its LTXBegin announced"},
+		{"EndSize", streamed(size+100, size+1), "ended after " + itoa(int(size)) + " bytes, its LTXEnd says " + itoa(int(size+1))},
+		{"NoEndSize", streamed(size+100, 0), "its LTXEnd says 0"},
+		{"Both", func() []*meridianv1.StreamResponse {
+			f := fileFrames("a.db", next, 0)
+			f[0].GetLtxBegin().SizeBound = size
+			return f
+		}(), "announces size " + itoa(int(size)) + " and size_bound " + itoa(int(size)) + "; want one of them"},
+		{"Neither", streamed(0, size), "announces size 0 and size_bound 0"},
+		{"BoundTooLarge", streamed(1<<20+1, size), "announces 1048577 bytes; the bound is 1048576 (replication.max_file_size)"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			rv := newReceiver(t.TempDir(), 1<<20, nil)
+			defer rv.close()
+			var err error
+			var file *File
+			for _, fr := range tt.frames {
+				switch fr := fr.GetFrame().(type) {
+				case *meridianv1.StreamResponse_LtxBegin:
+					err = rv.begin(context.Background(), fr.LtxBegin)
+				case *meridianv1.StreamResponse_LtxChunk:
+					err = rv.chunk(fr.LtxChunk)
+				case *meridianv1.StreamResponse_LtxEnd:
+					file, err = rv.end(fr.LtxEnd)
+				}
+				if err != nil {
+					break
+				}
+			}
+			if tt.want == "" {
+				if err != nil || file == nil || file.Info.Size != int64(size) || rv.inFlight != 0 {
+					t.Fatalf("receive: %v; file %v; %d bytes still in flight", err, file, rv.inFlight)
+				}
+				return
+			}
+			if !errors.Is(err, ErrProtocol) || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("receive: %v, want ErrProtocol saying %q", err, tt.want)
+			}
+		})
+	}
+}

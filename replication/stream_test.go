@@ -1,6 +1,7 @@
 package replication_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -719,4 +720,78 @@ func TestServe_RefusesBadHello(t *testing.T) {
 
 func hello(node string, epoch uint64) *meridianv1.StreamRequest {
 	return &meridianv1.StreamRequest{Frame: &meridianv1.StreamRequest_Hello{Hello: &meridianv1.Hello{Node: node, Epoch: epoch}}}
+}
+
+// TestStream_SnapshotStreamed asks for a snapshot as a replica that takes
+// files of a size known only at their end, and as one that does not: the
+// first gets an LTXBegin without a size but with a bound the file stays
+// within, and the size in LTXEnd; the second the size up front. Both get
+// the same verified bytes, a snapshot at the primary's position, and the
+// primary leaves no temporary file behind.
+func TestStream_SnapshotStreamed(t *testing.T) {
+	c := newCluster(t)
+	c.primary.create("a.db", 1)
+	c.primary.steps("a.db", 100)
+	pos := c.primary.Log("a.db").Pos()
+	var sizes []int
+	for _, streamed := range []bool{true, false} {
+		ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+		conn, err := c.dial(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req := hello("fra-1", 0)
+		req.GetHello().StreamedFiles = streamed
+		if err := conn.Send(req); err != nil {
+			t.Fatal(err)
+		}
+		var (
+			begin *meridianv1.LTXBegin
+			data  []byte
+			end   *meridianv1.LTXEnd
+		)
+		for end == nil {
+			f, err := conn.Recv()
+			if err != nil {
+				t.Fatalf("streamed %v: %v", streamed, err)
+			}
+			switch {
+			case f.GetLtxBegin() != nil:
+				begin = f.GetLtxBegin()
+			case f.GetLtxChunk() != nil:
+				if int(f.GetLtxChunk().GetOffset()) != len(data) {
+					t.Fatalf("streamed %v: chunk at %d after %d bytes", streamed, f.GetLtxChunk().GetOffset(), len(data))
+				}
+				data = append(data, f.GetLtxChunk().GetData()...)
+			case f.GetLtxEnd() != nil:
+				end = f.GetLtxEnd()
+			}
+		}
+		cancel()
+		if !begin.GetIsSnapshot() || begin.GetMaxTxid() != uint64(pos.TXID) {
+			t.Fatalf("streamed %v: file %d-%d, want a snapshot at %s", streamed, begin.GetMinTxid(), begin.GetMaxTxid(), pos)
+		}
+		if streamed {
+			if begin.GetSize() != 0 || begin.GetSizeBound() < uint64(len(data)) || end.GetSize() != uint64(len(data)) {
+				t.Fatalf("streamed: LTXBegin size %d, bound %d; LTXEnd size %d; %d bytes sent", begin.GetSize(), begin.GetSizeBound(), end.GetSize(), len(data))
+			}
+		} else if begin.GetSize() != uint64(len(data)) || begin.GetSizeBound() != 0 || end.GetSize() != 0 {
+			t.Fatalf("sized: LTXBegin size %d, bound %d; LTXEnd size %d; %d bytes sent", begin.GetSize(), begin.GetSizeBound(), end.GetSize(), len(data))
+		}
+		vr := ltx.NewVerifyReader(bytes.NewReader(data), 0)
+		if _, err := io.Copy(io.Discard, vr); err != nil {
+			t.Fatalf("streamed %v: the snapshot does not verify: %v", streamed, err)
+		}
+		if got := vr.Trailer().PostApplyChecksum; got != pos.PostApplyChecksum || end.GetPostApplyChecksum() != uint64(got) {
+			t.Fatalf("streamed %v: snapshot leaves %s (LTXEnd %016x), want %s", streamed, got, end.GetPostApplyChecksum(), pos)
+		}
+		sizes = append(sizes, len(data))
+	}
+	if sizes[0] != sizes[1] {
+		t.Fatalf("streamed snapshot of %d bytes, sized one %d", sizes[0], sizes[1])
+	}
+	waitGroup(t, &c.serveWG, "the streams to end")
+	if entries, _ := os.ReadDir(c.streamer.TempDir); len(entries) != 0 {
+		t.Fatalf("the primary left %d files in its TempDir", len(entries))
+	}
 }

@@ -1,6 +1,7 @@
 package replication
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"errors"
@@ -155,7 +156,7 @@ func (s *Streamer) Serve(ctx context.Context, conn Conn, peer string) error {
 	log.Info("replica connected", "epoch", epoch, "dbs", len(positions),
 		"max_in_flight_files", hello.GetMaxInFlightFiles(), "max_in_flight_bytes", hello.GetMaxInFlightBytes())
 
-	st := &stream{s: s, conn: conn, epoch: epoch, replica: r, log: log,
+	st := &stream{s: s, conn: conn, epoch: epoch, replica: r, log: log, streamed: hello.GetStreamedFiles(),
 		out: make(chan *meridianv1.StreamResponse, 4), started: make(map[string]bool)}
 	if n := hello.GetMaxInFlightFiles(); n > 0 {
 		st.files = semaphore.NewWeighted(int64(n))
@@ -227,6 +228,9 @@ type stream struct {
 	// LTXBegin to its LTXEnd.
 	files, bytes *semaphore.Weighted
 	maxBytes     int64
+	// streamed: the replica takes files whose size is known only at
+	// their end, so a snapshot goes out as it is encoded.
+	streamed bool
 
 	mu      sync.Mutex
 	started map[string]bool // databases with a sender
@@ -410,7 +414,7 @@ func (st *stream) follow(ctx context.Context, db string, c *ltx.Cursor) (ltx.Pos
 		} else if err != nil {
 			return ltx.Pos{}, fmt.Errorf("stream %s: %w", db, err)
 		}
-		err = st.file(ctx, db, r, &r.Info, meridianv1.SnapshotReason_SNAPSHOT_REASON_UNSPECIFIED)
+		err = st.file(ctx, db, r, &r.Info, meridianv1.SnapshotReason_SNAPSHOT_REASON_UNSPECIFIED, nil)
 		_ = r.Close()
 		if err != nil {
 			return ltx.Pos{}, err
@@ -438,12 +442,16 @@ func snapshotReason(err error) (meridianv1.SnapshotReason, error) {
 	}
 }
 
-// snapshot sends a snapshot of db, built into a temporary file first so
-// its size is known before the first byte goes out, and returns its
-// position.
+// snapshot sends a snapshot of db and returns its position: as it is
+// encoded to a replica that takes files of a size known only at their end,
+// else built into a temporary file first so its size is known before the
+// first byte goes out.
 func (st *stream) snapshot(ctx context.Context, db string, reason meridianv1.SnapshotReason, from ltx.Pos) (ltx.Pos, error) {
 	if err := st.snapshotTurn(ctx, db); err != nil {
 		return ltx.Pos{}, err
+	}
+	if st.streamed {
+		return st.streamSnapshot(ctx, db, reason, from)
 	}
 	f, err := os.CreateTemp(st.s.TempDir, "snapshot-*.ltx")
 	if err != nil {
@@ -464,10 +472,154 @@ func (st *stream) snapshot(ctx context.Context, db string, reason meridianv1.Sna
 	// Not verified again as it is read, unlike the log's files: it was
 	// encoded a moment ago, and the replica verifies it as it arrives. A
 	// file of another size than encoded ends the stream.
-	if err := st.file(ctx, db, f, info, reason); err != nil {
+	if err := st.file(ctx, db, f, info, reason, nil); err != nil {
 		return ltx.Pos{}, err
 	}
 	return info.Pos(), nil
+}
+
+// streamSnapshot sends a snapshot of db while the source encodes it: its
+// LTXBegin, once the LTX header is out of the encoder, announces no size
+// but the most bytes it can take (ltx.SnapshotBound), its chunks follow
+// the encoder, and its LTXEnd carries the size. The encoder writes to a
+// temporary file that the sender reads as it grows, so the first bytes
+// go out at once while the encoder runs at the speed of the disk, never of
+// the network: the source holds the database's writers back only while
+// it reads it (see fs.DB.Snapshot), and a slow replica must not make that
+// longer.
+func (st *stream) streamSnapshot(ctx context.Context, db string, reason meridianv1.SnapshotReason, from ltx.Pos) (ltx.Pos, error) {
+	f, err := os.CreateTemp(st.s.TempDir, "snapshot-*.ltx")
+	if err != nil {
+		return ltx.Pos{}, fmt.Errorf("snapshot %s: %w", db, err)
+	}
+	_ = os.Remove(f.Name()) // the file descriptor keeps it while it is needed
+	ctx, cancel := context.WithCancel(ctx)
+	g := newGrowingFile(f)
+	done := make(chan *ltx.FileInfo, 1)
+	go func() {
+		info, err := st.s.Source.Snapshot(ctx, db, g)
+		g.close(err)
+		done <- info
+	}()
+	defer func() {
+		cancel() // an encoder still running stops, and is waited for
+		<-done
+		_ = f.Close()
+	}()
+	r := g.reader(ctx)
+	hb := make([]byte, ltx.HeaderSize)
+	if _, err := io.ReadFull(r, hb); err != nil {
+		return ltx.Pos{}, fmt.Errorf("snapshot %s: %w", db, err)
+	}
+	var h ltx.Header
+	if err := h.UnmarshalBinary(hb); err != nil {
+		return ltx.Pos{}, fmt.Errorf("snapshot %s: header: %w", db, err)
+	}
+	bound := ltx.SnapshotBound(h)
+	st.log.Info("sending snapshot", "db", db, "reason", reason.String(), "replica_pos", from.String(), "txid", h.MaxTXID.String(),
+		"streamed", true, "size_bound", bound)
+	var info *ltx.FileInfo
+	final := func(n int64) (*ltx.FileInfo, error) {
+		// r returned io.EOF: the encoder succeeded and is done.
+		info = <-done
+		done <- info
+		if info.Size != n {
+			return nil, fmt.Errorf("snapshot %s: sent %d bytes, the encoder wrote %d", db, n, info.Size)
+		}
+		return info, nil
+	}
+	head := &ltx.FileInfo{Name: ltx.FormatName(h.MinTXID, h.MaxTXID), Header: h}
+	if err := st.file(ctx, db, io.MultiReader(bytes.NewReader(hb), r), head, reason, &streamedFile{bound: bound, final: final}); err != nil {
+		return ltx.Pos{}, err
+	}
+	st.log.Info("sent snapshot", "db", db, "pos", info.Pos().String(), "size", info.Size)
+	return info.Pos(), nil
+}
+
+// growingFile is a file written by one goroutine and read by another as
+// it grows, until close.
+type growingFile struct {
+	f      *os.File
+	mu     sync.Mutex
+	grew   chan struct{} // closed and replaced when n grows or the file closes
+	n      int64         // bytes written
+	closed bool
+	err    error // the writer's, io.EOF once it ended well
+}
+
+func newGrowingFile(f *os.File) *growingFile {
+	return &growingFile{f: f, grew: make(chan struct{})}
+}
+
+// Write appends p.
+func (g *growingFile) Write(p []byte) (int, error) {
+	g.mu.Lock()
+	off := g.n
+	g.mu.Unlock()
+	n, err := g.f.WriteAt(p, off)
+	g.mu.Lock()
+	g.n += int64(n)
+	close(g.grew)
+	g.grew = make(chan struct{})
+	g.mu.Unlock()
+	return n, err
+}
+
+// close ends the file: readers get err, or io.EOF if it is nil, past its
+// last byte.
+func (g *growingFile) close(err error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if err == nil {
+		err = io.EOF
+	}
+	g.closed, g.err = true, err
+	close(g.grew)
+	g.grew = make(chan struct{})
+}
+
+// reader returns a reader of the file from its start that waits for the
+// bytes not yet written, until ctx ends.
+func (g *growingFile) reader(ctx context.Context) io.Reader {
+	return &growingReader{g: g, ctx: ctx}
+}
+
+type growingReader struct {
+	g   *growingFile
+	ctx context.Context
+	off int64
+}
+
+func (r *growingReader) Read(p []byte) (int, error) {
+	g := r.g
+	for {
+		g.mu.Lock()
+		n, closed, err, grew := g.n, g.closed, g.err, g.grew
+		g.mu.Unlock()
+		if r.off < n {
+			m, rerr := g.f.ReadAt(p[:min(int64(len(p)), n-r.off)], r.off)
+			r.off += int64(m)
+			if rerr == io.EOF {
+				rerr = nil // written since: n says so
+			}
+			return m, rerr
+		}
+		if closed {
+			return 0, err
+		}
+		select {
+		case <-grew:
+		case <-r.ctx.Done():
+			return 0, r.ctx.Err()
+		}
+	}
+}
+
+// streamedFile is how a file sent while it is encoded ends: bound is the
+// most bytes it can have, final the file once its n bytes are sent.
+type streamedFile struct {
+	bound int64
+	final func(n int64) (*ltx.FileInfo, error)
 }
 
 // snapshotTurn waits, if the replica had a snapshot of db less than
@@ -498,9 +650,14 @@ func (st *stream) snapshotTurn(ctx context.Context, db string) error {
 
 // file sends one LTX file: LTXBegin, its bytes in chunks, LTXEnd. r
 // verifies the bytes as they are read, so a damaged file ends the stream
-// before its LTXEnd goes out.
-func (st *stream) file(ctx context.Context, db string, r io.Reader, info *ltx.FileInfo, reason meridianv1.SnapshotReason) error {
-	release, err := st.room(ctx, db, info)
+// before its LTXEnd goes out. A file sent while it is encoded (streamed
+// not nil) has no size in info until streamed.final gives it.
+func (st *stream) file(ctx context.Context, db string, r io.Reader, info *ltx.FileInfo, reason meridianv1.SnapshotReason, streamed *streamedFile) error {
+	room := info.Size
+	if streamed != nil {
+		room = streamed.bound
+	}
+	release, err := st.room(ctx, db, info.Name, room)
 	if err != nil {
 		return err
 	}
@@ -516,6 +673,9 @@ func (st *stream) file(ctx context.Context, db string, r io.Reader, info *ltx.Fi
 		Size:                uint64(info.Size),
 		CommittedAtUnixNano: info.Time().UnixNano(),
 	}
+	if streamed != nil {
+		begin.Size, begin.SizeBound = 0, uint64(streamed.bound)
+	}
 	if err := st.push(ctx, &meridianv1.StreamResponse{Frame: &meridianv1.StreamResponse_LtxBegin{LtxBegin: begin}}); err != nil {
 		return err
 	}
@@ -523,7 +683,7 @@ func (st *stream) file(ctx context.Context, db string, r io.Reader, info *ltx.Fi
 	for {
 		// Sized to what is left (most files are a few KiB): one byte past
 		// the end finds EOF, or a file longer than the log says.
-		buf := make([]byte, min(int64(st.s.ChunkSize), max(info.Size-off, 1)))
+		buf := make([]byte, min(int64(st.s.ChunkSize), max(room-off, 1)))
 		n, err := io.ReadFull(r, buf)
 		if n > 0 {
 			chunk := &meridianv1.LTXChunk{Db: db, Offset: uint64(off), Data: buf[:n]}
@@ -538,10 +698,17 @@ func (st *stream) file(ctx context.Context, db string, r io.Reader, info *ltx.Fi
 			return fmt.Errorf("send %s of %s: %w", info.Name, db, err)
 		}
 	}
-	if off != info.Size {
+	if streamed != nil {
+		if info, err = streamed.final(off); err != nil {
+			return err
+		}
+	} else if off != info.Size {
 		return fmt.Errorf("send %s of %s: read %d bytes, the log says %d", info.Name, db, off, info.Size)
 	}
 	end := &meridianv1.LTXEnd{Db: db, FileChecksum: uint64(info.FileChecksum), PostApplyChecksum: uint64(info.PostApplyChecksum)}
+	if streamed != nil {
+		end.Size = uint64(off)
+	}
 	return st.push(ctx, &meridianv1.StreamResponse{Frame: &meridianv1.StreamResponse_LtxEnd{LtxEnd: end}})
 }
 
@@ -551,10 +718,10 @@ func (st *stream) file(ctx context.Context, db string, r io.Reader, info *ltx.Fi
 // that LTXEnd before the LTXBegin that takes the room next). Files wait in
 // turn, a large one too. A file larger than all the room can never be
 // sent: an error.
-func (st *stream) room(ctx context.Context, db string, info *ltx.FileInfo) (release func(), err error) {
-	if st.bytes != nil && info.Size > st.maxBytes {
+func (st *stream) room(ctx context.Context, db, name string, size int64) (release func(), err error) {
+	if st.bytes != nil && size > st.maxBytes {
 		return nil, fmt.Errorf("send %s of %s: the file has %d bytes, more than the %d replica %s receives at once "+
-			"(its replication.max_in_flight_bytes)", info.Name, db, info.Size, st.maxBytes, st.replica.node)
+			"(its replication.max_in_flight_bytes)", name, db, size, st.maxBytes, st.replica.node)
 	}
 	if st.files != nil {
 		if err := st.files.Acquire(ctx, 1); err != nil {
@@ -562,7 +729,7 @@ func (st *stream) room(ctx context.Context, db string, info *ltx.FileInfo) (rele
 		}
 	}
 	if st.bytes != nil {
-		if err := st.bytes.Acquire(ctx, info.Size); err != nil {
+		if err := st.bytes.Acquire(ctx, size); err != nil {
 			if st.files != nil {
 				st.files.Release(1)
 			}
@@ -574,7 +741,7 @@ func (st *stream) room(ctx context.Context, db string, info *ltx.FileInfo) (rele
 			st.files.Release(1)
 		}
 		if st.bytes != nil {
-			st.bytes.Release(info.Size)
+			st.bytes.Release(size)
 		}
 	}, nil
 }

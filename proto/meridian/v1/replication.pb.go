@@ -286,8 +286,14 @@ type Hello struct {
 	// Bound of the sum of the sizes of the files in flight, as above; 0: no
 	// bound.
 	MaxInFlightBytes uint64 `protobuf:"varint,6,opt,name=max_in_flight_bytes,json=maxInFlightBytes,proto3" json:"max_in_flight_bytes,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// The replica takes files whose size is known only at their end: a
+	// snapshot the primary sends as it encodes it, with LTXBegin.size 0,
+	// LTXBegin.size_bound the most bytes it can have, and its size in
+	// LTXEnd.size. A primary sends a replica that does not set this only
+	// files of a known size.
+	StreamedFiles bool `protobuf:"varint,7,opt,name=streamed_files,json=streamedFiles,proto3" json:"streamed_files,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Hello) Reset() {
@@ -360,6 +366,13 @@ func (x *Hello) GetMaxInFlightBytes() uint64 {
 		return x.MaxInFlightBytes
 	}
 	return 0
+}
+
+func (x *Hello) GetStreamedFiles() bool {
+	if x != nil {
+		return x.StreamedFiles
+	}
+	return false
 }
 
 // Ack reports that the replica has applied a file: the pages are in its
@@ -600,7 +613,9 @@ type LTXBegin struct {
 	PreApplyChecksum uint64 `protobuf:"fixed64,6,opt,name=pre_apply_checksum,json=preApplyChecksum,proto3" json:"pre_apply_checksum,omitempty"`
 	// Total size of the LTX file in bytes: the sum of the data of the
 	// LTXChunk frames that follow. The replica rejects a file whose chunks
-	// add up to anything else.
+	// add up to anything else. 0 for a file sent while it is encoded, to a
+	// replica whose Hello set streamed_files: size_bound bounds it, and
+	// LTXEnd.size says what it came to.
 	Size uint64 `protobuf:"varint,7,opt,name=size,proto3" json:"size,omitempty"`
 	// When max_txid committed on the primary (the commit point in fs/), Unix
 	// nanoseconds on the primary's clock. Finer than the LTX header's
@@ -610,7 +625,13 @@ type LTXBegin struct {
 	// replica's apply span joins the write's trace. Empty if not traced.
 	Traceparent string `protobuf:"bytes,9,opt,name=traceparent,proto3" json:"traceparent,omitempty"`
 	// W3C Trace Context `tracestate` that goes with traceparent. Often empty.
-	Tracestate    string `protobuf:"bytes,10,opt,name=tracestate,proto3" json:"tracestate,omitempty"`
+	Tracestate string `protobuf:"bytes,10,opt,name=tracestate,proto3" json:"tracestate,omitempty"`
+	// When size is 0: the most bytes the file can have (for a snapshot, every
+	// page compressed as badly as LZ4 can, with its frame and index entry,
+	// plus header and trailer). It counts against the replica's bounds
+	// (max_in_flight_bytes, replication.max_file_size) in place of the size,
+	// and the replica rejects a file that runs past it. 0 otherwise.
+	SizeBound     uint64 `protobuf:"varint,11,opt,name=size_bound,json=sizeBound,proto3" json:"size_bound,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -715,6 +736,13 @@ func (x *LTXBegin) GetTracestate() string {
 	return ""
 }
 
+func (x *LTXBegin) GetSizeBound() uint64 {
+	if x != nil {
+		return x.SizeBound
+	}
+	return 0
+}
+
 // LTXChunk carries the next bytes of the LTX file being sent for db.
 type LTXChunk struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -794,8 +822,12 @@ type LTXEnd struct {
 	// Post-apply checksum from the LTX trailer: the database checksum after
 	// the file is applied. Must equal the trailer in the received bytes.
 	PostApplyChecksum uint64 `protobuf:"fixed64,3,opt,name=post_apply_checksum,json=postApplyChecksum,proto3" json:"post_apply_checksum,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// Total size of the file in bytes when LTXBegin.size was 0; otherwise 0
+	// or equal to it. The replica rejects a file whose chunks add up to
+	// anything else.
+	Size          uint64 `protobuf:"varint,4,opt,name=size,proto3" json:"size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *LTXEnd) Reset() {
@@ -845,6 +877,13 @@ func (x *LTXEnd) GetFileChecksum() uint64 {
 func (x *LTXEnd) GetPostApplyChecksum() uint64 {
 	if x != nil {
 		return x.PostApplyChecksum
+	}
+	return 0
+}
+
+func (x *LTXEnd) GetSize() uint64 {
+	if x != nil {
+		return x.Size
 	}
 	return 0
 }
@@ -1204,14 +1243,15 @@ const file_meridian_v1_replication_proto_rawDesc = "" +
 	"\rStreamRequest\x12*\n" +
 	"\x05hello\x18\x01 \x01(\v2\x12.meridian.v1.HelloH\x00R\x05hello\x12$\n" +
 	"\x03ack\x18\x02 \x01(\v2\x10.meridian.v1.AckH\x00R\x03ackB\a\n" +
-	"\x05frame\"\xe4\x01\n" +
+	"\x05frame\"\x8b\x02\n" +
 	"\x05Hello\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x16\n" +
 	"\x06region\x18\x02 \x01(\tR\x06region\x12\x14\n" +
 	"\x05epoch\x18\x03 \x01(\x04R\x05epoch\x12;\n" +
 	"\tpositions\x18\x04 \x03(\v2\x1d.meridian.v1.DatabasePositionR\tpositions\x12-\n" +
 	"\x13max_in_flight_files\x18\x05 \x01(\rR\x10maxInFlightFiles\x12-\n" +
-	"\x13max_in_flight_bytes\x18\x06 \x01(\x04R\x10maxInFlightBytes\"\x8a\x01\n" +
+	"\x13max_in_flight_bytes\x18\x06 \x01(\x04R\x10maxInFlightBytes\x12%\n" +
+	"\x0estreamed_files\x18\a \x01(\bR\rstreamedFiles\"\x8a\x01\n" +
 	"\x03Ack\x12\x0e\n" +
 	"\x02db\x18\x01 \x01(\tR\x02db\x12\x12\n" +
 	"\x04txid\x18\x02 \x01(\x04R\x04txid\x12.\n" +
@@ -1223,7 +1263,7 @@ const file_meridian_v1_replication_proto_rawDesc = "" +
 	"\tltx_chunk\x18\x03 \x01(\v2\x15.meridian.v1.LTXChunkH\x00R\bltxChunk\x12.\n" +
 	"\altx_end\x18\x04 \x01(\v2\x13.meridian.v1.LTXEndH\x00R\x06ltxEnd\x126\n" +
 	"\theartbeat\x18\x05 \x01(\v2\x16.meridian.v1.HeartbeatH\x00R\theartbeatB\a\n" +
-	"\x05frame\"\xf0\x02\n" +
+	"\x05frame\"\x8f\x03\n" +
 	"\bLTXBegin\x12\x0e\n" +
 	"\x02db\x18\x01 \x01(\tR\x02db\x12\x1f\n" +
 	"\vis_snapshot\x18\x02 \x01(\bR\n" +
@@ -1238,15 +1278,18 @@ const file_meridian_v1_replication_proto_rawDesc = "" +
 	"\n" +
 	"tracestate\x18\n" +
 	" \x01(\tR\n" +
-	"tracestate\"F\n" +
+	"tracestate\x12\x1d\n" +
+	"\n" +
+	"size_bound\x18\v \x01(\x04R\tsizeBound\"F\n" +
 	"\bLTXChunk\x12\x0e\n" +
 	"\x02db\x18\x01 \x01(\tR\x02db\x12\x16\n" +
 	"\x06offset\x18\x02 \x01(\x04R\x06offset\x12\x12\n" +
-	"\x04data\x18\x03 \x01(\fR\x04data\"m\n" +
+	"\x04data\x18\x03 \x01(\fR\x04data\"\x81\x01\n" +
 	"\x06LTXEnd\x12\x0e\n" +
 	"\x02db\x18\x01 \x01(\tR\x02db\x12#\n" +
 	"\rfile_checksum\x18\x02 \x01(\x06R\ffileChecksum\x12.\n" +
-	"\x13post_apply_checksum\x18\x03 \x01(\x06R\x11postApplyChecksum\"s\n" +
+	"\x13post_apply_checksum\x18\x03 \x01(\x06R\x11postApplyChecksum\x12\x12\n" +
+	"\x04size\x18\x04 \x01(\x04R\x04size\"s\n" +
 	"\tHeartbeat\x12)\n" +
 	"\x11sent_at_unix_nano\x18\x01 \x01(\x10R\x0esentAtUnixNano\x12;\n" +
 	"\tpositions\x18\x02 \x03(\v2\x1d.meridian.v1.DatabasePositionR\tpositions\"f\n" +
