@@ -639,7 +639,11 @@ func copyFile(src, dst string) error {
 // applyWatcher records when each transaction is applied in one replica's
 // log directory: the LTX files of a group renamed in, then the .applying
 // marker emptied once their pages are in the database.
+// indexRecordSize is the size of a record of a segment's index.
+const indexRecordSize = 56
+
 type applyWatcher struct {
+	dir      string
 	fd       int
 	atRename bool // a transaction counts when its file is renamed in
 	mu       sync.Mutex
@@ -649,8 +653,10 @@ type applyWatcher struct {
 }
 
 // watchApplies watches a log directory. With atRename (the primary's log)
-// a transaction counts when its LTX file is renamed in; otherwise (a
-// replica's) when the .applying marker of its group is emptied.
+// a transaction counts when its LTX file is renamed in, or, in a segment,
+// when its index record is written (the index's size, read at the event,
+// says how many records it holds); otherwise (a replica's) when the
+// .applying marker of its group is emptied.
 func watchApplies(dir string, atRename bool) (*applyWatcher, error) {
 	fd, err := unix.InotifyInit1(unix.IN_CLOEXEC)
 	if err != nil {
@@ -660,7 +666,7 @@ func watchApplies(dir string, atRename bool) (*applyWatcher, error) {
 		_ = unix.Close(fd)
 		return nil, fmt.Errorf("watch %s: %w", dir, err)
 	}
-	w := &applyWatcher{fd: fd, atRename: atRename, applied: make(map[ltx.TXID]time.Time), done: make(chan struct{})}
+	w := &applyWatcher{dir: dir, fd: fd, atRename: atRename, applied: make(map[ltx.TXID]time.Time), done: make(chan struct{})}
 	go w.run()
 	return w, nil
 }
@@ -700,6 +706,19 @@ func (w *applyWatcher) run() {
 					}
 					w.mu.Unlock()
 				}
+			case ev.Mask&unix.IN_MODIFY != 0 && w.atRename && strings.HasSuffix(name, ".index"):
+				first, err := ltx.ParseSegmentName(strings.TrimSuffix(name, ".index") + ".segment")
+				st, serr := os.Stat(filepath.Join(w.dir, name))
+				if err != nil || serr != nil {
+					continue
+				}
+				w.mu.Lock()
+				for id := first; id < first+ltx.TXID(st.Size()/indexRecordSize); id++ {
+					if _, ok := w.applied[id]; !ok {
+						w.applied[id] = now
+					}
+				}
+				w.mu.Unlock()
 			case ev.Mask&unix.IN_MODIFY != 0 && name == ".applying" && len(pending) > 0:
 				// Written before the files are renamed in, emptied after
 				// their pages are in the database.
