@@ -716,3 +716,138 @@ func TestSnapshotBound(t *testing.T) {
 		}
 	}
 }
+
+// exportFiles writes the log's files from the one after pos on, each as a
+// file of its own under dir, and returns their paths in order.
+func exportFiles(tb testing.TB, l *ltx.Log, from ltx.TXID, dir string) []string {
+	tb.Helper()
+	rep, err := ltx.VerifyDir(l.Dir)
+	if err != nil || !rep.OK() {
+		tb.Fatalf("verify %s: %v %v", l.Dir, err, rep.Problems)
+	}
+	var paths []string
+	for i, fi := range rep.Files {
+		if fi.Header.MinTXID < from {
+			continue
+		}
+		p := filepath.Join(dir, fi.Name)
+		copyStored(tb, rep.Stored[i], p)
+		paths = append(paths, p)
+	}
+	return paths
+}
+
+// TestSegment_Apply applies a primary's files to a replica whose log
+// writes segments, alone and in groups: they go into its segment (the
+// snapshot that starts the log stays a file of its own), the database
+// ends byte for byte the primary's, and the log reopens the same.
+func TestSegment_Apply(t *testing.T) {
+	src := newSegmentDB(t, t.TempDir(), 21, 0)
+	src.run(30, t0, nil)
+	dir := t.TempDir()
+	dst := newSegmentDB(t, dir, 22, 0) // no database yet: the snapshot makes it
+	paths := exportFiles(t, src.log, 1, t.TempDir())
+	ctx := context.Background()
+	for _, g := range [][2]int{{0, 1}, {1, 2}, {2, 7}, {7, 17}, {17, 30}} {
+		if _, _, err := dst.log.ApplyFiles(ctx, paths[g[0]:g[1]], ltx.ApplyOptions{}); err != nil {
+			t.Fatalf("apply files %d to %d: %v", g[0], g[1], err)
+		}
+	}
+	if got, want := logNames(t, dst.log.Dir), []string{".applying", "0000000000000001-0000000000000001.ltx", "0000000000000002.index", "0000000000000002.segment"}; !slices.Equal(got, want) {
+		t.Fatalf("replica's log directory: %v, want %v", got, want)
+	}
+	if !slices.Equal(names(dst.log.Files()), names(src.log.Files())) || dst.log.Pos() != src.log.Pos() {
+		t.Fatalf("replica at %s with %d files, primary at %s with %d", dst.log.Pos(), len(dst.log.Files()), src.log.Pos(), len(src.log.Files()))
+	}
+	if !bytes.Equal(testingutil.MustReadFile(t, dst.path), src.data) {
+		t.Fatal("replica's database differs from the primary's")
+	}
+	files := dst.log.Files()
+	dst.data = bytes.Clone(src.data)
+	if err := dst.reopen(0, nil); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(dst.log.Files(), files) {
+		t.Fatal("replica's log reopened with other files")
+	}
+	readAll(t, dst.log)
+}
+
+// TestSegment_ApplyInterrupted leaves a replica's segment log as a crash
+// in the middle of a group's apply does, and opens it: a group whose
+// records reached the disk but not all of its bytes (before the fsync that
+// precedes the database's writes) is cut off, the log back where the
+// database is; a group in the log whose pages were half written to the
+// database is finished.
+func TestSegment_ApplyInterrupted(t *testing.T) {
+	src := newSegmentDB(t, t.TempDir(), 23, 0)
+	h := history{}
+	src.run(20, t0, h)
+	srcFiles := src.log.Files()
+	paths := exportFiles(t, src.log, 1, t.TempDir())
+	ctx := context.Background()
+	setup := func(t *testing.T) (*fakeDB, ltx.SegmentEntry, string) {
+		dst := newSegmentDB(t, t.TempDir(), 24, 0)
+		for _, g := range [][2]int{{0, 1}, {1, 10}, {10, 20}} {
+			if _, _, err := dst.log.ApplyFiles(ctx, paths[g[0]:g[1]], ltx.ApplyOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := dst.log.Close(); err != nil {
+			t.Fatal(err)
+		}
+		seg := filepath.Join(dst.log.Dir, "0000000000000002.segment")
+		rep, err := ltx.ReadSegment(seg)
+		if err != nil || len(rep.Entries) != 19 {
+			t.Fatalf("read segment: %v", err)
+		}
+		// The last group, txids 11 to 20, was being applied.
+		if err := os.WriteFile(filepath.Join(dst.log.Dir, ".applying"), []byte(srcFiles[10].Name), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return dst, rep.Entries[9], seg
+	}
+
+	t.Run("BytesLost", func(t *testing.T) {
+		dst, first, seg := setup(t)
+		f, err := os.OpenFile(seg, os.O_WRONLY, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		st := mustStat(t, seg)
+		if _, err := f.WriteAt(make([]byte, st.Size()-first.Offset-first.Size/2), first.Offset+first.Size/2); err != nil {
+			t.Fatal(err)
+		}
+		_ = f.Close()
+		dst.data = bytes.Clone(h[srcFiles[9].Pos()]) // the group never reached the database
+		dst.write()
+		if err := dst.reopen(0, nil); err != nil {
+			t.Fatalf("open after a group lost its bytes before its fsync: %v", err)
+		}
+		if got := dst.log.Pos(); got != srcFiles[9].Pos() {
+			t.Fatalf("log at %s, want %s, where the database is", got, srcFiles[9].Pos())
+		}
+		// The group applies again.
+		if _, _, err := dst.log.ApplyFiles(ctx, paths[10:], ltx.ApplyOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(testingutil.MustReadFile(t, dst.path), src.data) {
+			t.Fatal("replica's database differs from the primary's after the group applied again")
+		}
+	})
+
+	t.Run("HalfWritten", func(t *testing.T) {
+		dst, _, _ := setup(t)
+		// The database holds the group's first file's pages only, over
+		// the image before the group: a torn apply.
+		img := bytes.Clone(h[srcFiles[10].Pos()])
+		dst.data = img
+		dst.write()
+		if err := dst.reopen(0, nil); err != nil {
+			t.Fatalf("open after a group half written to the database: %v", err)
+		}
+		if dst.log.Pos() != src.log.Pos() || !bytes.Equal(testingutil.MustReadFile(t, dst.path), src.data) {
+			t.Fatalf("log at %s, want %s, and the database finished", dst.log.Pos(), src.log.Pos())
+		}
+	})
+}
