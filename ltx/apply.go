@@ -101,9 +101,6 @@ func (l *Log) ApplyFiles(ctx context.Context, paths []string, opts ApplyOptions)
 		at = info.Pos()
 	}
 	snapshot := infos[0].Header.IsSnapshot()
-	if !snapshot && l.SegmentSize > 0 && !slices.ContainsFunc(infos, func(i FileInfo) bool { return i.Header.MinTXID != i.Header.MaxTXID }) {
-		return l.applySegment(ctx, paths, infos, table, pos, opts, verified)
-	}
 	// Copied or moved in, verified (unless the caller did), before
 	// anything in the log changes; the marker names the group's first file, whose pages go
 	// into the database first, for Open to finish the job after a crash.
@@ -134,19 +131,9 @@ func (l *Log) ApplyFiles(ctx context.Context, paths []string, opts ApplyOptions)
 	} else {
 		table = table.Clone()
 	}
-	files := make([]*logFile, len(infos))
-	for i, info := range infos {
-		files[i] = &logFile{info: info}
-	}
-	return l.applied(ctx, files, table, pos, snapshot, opts.Target)
-}
-
-// applied applies files, in the log directory, to the database and puts
-// them in the log. Caller holds l.wmu.
-func (l *Log) applied(ctx context.Context, files []*logFile, table *ChecksumTable, pos Pos, snapshot bool, target ApplyTarget) ([]FileInfo, []uint32, error) {
-	pgnos, err := l.applyToDatabase(ctx, files, table, pos, true, target)
+	pgnos, err := l.applyToDatabase(ctx, infos, table, pos, true, opts.Target)
 	if err != nil {
-		return nil, nil, &PartlyAppliedError{Err: err, MaxTXID: files[len(files)-1].info.Header.MaxTXID}
+		return nil, nil, &PartlyAppliedError{Err: err, MaxTXID: infos[len(infos)-1].Header.MaxTXID}
 	}
 	// Emptied, not removed: removing and creating a file per group costs
 	// more than writing it on some filesystems. Neither need be durable: a
@@ -158,89 +145,11 @@ func (l *Log) applied(ctx context.Context, files []*logFile, table *ChecksumTabl
 		l.files = l.files[:0]
 	}
 	l.table = table
-	infos := make([]FileInfo, len(files))
-	for i, f := range files {
-		if f.seg != nil {
-			f.seg.live.Add(1)
-		}
-		l.files = append(l.files, f)
-		infos[i] = f.info
+	for _, info := range infos {
+		l.files = append(l.files, &logFile{info: info})
 	}
 	l.notify()
-	return infos, pgnos, nil
-}
-
-// applySegment is ApplyFiles for a group of files of one transaction each
-// that follow the log's position: it appends them to the log's segment,
-// and applies them from there. The marker naming the group's first file
-// is durable before any of their index records is written; the files and
-// their records are fsynced together, once, before the database is
-// written. Open finishes a group a crash interrupted after that, and cuts
-// off one interrupted before, whose records may be on disk without its
-// bytes. Caller holds l.wmu.
-func (l *Log) applySegment(ctx context.Context, paths []string, infos []FileInfo, table *ChecksumTable, pos Pos, opts ApplyOptions, verified bool) ([]FileInfo, []uint32, error) {
-	marker := make(chan error, 1)
-	go func() { marker <- writeApplying(l.path(applyingName), infos[0].Name, true) }()
-	s, err := l.appending(infos[0].Header.MinTXID, true)
-	if err != nil {
-		<-marker
-		_ = os.Truncate(l.path(applyingName), 0)
-		return nil, nil, fmt.Errorf("apply %s to %s: %w", infos[0].Name, l.Name, err)
-	}
-	n0, end0 := s.n, s.end
-	fail := func(err error) ([]FileInfo, []uint32, error) {
-		if terr := s.truncate(n0, end0); terr != nil {
-			err = errors.Join(err, terr)
-		}
-		_ = os.Truncate(l.path(applyingName), 0)
-		return nil, nil, fmt.Errorf("apply %s to %s: %w", infos[0].Name, l.Name, err)
-	}
-	files := make([]*logFile, len(infos))
-	for i, path := range paths {
-		info := &infos[i]
-		a, err := l.appendTo(s, info.Header.MinTXID, WALSegment{Offset: info.Header.WALOffset, Size: info.Header.WALSize, Salt1: info.Header.WALSalt1, Salt2: info.Header.WALSalt2},
-			false, func(w io.Writer) error { return copyFile(ctx, w, path, !verified) })
-		if i == 0 {
-			if merr := <-marker; merr != nil && err == nil {
-				err = merr
-			}
-		}
-		if err != nil {
-			return fail(err)
-		}
-		switch {
-		case a.size != info.Size:
-			return fail(fmt.Errorf("copied %d bytes of %s, want %d", a.size, info.Name, info.Size))
-		case verified && a.seal != info.Seal:
-			return fail(fmt.Errorf("%w: %s changed since it was verified", ErrCorrupt, path))
-		}
-		info.Seal = a.seal
-		if err := a.commit(false); err != nil {
-			return fail(err)
-		}
-		files[i] = &logFile{info: *info, seg: s, off: a.off}
-	}
-	if err := s.syncBoth(); err != nil {
-		return fail(err)
-	}
-	failpoint("syncdir")
-	return l.applied(ctx, files, table.Clone(), pos, false, opts.Target)
-}
-
-// copyFile copies the file at path to w, verifying it as it reads it if
-// verify.
-func copyFile(ctx context.Context, w io.Writer, path string, verify bool) error {
-	src, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	defer func() { _ = src.Close() }()
-	var r io.Reader = src
-	if verify {
-		r = NewVerifyReader(src, 0)
-	}
-	_, err = io.Copy(w, &ctxReader{ctx: ctx, r: r})
-	return err
+	return slices.Clone(infos), pgnos, nil
 }
 
 // ApplyOptions are how ApplyFiles treats the files it applies.
@@ -469,23 +378,23 @@ func removeTemps(temps []*tempFile) {
 // check, only the last file must leave the database at its post-apply
 // checksum: a crash in the middle of a group leaves pages of later files
 // in the database, which earlier ones do not account for.
-func (l *Log) applyToDatabase(ctx context.Context, files []*logFile, table *ChecksumTable, pos Pos, check bool, target ApplyTarget) ([]uint32, error) {
+func (l *Log) applyToDatabase(ctx context.Context, infos []FileInfo, table *ChecksumTable, pos Pos, check bool, target ApplyTarget) ([]uint32, error) {
 	db := target
 	if db == nil {
 		f, err := os.OpenFile(l.DBPath, os.O_RDWR|os.O_CREATE, 0o644)
 		if err != nil {
-			return nil, fmt.Errorf("apply %s to %s: %w", files[0].info.Name, l.Name, err)
+			return nil, fmt.Errorf("apply %s to %s: %w", infos[0].Name, l.Name, err)
 		}
 		defer func() { _ = f.Close() }()
 		db = f
 	}
 	var pgnos []uint32
-	for i, f := range files {
-		p, err := l.applyLogFile(ctx, db, f, table, pos, check || i == len(files)-1)
+	for i := range infos {
+		p, err := l.applyLogFile(ctx, db, &infos[i], table, pos, check || i == len(infos)-1)
 		if err != nil {
-			return nil, diskError(fmt.Sprintf("apply %s to", f.info.Name), l.DBPath, err)
+			return nil, diskError(fmt.Sprintf("apply %s to", infos[i].Name), l.DBPath, err)
 		}
-		pos = f.info.Pos()
+		pos = infos[i].Pos()
 		if i == 0 {
 			pgnos = p
 		} else {
@@ -493,9 +402,9 @@ func (l *Log) applyToDatabase(ctx context.Context, files []*logFile, table *Chec
 		}
 	}
 	if err := db.Sync(); err != nil {
-		return nil, diskError(fmt.Sprintf("apply %s to", files[len(files)-1].info.Name), l.DBPath, err)
+		return nil, diskError(fmt.Sprintf("apply %s to", infos[len(infos)-1].Name), l.DBPath, err)
 	}
-	if len(files) > 1 {
+	if len(infos) > 1 {
 		slices.Sort(pgnos)
 		pgnos = slices.Compact(pgnos)
 	}
@@ -506,14 +415,14 @@ func (l *Log) applyToDatabase(ctx context.Context, files []*logFile, table *Chec
 // is decoded once: its structure and file checksum are checked as it is
 // (its seal would add a pass over every byte), and its pages by the
 // database checksum it must leave, which covers them all.
-func (l *Log) applyLogFile(ctx context.Context, db DatabaseFile, f *logFile, table *ChecksumTable, pos Pos, check bool) ([]uint32, error) {
-	src, err := l.open(f)
+func (l *Log) applyLogFile(ctx context.Context, db DatabaseFile, info *FileInfo, table *ChecksumTable, pos Pos, check bool) ([]uint32, error) {
+	src, err := os.Open(l.path(info.Name))
 	if err != nil {
 		return nil, err
 	}
 	defer func() { _ = src.Close() }()
 	if !check {
-		pos = f.info.PreApplyPos()
+		pos = info.PreApplyPos()
 	}
 	_, pgnos, err := applyFile(ctx, db, table, pos, src, check)
 	return pgnos, err
@@ -567,22 +476,25 @@ func (l *Log) rollForward(ctx context.Context, t *ChecksumTable) (bool, error) {
 	if first < 0 {
 		return false, nil
 	}
-	group := l.files[first:]
-	last := group[len(group)-1].info
+	group := make([]FileInfo, 0, len(l.files)-first)
+	for _, f := range l.files[first:] {
+		group = append(group, f.info)
+	}
+	last := group[len(group)-1]
 	dry := t.Clone()
-	for _, f := range group {
-		if _, err := l.applyLogFile(ctx, nil, f, dry, Pos{}, false); err != nil {
+	for _, info := range group {
+		if _, err := l.applyLogFile(ctx, nil, &info, dry, Pos{}, false); err != nil {
 			return false, nil
 		}
 	}
 	if dry.Checksum() != last.PostApplyChecksum || dry.Pages() != last.Header.Commit {
 		return false, nil
 	}
-	if _, err := l.applyToDatabase(ctx, group, t, group[0].info.PreApplyPos(), false, nil); err != nil {
+	if _, err := l.applyToDatabase(ctx, group, t, group[0].PreApplyPos(), false, nil); err != nil {
 		return false, err
 	}
 	_ = os.Truncate(l.path(applyingName), 0)
 	l.Logger.Warn("finished applying the log's last files to the database, which a crash interrupted", "db", l.Name,
-		"files", len(group), "from", group[0].info.PreApplyPos(), "to", last.Pos())
+		"files", len(group), "from", group[0].PreApplyPos(), "to", last.Pos())
 	return true, nil
 }

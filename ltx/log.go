@@ -96,10 +96,6 @@ type Log struct {
 	// its files. Taken after wmu, before mu.
 	maint sync.Mutex
 
-	// applying is the name in the apply marker when Open began, if any:
-	// the first file of a group an apply did not finish.
-	applying string
-
 	mu      sync.RWMutex // guards the fields below
 	opened  bool
 	closed  bool
@@ -335,9 +331,6 @@ func (l *Log) recover() ([]*logFile, error) {
 		segments []*segment
 		indexes  = map[string]bool{}
 	)
-	if b, err := os.ReadFile(l.path(applyingName)); err == nil {
-		l.applying = string(b)
-	}
 	for _, e := range entries {
 		name := e.Name()
 		switch {

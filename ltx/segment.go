@@ -244,7 +244,7 @@ func (l *Log) openSegment(name string) (*segment, []*logFile, error) {
 	if rep.Bad != nil {
 		// Whole records after the bad one are files committed after it:
 		// cut off only if they may be unsynced too.
-		if rep.Records > rep.BadRecord+1 && !l.laterUnsynced(rep) && !l.unfinishedGroup(first+TXID(rep.BadRecord)) {
+		if rep.Records > rep.BadRecord+1 && !l.laterUnsynced(rep) {
 			return nil, nil, fmt.Errorf("log %s: %w; it is not the last file, so the log cannot continue past it: "+
 				"restore the log from a replica or a backup, or move the segment and every later file out of the directory", l.Dir, rep.Bad)
 		}
@@ -291,16 +291,6 @@ func (l *Log) laterUnsynced(rep *SegmentReport) bool {
 		}
 	}
 	return true
-}
-
-// unfinishedGroup reports whether txid is in a group of files ApplyFiles
-// was applying when it stopped: at or after the first file its marker
-// names. Such a group's records may be on disk without its files' bytes
-// (both are fsynced together, before the database is written and the
-// group acknowledged): cut off, the log is where the database is.
-func (l *Log) unfinishedGroup(txid TXID) bool {
-	min, _, err := ParseName(l.applying)
-	return err == nil && txid >= min
 }
 
 // cutSegment truncates segment s to its first n files, end bytes, and its
@@ -476,12 +466,6 @@ func (l *Log) writeSegment(txid TXID, wal WALSegment, sync bool, write func(w io
 	if err != nil {
 		return nil, err
 	}
-	return l.appendTo(s, txid, wal, sync, write)
-}
-
-// appendTo is writeSegment to segment s, which the caller got from
-// appending for a transaction at or before txid. Caller holds l.wmu.
-func (l *Log) appendTo(s *segment, txid TXID, wal WALSegment, sync bool, write func(w io.Writer) error) (*segmentAppend, error) {
 	s.gen++
 	bw := writerPool.Get().(*bufio.Writer)
 	bw.Reset(io.NewOffsetWriter(s.f, s.end))
@@ -536,38 +520,3 @@ func (a *segmentAppend) commit(syncIndex bool) error {
 
 // discard drops a: the next append writes over its bytes.
 func (a *segmentAppend) discard() {}
-
-// syncBoth fdatasyncs the segment and its index at once.
-func (s *segment) syncBoth() error {
-	errc := make(chan error, 1)
-	go func() {
-		err := unix.Fdatasync(int(s.f.Fd()))
-		if err != nil {
-			err = diskError("sync", s.f.Name(), err)
-		}
-		errc <- err
-	}()
-	err := unix.Fdatasync(int(s.idx.Fd()))
-	if err != nil {
-		err = diskError("sync", s.idx.Name(), err)
-	}
-	if err = errors.Join(<-errc, err); err == nil {
-		s.unsynced = false
-	}
-	return err
-}
-
-// truncate takes s back to its first n files, end bytes: the records of
-// a group whose apply failed before it wrote the database. Caller holds
-// l.wmu.
-func (s *segment) truncate(n int, end int64) error {
-	s.gen++
-	if err := s.idx.Truncate(int64(n) * indexRecordSize); err != nil {
-		return diskError("truncate", s.idx.Name(), err)
-	}
-	s.n, s.end = n, end
-	if err := s.f.Truncate(end); err != nil {
-		return diskError("truncate", s.f.Name(), err)
-	}
-	return nil
-}
