@@ -648,6 +648,7 @@ type applyWatcher struct {
 	atRename bool // a transaction counts when its file is renamed in
 	mu       sync.Mutex
 	applied  map[ltx.TXID]time.Time
+	records  map[string]int // index records seen, by index file
 	err      error
 	done     chan struct{}
 }
@@ -656,7 +657,8 @@ type applyWatcher struct {
 // a transaction counts when its LTX file is renamed in, or, in a segment,
 // when its index record is written (the index's size, read at the event,
 // says how many records it holds); otherwise (a replica's) when the
-// .applying marker of its group is emptied.
+// .applying marker of its group is emptied, after its files were renamed
+// in or their index records written.
 func watchApplies(dir string, atRename bool) (*applyWatcher, error) {
 	fd, err := unix.InotifyInit1(unix.IN_CLOEXEC)
 	if err != nil {
@@ -666,7 +668,7 @@ func watchApplies(dir string, atRename bool) (*applyWatcher, error) {
 		_ = unix.Close(fd)
 		return nil, fmt.Errorf("watch %s: %w", dir, err)
 	}
-	w := &applyWatcher{dir: dir, fd: fd, atRename: atRename, applied: make(map[ltx.TXID]time.Time), done: make(chan struct{})}
+	w := &applyWatcher{dir: dir, fd: fd, atRename: atRename, applied: make(map[ltx.TXID]time.Time), records: make(map[string]int), done: make(chan struct{})}
 	go w.run()
 	return w, nil
 }
@@ -706,18 +708,21 @@ func (w *applyWatcher) run() {
 					}
 					w.mu.Unlock()
 				}
-			case ev.Mask&unix.IN_MODIFY != 0 && w.atRename && strings.HasSuffix(name, ".index"):
+			case ev.Mask&unix.IN_MODIFY != 0 && strings.HasSuffix(name, ".index"):
 				first, err := ltx.ParseSegmentName(strings.TrimSuffix(name, ".index") + ".segment")
 				st, serr := os.Stat(filepath.Join(w.dir, name))
 				if err != nil || serr != nil {
 					continue
 				}
 				w.mu.Lock()
-				for id := first; id < first+ltx.TXID(st.Size()/indexRecordSize); id++ {
-					if _, ok := w.applied[id]; !ok {
+				for id := first + ltx.TXID(w.records[name]); id < first+ltx.TXID(st.Size()/indexRecordSize); id++ {
+					if !w.atRename {
+						pending = append(pending, id)
+					} else if _, ok := w.applied[id]; !ok {
 						w.applied[id] = now
 					}
 				}
+				w.records[name] = int(st.Size() / indexRecordSize)
 				w.mu.Unlock()
 			case ev.Mask&unix.IN_MODIFY != 0 && name == ".applying" && len(pending) > 0:
 				// Written before the files are renamed in, emptied after
