@@ -18,15 +18,7 @@ import (
 // full, leaves the log as it was (position, files, no temporary file), and
 // that commits go on once there is room again.
 func TestLog_Commit_DiskFull(t *testing.T) {
-	mnt := t.TempDir()
-	if err := syscall.Mount("tmpfs", mnt, "tmpfs", 0, "size=256k"); err != nil {
-		t.Fatalf("mount a tmpfs for the log (the tests run as root): %v", err)
-	}
-	t.Cleanup(func() {
-		if err := syscall.Unmount(mnt, 0); err != nil {
-			t.Errorf("unmount %s: %v", mnt, err)
-		}
-	})
+	mnt := mountTmpfs(t, "256k")
 
 	d := newFakeDBAt(t, t.TempDir(), filepath.Join(mnt, "ltx"), 31)
 
@@ -61,4 +53,20 @@ func TestLog_Commit_DiskFull(t *testing.T) {
 	}); err != nil {
 		t.Fatalf("commit after making room: %v", err)
 	}
+}
+
+// mountTmpfs mounts a tmpfs of size on a new directory, unmounted when tb
+// ends, and returns the directory.
+func mountTmpfs(tb testing.TB, size string) string {
+	tb.Helper()
+	mnt := tb.TempDir()
+	if err := syscall.Mount("tmpfs", mnt, "tmpfs", 0, "size="+size); err != nil {
+		tb.Fatalf("mount a tmpfs for the log (the tests run as root): %v", err)
+	}
+	tb.Cleanup(func() {
+		if err := syscall.Unmount(mnt, 0); err != nil {
+			tb.Errorf("unmount %s: %v", mnt, err)
+		}
+	})
+	return mnt
 }

@@ -50,23 +50,11 @@ func writeTemp(dir, name string, sync bool, spares *Spares, write func(w io.Writ
 		}
 	}()
 
-	bw := writerPool.Get().(*bufio.Writer)
-	bw.Reset(f)
-	defer func() {
-		bw.Reset(nil)
-		writerPool.Put(bw)
-	}()
-	h := newSealHash()
-	cw := &countingWriter{w: io.MultiWriter(bw, h)}
-	if err := write(cw); err != nil {
+	written, seal, err := writeSealed(f, write)
+	if err != nil {
 		return nil, diskError("write", tmp, err)
 	}
-	if err := bw.Flush(); err != nil {
-		return nil, diskError("write", tmp, err)
-	}
-	written := cw.n
 	failpoint("write")
-	seal := sealValue(h)
 	if err := writeSeal(f, seal); err != nil {
 		return nil, diskError("seal", tmp, err)
 	}
@@ -81,6 +69,26 @@ func writeTemp(dir, name string, sync bool, spares *Spares, write func(w io.Writ
 		return nil, diskError("close", tmp, err)
 	}
 	return &tempFile{dir: dir, name: name, tmp: tmp, size: written, seal: seal}, nil
+}
+
+// writeSealed writes what write writes to dst through a pooled buffer,
+// and returns how many bytes that was and their seal (see seal.go).
+func writeSealed(dst io.Writer, write func(w io.Writer) error) (int64, Checksum, error) {
+	bw := writerPool.Get().(*bufio.Writer)
+	bw.Reset(dst)
+	defer func() {
+		bw.Reset(nil)
+		writerPool.Put(bw)
+	}()
+	h := newSealHash()
+	cw := &countingWriter{w: io.MultiWriter(bw, h)}
+	if err := write(cw); err != nil {
+		return 0, 0, err
+	}
+	if err := bw.Flush(); err != nil {
+		return 0, 0, err
+	}
+	return cw.n, sealValue(h), nil
 }
 
 // rename gives t its name, then fsyncs the directory if syncDir.

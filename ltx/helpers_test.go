@@ -40,6 +40,14 @@ func newFakeDB(tb testing.TB, dir string, seed uint64) *fakeDB {
 
 // newFakeDBAt is newFakeDB with the log in logDir.
 func newFakeDBAt(tb testing.TB, dir, logDir string, seed uint64) *fakeDB {
+	d := newFakeData(tb, dir, seed)
+	d.log = testingutil.MustOpenLog(tb, "db", logDir, d.path)
+	return d
+}
+
+// newFakeData returns a fakeDB of a database in dir, its first three
+// pages in memory only, without a log.
+func newFakeData(tb testing.TB, dir string, seed uint64) *fakeDB {
 	d := &fakeDB{tb: tb, path: filepath.Join(dir, "db"), pageSize: 4096, rng: rand.New(rand.NewPCG(seed, 1))}
 	d.data = make([]byte, 3*d.pageSize)
 	for i := range d.data {
@@ -47,7 +55,6 @@ func newFakeDBAt(tb testing.TB, dir, logDir string, seed uint64) *fakeDB {
 	}
 	copy(d.data, "SQLite format 3\x00")
 	binary.BigEndian.PutUint16(d.data[16:], uint16(d.pageSize))
-	d.log = testingutil.MustOpenLog(tb, "db", logDir, d.path)
 	return d
 }
 

@@ -1,7 +1,6 @@
 package ltx
 
 import (
-	"bufio"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -467,22 +466,12 @@ func (l *Log) writeSegment(txid TXID, wal WALSegment, sync bool, write func(w io
 		return nil, err
 	}
 	s.gen++
-	bw := writerPool.Get().(*bufio.Writer)
-	bw.Reset(io.NewOffsetWriter(s.f, s.end))
-	defer func() {
-		bw.Reset(nil)
-		writerPool.Put(bw)
-	}()
-	h := newSealHash()
-	cw := &countingWriter{w: io.MultiWriter(bw, h)}
-	if err := write(cw); err != nil {
-		return nil, diskError("write", fmt.Sprintf("%s at offset %d", s.f.Name(), s.end), err)
-	}
-	if err := bw.Flush(); err != nil {
+	size, seal, err := writeSealed(io.NewOffsetWriter(s.f, s.end), write)
+	if err != nil {
 		return nil, diskError("write", fmt.Sprintf("%s at offset %d", s.f.Name(), s.end), err)
 	}
 	failpoint("write")
-	a := &segmentAppend{l: l, s: s, gen: s.gen, txid: txid, off: s.end, size: cw.n, seal: sealValue(h), wal: wal, synced: sync}
+	a := &segmentAppend{l: l, s: s, gen: s.gen, txid: txid, off: s.end, size: size, seal: seal, wal: wal, synced: sync}
 	if sync {
 		if err := unix.Fdatasync(int(s.f.Fd())); err != nil {
 			return nil, diskError("sync", s.f.Name(), err)

@@ -25,13 +25,7 @@ import (
 // (0: the default).
 func newSegmentDB(tb testing.TB, dir string, seed uint64, size int64) *fakeDB {
 	tb.Helper()
-	d := &fakeDB{tb: tb, path: filepath.Join(dir, "db"), pageSize: 4096, rng: rand.New(rand.NewPCG(seed, 1))}
-	d.data = make([]byte, 3*d.pageSize)
-	for i := range d.data {
-		d.data[i] = byte(d.rng.Uint32())
-	}
-	copy(d.data, "SQLite format 3\x00")
-	binary.BigEndian.PutUint16(d.data[16:], uint16(d.pageSize))
+	d := newFakeData(tb, dir, seed)
 	l, err := openSegmentLog(tb, filepath.Join(dir, "ltx"), d.path, size, nil)
 	if err != nil {
 		tb.Fatal(err)
@@ -630,15 +624,7 @@ func copyStored(tb testing.TB, st ltx.Stored, dst string) {
 // position and files as they were; once pruning has freed whole segments,
 // commits go on, and the log reopens and verifies.
 func TestSegment_DiskFull(t *testing.T) {
-	mnt := t.TempDir()
-	if err := syscall.Mount("tmpfs", mnt, "tmpfs", 0, "size=256k"); err != nil {
-		t.Fatalf("mount a tmpfs for the log (the tests run as root): %v", err)
-	}
-	t.Cleanup(func() {
-		if err := syscall.Unmount(mnt, 0); err != nil {
-			t.Errorf("unmount %s: %v", mnt, err)
-		}
-	})
+	mnt := mountTmpfs(t, "256k")
 	d := newSegmentDB(t, t.TempDir(), 7, 0)
 	if err := d.log.Close(); err != nil {
 		t.Fatal(err)

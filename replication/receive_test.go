@@ -103,8 +103,18 @@ func TestReceiver_Bounds(t *testing.T) {
 // mustReceive sends data whole as a file of db through rv and returns it.
 func mustReceive(tb testing.TB, rv *receiver, db string, data []byte) *File {
 	tb.Helper()
+	file, err := receiveFrames(rv, fileFrames(db, data, 0))
+	if err != nil {
+		tb.Fatalf("receive %s: %v", db, err)
+	}
+	return file
+}
+
+// receiveFrames hands rv the frames of one file until one fails, and
+// returns the file their LTXEnd completed.
+func receiveFrames(rv *receiver, frames []*meridianv1.StreamResponse) (*File, error) {
 	var file *File
-	for _, fr := range fileFrames(db, data, 0) {
+	for _, fr := range frames {
 		var err error
 		switch fr := fr.GetFrame().(type) {
 		case *meridianv1.StreamResponse_LtxBegin:
@@ -115,10 +125,10 @@ func mustReceive(tb testing.TB, rv *receiver, db string, data []byte) *File {
 			file, err = rv.end(fr.LtxEnd)
 		}
 		if err != nil {
-			tb.Fatalf("receive %s: %v", db, err)
+			return nil, err
 		}
 	}
-	return file
+	return file, nil
 }
 
 func itoa(i int) string { return strconv.Itoa(i) }
@@ -159,21 +169,7 @@ func TestReceiver_Streamed(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			rv := newReceiver(t.TempDir(), 1<<20, nil)
 			defer rv.close()
-			var err error
-			var file *File
-			for _, fr := range tt.frames {
-				switch fr := fr.GetFrame().(type) {
-				case *meridianv1.StreamResponse_LtxBegin:
-					err = rv.begin(context.Background(), fr.LtxBegin)
-				case *meridianv1.StreamResponse_LtxChunk:
-					err = rv.chunk(fr.LtxChunk)
-				case *meridianv1.StreamResponse_LtxEnd:
-					file, err = rv.end(fr.LtxEnd)
-				}
-				if err != nil {
-					break
-				}
-			}
+			file, err := receiveFrames(rv, tt.frames)
 			if tt.want == "" {
 				if err != nil || file == nil || file.Info.Size != int64(size) || rv.inFlight != 0 {
 					t.Fatalf("receive: %v; file %v; %d bytes still in flight", err, file, rv.inFlight)

@@ -308,38 +308,29 @@ func printTables(w io.Writer, results []*result, workloads []workload) {
 // printBaseline prints, for workload wl, the -baseline regiond's figures
 // and the mount's against them.
 func printBaseline(w io.Writer, results []*result, wl workload, unit string) {
-	header := false
-	for _, r := range results {
-		bl := summarize(r.Baseline)
-		if r.Workload != wl || bl == nil {
-			continue
-		}
-		if !header {
-			fmt.Fprintf(w, "  Mount vs baseline: the -baseline regiond's mount, same fs.locks and fs.passthrough\n")
-			fmt.Fprintf(w, "  %-12s %17s %-19s %12s %18s\n", "mode", "baseline "+unit, "p50 / p99", "vs bare", "mount vs baseline")
-			header = true
-		}
-		b, m := summarize(r.Bare), summarize(r.Mount)
-		vsMount := "-"
-		if m != nil {
-			vsMount = fmt.Sprintf("%.2f", m.Rate/bl.Rate)
-		}
-		fmt.Fprintf(w, "  %-12s %17s %-19s %12s %18s\n", r.Mode.Name, commas(bl.Rate), latencies(bl), fmt.Sprintf("%.2f", bl.Rate/b.Rate), vsMount)
-	}
+	printSide(w, results, wl, unit, func(r *result) []sample { return r.Baseline },
+		"Mount vs baseline: the -baseline regiond's mount, same fs.locks and fs.passthrough", "baseline", "mount vs baseline")
 }
 
 // printPassthrough prints, for workload wl, the passthrough mount's
 // figures against bare, and the capturing mount's against it.
 func printPassthrough(w io.Writer, results []*result, wl workload, unit string) {
+	printSide(w, results, wl, unit, func(r *result) []sample { return r.Fuse },
+		"Passthrough: a go-fuse loopback mount, nothing captured, reads and writes passed to the backing file by the kernel", "passthrough", "mount vs it")
+}
+
+// printSide prints, for workload wl, the figures of the side samples
+// picks, under title, against bare, and the mount's against them.
+func printSide(w io.Writer, results []*result, wl workload, unit string, samples func(*result) []sample, title, name, vsName string) {
 	header := false
 	for _, r := range results {
-		f := summarize(r.Fuse)
+		f := summarize(samples(r))
 		if r.Workload != wl || f == nil {
 			continue
 		}
 		if !header {
-			fmt.Fprintf(w, "  Passthrough: a go-fuse loopback mount, nothing captured, reads and writes passed to the backing file by the kernel\n")
-			fmt.Fprintf(w, "  %-12s %17s %-19s %12s %14s\n", "mode", "passthrough "+unit, "p50 / p99", "vs bare", "mount vs it")
+			fmt.Fprintf(w, "  %s\n", title)
+			fmt.Fprintf(w, "  %-12s %17s %-19s %12s %18s\n", "mode", name+" "+unit, "p50 / p99", "vs bare", vsName)
 			header = true
 		}
 		b, m := summarize(r.Bare), summarize(r.Mount)
@@ -347,7 +338,7 @@ func printPassthrough(w io.Writer, results []*result, wl workload, unit string) 
 		if m != nil {
 			vsMount = fmt.Sprintf("%.2f", m.Rate/f.Rate)
 		}
-		fmt.Fprintf(w, "  %-12s %17s %-19s %12s %14s\n", r.Mode.Name, commas(f.Rate), latencies(f), fmt.Sprintf("%.2f", f.Rate/b.Rate), vsMount)
+		fmt.Fprintf(w, "  %-12s %17s %-19s %12s %18s\n", r.Mode.Name, commas(f.Rate), latencies(f), fmt.Sprintf("%.2f", f.Rate/b.Rate), vsMount)
 	}
 }
 
