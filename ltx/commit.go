@@ -270,7 +270,7 @@ type pending interface {
 }
 
 func (a *segmentAppend) rename(syncIndex bool) error { return a.commit(syncIndex) }
-func (a *segmentAppend) remove()                     { a.discard() }
+func (a *segmentAppend) remove()                     {} // the next append writes over its bytes
 
 // written is an LTX file on disk that is not yet part of the log.
 type written struct {

@@ -510,21 +510,10 @@ func FuzzLogOpen(f *testing.F) {
 		f.Add(uint8(i), patched(b, len(b)/2, b[len(b)/2]^1)) // a bit flipped halfway
 	}
 	f.Fuzz(func(t *testing.T, which uint8, content []byte) {
-		dir := copyDir(t, sampleLog)
-		name := entries[int(which)%len(entries)].Name()
-		if err := os.WriteFile(filepath.Join(dir, name), content, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		before := dirState(t, dir)
-		l := ltx.NewLog("fuzz", dir, "")
-		l.Logger = slog.New(slog.DiscardHandler)
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second) // a cursor that waits would hang the fuzzer
-		defer cancel()
-		if err := l.Open(ctx); err != nil {
-			assertDirState(t, dir, before)
+		ctx, dir, before, l := openRewritten(t, sampleLog, entries[int(which)%len(entries)].Name(), content)
+		if l == nil {
 			return
 		}
-		defer func() { _ = l.Close() }()
 
 		files := l.Files()
 		for i := 1; i < len(files); i++ {
@@ -640,20 +629,10 @@ func FuzzSegmentOpen(f *testing.F) {
 		f.Add(uint8(i), append(bytes.Clone(b), b[:min(len(b), 100)]...))
 	}
 	f.Fuzz(func(t *testing.T, which uint8, content []byte) {
-		dir := copyDir(t, d.log.Dir)
-		if err := os.WriteFile(filepath.Join(dir, names[int(which)%len(names)]), content, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		before := dirState(t, dir)
-		l := ltx.NewLog("fuzz", dir, "")
-		l.Logger = slog.New(slog.DiscardHandler)
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := l.Open(ctx); err != nil {
-			assertDirState(t, dir, before)
+		ctx, _, _, l := openRewritten(t, d.log.Dir, names[int(which)%len(names)], content)
+		if l == nil {
 			return
 		}
-		defer func() { _ = l.Close() }()
 		files := l.Files()
 		for i, fi := range files {
 			if w, ok := written[fi.Name]; !ok || w.Pos() != fi.Pos() || w.Size != fi.Size {
@@ -682,4 +661,28 @@ func FuzzSegmentOpen(f *testing.F) {
 			}
 		}
 	})
+}
+
+// openRewritten copies the log directory src, writes content over its file
+// name, and opens the copy as a log without a database. It returns a
+// context that bounds the test's waits (a cursor that waited would hang
+// the fuzzer), the copy, its state before Open, and the log; or a nil log
+// if Open failed, having checked that Open changed nothing.
+func openRewritten(t *testing.T, src, name string, content []byte) (context.Context, string, map[string]string, *ltx.Log) {
+	t.Helper()
+	dir := copyDir(t, src)
+	if err := os.WriteFile(filepath.Join(dir, name), content, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	before := dirState(t, dir)
+	l := ltx.NewLog("fuzz", dir, "")
+	l.Logger = slog.New(slog.DiscardHandler)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	t.Cleanup(cancel)
+	if err := l.Open(ctx); err != nil {
+		assertDirState(t, dir, before)
+		return ctx, dir, before, nil
+	}
+	t.Cleanup(func() { _ = l.Close() })
+	return ctx, dir, before, l
 }

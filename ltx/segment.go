@@ -66,7 +66,8 @@ type segment struct {
 	n        int   // committed files (index records)
 	gen      int   // appends started, committed or not
 	created  time.Time
-	unsynced bool // committed without an fsync of both files since the last Sync
+	unsynced bool                  // committed without an fsync of both files since the last Sync
+	rec      [indexRecordSize]byte // the record being written
 }
 
 func segmentName(first TXID) string {
@@ -99,8 +100,8 @@ func (r indexRecord) header() Header {
 	return Header{MinTXID: r.txid, MaxTXID: r.txid, WALOffset: r.wal.Offset, WALSalt1: r.wal.Salt1, WALSalt2: r.wal.Salt2}
 }
 
-func (r indexRecord) marshal() []byte {
-	b := make([]byte, indexRecordSize)
+// marshal encodes r into b, indexRecordSize bytes, and returns it.
+func (r indexRecord) marshal(b []byte) []byte {
 	binary.BigEndian.PutUint64(b[0:], uint64(r.txid))
 	binary.BigEndian.PutUint64(b[8:], uint64(r.off))
 	binary.BigEndian.PutUint64(b[16:], uint64(r.size))
@@ -150,8 +151,6 @@ type SegmentReport struct {
 	// BadRecord) does not read: a torn append, or corruption.
 	Bad       error
 	BadRecord int
-	// Records is how many whole records the index holds.
-	Records int
 	// Uncommitted is how many bytes follow the last file of Entries in
 	// the segment (an append that never committed, or files after Bad).
 	Uncommitted int64
@@ -186,8 +185,8 @@ func ReadSegment(path string) (*SegmentReport, error) {
 	} else if err != nil {
 		return nil, err
 	}
-	rep := &SegmentReport{Path: path, Size: st.Size(), Records: len(idx) / indexRecordSize, indexBytes: int64(len(idx))}
-	for i := range rep.Records {
+	rep := &SegmentReport{Path: path, Size: st.Size(), indexBytes: int64(len(idx))}
+	for i := range len(idx) / indexRecordSize {
 		rep.records = append(rep.records, idx[i*indexRecordSize:(i+1)*indexRecordSize])
 	}
 	var end int64
@@ -243,7 +242,7 @@ func (l *Log) openSegment(name string) (*segment, []*logFile, error) {
 	if rep.Bad != nil {
 		// Whole records after the bad one are files committed after it:
 		// cut off only if they may be unsynced too.
-		if rep.Records > rep.BadRecord+1 && !l.laterUnsynced(rep) {
+		if len(rep.records) > rep.BadRecord+1 && !l.laterUnsynced(rep) {
 			return nil, nil, fmt.Errorf("log %s: %w; it is not the last file, so the log cannot continue past it: "+
 				"restore the log from a replica or a backup, or move the segment and every later file out of the directory", l.Dir, rep.Bad)
 		}
@@ -489,7 +488,7 @@ func (a *segmentAppend) commit(syncIndex bool) error {
 		return fmt.Errorf("segment %s: the file for txid %s at offset %d was written over by a later append", s.name, a.txid, a.off)
 	}
 	rec := indexRecord{txid: a.txid, off: a.off, size: a.size, seal: a.seal, wal: a.wal}
-	if _, err := s.idx.WriteAt(rec.marshal(), int64(s.n)*indexRecordSize); err != nil {
+	if _, err := s.idx.WriteAt(rec.marshal(s.rec[:]), int64(s.n)*indexRecordSize); err != nil {
 		return diskError("write", s.idx.Name(), err)
 	}
 	failpoint("rename")
@@ -506,6 +505,3 @@ func (a *segmentAppend) commit(syncIndex bool) error {
 	}
 	return nil
 }
-
-// discard drops a: the next append writes over its bytes.
-func (a *segmentAppend) discard() {}

@@ -495,11 +495,13 @@ func (st *stream) streamSnapshot(ctx context.Context, db string, reason meridian
 	_ = os.Remove(f.Name()) // the file descriptor keeps it while it is needed
 	ctx, cancel := context.WithCancel(ctx)
 	g := newGrowingFile(f)
-	done := make(chan *ltx.FileInfo, 1)
+	var info *ltx.FileInfo // the encoder's, once done is closed
+	done := make(chan struct{})
 	go func() {
-		info, err := st.s.Source.Snapshot(ctx, db, g)
+		defer close(done)
+		var err error
+		info, err = st.s.Source.Snapshot(ctx, db, g)
 		g.close(err)
-		done <- info
 	}()
 	defer func() {
 		cancel() // an encoder still running stops, and is waited for
@@ -518,11 +520,8 @@ func (st *stream) streamSnapshot(ctx context.Context, db string, reason meridian
 	bound := ltx.SnapshotBound(h)
 	st.log.Info("sending snapshot", "db", db, "reason", reason.String(), "replica_pos", from.String(), "txid", h.MaxTXID.String(),
 		"streamed", true, "size_bound", bound)
-	var info *ltx.FileInfo
 	final := func(n int64) (*ltx.FileInfo, error) {
-		// r returned io.EOF: the encoder succeeded and is done.
-		info = <-done
-		done <- info
+		<-done // r returned io.EOF: the encoder succeeded
 		if info.Size != n {
 			return nil, fmt.Errorf("snapshot %s: sent %d bytes, the encoder wrote %d", db, n, info.Size)
 		}
@@ -539,12 +538,11 @@ func (st *stream) streamSnapshot(ctx context.Context, db string, reason meridian
 // growingFile is a file written by one goroutine and read by another as
 // it grows, until close.
 type growingFile struct {
-	f      *os.File
-	mu     sync.Mutex
-	grew   chan struct{} // closed and replaced when n grows or the file closes
-	n      int64         // bytes written
-	closed bool
-	err    error // the writer's, io.EOF once it ended well
+	f    *os.File
+	mu   sync.Mutex
+	grew chan struct{} // closed and replaced when n grows or the file closes
+	n    int64         // bytes written
+	err  error         // set when the writer ends: its error, or io.EOF
 }
 
 func newGrowingFile(f *os.File) *growingFile {
@@ -573,7 +571,7 @@ func (g *growingFile) close(err error) {
 	if err == nil {
 		err = io.EOF
 	}
-	g.closed, g.err = true, err
+	g.err = err
 	close(g.grew)
 	g.grew = make(chan struct{})
 }
@@ -594,7 +592,7 @@ func (r *growingReader) Read(p []byte) (int, error) {
 	g := r.g
 	for {
 		g.mu.Lock()
-		n, closed, err, grew := g.n, g.closed, g.err, g.grew
+		n, err, grew := g.n, g.err, g.grew
 		g.mu.Unlock()
 		if r.off < n {
 			m, rerr := g.f.ReadAt(p[:min(int64(len(p)), n-r.off)], r.off)
@@ -604,7 +602,7 @@ func (r *growingReader) Read(p []byte) (int, error) {
 			}
 			return m, rerr
 		}
-		if closed {
+		if err != nil {
 			return 0, err
 		}
 		select {
