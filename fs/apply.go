@@ -46,6 +46,9 @@ type ApplyOptions struct {
 	// ltx.ApplyOptions).
 	Move     bool
 	Verified []ltx.FileInfo
+	// Data holds the bytes of files in memory in place of their paths (see
+	// ltx.ApplyOptions).
+	Data [][]byte
 }
 
 // ApplyFiles is Apply for files that follow one another, applied as one
@@ -70,7 +73,7 @@ func (f *FileSystem) ApplyFiles(ctx context.Context, name string, paths []string
 	// After an apply that failed part way, the readers are still held off.
 	torn := d.torn.Swap(nil)
 	if torn == nil && f.readOnly.Load() {
-		if hdr, err := firstHeader(paths[0], opts.Verified); err != nil {
+		if hdr, err := firstHeader(paths[0], opts); err != nil {
 			return nil, fmt.Errorf("apply to %s: %w", name, err)
 		} else if f.framesApply(d, hdr) {
 			return f.applyFrames(ctx, d, paths, opts, hdr.PageSize)
@@ -88,7 +91,7 @@ func (f *FileSystem) ApplyFiles(ctx context.Context, name string, paths []string
 			hold.release()
 		}
 	}()
-	lopts := ltx.ApplyOptions{Move: opts.Move, Verified: opts.Verified}
+	lopts := ltx.ApplyOptions{Move: opts.Move, Verified: opts.Verified, Data: opts.Data}
 	if opts.KeepLost {
 		lopts.LostDir = filepath.Join(f.DataDir, "lost", name)
 	}
@@ -164,20 +167,29 @@ func (f *FileSystem) ApplyFiles(ctx context.Context, name string, paths []string
 	return infos, nil
 }
 
-// firstHeader returns the header of the LTX file at path: from verified,
-// the caller's description of it, if given.
-func firstHeader(path string, verified []ltx.FileInfo) (ltx.Header, error) {
-	if len(verified) > 0 {
-		return verified[0].Header, nil
+// firstHeader returns the header of the first LTX file of a group, at
+// path: from the caller's description of it or its bytes in memory, if
+// opts has them.
+func firstHeader(path string, opts ApplyOptions) (ltx.Header, error) {
+	if len(opts.Verified) > 0 {
+		return opts.Verified[0].Header, nil
 	}
-	f, err := os.Open(path)
-	if err != nil {
-		return ltx.Header{}, err
-	}
-	defer func() { _ = f.Close() }()
 	b := make([]byte, 100) // an LTX header
-	if _, err := io.ReadFull(f, b); err != nil {
-		return ltx.Header{}, fmt.Errorf("read the header of %s: %w", path, err)
+	if len(opts.Data) > 0 && opts.Data[0] != nil {
+		if len(opts.Data[0]) < len(b) {
+			return ltx.Header{}, fmt.Errorf("a received file of %d bytes: shorter than an LTX header", len(opts.Data[0]))
+		}
+		copy(b, opts.Data[0])
+		path = "the received file"
+	} else {
+		f, err := os.Open(path)
+		if err != nil {
+			return ltx.Header{}, err
+		}
+		defer func() { _ = f.Close() }()
+		if _, err := io.ReadFull(f, b); err != nil {
+			return ltx.Header{}, fmt.Errorf("read the header of %s: %w", path, err)
+		}
 	}
 	var h ltx.Header
 	if err := h.UnmarshalBinary(b); err != nil {

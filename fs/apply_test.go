@@ -140,6 +140,12 @@ func TestFileSystem_Apply(t *testing.T) {
 				wg            sync.WaitGroup
 				reads, busies atomic.Int64
 				failure       atomic.Value
+				// While paused, readers start no read transaction: every
+				// few groups two apply with none in, so that a checkpoint
+				// copies every frame and the WAL starts over, which
+				// readers always in would hold off.
+				paused atomic.Bool
+				active atomic.Int64
 			)
 			var readers []*sql.DB
 			for r := range 3 {
@@ -152,8 +158,15 @@ func TestFileSystem_Apply(t *testing.T) {
 				readers = append(readers, db)
 				wg.Go(func() {
 					for !stop.Load() {
+						active.Add(1)
+						if paused.Load() {
+							active.Add(-1)
+							time.Sleep(100 * time.Microsecond)
+							continue
+						}
 						var sum, n int
 						err := db.QueryRow(`SELECT sum(balance), count(*) FROM accounts`).Scan(&sum, &n)
+						active.Add(-1)
 						if err != nil && strings.Contains(err.Error(), "locked") {
 							busies.Add(1)
 							continue
@@ -175,7 +188,15 @@ func TestFileSystem_Apply(t *testing.T) {
 				for _, file := range group {
 					paths = append(paths, filepath.Join(src.log.Dir, file.Name))
 				}
+				pause := groups%10 >= 8
+				if pause {
+					paused.Store(true)
+					for active.Load() != 0 {
+						time.Sleep(100 * time.Microsecond)
+					}
+				}
 				infos, err := f.ApplyFiles(ctx, "bank.db", paths, fs.ApplyOptions{})
+				paused.Store(false)
 				if err != nil {
 					t.Fatal(err)
 				}

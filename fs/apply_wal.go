@@ -219,7 +219,7 @@ func (f *FileSystem) applyFrames(ctx context.Context, d *DB, paths []string, opt
 		return nil, fmt.Errorf("apply to %s: %w", d.Name, err)
 	}
 	t := &walTarget{ctx: ctx, f: f, d: d, pageSize: pageSize, pages: map[uint32][]byte{}}
-	lopts := ltx.ApplyOptions{Move: opts.Move, Verified: opts.Verified, Target: t}
+	lopts := ltx.ApplyOptions{Move: opts.Move, Verified: opts.Verified, Data: opts.Data, Target: t}
 	infos, _, err := d.log.ApplyFiles(ctx, paths, lopts)
 	if err != nil {
 		// Nothing was published: readers see the database as it was.
@@ -258,7 +258,7 @@ func (t *walTarget) Truncate(size int64) error {
 	return nil
 }
 
-func (t *walTarget) Sync() error {
+func (t *walTarget) Sync(logged bool) error {
 	if p1 := t.pages[1]; p1 != nil && (p1[18] != 2 || p1[19] != 2) {
 		return t.leaveWAL()
 	}
@@ -279,7 +279,7 @@ func (t *walTarget) Sync() error {
 	}
 	t.d.mu.Lock()
 	defer t.d.mu.Unlock()
-	return t.d.appendWALTx(pgnos, pages, t.commit, t.pageSize)
+	return t.d.appendWALTx(pgnos, pages, t.commit, t.pageSize, !logged)
 }
 
 // leaveWAL applies a group that takes the database out of WAL mode: into
@@ -320,9 +320,16 @@ func (t *walTarget) leaveWAL() error {
 	return hold.changed()
 }
 
-// appendWALTx appends one transaction to the WAL and publishes it in the
-// wal-index. Caller holds d.mu and the WAL write lock.
-func (d *DB) appendWALTx(pgnos []uint32, pages [][]byte, commit, pageSize uint32) error {
+// appendWALTx appends one transaction to the WAL, fdatasynced if sync, and
+// publishes it in the wal-index. Caller holds d.mu and the WAL write lock.
+//
+// A group the log holds durably needs no fsync of its frames here: a
+// crash that loses them leaves the database behind the log, and the log's
+// Open applies the group again (see ltx.ApplyTarget). So readers see it an
+// fsync sooner. The frames are fsynced before the log prunes the group's
+// files (syncAppliedWAL), and checkpoints fsync the database file they
+// copy them into.
+func (d *DB) appendWALTx(pgnos []uint32, pages [][]byte, commit, pageSize uint32, sync bool) error {
 	if !d.wal.valid || d.wal.mxFrame == 0 && !d.applied.mine {
 		if err := d.newWALGeneration(pageSize); err != nil {
 			return err
@@ -348,8 +355,12 @@ func (d *DB) appendWALTx(pgnos []uint32, pages [][]byte, commit, pageSize uint32
 	if _, err := w.file.WriteAt(buf, w.hdr.frameOffset(w.mxFrame)); err != nil {
 		return fmt.Errorf("append to the WAL: %w", err)
 	}
-	if err := syscall.Fdatasync(int(w.file.Fd())); err != nil {
-		return fmt.Errorf("fsync the WAL: %w", err)
+	if sync {
+		if err := syscall.Fdatasync(int(w.file.Fd())); err != nil {
+			return fmt.Errorf("fsync the WAL: %w", err)
+		}
+	} else {
+		d.applied.unsynced = true
 	}
 	shm, err := d.appliedShm()
 	if err != nil {
@@ -707,9 +718,25 @@ func (d *DB) readWALAppliedMark() error {
 	return nil
 }
 
+// syncAppliedWAL fdatasyncs the WAL if the applier appended frames to it
+// without an fsync since (appendWALTx).
+func (d *DB) syncAppliedWAL() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !d.applied.unsynced || d.wal.file == nil {
+		return nil
+	}
+	if err := syscall.Fdatasync(int(d.wal.file.Fd())); err != nil {
+		return fmt.Errorf("fsync the WAL: %w", err)
+	}
+	d.applied.unsynced = false
+	return nil
+}
+
 // appliedWAL is what the applier knows of the WAL it writes.
 type appliedWAL struct {
 	mine     bool     // the WAL's generation is the applier's
+	unsynced bool     // frames were appended without an fsync (see syncAppliedWAL)
 	shm      *os.File // the backing -shm (appliedShm)
 	frames   []uint32 // page of each frame of the generation
 	nPage    uint32   // database size after the last commit

@@ -69,9 +69,10 @@ type FileSystem struct {
 	// SpareFill is how many spare files the filesystem keeps ready: it
 	// creates empty ones in the background when the pool falls below a
 	// quarter of it (see ltx.Spares.Fill). Logs that have removed no file
-	// yet, a new node's or a burst's, then write over spares too. 0 (what
-	// New sets) creates none; regiond sets DefaultSpareFill
-	// (fs.spare_files).
+	// yet, a new node's or a burst's, then write over spares too. A
+	// read-only mount with LogSegmentSize set needs none and creates none
+	// while it is read-only. 0 (what New sets) creates none; regiond sets
+	// DefaultSpareFill (fs.spare_files).
 	SpareFill int
 
 	// LogSegmentSize is the size at which a database's log starts a new
@@ -416,7 +417,10 @@ func (f *FileSystem) fillSpares(ctx context.Context) {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	for {
-		if f.spares.Len() < max(f.SpareFill/4, 1) {
+		// A replica with a segmented log takes none: its mount creates no
+		// journal, and it appends the files it receives to segments.
+		need := !f.readOnly.Load() || f.LogSegmentSize == 0
+		if need && f.spares.Len() < max(f.SpareFill/4, 1) {
 			began := time.Now()
 			n, err := f.spares.Fill(ctx, f.SpareFill)
 			if err != nil && ctx.Err() == nil {
@@ -465,6 +469,10 @@ func (f *FileSystem) Maintain(ctx context.Context) error {
 		f.mu.Unlock()
 		if ackedFn != nil {
 			acked = min(acked, ackedFn(d.Name))
+		}
+		// The frames of the files pruned must be durable first.
+		if err := d.syncAppliedWAL(); err != nil {
+			return fmt.Errorf("prune log of %s: %w", d.Name, err)
 		}
 		pruned, err := d.log.Prune(ctx, acked, now)
 		if err != nil {

@@ -112,7 +112,7 @@ func (x *walWriterFixture) ship() int {
 		}
 	}
 	x.d.mu.Lock()
-	err := x.d.appendWALTx(pgnos, pages, uint32(len(cur)), x.ps)
+	err := x.d.appendWALTx(pgnos, pages, uint32(len(cur)), x.ps, true)
 	x.d.mu.Unlock()
 	if err != nil {
 		x.t.Fatal(err)

@@ -1,6 +1,7 @@
 package ltx
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -81,11 +82,21 @@ func (l *Log) ApplyFiles(ctx context.Context, paths []string, opts ApplyOptions)
 	if len(opts.Verified) != 0 && len(opts.Verified) != len(paths) {
 		return nil, nil, fmt.Errorf("apply to %s: %d files described as verified for %d files", l.Name, len(opts.Verified), len(paths))
 	}
-	verified := opts.Move && len(opts.Verified) != 0
+	if opts.Data != nil && len(opts.Data) != len(paths) {
+		return nil, nil, fmt.Errorf("apply to %s: the bytes of %d files for %d files", l.Name, len(opts.Data), len(paths))
+	}
+	// Bytes the caller holds and verified are not verified again; nor are
+	// files it verified and hands over (Move). Copied files are verified as
+	// they are copied.
+	verified := (opts.Move || opts.Data != nil) && len(opts.Verified) != 0
 	for i, path := range paths {
 		info := &FileInfo{}
 		if verified {
 			*info = opts.Verified[i]
+		} else if data := opts.data(i); data != nil {
+			if info, err = readFileInfo(bytes.NewReader(data), "received file", int64(len(data))); err != nil {
+				return nil, nil, fmt.Errorf("apply to %s: %w", l.Name, err)
+			}
 		} else if info, err = ReadFileInfo(path); err != nil {
 			return nil, nil, fmt.Errorf("apply %s to %s: %w", path, l.Name, err)
 		}
@@ -101,10 +112,21 @@ func (l *Log) ApplyFiles(ctx context.Context, paths []string, opts ApplyOptions)
 		at = info.Pos()
 	}
 	snapshot := infos[0].Header.IsSnapshot()
+	if u := l.unapplied; u != nil {
+		// Its records stayed for Open while the database might hold part
+		// of it; the files applied now take their place.
+		if err := u.seg.truncate(u.n, u.end); err != nil {
+			return nil, nil, fmt.Errorf("apply %s to %s: %w", infos[0].Name, l.Name, err)
+		}
+		l.unapplied = nil
+	}
+	if !snapshot && l.SegmentSize > 0 && !slices.ContainsFunc(infos, func(i FileInfo) bool { return i.Header.MinTXID != i.Header.MaxTXID }) {
+		return l.applySegment(ctx, paths, infos, table, pos, opts, verified)
+	}
 	// Copied or moved in, verified (unless the caller did), before
 	// anything in the log changes; the marker names the group's first file, whose pages go
 	// into the database first, for Open to finish the job after a crash.
-	temps, err := l.copyInAll(ctx, paths, infos, opts.Move, verified)
+	temps, err := l.copyInAll(ctx, paths, opts.Data, infos, opts.Move, verified)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -131,25 +153,179 @@ func (l *Log) ApplyFiles(ctx context.Context, paths []string, opts ApplyOptions)
 	} else {
 		table = table.Clone()
 	}
-	pgnos, err := l.applyToDatabase(ctx, infos, table, pos, true, opts.Target)
-	if err != nil {
-		return nil, nil, &PartlyAppliedError{Err: err, MaxTXID: infos[len(infos)-1].Header.MaxTXID}
+	files := make([]*logFile, len(infos))
+	for i, info := range infos {
+		files[i] = &logFile{info: info}
 	}
-	// Emptied, not removed: removing and creating a file per group costs
-	// more than writing it on some filesystems. Neither need be durable: a
-	// marker naming a file the database already matches is ignored.
-	_ = os.Truncate(l.path(applyingName), 0)
+	return l.applied(ctx, files, table, pos, snapshot, opts.Target)
+}
+
+// applied applies files, in the log directory, to the database and puts
+// them in the log. Caller holds l.wmu.
+func (l *Log) applied(ctx context.Context, files []*logFile, table *ChecksumTable, pos Pos, snapshot bool, target ApplyTarget) ([]FileInfo, []uint32, error) {
+	pgnos, err := l.applyToDatabase(ctx, files, table, pos, true, target)
+	if err != nil {
+		return nil, nil, &PartlyAppliedError{Err: err, MaxTXID: files[len(files)-1].info.Header.MaxTXID}
+	}
+	if files[0].seg == nil {
+		// Emptied, not removed: removing and creating a file per group
+		// costs more than writing it on some filesystems. Neither need be
+		// durable: a marker naming a file the database already matches is
+		// ignored. (A group in a segment leaves it naming its first file:
+		// see applySegment.)
+		_ = os.Truncate(l.path(applyingName), 0)
+		l.marked = 0
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if snapshot {
 		l.files = l.files[:0]
 	}
 	l.table = table
-	for _, info := range infos {
-		l.files = append(l.files, &logFile{info: info})
+	infos := make([]FileInfo, len(files))
+	for i, f := range files {
+		if f.seg != nil {
+			f.seg.live.Add(1)
+		}
+		l.files = append(l.files, f)
+		infos[i] = f.info
 	}
 	l.notify()
-	return slices.Clone(infos), pgnos, nil
+	return infos, pgnos, nil
+}
+
+// applySegment is ApplyFiles for a group of files of one transaction each
+// that follow the log's position: it appends them to the log's segment,
+// and applies them from there. The files and their records are fsynced
+// together, once, before the database is written. Open finishes a group a
+// crash interrupted after that, and cuts off one interrupted before, whose
+// records may be on disk without its bytes: it knows which by the marker,
+// which names the first file of the group, or of an earlier one (Open
+// cuts records only from there on, and applies the files again from
+// there, which leaves the database where applying them once does). So the
+// marker must be durable, naming this group or an earlier one, before any
+// of the group's records is: the first time it is fsynced on its own,
+// before the group is written; after that, the group's name is fsynced
+// with the group, while the marker on disk names this group or the one
+// before. Caller holds l.wmu.
+func (l *Log) applySegment(ctx context.Context, paths []string, infos []FileInfo, table *ChecksumTable, pos Pos, opts ApplyOptions, verified bool) ([]FileInfo, []uint32, error) {
+	first := infos[0].Header.MinTXID
+	ahead := l.marked == 0 || l.marked > first
+	if err := l.mark(infos[0].Name, ahead); err != nil {
+		return nil, nil, fmt.Errorf("apply %s to %s: %w", infos[0].Name, l.Name, err)
+	}
+	if ahead {
+		l.marked = first
+	}
+	s, err := l.appending(first, true)
+	if err != nil {
+		return nil, nil, fmt.Errorf("apply %s to %s: %w", infos[0].Name, l.Name, err)
+	}
+	n0, end0 := s.n, s.end
+	fail := func(err error) ([]FileInfo, []uint32, error) {
+		if terr := s.truncate(n0, end0); terr != nil {
+			err = errors.Join(err, terr)
+		}
+		return nil, nil, fmt.Errorf("apply %s to %s: %w", infos[0].Name, l.Name, err)
+	}
+	files := make([]*logFile, len(infos))
+	for i, path := range paths {
+		info := &infos[i]
+		data := opts.data(i)
+		if data != nil {
+			path = "received file " + info.Name
+		}
+		a, err := l.appendTo(s, info.Header.MinTXID, WALSegment{Offset: info.Header.WALOffset, Size: info.Header.WALSize, Salt1: info.Header.WALSalt1, Salt2: info.Header.WALSalt2},
+			false, func(w io.Writer) error {
+				if data != nil {
+					return copyVerified(ctx, w, bytes.NewReader(data), !verified)
+				}
+				return copyFile(ctx, w, path, !verified)
+			})
+		if err != nil {
+			return fail(err)
+		}
+		switch {
+		case a.size != info.Size:
+			return fail(fmt.Errorf("copied %d bytes of %s, want %d", a.size, info.Name, info.Size))
+		case verified && a.seal != info.Seal:
+			return fail(fmt.Errorf("%w: %s changed since it was verified", ErrCorrupt, path))
+		}
+		info.Seal = a.seal
+		if err := a.commit(false); err != nil {
+			return fail(err)
+		}
+		files[i] = &logFile{info: *info, seg: s, off: a.off}
+	}
+	var marker *os.File
+	if !ahead {
+		marker = l.marker
+	}
+	if err := s.syncBoth(marker); err != nil {
+		return fail(err)
+	}
+	l.marked = first
+	failpoint("syncdir")
+	infos, pgnos, err := l.applied(ctx, files, table.Clone(), pos, false, opts.Target)
+	if err != nil {
+		// The database may hold part of the group: its records stay, for
+		// Open to finish it after a crash, until the next apply.
+		l.unapplied = &unappliedGroup{seg: s, n: n0, end: end0}
+	}
+	return infos, pgnos, err
+}
+
+// unappliedGroup is where the segment ended before a group whose apply
+// failed.
+type unappliedGroup struct {
+	seg *segment
+	n   int
+	end int64
+}
+
+// mark writes name into the apply marker, fsynced if sync. Caller holds
+// l.wmu.
+func (l *Log) mark(name string, sync bool) error {
+	if l.marker == nil {
+		f, err := os.OpenFile(l.path(applyingName), os.O_RDWR|os.O_CREATE, 0o644)
+		if err != nil {
+			return err
+		}
+		l.marker = f
+	}
+	f := l.marker
+	if _, err := f.WriteAt([]byte(name), 0); err != nil {
+		return diskError("write", f.Name(), err)
+	}
+	if err := f.Truncate(int64(len(name))); err != nil {
+		return diskError("truncate", f.Name(), err)
+	}
+	if sync {
+		if err := unix.Fdatasync(int(f.Fd())); err != nil {
+			return diskError("sync", f.Name(), err)
+		}
+	}
+	return nil
+}
+
+// copyFile copies the file at path to w, verifying it as it reads it if
+// verify.
+func copyFile(ctx context.Context, w io.Writer, path string, verify bool) error {
+	src, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = src.Close() }()
+	return copyVerified(ctx, w, src, verify)
+}
+
+// copyVerified copies src to w, verifying it as it reads it if verify.
+func copyVerified(ctx context.Context, w io.Writer, src io.Reader, verify bool) error {
+	if verify {
+		src = NewVerifyReader(src, 0)
+	}
+	_, err := io.Copy(w, &ctxReader{ctx: ctx, r: src})
+	return err
 }
 
 // ApplyOptions are how ApplyFiles treats the files it applies.
@@ -170,6 +346,11 @@ type ApplyOptions struct {
 	// read again before they are installed; applying them still checks
 	// their file checksums and the database checksum they leave.
 	Verified []FileInfo
+	// Data, if set, holds the bytes of the files in memory, Data[i] those
+	// of paths[i] where it is not nil: they are written into the log from
+	// there, and paths[i] is not read (it may be ""). With Verified, the
+	// caller verified them, as for Move.
+	Data [][]byte
 	// Target, if set, receives the group's pages in place of the database
 	// file: its Sync is called once every file of the group has been
 	// written through it and checked, and the group is applied when Sync
@@ -178,12 +359,31 @@ type ApplyOptions struct {
 	Target ApplyTarget
 }
 
+// data returns the bytes of the i'th file, if the caller holds them.
+func (o *ApplyOptions) data(i int) []byte {
+	if o.Data == nil {
+		return nil
+	}
+	return o.Data[i]
+}
+
 // ApplyTarget is what ApplyFiles writes a group's pages through in place of
 // the database file (see ApplyOptions.Target).
 type ApplyTarget interface {
 	DatabaseFile
-	Sync() error
+	// Sync makes the group's pages durable. If logged, it need not do so
+	// at once: the group is durable in the log's segment, and the marker
+	// on disk names it or an earlier group until the next Open, which
+	// finishes what a crash lost of it (see applySegment). The target must
+	// then make them durable before the log lets the group's files go
+	// (Prune).
+	Sync(logged bool) error
 }
+
+// fileTarget is the database file as an ApplyTarget: fsynced always.
+type fileTarget struct{ *os.File }
+
+func (f fileTarget) Sync(bool) error { return f.File.Sync() }
 
 // setAside takes every file out of the log directory ahead of a snapshot:
 // into lostDir/<time>/ if lostDir is set, else removed. Caller holds l.wmu
@@ -239,17 +439,22 @@ func (l *Log) setAside(lostDir string) error {
 // caller verified it (infos then hold its seal), and records their seals
 // in infos. A single file is fsynced here; a group is made durable by
 // installTemps. Caller holds l.wmu.
-func (l *Log) copyInAll(ctx context.Context, paths []string, infos []FileInfo, move, verified bool) ([]*tempFile, error) {
+func (l *Log) copyInAll(ctx context.Context, paths []string, data [][]byte, infos []FileInfo, move, verified bool) ([]*tempFile, error) {
 	temps := make([]*tempFile, 0, len(paths))
 	sync := len(paths) == 1
 	for i, path := range paths {
 		var t *tempFile
 		var err error
-		if move {
+		switch {
+		case data != nil && data[i] != nil:
+			t, err = l.copyIn(ctx, bytes.NewReader(data[i]), &infos[i], sync)
+		case move:
 			t, err = l.moveIn(ctx, path, &infos[i], verified, sync)
-		}
-		if !move || errors.Is(err, unix.EXDEV) {
-			t, err = l.copyIn(ctx, path, &infos[i], sync)
+			if errors.Is(err, unix.EXDEV) {
+				t, err = l.copyPath(ctx, path, &infos[i], sync)
+			}
+		default:
+			t, err = l.copyPath(ctx, path, &infos[i], sync)
 		}
 		if err != nil {
 			removeTemps(temps)
@@ -260,19 +465,23 @@ func (l *Log) copyInAll(ctx context.Context, paths []string, infos []FileInfo, m
 	return temps, nil
 }
 
-// copyIn copies the file at path into the log directory under a
-// temporary name, sealed and fsynced if sync, verifying it as it reads
-// it, and records its seal in info. Caller holds l.wmu and renames or
-// removes it.
-func (l *Log) copyIn(ctx context.Context, path string, info *FileInfo, sync bool) (*tempFile, error) {
+// copyPath is copyIn from the file at path.
+func (l *Log) copyPath(ctx context.Context, path string, info *FileInfo, sync bool) (*tempFile, error) {
 	src, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
 	defer func() { _ = src.Close() }()
+	return l.copyIn(ctx, src, info, sync)
+}
+
+// copyIn copies the file src reads into the log directory under a
+// temporary name, sealed and fsynced if sync, verifying it as it reads
+// it, and records its seal in info. Caller holds l.wmu and renames or
+// removes it.
+func (l *Log) copyIn(ctx context.Context, src io.Reader, info *FileInfo, sync bool) (*tempFile, error) {
 	t, err := writeTemp(l.Dir, info.Name, sync, l.Spares, func(w io.Writer) error {
-		_, err := io.Copy(w, &ctxReader{ctx: ctx, r: NewVerifyReader(src, 0)})
-		return err
+		return copyVerified(ctx, w, src, true)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("apply %s to %s: %w", info.Name, l.Name, err)
@@ -378,33 +587,36 @@ func removeTemps(temps []*tempFile) {
 // check, only the last file must leave the database at its post-apply
 // checksum: a crash in the middle of a group leaves pages of later files
 // in the database, which earlier ones do not account for.
-func (l *Log) applyToDatabase(ctx context.Context, infos []FileInfo, table *ChecksumTable, pos Pos, check bool, target ApplyTarget) ([]uint32, error) {
+func (l *Log) applyToDatabase(ctx context.Context, files []*logFile, table *ChecksumTable, pos Pos, check bool, target ApplyTarget) ([]uint32, error) {
 	db := target
 	if db == nil {
 		f, err := os.OpenFile(l.DBPath, os.O_RDWR|os.O_CREATE, 0o644)
 		if err != nil {
-			return nil, fmt.Errorf("apply %s to %s: %w", infos[0].Name, l.Name, err)
+			return nil, fmt.Errorf("apply %s to %s: %w", files[0].info.Name, l.Name, err)
 		}
 		defer func() { _ = f.Close() }()
-		db = f
+		db = fileTarget{f}
 	}
 	var pgnos []uint32
-	for i := range infos {
-		p, err := l.applyLogFile(ctx, db, &infos[i], table, pos, check || i == len(infos)-1)
+	for i, f := range files {
+		p, err := l.applyLogFile(ctx, db, f, table, pos, check || i == len(files)-1)
 		if err != nil {
-			return nil, diskError(fmt.Sprintf("apply %s to", infos[i].Name), l.DBPath, err)
+			return nil, diskError(fmt.Sprintf("apply %s to", f.info.Name), l.DBPath, err)
 		}
-		pos = infos[i].Pos()
+		pos = f.info.Pos()
 		if i == 0 {
 			pgnos = p
 		} else {
 			pgnos = append(pgnos, p...)
 		}
 	}
-	if err := db.Sync(); err != nil {
-		return nil, diskError(fmt.Sprintf("apply %s to", infos[len(infos)-1].Name), l.DBPath, err)
+	// A group in a segment is in the log durably, and the marker covering
+	// it stays (see applySegment); other files are not (applied empties
+	// the marker).
+	if err := db.Sync(files[0].seg != nil); err != nil {
+		return nil, diskError(fmt.Sprintf("apply %s to", files[len(files)-1].info.Name), l.DBPath, err)
 	}
-	if len(infos) > 1 {
+	if len(files) > 1 {
 		slices.Sort(pgnos)
 		pgnos = slices.Compact(pgnos)
 	}
@@ -415,14 +627,14 @@ func (l *Log) applyToDatabase(ctx context.Context, infos []FileInfo, table *Chec
 // is decoded once: its structure and file checksum are checked as it is
 // (its seal would add a pass over every byte), and its pages by the
 // database checksum it must leave, which covers them all.
-func (l *Log) applyLogFile(ctx context.Context, db DatabaseFile, info *FileInfo, table *ChecksumTable, pos Pos, check bool) ([]uint32, error) {
-	src, err := os.Open(l.path(info.Name))
+func (l *Log) applyLogFile(ctx context.Context, db DatabaseFile, f *logFile, table *ChecksumTable, pos Pos, check bool) ([]uint32, error) {
+	src, err := l.open(f)
 	if err != nil {
 		return nil, err
 	}
 	defer func() { _ = src.Close() }()
 	if !check {
-		pos = info.PreApplyPos()
+		pos = f.info.PreApplyPos()
 	}
 	_, pgnos, err := applyFile(ctx, db, table, pos, src, check)
 	return pgnos, err
@@ -472,29 +684,32 @@ func (l *Log) rollForward(ctx context.Context, t *ChecksumTable) (bool, error) {
 	} else if err != nil {
 		return false, err
 	}
-	first := slices.IndexFunc(l.files, func(f *logFile) bool { return f.info.Name == string(marker) })
-	if first < 0 {
+	// The marker may name a group before the last (see applySegment), whose
+	// first file may since be part of a compacted one.
+	min, _, err := ParseName(string(marker))
+	if err != nil {
 		return false, nil
 	}
-	group := make([]FileInfo, 0, len(l.files)-first)
-	for _, f := range l.files[first:] {
-		group = append(group, f.info)
+	first := slices.IndexFunc(l.files, func(f *logFile) bool { return f.info.Header.MaxTXID >= min })
+	if first < 0 || l.files[first].info.Header.MinTXID > min {
+		return false, nil
 	}
-	last := group[len(group)-1]
+	group := l.files[first:]
+	last := group[len(group)-1].info
 	dry := t.Clone()
-	for _, info := range group {
-		if _, err := l.applyLogFile(ctx, nil, &info, dry, Pos{}, false); err != nil {
+	for _, f := range group {
+		if _, err := l.applyLogFile(ctx, nil, f, dry, Pos{}, false); err != nil {
 			return false, nil
 		}
 	}
 	if dry.Checksum() != last.PostApplyChecksum || dry.Pages() != last.Header.Commit {
 		return false, nil
 	}
-	if _, err := l.applyToDatabase(ctx, group, t, group[0].PreApplyPos(), false, nil); err != nil {
+	if _, err := l.applyToDatabase(ctx, group, t, group[0].info.PreApplyPos(), false, nil); err != nil {
 		return false, err
 	}
 	_ = os.Truncate(l.path(applyingName), 0)
 	l.Logger.Warn("finished applying the log's last files to the database, which a crash interrupted", "db", l.Name,
-		"files", len(group), "from", group[0].PreApplyPos(), "to", last.Pos())
+		"files", len(group), "from", group[0].info.PreApplyPos(), "to", last.Pos())
 	return true, nil
 }

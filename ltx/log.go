@@ -14,6 +14,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/meridian-db/meridian/internal/durable"
 )
 
 // Defaults for Log tunables.
@@ -95,6 +97,18 @@ type Log struct {
 	// file in their place, and by a snapshot's apply until the list holds
 	// its files. Taken after wmu, before mu.
 	maint sync.Mutex
+
+	// applying is the name in the apply marker when Open began, if any:
+	// the first file of a group an apply did not finish.
+	applying string
+	// marker is the apply marker, open for the groups applySegment
+	// writes, and marked the first TXID of the group it durably names, 0
+	// if none is known to be durable. unapplied is a group appended to
+	// the segment whose apply failed, taken off before the next. All
+	// guarded by wmu.
+	marker    *os.File
+	marked    TXID
+	unapplied *unappliedGroup
 
 	mu      sync.RWMutex // guards the fields below
 	opened  bool
@@ -211,11 +225,21 @@ func (l *Log) Open(ctx context.Context) error {
 		return err
 	}
 	l.files, l.changed, l.opened = files, make(chan struct{}), true
-	if l.DBPath != "" || l.DB != nil {
-		if err := l.openDatabase(ctx); err != nil {
-			l.opened = false
-			return err
+	if l.DBPath == "" && l.DB == nil {
+		return nil // the log alone: the marker stays for an Open with the database
+	}
+	if err := l.openDatabase(ctx); err != nil {
+		l.opened = false
+		return err
+	}
+	if l.applying != "" {
+		// The database is where the log is: a marker left naming a group
+		// applied whole must not name the files committed after it, which
+		// Open would cut as an unfinished group's.
+		if err := durable.WriteFile(l.path(applyingName), nil); err != nil {
+			return fmt.Errorf("log %s: empty the apply marker: %w", l.Dir, err)
 		}
+		l.applying = ""
 	}
 	return nil
 }
@@ -240,12 +264,16 @@ func (l *Log) Close() error {
 }
 
 // closeSegment closes the segment being appended to, if any, leaving it
-// for Open to read again. Caller holds l.wmu.
+// for Open to read again, and the apply marker. Caller holds l.wmu.
 func (l *Log) closeSegment() {
 	if s := l.seg; s != nil {
 		l.seg = nil
 		s.active.Store(false)
 		s.close()
+	}
+	if l.marker != nil {
+		_ = l.marker.Close()
+		l.marker, l.marked = nil, 0
 	}
 }
 
@@ -331,6 +359,9 @@ func (l *Log) recover() ([]*logFile, error) {
 		segments []*segment
 		indexes  = map[string]bool{}
 	)
+	if b, err := os.ReadFile(l.path(applyingName)); err == nil {
+		l.applying = string(b)
+	}
 	for _, e := range entries {
 		name := e.Name()
 		switch {

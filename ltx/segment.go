@@ -242,7 +242,7 @@ func (l *Log) openSegment(name string) (*segment, []*logFile, error) {
 	if rep.Bad != nil {
 		// Whole records after the bad one are files committed after it:
 		// cut off only if they may be unsynced too.
-		if len(rep.records) > rep.BadRecord+1 && !l.laterUnsynced(rep) {
+		if len(rep.records) > rep.BadRecord+1 && !l.laterUnsynced(rep) && !l.unfinishedGroup(first+TXID(rep.BadRecord)) {
 			return nil, nil, fmt.Errorf("log %s: %w; it is not the last file, so the log cannot continue past it: "+
 				"restore the log from a replica or a backup, or move the segment and every later file out of the directory", l.Dir, rep.Bad)
 		}
@@ -289,6 +289,16 @@ func (l *Log) laterUnsynced(rep *SegmentReport) bool {
 		}
 	}
 	return true
+}
+
+// unfinishedGroup reports whether txid is in a group of files ApplyFiles
+// was applying when it stopped: at or after the first file its marker
+// names. Such a group's records may be on disk without its files' bytes
+// (both are fsynced together, before the database is written and the
+// group acknowledged): cut off, the log is where the database is.
+func (l *Log) unfinishedGroup(txid TXID) bool {
+	min, _, err := ParseName(l.applying)
+	return err == nil && txid >= min
 }
 
 // cutSegment truncates segment s to its first n files, end bytes, and its
@@ -464,6 +474,12 @@ func (l *Log) writeSegment(txid TXID, wal WALSegment, sync bool, write func(w io
 	if err != nil {
 		return nil, err
 	}
+	return l.appendTo(s, txid, wal, sync, write)
+}
+
+// appendTo is writeSegment to segment s, which the caller got from
+// appending for a transaction at or before txid. Caller holds l.wmu.
+func (l *Log) appendTo(s *segment, txid TXID, wal WALSegment, sync bool, write func(w io.Writer) error) (*segmentAppend, error) {
 	s.gen++
 	size, seal, err := writeSealed(io.NewOffsetWriter(s.f, s.end), write)
 	if err != nil {
@@ -502,6 +518,50 @@ func (a *segmentAppend) commit(syncIndex bool) error {
 	s.n++
 	if !a.synced || !syncIndex {
 		s.unsynced = true
+	}
+	return nil
+}
+
+// syncBoth fdatasyncs the segment and its index at once, and also, if
+// not nil, another file.
+func (s *segment) syncBoth(also *os.File) error {
+	files := []*os.File{s.f, s.idx}
+	if also != nil {
+		files = append(files, also)
+	}
+	errc := make(chan error, len(files))
+	for _, f := range files[1:] {
+		go func() { errc <- fdatasync(f) }()
+	}
+	err := fdatasync(files[0])
+	for range files[1:] {
+		err = errors.Join(err, <-errc)
+	}
+	if err == nil {
+		s.unsynced = false
+	}
+	return err
+}
+
+// fdatasync is fdatasync(2) of f, with an error that names it.
+func fdatasync(f *os.File) error {
+	if err := unix.Fdatasync(int(f.Fd())); err != nil {
+		return diskError("sync", f.Name(), err)
+	}
+	return nil
+}
+
+// truncate takes s back to its first n files, end bytes: the records of
+// a group whose apply failed before it wrote the database. Caller holds
+// l.wmu.
+func (s *segment) truncate(n int, end int64) error {
+	s.gen++
+	if err := s.idx.Truncate(int64(n) * indexRecordSize); err != nil {
+		return diskError("truncate", s.idx.Name(), err)
+	}
+	s.n, s.end = n, end
+	if err := s.f.Truncate(end); err != nil {
+		return diskError("truncate", s.f.Name(), err)
 	}
 	return nil
 }

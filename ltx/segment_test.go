@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"hash/crc64"
 	"io"
 	"math/rand/v2"
@@ -711,5 +712,307 @@ func TestSnapshotBound(t *testing.T) {
 				t.Fatalf("page size %d, random %v: %d bytes, bound %d", pageSize, random, info.Size, bound)
 			}
 		}
+	}
+}
+
+// exportFiles writes the log's files from the one after pos on, each as a
+// file of its own under dir, and returns their paths in order.
+func exportFiles(tb testing.TB, l *ltx.Log, from ltx.TXID, dir string) []string {
+	tb.Helper()
+	rep, err := ltx.VerifyDir(l.Dir)
+	if err != nil || !rep.OK() {
+		tb.Fatalf("verify %s: %v %v", l.Dir, err, rep.Problems)
+	}
+	var paths []string
+	for i, fi := range rep.Files {
+		if fi.Header.MinTXID < from {
+			continue
+		}
+		p := filepath.Join(dir, fi.Name)
+		copyStored(tb, rep.Stored[i], p)
+		paths = append(paths, p)
+	}
+	return paths
+}
+
+// TestSegment_Apply applies a primary's files to a replica whose log
+// writes segments, alone and in groups: they go into its segment (the
+// snapshot that starts the log stays a file of its own), the database
+// ends byte for byte the primary's, and the log reopens the same.
+func TestSegment_Apply(t *testing.T) {
+	src := newSegmentDB(t, t.TempDir(), 21, 0)
+	src.run(30, t0, nil)
+	dir := t.TempDir()
+	dst := newSegmentDB(t, dir, 22, 0) // no database yet: the snapshot makes it
+	paths := exportFiles(t, src.log, 1, t.TempDir())
+	ctx := context.Background()
+	for _, g := range [][2]int{{0, 1}, {1, 2}, {2, 7}, {7, 17}, {17, 30}} {
+		if _, _, err := dst.log.ApplyFiles(ctx, paths[g[0]:g[1]], ltx.ApplyOptions{}); err != nil {
+			t.Fatalf("apply files %d to %d: %v", g[0], g[1], err)
+		}
+	}
+	if got, want := logNames(t, dst.log.Dir), []string{".applying", "0000000000000001-0000000000000001.ltx", "0000000000000002.index", "0000000000000002.segment"}; !slices.Equal(got, want) {
+		t.Fatalf("replica's log directory: %v, want %v", got, want)
+	}
+	if !slices.Equal(names(dst.log.Files()), names(src.log.Files())) || dst.log.Pos() != src.log.Pos() {
+		t.Fatalf("replica at %s with %d files, primary at %s with %d", dst.log.Pos(), len(dst.log.Files()), src.log.Pos(), len(src.log.Files()))
+	}
+	if !bytes.Equal(testingutil.MustReadFile(t, dst.path), src.data) {
+		t.Fatal("replica's database differs from the primary's")
+	}
+	files := dst.log.Files()
+	dst.data = bytes.Clone(src.data)
+	if err := dst.reopen(0, nil); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(dst.log.Files(), files) {
+		t.Fatal("replica's log reopened with other files")
+	}
+	readAll(t, dst.log)
+}
+
+// TestSegment_ApplyInterrupted leaves a replica's segment log as a crash
+// in the middle of a group's apply does, and opens it: a group whose
+// records reached the disk but not all of its bytes (before the fsync that
+// precedes the database's writes) is cut off, the log back where the
+// database is; a group in the log whose pages were half written to the
+// database is finished. Both whether the marker names the group or, its
+// new name not yet on disk, the group before.
+func TestSegment_ApplyInterrupted(t *testing.T) {
+	src := newSegmentDB(t, t.TempDir(), 23, 0)
+	h := history{}
+	src.run(20, t0, h)
+	srcFiles := src.log.Files()
+	paths := exportFiles(t, src.log, 1, t.TempDir())
+	ctx := context.Background()
+	setup := func(t *testing.T, marker int) (*fakeDB, ltx.SegmentEntry, string) {
+		dst := newSegmentDB(t, t.TempDir(), 24, 0)
+		for _, g := range [][2]int{{0, 1}, {1, 10}, {10, 20}} {
+			if _, _, err := dst.log.ApplyFiles(ctx, paths[g[0]:g[1]], ltx.ApplyOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := dst.log.Close(); err != nil {
+			t.Fatal(err)
+		}
+		// The marker is left naming the last group's first file.
+		markerPath := filepath.Join(dst.log.Dir, ".applying")
+		if got := string(testingutil.MustReadFile(t, markerPath)); got != srcFiles[10].Name {
+			t.Fatalf("marker after the groups applied: %q, want %q", got, srcFiles[10].Name)
+		}
+		seg := filepath.Join(dst.log.Dir, "0000000000000002.segment")
+		rep, err := ltx.ReadSegment(seg)
+		if err != nil || len(rep.Entries) != 19 {
+			t.Fatalf("read segment: %v", err)
+		}
+		// The last group, txids 11 to 20, was being applied.
+		if err := os.WriteFile(markerPath, []byte(srcFiles[marker].Name), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return dst, rep.Entries[9], seg
+	}
+
+	for _, marker := range []int{10, 1} {
+		t.Run(fmt.Sprintf("Marker%d", marker+1), func(t *testing.T) {
+			applyInterrupted(t, func(t *testing.T) (*fakeDB, ltx.SegmentEntry, string) { return setup(t, marker) }, src, h, srcFiles, paths)
+		})
+	}
+}
+
+// applyInterrupted runs the cases of TestSegment_ApplyInterrupted on logs
+// setup makes.
+func applyInterrupted(t *testing.T, setup func(t *testing.T) (*fakeDB, ltx.SegmentEntry, string), src *fakeDB, h history, srcFiles []ltx.FileInfo, paths []string) {
+	ctx := context.Background()
+	t.Run("BytesLost", func(t *testing.T) {
+		dst, first, seg := setup(t)
+		f, err := os.OpenFile(seg, os.O_WRONLY, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		st := mustStat(t, seg)
+		if _, err := f.WriteAt(make([]byte, st.Size()-first.Offset-first.Size/2), first.Offset+first.Size/2); err != nil {
+			t.Fatal(err)
+		}
+		_ = f.Close()
+		dst.data = bytes.Clone(h[srcFiles[9].Pos()]) // the group never reached the database
+		dst.write()
+		if err := dst.reopen(0, nil); err != nil {
+			t.Fatalf("open after a group lost its bytes before its fsync: %v", err)
+		}
+		if got := dst.log.Pos(); got != srcFiles[9].Pos() {
+			t.Fatalf("log at %s, want %s, where the database is", got, srcFiles[9].Pos())
+		}
+		// The group applies again.
+		if _, _, err := dst.log.ApplyFiles(ctx, paths[10:], ltx.ApplyOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(testingutil.MustReadFile(t, dst.path), src.data) {
+			t.Fatal("replica's database differs from the primary's after the group applied again")
+		}
+	})
+
+	t.Run("HalfWritten", func(t *testing.T) {
+		dst, _, _ := setup(t)
+		// The database holds the group's first file's pages only, over
+		// the image before the group: a torn apply.
+		img := bytes.Clone(h[srcFiles[10].Pos()])
+		dst.data = img
+		dst.write()
+		if err := dst.reopen(0, nil); err != nil {
+			t.Fatalf("open after a group half written to the database: %v", err)
+		}
+		if dst.log.Pos() != src.log.Pos() || !bytes.Equal(testingutil.MustReadFile(t, dst.path), src.data) {
+			t.Fatalf("log at %s, want %s, and the database finished", dst.log.Pos(), src.log.Pos())
+		}
+		// Once the database is where the log is, the marker names nothing.
+		if got := testingutil.MustReadFile(t, filepath.Join(dst.log.Dir, ".applying")); len(got) != 0 {
+			t.Fatalf("marker after Open finished the group: %q, want it empty", got)
+		}
+	})
+}
+
+// TestSegment_ApplyData applies files from memory, as a replica receives
+// them: the snapshot into a file of its own, the rest into the segment,
+// with no path read. Bytes that do not verify, or that differ from what
+// the caller verified, change nothing.
+func TestSegment_ApplyData(t *testing.T) {
+	src := newSegmentDB(t, t.TempDir(), 25, 0)
+	src.run(30, t0, nil)
+	dst := newSegmentDB(t, t.TempDir(), 26, 0)
+	paths := exportFiles(t, src.log, 1, t.TempDir())
+	data := make([][]byte, len(paths))
+	infos := make([]ltx.FileInfo, len(paths))
+	for i, p := range paths {
+		data[i] = testingutil.MustReadFile(t, p)
+		info, err := ltx.VerifyFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Sealed as a receiver seals what it received.
+		vr := ltx.NewVerifyReader(bytes.NewReader(data[i]), 0)
+		if _, err := io.Copy(io.Discard, vr); err != nil {
+			t.Fatal(err)
+		}
+		info.Seal = vr.Seal()
+		infos[i] = *info
+	}
+	ctx := context.Background()
+	apply := func(from, to int, verified bool, bytes [][]byte) error {
+		opts := ltx.ApplyOptions{Data: bytes}
+		if verified {
+			opts.Verified = infos[from:to]
+		}
+		_, _, err := dst.log.ApplyFiles(ctx, make([]string, to-from), opts)
+		return err
+	}
+	for _, g := range []struct {
+		from, to int
+		verified bool
+	}{{0, 1, false}, {1, 2, true}, {2, 7, false}, {7, 17, true}} {
+		if err := apply(g.from, g.to, g.verified, data[g.from:g.to]); err != nil {
+			t.Fatalf("apply files %d to %d from memory: %v", g.from, g.to, err)
+		}
+	}
+	if dst.log.Pos() != infos[16].Pos() {
+		t.Fatalf("replica at %s, want %s", dst.log.Pos(), infos[16].Pos())
+	}
+	before := testingutil.MustReadFile(t, dst.path)
+	for _, verified := range []bool{false, true} {
+		bad := slices.Clone(data[17:20])
+		bad[1] = bytes.Clone(bad[1])
+		bad[1][len(bad[1])/2] ^= 0x10
+		if err := apply(17, 20, verified, bad); !errors.Is(err, ltx.ErrCorrupt) {
+			t.Fatalf("damaged bytes (verified by the caller: %v): %v, want ErrCorrupt", verified, err)
+		}
+		if dst.log.Pos() != infos[16].Pos() || !bytes.Equal(testingutil.MustReadFile(t, dst.path), before) {
+			t.Fatalf("damaged bytes (verified by the caller: %v) moved the replica to %s or changed its database", verified, dst.log.Pos())
+		}
+	}
+	if err := apply(17, 30, false, data[17:30]); err != nil {
+		t.Fatalf("apply files 17 to 30 from memory after the damaged ones: %v", err)
+	}
+	if !slices.Equal(names(dst.log.Files()), names(src.log.Files())) || dst.log.Pos() != src.log.Pos() {
+		t.Fatalf("replica at %s with %d files, primary at %s with %d", dst.log.Pos(), len(dst.log.Files()), src.log.Pos(), len(src.log.Files()))
+	}
+	if !bytes.Equal(testingutil.MustReadFile(t, dst.path), src.data) {
+		t.Fatal("replica's database differs from the primary's")
+	}
+	files := dst.log.Files()
+	dst.data = bytes.Clone(src.data)
+	if err := dst.reopen(0, nil); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(dst.log.Files(), files) {
+		t.Fatal("replica's log reopened with other files")
+	}
+	readAll(t, dst.log)
+}
+
+// failingTarget writes a group's pages into the database file, and fails
+// its Sync while fail is set.
+type failingTarget struct {
+	*os.File
+	fail bool
+}
+
+func (t *failingTarget) Sync(bool) error {
+	if t.fail {
+		return errors.New("injected: sync failed")
+	}
+	return t.File.Sync()
+}
+
+// TestSegment_ApplyRetried: a group whose apply to the database failed
+// after its records were written keeps them until the next apply, which
+// takes their place: applied again, the log holds each file once, and
+// opens again.
+func TestSegment_ApplyRetried(t *testing.T) {
+	src := newSegmentDB(t, t.TempDir(), 27, 0)
+	src.run(20, t0, nil)
+	dst := newSegmentDB(t, t.TempDir(), 28, 0)
+	paths := exportFiles(t, src.log, 1, t.TempDir())
+	ctx := context.Background()
+	for _, g := range [][2]int{{0, 1}, {1, 10}} { // the snapshot in a file of its own
+		if _, _, err := dst.log.ApplyFiles(ctx, paths[g[0]:g[1]], ltx.ApplyOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	db, err := os.OpenFile(dst.path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	target := &failingTarget{File: db, fail: true}
+	var partly *ltx.PartlyAppliedError
+	if _, _, err := dst.log.ApplyFiles(ctx, paths[10:15], ltx.ApplyOptions{Target: target}); !errors.As(err, &partly) {
+		t.Fatalf("apply with a failing sync: %v, want a PartlyAppliedError", err)
+	}
+	seg := filepath.Join(dst.log.Dir, "0000000000000002.segment")
+	if rep, err := ltx.ReadSegment(seg); err != nil || len(rep.Entries) != 14 {
+		t.Fatalf("segment after the failed apply: %v; want the 9 files applied and the 5 of the failed group", err)
+	}
+	target.fail = false
+	if _, _, err := dst.log.ApplyFiles(ctx, paths[10:], ltx.ApplyOptions{Target: target}); err != nil {
+		t.Fatalf("apply again: %v", err)
+	}
+	rep, err := ltx.ReadSegment(seg)
+	if err != nil || len(rep.Entries) != 19 {
+		t.Fatalf("segment after the group applied again: %v", err)
+	}
+	for i, e := range rep.Entries {
+		if want := ltx.TXID(i + 2); e.Header.MinTXID != want {
+			t.Fatalf("segment record %d holds txid %s, want %s", i, e.Header.MinTXID, want)
+		}
+	}
+	if !bytes.Equal(testingutil.MustReadFile(t, dst.path), src.data) {
+		t.Fatal("replica's database differs from the primary's")
+	}
+	files := dst.log.Files()
+	dst.data = bytes.Clone(src.data)
+	if err := dst.reopen(0, nil); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(dst.log.Files(), files) || dst.log.Pos() != src.log.Pos() {
+		t.Fatalf("replica's log reopened at %s with other files, want %s", dst.log.Pos(), src.log.Pos())
 	}
 }

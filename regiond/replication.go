@@ -78,6 +78,12 @@ func (t fsTarget) Apply(ctx context.Context, db string, files []*replication.Fil
 	paths := make([]string, len(files))
 	for i, f := range files {
 		paths[i] = f.Path
+		if f.Data != nil {
+			if opts.Data == nil {
+				opts.Data = make([][]byte, len(files))
+			}
+			opts.Data[i] = f.Data // received in memory
+		}
 		opts.Verified = append(opts.Verified, f.Info) // as received
 	}
 	infos, err := t.f.ApplyFiles(ctx, db, paths, opts)

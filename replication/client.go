@@ -54,6 +54,10 @@ type Client struct {
 	// no bound.
 	MaxInFlightFiles int
 	MaxInFlightBytes int64
+	// ReceiveInMemory is the size up to which a file is received in
+	// memory and handed to the Target as File.Data, larger ones into files
+	// in Spares or TempDir: 0 means 1 MiB, a negative value none.
+	ReceiveInMemory int64
 	// PrimaryNode names the node streamed from, for errors; "" if not
 	// known.
 	PrimaryNode string
@@ -222,6 +226,9 @@ func (c *Client) Session(ctx context.Context, conn ClientConn) (int, error) {
 func (c *Client) newReceiver() *receiver {
 	rv := newReceiver(c.TempDir, c.MaxFileSize, c.Spares)
 	rv.maxFiles, rv.maxBytes = max(c.MaxInFlightFiles, 0), max(c.MaxInFlightBytes, 0)
+	if c.ReceiveInMemory != 0 {
+		rv.inMemory = max(c.ReceiveInMemory, 0)
+	}
 	if c.PrimaryNode != "" {
 		rv.peer = "primary " + c.PrimaryNode
 	}
@@ -378,8 +385,10 @@ func (c *Client) apply(ctx context.Context, conn ClientConn, db string, files []
 // release gives back a received file the Target did not move, and takes
 // it away from the files h holds.
 func (c *Client) release(h *held, f *File) {
-	if err := c.Spares.Put(f.Path); err != nil {
-		c.Logger.Warn("remove a received file", "path", f.Path, "err", err)
+	if f.Path != "" {
+		if err := c.Spares.Put(f.Path); err != nil {
+			c.Logger.Warn("remove a received file", "path", f.Path, "err", err)
+		}
 	}
 	h.done(f)
 }

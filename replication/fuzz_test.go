@@ -354,6 +354,9 @@ func receive(t testing.TB, dir string, input []byte) {
 	// Two files of a MiB cannot be in flight at once. Each file returned
 	// is taken as applied at once: the receiver never waits for room.
 	rv.maxFiles, rv.maxBytes = 2, 3<<19
+	// Files of up to 4 KiB are received in memory, larger ones into
+	// files: both ways are fuzzed.
+	rv.inMemory = 4 << 10
 	var returned []string
 	sent := make(map[string][]byte)                 // bytes of each file accepted so far
 	begins := make(map[string]*meridianv1.LTXBegin) // of the files in flight
@@ -375,8 +378,10 @@ func receive(t testing.TB, dir string, input []byte) {
 				file, err = rv.end(fr.LtxEnd)
 				db := fr.LtxEnd.Db
 				if err == nil {
-					checkReceived(t, dir, file, begins[db], fr.LtxEnd, sent[db])
-					returned = append(returned, file.Path)
+					checkReceived(t, dir, rv.inMemory, file, begins[db], fr.LtxEnd, sent[db])
+					if file.Path != "" {
+						returned = append(returned, file.Path)
+					}
 					rv.held.done(file)
 				}
 				delete(begins, db)
@@ -406,17 +411,27 @@ func receive(t testing.TB, dir string, input []byte) {
 // checkReceived checks a file the receiver returned: its bytes are sent,
 // they verify to the end, and its Info and fields are what its bytes, b and
 // e say.
-func checkReceived(t testing.TB, dir string, file *File, b *meridianv1.LTXBegin, e *meridianv1.LTXEnd, sent []byte) {
+func checkReceived(t testing.TB, dir string, inMemory int64, file *File, b *meridianv1.LTXBegin, e *meridianv1.LTXEnd, sent []byte) {
 	t.Helper()
 	if b == nil {
 		t.Fatalf("file %s of %s returned without an accepted LTXBegin", file.Info.Name, e.GetDb())
 	}
-	if filepath.Dir(file.Path) != dir {
-		t.Fatalf("file %s outside the receiver's directory %s", file.Path, dir)
-	}
-	got, err := os.ReadFile(file.Path)
-	if err != nil {
-		t.Fatal(err)
+	// A small file comes in memory, a large one in a file of the
+	// receiver's directory.
+	got := file.Data
+	switch max(b.GetSize(), b.GetSizeBound()) <= uint64(inMemory) {
+	case true:
+		if file.Path != "" || file.Data == nil {
+			t.Fatalf("file %s of %d bytes received into %q, want it in memory", file.Info.Name, len(sent), file.Path)
+		}
+	case false:
+		if file.Data != nil || filepath.Dir(file.Path) != dir {
+			t.Fatalf("file %s outside the receiver's directory %s (%d bytes in memory)", file.Path, dir, len(file.Data))
+		}
+		var err error
+		if got, err = os.ReadFile(file.Path); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if !bytes.Equal(got, sent) {
 		t.Fatalf("file of %s holds %d bytes that differ from the %d sent", e.GetDb(), len(got), len(sent))

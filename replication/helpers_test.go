@@ -249,11 +249,15 @@ func applyTo(ctx context.Context, d *targetDB, f *replication.File) error {
 		return err
 	}
 	defer db.Close()
-	r, err := os.Open(f.Path)
-	if err != nil {
-		return err
+	var r io.Reader = bytes.NewReader(f.Data)
+	if f.Data == nil {
+		fh, err := os.Open(f.Path)
+		if err != nil {
+			return err
+		}
+		defer fh.Close()
+		r = fh
 	}
-	defer r.Close()
 	pos, err := ltx.Apply(ctx, db, d.table, d.pos, r)
 	if err != nil {
 		return err

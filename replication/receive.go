@@ -1,6 +1,7 @@
 package replication
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -17,8 +18,12 @@ import (
 // decode, their file checksum matches, and its header and trailer are what
 // the primary announced.
 type File struct {
-	DB   string
-	Path string // a temporary file holding the bytes; given back after Apply unless the Target moved it
+	DB string
+	// Data holds the file's bytes when it was small enough to be received
+	// in memory (maxInMemory); Path is then "". Else Path is a temporary
+	// file holding them, given back after Apply unless the Target moved it.
+	Data []byte
+	Path string
 	// Info describes the file; its Seal is that of the bytes received
 	// (see ltx.VerifyReader.Seal), for the Target to keep.
 	Info ltx.FileInfo
@@ -37,6 +42,14 @@ type File struct {
 // maxChunk is the protocol's bound on the data of one LTXChunk.
 const maxChunk = 256 << 10
 
+// maxInMemory is the largest file received in memory rather than into a
+// file, unless Client.ReceiveInMemory says otherwise: most files hold one
+// transaction and are much smaller, and a replica appends them to its log
+// from memory, with no file created, renamed or opened again per
+// transaction. Memory is bounded by the files a stream holds at once (see
+// receiver), each of at most this size.
+const maxInMemory = 1 << 20
+
 // receiver reassembles the files of one stream from its frames. Files of
 // different databases may interleave; each database has at most one file
 // in flight, and the stream at most maxFiles, whose sizes, with those of
@@ -52,6 +65,7 @@ type receiver struct {
 	dir      string      // where files are assembled
 	spares   *ltx.Spares // files to write over instead, if not nil
 	maxSize  int64
+	inMemory int64  // files of at most this size are received in memory
 	maxFiles int    // files in flight; 0: no bound
 	maxBytes int64  // bytes in flight and held; 0: no bound
 	peer     string // who sends the files, for errors: "primary iad-1"
@@ -79,14 +93,16 @@ func (h *held) done(f *File) {
 	}
 }
 
-// incoming is a file being received. Its bytes are verified as they
-// arrive, on a goroutine of its own reading them through a pipe, so a
-// large file is checked while the next chunks travel.
+// incoming is a file being received: into memory if it is small, verified
+// once whole; else into a file, its bytes verified as they arrive, on a
+// goroutine of its own reading them through a pipe, so a large file is
+// checked while the next chunks travel.
 type incoming struct {
 	begin *meridianv1.LTXBegin
 	// room is the most bytes the file may have, which it takes of the
 	// bounds: its size, or the bound of a file sent while encoded.
 	room     uint64
+	buf      []byte // the bytes received, if in memory; f is then nil
 	f        *os.File
 	n        uint64
 	spares   *ltx.Spares
@@ -98,6 +114,15 @@ type incoming struct {
 // wait closes the pipe with err (nil: the file is complete) and returns
 // what the verifier found.
 func (in *incoming) wait(err error) verifyResult {
+	if in.f == nil {
+		if in.result == nil && err == nil {
+			in.result = verifyBytes(in.buf)
+		}
+		if in.result == nil {
+			return verifyResult{err: err}
+		}
+		return *in.result
+	}
 	if in.result == nil {
 		_ = in.pw.CloseWithError(err)
 		res := <-in.verified
@@ -133,10 +158,21 @@ func verify(pr *io.PipeReader, out chan<- verifyResult) {
 	out <- verifyResult{header: vr.Header(), postApplySum: t.PostApplyChecksum, fileChecksum: t.FileChecksum, seal: vr.Seal(), err: err}
 }
 
+// verifyBytes decodes and checks a file received in memory.
+func verifyBytes(b []byte) *verifyResult {
+	vr := ltx.NewVerifyReader(bytes.NewReader(b), 0)
+	n, err := io.Copy(io.Discard, vr)
+	if err == nil && n < int64(len(b)) {
+		err = errExtraBytes
+	}
+	t := vr.Trailer()
+	return &verifyResult{header: vr.Header(), postApplySum: t.PostApplyChecksum, fileChecksum: t.FileChecksum, seal: vr.Seal(), err: err}
+}
+
 // newReceiver returns a receiver of files of at most maxSize bytes, into
 // spares or new files in dir, with no bound on the files in flight.
 func newReceiver(dir string, maxSize int64, spares *ltx.Spares) *receiver {
-	return &receiver{dir: dir, spares: spares, maxSize: maxSize, peer: "the primary", files: make(map[string]*incoming), held: newHeld()}
+	return &receiver{dir: dir, spares: spares, maxSize: maxSize, inMemory: maxInMemory, peer: "the primary", files: make(map[string]*incoming), held: newHeld()}
 }
 
 // close removes the files still in flight.
@@ -150,6 +186,9 @@ func (r *receiver) close() {
 
 func (in *incoming) discard() {
 	in.wait(errors.New("file discarded"))
+	if in.f == nil {
+		return
+	}
 	_ = in.f.Close()
 	_ = in.spares.Put(in.f.Name())
 }
@@ -175,6 +214,11 @@ func (r *receiver) begin(ctx context.Context, b *meridianv1.LTXBegin) error {
 	room := max(b.GetSize(), b.GetSizeBound())
 	if err := r.room(ctx, db, int64(room)); err != nil {
 		return err
+	}
+	if room <= uint64(r.inMemory) {
+		r.files[db] = &incoming{begin: b, room: room, buf: make([]byte, 0, room)}
+		r.inFlight += int64(room)
+		return nil
 	}
 	f, err := r.create()
 	if err != nil {
@@ -246,6 +290,11 @@ func (r *receiver) chunk(c *meridianv1.LTXChunk) error {
 	case in.n+uint64(len(c.GetData())) > in.room:
 		return fmt.Errorf("%w: LTXChunk for %s runs past the %d bytes its LTXBegin announced", ErrProtocol, db, in.room)
 	}
+	if in.f == nil {
+		in.buf = append(in.buf, c.GetData()...)
+		in.n += uint64(len(c.GetData()))
+		return nil
+	}
 	if _, err := in.f.Write(c.GetData()); err != nil {
 		return fmt.Errorf("receive %s: %w", db, err)
 	}
@@ -297,8 +346,12 @@ func (in *incoming) verify(e *meridianv1.LTXEnd) (*File, error) {
 	if res.err != nil {
 		return nil, fmt.Errorf("%w: file %d-%d of %s: %v", ErrProtocol, b.GetMinTxid(), b.GetMaxTxid(), db, res.err)
 	}
-	if err := in.f.Close(); err != nil {
-		return nil, fmt.Errorf("receive %s: %w", db, err)
+	var path string
+	if in.f != nil {
+		if err := in.f.Close(); err != nil {
+			return nil, fmt.Errorf("receive %s: %w", db, err)
+		}
+		path = in.f.Name()
 	}
 	h := res.header
 	switch {
@@ -311,7 +364,8 @@ func (in *incoming) verify(e *meridianv1.LTXEnd) (*File, error) {
 	}
 	return &File{
 		DB:   db,
-		Path: in.f.Name(),
+		Data: in.buf,
+		Path: path,
 		Info: ltx.FileInfo{
 			Name:              ltx.FormatName(h.MinTXID, h.MaxTXID),
 			Header:            h,

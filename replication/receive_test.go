@@ -1,9 +1,11 @@
 package replication
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -20,6 +22,7 @@ func TestReceiver_HeldRoom(t *testing.T) {
 	size := int64(len(next))
 	dir := t.TempDir()
 	rv := newReceiver(dir, 1<<20, nil)
+	rv.inMemory = 0 // into files, which the test counts
 	rv.maxBytes = 2*size + size/2
 	defer rv.close()
 	var held []*File
@@ -72,6 +75,7 @@ func TestReceiver_Bounds(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			dir := t.TempDir()
 			rv := newReceiver(dir, 1<<20, nil)
+			rv.inMemory = 0 // into files, which the test counts
 			rv.maxFiles, rv.maxBytes, rv.peer = tt.maxFiles, tt.maxBytes, "primary iad-1"
 			for i := range 4 {
 				frames := fileFrames("d"+itoa(i)+".db", next, size/2)
@@ -180,5 +184,39 @@ func TestReceiver_Streamed(t *testing.T) {
 				t.Fatalf("receive: %v, want ErrProtocol saying %q", err, tt.want)
 			}
 		})
+	}
+}
+
+// TestReceiver_InMemory: a file of at most inMemory bytes arrives in
+// memory, with no file created; a larger one in a file of the receiver's
+// directory; both hold the bytes sent. A file in memory that does not
+// verify is refused as one in a file is.
+func TestReceiver_InMemory(t *testing.T) {
+	next := seedLTX(t)[1]
+	size := int64(len(next))
+	dir := t.TempDir()
+	rv := newReceiver(dir, 1<<20, nil)
+	defer rv.close()
+	rv.inMemory = size
+	small := mustReceive(t, rv, "a.db", next)
+	if small.Path != "" || !bytes.Equal(small.Data, next) {
+		t.Fatalf("file of %d bytes, the bound: Path %q, %d bytes in memory, want the %d sent in memory", size, small.Path, len(small.Data), size)
+	}
+	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+		t.Fatalf("%s holds %d files after a file received in memory, want none", dir, len(entries))
+	}
+	rv.inMemory = size - 1
+	large := mustReceive(t, rv, "b.db", next)
+	if large.Data != nil || filepath.Dir(large.Path) != dir {
+		t.Fatalf("file of %d bytes, over the bound: Path %q, %d bytes in memory, want a file in %s", size, large.Path, len(large.Data), dir)
+	}
+	if got, err := os.ReadFile(large.Path); err != nil || !bytes.Equal(got, next) {
+		t.Fatalf("%s: %d bytes, %v; want the %d sent", large.Path, len(got), err, size)
+	}
+	rv.inMemory = size
+	bad := bytes.Clone(next)
+	bad[len(bad)-20] ^= 0xff // in the trailer's checksums
+	if _, err := receiveFrames(rv, fileFrames("c.db", bad, 0)); !errors.Is(err, ErrProtocol) || !strings.Contains(err.Error(), "c.db") {
+		t.Fatalf("damaged file received in memory: %v, want ErrProtocol naming c.db", err)
 	}
 }

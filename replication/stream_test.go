@@ -282,6 +282,7 @@ func TestStream_Groups(t *testing.T) {
 	c.primary.create("a.db", 1)
 	cl := c.client()
 	cl.MaxGroup = 8
+	cl.ReceiveInMemory = -1 // into files, which the test counts, and which reuse spares
 	spares, err := ltx.OpenSpares(filepath.Join(t.TempDir(), "spare"), 100)
 	if err != nil {
 		t.Fatal(err)
@@ -351,6 +352,7 @@ func TestStream_GroupBytes(t *testing.T) {
 	c.primary.create("a.db", 1)
 	cl := c.client()
 	cl.MaxGroup, cl.MaxGroupBytes = 8, 1
+	cl.ReceiveInMemory = -1 // into files, which the test counts
 	var once sync.Once
 	held := make(chan struct{})
 	c.target.before = func(db string, files []*replication.File) {

@@ -277,13 +277,14 @@ func (o options) writerParams() string {
 	return "?_journal_mode=" + o.journal + "&_synchronous=" + o.sync + "&_busy_timeout=5000"
 }
 
-// waitSpares waits until every running node has created its spare files
+// waitSpares waits until the primary has created its spare files
 // (fs.DefaultSpareFill), as a node that has run for a while has them:
-// measuring while they are created measures the creating.
+// measuring while they are created measures the creating. Replicas, whose
+// logs are segmented, create none.
 func waitSpares(c *testingutil.Cluster, timeout time.Duration) error {
 	began := time.Now()
 	for _, node := range c.Nodes {
-		if !node.Running() {
+		if !node.Running() || node.Name != c.Primary {
 			continue
 		}
 		for {
@@ -297,7 +298,7 @@ func waitSpares(c *testingutil.Cluster, timeout time.Duration) error {
 			time.Sleep(50 * time.Millisecond)
 		}
 	}
-	fmt.Fprintf(os.Stderr, "spare files ready on every node after %v\n", time.Since(began).Round(time.Millisecond))
+	fmt.Fprintf(os.Stderr, "spare files ready on the primary after %v\n", time.Since(began).Round(time.Millisecond))
 	return nil
 }
 
@@ -636,12 +637,11 @@ func copyFile(src, dst string) error {
 	return out.Close()
 }
 
-// applyWatcher records when each transaction is applied in one replica's
-// log directory: the LTX files of a group renamed in, then the .applying
-// marker emptied once their pages are in the database.
 // indexRecordSize is the size of a record of a segment's index.
 const indexRecordSize = 56
 
+// applyWatcher records when each transaction is committed to the log of
+// the primary, or applied by a replica (see watchApplies).
 type applyWatcher struct {
 	dir      string
 	fd       int
@@ -653,12 +653,17 @@ type applyWatcher struct {
 	done     chan struct{}
 }
 
-// watchApplies watches a log directory. With atRename (the primary's log)
-// a transaction counts when its LTX file is renamed in, or, in a segment,
-// when its index record is written (the index's size, read at the event,
-// says how many records it holds); otherwise (a replica's) when the
-// .applying marker of its group is emptied, after its files were renamed
-// in or their index records written.
+// watchApplies watches a log directory, and the database's directory
+// above it. With atRename (the primary's log) a transaction counts when
+// its LTX file is renamed in, or, in a segment, when its index record is
+// written (the index's size, read at the event, says how many records it
+// holds). Otherwise (a replica's) the files of a group count once they
+// are in the log (renamed in, or their index records written) and then
+// their pages in the database: at the next write of the wal-index the
+// replica publishes to its readers (WAL mode; its header is written last,
+// microseconds later), of the database file (rollback mode, before its
+// fsync), or when the .applying marker of a group of files of their own
+// is emptied.
 func watchApplies(dir string, atRename bool) (*applyWatcher, error) {
 	fd, err := unix.InotifyInit1(unix.IN_CLOEXEC)
 	if err != nil {
@@ -667,6 +672,10 @@ func watchApplies(dir string, atRename bool) (*applyWatcher, error) {
 	if _, err := unix.InotifyAddWatch(fd, dir, unix.IN_MOVED_TO|unix.IN_MODIFY); err != nil {
 		_ = unix.Close(fd)
 		return nil, fmt.Errorf("watch %s: %w", dir, err)
+	}
+	if _, err := unix.InotifyAddWatch(fd, filepath.Dir(dir), unix.IN_MODIFY); err != nil {
+		_ = unix.Close(fd)
+		return nil, fmt.Errorf("watch %s: %w", filepath.Dir(dir), err)
 	}
 	w := &applyWatcher{dir: dir, fd: fd, atRename: atRename, applied: make(map[ltx.TXID]time.Time), records: make(map[string]int), done: make(chan struct{})}
 	go w.run()
@@ -724,9 +733,11 @@ func (w *applyWatcher) run() {
 				}
 				w.records[name] = int(st.Size() / indexRecordSize)
 				w.mu.Unlock()
-			case ev.Mask&unix.IN_MODIFY != 0 && name == ".applying" && len(pending) > 0:
-				// Written before the files are renamed in, emptied after
-				// their pages are in the database.
+			case ev.Mask&unix.IN_MODIFY != 0 && (name == ".applying" || name == "shm" || name == "database") && len(pending) > 0:
+				// The marker is written before the files are renamed in,
+				// and emptied after their pages are in the database; the
+				// wal-index and the database are written after their
+				// records.
 				w.mu.Lock()
 				for _, id := range pending {
 					w.applied[id] = now
