@@ -300,14 +300,7 @@ func TestFileSystem_ApplyWALRestart(t *testing.T) {
 			name = "primary"
 		}
 		t.Run(name, func(t *testing.T) {
-			src := newBank(t, "wal")
-			for range 40 {
-				src.step()
-			}
-			f := newReplicaFS(t, false)
-			f.SetCheckpointFrames(1 << 30)
-			w := &follower{f: f, src: src}
-			w.applyNew(t, context.Background())
+			src, f, w := newFollowingReplica(t, false)
 			frames, done, _ := f.WALFrames("bank.db")
 			if frames == 0 || done != 0 {
 				t.Fatalf("the replica's WAL has %d frames, %d checkpointed; want frames, none checkpointed", frames, done)
@@ -319,11 +312,7 @@ func TestFileSystem_ApplyWALRestart(t *testing.T) {
 				t.Fatal(err)
 			}
 
-			var logged testingutil.LockedBuffer
-			again := fs.New(f.DataDir, f.MountDir)
-			again.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil))
-			again.SetReadOnly(!primary)
-			testingutil.MustOpenFS(t, again)
+			again, logged := restartFS(t, f, !primary)
 			if !strings.Contains(logged.String(), "copied the WAL the replica wrote into the database file") {
 				t.Fatalf("no word of the replica's WAL in the log:\n%s", logged.String())
 			}
@@ -364,14 +353,7 @@ func TestFileSystem_ApplyWALRestart(t *testing.T) {
 // the readers; a reader in another process then reads the snapshot, and
 // frames follow it again.
 func TestFileSystem_ApplyWALSnapshot(t *testing.T) {
-	src := newBank(t, "wal")
-	for range 30 {
-		src.step()
-	}
-	f := newReplicaFS(t, true)
-	f.SetCheckpointFrames(1 << 30)
-	w := &follower{f: f, src: src}
-	w.applyNew(t, context.Background())
+	src, f, w := newFollowingReplica(t, true)
 	if frames, _, _ := f.WALFrames("bank.db"); frames == 0 {
 		t.Fatal("no WAL frames on the replica")
 	}
@@ -431,14 +413,7 @@ func TestFileSystem_ApplyWALSnapshot(t *testing.T) {
 // applies the group again from the log, and the replica is where the
 // primary was.
 func TestFileSystem_ApplyWALFramesLost(t *testing.T) {
-	src := newBank(t, "wal")
-	for range 30 {
-		src.step()
-	}
-	f := newReplicaFS(t, false)
-	f.SetCheckpointFrames(1 << 30)
-	w := &follower{f: f, src: src}
-	w.applyNew(t, context.Background())
+	src, f, w := newFollowingReplica(t, false)
 	walPath := filepath.Join(f.DataDir, "dbs", "bank.db", "wal")
 	before := len(testingutil.MustReadFile(t, walPath))
 	for range 3 {
@@ -464,11 +439,7 @@ func TestFileSystem_ApplyWALFramesLost(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	var logged testingutil.LockedBuffer
-	again := fs.New(f.DataDir, f.MountDir)
-	again.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil))
-	again.SetReadOnly(true)
-	testingutil.MustOpenFS(t, again)
+	again, logged := restartFS(t, f, true)
 	if !strings.Contains(logged.String(), "finished applying the log's last files to the database") {
 		t.Fatalf("no word of the group applied again in the log:\n%s", logged.String())
 	}
@@ -485,4 +456,32 @@ func TestFileSystem_ApplyWALFramesLost(t *testing.T) {
 		t.Fatalf("after the restart a reader sees %d rows in blob, want %d", got, want)
 	}
 	r.mustExit(t)
+}
+
+// newFollowingReplica returns a bank of 30 transactions in WAL mode and a
+// replica (kernel locks if kernel) that applied them one at a time as WAL
+// frames, with no checkpoint.
+func newFollowingReplica(t *testing.T, kernel bool) (*bank, *fs.FileSystem, *follower) {
+	t.Helper()
+	src := newBank(t, "wal")
+	for range 30 {
+		src.step()
+	}
+	f := newReplicaFS(t, kernel)
+	f.SetCheckpointFrames(1 << 30)
+	w := &follower{f: f, src: src}
+	w.applyNew(t, context.Background())
+	return src, f, w
+}
+
+// restartFS opens the files of the closed filesystem f again, read-only
+// if readOnly, and returns it and what it logs.
+func restartFS(t *testing.T, f *fs.FileSystem, readOnly bool) (*fs.FileSystem, *testingutil.LockedBuffer) {
+	t.Helper()
+	logged := &testingutil.LockedBuffer{}
+	again := fs.New(f.DataDir, f.MountDir)
+	again.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(logged, testingutil.LogWriter(t)), nil))
+	again.SetReadOnly(readOnly)
+	testingutil.MustOpenFS(t, again)
+	return again, logged
 }

@@ -754,6 +754,13 @@ func TestSegment_Apply(t *testing.T) {
 	if got, want := logNames(t, dst.log.Dir), []string{".applying", "0000000000000001-0000000000000001.ltx", "0000000000000002.index", "0000000000000002.segment"}; !slices.Equal(got, want) {
 		t.Fatalf("replica's log directory: %v, want %v", got, want)
 	}
+	mustMatchPrimary(t, dst, src)
+}
+
+// mustMatchPrimary checks that replica dst holds the files of primary src
+// and its database, and again once its log is reopened.
+func mustMatchPrimary(t *testing.T, dst, src *fakeDB) {
+	t.Helper()
 	if !slices.Equal(names(dst.log.Files()), names(src.log.Files())) || dst.log.Pos() != src.log.Pos() {
 		t.Fatalf("replica at %s with %d files, primary at %s with %d", dst.log.Pos(), len(dst.log.Files()), src.log.Pos(), len(src.log.Files()))
 	}
@@ -931,21 +938,7 @@ func TestSegment_ApplyData(t *testing.T) {
 	if err := apply(17, 30, false, data[17:30]); err != nil {
 		t.Fatalf("apply files 17 to 30 from memory after the damaged ones: %v", err)
 	}
-	if !slices.Equal(names(dst.log.Files()), names(src.log.Files())) || dst.log.Pos() != src.log.Pos() {
-		t.Fatalf("replica at %s with %d files, primary at %s with %d", dst.log.Pos(), len(dst.log.Files()), src.log.Pos(), len(src.log.Files()))
-	}
-	if !bytes.Equal(testingutil.MustReadFile(t, dst.path), src.data) {
-		t.Fatal("replica's database differs from the primary's")
-	}
-	files := dst.log.Files()
-	dst.data = bytes.Clone(src.data)
-	if err := dst.reopen(0, nil); err != nil {
-		t.Fatal(err)
-	}
-	if !slices.Equal(dst.log.Files(), files) {
-		t.Fatal("replica's log reopened with other files")
-	}
-	readAll(t, dst.log)
+	mustMatchPrimary(t, dst, src)
 }
 
 // failingTarget writes a group's pages into the database file, and fails
@@ -1004,15 +997,5 @@ func TestSegment_ApplyRetried(t *testing.T) {
 			t.Fatalf("segment record %d holds txid %s, want %s", i, e.Header.MinTXID, want)
 		}
 	}
-	if !bytes.Equal(testingutil.MustReadFile(t, dst.path), src.data) {
-		t.Fatal("replica's database differs from the primary's")
-	}
-	files := dst.log.Files()
-	dst.data = bytes.Clone(src.data)
-	if err := dst.reopen(0, nil); err != nil {
-		t.Fatal(err)
-	}
-	if !slices.Equal(dst.log.Files(), files) || dst.log.Pos() != src.log.Pos() {
-		t.Fatalf("replica's log reopened at %s with other files, want %s", dst.log.Pos(), src.log.Pos())
-	}
+	mustMatchPrimary(t, dst, src)
 }
