@@ -62,6 +62,8 @@ type options struct {
 	// node: mount or kernel.
 	replicaLocks string
 	warmReads    bool
+	// joinTmpfs puts the joining node's data_dir on /dev/shm.
+	joinTmpfs bool
 }
 
 func main() {
@@ -73,6 +75,7 @@ func main() {
 	flag.IntVar(&o.maxTx, "max-tx", 5000, "transactions committed at the maximum rate")
 	flag.StringVar(&replicas, "replicas", "1,3", "replica counts to measure")
 	flag.IntVar(&o.snapshotMB, "snapshot-mb", 100, "size of the database a joining node receives as a snapshot, MB (0: skip)")
+	flag.BoolVar(&o.joinTmpfs, "join-tmpfs", false, "put the joining node's data_dir on /dev/shm, so that the join's writes do not share the primary's disk, as on separate machines")
 	flag.StringVar(&o.litefs, "litefs", "", "also measure LiteFS, the litefs binary at this path, with one replica (scripts/install-litefs.sh builds v0.5.14)")
 	flag.StringVar(&o.sync, "synchronous", "NORMAL", "the writer's PRAGMA synchronous on the primary: NORMAL or FULL")
 	flag.StringVar(&o.journal, "journal", "WAL", "the writer's PRAGMA journal_mode on the primary: WAL or DELETE")
@@ -265,7 +268,7 @@ func measureCluster(h *harness, o options, n int, res *results) error {
 		}
 	}
 	if join {
-		if res.snap, err = measureSnapshot(h, c, o.snapshotMB); err != nil {
+		if res.snap, err = measureSnapshot(h, c, o.snapshotMB, o.joinTmpfs); err != nil {
 			return err
 		}
 	}
@@ -511,7 +514,7 @@ type snapshotResult struct {
 // starts a node that has none of the cluster's databases, and times until
 // it is at the primary's positions; then it times copying the primary's
 // backing files, with an fsync, on the same disk.
-func measureSnapshot(h *harness, c *testingutil.Cluster, mb int) (*snapshotResult, error) {
+func measureSnapshot(h *harness, c *testingutil.Cluster, mb int, tmpfs bool) (*snapshotResult, error) {
 	primary := c.Node(c.Primary)
 	db, err := sql.Open("sqlite3", "file:"+filepath.Join(primary.MountDir, "big.db")+"?_journal_mode=wal&_synchronous=NORMAL")
 	if err != nil {
@@ -542,6 +545,20 @@ func measureSnapshot(h *harness, c *testingutil.Cluster, mb int) (*snapshotResul
 		res.bytes += fi.Size()
 	}
 	joiner := c.Node(joinerSpec.Name)
+	if tmpfs {
+		dir, err := os.MkdirTemp("/dev/shm", "replbench-join-")
+		if err != nil {
+			return nil, fmt.Errorf("data_dir on tmpfs: %w", err)
+		}
+		defer func() { _ = os.RemoveAll(dir) }()
+		if err := os.RemoveAll(joiner.DataDir); err != nil {
+			return nil, err
+		}
+		if err := os.Symlink(dir, joiner.DataDir); err != nil {
+			return nil, fmt.Errorf("data_dir on tmpfs: %w", err)
+		}
+		fmt.Fprintf(os.Stderr, "snapshot: %s keeps its data_dir in %s\n", joiner.Name, dir)
+	}
 
 	// The app goes on writing: one 64 KiB row per transaction, anywhere
 	// in the database, from a second before the join to its end.
