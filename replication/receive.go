@@ -46,26 +46,32 @@ const maxChunk = 256 << 10
 // file, unless Client.ReceiveInMemory says otherwise: most files hold one
 // transaction and are much smaller, and a replica appends them to its log
 // from memory, with no file created, renamed or opened again per
-// transaction. Memory is bounded by the files a stream holds at once (see
-// receiver), each of at most this size.
+// transaction. The files a stream holds in memory at once, in flight and
+// received, take at most maxMemory bytes; past that they go to files too.
 const maxInMemory = 1 << 20
+
+// maxMemory bounds the bytes of the files a stream holds in memory.
+const maxMemory = 64 << 20
 
 // receiver reassembles the files of one stream from its frames. Files of
 // different databases may interleave; each database has at most one file
 // in flight, and the stream at most maxFiles, whose sizes, with those of
 // the files received and not yet applied, add up to at most maxBytes.
 //
-// Files received and waiting to be applied need no bound of their own for
-// memory: the stream stops being read while the queue to the applier is
-// full, so there are at most MaxGroup of them queued, a group of at most
-// MaxGroup applying and one waiting for room in the queue, each holding
-// no more than its File. Their disk is bounded with those in flight, by
-// maxBytes: a file does not begin while they hold the room it needs.
+// Files received and waiting to be applied are few: the stream stops being
+// read while the queue to the applier is full, so there are at most
+// MaxGroup of them queued, a group of at most MaxGroup applying and one
+// waiting for room in the queue. Those received in memory, with those in
+// flight in memory, take at most memory bytes (a file that would take
+// more goes to a file); the others' disk is bounded with those in flight,
+// by maxBytes: a file does not begin while they hold the room it needs.
 type receiver struct {
 	dir      string      // where files are assembled
 	spares   *ltx.Spares // files to write over instead, if not nil
 	maxSize  int64
 	inMemory int64  // files of at most this size are received in memory
+	memory   int64  // while the files in memory take less than this
+	inMemIn  int64  // sizes announced of the files in flight in memory
 	maxFiles int    // files in flight; 0: no bound
 	maxBytes int64  // bytes in flight and held; 0: no bound
 	peer     string // who sends the files, for errors: "primary iad-1"
@@ -78,8 +84,9 @@ type receiver struct {
 // yet applied or given back: the receiver adds them, and the applier takes
 // them away, on another goroutine.
 type held struct {
-	bytes atomic.Int64
-	freed chan struct{} // takes a token when bytes go down
+	bytes  atomic.Int64
+	memory atomic.Int64  // of those, the bytes of files in memory
+	freed  chan struct{} // takes a token when bytes go down
 }
 
 func newHeld() *held { return &held{freed: make(chan struct{}, 1)} }
@@ -87,6 +94,9 @@ func newHeld() *held { return &held{freed: make(chan struct{}, 1)} }
 // done takes away the bytes of a file applied or given back.
 func (h *held) done(f *File) {
 	h.bytes.Add(-f.Info.Size)
+	if f.Data != nil {
+		h.memory.Add(-f.Info.Size)
+	}
 	select {
 	case h.freed <- struct{}{}:
 	default:
@@ -172,7 +182,7 @@ func verifyBytes(b []byte) *verifyResult {
 // newReceiver returns a receiver of files of at most maxSize bytes, into
 // spares or new files in dir, with no bound on the files in flight.
 func newReceiver(dir string, maxSize int64, spares *ltx.Spares) *receiver {
-	return &receiver{dir: dir, spares: spares, maxSize: maxSize, inMemory: maxInMemory, peer: "the primary", files: make(map[string]*incoming), held: newHeld()}
+	return &receiver{dir: dir, spares: spares, maxSize: maxSize, inMemory: maxInMemory, memory: maxMemory, peer: "the primary", files: make(map[string]*incoming), held: newHeld()}
 }
 
 // close removes the files still in flight.
@@ -181,7 +191,7 @@ func (r *receiver) close() {
 		in.discard()
 		delete(r.files, db)
 	}
-	r.inFlight = 0
+	r.inFlight, r.inMemIn = 0, 0
 }
 
 func (in *incoming) discard() {
@@ -215,9 +225,10 @@ func (r *receiver) begin(ctx context.Context, b *meridianv1.LTXBegin) error {
 	if err := r.room(ctx, db, int64(room)); err != nil {
 		return err
 	}
-	if room <= uint64(r.inMemory) {
+	if room <= uint64(r.inMemory) && r.inMemIn+r.held.memory.Load()+int64(room) <= r.memory {
 		r.files[db] = &incoming{begin: b, room: room, buf: make([]byte, 0, room)}
 		r.inFlight += int64(room)
+		r.inMemIn += int64(room)
 		return nil
 	}
 	f, err := r.create()
@@ -318,12 +329,18 @@ func (r *receiver) end(e *meridianv1.LTXEnd) (*File, error) {
 	}
 	delete(r.files, db)
 	r.inFlight -= int64(in.room)
+	if in.f == nil {
+		r.inMemIn -= int64(in.room)
+	}
 	f, err := in.verify(e)
 	if err != nil {
 		in.discard()
 		return nil, err
 	}
 	r.held.bytes.Add(f.Info.Size)
+	if f.Data != nil {
+		r.held.memory.Add(f.Info.Size)
+	}
 	return f, nil
 }
 

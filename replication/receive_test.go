@@ -189,8 +189,9 @@ func TestReceiver_Streamed(t *testing.T) {
 
 // TestReceiver_InMemory: a file of at most inMemory bytes arrives in
 // memory, with no file created; a larger one in a file of the receiver's
-// directory; both hold the bytes sent. A file in memory that does not
-// verify is refused as one in a file is.
+// directory; both hold the bytes sent. Files in memory take at most the
+// receiver's memory bound. A file in memory that does not verify is
+// refused as one in a file is.
 func TestReceiver_InMemory(t *testing.T) {
 	next := seedLTX(t)[1]
 	size := int64(len(next))
@@ -213,7 +214,22 @@ func TestReceiver_InMemory(t *testing.T) {
 	if got, err := os.ReadFile(large.Path); err != nil || !bytes.Equal(got, next) {
 		t.Fatalf("%s: %d bytes, %v; want the %d sent", large.Path, len(got), err, size)
 	}
-	rv.inMemory = size
+	// The files held in memory take at most rv.memory: past it, in a
+	// file; once they are applied, in memory again.
+	rv.inMemory, rv.memory = size, 2*size // a.db holds one of the two
+	held := mustReceive(t, rv, "d.db", next)
+	if held.Data == nil {
+		t.Fatal("second file in memory, within the bound of two: received into a file")
+	}
+	over := mustReceive(t, rv, "e.db", next)
+	if over.Data != nil || over.Path == "" {
+		t.Fatalf("third file in memory, past the bound of two: %d bytes in memory, Path %q; want a file", len(over.Data), over.Path)
+	}
+	rv.held.done(held)
+	if again := mustReceive(t, rv, "f.db", next); again.Data == nil {
+		t.Fatal("a file once one in memory was applied: received into a file, want it in memory")
+	}
+	rv.inMemory, rv.memory = size, maxMemory
 	bad := bytes.Clone(next)
 	bad[len(bad)-20] ^= 0xff // in the trailer's checksums
 	if _, err := receiveFrames(rv, fileFrames("c.db", bad, 0)); !errors.Is(err, ErrProtocol) || !strings.Contains(err.Error(), "c.db") {
