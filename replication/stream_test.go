@@ -216,8 +216,17 @@ func TestStream_Resume(t *testing.T) {
 	if got := c.snapshots(); len(got) != 1 {
 		t.Fatalf("snapshots applied: %v, want only the first, for lack of a position", got)
 	}
-	if st := cl.Status(); st.Epoch != 1 || !st.Connected || st.Applied["a.db"].Pos != c.primary.Log("a.db").Pos() {
-		t.Fatalf("client status %+v", st)
+	// The client records a group as applied once the target's apply
+	// returns, a moment after the target's position moved.
+	want := c.primary.Log("a.db").Pos()
+	for deadline := time.Now().Add(waitTimeout); ; time.Sleep(time.Millisecond) {
+		st := cl.Status()
+		if st.Epoch == 1 && st.Connected && st.Applied["a.db"].Pos == want {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("client status %+v after %v, want epoch 1, connected, a.db applied at %s", st, waitTimeout, want)
+		}
 	}
 }
 
