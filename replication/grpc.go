@@ -47,6 +47,16 @@ const (
 
 	// minConnectTimeout is how long one attempt to connect may take.
 	minConnectTimeout = 5 * time.Second
+
+	// streamWindow and connWindow are the HTTP/2 flow-control windows of
+	// each stream and of the connection, fixed rather than grown by gRPC's
+	// bandwidth estimator: a receiver returns credit once a quarter of a
+	// window is used, so a stream of small files costs one WINDOW_UPDATE
+	// per megabyte rather than one every few files, and no estimator
+	// pings. The windows bound what a peer may send that the other side
+	// has not read yet.
+	streamWindow = 4 << 20
+	connWindow   = 16 << 20
 )
 
 // insecureWarning is logged once per server and per Dialer made without
@@ -192,6 +202,8 @@ func NewGRPCServer(srv *Server, tlsConfig *tls.Config) *grpc.Server {
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: serverKeepaliveTime, Timeout: keepaliveTimeout}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: keepaliveMinTime, PermitWithoutStream: true}),
 		grpc.WaitForHandlers(true),
+		grpc.InitialWindowSize(streamWindow),
+		grpc.InitialConnWindowSize(connWindow),
 	)
 	meridianv1.RegisterReplicationServiceServer(s, srv)
 	return s
@@ -251,6 +263,8 @@ func Dial(addr string, tlsConfig *tls.Config, logger *slog.Logger) (*Dialer, err
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageSize), grpc.MaxCallSendMsgSize(MaxMessageSize)),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: keepaliveTime, Timeout: keepaliveTimeout, PermitWithoutStream: true}),
 		grpc.WithConnectParams(grpc.ConnectParams{Backoff: bo, MinConnectTimeout: minConnectTimeout}),
+		grpc.WithInitialWindowSize(streamWindow),
+		grpc.WithInitialConnWindowSize(connWindow),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("dial replication primary %s: %w", addr, err)
