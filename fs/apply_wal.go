@@ -324,9 +324,11 @@ func (t *walTarget) leaveWAL() error {
 // publishes it in the wal-index. Caller holds d.mu and the WAL write lock.
 //
 // A group the log holds durably needs no fsync of its frames here: a
-// crash that loses them leaves the database behind the log, and the log's
-// Open applies the group again (see ltx.ApplyTarget). So readers see it an
-// fsync sooner. The frames are fsynced before the log prunes the group's
+// crash that loses them, and maybe those of the groups before (the WAL's
+// checksums keep a prefix of its frames), leaves the database behind the
+// log at the end of one of its files, and the log's Open applies the files
+// after it again (see ltx.ApplyTarget). So readers see it an fsync sooner.
+// The frames are fsynced before the log compacts or prunes the group's
 // files (syncAppliedWAL), and checkpoints fsync the database file they
 // copy them into.
 func (d *DB) appendWALTx(pgnos []uint32, pages [][]byte, commit, pageSize uint32, sync bool) error {

@@ -409,53 +409,62 @@ func TestFileSystem_ApplyWALSnapshot(t *testing.T) {
 
 // TestFileSystem_ApplyWALFramesLost: a replica appends a group's frames to
 // the WAL without an fsync, once the group is durable in its log. A power
-// cut that loses them leaves the database behind the log; the restart
-// applies the group again from the log, and the replica is where the
-// primary was.
+// cut that loses them leaves the database behind the log, by one group or
+// by several (the WAL is fsynced only before the log prunes, so the frames
+// of every group since may be lost, and its checksums keep only a prefix
+// of them); the restart applies the groups again from the log, and the
+// replica is where the primary was.
 func TestFileSystem_ApplyWALFramesLost(t *testing.T) {
-	src, f, w := newFollowingReplica(t, false)
-	walPath := filepath.Join(f.DataDir, "dbs", "bank.db", "wal")
-	before := len(testingutil.MustReadFile(t, walPath))
-	for range 3 {
-		src.step()
-	}
-	var paths []string
-	for _, file := range src.log.Files()[w.applied:] {
-		paths = append(paths, filepath.Join(src.log.Dir, file.Name))
-	}
-	if _, err := f.ApplyFiles(context.Background(), "bank.db", paths, fs.ApplyOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	if after := len(testingutil.MustReadFile(t, walPath)); after <= before {
-		t.Fatalf("the WAL holds %d bytes after the group, %d before it; want the group's frames", after, before)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := f.Close(ctx); err != nil {
-		t.Fatal(err)
-	}
-	// The power cut: the group's frames never reached the disk.
-	if err := os.Truncate(walPath, int64(before)); err != nil {
-		t.Fatal(err)
-	}
+	for _, groups := range []int{1, 3} {
+		t.Run(fmt.Sprintf("Groups%d", groups), func(t *testing.T) {
+			src, f, w := newFollowingReplica(t, false)
+			walPath := filepath.Join(f.DataDir, "dbs", "bank.db", "wal")
+			before := len(testingutil.MustReadFile(t, walPath))
+			for range groups {
+				for range 3 {
+					src.step()
+				}
+				var paths []string
+				for _, file := range src.log.Files()[w.applied:] {
+					paths = append(paths, filepath.Join(src.log.Dir, file.Name))
+				}
+				if _, err := f.ApplyFiles(context.Background(), "bank.db", paths, fs.ApplyOptions{}); err != nil {
+					t.Fatal(err)
+				}
+				w.applied = len(src.log.Files())
+			}
+			if after := len(testingutil.MustReadFile(t, walPath)); after <= before {
+				t.Fatalf("the WAL holds %d bytes after the groups, %d before them; want the groups' frames", after, before)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			if err := f.Close(ctx); err != nil {
+				t.Fatal(err)
+			}
+			// The power cut: the groups' frames never reached the disk.
+			if err := os.Truncate(walPath, int64(before)); err != nil {
+				t.Fatal(err)
+			}
 
-	again, logged := restartFS(t, f, true)
-	if !strings.Contains(logged.String(), "finished applying the log's last files to the database") {
-		t.Fatalf("no word of the group applied again in the log:\n%s", logged.String())
+			again, logged := restartFS(t, f, true)
+			if !strings.Contains(logged.String(), "finished applying the log's last files to the database") {
+				t.Fatalf("no word of the groups applied again in the log:\n%s", logged.String())
+			}
+			if got := again.DB("bank.db").Pos(); got != src.log.Pos() {
+				t.Fatalf("after the restart the database is at %s, want %s", got, src.log.Pos())
+			}
+			backing := filepath.Join(again.DataDir, "dbs", "bank.db", "database")
+			if !bytes.Equal(testingutil.MustReadFile(t, backing), testingutil.MustReadFile(t, src.path)) {
+				t.Fatal("after the restart the replica's database file differs from the source's")
+			}
+			r := startStepReader(t, again)
+			r.step(t)
+			if got, want := r.mustReadLine(t, "saw"), src.blobs(t); got != want {
+				t.Fatalf("after the restart a reader sees %d rows in blob, want %d", got, want)
+			}
+			r.mustExit(t)
+		})
 	}
-	if got := again.DB("bank.db").Pos(); got != src.log.Pos() {
-		t.Fatalf("after the restart the database is at %s, want %s", got, src.log.Pos())
-	}
-	backing := filepath.Join(again.DataDir, "dbs", "bank.db", "database")
-	if !bytes.Equal(testingutil.MustReadFile(t, backing), testingutil.MustReadFile(t, src.path)) {
-		t.Fatal("after the restart the replica's database file differs from the source's")
-	}
-	r := startStepReader(t, again)
-	r.step(t)
-	if got, want := r.mustReadLine(t, "saw"), src.blobs(t); got != want {
-		t.Fatalf("after the restart a reader sees %d rows in blob, want %d", got, want)
-	}
-	r.mustExit(t)
 }
 
 // newFollowingReplica returns a bank of 30 transactions in WAL mode and a

@@ -459,6 +459,13 @@ func (f *FileSystem) maintainLoop(ctx context.Context) {
 func (f *FileSystem) Maintain(ctx context.Context) error {
 	now := time.Now()
 	for _, d := range f.dbList() {
+		// The frames a replica appended, of the files compacted or pruned,
+		// must be durable first: after a power cut the log's Open applies
+		// again the files after the one the database is at, which must
+		// still be there, whole.
+		if err := d.syncAppliedWAL(); err != nil {
+			return fmt.Errorf("maintain log of %s: %w", d.Name, err)
+		}
 		merged, err := d.log.Compact(ctx, now.Add(-f.CompactAge))
 		if err != nil {
 			return fmt.Errorf("compact log of %s: %w", d.Name, err)
@@ -469,10 +476,6 @@ func (f *FileSystem) Maintain(ctx context.Context) error {
 		f.mu.Unlock()
 		if ackedFn != nil {
 			acked = min(acked, ackedFn(d.Name))
-		}
-		// The frames of the files pruned must be durable first.
-		if err := d.syncAppliedWAL(); err != nil {
-			return fmt.Errorf("prune log of %s: %w", d.Name, err)
 		}
 		pruned, err := d.log.Prune(ctx, acked, now)
 		if err != nil {

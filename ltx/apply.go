@@ -372,11 +372,12 @@ func (o *ApplyOptions) data(i int) []byte {
 type ApplyTarget interface {
 	DatabaseFile
 	// Sync makes the group's pages durable. If logged, it need not do so
-	// at once: the group is durable in the log's segment, and the marker
-	// on disk names it or an earlier group until the next Open, which
-	// finishes what a crash lost of it (see applySegment). The target must
-	// then make them durable before the log lets the group's files go
-	// (Prune).
+	// at once: the group is durable in the log's segment, and the next
+	// Open applies again what a crash lost of it and of the groups before
+	// it (see rollForward), provided the crash leaves the database at the
+	// end of one of the log's files, as a WAL's checksums do. The target
+	// must then make the pages durable before the log compacts or prunes
+	// the group's files.
 	Sync(logged bool) error
 }
 
@@ -672,28 +673,46 @@ func writeApplying(path, name string, sync bool) error {
 }
 
 // rollForward finishes applying the log's last files to a database that
-// a crash left in the middle of Apply or ApplyFiles: the marker names the
-// first file of the group, and t holds the page checksums of the
-// database as it is. It writes nothing unless the group, applied over t,
-// gives exactly its last file's post-apply checksum, and reports whether
-// it applied it. Caller holds l.wmu and l.mu.
+// a crash left behind the log while the log was applying files to it (the
+// marker names a file), and reports whether it did; t holds the page
+// checksums of the database as it is. It applies them from the first file
+// of the group the marker names (a crash in the middle of Apply or
+// ApplyFiles); failing that, from the file after the one whose post-apply
+// checksum the database has: a replica appends WAL frames without an
+// fsync (see ApplyTarget), so a power cut may leave its database several
+// groups behind the log, at the end of one of its files. It writes nothing
+// unless the files, applied over t, give exactly the last file's
+// post-apply checksum. Caller holds l.wmu and l.mu.
 func (l *Log) rollForward(ctx context.Context, t *ChecksumTable) (bool, error) {
 	marker, err := os.ReadFile(l.path(applyingName))
-	if errors.Is(err, os.ErrNotExist) {
-		return false, nil
+	if errors.Is(err, os.ErrNotExist) || err == nil && len(marker) == 0 {
+		return false, nil // a database behind a log that was not applying is left alone
 	} else if err != nil {
 		return false, err
 	}
 	// The marker may name a group before the last (see applySegment), whose
 	// first file may since be part of a compacted one.
-	min, _, err := ParseName(string(marker))
-	if err != nil {
-		return false, nil
+	if min, _, err := ParseName(string(marker)); err == nil {
+		first := slices.IndexFunc(l.files, func(f *logFile) bool { return f.info.Header.MaxTXID >= min })
+		if first >= 0 && l.files[first].info.Header.MinTXID <= min {
+			if ok, err := l.rollFrom(ctx, t, first); ok || err != nil {
+				return ok, err
+			}
+		}
 	}
-	first := slices.IndexFunc(l.files, func(f *logFile) bool { return f.info.Header.MaxTXID >= min })
-	if first < 0 || l.files[first].info.Header.MinTXID > min {
-		return false, nil
+	for i := len(l.files) - 2; i >= 0; i-- {
+		if info := l.files[i].info; info.PostApplyChecksum == t.Checksum() && info.Header.Commit == t.Pages() {
+			return l.rollFrom(ctx, t, i+1)
+		}
 	}
+	return false, nil
+}
+
+// rollFrom applies the log's files from l.files[first] on to the database
+// whose page checksums t holds, if that gives exactly the last file's
+// post-apply checksum, and reports whether it did. Caller holds l.wmu and
+// l.mu.
+func (l *Log) rollFrom(ctx context.Context, t *ChecksumTable, first int) (bool, error) {
 	group := l.files[first:]
 	last := group[len(group)-1].info
 	dry := t.Clone()

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -150,19 +152,33 @@ func TestLog_ApplyRollForward(t *testing.T) {
 	files := src.log.Files()
 
 	for _, tt := range []struct {
-		name  string
-		crash func(t *testing.T, dst *ltx.Log, last ltx.FileInfo) // leaves dst's directory as a crash would
-		want  error                                               // nil: rolled forward
+		name   string
+		crash  func(t *testing.T, dst *ltx.Log, last ltx.FileInfo) // leaves dst's directory as a crash would
+		want   error                                               // nil: rolled forward
+		behind int                                                 // files the database lacks before the last (in the log)
 	}{
 		{"FileInLogOnly", func(t *testing.T, dst *ltx.Log, last ltx.FileInfo) {
 			copyFile(t, filepath.Join(src.log.Dir, last.Name), filepath.Join(dst.Dir, last.Name))
 			writeMarker(t, dst, last)
-		}, nil},
+		}, nil, 0},
+		// A replica's WAL frames of the groups before the marker's lost
+		// too, and the marker names a group the crash kept from the log:
+		// the database is at the end of an earlier file of the log.
+		{"BehindTheMarker", func(t *testing.T, dst *ltx.Log, last ltx.FileInfo) {
+			copyFile(t, filepath.Join(src.log.Dir, last.Name), filepath.Join(dst.Dir, last.Name))
+			next := last.Header.MaxTXID + 1
+			if err := os.WriteFile(filepath.Join(dst.Dir, ".applying"), []byte(ltx.FormatName(next, next)), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}, nil, 3},
+		{"ErrBehindNoMarker", func(t *testing.T, dst *ltx.Log, last ltx.FileInfo) {
+			copyFile(t, filepath.Join(src.log.Dir, last.Name), filepath.Join(dst.Dir, last.Name))
+		}, &ltx.DatabaseMismatchError{}, 3},
 		{"ErrNoMarker", func(t *testing.T, dst *ltx.Log, last ltx.FileInfo) {
 			// The same files without the marker: a database behind its
 			// log that nothing says was being applied is left alone.
 			copyFile(t, filepath.Join(src.log.Dir, last.Name), filepath.Join(dst.Dir, last.Name))
-		}, &ltx.DatabaseMismatchError{}},
+		}, &ltx.DatabaseMismatchError{}, 0},
 		{"PartlyWritten", func(t *testing.T, dst *ltx.Log, last ltx.FileInfo) {
 			copyFile(t, filepath.Join(src.log.Dir, last.Name), filepath.Join(dst.Dir, last.Name))
 			writeMarker(t, dst, last)
@@ -182,7 +198,7 @@ func TestLog_ApplyRollForward(t *testing.T) {
 			if _, err := db.WriteAt(want[off:off+int64(src.pageSize)], off); err != nil {
 				t.Fatal(err)
 			}
-		}, nil},
+		}, nil, 0},
 		{"ErrOtherChange", func(t *testing.T, dst *ltx.Log, last ltx.FileInfo) {
 			copyFile(t, filepath.Join(src.log.Dir, last.Name), filepath.Join(dst.Dir, last.Name))
 			writeMarker(t, dst, last)
@@ -194,24 +210,30 @@ func TestLog_ApplyRollForward(t *testing.T) {
 			if _, err := db.WriteAt([]byte("not from any file"), 100); err != nil {
 				t.Fatal(err)
 			}
-		}, &ltx.DatabaseMismatchError{}},
+		}, &ltx.DatabaseMismatchError{}, 0},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			dst := newReplicaLog(t)
-			applyAll(t, dst, src.log, files[:len(files)-1])
+			applied := len(files) - 1 - tt.behind
+			applyAll(t, dst, src.log, files[:applied])
 			before := testingutil.MustReadFile(t, dst.DBPath)
 			if err := dst.Close(); err != nil {
 				t.Fatal(err)
 			}
+			for _, f := range files[applied : len(files)-1] {
+				copyFile(t, filepath.Join(src.log.Dir, f.Name), filepath.Join(dst.Dir, f.Name))
+			}
 			tt.crash(t, dst, files[len(files)-1])
 			l := testingutil.NewLog(t, "db", dst.Dir, dst.DBPath)
+			var logged testingutil.LockedBuffer
+			l.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, testingutil.LogWriter(t)), nil))
 			err := l.Open(context.Background())
 			if tt.want != nil {
 				var mismatch *ltx.DatabaseMismatchError
 				if !errors.As(err, &mismatch) {
 					t.Fatalf("Open: %v, want a DatabaseMismatchError", err)
 				}
-				if got := testingutil.MustReadFile(t, dst.DBPath); bytes.Equal(got, src.data) || (tt.name == "ErrNoMarker" && !bytes.Equal(got, before)) {
+				if got := testingutil.MustReadFile(t, dst.DBPath); bytes.Equal(got, src.data) || (tt.name != "ErrOtherChange" && !bytes.Equal(got, before)) {
 					t.Fatal("Open changed a database that does not match the log")
 				}
 				return
@@ -220,6 +242,9 @@ func TestLog_ApplyRollForward(t *testing.T) {
 				t.Fatalf("Open: %v", err)
 			}
 			defer l.Close()
+			if want := fmt.Sprintf("files=%d from=%s", 1+tt.behind, files[applied].PreApplyPos()); !strings.Contains(logged.String(), want) {
+				t.Fatalf("Open logged:\n%s\nwant the files it applied again, %q", logged.String(), want)
+			}
 			if l.Pos() != src.log.Pos() || !bytes.Equal(testingutil.MustReadFile(t, dst.DBPath), src.data) {
 				t.Fatalf("after Open the log is at %s and the database equal to the source's: %v; want %s and true",
 					l.Pos(), bytes.Equal(testingutil.MustReadFile(t, dst.DBPath), src.data), src.log.Pos())
