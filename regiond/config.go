@@ -51,6 +51,9 @@ const (
 	DefaultSyncAcks      = 1
 	DefaultSyncTimeout   = 5 * time.Second
 	DefaultSyncOnTimeout = "fail"
+
+	// DefaultMaxLag is router.max_lag.
+	DefaultMaxLag = 10 * time.Second
 )
 
 // Bounds of replication.max_in_flight_files and max_in_flight_bytes: each
@@ -94,7 +97,26 @@ type Config struct {
 	Lease       LeaseConfig       `yaml:"lease"`
 	Replication ReplicationConfig `yaml:"replication"`
 	TLS         TLSConfig         `yaml:"tls"`
+	Admin       AdminConfig       `yaml:"admin"`
+	Router      RouterConfig      `yaml:"router"`
 	Log         LogConfig         `yaml:"log"`
+}
+
+// AdminConfig sets up the admin HTTP API (see Daemon.AdminHandler).
+type AdminConfig struct {
+	// Listen is the host:port the admin API listens on, plain HTTP; ""
+	// serves none. It says what the node holds and lets anyone who
+	// reaches it read that: bind it to loopback or a private interface.
+	Listen string `yaml:"listen"`
+}
+
+// RouterConfig holds the router's settings. Only max_lag exists yet: the
+// readiness of a replica.
+type RouterConfig struct {
+	// MaxLag is how far behind the primary a replica may be and still be
+	// ready (/readyz): the time since the commit of the oldest transaction
+	// it has not applied, or since it last heard from the primary.
+	MaxLag Duration `yaml:"max_lag"`
 }
 
 // FSConfig tunes the FUSE mount.
@@ -173,6 +195,7 @@ type Peer struct {
 	Node   string `yaml:"node"`   // its node name (its certificate's name)
 	Region string `yaml:"region"` // its region
 	Addr   string `yaml:"addr"`   // its replication.listen address, host:port
+	Admin  string `yaml:"admin"`  // its admin.listen address, for `regiond status`; "" if unknown
 }
 
 // TLSConfig names the mTLS material a node uses with its peers (see
@@ -249,7 +272,8 @@ func DefaultConfig() Config {
 			SyncAcks: DefaultSyncAcks, SyncTimeout: Duration(DefaultSyncTimeout), SyncOnTimeout: DefaultSyncOnTimeout,
 			MaxInFlightFiles: DefaultMaxInFlightFiles, MaxInFlightBytes: DefaultMaxInFlightBytes,
 			MaxFileSize: DefaultMaxFileSize},
-		Log: LogConfig{Level: DefaultLogLevel, Format: DefaultLogFormat},
+		Router: RouterConfig{MaxLag: Duration(DefaultMaxLag)},
+		Log:    LogConfig{Level: DefaultLogLevel, Format: DefaultLogFormat},
 	}
 }
 
@@ -469,6 +493,16 @@ type problems []string
 
 func (p *problems) add(format string, args ...any) { *p = append(*p, fmt.Sprintf(format, args...)) }
 
+// hostPort adds a problem if v is set and not host:port.
+func (p *problems) hostPort(key, v, example string) {
+	if v == "" {
+		return
+	}
+	if _, _, err := net.SplitHostPort(v); err != nil {
+		p.add("%s: %q is not host:port (e.g. %s)", key, v, example)
+	}
+}
+
 func (p *problems) name(key, v, what string) {
 	if v == "" {
 		p.add("%s: required (%s)", key, what)
@@ -520,6 +554,10 @@ func (c *Config) Validate() error {
 	}
 	c.validateReplication(&p)
 	c.validateTLS(&p)
+	p.hostPort("admin.listen", c.Admin.Listen, "127.0.0.1:20211")
+	if c.Router.MaxLag <= 0 {
+		p.add("router.max_lag: %v must be greater than 0 (e.g. 10s)", c.Router.MaxLag)
+	}
 	p.oneOf("fs.locks", c.FS.Locks, fsLocks)
 	if c.FS.SpareFiles < 0 || c.FS.SpareFiles > fs.DefaultMaxSpares {
 		p.add("fs.spare_files: %d is not between 0 and %d", c.FS.SpareFiles, fs.DefaultMaxSpares)
@@ -540,11 +578,7 @@ func (c *Config) Validate() error {
 // primary with peers. (A replica whose primary has no address runs, read
 // only and not replicating; the daemon says so.)
 func (c *Config) validateReplication(p *problems) {
-	if c.Replication.Listen != "" {
-		if _, _, err := net.SplitHostPort(c.Replication.Listen); err != nil {
-			p.add("replication.listen: %q is not host:port (e.g. 127.0.0.1:20210)", c.Replication.Listen)
-		}
-	}
+	p.hostPort("replication.listen", c.Replication.Listen, "127.0.0.1:20210")
 	seen := map[string]bool{}
 	for i, peer := range c.Replication.Peers {
 		key := fmt.Sprintf("replication.peers[%d]", i)
@@ -557,11 +591,8 @@ func (c *Config) validateReplication(p *problems) {
 			p.add("%s.node: %q is listed twice", key, peer.Node)
 		}
 		seen[peer.Node] = true
-		if peer.Addr != "" {
-			if _, _, err := net.SplitHostPort(peer.Addr); err != nil {
-				p.add("%s.addr: %q is not host:port (e.g. 127.0.0.1:20210)", key, peer.Addr)
-			}
-		}
+		p.hostPort(key+".addr", peer.Addr, "127.0.0.1:20210")
+		p.hostPort(key+".admin", peer.Admin, "127.0.0.1:20211")
 	}
 	if c.IsPrimary() && c.Replication.Listen == "" && len(c.Replication.Peers) > 0 {
 		p.add("replication.listen: required on the primary when replication.peers lists replicas (e.g. 127.0.0.1:20210)")

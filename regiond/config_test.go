@@ -35,7 +35,7 @@ lease:
 replication:
   listen: 127.0.0.1:20210
   peers:
-    - {node: fra-1, region: fra, addr: 127.0.0.1:20220}
+    - {node: fra-1, region: fra, addr: 127.0.0.1:20220, admin: 127.0.0.1:20221}
     - node: syd-1
       region: syd
   retention: 90s
@@ -53,6 +53,10 @@ tls:
   cert: certs/iad-1.crt
   key: certs/iad-1.key
   insecure: true
+admin:
+  listen: 127.0.0.1:20211
+router:
+  max_lag: 3s
 log:
   level: debug
   format: json
@@ -78,8 +82,9 @@ func TestParseConfig_Defaults(t *testing.T) {
 		Replication: regiond.ReplicationConfig{Retention: regiond.Duration(10 * time.Minute), MaxRetention: regiond.Duration(24 * time.Hour), Durability: "async",
 			SyncAcks: 1, SyncTimeout: regiond.Duration(5 * time.Second), SyncOnTimeout: "fail", MaxInFlightFiles: 32, MaxInFlightBytes: 64 << 30,
 			MaxFileSize: 64 << 30},
-		TLS: regiond.TLSConfig{CA: "/etc/meridian/ca.pem", Cert: "/etc/meridian/iad-1.pem", Key: "/etc/meridian/iad-1-key.pem"},
-		Log: regiond.LogConfig{Level: "info", Format: "text"},
+		TLS:    regiond.TLSConfig{CA: "/etc/meridian/ca.pem", Cert: "/etc/meridian/iad-1.pem", Key: "/etc/meridian/iad-1-key.pem"},
+		Router: regiond.RouterConfig{MaxLag: regiond.Duration(10 * time.Second)},
+		Log:    regiond.LogConfig{Level: "info", Format: "text"},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("got %+v, want %+v", got, want)
@@ -99,13 +104,15 @@ func TestParseConfig_Full(t *testing.T) {
 		FS:       regiond.FSConfig{Locks: "mount", Passthrough: false, SpareFiles: 100, LogSegmentSize: 1 << 20},
 		Lease:    regiond.LeaseConfig{Type: "static", Candidate: false, StaticPrimary: "iad-1"},
 		Replication: regiond.ReplicationConfig{Listen: "127.0.0.1:20210", Peers: []regiond.Peer{
-			{Node: "fra-1", Region: "fra", Addr: "127.0.0.1:20220"}, {Node: "syd-1", Region: "syd"}},
+			{Node: "fra-1", Region: "fra", Addr: "127.0.0.1:20220", Admin: "127.0.0.1:20221"}, {Node: "syd-1", Region: "syd"}},
 			Retention: regiond.Duration(90 * time.Second), MaxRetention: regiond.Duration(time.Hour), Durability: "sync", SyncAcks: 2, SyncRegions: true,
 			SyncTimeout: regiond.Duration(2 * time.Second), SyncOnTimeout: "degrade", MaxInFlightFiles: 8, MaxInFlightBytes: 1 << 30,
 			MaxFileSize: 512 << 20},
 		TLS: regiond.TLSConfig{CA: "/etc/pki/meridian/cluster.pem", Cert: "/etc/meridian/certs/iad-1.crt",
 			Key: "/etc/meridian/certs/iad-1.key", Insecure: true},
-		Log: regiond.LogConfig{Level: "debug", Format: "json"},
+		Admin:  regiond.AdminConfig{Listen: "127.0.0.1:20211"},
+		Router: regiond.RouterConfig{MaxLag: regiond.Duration(3 * time.Second)},
+		Log:    regiond.LogConfig{Level: "debug", Format: "json"},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("got %+v, want %+v", got, want)
@@ -174,7 +181,7 @@ func TestParseConfig_Errors(t *testing.T) {
 		{"TooManySpareFiles", base + "fs:\n  spare_files: 100000\n", []string{`fs.spare_files: 100000 is not between 0 and 65536`}},
 		{"SmallSegments", base + "fs:\n  log_segment_size: 4096\n", []string{`fs.log_segment_size: 4096 is not 0 (a file per transaction) or between 65536 (64 KiB) and 1073741824 (1 GiB)`}},
 		{"UnknownKey", base + "replicaton:\n  retention: 1m\n",
-			[]string{`line 3: unknown key "replicaton" (keys: node, region, data_dir, mount_dir, fs, lease, replication, tls, log)`}},
+			[]string{`line 3: unknown key "replicaton" (keys: node, region, data_dir, mount_dir, fs, lease, replication, tls, admin, router, log)`}},
 		{"UnknownNestedKey", base + "replication:\n  retenton: 1m\n", []string{`line 4: unknown key "replication.retenton" (keys under replication: listen, peers, retention, max_retention, durability, sync_acks, sync_regions, sync_timeout, sync_on_timeout, max_in_flight_files, max_in_flight_bytes, max_file_size)`}},
 		{"FutureKey", base + "lease:\n  ttl: 10s\n", []string{`unknown key "lease.ttl"`}},
 		{"UnknownTLSKey", base + "tls:\n  verify: false\n", []string{`line 4: unknown key "tls.verify" (keys under tls: ca, cert, key, insecure)`}},
@@ -456,6 +463,12 @@ func TestValidate_Replication(t *testing.T) {
 			`replication.peers[1].node: "fra-1" is listed twice`},
 		{"BadAddr", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:1, peers: [{node: fra-1, region: fra, addr: nowhere}]}\ntls: {insecure: true}\n",
 			`replication.peers[0].addr: "nowhere" is not host:port`},
+		{"BadPeerAdmin", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:1, peers: [{node: fra-1, region: fra, admin: 20221}]}\ntls: {insecure: true}\n",
+			`replication.peers[0].admin: "20221" is not host:port (e.g. 127.0.0.1:20211)`},
+		{"BadAdminListen", "node: iad-1\nregion: iad\nadmin: {listen: localhost}\ntls: {insecure: true}\n",
+			`admin.listen: "localhost" is not host:port (e.g. 127.0.0.1:20211)`},
+		{"ZeroMaxLag", "node: iad-1\nregion: iad\nrouter: {max_lag: 0s}\ntls: {insecure: true}\n",
+			`router.max_lag: 0s must be greater than 0 (e.g. 10s)`},
 		{"PrimaryWithoutListen", "node: iad-1\nregion: iad\nreplication: {peers: [{node: fra-1, region: fra}]}\ntls: {insecure: true}\n",
 			`replication.listen: required on the primary`},
 		{"MaxRetentionShort", "node: iad-1\nregion: iad\nreplication: {retention: 1h, max_retention: 10m}\ntls: {insecure: true}\n",
@@ -485,7 +498,7 @@ func TestValidate_Replication(t *testing.T) {
 		{"SyncRegionsNone", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:1, durability: sync, sync_regions: true, peers: [{node: iad-2, region: iad}]}\ntls: {insecure: true}\n",
 			`replication.sync_regions: no peer is in a region other than "iad"`},
 		{"UnknownPeerKey", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:1, peers: [{node: fra-1, region: fra, adr: x}]}\ntls: {insecure: true}\n",
-			`unknown key "replication.peers[0].adr" (keys under replication.peers[0]: node, region, addr)`},
+			`unknown key "replication.peers[0].adr" (keys under replication.peers[0]: node, region, addr, admin)`},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			_, err := parse(t, tt.yaml)

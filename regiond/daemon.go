@@ -27,7 +27,8 @@ type Daemon struct {
 	// "regiond lock-holder"); see fs.FileSystem.LockHolder.
 	LockHolder func() *exec.Cmd
 
-	repl *replicationNode
+	repl  *replicationNode
+	admin *adminServer
 }
 
 // NewDaemon returns a daemon for a validated config.
@@ -86,12 +87,26 @@ func (d *Daemon) Open(ctx context.Context) error {
 	} else {
 		d.Logger.Info("serving read-only as a replica (static lease)", "primary", c.Lease.StaticPrimary, "mount_dir", c.MountDir)
 	}
+	admin, err := d.startAdmin()
+	if err != nil {
+		closeCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = d.Close(closeCtx)
+		return err
+	}
+	d.admin = admin
 	return nil
 }
 
 // Close unmounts and closes everything, waiting up to ctx's deadline for
 // apps to close their files.
 func (d *Daemon) Close(ctx context.Context) error {
+	if d.admin != nil {
+		actx, cancel := context.WithTimeout(ctx, time.Second)
+		d.admin.close(actx)
+		cancel()
+		d.admin = nil
+	}
 	if d.FS != nil && d.repl != nil && d.repl.gate != nil {
 		// No new writes; commits already waiting for replicas get their
 		// acknowledgements while replication still runs, for up to

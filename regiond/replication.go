@@ -10,7 +10,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -97,18 +96,19 @@ func (t fsTarget) Apply(ctx context.Context, db string, files []*replication.Fil
 // every node with replication.listen runs (streams on the primary, status
 // everywhere) and, on a replica, the client streaming from the primary.
 type replicationNode struct {
-	logger *slog.Logger
-	gate   *replication.Gate // sync durability on the primary, nil in async
-	server *grpc.Server
-	dialer *replication.Dialer
-	client *replication.Client
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	logger   *slog.Logger
+	gate     *replication.Gate // sync durability on the primary, nil in async
+	streamer *replication.Streamer
+	server   *grpc.Server
+	dialer   *replication.Dialer
+	client   *replication.Client
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
 }
 
 // openReplication starts the replication server and, on a replica, the
 // stream from the primary.
-func (d *Daemon) openReplication(f *fs.FileSystem) (*replicationNode, error) {
+func (d *Daemon) openReplication(f *fs.FileSystem) (_ *replicationNode, openErr error) {
 	c := d.Config
 	r := &replicationNode{logger: d.Logger.With("component", "replication")}
 	tmp := filepath.Join(c.DataDir, "tmp")
@@ -133,6 +133,7 @@ func (d *Daemon) openReplication(f *fs.FileSystem) (*replicationNode, error) {
 		}
 		streamer := replication.NewStreamer(fsSource{f}, c.Node, epoch, tmp)
 		streamer.Logger = r.logger
+		r.streamer = streamer
 		if primary {
 			f.SetAcked(ackedBy(streamer, c.PeerNodes()))
 			if c.Replication.Durability == "sync" {
@@ -147,7 +148,7 @@ func (d *Daemon) openReplication(f *fs.FileSystem) (*replicationNode, error) {
 				return nil, err
 			}
 		}
-		srv := replication.NewServer(streamer, d.status(f, primary, r.gate))
+		srv := replication.NewServer(streamer, func(context.Context) *meridianv1.StatusResponse { return d.statusOf(f, r).proto() })
 		srv.Logger = r.logger
 		ln, err := net.Listen("tcp", c.Replication.Listen)
 		if err != nil {
@@ -155,12 +156,19 @@ func (d *Daemon) openReplication(f *fs.FileSystem) (*replicationNode, error) {
 			return nil, fmt.Errorf("replication.listen %s: %w", c.Replication.Listen, err)
 		}
 		r.server = replication.NewGRPCServer(srv, tlsConfig)
-		r.wg.Go(func() {
-			if err := r.server.Serve(ln); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
-				r.logger.Error("replication server stopped", "err", err)
+		// It serves once r is complete: its status reads r.
+		defer func() {
+			if openErr != nil {
+				_ = ln.Close()
+				return
 			}
-		})
-		r.logger.Info("replication server listening", "addr", ln.Addr().String(), "peers", c.PeerNodes())
+			r.wg.Go(func() {
+				if err := r.server.Serve(ln); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+					r.logger.Error("replication server stopped", "err", err)
+				}
+			})
+			r.logger.Info("replication server listening", "addr", ln.Addr().String(), "peers", c.PeerNodes())
+		}()
 	}
 	if primary {
 		return r, nil
@@ -250,51 +258,7 @@ func ackedBy(s *replication.Streamer, peers []string) func(string) ltx.TXID {
 // last transaction applied committed on the primary (an upper bound, by
 // the primary's clock), or since the last heartbeat when there is none.
 func (r *replicationNode) lag() string {
-	st := r.client.Status()
-	now := time.Now()
-	var behind time.Duration
-	for db, hwm := range st.Primary {
-		a, ok := st.Applied[db]
-		switch {
-		case ok && a.Pos == hwm:
-		case ok:
-			behind = max(behind, now.Sub(a.CommittedAt))
-		case !st.HeartbeatAt.IsZero():
-			behind = max(behind, now.Sub(st.HeartbeatAt))
-		}
-	}
-	if !st.Connected && !st.HeartbeatAt.IsZero() {
-		behind = max(behind, now.Sub(st.HeartbeatAt))
-	}
-	return strconv.FormatInt(behind.Milliseconds(), 10)
-}
-
-// status returns the node's own view for the Status RPC.
-func (d *Daemon) status(f *fs.FileSystem, primary bool, gate *replication.Gate) func(context.Context) *meridianv1.StatusResponse {
-	return func(context.Context) *meridianv1.StatusResponse {
-		resp := &meridianv1.StatusResponse{Node: d.Config.Node, Region: d.Config.Region, Role: meridianv1.Role_ROLE_REPLICA}
-		if primary {
-			resp.Role, resp.Epoch = meridianv1.Role_ROLE_PRIMARY, staticEpoch
-			resp.Durability = &meridianv1.Durability{Mode: d.Config.Replication.Durability}
-			if gate != nil {
-				st := gate.Status()
-				resp.Durability.Quorum, resp.Durability.Degraded = st.Quorum, st.Degraded
-				resp.Durability.Timeouts, resp.Durability.Waiting = st.Timeouts, uint32(st.Waiting)
-				if !st.DegradedSince.IsZero() {
-					resp.Durability.DegradedSinceUnixNano = st.DegradedSince.UnixNano()
-				}
-			}
-		}
-		names := f.DBs()
-		slices.Sort(names)
-		for _, name := range names {
-			if db := f.DB(name); db != nil {
-				p := db.Log().Pos()
-				resp.Positions = append(resp.Positions, &meridianv1.DatabasePosition{Db: name, Txid: uint64(p.TXID), PostApplyChecksum: uint64(p.PostApplyChecksum)})
-			}
-		}
-		return resp
-	}
+	return strconv.FormatInt(behind(r.client.Status(), time.Now()).Milliseconds(), 10)
 }
 
 // close stops the client and the server.

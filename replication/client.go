@@ -377,6 +377,12 @@ func (c *Client) apply(ctx context.Context, conn ClientConn, db string, files []
 		c.status.Applied = make(map[string]Applied)
 	}
 	c.status.Applied[db] = Applied{Pos: pos, CommittedAt: last.CommittedAt, AppliedAt: now}
+	if c.status.Primary == nil {
+		c.status.Primary = make(map[string]ltx.Pos)
+	}
+	if p, ok := c.status.Primary[db]; !ok || p.TXID < pos.TXID {
+		c.status.Primary[db] = pos // the primary is there at least
+	}
 	c.mu.Unlock()
 	ack := &meridianv1.Ack{Db: db, Txid: uint64(pos.TXID), PostApplyChecksum: uint64(pos.PostApplyChecksum), AppliedAtUnixNano: now.UnixNano()}
 	return conn.Send(&meridianv1.StreamRequest{Frame: &meridianv1.StreamRequest_Ack{Ack: ack}})

@@ -1,8 +1,8 @@
 // Command regiond is Meridian's per-region daemon and its tools.
 //
-// `regiond run` runs the daemon; `regiond ltx` holds the tools for LTX logs
-// and database files; `regiond ca` makes the cluster's mTLS material.
-// `status` and the cluster commands come with replication and leases.
+// `regiond run` runs the daemon; `regiond status` prints the cluster from
+// the nodes' admin APIs; `regiond ltx` holds the tools for LTX logs and
+// database files; `regiond ca` makes the cluster's mTLS material.
 package main
 
 import (
@@ -45,6 +45,7 @@ Usage:
 Commands:
 
 	run    run the daemon: mount the databases and capture every transaction
+	status print the cluster: each node's role, readiness, lag and positions
 	ltx    inspect, verify and restore LTX logs and database files
 	ca     make the cluster's CA and each node's certificate and key
 
@@ -72,6 +73,8 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runLTX(ctx, args[1:], stdout, stderr)
 	case "ca":
 		return runCA(ctx, args[1:], stdout, stderr)
+	case "status":
+		return runStatus(ctx, args[1:], stdout, stderr)
 	case lockHolderCmd:
 		if len(args) > 1 {
 			return usagef("%s takes no arguments; regiond starts it itself", lockHolderCmd)

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -53,6 +55,9 @@ type ClusterNodeSpec struct {
 	// Replication holds more keys of its replication section, one per
 	// line, e.g. "durability: sync".
 	Replication []string
+	// Extra holds more top-level lines of its regiond.yml, e.g.
+	// "router: {max_lag: 1s}".
+	Extra []string
 }
 
 // Cluster is a cluster of real `regiond run` processes on loopback, with
@@ -74,6 +79,7 @@ type Cluster struct {
 type ClusterNode struct {
 	ClusterNodeSpec
 	Addr     string // replication.listen, 127.0.0.1:PORT
+	Admin    string // admin.listen, 127.0.0.1:PORT
 	Dir      string // holds regiond.yml, its certificate and key, and its log
 	DataDir  string
 	MountDir string
@@ -113,6 +119,7 @@ func NewCluster(tb TB, command func(args ...string) *exec.Cmd, primary string, s
 		n := &ClusterNode{
 			ClusterNodeSpec: s,
 			Addr:            FreeAddr(tb),
+			Admin:           FreeAddr(tb),
 			Dir:             dir,
 			DataDir:         filepath.Join(dir, "data"),
 			MountDir:        filepath.Join(dir, "mnt"),
@@ -179,7 +186,7 @@ func (c *Cluster) writeConfig(n *ClusterNode) {
 	fmt.Fprintf(&b, "replication:\n  listen: %s\n  peers:\n", n.Addr)
 	for _, p := range c.Nodes {
 		if p != n {
-			fmt.Fprintf(&b, "    - {node: %s, region: %s, addr: %q}\n", p.Name, p.Region, p.Addr)
+			fmt.Fprintf(&b, "    - {node: %s, region: %s, addr: %q, admin: %q}\n", p.Name, p.Region, p.Addr, p.Admin)
 		}
 	}
 	for _, line := range n.Replication {
@@ -187,6 +194,10 @@ func (c *Cluster) writeConfig(n *ClusterNode) {
 	}
 	fmt.Fprintf(&b, "tls: {ca: %q, cert: %q, key: %q}\n", n.caFile,
 		filepath.Join(n.Dir, n.Name+".pem"), filepath.Join(n.Dir, n.Name+"-key.pem"))
+	fmt.Fprintf(&b, "admin: {listen: %q}\n", n.Admin)
+	for _, line := range n.Extra {
+		fmt.Fprintf(&b, "%s\n", line)
+	}
 	fmt.Fprintf(&b, "log: {level: debug}\n")
 	if err := os.WriteFile(n.Config, []byte(b.String()), 0o644); err != nil {
 		c.tb.Fatal(err)
@@ -275,14 +286,24 @@ func (n *ClusterNode) start(tb TB) {
 // startMarker begins the log of each run of a node.
 const startMarker = "=== harness: starting "
 
-// ready reports whether the node's current run has logged that it serves:
-// mounted, replicating, and admitting writes if it is the primary.
+// ready reports whether the node's admin API answers /healthz: the node
+// serves, mounted, replicating, and admitting writes if it is the primary.
 func (n *ClusterNode) ready() bool {
-	log := n.Log()
-	if i := strings.LastIndex(log, startMarker); i >= 0 {
-		log = log[i:]
+	code, _, err := n.AdminGet("/healthz")
+	return err == nil && code == http.StatusOK
+}
+
+// AdminGet gets path from the node's admin API and returns the status
+// code and body.
+func (n *ClusterNode) AdminGet(path string) (int, []byte, error) {
+	client := http.Client{Timeout: 5 * time.Second}
+	resp, err := client.Get("http://" + n.Admin + path)
+	if err != nil {
+		return 0, nil, err
 	}
-	return strings.Contains(log, "msg=\"serving as primary") || strings.Contains(log, "msg=\"serving read-only as a replica")
+	defer func() { _ = resp.Body.Close() }()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, b, err
 }
 
 // waitMounted waits until the node's mount is in /proc/self/mountinfo and
