@@ -410,11 +410,9 @@ func (d *DB) publishWalIndex(shm *os.File) error {
 // none, or the caller holds every READ lock but READ0.
 func (d *DB) newWALGeneration(pageSize uint32) error {
 	if d.wal.file == nil {
-		f, err := os.OpenFile(d.path(walFile), os.O_RDWR|os.O_CREATE, 0o644)
-		if err != nil {
+		if err := createWAL(d.path(walFile)); err != nil {
 			return err
 		}
-		_ = f.Close()
 		if err := d.openWALFile(); err != nil {
 			return err
 		}
@@ -633,6 +631,24 @@ func (d *DB) copyFrames(from, to uint32, all bool) ([]uint32, error) {
 	return pgnos, nil
 }
 
+// truncateWAL empties the backing WAL. A WAL fenced against the writers
+// that opened it before the mount became read-only (fenceWAL) is made
+// writable for the moment and fenced again: the caller holds SQLite's
+// writers off, so none of them writes meanwhile. Caller holds d.mu.
+func (d *DB) truncateWAL() error {
+	if d.walFenced {
+		if err := setImmutable(d.wal.file, false); err != nil {
+			return fmt.Errorf("WAL of %s: %w", d.Name, err)
+		}
+		defer func() {
+			if err := setImmutable(d.wal.file, true); err != nil {
+				d.logger.Error("fence the WAL again after emptying it", "db", d.Name, "err", err)
+			}
+		}()
+	}
+	return d.wal.file.Truncate(0)
+}
+
 // foldWAL copies every committed frame of a WAL the applier wrote (with
 // any, of any WAL: a replica's apply into the database file must not
 // leave older pages in the WAL, where readers would find them first) into
@@ -664,7 +680,7 @@ func (d *DB) foldWAL(any bool) ([]uint32, error) {
 			return nil, err
 		}
 	}
-	if err := d.wal.file.Truncate(0); err != nil {
+	if err := d.truncateWAL(); err != nil {
 		return nil, err
 	}
 	if err := os.Remove(d.path(walAppliedFile)); err != nil && !errors.Is(err, os.ErrNotExist) {

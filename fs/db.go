@@ -882,6 +882,19 @@ func (d *DB) openWALFile() error {
 	return nil
 }
 
+// createWAL creates an empty WAL at path if there is none. One that is
+// there is left for openWALFile, which lifts a fence a stopped daemon
+// left on it.
+func createWAL(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	if errors.Is(err, os.ErrExist) {
+		return nil
+	} else if err != nil {
+		return err
+	}
+	return f.Close()
+}
+
 // unfence clears the immutable flag of the file at path.
 func unfence(path string) error {
 	f, err := os.Open(path)
@@ -902,11 +915,7 @@ func (d *DB) ensureWAL() error {
 	if !walMode(d.file) {
 		return nil
 	}
-	f, err := os.OpenFile(d.path(walFile), os.O_RDWR|os.O_CREATE, 0o644)
-	if err != nil {
-		return err
-	}
-	if err := f.Close(); err != nil {
+	if err := createWAL(d.path(walFile)); err != nil {
 		return err
 	}
 	return d.openWALFile()

@@ -674,6 +674,9 @@ func (f *FileSystem) dbList() []*DB {
 // (which WAL-mode readers write) work as before, so open readers are not
 // disturbed.
 func (f *FileSystem) SetReadOnly(readOnly bool) {
+	if f.readOnly.Load() == readOnly {
+		return // as it is: a WAL opened since stays unfenced (see fenceWAL)
+	}
 	if !readOnly && f.readOnly.Load() {
 		// Before apps may write: they would append to the WAL the applier
 		// wrote, which capture cannot tell from its own.
@@ -710,6 +713,20 @@ func (f *FileSystem) SetReadOnly(readOnly bool) {
 		}
 		d.mu.Unlock()
 	}
+}
+
+// EndApplying readies every database's log to commit transactions of its
+// own after it was given them by ApplyFiles (see ltx.Log.EndApplying): a
+// replica that becomes the primary calls it once its applies have
+// stopped, before it makes the mount writable.
+func (f *FileSystem) EndApplying() error {
+	var errs []error
+	for _, d := range f.dbList() {
+		if err := d.log.EndApplying(); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", d.Name, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // ReadOnly reports whether the mount is read-only.

@@ -411,6 +411,15 @@ func (r *raw) Unlink(cancel <-chan struct{}, in *fuse.InHeader, name string) fus
 		err = d.endJournal(ctx)
 	case kindWAL:
 		if err = d.endWAL(ctx, 0); err == nil && d.wal.file != nil {
+			if d.walFenced {
+				// No process has it open any more: nothing is left to
+				// fence off, and the applier writes it.
+				if ferr := setImmutable(d.wal.file, false); ferr != nil {
+					d.logger.Error("lift the fence of a WAL nobody has open", "db", d.Name, "err", ferr)
+				} else {
+					d.walFenced = false
+				}
+			}
 			_ = d.wal.file.Close()
 			d.wal.file = nil
 			d.wal.passthrough = false // decided again when it is opened

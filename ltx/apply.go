@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/meridian-db/meridian/internal/durable"
 )
 
 // Apply adds the LTX file at path, received whole from another node's log,
@@ -281,6 +283,35 @@ type unappliedGroup struct {
 	seg *segment
 	n   int
 	end int64
+}
+
+// EndApplying makes a log that was given files (ApplyFiles, Apply) one
+// that commits its own, as when a replica becomes the primary: it empties
+// the apply marker durably, which would otherwise name the last group
+// applied, and Open would take what is committed after it for an
+// unfinished group. The database must match the log: a group whose apply
+// failed and was not applied again is an error, and nothing changes.
+func (l *Log) EndApplying() error {
+	l.wmu.Lock()
+	defer l.wmu.Unlock()
+	if l.unapplied != nil {
+		return fmt.Errorf("log %s: a group of files failed to apply to the database and was not applied again; "+
+			"the database does not match the log and cannot take commits", l.Dir)
+	}
+	if l.marker == nil && l.marked == 0 {
+		if fi, err := os.Stat(l.path(applyingName)); err != nil || fi.Size() == 0 {
+			return nil // not applying
+		}
+	}
+	if l.marker != nil {
+		_ = l.marker.Close()
+		l.marker = nil
+	}
+	l.marked = 0
+	if err := durable.WriteFile(l.path(applyingName), nil); err != nil {
+		return fmt.Errorf("log %s: empty the apply marker: %w", l.Dir, err)
+	}
+	return nil
 }
 
 // mark writes name into the apply marker, fsynced if sync. Caller holds

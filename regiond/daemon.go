@@ -9,9 +9,11 @@ import (
 	"hash/fnv"
 	"log/slog"
 	"os/exec"
+	"sync/atomic"
 	"time"
 
 	"github.com/meridian-db/meridian/fs"
+	"github.com/meridian-db/meridian/replication"
 )
 
 // Daemon is one node of a Meridian cluster.
@@ -29,6 +31,10 @@ type Daemon struct {
 
 	repl  *replicationNode
 	admin *adminServer
+	role  role
+	// epoch is the lease epoch the node holds while it is primary, 0
+	// while it is a replica.
+	epoch atomic.Uint64
 }
 
 // NewDaemon returns a daemon for a validated config.
@@ -52,40 +58,35 @@ func (d *Daemon) Open(ctx context.Context) error {
 	f.LogSegmentSize = c.FS.LogSegmentSize
 	f.Passthrough = c.FS.Passthrough
 	f.Logger = d.Logger.With("component", "fs")
-	primary := c.IsPrimary()
-	if !primary {
-		// Set before mounting, so no app ever sees a writable replica.
-		f.SetReadOnly(true)
-		f.SetPrimary(c.Lease.StaticPrimary)
-	} else {
-		f.SetLag(func() string { return "0" })
-	}
-	holdWrites := primary && c.Replication.Durability == "sync"
-	if holdWrites {
-		// No write until the commit wait is in place: one committed
-		// before would return unacknowledged.
-		f.SetReadOnly(true)
-	}
+	// Read-only until the role is taken: no app ever sees a writable
+	// replica, nor a primary's mount before its commits can wait for
+	// replicas (sync durability).
+	f.SetReadOnly(true)
 	if err := f.Open(ctx); err != nil {
 		return err
 	}
 	d.FS = f
 	repl, err := d.openReplication(f)
+	if err == nil {
+		d.repl = repl
+		d.role.mu.Lock()
+		if c.IsPrimary() {
+			err = d.becomePrimary(ctx, false)
+		} else {
+			err = d.becomeReplica(c.Lease.StaticPrimary)
+		}
+		d.role.mu.Unlock()
+	}
 	if err != nil {
 		closeCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
+		if d.repl != nil {
+			d.repl.close()
+			d.repl = nil
+		}
 		_ = f.Close(closeCtx)
 		d.FS = nil
 		return err
-	}
-	d.repl = repl
-	if holdWrites {
-		f.SetReadOnly(false)
-	}
-	if primary {
-		d.Logger.Info("serving as primary (static lease)", "mount_dir", c.MountDir, "dbs", f.DBs())
-	} else {
-		d.Logger.Info("serving read-only as a replica (static lease)", "primary", c.Lease.StaticPrimary, "mount_dir", c.MountDir)
 	}
 	admin, err := d.startAdmin()
 	if err != nil {
@@ -107,7 +108,7 @@ func (d *Daemon) Close(ctx context.Context) error {
 		cancel()
 		d.admin = nil
 	}
-	if d.FS != nil && d.repl != nil && d.repl.gate != nil {
+	if g := d.gate(); d.FS != nil && g != nil {
 		// No new writes; commits already waiting for replicas get their
 		// acknowledgements while replication still runs, for up to
 		// replication.sync_timeout. Those still waiting then end as
@@ -116,7 +117,6 @@ func (d *Daemon) Close(ctx context.Context) error {
 		// commit past its commit point (the wal-index), and reaches the
 		// replicas when this node runs again.
 		d.FS.SetReadOnly(true)
-		g := d.repl.gate
 		dctx, cancel := context.WithTimeout(ctx, g.Timeout)
 		if n := g.Drain(dctx); n > 0 {
 			d.Logger.Error("shutting down with commits that replicas have not acknowledged", "waiting", n, "need", g.Quorum.String())
@@ -134,6 +134,15 @@ func (d *Daemon) Close(ctx context.Context) error {
 	}
 	d.Logger.Info("unmounted", "mount_dir", d.Config.MountDir)
 	return nil
+}
+
+// gate returns the sync durability gate while the node is primary in sync
+// durability, else nil.
+func (d *Daemon) gate() *replication.Gate {
+	if d.repl == nil {
+		return nil
+	}
+	return d.repl.gateNow()
 }
 
 // NodeID is the number stamped into the LTX files a node writes: a hash of

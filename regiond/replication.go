@@ -22,9 +22,6 @@ import (
 	"github.com/meridian-db/meridian/replication"
 )
 
-// staticEpoch is the lease epoch of a static lease: it never changes hands.
-const staticEpoch = 1
-
 // epochFile is the file in data_dir where a replica keeps the newest lease
 // epoch it has accepted frames from (see replication.EpochFile).
 const epochFile = "epoch"
@@ -93,24 +90,38 @@ func (t fsTarget) Apply(ctx context.Context, db string, files []*replication.Fil
 }
 
 // replicationNode is the replication side of a daemon: the gRPC server
-// every node with replication.listen runs (streams on the primary, status
-// everywhere) and, on a replica, the client streaming from the primary.
+// every node with replication.listen runs (streams while it is primary,
+// status always) and, while it is a replica, the follower streaming from
+// the primary.
 type replicationNode struct {
 	logger   *slog.Logger
-	gate     *replication.Gate // sync durability on the primary, nil in async
-	streamer *replication.Streamer
+	streamer *replication.Streamer // nil without replication.listen
 	server   *grpc.Server
-	dialer   *replication.Dialer
-	client   *replication.Client
+	ctx      context.Context // ends at close
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
+
+	mu       sync.Mutex
+	gate     *replication.Gate // sync durability while primary, nil in async
+	stopGate context.CancelFunc
+	follow   *follower // while a replica with its primary's addr
 }
 
-// openReplication starts the replication server and, on a replica, the
-// stream from the primary.
+// follower is a replica's stream from its primary.
+type follower struct {
+	primary string
+	dialer  *replication.Dialer
+	client  *replication.Client
+	cancel  context.CancelFunc
+	done    chan struct{} // closed when the client has stopped
+}
+
+// openReplication starts the replication server, if replication.listen
+// is set; the daemon's role decides whether it streams.
 func (d *Daemon) openReplication(f *fs.FileSystem) (_ *replicationNode, openErr error) {
 	c := d.Config
 	r := &replicationNode{logger: d.Logger.With("component", "replication")}
+	r.ctx, r.cancel = context.WithCancel(context.Background())
 	tmp := filepath.Join(c.DataDir, "tmp")
 	if err := os.RemoveAll(tmp); err != nil {
 		return nil, err
@@ -121,114 +132,150 @@ func (d *Daemon) openReplication(f *fs.FileSystem) (_ *replicationNode, openErr 
 	if w := c.TLSWarning(); w != "" {
 		r.logger.Warn(w)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	r.cancel = cancel
-	primary := c.IsPrimary()
-	if c.Replication.Listen != "" {
-		epoch := func() uint64 {
-			if primary {
-				return staticEpoch
-			}
-			return 0
-		}
-		streamer := replication.NewStreamer(fsSource{f}, c.Node, epoch, tmp)
-		streamer.Logger = r.logger
-		r.streamer = streamer
-		if primary {
-			f.SetAcked(ackedBy(streamer, c.PeerNodes()))
-			if c.Replication.Durability == "sync" {
-				r.gate = r.syncGate(ctx, f, streamer, c)
-			}
-		}
-		var tlsConfig *tls.Config
-		if !c.TLS.Insecure {
-			var err error
-			if tlsConfig, err = c.ServerTLS(c.PeerNodes); err != nil {
-				r.close()
-				return nil, err
-			}
-		}
-		srv := replication.NewServer(streamer, func(context.Context) *meridianv1.StatusResponse { return d.statusOf(f, r).proto() })
-		srv.Logger = r.logger
-		ln, err := net.Listen("tcp", c.Replication.Listen)
-		if err != nil {
-			r.close()
-			return nil, fmt.Errorf("replication.listen %s: %w", c.Replication.Listen, err)
-		}
-		r.server = replication.NewGRPCServer(srv, tlsConfig)
-		// It serves once r is complete: its status reads r.
-		defer func() {
-			if openErr != nil {
-				_ = ln.Close()
-				return
-			}
-			r.wg.Go(func() {
-				if err := r.server.Serve(ln); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
-					r.logger.Error("replication server stopped", "err", err)
-				}
-			})
-			r.logger.Info("replication server listening", "addr", ln.Addr().String(), "peers", c.PeerNodes())
-		}()
-	}
-	if primary {
+	if c.Replication.Listen == "" {
 		return r, nil
 	}
-	peer, ok := c.Peer(c.Lease.StaticPrimary)
+	r.streamer = replication.NewStreamer(fsSource{f}, c.Node, d.epoch.Load, tmp)
+	r.streamer.Logger = r.logger
+	var tlsConfig *tls.Config
+	if !c.TLS.Insecure {
+		var err error
+		if tlsConfig, err = c.ServerTLS(c.PeerNodes); err != nil {
+			r.close()
+			return nil, err
+		}
+	}
+	srv := replication.NewServer(r.streamer, func(context.Context) *meridianv1.StatusResponse { return d.statusOf(f, r).proto() })
+	srv.Logger = r.logger
+	ln, err := net.Listen("tcp", c.Replication.Listen)
+	if err != nil {
+		r.close()
+		return nil, fmt.Errorf("replication.listen %s: %w", c.Replication.Listen, err)
+	}
+	r.server = replication.NewGRPCServer(srv, tlsConfig)
+	r.wg.Go(func() {
+		if err := r.server.Serve(ln); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+			r.logger.Error("replication server stopped", "err", err)
+		}
+	})
+	r.logger.Info("replication server listening", "addr", ln.Addr().String(), "peers", c.PeerNodes())
+	return r, nil
+}
+
+// startFollowing streams from primary, if replication.peers has its
+// address. Caller holds the daemon's role lock; r follows no one.
+func (r *replicationNode) startFollowing(f *fs.FileSystem, c Config, primary string) error {
+	peer, ok := c.Peer(primary)
 	if !ok || peer.Addr == "" {
 		r.logger.Warn("not replicating: replication.peers has no addr for the primary, so this node's databases do not change",
-			"primary", c.Lease.StaticPrimary)
-		return r, nil
+			"primary", primary)
+		return nil
 	}
 	var tlsConfig *tls.Config
 	if !c.TLS.Insecure {
 		var err error
 		if tlsConfig, err = c.ClientTLS(peer.Node); err != nil {
-			r.close()
-			return nil, err
+			return err
 		}
 	}
 	dialer, err := replication.Dial(peer.Addr, tlsConfig, r.logger)
 	if err != nil {
-		r.close()
-		return nil, err
+		return err
 	}
-	r.dialer = dialer
-	r.client = replication.NewClient(c.Node, c.Region, fsTarget{f}, tmp)
-	r.client.Spares = f.Spares()
-	r.client.Logger = r.logger
-	r.client.PrimaryNode = peer.Node
-	r.client.MaxInFlightFiles, r.client.MaxInFlightBytes = c.Replication.MaxInFlightFiles, c.Replication.MaxInFlightBytes
-	r.client.MaxFileSize = c.Replication.MaxFileSize
-	r.client.Epochs = &replication.EpochFile{Path: filepath.Join(c.DataDir, epochFile)}
-	if err := r.client.LoadEpoch(ctx); err != nil {
-		r.close()
-		return nil, err
+	client := replication.NewClient(c.Node, c.Region, fsTarget{f}, filepath.Join(c.DataDir, "tmp"))
+	client.Spares = f.Spares()
+	client.Logger = r.logger
+	client.PrimaryNode = peer.Node
+	client.MaxInFlightFiles, client.MaxInFlightBytes = c.Replication.MaxInFlightFiles, c.Replication.MaxInFlightBytes
+	client.MaxFileSize = c.Replication.MaxFileSize
+	client.Epochs = &replication.EpochFile{Path: filepath.Join(c.DataDir, epochFile)}
+	if err := client.LoadEpoch(r.ctx); err != nil {
+		_ = dialer.Close()
+		return err
 	}
-	f.SetLag(r.lag)
-	r.wg.Go(func() { _ = r.client.Run(ctx, dialer.Stream) })
-	r.logger.Info("replicating from the primary", "primary", peer.Node, "addr", peer.Addr, "epoch", r.client.Status().Epoch)
-	return r, nil
+	ctx, cancel := context.WithCancel(r.ctx)
+	fw := &follower{primary: peer.Node, dialer: dialer, client: client, cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(fw.done)
+		_ = client.Run(ctx, dialer.Stream)
+	}()
+	r.mu.Lock()
+	r.follow = fw
+	r.mu.Unlock()
+	r.logger.Info("replicating from the primary", "primary", peer.Node, "addr", peer.Addr, "epoch", client.Status().Epoch)
+	return nil
 }
 
-// syncGate holds every commit on f until the replicas of
-// replication.sync_acks and sync_regions acknowledged it. A wait ends when
-// the daemon shuts down (ctx), failing the commit.
-func (r *replicationNode) syncGate(ctx context.Context, f *fs.FileSystem, s *replication.Streamer, c Config) *replication.Gate {
+// stopFollowing ends the stream from the primary, if any, once the group
+// being applied is applied (replication.Client.Stop). (Close cancels
+// r.ctx first, which interrupts it.)
+func (r *replicationNode) stopFollowing() {
+	r.mu.Lock()
+	fw := r.follow
+	r.follow = nil
+	r.mu.Unlock()
+	if fw == nil {
+		return
+	}
+	fw.client.Stop()
+	<-fw.done
+	fw.cancel()
+	_ = fw.dialer.Close()
+	r.logger.Info("stopped replicating from the primary", "primary", fw.primary)
+}
+
+// client returns the client of the stream from the primary, nil if none.
+func (r *replicationNode) client() *replication.Client {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.follow == nil {
+		return nil
+	}
+	return r.follow.client
+}
+
+// gateNow returns the sync gate, nil if none.
+func (r *replicationNode) gateNow() *replication.Gate {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.gate
+}
+
+// startGate holds every commit on f until the replicas of
+// replication.sync_acks and sync_regions acknowledged it. A wait ends,
+// failing the commit, when the node stops being primary or shuts down.
+func (r *replicationNode) startGate(f *fs.FileSystem, c Config) {
 	rc := c.Replication
-	g := &replication.Gate{Streamer: s, Timeout: time.Duration(rc.SyncTimeout), Degrade: rc.SyncOnTimeout == "degrade",
+	g := &replication.Gate{Streamer: r.streamer, Timeout: time.Duration(rc.SyncTimeout), Degrade: rc.SyncOnTimeout == "degrade",
 		Quorum: replication.Quorum{Acks: rc.SyncAcks}, Logger: r.logger}
 	if rc.SyncRegions {
 		g.Quorum.Regions = c.SyncRegions()
 	}
+	ctx, stop := context.WithCancel(r.ctx)
 	f.SetCommitWait(func(wctx context.Context, db string, txid ltx.TXID, canFail bool) error {
 		wctx, stop := context.WithCancel(wctx)
 		defer stop()
 		defer context.AfterFunc(ctx, stop)()
 		return g.Wait(wctx, db, txid, canFail)
 	})
+	r.mu.Lock()
+	r.gate, r.stopGate = g, stop
+	r.mu.Unlock()
 	r.logger.Info("sync durability: a commit returns once replicas acknowledge it", "quorum", g.Quorum.String(),
 		"timeout", g.Timeout, "on_timeout", rc.SyncOnTimeout)
-	return g
+}
+
+// endGate removes the sync gate, if any: commits waiting on it fail.
+func (r *replicationNode) endGate(f *fs.FileSystem) {
+	r.mu.Lock()
+	g, stop := r.gate, r.stopGate
+	r.gate, r.stopGate = nil, nil
+	r.mu.Unlock()
+	if g == nil {
+		return
+	}
+	f.SetCommitWait(nil)
+	stop()
 }
 
 // ackedBy returns the lowest TXID of a database that every replica in
@@ -258,19 +305,21 @@ func ackedBy(s *replication.Streamer, peers []string) func(string) ltx.TXID {
 // last transaction applied committed on the primary (an upper bound, by
 // the primary's clock), or since the last heartbeat when there is none.
 func (r *replicationNode) lag() string {
-	return strconv.FormatInt(behind(r.client.Status(), time.Now()).Milliseconds(), 10)
+	cl := r.client()
+	if cl == nil {
+		return "0"
+	}
+	return strconv.FormatInt(behind(cl.Status(), time.Now()).Milliseconds(), 10)
 }
 
-// close stops the client and the server.
+// close stops the follower and the server.
 func (r *replicationNode) close() {
 	if r.cancel != nil {
 		r.cancel()
 	}
+	r.stopFollowing()
 	if r.server != nil {
 		r.server.Stop()
-	}
-	if r.dialer != nil {
-		_ = r.dialer.Close()
 	}
 	r.wg.Wait()
 }

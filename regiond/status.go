@@ -122,7 +122,7 @@ type DurabilityStatus struct {
 func (d *Daemon) Status() Status {
 	if d.FS == nil || d.repl == nil {
 		c := d.Config
-		return Status{Node: c.Node, Region: c.Region, Role: RoleReplica, Primary: c.Lease.StaticPrimary, NotReady: "not open", Peers: peerStatus(c)}
+		return Status{Node: c.Node, Region: c.Region, Role: RoleReplica, Primary: d.Primary(), NotReady: "not open", Peers: peerStatus(c)}
 	}
 	return d.statusOf(d.FS, d.repl)
 }
@@ -131,7 +131,8 @@ func (d *Daemon) Status() Status {
 func (d *Daemon) statusOf(f *fs.FileSystem, r *replicationNode) Status {
 	c := d.Config
 	now := time.Now()
-	st := Status{Node: c.Node, Region: c.Region, Role: RoleReplica, Primary: c.Lease.StaticPrimary,
+	primary := d.Primary()
+	st := Status{Node: c.Node, Region: c.Region, Role: RoleReplica, Primary: primary,
 		MaxLagMS: time.Duration(c.Router.MaxLag).Milliseconds(), Peers: peerStatus(c)}
 	names := f.DBs()
 	slices.Sort(names)
@@ -143,8 +144,8 @@ func (d *Daemon) statusOf(f *fs.FileSystem, r *replicationNode) Status {
 			st.Databases = append(st.Databases, DatabaseStatus{Name: name, Pos: p.String(), TXID: uint64(p.TXID), pos: p})
 		}
 	}
-	if c.IsPrimary() {
-		st.Role, st.Epoch, st.Ready = RolePrimary, staticEpoch, true
+	if epoch := d.epoch.Load(); epoch != 0 {
+		st.Role, st.Epoch, st.Ready = RolePrimary, epoch, true
 		if r.streamer != nil {
 			for _, rs := range r.streamer.Replicas() {
 				st.Replicas = append(st.Replicas, replicaStatus(rs, logs, now))
@@ -152,18 +153,19 @@ func (d *Daemon) statusOf(f *fs.FileSystem, r *replicationNode) Status {
 			slices.SortFunc(st.Replicas, func(a, b ReplicaStatus) int { return cmp.Compare(a.Node, b.Node) })
 		}
 		st.Durability = &DurabilityStatus{Mode: c.Replication.Durability}
-		if g := r.gate; g != nil {
+		if g := r.gateNow(); g != nil {
 			gs := g.Status()
 			st.Durability.Quorum, st.Durability.Degraded, st.Durability.DegradedSince = gs.Quorum, gs.Degraded, gs.DegradedSince
 			st.Durability.Timeouts, st.Durability.Waiting = gs.Timeouts, gs.Waiting
 		}
 		return st
 	}
-	if r.client == nil {
-		st.NotReady = fmt.Sprintf("not replicating: replication.peers has no addr for the primary %s", c.Lease.StaticPrimary)
+	cl := r.client()
+	if cl == nil {
+		st.NotReady = fmt.Sprintf("not replicating: replication.peers has no addr for the primary %s", primary)
 		return st
 	}
-	cs := r.client.Status()
+	cs := cl.Status()
 	st.Epoch = cs.Epoch
 	st.Stream = &StreamStatus{Connected: cs.Connected, Reconnects: cs.Reconnects, LastHeard: cs.HeartbeatAt}
 	for i := range st.Databases {
@@ -177,9 +179,9 @@ func (d *Daemon) statusOf(f *fs.FileSystem, r *replicationNode) Status {
 	maxLag := time.Duration(c.Router.MaxLag)
 	switch {
 	case !cs.Connected && cs.HeartbeatAt.IsZero():
-		st.NotReady = fmt.Sprintf("not connected to the primary %s yet", c.Lease.StaticPrimary)
+		st.NotReady = fmt.Sprintf("not connected to the primary %s yet", primary)
 	case time.Duration(st.LagMS)*time.Millisecond > maxLag:
-		st.NotReady = fmt.Sprintf("%v behind the primary %s, more than router.max_lag %v", time.Duration(st.LagMS)*time.Millisecond, c.Lease.StaticPrimary, maxLag)
+		st.NotReady = fmt.Sprintf("%v behind the primary %s, more than router.max_lag %v", time.Duration(st.LagMS)*time.Millisecond, primary, maxLag)
 	default:
 		st.Ready = true
 	}

@@ -86,6 +86,11 @@ type Client struct {
 
 	mu     sync.Mutex
 	status ClientStatus
+	// stop ends Run's streams without interrupting an apply, which runs
+	// under applyCtx, Run's own context (see Stop).
+	stop     context.CancelFunc
+	applyCtx context.Context
+	stopped  bool // Stop was called
 }
 
 // NewClient returns a replica client with default tunables.
@@ -149,6 +154,15 @@ func (c *Client) Status() ClientStatus {
 // and when it ends Run waits a backoff and dials again. Each new stream
 // resumes from the positions the Target reports.
 func (c *Client) Run(ctx context.Context, dial func(context.Context) (ClientConn, error)) error {
+	applyCtx := ctx
+	ctx, stop := context.WithCancel(ctx)
+	defer stop()
+	c.mu.Lock()
+	c.stop, c.applyCtx = stop, applyCtx
+	if c.stopped {
+		stop()
+	}
+	c.mu.Unlock()
 	backoff := c.MinBackoff
 	for {
 		frames, err := c.attempt(ctx, dial)
@@ -171,6 +185,33 @@ func (c *Client) Run(ctx context.Context, dial func(context.Context) (ClientConn
 		}
 		backoff = min(2*backoff, c.MaxBackoff)
 	}
+}
+
+// Stop ends Run once the group being applied, if any, is applied and no
+// new group has begun: unlike cancelling Run's context, which interrupts
+// an apply and leaves the database for the next apply or restart to
+// finish, it leaves every database at the end of a group, as a replica
+// that becomes the primary needs. Run returns context.Canceled, at once
+// if Stop was called before it.
+func (c *Client) Stop() {
+	c.mu.Lock()
+	stop := c.stop
+	c.stopped = true
+	c.mu.Unlock()
+	if stop != nil {
+		stop()
+	}
+}
+
+// applyContext is the context applies run under: Run's own, which Stop
+// does not cancel, else ctx.
+func (c *Client) applyContext(ctx context.Context) context.Context {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.applyCtx != nil {
+		return c.applyCtx
+	}
+	return ctx
 }
 
 // attempt runs one stream and returns how many frames it received.
@@ -314,7 +355,13 @@ func (c *Client) applyQueued(ctx context.Context, conn ClientConn, h *held, queu
 			files = append(files, f)
 			size += f.Info.Size
 		}
-		err := c.applyFiles(ctx, conn, files)
+		if ctx.Err() != nil {
+			for _, f := range files {
+				c.release(h, f)
+			}
+			return ctx.Err()
+		}
+		err := c.applyFiles(c.applyContext(ctx), conn, files)
 		for _, f := range files {
 			c.release(h, f)
 		}

@@ -806,3 +806,71 @@ func TestStream_SnapshotStreamed(t *testing.T) {
 		t.Fatalf("the primary left %d files in its TempDir", len(entries))
 	}
 }
+
+// TestClient_StopFinishesApply stops a client while the target applies a
+// group: the apply is not interrupted (its context stays live), Run
+// returns once it is done, and the target is at the end of that group.
+// A Stop before Run makes Run return at once.
+func TestClient_StopFinishesApply(t *testing.T) {
+	c := newCluster(t)
+	c.primary.create("a.db", 1)
+	c.primary.steps("a.db", 5)
+	cl := c.client()
+	entered, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	var applyErr atomic.Value
+	c.target.mu.Lock()
+	c.target.before = func(db string, files []*replication.File) {
+		once.Do(func() {
+			close(entered)
+			<-release
+		})
+	}
+	c.target.mu.Unlock()
+	ctxCheck := &ctxTarget{target: c.target, err: &applyErr}
+	cl.Target = ctxCheck
+	done := make(chan error, 1)
+	go func() { done <- cl.Run(context.Background(), c.dial) }()
+	waitClosed(t, entered, "the first apply to begin")
+	cl.Stop()
+	select {
+	case err := <-done:
+		t.Fatalf("Run returned %v while an apply was in progress", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	close(release)
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("Run after Stop: %v, want context.Canceled", err)
+		}
+	case <-time.After(waitTimeout):
+		t.Fatalf("Run did not return %v after Stop and the apply's end", waitTimeout)
+	}
+	if err, _ := applyErr.Load().(error); err != nil {
+		t.Fatalf("the apply's context ended while it applied: %v", err)
+	}
+	if got := c.target.count(); got != 1 {
+		t.Fatalf("the target applied %d files, want the 1 of the group Stop let finish", got)
+	}
+
+	again := c.client()
+	again.Stop()
+	if err := again.Run(context.Background(), c.dial); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Run after Stop: %v, want context.Canceled at once", err)
+	}
+}
+
+// ctxTarget records whether an Apply's context had ended when it returned.
+type ctxTarget struct {
+	*target
+	err *atomic.Value
+}
+
+func (t *ctxTarget) Apply(ctx context.Context, db string, files []*replication.File) (ltx.Pos, error) {
+	pos, err := t.target.Apply(ctx, db, files)
+	if cerr := ctx.Err(); cerr != nil {
+		t.err.Store(cerr)
+	}
+	return pos, err
+}

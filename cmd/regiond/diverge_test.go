@@ -10,6 +10,7 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/meridian-db/meridian"
 	"github.com/meridian-db/meridian/internal/testingutil"
 	"github.com/meridian-db/meridian/ltx"
 )
@@ -63,6 +64,16 @@ func TestCluster_Divergence(t *testing.T) {
 		insertRows(t, d.db, next.Name, newRows)
 	}
 	old.Start(t)
+	checkDiverged(t, c, old, next, dbs, common, oldPos)
+}
+
+// checkDiverged checks the end of a divergence: old, the primary before
+// next, has rejoined as next's replica; both hold commonRows rows of old
+// (the common position is common) and newRows of next, and old kept its
+// transactions up to oldPos, which next never had, under data_dir/lost/,
+// whole, and said so.
+func checkDiverged(t *testing.T, c *testingutil.Cluster, old, next *testingutil.ClusterNode, dbs []*clusterDB, common map[string]meridian.Pos, oldPos map[string]ltx.TXID) {
+	t.Helper()
 	checkpointAll(t, dbs)
 	pos := c.WaitCaughtUp(t, catchUpTimeout, names(dbs)...)
 	checkReplicas(t, c, dbs, pos)

@@ -5,9 +5,12 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/exec"
+	"os/signal"
 	"runtime/pprof"
+	"syscall"
 	"time"
 
 	"github.com/meridian-db/meridian/regiond"
@@ -16,7 +19,9 @@ import (
 const runUsage = `Usage: regiond run -config FILE
 
 Runs the daemon: recovers every database under data_dir, mounts them at
-mount_dir, and serves until SIGINT or SIGTERM, then unmounts.
+mount_dir, and serves until SIGINT or SIGTERM, then unmounts. SIGHUP reads
+the configuration file again: a new lease.static_primary moves the primary
+while the daemon runs (other keys wait for a restart, and say so).
 
 `
 
@@ -53,11 +58,36 @@ func runRun(ctx context.Context, args []string, stderr io.Writer) error {
 	if err := d.Open(ctx); err != nil {
 		return err
 	}
-	<-ctx.Done()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	for done := false; !done; {
+		select {
+		case <-ctx.Done():
+			done = true
+		case <-hup:
+			reload(ctx, d, *configPath, logger)
+		}
+	}
 	logger.Info("shutting down")
 	closeCtx, cancel := context.WithTimeout(context.Background(), unmountTimeout)
 	defer cancel()
 	return d.Close(closeCtx)
+}
+
+// reload reads the configuration file again on SIGHUP and applies what
+// can change while the daemon runs (Daemon.Reload). A file that does not
+// load changes nothing: the daemon goes on as it was and logs why.
+func reload(ctx context.Context, d *regiond.Daemon, path string, logger *slog.Logger) {
+	cfg, err := regiond.LoadConfig(path)
+	if err != nil {
+		logger.Error("SIGHUP: the configuration did not load; nothing changed", "config", path, "err", err)
+		return
+	}
+	logger.Info("SIGHUP: reloading the configuration", "config", path, "static_primary", cfg.Lease.StaticPrimary)
+	if err := d.Reload(ctx, cfg); err != nil {
+		logger.Error("SIGHUP: reload", "config", path, "err", err)
+	}
 }
 
 // startCPUProfile starts profiling the process into path and returns the

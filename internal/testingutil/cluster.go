@@ -442,6 +442,17 @@ func (n *ClusterNode) Stop() error {
 	return errors.Join(err, n.unmountLeft())
 }
 
+// Signal sends sig to the node's running process.
+func (n *ClusterNode) Signal(tb TB, sig os.Signal) {
+	tb.Helper()
+	if n.proc == nil {
+		tb.Fatalf("%s: not running", n.Name)
+	}
+	if err := n.proc.cmd.Process.Signal(sig); err != nil {
+		tb.Fatalf("%s: signal %v: %v", n.Name, sig, err)
+	}
+}
+
 // ownMountFiles lists the files process pid has open on the node's mount,
 // as "fd N: PATH" lines, or says it has none.
 func (n *ClusterNode) ownMountFiles(pid int) string {

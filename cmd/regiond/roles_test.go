@@ -1,0 +1,284 @@
+package main
+
+import (
+	"database/sql"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/meridian-db/meridian/internal/testingutil"
+	"github.com/meridian-db/meridian/ltx"
+	"github.com/meridian-db/meridian/regiond"
+)
+
+// roleMoves is how many times TestRoles_MoveAroundRing moves the primary.
+const roleMoves = 10
+
+// TestRoles_MoveAroundRing moves the static primary around a ring of
+// three nodes, one SIGHUP per node and move, without a restart: a writer
+// commits on the primary's mount between moves, and each move waits
+// until the replicas have everything. After every move the new primary
+// holds a higher epoch than the last, the old one refuses writes and
+// follows the new one, and at the end every node holds every row any
+// primary acknowledged, in a WAL and in a DELETE database, with equal
+// positions and databases that pass integrity_check.
+func TestRoles_MoveAroundRing(t *testing.T) {
+	t.Parallel()
+	c := testingutil.NewCluster(t, regiondCommand, iad.Name, iad, fra, syd)
+	c.Start(t)
+	ring := []*testingutil.ClusterNode{c.Node(iad.Name), c.Node(fra.Name), c.Node(syd.Name)}
+	dbs := []struct{ name, mode string }{{"wal.db", "wal"}, {"delete.db", "delete"}}
+	rows := 0
+	write := func(n *testingutil.ClusterNode, count int) {
+		t.Helper()
+		for _, d := range dbs {
+			db := testingutil.MustOpenSQLite(t, filepath.Join(n.MountDir, d.name), d.mode)
+			if _, err := db.Exec(`CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, by TEXT)`); err != nil {
+				t.Fatalf("%s on %s: %v", d.name, n.Name, err)
+			}
+			for i := range count {
+				if _, err := db.Exec(`INSERT INTO t (id, by) VALUES (?, ?)`, rows+i+1, n.Name); err != nil {
+					t.Fatalf("%s on %s, row %d: %v", d.name, n.Name, rows+i+1, err)
+				}
+			}
+			if err := db.Close(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		rows += count
+	}
+	names := []string{dbs[0].name, dbs[1].name}
+
+	// A configuration that does not load changes nothing; one that
+	// changes a key other than lease.static_primary is reported, and the
+	// key left as it was.
+	replica := ring[1]
+	if err := os.WriteFile(replica.Config, []byte("node: [fra-1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	replica.Signal(t, syscall.SIGHUP)
+	waitLog(t, replica, "SIGHUP: the configuration did not load; nothing changed")
+	replica.Extra = []string{"router: {max_lag: 2s}"}
+	c.SetPrimary(iad.Name)
+	replica.Signal(t, syscall.SIGHUP)
+	waitLog(t, replica, "reload: only lease.static_primary changes while regiond runs; the other changes ([router]) wait for a restart")
+	waitStatus(t, replica, func(st regiond.Status) bool {
+		return st.Role == regiond.RoleReplica && st.Primary == iad.Name && st.MaxLagMS == 10000 && st.Ready
+	}, "a ready replica of %s with router.max_lag 10s as at start", iad.Name)
+	replica.Extra = nil
+	c.SetPrimary(iad.Name)
+
+	for move := range roleMoves {
+		from, to := ring[move%3], ring[(move+1)%3]
+		write(from, 10)
+		c.WaitCaughtUp(t, time.Minute, names...)
+		c.SetPrimary(to.Name)
+		for _, n := range ring {
+			n.Signal(t, syscall.SIGHUP)
+		}
+		wantEpoch := uint64(move + 2)
+		waitStatus(t, to, func(st regiond.Status) bool { return st.Role == regiond.RolePrimary && st.Epoch == wantEpoch },
+			"primary at epoch %d", wantEpoch)
+		for _, n := range ring {
+			if n == to {
+				continue
+			}
+			waitStatus(t, n, func(st regiond.Status) bool {
+				return st.Role == regiond.RoleReplica && st.Primary == to.Name && st.Epoch == wantEpoch && st.Ready && st.Stream != nil && st.Stream.Connected
+			}, "a ready replica of %s at epoch %d", to.Name, wantEpoch)
+		}
+		checkWriteRefused(t, from, dbs[0].name, to.Name)
+	}
+	last := ring[roleMoves%3]
+	write(last, 10)
+	want := c.WaitCaughtUp(t, time.Minute, names...)
+	for _, n := range ring {
+		for _, d := range dbs {
+			if got, _ := n.Pos(t, d.name); got != want[d.name] {
+				t.Errorf("%s: %s at %s, want %s", n.Name, d.name, got, want[d.name])
+			}
+			db := openOnReplica(t, n, d.name)
+			var count, max int
+			if err := db.QueryRow(`SELECT count(*), max(id) FROM t`).Scan(&count, &max); err != nil {
+				t.Fatalf("%s %s: %v", n.Name, d.name, err)
+			}
+			if count != rows || max != rows {
+				t.Errorf("%s %s: %d rows, largest id %d; want the %d acknowledged", n.Name, d.name, count, max, rows)
+			}
+			var ok string
+			if err := db.QueryRow(`PRAGMA integrity_check`).Scan(&ok); err != nil || ok != "ok" {
+				t.Errorf("%s %s: integrity_check %q, %v", n.Name, d.name, ok, err)
+			}
+			_ = db.Close()
+		}
+		if !strings.Contains(n.Log(), "msg=\"SIGHUP: reloading the configuration\"") {
+			t.Errorf("%s logged no reload", n.Name)
+		}
+	}
+
+	// The primary restarted keeps its epoch; its replicas follow it again.
+	if err := last.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	last.Start(t)
+	final := uint64(roleMoves + 1)
+	waitStatus(t, last, func(st regiond.Status) bool { return st.Role == regiond.RolePrimary && st.Epoch == final },
+		"primary at epoch %d again", final)
+	for _, n := range ring {
+		if n != last {
+			waitStatus(t, n, func(st regiond.Status) bool {
+				return st.Primary == last.Name && st.Epoch == final && st.Ready && st.Stream != nil && st.Stream.Connected
+			}, "a ready replica of %s at epoch %d", last.Name, final)
+		}
+	}
+}
+
+// waitStatus waits, up to a minute, until n's /status satisfies ok.
+func waitStatus(t *testing.T, n *testingutil.ClusterNode, ok func(regiond.Status) bool, format string, args ...any) regiond.Status {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		st := adminStatus(t, n)
+		if ok(st) {
+			return st
+		}
+		if time.Now().After(deadline) {
+			args = append(args, st)
+			t.Fatalf("%s did not become "+format+" in a minute; its status: %+v", append([]any{n.Name}, args...)...)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// checkWriteRefused checks that a write on n's mount fails: n is a
+// replica of primary now.
+func checkWriteRefused(t *testing.T, n *testingutil.ClusterNode, name, primary string) {
+	t.Helper()
+	db, err := sql.Open("sqlite3", "file:"+filepath.Join(n.MountDir, name)+"?_busy_timeout=5000")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if _, err := db.Exec(`INSERT INTO t (by) VALUES ('refused')`); err == nil {
+		t.Errorf("%s took a write after it stepped down for %s", n.Name, primary)
+	}
+	if code, b, err := n.AdminGet("/readyz"); err != nil || code != http.StatusOK {
+		t.Errorf("%s /readyz: %d %q, %v", n.Name, code, b, err)
+	}
+}
+
+// TestRoles_StepDownDiverged: a primary that commits transactions its
+// replica never gets (the replica is down), then learns by SIGHUP that
+// the replica became the primary and committed transactions of its own,
+// steps down without a restart, follows the new primary, and keeps its
+// own transactions under data_dir/lost/, as a restarted one does
+// (TestCluster_Divergence).
+func TestRoles_StepDownDiverged(t *testing.T) {
+	t.Parallel()
+	c := testingutil.NewCluster(t, regiondCommand, iad.Name, iad, fra)
+	c.Start(t)
+	old, next := c.Node(iad.Name), c.Node(fra.Name)
+	dbs := []*clusterDB{{name: "wal.db", mode: "wal"}, {name: "delete.db", mode: "delete"}}
+	openOnPrimary(t, c, dbs)
+	for _, d := range dbs {
+		if _, err := d.db.Exec(`CREATE TABLE rows (node TEXT, i INTEGER, pad BLOB)`); err != nil {
+			t.Fatal(err)
+		}
+		insertRows(t, d.db, old.Name, commonRows)
+	}
+	common := c.WaitCaughtUp(t, catchUpTimeout, names(dbs)...)
+	if err := next.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	oldPos := map[string]ltx.TXID{}
+	for _, d := range dbs {
+		insertRows(t, d.db, old.Name, lostRows)
+		p, _ := old.Pos(t, d.name)
+		oldPos[d.name] = p.TXID
+		_ = d.db.Close()
+	}
+
+	c.SetPrimary(next.Name)
+	next.Start(t)
+	waitStatus(t, next, func(st regiond.Status) bool { return st.Role == regiond.RolePrimary && st.Epoch == 2 }, "primary at epoch 2")
+	openOnPrimary(t, c, dbs)
+	for _, d := range dbs {
+		insertRows(t, d.db, next.Name, newRows)
+	}
+	old.Signal(t, syscall.SIGHUP)
+	waitStatus(t, old, func(st regiond.Status) bool {
+		return st.Role == regiond.RoleReplica && st.Primary == next.Name && st.Epoch == 2
+	}, "a replica of %s at epoch 2", next.Name)
+	checkDiverged(t, c, old, next, dbs, common, oldPos)
+	if !strings.Contains(old.Log(), "stepped down: serving read-only as a replica") {
+		t.Errorf("%s did not log that it stepped down", old.Name)
+	}
+}
+
+// TestRoles_InFlightWriteFails: a write transaction open on the primary
+// when it steps down cannot commit: its COMMIT fails, in WAL and in
+// DELETE mode, and its row is in no database afterwards.
+func TestRoles_InFlightWriteFails(t *testing.T) {
+	t.Parallel()
+	c := testingutil.NewCluster(t, regiondCommand, iad.Name, iad, fra)
+	c.Start(t)
+	old, next := c.Node(iad.Name), c.Node(fra.Name)
+	dbs := []*clusterDB{{name: "wal.db", mode: "wal"}, {name: "delete.db", mode: "delete"}}
+	openOnPrimary(t, c, dbs)
+	txs := make([]*sql.Tx, len(dbs))
+	for i, d := range dbs {
+		d.db.SetMaxOpenConns(1)
+		if _, err := d.db.Exec(`CREATE TABLE rows (node TEXT, i INTEGER, pad BLOB)`); err != nil {
+			t.Fatal(err)
+		}
+		insertRows(t, d.db, old.Name, 10)
+		tx, err := d.db.Begin()
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Enough pages that SQLite writes some before COMMIT.
+		for range 200 {
+			if _, err := tx.Exec(`INSERT INTO rows VALUES ('in-flight', 0, randomblob(3000))`); err != nil {
+				t.Fatal(err)
+			}
+		}
+		txs[i] = tx
+	}
+	c.WaitCaughtUp(t, catchUpTimeout, names(dbs)...)
+	c.SetPrimary(next.Name)
+	next.Signal(t, syscall.SIGHUP)
+	old.Signal(t, syscall.SIGHUP)
+	waitStatus(t, old, func(st regiond.Status) bool { return st.Role == regiond.RoleReplica && st.Primary == next.Name },
+		"a replica of %s", next.Name)
+	for i, tx := range txs {
+		if err := tx.Commit(); err == nil {
+			t.Errorf("%s: a COMMIT on %s after it stepped down returned success", dbs[i].name, old.Name)
+		} else {
+			t.Logf("%s: COMMIT on %s after it stepped down: %v", dbs[i].name, old.Name, err)
+		}
+		_ = dbs[i].db.Close()
+	}
+	waitStatus(t, next, func(st regiond.Status) bool { return st.Role == regiond.RolePrimary && st.Epoch == 2 }, "primary at epoch 2")
+	openOnPrimary(t, c, dbs)
+	for _, d := range dbs {
+		insertRows(t, d.db, next.Name, 5)
+	}
+	checkpointAll(t, dbs)
+	pos := c.WaitCaughtUp(t, catchUpTimeout, names(dbs)...)
+	checkReplicas(t, c, dbs, pos)
+	for _, n := range []*testingutil.ClusterNode{old, next} {
+		for _, d := range dbs {
+			r := openOnReplica(t, n, d.name)
+			if got := countRows(t, r, "in-flight"); got != 0 {
+				t.Errorf("%s on %s: %d rows of the transaction that was in flight, want none", d.name, n.Name, got)
+			}
+			if got := countRows(t, r, old.Name); got != 10 {
+				t.Errorf("%s on %s: %d rows of %s, want 10", d.name, n.Name, got, old.Name)
+			}
+		}
+	}
+}

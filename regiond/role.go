@@ -1,0 +1,244 @@
+package regiond
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"reflect"
+	"sync"
+	"time"
+
+	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
+	"github.com/meridian-db/meridian/replication"
+)
+
+// heldEpochFile is the file in data_dir where a node keeps the lease
+// epoch it last held as primary; epochFile (the newest it has seen, as
+// primary or from a primary) is raised with it.
+const heldEpochFile = "primary-epoch"
+
+// peerEpochTimeout bounds how long a node that becomes primary at runtime
+// asks its peers for the newest epoch they have seen.
+const peerEpochTimeout = 2 * time.Second
+
+// role is a node's part in the cluster, which can change while it runs:
+// the primary (it holds the write lease at an epoch) or a replica (of a
+// named primary).
+type role struct {
+	mu      sync.Mutex // held while the role changes
+	primary string     // the primary's node name; guarded by stateMu
+	stateMu sync.Mutex
+}
+
+// Primary returns the node the daemon takes for the primary.
+func (d *Daemon) Primary() string {
+	d.role.stateMu.Lock()
+	defer d.role.stateMu.Unlock()
+	return d.role.primary
+}
+
+// IsPrimary reports whether the daemon holds the write lease now.
+func (d *Daemon) IsPrimary() bool { return d.epoch.Load() != 0 }
+
+// SetPrimary makes node the primary as far as this daemon is concerned:
+// this node becomes primary if node is its own name, else a replica of
+// node. The mount stays mounted and its readers undisturbed.
+//
+// Becoming a replica, the node refuses new writes at once (a write
+// transaction in progress fails; a commit waiting for replicas in sync
+// durability fails), ends the streams it serves, and follows node from its
+// own position: what it committed that node lacks goes to data_dir/lost/
+// when node's snapshot replaces it. Becoming primary, it stops following
+// once the group being applied is done, takes a lease epoch higher than
+// any it or its reachable peers have seen (persisted before any frame
+// carries it), and admits writes.
+func (d *Daemon) SetPrimary(ctx context.Context, node string) error {
+	d.role.mu.Lock()
+	defer d.role.mu.Unlock()
+	if d.FS == nil || d.repl == nil {
+		return errors.New("set primary: the daemon is not open")
+	}
+	if node == d.Config.Node {
+		if d.IsPrimary() {
+			return nil
+		}
+		return d.becomePrimary(ctx, true)
+	}
+	if !d.IsPrimary() && d.Primary() == node {
+		return nil
+	}
+	return d.becomeReplica(node)
+}
+
+// becomePrimary makes the node primary. atRuntime: it was a replica while
+// running, and its peers are asked for their epochs. Caller holds d.role.mu.
+func (d *Daemon) becomePrimary(ctx context.Context, atRuntime bool) error {
+	c, f, r := d.Config, d.FS, d.repl
+	f.SetReadOnly(true)
+	r.stopFollowing()
+	epoch, err := d.takeEpoch(ctx, atRuntime)
+	if err != nil {
+		return fmt.Errorf("become primary: %w", err)
+	}
+	if err := f.EndApplying(); err != nil {
+		return fmt.Errorf("become primary: %w", err)
+	}
+	f.SetPrimary("")
+	f.SetLag(func() string { return "0" })
+	if r.streamer != nil {
+		f.SetAcked(ackedBy(r.streamer, c.PeerNodes()))
+		if c.Replication.Durability == "sync" {
+			r.startGate(f, c)
+		}
+	}
+	d.setPrimaryName(c.Node)
+	d.epoch.Store(epoch)
+	f.SetReadOnly(false)
+	d.Logger.Info("serving as primary (static lease)", "epoch", epoch, "mount_dir", c.MountDir, "dbs", f.DBs())
+	return nil
+}
+
+// becomeReplica makes the node a replica of primary. Caller holds
+// d.role.mu.
+func (d *Daemon) becomeReplica(primary string) error {
+	c, f, r := d.Config, d.FS, d.repl
+	f.SetReadOnly(true)
+	wasPrimary := d.epoch.Swap(0) != 0
+	r.endGate(f)
+	r.stopFollowing()
+	f.SetAcked(nil)
+	f.SetPrimary(primary)
+	d.setPrimaryName(primary)
+	if err := r.startFollowing(f, c, primary); err != nil {
+		f.SetLag(nil)
+		return fmt.Errorf("become a replica of %s: %w", primary, err)
+	}
+	if r.client() != nil {
+		f.SetLag(r.lag)
+	} else {
+		f.SetLag(nil)
+	}
+	if wasPrimary {
+		d.Logger.Info("stepped down: serving read-only as a replica (static lease)", "primary", primary, "mount_dir", c.MountDir)
+	} else {
+		d.Logger.Info("serving read-only as a replica (static lease)", "primary", primary, "mount_dir", c.MountDir)
+	}
+	return nil
+}
+
+func (d *Daemon) setPrimaryName(node string) {
+	d.role.stateMu.Lock()
+	d.role.primary = node
+	d.role.stateMu.Unlock()
+}
+
+// takeEpoch returns the lease epoch the node holds as primary, stored in
+// data_dir before it returns. A node that was the last primary it knows
+// of keeps its epoch across a restart; one that becomes primary takes one
+// higher than any it has seen, and, atRuntime, than any its reachable
+// peers have seen. A fresh node starts at 1.
+func (d *Daemon) takeEpoch(ctx context.Context, atRuntime bool) (uint64, error) {
+	seenFile := &replication.EpochFile{Path: filepath.Join(d.Config.DataDir, epochFile)}
+	heldFile := &replication.EpochFile{Path: filepath.Join(d.Config.DataDir, heldEpochFile)}
+	seen, err := seenFile.Load(ctx)
+	if err != nil {
+		return 0, err
+	}
+	held, err := heldFile.Load(ctx)
+	if err != nil {
+		return 0, err
+	}
+	if !atRuntime && held != 0 && held == seen {
+		return held, nil
+	}
+	newest := seen
+	if atRuntime {
+		newest = max(newest, d.peerEpochs(ctx))
+	}
+	epoch := newest + 1
+	if err := seenFile.Store(ctx, epoch); err != nil {
+		return 0, err
+	}
+	if err := heldFile.Store(ctx, epoch); err != nil {
+		return 0, err
+	}
+	return epoch, nil
+}
+
+// peerEpochs asks every peer with a replication address for the newest
+// epoch it has seen, and returns the highest answer; peers that do not
+// answer within peerEpochTimeout are left out, and logged.
+func (d *Daemon) peerEpochs(ctx context.Context) uint64 {
+	c := d.Config
+	ctx, cancel := context.WithTimeout(ctx, peerEpochTimeout)
+	defer cancel()
+	var (
+		mu     sync.Mutex
+		newest uint64
+		wg     sync.WaitGroup
+	)
+	for _, p := range c.Replication.Peers {
+		if p.Addr == "" {
+			continue
+		}
+		wg.Go(func() {
+			var tlsConfig *tls.Config
+			var err error
+			if !c.TLS.Insecure {
+				tlsConfig, err = c.ClientTLS(p.Node)
+			}
+			if err == nil {
+				var dl *replication.Dialer
+				if dl, err = replication.Dial(p.Addr, tlsConfig, d.repl.logger); err == nil {
+					defer func() { _ = dl.Close() }()
+					var resp *meridianv1.StatusResponse
+					if resp, err = dl.Status(ctx); err == nil {
+						mu.Lock()
+						newest = max(newest, resp.GetEpoch())
+						mu.Unlock()
+						return
+					}
+				}
+			}
+			d.Logger.Warn("becoming primary without the lease epoch of a peer", "peer", p.Node, "err", err)
+		})
+	}
+	wg.Wait()
+	return newest
+}
+
+// Reload applies a changed configuration: lease.static_primary moves the
+// primary (SetPrimary). Other keys cannot change while the daemon runs:
+// their new values are reported in the error, and left as they were.
+func (d *Daemon) Reload(ctx context.Context, c Config) error {
+	old := d.Config
+	cmp := c
+	cmp.Lease.StaticPrimary = old.Lease.StaticPrimary
+	var ignored error
+	if !reflect.DeepEqual(cmp, old) {
+		ignored = fmt.Errorf("reload: only lease.static_primary changes while regiond runs; the other changes (%s) wait for a restart", changedKeys(old, cmp))
+	}
+	if c.Lease.StaticPrimary == d.Primary() {
+		return ignored
+	}
+	if err := d.SetPrimary(ctx, c.Lease.StaticPrimary); err != nil {
+		return errors.Join(err, ignored)
+	}
+	return ignored
+}
+
+// changedKeys names the top-level sections of the configuration that
+// differ between a and b.
+func changedKeys(a, b Config) string {
+	va, vb := reflect.ValueOf(a), reflect.ValueOf(b)
+	t := va.Type()
+	var keys []string
+	for i := range t.NumField() {
+		if !reflect.DeepEqual(va.Field(i).Interface(), vb.Field(i).Interface()) {
+			keys = append(keys, t.Field(i).Tag.Get("yaml"))
+		}
+	}
+	return fmt.Sprint(keys)
+}
