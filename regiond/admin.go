@@ -15,9 +15,13 @@ import (
 //   - GET /status: the node's Status, as JSON;
 //   - GET /healthz: 200 while the daemon serves;
 //   - GET /readyz: 200 if the node is ready (the primary; a replica that is
-//     connected and at most router.max_lag behind), else 503 saying why.
+//     connected and at most router.max_lag behind), else 503 saying why;
+//   - GET /events: a stream of Event, one JSON object a line, from the
+//     moment of the request until the client goes away;
+//   - GET /metrics: the status, and the Go runtime's and the process's
+//     metrics, for Prometheus.
 //
-// Each answers in plain text but /status; other methods get 405.
+// /healthz and /readyz answer in plain text; other methods get 405.
 func (d *Daemon) AdminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
@@ -44,6 +48,8 @@ func (d *Daemon) AdminHandler() http.Handler {
 			fmt.Fprintf(w, "ready: replica of %s, %d ms behind (router.max_lag %d ms)\n", st.Primary, st.LagMS, st.MaxLagMS)
 		}
 	})
+	mux.HandleFunc("GET /events", d.events.serveEvents)
+	mux.Handle("GET /metrics", d.metricsHandler())
 	return mux
 }
 

@@ -29,9 +29,10 @@ type Daemon struct {
 	// "regiond lock-holder"); see fs.FileSystem.LockHolder.
 	LockHolder func() *exec.Cmd
 
-	repl  *replicationNode
-	admin *adminServer
-	role  role
+	repl   *replicationNode
+	admin  *adminServer
+	role   role
+	events events
 	// epoch is the lease epoch the node holds while it is primary, 0
 	// while it is a replica.
 	epoch atomic.Uint64
@@ -39,7 +40,7 @@ type Daemon struct {
 
 // NewDaemon returns a daemon for a validated config.
 func NewDaemon(c Config, logger *slog.Logger) *Daemon {
-	return &Daemon{Config: c, Logger: logger}
+	return &Daemon{Config: c, Logger: logger, events: events{node: c.Node, done: make(chan struct{})}}
 }
 
 // Open recovers every database, mounts the filesystem and sets its mode
@@ -103,6 +104,7 @@ func (d *Daemon) Open(ctx context.Context) error {
 // apps to close their files.
 func (d *Daemon) Close(ctx context.Context) error {
 	if d.admin != nil {
+		close(d.events.done)
 		actx, cancel := context.WithTimeout(ctx, time.Second)
 		d.admin.close(actx)
 		cancel()

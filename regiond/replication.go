@@ -48,8 +48,12 @@ func (s fsSource) Snapshot(ctx context.Context, name string, w io.Writer) (*ltx.
 
 func (s fsSource) Changed() <-chan struct{} { return s.f.Changed() }
 
-// fsTarget is the mount as a replica's Client applies to it.
-type fsTarget struct{ f *fs.FileSystem }
+// fsTarget is the mount as a replica's Client applies to it; what it
+// applies is published on ev.
+type fsTarget struct {
+	f  *fs.FileSystem
+	ev *events
+}
 
 func (t fsTarget) Positions() map[string]ltx.Pos {
 	m := make(map[string]ltx.Pos)
@@ -82,11 +86,38 @@ func (t fsTarget) Apply(ctx context.Context, db string, files []*replication.Fil
 		}
 		opts.Verified = append(opts.Verified, f.Info) // as received
 	}
+	var lostBefore map[string]bool
+	if opts.KeepLost {
+		lostBefore = lostSets(t.f.DataDir, db)
+	}
 	infos, err := t.f.ApplyFiles(ctx, db, paths, opts)
 	if err != nil {
 		return ltx.Pos{}, err
 	}
-	return infos[len(infos)-1].Pos(), nil
+	pos := infos[len(infos)-1].Pos()
+	if reason != meridianv1.SnapshotReason_SNAPSHOT_REASON_UNSPECIFIED {
+		t.ev.publish(Event{Type: EventSnapshot, DB: db, Pos: pos.String(), Reason: reason.String()})
+	}
+	if opts.KeepLost {
+		for set := range lostSets(t.f.DataDir, db) {
+			if !lostBefore[set] {
+				t.ev.publish(Event{Type: EventLost, DB: db, Dir: filepath.Join(t.f.DataDir, "lost", db, set)})
+			}
+		}
+	}
+	t.ev.publish(Event{Type: EventApply, DB: db, Pos: pos.String(), Files: len(infos)})
+	return pos, nil
+}
+
+// lostSets returns the sets of transactions kept under data_dir/lost/db/
+// (see fs.ApplyOptions.KeepLost), by name.
+func lostSets(dataDir, db string) map[string]bool {
+	sets := map[string]bool{}
+	entries, _ := os.ReadDir(filepath.Join(dataDir, "lost", db))
+	for _, e := range entries {
+		sets[e.Name()] = true
+	}
+	return sets
 }
 
 // replicationNode is the replication side of a daemon: the gRPC server
@@ -164,7 +195,7 @@ func (d *Daemon) openReplication(f *fs.FileSystem) (_ *replicationNode, openErr 
 
 // startFollowing streams from primary, if replication.peers has its
 // address. Caller holds the daemon's role lock; r follows no one.
-func (r *replicationNode) startFollowing(f *fs.FileSystem, c Config, primary string) error {
+func (r *replicationNode) startFollowing(f *fs.FileSystem, c Config, primary string, ev *events) error {
 	peer, ok := c.Peer(primary)
 	if !ok || peer.Addr == "" {
 		r.logger.Warn("not replicating: replication.peers has no addr for the primary, so this node's databases do not change",
@@ -182,7 +213,7 @@ func (r *replicationNode) startFollowing(f *fs.FileSystem, c Config, primary str
 	if err != nil {
 		return err
 	}
-	client := replication.NewClient(c.Node, c.Region, fsTarget{f}, filepath.Join(c.DataDir, "tmp"))
+	client := replication.NewClient(c.Node, c.Region, fsTarget{f: f, ev: ev}, filepath.Join(c.DataDir, "tmp"))
 	client.Spares = f.Spares()
 	client.Logger = r.logger
 	client.PrimaryNode = peer.Node

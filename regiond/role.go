@@ -64,7 +64,16 @@ func (d *Daemon) SetPrimary(ctx context.Context, node string) error {
 		if d.IsPrimary() {
 			return nil
 		}
-		return d.becomePrimary(ctx, true)
+		err := d.becomePrimary(ctx, true)
+		if err != nil {
+			// Back to following the primary it had: better a replica
+			// than a node that neither writes nor follows.
+			if prev := d.Primary(); prev != "" && prev != node {
+				err = errors.Join(err, d.becomeReplica(prev))
+				err = fmt.Errorf("%w; still a replica of %s", err, prev)
+			}
+		}
+		return err
 	}
 	if !d.IsPrimary() && d.Primary() == node {
 		return nil
@@ -78,11 +87,13 @@ func (d *Daemon) becomePrimary(ctx context.Context, atRuntime bool) error {
 	c, f, r := d.Config, d.FS, d.repl
 	f.SetReadOnly(true)
 	r.stopFollowing()
-	epoch, err := d.takeEpoch(ctx, atRuntime)
-	if err != nil {
+	if err := f.EndApplying(); err != nil {
 		return fmt.Errorf("become primary: %w", err)
 	}
-	if err := f.EndApplying(); err != nil {
+	// Last before writes: a raised epoch fences the old primary off
+	// this node for good.
+	epoch, err := d.takeEpoch(ctx, atRuntime)
+	if err != nil {
 		return fmt.Errorf("become primary: %w", err)
 	}
 	f.SetPrimary("")
@@ -97,6 +108,7 @@ func (d *Daemon) becomePrimary(ctx context.Context, atRuntime bool) error {
 	d.epoch.Store(epoch)
 	f.SetReadOnly(false)
 	d.Logger.Info("serving as primary (static lease)", "epoch", epoch, "mount_dir", c.MountDir, "dbs", f.DBs())
+	d.events.publish(Event{Type: EventRole, Role: RolePrimary, Primary: c.Node, Epoch: epoch})
 	return nil
 }
 
@@ -111,7 +123,7 @@ func (d *Daemon) becomeReplica(primary string) error {
 	f.SetAcked(nil)
 	f.SetPrimary(primary)
 	d.setPrimaryName(primary)
-	if err := r.startFollowing(f, c, primary); err != nil {
+	if err := r.startFollowing(f, c, primary, &d.events); err != nil {
 		f.SetLag(nil)
 		return fmt.Errorf("become a replica of %s: %w", primary, err)
 	}
@@ -125,6 +137,7 @@ func (d *Daemon) becomeReplica(primary string) error {
 	} else {
 		d.Logger.Info("serving read-only as a replica (static lease)", "primary", primary, "mount_dir", c.MountDir)
 	}
+	d.events.publish(Event{Type: EventRole, Role: RoleReplica, Primary: primary})
 	return nil
 }
 

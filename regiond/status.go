@@ -97,6 +97,8 @@ type ReplicaDatabaseStatus struct {
 	// LagMS is the time since the primary committed the oldest transaction
 	// the replica has not acknowledged; 0 if it has them all.
 	LagMS int64 `json:"lag_ms"`
+
+	ackedTXID ltx.TXID
 }
 
 // StreamStatus is a replica's stream from the primary.
@@ -208,7 +210,7 @@ func replicaStatus(rs replication.ReplicaStatus, logs map[string]*ltx.Log, now t
 	slices.Sort(names)
 	for _, name := range names {
 		acked := rs.Acked[name]
-		d := ReplicaDatabaseStatus{Name: name, Acked: acked.String()}
+		d := ReplicaDatabaseStatus{Name: name, Acked: acked.String(), ackedTXID: acked.TXID}
 		if l := logs[name]; l.Pos() != acked {
 			d.LagMS = unackedSince(l, acked.TXID, now).Milliseconds()
 		}

@@ -90,6 +90,16 @@ func TestAdmin_Status(t *testing.T) {
 	mustAdmin(t, primary, "/readyz", http.StatusOK, "ready: primary\n")
 	mustAdmin(t, replica, "/readyz", http.StatusOK, "ready: replica of iad-1, 0 ms behind (router.max_lag 1000 ms)\n")
 	mustAdmin(t, replica, "/healthz", http.StatusOK, "ok\n")
+	txid := fmt.Sprint(uint64(want.TXID))
+	mustMetrics(t, primary, `meridian_role{role="primary"} 1`, "meridian_lease_epoch 1", "meridian_ready 1",
+		`meridian_db_txid{db="app.db"} `+txid,
+		`meridian_replica_connected{replica="fra-1",replica_region="fra"} 1`,
+		`meridian_replica_acked_txid{db="app.db",replica="fra-1",replica_region="fra"} `+txid,
+		`meridian_replica_lag_seconds{db="app.db",replica="fra-1",replica_region="fra"} 0`,
+		"go_goroutines ", "process_resident_memory_bytes ")
+	mustMetrics(t, replica, `meridian_role{role="replica"} 1`, "meridian_lease_epoch 1", "meridian_ready 1", "meridian_lag_seconds 0",
+		`meridian_db_txid{db="app.db"} `+txid, `meridian_db_lag_seconds{db="app.db"} 0`,
+		"meridian_stream_connected 1", "meridian_stream_reconnects_total 0")
 	if code, _, err := replica.AdminGet("/nothing"); err != nil || code != http.StatusNotFound {
 		t.Errorf("GET /nothing: %d, %v; want 404", code, err)
 	}
@@ -177,6 +187,39 @@ func adminStatus(t *testing.T, n *testingutil.ClusterNode) regiond.Status {
 		t.Fatalf("%s /status: %v\n%s", n.Name, err, b)
 	}
 	return st
+}
+
+// mustMetrics checks that n's /metrics has a line starting with each of
+// lines.
+func mustMetrics(t *testing.T, n *testingutil.ClusterNode, lines ...string) {
+	t.Helper()
+	code, b, err := n.AdminGet("/metrics")
+	if err != nil || code != http.StatusOK {
+		t.Fatalf("%s /metrics: %d, %v", n.Name, code, err)
+	}
+	for _, want := range lines {
+		found := false
+		for line := range strings.SplitSeq(string(b), "\n") {
+			if strings.HasPrefix(line, want) {
+				found = true
+				break
+			}
+		}
+		if !found {
+			t.Errorf("%s /metrics has no line %q:\n%s", n.Name, want, grepMeridian(string(b)))
+		}
+	}
+}
+
+// grepMeridian returns the lines of metrics text about meridian.
+func grepMeridian(text string) string {
+	var out []string
+	for line := range strings.SplitSeq(text, "\n") {
+		if strings.HasPrefix(line, "meridian_") {
+			out = append(out, line)
+		}
+	}
+	return strings.Join(out, "\n")
 }
 
 // mustAdmin checks that n's admin API answers path with code and body.

@@ -1,11 +1,16 @@
 package main
 
 import (
+	"context"
 	"database/sql"
+	"encoding/json"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -209,6 +214,7 @@ func TestRoles_StepDownDiverged(t *testing.T) {
 	for _, d := range dbs {
 		insertRows(t, d.db, next.Name, newRows)
 	}
+	evs := watchEvents(t, old)
 	old.Signal(t, syscall.SIGHUP)
 	waitStatus(t, old, func(st regiond.Status) bool {
 		return st.Role == regiond.RoleReplica && st.Primary == next.Name && st.Epoch == 2
@@ -216,6 +222,89 @@ func TestRoles_StepDownDiverged(t *testing.T) {
 	checkDiverged(t, c, old, next, dbs, common, oldPos)
 	if !strings.Contains(old.Log(), "stepped down: serving read-only as a replica") {
 		t.Errorf("%s did not log that it stepped down", old.Name)
+	}
+
+	// /events told of each step: the role, each database's snapshot and
+	// the set of transactions it kept, and the applies.
+	want := map[string]bool{"role replica " + next.Name: false}
+	for _, d := range dbs {
+		lost, err := os.ReadDir(filepath.Join(old.DataDir, "lost", d.name))
+		if err != nil || len(lost) != 1 {
+			t.Fatalf("lost sets of %s: %v, %v", d.name, lost, err)
+		}
+		want["lost "+d.name+" "+filepath.Join(old.DataDir, "lost", d.name, lost[0].Name())] = false
+		// Its position is past the new primary's (AHEAD), or of another
+		// history at the same TXID (DIVERGED).
+		want["snapshot "+d.name] = false
+		want["apply "+d.name] = false
+	}
+	seen := func() bool {
+		for _, ev := range evs() {
+			if ev.Node != old.Name || ev.Time.IsZero() {
+				t.Fatalf("event %+v, want one of %s with its time", ev, old.Name)
+			}
+			switch ev.Type {
+			case regiond.EventRole:
+				want["role "+ev.Role+" "+ev.Primary] = true
+			case regiond.EventLost:
+				want["lost "+ev.DB+" "+ev.Dir] = true
+			case regiond.EventSnapshot:
+				if ev.Reason == "SNAPSHOT_REASON_AHEAD" || ev.Reason == "SNAPSHOT_REASON_DIVERGED" {
+					want["snapshot "+ev.DB] = true
+				}
+			case regiond.EventApply:
+				want["apply "+ev.DB] = true
+			}
+		}
+		return !slices.Contains(slices.Collect(maps.Values(want)), false)
+	}
+	for deadline := time.Now().Add(10 * time.Second); !seen(); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s /events after 10 s: seen %v; events: %+v", old.Name, want, evs())
+		}
+	}
+}
+
+// watchEvents reads n's /events until the test ends, and returns a
+// function that returns the events read so far.
+func watchEvents(t *testing.T, n *testingutil.ClusterNode) func() []regiond.Event {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+n.Admin+"/events", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil || resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != "application/x-ndjson" {
+		t.Fatalf("%s /events: %v, %v", n.Name, resp, err)
+	}
+	var (
+		mu  sync.Mutex
+		got []regiond.Event
+	)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		dec := json.NewDecoder(resp.Body)
+		for {
+			var ev regiond.Event
+			if err := dec.Decode(&ev); err != nil {
+				return
+			}
+			mu.Lock()
+			got = append(got, ev)
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		cancel()
+		_ = resp.Body.Close()
+		<-done
+	})
+	return func() []regiond.Event {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(got)
 	}
 }
 
