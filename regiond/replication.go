@@ -168,6 +168,7 @@ func (d *Daemon) openReplication(f *fs.FileSystem) (_ *replicationNode, openErr 
 	}
 	r.streamer = replication.NewStreamer(fsSource{f}, c.Node, d.epoch.Load, tmp)
 	r.streamer.Logger = r.logger
+	r.streamer.NewerEpoch = func(epoch uint64, replica string) { go d.deposed(epoch, replica) }
 	var tlsConfig *tls.Config
 	if !c.TLS.Insecure {
 		var err error

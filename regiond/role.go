@@ -29,6 +29,7 @@ const peerEpochTimeout = 2 * time.Second
 type role struct {
 	mu      sync.Mutex // held while the role changes
 	primary string     // the primary's node name; guarded by stateMu
+	deposed string     // why the node stepped down by itself; guarded by stateMu
 	stateMu sync.Mutex
 }
 
@@ -141,9 +142,47 @@ func (d *Daemon) becomeReplica(primary string) error {
 	return nil
 }
 
+// deposed steps the node down when a replica shows it a lease epoch newer
+// than the one it holds: another node holds the lease. The node refuses
+// writes, as a replica does, and follows no one, for it does not know the
+// new primary: a SIGHUP naming the primary (or a restart) takes it from
+// there. Its epoch files stay as they were, so a restart as primary is
+// deposed again while the replicas remember the newer epoch.
+func (d *Daemon) deposed(epoch uint64, replica string) {
+	d.role.mu.Lock()
+	defer d.role.mu.Unlock()
+	held := d.epoch.Load()
+	if held == 0 || held >= epoch || d.repl.ctx.Err() != nil {
+		return // not primary, not deposed, or shutting down
+	}
+	f, r := d.FS, d.repl
+	f.SetReadOnly(true)
+	d.epoch.Store(0)
+	r.endGate(f)
+	f.SetAcked(nil)
+	f.SetPrimary("")
+	f.SetLag(nil)
+	d.setPrimaryName("")
+	d.role.stateMu.Lock()
+	d.role.deposed = fmt.Sprintf("deposed: replica %s has seen lease epoch %d, newer than this node's %d; another node holds the lease", replica, epoch, held)
+	d.role.stateMu.Unlock()
+	d.Logger.Error("stepped down: a replica has seen a newer lease epoch, so another node is primary; writes are refused until lease.static_primary names the primary and regiond gets a SIGHUP",
+		"replica", replica, "epoch", epoch, "held", held)
+	d.events.publish(Event{Type: EventRole, Role: RoleReplica, Reason: "deposed", Epoch: epoch})
+}
+
+// deposedWhy says why the node stepped down (deposed), "" if it did not
+// or has taken a role since.
+func (d *Daemon) deposedWhy() string {
+	d.role.stateMu.Lock()
+	defer d.role.stateMu.Unlock()
+	return d.role.deposed
+}
+
 func (d *Daemon) setPrimaryName(node string) {
 	d.role.stateMu.Lock()
 	d.role.primary = node
+	d.role.deposed = ""
 	d.role.stateMu.Unlock()
 }
 

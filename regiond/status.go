@@ -163,6 +163,10 @@ func (d *Daemon) statusOf(f *fs.FileSystem, r *replicationNode) Status {
 		return st
 	}
 	cl := r.client()
+	if why := d.deposedWhy(); why != "" {
+		st.NotReady = why
+		return st
+	}
 	if cl == nil {
 		st.NotReady = fmt.Sprintf("not replicating: replication.peers has no addr for the primary %s", primary)
 		return st

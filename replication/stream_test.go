@@ -461,9 +461,14 @@ func TestStream_EpochSurvivesRestart(t *testing.T) {
 	c.epoch.Store(3)
 	c.primary.steps("a.db", 5)
 	before := c.target.pos("a.db")
+	var told []string
+	c.streamer.NewerEpoch = func(epoch uint64, replica string) { told = append(told, fmt.Sprint(replica, " ", epoch)) }
 	err, served := c.session(cl)
 	if want := "replica fra-1 has seen lease epoch 7, newer than this node's 3"; !errors.Is(served, replication.ErrNotPrimary) || !strings.Contains(served.Error(), want) {
 		t.Fatalf("Serve at epoch 3 to a restarted replica that accepted 7: %v, want ErrNotPrimary saying %q", served, want)
+	}
+	if fmt.Sprint(told) != "[fra-1 7]" {
+		t.Fatalf("NewerEpoch calls: %v, want one, of fra-1 at epoch 7", told)
 	}
 	if !errors.Is(err, io.EOF) { // the in-memory stream's end; gRPC's says FAILED_PRECONDITION
 		t.Fatalf("session with a deposed primary: %v, want the stream ended (EOF)", err)

@@ -55,6 +55,11 @@ type Streamer struct {
 	// TempDir holds snapshots while they are sent.
 	TempDir string
 	Logger  *slog.Logger
+	// NewerEpoch, if set, is called when a replica's Hello shows it has
+	// accepted frames of a lease epoch newer than this node's: another
+	// node holds the lease, and this one should stop writing. It must not
+	// block.
+	NewerEpoch func(epoch uint64, replica string)
 
 	mu       sync.Mutex
 	replicas map[string]*replica
@@ -141,6 +146,9 @@ func (s *Streamer) Serve(ctx context.Context, conn Conn, peer string) error {
 		return fmt.Errorf("%w: Hello names node %q, but its certificate names %q", ErrPermission, hello.GetNode(), peer)
 	}
 	if hello.GetEpoch() > epoch {
+		if s.NewerEpoch != nil {
+			s.NewerEpoch(hello.GetEpoch(), hello.GetNode())
+		}
 		return fmt.Errorf("%w: replica %s has seen lease epoch %d, newer than this node's %d", ErrNotPrimary, hello.GetNode(), hello.GetEpoch(), epoch)
 	}
 	positions := make(map[string]ltx.Pos)
