@@ -32,29 +32,7 @@ const (
 // log line saying where they are.
 func TestCluster_Divergence(t *testing.T) {
 	t.Parallel()
-	c := testingutil.NewCluster(t, regiondCommand, iad.Name, iad, fra)
-	c.Start(t)
-	old, next := c.Node(iad.Name), c.Node(fra.Name)
-	dbs := []*clusterDB{{name: "wal.db", mode: "wal"}, {name: "delete.db", mode: "delete"}}
-	openOnPrimary(t, c, dbs)
-	for _, d := range dbs {
-		if _, err := d.db.Exec(`CREATE TABLE rows (node TEXT, i INTEGER, pad BLOB)`); err != nil {
-			t.Fatal(err)
-		}
-		insertRows(t, d.db, old.Name, commonRows)
-	}
-	common := c.WaitCaughtUp(t, catchUpTimeout, names(dbs)...)
-
-	if err := next.Stop(); err != nil {
-		t.Fatal(err)
-	}
-	oldPos := map[string]ltx.TXID{}
-	for _, d := range dbs {
-		insertRows(t, d.db, old.Name, lostRows)
-		p, _ := old.Pos(t, d.name)
-		oldPos[d.name] = p.TXID
-		_ = d.db.Close()
-	}
+	c, old, next, dbs, common, oldPos := startDiverging(t)
 	old.Kill(t)
 
 	c.SetPrimary(next.Name)
@@ -65,6 +43,47 @@ func TestCluster_Divergence(t *testing.T) {
 	}
 	old.Start(t)
 	checkDiverged(t, c, old, next, dbs, common, oldPos)
+}
+
+// startPair starts a cluster of iad-1, the primary, and fra-1, and opens a
+// WAL and a DELETE database on iad-1's mount, with a table rows.
+func startPair(t *testing.T) (c *testingutil.Cluster, primary, replica *testingutil.ClusterNode, dbs []*clusterDB) {
+	t.Helper()
+	c = testingutil.NewCluster(t, regiondCommand, iad.Name, iad, fra)
+	c.Start(t)
+	dbs = []*clusterDB{{name: "wal.db", mode: "wal"}, {name: "delete.db", mode: "delete"}}
+	openOnPrimary(t, c, dbs)
+	for _, d := range dbs {
+		if _, err := d.db.Exec(`CREATE TABLE rows (node TEXT, i INTEGER, pad BLOB)`); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return c, c.Node(iad.Name), c.Node(fra.Name), dbs
+}
+
+// startDiverging starts a cluster of iad-1, the primary, and fra-1, and
+// has iad-1 commit commonRows rows that reach fra-1, in a WAL and a DELETE
+// database, and then lostRows more while fra-1 is down. It returns the
+// cluster, the two nodes, the databases (closed), the positions both
+// share and iad-1's last TXIDs.
+func startDiverging(t *testing.T) (c *testingutil.Cluster, old, next *testingutil.ClusterNode, dbs []*clusterDB, common map[string]meridian.Pos, oldPos map[string]ltx.TXID) {
+	t.Helper()
+	c, old, next, dbs = startPair(t)
+	for _, d := range dbs {
+		insertRows(t, d.db, old.Name, commonRows)
+	}
+	common = c.WaitCaughtUp(t, catchUpTimeout, names(dbs)...)
+	if err := next.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	oldPos = map[string]ltx.TXID{}
+	for _, d := range dbs {
+		insertRows(t, d.db, old.Name, lostRows)
+		p, _ := old.Pos(t, d.name)
+		oldPos[d.name] = p.TXID
+		_ = d.db.Close()
+	}
+	return c, old, next, dbs, common, oldPos
 }
 
 // checkDiverged checks the end of a divergence: old, the primary before

@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/meridian-db/meridian/internal/testingutil"
-	"github.com/meridian-db/meridian/ltx"
 	"github.com/meridian-db/meridian/regiond"
 )
 
@@ -184,29 +183,7 @@ func checkWriteRefused(t *testing.T, n *testingutil.ClusterNode, name, primary s
 // (TestCluster_Divergence).
 func TestRoles_StepDownDiverged(t *testing.T) {
 	t.Parallel()
-	c := testingutil.NewCluster(t, regiondCommand, iad.Name, iad, fra)
-	c.Start(t)
-	old, next := c.Node(iad.Name), c.Node(fra.Name)
-	dbs := []*clusterDB{{name: "wal.db", mode: "wal"}, {name: "delete.db", mode: "delete"}}
-	openOnPrimary(t, c, dbs)
-	for _, d := range dbs {
-		if _, err := d.db.Exec(`CREATE TABLE rows (node TEXT, i INTEGER, pad BLOB)`); err != nil {
-			t.Fatal(err)
-		}
-		insertRows(t, d.db, old.Name, commonRows)
-	}
-	common := c.WaitCaughtUp(t, catchUpTimeout, names(dbs)...)
-	if err := next.Stop(); err != nil {
-		t.Fatal(err)
-	}
-	oldPos := map[string]ltx.TXID{}
-	for _, d := range dbs {
-		insertRows(t, d.db, old.Name, lostRows)
-		p, _ := old.Pos(t, d.name)
-		oldPos[d.name] = p.TXID
-		_ = d.db.Close()
-	}
-
+	c, old, next, dbs, common, oldPos := startDiverging(t)
 	c.SetPrimary(next.Name)
 	next.Start(t)
 	waitStatus(t, next, func(st regiond.Status) bool { return st.Role == regiond.RolePrimary && st.Epoch == 2 }, "primary at epoch 2")
@@ -313,17 +290,10 @@ func watchEvents(t *testing.T, n *testingutil.ClusterNode) func() []regiond.Even
 // DELETE mode, and its row is in no database afterwards.
 func TestRoles_InFlightWriteFails(t *testing.T) {
 	t.Parallel()
-	c := testingutil.NewCluster(t, regiondCommand, iad.Name, iad, fra)
-	c.Start(t)
-	old, next := c.Node(iad.Name), c.Node(fra.Name)
-	dbs := []*clusterDB{{name: "wal.db", mode: "wal"}, {name: "delete.db", mode: "delete"}}
-	openOnPrimary(t, c, dbs)
+	c, old, next, dbs := startPair(t)
 	txs := make([]*sql.Tx, len(dbs))
 	for i, d := range dbs {
 		d.db.SetMaxOpenConns(1)
-		if _, err := d.db.Exec(`CREATE TABLE rows (node TEXT, i INTEGER, pad BLOB)`); err != nil {
-			t.Fatal(err)
-		}
 		insertRows(t, d.db, old.Name, 10)
 		tx, err := d.db.Begin()
 		if err != nil {
