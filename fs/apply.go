@@ -99,10 +99,19 @@ func (f *FileSystem) ApplyFiles(ctx context.Context, name string, paths []string
 	// was the primary, which recovery logged) go into the database file
 	// first, while no reader is in.
 	d.mu.Lock()
+	hadFrames := d.walApplied() || d.walActive()
 	folded, err := d.foldWAL(f.readOnly.Load())
 	d.mu.Unlock()
 	if err != nil {
 		return nil, fmt.Errorf("apply to %s: %w", name, err)
+	}
+	if hadFrames {
+		// The WAL is empty now: a reader that rebuilds the wal-index
+		// from the kernel's cached pages of the old one would bring its
+		// frames back into the -shm, and a writer would read past the end.
+		if err := f.invalidateNode(d.Name + "-wal"); err != nil {
+			return nil, fmt.Errorf("apply to %s: %w", name, err)
+		}
 	}
 	var before int64
 	if st, err := os.Stat(d.path(databaseFile)); err == nil {

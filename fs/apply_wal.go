@@ -784,9 +784,30 @@ func (f *FileSystem) foldForWriting(d *DB) {
 	if err == nil {
 		err = f.invalidate(d, true, 0, nil)
 	}
+	if err == nil {
+		// The emptied WAL and the reset wal-index: what the kernel holds
+		// of either is stale, for readers that stay open across the
+		// switch and for the app's writers after it.
+		err = errors.Join(f.invalidateShm(d), f.invalidateNode(d.Name+"-wal"))
+	}
 	if err != nil {
 		f.Logger.Error("copy the WAL the replica wrote into the database file", "db", d.Name, "err", err)
 	}
+}
+
+// invalidateNode drops the kernel's cached data and attributes of the
+// mount's file name, if it has been looked up.
+func (f *FileSystem) invalidateNode(name string) error {
+	f.mu.Lock()
+	n := f.names[name]
+	f.mu.Unlock()
+	if n == nil || f.server == nil {
+		return nil
+	}
+	if st := f.server.InodeNotify(n.id, 0, 0); !st.Ok() && st != fuse.ENOENT {
+		return fmt.Errorf("invalidate the cache of %s: %v", name, st)
+	}
+	return nil
 }
 
 // invalidateShmAttr drops the kernel's attributes of d's -shm, whose size

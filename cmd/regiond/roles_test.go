@@ -4,6 +4,8 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"maps"
 	"net/http"
 	"os"
@@ -11,9 +13,12 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/mattn/go-sqlite3"
 
 	"github.com/meridian-db/meridian/internal/testingutil"
 	"github.com/meridian-db/meridian/regiond"
@@ -29,7 +34,10 @@ const roleMoves = 10
 // holds a higher epoch than the last, the old one refuses writes and
 // follows the new one, and at the end every node holds every row any
 // primary acknowledged, in a WAL and in a DELETE database, with equal
-// positions and databases that pass integrity_check.
+// positions and databases that pass integrity_check. Throughout, a reader
+// on every mount, its connection open across the moves, sees only whole
+// transactions (two rows each), never fewer rows than it saw before, and
+// no error.
 func TestRoles_MoveAroundRing(t *testing.T) {
 	t.Parallel()
 	c := testingutil.NewCluster(t, regiondCommand, iad.Name, iad, fra, syd)
@@ -44,9 +52,12 @@ func TestRoles_MoveAroundRing(t *testing.T) {
 			if _, err := db.Exec(`CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, by TEXT)`); err != nil {
 				t.Fatalf("%s on %s: %v", d.name, n.Name, err)
 			}
-			for i := range count {
-				if _, err := db.Exec(`INSERT INTO t (id, by) VALUES (?, ?)`, rows+i+1, n.Name); err != nil {
-					t.Fatalf("%s on %s, row %d: %v", d.name, n.Name, rows+i+1, err)
+			for i := 0; i < count; i += 2 {
+				id := rows + i + 1
+				if _, err := db.Exec(`INSERT INTO t (id, by) VALUES (?, ?), (?, ?)`, id, n.Name, id+1, n.Name); err != nil {
+					var se sqlite3.Error
+					errors.As(err, &se)
+					t.Fatalf("%s on %s, rows %d and %d: %v (extended %d, errno %d)", d.name, n.Name, id, id+1, err, se.ExtendedCode, se.SystemErrno)
 				}
 			}
 			if err := db.Close(); err != nil {
@@ -56,6 +67,14 @@ func TestRoles_MoveAroundRing(t *testing.T) {
 		rows += count
 	}
 	names := []string{dbs[0].name, dbs[1].name}
+	write(ring[0], 2) // the databases exist before the readers open them
+	c.WaitCaughtUp(t, time.Minute, names...)
+	var readers []*ringReader
+	for _, n := range ring {
+		for _, d := range dbs {
+			readers = append(readers, startRingReader(t, n, d.name))
+		}
+	}
 
 	// A configuration that does not load changes nothing; one that
 	// changes a key other than lease.static_primary is reported, and the
@@ -124,6 +143,10 @@ func TestRoles_MoveAroundRing(t *testing.T) {
 		}
 	}
 
+	for _, r := range readers {
+		r.stop(t, rows)
+	}
+
 	// The primary restarted keeps its epoch; its replicas follow it again.
 	if err := last.Stop(); err != nil {
 		t.Fatal(err)
@@ -139,6 +162,86 @@ func TestRoles_MoveAroundRing(t *testing.T) {
 			}, "a ready replica of %s at epoch %d", last.Name, final)
 		}
 	}
+}
+
+// ringReader reads one database on one node's mount through one
+// connection, over and over, checking what it sees.
+type ringReader struct {
+	name    string
+	done    chan struct{}
+	quit    chan struct{}
+	reads   atomic.Int64
+	last    atomic.Int64 // rows in the last read
+	problem error        // set before done is closed
+}
+
+// startRingReader starts reading db on n's mount: count and largest id of
+// t, which must be equal and even (whole transactions of two rows), and
+// never fewer than before.
+func startRingReader(t *testing.T, n *testingutil.ClusterNode, db string) *ringReader {
+	t.Helper()
+	r := &ringReader{name: n.Name + " " + db, done: make(chan struct{}), quit: make(chan struct{})}
+	conn, err := sql.Open("sqlite3", "file:"+filepath.Join(n.MountDir, db)+"?mode=ro&_busy_timeout=5000")
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.SetMaxOpenConns(1)
+	go func() {
+		defer close(r.done)
+		defer conn.Close()
+		for {
+			select {
+			case <-r.quit:
+				return
+			default:
+			}
+			var count, max int64
+			if err := conn.QueryRow(`SELECT count(*), coalesce(max(id), 0) FROM t`).Scan(&count, &max); err != nil {
+				r.problem = fmt.Errorf("read %d: %w", r.reads.Load()+1, err)
+				return
+			}
+			n := r.reads.Add(1)
+			if last := r.last.Load(); count != max || count%2 != 0 || count < last {
+				r.problem = fmt.Errorf("read %d: %d rows, largest id %d, after %d rows: not whole transactions, or fewer than before", n, count, max, last)
+				return
+			}
+			r.last.Store(count)
+			time.Sleep(2 * time.Millisecond)
+		}
+	}()
+	t.Cleanup(func() {
+		select {
+		case <-r.quit:
+		default:
+			close(r.quit)
+		}
+		<-r.done
+	})
+	return r
+}
+
+// stop ends the reader, once it has seen rows rows, and fails the test if
+// it saw anything wrong.
+func (r *ringReader) stop(t *testing.T, rows int) {
+	t.Helper()
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(10 * time.Millisecond) {
+		select {
+		case <-r.done:
+		default:
+			if r.last.Load() < int64(rows) && time.Now().Before(deadline) {
+				continue
+			}
+		}
+		break
+	}
+	close(r.quit)
+	<-r.done
+	if r.problem != nil {
+		t.Errorf("reader of %s: %v", r.name, r.problem)
+	} else if got := r.last.Load(); got != int64(rows) {
+		t.Errorf("reader of %s: saw %d rows at the end, want %d", r.name, got, rows)
+	}
+	t.Logf("reader of %s: %d reads, the last of %d rows", r.name, r.reads.Load(), r.last.Load())
 }
 
 // waitStatus waits, up to a minute, until n's /status satisfies ok.
