@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -153,13 +154,51 @@ func (l *Log) ApplyFiles(ctx context.Context, paths []string, opts ApplyOptions)
 		table = NewChecksumTable(infos[0].Header.PageSize)
 		pos = Pos{}
 	} else {
-		table = table.Clone()
+		table = l.scratchTable(table)
 	}
 	files := make([]*logFile, len(infos))
 	for i, info := range infos {
 		files[i] = &logFile{info: info}
 	}
 	return l.applied(ctx, files, table, pos, snapshot, opts.Target)
+}
+
+// scratchTable returns a table equal to table, the log's, for an apply to
+// change while the log's stays as it is for its readers: the spare that
+// the last apply left (the table it replaced, brought up to date) if it
+// still mirrors table, else a copy. A copy costs a checksum for every page
+// of the database, per group applied; the spare, the pages the group
+// changes, twice. The changes made to it are journaled for keepSpare.
+// Caller holds l.wmu.
+func (l *Log) scratchTable(table *ChecksumTable) *ChecksumTable {
+	s := l.spare
+	if s == nil || copyTable || l.spareOf != table || l.spareGen != table.gen {
+		s = table.Clone()
+	}
+	l.spare, l.spareOf = nil, nil
+	s.journal = new([]tableChange)
+	return s
+}
+
+// copyTable makes scratchTable copy the table always (benchmarks).
+var copyTable = false
+
+// keepSpare makes old, the table that an apply's table cur replaced, the
+// spare for the next apply: it makes the changes journaled in cur to old.
+// Caller holds l.wmu.
+func (l *Log) keepSpare(old, cur *ChecksumTable) {
+	journal := cur.journal
+	cur.journal = nil
+	if old == nil || journal == nil || old.pageSize != cur.pageSize {
+		return // replaced whole on the way (a new page size): no journal of it
+	}
+	for _, c := range *journal {
+		old.apply(c.changes, c.commit)
+	}
+	if old.xor != cur.xor || len(old.sums) != len(cur.sums) {
+		return // not a mirror after all: the next apply copies
+	}
+	l.spare, l.spareOf, l.spareGen = old, cur, cur.gen
 }
 
 // applied applies files, in the log directory, to the database and puts
@@ -179,10 +218,10 @@ func (l *Log) applied(ctx context.Context, files []*logFile, table *ChecksumTabl
 		l.marked = 0
 	}
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	if snapshot {
 		l.files = l.files[:0]
 	}
+	old := l.table
 	l.table = table
 	infos := make([]FileInfo, len(files))
 	for i, f := range files {
@@ -193,6 +232,10 @@ func (l *Log) applied(ctx context.Context, files []*logFile, table *ChecksumTabl
 		infos[i] = f.info
 	}
 	l.notify()
+	l.mu.Unlock()
+	if old != table {
+		l.keepSpare(old, table)
+	}
 	return infos, pgnos, nil
 }
 
@@ -257,8 +300,13 @@ func (l *Log) applySegment(ctx context.Context, paths []string, infos []FileInfo
 		if err := a.commit(false); err != nil {
 			return fail(err)
 		}
-		files[i] = &logFile{info: *info, seg: s, off: a.off}
+		files[i] = &logFile{info: *info, seg: s, off: a.off, mem: data}
 	}
+	defer func() {
+		for _, f := range files {
+			f.mem = nil
+		}
+	}()
 	var marker *os.File
 	if !ahead {
 		marker = l.marker
@@ -268,7 +316,7 @@ func (l *Log) applySegment(ctx context.Context, paths []string, infos []FileInfo
 	}
 	l.marked = first
 	failpoint("syncdir")
-	infos, pgnos, err := l.applied(ctx, files, table.Clone(), pos, false, opts.Target)
+	infos, pgnos, err := l.applied(ctx, files, l.scratchTable(table), pos, false, opts.Target)
 	if err != nil {
 		// The database may hold part of the group: its records stay, for
 		// Open to finish it after a crash, until the next apply.
@@ -351,13 +399,27 @@ func copyFile(ctx context.Context, w io.Writer, path string, verify bool) error 
 }
 
 // copyVerified copies src to w, verifying it as it reads it if verify.
+// Bytes in memory (a *bytes.Reader) that need no verifying are written
+// at once.
 func copyVerified(ctx context.Context, w io.Writer, src io.Reader, verify bool) error {
+	if br, ok := src.(*bytes.Reader); ok && !verify {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		_, err := br.WriteTo(w)
+		return err
+	}
 	if verify {
 		src = NewVerifyReader(src, 0)
 	}
-	_, err := io.Copy(w, &ctxReader{ctx: ctx, r: src})
+	buf := copyBuffers.Get().(*[]byte)
+	defer copyBuffers.Put(buf)
+	_, err := io.CopyBuffer(w, &ctxReader{ctx: ctx, r: src}, *buf)
 	return err
 }
+
+// copyBuffers are copyVerified's buffers, kept rather than made per file.
+var copyBuffers = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 
 // ApplyOptions are how ApplyFiles treats the files it applies.
 type ApplyOptions struct {
@@ -660,14 +722,18 @@ func (l *Log) applyToDatabase(ctx context.Context, files []*logFile, table *Chec
 // (its seal would add a pass over every byte), and its pages by the
 // database checksum it must leave, which covers them all.
 func (l *Log) applyLogFile(ctx context.Context, db DatabaseFile, f *logFile, table *ChecksumTable, pos Pos, check bool) ([]uint32, error) {
+	if !check {
+		pos = f.info.PreApplyPos()
+	}
+	if f.mem != nil {
+		_, pgnos, err := applyFile(ctx, db, table, pos, bytes.NewReader(f.mem), check)
+		return pgnos, err
+	}
 	src, err := l.open(f)
 	if err != nil {
 		return nil, err
 	}
 	defer func() { _ = src.Close() }()
-	if !check {
-		pos = f.info.PreApplyPos()
-	}
 	_, pgnos, err := applyFile(ctx, db, table, pos, src, check)
 	return pgnos, err
 }

@@ -62,6 +62,18 @@ type ChecksumTable struct {
 	pageSize uint32
 	sums     []Checksum // sums[pgno-1]
 	xor      Checksum   // XOR of sums
+	// gen counts the changes made to the table, for a copy to tell that
+	// it still mirrors it (see Log.scratchTable).
+	gen uint64
+	// journal, if not nil, records the changes made to the table.
+	journal *[]tableChange
+}
+
+// tableChange is one apply of changes to a table, recorded to make the
+// same changes to a copy.
+type tableChange struct {
+	changes []pageSum
+	commit  uint32
 }
 
 // NewChecksumTable returns the table of an empty database.
@@ -237,6 +249,10 @@ func (t *ChecksumTable) next(changes []pageSum, commit uint32) Checksum {
 
 // apply makes the changes that next describes.
 func (t *ChecksumTable) apply(changes []pageSum, commit uint32) {
+	if t.journal != nil {
+		*t.journal = append(*t.journal, tableChange{changes: slices.Clone(changes), commit: commit})
+	}
+	t.gen++
 	t.xor = t.next(changes, commit) &^ ChecksumFlag
 	if commit <= t.Pages() {
 		t.sums = t.sums[:commit]

@@ -1,6 +1,7 @@
 package ltx
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -278,6 +279,7 @@ type written struct {
 	file    *logFile
 	table   *ChecksumTable // table to apply changes to (a new one on a full rewrite)
 	changes []pageSum
+	bytes   []byte // the file's bytes, if small enough to keep (see keepRecent)
 }
 
 // writeTx builds and writes the LTX file of tx as the transaction after pos,
@@ -354,8 +356,14 @@ func (l *Log) writeTx(ctx context.Context, tx Tx, pos Pos, table *ChecksumTable)
 	}
 	w.file = &logFile{info: FileInfo{Name: name, Header: hdr}}
 	if l.SegmentSize > 0 {
+		// The bytes are kept too, for cursors at the log's end.
+		var kept bytes.Buffer
+		tee := func(out io.Writer) error { return encode(io.MultiWriter(out, &kept)) }
 		var a *segmentAppend
-		if a, err = l.writeSegment(txid, tx.WAL, !tx.NoSync, encode); err == nil {
+		if a, err = l.writeSegment(txid, tx.WAL, !tx.NoSync, tee); err == nil {
+			if kept.Len() <= maxRecentFile {
+				w.bytes = kept.Bytes()
+			}
 			w.out, w.file.seg, w.file.off = a, a.s, a.off
 			w.file.info.Size, w.file.info.Seal = a.size, a.seal
 		}
@@ -375,6 +383,30 @@ func (l *Log) writeTx(ctx context.Context, tx Tx, pos Pos, table *ChecksumTable)
 	return w, nil
 }
 
+// Recent files: a replica's stream reads each file the primary commits
+// moments after the commit. Serving it from the bytes the encoder wrote
+// spares opening the segment, reading the file back and decoding it to
+// verify it, for every replica.
+const maxRecentFile = 256 << 10 // the largest file whose bytes are kept
+
+// maxRecentBytes bounds the bytes kept for a log.
+var maxRecentBytes = 4 << 20
+
+// keepRecent keeps b, the bytes of f, just installed, dropping those of
+// the oldest files kept past maxRecentBytes. Caller holds l.mu.
+func (l *Log) keepRecent(f *logFile, b []byte) {
+	f.recent = b
+	l.recents = append(l.recents, f)
+	l.recentBytes += len(b)
+	for l.recentBytes > maxRecentBytes && len(l.recents) > 1 {
+		old := l.recents[0]
+		l.recentBytes -= len(old.recent)
+		old.recent = nil
+		l.recents[0] = nil
+		l.recents = l.recents[1:] // append moves the rest when it grows
+	}
+}
+
 // install makes a written file part of the log. Caller holds l.wmu and l.mu.
 func (l *Log) install(w *written) *FileInfo {
 	w.table.apply(w.changes, w.file.info.Header.Commit)
@@ -383,6 +415,9 @@ func (l *Log) install(w *written) *FileInfo {
 		w.file.seg.live.Add(1)
 	}
 	l.files = append(l.files, w.file)
+	if w.bytes != nil && int64(len(w.bytes)) == w.file.info.Size {
+		l.keepRecent(w.file, w.bytes)
+	}
 	l.notify()
 	info := w.file.info
 	return &info

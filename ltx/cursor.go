@@ -2,6 +2,7 @@ package ltx
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -77,6 +78,11 @@ func (c *Cursor) Next(ctx context.Context) (*Reader, error) {
 		}
 		if i < len(l.files) {
 			f := l.files[i]
+			if b := f.recent; b != nil && f.info.PreApplyPos() == c.pos {
+				l.mu.RUnlock()
+				c.pos = f.info.Pos()
+				return &Reader{Info: f.info, r: bytes.NewReader(b), f: io.NopCloser(nil)}, nil
+			}
 			// Open under the lock: once open, pruning or compaction cannot
 			// take the bytes away.
 			fh, err := l.open(f)
@@ -159,15 +165,16 @@ func (l *Log) locate(pos Pos) (int, error) {
 	return i, nil
 }
 
-// Reader is one LTX file served to a cursor. Its bytes are verified as they
-// are read (see VerifyReader).
+// Reader is one LTX file served to a cursor. Bytes read from disk are
+// verified as they are read (see VerifyReader); those of a file the log
+// committed lately come from memory, as its encoder wrote them.
 type Reader struct {
 	// Info describes the file as served. Its header differs from the file
 	// in the log when the reader started inside a compacted file.
 	Info FileInfo
 
-	vr *VerifyReader
-	f  io.Closer
+	r io.Reader
+	f io.Closer
 }
 
 // newReader serves f to a reader at pos. If pos is inside the file, the file
@@ -177,7 +184,7 @@ type Reader struct {
 // its end.
 func newReader(f *openFile, info FileInfo, pos Pos, tmpDir string) (*Reader, error) {
 	if info.PreApplyPos() == pos {
-		return &Reader{Info: info, vr: NewVerifyReader(f, info.Seal), f: f}, nil
+		return &Reader{Info: info, r: NewVerifyReader(f, info.Seal), f: f}, nil
 	}
 	defer func() { _ = f.Close() }()
 	tmp, err := createTemp(tmpDir, info.Name)
@@ -200,11 +207,11 @@ func newReader(f *openFile, info FileInfo, pos Pos, tmpDir string) (*Reader, err
 		return nil, fmt.Errorf("serve %s from %s: %w", info.Name, pos, err)
 	}
 	rebased.Name, rebased.Seal = info.Name, sealValue(seal)
-	return &Reader{Info: *rebased, vr: NewVerifyReader(tmp, rebased.Seal), f: tmp}, nil
+	return &Reader{Info: *rebased, r: NewVerifyReader(tmp, rebased.Seal), f: tmp}, nil
 }
 
 // Read implements io.Reader.
-func (r *Reader) Read(p []byte) (int, error) { return r.vr.Read(p) }
+func (r *Reader) Read(p []byte) (int, error) { return r.r.Read(p) }
 
 // Close releases the file.
 func (r *Reader) Close() error { return r.f.Close() }

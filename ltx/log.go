@@ -109,6 +109,17 @@ type Log struct {
 	marker    *os.File
 	marked    TXID
 	unapplied *unappliedGroup
+	// spare is a copy of the checksum table as it was at generation
+	// spareGen, for the next apply to change in place rather than copy
+	// a table as large as the database (see scratchTable). Guarded by
+	// wmu.
+	spare    *ChecksumTable
+	spareOf  *ChecksumTable
+	spareGen uint64
+	// recents are the files whose bytes are kept in memory, oldest
+	// first, recentBytes their size. Guarded by mu.
+	recents     []*logFile
+	recentBytes int
 
 	mu      sync.RWMutex // guards the fields below
 	opened  bool
@@ -132,6 +143,14 @@ type logFile struct {
 	// of its own.
 	seg *segment
 	off int64
+	// mem holds the file's bytes while a group is applied from memory
+	// (ApplyOptions.Data), sparing a read of what was just appended;
+	// nil otherwise. Set and cleared under wmu.
+	mem []byte
+	// recent holds the bytes of a file this log committed lately, as
+	// the encoder wrote them, for cursors to serve without reading them
+	// back from disk (see Log.keepRecent). Guarded by the log's mu.
+	recent []byte
 }
 
 // open opens f for reading. Caller holds l.mu, or l.maint, while f is in

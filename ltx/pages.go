@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 
 	"github.com/superfly/ltx"
 )
@@ -31,9 +32,33 @@ type batchPool chan *pageBatch
 func newBatchPool(n int) batchPool {
 	p := make(batchPool, n)
 	for i := 0; i < n; i++ {
-		p <- &pageBatch{}
+		p <- spareBatches.Get().(*pageBatch)
 	}
 	return p
+}
+
+// spareBatches keeps the batches of finished pools for later ones: a
+// replica applies a small file per transaction, and batches made afresh
+// for each cost more than decoding its pages.
+var spareBatches = sync.Pool{New: func() any { return new(pageBatch) }}
+
+// maxSpareBatch is the largest buffer a spare batch keeps: a snapshot's
+// batches grow to batchPages pages, up to 16 MiB each.
+const maxSpareBatch = 1 << 20
+
+// release hands the pool's free batches to later pools. Call it once
+// nothing gets or puts batches any more.
+func (p batchPool) release() {
+	for {
+		select {
+		case b := <-p:
+			if cap(b.data) <= maxSpareBatch {
+				spareBatches.Put(b)
+			}
+		default:
+			return
+		}
+	}
 }
 
 // get waits for a free batch.

@@ -999,3 +999,124 @@ func TestSegment_ApplyRetried(t *testing.T) {
 	}
 	mustMatchPrimary(t, dst, src)
 }
+
+// TestSegment_ApplySpareTable: an apply changes a spare of the checksum
+// table, which the next apply reuses, instead of copying a table as large
+// as the database per group. After every group, failed ones included, the
+// log's table is the database's, and the log holds a spare only when the
+// last apply succeeded.
+func TestSegment_ApplySpareTable(t *testing.T) {
+	src := newSegmentDB(t, t.TempDir(), 29, 0)
+	src.run(40, t0, nil)
+	dst := newSegmentDB(t, t.TempDir(), 30, 0)
+	paths := exportFiles(t, src.log, 1, t.TempDir())
+	ctx := context.Background()
+	db, err := os.OpenFile(dst.path, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	target := &failingTarget{File: db}
+	check := func(what string, spare bool) {
+		t.Helper()
+		want, err := ltx.ReadChecksumTable(dst.path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if sum, pages := dst.log.Checksum(); sum != want.Checksum() || pages != want.Pages() {
+			t.Fatalf("%s: log's table says %s, %d pages; the database is %s, %d pages", what, sum, pages, want.Checksum(), want.Pages())
+		}
+		if got := dst.log.SpareTable(); got != spare {
+			t.Fatalf("%s: spare table kept %v, want %v", what, got, spare)
+		}
+	}
+	groups := [][2]int{{0, 1}, {1, 2}, {2, 3}, {3, 7}, {7, 8}, {8, 20}, {20, 21}, {21, 40}}
+	for i, g := range groups {
+		if _, _, err := dst.log.ApplyFiles(ctx, paths[g[0]:g[1]], ltx.ApplyOptions{Target: target}); err != nil {
+			t.Fatalf("apply files %d to %d: %v", g[0], g[1], err)
+		}
+		// The snapshot makes a new table: no spare until the group after.
+		check(fmt.Sprintf("after files %d to %d", g[0], g[1]), i > 0)
+		if g[1] == 8 || g[1] == 21 {
+			// A group that fails at the database's sync (its pages are
+			// written) leaves the log's table as it was, and no spare:
+			// the next apply copies it.
+			sum, pages := dst.log.Checksum()
+			target.fail = true
+			if _, _, err := dst.log.ApplyFiles(ctx, paths[g[1]:g[1]+3], ltx.ApplyOptions{Target: target}); err == nil {
+				t.Fatal("apply with a failing sync succeeded")
+			}
+			target.fail = false
+			if sum2, pages2 := dst.log.Checksum(); sum2 != sum || pages2 != pages || dst.log.SpareTable() {
+				t.Fatalf("after a failed apply of files %d to %d: table %s, %d pages, spare %v; want %s, %d pages as before, no spare",
+					g[1], g[1]+3, sum2, pages2, dst.log.SpareTable(), sum, pages)
+			}
+		}
+	}
+	mustMatchPrimary(t, dst, src)
+}
+
+// TestSegment_CursorRecent: a cursor gets the files the log committed
+// lately from memory, the bytes the encoder wrote, and older ones from
+// the segment, verified as they are read. Bytes damaged on disk after the
+// commit show which: the last file is served whole, the first one (past
+// the bytes kept) fails its verification.
+func TestSegment_CursorRecent(t *testing.T) {
+	defer ltx.SetMaxRecentBytes(32 << 10)()
+	d := newSegmentDB(t, t.TempDir(), 33, 0)
+	d.run(30, t0, nil)
+	files := d.log.Files()
+	seg := filepath.Join(d.log.Dir, "0000000000000001.segment")
+	rep, err := ltx.ReadSegment(seg)
+	if err != nil || len(rep.Entries) != len(files) {
+		t.Fatalf("read segment: %v, %d entries for %d files", err, len(rep.Entries), len(files))
+	}
+	disk := testingutil.MustReadFile(t, seg)
+	fileBytes := func(i int) []byte {
+		e := rep.Entries[i]
+		return disk[e.Offset : e.Offset+e.Size]
+	}
+	c, err := d.log.Cursor(ltx.Pos{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, fi := range files {
+		r, b := readNext(t, c)
+		if r.Info != fi || !bytes.Equal(b, fileBytes(i)) {
+			t.Fatalf("file %d (%s): served %v, %d bytes, not the file on disk", i, fi.Name, r.Info, len(b))
+		}
+	}
+
+	// Damage the first and the last file on disk.
+	f, err := os.OpenFile(seg, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, i := range []int{0, len(files) - 1} {
+		e := rep.Entries[i]
+		off := e.Offset + e.Size/2
+		if _, err := f.WriteAt([]byte{disk[off] ^ 0xff}, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_ = f.Close()
+
+	last := len(files) - 1
+	c, err = d.log.Cursor(files[last].PreApplyPos())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r, b := readNext(t, c); r.Info != files[last] || !bytes.Equal(b, fileBytes(last)) {
+		t.Fatalf("last file, damaged on disk after its commit: served %v, %d bytes; want its bytes as committed", r.Info, len(b))
+	}
+	c, err = d.log.Cursor(ltx.Pos{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := mustNext(t, c)
+	_, err = io.Copy(io.Discard, r)
+	_ = r.Close()
+	if !errors.Is(err, ltx.ErrCorrupt) {
+		t.Fatalf("first file, damaged on disk and read from it: %v, want ErrCorrupt", err)
+	}
+}

@@ -35,6 +35,7 @@ func EncodeSnapshot(ctx context.Context, w io.Writer, db io.ReaderAt, pageSize, 
 	}
 	chksum := ChecksumFlag
 	pool, batches := newBatchPool(3), make(chan *pageBatch, 1)
+	defer pool.release() // after g.Wait below
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
 		defer close(batches)
@@ -170,6 +171,7 @@ func applyFile(ctx context.Context, db DatabaseFile, t *ChecksumTable, pos Pos, 
 	// Decode on one goroutine; checksum and write on another.
 	var changes []pageSum
 	pool, batches := newBatchPool(3), make(chan *pageBatch, 1)
+	defer pool.release() // after g.Wait below
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
 		defer close(batches)

@@ -106,8 +106,10 @@ func (d *Daemon) becomePrimary(ctx context.Context, atRuntime bool) error {
 		}
 	}
 	d.setPrimaryName(c.Node)
-	d.epoch.Store(epoch)
+	// Writable before the status says primary (the epoch held), so that
+	// whoever sees the node as primary can write to it.
 	f.SetReadOnly(false)
+	d.epoch.Store(epoch)
 	d.Logger.Info("serving as primary (static lease)", "epoch", epoch, "mount_dir", c.MountDir, "dbs", f.DBs())
 	d.events.publish(Event{Type: EventRole, Role: RolePrimary, Primary: c.Node, Epoch: epoch})
 	return nil

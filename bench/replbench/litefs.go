@@ -4,7 +4,6 @@ import (
 	"database/sql"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"syscall"
 	"time"
@@ -52,7 +51,11 @@ func measureLiteFS(h *harness, o options, bin string) ([]row, error) {
 		if err != nil {
 			h.Fatal(err)
 		}
-		cmd := exec.Command(bin, "mount", "-config", config)
+		cpu := replicaCPU
+		if candidate {
+			cpu = primaryCPU
+		}
+		cmd := pinnedCommand(o.pin, cpu, bin, "mount", "-config", config)
 		cmd.Stdout, cmd.Stderr = logf, logf
 		testingutil.DieWithParent(cmd)
 		if err := cmd.Start(); err != nil {
@@ -116,7 +119,7 @@ func measureLiteFS(h *harness, o options, bin string) ([]row, error) {
 		if err := db.QueryRow(`SELECT coalesce(max(id), 0) FROM tx`).Scan(&lastID); err != nil {
 			return nil, err
 		}
-		reader, err := startPollReader(replicaDB, lastID, count)
+		reader, err := startPollReader(replicaDB, lastID, count, o.pin)
 		if err != nil {
 			return nil, err
 		}

@@ -20,6 +20,7 @@
 package main
 
 import (
+	"bufio"
 	"database/sql"
 	"errors"
 	"flag"
@@ -64,6 +65,10 @@ type options struct {
 	warmReads    bool
 	// joinTmpfs puts the joining node's data_dir on /dev/shm.
 	joinTmpfs bool
+	// pin runs the primary and the replicas on CPUs of their own.
+	pin bool
+	// trace is a file to write each transaction's times to ("": none).
+	trace string
 }
 
 func main() {
@@ -82,6 +87,8 @@ func main() {
 	flag.StringVar(&o.cpuProfile, "cpuprofile", "", "write each regiond's CPU profile to this `dir`ectory, as NODE-REPLICAS.pprof")
 	flag.BoolVar(&o.poll, "poll", true, "poll the first replica with a reader during each rate (false: lag alone, no reader on the replica)")
 	flag.StringVar(&o.replicaLocks, "replica-locks", "mount", "fs.locks of the replicas and of the joining node: mount or kernel (the primary's is kernel)")
+	flag.BoolVar(&o.pin, "pin", false, "run as if on separate machines of one CPU each: the primary, the writer and the watchers on CPU 0; the replicas, the joining node and the replica's reader on CPU 1 (with several replicas they share it)")
+	flag.StringVar(&o.trace, "trace", "", "write each transaction's times (commit, in the primary's log, in the first replica's log, applied there) to this `file`, CSV, one set of rows per rate")
 	flag.BoolVar(&o.warmReads, "warm-reads", true, "after the rates with one replica, time warm point queries on its mount against a bare copy of the database")
 	flag.Parse()
 	for _, r := range strings.Split(rates, ",") {
@@ -117,6 +124,16 @@ func main() {
 	if _, err := os.Stat(o.regiond); err != nil {
 		fmt.Fprintf(os.Stderr, "replbench: regiond binary: %v; build it with `make build` or pass -regiond PATH\n", err)
 		os.Exit(2)
+	}
+	if o.pin {
+		err := checkPin()
+		if err == nil {
+			err = pinProcess(primaryCPU)
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "replbench: %v\n", err)
+			os.Exit(2)
+		}
 	}
 	if err := run(o); err != nil {
 		fmt.Fprintf(os.Stderr, "replbench: %v\n", err)
@@ -207,12 +224,17 @@ func measureCluster(h *harness, o options, n int, res *results) error {
 		specs[i].Locks = o.replicaLocks
 	}
 	command := func(args ...string) *exec.Cmd {
+		// The node's directory, which holds its config, the last
+		// argument, is named after the node.
+		node := filepath.Base(filepath.Dir(args[len(args)-1]))
 		if o.cpuProfile != "" && len(args) > 0 && args[0] == "run" {
-			// The node's directory is named after the node.
-			node := filepath.Base(filepath.Dir(args[len(args)-1]))
 			args = append(args, "-cpuprofile", filepath.Join(o.cpuProfile, fmt.Sprintf("%s-%d.pprof", node, n)))
 		}
-		return exec.Command(o.regiond, args...)
+		cpu := replicaCPU
+		if node == primarySpec.Name {
+			cpu = primaryCPU
+		}
+		return pinnedCommand(o.pin, cpu, o.regiond, args...)
 	}
 	c := testingutil.NewCluster(h, command, primarySpec.Name, specs...)
 	for _, node := range c.Nodes {
@@ -255,7 +277,7 @@ func measureCluster(h *harness, o options, n int, res *results) error {
 			count = int(float64(rate) * o.duration.Seconds())
 		}
 		fmt.Fprintf(os.Stderr, "%d replica(s), %s: %d transactions\n", n, rateName(rate), count)
-		r, err := measureRate(h, c, db, logged, watchers, rate, count, o.poll)
+		r, err := measureRate(h, c, db, logged, watchers, rate, count, o.poll, o.pin, o.trace)
 		if err != nil {
 			return err
 		}
@@ -308,7 +330,7 @@ func waitSpares(c *testingutil.Cluster, timeout time.Duration) error {
 // measureRate commits count single-row transactions at rate (0: as fast
 // as possible) and measures when each is applied on every replica, and
 // when a reader polling the first replica through its mount sees it.
-func measureRate(h *harness, c *testingutil.Cluster, db *sql.DB, logged *applyWatcher, watchers []*applyWatcher, rate, count int, poll bool) (row, error) {
+func measureRate(h *harness, c *testingutil.Cluster, db *sql.DB, logged *applyWatcher, watchers []*applyWatcher, rate, count int, poll, pin bool, trace string) (row, error) {
 	primary := c.Node(c.Primary)
 	base, _ := primary.Pos(h, "bench.db")
 	var lastID int64
@@ -318,7 +340,7 @@ func measureRate(h *harness, c *testingutil.Cluster, db *sql.DB, logged *applyWa
 	var reader *pollReader
 	if poll {
 		var err error
-		if reader, err = startPollReader(filepath.Join(c.Nodes[1].MountDir, "bench.db"), lastID, count); err != nil {
+		if reader, err = startPollReader(filepath.Join(c.Nodes[1].MountDir, "bench.db"), lastID, count, pin); err != nil {
 			return row{}, err
 		}
 		defer reader.stopReading()
@@ -344,10 +366,15 @@ func measureRate(h *harness, c *testingutil.Cluster, db *sql.DB, logged *applyWa
 	r.logP50, r.logP99 = logLags[count/2], logLags[count*99/100]
 	lags := make([]time.Duration, count)
 	r.applyRate = -1
-	for _, w := range watchers {
+	for i, w := range watchers {
 		applied, err := w.wait(base.TXID+1, base.TXID+ltx.TXID(count), 30*time.Second)
 		if err != nil {
 			return row{}, err
+		}
+		if i == 0 && trace != "" {
+			if err := writeTrace(trace, rate, base.TXID+1, commits, inLog, w, applied); err != nil {
+				return row{}, err
+			}
 		}
 		for i := range count {
 			lags[i] = max(lags[i], applied[i].Sub(commits[i]))
@@ -364,6 +391,33 @@ func measureRate(h *harness, c *testingutil.Cluster, db *sql.DB, logged *applyWa
 		return r, nil
 	}
 	return r, reader.result(&r, commits)
+}
+
+// writeTrace appends a row a transaction to the CSV file path: the rate,
+// the TXID, when its COMMIT returned (µs from the first one), and the
+// µs from then to its file in the primary's log, to its record in the
+// replica's log (w), and to its apply there.
+func writeTrace(path string, rate int, first ltx.TXID, commits, inLog []time.Time, w *applyWatcher, applied []time.Time) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	if err != nil {
+		return err
+	}
+	bw := bufio.NewWriter(f)
+	if st, err := f.Stat(); err == nil && st.Size() == 0 {
+		fmt.Fprintln(bw, "rate,txid,commit_us,primary_log_us,replica_log_us,applied_us")
+	}
+	us := func(d time.Duration) int64 { return d.Microseconds() }
+	w.mu.Lock()
+	for i, c := range commits {
+		id := first + ltx.TXID(i)
+		rl := int64(-1)
+		if t, ok := w.logged[id]; ok {
+			rl = us(t.Sub(c))
+		}
+		fmt.Fprintf(bw, "%s,%d,%d,%d,%d,%d\n", rateName(rate), id, us(c.Sub(commits[0])), us(inLog[i].Sub(c)), rl, us(applied[i].Sub(c)))
+	}
+	w.mu.Unlock()
+	return errors.Join(bw.Flush(), f.Close())
 }
 
 // commitRows commits count single-row transactions to db at rate (0: as
@@ -429,18 +483,36 @@ type pollReader struct {
 	firstErr  error
 }
 
-func startPollReader(path string, base int64, count int) (*pollReader, error) {
+// startPollReader starts a pollReader of the database at path, on the
+// replicas' CPU if pin.
+func startPollReader(path string, base int64, count int, pin bool) (*pollReader, error) {
 	db, err := openReader(path, "")
 	if err != nil {
 		return nil, err
 	}
 	r := &pollReader{db: db, base: base, stop: make(chan struct{}), done: make(chan struct{}), seen: make([]time.Time, count)}
-	go r.run()
+	started := make(chan error, 1)
+	go r.run(pin, started)
+	if err := <-started; err != nil {
+		<-r.done
+		_ = db.Close()
+		return nil, err
+	}
 	return r, nil
 }
 
-func (r *pollReader) run() {
+func (r *pollReader) run(pin bool, started chan<- error) {
 	defer close(r.done)
+	if pin {
+		// Its queries run on this goroutine's thread (cgo).
+		unpin, err := pinThread(replicaCPU)
+		if err != nil {
+			started <- err
+			return
+		}
+		defer unpin()
+	}
+	started <- nil
 	last := r.base
 	for {
 		select {
@@ -665,7 +737,8 @@ type applyWatcher struct {
 	atRename bool // a transaction counts when its file is renamed in
 	mu       sync.Mutex
 	applied  map[ltx.TXID]time.Time
-	records  map[string]int // index records seen, by index file
+	logged   map[ltx.TXID]time.Time // a replica's: when its record was written
+	records  map[string]int         // index records seen, by index file
 	err      error
 	done     chan struct{}
 }
@@ -694,7 +767,7 @@ func watchApplies(dir string, atRename bool) (*applyWatcher, error) {
 		_ = unix.Close(fd)
 		return nil, fmt.Errorf("watch %s: %w", filepath.Dir(dir), err)
 	}
-	w := &applyWatcher{dir: dir, fd: fd, atRename: atRename, applied: make(map[ltx.TXID]time.Time), records: make(map[string]int), done: make(chan struct{})}
+	w := &applyWatcher{dir: dir, fd: fd, atRename: atRename, applied: make(map[ltx.TXID]time.Time), logged: make(map[ltx.TXID]time.Time), records: make(map[string]int), done: make(chan struct{})}
 	go w.run()
 	return w, nil
 }
@@ -744,6 +817,7 @@ func (w *applyWatcher) run() {
 				for id := first + ltx.TXID(w.records[name]); id < first+ltx.TXID(st.Size()/indexRecordSize); id++ {
 					if !w.atRename {
 						pending = append(pending, id)
+						w.logged[id] = now
 					} else if _, ok := w.applied[id]; !ok {
 						w.applied[id] = now
 					}

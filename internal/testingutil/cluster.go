@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -205,10 +206,16 @@ func (c *Cluster) writeConfig(n *ClusterNode) {
 }
 
 // FreeAddr returns a loopback address with a port that was free a moment
-// ago: it listens on 127.0.0.1:0 and closes the listener.
+// ago: it listens on port 0 of a random address in 127.0.0.0/8 and closes
+// the listener. Not 127.0.0.1: between the close and the node's bind, the
+// port must not go to another socket, and on 127.0.0.1 every outgoing
+// connection on loopback (another test's, another node's) takes a port
+// from the same range as its source; on an address of its own nothing
+// else does. Certificates name nodes, not addresses, so any will do.
 func FreeAddr(tb TB) string {
 	tb.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	ip := net.IPv4(127, byte(1+rand.IntN(254)), byte(rand.IntN(256)), byte(1+rand.IntN(254)))
+	l, err := net.Listen("tcp", net.JoinHostPort(ip.String(), "0"))
 	if err != nil {
 		tb.Fatal(err)
 	}
