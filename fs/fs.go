@@ -120,6 +120,7 @@ type FileSystem struct {
 	acked   func(name string) ltx.TXID
 
 	commitWait atomic.Pointer[CommitWait]
+	onCommit   atomic.Pointer[func(db string, info ltx.FileInfo)]
 
 	// failpoint, set by tests only, can fail an operation by its name
 	// ("wal-sync"): a fault injected where the disk would fail.
@@ -187,6 +188,17 @@ func (f *FileSystem) SetAcked(acked func(name string) ltx.TXID) {
 // would succeed at once); elsewhere, only once the app is being killed,
 // since it will never see the operation return.
 type CommitWait func(ctx context.Context, db string, txid ltx.TXID, canFail bool) error
+
+// SetOnCommit sets a function called with each transaction a database's
+// log records, in order, on the goroutine that records it: it must not
+// block. nil removes it.
+func (f *FileSystem) SetOnCommit(fn func(db string, info ltx.FileInfo)) {
+	if fn == nil {
+		f.onCommit.Store(nil)
+		return
+	}
+	f.onCommit.Store(&fn)
+}
 
 // SetCommitWait sets the commit wait; nil removes it. Operations already
 // waiting keep the one they have.
@@ -808,6 +820,11 @@ func (f *FileSystem) openDB(ctx context.Context, name string) (*DB, error) {
 	// retention at least, it keeps pruned files on disk little longer.
 	l.SegmentSize, l.SegmentAge = f.LogSegmentSize, min(ltx.DefaultSegmentAge, max(f.Retention, time.Second))
 	l.DB = walView{d: d} // the database as SQLite sees it, WAL included
+	l.Committed = func(info ltx.FileInfo) {
+		if fn := f.onCommit.Load(); fn != nil {
+			(*fn)(name, info)
+		}
+	}
 	d.log = l
 	if err := d.recover(ctx); err != nil {
 		d.closeFiles()

@@ -90,7 +90,16 @@ func (l *Log) Commit(ctx context.Context, tx Tx) (*FileInfo, error) {
 		w.out.remove()
 		return nil, fmt.Errorf("commit txid %s to %s: %w", w.file.info.Header.MinTXID, l.Name, err)
 	}
-	return l.committed(tx, w), nil
+	return l.tell(l.committed(tx, w)), nil
+}
+
+// tell calls the Committed hook with info, and returns info. Caller holds
+// l.wmu, so the hook sees the commits in order.
+func (l *Log) tell(info *FileInfo) *FileInfo {
+	if l.Committed != nil {
+		l.Committed(*info)
+	}
+	return info
 }
 
 // commitState returns the position and checksum table a transaction
@@ -175,7 +184,7 @@ func (p *Prepared) Commit() (*FileInfo, error) {
 		p.w.out.remove()
 		return nil, err
 	}
-	return l.committed(p.tx, p.w), nil
+	return l.tell(l.committed(p.tx, p.w)), nil
 }
 
 // Abort discards the prepared file.

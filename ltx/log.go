@@ -80,6 +80,11 @@ type Log struct {
 	// and removed files become spares, unless a reader has them open.
 	Spares *Spares
 
+	// Committed, if set, is called with each file Commit or
+	// Prepared.Commit records, in order, before they return. It must
+	// not block: the log's next commit waits for it.
+	Committed func(FileInfo)
+
 	readers atomic.Int32 // files open for reading
 	// waiting counts the cursors blocked in Next until the log changes. A
 	// cursor counts itself while it still holds mu: once it is counted,

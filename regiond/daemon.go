@@ -12,7 +12,10 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/meridian-db/meridian/fs"
+	"github.com/meridian-db/meridian/ltx"
 	"github.com/meridian-db/meridian/replication"
 )
 
@@ -33,6 +36,9 @@ type Daemon struct {
 	admin  *adminServer
 	role   role
 	events events
+	// commits counts the transactions each database's log recorded on
+	// this node as primary (/metrics).
+	commits *prometheus.CounterVec
 	// epoch is the lease epoch the node holds while it is primary, 0
 	// while it is a replica.
 	epoch atomic.Uint64
@@ -40,7 +46,17 @@ type Daemon struct {
 
 // NewDaemon returns a daemon for a validated config.
 func NewDaemon(c Config, logger *slog.Logger) *Daemon {
-	return &Daemon{Config: c, Logger: logger, events: events{node: c.Node, done: make(chan struct{})}}
+	return &Daemon{Config: c, Logger: logger, events: events{node: c.Node, done: make(chan struct{})},
+		commits: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meridian_commits_total",
+			Help: "Transactions this node recorded in each database's log as primary, since it started.",
+		}, []string{"db"})}
+}
+
+// committed publishes a commit of db, at info, on /events and /metrics.
+func (d *Daemon) committed(db string, info ltx.FileInfo) {
+	d.commits.WithLabelValues(db).Inc()
+	d.events.publish(Event{Type: EventCommit, DB: db, Pos: info.Pos().String(), Size: info.Size})
 }
 
 // Open recovers every database, mounts the filesystem and sets its mode
@@ -59,6 +75,7 @@ func (d *Daemon) Open(ctx context.Context) error {
 	f.LogSegmentSize = c.FS.LogSegmentSize
 	f.Passthrough = c.FS.Passthrough
 	f.Logger = d.Logger.With("component", "fs")
+	f.SetOnCommit(d.committed)
 	// Read-only until the role is taken: no app ever sees a writable
 	// replica, nor a primary's mount before its commits can wait for
 	// replicas (sync durability).

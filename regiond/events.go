@@ -11,6 +11,8 @@ import (
 type Event struct {
 	Time time.Time `json:"time"`
 	// Type is what happened:
+	//   - "commit": the primary recorded a transaction of DB in its log,
+	//     leaving it at Pos, in Size bytes of LTX;
 	//   - "role": the node became primary (Role, Epoch) or a replica of
 	//     Primary;
 	//   - "apply": a replica applied Files transactions of DB, up to Pos;
@@ -23,6 +25,7 @@ type Event struct {
 	DB      string `json:"db,omitempty"`
 	Pos     string `json:"pos,omitempty"`
 	Files   int    `json:"files,omitempty"`
+	Size    int64  `json:"size,omitempty"`
 	Role    string `json:"role,omitempty"`
 	Primary string `json:"primary,omitempty"`
 	Epoch   uint64 `json:"epoch,omitempty"`
@@ -35,6 +38,7 @@ type Event struct {
 
 // The types of Event.
 const (
+	EventCommit   = "commit"
 	EventRole     = "role"
 	EventApply    = "apply"
 	EventSnapshot = "snapshot"

@@ -30,6 +30,7 @@ func TestAdmin_Status(t *testing.T) {
 	primary, replica, down := c.Node(iad.Name), c.Node(fra.Name), c.Node(syd.Name)
 	primary.Start(t)
 	replica.Start(t)
+	evs := watchEvents(t, primary)
 	db := testingutil.MustOpenSQLite(t, filepath.Join(primary.MountDir, "app.db"), "wal")
 	if _, err := db.Exec(`CREATE TABLE t (x)`); err != nil {
 		t.Fatal(err)
@@ -90,9 +91,28 @@ func TestAdmin_Status(t *testing.T) {
 	mustAdmin(t, primary, "/readyz", http.StatusOK, "ready: primary\n")
 	mustAdmin(t, replica, "/readyz", http.StatusOK, "ready: replica of iad-1, 0 ms behind (router.max_lag 1000 ms)\n")
 	mustAdmin(t, replica, "/healthz", http.StatusOK, "ok\n")
+	// /events told of every commit, in order, the last at the position
+	// the -pos file says.
+	var commits []regiond.Event
+	for _, ev := range evs() {
+		if ev.Type == regiond.EventCommit {
+			commits = append(commits, ev)
+		}
+	}
+	if len(commits) != int(want.TXID) {
+		t.Errorf("%s /events: %d commit events, want %d", primary.Name, len(commits), want.TXID)
+	}
+	for i, ev := range commits {
+		if ev.DB != "app.db" || ev.Node != primary.Name || ev.Size <= 0 || !strings.HasPrefix(ev.Pos, fmt.Sprintf("%016x/", i+1)) {
+			t.Errorf("commit event %d: %+v, want app.db on %s at txid %d, with its size", i, ev, primary.Name, i+1)
+		}
+	}
+	if len(commits) > 0 && commits[len(commits)-1].Pos != want.String() {
+		t.Errorf("last commit event at %s, want %s", commits[len(commits)-1].Pos, want)
+	}
 	txid := fmt.Sprint(uint64(want.TXID))
 	mustMetrics(t, primary, `meridian_role{role="primary"} 1`, "meridian_lease_epoch 1", "meridian_ready 1",
-		`meridian_db_txid{db="app.db"} `+txid,
+		`meridian_db_txid{db="app.db"} `+txid, `meridian_commits_total{db="app.db"} `+txid,
 		`meridian_replica_connected{replica="fra-1",replica_region="fra"} 1`,
 		`meridian_replica_acked_txid{db="app.db",replica="fra-1",replica_region="fra"} `+txid,
 		`meridian_replica_lag_seconds{db="app.db",replica="fra-1",replica_region="fra"} 0`,
