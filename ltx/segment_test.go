@@ -414,16 +414,7 @@ func TestSegment_Damage(t *testing.T) {
 		if !slices.Equal(d.log.Files(), files) {
 			t.Fatal("files changed")
 		}
-		c, err := d.log.Cursor(files[5].PreApplyPos())
-		if err != nil {
-			t.Fatal(err)
-		}
-		r := mustNext(t, c)
-		_, err = io.Copy(io.Discard, r)
-		_ = r.Close()
-		if !errors.Is(err, ltx.ErrCorrupt) {
-			t.Fatalf("reading the damaged file: err = %v, want ErrCorrupt", err)
-		}
+		mustReadCorrupt(t, d.log, files[5].PreApplyPos(), "the damaged file")
 		rep, err := ltx.VerifyDir(d.log.Dir)
 		if err != nil {
 			t.Fatal(err)
@@ -1109,7 +1100,14 @@ func TestSegment_CursorRecent(t *testing.T) {
 	if r, b := readNext(t, c); r.Info != files[last] || !bytes.Equal(b, fileBytes(last)) {
 		t.Fatalf("last file, damaged on disk after its commit: served %v, %d bytes; want its bytes as committed", r.Info, len(b))
 	}
-	c, err = d.log.Cursor(ltx.Pos{})
+	mustReadCorrupt(t, d.log, ltx.Pos{}, "the first file, damaged on disk and read from it")
+}
+
+// mustReadCorrupt reads the file a cursor of l at pos gets next, what,
+// and fails the test unless the read fails with ErrCorrupt.
+func mustReadCorrupt(t *testing.T, l *ltx.Log, pos ltx.Pos, what string) {
+	t.Helper()
+	c, err := l.Cursor(pos)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1117,6 +1115,6 @@ func TestSegment_CursorRecent(t *testing.T) {
 	_, err = io.Copy(io.Discard, r)
 	_ = r.Close()
 	if !errors.Is(err, ltx.ErrCorrupt) {
-		t.Fatalf("first file, damaged on disk and read from it: %v, want ErrCorrupt", err)
+		t.Fatalf("reading %s: err = %v, want ErrCorrupt", what, err)
 	}
 }

@@ -155,6 +155,9 @@ type ReplicationConfig struct {
 	// Listen is the address the replication gRPC server listens on; ""
 	// serves none (a replica nobody streams from).
 	Listen string `yaml:"listen"`
+	// Advertise is the host:port other nodes dial to reach Listen; ""
+	// is Listen itself (see AdvertiseAddr).
+	Advertise string `yaml:"advertise"`
 	// Peers are the other nodes of the cluster: replicas stream from the
 	// primary's addr, and the primary serves only the nodes listed here.
 	Peers     []Peer   `yaml:"peers"`
@@ -573,6 +576,29 @@ func (c *Config) Validate() error {
 	return nil
 }
 
+// dialable reports whether host:port addr names a host and a port another
+// node can dial: not an empty or unspecified host (0.0.0.0, ::), not
+// port 0. Addresses that do not parse are reported elsewhere.
+func dialable(addr string) bool {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return true
+	}
+	if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
+		return false
+	}
+	return port != "" && port != "0"
+}
+
+// AdvertiseAddr returns the address other nodes dial to reach this node's
+// replication server: replication.advertise, or replication.listen.
+func (c Config) AdvertiseAddr() string {
+	if c.Replication.Advertise != "" {
+		return c.Replication.Advertise
+	}
+	return c.Replication.Listen
+}
+
 // validateReplication checks replication.listen and replication.peers:
 // names valid and unique, addresses host:port, and a listen address on a
 // primary with peers. (A replica whose primary has no address runs, read
@@ -593,6 +619,13 @@ func (c *Config) validateReplication(p *problems) {
 		seen[peer.Node] = true
 		p.hostPort(key+".addr", peer.Addr, "127.0.0.1:20210")
 		p.hostPort(key+".admin", peer.Admin, "127.0.0.1:20211")
+	}
+	p.hostPort("replication.advertise", c.Replication.Advertise, "10.0.0.5:20210")
+	if a := c.Replication.Advertise; a != "" && !dialable(a) {
+		p.add("replication.advertise: %q is not an address other nodes can dial: give a host and a port (e.g. 10.0.0.5:20210)", a)
+	}
+	if l := c.Replication.Listen; l != "" && c.Replication.Advertise == "" && !dialable(l) {
+		p.add("replication.advertise: required when replication.listen (%q) names no host other nodes can dial: the address they reach it at (e.g. 10.0.0.5:20210)", l)
 	}
 	if c.IsPrimary() && c.Replication.Listen == "" && len(c.Replication.Peers) > 0 {
 		p.add("replication.listen: required on the primary when replication.peers lists replicas (e.g. 127.0.0.1:20210)")

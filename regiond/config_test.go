@@ -34,6 +34,7 @@ lease:
   static_primary: iad-1
 replication:
   listen: 127.0.0.1:20210
+  advertise: iad-1.internal:20210
   peers:
     - {node: fra-1, region: fra, addr: 127.0.0.1:20220, admin: 127.0.0.1:20221}
     - node: syd-1
@@ -103,7 +104,7 @@ func TestParseConfig_Full(t *testing.T) {
 		MountDir: "/mnt/meridian",
 		FS:       regiond.FSConfig{Locks: "mount", Passthrough: false, SpareFiles: 100, LogSegmentSize: 1 << 20},
 		Lease:    regiond.LeaseConfig{Type: "static", Candidate: false, StaticPrimary: "iad-1"},
-		Replication: regiond.ReplicationConfig{Listen: "127.0.0.1:20210", Peers: []regiond.Peer{
+		Replication: regiond.ReplicationConfig{Listen: "127.0.0.1:20210", Advertise: "iad-1.internal:20210", Peers: []regiond.Peer{
 			{Node: "fra-1", Region: "fra", Addr: "127.0.0.1:20220", Admin: "127.0.0.1:20221"}, {Node: "syd-1", Region: "syd"}},
 			Retention: regiond.Duration(90 * time.Second), MaxRetention: regiond.Duration(time.Hour), Durability: "sync", SyncAcks: 2, SyncRegions: true,
 			SyncTimeout: regiond.Duration(2 * time.Second), SyncOnTimeout: "degrade", MaxInFlightFiles: 8, MaxInFlightBytes: 1 << 30,
@@ -117,6 +118,14 @@ func TestParseConfig_Full(t *testing.T) {
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("got %+v, want %+v", got, want)
 	}
+	if a := got.AdvertiseAddr(); a != "iad-1.internal:20210" {
+		t.Errorf("AdvertiseAddr() = %q, want replication.advertise", a)
+	}
+	got.Replication.Advertise = ""
+	if a := got.AdvertiseAddr(); a != "127.0.0.1:20210" {
+		t.Errorf("AdvertiseAddr() without replication.advertise = %q, want replication.listen", a)
+	}
+	got.Replication.Advertise = want.Replication.Advertise
 
 	t.Run("RoundTrip", func(t *testing.T) {
 		b, err := yaml.Marshal(got)
@@ -182,7 +191,7 @@ func TestParseConfig_Errors(t *testing.T) {
 		{"SmallSegments", base + "fs:\n  log_segment_size: 4096\n", []string{`fs.log_segment_size: 4096 is not 0 (a file per transaction) or between 65536 (64 KiB) and 1073741824 (1 GiB)`}},
 		{"UnknownKey", base + "replicaton:\n  retention: 1m\n",
 			[]string{`line 3: unknown key "replicaton" (keys: node, region, data_dir, mount_dir, fs, lease, replication, tls, admin, router, log)`}},
-		{"UnknownNestedKey", base + "replication:\n  retenton: 1m\n", []string{`line 4: unknown key "replication.retenton" (keys under replication: listen, peers, retention, max_retention, durability, sync_acks, sync_regions, sync_timeout, sync_on_timeout, max_in_flight_files, max_in_flight_bytes, max_file_size)`}},
+		{"UnknownNestedKey", base + "replication:\n  retenton: 1m\n", []string{`line 4: unknown key "replication.retenton" (keys under replication: listen, advertise, peers, retention, max_retention, durability, sync_acks, sync_regions, sync_timeout, sync_on_timeout, max_in_flight_files, max_in_flight_bytes, max_file_size)`}},
 		{"FutureKey", base + "lease:\n  ttl: 10s\n", []string{`unknown key "lease.ttl"`}},
 		{"UnknownTLSKey", base + "tls:\n  verify: false\n", []string{`line 4: unknown key "tls.verify" (keys under tls: ca, cert, key, insecure)`}},
 		{"TLSNotMapping", base + "tls: off\n", []string{`line 3: tls: want a mapping of keys (ca, cert, key, insecure), got "off"`}},
@@ -471,6 +480,16 @@ func TestValidate_Replication(t *testing.T) {
 			`router.max_lag: 0s must be greater than 0 (e.g. 10s)`},
 		{"PrimaryWithoutListen", "node: iad-1\nregion: iad\nreplication: {peers: [{node: fra-1, region: fra}]}\ntls: {insecure: true}\n",
 			`replication.listen: required on the primary`},
+		{"ListenAnyHostNoAdvertise", "node: iad-1\nregion: iad\nreplication: {listen: \"0.0.0.0:20210\"}\ntls: {insecure: true}\n",
+			`replication.advertise: required when replication.listen ("0.0.0.0:20210") names no host other nodes can dial`},
+		{"ListenNoHostNoAdvertise", "node: iad-1\nregion: iad\nreplication: {listen: \":20210\"}\ntls: {insecure: true}\n",
+			`replication.advertise: required when replication.listen (":20210") names no host`},
+		{"AdvertiseUnspecified", "node: iad-1\nregion: iad\nreplication: {listen: \":20210\", advertise: \"[::]:20210\"}\ntls: {insecure: true}\n",
+			`replication.advertise: "[::]:20210" is not an address other nodes can dial`},
+		{"AdvertisePortZero", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:20210, advertise: 10.0.0.5:0}\ntls: {insecure: true}\n",
+			`replication.advertise: "10.0.0.5:0" is not an address other nodes can dial`},
+		{"AdvertiseNotHostPort", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:20210, advertise: 10.0.0.5}\ntls: {insecure: true}\n",
+			`replication.advertise: "10.0.0.5" is not host:port (e.g. 10.0.0.5:20210)`},
 		{"MaxRetentionShort", "node: iad-1\nregion: iad\nreplication: {retention: 1h, max_retention: 10m}\ntls: {insecure: true}\n",
 			`replication.max_retention: 10m0s is shorter than replication.retention 1h0m0s`},
 		{"BadDurability", "node: iad-1\nregion: iad\nreplication: {durability: semisync}\ntls: {insecure: true}\n",

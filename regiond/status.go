@@ -20,6 +20,10 @@ type Status struct {
 	Region  string `json:"region"`
 	Role    string `json:"role"`    // RolePrimary or RoleReplica
 	Primary string `json:"primary"` // the primary's node name
+	// Addr is where other nodes reach this node's replication server
+	// (replication.advertise, or replication.listen); "" if it serves
+	// none.
+	Addr string `json:"addr,omitempty"`
 	// Epoch is the newest lease epoch the node knows: its own lease's on
 	// the primary, the newest it has accepted frames from on a replica.
 	Epoch uint64 `json:"epoch"`
@@ -124,7 +128,7 @@ type DurabilityStatus struct {
 func (d *Daemon) Status() Status {
 	if d.FS == nil || d.repl == nil {
 		c := d.Config
-		return Status{Node: c.Node, Region: c.Region, Role: RoleReplica, Primary: d.Primary(), NotReady: "not open", Peers: peerStatus(c)}
+		return Status{Node: c.Node, Region: c.Region, Role: RoleReplica, Primary: d.Primary(), Addr: c.AdvertiseAddr(), NotReady: "not open", Peers: peerStatus(c)}
 	}
 	return d.statusOf(d.FS, d.repl)
 }
@@ -134,7 +138,7 @@ func (d *Daemon) statusOf(f *fs.FileSystem, r *replicationNode) Status {
 	c := d.Config
 	now := time.Now()
 	primary := d.Primary()
-	st := Status{Node: c.Node, Region: c.Region, Role: RoleReplica, Primary: primary,
+	st := Status{Node: c.Node, Region: c.Region, Role: RoleReplica, Primary: primary, Addr: c.AdvertiseAddr(),
 		MaxLagMS: time.Duration(c.Router.MaxLag).Milliseconds(), Peers: peerStatus(c)}
 	names := f.DBs()
 	slices.Sort(names)

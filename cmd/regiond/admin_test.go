@@ -57,6 +57,9 @@ func TestAdmin_Status(t *testing.T) {
 		}
 	}
 
+	if ps.Addr != primary.Addr {
+		t.Errorf("%s /status addr %q, want its replication.listen %s (no replication.advertise)", primary.Name, ps.Addr, primary.Addr)
+	}
 	if ps.Node != primary.Name || ps.Region != "iad" || ps.Role != regiond.RolePrimary || ps.Primary != primary.Name || ps.Epoch != 1 || !ps.Ready {
 		t.Errorf("%s /status: node %q region %q role %q primary %q epoch %d ready %v; want %s, iad, primary, %s, 1, true",
 			primary.Name, ps.Node, ps.Region, ps.Role, ps.Primary, ps.Epoch, ps.Ready, primary.Name, primary.Name)
