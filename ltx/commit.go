@@ -365,12 +365,13 @@ func (l *Log) writeTx(ctx context.Context, tx Tx, pos Pos, table *ChecksumTable)
 	}
 	w.file = &logFile{info: FileInfo{Name: name, Header: hdr}}
 	if l.SegmentSize > 0 {
-		// The bytes are kept too, for cursors at the log's end.
-		var kept bytes.Buffer
+		// The bytes are kept too, for cursors at the log's end, unless
+		// the file is too large to keep.
+		var kept keptBytes
 		tee := func(out io.Writer) error { return encode(io.MultiWriter(out, &kept)) }
 		var a *segmentAppend
 		if a, err = l.writeSegment(txid, tx.WAL, !tx.NoSync, tee); err == nil {
-			if kept.Len() <= maxRecentFile {
+			if !kept.over {
 				w.bytes = kept.Bytes()
 			}
 			w.out, w.file.seg, w.file.off = a, a.s, a.off
@@ -400,6 +401,24 @@ const maxRecentFile = 256 << 10 // the largest file whose bytes are kept
 
 // maxRecentBytes bounds the bytes kept for a log.
 var maxRecentBytes = 4 << 20
+
+// keptBytes keeps what is written to it, up to maxRecentFile bytes; past
+// that it drops them all and keeps nothing more.
+type keptBytes struct {
+	bytes.Buffer
+	over bool
+}
+
+func (k *keptBytes) Write(p []byte) (int, error) {
+	if !k.over && k.Len()+len(p) > maxRecentFile {
+		k.over = true
+		k.Buffer = bytes.Buffer{}
+	}
+	if k.over {
+		return len(p), nil
+	}
+	return k.Buffer.Write(p)
+}
 
 // keepRecent keeps b, the bytes of f, just installed, dropping those of
 // the oldest files kept past maxRecentBytes. Caller holds l.mu.

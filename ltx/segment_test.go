@@ -1101,6 +1101,41 @@ func TestSegment_CursorRecent(t *testing.T) {
 		t.Fatalf("last file, damaged on disk after its commit: served %v, %d bytes; want its bytes as committed", r.Info, len(b))
 	}
 	mustReadCorrupt(t, d.log, ltx.Pos{}, "the first file, damaged on disk and read from it")
+
+	// A file larger than the bytes kept of one (256 KiB) is read from
+	// disk even when it is the last: 100 pages of random bytes.
+	at := d.log.Pos()
+	first := len(d.data) / int(d.pageSize)
+	grow := make([]byte, 100*int(d.pageSize))
+	for i := range grow {
+		grow[i] = byte(d.rng.Uint32())
+	}
+	d.data = append(d.data, grow...)
+	var pgnos []uint32
+	for i := range 100 {
+		pgnos = append(pgnos, uint32(first+1+i))
+	}
+	big := d.commit(pgnos, t0.Add(time.Hour))
+	if big.Size <= 256<<10 {
+		t.Fatalf("the large file is %d bytes, not larger than 256 KiB", big.Size)
+	}
+	rep, err = ltx.ReadSegment(seg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := rep.Entries[len(rep.Entries)-1]
+	if f, err = os.OpenFile(seg, os.O_RDWR, 0); err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 1)
+	if _, err := f.ReadAt(b, e.Offset+e.Size/2); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte{b[0] ^ 0xff}, e.Offset+e.Size/2); err != nil {
+		t.Fatal(err)
+	}
+	_ = f.Close()
+	mustReadCorrupt(t, d.log, at, "the large last file, damaged on disk")
 }
 
 // mustReadCorrupt reads the file a cursor of l at pos gets next, what,
