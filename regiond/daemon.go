@@ -56,7 +56,9 @@ func NewDaemon(c Config, logger *slog.Logger) *Daemon {
 // committed publishes a commit of db, at info, on /events and /metrics.
 func (d *Daemon) committed(db string, info ltx.FileInfo) {
 	d.commits.WithLabelValues(db).Inc()
-	d.events.publish(Event{Type: EventCommit, DB: db, Pos: info.Pos().String(), Size: info.Size})
+	if d.events.listening() {
+		d.events.publish(Event{Type: EventCommit, DB: db, Pos: info.Pos().String(), Size: info.Size})
+	}
 }
 
 // Open recovers every database, mounts the filesystem and sets its mode

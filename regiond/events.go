@@ -64,6 +64,15 @@ type subscriber struct {
 	dropped int // guarded by events.mu
 }
 
+// listening reports whether anyone subscribes now. Publishers on a hot
+// path (a commit, an apply) ask first, so that nobody listening costs
+// them no event built.
+func (e *events) listening() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return len(e.subs) > 0
+}
+
 // publish sends ev to every subscriber.
 func (e *events) publish(ev Event) {
 	e.mu.Lock()

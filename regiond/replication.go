@@ -105,7 +105,9 @@ func (t fsTarget) Apply(ctx context.Context, db string, files []*replication.Fil
 			}
 		}
 	}
-	t.ev.publish(Event{Type: EventApply, DB: db, Pos: pos.String(), Files: len(infos)})
+	if t.ev.listening() {
+		t.ev.publish(Event{Type: EventApply, DB: db, Pos: pos.String(), Files: len(infos)})
+	}
 	return pos, nil
 }
 
