@@ -41,7 +41,6 @@ import (
 	_ "github.com/mattn/go-sqlite3"
 	"golang.org/x/sys/unix"
 
-	"github.com/meridian-db/meridian"
 	"github.com/meridian-db/meridian/fs"
 	"github.com/meridian-db/meridian/internal/testingutil"
 	"github.com/meridian-db/meridian/ltx"
@@ -663,13 +662,13 @@ func measureSnapshot(h *harness, c *testingutil.Cluster, mb int, tmpfs bool) (*s
 	time.Sleep(time.Second)
 	fmt.Fprintf(os.Stderr, "snapshot: %s joins\n", joiner.Name)
 	start := time.Now()
-	want := make(map[string]meridian.Pos)
+	want := make(map[string]ltx.Pos)
 	for _, name := range dbs {
 		want[name], _ = primary.Pos(h, name)
 	}
 	joiner.Start(h)
 	for _, name := range dbs {
-		joiner.WaitPos(h, name, 10*time.Minute, want[name].String(), func(p meridian.Pos) bool { return p.TXID >= want[name].TXID })
+		joiner.WaitPos(h, name, 10*time.Minute, want[name].String(), func(p ltx.Pos) bool { return p.TXID >= want[name].TXID })
 	}
 	res.join = time.Since(start)
 	joined := time.Now()

@@ -18,8 +18,8 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
-	"github.com/meridian-db/meridian"
 	"github.com/meridian-db/meridian/internal/testingutil"
+	"github.com/meridian-db/meridian/ltx"
 )
 
 // The cluster tests run three or four real `regiond run` processes (this
@@ -164,10 +164,10 @@ func TestCluster_ReplicaRestart(t *testing.T) {
 	stopWriters := stopper(t, stop, &g)
 
 	rng := rand.New(rand.NewPCG(seed, 3))
-	var before map[string]meridian.Pos
+	var before map[string]ltx.Pos
 	// Once the victim has each database, it only ever resumes.
 	for _, d := range dbs {
-		victim.WaitPos(t, d.name, catchUpTimeout, "any", func(p meridian.Pos) bool { return p.TXID > 0 })
+		victim.WaitPos(t, d.name, catchUpTimeout, "any", func(p ltx.Pos) bool { return p.TXID > 0 })
 	}
 	snapshots := strings.Count(victim.Log(), "applying a snapshot")
 	for round := range restartRounds {
@@ -198,21 +198,21 @@ func TestCluster_ReplicaRestart(t *testing.T) {
 // caught up with the primary's position at the restart. It checks that
 // the victim restarts at least at the position it had before the kill,
 // which it returns.
-func killAndRestart(t *testing.T, c *testingutil.Cluster, victim *testingutil.ClusterNode, dbs []*clusterDB, rng *rand.Rand) map[string]meridian.Pos {
+func killAndRestart(t *testing.T, c *testingutil.Cluster, victim *testingutil.ClusterNode, dbs []*clusterDB, rng *rand.Rand) map[string]ltx.Pos {
 	t.Helper()
 	primary := c.Node(c.Primary)
-	before := make(map[string]meridian.Pos)
+	before := make(map[string]ltx.Pos)
 	for _, d := range dbs {
 		from, _ := victim.Pos(t, d.name)
 		before[d.name] = victim.WaitPos(t, d.name, catchUpTimeout, fmt.Sprintf("txid %d or more", from.TXID+20),
-			func(p meridian.Pos) bool { return p.TXID >= from.TXID+20 })
+			func(p ltx.Pos) bool { return p.TXID >= from.TXID+20 })
 	}
 	time.Sleep(time.Duration(rng.IntN(100)) * time.Millisecond)
 	start := time.Now()
 	victim.Kill(t)
 	for _, d := range dbs {
 		want := before[d.name].TXID + 50
-		primary.WaitPos(t, d.name, 30*time.Second, fmt.Sprintf("txid %d or more", want), func(p meridian.Pos) bool { return p.TXID >= want })
+		primary.WaitPos(t, d.name, 30*time.Second, fmt.Sprintf("txid %d or more", want), func(p ltx.Pos) bool { return p.TXID >= want })
 	}
 
 	victim.Start(t)
@@ -225,7 +225,7 @@ func killAndRestart(t *testing.T, c *testingutil.Cluster, victim *testingutil.Cl
 		// It catches up with a stream that is still running.
 		target, _ := primary.Pos(t, d.name)
 		victim.WaitPos(t, d.name, catchUpTimeout, fmt.Sprintf("txid %d or more, the primary's at restart", target.TXID),
-			func(p meridian.Pos) bool { return p.TXID >= target.TXID })
+			func(p ltx.Pos) bool { return p.TXID >= target.TXID })
 	}
 	t.Logf("%s caught up %v after the kill", victim.Name, time.Since(start).Round(time.Millisecond))
 	return before
@@ -278,7 +278,7 @@ func TestCluster_RefusesWrongCA(t *testing.T) {
 		t.Fatal(err)
 	}
 	want, _ := primary.Pos(t, "app.db")
-	replica.WaitPos(t, "app.db", catchUpTimeout, want.String(), func(p meridian.Pos) bool { return p == want })
+	replica.WaitPos(t, "app.db", catchUpTimeout, want.String(), func(p ltx.Pos) bool { return p == want })
 
 	// The rogue node retries with backoff: give it a few seconds more
 	// than the good replica needed, watching its mount all along.
@@ -441,7 +441,7 @@ func checkpointAll(t *testing.T, dbs []*clusterDB) {
 // in, is the primary's byte for byte, and
 // through its mount SQLite finds the database intact, with the primary's
 // schema and row counts.
-func checkReplicas(t *testing.T, c *testingutil.Cluster, dbs []*clusterDB, pos map[string]meridian.Pos) {
+func checkReplicas(t *testing.T, c *testingutil.Cluster, dbs []*clusterDB, pos map[string]ltx.Pos) {
 	t.Helper()
 	primary := c.Node(c.Primary)
 	for _, d := range dbs {
@@ -531,7 +531,7 @@ func summarize(t *testing.T, db *sql.DB) dbSummary {
 // checkReadOnly checks that db on replica n, at position pos, refuses
 // writes: through SQLite, and by opening the file for writing (EROFS or
 // EACCES), and that it is unchanged after both.
-func checkReadOnly(t *testing.T, n *testingutil.ClusterNode, db string, pos meridian.Pos) {
+func checkReadOnly(t *testing.T, n *testingutil.ClusterNode, db string, pos ltx.Pos) {
 	t.Helper()
 	sum := testingutil.DatabaseSHA256(t, n.BackingFile(db))
 	r := openOnReplica(t, n, db)

@@ -10,7 +10,6 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/meridian-db/meridian"
 	"github.com/meridian-db/meridian/internal/testingutil"
 	"github.com/meridian-db/meridian/ltx"
 )
@@ -66,7 +65,7 @@ func startPair(t *testing.T) (c *testingutil.Cluster, primary, replica *testingu
 // database, and then lostRows more while fra-1 is down. It returns the
 // cluster, the two nodes, the databases (closed), the positions both
 // share and iad-1's last TXIDs.
-func startDiverging(t *testing.T) (c *testingutil.Cluster, old, next *testingutil.ClusterNode, dbs []*clusterDB, common map[string]meridian.Pos, oldPos map[string]ltx.TXID) {
+func startDiverging(t *testing.T) (c *testingutil.Cluster, old, next *testingutil.ClusterNode, dbs []*clusterDB, common map[string]ltx.Pos, oldPos map[string]ltx.TXID) {
 	t.Helper()
 	c, old, next, dbs = startPair(t)
 	for _, d := range dbs {
@@ -91,7 +90,7 @@ func startDiverging(t *testing.T) (c *testingutil.Cluster, old, next *testinguti
 // (the common position is common) and newRows of next, and old kept its
 // transactions up to oldPos, which next never had, under data_dir/lost/,
 // whole, and said so.
-func checkDiverged(t *testing.T, c *testingutil.Cluster, old, next *testingutil.ClusterNode, dbs []*clusterDB, common map[string]meridian.Pos, oldPos map[string]ltx.TXID) {
+func checkDiverged(t *testing.T, c *testingutil.Cluster, old, next *testingutil.ClusterNode, dbs []*clusterDB, common map[string]ltx.Pos, oldPos map[string]ltx.TXID) {
 	t.Helper()
 	checkpointAll(t, dbs)
 	pos := c.WaitCaughtUp(t, catchUpTimeout, names(dbs)...)

@@ -15,7 +15,6 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
-	"github.com/meridian-db/meridian"
 	"github.com/meridian-db/meridian/internal/testingutil"
 	"github.com/meridian-db/meridian/ltx"
 )
@@ -142,14 +141,14 @@ func TestCluster_JoinWhileWriting(t *testing.T) {
 	time.Sleep(500 * time.Millisecond) // commits before the join, to compare with
 
 	start := time.Now()
-	want := map[string]meridian.Pos{}
+	want := map[string]ltx.Pos{}
 	for _, d := range dbs {
 		want[d.name], _ = primary.Pos(t, d.name)
 	}
 	joiner.Start(t)
 	for _, d := range dbs {
 		joiner.WaitPos(t, d.name, catchUpTimeout, fmt.Sprintf("txid %d or more", want[d.name].TXID),
-			func(p meridian.Pos) bool { return p.TXID >= want[d.name].TXID })
+			func(p ltx.Pos) bool { return p.TXID >= want[d.name].TXID })
 	}
 	joined := time.Now()
 	if err := stopWriters(); err != nil {

@@ -17,8 +17,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/meridian-db/meridian"
 	"github.com/meridian-db/meridian/internal/fusectl"
+	"github.com/meridian-db/meridian/ltx"
 )
 
 // TB is the part of testing.TB a Cluster uses, so that a program (a
@@ -615,15 +615,15 @@ func (n *ClusterNode) LogTail(max int) string {
 
 // Pos returns the position in the node's <db>-pos file, and false if the
 // file does not exist.
-func (n *ClusterNode) Pos(tb TB, db string) (meridian.Pos, bool) {
+func (n *ClusterNode) Pos(tb TB, db string) (ltx.Pos, bool) {
 	tb.Helper()
 	b, err := os.ReadFile(filepath.Join(n.MountDir, db+"-pos"))
 	if errors.Is(err, os.ErrNotExist) {
-		return meridian.Pos{}, false
+		return ltx.Pos{}, false
 	} else if err != nil {
 		tb.Fatalf("%s: %v", n.Name, err)
 	}
-	p, err := meridian.ParsePos(string(bytes.TrimSpace(b)))
+	p, err := ltx.ParsePos(string(bytes.TrimSpace(b)))
 	if err != nil {
 		tb.Fatalf("%s: %s-pos: %v", n.Name, db, err)
 	}
@@ -638,10 +638,10 @@ func (n *ClusterNode) BackingFile(db string) string {
 // WaitCaughtUp waits until every running node's position of each db equals
 // the primary's, which must not move meanwhile, and fails the test after
 // timeout. It returns the primary's positions.
-func (c *Cluster) WaitCaughtUp(tb TB, timeout time.Duration, dbs ...string) map[string]meridian.Pos {
+func (c *Cluster) WaitCaughtUp(tb TB, timeout time.Duration, dbs ...string) map[string]ltx.Pos {
 	tb.Helper()
 	primary := c.Node(c.Primary)
-	want := make(map[string]meridian.Pos)
+	want := make(map[string]ltx.Pos)
 	for _, db := range dbs {
 		p, ok := primary.Pos(tb, db)
 		if !ok {
@@ -694,7 +694,7 @@ func Unmount(dir string) error { return fusectl.Detach(dir) }
 // WaitPos waits until the node has db at a position that reached returns
 // true for, and returns it; after timeout it fails the test, saying the node
 // did not reach want.
-func (n *ClusterNode) WaitPos(tb TB, db string, timeout time.Duration, want string, reached func(meridian.Pos) bool) meridian.Pos {
+func (n *ClusterNode) WaitPos(tb TB, db string, timeout time.Duration, want string, reached func(ltx.Pos) bool) ltx.Pos {
 	tb.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
