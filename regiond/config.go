@@ -38,7 +38,7 @@ const (
 	DefaultMaxRetention = 24 * time.Hour
 	DefaultLogLevel     = "info"
 	DefaultLogFormat    = "text"
-	DefaultFSLocks      = "mount"
+	DefaultFSLocks      = LocksMount
 
 	// DefaultMaxFileSize, DefaultMaxInFlightFiles and
 	// DefaultMaxInFlightBytes are replication.max_file_size,
@@ -47,10 +47,10 @@ const (
 	DefaultMaxInFlightFiles = replication.DefaultMaxInFlightFiles
 	DefaultMaxInFlightBytes = replication.DefaultMaxInFlightBytes
 
-	DefaultDurability    = "async"
+	DefaultDurability    = DurabilityAsync
 	DefaultSyncAcks      = 1
 	DefaultSyncTimeout   = 5 * time.Second
-	DefaultSyncOnTimeout = "fail"
+	DefaultSyncOnTimeout = OnTimeoutFail
 
 	// DefaultMaxLag is router.max_lag.
 	DefaultMaxLag = 10 * time.Second
@@ -64,26 +64,58 @@ const (
 	minInFlightBytes = 1 << 20
 )
 
-var (
-	durabilities   = []string{"async", "sync"}
-	syncOnTimeouts = []string{"fail", "degrade"}
+// Settings with a closed set of values are typed: a value is checked once,
+// by Validate (through oneOf), and code compares it with these constants.
+type (
+	// LeaseType is lease.type.
+	LeaseType string
+	// Locks is fs.locks: who implements SQLite's POSIX locks on the mount.
+	Locks string
+	// Durability is replication.durability.
+	Durability string
+	// OnTimeout is replication.sync_on_timeout.
+	OnTimeout string
 )
 
-// LeaseStatic is the lease type where lease.static_primary names the primary
-// and nothing changes it at run time. It is the only type accepted so far.
-const LeaseStatic = "static"
+const (
+	// LeaseStatic is the lease type where lease.static_primary names the
+	// primary; a SIGHUP that changes it moves the primary. It is the only
+	// type accepted so far.
+	LeaseStatic LeaseType = "static"
+	leaseConsul LeaseType = "consul" // planned; refused until the Consul leaser exists
+
+	// LocksMount: the mount's lock table implements SQLite's locks.
+	LocksMount Locks = "mount"
+	// LocksKernel: the kernel does, as on a local disk.
+	LocksKernel Locks = "kernel"
+
+	// DurabilityAsync: a commit returns once it is durable on the primary.
+	DurabilityAsync Durability = "async"
+	// DurabilitySync: a commit returns once replicas acknowledged it too.
+	DurabilitySync Durability = "sync"
+
+	// OnTimeoutFail fails a sync commit whose acknowledgements do not come
+	// within replication.sync_timeout; OnTimeoutDegrade lets it and later
+	// ones return, as async, until the replicas catch up.
+	OnTimeoutFail    OnTimeout = "fail"
+	OnTimeoutDegrade OnTimeout = "degrade"
+)
+
+var (
+	durabilities   = []Durability{DurabilityAsync, DurabilitySync}
+	syncOnTimeouts = []OnTimeout{OnTimeoutFail, OnTimeoutDegrade}
+)
 
 const (
-	leaseConsul        = "consul" // planned; refused until the Consul leaser exists
 	nodeNameHint       = "use " + meridian.NameRule
 	durationSyntaxHint = "use Go syntax like 10m or 2s"
 )
 
 var (
-	leaseTypes = []string{LeaseStatic}
+	leaseTypes = []LeaseType{LeaseStatic}
 	logLevels  = []string{"debug", "info", "warn", "error"}
 	logFormats = []string{"text", "json"}
-	fsLocks    = []string{"mount", "kernel"}
+	fsLocks    = []Locks{LocksMount, LocksKernel}
 )
 
 // Config is the daemon's configuration. Load it with LoadConfig; a Config
@@ -128,7 +160,7 @@ type FSConfig struct {
 	// trip per lock: reads at the speed of a local file; on a replica a
 	// child process, "regiond lock-holder", takes the applier's locks, and
 	// a reader that meets an apply sleeps in SQLite's busy handler).
-	Locks string `yaml:"locks"`
+	Locks Locks `yaml:"locks"`
 	// Passthrough lets the kernel write WAL files straight to disk (FUSE
 	// passthrough, Linux 6.9+) while capture reads them; the daemon falls
 	// back to serving WAL writes itself where the kernel cannot.
@@ -145,9 +177,9 @@ type FSConfig struct {
 
 // LeaseConfig chooses how the write lease (who is primary) is decided.
 type LeaseConfig struct {
-	Type          string `yaml:"type"`           // only "static" for now
-	Candidate     bool   `yaml:"candidate"`      // this node may become primary
-	StaticPrimary string `yaml:"static_primary"` // static: the primary's node name
+	Type          LeaseType `yaml:"type"`           // only "static" for now
+	Candidate     bool      `yaml:"candidate"`      // this node may become primary
+	StaticPrimary string    `yaml:"static_primary"` // static: the primary's node name
 }
 
 // ReplicationConfig holds the settings of LTX replication.
@@ -168,7 +200,7 @@ type ReplicationConfig struct {
 
 	// Durability is async (a commit returns once it is durable here) or
 	// sync (once replicas acknowledged it too, see SyncAcks).
-	Durability string `yaml:"durability"`
+	Durability Durability `yaml:"durability"`
 	// SyncAcks is how many replicas must acknowledge a commit in sync
 	// durability; with SyncRegions, at least one in every other region of
 	// the peers must be among them.
@@ -178,8 +210,8 @@ type ReplicationConfig struct {
 	// SyncOnTimeout decides: fail the commit (where SQLite can be told;
 	// a WAL commit keeps waiting) or degrade to async until the replicas
 	// catch up.
-	SyncTimeout   Duration `yaml:"sync_timeout"`
-	SyncOnTimeout string   `yaml:"sync_on_timeout"`
+	SyncTimeout   Duration  `yaml:"sync_timeout"`
+	SyncOnTimeout OnTimeout `yaml:"sync_on_timeout"`
 
 	// MaxInFlightFiles bounds the files a replica receives at once on its
 	// stream, begun and not yet ended, and MaxInFlightBytes the bytes the
@@ -514,9 +546,13 @@ func (p *problems) name(key, v, what string) {
 	}
 }
 
-func (p *problems) oneOf(key, v string, accepted []string) {
+func oneOf[T ~string](p *problems, key string, v T, accepted []T) {
 	if !slices.Contains(accepted, v) {
-		p.add("%s: %q is not accepted (use one of: %s)", key, v, strings.Join(accepted, ", "))
+		names := make([]string, len(accepted))
+		for i, a := range accepted {
+			names[i] = string(a)
+		}
+		p.add("%s: %q is not accepted (use one of: %s)", key, v, strings.Join(names, ", "))
 	}
 }
 
@@ -547,7 +583,7 @@ func (c *Config) Validate() error {
 	case leaseConsul:
 		p.add("lease.type: %q is not available yet; use %q", c.Lease.Type, LeaseStatic)
 	default:
-		p.add("lease.type: %q is not a lease type (accepted: %s)", c.Lease.Type, strings.Join(leaseTypes, ", "))
+		oneOf(&p, "lease.type", c.Lease.Type, leaseTypes)
 	}
 	if c.Replication.Retention <= 0 {
 		p.add("replication.retention: %v must be greater than 0 (e.g. 10m)", c.Replication.Retention)
@@ -561,15 +597,15 @@ func (c *Config) Validate() error {
 	if c.Router.MaxLag <= 0 {
 		p.add("router.max_lag: %v must be greater than 0 (e.g. 10s)", c.Router.MaxLag)
 	}
-	p.oneOf("fs.locks", c.FS.Locks, fsLocks)
+	oneOf(&p, "fs.locks", c.FS.Locks, fsLocks)
 	if c.FS.SpareFiles < 0 || c.FS.SpareFiles > fs.DefaultMaxSpares {
 		p.add("fs.spare_files: %d is not between 0 and %d", c.FS.SpareFiles, fs.DefaultMaxSpares)
 	}
 	if s := c.FS.LogSegmentSize; s != 0 && (s < 64<<10 || s > 1<<30) {
 		p.add("fs.log_segment_size: %d is not 0 (a file per transaction) or between 65536 (64 KiB) and 1073741824 (1 GiB)", s)
 	}
-	p.oneOf("log.level", c.Log.Level, logLevels)
-	p.oneOf("log.format", c.Log.Format, logFormats)
+	oneOf(&p, "log.level", c.Log.Level, logLevels)
+	oneOf(&p, "log.format", c.Log.Format, logFormats)
 	if len(p) > 0 {
 		return &Error{Problems: p}
 	}
@@ -640,24 +676,24 @@ func (c *Config) validateReplication(p *problems) {
 	if r.MaxFileSize < minInFlightBytes {
 		p.add("replication.max_file_size: %d is less than %d (1 MiB); it counts bytes, e.g. %d for 64 GiB", r.MaxFileSize, minInFlightBytes, int64(64<<30))
 	}
-	p.oneOf("replication.durability", r.Durability, durabilities)
-	p.oneOf("replication.sync_on_timeout", r.SyncOnTimeout, syncOnTimeouts)
+	oneOf(p, "replication.durability", r.Durability, durabilities)
+	oneOf(p, "replication.sync_on_timeout", r.SyncOnTimeout, syncOnTimeouts)
 	if r.SyncTimeout <= 0 {
 		p.add("replication.sync_timeout: %v must be greater than 0 (e.g. 5s)", r.SyncTimeout)
 	}
 	switch {
 	case r.SyncAcks < 0:
 		p.add("replication.sync_acks: %d cannot be negative", r.SyncAcks)
-	case r.Durability != "sync":
+	case r.Durability != DurabilitySync:
 	case r.SyncAcks == 0 && !r.SyncRegions:
 		p.add("replication.sync_acks: 0 with sync_regions off asks no replica to acknowledge; set it to 1 or more, or use durability: async")
 	case r.SyncAcks > c.replicaCount():
 		p.add("replication.sync_acks: %d, but replication.peers lists only %d replica(s): no commit could ever return", r.SyncAcks, c.replicaCount())
 	}
-	if r.Durability == "sync" && c.FS.Locks == "kernel" {
+	if r.Durability == DurabilitySync && c.FS.Locks == LocksKernel {
 		p.add("replication.durability: sync holds each WAL commit at the end of its write transaction, the release of SQLite's WAL write lock, which the mount sees only with fs.locks: mount (fs.locks is %q)", c.FS.Locks)
 	}
-	if r.Durability == "sync" && r.SyncRegions && len(c.SyncRegions()) == 0 {
+	if r.Durability == DurabilitySync && r.SyncRegions && len(c.SyncRegions()) == 0 {
 		p.add("replication.sync_regions: no peer is in a region other than %q, so there is no region to acknowledge", c.Region)
 	}
 }

@@ -174,7 +174,7 @@ func TestParseConfig_Errors(t *testing.T) {
 		{"DataInsideMount", base + "data_dir: /data/meridian\n", []string{`data_dir: "/data/meridian" is inside mount_dir "/data"`}},
 		{"DataDirRoot", base + "data_dir: /\n", []string{`mount_dir: "/data" is inside data_dir "/"`}},
 		{"Consul", base + "lease:\n  type: consul\n", []string{`lease.type: "consul" is not available yet; use "static"`}},
-		{"UnknownLeaseType", base + "lease:\n  type: etcd\n", []string{`lease.type: "etcd" is not a lease type (accepted: static)`}},
+		{"UnknownLeaseType", base + "lease:\n  type: etcd\n", []string{`lease.type: "etcd" is not accepted (use one of: static)`}},
 		{"BadStaticPrimary", base + "lease:\n  static_primary: Iad\n", []string{`lease.static_primary: "Iad" is not a valid name`}},
 		{"BadCandidate", base + "lease:\n  candidate: maybe\n", []string{`line 4: lease.candidate: "maybe" is not a boolean (use true or false)`}},
 		{"LeaseNotMapping", base + "lease: static\n", []string{`line 3: lease: want a mapping of keys (type, candidate, static_primary), got "static"`}},

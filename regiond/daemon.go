@@ -71,7 +71,7 @@ func (d *Daemon) Open(ctx context.Context) error {
 	f.MaxRetention = time.Duration(c.Replication.MaxRetention)
 	// Often enough for retention to mean what it says.
 	f.MaintainInterval = min(max(f.Retention/2, time.Second), fs.DefaultMaintainInterval)
-	f.KernelLocks = c.FS.Locks == "kernel"
+	f.KernelLocks = c.FS.Locks == LocksKernel
 	f.LockHolder = d.LockHolder
 	f.SpareFill = c.FS.SpareFiles
 	f.LogSegmentSize = c.FS.LogSegmentSize

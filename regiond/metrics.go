@@ -83,7 +83,7 @@ func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(c.streamConnected, bool01(s.Connected))
 		counter(c.reconnects, float64(s.Reconnects))
 	}
-	if du := st.Durability; du != nil && du.Mode == "sync" {
+	if du := st.Durability; du != nil && du.Mode == DurabilitySync {
 		gauge(c.syncDegraded, bool01(du.Degraded))
 		counter(c.syncTimeouts, float64(du.Timeouts))
 		gauge(c.syncWaiting, float64(du.Waiting))

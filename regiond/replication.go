@@ -280,7 +280,7 @@ func (r *replicationNode) gateNow() *replication.Gate {
 // failing the commit, when the node stops being primary or shuts down.
 func (r *replicationNode) startGate(f *fs.FileSystem, c Config) {
 	rc := c.Replication
-	g := &replication.Gate{Streamer: r.streamer, Timeout: time.Duration(rc.SyncTimeout), Degrade: rc.SyncOnTimeout == "degrade",
+	g := &replication.Gate{Streamer: r.streamer, Timeout: time.Duration(rc.SyncTimeout), Degrade: rc.SyncOnTimeout == OnTimeoutDegrade,
 		Quorum: replication.Quorum{Acks: rc.SyncAcks}, Logger: r.logger}
 	if rc.SyncRegions {
 		g.Quorum.Regions = c.SyncRegions()

@@ -101,7 +101,7 @@ func (d *Daemon) becomePrimary(ctx context.Context, atRuntime bool) error {
 	f.SetLag(func() string { return "0" })
 	if r.streamer != nil {
 		f.SetAcked(ackedBy(r.streamer, c.PeerNodes()))
-		if c.Replication.Durability == "sync" {
+		if c.Replication.Durability == DurabilitySync {
 			r.startGate(f, c)
 		}
 	}

@@ -115,12 +115,12 @@ type StreamStatus struct {
 // DurabilityStatus is the primary's replication.durability and how it
 // fares (see replication.GateStatus).
 type DurabilityStatus struct {
-	Mode          string    `json:"mode"`
-	Quorum        string    `json:"quorum,omitempty"`
-	Degraded      bool      `json:"degraded"`
-	DegradedSince time.Time `json:"degraded_since,omitzero"`
-	Timeouts      uint64    `json:"timeouts"`
-	Waiting       int       `json:"waiting"`
+	Mode          Durability `json:"mode"`
+	Quorum        string     `json:"quorum,omitempty"`
+	Degraded      bool       `json:"degraded"`
+	DegradedSince time.Time  `json:"degraded_since,omitzero"`
+	Timeouts      uint64     `json:"timeouts"`
+	Waiting       int        `json:"waiting"`
 }
 
 // Status returns the node's status now, once Open has returned and until
@@ -282,7 +282,7 @@ func (s Status) proto() *meridianv1.StatusResponse {
 		resp.Role = meridianv1.Role_ROLE_PRIMARY
 	}
 	if d := s.Durability; d != nil {
-		resp.Durability = &meridianv1.Durability{Mode: d.Mode, Quorum: d.Quorum, Degraded: d.Degraded, Timeouts: d.Timeouts, Waiting: uint32(d.Waiting)}
+		resp.Durability = &meridianv1.Durability{Mode: string(d.Mode), Quorum: d.Quorum, Degraded: d.Degraded, Timeouts: d.Timeouts, Waiting: uint32(d.Waiting)}
 		if !d.DegradedSince.IsZero() {
 			resp.Durability.DegradedSinceUnixNano = d.DegradedSince.UnixNano()
 		}
