@@ -113,10 +113,10 @@ type FileSystem struct {
 	handles map[uint64]*handle
 	lastID  uint64
 	lastFh  uint64
-	primary string        // content of .primary; "" hides it
-	lag     func() string // content of .lag; nil hides it
-	refused map[uint32]time.Time
-	changed chan struct{} // closed and replaced when a database comes or goes
+	primary string             // content of .primary; "" hides it
+	lag     func() string      // content of .lag; nil hides it
+	refused map[uint32]refusal // the last write refused, per process (refuseWrite)
+	changed chan struct{}      // closed and replaced when a database comes or goes
 	acked   func(name string) ltx.TXID
 
 	commitWait atomic.Pointer[CommitWait]
@@ -157,7 +157,7 @@ func New(dataDir, mountDir string) *FileSystem {
 		names:            map[string]*node{},
 		nodes:            map[uint64]*node{},
 		handles:          map[uint64]*handle{},
-		refused:          map[uint32]time.Time{},
+		refused:          map[uint32]refusal{},
 		changed:          make(chan struct{}),
 		closing:          make(chan struct{}),
 	}

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"syscall"
@@ -68,6 +69,20 @@ func TestFileSystem_ReadOnly(t *testing.T) {
 			}
 			if got := logs.String(); !strings.Contains(got, "write refused") || !strings.Contains(got, "pid=") {
 				t.Fatalf("no log line names who tried to write:\n%s", got)
+			}
+			// The same thread again, within the minute a process's refused
+			// writes are logged once: logged again once the primary changed.
+			runtime.LockOSThread()
+			for _, primary := range []string{"iad-1", "iad-1", "fra-1"} {
+				fsys.SetPrimary(primary)
+				if _, err := os.OpenFile(path, os.O_RDWR, 0); !errors.Is(err, syscall.EROFS) {
+					t.Fatalf("open for writing: got %v, want EROFS", err)
+				}
+			}
+			runtime.UnlockOSThread()
+			fsys.SetPrimary("")
+			if got := logs.String(); strings.Count(got, "primary=iad-1") != 1 || strings.Count(got, "primary=fra-1") != 1 {
+				t.Fatalf("refused writes of one thread: want one log line naming iad-1, then one naming fra-1:\n%s", got)
 			}
 
 			// A new connection opens the database read-only and reads.

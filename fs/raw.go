@@ -404,8 +404,18 @@ func (f *FileSystem) ioError(n *node, op string, err error) fuse.Status {
 	return fuse.EIO
 }
 
+// refusal is when refuseWrite last logged a process's write, and the
+// primary it named.
+type refusal struct {
+	at      time.Time
+	primary string
+}
+
 // refuseWrite reports whether the mount is read-only, logging who tried to
-// write (once a minute per process).
+// write and which node is the primary: the app's error carries an errno
+// only (EROFS or EPERM), so the log and .primary are where it learns where
+// to write. It logs once a minute per process, and again at once when the
+// primary has changed since.
 func (f *FileSystem) refuseWrite(c fuse.Caller, op, name string) bool {
 	if !f.readOnly.Load() || f.isLockHolder(c.Pid) {
 		// The lock holder opens the database for writing to take write
@@ -414,12 +424,12 @@ func (f *FileSystem) refuseWrite(c fuse.Caller, op, name string) bool {
 	}
 	f.mu.Lock()
 	now := time.Now()
-	last, seen := f.refused[c.Pid]
-	report := !seen || now.Sub(last) > time.Minute
-	if report {
-		f.refused[c.Pid] = now
-	}
 	primary := f.primary
+	last, seen := f.refused[c.Pid]
+	report := !seen || now.Sub(last.at) > time.Minute || last.primary != primary
+	if report {
+		f.refused[c.Pid] = refusal{at: now, primary: primary}
+	}
 	f.mu.Unlock()
 	if !report {
 		return true

@@ -261,8 +261,10 @@ func waitStatus(t *testing.T, n *testingutil.ClusterNode, ok func(regiond.Status
 	}
 }
 
-// checkWriteRefused checks that a write on n's mount fails: n is a
-// replica of primary now.
+// checkWriteRefused checks that a write on n's mount fails, as writes
+// to a read-only database do, and that n names primary where an app can
+// read it: the mount's .primary and the daemon's log line for the refused
+// write (the app's error itself is an errno).
 func checkWriteRefused(t *testing.T, n *testingutil.ClusterNode, name, primary string) {
 	t.Helper()
 	db, err := sql.Open("sqlite3", "file:"+filepath.Join(n.MountDir, name)+"?_busy_timeout=5000")
@@ -270,8 +272,34 @@ func checkWriteRefused(t *testing.T, n *testingutil.ClusterNode, name, primary s
 		t.Fatal(err)
 	}
 	defer db.Close()
-	if _, err := db.Exec(`INSERT INTO t (by) VALUES ('refused')`); err == nil {
+	_, err = db.Exec(`INSERT INTO t (by) VALUES ('refused')`)
+	var serr sqlite3.Error
+	switch {
+	case err == nil:
 		t.Errorf("%s took a write after it stepped down for %s", n.Name, primary)
+	case !errors.As(err, &serr) || serr.Code != sqlite3.ErrReadonly:
+		t.Errorf("%s: the refused write failed with %v, want SQLite's read-only error", n.Name, err)
+	}
+	if b, err := os.ReadFile(filepath.Join(n.MountDir, ".primary")); err != nil || strings.TrimSpace(string(b)) != primary {
+		t.Errorf("%s: .primary says %q (%v), want %s", n.Name, b, err, primary)
+	}
+	want := "primary=" + primary
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var line string // the last: the node logs a process's refused writes once a minute, or when the primary changed
+		for l := range strings.Lines(n.Log()) {
+			if strings.Contains(l, "write refused: the mount is read-only") {
+				line = l
+			}
+		}
+		if strings.Contains(line, want) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("%s: no log line for the refused write names %s (%q)", n.Name, want, line)
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 	if code, b, err := n.AdminGet("/readyz"); err != nil || code != http.StatusOK {
 		t.Errorf("%s /readyz: %d %q, %v", n.Name, code, b, err)
