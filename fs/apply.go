@@ -331,13 +331,6 @@ func serveChangeCounter(db io.ReaderAt, txid ltx.TXID, data []byte, off int64) {
 	}
 }
 
-// SQLite's lock bytes in the -shm file in WAL mode: WRITE, CKPT, RECOVER,
-// READ0-4 (those of the database file are in raw.go).
-const (
-	walLockOffset = 120
-	walLockCount  = 8
-)
-
 // daemonLockOwner owns the locks the daemon takes in a database's lock
 // tables. Kernel lock owners are scrambled pointers; this one is not.
 const daemonLockOwner = 1<<64 - 0x4d52 // "MR"
@@ -438,13 +431,6 @@ func (f *FileSystem) holdReaders(ctx context.Context, d *DB) (*readerHold, error
 // readHoldWarning is how long an apply waits for SQLite's readers before
 // the log names them.
 const readHoldWarning = 5 * time.Second
-
-// walMode reports whether the database file's header says WAL mode.
-func walMode(db io.ReaderAt) bool {
-	var hdr [20]byte
-	n, _ := db.ReadAt(hdr[:], 0)
-	return n == len(hdr) && hdr[18] == 2
-}
 
 // changed tells WAL-mode readers that the database file changed under
 // them: SQLite keeps its page cache across read transactions as long as

@@ -20,14 +20,6 @@ const (
 	specialTimeout = 0
 )
 
-// SQLite's lock bytes in the database file.
-const (
-	pendingByte  = 0x40000000
-	reservedByte = pendingByte + 1
-	sharedFirst  = pendingByte + 2
-	sharedSize   = 510
-)
-
 type nodeKind int
 
 const (
