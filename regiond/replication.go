@@ -20,6 +20,7 @@ import (
 	"github.com/meridian-db/meridian/ltx"
 	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
 	"github.com/meridian-db/meridian/replication"
+	"github.com/meridian-db/meridian/replication/rpc"
 )
 
 // epochFile is the file in data_dir where a replica keeps the newest lease
@@ -143,7 +144,7 @@ type replicationNode struct {
 // follower is a replica's stream from its primary.
 type follower struct {
 	primary string
-	dialer  *replication.Dialer
+	dialer  *rpc.Dialer
 	client  *replication.Client
 	cancel  context.CancelFunc
 	done    chan struct{} // closed when the client has stopped
@@ -179,14 +180,14 @@ func (d *Daemon) openReplication(f *fs.FileSystem) (_ *replicationNode, openErr 
 			return nil, err
 		}
 	}
-	srv := replication.NewServer(r.streamer, func(context.Context) *meridianv1.StatusResponse { return d.statusOf(f, r).proto() })
+	srv := rpc.NewServer(r.streamer, func(context.Context) *meridianv1.StatusResponse { return d.statusOf(f, r).proto() })
 	srv.Logger = r.logger
 	ln, err := net.Listen("tcp", c.Replication.Listen)
 	if err != nil {
 		r.close()
 		return nil, fmt.Errorf("replication.listen %s: %w", c.Replication.Listen, err)
 	}
-	r.server = replication.NewGRPCServer(srv, tlsConfig)
+	r.server = rpc.NewGRPCServer(srv, tlsConfig)
 	r.wg.Go(func() {
 		if err := r.server.Serve(ln); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
 			r.logger.Error("replication server stopped", "err", err)
@@ -212,7 +213,7 @@ func (r *replicationNode) startFollowing(f *fs.FileSystem, c Config, primary str
 			return err
 		}
 	}
-	dialer, err := replication.Dial(peer.Addr, tlsConfig, r.logger)
+	dialer, err := rpc.Dial(peer.Addr, tlsConfig, r.logger)
 	if err != nil {
 		return err
 	}

@@ -12,6 +12,7 @@ import (
 
 	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
 	"github.com/meridian-db/meridian/replication"
+	"github.com/meridian-db/meridian/replication/rpc"
 )
 
 // heldEpochFile is the file in data_dir where a node keeps the lease
@@ -244,8 +245,8 @@ func (d *Daemon) peerEpochs(ctx context.Context) uint64 {
 				tlsConfig, err = c.ClientTLS(p.Node)
 			}
 			if err == nil {
-				var dl *replication.Dialer
-				if dl, err = replication.Dial(p.Addr, tlsConfig, d.repl.logger); err == nil {
+				var dl *rpc.Dialer
+				if dl, err = rpc.Dial(p.Addr, tlsConfig, d.repl.logger); err == nil {
 					defer func() { _ = dl.Close() }()
 					var resp *meridianv1.StatusResponse
 					if resp, err = dl.Status(ctx); err == nil {

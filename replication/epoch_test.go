@@ -10,6 +10,7 @@ import (
 
 	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
 	"github.com/meridian-db/meridian/replication"
+	"github.com/meridian-db/meridian/replication/internal/repltest"
 )
 
 func TestEpochFile(t *testing.T) {
@@ -64,7 +65,7 @@ func TestEpochFile(t *testing.T) {
 				}
 			}
 			// A client with the file refuses to stream: it sends no Hello.
-			cl := replication.NewClient("fra-1", "fra", newTarget(t), t.TempDir())
+			cl := replication.NewClient("fra-1", "fra", repltest.NewTarget(t), t.TempDir())
 			cl.Epochs = f
 			if err := cl.LoadEpoch(ctx); err == nil || !strings.Contains(err.Error(), path) {
 				t.Fatalf("LoadEpoch with %q in the file: %v, want an error naming it", content, err)

@@ -14,6 +14,7 @@ import (
 	"github.com/meridian-db/meridian/internal/testingutil"
 	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
 	"github.com/meridian-db/meridian/replication"
+	"github.com/meridian-db/meridian/replication/internal/repltest"
 )
 
 // TestStream_InFlightBounds runs a replica's stream against a primary
@@ -22,9 +23,9 @@ import (
 // database and the bound, nothing is applied, and no received file is
 // left in TempDir.
 func TestStream_InFlightBounds(t *testing.T) {
-	src := newPrimary(t)
-	src.create("a.db", 1)
-	src.steps("a.db", 10)
+	src := repltest.NewPrimary(t)
+	src.Create("a.db", 1)
+	src.Steps("a.db", 10)
 	l := src.Log("a.db")
 	files := l.Files()
 	info := files[len(files)-1]
@@ -49,7 +50,7 @@ func TestStream_InFlightBounds(t *testing.T) {
 			"more than the %d this replica receives at once (raise replication.max_in_flight_bytes to receive it)", size, size-1)},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			target := newTarget(t)
+			target := repltest.NewTarget(t)
 			cl := replication.NewClient("fra-1", "fra", target, t.TempDir())
 			cl.Logger = testingutil.Logger(t)
 			cl.PrimaryNode = "iad-1"
@@ -64,7 +65,7 @@ func TestStream_InFlightBounds(t *testing.T) {
 				defer close(done)
 				_, err = cl.Session(ctx, replicaEnd{pipe: p, ctx: ctx})
 			}()
-			req := testingutil.Recv(t, p.toPrimary, waitTimeout, "the replica's Hello")
+			req := testingutil.Recv(t, p.toPrimary, repltest.WaitTimeout, "the replica's Hello")
 			if h := req.GetHello(); h.GetMaxInFlightFiles() != uint32(tt.maxFiles) || h.GetMaxInFlightBytes() != uint64(tt.maxBytes) {
 				t.Fatalf("Hello announces %d files and %d bytes in flight, want %d and %d", h.GetMaxInFlightFiles(), h.GetMaxInFlightBytes(), tt.maxFiles, tt.maxBytes)
 			}
@@ -74,8 +75,8 @@ func TestStream_InFlightBounds(t *testing.T) {
 				case p.toReplica <- f:
 				case <-done:
 					t.Fatalf("the replica's session ended before the frames broke a bound: %v", err)
-				case <-time.After(waitTimeout):
-					t.Fatalf("the replica took no frame for %v", waitTimeout)
+				case <-time.After(repltest.WaitTimeout):
+					t.Fatalf("the replica took no frame for %v", repltest.WaitTimeout)
 				}
 			}
 			for i := range tt.begins {
@@ -87,14 +88,11 @@ func TestStream_InFlightBounds(t *testing.T) {
 					send(&meridianv1.StreamResponse{Frame: &meridianv1.StreamResponse_LtxChunk{LtxChunk: &meridianv1.LTXChunk{Db: db, Data: data[:size/2]}}})
 				}
 			}
-			waitClosed(t, done, "the replica's session to end")
+			repltest.WaitClosed(t, done, "the replica's session to end")
 			if !errors.Is(err, replication.ErrProtocol) || err.Error() != tt.want {
 				t.Fatalf("session: %v\nwant ErrProtocol: %s", err, tt.want)
 			}
-			target.mu.Lock()
-			calls := target.calls
-			target.mu.Unlock()
-			if calls != 0 {
+			if calls := target.Calls(); calls != 0 {
 				t.Fatalf("%d Apply calls, want none", calls)
 			}
 			if entries, _ := os.ReadDir(cl.TempDir); len(entries) != 0 {
@@ -114,12 +112,12 @@ func TestStream_InFlightBoundsKept(t *testing.T) {
 	const dbs = 12
 	for i := range dbs {
 		name := fmt.Sprintf("d%02d.db", i)
-		c.primary.create(name, uint64(i))
-		c.primary.steps(name, 20)
+		c.primary.Create(name, uint64(i))
+		c.primary.Steps(name, 20)
 	}
 	var largest int64
 	for _, name := range c.primary.DBs() {
-		fi, err := os.Stat(c.primary.dbs[name].path)
+		fi, err := os.Stat(c.primary.DB(name).Path)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -162,9 +160,9 @@ func TestStream_InFlightBoundsKept(t *testing.T) {
 	c.run(cl)
 	var wg sync.WaitGroup
 	for _, name := range c.primary.DBs()[:4] {
-		wg.Go(func() { c.primary.steps(name, 30) })
+		wg.Go(func() { c.primary.Steps(name, 30) })
 	}
-	waitGroup(t, &wg, "the transactions committed while streaming")
+	repltest.WaitGroup(t, &wg, "the transactions committed while streaming")
 	c.waitSynced()
 	if r := cl.Status().Reconnects; r != 0 {
 		t.Fatalf("the replica reconnected %d times, want 0", r)
@@ -173,13 +171,13 @@ func TestStream_InFlightBoundsKept(t *testing.T) {
 	defer mu.Unlock()
 	t.Logf("%d files sent, at most %d and %d bytes at once (bounds %d and %d)", begun, maxFiles, maxBytes, cl.MaxInFlightFiles, cl.MaxInFlightBytes)
 	// Twelve databases to send at once: the bound of files is reached.
-	if begun != c.target.count() || maxFiles != cl.MaxInFlightFiles || maxBytes > uint64(cl.MaxInFlightBytes) {
+	if begun != c.target.Count() || maxFiles != cl.MaxInFlightFiles || maxBytes > uint64(cl.MaxInFlightBytes) {
 		t.Fatalf("%d files sent, %d applied, at most %d and %d bytes in flight; want every file applied, %d files and at most %d bytes in flight",
-			begun, c.target.count(), maxFiles, maxBytes, cl.MaxInFlightFiles, cl.MaxInFlightBytes)
+			begun, c.target.Count(), maxFiles, maxBytes, cl.MaxInFlightFiles, cl.MaxInFlightBytes)
 	}
 
 	// Less room than a snapshot needs: the primary cannot send it.
-	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), repltest.WaitTimeout)
 	defer cancel()
 	p := newPipe()
 	defer p.close()
@@ -190,8 +188,8 @@ func TestStream_InFlightBoundsKept(t *testing.T) {
 	case p.toPrimary <- &meridianv1.StreamRequest{Frame: &meridianv1.StreamRequest_Hello{Hello: hello}}:
 	case err := <-served:
 		t.Fatalf("Serve returned %v before it read the Hello", err)
-	case <-time.After(waitTimeout):
-		t.Fatalf("waited %v for Serve to read the Hello", waitTimeout)
+	case <-time.After(repltest.WaitTimeout):
+		t.Fatalf("waited %v for Serve to read the Hello", repltest.WaitTimeout)
 	}
 	go func() {
 		for {

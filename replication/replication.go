@@ -6,7 +6,7 @@
 // The core knows nothing of gRPC: a stream is a Conn (primary side) or a
 // ClientConn (replica side), and the frames are the protocol buffer
 // messages of proto/meridian/v1, whose file documents the protocol. The
-// gRPC transport lives in grpc.go.
+// gRPC transport is package replication/rpc.
 package replication
 
 import (

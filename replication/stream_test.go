@@ -20,16 +20,17 @@ import (
 	"github.com/meridian-db/meridian/ltx"
 	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
 	"github.com/meridian-db/meridian/replication"
+	"github.com/meridian-db/meridian/replication/internal/repltest"
 )
 
 // cluster is a primary's Streamer and one replica's Client joined by
 // in-memory pipes, one per stream.
 type cluster struct {
 	tb       testing.TB
-	primary  *primary
+	primary  *repltest.Primary
 	streamer *replication.Streamer
 	epoch    atomic.Uint64
-	target   *target
+	target   *repltest.Target
 
 	mu      sync.Mutex
 	filter  func(*meridianv1.StreamResponse) // applied to the next stream only
@@ -37,13 +38,15 @@ type cluster struct {
 }
 
 func newCluster(tb testing.TB) *cluster {
-	c := &cluster{tb: tb, primary: newPrimary(tb), target: newTarget(tb)}
+	c := &cluster{tb: tb, primary: repltest.NewPrimary(tb), target: repltest.NewTarget(tb)}
 	c.epoch.Store(1)
 	c.streamer = replication.NewStreamer(c.primary, "iad-1", c.epoch.Load, tb.TempDir())
 	c.streamer.HeartbeatInterval = 20 * time.Millisecond
 	c.streamer.SnapshotInterval = 0 // TestStream_SnapshotRateLimited tests it
 	c.streamer.Logger = testingutil.Logger(tb)
-	tb.Cleanup(func() { waitGroup(tb, &c.serveWG, "the streams' Serve calls to return once their replicas stopped") })
+	tb.Cleanup(func() {
+		repltest.WaitGroup(tb, &c.serveWG, "the streams' Serve calls to return once their replicas stopped")
+	})
 	return c
 }
 
@@ -85,7 +88,7 @@ func (c *cluster) run(cl *replication.Client) (stop func()) {
 	stop = func() {
 		once.Do(func() {
 			cancel()
-			waitClosed(c.tb, done, "the replica's Run to return once its context was canceled")
+			repltest.WaitClosed(c.tb, done, "the replica's Run to return once its context was canceled")
 		})
 	}
 	c.tb.Cleanup(stop)
@@ -97,32 +100,32 @@ func (c *cluster) run(cl *replication.Client) (stop func()) {
 // sound.
 func (c *cluster) waitSynced() {
 	c.tb.Helper()
-	waitSynced(c.tb, c.primary, c.target)
+	repltest.WaitSynced(c.tb, c.primary, c.target)
 }
 
-func (c *cluster) snapshots() []meridianv1.SnapshotReason { return c.target.snapshotReasons() }
+func (c *cluster) snapshots() []meridianv1.SnapshotReason { return c.target.SnapshotReasons() }
 
 func TestStream_Converges(t *testing.T) {
 	c := newCluster(t)
-	c.primary.create("a.db", 1)
-	c.primary.create("b.db", 2)
-	c.primary.steps("a.db", 100)
-	c.primary.steps("b.db", 50)
+	c.primary.Create("a.db", 1)
+	c.primary.Create("b.db", 2)
+	c.primary.Steps("a.db", 100)
+	c.primary.Steps("b.db", 50)
 	c.run(c.client())
 	var wg sync.WaitGroup
-	wg.Go(func() { c.primary.steps("a.db", 200) })
-	wg.Go(func() { c.primary.steps("b.db", 200) })
-	waitGroup(t, &wg, "the transactions committed while streaming")
-	c.primary.create("c.db", 3) // created while streaming
+	wg.Go(func() { c.primary.Steps("a.db", 200) })
+	wg.Go(func() { c.primary.Steps("b.db", 200) })
+	repltest.WaitGroup(t, &wg, "the transactions committed while streaming")
+	c.primary.Create("c.db", 3) // created while streaming
 	// Its first transaction reaches the replica before the next: had
 	// the log grown past the database's size first, a snapshot would
 	// have been cheaper.
-	for deadline := time.Now().Add(waitTimeout); c.target.pos("c.db").TXID == 0; time.Sleep(time.Millisecond) {
+	for deadline := time.Now().Add(repltest.WaitTimeout); c.target.Pos("c.db").TXID == 0; time.Sleep(time.Millisecond) {
 		if time.Now().After(deadline) {
-			t.Fatalf("c.db did not reach the replica in %v", waitTimeout)
+			t.Fatalf("c.db did not reach the replica in %v", repltest.WaitTimeout)
 		}
 	}
-	c.primary.steps("c.db", 20)
+	c.primary.Steps("c.db", 20)
 	c.waitSynced()
 
 	// The databases the replica lacked at the start, whose logs hold
@@ -130,14 +133,14 @@ func TestStream_Converges(t *testing.T) {
 	// while streaming came as its log, from its first transaction (a
 	// file of TXID 1, which holds every page). Then every file after
 	// that once, in order.
-	if got, want := c.target.count(), c.target.wantApplied(c.primary); got != want {
+	if got, want := c.target.Count(), c.target.WantApplied(c.primary); got != want {
 		t.Fatalf("replica applied %d files, want %d: a snapshot or the first file of each database and the files after it", got, want)
 	}
 	noPos, none := meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION, meridianv1.SnapshotReason_SNAPSHOT_REASON_UNSPECIFIED
 	if got := c.snapshots(); !slices.Equal(slices.Sorted(slices.Values(got)), []meridianv1.SnapshotReason{none, noPos, noPos}) {
 		t.Fatalf("files of TXID 1 applied, by snapshot reason: %v, want a snapshot of a.db and b.db for lack of a position, then c.db's first transaction", got)
 	}
-	if got, want := c.target.countOf("c.db"), len(c.primary.Log("c.db").Files()); got != want {
+	if got, want := c.target.CountOf("c.db"), len(c.primary.Log("c.db").Files()); got != want {
 		t.Fatalf("replica applied %d files of c.db, want its log's %d", got, want)
 	}
 	// The primary knows where the replica is.
@@ -168,17 +171,17 @@ func TestStream_NewDatabases(t *testing.T) {
 	const n = 50
 	for i := range n {
 		name := fmt.Sprintf("new-%02d.db", i)
-		d := c.primary.register(name, uint64(i))
+		d := c.primary.Register(name, uint64(i))
 		time.Sleep(2 * time.Millisecond) // the stream finds the log empty
-		c.primary.write(name, d.work.Init)
-		c.primary.steps(name, 1+i%3)
+		c.primary.Write(name, d.Work.Init)
+		c.primary.Steps(name, 1+i%3)
 	}
 	c.waitSynced()
 	if got := len(c.primary.DBs()); got != n {
 		t.Fatalf("primary has %d databases, want %d", got, n)
 	}
 	for _, name := range c.primary.DBs() {
-		if got, want := c.target.countOf(name), len(c.primary.Log(name).Files()); got != want {
+		if got, want := c.target.CountOf(name), len(c.primary.Log(name).Files()); got != want {
 			t.Fatalf("replica applied %d files of %s, want its log's %d", got, name, want)
 		}
 	}
@@ -193,13 +196,13 @@ func TestStream_NewDatabases(t *testing.T) {
 
 func TestStream_Resume(t *testing.T) {
 	c := newCluster(t)
-	c.primary.create("a.db", 1)
-	c.primary.steps("a.db", 50)
+	c.primary.Create("a.db", 1)
+	c.primary.Steps("a.db", 50)
 	stop := c.run(c.client())
 	c.waitSynced()
 	stop()
-	applied, files := c.target.count(), len(c.primary.Log("a.db").Files())
-	c.primary.steps("a.db", 70)
+	applied, files := c.target.Count(), len(c.primary.Log("a.db").Files())
+	c.primary.Steps("a.db", 70)
 	newFiles := len(c.primary.Log("a.db").Files()) - files
 	if newFiles < 60 {
 		t.Fatalf("70 random transactions made %d LTX files", newFiles)
@@ -210,7 +213,7 @@ func TestStream_Resume(t *testing.T) {
 	cl := c.client()
 	c.run(cl)
 	c.waitSynced()
-	if got := c.target.count() - applied; got != newFiles {
+	if got := c.target.Count() - applied; got != newFiles {
 		t.Fatalf("after restart the replica applied %d files, want the %d new ones", got, newFiles)
 	}
 	if got := c.snapshots(); len(got) != 1 {
@@ -219,25 +222,25 @@ func TestStream_Resume(t *testing.T) {
 	// The client records a group as applied once the target's apply
 	// returns, a moment after the target's position moved.
 	want := c.primary.Log("a.db").Pos()
-	for deadline := time.Now().Add(waitTimeout); ; time.Sleep(time.Millisecond) {
+	for deadline := time.Now().Add(repltest.WaitTimeout); ; time.Sleep(time.Millisecond) {
 		st := cl.Status()
 		if st.Epoch == 1 && st.Connected && st.Applied["a.db"].Pos == want {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("client status %+v after %v, want epoch 1, connected, a.db applied at %s", st, waitTimeout, want)
+			t.Fatalf("client status %+v after %v, want epoch 1, connected, a.db applied at %s", st, repltest.WaitTimeout, want)
 		}
 	}
 }
 
 func TestStream_SnapshotWhenRetentionPassed(t *testing.T) {
 	c := newCluster(t)
-	c.primary.create("a.db", 1)
-	c.primary.steps("a.db", 20)
+	c.primary.Create("a.db", 1)
+	c.primary.Steps("a.db", 20)
 	stop := c.run(c.client())
 	c.waitSynced()
 	stop()
-	c.primary.steps("a.db", 30)
+	c.primary.Steps("a.db", 30)
 	l := c.primary.Log("a.db")
 	l.Retention, l.MaxRetention = time.Minute, time.Minute
 	if n, err := l.Prune(context.Background(), l.Pos().TXID, time.Now().Add(time.Hour)); err != nil || n == 0 {
@@ -263,16 +266,16 @@ func TestStream_SnapshotWhenDiverged(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			// The replica first follows another primary with its own history.
 			other := newCluster(t)
-			other.primary.create("a.db", 99)
-			other.primary.steps("a.db", tt.ownSteps)
+			other.primary.Create("a.db", 99)
+			other.primary.Steps("a.db", tt.ownSteps)
 			stop := other.run(other.client())
 			other.waitSynced()
 			stop()
 
 			c := newCluster(t)
 			c.target = other.target
-			c.primary.create("a.db", 1)
-			c.primary.steps("a.db", tt.mainSteps)
+			c.primary.Create("a.db", 1)
+			c.primary.Steps("a.db", tt.mainSteps)
 			c.run(c.client())
 			c.waitSynced()
 			if got := c.snapshots(); len(got) != 2 || got[1] != tt.want {
@@ -288,7 +291,7 @@ func TestStream_SnapshotWhenDiverged(t *testing.T) {
 // group, and received into spare files when there are some.
 func TestStream_Groups(t *testing.T) {
 	c := newCluster(t)
-	c.primary.create("a.db", 1)
+	c.primary.Create("a.db", 1)
 	cl := c.client()
 	cl.MaxGroup = 8
 	cl.ReceiveInMemory = -1 // into files, which the test counts, and which reuse spares
@@ -299,12 +302,12 @@ func TestStream_Groups(t *testing.T) {
 	cl.Spares = spares
 	var once sync.Once
 	held := make(chan struct{})
-	c.target.before = func(db string, files []*replication.File) {
+	c.target.SetBefore(func(db string, files []*replication.File) {
 		once.Do(func() {
 			defer close(held)
 			// Queue full: MaxGroup files waiting, one more received and
 			// waiting to be queued.
-			c.primary.steps("a.db", 60)
+			c.primary.Steps("a.db", 60)
 			deadline := time.Now().Add(10 * time.Second)
 			for {
 				entries, _ := os.ReadDir(cl.TempDir)
@@ -318,18 +321,16 @@ func TestStream_Groups(t *testing.T) {
 				time.Sleep(time.Millisecond)
 			}
 		})
-	}
+	})
 	c.run(cl)
-	waitClosed(t, held, "the replica's first Apply and the files queued while it waited")
+	repltest.WaitClosed(t, held, "the replica's first Apply and the files queued while it waited")
 	c.waitSynced()
 
-	applied, offered, _ := c.target.counts()
-	if want := c.target.wantApplied(c.primary); applied != want || offered != want {
+	applied, offered, _ := c.target.Counts()
+	if want := c.target.WantApplied(c.primary); applied != want || offered != want {
 		t.Fatalf("replica applied %d of %d files it was offered, want %d of %d", applied, offered, want, want)
 	}
-	c.target.mu.Lock()
-	groups := slices.Clone(c.target.groups)
-	c.target.mu.Unlock()
+	groups := c.target.Groups()
 	if len(groups) < 2 || groups[0] != 1 || groups[1] != cl.MaxGroup || slices.Max(groups) > cl.MaxGroup {
 		t.Fatalf("groups applied: %v; want the snapshot alone, then %d files queued meanwhile, none larger", groups, cl.MaxGroup)
 	}
@@ -358,16 +359,16 @@ func TestStream_Groups(t *testing.T) {
 // at a time.
 func TestStream_GroupBytes(t *testing.T) {
 	c := newCluster(t)
-	c.primary.create("a.db", 1)
+	c.primary.Create("a.db", 1)
 	cl := c.client()
 	cl.MaxGroup, cl.MaxGroupBytes = 8, 1
 	cl.ReceiveInMemory = -1 // into files, which the test counts
 	var once sync.Once
 	held := make(chan struct{})
-	c.target.before = func(db string, files []*replication.File) {
+	c.target.SetBefore(func(db string, files []*replication.File) {
 		once.Do(func() {
 			defer close(held)
-			c.primary.steps("a.db", 20)
+			c.primary.Steps("a.db", 20)
 			for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
 				if entries, _ := os.ReadDir(cl.TempDir); len(entries) >= cl.MaxGroup+1 {
 					return
@@ -375,21 +376,19 @@ func TestStream_GroupBytes(t *testing.T) {
 			}
 			t.Errorf("the queue did not fill while the first Apply waited")
 		})
-	}
+	})
 	c.run(cl)
-	waitClosed(t, held, "the replica's first Apply and the files queued while it waited")
+	repltest.WaitClosed(t, held, "the replica's first Apply and the files queued while it waited")
 	c.waitSynced()
-	c.target.mu.Lock()
-	groups := slices.Clone(c.target.groups)
-	c.target.mu.Unlock()
-	if slices.Max(groups) != 1 || len(groups) != c.target.wantApplied(c.primary) {
+	groups := c.target.Groups()
+	if slices.Max(groups) != 1 || len(groups) != c.target.WantApplied(c.primary) {
 		t.Fatalf("groups applied: %v; want every file alone", groups)
 	}
 }
 
 func TestStream_StaleEpoch(t *testing.T) {
 	c := newCluster(t)
-	c.primary.create("a.db", 1)
+	c.primary.Create("a.db", 1)
 	c.epoch.Store(7)
 	cl := c.client()
 	stop := c.run(cl)
@@ -399,8 +398,8 @@ func TestStream_StaleEpoch(t *testing.T) {
 	// The primary is deposed and comes back with an older epoch: the
 	// replica's Hello tells it so, and it refuses to stream.
 	c.epoch.Store(3)
-	c.primary.steps("a.db", 5)
-	before := c.target.pos("a.db")
+	c.primary.Steps("a.db", 5)
+	before := c.target.Pos("a.db")
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	conn, _ := c.dial(ctx)
@@ -422,7 +421,7 @@ func TestStream_StaleEpoch(t *testing.T) {
 	if !errors.Is(err, replication.ErrStaleEpoch) {
 		t.Fatalf("session with frames from epoch 5 after 7: %v, want ErrStaleEpoch", err)
 	}
-	if got := c.target.pos("a.db"); got != before {
+	if got := c.target.Pos("a.db"); got != before {
 		t.Fatalf("replica moved from %s to %s on stale frames", before, got)
 	}
 }
@@ -434,8 +433,8 @@ func TestStream_StaleEpoch(t *testing.T) {
 // accepted.
 func TestStream_EpochSurvivesRestart(t *testing.T) {
 	c := newCluster(t)
-	c.primary.create("a.db", 1)
-	c.primary.steps("a.db", 5)
+	c.primary.Create("a.db", 1)
+	c.primary.Steps("a.db", 5)
 	epochs := &replication.EpochFile{Path: filepath.Join(t.TempDir(), "epoch")}
 	restart := func() *replication.Client {
 		cl := c.client()
@@ -459,8 +458,8 @@ func TestStream_EpochSurvivesRestart(t *testing.T) {
 	// The deposed primary, at epoch 3, learns from the Hello that it was
 	// deposed and refuses to stream.
 	c.epoch.Store(3)
-	c.primary.steps("a.db", 5)
-	before := c.target.pos("a.db")
+	c.primary.Steps("a.db", 5)
+	before := c.target.Pos("a.db")
 	var told []string
 	c.streamer.NewerEpoch = func(epoch uint64, replica string) { told = append(told, fmt.Sprint(replica, " ", epoch)) }
 	err, served := c.session(cl)
@@ -482,7 +481,7 @@ func TestStream_EpochSurvivesRestart(t *testing.T) {
 		!strings.Contains(err.Error(), "frame from epoch 5, but this replica has seen epoch 7") {
 		t.Fatalf("restarted replica that accepted 7, sent frames of epoch 5: %v, want ErrStaleEpoch", err)
 	}
-	if got := c.target.pos("a.db"); got != before {
+	if got := c.target.Pos("a.db"); got != before {
 		t.Fatalf("replica moved from %s to %s on a stale primary's frames", before, got)
 	}
 
@@ -496,15 +495,15 @@ func TestStream_EpochSurvivesRestart(t *testing.T) {
 	// A newer epoch is stored before any frame of it is accepted: while
 	// it cannot be, nothing of it applies.
 	c.epoch.Store(9)
-	c.primary.steps("a.db", 5)
-	before = c.target.pos("a.db")
+	c.primary.Steps("a.db", 5)
+	before = c.target.Pos("a.db")
 	storeErr := errors.New("disk on fire")
 	cl = restart()
 	cl.Epochs = failingStore{EpochStore: epochs, err: storeErr}
 	if err, _ := c.session(cl); !errors.Is(err, storeErr) {
 		t.Fatalf("session of epoch 9 with a store that fails: %v, want the store's error", err)
 	}
-	if got, epoch := c.target.pos("a.db"), cl.Status().Epoch; got != before || epoch != 7 {
+	if got, epoch := c.target.Pos("a.db"), cl.Status().Epoch; got != before || epoch != 7 {
 		t.Fatalf("replica whose store failed moved from %s to %s and is at epoch %d; want it unmoved at epoch 7", before, got, epoch)
 	}
 	mustEpochFile(t, epochs.Path, "7\n")
@@ -518,7 +517,7 @@ func TestStream_EpochSurvivesRestart(t *testing.T) {
 // the client's Session and the Streamer's Serve returned.
 func (c *cluster) session(cl *replication.Client) (err, served error) {
 	c.tb.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), repltest.WaitTimeout)
 	defer cancel()
 	conn, _ := c.dial(ctx)
 	_, err = cl.Session(ctx, conn)
@@ -592,14 +591,14 @@ func TestStream_BadFrames(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			c := newCluster(t)
-			c.primary.create("a.db", 1)
-			c.primary.steps("a.db", 10)
+			c.primary.Create("a.db", 1)
+			c.primary.Steps("a.db", 10)
 			cl := c.client()
 			stop := c.run(cl)
 			c.waitSynced()
 			stop()
-			c.primary.steps("a.db", 10)
-			before := c.target.pos("a.db")
+			c.primary.Steps("a.db", 10)
+			before := c.target.Pos("a.db")
 
 			var changed atomic.Bool
 			c.mu.Lock()
@@ -616,7 +615,7 @@ func TestStream_BadFrames(t *testing.T) {
 			if !changed.Load() || !errors.Is(err, replication.ErrProtocol) {
 				t.Fatalf("damaged stream (changed %v): %v, want ErrProtocol", changed.Load(), err)
 			}
-			if got := c.target.pos("a.db"); got != before {
+			if got := c.target.Pos("a.db"); got != before {
 				t.Fatalf("replica moved from %s to %s on a damaged file", before, got)
 			}
 			// The next stream recovers.
@@ -628,9 +627,9 @@ func TestStream_BadFrames(t *testing.T) {
 
 func TestStream_ApplyFailureResumes(t *testing.T) {
 	c := newCluster(t)
-	c.primary.create("a.db", 1)
-	c.primary.steps("a.db", 10)
-	c.target.fail = errors.New("disk on fire")
+	c.primary.Create("a.db", 1)
+	c.primary.Steps("a.db", 10)
+	c.target.FailNext(errors.New("disk on fire"))
 	cl := c.client()
 	c.run(cl)
 	c.waitSynced()
@@ -650,8 +649,8 @@ func TestStream_SnapshotRateLimited(t *testing.T) {
 	c.streamer.Logger = slog.New(slog.NewTextHandler(&logged, nil))
 	const interval = 300 * time.Millisecond
 	c.streamer.SnapshotInterval = interval
-	c.primary.create("a.db", 1)
-	c.primary.steps("a.db", 100)
+	c.primary.Create("a.db", 1)
+	c.primary.Steps("a.db", 100)
 
 	var prevBegin time.Time
 	var prevBuilt time.Duration // from dial to LTXBegin: the most its build took
@@ -666,9 +665,9 @@ func TestStream_SnapshotRateLimited(t *testing.T) {
 			t.Fatal(err)
 		}
 		var begin *meridianv1.LTXBegin
-		for deadline := time.Now().Add(waitTimeout); begin == nil; {
+		for deadline := time.Now().Add(repltest.WaitTimeout); begin == nil; {
 			if time.Now().After(deadline) {
-				t.Fatalf("round %d: no snapshot in %v", round, waitTimeout)
+				t.Fatalf("round %d: no snapshot in %v", round, repltest.WaitTimeout)
 			}
 			f, err := conn.Recv()
 			if err != nil {
@@ -690,7 +689,7 @@ func TestStream_SnapshotRateLimited(t *testing.T) {
 		}
 		prevBegin, prevBuilt = began, began.Sub(dialed)
 	}
-	waitGroup(t, &c.serveWG, "the streams to end")
+	repltest.WaitGroup(t, &c.serveWG, "the streams to end")
 	if got := strings.Count(logged.String(), "faster than the primary sends them"); got != 2 || !strings.Contains(logged.String(), "replica=fra-1") {
 		t.Fatalf("the primary logged %d waits for fra-1's snapshots, want 2:\n%s", got, logged.String())
 	}
@@ -698,7 +697,7 @@ func TestStream_SnapshotRateLimited(t *testing.T) {
 
 func TestServe_RefusesBadHello(t *testing.T) {
 	c := newCluster(t)
-	c.primary.create("a.db", 1)
+	c.primary.Create("a.db", 1)
 	for _, tt := range []struct {
 		name  string
 		req   *meridianv1.StreamRequest
@@ -721,8 +720,8 @@ func TestServe_RefusesBadHello(t *testing.T) {
 				case p.toPrimary <- tt.req:
 				case err := <-errc:
 					t.Fatalf("Serve returned %v before it read the first frame", err)
-				case <-time.After(waitTimeout):
-					t.Fatalf("waited %v for Serve to read the first frame", waitTimeout)
+				case <-time.After(repltest.WaitTimeout):
+					t.Fatalf("waited %v for Serve to read the first frame", repltest.WaitTimeout)
 				}
 			}
 			err := awaitErr(t, errc, "Serve to return after the first frame")
@@ -746,12 +745,12 @@ func hello(node string, epoch uint64) *meridianv1.StreamRequest {
 // primary leaves no temporary file behind.
 func TestStream_SnapshotStreamed(t *testing.T) {
 	c := newCluster(t)
-	c.primary.create("a.db", 1)
-	c.primary.steps("a.db", 100)
+	c.primary.Create("a.db", 1)
+	c.primary.Steps("a.db", 100)
 	pos := c.primary.Log("a.db").Pos()
 	var sizes []int
 	for _, streamed := range []bool{true, false} {
-		ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+		ctx, cancel := context.WithTimeout(context.Background(), repltest.WaitTimeout)
 		conn, err := c.dial(ctx)
 		if err != nil {
 			t.Fatal(err)
@@ -806,7 +805,7 @@ func TestStream_SnapshotStreamed(t *testing.T) {
 	if sizes[0] != sizes[1] {
 		t.Fatalf("streamed snapshot of %d bytes, sized one %d", sizes[0], sizes[1])
 	}
-	waitGroup(t, &c.serveWG, "the streams to end")
+	repltest.WaitGroup(t, &c.serveWG, "the streams to end")
 	if entries, _ := os.ReadDir(c.streamer.TempDir); len(entries) != 0 {
 		t.Fatalf("the primary left %d files in its TempDir", len(entries))
 	}
@@ -818,25 +817,23 @@ func TestStream_SnapshotStreamed(t *testing.T) {
 // A Stop before Run makes Run return at once.
 func TestClient_StopFinishesApply(t *testing.T) {
 	c := newCluster(t)
-	c.primary.create("a.db", 1)
-	c.primary.steps("a.db", 5)
+	c.primary.Create("a.db", 1)
+	c.primary.Steps("a.db", 5)
 	cl := c.client()
 	entered, release := make(chan struct{}), make(chan struct{})
 	var once sync.Once
 	var applyErr atomic.Value
-	c.target.mu.Lock()
-	c.target.before = func(db string, files []*replication.File) {
+	c.target.SetBefore(func(db string, files []*replication.File) {
 		once.Do(func() {
 			close(entered)
 			<-release
 		})
-	}
-	c.target.mu.Unlock()
-	ctxCheck := &ctxTarget{target: c.target, err: &applyErr}
+	})
+	ctxCheck := &ctxTarget{Target: c.target, err: &applyErr}
 	cl.Target = ctxCheck
 	done := make(chan error, 1)
 	go func() { done <- cl.Run(context.Background(), c.dial) }()
-	waitClosed(t, entered, "the first apply to begin")
+	repltest.WaitClosed(t, entered, "the first apply to begin")
 	cl.Stop()
 	select {
 	case err := <-done:
@@ -849,13 +846,13 @@ func TestClient_StopFinishesApply(t *testing.T) {
 		if !errors.Is(err, context.Canceled) {
 			t.Fatalf("Run after Stop: %v, want context.Canceled", err)
 		}
-	case <-time.After(waitTimeout):
-		t.Fatalf("Run did not return %v after Stop and the apply's end", waitTimeout)
+	case <-time.After(repltest.WaitTimeout):
+		t.Fatalf("Run did not return %v after Stop and the apply's end", repltest.WaitTimeout)
 	}
 	if err, _ := applyErr.Load().(error); err != nil {
 		t.Fatalf("the apply's context ended while it applied: %v", err)
 	}
-	if got := c.target.count(); got != 1 {
+	if got := c.target.Count(); got != 1 {
 		t.Fatalf("the target applied %d files, want the 1 of the group Stop let finish", got)
 	}
 
@@ -868,12 +865,12 @@ func TestClient_StopFinishesApply(t *testing.T) {
 
 // ctxTarget records whether an Apply's context had ended when it returned.
 type ctxTarget struct {
-	*target
+	*repltest.Target
 	err *atomic.Value
 }
 
 func (t *ctxTarget) Apply(ctx context.Context, db string, files []*replication.File) (ltx.Pos, error) {
-	pos, err := t.target.Apply(ctx, db, files)
+	pos, err := t.Target.Apply(ctx, db, files)
 	if cerr := ctx.Err(); cerr != nil {
 		t.err.Store(cerr)
 	}

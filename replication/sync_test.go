@@ -9,6 +9,7 @@ import (
 	"github.com/meridian-db/meridian/internal/testingutil"
 	"github.com/meridian-db/meridian/ltx"
 	"github.com/meridian-db/meridian/replication"
+	"github.com/meridian-db/meridian/replication/internal/repltest"
 )
 
 func TestQuorum_Met(t *testing.T) {
@@ -42,7 +43,7 @@ func advance(c *cluster, db string) ltx.TXID {
 		if i == 100 {
 			c.tb.Fatalf("%d random transactions left %s at txid %d", i, db, before)
 		}
-		c.primary.steps(db, 1)
+		c.primary.Steps(db, 1)
 	}
 	return c.primary.Log(db).Pos().TXID
 }
@@ -56,7 +57,7 @@ func newGate(c *cluster, timeout time.Duration) *replication.Gate {
 // applied the transaction, and not before.
 func TestGate_Acknowledged(t *testing.T) {
 	c := newCluster(t)
-	c.primary.create("a.db", 1)
+	c.primary.Create("a.db", 1)
 	c.run(c.client())
 	g := newGate(c, time.Minute)
 	ctx := context.Background()
@@ -67,7 +68,7 @@ func TestGate_Acknowledged(t *testing.T) {
 			t.Fatal(err)
 		}
 		// The replica applied it before acknowledging.
-		if got := c.target.pos("a.db"); got.TXID < pos.TXID {
+		if got := c.target.Pos("a.db"); got.TXID < pos.TXID {
 			t.Fatalf("wait for %v returned with the replica at %v", pos, got)
 		}
 	}
@@ -82,7 +83,7 @@ func TestGate_Acknowledged(t *testing.T) {
 // history confirm nothing of the new one.
 func TestGate_RecreatedDatabase(t *testing.T) {
 	c := newCluster(t)
-	c.primary.create("a.db", 1)
+	c.primary.Create("a.db", 1)
 	stop := c.run(c.client())
 	g := newGate(c, time.Minute)
 	for range 20 {
@@ -94,8 +95,8 @@ func TestGate_RecreatedDatabase(t *testing.T) {
 	}
 	stop()
 
-	c.primary.drop("a.db")
-	c.primary.create("a.db", 2)
+	c.primary.Drop("a.db")
+	c.primary.Create("a.db", 2)
 	pos := c.primary.Log("a.db").Pos()
 	if pos.TXID >= old.TXID {
 		t.Fatalf("the new a.db is at %v, want it behind the old one's %v", pos, old)
@@ -110,7 +111,7 @@ func TestGate_RecreatedDatabase(t *testing.T) {
 	if err := g.Wait(context.Background(), "a.db", pos.TXID, true); err != nil {
 		t.Fatalf("wait for the new a.db's %v once the replica returned: %v", pos, err)
 	}
-	if got := c.target.pos("a.db"); got.TXID < pos.TXID || !c.primary.Log("a.db").Contains(got) {
+	if got := c.target.Pos("a.db"); got.TXID < pos.TXID || !c.primary.Log("a.db").Contains(got) {
 		t.Fatalf("the replica has a.db at %v after the wait for %v of the new history", got, pos)
 	}
 }
@@ -120,7 +121,7 @@ func TestGate_RecreatedDatabase(t *testing.T) {
 // until the replica catches up.
 func TestGate_Timeout(t *testing.T) {
 	c := newCluster(t)
-	c.primary.create("a.db", 1)
+	c.primary.Create("a.db", 1)
 	txid := advance(c, "a.db")
 	g := newGate(c, 20*time.Millisecond)
 
@@ -135,14 +136,14 @@ func TestGate_Timeout(t *testing.T) {
 	defer cancel()
 	errc := make(chan error, 1)
 	go func() { errc <- g.Wait(ctx, "a.db", txid, false) }()
-	for deadline := time.Now().Add(waitTimeout); g.Status().Timeouts < 3; {
+	for deadline := time.Now().Add(repltest.WaitTimeout); g.Status().Timeouts < 3; {
 		select {
 		case err := <-errc:
 			t.Fatalf("wait that cannot fail: %v after %d timeouts, want it to wait until its context ends", err, g.Status().Timeouts)
 		case <-time.After(time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("status %+v after %v, want 3 or more timeouts", g.Status(), waitTimeout)
+			t.Fatalf("status %+v after %v, want 3 or more timeouts", g.Status(), repltest.WaitTimeout)
 		}
 	}
 	cancel()
@@ -155,7 +156,7 @@ func TestGate_Timeout(t *testing.T) {
 	}
 
 	g.Degrade = true
-	ctx, cancel = context.WithTimeout(context.Background(), waitTimeout) // a wait that does not degrade would never end
+	ctx, cancel = context.WithTimeout(context.Background(), repltest.WaitTimeout) // a wait that does not degrade would never end
 	defer cancel()
 	if err := g.Wait(ctx, "a.db", txid, false); err != nil {
 		t.Fatalf("degrading wait: %v", err)
@@ -188,7 +189,7 @@ func TestGate_Timeout(t *testing.T) {
 	if err := g.Wait(context.Background(), "a.db", pos.TXID, true); err != nil {
 		t.Fatal(err)
 	}
-	if got := c.target.pos("a.db"); got.TXID < pos.TXID {
+	if got := c.target.Pos("a.db"); got.TXID < pos.TXID {
 		t.Fatalf("wait for %v returned with the replica at %v", pos, got)
 	}
 	if st := g.Status(); st.Degraded {
@@ -202,8 +203,8 @@ func TestGate_Timeout(t *testing.T) {
 // sync commit at the same TXIDs.
 func TestGate_HelloConfirmsNothing(t *testing.T) {
 	c := newCluster(t)
-	c.primary.create("a.db", 1)
-	c.primary.steps("a.db", 5)
+	c.primary.Create("a.db", 1)
+	c.primary.Steps("a.db", 5)
 	stop := c.run(c.client())
 	c.waitSynced()
 	stop()
@@ -233,7 +234,7 @@ func TestGate_HelloConfirmsNothing(t *testing.T) {
 // gives up with its context, reporting the commits still waiting.
 func TestGate_Drain(t *testing.T) {
 	c := newCluster(t)
-	c.primary.create("a.db", 1)
+	c.primary.Create("a.db", 1)
 	txid := advance(c, "a.db")
 	g := newGate(c, time.Minute)
 	if n := g.Drain(context.Background()); n != 0 {
@@ -241,9 +242,9 @@ func TestGate_Drain(t *testing.T) {
 	}
 	errc := make(chan error, 1)
 	go func() { errc <- g.Wait(context.Background(), "a.db", txid, false) }()
-	for deadline := time.Now().Add(waitTimeout); g.Status().Waiting == 0; time.Sleep(time.Millisecond) {
+	for deadline := time.Now().Add(repltest.WaitTimeout); g.Status().Waiting == 0; time.Sleep(time.Millisecond) {
 		if time.Now().After(deadline) {
-			t.Fatalf("no waiter after %v", waitTimeout)
+			t.Fatalf("no waiter after %v", repltest.WaitTimeout)
 		}
 	}
 	short, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)

@@ -1,4 +1,4 @@
-package replication_test
+package rpc_test
 
 import (
 	"bytes"
@@ -25,6 +25,8 @@ import (
 	"github.com/meridian-db/meridian/internal/pki"
 	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
 	"github.com/meridian-db/meridian/replication"
+	"github.com/meridian-db/meridian/replication/internal/repltest"
+	"github.com/meridian-db/meridian/replication/rpc"
 )
 
 // certs is a cluster CA in a temporary directory with certificates for
@@ -135,9 +137,9 @@ func serve(tb testing.TB, streamer *replication.Streamer, status func(context.Co
 	if err != nil {
 		tb.Fatal(err)
 	}
-	srv := replication.NewServer(streamer, status)
+	srv := rpc.NewServer(streamer, status)
 	srv.Logger = logger
-	gs := replication.NewGRPCServer(srv, tlsConfig)
+	gs := rpc.NewGRPCServer(srv, tlsConfig)
 	done := make(chan error, 1)
 	go func() { done <- gs.Serve(lis) }()
 	var once sync.Once
@@ -150,8 +152,8 @@ func serve(tb testing.TB, streamer *replication.Streamer, status func(context.Co
 				if err != nil {
 					tb.Errorf("serve on %s: %v", n.addr, err)
 				}
-			case <-time.After(waitTimeout):
-				tb.Errorf("serve on %s: Serve did not return within %v of Stop", n.addr, waitTimeout)
+			case <-time.After(repltest.WaitTimeout):
+				tb.Errorf("serve on %s: Serve did not return within %v of Stop", n.addr, repltest.WaitTimeout)
 			}
 		})
 	}
@@ -160,7 +162,7 @@ func serve(tb testing.TB, streamer *replication.Streamer, status func(context.Co
 }
 
 // newStreamer returns iad-1's Streamer of p at the epoch epoch holds.
-func newStreamer(tb testing.TB, p *primary, epoch *atomic.Uint64, logger *slog.Logger) *replication.Streamer {
+func newStreamer(tb testing.TB, p *repltest.Primary, epoch *atomic.Uint64, logger *slog.Logger) *replication.Streamer {
 	s := replication.NewStreamer(p, "iad-1", epoch.Load, tb.TempDir())
 	s.HeartbeatInterval = 20 * time.Millisecond
 	s.Logger = logger
@@ -168,7 +170,7 @@ func newStreamer(tb testing.TB, p *primary, epoch *atomic.Uint64, logger *slog.L
 }
 
 // newReplica returns a replica client named node applying to t.
-func newReplica(tb testing.TB, node string, t *target, logger *slog.Logger) *replication.Client {
+func newReplica(tb testing.TB, node string, t *repltest.Target, logger *slog.Logger) *replication.Client {
 	cl := replication.NewClient(node, "fra", t, tb.TempDir())
 	cl.MinBackoff, cl.MaxBackoff = time.Millisecond, 20*time.Millisecond
 	cl.Logger = logger
@@ -176,9 +178,9 @@ func newReplica(tb testing.TB, node string, t *target, logger *slog.Logger) *rep
 }
 
 // mustDial returns a Dialer of addr, closed when the test ends.
-func mustDial(tb testing.TB, addr string, tlsConfig *tls.Config, logger *slog.Logger) *replication.Dialer {
+func mustDial(tb testing.TB, addr string, tlsConfig *tls.Config, logger *slog.Logger) *rpc.Dialer {
 	tb.Helper()
-	d, err := replication.Dial(addr, tlsConfig, logger)
+	d, err := rpc.Dial(addr, tlsConfig, logger)
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -202,7 +204,7 @@ func runClient(tb testing.TB, cl *replication.Client, dial func(context.Context)
 	stop = func() {
 		once.Do(func() {
 			cancel()
-			waitClosed(tb, done, "the replica's Run to return once its context was canceled")
+			repltest.WaitClosed(tb, done, "the replica's Run to return once its context was canceled")
 		})
 	}
 	tb.Cleanup(stop)
@@ -210,8 +212,8 @@ func runClient(tb testing.TB, cl *replication.Client, dial func(context.Context)
 }
 
 // checkGoroutines fails the test if, once every later cleanup has run,
-// goroutines of gRPC or of the replication package are still there after
-// a grace period. Call it first, so its cleanup runs last.
+// goroutines of gRPC or of packages replication and rpc are still there
+// after a grace period. Call it first, so its cleanup runs last.
 func checkGoroutines(tb testing.TB) {
 	tb.Cleanup(func() {
 		var left []string
@@ -225,7 +227,7 @@ func checkGoroutines(tb testing.TB) {
 }
 
 // leftGoroutines returns the stacks of the goroutines, other than the
-// caller's, that run code of gRPC or of package replication.
+// caller's, that run code of gRPC or of packages replication and rpc.
 func leftGoroutines() []string {
 	buf := make([]byte, 1<<20)
 	for {
@@ -241,7 +243,8 @@ func leftGoroutines() []string {
 		if i == 0 { // this goroutine
 			continue
 		}
-		if strings.Contains(g, "google.golang.org/grpc") || strings.Contains(g, "meridian/replication.") {
+		if strings.Contains(g, "google.golang.org/grpc") || strings.Contains(g, "meridian/replication.") ||
+			strings.Contains(g, "meridian/replication/rpc.") {
 			left = append(left, g)
 		}
 	}
@@ -251,10 +254,10 @@ func leftGoroutines() []string {
 // bigInsert returns a write that adds rows random bytes of 3,000 bytes each
 // to database name of p: incompressible, so its LTX file is about as large
 // as the pages it writes.
-func bigInsert(p *primary, name string, rows int) func() error {
-	d := p.dbs[name]
+func bigInsert(p *repltest.Primary, name string, rows int) func() error {
+	d := p.DB(name)
 	return func() error {
-		_, err := d.sql.Exec(fmt.Sprintf(`CREATE TABLE IF NOT EXISTS blobs(b BLOB);
+		_, err := d.SQL.Exec(fmt.Sprintf(`CREATE TABLE IF NOT EXISTS blobs(b BLOB);
 			WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < %d)
 			INSERT INTO blobs SELECT randomblob(3000) FROM n`, rows))
 		return err
@@ -263,7 +266,7 @@ func bigInsert(p *primary, name string, rows int) func() error {
 
 // waitAcked waits until streamer's replica node has acked the primary's
 // position of every database.
-func waitAcked(tb testing.TB, streamer *replication.Streamer, p *primary, node string) {
+func waitAcked(tb testing.TB, streamer *replication.Streamer, p *repltest.Primary, node string) {
 	tb.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for _, name := range p.DBs() {
@@ -291,48 +294,48 @@ func TestGRPC_Stream(t *testing.T) {
 		checkGoroutines(t)
 		c := mustCerts(t)
 		logger, logs := newLogger(t)
-		p := newPrimary(t)
+		p := repltest.NewPrimary(t)
 		// big.db is a few MB, and its log is pruned, so that a new
 		// replica gets it as one snapshot much larger than a chunk.
-		p.create("big.db", 1)
-		p.write("big.db", bigInsert(p, "big.db", 1000))
+		p.Create("big.db", 1)
+		p.Write("big.db", bigInsert(p, "big.db", 1000))
 		l := p.Log("big.db")
 		l.Retention, l.MaxRetention = time.Minute, time.Minute
 		if n, err := l.Prune(context.Background(), l.Pos().TXID, time.Now().Add(time.Hour)); err != nil || n == 0 {
 			t.Fatalf("prune: %d files, %v", n, err)
 		}
-		p.create("small.db", 2)
-		p.steps("small.db", 30)
+		p.Create("small.db", 2)
+		p.Steps("small.db", 30)
 
 		var epoch atomic.Uint64
 		epoch.Store(4)
 		streamer := newStreamer(t, p, &epoch, logger)
 		n := serve(t, streamer, nil, c.server(t), "127.0.0.1:0", logger)
-		tg := newTarget(t)
+		tg := repltest.NewTarget(t)
 		cl := newReplica(t, "fra-1", tg, logger)
 		d := mustDial(t, n.addr, c.client(t, c.fra), logger)
 		runClient(t, cl, d.Stream)
-		waitSynced(t, p, tg)
+		repltest.WaitSynced(t, p, tg)
 		smallFiles := len(p.Log("small.db").Files())
 
 		// More files, one of them of several chunks.
-		p.write("big.db", bigInsert(p, "big.db", 300))
-		p.steps("big.db", 20)
-		p.steps("small.db", 20)
-		waitSynced(t, p, tg)
+		p.Write("big.db", bigInsert(p, "big.db", 300))
+		p.Steps("big.db", 20)
+		p.Steps("small.db", 20)
+		repltest.WaitSynced(t, p, tg)
 
 		// Every file once after a snapshot of each database.
-		applied, offered, largest := tg.counts()
-		want := tg.wantApplied(p)
+		applied, offered, largest := tg.Counts()
+		want := tg.WantApplied(p)
 		if applied != want || offered != want {
 			t.Fatalf("replica applied %d of %d files it was offered, want %d of %d", applied, offered, want, want)
 		}
-		got := tg.snapshotReasons()
+		got := tg.SnapshotReasons()
 		noPos := meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION
 		if wantReasons := []meridianv1.SnapshotReason{noPos, noPos}; !slices.Equal(got, wantReasons) {
 			t.Fatalf("snapshots applied: %v, want %v", got, wantReasons)
 		}
-		if largest < 2*replication.MaxMessageSize {
+		if largest < 2*rpc.MaxMessageSize {
 			t.Fatalf("largest file applied has %d bytes, want more than 2 MiB, several messages' worth", largest)
 		}
 		if smallFiles < 20 {
@@ -355,22 +358,22 @@ func TestGRPC_Stream(t *testing.T) {
 	t.Run("Insecure", func(t *testing.T) {
 		checkGoroutines(t)
 		logger, logs := newLogger(t)
-		p := newPrimary(t)
-		p.create("a.db", 1)
-		p.steps("a.db", 20)
+		p := repltest.NewPrimary(t)
+		p.Create("a.db", 1)
+		p.Steps("a.db", 20)
 		var epoch atomic.Uint64
 		epoch.Store(1)
 		n := serve(t, newStreamer(t, p, &epoch, logger), nil, nil, "127.0.0.1:0", logger)
-		tg := newTarget(t)
+		tg := repltest.NewTarget(t)
 		d := mustDial(t, n.addr, nil, logger)
 		runClient(t, newReplica(t, "fra-1", tg, logger), d.Stream)
-		waitSynced(t, p, tg)
+		repltest.WaitSynced(t, p, tg)
 		// Said loudly, once by the server and once by the dialer.
 		if m := logs.matching("level=WARN", "without TLS", "plaintext and unauthenticated", "tests and demos only"); len(m) != 2 {
 			t.Fatalf("got %d warnings about running without TLS, want 2: %q", len(m), m)
 		}
-		if applied, _, _ := tg.counts(); applied != tg.wantApplied(p) {
-			t.Fatalf("replica applied %d files, want %d", applied, tg.wantApplied(p))
+		if applied, _, _ := tg.Counts(); applied != tg.WantApplied(p) {
+			t.Fatalf("replica applied %d files, want %d", applied, tg.WantApplied(p))
 		}
 	})
 }
@@ -379,8 +382,8 @@ func TestGRPC_Refused(t *testing.T) {
 	checkGoroutines(t)
 	c := mustCerts(t)
 	logger, logs := newLogger(t)
-	p := newPrimary(t)
-	p.create("a.db", 1)
+	p := repltest.NewPrimary(t)
+	p.Create("a.db", 1)
 	var epoch atomic.Uint64
 	epoch.Store(1)
 	n := serve(t, newStreamer(t, p, &epoch, logger), nil, c.server(t), "127.0.0.1:0", logger)
@@ -388,14 +391,14 @@ func TestGRPC_Refused(t *testing.T) {
 
 	// session runs one stream of a replica named node through d and
 	// returns how it ended.
-	session := func(t *testing.T, node string, d *replication.Dialer) error {
+	session := func(t *testing.T, node string, d *rpc.Dialer) error {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		conn, err := d.Stream(ctx)
 		if err != nil {
 			return err
 		}
-		tg := newTarget(t)
+		tg := repltest.NewTarget(t)
 		frames, err := newReplica(t, node, tg, logger).Session(ctx, conn)
 		if errors.Is(err, io.EOF) {
 			// The Hello met a stream the server had already ended;
@@ -405,7 +408,7 @@ func TestGRPC_Refused(t *testing.T) {
 		if frames != 0 {
 			t.Fatalf("refused stream delivered %d frames", frames)
 		}
-		if applied, _, _ := tg.counts(); applied != 0 {
+		if applied, _, _ := tg.Counts(); applied != 0 {
 			t.Fatalf("refused stream applied %d files", applied)
 		}
 		return err
@@ -469,55 +472,55 @@ func TestGRPC_Refused(t *testing.T) {
 	})
 
 	// The refusals left the server serving.
-	tg := newTarget(t)
+	tg := repltest.NewTarget(t)
 	runClient(t, newReplica(t, "fra-1", tg, logger), fra.Stream)
-	waitSynced(t, p, tg)
+	repltest.WaitSynced(t, p, tg)
 }
 
 func TestGRPC_Reconnect(t *testing.T) {
 	checkGoroutines(t)
 	c := mustCerts(t)
 	logger, _ := newLogger(t)
-	p := newPrimary(t)
-	p.create("a.db", 1)
-	p.steps("a.db", 20)
+	p := repltest.NewPrimary(t)
+	p.Create("a.db", 1)
+	p.Steps("a.db", 20)
 	var epoch atomic.Uint64
 	epoch.Store(1)
 	n1 := serve(t, newStreamer(t, p, &epoch, logger), nil, c.server(t), "127.0.0.1:0", logger)
-	tg := newTarget(t)
+	tg := repltest.NewTarget(t)
 	cl := newReplica(t, "fra-1", tg, logger)
 	d := mustDial(t, n1.addr, c.client(t, c.fra), logger)
 	runClient(t, cl, d.Stream)
-	waitSynced(t, p, tg)
+	repltest.WaitSynced(t, p, tg)
 
 	// The primary stops while transactions stream, and starts again on
 	// the same address with a new Streamer, as after a restart.
 	var wg sync.WaitGroup
-	wg.Go(func() { p.steps("a.db", 100) })
-	base, _, _ := tg.counts()
-	for deadline := time.Now().Add(waitTimeout); ; time.Sleep(time.Millisecond) {
-		applied, _, _ := tg.counts()
+	wg.Go(func() { p.Steps("a.db", 100) })
+	base, _, _ := tg.Counts()
+	for deadline := time.Now().Add(repltest.WaitTimeout); ; time.Sleep(time.Millisecond) {
+		applied, _, _ := tg.Counts()
 		if applied >= base+10 {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("replica applied %d files in %v while the primary committed, want 10 before it stops", applied-base, waitTimeout)
+			t.Fatalf("replica applied %d files in %v while the primary committed, want 10 before it stops", applied-base, repltest.WaitTimeout)
 		}
 	}
 	n1.stop()
-	waitGroup(t, &wg, "the transactions committed while the primary stopped")
-	p.steps("a.db", 10)
+	repltest.WaitGroup(t, &wg, "the transactions committed while the primary stopped")
+	p.Steps("a.db", 10)
 	streamer2 := newStreamer(t, p, &epoch, logger)
 	serve(t, streamer2, nil, c.server(t), n1.addr, logger)
-	waitSynced(t, p, tg)
+	repltest.WaitSynced(t, p, tg)
 
 	// Resumed where it stopped: every file applied once, no snapshot but
 	// the log's first file, and no file offered twice.
-	applied, offered, _ := tg.counts()
-	if want := tg.wantApplied(p); applied != want || offered != want {
+	applied, offered, _ := tg.Counts()
+	if want := tg.WantApplied(p); applied != want || offered != want {
 		t.Fatalf("replica applied %d of %d files it was offered, want %d of %d", applied, offered, want, want)
 	}
-	if got := tg.snapshotReasons(); !slices.Equal(got, []meridianv1.SnapshotReason{meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION}) {
+	if got := tg.SnapshotReasons(); !slices.Equal(got, []meridianv1.SnapshotReason{meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION}) {
 		t.Fatalf("snapshots applied: %v, want only the first, for lack of a position", got)
 	}
 	if st := cl.Status(); st.Reconnects == 0 || !st.Connected {
@@ -530,7 +533,7 @@ func TestGRPC_Status(t *testing.T) {
 	checkGoroutines(t)
 	c := mustCerts(t)
 	logger, _ := newLogger(t)
-	p := newPrimary(t)
+	p := repltest.NewPrimary(t)
 	var epoch atomic.Uint64
 	want := &meridianv1.StatusResponse{Node: "iad-1", Region: "iad", Role: meridianv1.Role_ROLE_PRIMARY, Epoch: 3,
 		Positions: []*meridianv1.DatabasePosition{{Db: "a.db", Txid: 7, PostApplyChecksum: 1<<63 | 42}}}

@@ -1,4 +1,10 @@
-package replication
+// Package rpc is the gRPC transport of package replication: Server serves
+// a primary's replication.Streamer as ReplicationService
+// (proto/meridian/v1), NewGRPCServer runs it over mutually authenticated
+// TLS (internal/pki), and a replica's Dialer opens the streams that its
+// replication.Client runs on. The replication package itself knows nothing
+// of gRPC.
+package rpc
 
 import (
 	"context"
@@ -22,13 +28,15 @@ import (
 	"github.com/meridian-db/meridian/internal/pki"
 	"github.com/meridian-db/meridian/ltx"
 	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
+	"github.com/meridian-db/meridian/replication"
 )
 
 // Settings of the gRPC transport, on both sides.
 const (
 	// MaxMessageSize bounds every message either side sends or accepts. The
-	// largest frame is an LTXChunk of DefaultChunkSize (256 KiB) of data;
-	// the rest is room for a Hello or Status listing many databases.
+	// largest frame is an LTXChunk of replication.DefaultChunkSize (256
+	// KiB) of data; the rest is room for a Hello or Status listing many
+	// databases.
 	MaxMessageSize = 1 << 20
 
 	// keepaliveTime and keepaliveTimeout: a replica pings a connection
@@ -71,7 +79,7 @@ const insecureWarning = "replication without TLS (tls.insecure): streams are pla
 type Server struct {
 	meridianv1.UnimplementedReplicationServiceServer
 
-	Streamer *Streamer
+	Streamer *replication.Streamer
 	// StatusFunc returns this node's own view for Status; nil makes Status
 	// fail with Unimplemented.
 	StatusFunc func(context.Context) *meridianv1.StatusResponse
@@ -83,7 +91,7 @@ var _ meridianv1.ReplicationServiceServer = (*Server)(nil)
 
 // NewServer returns a Server of streamer's streams and status's view,
 // logging nowhere.
-func NewServer(streamer *Streamer, status func(context.Context) *meridianv1.StatusResponse) *Server {
+func NewServer(streamer *replication.Streamer, status func(context.Context) *meridianv1.StatusResponse) *Server {
 	return &Server{Streamer: streamer, StatusFunc: status, Logger: slog.New(slog.DiscardHandler)}
 }
 
@@ -149,18 +157,18 @@ func peerNode(ctx context.Context) (node, remote string, err error) {
 	}
 }
 
-// statusError maps an error of Serve to a gRPC status with the same
-// message.
+// statusError maps an error of Streamer.Serve to a gRPC status with the
+// same message.
 func statusError(err error) error {
 	var code codes.Code
 	switch {
 	case err == nil, errors.Is(err, io.EOF): // the replica ended the stream
 		return nil
-	case errors.Is(err, ErrNotPrimary), errors.Is(err, ErrStaleEpoch):
+	case errors.Is(err, replication.ErrNotPrimary), errors.Is(err, replication.ErrStaleEpoch):
 		code = codes.FailedPrecondition
-	case errors.Is(err, ErrProtocol):
+	case errors.Is(err, replication.ErrProtocol):
 		code = codes.InvalidArgument
-	case errors.Is(err, ErrPermission):
+	case errors.Is(err, replication.ErrPermission):
 		code = codes.PermissionDenied
 	case errors.Is(err, context.Canceled):
 		code = codes.Canceled
@@ -244,8 +252,8 @@ type Dialer struct {
 // the primary's node) it speaks only TLS; with a nil tlsConfig it speaks
 // plaintext and logs so with logger, at WARN. Messages are bounded by
 // MaxMessageSize; the connection is pinged when quiet (keepalive) and
-// redialed with a backoff from DefaultMinBackoff to DefaultMaxBackoff. A
-// nil logger is slog.Default().
+// redialed with a backoff from replication.DefaultMinBackoff to
+// replication.DefaultMaxBackoff. A nil logger is slog.Default().
 func Dial(addr string, tlsConfig *tls.Config, logger *slog.Logger) (*Dialer, error) {
 	creds := insecure.NewCredentials()
 	if tlsConfig != nil {
@@ -257,7 +265,7 @@ func Dial(addr string, tlsConfig *tls.Config, logger *slog.Logger) (*Dialer, err
 		logger.Warn(insecureWarning, "primary", addr)
 	}
 	bo := backoff.DefaultConfig
-	bo.BaseDelay, bo.MaxDelay = DefaultMinBackoff, DefaultMaxBackoff
+	bo.BaseDelay, bo.MaxDelay = replication.DefaultMinBackoff, replication.DefaultMaxBackoff
 	conn, err := grpc.NewClient(addr,
 		grpc.WithTransportCredentials(creds),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageSize), grpc.MaxCallSendMsgSize(MaxMessageSize)),
@@ -273,10 +281,10 @@ func Dial(addr string, tlsConfig *tls.Config, logger *slog.Logger) (*Dialer, err
 }
 
 // Stream opens a replication stream, which ends when ctx is done. It is
-// the dial function of Client.Run, and may be called from any goroutine.
-// The errors of the stream's Send and Recv name the primary's address and
-// wrap the gRPC status (see Server.Stream for the codes).
-func (d *Dialer) Stream(ctx context.Context) (ClientConn, error) {
+// the dial function of replication.Client.Run, and may be called from any
+// goroutine. The errors of the stream's Send and Recv name the primary's
+// address and wrap the gRPC status (see Server.Stream for the codes).
+func (d *Dialer) Stream(ctx context.Context) (replication.ClientConn, error) {
 	s, err := d.rpc.Stream(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("open replication stream to %s: %w", d.addr, err)
@@ -307,7 +315,7 @@ type clientStream struct {
 	addr string
 }
 
-var _ ClientConn = (*clientStream)(nil)
+var _ replication.ClientConn = (*clientStream)(nil)
 
 func (c *clientStream) Send(req *meridianv1.StreamRequest) error {
 	if err := c.s.Send(req); errors.Is(err, io.EOF) {
