@@ -22,13 +22,14 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/meridian-db/meridian/internal/pki"
+	rpcv1 "github.com/meridian-db/meridian/proto/meridian/rpc/v1"
 	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
 )
 
 // statusServer answers Status as node iad-1 and reports the node each
 // caller's verified certificate names.
 type statusServer struct {
-	meridianv1.UnimplementedReplicationServiceServer
+	rpcv1.UnimplementedReplicationServiceServer
 	callers chan string
 }
 
@@ -87,7 +88,7 @@ func startServer(t *testing.T, cfg *tls.Config) *testServer {
 	}
 	ts := &testServer{addr: lis.Addr().String(), callers: make(chan string, 1), errs: make(chan error, 16)}
 	s := grpc.NewServer(grpc.Creds(&handshakeLog{credentials.NewTLS(cfg), ts.errs}))
-	meridianv1.RegisterReplicationServiceServer(s, &statusServer{callers: ts.callers})
+	rpcv1.RegisterReplicationServiceServer(s, &statusServer{callers: ts.callers})
 	done := make(chan error, 1)
 	go func() { done <- s.Serve(lis) }()
 	t.Cleanup(func() {
@@ -128,7 +129,7 @@ func callStatus(t *testing.T, addr string, creds credentials.TransportCredential
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	var p peer.Peer
-	resp, err := meridianv1.NewReplicationServiceClient(conn).Status(ctx, &meridianv1.StatusRequest{}, grpc.Peer(&p))
+	resp, err := rpcv1.NewReplicationServiceClient(conn).Status(ctx, &meridianv1.StatusRequest{}, grpc.Peer(&p))
 	if err != nil {
 		return nil, nil, err
 	}

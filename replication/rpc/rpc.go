@@ -27,6 +27,7 @@ import (
 
 	"github.com/meridian-db/meridian/internal/pki"
 	"github.com/meridian-db/meridian/ltx"
+	rpcv1 "github.com/meridian-db/meridian/proto/meridian/rpc/v1"
 	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
 	"github.com/meridian-db/meridian/replication"
 )
@@ -77,7 +78,7 @@ const insecureWarning = "replication without TLS (tls.insecure): streams are pla
 // stream on Streamer, Status answers with StatusFunc. Register it with
 // NewGRPCServer.
 type Server struct {
-	meridianv1.UnimplementedReplicationServiceServer
+	rpcv1.UnimplementedReplicationServiceServer
 
 	Streamer *replication.Streamer
 	// StatusFunc returns this node's own view for Status; nil makes Status
@@ -87,7 +88,7 @@ type Server struct {
 	Logger *slog.Logger
 }
 
-var _ meridianv1.ReplicationServiceServer = (*Server)(nil)
+var _ rpcv1.ReplicationServiceServer = (*Server)(nil)
 
 // NewServer returns a Server of streamer's streams and status's view,
 // logging nowhere.
@@ -103,7 +104,7 @@ func NewServer(streamer *replication.Streamer, status func(context.Context) *mer
 // if the Hello names another node than the certificate, INVALID_ARGUMENT
 // for a protocol violation, UNAUTHENTICATED for a TLS connection without a
 // verified client certificate that names a node.
-func (s *Server) Stream(stream meridianv1.ReplicationService_StreamServer) error {
+func (s *Server) Stream(stream rpcv1.ReplicationService_StreamServer) error {
 	ctx := stream.Context()
 	node, remote, err := peerNode(ctx)
 	if err == nil {
@@ -213,7 +214,7 @@ func NewGRPCServer(srv *Server, tlsConfig *tls.Config) *grpc.Server {
 		grpc.InitialWindowSize(streamWindow),
 		grpc.InitialConnWindowSize(connWindow),
 	)
-	meridianv1.RegisterReplicationServiceServer(s, srv)
+	rpcv1.RegisterReplicationServiceServer(s, srv)
 	return s
 }
 
@@ -244,7 +245,7 @@ func (h *handshakeLogger) Clone() credentials.TransportCredentials {
 type Dialer struct {
 	addr string
 	conn *grpc.ClientConn
-	rpc  meridianv1.ReplicationServiceClient
+	rpc  rpcv1.ReplicationServiceClient
 }
 
 // Dial returns a Dialer of the primary at addr (host:port). It does not
@@ -277,7 +278,7 @@ func Dial(addr string, tlsConfig *tls.Config, logger *slog.Logger) (*Dialer, err
 	if err != nil {
 		return nil, fmt.Errorf("dial replication primary %s: %w", addr, err)
 	}
-	return &Dialer{addr: addr, conn: conn, rpc: meridianv1.NewReplicationServiceClient(conn)}, nil
+	return &Dialer{addr: addr, conn: conn, rpc: rpcv1.NewReplicationServiceClient(conn)}, nil
 }
 
 // Stream opens a replication stream, which ends when ctx is done. It is
@@ -311,7 +312,7 @@ func (d *Dialer) Close() error {
 
 // clientStream is a replica's gRPC stream with errors that say where.
 type clientStream struct {
-	s    meridianv1.ReplicationService_StreamClient
+	s    rpcv1.ReplicationService_StreamClient
 	addr string
 }
 

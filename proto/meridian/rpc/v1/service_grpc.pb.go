@@ -1,23 +1,5 @@
-// Replication protocol between Meridian nodes.
-//
-// Each replica opens one bidirectional Stream to the node that holds the write
-// lease (the primary) and keeps it open. The replica speaks first with a
-// Hello naming itself and the position of every database it has. For each
-// database the primary then sends LTX files from that position on, or a
-// snapshot when it cannot continue from it, and keeps sending new
-// transactions as they commit. The replica acks every position it applies.
-// When idle the primary sends heartbeats, so lag stays known.
-//
-// Conventions used throughout this file:
-//   - A position is a TXID and the database checksum after applying it
-//     (post-apply checksum), as in the LTX format. TXIDs start at 1; a
-//     database with no history is at position (0, 0).
-//   - Checksums are CRC-64 ISO values from the LTX format. They use the full
-//     64 bits (the top bit is always set), so they are fixed64: 8 bytes on
-//     the wire instead of a 10-byte varint.
-//   - Times are wall-clock Unix times in nanoseconds (sfixed64, for the same
-//     reason), read from the clock of the node that sets the field.
-//   - Database names are the names under data_dir/dbs/, e.g. "app.db".
+// The gRPC service of the replication protocol between Meridian nodes. Its
+// messages, and the protocol itself, are in meridian/v1/replication.proto.
 //
 // Transport: TLS 1.3 with mutual authentication against the cluster CA. The
 // peer's certificate must name a known node; a Hello whose node differs from
@@ -27,12 +9,13 @@
 // versions:
 // - protoc-gen-go-grpc v1.6.2
 // - protoc             (unknown)
-// source: meridian/v1/replication.proto
+// source: meridian/rpc/v1/service.proto
 
-package meridianv1
+package rpcv1
 
 import (
 	context "context"
+	v1 "github.com/meridian-db/meridian/proto/meridian/v1"
 	grpc "google.golang.org/grpc"
 	codes "google.golang.org/grpc/codes"
 	status "google.golang.org/grpc/status"
@@ -44,8 +27,8 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	ReplicationService_Stream_FullMethodName = "/meridian.v1.ReplicationService/Stream"
-	ReplicationService_Status_FullMethodName = "/meridian.v1.ReplicationService/Status"
+	ReplicationService_Stream_FullMethodName = "/meridian.rpc.v1.ReplicationService/Stream"
+	ReplicationService_Status_FullMethodName = "/meridian.rpc.v1.ReplicationService/Status"
 )
 
 // ReplicationServiceClient is the client API for ReplicationService service.
@@ -70,10 +53,10 @@ type ReplicationServiceClient interface {
 	// Hello, a chunk outside a file, a size bound broken) fails it with
 	// INVALID_ARGUMENT. A replica reconnects with backoff and resumes from the
 	// position it last applied, announced in a new Hello.
-	Stream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[StreamRequest, StreamResponse], error)
+	Stream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[v1.StreamRequest, v1.StreamResponse], error)
 	// Status returns this node's own view: who it is, its role, the newest
 	// lease epoch it knows and the position of each of its databases.
-	Status(ctx context.Context, in *StatusRequest, opts ...grpc.CallOption) (*StatusResponse, error)
+	Status(ctx context.Context, in *v1.StatusRequest, opts ...grpc.CallOption) (*v1.StatusResponse, error)
 }
 
 type replicationServiceClient struct {
@@ -84,22 +67,22 @@ func NewReplicationServiceClient(cc grpc.ClientConnInterface) ReplicationService
 	return &replicationServiceClient{cc}
 }
 
-func (c *replicationServiceClient) Stream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[StreamRequest, StreamResponse], error) {
+func (c *replicationServiceClient) Stream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[v1.StreamRequest, v1.StreamResponse], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	stream, err := c.cc.NewStream(ctx, &ReplicationService_ServiceDesc.Streams[0], ReplicationService_Stream_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
-	x := &grpc.GenericClientStream[StreamRequest, StreamResponse]{ClientStream: stream}
+	x := &grpc.GenericClientStream[v1.StreamRequest, v1.StreamResponse]{ClientStream: stream}
 	return x, nil
 }
 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
-type ReplicationService_StreamClient = grpc.BidiStreamingClient[StreamRequest, StreamResponse]
+type ReplicationService_StreamClient = grpc.BidiStreamingClient[v1.StreamRequest, v1.StreamResponse]
 
-func (c *replicationServiceClient) Status(ctx context.Context, in *StatusRequest, opts ...grpc.CallOption) (*StatusResponse, error) {
+func (c *replicationServiceClient) Status(ctx context.Context, in *v1.StatusRequest, opts ...grpc.CallOption) (*v1.StatusResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(StatusResponse)
+	out := new(v1.StatusResponse)
 	err := c.cc.Invoke(ctx, ReplicationService_Status_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
@@ -129,10 +112,10 @@ type ReplicationServiceServer interface {
 	// Hello, a chunk outside a file, a size bound broken) fails it with
 	// INVALID_ARGUMENT. A replica reconnects with backoff and resumes from the
 	// position it last applied, announced in a new Hello.
-	Stream(grpc.BidiStreamingServer[StreamRequest, StreamResponse]) error
+	Stream(grpc.BidiStreamingServer[v1.StreamRequest, v1.StreamResponse]) error
 	// Status returns this node's own view: who it is, its role, the newest
 	// lease epoch it knows and the position of each of its databases.
-	Status(context.Context, *StatusRequest) (*StatusResponse, error)
+	Status(context.Context, *v1.StatusRequest) (*v1.StatusResponse, error)
 	mustEmbedUnimplementedReplicationServiceServer()
 }
 
@@ -143,10 +126,10 @@ type ReplicationServiceServer interface {
 // pointer dereference when methods are called.
 type UnimplementedReplicationServiceServer struct{}
 
-func (UnimplementedReplicationServiceServer) Stream(grpc.BidiStreamingServer[StreamRequest, StreamResponse]) error {
+func (UnimplementedReplicationServiceServer) Stream(grpc.BidiStreamingServer[v1.StreamRequest, v1.StreamResponse]) error {
 	return status.Error(codes.Unimplemented, "method Stream not implemented")
 }
-func (UnimplementedReplicationServiceServer) Status(context.Context, *StatusRequest) (*StatusResponse, error) {
+func (UnimplementedReplicationServiceServer) Status(context.Context, *v1.StatusRequest) (*v1.StatusResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Status not implemented")
 }
 func (UnimplementedReplicationServiceServer) mustEmbedUnimplementedReplicationServiceServer() {}
@@ -171,14 +154,14 @@ func RegisterReplicationServiceServer(s grpc.ServiceRegistrar, srv ReplicationSe
 }
 
 func _ReplicationService_Stream_Handler(srv interface{}, stream grpc.ServerStream) error {
-	return srv.(ReplicationServiceServer).Stream(&grpc.GenericServerStream[StreamRequest, StreamResponse]{ServerStream: stream})
+	return srv.(ReplicationServiceServer).Stream(&grpc.GenericServerStream[v1.StreamRequest, v1.StreamResponse]{ServerStream: stream})
 }
 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
-type ReplicationService_StreamServer = grpc.BidiStreamingServer[StreamRequest, StreamResponse]
+type ReplicationService_StreamServer = grpc.BidiStreamingServer[v1.StreamRequest, v1.StreamResponse]
 
 func _ReplicationService_Status_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
-	in := new(StatusRequest)
+	in := new(v1.StatusRequest)
 	if err := dec(in); err != nil {
 		return nil, err
 	}
@@ -190,7 +173,7 @@ func _ReplicationService_Status_Handler(srv interface{}, ctx context.Context, de
 		FullMethod: ReplicationService_Status_FullMethodName,
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(ReplicationServiceServer).Status(ctx, req.(*StatusRequest))
+		return srv.(ReplicationServiceServer).Status(ctx, req.(*v1.StatusRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -199,7 +182,7 @@ func _ReplicationService_Status_Handler(srv interface{}, ctx context.Context, de
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
 var ReplicationService_ServiceDesc = grpc.ServiceDesc{
-	ServiceName: "meridian.v1.ReplicationService",
+	ServiceName: "meridian.rpc.v1.ReplicationService",
 	HandlerType: (*ReplicationServiceServer)(nil),
 	Methods: []grpc.MethodDesc{
 		{
@@ -215,5 +198,5 @@ var ReplicationService_ServiceDesc = grpc.ServiceDesc{
 			ClientStreams: true,
 		},
 	},
-	Metadata: "meridian/v1/replication.proto",
+	Metadata: "meridian/rpc/v1/service.proto",
 }
