@@ -73,7 +73,7 @@ func (t fsTarget) Apply(ctx context.Context, db string, files []*replication.Fil
 	// tell a replica that is behind from one that diverged.
 	reason := files[0].SnapshotReason
 	opts := fs.ApplyOptions{
-		KeepLost: reason != meridianv1.SnapshotReason_SNAPSHOT_REASON_UNSPECIFIED && reason != meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION,
+		KeepLost: reason.KeepsLost(),
 		Move:     true, // received in data_dir/tmp or data_dir/spare, on the logs' filesystem
 	}
 	paths := make([]string, len(files))
@@ -96,7 +96,7 @@ func (t fsTarget) Apply(ctx context.Context, db string, files []*replication.Fil
 		return ltx.Pos{}, err
 	}
 	pos := infos[len(infos)-1].Pos()
-	if reason != meridianv1.SnapshotReason_SNAPSHOT_REASON_UNSPECIFIED {
+	if reason != replication.NoSnapshot {
 		t.ev.publish(Event{Type: EventSnapshot, DB: db, Pos: pos.String(), Reason: reason.String()})
 	}
 	if opts.KeepLost {

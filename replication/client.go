@@ -402,8 +402,8 @@ func (c *Client) applyFiles(ctx context.Context, conn ClientConn, files []*File)
 func (c *Client) apply(ctx context.Context, conn ClientConn, db string, files []*File) error {
 	first, last := files[0], files[len(files)-1]
 	switch r := first.SnapshotReason; r {
-	case meridianv1.SnapshotReason_SNAPSHOT_REASON_UNSPECIFIED:
-	case meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION:
+	case NoSnapshot:
+	case SnapshotNoPosition:
 		// A database this node never had: the usual way it arrives.
 		c.Logger.Info("applying a snapshot from the primary", "db", db, "reason", r.String(), "pos", first.Info.Pos().String())
 	default:

@@ -451,7 +451,7 @@ func checkReceived(t testing.TB, dir string, inMemory int64, file *File, b *meri
 		t.Fatalf("file of %q returned for an LTXEnd of %q", file.DB, e.GetDb())
 	case uint64(h.MinTXID) != b.GetMinTxid() || uint64(h.MaxTXID) != b.GetMaxTxid() || uint64(h.PreApplyChecksum) != b.GetPreApplyChecksum():
 		t.Fatalf("file header %+v differs from its LTXBegin %v", h, b)
-	case h.IsSnapshot() != b.GetIsSnapshot() || file.SnapshotReason != b.GetSnapshotReason():
+	case h.IsSnapshot() != b.GetIsSnapshot() || file.SnapshotReason != SnapshotReason(b.GetSnapshotReason()):
 		t.Fatalf("file header %+v, reason %v differ from its LTXBegin %v", h, file.SnapshotReason, b)
 	case uint64(tr.FileChecksum) != e.GetFileChecksum() || uint64(tr.PostApplyChecksum) != e.GetPostApplyChecksum():
 		t.Fatalf("file trailer %+v differs from its LTXEnd %v", tr, e)

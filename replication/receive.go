@@ -31,7 +31,7 @@ type File struct {
 	// continuing from the replica's position: NO_POSITION, RETENTION, or a
 	// diverged history (AHEAD, CHECKSUM_MISMATCH), whose transactions the
 	// Target must keep aside before applying. UNSPECIFIED otherwise.
-	SnapshotReason meridianv1.SnapshotReason
+	SnapshotReason SnapshotReason
 	// CommittedAt is when the file's last transaction committed on the
 	// primary, by the primary's clock.
 	CommittedAt time.Time
@@ -391,7 +391,7 @@ func (in *incoming) verify(e *meridianv1.LTXEnd) (*File, error) {
 			Seal:              res.seal, // of the bytes received, not stored yet
 			Size:              int64(in.n),
 		},
-		SnapshotReason: b.GetSnapshotReason(),
+		SnapshotReason: SnapshotReason(b.GetSnapshotReason()),
 		CommittedAt:    time.Unix(0, b.GetCommittedAtUnixNano()),
 		Traceparent:    b.GetTraceparent(),
 		Tracestate:     b.GetTracestate(),

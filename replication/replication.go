@@ -92,6 +92,37 @@ type ClientConn interface {
 	Recv() (*meridianv1.StreamResponse, error)
 }
 
+// SnapshotReason says why the primary sent a database whole (a snapshot)
+// instead of continuing from the replica's position, as the Target sees
+// it. Its values are the protocol's (meridianv1.SnapshotReason).
+type SnapshotReason int32
+
+const (
+	// NoSnapshot: the file continues from the replica's position.
+	NoSnapshot = SnapshotReason(meridianv1.SnapshotReason_SNAPSHOT_REASON_UNSPECIFIED)
+	// SnapshotNoPosition: the replica had no position for the database,
+	// which is new to it.
+	SnapshotNoPosition = SnapshotReason(meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION)
+	// SnapshotRetention: the replica's position is older than the
+	// primary's log retains.
+	SnapshotRetention = SnapshotReason(meridianv1.SnapshotReason_SNAPSHOT_REASON_RETENTION)
+	// SnapshotAhead and SnapshotChecksumMismatch: the replica's history
+	// diverged from the primary's (it is ahead, or has another checksum
+	// at its TXID).
+	SnapshotAhead            = SnapshotReason(meridianv1.SnapshotReason_SNAPSHOT_REASON_AHEAD)
+	SnapshotChecksumMismatch = SnapshotReason(meridianv1.SnapshotReason_SNAPSHOT_REASON_CHECKSUM_MISMATCH)
+)
+
+// String returns the protocol's name of r, e.g. SNAPSHOT_REASON_RETENTION.
+func (r SnapshotReason) String() string { return meridianv1.SnapshotReason(r).String() }
+
+// KeepsLost reports whether a snapshot for r may replace transactions
+// that only the replica has, which the Target must then keep aside before
+// applying it: a diverged history, and also a position past retention,
+// where the primary cannot tell a replica that is behind from one that
+// diverged.
+func (r SnapshotReason) KeepsLost() bool { return r != NoSnapshot && r != SnapshotNoPosition }
+
 // pbPos and fromPB convert positions to and from the wire.
 func pbPos(db string, p ltx.Pos) *meridianv1.DatabasePosition {
 	return &meridianv1.DatabasePosition{Db: db, Txid: uint64(p.TXID), PostApplyChecksum: uint64(p.PostApplyChecksum)}

@@ -103,7 +103,7 @@ func (c *cluster) waitSynced() {
 	repltest.WaitSynced(c.tb, c.primary, c.target)
 }
 
-func (c *cluster) snapshots() []meridianv1.SnapshotReason { return c.target.SnapshotReasons() }
+func (c *cluster) snapshots() []replication.SnapshotReason { return c.target.SnapshotReasons() }
 
 func TestStream_Converges(t *testing.T) {
 	c := newCluster(t)
@@ -136,8 +136,8 @@ func TestStream_Converges(t *testing.T) {
 	if got, want := c.target.Count(), c.target.WantApplied(c.primary); got != want {
 		t.Fatalf("replica applied %d files, want %d: a snapshot or the first file of each database and the files after it", got, want)
 	}
-	noPos, none := meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION, meridianv1.SnapshotReason_SNAPSHOT_REASON_UNSPECIFIED
-	if got := c.snapshots(); !slices.Equal(slices.Sorted(slices.Values(got)), []meridianv1.SnapshotReason{none, noPos, noPos}) {
+	noPos, none := replication.SnapshotNoPosition, replication.NoSnapshot
+	if got := c.snapshots(); !slices.Equal(slices.Sorted(slices.Values(got)), []replication.SnapshotReason{none, noPos, noPos}) {
 		t.Fatalf("files of TXID 1 applied, by snapshot reason: %v, want a snapshot of a.db and b.db for lack of a position, then c.db's first transaction", got)
 	}
 	if got, want := c.target.CountOf("c.db"), len(c.primary.Log("c.db").Files()); got != want {
@@ -185,8 +185,8 @@ func TestStream_NewDatabases(t *testing.T) {
 			t.Fatalf("replica applied %d files of %s, want its log's %d", got, name, want)
 		}
 	}
-	none := meridianv1.SnapshotReason_SNAPSHOT_REASON_UNSPECIFIED
-	if got := c.snapshots(); len(got) != n || slices.ContainsFunc(got, func(r meridianv1.SnapshotReason) bool { return r != none }) {
+	none := replication.NoSnapshot
+	if got := c.snapshots(); len(got) != n || slices.ContainsFunc(got, func(r replication.SnapshotReason) bool { return r != none }) {
 		t.Fatalf("files of TXID 1 applied, by snapshot reason: %v, want %d first transactions and no snapshot", got, n)
 	}
 	if r := cl.Status().Reconnects; r != 0 {
@@ -248,7 +248,7 @@ func TestStream_SnapshotWhenRetentionPassed(t *testing.T) {
 	}
 	c.run(c.client())
 	c.waitSynced()
-	if got := c.snapshots(); len(got) != 2 || got[1] != meridianv1.SnapshotReason_SNAPSHOT_REASON_RETENTION {
+	if got := c.snapshots(); len(got) != 2 || got[1] != replication.SnapshotRetention {
 		t.Fatalf("snapshots applied: %v, want a RETENTION snapshot after the first file", got)
 	}
 }
@@ -258,10 +258,10 @@ func TestStream_SnapshotWhenDiverged(t *testing.T) {
 		name      string
 		ownSteps  int // transactions the replica got from another primary
 		mainSteps int
-		want      meridianv1.SnapshotReason
+		want      replication.SnapshotReason
 	}{
-		{"Ahead", 40, 10, meridianv1.SnapshotReason_SNAPSHOT_REASON_AHEAD},
-		{"ChecksumMismatch", 10, 40, meridianv1.SnapshotReason_SNAPSHOT_REASON_CHECKSUM_MISMATCH},
+		{"Ahead", 40, 10, replication.SnapshotAhead},
+		{"ChecksumMismatch", 10, 40, replication.SnapshotChecksumMismatch},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			// The replica first follows another primary with its own history.

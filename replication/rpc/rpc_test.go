@@ -331,8 +331,8 @@ func TestGRPC_Stream(t *testing.T) {
 			t.Fatalf("replica applied %d of %d files it was offered, want %d of %d", applied, offered, want, want)
 		}
 		got := tg.SnapshotReasons()
-		noPos := meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION
-		if wantReasons := []meridianv1.SnapshotReason{noPos, noPos}; !slices.Equal(got, wantReasons) {
+		noPos := replication.SnapshotNoPosition
+		if wantReasons := []replication.SnapshotReason{noPos, noPos}; !slices.Equal(got, wantReasons) {
 			t.Fatalf("snapshots applied: %v, want %v", got, wantReasons)
 		}
 		if largest < 2*rpc.MaxMessageSize {
@@ -520,7 +520,7 @@ func TestGRPC_Reconnect(t *testing.T) {
 	if want := tg.WantApplied(p); applied != want || offered != want {
 		t.Fatalf("replica applied %d of %d files it was offered, want %d of %d", applied, offered, want, want)
 	}
-	if got := tg.SnapshotReasons(); !slices.Equal(got, []meridianv1.SnapshotReason{meridianv1.SnapshotReason_SNAPSHOT_REASON_NO_POSITION}) {
+	if got := tg.SnapshotReasons(); !slices.Equal(got, []replication.SnapshotReason{replication.SnapshotNoPosition}) {
 		t.Fatalf("snapshots applied: %v, want only the first, for lack of a position", got)
 	}
 	if st := cl.Status(); st.Reconnects == 0 || !st.Connected {

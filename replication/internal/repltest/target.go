@@ -11,7 +11,6 @@ import (
 	"testing"
 
 	"github.com/meridian-db/meridian/ltx"
-	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
 	"github.com/meridian-db/meridian/replication"
 )
 
@@ -23,8 +22,8 @@ type Target struct {
 
 	mu        sync.Mutex
 	dbs       map[string]*targetDB
-	snapshots []meridianv1.SnapshotReason // reasons of the snapshots applied
-	first     map[string]ltx.TXID         // by database: the TXID of its first snapshot
+	snapshots []replication.SnapshotReason // reasons of the snapshots applied
+	first     map[string]ltx.TXID          // by database: the TXID of its first snapshot
 	applied   int
 	appliedOf map[string]int // by database
 	calls     int            // Apply calls, whether they applied or not
@@ -87,7 +86,7 @@ func (t *Target) Apply(ctx context.Context, db string, files []*replication.File
 	if d != nil {
 		d = &targetDB{path: d.path, table: d.table.Clone(), pos: d.pos}
 	}
-	var snapshots []meridianv1.SnapshotReason
+	var snapshots []replication.SnapshotReason
 	for _, f := range files {
 		if d == nil || f.Info.Header.IsSnapshot() {
 			d = &targetDB{path: filepath.Join(t.dir, db), table: ltx.NewChecksumTable(f.Info.Header.PageSize)}
@@ -231,7 +230,7 @@ func (t *Target) WantApplied(p *Primary) int {
 }
 
 // SnapshotReasons returns the reasons of the snapshots applied, in order.
-func (t *Target) SnapshotReasons() []meridianv1.SnapshotReason {
+func (t *Target) SnapshotReasons() []replication.SnapshotReason {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return slices.Clone(t.snapshots)
