@@ -41,8 +41,12 @@ build:
 TEST_TIMEOUT ?= 13m
 TEST_BOUND   ?= 870s
 
+# The lease tests run a real Consul agent: scripts/install-consul.sh builds
+# it from the module proxy the first time (about five minutes on two cores)
+# and prints the cached binary's path from then on.
 test:
-	scripts/bounded-run $(TEST_BOUND) $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+	MERIDIAN_CONSUL=$$(scripts/install-consul.sh) && export MERIDIAN_CONSUL && \
+		scripts/bounded-run $(TEST_BOUND) $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
 
 # test-long runs the tests behind the `long` build tag: databases grown past
 # 1 GiB (SQLite's lock page) through the FUSE mount and rebuilt from their
@@ -57,15 +61,15 @@ test-long:
 test-hang-check:
 	scripts/hang-check
 
-# fuzz runs every FuzzX target of ltx/, fs/, replication/
-# and regiond/, one at a time,
+# fuzz runs every FuzzX target of ltx/, fs/, replication/, regiond/
+# and lease/, one at a time,
 # for FUZZTIME each (make fuzz FUZZTIME=5m). An input that fails is saved
 # under the package's testdata/fuzz/FuzzX/ and stops the run; commit it with
 # the fix, as plain `go test` runs it from then on.
 FUZZTIME ?= 30s
 
 fuzz:
-	@set -e; for pkg in ./ltx ./fs ./replication ./regiond; do \
+	@set -e; for pkg in ./ltx ./fs ./replication ./regiond ./lease; do \
 		list=$$($(GO) test -list '^Fuzz' $$pkg); \
 		targets=$$(echo "$$list" | grep '^Fuzz' || true); \
 		[ -n "$$targets" ] || { echo "fuzz: no FuzzX targets in $$pkg"; exit 1; }; \

@@ -1,0 +1,176 @@
+package testingutil
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// ConsulVersion is the Consul agent scripts/install-consul.sh builds.
+const ConsulVersion = "v1.20.6"
+
+// consulStartTimeout bounds how long a dev agent may take to elect itself
+// and register its node.
+const consulStartTimeout = 30 * time.Second
+
+// Consul is a Consul agent in dev mode (one server, in memory) on an
+// address of its own in 127.0.0.0/8, started by a test and stopped at its
+// cleanup.
+type Consul struct {
+	// URL is the agent's HTTP API, e.g. http://127.4.5.6:41234.
+	URL string
+	// Node is the agent's node name.
+	Node string
+
+	cmd  *exec.Cmd
+	done chan struct{}
+	log  *LockedBuffer
+}
+
+// ConsulBinary returns the Consul agent to run: $MERIDIAN_CONSUL, else a
+// consul on PATH, else the binary scripts/install-consul.sh builds into
+// $MERIDIAN_CACHE (default ~/.cache/meridian). `make test` runs the
+// script first.
+func ConsulBinary() (string, error) {
+	if p := os.Getenv("MERIDIAN_CONSUL"); p != "" {
+		return p, nil
+	}
+	if p, err := exec.LookPath("consul"); err == nil {
+		return p, nil
+	}
+	cache := os.Getenv("MERIDIAN_CACHE")
+	if cache == "" {
+		home, err := os.UserHomeDir()
+		if err != nil {
+			return "", err
+		}
+		cache = filepath.Join(home, ".cache", "meridian")
+	}
+	p := filepath.Join(cache, "consul-"+ConsulVersion, "consul")
+	if _, err := os.Stat(p); err != nil {
+		return "", fmt.Errorf("no Consul agent: not in $MERIDIAN_CONSUL, not on PATH, not at %s; run scripts/install-consul.sh (make test does)", p)
+	}
+	return p, nil
+}
+
+// StartConsul starts a dev agent and waits until it has elected itself and
+// its node is healthy, so that sessions can be created at once.
+func StartConsul(tb TB) *Consul {
+	tb.Helper()
+	bin, err := ConsulBinary()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	host, _, _ := net.SplitHostPort(FreeAddr(tb))
+	port := func() string {
+		l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
+		if err != nil {
+			tb.Fatal(err)
+		}
+		defer l.Close()
+		return strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
+	}
+	httpPort := port()
+	c := &Consul{URL: "http://" + net.JoinHostPort(host, httpPort), Node: "consul-" + strings.ReplaceAll(host, ".", "-"),
+		done: make(chan struct{}), log: &LockedBuffer{}}
+	c.cmd = exec.Command(bin, "agent", "-dev", "-node", c.Node, "-bind", host, "-client", host, "-advertise", host,
+		"-http-port", httpPort, "-server-port", port(), "-serf-lan-port", port(), "-serf-wan-port", port(),
+		"-dns-port", "-1", "-grpc-port", "-1", "-grpc-tls-port", "-1", "-log-level", "warn")
+	c.cmd.Stdout, c.cmd.Stderr = c.log, c.log
+	DieWithParent(c.cmd)
+	if err := c.cmd.Start(); err != nil {
+		tb.Fatalf("start %s: %v", bin, err)
+	}
+	go func() { _ = c.cmd.Wait(); close(c.done) }()
+	tb.Cleanup(func() {
+		if err := c.stop(); err != nil {
+			tb.Error(err)
+		}
+		if tb.Failed() {
+			tb.Logf("consul agent %s log:\n%s", c.URL, c.log.String())
+		}
+	})
+	deadline := time.Now().Add(consulStartTimeout)
+	for {
+		err := c.ready()
+		if err == nil {
+			return c
+		}
+		select {
+		case <-c.done:
+			tb.Fatalf("consul agent %s exited at start: %v\n%s", c.URL, c.cmd.ProcessState, c.log.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("consul agent %s not ready after %v: %v\n%s", c.URL, consulStartTimeout, err, c.log.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// ready reports why the agent cannot take sessions yet: no leader, or its
+// node's serfHealth check not passing.
+func (c *Consul) ready() error {
+	var leader string
+	if err := c.get("/v1/status/leader", &leader); err != nil {
+		return err
+	}
+	if leader == "" {
+		return errors.New("no leader yet")
+	}
+	var checks []struct{ CheckID, Status string }
+	if err := c.get("/v1/health/node/"+c.Node, &checks); err != nil {
+		return err
+	}
+	for _, ch := range checks {
+		if ch.CheckID == "serfHealth" && ch.Status == "passing" {
+			return nil
+		}
+	}
+	return fmt.Errorf("node %s: serfHealth not passing yet (%v)", c.Node, checks)
+}
+
+// get decodes the JSON answer to a GET of path.
+func (c *Consul) get(path string, v any) error {
+	client := http.Client{Timeout: 2 * time.Second}
+	resp, err := client.Get(c.URL + path)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("GET %s: %s", path, resp.Status)
+	}
+	return json.NewDecoder(resp.Body).Decode(v)
+}
+
+// Stop kills the agent, as a crash of Consul would, and waits for it.
+func (c *Consul) Stop(tb TB) {
+	tb.Helper()
+	if err := c.stop(); err != nil {
+		tb.Fatal(err)
+	}
+}
+
+func (c *Consul) stop() error {
+	select {
+	case <-c.done:
+		return nil
+	default:
+	}
+	_ = c.cmd.Process.Kill()
+	select {
+	case <-c.done:
+		return nil
+	case <-time.After(10 * time.Second):
+		return fmt.Errorf("consul agent %s (pid %d) still runs 10s after SIGKILL", c.URL, c.cmd.Process.Pid)
+	}
+}
