@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/meridian-db/meridian"
 	"github.com/meridian-db/meridian/fs"
+	"github.com/meridian-db/meridian/lease/consul"
 	"github.com/meridian-db/meridian/ltx"
 	"github.com/meridian-db/meridian/replication"
 )
@@ -33,6 +35,13 @@ const (
 	DefaultMountDir  = "/data"
 	DefaultLeaseType = LeaseStatic
 	DefaultCandidate = true
+	// The Consul lease's defaults (lease.consul_*, ttl, check_ttl,
+	// lock_delay).
+	DefaultConsulURL = "http://127.0.0.1:8500"
+	DefaultConsulKey = consul.DefaultKey
+	DefaultLeaseTTL  = consul.DefaultSessionTTL
+	DefaultCheckTTL  = consul.DefaultCheckTTL
+	DefaultLockDelay = consul.DefaultLockDelay
 	DefaultRetention = 10 * time.Minute
 	// DefaultMaxRetention is replication.max_retention.
 	DefaultMaxRetention = 24 * time.Hour
@@ -82,7 +91,9 @@ const (
 	// primary; a SIGHUP that changes it moves the primary. It is the only
 	// type accepted so far.
 	LeaseStatic LeaseType = "static"
-	leaseConsul LeaseType = "consul" // planned; refused until the Consul leaser exists
+	// LeaseConsul is the lease held in Consul (package lease/consul): the
+	// primary moves by itself when it dies.
+	LeaseConsul LeaseType = "consul"
 
 	// LocksMount: the mount's lock table implements SQLite's locks.
 	LocksMount Locks = "mount"
@@ -112,7 +123,7 @@ const (
 )
 
 var (
-	leaseTypes = []LeaseType{LeaseStatic}
+	leaseTypes = []LeaseType{LeaseStatic, LeaseConsul}
 	logLevels  = []string{"debug", "info", "warn", "error"}
 	logFormats = []string{"text", "json"}
 	fsLocks    = []Locks{LocksMount, LocksKernel}
@@ -177,9 +188,25 @@ type FSConfig struct {
 
 // LeaseConfig chooses how the write lease (who is primary) is decided.
 type LeaseConfig struct {
-	Type          LeaseType `yaml:"type"`           // only "static" for now
-	Candidate     bool      `yaml:"candidate"`      // this node may become primary
+	Type          LeaseType `yaml:"type"`           // static or consul
+	Candidate     bool      `yaml:"candidate"`      // consul: this node may become primary
 	StaticPrimary string    `yaml:"static_primary"` // static: the primary's node name
+
+	// ConsulURL is the Consul agent's HTTP API; ConsulKey the KV key
+	// that holds the lease.
+	ConsulURL string `yaml:"consul_url"`
+	ConsulKey string `yaml:"consul_key"`
+	// TTL is the Consul session's TTL (10s at least), a backstop;
+	// CheckTTL the TTL of the health check the primary passes three times
+	// within it, which ends the lease about CheckTTL after the primary
+	// dies; LockDelay how long Consul then keeps the lease from the
+	// other candidates.
+	TTL       Duration `yaml:"ttl"`
+	CheckTTL  Duration `yaml:"check_ttl"`
+	LockDelay Duration `yaml:"lock_delay"`
+	// PreferRegions orders regions for the lease: among caught-up
+	// candidates, one in an earlier region tries first.
+	PreferRegions []string `yaml:"prefer_regions"`
 }
 
 // ReplicationConfig holds the settings of LTX replication.
@@ -302,7 +329,8 @@ func DefaultConfig() Config {
 		DataDir:  DefaultDataDir,
 		MountDir: DefaultMountDir,
 		FS:       FSConfig{Locks: DefaultFSLocks, Passthrough: true, SpareFiles: fs.DefaultSpareFill, LogSegmentSize: ltx.DefaultSegmentSize},
-		Lease:    LeaseConfig{Type: DefaultLeaseType, Candidate: DefaultCandidate},
+		Lease: LeaseConfig{Type: DefaultLeaseType, Candidate: DefaultCandidate, ConsulURL: DefaultConsulURL, ConsulKey: DefaultConsulKey,
+			TTL: Duration(DefaultLeaseTTL), CheckTTL: Duration(DefaultCheckTTL), LockDelay: Duration(DefaultLockDelay)},
 		Replication: ReplicationConfig{Retention: Duration(DefaultRetention), MaxRetention: Duration(DefaultMaxRetention), Durability: DefaultDurability,
 			SyncAcks: DefaultSyncAcks, SyncTimeout: Duration(DefaultSyncTimeout), SyncOnTimeout: DefaultSyncOnTimeout,
 			MaxInFlightFiles: DefaultMaxInFlightFiles, MaxInFlightBytes: DefaultMaxInFlightBytes,
@@ -464,8 +492,28 @@ func decodeList(n *yaml.Node, f reflect.Value, key string) []string {
 	return problems
 }
 
-// decodeValue decodes the scalar n into the field f.
+// decodeValue decodes the scalar n into the field f, or a list of scalars
+// into a slice of strings.
 func decodeValue(n *yaml.Node, f reflect.Value) error {
+	if f.Kind() == reflect.Slice && f.Type().Elem().Kind() == reflect.String {
+		if n.Kind == yaml.ScalarNode && n.ShortTag() == "!!null" {
+			return nil
+		}
+		if n.Kind != yaml.SequenceNode {
+			return fmt.Errorf("want a list, got %s", kindName(n))
+		}
+		list := reflect.MakeSlice(f.Type(), len(n.Content), len(n.Content))
+		for i, item := range n.Content {
+			if item.Kind != yaml.ScalarNode {
+				return fmt.Errorf("item %d: want a single value, got %s", i, kindName(item))
+			}
+			list.Index(i).SetString(item.Value)
+		}
+		if list.Len() > 0 {
+			f.Set(list)
+		}
+		return nil
+	}
 	if n.Kind != yaml.ScalarNode {
 		return fmt.Errorf("want a single value, got %s", kindName(n))
 	}
@@ -580,8 +628,8 @@ func (c *Config) Validate() error {
 	switch c.Lease.Type {
 	case LeaseStatic:
 		p.name("lease.static_primary", c.Lease.StaticPrimary, "the node that holds the write lease, e.g. iad-1")
-	case leaseConsul:
-		p.add("lease.type: %q is not available yet; use %q", c.Lease.Type, LeaseStatic)
+	case LeaseConsul:
+		c.validateConsul(&p)
 	default:
 		oneOf(&p, "lease.type", c.Lease.Type, leaseTypes)
 	}
@@ -665,6 +713,9 @@ func (c *Config) validateReplication(p *problems) {
 	}
 	if c.IsPrimary() && c.Replication.Listen == "" && len(c.Replication.Peers) > 0 {
 		p.add("replication.listen: required on the primary when replication.peers lists replicas (e.g. 127.0.0.1:20210)")
+	}
+	if c.Lease.Type == LeaseConsul && c.Lease.Candidate && c.Replication.Listen == "" && len(c.Replication.Peers) > 0 {
+		p.add("replication.listen: required on a candidate for the lease (lease.candidate) when replication.peers lists other nodes (e.g. 127.0.0.1:20210)")
 	}
 	r := c.Replication
 	if r.MaxInFlightFiles < 1 || r.MaxInFlightFiles > maxInFlightFiles {
@@ -765,6 +816,29 @@ func isInside(path, dir string) bool {
 		return path != dir
 	}
 	return strings.HasPrefix(path, dir+string(filepath.Separator))
+}
+
+// validateConsul checks the keys of lease.type: consul.
+func (c *Config) validateConsul(p *problems) {
+	l := c.Lease
+	if u, err := url.Parse(l.ConsulURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		p.add("lease.consul_url: %q is not the URL of a Consul agent's HTTP API (e.g. http://127.0.0.1:8500)", l.ConsulURL)
+	}
+	if l.ConsulKey == "" || strings.HasPrefix(l.ConsulKey, "/") {
+		p.add("lease.consul_key: %q must be a KV key without a leading '/' (e.g. meridian/primary)", l.ConsulKey)
+	}
+	if time.Duration(l.TTL) < 10*time.Second || time.Duration(l.TTL) > 24*time.Hour {
+		p.add("lease.ttl: %v is outside Consul's session TTL bounds, 10s to 24h", l.TTL)
+	}
+	if l.CheckTTL <= 0 || l.CheckTTL >= l.TTL {
+		p.add("lease.check_ttl: %v must be greater than 0 and shorter than lease.ttl (%v); e.g. 2s", l.CheckTTL, l.TTL)
+	}
+	if l.LockDelay < 0 {
+		p.add("lease.lock_delay: %v cannot be negative", l.LockDelay)
+	}
+	for _, r := range l.PreferRegions {
+		p.name("lease.prefer_regions", r, "a region name, e.g. iad")
+	}
 }
 
 // IsPrimary reports whether this node holds the write lease: with a static

@@ -33,6 +33,7 @@ type Daemon struct {
 	LockHolder func() *exec.Cmd
 
 	repl   *replicationNode
+	lease  *leaseRunner // lease.type: consul; nil otherwise
 	admin  *adminServer
 	role   role
 	events events
@@ -90,12 +91,19 @@ func (d *Daemon) Open(ctx context.Context) error {
 	if err == nil {
 		d.repl = repl
 		d.role.mu.Lock()
-		if c.IsPrimary() {
-			err = d.becomePrimary(ctx, false)
-		} else {
+		switch {
+		case c.Lease.Type == LeaseConsul:
+			// Read-only and following no one until the lease says who
+			// the primary is (startLease).
+		case c.IsPrimary():
+			err = d.becomePrimary(ctx, false, 0)
+		default:
 			err = d.becomeReplica(c.Lease.StaticPrimary)
 		}
 		d.role.mu.Unlock()
+		if err == nil && c.Lease.Type == LeaseConsul {
+			err = d.startLease()
+		}
 	}
 	if err != nil {
 		closeCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -144,6 +152,7 @@ func (d *Daemon) Close(ctx context.Context) error {
 		}
 		cancel()
 	}
+	d.stopLease()
 	if d.repl != nil {
 		d.repl.close()
 	}

@@ -66,7 +66,7 @@ func (d *Daemon) SetPrimary(ctx context.Context, node string) error {
 		if d.IsPrimary() {
 			return nil
 		}
-		err := d.becomePrimary(ctx, true)
+		err := d.becomePrimary(ctx, true, 0)
 		if err != nil {
 			// Back to following the primary it had: better a replica
 			// than a node that neither writes nor follows.
@@ -84,8 +84,10 @@ func (d *Daemon) SetPrimary(ctx context.Context, node string) error {
 }
 
 // becomePrimary makes the node primary. atRuntime: it was a replica while
-// running, and its peers are asked for their epochs. Caller holds d.role.mu.
-func (d *Daemon) becomePrimary(ctx context.Context, atRuntime bool) error {
+// running, and its peers are asked for their epochs. leaseEpoch, if not 0,
+// is the epoch a lease gave it (Consul), which it takes as it is. Caller
+// holds d.role.mu.
+func (d *Daemon) becomePrimary(ctx context.Context, atRuntime bool, leaseEpoch uint64) error {
 	c, f, r := d.Config, d.FS, d.repl
 	f.SetReadOnly(true)
 	r.stopFollowing()
@@ -94,7 +96,15 @@ func (d *Daemon) becomePrimary(ctx context.Context, atRuntime bool) error {
 	}
 	// Last before writes: a raised epoch fences the old primary off
 	// this node for good.
-	epoch, err := d.takeEpoch(ctx, atRuntime)
+	var (
+		epoch uint64
+		err   error
+	)
+	if leaseEpoch != 0 {
+		epoch, err = leaseEpoch, d.storeEpoch(ctx, leaseEpoch)
+	} else {
+		epoch, err = d.takeEpoch(ctx, atRuntime)
+	}
 	if err != nil {
 		return fmt.Errorf("become primary: %w", err)
 	}
@@ -111,7 +121,7 @@ func (d *Daemon) becomePrimary(ctx context.Context, atRuntime bool) error {
 	// whoever sees the node as primary can write to it.
 	f.SetReadOnly(false)
 	d.epoch.Store(epoch)
-	d.Logger.Info("serving as primary (static lease)", "epoch", epoch, "mount_dir", c.MountDir, "dbs", f.DBs())
+	d.Logger.Info("serving as primary ("+string(c.Lease.Type)+" lease)", "epoch", epoch, "mount_dir", c.MountDir, "dbs", f.DBs())
 	d.events.publish(Event{Type: EventRole, Role: RolePrimary, Primary: c.Node, Epoch: epoch})
 	return nil
 }
@@ -137,9 +147,9 @@ func (d *Daemon) becomeReplica(primary string) error {
 		f.SetLag(nil)
 	}
 	if wasPrimary {
-		d.Logger.Info("stepped down: serving read-only as a replica (static lease)", "primary", primary, "mount_dir", c.MountDir)
+		d.Logger.Info("stepped down: serving read-only as a replica ("+string(c.Lease.Type)+" lease)", "primary", primary, "mount_dir", c.MountDir)
 	} else {
-		d.Logger.Info("serving read-only as a replica (static lease)", "primary", primary, "mount_dir", c.MountDir)
+		d.Logger.Info("serving read-only as a replica ("+string(c.Lease.Type)+" lease)", "primary", primary, "mount_dir", c.MountDir)
 	}
 	d.events.publish(Event{Type: EventRole, Role: RoleReplica, Primary: primary})
 	return nil
@@ -222,6 +232,25 @@ func (d *Daemon) takeEpoch(ctx context.Context, atRuntime bool) (uint64, error) 
 	return epoch, nil
 }
 
+// storeEpoch stores epoch, given by the lease, as the epoch the node holds
+// and the newest it has seen. A lease epoch not above the newest this node
+// has seen is refused: the replicas that have seen it would refuse it too.
+func (d *Daemon) storeEpoch(ctx context.Context, epoch uint64) error {
+	seenFile := &replication.EpochFile{Path: filepath.Join(d.Config.DataDir, epochFile)}
+	heldFile := &replication.EpochFile{Path: filepath.Join(d.Config.DataDir, heldEpochFile)}
+	seen, err := seenFile.Load(ctx)
+	if err != nil {
+		return err
+	}
+	if epoch <= seen {
+		return fmt.Errorf("the lease's epoch %d is not above %d, which this node has seen", epoch, seen)
+	}
+	if err := seenFile.Store(ctx, epoch); err != nil {
+		return err
+	}
+	return heldFile.Store(ctx, epoch)
+}
+
 // peerEpochs asks every peer with a replication address for the newest
 // epoch it has seen, and returns the highest answer; peers that do not
 // answer within peerEpochTimeout are left out, and logged.
@@ -264,8 +293,8 @@ func (d *Daemon) peerEpochs(ctx context.Context) uint64 {
 	return newest
 }
 
-// Reload applies a changed configuration: lease.static_primary moves the
-// primary (SetPrimary). Other keys cannot change while the daemon runs:
+// Reload applies a changed configuration: with the static lease,
+// lease.static_primary moves the primary (SetPrimary). Other keys cannot change while the daemon runs:
 // their new values are reported in the error, and left as they were.
 func (d *Daemon) Reload(ctx context.Context, c Config) error {
 	old := d.Config
@@ -275,8 +304,8 @@ func (d *Daemon) Reload(ctx context.Context, c Config) error {
 	if !reflect.DeepEqual(cmp, old) {
 		ignored = fmt.Errorf("reload: only lease.static_primary changes while regiond runs; the other changes (%s) wait for a restart", changedKeys(old, cmp))
 	}
-	if c.Lease.StaticPrimary == d.Primary() {
-		return ignored
+	if c.Lease.Type != LeaseStatic || old.Lease.Type != LeaseStatic || c.Lease.StaticPrimary == d.Primary() {
+		return ignored // the Consul lease moves the primary, not the file
 	}
 	if err := d.SetPrimary(ctx, c.Lease.StaticPrimary); err != nil {
 		return errors.Join(err, ignored)

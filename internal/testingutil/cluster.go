@@ -59,6 +59,9 @@ type ClusterNodeSpec struct {
 	// Extra holds more top-level lines of its regiond.yml, e.g.
 	// "router: {max_lag: 1s}".
 	Extra []string
+	// Lease, if not "", is its lease section, as one flow mapping,
+	// instead of the cluster's.
+	Lease string
 }
 
 // Cluster is a cluster of real `regiond run` processes on loopback, with
@@ -68,7 +71,11 @@ type ClusterNodeSpec struct {
 type Cluster struct {
 	Dir     string // holds ca/ and a directory per node
 	Primary string // lease.static_primary
-	Nodes   []*ClusterNode
+	// Lease, if not "", is every node's lease section instead of the
+	// static lease of Primary, as one flow mapping, e.g.
+	// "{type: consul, consul_url: http://127.0.0.1:8500}" (UseConsul).
+	Lease string
+	Nodes []*ClusterNode
 	// Command returns the command that runs regiond with args.
 	Command func(args ...string) *exec.Cmd
 
@@ -147,6 +154,23 @@ func (c *Cluster) SetPrimary(node string) {
 	}
 }
 
+// UseConsul gives every node the lease in the Consul agent at url, with
+// more keys of the lease section in extra (e.g. "check_ttl: 1s"), for the
+// nodes' next start.
+func (c *Cluster) UseConsul(url string, extra ...string) {
+	c.tb.Helper()
+	c.Lease = ConsulLease(url, extra...)
+	for _, n := range c.Nodes {
+		c.writeConfig(n)
+	}
+}
+
+// ConsulLease returns the lease section of the Consul agent at url, with
+// more keys in extra, as ClusterNodeSpec.Lease and Cluster.Lease take it.
+func ConsulLease(url string, extra ...string) string {
+	return "{" + strings.Join(append([]string{"type: consul", "consul_url: " + url}, extra...), ", ") + "}"
+}
+
 // regiondCA runs `regiond ca ARGS...` and fails the test if it fails.
 func (c *Cluster) regiondCA(args ...string) {
 	c.tb.Helper()
@@ -183,7 +207,14 @@ func (c *Cluster) writeConfig(n *ClusterNode) {
 	fmt.Fprintf(&b, "node: %s\nregion: %s\n", n.Name, n.Region)
 	fmt.Fprintf(&b, "data_dir: %q\nmount_dir: %q\n", n.DataDir, n.MountDir)
 	fmt.Fprintf(&b, "fs: {locks: %s}\n", n.Locks)
-	fmt.Fprintf(&b, "lease: {type: static, static_primary: %s}\n", c.Primary)
+	switch {
+	case n.Lease != "":
+		fmt.Fprintf(&b, "lease: %s\n", n.Lease)
+	case c.Lease != "":
+		fmt.Fprintf(&b, "lease: %s\n", c.Lease)
+	default:
+		fmt.Fprintf(&b, "lease: {type: static, static_primary: %s}\n", c.Primary)
+	}
 	fmt.Fprintf(&b, "replication:\n  listen: %s\n  peers:\n", n.Addr)
 	for _, p := range c.Nodes {
 		if p != n {

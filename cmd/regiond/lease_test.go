@@ -1,0 +1,293 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	toxiproxy "github.com/Shopify/toxiproxy/v2"
+	"github.com/mattn/go-sqlite3"
+	"github.com/rs/zerolog"
+
+	"github.com/meridian-db/meridian/internal/testingutil"
+	"github.com/meridian-db/meridian/regiond"
+)
+
+// leasePrefer is the lease.prefer_regions of TestLease_Failover.
+var leasePrefer = []string{"fra", "syd", "iad"}
+
+// TestLease_Failover: three candidates share the lease in a real Consul
+// agent. One takes it and the others follow it. Killed with SIGKILL, the
+// primary is replaced by the surviving candidate of the most preferred
+// region, at a higher epoch, which takes writes; the other survivor
+// follows it; the killed node, restarted, follows it too; every row
+// written is on every node. Sampled every 20 ms throughout, no two nodes
+// ever say they are primary at once.
+func TestLease_Failover(t *testing.T) {
+	t.Parallel()
+	agent := testingutil.StartConsul(t)
+	c := testingutil.NewCluster(t, regiondCommand, "", iad, fra, syd)
+	c.UseConsul(agent.URL, "check_ttl: 1s", "lock_delay: 500ms", "prefer_regions: ["+strings.Join(leasePrefer, ", ")+"]")
+	c.Start(t)
+
+	first, epoch := waitOnePrimary(t, c, 0)
+	c.Primary = first.Name
+	t.Logf("%s took the lease at epoch %d", first.Name, epoch)
+	mon := monitorRoles(t, c)
+	dbs := []struct{ name, mode string }{{"wal.db", "wal"}, {"delete.db", "delete"}}
+	rows := 0
+	write := func(n *testingutil.ClusterNode, count int) {
+		t.Helper()
+		for _, d := range dbs {
+			db := testingutil.MustOpenSQLite(t, filepath.Join(n.MountDir, d.name), d.mode)
+			if _, err := db.Exec(`CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, by TEXT)`); err != nil {
+				t.Fatalf("%s on %s: %v", d.name, n.Name, err)
+			}
+			for i := range count {
+				if _, err := db.Exec(`INSERT INTO t (id, by) VALUES (?, ?)`, rows+i+1, n.Name); err != nil {
+					t.Fatalf("%s on %s, row %d: %v", d.name, n.Name, rows+i+1, err)
+				}
+			}
+			if err := db.Close(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		rows += count
+	}
+	names := []string{dbs[0].name, dbs[1].name}
+	write(first, 20)
+	c.WaitCaughtUp(t, time.Minute, names...)
+
+	killed := time.Now()
+	first.Kill(t)
+	var survivors []*testingutil.ClusterNode
+	for _, n := range c.Nodes {
+		if n != first {
+			survivors = append(survivors, n)
+		}
+	}
+	next, nextEpoch := waitOnePrimary(t, c, epoch)
+	took := time.Since(killed)
+	want := slices.MinFunc(survivors, func(a, b *testingutil.ClusterNode) int {
+		return slices.Index(leasePrefer, a.Region) - slices.Index(leasePrefer, b.Region)
+	})
+	if next != want {
+		t.Errorf("%s took the lease after %s died, want %s, of the most preferred region of %v", next.Name, first.Name, want.Name, leasePrefer)
+	}
+	t.Logf("%s killed; %s primary at epoch %d %v later (check_ttl 1s, lock_delay 500ms)", first.Name, next.Name, nextEpoch, took.Round(time.Millisecond))
+	c.Primary = next.Name
+	write(next, 20)
+	first.Start(t)
+	waitStatus(t, first, func(st regiond.Status) bool {
+		return st.Role == regiond.RoleReplica && st.Primary == next.Name && st.Epoch == nextEpoch && st.Ready
+	}, "a ready replica of %s at epoch %d", next.Name, nextEpoch)
+	c.WaitCaughtUp(t, time.Minute, names...)
+	mon.stop(t)
+
+	for _, n := range c.Nodes {
+		for _, d := range dbs {
+			db := openOnReplica(t, n, d.name)
+			var count, sum int
+			if err := db.QueryRow(`SELECT count(*), coalesce(sum(id), 0) FROM t`).Scan(&count, &sum); err != nil {
+				t.Fatalf("%s %s: %v", n.Name, d.name, err)
+			}
+			if count != rows || sum != rows*(rows+1)/2 {
+				t.Errorf("%s %s: %d rows summing to %d, want %d rows summing to %d", n.Name, d.name, count, sum, rows, rows*(rows+1)/2)
+			}
+			var ok string
+			if err := db.QueryRow(`PRAGMA integrity_check`).Scan(&ok); err != nil || ok != "ok" {
+				t.Errorf("%s %s: integrity_check %q, %v", n.Name, d.name, ok, err)
+			}
+		}
+	}
+}
+
+// waitOnePrimary waits until one running node says it is primary at an
+// epoch above after and every other running node is a ready replica of
+// it at that epoch, and returns it and its epoch.
+func waitOnePrimary(t *testing.T, c *testingutil.Cluster, after uint64) (*testingutil.ClusterNode, uint64) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		var (
+			primary *testingutil.ClusterNode
+			epoch   uint64
+			states  []string
+			others  []regiond.Status
+		)
+		for _, n := range c.Nodes {
+			if !n.Running() {
+				continue
+			}
+			st, err := getStatus(n)
+			if err != nil {
+				states = append(states, fmt.Sprintf("%s: %v", n.Name, err))
+				continue
+			}
+			states = append(states, fmt.Sprintf("%s: %s of %q at epoch %d, ready %v", n.Name, st.Role, st.Primary, st.Epoch, st.Ready))
+			if st.Role == regiond.RolePrimary && st.Epoch > after {
+				primary, epoch = n, st.Epoch
+			} else {
+				others = append(others, st)
+			}
+		}
+		if primary != nil && !slices.ContainsFunc(others, func(st regiond.Status) bool {
+			return st.Role != regiond.RoleReplica || st.Primary != primary.Name || st.Epoch != epoch || !st.Ready
+		}) {
+			return primary, epoch
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no single primary above epoch %d with every other node its ready replica in a minute:\n%s", after, strings.Join(states, "\n"))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// roleMonitor samples every running node's role until stopped.
+type roleMonitor struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+	mu     sync.Mutex
+	rounds int
+	both   []string // rounds in which two nodes said they were primary
+}
+
+// monitorRoles asks every running node for its status every 20 ms.
+func monitorRoles(t *testing.T, c *testingutil.Cluster) *roleMonitor {
+	ctx, cancel := context.WithCancel(context.Background())
+	m := &roleMonitor{cancel: cancel, done: make(chan struct{})}
+	nodes := slices.Clone(c.Nodes)
+	go func() {
+		defer close(m.done)
+		for ctx.Err() == nil {
+			var primaries []string
+			for _, n := range nodes {
+				if st, err := getStatus(n); err == nil && st.Role == regiond.RolePrimary {
+					primaries = append(primaries, fmt.Sprintf("%s at epoch %d", st.Node, st.Epoch))
+				}
+			}
+			m.mu.Lock()
+			m.rounds++
+			if len(primaries) > 1 {
+				m.both = append(m.both, strings.Join(primaries, " and "))
+			}
+			m.mu.Unlock()
+			select {
+			case <-ctx.Done():
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}()
+	t.Cleanup(func() { cancel(); <-m.done })
+	return m
+}
+
+// stop ends the sampling and fails the test if two nodes were ever
+// primary at once.
+func (m *roleMonitor) stop(t *testing.T) {
+	t.Helper()
+	m.cancel()
+	<-m.done
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if len(m.both) > 0 {
+		t.Errorf("two primaries at once in %d of %d rounds, e.g. %s", len(m.both), m.rounds, m.both[0])
+	}
+	t.Logf("roles sampled in %d rounds", m.rounds)
+}
+
+// TestLease_PrimaryCutOff: the primary loses its way to Consul (each node
+// reaches the agent through a proxy of its own, toxiproxy, and the
+// primary's is stopped) while the other nodes keep theirs. It refuses
+// writes before Consul can give the lease to another node, which then
+// takes it at a higher epoch; never are two nodes primary at once. Once
+// it reaches Consul again, the old primary follows the new one, and every
+// row written is on every node.
+func TestLease_PrimaryCutOff(t *testing.T) {
+	t.Parallel()
+	agent := testingutil.StartConsul(t)
+	upstream := strings.TrimPrefix(agent.URL, "http://")
+	server := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(nil), zerolog.Nop())
+	specs := []testingutil.ClusterNodeSpec{iad, fra, syd}
+	proxies := map[string]*toxiproxy.Proxy{}
+	for i := range specs {
+		p := toxiproxy.NewProxy(server, specs[i].Name, testingutil.FreeAddr(t), upstream)
+		if err := p.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(p.Stop)
+		proxies[specs[i].Name] = p
+		specs[i].Lease = testingutil.ConsulLease("http://"+p.Listen, "check_ttl: 1s", "lock_delay: 500ms")
+	}
+	c := testingutil.NewCluster(t, regiondCommand, "", specs...)
+	c.Start(t)
+	first, epoch := waitOnePrimary(t, c, 0)
+	c.Primary = first.Name
+	mon := monitorRoles(t, c)
+	db := testingutil.MustOpenSQLite(t, filepath.Join(first.MountDir, "app.db"), "wal")
+	if _, err := db.Exec(`CREATE TABLE t (id INTEGER PRIMARY KEY, by TEXT); INSERT INTO t (by) VALUES ('before')`); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	c.WaitCaughtUp(t, time.Minute, "app.db")
+
+	cut := time.Now()
+	proxies[first.Name].Stop()
+	waitStatus(t, first, func(st regiond.Status) bool { return st.Role == regiond.RoleReplica }, "read-only, cut off from Consul")
+	refused := time.Since(cut)
+	var next *testingutil.ClusterNode
+	var nextEpoch uint64
+	deadline := time.Now().Add(time.Minute)
+	for next == nil {
+		for _, n := range c.Nodes {
+			if st, err := getStatus(n); n != first && err == nil && st.Role == regiond.RolePrimary && st.Epoch > epoch {
+				next, nextEpoch = n, st.Epoch
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no node took the lease in a minute after %s was cut off from Consul", first.Name)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("%s cut off from Consul: it refused writes %v later; %s primary at epoch %d %v later",
+		first.Name, refused.Round(time.Millisecond), next.Name, nextEpoch, time.Since(cut).Round(time.Millisecond))
+	old := testingutil.MustOpenSQLite(t, filepath.Join(first.MountDir, "app.db"), "wal")
+	var serr sqlite3.Error
+	if _, err := old.Exec(`INSERT INTO t (by) VALUES ('cut off')`); !errors.As(err, &serr) || serr.Code != sqlite3.ErrReadonly {
+		t.Fatalf("write on %s, cut off from Consul: %v, want SQLite's read-only error", first.Name, err)
+	}
+	if err := old.Close(); err != nil {
+		t.Fatal(err)
+	}
+	db = testingutil.MustOpenSQLite(t, filepath.Join(next.MountDir, "app.db"), "wal")
+	if _, err := db.Exec(`INSERT INTO t (by) VALUES ('after')`); err != nil {
+		t.Fatalf("write on the new primary %s: %v", next.Name, err)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	if err := proxies[first.Name].Start(); err != nil {
+		t.Fatal(err)
+	}
+	if again, e := waitOnePrimary(t, c, epoch); again != next || e != nextEpoch {
+		t.Fatalf("once %s reached Consul again, %s was primary at epoch %d, want %s at %d", first.Name, again.Name, e, next.Name, nextEpoch)
+	}
+	c.Primary = next.Name
+	c.WaitCaughtUp(t, time.Minute, "app.db")
+	mon.stop(t)
+	for _, n := range c.Nodes {
+		var rows string
+		if err := openOnReplica(t, n, "app.db").QueryRow(`SELECT group_concat(by, ',') FROM t`).Scan(&rows); err != nil || rows != "before,after" {
+			t.Errorf("%s: rows %q, %v; want before,after", n.Name, rows, err)
+		}
+	}
+}

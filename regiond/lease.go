@@ -1,0 +1,270 @@
+package regiond
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/meridian-db/meridian/lease"
+	"github.com/meridian-db/meridian/lease/consul"
+	"github.com/meridian-db/meridian/replication"
+)
+
+// Timings of the Consul lease loop.
+const (
+	// acquireRetry is how often a candidate tries to take a free lease
+	// (Consul refuses it during the lock delay after a holder died).
+	acquireRetry = 50 * time.Millisecond
+	// preferStep is the head start each place in lease.prefer_regions
+	// gives a candidate over the next, once the lease is free.
+	preferStep = 300 * time.Millisecond
+)
+
+// leaseRunner drives the node's role from the lease in Consul: it follows
+// the node the lease names, takes the lease when it is free and this node
+// is a candidate that has caught up, renews it while primary, and steps
+// down when it can no longer be sure it holds it.
+type leaseRunner struct {
+	l      *consul.Leaser
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// startLease starts the lease loop of lease.type: consul.
+func (d *Daemon) startLease() error {
+	c := d.Config
+	l, err := consul.New(consul.Config{
+		Address:    c.Lease.ConsulURL,
+		Key:        c.Lease.ConsulKey,
+		Me:         lease.Holder{Node: c.Node, Region: c.Region, Replication: c.AdvertiseAddr(), Admin: c.Admin.Listen},
+		SessionTTL: time.Duration(c.Lease.TTL),
+		CheckTTL:   time.Duration(c.Lease.CheckTTL),
+		LockDelay:  time.Duration(c.Lease.LockDelay),
+		Logger:     d.Logger.With("component", "lease"),
+	})
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	d.lease = &leaseRunner{l: l, cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(d.lease.done)
+		d.runLease(ctx, l)
+	}()
+	d.Logger.Info("following the lease in Consul", "consul_url", c.Lease.ConsulURL, "key", c.Lease.ConsulKey,
+		"candidate", c.Lease.Candidate, "check_ttl", time.Duration(c.Lease.CheckTTL), "lock_delay", time.Duration(c.Lease.LockDelay))
+	return nil
+}
+
+// stopLease ends the lease loop. A primary refuses writes first, then
+// releases the lease, so the next candidate takes it without the lock
+// delay; the session and its check are removed.
+func (d *Daemon) stopLease() {
+	lr := d.lease
+	if lr == nil {
+		return
+	}
+	d.lease = nil
+	lr.cancel()
+	<-lr.done
+	if d.IsPrimary() && d.FS != nil {
+		d.FS.SetReadOnly(true)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if err := lr.l.Release(ctx); err != nil {
+			d.Logger.Warn("shutting down: could not release the lease; it moves once Consul ends the session", "err", err)
+		}
+		cancel()
+	}
+	if err := lr.l.Close(); err != nil {
+		d.Logger.Warn("shutting down: the lease's Consul session", "err", err)
+	}
+}
+
+// runLease is the lease loop (see leaseRunner).
+func (d *Daemon) runLease(ctx context.Context, l *consul.Leaser) {
+	c := d.Config
+	checkTTL := time.Duration(c.Lease.CheckTTL)
+	renewEvery := checkTTL / 3
+	renew := time.NewTicker(renewEvery)
+	defer renew.Stop()
+	try := time.NewTimer(time.Hour)
+	try.Stop()
+	defer try.Stop()
+	var (
+		st        lease.State
+		freeSince time.Time // when the lease was seen free; zero while held
+		renewed   = time.Now()
+		watch     = l.Watch(ctx)
+	)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case s, ok := <-watch:
+			if !ok {
+				return
+			}
+			st = s
+			d.leaseChanged(ctx, st)
+			if st.Held() {
+				freeSince = time.Time{}
+				try.Stop()
+			} else if freeSince.IsZero() {
+				freeSince = time.Now()
+				if c.Lease.Candidate {
+					try.Reset(d.headStart())
+				}
+			}
+		case <-try.C:
+			if st.Held() || !c.Lease.Candidate {
+				continue
+			}
+			if d.tryLease(ctx, l, freeSince) {
+				renewed = time.Now()
+			} else {
+				try.Reset(acquireRetry)
+			}
+		case <-renew.C:
+			// Bounded so that a primary whose renewals fail steps down
+			// (at 2/3 of the check TTL) before Consul ends its session.
+			rctx, cancel := context.WithTimeout(ctx, renewEvery/2)
+			err := l.Renew(rctx)
+			cancel()
+			if !d.IsPrimary() {
+				continue // passes the check, so Acquire's session stays valid
+			}
+			if err == nil {
+				renewed = time.Now()
+				continue
+			}
+			// Consul ends the session checkTTL after the last renewal
+			// that reached it; step down before then.
+			if errors.Is(err, lease.ErrNotHeld) || time.Since(renewed) >= 2*checkTTL/3 {
+				d.leaseLost(fmt.Sprintf("the lease could not be renewed for %v: %v", time.Since(renewed).Round(time.Millisecond), err))
+			} else {
+				d.Logger.Warn("lease renewal failed; retrying", "err", err, "since_renewed", time.Since(renewed).Round(time.Millisecond))
+			}
+		}
+	}
+}
+
+// headStart is how long a candidate waits once the lease is free before it
+// tries to take it. The first region of lease.prefer_regions tries at once;
+// the others wait out the lock delay (which holds every candidate off after
+// a primary died) and then preferStep per place after the first (regions
+// not listed come after those listed).
+func (d *Daemon) headStart() time.Duration {
+	pref := d.Config.Lease.PreferRegions
+	i := slices.Index(pref, d.Config.Region)
+	if i < 0 {
+		i = len(pref)
+	}
+	if i == 0 {
+		return 0
+	}
+	return time.Duration(d.Config.Lease.LockDelay) + time.Duration(i)*preferStep
+}
+
+// leaseChanged follows the node the lease names, or steps down when the
+// lease names another node or nobody while this node is primary.
+func (d *Daemon) leaseChanged(ctx context.Context, st lease.State) {
+	me := d.Config.Node
+	switch {
+	case st.Holder.Node == me:
+		// Taken by tryLease, which made the node primary.
+	case st.Held():
+		if d.IsPrimary() || d.Primary() != st.Holder.Node {
+			d.Logger.Info("the lease names the primary", "primary", st.Holder.Node, "region", st.Holder.Region, "epoch", st.Epoch)
+			if err := d.SetPrimary(ctx, st.Holder.Node); err != nil {
+				d.Logger.Error("following the primary the lease names", "primary", st.Holder.Node, "err", err)
+			}
+		}
+	case d.IsPrimary():
+		d.leaseLost("the lease in Consul names no holder")
+	default:
+		d.Logger.Info("the lease is free", "last_epoch", st.Epoch, "candidate", d.Config.Lease.Candidate)
+	}
+}
+
+// tryLease takes the lease if this node has caught up with the primary it
+// followed (or has waited long enough for it), and makes the node primary
+// at the lease's epoch. It reports whether the node is primary now.
+func (d *Daemon) tryLease(ctx context.Context, l *consul.Leaser, freeSince time.Time) bool {
+	if behind := d.behindPrimary(); behind != "" {
+		wait := 2 * time.Duration(d.Config.Lease.CheckTTL)
+		if time.Since(freeSince) < wait {
+			return false
+		}
+		d.Logger.Warn("taking the lease behind the last position the primary announced: what it committed past what this node applied is lost",
+			"behind", behind, "waited", time.Since(freeSince).Round(time.Millisecond))
+	}
+	seen, err := (&replication.EpochFile{Path: filepath.Join(d.Config.DataDir, epochFile)}).Load(ctx)
+	if err != nil {
+		d.Logger.Error("taking the lease: reading the epoch this node has seen", "err", err)
+		return false
+	}
+	st, held, err := l.Acquire(ctx, seen+1)
+	if err != nil {
+		d.Logger.Warn("taking the lease", "err", err)
+		return false
+	}
+	if !held {
+		return false
+	}
+	d.role.mu.Lock()
+	err = d.becomePrimary(ctx, true, st.Epoch)
+	d.role.mu.Unlock()
+	if err != nil {
+		d.Logger.Error("took the lease but could not become primary; releasing it", "epoch", st.Epoch, "err", err)
+		rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_ = l.Release(rctx)
+		cancel()
+		return false
+	}
+	d.Logger.Info("took the lease", "epoch", st.Epoch, "free_for", time.Since(freeSince).Round(time.Millisecond))
+	return true
+}
+
+// behindPrimary says which databases have not caught up with the position
+// the primary last announced to this node, "" if none (or if it followed
+// no one).
+func (d *Daemon) behindPrimary() string {
+	cl := d.repl.client()
+	if cl == nil {
+		return ""
+	}
+	s := cl.Status()
+	var behind []string
+	for db, p := range s.Primary {
+		if a := s.Applied[db]; a.Pos.TXID < p.TXID {
+			behind = append(behind, fmt.Sprintf("%s at %s of %s", db, a.Pos.TXID, p.TXID))
+		}
+	}
+	slices.Sort(behind)
+	return strings.Join(behind, ", ")
+}
+
+// leaseLost makes a primary that can no longer be sure it holds the lease
+// refuse writes at once and follow no one until the lease names the next
+// primary.
+func (d *Daemon) leaseLost(why string) {
+	d.role.mu.Lock()
+	defer d.role.mu.Unlock()
+	if !d.IsPrimary() {
+		return
+	}
+	f, r := d.FS, d.repl
+	f.SetReadOnly(true)
+	epoch := d.epoch.Swap(0)
+	r.endGate(f)
+	f.SetAcked(nil)
+	f.SetPrimary("")
+	f.SetLag(nil)
+	d.setPrimaryName("")
+	d.Logger.Error("stepped down: lost the lease; writes are refused until the lease names a primary", "why", why, "epoch", epoch)
+	d.events.publish(Event{Type: EventRole, Role: RoleReplica, Reason: "lease lost", Epoch: epoch})
+}
