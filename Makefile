@@ -24,7 +24,7 @@ PROTOC_GEN_GO_GRPC := $(TOOLS_BIN)/protoc-gen-go-grpc-$(PROTOC_GEN_GO_GRPC_VERSI
 # points them at the pinned binaries above, so versions live in this file only.
 PROTOC_PLUGINS := $(TOOLS_DIR)/protoc-plugins
 
-.PHONY: all build test test-long test-hang-check bench-fs bench-repl lint proto proto-check fuzz bench tools clean
+.PHONY: all build test test-long test-hang-check bench-fs bench-repl bench-failover lint proto proto-check fuzz bench tools clean
 
 all: build
 
@@ -101,6 +101,14 @@ REPLBENCH_FLAGS ?=
 
 bench-repl: build
 	$(GO) run ./bench/replbench -regiond bin/regiond $(REPLBENCH_FLAGS)
+
+# bench-failover kills the primary of three regiond nodes on the Consul
+# lease, trial after trial, and times the first write acknowledged on
+# another node (needs root and fuse3; builds the Consul agent like
+# `make test`). FAILOVER_FLAGS passes flags, e.g. '-trials 5'.
+bench-failover: build
+	MERIDIAN_CONSUL=$$(scripts/install-consul.sh) && export MERIDIAN_CONSUL && \
+		$(GO) run ./bench/failover -regiond bin/regiond $(FAILOVER_FLAGS)
 
 # lint fails on unformatted Go files (generated *.pb.go excepted), go vet
 # findings and staticcheck findings.

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/meridian-db/meridian/lease"
@@ -32,6 +33,29 @@ type leaseRunner struct {
 	l      *consul.Leaser
 	cancel context.CancelFunc
 	done   chan struct{}
+
+	mu     sync.Mutex
+	status LeaseStatus // the lease as last read, for /status
+}
+
+// leaseStatus returns the lease as this node last read it, nil without
+// the Consul lease.
+func (d *Daemon) leaseStatus() *LeaseStatus {
+	lr := d.lease
+	if lr == nil {
+		return nil
+	}
+	lr.mu.Lock()
+	defer lr.mu.Unlock()
+	st := lr.status
+	return &st
+}
+
+// read records the lease as the watch read it.
+func (lr *leaseRunner) read(st lease.State) {
+	lr.mu.Lock()
+	defer lr.mu.Unlock()
+	lr.status.Holder, lr.status.Epoch, lr.status.ReadAt = st.Holder.Node, st.Epoch, time.Now()
 }
 
 // startLease starts the lease loop of lease.type: consul.
@@ -50,10 +74,12 @@ func (d *Daemon) startLease() error {
 		return err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	d.lease = &leaseRunner{l: l, cancel: cancel, done: make(chan struct{})}
+	d.lease = &leaseRunner{l: l, cancel: cancel, done: make(chan struct{}),
+		status: LeaseStatus{Type: LeaseConsul, Consul: c.Lease.ConsulURL, Key: c.Lease.ConsulKey}}
+	lr := d.lease
 	go func() {
-		defer close(d.lease.done)
-		d.runLease(ctx, l)
+		defer close(lr.done)
+		d.runLease(ctx, lr)
 	}()
 	d.Logger.Info("following the lease in Consul", "consul_url", c.Lease.ConsulURL, "key", c.Lease.ConsulKey,
 		"candidate", c.Lease.Candidate, "check_ttl", time.Duration(c.Lease.CheckTTL), "lock_delay", time.Duration(c.Lease.LockDelay))
@@ -85,8 +111,8 @@ func (d *Daemon) stopLease() {
 }
 
 // runLease is the lease loop (see leaseRunner).
-func (d *Daemon) runLease(ctx context.Context, l *consul.Leaser) {
-	c := d.Config
+func (d *Daemon) runLease(ctx context.Context, lr *leaseRunner) {
+	c, l := d.Config, lr.l
 	checkTTL := time.Duration(c.Lease.CheckTTL)
 	renewEvery := checkTTL / 3
 	renew := time.NewTicker(renewEvery)
@@ -109,6 +135,7 @@ func (d *Daemon) runLease(ctx context.Context, l *consul.Leaser) {
 				return
 			}
 			st = s
+			lr.read(st)
 			d.leaseChanged(ctx, st)
 			if st.Held() {
 				freeSince = time.Time{}

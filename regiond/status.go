@@ -52,6 +52,22 @@ type Status struct {
 	// Peers are the other nodes of replication.peers, with the admin
 	// addresses `regiond status` asks next.
 	Peers []PeerStatus `json:"peers"`
+	// Lease is, with lease.type: consul, the lease as this node last read
+	// it from Consul.
+	Lease *LeaseStatus `json:"lease,omitempty"`
+}
+
+// LeaseStatus is the lease in Consul as a node last read it.
+type LeaseStatus struct {
+	Type   LeaseType `json:"type"`
+	Consul string    `json:"consul_url"`
+	Key    string    `json:"key"`
+	// Holder is the node the lease names, "" if none; Epoch its epoch (or
+	// the last holder's).
+	Holder string `json:"holder"`
+	Epoch  uint64 `json:"epoch"`
+	// ReadAt is when the node last read it; zero if it never could.
+	ReadAt time.Time `json:"read_at,omitzero"`
 }
 
 // PeerStatus is a node of replication.peers.
@@ -139,7 +155,7 @@ func (d *Daemon) statusOf(f *fs.FileSystem, r *replicationNode) Status {
 	now := time.Now()
 	primary := d.Primary()
 	st := Status{Node: c.Node, Region: c.Region, Role: RoleReplica, Primary: primary, Addr: c.AdvertiseAddr(),
-		MaxLagMS: time.Duration(c.Router.MaxLag).Milliseconds(), Peers: peerStatus(c)}
+		MaxLagMS: time.Duration(c.Router.MaxLag).Milliseconds(), Peers: peerStatus(c), Lease: d.leaseStatus()}
 	names := f.DBs()
 	slices.Sort(names)
 	logs := make(map[string]*ltx.Log, len(names))

@@ -32,7 +32,7 @@ lease:
 // primary's mount and the same polling reader on the replica's. LiteFS
 // has no apply marker to watch, so lag is not measured: the row has the
 // commit rate and what the reader saw.
-func measureLiteFS(h *harness, o options, bin string) ([]row, error) {
+func measureLiteFS(h *testingutil.Harness, o options, bin string) ([]row, error) {
 	dir := h.TempDir()
 	const primaryPort, replicaPort = 20302, 20303
 	primaryURL := fmt.Sprintf("http://127.0.0.1:%d", primaryPort)

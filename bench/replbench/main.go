@@ -173,25 +173,19 @@ type results struct {
 	warm *warmResult     // nil: not measured
 }
 
-func run(o options) (err error) {
-	h := &harness{}
-	defer func() {
-		if r := recover(); r != nil {
-			if _, ok := r.(fatal); !ok {
-				panic(r)
-			}
-			err = errors.New("stopped")
-		}
-		h.close()
-	}()
+func run(o options) error {
+	h := &testingutil.Harness{Prefix: "replbench"}
+	return h.Run(func() error { return runAll(h, o) })
+}
+
+func runAll(h *testingutil.Harness, o options) error {
 	fmt.Printf("replbench: %d CPUs, regiond %s, %s with synchronous=%s on the primary (fs.locks: kernel), replicas with fs.locks: %s\n\n", runtime.NumCPU(), o.regiond, o.journal, o.sync, o.replicaLocks)
 	var res results
 	for _, n := range o.replicas {
 		if err := measureCluster(h, o, n, &res); err != nil {
 			return err
 		}
-		h.close()
-		h = &harness{}
+		h.Close()
 	}
 	if o.litefs != "" {
 		rs, err := measureLiteFS(h, o, o.litefs)
@@ -213,7 +207,7 @@ func run(o options) (err error) {
 // measureCluster runs the rates on a cluster of a primary and n replicas,
 // and, with one replica, the warm reads and the snapshot of a joining node,
 // adding what it measured to res.
-func measureCluster(h *harness, o options, n int, res *results) error {
+func measureCluster(h *testingutil.Harness, o options, n int, res *results) error {
 	specs := append([]testingutil.ClusterNodeSpec{primarySpec}, replicaSpecs[:n]...)
 	join := n == 1 && o.snapshotMB > 0
 	if join {
@@ -329,7 +323,7 @@ func waitSpares(c *testingutil.Cluster, timeout time.Duration) error {
 // measureRate commits count single-row transactions at rate (0: as fast
 // as possible) and measures when each is applied on every replica, and
 // when a reader polling the first replica through its mount sees it.
-func measureRate(h *harness, c *testingutil.Cluster, db *sql.DB, logged *applyWatcher, watchers []*applyWatcher, rate, count int, poll, pin bool, trace string) (row, error) {
+func measureRate(h *testingutil.Harness, c *testingutil.Cluster, db *sql.DB, logged *applyWatcher, watchers []*applyWatcher, rate, count int, poll, pin bool, trace string) (row, error) {
 	primary := c.Node(c.Primary)
 	base, _ := primary.Pos(h, "bench.db")
 	var lastID int64
@@ -585,7 +579,7 @@ type snapshotResult struct {
 // starts a node that has none of the cluster's databases, and times until
 // it is at the primary's positions; then it times copying the primary's
 // backing files, with an fsync, on the same disk.
-func measureSnapshot(h *harness, c *testingutil.Cluster, mb int, tmpfs bool) (*snapshotResult, error) {
+func measureSnapshot(h *testingutil.Harness, c *testingutil.Cluster, mb int, tmpfs bool) (*snapshotResult, error) {
 	primary := c.Node(c.Primary)
 	db, err := sql.Open("sqlite3", "file:"+filepath.Join(primary.MountDir, "big.db")+"?_journal_mode=wal&_synchronous=NORMAL")
 	if err != nil {
@@ -922,56 +916,5 @@ func (s *snapshotResult) print(w io.Writer) {
 		stats(s.before), stats(s.during))
 	if s.read != "" {
 		fmt.Fprintf(w, "the primary: %s\n", s.read)
-	}
-}
-
-// harness runs a Cluster outside a test: Fatal stops the benchmark, and
-// the cleanups run when it ends.
-type harness struct {
-	mu       sync.Mutex
-	cleanups []func()
-	failed   bool
-}
-
-// fatal is the panic of a Fatal.
-type fatal struct{}
-
-func (h *harness) Helper() {}
-
-func (h *harness) Cleanup(f func()) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.cleanups = append(h.cleanups, f)
-}
-
-func (h *harness) TempDir() string {
-	dir, err := os.MkdirTemp("", "replbench-")
-	if err != nil {
-		h.Fatal(err)
-	}
-	h.Cleanup(func() { _ = os.RemoveAll(dir) })
-	return dir
-}
-
-func (h *harness) Failed() bool { return h.failed }
-
-func (h *harness) Logf(format string, args ...any) { fmt.Fprintf(os.Stderr, format+"\n", args...) }
-
-func (h *harness) Error(args ...any) { h.failed = true; fmt.Fprintln(os.Stderr, args...) }
-
-func (h *harness) Errorf(format string, args ...any) { h.failed = true; h.Logf(format, args...) }
-
-func (h *harness) Fatal(args ...any) { h.Error(args...); panic(fatal{}) }
-
-func (h *harness) Fatalf(format string, args ...any) { h.Errorf(format, args...); panic(fatal{}) }
-
-// close runs the cleanups, last first.
-func (h *harness) close() {
-	h.mu.Lock()
-	fs := h.cleanups
-	h.cleanups = nil
-	h.mu.Unlock()
-	for i := len(fs) - 1; i >= 0; i-- {
-		fs[i]()
 	}
 }

@@ -47,7 +47,7 @@ type warmSide struct {
 // the cluster's directory (same filesystem as the data directories),
 // opened in the replica's journal mode, and runs the same point queries on
 // both. It fails if the replica's position moved meanwhile.
-func measureWarmReads(h *harness, c *testingutil.Cluster, replica *testingutil.ClusterNode) (*warmResult, error) {
+func measureWarmReads(h *testingutil.Harness, c *testingutil.Cluster, replica *testingutil.ClusterNode) (*warmResult, error) {
 	pos := c.WaitCaughtUp(h, time.Minute, "bench.db")
 	res := &warmResult{node: replica.Name, locks: replica.Locks}
 	var err error

@@ -154,6 +154,20 @@ func printStatus(w io.Writer, nodes []nodeStatus) {
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\n", st.Node, st.Region, st.Role, st.Epoch, ready, lag, n.Admin)
 	}
+	for _, n := range nodes {
+		if l := n.Status.Lease; n.Error == "" && l != nil {
+			holder := "nobody"
+			if l.Holder != "" {
+				holder = l.Holder
+			}
+			read := "never read"
+			if !l.ReadAt.IsZero() {
+				read = "read " + time.Since(l.ReadAt).Round(time.Millisecond).String() + " ago"
+			}
+			fmt.Fprintf(tw, "\nlease in Consul (%s, key %s): %s at epoch %d, as %s %s\n", l.Consul, l.Key, holder, l.Epoch, n.Status.Node, read)
+			break
+		}
+	}
 	fmt.Fprintln(tw)
 	fmt.Fprintln(tw, "DATABASE\tNODE\tPOSITION\tLAG")
 	var dbs []string

@@ -1,0 +1,216 @@
+// Command failover measures how long a cluster on the Consul lease takes
+// to take writes again after its primary is killed: a real Consul agent
+// (consul agent -dev) and three real regiond processes on loopback; each
+// trial kills the primary with SIGKILL and times, from the kill, the first
+// write a client gets acknowledged on a surviving node, trying each every
+// 10 ms; it then restarts the killed node and waits until it is a replica
+// of the new primary. Throughout, every node's /status is sampled every
+// 10 ms, and any sample in which two nodes say they are primary is
+// counted. Figures are medians and percentiles over the trials, per
+// lease.check_ttl.
+//
+//	make build && go run ./bench/failover -trials 20 -check-ttls 1s,2s
+package main
+
+import (
+	"cmp"
+	"context"
+	"database/sql"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	_ "github.com/mattn/go-sqlite3"
+
+	"github.com/meridian-db/meridian/internal/testingutil"
+	"github.com/meridian-db/meridian/regiond"
+)
+
+func main() {
+	bin := flag.String("regiond", "bin/regiond", "regiond binary (make build)")
+	trials := flag.Int("trials", 20, "primaries killed per check TTL")
+	ttls := flag.String("check-ttls", "1s,2s", "lease.check_ttl values to measure, comma-separated")
+	lockDelay := flag.Duration("lock-delay", 500*time.Millisecond, "lease.lock_delay")
+	flag.Parse()
+	var checkTTLs []time.Duration
+	for _, s := range strings.Split(*ttls, ",") {
+		d, err := time.ParseDuration(s)
+		if err != nil || d <= 0 {
+			fmt.Fprintf(os.Stderr, "failover: -check-ttls: %q is not a duration above 0\n", s)
+			os.Exit(2)
+		}
+		checkTTLs = append(checkTTLs, d)
+	}
+	exe, err := filepath.Abs(*bin)
+	if err == nil {
+		_, err = os.Stat(exe)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "failover: -regiond %s: %v (make build builds bin/regiond)\n", *bin, err)
+		os.Exit(2)
+	}
+	fmt.Printf("failover: 3 regiond nodes (all candidates) and a Consul agent on loopback, %d trials per check TTL, lock_delay %v\n\n", *trials, *lockDelay)
+	fmt.Printf("%10s %7s %10s %10s %10s %26s\n", "check_ttl", "trials", "p50", "p99", "max", "samples with 2 primaries")
+	for _, ttl := range checkTTLs {
+		h := &testingutil.Harness{Prefix: "failover"}
+		var res result
+		err := h.Run(func() error { return measure(h, exe, ttl, *lockDelay, *trials, &res) })
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "failover: check_ttl %v: %v\n", ttl, err)
+			os.Exit(1)
+		}
+		slices.Sort(res.times)
+		fmt.Printf("%10v %7d %10v %10v %10v %15d of %-10d\n", ttl, len(res.times), pct(res.times, 50), pct(res.times, 99), res.times[len(res.times)-1].Round(time.Millisecond), res.both, res.samples)
+	}
+	fmt.Println("\nfrom SIGKILL of the primary to the first write acknowledged on another node; LiteFS (Consul lease) waits out its 10 s session TTL plus its lock delay.")
+}
+
+// result is what the trials of one check TTL measured.
+type result struct {
+	times         []time.Duration
+	both, samples int
+}
+
+// pct returns the p-th percentile of sorted d, nearest rank.
+func pct(d []time.Duration, p int) time.Duration {
+	i := max(0, (len(d)*p+99)/100-1)
+	return d[i].Round(time.Millisecond)
+}
+
+func measure(h *testingutil.Harness, exe string, ttl, lockDelay time.Duration, trials int, res *result) error {
+	agent := testingutil.StartConsul(h)
+	command := func(args ...string) *exec.Cmd { return exec.Command(exe, args...) }
+	specs := []testingutil.ClusterNodeSpec{{Name: "iad-1", Region: "iad"}, {Name: "fra-1", Region: "fra"}, {Name: "syd-1", Region: "syd"}}
+	c := testingutil.NewCluster(h, command, "", specs...)
+	c.UseConsul(agent.URL, "check_ttl: "+ttl.String(), "lock_delay: "+lockDelay.String())
+	c.Start(h)
+	primary, epoch, err := onePrimary(c, 0, time.Minute)
+	if err != nil {
+		return err
+	}
+	if err := write(primary, 0); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	sampled := make(chan struct{})
+	defer func() { cancel(); <-sampled }()
+	var mu sync.Mutex
+	go func() { // samples roles
+		defer close(sampled)
+		for ctx.Err() == nil {
+			n := 0
+			for _, node := range c.Nodes {
+				if st, err := status(node); err == nil && st.Role == regiond.RolePrimary {
+					n++
+				}
+			}
+			mu.Lock()
+			res.samples++
+			if n > 1 {
+				res.both++
+			}
+			mu.Unlock()
+			time.Sleep(10 * time.Millisecond)
+		}
+	}()
+	for trial := range trials {
+		killed := time.Now()
+		primary.Kill(h)
+		took, next, err := firstWrite(c, primary, trial+1, killed, time.Minute)
+		if err != nil {
+			return err
+		}
+		res.times = append(res.times, took)
+		fmt.Fprintf(os.Stderr, "trial %d: %s killed, %s took a write %v later\n", trial+1, primary.Name, next.Name, took.Round(time.Millisecond))
+		primary.Start(h)
+		var e uint64
+		if next, e, err = onePrimary(c, epoch, time.Minute); err != nil {
+			return err
+		}
+		primary, epoch = next, e
+	}
+	return nil
+}
+
+// firstWrite tries a write on every running node but dead every 10 ms and
+// returns how long after start the first succeeded, and where.
+func firstWrite(c *testingutil.Cluster, dead *testingutil.ClusterNode, id int, start time.Time, timeout time.Duration) (time.Duration, *testingutil.ClusterNode, error) {
+	for time.Since(start) < timeout {
+		for _, n := range c.Nodes {
+			if n == dead || !n.Running() {
+				continue
+			}
+			if write(n, id) == nil {
+				return time.Since(start), n, nil
+			}
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return 0, nil, fmt.Errorf("no node took a write in %v after the primary was killed", timeout)
+}
+
+// write inserts row id into bench.db on n's mount, through a connection of
+// its own (one opened while the mount was read-only stays read-only).
+func write(n *testingutil.ClusterNode, id int) error {
+	db, err := sql.Open("sqlite3", "file:"+filepath.Join(n.MountDir, "bench.db")+"?_journal_mode=wal&_busy_timeout=1000")
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	_, err = db.Exec(`CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, at TEXT); INSERT INTO t VALUES (?, ?)`, id, time.Now().Format(time.RFC3339Nano))
+	return err
+}
+
+// onePrimary waits until one node is primary above epoch after and every
+// other running node a ready replica of it at its epoch.
+func onePrimary(c *testingutil.Cluster, after uint64, timeout time.Duration) (*testingutil.ClusterNode, uint64, error) {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		var (
+			primary *testingutil.ClusterNode
+			epoch   uint64
+			others  []regiond.Status
+		)
+		for _, n := range c.Nodes {
+			if !n.Running() {
+				continue
+			}
+			st, err := status(n)
+			if err != nil {
+				others = append(others, regiond.Status{})
+				continue
+			}
+			if st.Role == regiond.RolePrimary && st.Epoch > after {
+				primary, epoch = n, st.Epoch
+			} else {
+				others = append(others, st)
+			}
+		}
+		if primary != nil && !slices.ContainsFunc(others, func(st regiond.Status) bool {
+			return st.Role != regiond.RoleReplica || st.Primary != primary.Name || st.Epoch != epoch || !st.Ready
+		}) {
+			return primary, epoch, nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return nil, 0, fmt.Errorf("no single primary above epoch %d with ready replicas in %v", after, timeout)
+}
+
+// status gets n's /status.
+func status(n *testingutil.ClusterNode) (regiond.Status, error) {
+	code, b, err := n.AdminGet("/status")
+	if err != nil || code != http.StatusOK {
+		return regiond.Status{}, cmp.Or(err, fmt.Errorf("%s /status: %d", n.Name, code))
+	}
+	var st regiond.Status
+	err = json.Unmarshal(b, &st)
+	return st, err
+}
