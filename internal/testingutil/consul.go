@@ -30,6 +30,8 @@ type Consul struct {
 	// Node is the agent's node name.
 	Node string
 
+	bin  string
+	args []string
 	cmd  *exec.Cmd
 	done chan struct{}
 	log  *LockedBuffer
@@ -80,16 +82,10 @@ func StartConsul(tb TB) *Consul {
 	}
 	httpPort := port()
 	c := &Consul{URL: "http://" + net.JoinHostPort(host, httpPort), Node: "consul-" + strings.ReplaceAll(host, ".", "-"),
-		done: make(chan struct{}), log: &LockedBuffer{}}
-	c.cmd = exec.Command(bin, "agent", "-dev", "-node", c.Node, "-bind", host, "-client", host, "-advertise", host,
+		bin: bin, log: &LockedBuffer{}}
+	c.args = []string{"agent", "-dev", "-node", c.Node, "-bind", host, "-client", host, "-advertise", host,
 		"-http-port", httpPort, "-server-port", port(), "-serf-lan-port", port(), "-serf-wan-port", port(),
-		"-dns-port", "-1", "-grpc-port", "-1", "-grpc-tls-port", "-1", "-log-level", "warn")
-	c.cmd.Stdout, c.cmd.Stderr = c.log, c.log
-	DieWithParent(c.cmd)
-	if err := c.cmd.Start(); err != nil {
-		tb.Fatalf("start %s: %v", bin, err)
-	}
-	go func() { _ = c.cmd.Wait(); close(c.done) }()
+		"-dns-port", "-1", "-grpc-port", "-1", "-grpc-tls-port", "-1", "-log-level", "warn"}
 	tb.Cleanup(func() {
 		if err := c.stop(); err != nil {
 			tb.Error(err)
@@ -98,11 +94,39 @@ func StartConsul(tb TB) *Consul {
 			tb.Logf("consul agent %s log:\n%s", c.URL, c.log.String())
 		}
 	})
+	c.start(tb)
+	return c
+}
+
+// Restart starts the agent again, on the same address and ports, after
+// Stop. A dev agent keeps nothing: its KV store, sessions and checks start
+// empty, as a Consul cluster that lost its data would.
+func (c *Consul) Restart(tb TB) {
+	tb.Helper()
+	if err := c.stop(); err != nil {
+		tb.Fatal(err)
+	}
+	c.start(tb)
+}
+
+// start runs the agent and waits until it is ready.
+func (c *Consul) start(tb TB) {
+	tb.Helper()
+	c.cmd = exec.Command(c.bin, c.args...)
+	c.cmd.Stdout, c.cmd.Stderr = c.log, c.log
+	DieWithParent(c.cmd)
+	if err := c.cmd.Start(); err != nil {
+		tb.Fatalf("start %s: %v", c.bin, err)
+	}
+	done := make(chan struct{})
+	c.done = done
+	cmd := c.cmd
+	go func() { _ = cmd.Wait(); close(done) }()
 	deadline := time.Now().Add(consulStartTimeout)
 	for {
 		err := c.ready()
 		if err == nil {
-			return c
+			return
 		}
 		select {
 		case <-c.done:
@@ -161,6 +185,9 @@ func (c *Consul) Stop(tb TB) {
 }
 
 func (c *Consul) stop() error {
+	if c.cmd == nil {
+		return nil
+	}
 	select {
 	case <-c.done:
 		return nil
