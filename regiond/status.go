@@ -187,6 +187,14 @@ func (d *Daemon) statusOf(f *fs.FileSystem, r *replicationNode) Status {
 		st.NotReady = why
 		return st
 	}
+	if l := st.Lease; primary == "" && l != nil {
+		if l.ReadAt.IsZero() {
+			st.NotReady = fmt.Sprintf("no primary: the lease in Consul at %s has not been read yet (see the log)", l.Consul)
+		} else {
+			st.NotReady = fmt.Sprintf("no primary: the lease in Consul (%s, key %s) names no holder", l.Consul, l.Key)
+		}
+		return st
+	}
 	if cl == nil {
 		st.NotReady = fmt.Sprintf("not replicating: replication.peers has no addr for the primary %s", primary)
 		return st
