@@ -12,6 +12,7 @@ import (
 
 	"github.com/meridian-db/meridian/lease"
 	"github.com/meridian-db/meridian/lease/consul"
+	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
 	"github.com/meridian-db/meridian/replication"
 )
 
@@ -221,13 +222,23 @@ func (d *Daemon) leaseChanged(ctx context.Context, st lease.State) {
 // followed (or has waited long enough for it), and makes the node primary
 // at the lease's epoch. It reports whether the node is primary now.
 func (d *Daemon) tryLease(ctx context.Context, l *consul.Leaser, freeSince time.Time) bool {
+	// Files the primary sent are applied in milliseconds; what it
+	// announced and never sent is not worth a longer wait. A candidate
+	// further ahead (below) is worth more: it may have commits that only
+	// it acknowledged.
 	if behind := d.behindPrimary(); behind != "" {
-		wait := 2 * time.Duration(d.Config.Lease.CheckTTL)
-		if time.Since(freeSince) < wait {
+		if time.Since(freeSince) < time.Duration(d.Config.Lease.CheckTTL) {
 			return false
 		}
 		d.Logger.Warn("taking the lease behind the last position the primary announced: what it committed past what this node applied is lost",
 			"behind", behind, "waited", time.Since(freeSince).Round(time.Millisecond))
+	}
+	if ahead := d.candidateAhead(ctx); ahead != "" {
+		if time.Since(freeSince) < 3*time.Duration(d.Config.Lease.CheckTTL) {
+			return false // it takes the lease; this node follows it
+		}
+		d.Logger.Warn("taking the lease although another candidate has applied more: what only it has is lost",
+			"ahead", ahead, "waited", time.Since(freeSince).Round(time.Millisecond))
 	}
 	seen, err := (&replication.EpochFile{Path: filepath.Join(d.Config.DataDir, epochFile)}).Load(ctx)
 	if err != nil {
@@ -273,6 +284,44 @@ func (d *Daemon) behindPrimary() string {
 	}
 	slices.Sort(behind)
 	return strings.Join(behind, ", ")
+}
+
+// candidateAhead says which reachable candidate, if any, has applied
+// more than this node in some database and less in none: that one, not
+// this node, should take the lease, so that a commit acknowledged by
+// fewer than every replica (replication.sync_acks) survives. "" if none.
+func (d *Daemon) candidateAhead(ctx context.Context) string {
+	mine := map[string]uint64{}
+	for _, name := range d.FS.DBs() {
+		if db := d.FS.DB(name); db != nil {
+			mine[name] = uint64(db.Log().Pos().TXID)
+		}
+	}
+	for _, resp := range d.peerStatuses(ctx, "") {
+		if !resp.GetCandidate() || resp.GetRole() == meridianv1.Role_ROLE_PRIMARY {
+			continue
+		}
+		ahead, behind := false, false
+		theirs := map[string]bool{}
+		for _, p := range resp.GetPositions() {
+			theirs[p.GetDb()] = true
+			switch my := mine[p.GetDb()]; {
+			case p.GetTxid() > my:
+				ahead = true
+			case p.GetTxid() < my:
+				behind = true
+			}
+		}
+		for name, txid := range mine {
+			if !theirs[name] && txid > 0 {
+				behind = true
+			}
+		}
+		if ahead && !behind {
+			return resp.GetNode()
+		}
+	}
+	return ""
 }
 
 // leaseLost makes a primary that can no longer be sure it holds the lease

@@ -255,13 +255,25 @@ func (d *Daemon) storeEpoch(ctx context.Context, epoch uint64) error {
 // epoch it has seen, and returns the highest answer; peers that do not
 // answer within peerEpochTimeout are left out, and logged.
 func (d *Daemon) peerEpochs(ctx context.Context) uint64 {
+	var newest uint64
+	for _, resp := range d.peerStatuses(ctx, "becoming primary without the lease epoch of a peer") {
+		newest = max(newest, resp.GetEpoch())
+	}
+	return newest
+}
+
+// peerStatuses asks every peer with a replication address for its status
+// (the Status RPC), within peerEpochTimeout, and returns the answers;
+// a peer that does not answer is logged with why, after what (unless
+// what is "").
+func (d *Daemon) peerStatuses(ctx context.Context, what string) []*meridianv1.StatusResponse {
 	c := d.Config
 	ctx, cancel := context.WithTimeout(ctx, peerEpochTimeout)
 	defer cancel()
 	var (
-		mu     sync.Mutex
-		newest uint64
-		wg     sync.WaitGroup
+		mu    sync.Mutex
+		resps []*meridianv1.StatusResponse
+		wg    sync.WaitGroup
 	)
 	for _, p := range c.Replication.Peers {
 		if p.Addr == "" {
@@ -280,17 +292,19 @@ func (d *Daemon) peerEpochs(ctx context.Context) uint64 {
 					var resp *meridianv1.StatusResponse
 					if resp, err = dl.Status(ctx); err == nil {
 						mu.Lock()
-						newest = max(newest, resp.GetEpoch())
+						resps = append(resps, resp)
 						mu.Unlock()
 						return
 					}
 				}
 			}
-			d.Logger.Warn("becoming primary without the lease epoch of a peer", "peer", p.Node, "err", err)
+			if what != "" {
+				d.Logger.Warn(what, "peer", p.Node, "err", err)
+			}
 		})
 	}
 	wg.Wait()
-	return newest
+	return resps
 }
 
 // Reload applies a changed configuration: with the static lease,

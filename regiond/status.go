@@ -53,8 +53,9 @@ type Status struct {
 	// addresses `regiond status` asks next.
 	Peers []PeerStatus `json:"peers"`
 	// Lease is, with lease.type: consul, the lease as this node last read
-	// it from Consul.
-	Lease *LeaseStatus `json:"lease,omitempty"`
+	// it from Consul; Candidate whether this node may take it.
+	Lease     *LeaseStatus `json:"lease,omitempty"`
+	Candidate bool         `json:"candidate,omitempty"`
 }
 
 // LeaseStatus is the lease in Consul as a node last read it.
@@ -155,7 +156,8 @@ func (d *Daemon) statusOf(f *fs.FileSystem, r *replicationNode) Status {
 	now := time.Now()
 	primary := d.Primary()
 	st := Status{Node: c.Node, Region: c.Region, Role: RoleReplica, Primary: primary, Addr: c.AdvertiseAddr(),
-		MaxLagMS: time.Duration(c.Router.MaxLag).Milliseconds(), Peers: peerStatus(c), Lease: d.leaseStatus()}
+		MaxLagMS: time.Duration(c.Router.MaxLag).Milliseconds(), Peers: peerStatus(c), Lease: d.leaseStatus(),
+		Candidate: c.Lease.Type == LeaseConsul && c.Lease.Candidate}
 	names := f.DBs()
 	slices.Sort(names)
 	logs := make(map[string]*ltx.Log, len(names))
@@ -301,7 +303,7 @@ func lagOf(cs replication.ClientStatus, db string, now time.Time) time.Duration 
 
 // proto renders s for the Status RPC.
 func (s Status) proto() *meridianv1.StatusResponse {
-	resp := &meridianv1.StatusResponse{Node: s.Node, Region: s.Region, Role: meridianv1.Role_ROLE_REPLICA, Epoch: s.Epoch}
+	resp := &meridianv1.StatusResponse{Node: s.Node, Region: s.Region, Role: meridianv1.Role_ROLE_REPLICA, Epoch: s.Epoch, Candidate: s.Candidate}
 	if s.Role == RolePrimary {
 		resp.Role = meridianv1.Role_ROLE_PRIMARY
 	}

@@ -1065,7 +1065,11 @@ type StatusResponse struct {
 	// Position of each database on the node, in name order.
 	Positions []*DatabasePosition `protobuf:"bytes,5,rep,name=positions,proto3" json:"positions,omitempty"`
 	// How the primary's commits wait for replicas; unset on a replica.
-	Durability    *Durability `protobuf:"bytes,6,opt,name=durability,proto3" json:"durability,omitempty"`
+	Durability *Durability `protobuf:"bytes,6,opt,name=durability,proto3" json:"durability,omitempty"`
+	// Whether the node may take the write lease (lease.candidate, with a
+	// lease that moves by itself): a candidate about to take it first asks
+	// the other candidates whether one is further ahead.
+	Candidate     bool `protobuf:"varint,7,opt,name=candidate,proto3" json:"candidate,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1140,6 +1144,13 @@ func (x *StatusResponse) GetDurability() *Durability {
 		return x.Durability
 	}
 	return nil
+}
+
+func (x *StatusResponse) GetCandidate() bool {
+	if x != nil {
+		return x.Candidate
+	}
+	return false
 }
 
 // Durability is the primary's replication.durability and how it fares.
@@ -1297,7 +1308,7 @@ const file_meridian_v1_replication_proto_rawDesc = "" +
 	"\x02db\x18\x01 \x01(\tR\x02db\x12\x12\n" +
 	"\x04txid\x18\x02 \x01(\x04R\x04txid\x12.\n" +
 	"\x13post_apply_checksum\x18\x03 \x01(\x06R\x11postApplyChecksum\"\x0f\n" +
-	"\rStatusRequest\"\xef\x01\n" +
+	"\rStatusRequest\"\x8d\x02\n" +
 	"\x0eStatusResponse\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x16\n" +
 	"\x06region\x18\x02 \x01(\tR\x06region\x12%\n" +
@@ -1306,7 +1317,8 @@ const file_meridian_v1_replication_proto_rawDesc = "" +
 	"\tpositions\x18\x05 \x03(\v2\x1d.meridian.v1.DatabasePositionR\tpositions\x127\n" +
 	"\n" +
 	"durability\x18\x06 \x01(\v2\x17.meridian.v1.DurabilityR\n" +
-	"durability\"\xc3\x01\n" +
+	"durability\x12\x1c\n" +
+	"\tcandidate\x18\a \x01(\bR\tcandidate\"\xc3\x01\n" +
 	"\n" +
 	"Durability\x12\x12\n" +
 	"\x04mode\x18\x01 \x01(\tR\x04mode\x12\x16\n" +
