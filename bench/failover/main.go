@@ -13,13 +13,10 @@
 package main
 
 import (
-	"cmp"
 	"context"
 	"database/sql"
-	"encoding/json"
 	"flag"
 	"fmt"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -31,6 +28,7 @@ import (
 	_ "github.com/mattn/go-sqlite3"
 
 	"github.com/meridian-db/meridian/internal/testingutil"
+	"github.com/meridian-db/meridian/internal/testingutil/roles"
 	"github.com/meridian-db/meridian/regiond"
 )
 
@@ -92,10 +90,7 @@ func measure(h *testingutil.Harness, exe string, ttl, lockDelay time.Duration, t
 	c := testingutil.NewCluster(h, command, "", specs...)
 	c.UseConsul(agent.URL, "check_ttl: "+ttl.String(), "lock_delay: "+lockDelay.String())
 	c.Start(h)
-	primary, epoch, err := onePrimary(c, 0, time.Minute)
-	if err != nil {
-		return err
-	}
+	primary, epoch := roles.WaitOnePrimary(h, c, 0, time.Minute)
 	if err := write(primary, 0); err != nil {
 		return err
 	}
@@ -108,7 +103,7 @@ func measure(h *testingutil.Harness, exe string, ttl, lockDelay time.Duration, t
 		for ctx.Err() == nil {
 			n := 0
 			for _, node := range c.Nodes {
-				if st, err := status(node); err == nil && st.Role == regiond.RolePrimary {
+				if st, err := roles.Status(node); err == nil && st.Role == regiond.RolePrimary {
 					n++
 				}
 			}
@@ -131,11 +126,10 @@ func measure(h *testingutil.Harness, exe string, ttl, lockDelay time.Duration, t
 		res.times = append(res.times, took)
 		fmt.Fprintf(os.Stderr, "trial %d: %s killed, %s took a write %v later\n", trial+1, primary.Name, next.Name, took.Round(time.Millisecond))
 		primary.Start(h)
-		var e uint64
-		if next, e, err = onePrimary(c, epoch, time.Minute); err != nil {
-			return err
+		primary, epoch = roles.WaitOnePrimary(h, c, epoch, time.Minute)
+		if primary != next {
+			return fmt.Errorf("%s took writes, then %s was primary", next.Name, primary.Name)
 		}
-		primary, epoch = next, e
 	}
 	return nil
 }
@@ -167,50 +161,4 @@ func write(n *testingutil.ClusterNode, id int) error {
 	defer db.Close()
 	_, err = db.Exec(`CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, at TEXT); INSERT INTO t VALUES (?, ?)`, id, time.Now().Format(time.RFC3339Nano))
 	return err
-}
-
-// onePrimary waits until one node is primary above epoch after and every
-// other running node a ready replica of it at its epoch.
-func onePrimary(c *testingutil.Cluster, after uint64, timeout time.Duration) (*testingutil.ClusterNode, uint64, error) {
-	deadline := time.Now().Add(timeout)
-	for time.Now().Before(deadline) {
-		var (
-			primary *testingutil.ClusterNode
-			epoch   uint64
-			others  []regiond.Status
-		)
-		for _, n := range c.Nodes {
-			if !n.Running() {
-				continue
-			}
-			st, err := status(n)
-			if err != nil {
-				others = append(others, regiond.Status{})
-				continue
-			}
-			if st.Role == regiond.RolePrimary && st.Epoch > after {
-				primary, epoch = n, st.Epoch
-			} else {
-				others = append(others, st)
-			}
-		}
-		if primary != nil && !slices.ContainsFunc(others, func(st regiond.Status) bool {
-			return st.Role != regiond.RoleReplica || st.Primary != primary.Name || st.Epoch != epoch || !st.Ready
-		}) {
-			return primary, epoch, nil
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return nil, 0, fmt.Errorf("no single primary above epoch %d with ready replicas in %v", after, timeout)
-}
-
-// status gets n's /status.
-func status(n *testingutil.ClusterNode) (regiond.Status, error) {
-	code, b, err := n.AdminGet("/status")
-	if err != nil || code != http.StatusOK {
-		return regiond.Status{}, cmp.Or(err, fmt.Errorf("%s /status: %d", n.Name, code))
-	}
-	var st regiond.Status
-	err = json.Unmarshal(b, &st)
-	return st, err
 }

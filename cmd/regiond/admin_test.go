@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/meridian-db/meridian/internal/testingutil"
+	"github.com/meridian-db/meridian/internal/testingutil/roles"
 	"github.com/meridian-db/meridian/regiond"
 )
 
@@ -201,24 +202,11 @@ func TestAdmin_StatusErrors(t *testing.T) {
 // adminStatus gets n's /status.
 func adminStatus(t *testing.T, n *testingutil.ClusterNode) regiond.Status {
 	t.Helper()
-	st, err := getStatus(n)
+	st, err := roles.Status(n)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return st
-}
-
-// getStatus gets n's /status, or says why it could not.
-func getStatus(n *testingutil.ClusterNode) (regiond.Status, error) {
-	code, b, err := n.AdminGet("/status")
-	if err != nil || code != http.StatusOK {
-		return regiond.Status{}, fmt.Errorf("%s /status: %d, %v", n.Name, code, err)
-	}
-	var st regiond.Status
-	if err := json.Unmarshal(b, &st); err != nil {
-		return regiond.Status{}, fmt.Errorf("%s /status: %v\n%s", n.Name, err, b)
-	}
-	return st, nil
 }
 
 // mustMetrics checks that n's /metrics has a line starting with each of

@@ -17,6 +17,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/meridian-db/meridian/internal/testingutil"
+	"github.com/meridian-db/meridian/internal/testingutil/roles"
 	"github.com/meridian-db/meridian/regiond"
 )
 
@@ -32,9 +33,7 @@ var leasePrefer = []string{"fra", "syd", "iad"}
 // ever say they are primary at once.
 func TestLease_Failover(t *testing.T) {
 	t.Parallel()
-	agent := testingutil.StartConsul(t)
-	c := testingutil.NewCluster(t, regiondCommand, "", iad, fra, syd)
-	c.UseConsul(agent.URL, "check_ttl: 1s", "lock_delay: 500ms", "prefer_regions: ["+strings.Join(leasePrefer, ", ")+"]")
+	agent, c := consulCluster(t, []testingutil.ClusterNodeSpec{iad, fra, syd}, "prefer_regions: ["+strings.Join(leasePrefer, ", ")+"]")
 	c.Start(t)
 
 	first, epoch := waitOnePrimary(t, c, 0)
@@ -125,45 +124,10 @@ func TestLease_Failover(t *testing.T) {
 	}
 }
 
-// waitOnePrimary waits until one running node says it is primary at an
-// epoch above after and every other running node is a ready replica of
-// it at that epoch, and returns it and its epoch.
+// waitOnePrimary is c.WaitOnePrimary with a minute's bound.
 func waitOnePrimary(t *testing.T, c *testingutil.Cluster, after uint64) (*testingutil.ClusterNode, uint64) {
 	t.Helper()
-	deadline := time.Now().Add(time.Minute)
-	for {
-		var (
-			primary *testingutil.ClusterNode
-			epoch   uint64
-			states  []string
-			others  []regiond.Status
-		)
-		for _, n := range c.Nodes {
-			if !n.Running() {
-				continue
-			}
-			st, err := getStatus(n)
-			if err != nil {
-				states = append(states, fmt.Sprintf("%s: %v", n.Name, err))
-				continue
-			}
-			states = append(states, fmt.Sprintf("%s: %s of %q at epoch %d, ready %v", n.Name, st.Role, st.Primary, st.Epoch, st.Ready))
-			if st.Role == regiond.RolePrimary && st.Epoch > after {
-				primary, epoch = n, st.Epoch
-			} else {
-				others = append(others, st)
-			}
-		}
-		if primary != nil && !slices.ContainsFunc(others, func(st regiond.Status) bool {
-			return st.Role != regiond.RoleReplica || st.Primary != primary.Name || st.Epoch != epoch || !st.Ready
-		}) {
-			return primary, epoch
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no single primary above epoch %d with every other node its ready replica in a minute:\n%s", after, strings.Join(states, "\n"))
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	return roles.WaitOnePrimary(t, c, after, time.Minute)
 }
 
 // roleMonitor samples every running node's role until stopped.
@@ -185,7 +149,7 @@ func monitorRoles(t *testing.T, c *testingutil.Cluster) *roleMonitor {
 		for ctx.Err() == nil {
 			var primaries []string
 			for _, n := range nodes {
-				if st, err := getStatus(n); err == nil && st.Role == regiond.RolePrimary {
+				if st, err := roles.Status(n); err == nil && st.Role == regiond.RolePrimary {
 					primaries = append(primaries, fmt.Sprintf("%s at epoch %d", st.Node, st.Epoch))
 				}
 			}
@@ -247,13 +211,7 @@ func TestLease_PrimaryCutOff(t *testing.T) {
 	first, epoch := waitOnePrimary(t, c, 0)
 	c.Primary = first.Name
 	mon := monitorRoles(t, c)
-	db := testingutil.MustOpenSQLite(t, filepath.Join(first.MountDir, "app.db"), "wal")
-	if _, err := db.Exec(`CREATE TABLE t (id INTEGER PRIMARY KEY, by TEXT); INSERT INTO t (by) VALUES ('before')`); err != nil {
-		t.Fatal(err)
-	}
-	if err := db.Close(); err != nil {
-		t.Fatal(err)
-	}
+	insertBy(t, first, "before")
 	c.WaitCaughtUp(t, time.Minute, "app.db")
 
 	cut := time.Now()
@@ -265,7 +223,7 @@ func TestLease_PrimaryCutOff(t *testing.T) {
 	deadline := time.Now().Add(time.Minute)
 	for next == nil {
 		for _, n := range c.Nodes {
-			if st, err := getStatus(n); n != first && err == nil && st.Role == regiond.RolePrimary && st.Epoch > epoch {
+			if st, err := roles.Status(n); n != first && err == nil && st.Role == regiond.RolePrimary && st.Epoch > epoch {
 				next, nextEpoch = n, st.Epoch
 			}
 		}
@@ -284,13 +242,7 @@ func TestLease_PrimaryCutOff(t *testing.T) {
 	if err := old.Close(); err != nil {
 		t.Fatal(err)
 	}
-	db = testingutil.MustOpenSQLite(t, filepath.Join(next.MountDir, "app.db"), "wal")
-	if _, err := db.Exec(`INSERT INTO t (by) VALUES ('after')`); err != nil {
-		t.Fatalf("write on the new primary %s: %v", next.Name, err)
-	}
-	if err := db.Close(); err != nil {
-		t.Fatal(err)
-	}
+	insertBy(t, next, "after")
 
 	if err := proxies[first.Name].Start(); err != nil {
 		t.Fatal(err)
@@ -301,12 +253,7 @@ func TestLease_PrimaryCutOff(t *testing.T) {
 	c.Primary = next.Name
 	c.WaitCaughtUp(t, time.Minute, "app.db")
 	mon.stop(t)
-	for _, n := range c.Nodes {
-		var rows string
-		if err := openOnReplica(t, n, "app.db").QueryRow(`SELECT group_concat(by, ',') FROM t`).Scan(&rows); err != nil || rows != "before,after" {
-			t.Errorf("%s: rows %q, %v; want before,after", n.Name, rows, err)
-		}
-	}
+	checkBy(t, c, "before,after")
 }
 
 // TestLease_ConsulRestart: the Consul agent dies. The primary, unable to
@@ -316,24 +263,12 @@ func TestLease_PrimaryCutOff(t *testing.T) {
 // above what it has seen; every row is on every node.
 func TestLease_ConsulRestart(t *testing.T) {
 	t.Parallel()
-	agent := testingutil.StartConsul(t)
-	c := testingutil.NewCluster(t, regiondCommand, "", iad, fra, syd)
-	c.UseConsul(agent.URL, "check_ttl: 1s", "lock_delay: 500ms")
+	agent, c := consulCluster(t, []testingutil.ClusterNodeSpec{iad, fra, syd})
 	c.Start(t)
 	first, epoch := waitOnePrimary(t, c, 0)
 	c.Primary = first.Name
 	mon := monitorRoles(t, c)
-	insert := func(n *testingutil.ClusterNode, by string) {
-		t.Helper()
-		db := testingutil.MustOpenSQLite(t, filepath.Join(n.MountDir, "app.db"), "wal")
-		if _, err := db.Exec(`CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, by TEXT); INSERT INTO t (by) VALUES (?)`, by); err != nil {
-			t.Fatalf("write on %s: %v", n.Name, err)
-		}
-		if err := db.Close(); err != nil {
-			t.Fatal(err)
-		}
-	}
-	insert(first, "before")
+	insertBy(t, first, "before")
 	c.WaitCaughtUp(t, time.Minute, "app.db")
 
 	stopped := time.Now()
@@ -351,15 +286,10 @@ func TestLease_ConsulRestart(t *testing.T) {
 	next, nextEpoch := waitOnePrimary(t, c, epoch)
 	t.Logf("Consul restarted: %s primary at epoch %d %v later", next.Name, nextEpoch, time.Since(restarted).Round(time.Millisecond))
 	c.Primary = next.Name
-	insert(next, "after")
+	insertBy(t, next, "after")
 	c.WaitCaughtUp(t, time.Minute, "app.db")
 	mon.stop(t)
-	for _, n := range c.Nodes {
-		var rows string
-		if err := openOnReplica(t, n, "app.db").QueryRow(`SELECT group_concat(by, ',') FROM t`).Scan(&rows); err != nil || rows != "before,after" {
-			t.Errorf("%s: rows %q, %v; want before,after", n.Name, rows, err)
-		}
-	}
+	checkBy(t, c, "before,after")
 }
 
 // TestLease_FailoverSync: with durability: sync (one replica's
@@ -373,13 +303,11 @@ func TestLease_ConsulRestart(t *testing.T) {
 // README, "Failover with Consul").
 func TestLease_FailoverSync(t *testing.T) {
 	t.Parallel()
-	agent := testingutil.StartConsul(t)
 	specs := []testingutil.ClusterNodeSpec{iad, fra, syd}
 	for i := range specs {
 		specs[i].Replication = []string{"durability: sync", "sync_acks: 1"}
 	}
-	c := testingutil.NewCluster(t, regiondCommand, "", specs...)
-	c.UseConsul(agent.URL, "check_ttl: 1s", "lock_delay: 500ms")
+	_, c := consulCluster(t, specs)
 	c.Start(t)
 	primary, epoch := waitOnePrimary(t, c, 0)
 	c.Primary = primary.Name
@@ -520,13 +448,11 @@ func insertRow(n *testingutil.ClusterNode, id int) error {
 // would take it and lose them.
 func TestLease_MostCaughtUpWins(t *testing.T) {
 	t.Parallel()
-	agent := testingutil.StartConsul(t)
 	specs := []testingutil.ClusterNodeSpec{iad, fra, syd}
 	for i := range specs {
 		specs[i].Replication = []string{"durability: sync", "sync_acks: 1"}
 	}
-	c := testingutil.NewCluster(t, regiondCommand, "", specs...)
-	c.UseConsul(agent.URL, "check_ttl: 1s", "lock_delay: 500ms", "prefer_regions: [fra, syd, iad]")
+	_, c := consulCluster(t, specs, "prefer_regions: [fra, syd, iad]")
 	first, lagging, ahead := c.Node(iad.Name), c.Node(fra.Name), c.Node(syd.Name)
 	first.Start(t) // alone, so that it takes the lease
 	if p, _ := waitOnePrimary(t, c, 0); p != first {
@@ -569,4 +495,39 @@ func TestLease_MostCaughtUpWins(t *testing.T) {
 			t.Errorf("%s: %d rows, %v; want the %d acknowledged", n.Name, count, err, rows)
 		}
 	}
+}
+
+// insertBy writes a row saying by into app.db (WAL) on n's mount, making
+// the table if needed.
+func insertBy(t *testing.T, n *testingutil.ClusterNode, by string) {
+	t.Helper()
+	db := testingutil.MustOpenSQLite(t, filepath.Join(n.MountDir, "app.db"), "wal")
+	if _, err := db.Exec(`CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, by TEXT); INSERT INTO t (by) VALUES (?)`, by); err != nil {
+		t.Fatalf("write on %s: %v", n.Name, err)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// checkBy checks that every node's app.db has the rows insertBy wrote, in
+// order: want, comma-separated.
+func checkBy(t *testing.T, c *testingutil.Cluster, want string) {
+	t.Helper()
+	for _, n := range c.Nodes {
+		var rows string
+		if err := openOnReplica(t, n, "app.db").QueryRow(`SELECT group_concat(by, ',') FROM t`).Scan(&rows); err != nil || rows != want {
+			t.Errorf("%s: rows %q, %v; want %s", n.Name, rows, err, want)
+		}
+	}
+}
+
+// consulCluster starts a Consul agent and makes a cluster of specs on its
+// lease (check_ttl 1s, lock_delay 500ms, and extra keys), not started.
+func consulCluster(t *testing.T, specs []testingutil.ClusterNodeSpec, extra ...string) (*testingutil.Consul, *testingutil.Cluster) {
+	t.Helper()
+	agent := testingutil.StartConsul(t)
+	c := testingutil.NewCluster(t, regiondCommand, "", specs...)
+	c.UseConsul(agent.URL, append([]string{"check_ttl: 1s", "lock_delay: 500ms"}, extra...)...)
+	return agent, c
 }

@@ -304,14 +304,5 @@ func TestLeaser_BadInput(t *testing.T) {
 // recv returns the next state from c, failing the test after 10 s.
 func recv(t *testing.T, c <-chan lease.State) lease.State {
 	t.Helper()
-	select {
-	case st, ok := <-c:
-		if !ok {
-			t.Fatal("watch closed")
-		}
-		return st
-	case <-time.After(10 * time.Second):
-		t.Fatal("no state watched in 10s")
-	}
-	return lease.State{}
+	return testingutil.Recv(t, c, 10*time.Second, "the next lease state watched")
 }
