@@ -151,22 +151,36 @@ func (d *Daemon) runLease(ctx context.Context, lr *leaseRunner) {
 			if st.Held() || !c.Lease.Candidate {
 				continue
 			}
-			if d.tryLease(ctx, l, freeSince) {
-				renewed = time.Now()
+			if began := time.Now(); d.tryLease(ctx, l, freeSince) {
+				renewed = began
 			} else {
 				try.Reset(acquireRetry)
 			}
 		case <-renew.C:
 			// Bounded so that a primary whose renewals fail steps down
 			// (at 2/3 of the check TTL) before Consul ends its session.
+			began := time.Now()
 			rctx, cancel := context.WithTimeout(ctx, renewEvery/2)
 			err := l.Renew(rctx)
 			cancel()
 			if !d.IsPrimary() {
-				continue // passes the check, so Acquire's session stays valid
+				// Renew passes the check, so that Acquire's session stays
+				// valid. It succeeds only for the holder: a node that
+				// stepped down while its session kept the lease (Consul
+				// slow rather than gone) gives it up, or nobody could
+				// take it.
+				if err == nil {
+					d.Logger.Warn("this node holds the lease but stepped down: releasing it")
+					rctx, cancel := context.WithTimeout(ctx, renewEvery)
+					if err := l.Release(rctx); err != nil {
+						d.Logger.Warn("releasing the lease", "err", err)
+					}
+					cancel()
+				}
+				continue
 			}
 			if err == nil {
-				renewed = time.Now()
+				renewed = began // Consul's check TTL runs from about then
 				continue
 			}
 			// Consul ends the session checkTTL after the last renewal
