@@ -52,11 +52,11 @@ func (d *Daemon) leaseStatus() *LeaseStatus {
 	return &st
 }
 
-// read records the lease as the watch read it.
+// read records the lease as the watch read it, when it changed.
 func (lr *leaseRunner) read(st lease.State) {
 	lr.mu.Lock()
 	defer lr.mu.Unlock()
-	lr.status.Holder, lr.status.Epoch, lr.status.ReadAt = st.Holder.Node, st.Epoch, time.Now()
+	lr.status.Holder, lr.status.Epoch, lr.status.Since = st.Holder.Node, st.Epoch, time.Now()
 }
 
 // startLease starts the lease loop of lease.type: consul.

@@ -67,8 +67,9 @@ type LeaseStatus struct {
 	// the last holder's).
 	Holder string `json:"holder"`
 	Epoch  uint64 `json:"epoch"`
-	// ReadAt is when the node last read it; zero if it never could.
-	ReadAt time.Time `json:"read_at,omitzero"`
+	// Since is when the node learned of the lease as it is (the watch
+	// reports changes only); zero if it could never read it.
+	Since time.Time `json:"since,omitzero"`
 }
 
 // PeerStatus is a node of replication.peers.
@@ -190,7 +191,7 @@ func (d *Daemon) statusOf(f *fs.FileSystem, r *replicationNode) Status {
 		return st
 	}
 	if l := st.Lease; primary == "" && l != nil {
-		if l.ReadAt.IsZero() {
+		if l.Since.IsZero() {
 			st.NotReady = fmt.Sprintf("no primary: the lease in Consul at %s has not been read yet (see the log)", l.Consul)
 		} else {
 			st.NotReady = fmt.Sprintf("no primary: the lease in Consul (%s, key %s) names no holder", l.Consul, l.Key)

@@ -94,7 +94,7 @@ func TestLease_Failover(t *testing.T) {
 	for _, n := range c.Nodes {
 		st := waitStatus(t, n, func(st regiond.Status) bool { return st.Lease != nil && st.Lease.Holder == next.Name },
 			"a node that read the lease of %s", next.Name)
-		if l := st.Lease; l.Type != regiond.LeaseConsul || l.Consul != agent.URL || l.Key != "meridian/primary" || l.Epoch != nextEpoch || l.ReadAt.IsZero() {
+		if l := st.Lease; l.Type != regiond.LeaseConsul || l.Consul != agent.URL || l.Key != "meridian/primary" || l.Epoch != nextEpoch || l.Since.IsZero() {
 			t.Errorf("%s /status lease: %+v", n.Name, l)
 		}
 	}
@@ -102,7 +102,7 @@ func TestLease_Failover(t *testing.T) {
 	if err := Run(context.Background(), []string{"status", "-admin", first.Admin}, &stdout, &stderr); err != nil {
 		t.Fatalf("regiond status: %v\n%s", err, stderr.String())
 	}
-	if want := fmt.Sprintf("lease in Consul (%s, key meridian/primary): %s at epoch %d, as %s read ", agent.URL, next.Name, nextEpoch, first.Name); !strings.Contains(stdout.String(), want) {
+	if want := fmt.Sprintf("lease in Consul (%s, key meridian/primary): %s at epoch %d, as %s has seen it for ", agent.URL, next.Name, nextEpoch, first.Name); !strings.Contains(stdout.String(), want) {
 		t.Errorf("regiond status does not say %q:\n%s", want, stdout.String())
 	}
 

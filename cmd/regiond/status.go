@@ -160,11 +160,11 @@ func printStatus(w io.Writer, nodes []nodeStatus) {
 			if l.Holder != "" {
 				holder = l.Holder
 			}
-			read := "never read"
-			if !l.ReadAt.IsZero() {
-				read = "read " + time.Since(l.ReadAt).Round(time.Millisecond).String() + " ago"
+			seen := "has not read it yet"
+			if !l.Since.IsZero() {
+				seen = "has seen it for " + time.Since(l.Since).Round(time.Millisecond).String()
 			}
-			fmt.Fprintf(tw, "\nlease in Consul (%s, key %s): %s at epoch %d, as %s %s\n", l.Consul, l.Key, holder, l.Epoch, n.Status.Node, read)
+			fmt.Fprintf(tw, "\nlease in Consul (%s, key %s): %s at epoch %d, as %s %s\n", l.Consul, l.Key, holder, l.Epoch, n.Status.Node, seen)
 			break
 		}
 	}
