@@ -24,6 +24,10 @@ const (
 	// preferStep is the head start each place in lease.prefer_regions
 	// gives a candidate over the next, once the lease is free.
 	preferStep = 300 * time.Millisecond
+	// peerCheckEvery is how often a candidate retrying for a free lease
+	// asks the other candidates for their positions again (a Status RPC
+	// to each), rather than on every retry.
+	peerCheckEvery = 250 * time.Millisecond
 )
 
 // leaseRunner drives the node's role from the lease in Consul: it follows
@@ -37,6 +41,11 @@ type leaseRunner struct {
 
 	mu     sync.Mutex
 	status LeaseStatus // the lease as last read, for /status
+
+	// The last answer of candidateAhead and when it was asked; the lease
+	// loop's own.
+	ahead   string
+	aheadAt time.Time
 }
 
 // leaseStatus returns the lease as this node last read it, nil without
@@ -151,7 +160,7 @@ func (d *Daemon) runLease(ctx context.Context, lr *leaseRunner) {
 			if st.Held() || !c.Lease.Candidate {
 				continue
 			}
-			if began := time.Now(); d.tryLease(ctx, l, freeSince) {
+			if began := time.Now(); d.tryLease(ctx, lr, freeSince) {
 				renewed = began
 			} else {
 				try.Reset(acquireRetry)
@@ -235,7 +244,8 @@ func (d *Daemon) leaseChanged(ctx context.Context, st lease.State) {
 // tryLease takes the lease if this node has caught up with the primary it
 // followed (or has waited long enough for it), and makes the node primary
 // at the lease's epoch. It reports whether the node is primary now.
-func (d *Daemon) tryLease(ctx context.Context, l *consul.Leaser, freeSince time.Time) bool {
+func (d *Daemon) tryLease(ctx context.Context, lr *leaseRunner, freeSince time.Time) bool {
+	l := lr.l
 	// Files the primary sent are applied in milliseconds; what it
 	// announced and never sent is not worth a longer wait. A candidate
 	// further ahead (below) is worth more: it may have commits that only
@@ -247,7 +257,10 @@ func (d *Daemon) tryLease(ctx context.Context, l *consul.Leaser, freeSince time.
 		d.Logger.Warn("taking the lease behind the last position the primary announced: what it committed past what this node applied is lost",
 			"behind", behind, "waited", time.Since(freeSince).Round(time.Millisecond))
 	}
-	if ahead := d.candidateAhead(ctx); ahead != "" {
+	if time.Since(lr.aheadAt) >= peerCheckEvery {
+		lr.ahead, lr.aheadAt = d.candidateAhead(ctx), time.Now()
+	}
+	if ahead := lr.ahead; ahead != "" {
 		if time.Since(freeSince) < 3*time.Duration(d.Config.Lease.CheckTTL) {
 			return false // it takes the lease; this node follows it
 		}
