@@ -96,9 +96,13 @@ type FileSystem struct {
 	conn           uint32         // the mount's FUSE connection number
 	notify         sync.WaitGroup // cache notifications sent after a request
 	readOnly       atomic.Bool
-	holderMu       sync.Mutex  // guards holder
-	holder         *lockHolder // the running lock holder, if any
-	holderPid      atomic.Int32
+	// writeDeadline: past it (monoBase nanoseconds on the monotonic
+	// clock) writes are refused; 0 when unbounded (SetWriteDeadline).
+	writeDeadline atomic.Int64
+	expiredLogged atomic.Int64 // when refuseExpired last logged, Unix ns
+	holderMu      sync.Mutex   // guards holder
+	holder        *lockHolder  // the running lock holder, if any
+	holderPid     atomic.Int32
 	// readHoldWarning overrides how long an apply waits for readers
 	// before the log names them (readHoldWarning), for tests.
 	readHoldWarning time.Duration
@@ -216,19 +220,28 @@ func (f *FileSystem) SetCommitWait(w CommitWait) {
 // committed. cancel is the request's interrupt, and caller the thread
 // that made it.
 func (f *FileSystem) awaitCommit(cancel <-chan struct{}, caller uint32, n *node, before, after commitMark, st fuse.Status) fuse.Status {
-	w := f.commitWait.Load()
-	if w == nil || !st.Ok() || after.n == before.n {
+	if !st.Ok() || after.n == before.n {
 		return st
 	}
 	canFail := n.kind == kindJournal
-	ctx, stop := f.commitContext(cancel, caller, n.db, after.txid, canFail)
-	defer stop()
-	if err := (*w)(ctx, n.db.Name, after.txid, canFail); err != nil {
-		msg := "commit fails: it is not acknowledged as durability requires; the transaction is committed here"
-		if ctx.Err() != nil {
-			msg = "commit fails: the app was interrupted while it waited for the acknowledgements durability requires; the transaction is committed here"
+	if w := f.commitWait.Load(); w != nil {
+		ctx, stop := f.commitContext(cancel, caller, n.db, after.txid, canFail)
+		defer stop()
+		if err := (*w)(ctx, n.db.Name, after.txid, canFail); err != nil {
+			msg := "commit fails: it is not acknowledged as durability requires; the transaction is committed here"
+			if ctx.Err() != nil {
+				msg = "commit fails: the app was interrupted while it waited for the acknowledgements durability requires; the transaction is committed here"
+			}
+			f.Logger.Error(msg, "db", n.db.Name, "txid", after.txid.String(), "pid", caller, "err", err)
+			return fuse.EIO
 		}
-		f.Logger.Error(msg, "db", n.db.Name, "txid", after.txid.String(), "pid", caller, "err", err)
+	}
+	if canFail && f.pastDeadline() && !f.readOnly.Load() {
+		// The write deadline passed while the commit was made: another
+		// node may hold the lease by now, and the transaction may never
+		// reach it. (A WAL commit cannot fail here.)
+		f.Logger.Error("commit fails: this node's lease ran out while it committed; the transaction is committed here, and kept under lost/ if the next primary never receives it",
+			"db", n.db.Name, "txid", after.txid.String(), "pid", caller)
 		return fuse.EIO
 	}
 	return st
@@ -743,6 +756,41 @@ func (f *FileSystem) EndApplying() error {
 
 // ReadOnly reports whether the mount is read-only.
 func (f *FileSystem) ReadOnly() bool { return f.readOnly.Load() }
+
+// monoBase is the origin of write deadlines: times are kept as durations
+// since it, which Go measures on the monotonic clock, so a step of the
+// wall clock moves no deadline.
+var monoBase = time.Now()
+
+// SetWriteDeadline bounds the writes of a primary whose lease lasts until
+// t: past t, every write the mount would pass to SQLite is refused as on
+// a read-only mount (EROFS), an fsync of a database, journal or WAL fails
+// (EIO), and so do SQLite's write locks (EAGAIN: SQLite's busy handler
+// waits, and the writer gets in once the lease is renewed, or finds the
+// mount read-only once the node has stepped down). The lease holder moves
+// t forward at each renewal; it is what stops a primary that was paused
+// (SIGSTOP, a VM freeze, a long stall) from acknowledging a write after
+// another node may have taken the lease, before its own lease loop has
+// run again. The zero time removes the bound. Deadlines are kept on the
+// monotonic clock.
+//
+// In WAL mode a transaction that held the WAL write lock and had its
+// commit fsynced before t may still become visible after t: SQLite's
+// commit point, the wal-index in the -shm, is memory the kernel shares
+// without asking the mount.
+func (f *FileSystem) SetWriteDeadline(t time.Time) {
+	if t.IsZero() {
+		f.writeDeadline.Store(0)
+		return
+	}
+	f.writeDeadline.Store(max(1, int64(t.Sub(monoBase))))
+}
+
+// pastDeadline reports whether the write deadline has passed.
+func (f *FileSystem) pastDeadline() bool {
+	d := f.writeDeadline.Load()
+	return d != 0 && int64(time.Since(monoBase)) > d
+}
 
 // SetPrimary sets the content of .primary, which names the primary on a
 // replica; "" removes the file (on the primary).

@@ -124,6 +124,89 @@ func TestFileSystem_ReadOnly(t *testing.T) {
 	}
 }
 
+// TestFileSystem_WriteDeadline: past the write deadline a primary's
+// lease may have run out. A transaction begun before it does not commit
+// after it (its fsync fails), new writes are refused, the log gains
+// nothing and readers see what was committed; cleared or moved forward,
+// the deadline lets writes in again.
+func TestFileSystem_WriteDeadline(t *testing.T) {
+	for _, mode := range journalModes {
+		t.Run(mode, func(t *testing.T) {
+			dir := t.TempDir()
+			fsys := fs.New(filepath.Join(dir, "data"), filepath.Join(dir, "mnt"))
+			var logs testingutil.LockedBuffer
+			fsys.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+			testingutil.MustOpenFS(t, fsys)
+			path := filepath.Join(fsys.MountDir, "app.db")
+			writer := testingutil.MustOpenSQLite(t, path, mode)
+			if _, err := writer.Exec(`CREATE TABLE t (x); INSERT INTO t VALUES (1)`); err != nil {
+				t.Fatal(err)
+			}
+			// A second writer that gives up after 200 ms of SQLITE_BUSY.
+			other, err := sql.Open("sqlite3", "file:"+path+"?_synchronous=FULL&_busy_timeout=200")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = other.Close() })
+			reader := testingutil.MustOpenSQLite(t, path, mode)
+			count := func() int {
+				t.Helper()
+				var n int
+				if err := reader.QueryRow(`SELECT count(*) FROM t`).Scan(&n); err != nil {
+					t.Fatalf("read: %v", err)
+				}
+				return n
+			}
+			log := fsys.DB("app.db")
+			pos := log.Pos()
+
+			// In rollback-journal modes the COMMIT waits out its busy
+			// timeout for the lock it needs to write the database file.
+			if _, err := writer.Exec(`PRAGMA busy_timeout = 200`); err != nil {
+				t.Fatal(err)
+			}
+			tx, err := writer.Begin()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := tx.Exec(`INSERT INTO t VALUES (2)`); err != nil {
+				t.Fatal(err)
+			}
+			fsys.SetWriteDeadline(time.Now().Add(-time.Millisecond))
+			if err := tx.Commit(); err == nil {
+				t.Fatal("a transaction begun before the write deadline committed after it")
+			}
+			if _, err := other.Exec(`INSERT INTO t VALUES (3)`); err == nil {
+				t.Fatal("a write past the deadline succeeded")
+			}
+			if got := log.Pos(); got != pos {
+				t.Fatalf("position %s after refused writes, want %s", got, pos)
+			}
+			if got := count(); got != 1 {
+				t.Fatalf("reader got %d rows after refused writes, want 1", got)
+			}
+			if got := logs.String(); !strings.Contains(got, "lease ran out") {
+				t.Fatalf("no log line says the writes were refused for the lease:\n%s", got)
+			}
+
+			// A renewed lease moves the deadline forward; a node without one
+			// clears it.
+			for i, deadline := range []time.Time{time.Now().Add(time.Hour), {}} {
+				fsys.SetWriteDeadline(deadline)
+				if _, err := other.Exec(`INSERT INTO t VALUES (?)`, 4+i); err != nil {
+					t.Fatalf("write with the deadline at %v: %v", deadline, err)
+				}
+			}
+			if got := count(); got != 3 {
+				t.Fatalf("reader got %d rows, want 3", got)
+			}
+			if got, want := log.Pos().TXID, pos.TXID+2; got != want {
+				t.Fatalf("TXID %s after two writes, want %s", got, want)
+			}
+		})
+	}
+}
+
 func TestFileSystem_SpecialFiles(t *testing.T) {
 	fsys := testingutil.MustMount(t)
 	read := func(name string) (string, error) {

@@ -396,6 +396,18 @@ func (f *FileSystem) ioError(n *node, op string, err error) fuse.Status {
 	return fuse.EIO
 }
 
+// refuseExpired logs an operation refused because the write deadline
+// passed (SetWriteDeadline), at most once a second.
+func (f *FileSystem) refuseExpired(op, name string, pid uint32) {
+	now := time.Now().UnixNano()
+	last := f.expiredLogged.Load()
+	if now-last < int64(time.Second) || !f.expiredLogged.CompareAndSwap(last, now) {
+		return
+	}
+	f.Logger.Error("write refused: this node's lease ran out before it could renew it; another node may hold it now",
+		"op", op, "file", name, "pid", pid)
+}
+
 // refusal is when refuseWrite last logged a process's write, and the
 // primary it named.
 type refusal struct {
@@ -409,10 +421,15 @@ type refusal struct {
 // to write. It logs once a minute per process, and again at once when the
 // primary has changed since.
 func (f *FileSystem) refuseWrite(c fuse.Caller, op, name string) bool {
-	if !f.readOnly.Load() || f.isLockHolder(c.Pid) {
+	expired := !f.readOnly.Load() && f.pastDeadline()
+	if !f.readOnly.Load() && !expired || f.isLockHolder(c.Pid) {
 		// The lock holder opens the database for writing to take write
 		// locks; it writes nothing.
 		return false
+	}
+	if expired {
+		f.refuseExpired(op, name, c.Pid)
+		return true
 	}
 	f.mu.Lock()
 	now := time.Now()

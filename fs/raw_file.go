@@ -27,7 +27,9 @@ func (r *raw) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string, out
 			"super_journal", name, "pid", in.Caller.Pid)
 		return fuse.EPERM
 	}
-	if kind != kindShm && f.refuseWrite(in.Caller, "create", name) {
+	// Past the write deadline (not read-only) a WAL may still be created:
+	// readers open it, and it holds no commit yet.
+	if kind != kindShm && (kind != kindWAL || f.readOnly.Load()) && f.refuseWrite(in.Caller, "create", name) {
 		return fuse.Status(syscall.EROFS)
 	}
 	f.mu.Lock()
@@ -165,7 +167,12 @@ func (r *raw) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) f
 		out.OpenFlags = fuse.FOPEN_DIRECT_IO
 		return fuse.OK
 	}
-	if in.Flags&writeFlags != 0 && n.kind != kindShm && f.refuseWrite(in.Caller, "open for writing", n.name) {
+	// A read-only mount refuses every open for writing, so that SQLite
+	// opens read-only; past the write deadline only one that truncates,
+	// since the deadline may move again and SQLite keeps a connection
+	// read-only that opened read-only.
+	if in.Flags&writeFlags != 0 && n.kind != kindShm && (f.readOnly.Load() || in.Flags&syscall.O_TRUNC != 0) &&
+		f.refuseWrite(in.Caller, "open for writing", n.name) {
 		return fuse.Status(syscall.EROFS)
 	}
 	if in.Flags&syscall.O_TRUNC != 0 {
@@ -285,6 +292,12 @@ func (r *raw) Fsync(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 	if h.file == nil {
 		return fuse.OK
 	}
+	if h.node.kind != kindShm && r.fs.pastDeadline() && !r.fs.readOnly.Load() {
+		// What SQLite fsyncs it is about to take for durable: a commit,
+		// or the pages a commit needs first.
+		r.fs.refuseExpired("fsync", h.node.name, in.Caller.Pid)
+		return fuse.EIO
+	}
 	switch h.node.kind {
 	case kindDB:
 		return fuse.ToStatus(h.node.db.syncDatabase(h.file, in.FsyncFlags&1 != 0))
@@ -302,7 +315,14 @@ func (r *raw) Fsync(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 		d.mu.Lock()
 		after := d.committed
 		d.mu.Unlock()
-		return r.fs.awaitCommit(cancel, in.Caller.Pid, h.node, before, after, fuse.OK)
+		st := r.fs.awaitCommit(cancel, in.Caller.Pid, h.node, before, after, fuse.OK)
+		if st.Ok() && r.fs.pastDeadline() && !r.fs.readOnly.Load() {
+			// The deadline passed during the fsync: SQLite, told it
+			// failed, does not commit the transaction it ends.
+			r.fs.refuseExpired("fsync", h.node.name, in.Caller.Pid)
+			return fuse.EIO
+		}
+		return st
 	}
 	if in.FsyncFlags&1 != 0 {
 		return fuse.ToStatus(syscall.Fdatasync(int(h.file.Fd())))
@@ -426,12 +446,13 @@ func (r *raw) Unlink(cancel <-chan struct{}, in *fuse.InHeader, name string) fus
 		}
 	}
 	after := d.committed
-	if err == nil && kind == kindJournal && after.n != before.n && f.commitWait.Load() != nil {
-		// The commit must be acknowledged before the unlink returns, and
-		// if it is not, the unlink fails with the journal still there for
-		// the kernel. Zeroed first, as PERSIST mode leaves it: not hot,
-		// so neither SQLite nor a restart rolls back the transaction,
-		// which is committed here whatever the replicas do.
+	if err == nil && kind == kindJournal && after.n != before.n && (f.commitWait.Load() != nil || f.pastDeadline()) {
+		// The commit must be acknowledged before the unlink returns (or
+		// made before the write deadline), and if it is not, the unlink
+		// fails with the journal still there for the kernel. Zeroed
+		// first, as PERSIST mode leaves it: not hot, so neither SQLite
+		// nor a restart rolls back the transaction, which is committed
+		// here whatever the replicas do.
 		err = zeroJournalHeader(d.path(journalFile))
 		d.mu.Unlock()
 		if err != nil {

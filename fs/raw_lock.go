@@ -71,6 +71,12 @@ func (r *raw) setLk(cancel <-chan struct{}, in *fuse.LkIn, wait bool) fuse.Statu
 	if flock {
 		in.Lk.Start, in.Lk.End = 0, math.MaxUint64
 	}
+	if in.Lk.Typ == syscall.F_WRLCK && !flock && r.fs.pastDeadline() && !r.fs.readOnly.Load() && isWriteLock(n, in.Lk.Start, in.Lk.End) && !r.fs.isLockHolder(in.Caller.Pid) {
+		// A write transaction would begin: in WAL mode with passthrough
+		// nothing else asks the mount before its commit.
+		r.fs.refuseExpired("write lock", n.name, in.Caller.Pid)
+		return fuse.EAGAIN
+	}
 	committed := fuse.OK
 	if n.kind == kindShm && !flock && in.Lk.Typ != syscall.F_WRLCK && in.Lk.Start <= walLockOffset && walLockOffset <= in.Lk.End {
 		committed = r.beforeWALUnlock(cancel, in.Caller.Pid, n, in.Owner)
@@ -103,6 +109,19 @@ func (r *raw) setLk(cancel <-chan struct{}, in *fuse.LkIn, wait bool) fuse.Statu
 		return r.afterUnlock(cancel, in.Caller.Pid, n)
 	}
 	return committed
+}
+
+// isWriteLock reports whether a write lock on start..end of n is one a
+// writer of SQLite takes to write: any on the database file (RESERVED and
+// above, in rollback-journal mode) or the WAL write lock of the -shm.
+func isWriteLock(n *node, start, end uint64) bool {
+	switch n.kind {
+	case kindDB:
+		return true
+	case kindShm:
+		return start <= walLockOffset && walLockOffset <= end
+	}
+	return false
 }
 
 // afterUnlock lets capture see the end of a change that no journal marks

@@ -18,6 +18,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"time"
 )
 
 // Holder is what the lease says about the node that holds it: who it is
@@ -75,6 +76,14 @@ type Leaser interface {
 	// Release gives the lease up if this node holds it; another node may
 	// take it at once.
 	Release(ctx context.Context) error
+
+	// ValidUntil returns the time until which this node, if it holds the
+	// lease, holds it even if it renews no more: no other node can take
+	// it before then. The zero time means no such bound (a lease that
+	// does not expire). A holder refuses writes past it (see
+	// fs.FileSystem.SetWriteDeadline), so that a node paused while it held
+	// the lease acknowledges nothing once another may have taken it.
+	ValidUntil() time.Time
 
 	// Current returns the lease as it stands.
 	Current(ctx context.Context) (State, error)

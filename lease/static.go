@@ -3,6 +3,7 @@ package lease
 import (
 	"context"
 	"sync"
+	"time"
 )
 
 // Static is the lease of lease.type: static. The configuration names the
@@ -68,6 +69,9 @@ func (s *Static) Renew(context.Context) error {
 
 // Release does nothing: the configuration decides who holds the lease.
 func (s *Static) Release(context.Context) error { return nil }
+
+// ValidUntil returns the zero time: a static lease does not expire.
+func (s *Static) ValidUntil() time.Time { return time.Time{} }
 
 // Current returns the primary the configuration names. Its epoch is known
 // only on the primary itself, once it acquired; elsewhere it is 0.

@@ -196,6 +196,9 @@ type LeaseConfig struct {
 	// that holds the lease.
 	ConsulURL string `yaml:"consul_url"`
 	ConsulKey string `yaml:"consul_key"`
+	// ConsulTokenFile holds the ACL token of the lease's Consul requests
+	// (see ConsulToken).
+	ConsulTokenFile string `yaml:"consul_token_file"`
 	// TTL is the Consul session's TTL (10s at least), a backstop;
 	// CheckTTL the TTL of the health check the primary passes three times
 	// within it, which ends the lease about CheckTTL after the primary
@@ -359,8 +362,8 @@ func LoadConfig(path string) (Config, error) {
 }
 
 // ParseConfig reads one YAML document from r, applies defaults for the keys
-// it leaves out, resolves relative data_dir, mount_dir, tls.ca, tls.cert and
-// tls.key against dir (made absolute), and validates the result. Problems
+// it leaves out, resolves relative data_dir, mount_dir, tls.ca, tls.cert,
+// tls.key and lease.consul_token_file against dir (made absolute), and validates the result. Problems
 // come as one *Error: the syntax error, or every unknown key and bad value,
 // or every Validate problem.
 func ParseConfig(r io.Reader, dir string) (Config, error) {
@@ -378,6 +381,7 @@ func ParseConfig(r io.Reader, dir string) (Config, error) {
 	c.DataDir, c.MountDir = resolvePath(c.DataDir, dir), resolvePath(c.MountDir, dir)
 	c.TLS.defaults(c.Node)
 	c.TLS.CA, c.TLS.Cert, c.TLS.Key = resolvePath(c.TLS.CA, dir), resolvePath(c.TLS.Cert, dir), resolvePath(c.TLS.Key, dir)
+	c.Lease.ConsulTokenFile = resolvePath(c.Lease.ConsulTokenFile, dir)
 	if err := c.Validate(); err != nil {
 		return Config{}, err
 	}
@@ -836,9 +840,33 @@ func (c *Config) validateConsul(p *problems) {
 	if l.LockDelay < 0 {
 		p.add("lease.lock_delay: %v cannot be negative", l.LockDelay)
 	}
+	if l.ConsulTokenFile != "" {
+		if _, err := l.ConsulToken(); err != nil {
+			p.add("lease.consul_token_file: %v", err)
+		}
+	}
 	for _, r := range l.PreferRegions {
 		p.name("lease.prefer_regions", r, "a region name, e.g. iad")
 	}
+}
+
+// ConsulToken returns the ACL token of the lease's Consul requests: the
+// content of lease.consul_token_file (surrounding white space dropped),
+// or else $CONSUL_HTTP_TOKEN, as Consul's own tools read it; "" for
+// none.
+func (l LeaseConfig) ConsulToken() (string, error) {
+	if l.ConsulTokenFile == "" {
+		return os.Getenv("CONSUL_HTTP_TOKEN"), nil
+	}
+	b, err := os.ReadFile(l.ConsulTokenFile)
+	if err != nil {
+		return "", fmt.Errorf("the ACL token cannot be read: %w", err)
+	}
+	token := strings.TrimSpace(string(b))
+	if token == "" {
+		return "", fmt.Errorf("%s is empty; write the token's secret ID into it", l.ConsulTokenFile)
+	}
+	return token, nil
 }
 
 // IsPrimary reports whether this node holds the write lease: with a static

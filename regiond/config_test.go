@@ -175,6 +175,41 @@ tls: {insecure: true}
 		!strings.Contains(err.Error(), "replication.listen: required on a candidate for the lease") {
 		t.Fatalf("a candidate without replication.listen: %v", err)
 	}
+
+	// The ACL token: from lease.consul_token_file (relative to the
+	// config's directory), else from $CONSUL_HTTP_TOKEN.
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "consul.token"), []byte("  b1f4e2c8-secret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "empty.token"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("CONSUL_HTTP_TOKEN", "from-the-environment")
+	for _, tt := range []struct{ file, want, problem string }{
+		{"", "from-the-environment", ""},
+		{"consul.token", "b1f4e2c8-secret", ""},
+		{"empty.token", "", "lease.consul_token_file: " + filepath.Join(dir, "empty.token") + " is empty; write the token's secret ID into it"},
+		{"missing.token", "", "lease.consul_token_file: the ACL token cannot be read: open " + filepath.Join(dir, "missing.token") + ": no such file or directory"},
+	} {
+		yaml := "node: fra-1\nregion: fra\nlease: {type: consul, candidate: false}\ntls: {insecure: true}\n"
+		if tt.file != "" {
+			yaml = strings.Replace(yaml, "candidate: false", "candidate: false, consul_token_file: "+tt.file, 1)
+		}
+		c, err := regiond.ParseConfig(strings.NewReader(yaml), dir)
+		if tt.problem != "" {
+			if err == nil || !strings.Contains(err.Error(), tt.problem) {
+				t.Errorf("consul_token_file %q: %v, want %q", tt.file, err, tt.problem)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, err := c.Lease.ConsulToken(); got != tt.want || err != nil {
+			t.Errorf("consul_token_file %q: token %q, %v; want %q", tt.file, got, err, tt.want)
+		}
+	}
 }
 
 func TestParseConfig_NullKeepsDefault(t *testing.T) {
@@ -219,7 +254,7 @@ func TestParseConfig_Errors(t *testing.T) {
 		{"UnknownLeaseType", base + "lease:\n  type: etcd\n", []string{`lease.type: "etcd" is not accepted (use one of: static, consul)`}},
 		{"BadStaticPrimary", base + "lease:\n  static_primary: Iad\n", []string{`lease.static_primary: "Iad" is not a valid name`}},
 		{"BadCandidate", base + "lease:\n  candidate: maybe\n", []string{`line 4: lease.candidate: "maybe" is not a boolean (use true or false)`}},
-		{"LeaseNotMapping", base + "lease: static\n", []string{`line 3: lease: want a mapping of keys (type, candidate, static_primary, consul_url, consul_key, ttl, check_ttl, lock_delay, prefer_regions), got "static"`}},
+		{"LeaseNotMapping", base + "lease: static\n", []string{`line 3: lease: want a mapping of keys (type, candidate, static_primary, consul_url, consul_key, consul_token_file, ttl, check_ttl, lock_delay, prefer_regions), got "static"`}},
 		{"BadDuration", base + "replication:\n  retention: 10 minutes\n",
 			[]string{`line 4: replication.retention: "10 minutes" is not a duration (use Go syntax like 10m or 2s)`}},
 		{"NumberDuration", base + "replication:\n  retention: 600\n", []string{`replication.retention: "600" is not a duration`}},

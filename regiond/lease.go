@@ -41,6 +41,7 @@ type leaseRunner struct {
 
 	mu     sync.Mutex
 	status LeaseStatus // the lease as last read, for /status
+	last   string      // the node the lease last named
 
 	// The last answer of candidateAhead and when it was asked; the lease
 	// loop's own.
@@ -65,13 +66,28 @@ func (d *Daemon) leaseStatus() *LeaseStatus {
 func (lr *leaseRunner) read(st lease.State) {
 	lr.mu.Lock()
 	defer lr.mu.Unlock()
+	if st.Held() {
+		lr.last = st.Holder.Node
+	}
 	lr.status.Holder, lr.status.Epoch, lr.status.Since = st.Holder.Node, st.Epoch, time.Now()
+}
+
+// lastHolder returns the node the lease last named, "" if none yet.
+func (lr *leaseRunner) lastHolder() string {
+	lr.mu.Lock()
+	defer lr.mu.Unlock()
+	return lr.last
 }
 
 // startLease starts the lease loop of lease.type: consul.
 func (d *Daemon) startLease() error {
 	c := d.Config
+	token, err := c.Lease.ConsulToken()
+	if err != nil {
+		return fmt.Errorf("lease.consul_token_file: %w", err)
+	}
 	l, err := consul.New(consul.Config{
+		Token:      token,
 		Address:    c.Lease.ConsulURL,
 		Key:        c.Lease.ConsulKey,
 		Me:         lease.Holder{Node: c.Node, Region: c.Region, Replication: c.AdvertiseAddr(), Admin: c.Admin.Listen},
@@ -190,6 +206,7 @@ func (d *Daemon) runLease(ctx context.Context, lr *leaseRunner) {
 			}
 			if err == nil {
 				renewed = began // Consul's check TTL runs from about then
+				d.fenceWrites(l)
 				continue
 			}
 			// Consul ends the session checkTTL after the last renewal
@@ -201,6 +218,23 @@ func (d *Daemon) runLease(ctx context.Context, lr *leaseRunner) {
 			}
 		}
 	}
+}
+
+// fenceMargin is the part of the check TTL by which a primary's writes
+// stop before its lease can have run out: the time an admitted write
+// takes to complete.
+const fenceMargin = 10 // percent
+
+// fenceWrites moves the mount's write deadline to a little before the
+// lease can run out (lease.Leaser.ValidUntil): a primary paused past it
+// (SIGSTOP, a frozen VM) refuses writes as soon as it runs again, before
+// its lease loop notices the lease is gone.
+func (d *Daemon) fenceWrites(l lease.Leaser) {
+	until := l.ValidUntil()
+	if until.IsZero() {
+		until = time.Now() // no session: nothing holds the lease for this node
+	}
+	d.FS.SetWriteDeadline(until.Add(-time.Duration(d.Config.Lease.CheckTTL) * fenceMargin / 100))
 }
 
 // headStart is how long a candidate waits once the lease is free before it
@@ -258,7 +292,7 @@ func (d *Daemon) tryLease(ctx context.Context, lr *leaseRunner, freeSince time.T
 			"behind", behind, "waited", time.Since(freeSince).Round(time.Millisecond))
 	}
 	if time.Since(lr.aheadAt) >= peerCheckEvery {
-		lr.ahead, lr.aheadAt = d.candidateAhead(ctx), time.Now()
+		lr.ahead, lr.aheadAt = d.candidateAhead(ctx, lr.lastHolder()), time.Now()
 	}
 	if ahead := lr.ahead; ahead != "" {
 		if time.Since(freeSince) < 3*time.Duration(d.Config.Lease.CheckTTL) {
@@ -280,6 +314,7 @@ func (d *Daemon) tryLease(ctx context.Context, lr *leaseRunner, freeSince time.T
 	if !held {
 		return false
 	}
+	d.fenceWrites(l)
 	d.role.mu.Lock()
 	err = d.becomePrimary(ctx, true, st.Epoch)
 	d.role.mu.Unlock()
@@ -317,14 +352,19 @@ func (d *Daemon) behindPrimary() string {
 // more than this node in some database and less in none: that one, not
 // this node, should take the lease, so that a commit acknowledged by
 // fewer than every replica (replication.sync_acks) survives. "" if none.
-func (d *Daemon) candidateAhead(ctx context.Context) string {
+// It does not ask the node that held the lease last (it is gone, or
+// paused, or cut off: not a candidate to wait for), and gives the others
+// half the check TTL to answer: a peer that does not answer in that time
+// would not take the lease sooner.
+func (d *Daemon) candidateAhead(ctx context.Context, lastHolder string) string {
 	mine := map[string]uint64{}
 	for _, name := range d.FS.DBs() {
 		if db := d.FS.DB(name); db != nil {
 			mine[name] = uint64(db.Log().Pos().TXID)
 		}
 	}
-	for _, resp := range d.peerStatuses(ctx, "") {
+	timeout := min(peerEpochTimeout, time.Duration(d.Config.Lease.CheckTTL)/2)
+	for _, resp := range d.peerStatuses(ctx, "", lastHolder, timeout) {
 		if !resp.GetCandidate() || resp.GetRole() == meridianv1.Role_ROLE_PRIMARY {
 			continue
 		}

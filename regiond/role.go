@@ -256,19 +256,19 @@ func (d *Daemon) storeEpoch(ctx context.Context, epoch uint64) error {
 // answer within peerEpochTimeout are left out, and logged.
 func (d *Daemon) peerEpochs(ctx context.Context) uint64 {
 	var newest uint64
-	for _, resp := range d.peerStatuses(ctx, "becoming primary without the lease epoch of a peer") {
+	for _, resp := range d.peerStatuses(ctx, "becoming primary without the lease epoch of a peer", "", peerEpochTimeout) {
 		newest = max(newest, resp.GetEpoch())
 	}
 	return newest
 }
 
-// peerStatuses asks every peer with a replication address for its status
-// (the Status RPC), within peerEpochTimeout, and returns the answers;
+// peerStatuses asks every peer with a replication address but skip for
+// its status (the Status RPC), within timeout, and returns the answers;
 // a peer that does not answer is logged with why, after what (unless
 // what is "").
-func (d *Daemon) peerStatuses(ctx context.Context, what string) []*meridianv1.StatusResponse {
+func (d *Daemon) peerStatuses(ctx context.Context, what, skip string, timeout time.Duration) []*meridianv1.StatusResponse {
 	c := d.Config
-	ctx, cancel := context.WithTimeout(ctx, peerEpochTimeout)
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	var (
 		mu    sync.Mutex
@@ -276,7 +276,7 @@ func (d *Daemon) peerStatuses(ctx context.Context, what string) []*meridianv1.St
 		wg    sync.WaitGroup
 	)
 	for _, p := range c.Replication.Peers {
-		if p.Addr == "" {
+		if p.Addr == "" || p.Node == skip {
 			continue
 		}
 		wg.Go(func() {

@@ -5,19 +5,24 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
 	toxiproxy "github.com/Shopify/toxiproxy/v2"
+	"github.com/hashicorp/consul/api"
 	"github.com/mattn/go-sqlite3"
 	"github.com/rs/zerolog"
 
 	"github.com/meridian-db/meridian/internal/testingutil"
 	"github.com/meridian-db/meridian/internal/testingutil/roles"
+	"github.com/meridian-db/meridian/lease/consul"
 	"github.com/meridian-db/meridian/regiond"
 )
 
@@ -192,21 +197,7 @@ func (m *roleMonitor) stop(t *testing.T) {
 // row written is on every node.
 func TestLease_PrimaryCutOff(t *testing.T) {
 	t.Parallel()
-	agent := testingutil.StartConsul(t)
-	upstream := strings.TrimPrefix(agent.URL, "http://")
-	server := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(nil), zerolog.Nop())
-	specs := []testingutil.ClusterNodeSpec{iad, fra, syd}
-	proxies := map[string]*toxiproxy.Proxy{}
-	for i := range specs {
-		p := toxiproxy.NewProxy(server, specs[i].Name, testingutil.FreeAddr(t), upstream)
-		if err := p.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(p.Stop)
-		proxies[specs[i].Name] = p
-		specs[i].Lease = testingutil.ConsulLease("http://"+p.Listen, "check_ttl: 1s", "lock_delay: 500ms")
-	}
-	c := testingutil.NewCluster(t, regiondCommand, "", specs...)
+	c, proxies := proxiedConsulCluster(t)
 	c.Start(t)
 	first, epoch := waitOnePrimary(t, c, 0)
 	c.Primary = first.Name
@@ -254,6 +245,28 @@ func TestLease_PrimaryCutOff(t *testing.T) {
 	c.WaitCaughtUp(t, time.Minute, "app.db")
 	mon.stop(t)
 	checkBy(t, c, "before,after")
+}
+
+// proxiedConsulCluster makes a cluster of iad-1, fra-1 and syd-1 (not
+// started) on the lease of a Consul agent (check_ttl 1s, lock_delay
+// 500ms) that each node reaches through a proxy of its own, by node name.
+func proxiedConsulCluster(t *testing.T) (*testingutil.Cluster, map[string]*toxiproxy.Proxy) {
+	t.Helper()
+	agent := testingutil.StartConsul(t)
+	upstream := strings.TrimPrefix(agent.URL, "http://")
+	server := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(nil), zerolog.Nop())
+	specs := []testingutil.ClusterNodeSpec{iad, fra, syd}
+	proxies := map[string]*toxiproxy.Proxy{}
+	for i := range specs {
+		p := toxiproxy.NewProxy(server, specs[i].Name, testingutil.FreeAddr(t), upstream)
+		if err := p.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(p.Stop)
+		proxies[specs[i].Name] = p
+		specs[i].Lease = testingutil.ConsulLease("http://"+p.Listen, "check_ttl: 1s", "lock_delay: 500ms")
+	}
+	return testingutil.NewCluster(t, regiondCommand, "", specs...), proxies
 }
 
 // TestLease_ConsulRestart: the Consul agent dies. The primary, unable to
@@ -425,18 +438,355 @@ func TestLease_FailoverSync(t *testing.T) {
 	}
 }
 
+// TestLease_PausedPrimary: the primary is paused (SIGSTOP) for longer
+// than the check TTL while four clients write to it (rollback-journal
+// mode), and another candidate takes the lease. Its link to Consul turns
+// slow at the same time (3 s of latency on every answer), so once
+// continued (SIGCONT) its lease loop takes a moment to learn the lease
+// is gone (a renewal that times out). In that moment the old primary
+// commits none of the writes that waited on it: the write deadline its
+// last renewal set has passed. So every write the clients saw acknowledged
+// was committed before the pause (its /events says when), even those
+// whose last request, the unlock after the commit, returned after it. It
+// then follows the new primary. Every write it acknowledged is on the
+// new primary, or in a set of its transactions kept under
+// data_dir/lost/.
+func TestLease_PausedPrimary(t *testing.T) {
+	t.Parallel()
+	c, proxies := proxiedConsulCluster(t)
+	c.Start(t)
+	first, epoch := waitOnePrimary(t, c, 0)
+	c.Primary = first.Name
+	db := testingutil.MustOpenSQLite(t, filepath.Join(first.MountDir, "sync.db"), "delete")
+	if _, err := db.Exec(`CREATE TABLE t (id INTEGER PRIMARY KEY)`); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	c.WaitCaughtUp(t, time.Minute, "sync.db")
+	events := watchEvents(t, first)
+	started := time.Now()
+
+	type result struct {
+		id  int
+		err error
+		end time.Time
+	}
+	var (
+		mu      sync.Mutex
+		results []result
+		next    atomic.Int64
+		wg      sync.WaitGroup
+	)
+	ctx, stop := context.WithCancel(context.Background())
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for ctx.Err() == nil {
+				id := int(next.Add(1))
+				var end time.Time
+				err := insertRowThen(first, id, func() { end = time.Now() })
+				mu.Lock()
+				results = append(results, result{id, err, end})
+				mu.Unlock()
+				if err != nil {
+					time.Sleep(20 * time.Millisecond)
+				}
+			}
+		}()
+	}
+	pid := first.Pid()
+	var resumeOnce sync.Once
+	resume := func() {
+		resumeOnce.Do(func() {
+			if err := syscall.Kill(pid, syscall.SIGCONT); err != nil {
+				t.Errorf("continue %s: %v", first.Name, err)
+			}
+		})
+	}
+	// Writers wait on the paused node's mount: continue it before waiting
+	// for them, whatever ends the test.
+	defer func() { resume(); stop(); wg.Wait() }()
+
+	time.Sleep(300 * time.Millisecond)
+	paused := time.Now()
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	slow := `{"name": "slow", "type": "latency", "stream": "downstream", "attributes": {"latency": 3000}}`
+	if _, err := proxies[first.Name].Toxics.AddToxicJson(strings.NewReader(slow)); err != nil {
+		t.Fatal(err)
+	}
+	var primary *testingutil.ClusterNode
+	var nextEpoch uint64
+	for primary == nil {
+		for _, n := range c.Nodes {
+			if n == first {
+				continue // its admin API is paused too
+			}
+			if st, err := roles.Status(n); err == nil && st.Role == regiond.RolePrimary && st.Epoch > epoch {
+				primary, nextEpoch = n, st.Epoch
+			}
+		}
+		if time.Since(paused) > time.Minute {
+			t.Fatalf("no node took the lease in a minute after %s was paused", first.Name)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	took := time.Since(paused)
+	time.Sleep(500 * time.Millisecond) // the old primary stays paused past the takeover
+	continued := time.Now()
+	resume()
+	waitStatus(t, first, func(st regiond.Status) bool { return st.Role == regiond.RoleReplica }, "stepped down")
+	steppedDown := time.Since(continued)
+	if err := proxies[first.Name].Toxics.RemoveToxic(context.Background(), "slow"); err != nil {
+		t.Fatal(err)
+	}
+	waitStatus(t, first, func(st regiond.Status) bool {
+		return st.Role == regiond.RoleReplica && st.Primary == primary.Name && st.Epoch == nextEpoch
+	}, "a replica of %s at epoch %d", primary.Name, nextEpoch)
+	t.Logf("%s paused; %s primary at epoch %d %v later; %s continued %v after the pause, stepped down %v after that",
+		first.Name, primary.Name, nextEpoch, took.Round(time.Millisecond), first.Name, continued.Sub(paused).Round(time.Millisecond), steppedDown.Round(time.Millisecond))
+	time.Sleep(200 * time.Millisecond) // writes meet the node as a replica too
+	stop()
+	wg.Wait()
+	c.Primary = primary.Name
+	c.WaitCaughtUp(t, time.Minute, "sync.db")
+
+	// Each write is a transaction of its own: as many were committed
+	// before the pause as were acknowledged, at least.
+	var acked []int
+	ackedAfter, failedAfter := 0, 0
+	for _, r := range results {
+		switch {
+		case r.err == nil:
+			acked = append(acked, r.id)
+			if r.end.After(continued) {
+				ackedAfter++
+			}
+		case r.end.After(continued):
+			failedAfter++
+		}
+	}
+	before, afterPause := 0, 0
+	for _, ev := range events() {
+		switch {
+		case ev.Type != regiond.EventCommit || ev.DB != "sync.db" || ev.Time.Before(started):
+		case ev.Time.Before(paused):
+			before++
+		default:
+			afterPause++
+		}
+	}
+	t.Logf("%d writes acknowledged, %d of them once %s was continued; %d failed then; %d commits before the pause, %d after",
+		len(acked), ackedAfter, first.Name, failedAfter, before, afterPause)
+	if len(acked) > before {
+		t.Errorf("%s acknowledged %d writes but committed %d before the pause: it committed writes after its lease ran out", first.Name, len(acked), before)
+	}
+	if len(acked) == 0 || failedAfter == 0 {
+		t.Fatalf("%d writes acknowledged, %d failed once %s was continued: want some of each", len(acked), failedAfter, first.Name)
+	}
+
+	// Acknowledged writes the new primary lacks are in a lost set.
+	have := rowIDs(t, openOnReplica(t, primary, "sync.db"))
+	var missing []int
+	for _, id := range acked {
+		if !have[id] {
+			missing = append(missing, id)
+		}
+	}
+	if len(missing) > 0 {
+		lost := map[int]bool{}
+		sets, _ := os.ReadDir(filepath.Join(first.DataDir, "lost", "sync.db"))
+		for _, set := range sets {
+			out := filepath.Join(t.TempDir(), "lost.db")
+			var stdout, stderr strings.Builder
+			if err := Run(context.Background(), []string{"ltx", "restore", "-o", out, filepath.Join(first.DataDir, "lost", "sync.db", set.Name())}, &stdout, &stderr); err != nil {
+				t.Fatalf("restore lost set %s: %v\n%s", set.Name(), err, stderr.String())
+			}
+			lostDB, err := sql.Open("sqlite3", "file:"+out+"?mode=ro")
+			if err != nil {
+				t.Fatal(err)
+			}
+			for id := range rowIDs(t, lostDB) {
+				lost[id] = true
+			}
+			_ = lostDB.Close()
+		}
+		for _, id := range missing {
+			if !lost[id] {
+				t.Errorf("write %d, acknowledged by %s before the pause, is neither on %s nor in %s's lost sets (%d sets)", id, first.Name, primary.Name, first.Name, len(sets))
+			}
+		}
+		t.Logf("%d acknowledged writes were not on %s: all in %s's lost sets", len(missing), primary.Name, first.Name)
+	}
+}
+
+// rowIDs returns the ids of the rows of table t of db.
+func rowIDs(t *testing.T, db *sql.DB) map[int]bool {
+	t.Helper()
+	rows, err := db.Query(`SELECT id FROM t`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	have := map[int]bool{}
+	for rows.Next() {
+		var id int
+		if err := rows.Scan(&id); err != nil {
+			t.Fatal(err)
+		}
+		have[id] = true
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return have
+}
+
 // insertRow writes row id into sync.db on n's mount, on a connection of
 // its own. The database must exist (mode=rw): a node killed a moment ago
 // has no mount, and a write would otherwise create a database in the
 // empty directory under it.
 func insertRow(n *testingutil.ClusterNode, id int) error {
+	return insertRowThen(n, id, func() {})
+}
+
+// insertRowThen is insertRow, calling done as soon as the INSERT returns:
+// before the connection is closed, which is another request to the mount.
+func insertRowThen(n *testingutil.ClusterNode, id int, done func()) error {
 	db, err := sql.Open("sqlite3", "file:"+filepath.Join(n.MountDir, "sync.db")+"?mode=rw&_busy_timeout=2000")
 	if err != nil {
+		done()
 		return err
 	}
 	defer db.Close()
 	_, err = db.Exec(`INSERT INTO t VALUES (?)`, id)
+	done()
 	return err
+}
+
+// TestLease_ACL: a Consul agent with ACLs on, denied by default. iad-1's
+// token may read the lease key but not write it; fra-1's and syd-1's have
+// the rules of consul.ACLPolicy. iad-1, a candidate like the others,
+// never becomes primary, and says why, naming the key and the setting
+// that gives the token; it follows the primary, and when that one is
+// killed the other node with a good token takes over.
+func TestLease_ACL(t *testing.T) {
+	t.Parallel()
+	agent := testingutil.StartConsulACL(t)
+	admin, err := api.NewClient(&api.Config{Address: strings.TrimPrefix(agent.URL, "http://"), Token: agent.Token})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tokenFile := func(name, rules string) string {
+		t.Helper()
+		p, _, err := admin.ACL().PolicyCreate(&api.ACLPolicy{Name: name, Rules: rules}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tok, _, err := admin.ACL().TokenCreate(&api.ACLToken{Policies: []*api.ACLTokenPolicyLink{{ID: p.ID}}}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		path := filepath.Join(t.TempDir(), name+".token")
+		if err := os.WriteFile(path, []byte(tok.SecretID+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	const key = "meridian/primary"
+	readOnly := tokenFile("read", strings.Replace(consul.ACLPolicy(key), `policy = "write"`, `policy = "read"`, 1))
+	full := tokenFile("lease", consul.ACLPolicy(key))
+	specs := []testingutil.ClusterNodeSpec{iad, fra, syd}
+	for i := range specs {
+		file := full
+		if specs[i].Name == "iad-1" {
+			file = readOnly
+		}
+		specs[i].Lease = testingutil.ConsulLease(agent.URL, "check_ttl: 1s", "lock_delay: 500ms", "consul_token_file: "+file)
+	}
+	c := testingutil.NewCluster(t, regiondCommand, "", specs...)
+	c.Start(t)
+	first, epoch := waitOnePrimary(t, c, 0)
+	mon := monitorRoles(t, c)
+	bad := c.Node("iad-1")
+	if first == bad {
+		t.Fatalf("%s took the lease with a token that cannot write %s", bad.Name, key)
+	}
+	const want = `lacks permission 'key:write' on \"meridian/primary\" (Consul refused the ACL token: the lease needs a token with write on key \"meridian/primary\"`
+	waitLog := func() {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for !strings.Contains(bad.Log(), want) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s's log does not say %q:\n%s", bad.Name, want, bad.LogTail(4000))
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	waitLog()
+	if !strings.Contains(bad.Log(), "lease.consul_token_file or CONSUL_HTTP_TOKEN") {
+		t.Errorf("%s's log does not say which setting gives the token", bad.Name)
+	}
+
+	first.Kill(t)
+	next, nextEpoch := waitOnePrimary(t, c, epoch)
+	if next == bad {
+		t.Fatalf("%s took the lease with a token that cannot write %s", bad.Name, key)
+	}
+	t.Logf("%s primary at epoch %d, then %s at %d; %s, whose token cannot write the key, follows", first.Name, epoch, next.Name, nextEpoch, bad.Name)
+	mon.stop(t)
+}
+
+// TestLease_ForeignValue: another program overwrites the lease key's value
+// with something that is not a lease, while the primary holds it. The
+// primary keeps the lease (its session still locks the key); the other
+// nodes say what is wrong with the key, naming it, and take nothing.
+// Killed, the primary's session ends and leaves the foreign value behind,
+// unlocked: a candidate takes the lease at an epoch above the last one,
+// which it remembers itself, and the nodes follow it.
+func TestLease_ForeignValue(t *testing.T) {
+	t.Parallel()
+	agent, c := consulCluster(t, []testingutil.ClusterNodeSpec{iad, fra, syd})
+	c.Start(t)
+	first, epoch := waitOnePrimary(t, c, 0)
+	mon := monitorRoles(t, c)
+	client, err := api.NewClient(&api.Config{Address: strings.TrimPrefix(agent.URL, "http://")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := client.KV().Put(&api.KVPair{Key: "meridian/primary", Value: []byte("leader=iad-1")}, nil); err != nil {
+		t.Fatal(err)
+	}
+	const want = `key meridian/primary is held by session`
+	deadline := time.Now().Add(10 * time.Second)
+	for _, n := range c.Nodes {
+		if n == first {
+			continue
+		}
+		for !strings.Contains(n.Log(), want) || !strings.Contains(n.Log(), `lease value \"leader=iad-1\"`) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s's log does not say %q, with the value:\n%s", n.Name, want, n.LogTail(4000))
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	time.Sleep(time.Second) // three renewals of the holder, on the foreign value
+	if again, e := waitOnePrimary(t, c, epoch-1); again != first || e != epoch {
+		t.Fatalf("%s primary at epoch %d after the value was overwritten, want %s at %d", again.Name, e, first.Name, epoch)
+	}
+
+	first.Kill(t)
+	next, nextEpoch := waitOnePrimary(t, c, epoch)
+	t.Logf("%s primary at epoch %d; the key overwritten and %s killed, %s took the lease at epoch %d", first.Name, epoch, first.Name, next.Name, nextEpoch)
+	pair, _, err := client.KV().Get("meridian/primary", nil)
+	if err != nil || pair == nil || pair.Session == "" || !strings.Contains(string(pair.Value), `"node":"`+next.Name+`"`) {
+		t.Fatalf("the key once %s took the lease: %+v, %v", next.Name, pair, err)
+	}
+	mon.stop(t)
 }
 
 // TestLease_MostCaughtUpWins: with durability: sync and sync_acks: 1, a

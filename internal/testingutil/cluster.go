@@ -480,6 +480,15 @@ func (n *ClusterNode) Stop() error {
 	return errors.Join(err, n.unmountLeft())
 }
 
+// Pid returns the process id of the node's running process, 0 when it
+// is not running.
+func (n *ClusterNode) Pid() int {
+	if n.proc == nil {
+		return 0
+	}
+	return n.proc.cmd.Process.Pid
+}
+
 // Signal sends sig to the node's running process.
 func (n *ClusterNode) Signal(tb TB, sig os.Signal) {
 	tb.Helper()

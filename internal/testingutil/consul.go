@@ -1,6 +1,7 @@
 package testingutil
 
 import (
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -29,6 +30,9 @@ type Consul struct {
 	URL string
 	// Node is the agent's node name.
 	Node string
+	// Token is the ACL management token of an agent started with ACLs on
+	// (StartConsulACL), "" otherwise.
+	Token string
 
 	bin  string
 	args []string
@@ -67,6 +71,21 @@ func ConsulBinary() (string, error) {
 // its node is healthy, so that sessions can be created at once.
 func StartConsul(tb TB) *Consul {
 	tb.Helper()
+	return startConsul(tb, "")
+}
+
+// StartConsulACL is StartConsul with ACLs on and denied by default: only
+// requests with a token get anything; Token is the management token.
+func StartConsulACL(tb TB) *Consul {
+	tb.Helper()
+	b := make([]byte, 16)
+	_, _ = rand.Read(b)
+	token := fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:])
+	return startConsul(tb, token)
+}
+
+func startConsul(tb TB, token string) *Consul {
+	tb.Helper()
 	bin, err := ConsulBinary()
 	if err != nil {
 		tb.Fatal(err)
@@ -82,10 +101,16 @@ func StartConsul(tb TB) *Consul {
 	}
 	httpPort := port()
 	c := &Consul{URL: "http://" + net.JoinHostPort(host, httpPort), Node: "consul-" + strings.ReplaceAll(host, ".", "-"),
-		bin: bin, log: &LockedBuffer{}}
+		Token: token, bin: bin, log: &LockedBuffer{}}
 	c.args = []string{"agent", "-dev", "-node", c.Node, "-bind", host, "-client", host, "-advertise", host,
 		"-http-port", httpPort, "-server-port", port(), "-serf-lan-port", port(), "-serf-wan-port", port(),
 		"-dns-port", "-1", "-grpc-port", "-1", "-grpc-tls-port", "-1", "-log-level", "warn"}
+	if token != "" {
+		c.args = append(c.args, "-hcl", fmt.Sprintf(`acl { enabled = true
+default_policy = "deny"
+tokens { initial_management = %q
+agent = %q } }`, token, token))
+	}
 	tb.Cleanup(func() {
 		if err := c.stop(); err != nil {
 			tb.Error(err)
@@ -165,7 +190,14 @@ func (c *Consul) ready() error {
 // get decodes the JSON answer to a GET of path.
 func (c *Consul) get(path string, v any) error {
 	client := http.Client{Timeout: 2 * time.Second}
-	resp, err := client.Get(c.URL + path)
+	req, err := http.NewRequest(http.MethodGet, c.URL+path, nil)
+	if err != nil {
+		return err
+	}
+	if c.Token != "" {
+		req.Header.Set("X-Consul-Token", c.Token)
+	}
+	resp, err := client.Do(req)
 	if err != nil {
 		return err
 	}

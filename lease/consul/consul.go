@@ -24,7 +24,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"net/url"
+	"strings"
 	"sync"
 	"time"
 
@@ -58,8 +60,24 @@ type Config struct {
 	// LockDelay is how long Consul keeps the key from every other session
 	// after the holder's session is invalidated.
 	LockDelay time.Duration
+	// Token is the ACL token of Consul requests, "" for none (an agent
+	// without ACLs, or one whose default policy lets the lease's requests
+	// through). It needs write on Key, on sessions, and on this node's
+	// checks (see ACLPolicy).
+	Token string
 	// Logger receives what the leaser notices; nil discards it.
 	Logger *slog.Logger
+}
+
+// ACLPolicy returns the rules of a Consul ACL policy that lets a node
+// hold the lease at key: write on the key, and on sessions and checks of
+// any node (a session and its check are registered on the node name of
+// the agent the leaser talks to).
+func ACLPolicy(key string) string {
+	return fmt.Sprintf(`key %q { policy = "write" }
+session_prefix "" { policy = "write" }
+node_prefix "" { policy = "write" }
+`, key)
 }
 
 // Leaser is one node's handle on the lease in Consul.
@@ -73,6 +91,7 @@ type Leaser struct {
 	session  string    // the session this node holds the key with, "" before one exists
 	value    []byte    // the key's value this node wrote when it last acquired
 	renewed  time.Time // when the session was last renewed
+	passed   time.Time // when the last pass of the check that succeeded was sent
 	checkReg bool      // the check is registered
 }
 
@@ -100,7 +119,7 @@ func New(cfg Config) (*Leaser, error) {
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		return nil, fmt.Errorf("consul lease: address %q: want a URL like http://127.0.0.1:8500", cfg.Address)
 	}
-	client, err := api.NewClient(&api.Config{Address: u.Host, Scheme: u.Scheme})
+	client, err := api.NewClient(&api.Config{Address: u.Host, Scheme: u.Scheme, Token: cfg.Token})
 	if err != nil {
 		return nil, fmt.Errorf("consul lease: %w", err)
 	}
@@ -112,8 +131,14 @@ func New(cfg Config) (*Leaser, error) {
 }
 
 // unreachable wraps an error of a call to Consul with the address and what
-// to do.
+// to do: about the ACL token if Consul refused it, else about the agent.
 func (l *Leaser) unreachable(what string, err error) error {
+	var status api.StatusError
+	if errors.As(err, &status) && (status.Code == http.StatusForbidden || status.Code == http.StatusUnauthorized) ||
+		strings.Contains(err.Error(), "Permission denied") || strings.Contains(err.Error(), "ACL not found") {
+		return fmt.Errorf("consul lease: %s at %s: %w (Consul refused the ACL token: the lease needs a token with write on key %q, on sessions and on node checks, given by lease.consul_token_file or CONSUL_HTTP_TOKEN; README, \"Failover with Consul\", has the policy)",
+			what, l.cfg.Address, err, l.cfg.Key)
+	}
 	return fmt.Errorf("consul lease: %s at %s: %w (is the Consul agent running there? lease.consul_url names it)", what, l.cfg.Address, err)
 }
 
@@ -148,8 +173,8 @@ func (l *Leaser) ensureSession(ctx context.Context) error {
 	l.checkReg = true
 	// Registering a check that exists keeps its status, critical if it
 	// lapsed: pass it.
-	if err := l.client.Agent().UpdateTTLOpts(l.checkID, "", api.HealthPassing, (&api.QueryOptions{}).WithContext(ctx)); err != nil {
-		return l.unreachable("pass check "+l.checkID, err)
+	if err := l.pass(ctx); err != nil {
+		return err
 	}
 	id, _, err := l.client.Session().Create(&api.SessionEntry{
 		Name:       "meridian lease " + l.cfg.Me.Node,
@@ -230,6 +255,9 @@ func (l *Leaser) Acquire(ctx context.Context, atLeast uint64) (lease.State, bool
 		if resp != nil {
 			for _, e := range resp.Errors {
 				why = append(why, e.What)
+				if strings.Contains(e.What, "Permission denied") {
+					return lease.State{}, false, l.unreachable("take "+l.cfg.Key, errors.New(e.What))
+				}
 			}
 		}
 		l.logger.Debug("lease not taken", "key", l.cfg.Key, "why", why)
@@ -248,8 +276,8 @@ func (l *Leaser) Renew(ctx context.Context) error {
 	if l.session == "" {
 		return lease.ErrNotHeld
 	}
-	if err := l.client.Agent().UpdateTTLOpts(l.checkID, "", api.HealthPassing, (&api.QueryOptions{}).WithContext(ctx)); err != nil {
-		return l.unreachable("pass check "+l.checkID, err)
+	if err := l.pass(ctx); err != nil {
+		return err
 	}
 	if time.Since(l.renewed) > l.cfg.SessionTTL/2 {
 		entry, _, err := l.client.Session().Renew(l.session, (&api.WriteOptions{}).WithContext(ctx))
@@ -270,6 +298,31 @@ func (l *Leaser) Renew(ctx context.Context) error {
 		return lease.ErrNotHeld
 	}
 	return nil
+}
+
+// pass passes the session's check, which Consul then fails CheckTTL
+// after it received the pass. Caller holds l.mu.
+func (l *Leaser) pass(ctx context.Context) error {
+	sent := time.Now()
+	if err := l.client.Agent().UpdateTTLOpts(l.checkID, "", api.HealthPassing, (&api.QueryOptions{}).WithContext(ctx)); err != nil {
+		return l.unreachable("pass check "+l.checkID, err)
+	}
+	l.passed = sent
+	return nil
+}
+
+// ValidUntil returns CheckTTL after the last pass of the check that
+// Consul took was sent: Consul receives a pass after it is sent, fails
+// the check CheckTTL after that and only then ends the session, and
+// then keeps the key from others for the lock delay. The zero time if
+// this node has no session.
+func (l *Leaser) ValidUntil() time.Time {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.session == "" || l.passed.IsZero() {
+		return time.Time{}
+	}
+	return l.passed.Add(l.cfg.CheckTTL)
 }
 
 // Release unlocks the key if this node holds it, keeping its value (and

@@ -306,3 +306,64 @@ func recv(t *testing.T, c <-chan lease.State) lease.State {
 	t.Helper()
 	return testingutil.Recv(t, c, 10*time.Second, "the next lease state watched")
 }
+
+// TestLeaser_ACL: on an agent with ACLs on and denied by default, a leaser
+// without a token, or whose token may read the key but not write it,
+// gets an error that names the key and says what the token needs, and
+// takes nothing; one with a token of ACLPolicy's rules holds the lease.
+func TestLeaser_ACL(t *testing.T) {
+	c := testingutil.StartConsulACL(t)
+	admin, err := api.NewClient(&api.Config{Address: strings.TrimPrefix(c.URL, "http://"), Token: c.Token})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const key = "meridian/primary"
+	token := func(name, rules string) string {
+		t.Helper()
+		p, _, err := admin.ACL().PolicyCreate(&api.ACLPolicy{Name: name, Rules: rules}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tok, _, err := admin.ACL().TokenCreate(&api.ACLToken{Policies: []*api.ACLTokenPolicyLink{{ID: p.ID}}}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok.SecretID
+	}
+	readOnly := token("meridian-read", strings.Replace(consul.ACLPolicy(key), `key "meridian/primary" { policy = "write" }`, `key "meridian/primary" { policy = "read" }`, 1))
+	full := token("meridian-lease", consul.ACLPolicy(key))
+
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for _, tc := range []struct{ name, token string }{{"no token", ""}, {"read-only token", readOnly}} {
+		l, err := consul.New(consul.Config{Address: c.URL, Key: key, Me: holder("iad-1"), CheckTTL: checkTTL, LockDelay: lockDelay, Token: tc.token})
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, held, err := l.Acquire(ctx, 1)
+		if err == nil || held || !strings.Contains(err.Error(), `key "meridian/primary"`) || !strings.Contains(err.Error(), "lease.consul_token_file") {
+			t.Errorf("%s: acquire: %v, held %v, %v; want an error naming the key and the token's setting", tc.name, st, held, err)
+		} else {
+			t.Logf("%s: %v", tc.name, err)
+		}
+		_ = l.Close()
+	}
+	if pair, _, err := admin.KV().Get(key, nil); err != nil || pair != nil {
+		t.Fatalf("key %s after refused acquisitions: %+v, %v; want none", key, pair, err)
+	}
+
+	l, err := consul.New(consul.Config{Address: c.URL, Key: key, Me: holder("iad-1"), CheckTTL: checkTTL, LockDelay: lockDelay, Token: full})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = l.Close() })
+	if st := mustAcquire(t, l, 1, true); st.Holder.Node != "iad-1" || st.Epoch != 1 {
+		t.Fatalf("acquired %v, want iad-1 at epoch 1", st)
+	}
+	if err := l.Renew(ctx); err != nil {
+		t.Fatalf("renew with ACLPolicy's token: %v", err)
+	}
+	if st, err := l.Current(ctx); err != nil || st.Holder.Node != "iad-1" {
+		t.Fatalf("current: %v, %v", st, err)
+	}
+}
