@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meridian-db/meridian/fs"
+	"github.com/meridian-db/meridian/lease"
 	"github.com/meridian-db/meridian/ltx"
 	"github.com/meridian-db/meridian/replication"
 )
@@ -33,7 +34,8 @@ type Daemon struct {
 	LockHolder func() *exec.Cmd
 
 	repl   *replicationNode
-	lease  *leaseRunner // lease.type: consul; nil otherwise
+	lease  *leaseRunner  // lease.type: consul; nil otherwise
+	static *lease.Static // lease.type: static; nil otherwise
 	admin  *adminServer
 	role   role
 	events events
@@ -95,10 +97,17 @@ func (d *Daemon) Open(ctx context.Context) error {
 		case c.Lease.Type == LeaseConsul:
 			// Read-only and following no one until the lease says who
 			// the primary is (startLease).
-		case c.IsPrimary():
-			err = d.becomePrimary(ctx, false, 0)
 		default:
-			err = d.becomeReplica(c.Lease.StaticPrimary)
+			d.static = lease.NewStatic(d.holder(c.Node), d.holder(c.Lease.StaticPrimary))
+			var st lease.State
+			if st, err = d.static.Current(ctx); err != nil {
+				break
+			}
+			if st.Holder.Node == c.Node {
+				err = d.becomePrimary(ctx, false, 0)
+			} else {
+				err = d.becomeReplica(st.Holder.Node)
+			}
 		}
 		d.role.mu.Unlock()
 		if err == nil && c.Lease.Type == LeaseConsul {

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/meridian-db/meridian/lease"
 	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
 	"github.com/meridian-db/meridian/replication"
 	"github.com/meridian-db/meridian/replication/rpc"
@@ -216,6 +217,11 @@ func (d *Daemon) takeEpoch(ctx context.Context, atRuntime bool) (uint64, error) 
 		return 0, err
 	}
 	if !atRuntime && held != 0 && held == seen {
+		if d.static != nil {
+			if _, ok, err := d.static.Acquire(ctx, held); err != nil || !ok {
+				return 0, fmt.Errorf("the static lease does not name this node: %v", err)
+			}
+		}
 		return held, nil
 	}
 	newest := seen
@@ -223,6 +229,18 @@ func (d *Daemon) takeEpoch(ctx context.Context, atRuntime bool) (uint64, error) 
 		newest = max(newest, d.peerEpochs(ctx))
 	}
 	epoch := newest + 1
+	if d.static != nil {
+		st, held, err := d.static.Acquire(ctx, epoch)
+		if err != nil {
+			return 0, err
+		}
+		if !held {
+			return 0, fmt.Errorf("the static lease names %s, not this node", st.Holder.Node)
+		}
+		// A node deposed while the configuration still named it holds
+		// the static lease at its old epoch: the newest seen decides.
+		epoch = max(epoch, st.Epoch)
+	}
 	if err := seenFile.Store(ctx, epoch); err != nil {
 		return 0, err
 	}
@@ -318,13 +336,29 @@ func (d *Daemon) Reload(ctx context.Context, c Config) error {
 	if !reflect.DeepEqual(cmp, old) {
 		ignored = fmt.Errorf("reload: only lease.static_primary changes while regiond runs; the other changes (%s) wait for a restart", changedKeys(old, cmp))
 	}
-	if c.Lease.Type != LeaseStatic || old.Lease.Type != LeaseStatic || c.Lease.StaticPrimary == d.Primary() {
+	if c.Lease.Type != LeaseStatic || old.Lease.Type != LeaseStatic || d.static == nil || c.Lease.StaticPrimary == d.Primary() {
 		return ignored // the Consul lease moves the primary, not the file
 	}
-	if err := d.SetPrimary(ctx, c.Lease.StaticPrimary); err != nil {
+	d.static.Set(d.holder(c.Lease.StaticPrimary))
+	st, err := d.static.Current(ctx)
+	if err == nil {
+		err = d.SetPrimary(ctx, st.Holder.Node)
+	}
+	if err != nil {
 		return errors.Join(err, ignored)
 	}
 	return ignored
+}
+
+// holder returns node as a lease names it, from this node's
+// configuration: its own settings, or its entry in replication.peers.
+func (d *Daemon) holder(node string) lease.Holder {
+	c := d.Config
+	if node == c.Node {
+		return lease.Holder{Node: node, Region: c.Region, Replication: c.AdvertiseAddr(), Admin: c.Admin.Listen}
+	}
+	p, _ := c.Peer(node)
+	return lease.Holder{Node: node, Region: p.Region, Replication: p.Addr, Admin: p.Admin}
 }
 
 // changedKeys names the top-level sections of the configuration that
