@@ -786,6 +786,10 @@ func (f *FileSystem) SetWriteDeadline(t time.Time) {
 	f.writeDeadline.Store(max(1, int64(t.Sub(monoBase))))
 }
 
+// WriteDeadlinePassed reports whether the write deadline (SetWriteDeadline)
+// has passed, so that the mount refuses writes.
+func (f *FileSystem) WriteDeadlinePassed() bool { return f.pastDeadline() }
+
 // pastDeadline reports whether the write deadline has passed.
 func (f *FileSystem) pastDeadline() bool {
 	d := f.writeDeadline.Load()

@@ -171,6 +171,11 @@ func (d *Daemon) statusOf(f *fs.FileSystem, r *replicationNode) Status {
 	}
 	if epoch := d.epoch.Load(); epoch != 0 {
 		st.Role, st.Epoch, st.Ready = RolePrimary, epoch, true
+		if f.WriteDeadlinePassed() {
+			// Paused or stalled past its lease: it may have lost it, and
+			// its mount refuses writes until a renewal or the step-down.
+			st.Ready, st.NotReady = false, "the lease ran out before this node could renew it: writes are refused until a renewal succeeds or the node steps down"
+		}
 		if r.streamer != nil {
 			for _, rs := range r.streamer.Replicas() {
 				st.Replicas = append(st.Replicas, replicaStatus(rs, logs, now))

@@ -4,10 +4,14 @@
 // trial kills the primary with SIGKILL and times, from the kill, the first
 // write a client gets acknowledged on a surviving node, trying each every
 // 10 ms; it then restarts the killed node and waits until it is a replica
-// of the new primary. Throughout, every node's /status is sampled every
-// 10 ms, and any sample in which two nodes say they are primary is
-// counted. Figures are medians and percentiles over the trials, per
-// lease.check_ttl.
+// of the new primary. With -fault pause the primary is paused (SIGSTOP)
+// instead, as a stalled process or a frozen VM is, and continued once
+// another node took a write; it must then follow that node. Throughout,
+// every running node's /status is sampled every 10 ms (a paused node's is
+// not), and any sample in which two nodes say they are a ready primary is
+// counted (a primary past its lease's write deadline is not ready: it
+// refuses writes). Figures are medians and percentiles over the trials,
+// per lease.check_ttl.
 //
 //	make build && go run ./bench/failover -trials 20 -check-ttls 1s,2s
 package main
@@ -23,6 +27,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	_ "github.com/mattn/go-sqlite3"
@@ -37,7 +42,12 @@ func main() {
 	trials := flag.Int("trials", 20, "primaries killed per check TTL")
 	ttls := flag.String("check-ttls", "1s,2s", "lease.check_ttl values to measure, comma-separated")
 	lockDelay := flag.Duration("lock-delay", 500*time.Millisecond, "lease.lock_delay")
+	fault := flag.String("fault", "kill", "what happens to the primary: kill (SIGKILL, then a restart) or pause (SIGSTOP, then SIGCONT)")
 	flag.Parse()
+	if *fault != "kill" && *fault != "pause" {
+		fmt.Fprintf(os.Stderr, "failover: -fault: %q is neither kill nor pause\n", *fault)
+		os.Exit(2)
+	}
 	var checkTTLs []time.Duration
 	for _, s := range strings.Split(*ttls, ",") {
 		d, err := time.ParseDuration(s)
@@ -55,12 +65,12 @@ func main() {
 		fmt.Fprintf(os.Stderr, "failover: -regiond %s: %v (make build builds bin/regiond)\n", *bin, err)
 		os.Exit(2)
 	}
-	fmt.Printf("failover: 3 regiond nodes (all candidates) and a Consul agent on loopback, %d trials per check TTL, lock_delay %v\n\n", *trials, *lockDelay)
+	fmt.Printf("failover: 3 regiond nodes (all candidates) and a Consul agent on loopback, %d trials per check TTL, lock_delay %v, primary %s\n\n", *trials, *lockDelay, map[string]string{"kill": "killed", "pause": "paused"}[*fault])
 	fmt.Printf("%10s %7s %10s %10s %10s %26s\n", "check_ttl", "trials", "p50", "p99", "max", "samples with 2 primaries")
 	for _, ttl := range checkTTLs {
 		h := &testingutil.Harness{Prefix: "failover"}
 		var res result
-		err := h.Run(func() error { return measure(h, exe, ttl, *lockDelay, *trials, &res) })
+		err := h.Run(func() error { return measure(h, exe, ttl, *lockDelay, *trials, *fault == "pause", &res) })
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "failover: check_ttl %v: %v\n", ttl, err)
 			os.Exit(1)
@@ -68,7 +78,11 @@ func main() {
 		slices.Sort(res.times)
 		fmt.Printf("%10v %7d %10v %10v %10v %15d of %-10d\n", ttl, len(res.times), pct(res.times, 50), pct(res.times, 99), res.times[len(res.times)-1].Round(time.Millisecond), res.both, res.samples)
 	}
-	fmt.Println("\nfrom SIGKILL of the primary to the first write acknowledged on another node; LiteFS (Consul lease) waits out its 10 s session TTL plus its lock delay.")
+	if *fault == "pause" {
+		fmt.Println("\nfrom SIGSTOP of the primary to the first write acknowledged on another node.")
+	} else {
+		fmt.Println("\nfrom SIGKILL of the primary to the first write acknowledged on another node; LiteFS (Consul lease) waits out its 10 s session TTL plus its lock delay.")
+	}
 }
 
 // result is what the trials of one check TTL measured.
@@ -83,7 +97,7 @@ func pct(d []time.Duration, p int) time.Duration {
 	return d[i].Round(time.Millisecond)
 }
 
-func measure(h *testingutil.Harness, exe string, ttl, lockDelay time.Duration, trials int, res *result) error {
+func measure(h *testingutil.Harness, exe string, ttl, lockDelay time.Duration, trials int, pause bool, res *result) error {
 	agent := testingutil.StartConsul(h)
 	command := func(args ...string) *exec.Cmd { return exec.Command(exe, args...) }
 	specs := []testingutil.ClusterNodeSpec{{Name: "iad-1", Region: "iad"}, {Name: "fra-1", Region: "fra"}, {Name: "syd-1", Region: "syd"}}
@@ -98,12 +112,22 @@ func measure(h *testingutil.Harness, exe string, ttl, lockDelay time.Duration, t
 	sampled := make(chan struct{})
 	defer func() { cancel(); <-sampled }()
 	var mu sync.Mutex
-	go func() { // samples roles
+	var paused *testingutil.ClusterNode // a paused node answers nothing
+	// Samples roles.
+	go func() {
 		defer close(sampled)
 		for ctx.Err() == nil {
 			n := 0
 			for _, node := range c.Nodes {
-				if st, err := roles.Status(node); err == nil && st.Role == regiond.RolePrimary {
+				mu.Lock()
+				skip := node == paused
+				mu.Unlock()
+				if skip {
+					continue
+				}
+				// A primary past its lease's write deadline says it is
+				// not ready: it refuses writes.
+				if st, err := roles.Status(node); err == nil && st.Role == regiond.RolePrimary && st.Ready {
 					n++
 				}
 			}
@@ -118,6 +142,31 @@ func measure(h *testingutil.Harness, exe string, ttl, lockDelay time.Duration, t
 	}()
 	for trial := range trials {
 		killed := time.Now()
+		if pause {
+			pid := primary.Pid()
+			mu.Lock()
+			paused = primary
+			mu.Unlock()
+			if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+				return err
+			}
+			took, next, err := firstWrite(c, primary, trial+1, killed, time.Minute)
+			if cerr := syscall.Kill(pid, syscall.SIGCONT); cerr != nil && err == nil {
+				err = cerr
+			}
+			mu.Lock()
+			paused = nil
+			mu.Unlock()
+			if err != nil {
+				return err
+			}
+			res.times = append(res.times, took)
+			fmt.Fprintf(os.Stderr, "trial %d: %s paused, %s took a write %v later\n", trial+1, primary.Name, next.Name, took.Round(time.Millisecond))
+			if primary, epoch = roles.WaitOnePrimary(h, c, epoch, time.Minute); primary != next {
+				return fmt.Errorf("%s took writes, then %s was primary", next.Name, primary.Name)
+			}
+			continue
+		}
 		primary.Kill(h)
 		took, next, err := firstWrite(c, primary, trial+1, killed, time.Minute)
 		if err != nil {
