@@ -3,6 +3,7 @@ package fs
 import (
 	"context"
 	"errors"
+	"fmt"
 	"maps"
 	"os"
 	"slices"
@@ -33,6 +34,12 @@ type walState struct {
 	// commit frame included, past the wal-index's last frame, while its
 	// fate was open (see scanWAL).
 	uncommitted uncommittedTx
+
+	// precommitted is the frame count up to the end of the transactions
+	// taken into the log at their writer's fsync, before the wal-index
+	// counts them (sync durability: see precommitWAL); 0 when none
+	// waits for the wal-index.
+	precommitted int64
 }
 
 // uncommittedTx is a transaction found in the WAL that SQLite has not
@@ -53,6 +60,7 @@ func (d *DB) resetWAL() {
 	d.wal.sumAt = -1
 	d.wal.pgnos = d.wal.pgnos[:0]
 	d.wal.uncommitted = uncommittedTx{}
+	d.wal.precommitted = 0
 	d.clearDirty()
 }
 
@@ -231,8 +239,9 @@ func (d *DB) endWAL(ctx context.Context, size int64) error {
 
 // syncWAL fsyncs the WAL through f, as SQLite asks at every commit under
 // synchronous=FULL, then takes what it committed if the WAL is written by
-// passthrough.
-func (d *DB) syncWAL(f *os.File, datasync bool) error {
+// passthrough. With precommit, the fsync is the WAL writer's, at its
+// commit: the transaction it ends is taken too (see precommitWAL).
+func (d *DB) syncWAL(f *os.File, datasync, precommit bool) error {
 	var err error
 	if datasync {
 		err = syscall.Fdatasync(int(f.Fd()))
@@ -244,7 +253,88 @@ func (d *DB) syncWAL(f *os.File, datasync bool) error {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return d.scanWAL(context.Background())
+	return d.scan(context.Background(), precommit)
+}
+
+// Sync durability in WAL mode: a transaction taken at its writer's fsync.
+//
+// SQLite's commit point in WAL mode is the wal-index, which the writer
+// updates in shared memory after its fsync (synchronous=FULL), without
+// asking the mount. A commit held at the release of the WAL write lock
+// is past it: if the daemon dies there, or the node steps down, SQLite
+// takes the failed unlock for nothing and the app's COMMIT returns
+// success for a transaction no replica acknowledged. So under sync
+// durability, when the writer fsyncs the WAL at its commit (the fsync's
+// caller is the process that holds the WAL write lock), the transaction
+// it wrote, commit frame included, is taken into the log then, before
+// the wal-index counts it, and the fsync waits for the replicas. If they
+// acknowledge, SQLite commits it as usual. If the wait fails, or the
+// daemon dies, the fsync fails and SQLite does not update the wal-index;
+// yet the frames are durable and whole, and the log holds the
+// transaction, so it must stay committed: when the writer gives up the
+// WAL write lock (the mount holds any other writer off until then) and
+// the wal-index still does not count the frames, the daemon marks the
+// wal-index header uninitialized, and the next connection to read it
+// rebuilds it from the WAL, as SQLite's recovery does after a crash,
+// which counts them. A daemon that died leaves that to the restart: the
+// first connection of a new mount rebuilds the wal-index from the WAL,
+// and capture takes the frames as recovery does.
+
+// precommitWAL reports whether an fsync of d's WAL by thread caller is its
+// writer's, at a commit that sync durability must hold before SQLite's
+// commit point: the WAL write lock is held by caller's process and the
+// daemon can reach the wal-index to rebuild it (the -shm passed through).
+func (d *DB) precommitWAL(caller uint32) bool {
+	if !d.shmPassthrough.Load() || d.kernelLocks {
+		return false
+	}
+	for _, l := range d.ShmLocks.Locks() {
+		if l.Typ == syscall.F_WRLCK && l.Start <= walLockOffset && walLockOffset <= l.End {
+			return sameProcess(l.Pid, caller)
+		}
+	}
+	return false
+}
+
+// sameProcess reports whether thread tid belongs to process pid.
+func sameProcess(pid, tid uint32) bool {
+	if pid == 0 || tid == 0 {
+		return false
+	}
+	if pid == tid {
+		return true
+	}
+	_, err := os.Stat(fmt.Sprintf("/proc/%d/task/%d", pid, tid))
+	return err == nil
+}
+
+// settlePrecommitted is called once the writer of transactions taken at
+// its fsync gives up the WAL write lock: if the wal-index does not count
+// them (the fsync failed, or the writer died before its update), the
+// wal-index header is marked uninitialized, so that the next connection
+// rebuilds it from the WAL and counts them, as the log does. Caller holds
+// d.mu.
+func (d *DB) settlePrecommitted() {
+	w := &d.wal
+	if w.precommitted == 0 {
+		return
+	}
+	end := w.precommitted
+	w.precommitted = 0
+	limit, gated, err := d.walIndexLimit()
+	if err != nil {
+		d.logger.Error("read the wal-index after a commit taken at its fsync", "err", err)
+	}
+	if err == nil && (!gated || limit >= end) {
+		return // counted, or no wal-index: the frames decide
+	}
+	if err := uninitWalIndex(d.path(shmFile)); err != nil {
+		d.logger.Error("a transaction in the log is not in the wal-index, and the wal-index could not be marked for recovery: readers do not see it until SQLite recovers the WAL",
+			"frames", end, "err", err)
+		return
+	}
+	d.logger.Warn("a transaction taken into the log at its writer's WAL fsync was not committed by the writer (its fsync failed or it died): the wal-index is marked for recovery, which commits it from the WAL, as the log has it",
+		"wal_index_frames", limit, "logged_frames", end)
 }
 
 // walView reads the database as SQLite sees it in WAL mode: the latest

@@ -36,10 +36,11 @@ type commitCall struct {
 // TestFileSystem_CommitWait checks that an app's COMMIT returns only once
 // the commit wait lets it, with the TXID the log gives the transaction,
 // in every journal mode, with and without WAL passthrough (a WAL commit
-// is held at the release of the WAL write lock); that the end of a
-// rollback journal may fail the COMMIT, with the transaction committed in
-// the database and the log as the error says; and that a WAL commit may
-// not.
+// is held at its writer's fsync, before SQLite's commit point); and that
+// a failed wait fails the COMMIT, with the transaction committed in the
+// database and the log as the error says: at the end of a rollback
+// journal, and at a WAL fsync, where SQLite leaves the wal-index as it
+// was and the daemon has the next connection recover it from the WAL.
 func TestFileSystem_CommitWait(t *testing.T) {
 	for _, name := range []string{"delete", "truncate", "persist", "wal", "wal-without-passthrough"} {
 		t.Run(name, func(t *testing.T) {
@@ -128,9 +129,6 @@ func TestFileSystem_CommitWait(t *testing.T) {
 					t.Fatalf("insert %d: %v", id, err)
 				}
 			}
-			if !rollback {
-				return
-			}
 			c, done := commit(100)
 			c.release <- errors.New("replicas did not acknowledge")
 			err := testingutil.Recv(t, done, commitWaitTimeout, "insert 100 to return")
@@ -147,7 +145,8 @@ func TestFileSystem_CommitWait(t *testing.T) {
 				}
 			}
 			// The next transaction right away, on the same connection: it
-			// opens the journal again, and fails the same way.
+			// opens the journal again (in WAL mode it recovers the
+			// wal-index first), and fails the same way.
 			c2, done := commit(102)
 			if c2.txid != c.txid+1 {
 				t.Fatalf("commit wait for txid %v after the failed %v", c2.txid, c.txid)
@@ -157,8 +156,8 @@ func TestFileSystem_CommitWait(t *testing.T) {
 				t.Fatalf("second insert whose commit wait failed: %v, want a disk I/O error", err)
 			}
 			// The transactions are committed here, as the error says: a
-			// new connection, which would roll back a hot journal, sees
-			// them too.
+			// new connection, which would roll back a hot journal or
+			// recover the WAL, sees them too.
 			f.SetCommitWait(nil)
 			other := testingutil.MustOpenSQLite(t, filepath.Join(f.MountDir, "w.db"), mode)
 			for _, conn := range []*sql.DB{other, db} {
@@ -171,8 +170,19 @@ func TestFileSystem_CommitWait(t *testing.T) {
 			if _, err := db.Exec(`INSERT INTO t VALUES (101, 'y')`); err != nil {
 				t.Fatalf("insert after a failed commit: %v", err)
 			}
+			if err := d.Flush(); err != nil { // WAL transactions are written to the log by a worker
+				t.Fatal(err)
+			}
 			if pos := d.Log().Pos(); pos.TXID != c.txid+1 {
 				t.Fatalf("log at %v after the failed commit %v and one more, want txid %v", pos, c.txid, c.txid+1)
+			}
+			if !rollback {
+				// Everything into the database file, to compare it with
+				// the log.
+				var busy, frames, done int
+				if err := db.QueryRow(`PRAGMA wal_checkpoint(TRUNCATE)`).Scan(&busy, &frames, &done); err != nil || busy != 0 {
+					t.Fatalf("checkpoint: busy %d, %v", busy, err)
+				}
 			}
 			table, err := ltx.ReadChecksumTable(filepath.Join(f.DataDir, "dbs", "w.db", "database"))
 			if err != nil {

@@ -106,7 +106,12 @@ func (d *DB) WALPassthrough() bool {
 // scanWAL finds the transactions SQLite has committed in the WAL since
 // the last scan, and queues them. Frames after the last commit are read
 // again at the next scan. Caller holds d.mu.
-func (d *DB) scanWAL(ctx context.Context) error {
+func (d *DB) scanWAL(ctx context.Context) error { return d.scan(ctx, false) }
+
+// scan is scanWAL; with precommit, a whole transaction past the
+// wal-index's last frame is taken too: the caller is its writer's fsync
+// (see precommitWAL).
+func (d *DB) scan(ctx context.Context, precommit bool) error {
 	w := &d.wal
 	if w.file == nil {
 		return nil
@@ -172,9 +177,11 @@ func (d *DB) scanWAL(ctx context.Context) error {
 			if gated && limit < w.mxFrame {
 				// The log already holds frames the wal-index does not
 				// count: taken by their commit frames before the
-				// wal-index could be read. Nothing to undo: go on from
-				// there.
-				d.logger.Warn("the wal-index counts fewer frames than the log holds", "wal_index_frames", limit, "logged_frames", w.mxFrame)
+				// wal-index could be read, or at their writer's fsync
+				// (precommitted). Nothing to undo: go on from there.
+				if w.precommitted < w.mxFrame {
+					d.logger.Warn("the wal-index counts fewer frames than the log holds", "wal_index_frames", limit, "logged_frames", w.mxFrame)
+				}
 				gated = false
 			}
 		}
@@ -185,7 +192,7 @@ func (d *DB) scanWAL(ctx context.Context) error {
 			d.writtenOver(u, "a later transaction wrote over it")
 			w.uncommitted = uncommittedTx{}
 		}
-		if gated && i >= limit {
+		if gated && i >= limit && !precommit {
 			// A commit frame SQLite has not committed (yet, or ever: its
 			// writer may have died, or failed its fsync, before updating
 			// the wal-index). The writer's unlock, or a later scan,
@@ -201,6 +208,9 @@ func (d *DB) scanWAL(ctx context.Context) error {
 			return err
 		}
 		w.sum1, w.sum2, w.sumAt = s1, s2, w.mxFrame
+		if gated && i >= limit {
+			w.precommitted = w.mxFrame // settled at the writer's unlock
+		}
 	}
 	w.pgnos = w.pgnos[:0]
 	d.rescanWait = 0

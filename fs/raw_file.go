@@ -309,11 +309,18 @@ func (r *raw) Fsync(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 		if err := r.fs.fail("wal-sync"); err != nil {
 			return r.fs.ioError(h.node, "fsync", err)
 		}
-		if err := d.syncWAL(h.file, in.FsyncFlags&1 != 0); err != nil {
+		precommit := r.fs.commitWait.Load() != nil && d.precommitWAL(in.Caller.Pid)
+		if err := d.syncWAL(h.file, in.FsyncFlags&1 != 0, precommit); err != nil {
 			return r.fs.ioError(h.node, "fsync", err)
 		}
 		d.mu.Lock()
 		after := d.committed
+		if precommit {
+			// The writer's commit: every commit not yet waited for is
+			// waited for here, and not again at its unlock.
+			before = d.walHeld
+			d.walHeld = after
+		}
 		d.mu.Unlock()
 		st := r.fs.awaitCommit(cancel, in.Caller.Pid, h.node, before, after, fuse.OK)
 		if st.Ok() && r.fs.pastDeadline() && !r.fs.readOnly.Load() {

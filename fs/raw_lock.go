@@ -161,6 +161,7 @@ func (r *raw) beforeWALUnlock(cancel <-chan struct{}, caller uint32, n *node, ow
 	if err := d.scanWAL(context.Background()); err != nil {
 		d.logger.Error("scan the WAL at the end of a write transaction", "err", err)
 	}
+	d.settlePrecommitted()
 	before, after := d.walHeld, d.committed
 	d.walHeld = after
 	d.mu.Unlock()

@@ -96,6 +96,25 @@ func readWalIndexHeader(r io.ReaderAt) (h walIndexHeader, ok bool, err error) {
 	return h, true, nil
 }
 
+// uninitWalIndex marks the wal-index header of the -shm at path
+// uninitialized (isInit 0 in both copies): the next connection that reads
+// it rebuilds the wal-index from the WAL, as SQLite's recovery does after
+// a crash (walIndexReadHdr, walIndexRecover). A -shm written by
+// passthrough is the one SQLite's connections map.
+func uninitWalIndex(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = f.Close() }()
+	for _, off := range []int64{12, walIndexHeaderSize + 12} {
+		if _, err := f.WriteAt([]byte{0}, off); err != nil {
+			return fmt.Errorf("mark the wal-index of %s for recovery: %w", path, err)
+		}
+	}
+	return nil
+}
+
 // walIndexChecksum returns the checksum of a wal-index header copy h (its
 // first 40 bytes, in the machine's byte order, as SQLite's
 // walIndexWriteHdr computes it; bigEndCksum is about WAL frames).

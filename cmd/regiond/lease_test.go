@@ -310,12 +310,20 @@ func TestLease_ConsulRestart(t *testing.T) {
 // primary without pause, while the primary is killed with SIGKILL ten
 // times, each time restarted as a replica. Every write the client saw
 // acknowledged is on every node at the end, the nodes converge, and no
-// two are ever primary at once. In rollback-journal mode: in WAL mode a
-// COMMIT waiting for its acknowledgement when regiond alone is killed
-// returns success (SQLite cannot fail a commit past the wal-index; see
-// README, "Failover with Consul").
+// two are ever primary at once. In rollback-journal mode, and in WAL
+// mode (synchronous=FULL), where the commit waits at the writer's fsync,
+// before SQLite's commit point.
 func TestLease_FailoverSync(t *testing.T) {
 	t.Parallel()
+	for _, mode := range []string{"delete", "wal"} {
+		t.Run(mode, func(t *testing.T) {
+			t.Parallel()
+			testFailoverSync(t, mode)
+		})
+	}
+}
+
+func testFailoverSync(t *testing.T, mode string) {
 	specs := []testingutil.ClusterNodeSpec{iad, fra, syd}
 	for i := range specs {
 		specs[i].Replication = []string{"durability: sync", "sync_acks: 1"}
@@ -324,7 +332,7 @@ func TestLease_FailoverSync(t *testing.T) {
 	c.Start(t)
 	primary, epoch := waitOnePrimary(t, c, 0)
 	c.Primary = primary.Name
-	db := testingutil.MustOpenSQLite(t, filepath.Join(primary.MountDir, "sync.db"), "delete")
+	db := testingutil.MustOpenSQLite(t, filepath.Join(primary.MountDir, "sync.db"), mode)
 	if _, err := db.Exec(`CREATE TABLE t (id INTEGER PRIMARY KEY)`); err != nil {
 		t.Fatal(err)
 	}
@@ -657,7 +665,7 @@ func insertRow(n *testingutil.ClusterNode, id int) error {
 // insertRowThen is insertRow, calling done as soon as the INSERT returns:
 // before the connection is closed, which is another request to the mount.
 func insertRowThen(n *testingutil.ClusterNode, id int, done func()) error {
-	db, err := sql.Open("sqlite3", "file:"+filepath.Join(n.MountDir, "sync.db")+"?mode=rw&_busy_timeout=2000")
+	db, err := sql.Open("sqlite3", "file:"+filepath.Join(n.MountDir, "sync.db")+"?mode=rw&_busy_timeout=2000&_synchronous=FULL")
 	if err != nil {
 		done()
 		return err
