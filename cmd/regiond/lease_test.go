@@ -515,8 +515,11 @@ func TestLease_PausedPrimary(t *testing.T) {
 		})
 	}
 	// Writers wait on the paused node's mount: continue it before waiting
-	// for them, whatever ends the test.
+	// for them, whatever ends the test, and after 30 s in any case (a
+	// test binary past its timeout runs no deferred call).
 	defer func() { resume(); stop(); wg.Wait() }()
+	watchdog := time.AfterFunc(30*time.Second, resume)
+	defer watchdog.Stop()
 
 	time.Sleep(300 * time.Millisecond)
 	paused := time.Now()
