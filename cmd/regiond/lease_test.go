@@ -411,21 +411,7 @@ func testFailoverSync(t *testing.T, mode string) {
 	}
 	for _, n := range c.Nodes {
 		db := openOnReplica(t, n, "sync.db")
-		have := map[int]bool{}
-		rows, err := db.Query(`SELECT id FROM t`)
-		if err != nil {
-			t.Fatalf("%s: %v", n.Name, err)
-		}
-		for rows.Next() {
-			var id int
-			if err := rows.Scan(&id); err != nil {
-				t.Fatal(err)
-			}
-			have[id] = true
-		}
-		if err := rows.Err(); err != nil {
-			t.Fatal(err)
-		}
+		have := rowIDs(t, db)
 		var missing []int
 		for _, id := range acked {
 			if !have[id] {
@@ -681,29 +667,18 @@ func insertRowThen(n *testingutil.ClusterNode, id int, done func()) error {
 
 // TestLease_ACL: a Consul agent with ACLs on, denied by default. iad-1's
 // token may read the lease key but not write it; fra-1's and syd-1's have
-// the rules of consul.ACLPolicy. iad-1, a candidate like the others,
-// never becomes primary, and says why, naming the key and the setting
-// that gives the token; it follows the primary, and when that one is
-// killed the other node with a good token takes over.
+// the rules of consul.ACLPolicy. iad-1, a candidate started alone, tries
+// the free lease and says why it cannot take it, naming the key and the
+// setting that gives the token; once the others run it never becomes
+// primary and follows the one that does, and when that one is killed the
+// other node with a good token takes over.
 func TestLease_ACL(t *testing.T) {
 	t.Parallel()
 	agent := testingutil.StartConsulACL(t)
-	admin, err := api.NewClient(&api.Config{Address: strings.TrimPrefix(agent.URL, "http://"), Token: agent.Token})
-	if err != nil {
-		t.Fatal(err)
-	}
 	tokenFile := func(name, rules string) string {
 		t.Helper()
-		p, _, err := admin.ACL().PolicyCreate(&api.ACLPolicy{Name: name, Rules: rules}, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		tok, _, err := admin.ACL().TokenCreate(&api.ACLToken{Policies: []*api.ACLTokenPolicyLink{{ID: p.ID}}}, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
 		path := filepath.Join(t.TempDir(), name+".token")
-		if err := os.WriteFile(path, []byte(tok.SecretID+"\n"), 0o600); err != nil {
+		if err := os.WriteFile(path, []byte(agent.ACLToken(t, name, rules)+"\n"), 0o600); err != nil {
 			t.Fatal(err)
 		}
 		return path
@@ -720,13 +695,9 @@ func TestLease_ACL(t *testing.T) {
 		specs[i].Lease = testingutil.ConsulLease(agent.URL, "check_ttl: 1s", "lock_delay: 500ms", "consul_token_file: "+file)
 	}
 	c := testingutil.NewCluster(t, regiondCommand, "", specs...)
-	c.Start(t)
-	first, epoch := waitOnePrimary(t, c, 0)
-	mon := monitorRoles(t, c)
+	// iad-1 alone first: the lease is free, so it tries to take it.
 	bad := c.Node("iad-1")
-	if first == bad {
-		t.Fatalf("%s took the lease with a token that cannot write %s", bad.Name, key)
-	}
+	bad.Start(t)
 	const want = `lacks permission 'key:write' on \"meridian/primary\" (Consul refused the ACL token: the lease needs a token with write on key \"meridian/primary\"`
 	waitLog := func() {
 		t.Helper()
@@ -741,6 +712,16 @@ func TestLease_ACL(t *testing.T) {
 	waitLog()
 	if !strings.Contains(bad.Log(), "lease.consul_token_file or CONSUL_HTTP_TOKEN") {
 		t.Errorf("%s's log does not say which setting gives the token", bad.Name)
+	}
+	for _, n := range c.Nodes {
+		if n != bad {
+			n.Start(t)
+		}
+	}
+	first, epoch := waitOnePrimary(t, c, 0)
+	mon := monitorRoles(t, c)
+	if first == bad {
+		t.Fatalf("%s took the lease with a token that cannot write %s", bad.Name, key)
 	}
 
 	first.Kill(t)

@@ -1,10 +1,12 @@
 package testingutil
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -121,6 +123,46 @@ agent = %q } }`, token, token))
 	})
 	c.start(tb)
 	return c
+}
+
+// ACLToken creates, on an agent started by StartConsulACL, a policy
+// called name with rules and a token of it, and returns the token's
+// secret ID.
+func (c *Consul) ACLToken(tb TB, name, rules string) string {
+	tb.Helper()
+	var policy struct{ ID string }
+	if err := c.put("/v1/acl/policy", map[string]string{"Name": name, "Rules": rules}, &policy); err != nil {
+		tb.Fatalf("create ACL policy %s: %v", name, err)
+	}
+	var token struct{ SecretID string }
+	if err := c.put("/v1/acl/token", map[string]any{"Policies": []map[string]string{{"ID": policy.ID}}}, &token); err != nil {
+		tb.Fatalf("create a token of ACL policy %s: %v", name, err)
+	}
+	return token.SecretID
+}
+
+// put sends body as JSON in a PUT to path, with the management token,
+// and decodes the JSON answer into v.
+func (c *Consul) put(path string, body, v any) error {
+	b, err := json.Marshal(body)
+	if err != nil {
+		return err
+	}
+	req, err := http.NewRequest(http.MethodPut, c.URL+path, bytes.NewReader(b))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("X-Consul-Token", c.Token)
+	resp, err := (&http.Client{Timeout: 5 * time.Second}).Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(resp.Body)
+		return fmt.Errorf("PUT %s: %s: %s", path, resp.Status, msg)
+	}
+	return json.NewDecoder(resp.Body).Decode(v)
 }
 
 // Restart starts the agent again, on the same address and ports, after

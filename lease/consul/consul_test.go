@@ -318,18 +318,7 @@ func TestLeaser_ACL(t *testing.T) {
 		t.Fatal(err)
 	}
 	const key = "meridian/primary"
-	token := func(name, rules string) string {
-		t.Helper()
-		p, _, err := admin.ACL().PolicyCreate(&api.ACLPolicy{Name: name, Rules: rules}, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		tok, _, err := admin.ACL().TokenCreate(&api.ACLToken{Policies: []*api.ACLTokenPolicyLink{{ID: p.ID}}}, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return tok.SecretID
-	}
+	token := func(name, rules string) string { return c.ACLToken(t, name, rules) }
 	readOnly := token("meridian-read", strings.Replace(consul.ACLPolicy(key), `key "meridian/primary" { policy = "write" }`, `key "meridian/primary" { policy = "read" }`, 1))
 	full := token("meridian-lease", consul.ACLPolicy(key))
 
