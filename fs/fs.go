@@ -236,7 +236,7 @@ func (f *FileSystem) awaitCommit(cancel <-chan struct{}, caller uint32, n *node,
 			return fuse.EIO
 		}
 	}
-	if canFail && f.pastDeadline() && !f.readOnly.Load() {
+	if canFail && f.writesExpired() {
 		// The write deadline passed while the commit was made: another
 		// node may hold the lease by now, and the transaction may never
 		// reach it. (A WAL commit cannot fail here.)
@@ -789,6 +789,12 @@ func (f *FileSystem) SetWriteDeadline(t time.Time) {
 // WriteDeadlinePassed reports whether the write deadline (SetWriteDeadline)
 // has passed, so that the mount refuses writes.
 func (f *FileSystem) WriteDeadlinePassed() bool { return f.pastDeadline() }
+
+// writesExpired reports whether the mount, writable, must refuse writes
+// because its write deadline has passed.
+func (f *FileSystem) writesExpired() bool {
+	return f.pastDeadline() && !f.readOnly.Load()
+}
 
 // pastDeadline reports whether the write deadline has passed.
 func (f *FileSystem) pastDeadline() bool {

@@ -396,15 +396,7 @@ func (f *FileSystem) stopLockHolder() {
 // isLockHolder reports whether tid, a thread as FUSE names the caller of a
 // request, is one of the lock holder's.
 func (f *FileSystem) isLockHolder(tid uint32) bool {
-	pid := f.holderPid.Load()
-	if pid == 0 || tid == 0 {
-		return false
-	}
-	if uint32(pid) == tid {
-		return true
-	}
-	_, err := os.Stat(fmt.Sprintf("/proc/%d/task/%d", pid, tid))
-	return err == nil
+	return sameProcess(uint32(f.holderPid.Load()), tid)
 }
 
 // markLockHolder marks handle fh as the lock holder's if tid is one of its

@@ -421,7 +421,7 @@ type refusal struct {
 // to write. It logs once a minute per process, and again at once when the
 // primary has changed since.
 func (f *FileSystem) refuseWrite(c fuse.Caller, op, name string) bool {
-	expired := !f.readOnly.Load() && f.pastDeadline()
+	expired := f.writesExpired()
 	if !f.readOnly.Load() && !expired || f.isLockHolder(c.Pid) {
 		// The lock holder opens the database for writing to take write
 		// locks; it writes nothing.

@@ -292,7 +292,7 @@ func (r *raw) Fsync(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 	if h.file == nil {
 		return fuse.OK
 	}
-	if h.node.kind != kindShm && r.fs.pastDeadline() && !r.fs.readOnly.Load() {
+	if h.node.kind != kindShm && r.fs.writesExpired() {
 		// What SQLite fsyncs it is about to take for durable: a commit,
 		// or the pages a commit needs first.
 		r.fs.refuseExpired("fsync", h.node.name, in.Caller.Pid)
@@ -323,7 +323,7 @@ func (r *raw) Fsync(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 		}
 		d.mu.Unlock()
 		st := r.fs.awaitCommit(cancel, in.Caller.Pid, h.node, before, after, fuse.OK)
-		if st.Ok() && r.fs.pastDeadline() && !r.fs.readOnly.Load() {
+		if st.Ok() && r.fs.writesExpired() {
 			// The deadline passed during the fsync: SQLite, told it
 			// failed, does not commit the transaction it ends.
 			r.fs.refuseExpired("fsync", h.node.name, in.Caller.Pid)

@@ -1,13 +1,17 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"database/sql"
 	"errors"
 	"fmt"
+	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -432,19 +436,21 @@ func testFailoverSync(t *testing.T, mode string) {
 	}
 }
 
-// TestLease_PausedPrimary: the primary is paused (SIGSTOP) for longer
-// than the check TTL while four clients write to it (rollback-journal
-// mode), and another candidate takes the lease. Its link to Consul turns
-// slow at the same time (3 s of latency on every answer), so once
-// continued (SIGCONT) its lease loop takes a moment to learn the lease
-// is gone (a renewal that times out). In that moment the old primary
-// commits none of the writes that waited on it: the write deadline its
-// last renewal set has passed. So every write the clients saw acknowledged
-// was committed before the pause (its /events says when), even those
-// whose last request, the unlock after the commit, returned after it. It
-// then follows the new primary. Every write it acknowledged is on the
-// new primary, or in a set of its transactions kept under
-// data_dir/lost/.
+// TestLease_PausedPrimary: the replicas are killed, so that the primary
+// commits for a moment transactions no replica receives, and then the
+// primary is paused (SIGSTOP) for longer than the check TTL while four
+// clients (a process of their own, as apps are) write to it in
+// rollback-journal mode; the replicas, started again, take the lease. The
+// paused node's link to Consul turns slow at the same time (3 s of latency
+// on every answer), so once continued (SIGCONT) its lease loop takes a
+// moment to learn the lease is gone (a renewal that times out). In that
+// moment the old primary commits none of the writes that waited on it:
+// the write deadline its last renewal set has passed. So every write the
+// clients saw acknowledged was committed before the pause (its /events
+// says when), even those whose last request, the unlock after the commit,
+// returned after it. It then follows the new primary, and the writes it
+// acknowledged while alone, which the new primary lacks, are in a set of
+// its transactions kept under data_dir/lost/.
 func TestLease_PausedPrimary(t *testing.T) {
 	t.Parallel()
 	c, proxies := proxiedConsulCluster(t)
@@ -461,36 +467,8 @@ func TestLease_PausedPrimary(t *testing.T) {
 	c.WaitCaughtUp(t, time.Minute, "sync.db")
 	events := watchEvents(t, first)
 	started := time.Now()
+	w := startWriters(t, filepath.Join(first.MountDir, "sync.db"), 4)
 
-	type result struct {
-		id  int
-		err error
-		end time.Time
-	}
-	var (
-		mu      sync.Mutex
-		results []result
-		next    atomic.Int64
-		wg      sync.WaitGroup
-	)
-	ctx, stop := context.WithCancel(context.Background())
-	for range 4 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for ctx.Err() == nil {
-				id := int(next.Add(1))
-				var end time.Time
-				err := insertRowThen(first, id, func() { end = time.Now() })
-				mu.Lock()
-				results = append(results, result{id, err, end})
-				mu.Unlock()
-				if err != nil {
-					time.Sleep(20 * time.Millisecond)
-				}
-			}
-		}()
-	}
 	pid := first.Pid()
 	var resumeOnce sync.Once
 	resume := func() {
@@ -500,13 +478,22 @@ func TestLease_PausedPrimary(t *testing.T) {
 			}
 		})
 	}
-	// Writers wait on the paused node's mount: continue it before waiting
-	// for them, whatever ends the test, and after 30 s in any case (a
-	// test binary past its timeout runs no deferred call).
-	defer func() { resume(); stop(); wg.Wait() }()
+	// The writers wait on the paused node's mount: continue it before
+	// waiting for them, whatever ends the test, and after 30 s in any
+	// case (a test binary past its timeout runs no deferred call).
+	defer resume()
 	watchdog := time.AfterFunc(30*time.Second, resume)
 	defer watchdog.Stop()
 
+	time.Sleep(300 * time.Millisecond)
+	var others []*testingutil.ClusterNode
+	for _, n := range c.Nodes {
+		if n != first {
+			others = append(others, n)
+			n.Kill(t)
+		}
+	}
+	alone := time.Now()
 	time.Sleep(300 * time.Millisecond)
 	paused := time.Now()
 	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
@@ -516,19 +503,19 @@ func TestLease_PausedPrimary(t *testing.T) {
 	if _, err := proxies[first.Name].Toxics.AddToxicJson(strings.NewReader(slow)); err != nil {
 		t.Fatal(err)
 	}
+	for _, n := range others {
+		n.Start(t)
+	}
 	var primary *testingutil.ClusterNode
 	var nextEpoch uint64
 	for primary == nil {
-		for _, n := range c.Nodes {
-			if n == first {
-				continue // its admin API is paused too
-			}
+		for _, n := range others {
 			if st, err := roles.Status(n); err == nil && st.Role == regiond.RolePrimary && st.Epoch > epoch {
 				primary, nextEpoch = n, st.Epoch
 			}
 		}
-		if time.Since(paused) > time.Minute {
-			t.Fatalf("no node took the lease in a minute after %s was paused", first.Name)
+		if time.Since(paused) > 20*time.Second {
+			t.Fatalf("no node took the lease in 20 s after %s was paused", first.Name)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -544,22 +531,24 @@ func TestLease_PausedPrimary(t *testing.T) {
 	waitStatus(t, first, func(st regiond.Status) bool {
 		return st.Role == regiond.RoleReplica && st.Primary == primary.Name && st.Epoch == nextEpoch
 	}, "a replica of %s at epoch %d", primary.Name, nextEpoch)
-	t.Logf("%s paused; %s primary at epoch %d %v later; %s continued %v after the pause, stepped down %v after that",
-		first.Name, primary.Name, nextEpoch, took.Round(time.Millisecond), first.Name, continued.Sub(paused).Round(time.Millisecond), steppedDown.Round(time.Millisecond))
+	t.Logf("%s alone from %v, paused; %s primary at epoch %d %v later; %s continued %v after the pause, stepped down %v after that",
+		first.Name, alone.Sub(started).Round(time.Millisecond), primary.Name, nextEpoch, took.Round(time.Millisecond), first.Name, continued.Sub(paused).Round(time.Millisecond), steppedDown.Round(time.Millisecond))
 	time.Sleep(200 * time.Millisecond) // writes meet the node as a replica too
-	stop()
-	wg.Wait()
+	results := w.stop(t)
 	c.Primary = primary.Name
 	c.WaitCaughtUp(t, time.Minute, "sync.db")
 
 	// Each write is a transaction of its own: as many were committed
 	// before the pause as were acknowledged, at least.
 	var acked []int
-	ackedAfter, failedAfter := 0, 0
+	ackedAlone, ackedAfter, failedAfter := 0, 0, 0
 	for _, r := range results {
 		switch {
-		case r.err == nil:
+		case r.err == "":
 			acked = append(acked, r.id)
+			if r.end.After(alone) {
+				ackedAlone++
+			}
 			if r.end.After(continued) {
 				ackedAfter++
 			}
@@ -577,16 +566,17 @@ func TestLease_PausedPrimary(t *testing.T) {
 			afterPause++
 		}
 	}
-	t.Logf("%d writes acknowledged, %d of them once %s was continued; %d failed then; %d commits before the pause, %d after",
-		len(acked), ackedAfter, first.Name, failedAfter, before, afterPause)
+	t.Logf("%d writes acknowledged, %d while %s was alone, %d once it was continued; %d failed then; %d commits before the pause, %d after",
+		len(acked), ackedAlone, first.Name, ackedAfter, failedAfter, before, afterPause)
 	if len(acked) > before {
 		t.Errorf("%s acknowledged %d writes but committed %d before the pause: it committed writes after its lease ran out", first.Name, len(acked), before)
 	}
-	if len(acked) == 0 || failedAfter == 0 {
-		t.Fatalf("%d writes acknowledged, %d failed once %s was continued: want some of each", len(acked), failedAfter, first.Name)
+	if ackedAlone == 0 || failedAfter == 0 {
+		t.Fatalf("%d writes acknowledged while %s was alone, %d failed once it was continued: want some of each", ackedAlone, first.Name, failedAfter)
 	}
 
-	// Acknowledged writes the new primary lacks are in a lost set.
+	// The writes acknowledged while the primary was alone are on no other
+	// node: each acknowledged write the new primary lacks is in a lost set.
 	have := rowIDs(t, openOnReplica(t, primary, "sync.db"))
 	var missing []int
 	for _, id := range acked {
@@ -594,31 +584,182 @@ func TestLease_PausedPrimary(t *testing.T) {
 			missing = append(missing, id)
 		}
 	}
-	if len(missing) > 0 {
-		lost := map[int]bool{}
-		sets, _ := os.ReadDir(filepath.Join(first.DataDir, "lost", "sync.db"))
-		for _, set := range sets {
-			out := filepath.Join(t.TempDir(), "lost.db")
-			var stdout, stderr strings.Builder
-			if err := Run(context.Background(), []string{"ltx", "restore", "-o", out, filepath.Join(first.DataDir, "lost", "sync.db", set.Name())}, &stdout, &stderr); err != nil {
-				t.Fatalf("restore lost set %s: %v\n%s", set.Name(), err, stderr.String())
-			}
-			lostDB, err := sql.Open("sqlite3", "file:"+out+"?mode=ro")
-			if err != nil {
-				t.Fatal(err)
-			}
-			for id := range rowIDs(t, lostDB) {
-				lost[id] = true
-			}
-			_ = lostDB.Close()
-		}
-		for _, id := range missing {
-			if !lost[id] {
-				t.Errorf("write %d, acknowledged by %s before the pause, is neither on %s nor in %s's lost sets (%d sets)", id, first.Name, primary.Name, first.Name, len(sets))
-			}
-		}
-		t.Logf("%d acknowledged writes were not on %s: all in %s's lost sets", len(missing), primary.Name, first.Name)
+	if len(missing) == 0 {
+		t.Fatalf("%s has every write acknowledged by %s, those of the %v it was alone too", primary.Name, first.Name, paused.Sub(alone).Round(time.Millisecond))
 	}
+	lost := map[int]bool{}
+	sets, _ := os.ReadDir(filepath.Join(first.DataDir, "lost", "sync.db"))
+	for _, set := range sets {
+		out := filepath.Join(t.TempDir(), "lost.db")
+		var stdout, stderr strings.Builder
+		if err := Run(context.Background(), []string{"ltx", "restore", "-o", out, filepath.Join(first.DataDir, "lost", "sync.db", set.Name())}, &stdout, &stderr); err != nil {
+			t.Fatalf("restore lost set %s: %v\n%s", set.Name(), err, stderr.String())
+		}
+		lostDB, err := sql.Open("sqlite3", "file:"+out+"?mode=ro")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for id := range rowIDs(t, lostDB) {
+			lost[id] = true
+		}
+		_ = lostDB.Close()
+	}
+	for _, id := range missing {
+		if !lost[id] {
+			t.Errorf("write %d, acknowledged by %s, is neither on %s nor in %s's lost sets (%d sets)", id, first.Name, primary.Name, first.Name, len(sets))
+		}
+	}
+	t.Logf("%d acknowledged writes were not on %s: all in %s's lost sets (%d)", len(missing), primary.Name, first.Name, len(sets))
+}
+
+// writersEnv makes the test binary a writer process (runWriters). Apps
+// are processes of their own, and a test process cannot start a node
+// while its threads wait on a paused node's mount: its fork waits for
+// them.
+const writersEnv = "MERIDIAN_TEST_WRITERS"
+
+// writeResult is one write of a writer process: the row's id, when the
+// INSERT returned, and its error ("" if none).
+type writeResult struct {
+	id  int
+	end time.Time
+	err string
+}
+
+// writers is a writer process started by startWriters.
+type writers struct {
+	cmd   *exec.Cmd
+	stdin io.Closer
+	mu    sync.Mutex
+	got   []writeResult
+	read  chan error
+}
+
+// startWriters starts a writer process in which n clients insert rows
+// with ids 1, 2, ... into table t of the database at path, each write
+// on a connection of its own (insertRowAt), until stop.
+func startWriters(t *testing.T, path string, n int) *writers {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%d %s", writersEnv, n, path))
+	cmd.Stderr = os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	w := &writers{cmd: cmd, stdin: stdin, read: make(chan error, 1)}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-w.read
+		_ = cmd.Wait()
+	})
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			var r writeResult
+			var end int64
+			id, rest, _ := strings.Cut(sc.Text(), " ")
+			endText, msg, _ := strings.Cut(rest, " ")
+			var err error
+			if r.id, err = strconv.Atoi(id); err == nil {
+				end, err = strconv.ParseInt(endText, 10, 64)
+			}
+			if err != nil {
+				w.read <- fmt.Errorf("writer process: line %q: %v", sc.Text(), err)
+				return
+			}
+			r.end = time.Unix(0, end)
+			if msg != "ok" {
+				r.err = msg
+			}
+			w.mu.Lock()
+			w.got = append(w.got, r)
+			w.mu.Unlock()
+		}
+		w.read <- sc.Err()
+	}()
+	return w
+}
+
+// stop tells the writers to stop, waits up to a minute for their writes
+// under way to end and returns every write's result.
+func (w *writers) stop(t *testing.T) []writeResult {
+	t.Helper()
+	if err := w.stdin.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-w.read:
+		w.read <- err // for the cleanup
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("the writer process did not end its writes in a minute")
+	}
+	if err := w.cmd.Wait(); err != nil {
+		t.Fatalf("writer process: %v", err)
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if len(w.got) == 0 {
+		t.Fatal("the writer process made no write")
+	}
+	return w.got
+}
+
+// runWriters is the writer process (startWriters): spec is "N PATH". Each
+// write prints "ID END_UNIX_NANO ok" or "ID END_UNIX_NANO ERROR".
+func runWriters(spec string) {
+	nText, path, _ := strings.Cut(spec, " ")
+	n, err := strconv.Atoi(nText)
+	if err != nil || path == "" {
+		fmt.Fprintf(os.Stderr, "%s=%q: want \"N PATH\"\n", writersEnv, spec)
+		os.Exit(2)
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	go func() {
+		_, _ = io.Copy(io.Discard, os.Stdin)
+		stop()
+	}()
+	var (
+		mu   sync.Mutex
+		next atomic.Int64
+		wg   sync.WaitGroup
+	)
+	out := bufio.NewWriter(os.Stdout)
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for ctx.Err() == nil {
+				id := int(next.Add(1))
+				var end time.Time
+				err := insertRowAt(path, id, func() { end = time.Now() })
+				msg := "ok"
+				if err != nil {
+					msg = strings.ReplaceAll(err.Error(), "\n", " ")
+				}
+				mu.Lock()
+				fmt.Fprintf(out, "%d %d %s\n", id, end.UnixNano(), msg)
+				_ = out.Flush()
+				mu.Unlock()
+				if err != nil {
+					time.Sleep(20 * time.Millisecond)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	os.Exit(0)
 }
 
 // rowIDs returns the ids of the rows of table t of db.
@@ -654,7 +795,12 @@ func insertRow(n *testingutil.ClusterNode, id int) error {
 // insertRowThen is insertRow, calling done as soon as the INSERT returns:
 // before the connection is closed, which is another request to the mount.
 func insertRowThen(n *testingutil.ClusterNode, id int, done func()) error {
-	db, err := sql.Open("sqlite3", "file:"+filepath.Join(n.MountDir, "sync.db")+"?mode=rw&_busy_timeout=2000&_synchronous=FULL")
+	return insertRowAt(filepath.Join(n.MountDir, "sync.db"), id, done)
+}
+
+// insertRowAt is insertRowThen for the database at path.
+func insertRowAt(path string, id int, done func()) error {
+	db, err := sql.Open("sqlite3", "file:"+path+"?mode=rw&_busy_timeout=2000&_synchronous=FULL")
 	if err != nil {
 		done()
 		return err

@@ -28,6 +28,9 @@ func TestMain(m *testing.M) {
 		main()
 		os.Exit(0)
 	}
+	if spec := os.Getenv(writersEnv); spec != "" {
+		runWriters(spec)
+	}
 	testingutil.Main(m)
 }
 
