@@ -50,7 +50,8 @@ test:
 
 # test-long runs the tests behind the `long` build tag: databases grown past
 # 1 GiB (SQLite's lock page) through the FUSE mount and rebuilt from their
-# logs. About 2 minutes; CI runs it.
+# logs, and a jump of the machine's wall clock under a Consul lease (it sets
+# the clock, with CAP_SYS_TIME, and puts it right). About 2 minutes; CI runs it.
 test-long:
 	scripts/bounded-run 35m $(GO) test -tags long -count=1 -timeout 30m -run '^TestLong' ./...
 
