@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -271,6 +272,58 @@ func proxiedConsulCluster(t *testing.T) (*testingutil.Cluster, map[string]*toxip
 		specs[i].Lease = testingutil.ConsulLease("http://"+p.Listen, "check_ttl: 1s", "lock_delay: 500ms")
 	}
 	return testingutil.NewCluster(t, regiondCommand, "", specs...), proxies
+}
+
+// TestLease_ConsulUnreachableAtStart: the nodes start while none of them
+// can reach Consul. Each mounts and serves reads, read-only and following
+// no one, says in /readyz that the lease has not been read and in its log
+// which address it could not reach; once Consul answers, one of them
+// takes the lease and the others follow it.
+func TestLease_ConsulUnreachableAtStart(t *testing.T) {
+	t.Parallel()
+	c, proxies := proxiedConsulCluster(t)
+	for _, p := range proxies {
+		p.Stop()
+	}
+	c.Start(t)
+	time.Sleep(2 * time.Second) // a few check TTLs: nothing changes while Consul is away
+	for _, n := range c.Nodes {
+		st := adminStatus(t, n)
+		if st.Role == regiond.RolePrimary || st.Ready {
+			t.Errorf("%s, Consul unreachable: role %s, ready %v, want a read-only node, not ready", n.Name, st.Role, st.Ready)
+		}
+		code, body, err := n.AdminGet("/readyz")
+		want := "the lease in Consul at http://" + proxies[n.Name].Listen + " has not been read yet"
+		if err != nil || code != http.StatusServiceUnavailable || !strings.Contains(string(body), want) {
+			t.Errorf("%s /readyz, Consul unreachable: %d %q (%v), want 503 saying %q", n.Name, code, body, err, want)
+		}
+		if log := n.Log(); !strings.Contains(log, proxies[n.Name].Listen) {
+			t.Errorf("%s's log does not name the Consul address it could not reach, %s:\n%s", n.Name, proxies[n.Name].Listen, n.LogTail(4<<10))
+		}
+		db := openOnReplica(t, n, "app.db")
+		if _, err := db.Exec(`CREATE TABLE t (by TEXT)`); err == nil {
+			t.Errorf("%s, Consul unreachable, took a write", n.Name)
+		}
+	}
+	for _, p := range proxies {
+		if err := p.Start(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	reached := time.Now()
+	primary, epoch := waitOnePrimary(t, c, 0)
+	t.Logf("Consul reachable: %s primary at epoch %d %v later", primary.Name, epoch, time.Since(reached).Round(time.Millisecond))
+	c.Primary = primary.Name
+	for _, n := range c.Nodes {
+		if n != primary {
+			waitStatus(t, n, func(st regiond.Status) bool {
+				return st.Role == regiond.RoleReplica && st.Primary == primary.Name && st.Epoch == epoch
+			}, "a replica of %s at epoch %d", primary.Name, epoch)
+		}
+	}
+	insertBy(t, primary, "after")
+	c.WaitCaughtUp(t, time.Minute, "app.db")
+	checkBy(t, c, "after")
 }
 
 // TestLease_ConsulRestart: the Consul agent dies. The primary, unable to
