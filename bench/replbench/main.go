@@ -64,6 +64,10 @@ type options struct {
 	warmReads    bool
 	// joinTmpfs puts the joining node's data_dir on /dev/shm.
 	joinTmpfs bool
+	// joinApp is what the app writes to big.db during the join: "64k"
+	// (one 64 KiB row rewritten per transaction, flat out) or "small" (one
+	// small row inserted per transaction, 500 a second).
+	joinApp string
 	// pin runs the primary and the replicas on CPUs of their own.
 	pin bool
 	// trace is a file to write each transaction's times to ("": none).
@@ -79,6 +83,7 @@ func main() {
 	flag.IntVar(&o.maxTx, "max-tx", 5000, "transactions committed at the maximum rate")
 	flag.StringVar(&replicas, "replicas", "1,3", "replica counts to measure")
 	flag.IntVar(&o.snapshotMB, "snapshot-mb", 100, "size of the database a joining node receives as a snapshot, MB (0: skip)")
+	flag.StringVar(&o.joinApp, "join-app", "64k", "what the app writes to the joining database meanwhile: 64k (one 64 KiB row rewritten per transaction, flat out) or small (one small row inserted per transaction, 500 a second)")
 	flag.BoolVar(&o.joinTmpfs, "join-tmpfs", false, "put the joining node's data_dir on /dev/shm, so that the join's writes do not share the primary's disk, as on separate machines")
 	flag.StringVar(&o.litefs, "litefs", "", "also measure LiteFS, the litefs binary at this path, with one replica (scripts/install-litefs.sh builds v0.5.14)")
 	flag.StringVar(&o.sync, "synchronous", "NORMAL", "the writer's PRAGMA synchronous on the primary: NORMAL or FULL")
@@ -283,7 +288,7 @@ func measureCluster(h *testingutil.Harness, o options, n int, res *results) erro
 		}
 	}
 	if join {
-		if res.snap, err = measureSnapshot(h, c, o.snapshotMB, o.joinTmpfs); err != nil {
+		if res.snap, err = measureSnapshot(h, c, o.snapshotMB, o.joinTmpfs, o.joinApp); err != nil {
 			return err
 		}
 	}
@@ -568,8 +573,11 @@ func (r *pollReader) stopReading() {
 type snapshotResult struct {
 	bytes      int64
 	join, copy time.Duration
-	// before and during are the commit latencies of a writer updating
-	// big.db for a second before the join and during it, sorted.
+	// app is the app's writes to big.db meanwhile (-join-app); before and
+	// during are their commit latencies for beforeFor before the join
+	// and during it, sorted.
+	app            string
+	beforeFor      time.Duration
 	before, during []time.Duration
 	// read is the primary's log line about the snapshot it read.
 	read string
@@ -579,7 +587,10 @@ type snapshotResult struct {
 // starts a node that has none of the cluster's databases, and times until
 // it is at the primary's positions; then it times copying the primary's
 // backing files, with an fsync, on the same disk.
-func measureSnapshot(h *testingutil.Harness, c *testingutil.Cluster, mb int, tmpfs bool) (*snapshotResult, error) {
+func measureSnapshot(h *testingutil.Harness, c *testingutil.Cluster, mb int, tmpfs bool, app string) (*snapshotResult, error) {
+	if app != "64k" && app != "small" {
+		return nil, fmt.Errorf("-join-app %q: want 64k or small", app)
+	}
 	primary := c.Node(c.Primary)
 	db, err := sql.Open("sqlite3", "file:"+filepath.Join(primary.MountDir, "big.db")+"?_journal_mode=wal&_synchronous=NORMAL")
 	if err != nil {
@@ -587,7 +598,7 @@ func measureSnapshot(h *testingutil.Harness, c *testingutil.Cluster, mb int, tmp
 	}
 	defer db.Close()
 	db.SetMaxOpenConns(1)
-	if _, err := db.Exec(`CREATE TABLE b (v BLOB)`); err != nil {
+	if _, err := db.Exec(`CREATE TABLE b (v BLOB); CREATE TABLE s (id INTEGER PRIMARY KEY, v TEXT)`); err != nil {
 		return nil, err
 	}
 	fmt.Fprintf(os.Stderr, "snapshot: writing a %d MB database\n", mb)
@@ -601,7 +612,7 @@ func measureSnapshot(h *testingutil.Harness, c *testingutil.Cluster, mb int, tmp
 	}
 	dbs := []string{"bench.db", "big.db"}
 	c.WaitCaughtUp(h, 10*time.Minute, dbs...)
-	res := &snapshotResult{}
+	res := &snapshotResult{app: app}
 	for _, name := range dbs {
 		fi, err := os.Stat(primary.BackingFile(name))
 		if err != nil {
@@ -625,8 +636,10 @@ func measureSnapshot(h *testingutil.Harness, c *testingutil.Cluster, mb int, tmp
 		fmt.Fprintf(os.Stderr, "snapshot: %s keeps its data_dir in %s\n", joiner.Name, dir)
 	}
 
-	// The app goes on writing: one 64 KiB row per transaction, anywhere
-	// in the database, from a second before the join to its end.
+	// The app goes on writing from a while before the join to its end:
+	// one 64 KiB row per transaction, anywhere in the database, flat out
+	// (for a second before), or a small row, 500 a second (for 5 s
+	// before, about as long as a join takes).
 	var (
 		mu    sync.Mutex
 		spans [][2]time.Time
@@ -636,14 +649,25 @@ func measureSnapshot(h *testingutil.Harness, c *testingutil.Cluster, mb int, tmp
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		rows := mb * 16
+		next := time.Now()
 		for i := 0; ; i++ {
 			select {
 			case <-stop:
 				return
 			default:
 			}
+			var err error
 			began := time.Now()
-			_, err := db.Exec(`UPDATE b SET v = randomblob(65536) WHERE rowid = ?`, 1+(i*7919)%rows)
+			if app == "small" {
+				if wait := time.Until(next); wait > 0 {
+					time.Sleep(wait)
+				}
+				next = next.Add(2 * time.Millisecond)
+				began = time.Now()
+				_, err = db.Exec(`INSERT INTO s (v) VALUES ('a small row of text')`)
+			} else {
+				_, err = db.Exec(`UPDATE b SET v = randomblob(65536) WHERE rowid = ?`, 1+(i*7919)%rows)
+			}
 			mu.Lock()
 			spans = append(spans, [2]time.Time{began, time.Now()})
 			werr = err
@@ -653,7 +677,12 @@ func measureSnapshot(h *testingutil.Harness, c *testingutil.Cluster, mb int, tmp
 			}
 		}
 	})
-	time.Sleep(time.Second)
+	before := time.Second
+	if app == "small" {
+		before = 5 * time.Second
+	}
+	time.Sleep(before)
+	res.beforeFor = before
 	fmt.Fprintf(os.Stderr, "snapshot: %s joins\n", joiner.Name)
 	start := time.Now()
 	want := make(map[string]ltx.Pos)
@@ -673,6 +702,7 @@ func measureSnapshot(h *testingutil.Harness, c *testingutil.Cluster, mb int, tmp
 	}
 	for _, sp := range spans {
 		switch {
+		case sp[0].Before(start.Add(-before)):
 		case sp[1].Before(start):
 			res.before = append(res.before, sp[1].Sub(sp[0]))
 		case sp[0].Before(joined):
@@ -912,8 +942,12 @@ func (s *snapshotResult) print(w io.Writer) {
 		}
 		return fmt.Sprintf("%d commits, p50 %s ms, p99 %s ms, max %s ms", len(d), ms(d[len(d)/2]), ms(d[len(d)*99/100]), ms(d[len(d)-1]))
 	}
-	fmt.Fprintf(w, "an app updating big.db meanwhile (one 64 KiB row per transaction): the second before the join: %s; during the join: %s\n",
-		stats(s.before), stats(s.during))
+	what := "updating big.db meanwhile (one 64 KiB row per transaction, flat out)"
+	if s.app == "small" {
+		what = "inserting into big.db meanwhile (one small row per transaction, 500 a second)"
+	}
+	fmt.Fprintf(w, "an app %s: the %v before the join: %s; during the join: %s\n",
+		what, s.beforeFor, stats(s.before), stats(s.during))
 	if s.read != "" {
 		fmt.Fprintf(w, "the primary: %s\n", s.read)
 	}
