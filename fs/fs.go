@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -100,9 +101,12 @@ type FileSystem struct {
 	// clock) writes are refused; 0 when unbounded (SetWriteDeadline).
 	writeDeadline atomic.Int64
 	expiredLogged atomic.Int64 // when refuseExpired last logged, Unix ns
-	holderMu      sync.Mutex   // guards holder
-	holder        *lockHolder  // the running lock holder, if any
-	holderPid     atomic.Int32
+	// writeHold, while set, is closed when write transactions that wait
+	// to begin may go on (HoldWrites).
+	writeHold atomic.Pointer[chan struct{}]
+	holderMu  sync.Mutex  // guards holder
+	holder    *lockHolder // the running lock holder, if any
+	holderPid atomic.Int32
 	// readHoldWarning overrides how long an apply waits for readers
 	// before the log names them (readHoldWarning), for tests.
 	readHoldWarning time.Duration
@@ -789,6 +793,81 @@ func (f *FileSystem) SetWriteDeadline(t time.Time) {
 // WriteDeadlinePassed reports whether the write deadline (SetWriteDeadline)
 // has passed, so that the mount refuses writes.
 func (f *FileSystem) WriteDeadlinePassed() bool { return f.pastDeadline() }
+
+// HoldWrites makes write transactions that begin from now on wait, at
+// their first write lock, until ReleaseWrites; those under way go on to
+// their commit. It needs fs.locks: mount (with kernel locks the mount
+// sees no lock to hold) and reports whether it holds them: false if
+// they are held already.
+func (f *FileSystem) HoldWrites() bool {
+	ch := make(chan struct{})
+	return f.writeHold.CompareAndSwap(nil, &ch)
+}
+
+// ReleaseWrites lets the write transactions HoldWrites held go on, as the
+// mount then allows: on a mount made read-only meanwhile they fail.
+func (f *FileSystem) ReleaseWrites() {
+	if ch := f.writeHold.Swap(nil); ch != nil {
+		close(*ch)
+	}
+}
+
+// WaitWritesIdle waits until no process holds a write lock on any
+// database of the mount (a write transaction under way: in rollback
+// journal mode any write lock on the database file, in WAL mode the WAL
+// write lock), or ctx ends. With HoldWrites, once it returns nil every
+// transaction committed is in the log, and no other begins.
+func (f *FileSystem) WaitWritesIdle(ctx context.Context) error {
+	for {
+		var busy []<-chan struct{}
+		var names []string
+		for _, name := range f.DBs() {
+			d := f.DB(name)
+			if d == nil {
+				continue
+			}
+			if ch, ok := d.Locks.WriteHeld(0, math.MaxUint64); ok {
+				busy, names = append(busy, ch), append(names, name)
+			} else if ch, ok := d.ShmLocks.WriteHeld(walLockOffset, walLockOffset); ok {
+				busy, names = append(busy, ch), append(names, name)
+			}
+		}
+		if len(busy) == 0 {
+			return nil
+		}
+		select {
+		case <-busy[0]:
+		case <-ctx.Done():
+			return fmt.Errorf("a write transaction of %s is still under way: %w", strings.Join(names, ", "), context.Cause(ctx))
+		}
+	}
+}
+
+// holdWrite waits, if HoldWrites holds write transactions, for it to let
+// them go on, when a write lock of owner on start..end of n would begin a
+// write transaction. It returns false if the request was interrupted.
+func (f *FileSystem) holdWrite(cancel <-chan struct{}, n *node, t *LockTable, owner uint64, pid uint32, start, end uint64) bool {
+	hold := f.writeHold.Load()
+	if hold == nil || !isWriteLock(n, start, end) || f.isLockHolder(pid) {
+		return true
+	}
+	switch n.kind {
+	case kindDB:
+		if t.HoldsWrite(owner) {
+			return true // a transaction under way, on to its commit
+		}
+	case kindShm:
+		if t.HeldBy(owner, syscall.F_WRLCK, walLockOffset) {
+			return true
+		}
+	}
+	select {
+	case <-*hold:
+		return true
+	case <-cancel:
+		return false
+	}
+}
 
 // writesExpired reports whether the mount, writable, must refuse writes
 // because its write deadline has passed.

@@ -5,6 +5,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -479,5 +480,96 @@ func TestFileSystem_Maintain(t *testing.T) {
 	testingutil.MustOpenFS(t, again)
 	if got, want := again.DB("app.db").Pos().TXID, pos.TXID+1; got != want {
 		t.Fatalf("after remount: got TXID %s, want %s", got, want)
+	}
+}
+
+// TestFileSystem_HoldWrites: in every journal mode, a write transaction
+// under way when HoldWrites is called commits; one that begins after it
+// waits at its first write lock, and WaitWritesIdle returns once the
+// first has committed, with it in the log and the second not. Released,
+// the second commits on a writable mount; on a mount made read-only
+// meanwhile (as a primary that handed its lease off) it fails, and the
+// log does not move.
+func TestFileSystem_HoldWrites(t *testing.T) {
+	for _, mode := range journalModes {
+		for _, handedOff := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/handed_off=%v", mode, handedOff), func(t *testing.T) {
+				fsys := testingutil.MustMount(t)
+				path := filepath.Join(fsys.MountDir, "app.db")
+				first := testingutil.MustOpenSQLite(t, path, mode)
+				if _, err := first.Exec(`CREATE TABLE t (x); INSERT INTO t VALUES (1)`); err != nil {
+					t.Fatal(err)
+				}
+				second, err := sql.Open("sqlite3", "file:"+path+"?_synchronous=FULL&_busy_timeout=10000")
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { _ = second.Close() })
+				log := fsys.DB("app.db")
+				pos := log.Pos()
+
+				tx, err := first.Begin()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, err := tx.Exec(`INSERT INTO t VALUES (2)`); err != nil {
+					t.Fatal(err)
+				}
+				if !fsys.HoldWrites() {
+					t.Fatal("HoldWrites: writes held already")
+				}
+				defer fsys.ReleaseWrites()
+				if fsys.HoldWrites() {
+					t.Fatal("HoldWrites twice: want false the second time")
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+				err = fsys.WaitWritesIdle(ctx)
+				cancel()
+				if err == nil || !strings.Contains(err.Error(), "app.db") {
+					t.Fatalf("WaitWritesIdle with a transaction under way: %v, want an error naming app.db", err)
+				}
+				done := make(chan error, 1)
+				go func() {
+					_, err := second.Exec(`INSERT INTO t VALUES (3)`)
+					done <- err
+				}()
+				if err := tx.Commit(); err != nil {
+					t.Fatalf("commit of the transaction under way: %v", err)
+				}
+				ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
+				err = fsys.WaitWritesIdle(ctx)
+				cancel()
+				if err != nil {
+					t.Fatalf("WaitWritesIdle after the commit: %v", err)
+				}
+				if got, want := log.Pos().TXID, pos.TXID+1; got != want {
+					t.Fatalf("TXID %s with the second writer held, want %s", got, want)
+				}
+				time.Sleep(200 * time.Millisecond)
+				select {
+				case err := <-done:
+					t.Fatalf("a write transaction begun while writes were held ended: %v", err)
+				default:
+				}
+				if handedOff {
+					fsys.SetReadOnly(true)
+				}
+				fsys.ReleaseWrites()
+				err = <-done
+				switch {
+				case handedOff && err == nil:
+					t.Fatal("a held write committed on a mount made read-only")
+				case !handedOff && err != nil:
+					t.Fatalf("a held write, released: %v", err)
+				}
+				want := pos.TXID + 2
+				if handedOff {
+					want--
+				}
+				if got := log.Pos().TXID; got != want {
+					t.Fatalf("TXID %s at the end, want %s", got, want)
+				}
+			})
+		}
 	}
 }

@@ -321,6 +321,25 @@ func (t *LockTable) HeldBy(owner uint64, typ uint32, off uint64) bool {
 	return slices.ContainsFunc(t.locks, func(l Lock) bool { return l.Owner == owner && l.Typ == typ && l.overlaps(off, off) })
 }
 
+// HoldsWrite reports whether owner holds a write lock anywhere.
+func (t *LockTable) HoldsWrite(owner uint64) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return slices.ContainsFunc(t.locks, func(l Lock) bool { return l.Owner == owner && l.Typ == syscall.F_WRLCK })
+}
+
+// WriteHeld reports whether any owner holds a write lock that overlaps
+// [start,end], and if so returns a channel that is closed the next time a
+// lock is released or downgraded (Watch).
+func (t *LockTable) WriteHeld(start, end uint64) (<-chan struct{}, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if !slices.ContainsFunc(t.locks, func(l Lock) bool { return l.Typ == syscall.F_WRLCK && l.overlaps(start, end) }) {
+		return nil, false
+	}
+	return t.watchLocked(), true
+}
+
 // Held reports whether any owner holds a lock that overlaps [start,end].
 func (t *LockTable) Held(start, end uint64) bool {
 	t.mu.Lock()
