@@ -833,7 +833,7 @@ func (f *FileSystem) WaitWritesIdle(ctx context.Context) error {
 			}
 		}
 		if len(busy) == 0 {
-			return nil
+			return f.flushLogs(ctx)
 		}
 		select {
 		case <-busy[0]:
@@ -843,9 +843,32 @@ func (f *FileSystem) WaitWritesIdle(ctx context.Context) error {
 	}
 }
 
+// flushLogs has every transaction committed to a database of the mount
+// written to its log: a WAL commit SQLite made without the mount seeing it
+// yet, and those the capture worker has queued.
+func (f *FileSystem) flushLogs(ctx context.Context) error {
+	for _, name := range f.DBs() {
+		d := f.DB(name)
+		if d == nil {
+			continue
+		}
+		d.mu.Lock()
+		err := d.scanWAL(ctx)
+		if err == nil {
+			err = d.drain()
+		}
+		d.mu.Unlock()
+		if err != nil {
+			return fmt.Errorf("%s: write its last transactions to its log: %w", name, err)
+		}
+	}
+	return nil
+}
+
 // holdWrite waits, if HoldWrites holds write transactions, for it to let
 // them go on, when a write lock of owner on start..end of n would begin a
-// write transaction. It returns false if the request was interrupted.
+// write transaction. It returns false if the request was interrupted, or
+// if the mount became read-only while it waited.
 func (f *FileSystem) holdWrite(cancel <-chan struct{}, n *node, t *LockTable, owner uint64, pid uint32, start, end uint64) bool {
 	hold := f.writeHold.Load()
 	if hold == nil || !isWriteLock(n, start, end) || f.isLockHolder(pid) {
@@ -863,7 +886,9 @@ func (f *FileSystem) holdWrite(cancel <-chan struct{}, n *node, t *LockTable, ow
 	}
 	select {
 	case <-*hold:
-		return true
+		// Stepped down meanwhile: the transaction must not begin (with
+		// passthrough, nothing else would stop its WAL commit).
+		return !f.readOnly.Load()
 	case <-cancel:
 		return false
 	}

@@ -72,7 +72,7 @@ func (r *raw) setLk(cancel <-chan struct{}, in *fuse.LkIn, wait bool) fuse.Statu
 		in.Lk.Start, in.Lk.End = 0, math.MaxUint64
 	}
 	if in.Lk.Typ == syscall.F_WRLCK && !flock && !r.fs.holdWrite(cancel, n, t, in.Owner, in.Caller.Pid, in.Lk.Start, in.Lk.End) {
-		return fuse.EAGAIN // interrupted while it waited for a handoff
+		return fuse.EAGAIN // interrupted, or stepped down, while it waited for a handoff
 	}
 	if in.Lk.Typ == syscall.F_WRLCK && !flock && r.fs.writesExpired() && isWriteLock(n, in.Lk.Start, in.Lk.End) && !r.fs.isLockHolder(in.Caller.Pid) {
 		// A write transaction would begin: in WAL mode with passthrough

@@ -43,6 +43,10 @@ type State struct {
 	// Epoch is the holder's epoch, or, when nobody holds the lease, the
 	// last holder's (0 if there never was one).
 	Epoch uint64
+	// HandoffTo, when nobody holds the lease, is the node the last holder
+	// handed it to (a graceful handoff): that node takes it at once, and
+	// the others leave it to that node for a while.
+	HandoffTo string
 }
 
 // Held reports whether some node holds the lease.
@@ -51,6 +55,9 @@ func (s State) Held() bool { return s.Holder.Node != "" }
 // String returns "node (region) at epoch N", or "nobody" and the last
 // epoch.
 func (s State) String() string {
+	if !s.Held() && s.HandoffTo != "" {
+		return fmt.Sprintf("nobody, handed off to %s (last epoch %d)", s.HandoffTo, s.Epoch)
+	}
 	if !s.Held() {
 		return fmt.Sprintf("nobody (last epoch %d)", s.Epoch)
 	}
@@ -111,21 +118,36 @@ func EncodeHolder(h Holder, epoch uint64) []byte {
 	return b
 }
 
-// DecodeHolder reads a lease value written by EncodeHolder. The error
-// says what is wrong with it.
+// EncodeHandoff returns the lease value that names h at epoch as the last
+// holder, who handed the lease to node next.
+func EncodeHandoff(h Holder, epoch uint64, next string) []byte {
+	b, _ := json.Marshal(value{Holder: h, Epoch: epoch, HandoffTo: next}) // cannot fail
+	return b
+}
+
+// DecodeHolder reads a lease value written by EncodeHolder or
+// EncodeHandoff. The error says what is wrong with it.
 func DecodeHolder(b []byte) (Holder, uint64, error) {
+	h, epoch, _, err := DecodeValue(b)
+	return h, epoch, err
+}
+
+// DecodeValue is DecodeHolder, and also returns the node the holder
+// handed the lease to ("" if none: EncodeHolder).
+func DecodeValue(b []byte) (h Holder, epoch uint64, handoffTo string, err error) {
 	var v value
 	if err := json.Unmarshal(b, &v); err != nil {
-		return Holder{}, 0, fmt.Errorf("lease value %.64q: %w", b, err)
+		return Holder{}, 0, "", fmt.Errorf("lease value %.64q: %w", b, err)
 	}
 	if v.Node == "" || v.Epoch == 0 {
-		return Holder{}, 0, fmt.Errorf("lease value %.64q: want a node and an epoch above 0", b)
+		return Holder{}, 0, "", fmt.Errorf("lease value %.64q: want a node and an epoch above 0", b)
 	}
-	return v.Holder, v.Epoch, nil
+	return v.Holder, v.Epoch, v.HandoffTo, nil
 }
 
 // value is the JSON of a lease value.
 type value struct {
 	Holder
-	Epoch uint64 `json:"epoch"`
+	Epoch     uint64 `json:"epoch"`
+	HandoffTo string `json:"handoff_to,omitempty"`
 }

@@ -42,7 +42,11 @@ const (
 	DefaultLeaseTTL  = consul.DefaultSessionTTL
 	DefaultCheckTTL  = consul.DefaultCheckTTL
 	DefaultLockDelay = consul.DefaultLockDelay
-	DefaultRetention = 10 * time.Minute
+	// DefaultHandoffTimeout is lease.handoff_timeout's default: long
+	// enough for a replica a few seconds behind to catch up, short enough
+	// for an app's busy timeout (often 5 s) to outlast the wait.
+	DefaultHandoffTimeout = 2 * time.Second
+	DefaultRetention      = 10 * time.Minute
 	// DefaultMaxRetention is replication.max_retention.
 	DefaultMaxRetention = 24 * time.Hour
 	DefaultLogLevel     = "info"
@@ -210,6 +214,10 @@ type LeaseConfig struct {
 	// PreferRegions orders regions for the lease: among caught-up
 	// candidates, one in an earlier region tries first.
 	PreferRegions []string `yaml:"prefer_regions"`
+	// HandoffTimeout bounds a graceful handoff (Daemon.Handoff): how long
+	// the primary holds new writes while the target catches up and takes
+	// the lease, before it gives up and writes resume on it.
+	HandoffTimeout Duration `yaml:"handoff_timeout"`
 }
 
 // ReplicationConfig holds the settings of LTX replication.
@@ -333,7 +341,8 @@ func DefaultConfig() Config {
 		MountDir: DefaultMountDir,
 		FS:       FSConfig{Locks: DefaultFSLocks, Passthrough: true, SpareFiles: fs.DefaultSpareFill, LogSegmentSize: ltx.DefaultSegmentSize},
 		Lease: LeaseConfig{Type: DefaultLeaseType, Candidate: DefaultCandidate, ConsulURL: DefaultConsulURL, ConsulKey: DefaultConsulKey,
-			TTL: Duration(DefaultLeaseTTL), CheckTTL: Duration(DefaultCheckTTL), LockDelay: Duration(DefaultLockDelay)},
+			TTL: Duration(DefaultLeaseTTL), CheckTTL: Duration(DefaultCheckTTL), LockDelay: Duration(DefaultLockDelay),
+			HandoffTimeout: Duration(DefaultHandoffTimeout)},
 		Replication: ReplicationConfig{Retention: Duration(DefaultRetention), MaxRetention: Duration(DefaultMaxRetention), Durability: DefaultDurability,
 			SyncAcks: DefaultSyncAcks, SyncTimeout: Duration(DefaultSyncTimeout), SyncOnTimeout: DefaultSyncOnTimeout,
 			MaxInFlightFiles: DefaultMaxInFlightFiles, MaxInFlightBytes: DefaultMaxInFlightBytes,
@@ -839,6 +848,9 @@ func (c *Config) validateConsul(p *problems) {
 	}
 	if l.LockDelay < 0 {
 		p.add("lease.lock_delay: %v cannot be negative", l.LockDelay)
+	}
+	if l.HandoffTimeout <= 0 {
+		p.add("lease.handoff_timeout: %v must be greater than 0; e.g. 2s", l.HandoffTimeout)
 	}
 	if l.ConsulTokenFile != "" {
 		if _, err := l.ConsulToken(); err != nil {

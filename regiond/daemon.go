@@ -45,6 +45,8 @@ type Daemon struct {
 	// epoch is the lease epoch the node holds while it is primary, 0
 	// while it is a replica.
 	epoch atomic.Uint64
+	// handingOff is set while a handoff runs (Handoff).
+	handingOff atomic.Bool
 }
 
 // NewDaemon returns a daemon for a validated config.

@@ -19,7 +19,10 @@ type Event struct {
 	//   - "snapshot": a replica applied a snapshot of DB at Pos, for
 	//     Reason;
 	//   - "lost": a snapshot replaced transactions of DB the primary did
-	//     not have, kept in Dir.
+	//     not have, kept in Dir;
+	//   - "handoff": the primary hands the lease to Primary (Reason
+	//     "started"), gave up ("abandoned: " and why), or is done (at the
+	//     target's Epoch). It stepped down in between (a "role" event).
 	Type    string `json:"type"`
 	Node    string `json:"node"`
 	DB      string `json:"db,omitempty"`
@@ -43,6 +46,7 @@ const (
 	EventApply    = "apply"
 	EventSnapshot = "snapshot"
 	EventLost     = "lost"
+	EventHandoff  = "handoff"
 )
 
 // eventBuffer is how many events a subscriber may fall behind before it

@@ -163,10 +163,19 @@ func (d *Daemon) runLease(ctx context.Context, lr *leaseRunner) {
 			st = s
 			lr.read(st)
 			d.leaseChanged(ctx, st)
-			if st.Held() {
+			switch {
+			case st.Held():
 				freeSince = time.Time{}
 				try.Stop()
-			} else if freeSince.IsZero() {
+			case st.HandoffTo == c.Node && c.Lease.Candidate:
+				// The last holder made sure this node is caught up.
+				freeSince = time.Now()
+				try.Reset(0)
+			case st.HandoffTo != "" && c.Lease.Candidate:
+				// Left to the node it was handed to, for a while.
+				freeSince = time.Now()
+				try.Reset(max(d.headStart(), handoffGrace(c)))
+			case freeSince.IsZero():
 				freeSince = time.Now()
 				if c.Lease.Candidate {
 					try.Reset(d.headStart())
@@ -176,7 +185,7 @@ func (d *Daemon) runLease(ctx context.Context, lr *leaseRunner) {
 			if st.Held() || !c.Lease.Candidate {
 				continue
 			}
-			if began := time.Now(); d.tryLease(ctx, lr, freeSince) {
+			if began := time.Now(); d.tryLease(ctx, lr, freeSince, st.HandoffTo == c.Node) {
 				renewed = began
 			} else {
 				try.Reset(acquireRetry)
@@ -194,7 +203,8 @@ func (d *Daemon) runLease(ctx context.Context, lr *leaseRunner) {
 				// stepped down while its session kept the lease (Consul
 				// slow rather than gone) gives it up, or nobody could
 				// take it.
-				if err == nil {
+				if err == nil && !d.handingOff.Load() {
+					// (A handoff releases it itself, to its target.)
 					d.Logger.Warn("this node holds the lease but stepped down: releasing it")
 					rctx, cancel := context.WithTimeout(ctx, renewEvery)
 					if err := l.Release(rctx); err != nil {
@@ -270,6 +280,8 @@ func (d *Daemon) leaseChanged(ctx context.Context, st lease.State) {
 		}
 	case d.IsPrimary():
 		d.leaseLost("the lease in Consul names no holder")
+	case st.HandoffTo != "":
+		d.Logger.Info("the lease is handed off", "to", st.HandoffTo, "last_epoch", st.Epoch, "candidate", d.Config.Lease.Candidate)
 	default:
 		d.Logger.Info("the lease is free", "last_epoch", st.Epoch, "candidate", d.Config.Lease.Candidate)
 	}
@@ -278,8 +290,12 @@ func (d *Daemon) leaseChanged(ctx context.Context, st lease.State) {
 // tryLease takes the lease if this node has caught up with the primary it
 // followed (or has waited long enough for it), and makes the node primary
 // at the lease's epoch. It reports whether the node is primary now.
-func (d *Daemon) tryLease(ctx context.Context, lr *leaseRunner, freeSince time.Time) bool {
-	l := lr.l
+// handedOff: the last holder handed the lease to this node, once it had
+// acknowledged the holder's last positions: there is nothing to wait for.
+func (d *Daemon) tryLease(ctx context.Context, lr *leaseRunner, freeSince time.Time, handedOff bool) bool {
+	if handedOff {
+		return d.acquire(ctx, lr, freeSince)
+	}
 	// Files the primary sent are applied in milliseconds; what it
 	// announced and never sent is not worth a longer wait. A candidate
 	// further ahead (below) is worth more: it may have commits that only
@@ -301,6 +317,13 @@ func (d *Daemon) tryLease(ctx context.Context, lr *leaseRunner, freeSince time.T
 		d.Logger.Warn("taking the lease although another candidate has applied more: what only it has is lost",
 			"ahead", ahead, "waited", time.Since(freeSince).Round(time.Millisecond))
 	}
+	return d.acquire(ctx, lr, freeSince)
+}
+
+// acquire takes the lease, one epoch above any this node has seen, and
+// makes the node primary at its epoch; it reports whether it did.
+func (d *Daemon) acquire(ctx context.Context, lr *leaseRunner, freeSince time.Time) bool {
+	l := lr.l
 	seen, err := (&replication.EpochFile{Path: filepath.Join(d.Config.DataDir, epochFile)}).Load(ctx)
 	if err != nil {
 		d.Logger.Error("taking the lease: reading the epoch this node has seen", "err", err)
@@ -400,14 +423,7 @@ func (d *Daemon) leaseLost(why string) {
 	if !d.IsPrimary() {
 		return
 	}
-	f, r := d.FS, d.repl
-	f.SetReadOnly(true)
-	epoch := d.epoch.Swap(0)
-	r.endGate(f)
-	f.SetAcked(nil)
-	f.SetPrimary("")
-	f.SetLag(nil)
-	d.setPrimaryName("")
+	epoch := d.stopWrites()
 	d.Logger.Error("stepped down: lost the lease; writes are refused until the lease names a primary", "why", why, "epoch", epoch)
 	d.events.publish(Event{Type: EventRole, Role: RoleReplica, Reason: "lease lost", Epoch: epoch})
 }

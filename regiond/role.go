@@ -109,6 +109,16 @@ func (d *Daemon) becomePrimary(ctx context.Context, atRuntime bool, leaseEpoch u
 	if err != nil {
 		return fmt.Errorf("become primary: %w", err)
 	}
+	d.admitWrites(epoch)
+	d.Logger.Info("serving as primary ("+string(c.Lease.Type)+" lease)", "epoch", epoch, "mount_dir", c.MountDir, "dbs", f.DBs())
+	d.events.publish(Event{Type: EventRole, Role: RolePrimary, Primary: c.Node, Epoch: epoch})
+	return nil
+}
+
+// admitWrites makes the mount writable for the primary at epoch, with
+// the write path replication needs. Caller holds d.role.mu.
+func (d *Daemon) admitWrites(epoch uint64) {
+	c, f, r := d.Config, d.FS, d.repl
 	f.SetPrimary("")
 	f.SetLag(func() string { return "0" })
 	if r.streamer != nil {
@@ -122,9 +132,6 @@ func (d *Daemon) becomePrimary(ctx context.Context, atRuntime bool, leaseEpoch u
 	// whoever sees the node as primary can write to it.
 	f.SetReadOnly(false)
 	d.epoch.Store(epoch)
-	d.Logger.Info("serving as primary ("+string(c.Lease.Type)+" lease)", "epoch", epoch, "mount_dir", c.MountDir, "dbs", f.DBs())
-	d.events.publish(Event{Type: EventRole, Role: RolePrimary, Primary: c.Node, Epoch: epoch})
-	return nil
 }
 
 // becomeReplica makes the node a replica of primary. Caller holds
@@ -298,31 +305,35 @@ func (d *Daemon) peerStatuses(ctx context.Context, what, skip string, timeout ti
 			continue
 		}
 		wg.Go(func() {
-			var tlsConfig *tls.Config
-			var err error
-			if !c.TLS.Insecure {
-				tlsConfig, err = c.ClientTLS(p.Node)
-			}
+			resp, err := d.peerStatus(ctx, p)
 			if err == nil {
-				var dl *rpc.Dialer
-				if dl, err = rpc.Dial(p.Addr, tlsConfig, d.repl.logger); err == nil {
-					defer func() { _ = dl.Close() }()
-					var resp *meridianv1.StatusResponse
-					if resp, err = dl.Status(ctx); err == nil {
-						mu.Lock()
-						resps = append(resps, resp)
-						mu.Unlock()
-						return
-					}
-				}
-			}
-			if what != "" {
+				mu.Lock()
+				resps = append(resps, resp)
+				mu.Unlock()
+			} else if what != "" {
 				d.Logger.Warn(what, "peer", p.Node, "err", err)
 			}
 		})
 	}
 	wg.Wait()
 	return resps
+}
+
+// peerStatus asks peer p for its status (the Status RPC).
+func (d *Daemon) peerStatus(ctx context.Context, p Peer) (*meridianv1.StatusResponse, error) {
+	var tlsConfig *tls.Config
+	if !d.Config.TLS.Insecure {
+		var err error
+		if tlsConfig, err = d.Config.ClientTLS(p.Node); err != nil {
+			return nil, err
+		}
+	}
+	dl, err := rpc.Dial(p.Addr, tlsConfig, d.repl.logger)
+	if err != nil {
+		return nil, err
+	}
+	defer func() { _ = dl.Close() }()
+	return dl.Status(ctx)
 }
 
 // Reload applies a changed configuration: with the static lease,

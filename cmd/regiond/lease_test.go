@@ -520,7 +520,7 @@ func TestLease_PausedPrimary(t *testing.T) {
 	c.WaitCaughtUp(t, time.Minute, "sync.db")
 	events := watchEvents(t, first)
 	started := time.Now()
-	w := startWriters(t, filepath.Join(first.MountDir, "sync.db"), 4)
+	w := startWriters(t, 4, filepath.Join(first.MountDir, "sync.db"))
 
 	pid := first.Pid()
 	var resumeOnce sync.Once
@@ -690,11 +690,13 @@ type writers struct {
 
 // startWriters starts a writer process in which n clients insert rows
 // with ids 1, 2, ... into table t of the database at path, each write
-// on a connection of its own (insertRowAt), until stop.
-func startWriters(t *testing.T, path string, n int) *writers {
+// on a connection of its own (insertRowAt), until stop. With several
+// paths (on the mounts of several nodes), each write goes to the first
+// whose mount has no .primary file: the primary's.
+func startWriters(t *testing.T, n int, paths ...string) *writers {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%d %s", writersEnv, n, path))
+	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%d %s", writersEnv, n, strings.Join(paths, ",")))
 	cmd.Stderr = os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	stdin, err := cmd.StdinPipe()
@@ -769,14 +771,29 @@ func (w *writers) stop(t *testing.T) []writeResult {
 	return w.got
 }
 
-// runWriters is the writer process (startWriters): spec is "N PATH". Each
-// write prints "ID END_UNIX_NANO ok" or "ID END_UNIX_NANO ERROR".
+// runWriters is the writer process (startWriters): spec is "N PATH" or
+// "N PATH,PATH...". Each write prints "ID END_UNIX_NANO ok" or
+// "ID END_UNIX_NANO ERROR".
 func runWriters(spec string) {
-	nText, path, _ := strings.Cut(spec, " ")
+	nText, pathList, _ := strings.Cut(spec, " ")
 	n, err := strconv.Atoi(nText)
-	if err != nil || path == "" {
-		fmt.Fprintf(os.Stderr, "%s=%q: want \"N PATH\"\n", writersEnv, spec)
+	paths := strings.Split(pathList, ",")
+	if err != nil || pathList == "" {
+		fmt.Fprintf(os.Stderr, "%s=%q: want \"N PATH[,PATH...]\"\n", writersEnv, spec)
 		os.Exit(2)
+	}
+	primaryPath := func() string {
+		if len(paths) == 1 {
+			return paths[0]
+		}
+		for {
+			for _, p := range paths {
+				if _, err := os.Stat(filepath.Join(filepath.Dir(p), ".primary")); errors.Is(err, os.ErrNotExist) {
+					return p
+				}
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
 	}
 	ctx, stop := context.WithCancel(context.Background())
 	go func() {
@@ -794,6 +811,7 @@ func runWriters(spec string) {
 		go func() {
 			defer wg.Done()
 			for ctx.Err() == nil {
+				path := primaryPath()
 				id := int(next.Add(1))
 				var end time.Time
 				err := insertRowAt(path, id, func() { end = time.Now() })

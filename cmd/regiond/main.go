@@ -44,10 +44,12 @@ Usage:
 
 Commands:
 
-	run    run the daemon: mount the databases and capture every transaction
-	status print the cluster: each node's role, readiness, lag and positions
-	ltx    inspect, verify and restore LTX logs and database files
-	ca     make the cluster's CA and each node's certificate and key
+	run      run the daemon: mount the databases and capture every transaction
+	status   print the cluster: each node's role, readiness, lag and positions
+	handoff  move the primary to another node without losing a write
+	promote  ask the primary to hand the lease to this node
+	ltx      inspect, verify and restore LTX logs and database files
+	ca       make the cluster's CA and each node's certificate and key
 
 Run "regiond <command> -h" for a command's usage.
 `
@@ -75,6 +77,10 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runCA(ctx, args[1:], stdout, stderr)
 	case "status":
 		return runStatus(ctx, args[1:], stdout, stderr)
+	case "handoff":
+		return runHandoff(ctx, args[1:], stdout, stderr)
+	case "promote":
+		return runPromote(ctx, args[1:], stdout, stderr)
 	case lockHolderCmd:
 		if len(args) > 1 {
 			return usagef("%s takes no arguments; regiond starts it itself", lockHolderCmd)

@@ -206,7 +206,7 @@ func (l *Leaser) stateOf(pair *api.KVPair) (lease.State, error) {
 	if pair == nil {
 		return lease.State{}, nil
 	}
-	h, epoch, err := lease.DecodeHolder(pair.Value)
+	h, epoch, next, err := lease.DecodeValue(pair.Value)
 	switch {
 	case err != nil && pair.Session != "":
 		return lease.State{}, fmt.Errorf("consul lease: key %s is held by session %s but %w; the node holding it is not a Meridian node of this version, or another program wrote the key", l.cfg.Key, pair.Session, err)
@@ -214,7 +214,7 @@ func (l *Leaser) stateOf(pair *api.KVPair) (lease.State, error) {
 		l.logger.Warn("lease key holds no lease value; it is free, and the next holder's epoch will not count on it", "key", l.cfg.Key, "err", err)
 		return lease.State{}, nil
 	case pair.Session == "":
-		return lease.State{Epoch: epoch}, nil // released: the last holder's epoch
+		return lease.State{Epoch: epoch, HandoffTo: next}, nil // released: the last holder's epoch
 	}
 	return lease.State{Holder: h, Epoch: epoch}, nil
 }
@@ -337,6 +337,31 @@ func (l *Leaser) Release(ctx context.Context) error {
 	_, _, err := l.client.KV().Release(&api.KVPair{Key: l.cfg.Key, Value: l.value, Session: l.session}, (&api.WriteOptions{}).WithContext(ctx))
 	if err != nil {
 		return l.unreachable("release "+l.cfg.Key, err)
+	}
+	return nil
+}
+
+// Handoff releases the lease, as Release does, naming node next as the one
+// the holder hands it to (lease.State.HandoffTo) in the same write: the
+// holder makes sure next is caught up first, and other nodes leave the
+// lease to next for a while. It fails if this node does not hold the
+// lease (lease.ErrNotHeld).
+func (l *Leaser) Handoff(ctx context.Context, next string) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.session == "" {
+		return lease.ErrNotHeld
+	}
+	h, epoch, err := lease.DecodeHolder(l.value)
+	if err != nil {
+		return fmt.Errorf("hand the lease off: %w", err)
+	}
+	ok, _, err := l.client.KV().Release(&api.KVPair{Key: l.cfg.Key, Value: lease.EncodeHandoff(h, epoch, next), Session: l.session}, (&api.WriteOptions{}).WithContext(ctx))
+	if err != nil {
+		return l.unreachable("hand off "+l.cfg.Key, err)
+	}
+	if !ok {
+		return fmt.Errorf("hand the lease off to %s: %w", next, lease.ErrNotHeld)
 	}
 	return nil
 }

@@ -1,0 +1,225 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meridian-db/meridian/internal/testingutil"
+	"github.com/meridian-db/meridian/regiond"
+)
+
+// handoffs is how many handoffs TestLease_Handoff makes in a row.
+const handoffs = 20
+
+// TestLease_Handoff: three candidates on a real Consul agent; a writer
+// process (four clients) writes to whichever node is primary while the
+// lease is handed from node to node 20 times, through `regiond handoff`
+// asked of the primary or of another node, and `regiond promote`. Every
+// handoff succeeds; every write acknowledged is on every node at the end;
+// a write fails only while a handoff runs (it waited on the old primary);
+// by every node's /events, no two nodes ever admitted writes at once; and
+// the epoch grows by one per handoff.
+func TestLease_Handoff(t *testing.T) {
+	for _, tc := range []struct {
+		durability, mode string
+	}{{"async", "wal"}, {"sync", "wal"}, {"sync", "delete"}} {
+		t.Run(tc.durability+"/"+tc.mode, func(t *testing.T) {
+			t.Parallel()
+			testHandoff(t, tc.durability, tc.mode)
+		})
+	}
+}
+
+func testHandoff(t *testing.T, durability, mode string) {
+	specs := []testingutil.ClusterNodeSpec{iad, fra, syd}
+	for i := range specs {
+		specs[i].Replication = []string{"durability: " + durability, "sync_acks: 1"}
+	}
+	_, c := consulCluster(t, specs)
+	c.Start(t)
+	primary, epoch := waitOnePrimary(t, c, 0)
+	c.Primary = primary.Name
+	db := testingutil.MustOpenSQLite(t, filepath.Join(primary.MountDir, "sync.db"), mode)
+	if _, err := db.Exec(`CREATE TABLE t (id INTEGER PRIMARY KEY)`); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	c.WaitCaughtUp(t, time.Minute, "sync.db")
+	events := map[string]func() []regiond.Event{}
+	var paths []string
+	for _, n := range c.Nodes {
+		events[n.Name] = watchEvents(t, n)
+		paths = append(paths, filepath.Join(n.MountDir, "sync.db"))
+	}
+	w := startWriters(t, 4, paths...)
+
+	type window struct{ began, ended time.Time }
+	var (
+		windows []window
+		held    []float64
+	)
+	for i := range handoffs {
+		time.Sleep(150 * time.Millisecond) // writes go on
+		var target, asked *testingutil.ClusterNode
+		for _, n := range c.Nodes {
+			if n != primary && (target == nil || n.Name == c.Nodes[i%len(c.Nodes)].Name) {
+				target = n
+			}
+		}
+		var args []string
+		switch i % 3 {
+		case 0: // the primary itself
+			asked = primary
+			args = []string{"handoff", "-json", "-to", target.Name, "-admin", primary.Admin}
+		case 1: // the third node, which sends it on to the primary
+			for _, n := range c.Nodes {
+				if n != primary && n != target {
+					asked = n
+				}
+			}
+			args = []string{"handoff", "-json", "-to", target.Name, "-admin", asked.Admin}
+		case 2: // the target
+			asked = target
+			args = []string{"promote", "-json", "-config", target.Config}
+		}
+		var stdout, stderr strings.Builder
+		began := time.Now()
+		err := Run(context.Background(), args, &stdout, &stderr)
+		windows = append(windows, window{began, time.Now()})
+		if err != nil {
+			t.Fatalf("handoff %d, %s to %s asked of %s: %v\n%s", i+1, primary.Name, target.Name, asked.Name, err, stderr.String())
+		}
+		var res regiond.HandoffResult
+		if err := json.Unmarshal([]byte(stdout.String()), &res); err != nil {
+			t.Fatalf("handoff %d: %v in %q", i+1, err, stdout.String())
+		}
+		if res.From != primary.Name || res.To != target.Name || res.Epoch != epoch+1 {
+			t.Fatalf("handoff %d: %+v, want from %s to %s at epoch %d", i+1, res, primary.Name, target.Name, epoch+1)
+		}
+		held = append(held, res.HeldMS)
+		primary, epoch = target, res.Epoch
+		c.Primary = primary.Name
+	}
+	time.Sleep(150 * time.Millisecond)
+	results := w.stop(t)
+	c.WaitCaughtUp(t, time.Minute, "sync.db")
+
+	var acked []int
+	failed := 0
+	for _, r := range results {
+		if r.err == "" {
+			acked = append(acked, r.id)
+			continue
+		}
+		failed++
+		if !slices.ContainsFunc(windows, func(w window) bool { return !r.end.Before(w.began) && !r.end.After(w.ended.Add(time.Second)) }) {
+			t.Errorf("write %d failed at %v, outside every handoff: %s", r.id, r.end.Format(time.StampMicro), r.err)
+		}
+	}
+	for _, n := range c.Nodes {
+		have := rowIDs(t, openOnReplica(t, n, "sync.db"))
+		missing := 0
+		for _, id := range acked {
+			if !have[id] {
+				missing++
+			}
+		}
+		if missing > 0 {
+			t.Errorf("%s lacks %d of the %d acknowledged writes", n.Name, missing, len(acked))
+		}
+	}
+
+	// From each node's events: when it admitted writes. No two such
+	// spans overlap.
+	type span struct {
+		node     string
+		from, to time.Time
+		epoch    uint64
+	}
+	var spans []span
+	for _, n := range c.Nodes {
+		var open *span
+		for _, ev := range events[n.Name]() {
+			switch {
+			case ev.Type == regiond.EventRole && ev.Role == regiond.RolePrimary:
+				open = &span{node: n.Name, from: ev.Time, epoch: ev.Epoch}
+			case ev.Type == regiond.EventRole && ev.Role == regiond.RoleReplica && open != nil:
+				open.to = ev.Time
+				spans = append(spans, *open)
+				open = nil
+			}
+		}
+		if open != nil {
+			open.to = time.Now()
+			spans = append(spans, *open)
+		}
+	}
+	slices.SortFunc(spans, func(a, b span) int { return a.from.Compare(b.from) })
+	for i := 1; i < len(spans); i++ {
+		if a, b := spans[i-1], spans[i]; b.from.Before(a.to) {
+			t.Errorf("%s admitted writes from %v (epoch %d) while %s did until %v (epoch %d)",
+				b.node, b.from.Format(time.StampMicro), b.epoch, a.node, a.to.Format(time.StampMicro), a.epoch)
+		}
+	}
+	if len(spans) < handoffs {
+		t.Errorf("%d spans as primary in the nodes' events, want at least %d", len(spans), handoffs)
+	}
+	slices.Sort(held)
+	t.Logf("%d handoffs: writes held p50 %.1f ms, max %.1f ms; %d writes acknowledged, each on all %d nodes; %d failed, each during a handoff",
+		handoffs, held[len(held)/2], held[len(held)-1], len(acked), len(c.Nodes), failed)
+}
+
+// TestLease_HandoffRefused: a handoff to an unknown node, to a node that
+// is not a candidate, or to a candidate that is down is refused with an
+// error that says why, and the primary is unchanged and takes writes.
+func TestLease_HandoffRefused(t *testing.T) {
+	t.Parallel()
+	agent := testingutil.StartConsul(t)
+	specs := []testingutil.ClusterNodeSpec{iad, fra, syd}
+	for i := range specs {
+		extra := []string{"check_ttl: 1s", "lock_delay: 500ms"}
+		if specs[i].Name == syd.Name {
+			extra = append(extra, "candidate: false")
+		}
+		specs[i].Lease = testingutil.ConsulLease(agent.URL, extra...)
+	}
+	c := testingutil.NewCluster(t, regiondCommand, "", specs...)
+	c.Start(t)
+	primary, epoch := waitOnePrimary(t, c, 0)
+	c.Primary = primary.Name
+	insertBy(t, primary, "before")
+	var down *testingutil.ClusterNode
+	for _, n := range c.Nodes {
+		if n != primary && n.Name != syd.Name {
+			down = n
+		}
+	}
+	down.Kill(t)
+	for _, tc := range []struct{ to, want string }{
+		{"nowhere-1", "not a node of replication.peers"},
+		{syd.Name, "not a candidate"},
+		{down.Name, "cannot reach it"},
+		{primary.Name, "is the primary already"},
+	} {
+		var stdout, stderr strings.Builder
+		err := Run(context.Background(), []string{"handoff", "-to", tc.to, "-admin", primary.Admin}, &stdout, &stderr)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("handoff -to %s: %v, want an error saying %q", tc.to, err, tc.want)
+		}
+	}
+	st := adminStatus(t, primary)
+	if st.Role != regiond.RolePrimary || st.Epoch != epoch {
+		t.Fatalf("%s after refused handoffs: %s at epoch %d, want primary at %d", primary.Name, st.Role, st.Epoch, epoch)
+	}
+	insertBy(t, primary, "after")
+	down.Start(t)
+	c.WaitCaughtUp(t, time.Minute, "app.db")
+	checkBy(t, c, "before,after")
+}

@@ -1,0 +1,247 @@
+package regiond
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/meridian-db/meridian/ltx"
+	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
+)
+
+// A graceful handoff moves the primary to a chosen node without losing or
+// failing a write that was acknowledged:
+//
+//  1. The primary holds new write transactions: they wait at their first
+//     write lock (fs.FileSystem.HoldWrites). Those under way commit.
+//  2. Once none is under way, the primary's positions are final; it waits
+//     until the target has acknowledged applying each of them exactly.
+//  3. It stops admitting writes and releases the lease in Consul naming
+//     the target (consul.Leaser.Handoff), which takes it at once, one
+//     epoch up; the other candidates leave it to the target for a while.
+//  4. The held writes go on, and fail: the mount is read-only, and the
+//     refusal names the new primary.
+//
+// Past lease.handoff_timeout in steps 1 and 2 the handoff is abandoned:
+// the held writes go on, on the same primary.
+
+// ErrNotPrimary is returned by Handoff on a node that is not the primary.
+var ErrNotPrimary = errors.New("this node is not the primary")
+
+// HandoffResult is what a handoff did.
+type HandoffResult struct {
+	From  string `json:"from"`
+	To    string `json:"to"`
+	Epoch uint64 `json:"epoch"` // the target's, as primary
+	// Positions are the databases' positions when writes stopped, which
+	// the target acknowledged.
+	Positions map[string]string `json:"positions"`
+	// IdleMS is how long transactions under way took to commit, CaughtUpMS
+	// until the target had acknowledged every position, and HeldMS how
+	// long new writes were held on the old primary; TookMS is the time
+	// until the target held the lease.
+	IdleMS     float64 `json:"idle_ms"`
+	CaughtUpMS float64 `json:"caught_up_ms"`
+	HeldMS     float64 `json:"held_ms"`
+	TookMS     float64 `json:"took_ms"`
+}
+
+// Handoff hands the primary's lease to node to, as the package comment
+// above describes, and returns once to holds it. It fails, with the
+// primary unchanged, when to is not a reachable candidate replica of this
+// node, when another handoff is in progress, or when to does not catch up
+// within lease.handoff_timeout. On a node that is not the primary it
+// returns an error that wraps ErrNotPrimary.
+func (d *Daemon) Handoff(ctx context.Context, to string) (HandoffResult, error) {
+	c := d.Config
+	res := HandoffResult{From: c.Node, To: to}
+	fail := func(format string, args ...any) (HandoffResult, error) {
+		return res, fmt.Errorf("handoff to %s: "+format, append([]any{to}, args...)...)
+	}
+	lr := d.lease
+	switch {
+	case to == "":
+		return res, errors.New("handoff: name the node to hand the lease to")
+	case lr == nil:
+		return fail("needs lease.type: consul (with the static lease, set lease.static_primary and send SIGHUP)")
+	case c.FS.Locks != LocksMount:
+		return fail("needs fs.locks: mount, so that the mount can hold new writes (this node has %s)", c.FS.Locks)
+	case !d.IsPrimary():
+		return res, fmt.Errorf("handoff: %w; the primary is %q", ErrNotPrimary, d.Primary())
+	case to == c.Node:
+		return fail("this node is the primary already")
+	}
+	peer, ok := c.Peer(to)
+	if !ok || peer.Addr == "" {
+		return fail("not a node of replication.peers with an address (peers: %s)", strings.Join(c.PeerNodes(), ", "))
+	}
+	if !d.handingOff.CompareAndSwap(false, true) {
+		return fail("another handoff is in progress")
+	}
+	defer d.handingOff.Store(false)
+	timeout := time.Duration(c.Lease.HandoffTimeout)
+	hctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	st, err := d.peerStatus(hctx, peer)
+	switch {
+	case err != nil:
+		return fail("cannot reach it: %v", err)
+	case !st.GetCandidate():
+		return fail("it is not a candidate (lease.candidate: false on %s)", to)
+	case st.GetRole() != meridianv1.Role_ROLE_REPLICA:
+		return fail("it is not a replica (its role: %s)", st.GetRole())
+	}
+
+	f := d.FS
+	began := time.Now()
+	if !f.HoldWrites() {
+		return fail("writes are held already")
+	}
+	released := false
+	defer func() {
+		if !released {
+			f.ReleaseWrites()
+		}
+	}()
+	d.Logger.Info("handoff: holding new writes until the target has caught up", "to", to, "timeout", timeout)
+	d.events.publish(Event{Type: EventHandoff, Primary: to, Reason: "started"})
+	abandon := func(why error) (HandoffResult, error) {
+		f.ReleaseWrites()
+		released = true
+		d.Logger.Warn("handoff abandoned: writes go on here", "to", to, "held", time.Since(began).Round(time.Millisecond), "why", why)
+		d.events.publish(Event{Type: EventHandoff, Primary: to, Reason: "abandoned: " + why.Error()})
+		return fail("abandoned after %v, writes go on on %s: %v", time.Since(began).Round(time.Millisecond), c.Node, why)
+	}
+	if err := f.WaitWritesIdle(hctx); err != nil {
+		return abandon(fmt.Errorf("transactions under way did not end within lease.handoff_timeout %v: %w", timeout, err))
+	}
+	res.IdleMS = ms(time.Since(began))
+	final := map[string]ltx.Pos{}
+	res.Positions = map[string]string{}
+	for _, name := range f.DBs() {
+		if db := f.DB(name); db != nil {
+			if p := db.Log().Pos(); p.TXID > 0 {
+				final[name], res.Positions[name] = p, p.String()
+			}
+		}
+	}
+	if err := d.awaitAcked(hctx, to, final); err != nil {
+		return abandon(fmt.Errorf("%v (lease.handoff_timeout %v)", err, timeout))
+	}
+	res.CaughtUpMS = ms(time.Since(began))
+
+	// No write after this: the lease goes to the target.
+	d.role.mu.Lock()
+	if !d.IsPrimary() {
+		d.role.mu.Unlock()
+		return abandon(errors.New("this node lost the lease meanwhile"))
+	}
+	epoch := d.stopWrites()
+	d.events.publish(Event{Type: EventRole, Role: RoleReplica, Reason: "handoff to " + to, Epoch: epoch})
+	f.SetPrimary(to) // refusals name the new primary
+	err = lr.l.Handoff(hctx, to)
+	if err != nil {
+		// Writes resume only if this node is sure it still holds the
+		// lease; else it waits, read-only, for the lease to name the
+		// next primary, as after a failed renewal.
+		rctx, rcancel := context.WithTimeout(ctx, time.Duration(c.Lease.CheckTTL)/3)
+		rerr := lr.l.Renew(rctx)
+		rcancel()
+		if rerr != nil {
+			d.role.mu.Unlock()
+			f.ReleaseWrites()
+			released = true
+			d.Logger.Error("handoff failed after this node stepped down, and it cannot be sure it holds the lease: it stays read-only until the lease names a primary", "to", to, "err", err, "renew", rerr)
+			d.events.publish(Event{Type: EventHandoff, Primary: to, Reason: "failed: " + err.Error()})
+			return fail("releasing the lease to it: %v; %s stepped down and waits for the lease to name a primary (%v)", err, c.Node, rerr)
+		}
+		d.admitWrites(epoch)
+		d.events.publish(Event{Type: EventRole, Role: RolePrimary, Primary: c.Node, Epoch: epoch})
+		d.role.mu.Unlock()
+		return abandon(fmt.Errorf("releasing the lease to it: %w", err))
+	}
+	d.role.mu.Unlock()
+	f.ReleaseWrites()
+	released = true
+	res.HeldMS = ms(time.Since(began))
+	d.Logger.Info("handoff: stepped down, the lease is released to the target", "to", to, "epoch", epoch, "held", time.Since(began).Round(time.Millisecond))
+
+	// The target takes the lease (the lease loop makes this node follow
+	// it) and admits writes: done once it says so.
+	for {
+		if ls := d.leaseStatus(); ls != nil && ls.Holder == to && ls.Epoch > epoch {
+			if st, err := d.peerStatus(hctx, peer); err == nil && st.GetRole() == meridianv1.Role_ROLE_PRIMARY && st.GetEpoch() == ls.Epoch {
+				res.Epoch = ls.Epoch
+				break
+			}
+		}
+		select {
+		case <-hctx.Done():
+			d.events.publish(Event{Type: EventHandoff, Primary: to, Reason: "released; the target has not taken the lease"})
+			return fail("the lease was released to it, but it has not taken it within lease.handoff_timeout %v; the other candidates take it after %v", timeout, handoffGrace(c))
+		case <-time.After(time.Millisecond):
+		}
+	}
+	res.TookMS = ms(time.Since(began))
+	d.Logger.Info("handoff done", "to", to, "epoch", res.Epoch, "took", time.Since(began).Round(time.Millisecond))
+	d.events.publish(Event{Type: EventHandoff, Primary: to, Epoch: res.Epoch, Reason: "done"})
+	return res, nil
+}
+
+// awaitAcked waits until node has acknowledged applying each database at
+// its position in want, exactly (a position of this node's log), or ctx
+// ends.
+func (d *Daemon) awaitAcked(ctx context.Context, node string, want map[string]ltx.Pos) error {
+	names := make([]string, 0, len(want))
+	for name := range want {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	s := d.repl.streamer
+	for _, name := range names {
+		for {
+			confirmed, next := s.Confirmed(name, want[name].TXID)
+			if _, ok := confirmed[node]; ok {
+				break
+			}
+			select {
+			case <-next:
+			case <-ctx.Done():
+				have := "nothing"
+				for _, r := range s.Replicas() {
+					if p, ok := r.Acked[name]; r.Node == node && ok {
+						have = p.String()
+					}
+				}
+				return fmt.Errorf("%s did not acknowledge %s at %s in time (it acknowledged %s)", node, name, want[name], have)
+			}
+		}
+	}
+	return nil
+}
+
+// stopWrites makes the primary refuse writes, as a replica does, and
+// returns the epoch it held. Caller holds d.role.mu.
+func (d *Daemon) stopWrites() uint64 {
+	f, r := d.FS, d.repl
+	f.SetReadOnly(true)
+	epoch := d.epoch.Swap(0)
+	r.endGate(f)
+	f.SetAcked(nil)
+	f.SetPrimary("")
+	f.SetLag(nil)
+	d.setPrimaryName("")
+	return epoch
+}
+
+// handoffGrace is how long the other candidates leave a lease handed off
+// to a node for that node to take.
+func handoffGrace(c Config) time.Duration {
+	return 3 * time.Duration(c.Lease.CheckTTL)
+}
+
+// ms returns d in milliseconds.
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
