@@ -24,7 +24,7 @@ PROTOC_GEN_GO_GRPC := $(TOOLS_BIN)/protoc-gen-go-grpc-$(PROTOC_GEN_GO_GRPC_VERSI
 # points them at the pinned binaries above, so versions live in this file only.
 PROTOC_PLUGINS := $(TOOLS_DIR)/protoc-plugins
 
-.PHONY: all build test test-long test-hang-check bench-fs bench-repl bench-failover lint proto proto-check fuzz bench tools clean
+.PHONY: all build test test-long test-hang-check bench-fs bench-repl bench-failover bench-handoff lint proto proto-check fuzz bench tools clean
 
 all: build
 
@@ -110,6 +110,14 @@ bench-repl: build
 bench-failover: build
 	MERIDIAN_CONSUL=$$(scripts/install-consul.sh) && export MERIDIAN_CONSUL && \
 		$(GO) run ./bench/failover -regiond bin/regiond $(FAILOVER_FLAGS)
+
+# bench-handoff hands the primary of three regiond nodes on the Consul lease
+# from node to node while clients write, and times how long writes stop,
+# on loopback and with WAN latency between the nodes (toxiproxy); see
+# bench/README.md. HANDOFF_FLAGS='-latency 0,40ms -durability sync'.
+bench-handoff: build
+	MERIDIAN_CONSUL=$$(scripts/install-consul.sh) && export MERIDIAN_CONSUL && \
+		$(GO) run ./bench/handoff -regiond bin/regiond $(HANDOFF_FLAGS)
 
 # lint fails on unformatted Go files (generated *.pb.go excepted), go vet
 # findings and staticcheck findings.

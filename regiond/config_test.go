@@ -80,7 +80,8 @@ func TestParseConfig_Defaults(t *testing.T) {
 		MountDir: "/data",
 		FS:       regiond.FSConfig{Locks: "mount", Passthrough: true, SpareFiles: 4096, LogSegmentSize: 16 << 20},
 		Lease: regiond.LeaseConfig{Type: "static", Candidate: true, StaticPrimary: "iad-1", ConsulURL: "http://127.0.0.1:8500", ConsulKey: "meridian/primary",
-			TTL: regiond.Duration(10 * time.Second), CheckTTL: regiond.Duration(2 * time.Second), LockDelay: regiond.Duration(time.Second)},
+			TTL: regiond.Duration(10 * time.Second), CheckTTL: regiond.Duration(2 * time.Second), LockDelay: regiond.Duration(time.Second),
+			HandoffTimeout: regiond.Duration(2 * time.Second)},
 		Replication: regiond.ReplicationConfig{Retention: regiond.Duration(10 * time.Minute), MaxRetention: regiond.Duration(24 * time.Hour), Durability: "async",
 			SyncAcks: 1, SyncTimeout: regiond.Duration(5 * time.Second), SyncOnTimeout: "fail", MaxInFlightFiles: 32, MaxInFlightBytes: 64 << 30,
 			MaxFileSize: 64 << 30},
@@ -105,7 +106,8 @@ func TestParseConfig_Full(t *testing.T) {
 		MountDir: "/mnt/meridian",
 		FS:       regiond.FSConfig{Locks: "mount", Passthrough: false, SpareFiles: 100, LogSegmentSize: 1 << 20},
 		Lease: regiond.LeaseConfig{Type: "static", Candidate: false, StaticPrimary: "iad-1", ConsulURL: "http://127.0.0.1:8500", ConsulKey: "meridian/primary",
-			TTL: regiond.Duration(10 * time.Second), CheckTTL: regiond.Duration(2 * time.Second), LockDelay: regiond.Duration(time.Second)},
+			TTL: regiond.Duration(10 * time.Second), CheckTTL: regiond.Duration(2 * time.Second), LockDelay: regiond.Duration(time.Second),
+			HandoffTimeout: regiond.Duration(2 * time.Second)},
 		Replication: regiond.ReplicationConfig{Listen: "127.0.0.1:20210", Advertise: "iad-1.internal:20210", Peers: []regiond.Peer{
 			{Node: "fra-1", Region: "fra", Addr: "127.0.0.1:20220", Admin: "127.0.0.1:20221"}, {Node: "syd-1", Region: "syd"}},
 			Retention: regiond.Duration(90 * time.Second), MaxRetention: regiond.Duration(time.Hour), Durability: "sync", SyncAcks: 2, SyncRegions: true,
@@ -156,6 +158,7 @@ lease:
   check_ttl: 1500ms
   lock_delay: 0s
   prefer_regions: [iad, fra]
+  handoff_timeout: 5s
 replication: {listen: 127.0.0.1:20220}
 tls: {insecure: true}
 `)
@@ -164,7 +167,7 @@ tls: {insecure: true}
 	}
 	want := regiond.LeaseConfig{Type: regiond.LeaseConsul, Candidate: false, StaticPrimary: "fra-1", ConsulURL: "https://consul.internal:8501",
 		ConsulKey: "apps/notes/primary", TTL: regiond.Duration(15 * time.Second), CheckTTL: regiond.Duration(1500 * time.Millisecond),
-		PreferRegions: []string{"iad", "fra"}}
+		PreferRegions: []string{"iad", "fra"}, HandoffTimeout: regiond.Duration(5 * time.Second)}
 	if !reflect.DeepEqual(c.Lease, want) {
 		t.Fatalf("got %+v, want %+v", c.Lease, want)
 	}
@@ -243,18 +246,19 @@ func TestParseConfig_Errors(t *testing.T) {
 			[]string{`mount_dir: "/var/lib/meridian/mnt" is inside data_dir "/var/lib/meridian"`}},
 		{"DataInsideMount", base + "data_dir: /data/meridian\n", []string{`data_dir: "/data/meridian" is inside mount_dir "/data"`}},
 		{"DataDirRoot", base + "data_dir: /\n", []string{`mount_dir: "/data" is inside data_dir "/"`}},
-		{"Consul", base + "lease:\n  type: consul\n  consul_url: 127.0.0.1:8500\n  consul_key: /meridian\n  ttl: 5s\n  check_ttl: 0s\n  lock_delay: -1s\n  prefer_regions: [iad, Fra]\n", []string{
+		{"Consul", base + "lease:\n  type: consul\n  consul_url: 127.0.0.1:8500\n  consul_key: /meridian\n  ttl: 5s\n  check_ttl: 0s\n  lock_delay: -1s\n  prefer_regions: [iad, Fra]\n  handoff_timeout: 0s\n", []string{
 			`lease.consul_url: "127.0.0.1:8500" is not the URL of a Consul agent's HTTP API (e.g. http://127.0.0.1:8500)`,
 			`lease.consul_key: "/meridian" must be a KV key without a leading '/'`,
 			`lease.ttl: 5s is outside Consul's session TTL bounds, 10s to 24h`,
 			`lease.check_ttl: 0s must be greater than 0 and shorter than lease.ttl (5s)`,
 			`lease.lock_delay: -1s cannot be negative`,
+			`lease.handoff_timeout: 0s must be greater than 0; e.g. 2s`,
 			`lease.prefer_regions: "Fra" is not a valid name`}},
 		{"ConsulList", base + "lease:\n  type: consul\n  prefer_regions: iad\n", []string{`lease.prefer_regions: want a list, got`}},
 		{"UnknownLeaseType", base + "lease:\n  type: etcd\n", []string{`lease.type: "etcd" is not accepted (use one of: static, consul)`}},
 		{"BadStaticPrimary", base + "lease:\n  static_primary: Iad\n", []string{`lease.static_primary: "Iad" is not a valid name`}},
 		{"BadCandidate", base + "lease:\n  candidate: maybe\n", []string{`line 4: lease.candidate: "maybe" is not a boolean (use true or false)`}},
-		{"LeaseNotMapping", base + "lease: static\n", []string{`line 3: lease: want a mapping of keys (type, candidate, static_primary, consul_url, consul_key, consul_token_file, ttl, check_ttl, lock_delay, prefer_regions), got "static"`}},
+		{"LeaseNotMapping", base + "lease: static\n", []string{`line 3: lease: want a mapping of keys (type, candidate, static_primary, consul_url, consul_key, consul_token_file, ttl, check_ttl, lock_delay, prefer_regions, handoff_timeout), got "static"`}},
 		{"BadDuration", base + "replication:\n  retention: 10 minutes\n",
 			[]string{`line 4: replication.retention: "10 minutes" is not a duration (use Go syntax like 10m or 2s)`}},
 		{"NumberDuration", base + "replication:\n  retention: 600\n", []string{`replication.retention: "600" is not a duration`}},
@@ -269,7 +273,7 @@ func TestParseConfig_Errors(t *testing.T) {
 		{"UnknownKey", base + "replicaton:\n  retention: 1m\n",
 			[]string{`line 3: unknown key "replicaton" (keys: node, region, data_dir, mount_dir, fs, lease, replication, tls, admin, router, log)`}},
 		{"UnknownNestedKey", base + "replication:\n  retenton: 1m\n", []string{`line 4: unknown key "replication.retenton" (keys under replication: listen, advertise, peers, retention, max_retention, durability, sync_acks, sync_regions, sync_timeout, sync_on_timeout, max_in_flight_files, max_in_flight_bytes, max_file_size)`}},
-		{"FutureKey", base + "lease:\n  handoff_timeout: 10s\n", []string{`unknown key "lease.handoff_timeout"`}},
+		{"FutureKey", base + "lease:\n  handoff_grace: 10s\n", []string{`unknown key "lease.handoff_grace"`}},
 		{"UnknownTLSKey", base + "tls:\n  verify: false\n", []string{`line 4: unknown key "tls.verify" (keys under tls: ca, cert, key, insecure)`}},
 		{"TLSNotMapping", base + "tls: off\n", []string{`line 3: tls: want a mapping of keys (ca, cert, key, insecure), got "off"`}},
 		{"BadInsecure", base + "tls:\n  insecure: please\n", []string{`line 4: tls.insecure: "please" is not a boolean (use true or false)`}},

@@ -141,6 +141,9 @@ func (d *Daemon) Open(ctx context.Context) error {
 // Close unmounts and closes everything, waiting up to ctx's deadline for
 // apps to close their files.
 func (d *Daemon) Close(ctx context.Context) error {
+	if d.lease != nil && d.FS != nil && d.IsPrimary() && d.Config.FS.Locks == LocksMount {
+		d.handoffOnShutdown(ctx)
+	}
 	if d.admin != nil {
 		close(d.events.done)
 		actx, cancel := context.WithTimeout(ctx, time.Second)

@@ -1,6 +1,7 @@
 package regiond
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -245,3 +246,60 @@ func handoffGrace(c Config) time.Duration {
 
 // ms returns d in milliseconds.
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// handoffOnShutdown hands the lease of a primary that shuts down to the
+// most caught-up candidate replica (then the one of the most preferred
+// region, lease.prefer_regions), so that writes move without a failover.
+// If none can take it, the shutdown goes on as without a handoff: the
+// primary refuses writes and releases the lease.
+func (d *Daemon) handoffOnShutdown(ctx context.Context) {
+	c := d.Config
+	timeout := min(peerEpochTimeout, time.Duration(c.Lease.HandoffTimeout))
+	type candidate struct {
+		node   string
+		behind uint64 // transactions behind this node, over every database
+		pref   int
+	}
+	mine := map[string]uint64{}
+	for _, name := range d.FS.DBs() {
+		if db := d.FS.DB(name); db != nil {
+			mine[name] = uint64(db.Log().Pos().TXID)
+		}
+	}
+	var cands []candidate
+	for _, st := range d.peerStatuses(ctx, "shutting down: asking the candidates for their positions", "", timeout) {
+		if !st.GetCandidate() || st.GetRole() != meridianv1.Role_ROLE_REPLICA {
+			continue
+		}
+		theirs := map[string]uint64{}
+		for _, p := range st.GetPositions() {
+			theirs[p.GetDb()] = p.GetTxid()
+		}
+		var behind uint64
+		for db, txid := range mine {
+			behind += txid - min(txid, theirs[db])
+		}
+		pref := slices.Index(c.Lease.PreferRegions, st.GetRegion())
+		if pref < 0 {
+			pref = len(c.Lease.PreferRegions)
+		}
+		cands = append(cands, candidate{st.GetNode(), behind, pref})
+	}
+	if len(cands) == 0 {
+		d.Logger.Warn("shutting down: no candidate replica answered to take the lease by handoff; it moves by failover")
+		return
+	}
+	slices.SortFunc(cands, func(a, b candidate) int {
+		if a.behind != b.behind {
+			return cmp.Compare(a.behind, b.behind)
+		}
+		if a.pref != b.pref {
+			return cmp.Compare(a.pref, b.pref)
+		}
+		return strings.Compare(a.node, b.node)
+	})
+	d.Logger.Info("shutting down: handing the lease off", "to", cands[0].node, "behind", cands[0].behind)
+	if _, err := d.Handoff(ctx, cands[0].node); err != nil {
+		d.Logger.Warn("shutting down: the handoff failed; the lease moves by failover", "err", err)
+	}
+}

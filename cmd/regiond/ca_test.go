@@ -206,7 +206,7 @@ func TestCa_Help(t *testing.T) {
 		t.Fatalf("got %q, %v, want the ca usage", out, err)
 	}
 	out, _, err = run(t, "help")
-	if err != nil || !strings.Contains(out, "\tca     make the cluster's CA and each node's certificate and key\n") {
+	if err != nil || !strings.Contains(out, "\tca       make the cluster's CA and each node's certificate and key\n") {
 		t.Fatalf("got %q, %v, want ca in the command list", out, err)
 	}
 }

@@ -223,3 +223,77 @@ func TestLease_HandoffRefused(t *testing.T) {
 	c.WaitCaughtUp(t, time.Minute, "app.db")
 	checkBy(t, c, "before,after")
 }
+
+// TestLease_HandoffOnStop: SIGTERM of the primary hands the lease off
+// before the node exits, to the most caught-up candidate, and among those
+// to the one of the most preferred region (lease.prefer_regions: fra, syd,
+// iad: fra-1 is primary first, and hands off to syd-1 rather than iad-1),
+// while a writer process writes to whichever node is primary. The next
+// primary is one epoch up, every write acknowledged is on both remaining
+// nodes, and the stopped node, started again, follows and converges.
+func TestLease_HandoffOnStop(t *testing.T) {
+	t.Parallel()
+	_, c := consulCluster(t, []testingutil.ClusterNodeSpec{iad, fra, syd}, "prefer_regions: [fra, syd, iad]")
+	c.Start(t)
+	primary, epoch := waitOnePrimary(t, c, 0)
+	if primary.Name != fra.Name {
+		t.Fatalf("%s took the lease first, want %s (the preferred region)", primary.Name, fra.Name)
+	}
+	c.Primary = primary.Name
+	db := testingutil.MustOpenSQLite(t, filepath.Join(primary.MountDir, "sync.db"), "wal")
+	if _, err := db.Exec(`CREATE TABLE t (id INTEGER PRIMARY KEY)`); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	c.WaitCaughtUp(t, time.Minute, "sync.db")
+	var paths []string
+	for _, n := range c.Nodes {
+		paths = append(paths, filepath.Join(n.MountDir, "sync.db"))
+	}
+	w := startWriters(t, 4, paths...)
+	time.Sleep(300 * time.Millisecond)
+	stopped := time.Now()
+	if err := primary.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	exited := time.Since(stopped)
+	next, nextEpoch := waitOnePrimary(t, c, epoch)
+	if next.Name != syd.Name || nextEpoch != epoch+1 {
+		t.Fatalf("after SIGTERM of %s, %s is primary at epoch %d; want %s at %d", primary.Name, next.Name, nextEpoch, syd.Name, epoch+1)
+	}
+	if l := logLine(primary.Log(), "handoff done", "to="+syd.Name); l == "" {
+		t.Fatalf("%s did not log a handoff to %s before it exited:\n%s", primary.Name, syd.Name, primary.LogTail(8<<10))
+	}
+	time.Sleep(300 * time.Millisecond) // writes go on on the next primary
+	results := w.stop(t)
+	c.Primary = next.Name
+	primary.Start(t)
+	c.WaitCaughtUp(t, time.Minute, "sync.db")
+	var acked []int
+	failed, ackedAfter := 0, 0
+	for _, r := range results {
+		if r.err == "" {
+			acked = append(acked, r.id)
+			if r.end.After(stopped.Add(exited)) {
+				ackedAfter++
+			}
+		} else {
+			failed++
+		}
+	}
+	if ackedAfter == 0 {
+		t.Errorf("no write acknowledged after %s exited, want writes to go on on %s", primary.Name, next.Name)
+	}
+	for _, n := range c.Nodes {
+		have := rowIDs(t, openOnReplica(t, n, "sync.db"))
+		for _, id := range acked {
+			if !have[id] {
+				t.Errorf("%s lacks write %d, acknowledged", n.Name, id)
+				break
+			}
+		}
+	}
+	t.Logf("%s stopped (handed off to %s at epoch %d) %v after SIGTERM; %d writes acknowledged, %d of them after that; %d failed", fra.Name, next.Name, nextEpoch, exited.Round(time.Millisecond), len(acked), ackedAfter, failed)
+}

@@ -692,7 +692,8 @@ type writers struct {
 // with ids 1, 2, ... into table t of the database at path, each write
 // on a connection of its own (insertRowAt), until stop. With several
 // paths (on the mounts of several nodes), each write goes to the first
-// whose mount has no .primary file: the primary's.
+// whose database exists and whose mount has no .primary file: the
+// primary's.
 func startWriters(t *testing.T, n int, paths ...string) *writers {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
@@ -788,6 +789,10 @@ func runWriters(spec string) {
 		}
 		for {
 			for _, p := range paths {
+				// (A stopped node's mount directory has neither.)
+				if _, err := os.Stat(p); err != nil {
+					continue
+				}
 				if _, err := os.Stat(filepath.Join(filepath.Dir(p), ".primary")); errors.Is(err, os.ErrNotExist) {
 					return p
 				}

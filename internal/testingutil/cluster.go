@@ -78,6 +78,11 @@ type Cluster struct {
 	Nodes []*ClusterNode
 	// Command returns the command that runs regiond with args.
 	Command func(args ...string) *exec.Cmd
+	// PeerAddr, if set, is the address node from dials to reach peer's
+	// replication.listen (a proxy between them, for WAN latency); nil:
+	// the address itself. RewriteConfigs writes it into the nodes'
+	// regiond.yml.
+	PeerAddr func(from, peer *ClusterNode) string
 
 	tb TB
 }
@@ -165,6 +170,16 @@ func (c *Cluster) UseConsul(url string, extra ...string) {
 	}
 }
 
+// RewriteConfigs writes every node's regiond.yml again, after a change to
+// the cluster's settings (PeerAddr); running nodes read it at their next
+// start.
+func (c *Cluster) RewriteConfigs() {
+	c.tb.Helper()
+	for _, n := range c.Nodes {
+		c.writeConfig(n)
+	}
+}
+
 // ConsulLease returns the lease section of the Consul agent at url, with
 // more keys in extra, as ClusterNodeSpec.Lease and Cluster.Lease take it.
 func ConsulLease(url string, extra ...string) string {
@@ -218,7 +233,11 @@ func (c *Cluster) writeConfig(n *ClusterNode) {
 	fmt.Fprintf(&b, "replication:\n  listen: %s\n  peers:\n", n.Addr)
 	for _, p := range c.Nodes {
 		if p != n {
-			fmt.Fprintf(&b, "    - {node: %s, region: %s, addr: %q, admin: %q}\n", p.Name, p.Region, p.Addr, p.Admin)
+			addr := p.Addr
+			if c.PeerAddr != nil {
+				addr = c.PeerAddr(n, p)
+			}
+			fmt.Fprintf(&b, "    - {node: %s, region: %s, addr: %q, admin: %q}\n", p.Name, p.Region, addr, p.Admin)
 		}
 	}
 	for _, line := range n.Replication {
