@@ -263,17 +263,23 @@ func (f *FileSystem) commitContext(cancel <-chan struct{}, caller uint32, d *DB,
 		case <-ctx.Done():
 			return
 		}
+		// The kernel interrupts a request once, at the first signal of
+		// any kind, and sends nothing for the signals after it. So look,
+		// now and then, at what the app has pending: a rollback-journal
+		// commit ends at a signal meant to stop it (not SIGCHLD, SIGURG,
+		// SIGWINCH, SIGCONT nor SIGPROF, which a busy app gets all the
+		// time: the app's next child that exits must not fail its
+		// commit), a WAL commit only at SIGKILL.
+		wanted := killPending
 		if canFail {
-			stop()
-			return
+			wanted = stopPending
+		} else {
+			d.logger.Warn("the app got a signal while its WAL commit waits for acknowledgements; it cannot fail there, so the wait goes on unless the app is killed",
+				"txid", txid.String(), "pid", caller)
 		}
-		// The kernel interrupts a request once, at the first signal; a
-		// SIGKILL after it sends nothing more. So look.
-		d.logger.Warn("the app got a signal while its WAL commit waits for acknowledgements; it cannot fail there, so the wait goes on unless the app is killed",
-			"txid", txid.String(), "pid", caller)
 		tick := time.NewTicker(killPoll)
 		defer tick.Stop()
-		for !killPending(caller) {
+		for !wanted(caller) {
 			select {
 			case <-tick.C:
 			case <-ctx.Done():
@@ -285,27 +291,48 @@ func (f *FileSystem) commitContext(cancel <-chan struct{}, caller uint32, d *DB,
 	return ctx, stop
 }
 
-// killPoll is how often a WAL commit wait that was interrupted looks for
-// its app's death.
+// killPoll is how often an interrupted commit wait looks at its app's
+// pending signals.
 const killPoll = 50 * time.Millisecond
 
 // killPending reports whether thread tid has SIGKILL pending, or is gone:
 // its process is dying, and nothing of it waits for the request.
 func killPending(tid uint32) bool {
+	set, gone := pendingSignals(tid)
+	return gone || set&sigBit(syscall.SIGKILL) != 0
+}
+
+// stopPending reports whether thread tid, or its process, has a signal
+// pending that may be meant to stop what it waits for (any but the
+// benignSignals), or is gone.
+func stopPending(tid uint32) bool {
+	set, gone := pendingSignals(tid)
+	return gone || set&^benignSignals != 0
+}
+
+// benignSignals are the signals an app gets in the course of things, which
+// do not ask it to stop waiting.
+var benignSignals = sigBit(syscall.SIGCHLD) | sigBit(syscall.SIGURG) | sigBit(syscall.SIGWINCH) | sigBit(syscall.SIGCONT) | sigBit(syscall.SIGPROF)
+
+func sigBit(sig syscall.Signal) uint64 { return 1 << (sig - 1) }
+
+// pendingSignals returns the signals pending for thread tid and for its
+// process, and whether the thread is gone.
+func pendingSignals(tid uint32) (set uint64, gone bool) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", tid))
 	if err != nil {
-		return errors.Is(err, os.ErrNotExist)
+		return 0, errors.Is(err, os.ErrNotExist)
 	}
 	for line := range strings.SplitSeq(string(b), "\n") {
 		name, value, ok := strings.Cut(line, ":")
 		if !ok || name != "SigPnd" && name != "ShdPnd" {
 			continue
 		}
-		if set, err := strconv.ParseUint(strings.TrimSpace(value), 16, 64); err == nil && set&(1<<(syscall.SIGKILL-1)) != 0 {
-			return true
+		if v, err := strconv.ParseUint(strings.TrimSpace(value), 16, 64); err == nil {
+			set |= v
 		}
 	}
-	return false
+	return set, false
 }
 
 // fail returns the error the test failpoint gives operation name, if any.

@@ -9,6 +9,7 @@ import (
 	"hash/fnv"
 	"log/slog"
 	"os/exec"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -45,8 +46,11 @@ type Daemon struct {
 	// epoch is the lease epoch the node holds while it is primary, 0
 	// while it is a replica.
 	epoch atomic.Uint64
-	// handingOff is set while a handoff runs (Handoff).
+	// handingOff is set while a handoff runs (Handoff); handoff is the
+	// last one this node began (noteHandoff).
 	handingOff atomic.Bool
+	handoffMu  sync.Mutex
+	handoff    *HandoffStatus
 }
 
 // NewDaemon returns a daemon for a validated config.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/meridian-db/meridian/ltx"
@@ -98,41 +99,17 @@ func (d *Daemon) Handoff(ctx context.Context, to string) (HandoffResult, error) 
 
 	f := d.FS
 	began := time.Now()
-	if !f.HoldWrites() {
-		return fail("writes are held already")
-	}
-	released := false
-	defer func() {
-		if !released {
-			f.ReleaseWrites()
-		}
-	}()
-	d.Logger.Info("handoff: holding new writes until the target has caught up", "to", to, "timeout", timeout)
-	d.events.publish(Event{Type: EventHandoff, Primary: to, Reason: "started"})
+	release, err := d.holdUntilCaughtUp(hctx, to, &res, began)
+	defer release()
 	abandon := func(why error) (HandoffResult, error) {
-		f.ReleaseWrites()
-		released = true
+		release()
 		d.Logger.Warn("handoff abandoned: writes go on here", "to", to, "held", time.Since(began).Round(time.Millisecond), "why", why)
-		d.events.publish(Event{Type: EventHandoff, Primary: to, Reason: "abandoned: " + why.Error()})
+		d.noteHandoff(to, "abandoned: "+why.Error(), 0)
 		return fail("abandoned after %v, writes go on on %s: %v", time.Since(began).Round(time.Millisecond), c.Node, why)
 	}
-	if err := f.WaitWritesIdle(hctx); err != nil {
-		return abandon(fmt.Errorf("transactions under way did not end within lease.handoff_timeout %v: %w", timeout, err))
+	if err != nil {
+		return abandon(err)
 	}
-	res.IdleMS = ms(time.Since(began))
-	final := map[string]ltx.Pos{}
-	res.Positions = map[string]string{}
-	for _, name := range f.DBs() {
-		if db := f.DB(name); db != nil {
-			if p := db.Log().Pos(); p.TXID > 0 {
-				final[name], res.Positions[name] = p, p.String()
-			}
-		}
-	}
-	if err := d.awaitAcked(hctx, to, final); err != nil {
-		return abandon(fmt.Errorf("%v (lease.handoff_timeout %v)", err, timeout))
-	}
-	res.CaughtUpMS = ms(time.Since(began))
 
 	// No write after this: the lease goes to the target.
 	d.role.mu.Lock()
@@ -153,10 +130,9 @@ func (d *Daemon) Handoff(ctx context.Context, to string) (HandoffResult, error) 
 		rcancel()
 		if rerr != nil {
 			d.role.mu.Unlock()
-			f.ReleaseWrites()
-			released = true
+			release()
 			d.Logger.Error("handoff failed after this node stepped down, and it cannot be sure it holds the lease: it stays read-only until the lease names a primary", "to", to, "err", err, "renew", rerr)
-			d.events.publish(Event{Type: EventHandoff, Primary: to, Reason: "failed: " + err.Error()})
+			d.noteHandoff(to, "failed: "+err.Error(), 0)
 			return fail("releasing the lease to it: %v; %s stepped down and waits for the lease to name a primary (%v)", err, c.Node, rerr)
 		}
 		d.admitWrites(epoch)
@@ -165,8 +141,7 @@ func (d *Daemon) Handoff(ctx context.Context, to string) (HandoffResult, error) 
 		return abandon(fmt.Errorf("releasing the lease to it: %w", err))
 	}
 	d.role.mu.Unlock()
-	f.ReleaseWrites()
-	released = true
+	release()
 	res.HeldMS = ms(time.Since(began))
 	d.Logger.Info("handoff: stepped down, the lease is released to the target", "to", to, "epoch", epoch, "held", time.Since(began).Round(time.Millisecond))
 
@@ -181,15 +156,50 @@ func (d *Daemon) Handoff(ctx context.Context, to string) (HandoffResult, error) 
 		}
 		select {
 		case <-hctx.Done():
-			d.events.publish(Event{Type: EventHandoff, Primary: to, Reason: "released; the target has not taken the lease"})
+			d.noteHandoff(to, "released; the target has not taken the lease", 0)
 			return fail("the lease was released to it, but it has not taken it within lease.handoff_timeout %v; the other candidates take it after %v", timeout, handoffGrace(c))
 		case <-time.After(time.Millisecond):
 		}
 	}
 	res.TookMS = ms(time.Since(began))
 	d.Logger.Info("handoff done", "to", to, "epoch", res.Epoch, "took", time.Since(began).Round(time.Millisecond))
-	d.events.publish(Event{Type: EventHandoff, Primary: to, Epoch: res.Epoch, Reason: "done"})
+	d.noteHandoff(to, "done", res.Epoch)
 	return res, nil
+}
+
+// holdUntilCaughtUp holds new writes (fs.FileSystem.HoldWrites), waits
+// until the transactions under way have committed and node to has
+// acknowledged every database at its final position, or hctx ends, and
+// records the figures in res. Writes stay held until release (which may be
+// called more than once), also when it fails.
+func (d *Daemon) holdUntilCaughtUp(hctx context.Context, to string, res *HandoffResult, began time.Time) (release func(), err error) {
+	f := d.FS
+	if !f.HoldWrites() {
+		return func() {}, errors.New("writes are held already")
+	}
+	var once sync.Once
+	release = func() { once.Do(f.ReleaseWrites) }
+	timeout := time.Duration(d.Config.Lease.HandoffTimeout)
+	d.Logger.Info("handoff: holding new writes until the target has caught up", "to", to, "timeout", timeout)
+	d.noteHandoff(to, "started", 0)
+	if err := f.WaitWritesIdle(hctx); err != nil {
+		return release, fmt.Errorf("transactions under way did not end within lease.handoff_timeout %v: %w", timeout, err)
+	}
+	res.IdleMS = ms(time.Since(began))
+	final := map[string]ltx.Pos{}
+	res.Positions = map[string]string{}
+	for _, name := range f.DBs() {
+		if db := f.DB(name); db != nil {
+			if p := db.Log().Pos(); p.TXID > 0 {
+				final[name], res.Positions[name] = p, p.String()
+			}
+		}
+	}
+	if err := d.awaitAcked(hctx, to, final); err != nil {
+		return release, fmt.Errorf("%v (lease.handoff_timeout %v)", err, timeout)
+	}
+	res.CaughtUpMS = ms(time.Since(began))
+	return release, nil
 }
 
 // awaitAcked waits until node has acknowledged applying each database at
@@ -302,4 +312,113 @@ func (d *Daemon) handoffOnShutdown(ctx context.Context) {
 	if _, err := d.Handoff(ctx, cands[0].node); err != nil {
 		d.Logger.Warn("shutting down: the handoff failed; the lease moves by failover", "err", err)
 	}
+}
+
+// handoffStatic is the handoff of a primary whose lease.static_primary now
+// names node to (a SIGHUP): it holds new writes until to has every
+// transaction, then stops admitting writes. Reload then makes it a
+// replica of to, which becomes primary once it sees this node step down
+// (awaitStepDown). If to does not catch up within lease.handoff_timeout
+// the node steps down all the same, as the configuration says, and it
+// returns why: what to lacks goes to lost/ when this node follows it.
+func (d *Daemon) handoffStatic(ctx context.Context, to string) error {
+	c := d.Config
+	if c.FS.Locks != LocksMount {
+		return fmt.Errorf("handoff to %s: fs.locks is %s, and only a mount with fs.locks: mount can hold writes", to, c.FS.Locks)
+	}
+	peer, ok := c.Peer(to)
+	if !ok || peer.Addr == "" {
+		return fmt.Errorf("handoff to %s: not a node of replication.peers with an address", to)
+	}
+	if !d.handingOff.CompareAndSwap(false, true) {
+		return fmt.Errorf("handoff to %s: another handoff is in progress", to)
+	}
+	defer d.handingOff.Store(false)
+	hctx, cancel := context.WithTimeout(ctx, time.Duration(c.Lease.HandoffTimeout))
+	defer cancel()
+	// Holding writes for a node that cannot catch up is no use: one that
+	// is down, or primary already (it started with the new configuration).
+	switch st, err := d.peerStatus(hctx, peer); {
+	case err != nil:
+		return fmt.Errorf("handoff to %s: cannot reach it: %w", to, err)
+	case st.GetRole() != meridianv1.Role_ROLE_REPLICA:
+		return fmt.Errorf("handoff to %s: it is not a replica (its role: %s)", to, st.GetRole())
+	}
+	var res HandoffResult
+	began := time.Now()
+	release, err := d.holdUntilCaughtUp(hctx, to, &res, began)
+	defer release()
+	d.role.mu.Lock()
+	if d.IsPrimary() {
+		epoch := d.stopWrites()
+		d.FS.SetPrimary(to) // refusals name the new primary
+		d.events.publish(Event{Type: EventRole, Role: RoleReplica, Reason: "handoff to " + to, Epoch: epoch})
+	}
+	d.role.mu.Unlock()
+	if err != nil {
+		d.noteHandoff(to, "abandoned: "+err.Error(), 0)
+		return fmt.Errorf("handoff to %s: %w", to, err)
+	}
+	d.Logger.Info("handoff: stepped down for the static primary", "to", to, "held", time.Since(began).Round(time.Millisecond))
+	d.noteHandoff(to, "done", 0)
+	return nil
+}
+
+// awaitStepDown waits, on a node that lease.static_primary now names,
+// until the primary it followed no longer admits writes (it hands off,
+// handoffStatic), cannot be reached, or lease.handoff_timeout and a
+// second more have passed; then the node may become primary without two
+// nodes taking writes at once.
+func (d *Daemon) awaitStepDown(ctx context.Context) {
+	c := d.Config
+	old := d.Primary()
+	p, ok := c.Peer(old)
+	if old == "" || old == c.Node || !ok || p.Addr == "" {
+		return
+	}
+	wait := time.Duration(c.Lease.HandoffTimeout) + time.Second
+	deadline := time.Now().Add(wait)
+	for time.Now().Before(deadline) {
+		sctx, cancel := context.WithTimeout(ctx, time.Second)
+		st, err := d.peerStatus(sctx, p)
+		cancel()
+		if err != nil || st.GetRole() != meridianv1.Role_ROLE_PRIMARY {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	d.Logger.Warn("the old primary still admits writes; taking over as lease.static_primary says (what it commits now goes to its lost/)", "old_primary", old, "waited", wait)
+}
+
+// HandoffStatus is the last handoff a node began as primary, for /status.
+type HandoffStatus struct {
+	To string `json:"to"`
+	// State is "started" while it runs, then "done", or "abandoned: "
+	// and why, or another outcome as its event says (Event.Reason).
+	State string    `json:"state"`
+	Epoch uint64    `json:"epoch,omitempty"` // the target's, once done
+	Since time.Time `json:"since"`
+}
+
+// noteHandoff publishes a handoff event and keeps it for /status.
+func (d *Daemon) noteHandoff(to, state string, epoch uint64) {
+	d.handoffMu.Lock()
+	d.handoff = &HandoffStatus{To: to, State: state, Epoch: epoch, Since: time.Now()}
+	d.handoffMu.Unlock()
+	d.events.publish(Event{Type: EventHandoff, Primary: to, Epoch: epoch, Reason: state})
+}
+
+// lastHandoff returns the last handoff noted, nil if none.
+func (d *Daemon) lastHandoff() *HandoffStatus {
+	d.handoffMu.Lock()
+	defer d.handoffMu.Unlock()
+	if d.handoff == nil {
+		return nil
+	}
+	h := *d.handoff
+	return &h
 }

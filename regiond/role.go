@@ -353,6 +353,16 @@ func (d *Daemon) Reload(ctx context.Context, c Config) error {
 	d.static.Set(d.holder(c.Lease.StaticPrimary))
 	st, err := d.static.Current(ctx)
 	if err == nil {
+		// A move, not a failover: the old primary hands off (no write it
+		// acknowledged is lost), and the new one waits for it.
+		switch next := st.Holder.Node; {
+		case d.IsPrimary() && next != d.Config.Node:
+			if herr := d.handoffStatic(ctx, next); herr != nil {
+				d.Logger.Warn("SIGHUP: the handoff did not complete; stepping down all the same, as lease.static_primary says", "to", next, "err", herr)
+			}
+		case next == d.Config.Node && !d.IsPrimary():
+			d.awaitStepDown(ctx)
+		}
 		err = d.SetPrimary(ctx, st.Holder.Node)
 	}
 	if err != nil {

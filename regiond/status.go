@@ -56,6 +56,8 @@ type Status struct {
 	// it from Consul; Candidate whether this node may take it.
 	Lease     *LeaseStatus `json:"lease,omitempty"`
 	Candidate bool         `json:"candidate,omitempty"`
+	// Handoff is the last handoff this node began as primary, if any.
+	Handoff *HandoffStatus `json:"handoff,omitempty"`
 }
 
 // LeaseStatus is the lease in Consul as a node last read it.
@@ -158,7 +160,7 @@ func (d *Daemon) statusOf(f *fs.FileSystem, r *replicationNode) Status {
 	primary := d.Primary()
 	st := Status{Node: c.Node, Region: c.Region, Role: RoleReplica, Primary: primary, Addr: c.AdvertiseAddr(),
 		MaxLagMS: time.Duration(c.Router.MaxLag).Milliseconds(), Peers: peerStatus(c), Lease: d.leaseStatus(),
-		Candidate: c.Lease.Type == LeaseConsul && c.Lease.Candidate}
+		Candidate: c.Lease.Type == LeaseConsul && c.Lease.Candidate, Handoff: d.lastHandoff()}
 	names := f.DBs()
 	slices.Sort(names)
 	logs := make(map[string]*ltx.Log, len(names))

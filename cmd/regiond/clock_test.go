@@ -4,7 +4,6 @@ package main
 
 import (
 	"context"
-	"path/filepath"
 	"sync"
 	"syscall"
 	"testing"
@@ -58,14 +57,7 @@ func TestLong_ClockJump(t *testing.T) {
 	c.Start(t)
 	primary, epoch := waitOnePrimary(t, c, 0)
 	c.Primary = primary.Name
-	db := testingutil.MustOpenSQLite(t, filepath.Join(primary.MountDir, "sync.db"), "delete")
-	if _, err := db.Exec(`CREATE TABLE t (id INTEGER PRIMARY KEY)`); err != nil {
-		t.Fatal(err)
-	}
-	if err := db.Close(); err != nil {
-		t.Fatal(err)
-	}
-	c.WaitCaughtUp(t, time.Minute, "sync.db")
+	createSyncDB(t, c, primary, "delete")
 	mon := monitorRoles(t, c)
 
 	var (

@@ -3,9 +3,11 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"math/rand/v2"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -44,20 +46,8 @@ func testHandoff(t *testing.T, durability, mode string) {
 	c.Start(t)
 	primary, epoch := waitOnePrimary(t, c, 0)
 	c.Primary = primary.Name
-	db := testingutil.MustOpenSQLite(t, filepath.Join(primary.MountDir, "sync.db"), mode)
-	if _, err := db.Exec(`CREATE TABLE t (id INTEGER PRIMARY KEY)`); err != nil {
-		t.Fatal(err)
-	}
-	if err := db.Close(); err != nil {
-		t.Fatal(err)
-	}
-	c.WaitCaughtUp(t, time.Minute, "sync.db")
-	events := map[string]func() []regiond.Event{}
-	var paths []string
-	for _, n := range c.Nodes {
-		events[n.Name] = watchEvents(t, n)
-		paths = append(paths, filepath.Join(n.MountDir, "sync.db"))
-	}
+	createSyncDB(t, c, primary, mode)
+	events, paths := watchNodes(t, c)
 	w := startWriters(t, 4, paths...)
 
 	type window struct{ began, ended time.Time }
@@ -104,6 +94,9 @@ func testHandoff(t *testing.T, durability, mode string) {
 			t.Fatalf("handoff %d: %+v, want from %s to %s at epoch %d", i+1, res, primary.Name, target.Name, epoch+1)
 		}
 		held = append(held, res.HeldMS)
+		if h := adminStatus(t, primary).Handoff; h == nil || h.To != target.Name || h.State != "done" || h.Epoch != res.Epoch {
+			t.Fatalf("handoff %d: %s's status says of its last handoff %+v, want done to %s at epoch %d", i+1, primary.Name, h, target.Name, res.Epoch)
+		}
 		primary, epoch = target, res.Epoch
 		c.Primary = primary.Name
 	}
@@ -111,33 +104,65 @@ func testHandoff(t *testing.T, durability, mode string) {
 	results := w.stop(t)
 	c.WaitCaughtUp(t, time.Minute, "sync.db")
 
-	var acked []int
-	failed := 0
+	acked, failed := checkWrites(t, c, results, func(r writeResult) bool {
+		return slices.ContainsFunc(windows, func(w window) bool { return !r.end.Before(w.began) && !r.end.After(w.ended.Add(time.Second)) })
+	})
+	checkOneWriter(t, c, events, handoffs)
+	slices.Sort(held)
+	t.Logf("%d handoffs: writes held p50 %.1f ms, max %.1f ms; %d writes acknowledged, each on all %d nodes; %d failed, each during a handoff",
+		handoffs, held[len(held)/2], held[len(held)-1], acked, len(c.Nodes), failed)
+}
+
+// watchNodes watches the events of every node of c (watchEvents) and
+// returns them by node, with the path of sync.db on every node's mount.
+func watchNodes(t *testing.T, c *testingutil.Cluster) (map[string]func() []regiond.Event, []string) {
+	t.Helper()
+	events := map[string]func() []regiond.Event{}
+	var paths []string
+	for _, n := range c.Nodes {
+		events[n.Name] = watchEvents(t, n)
+		paths = append(paths, filepath.Join(n.MountDir, "sync.db"))
+	}
+	return events, paths
+}
+
+// checkWrites checks that every write results says was acknowledged is on
+// every node of c, and that each that failed failed when it could
+// (during reports whether it did), and returns how many of each there
+// were.
+func checkWrites(t *testing.T, c *testingutil.Cluster, results []writeResult, during func(writeResult) bool) (acked, failed int) {
+	t.Helper()
+	var ids []int
 	for _, r := range results {
 		if r.err == "" {
-			acked = append(acked, r.id)
+			ids = append(ids, r.id)
 			continue
 		}
 		failed++
-		if !slices.ContainsFunc(windows, func(w window) bool { return !r.end.Before(w.began) && !r.end.After(w.ended.Add(time.Second)) }) {
-			t.Errorf("write %d failed at %v, outside every handoff: %s", r.id, r.end.Format(time.StampMicro), r.err)
+		if !during(r) {
+			t.Errorf("write %d failed at %v, outside every move of the primary: %s", r.id, r.end.Format(time.StampMicro), r.err)
 		}
 	}
 	for _, n := range c.Nodes {
 		have := rowIDs(t, openOnReplica(t, n, "sync.db"))
 		missing := 0
-		for _, id := range acked {
+		for _, id := range ids {
 			if !have[id] {
 				missing++
 			}
 		}
 		if missing > 0 {
-			t.Errorf("%s lacks %d of the %d acknowledged writes", n.Name, missing, len(acked))
+			t.Errorf("%s lacks %d of the %d acknowledged writes", n.Name, missing, len(ids))
 		}
 	}
+	return len(ids), failed
+}
 
-	// From each node's events: when it admitted writes. No two such
-	// spans overlap.
+// checkOneWriter checks, from each node's events, that no two nodes ever
+// admitted writes at once, and that the primary moved at least moves
+// times.
+func checkOneWriter(t *testing.T, c *testingutil.Cluster, events map[string]func() []regiond.Event, moves int) {
+	t.Helper()
 	type span struct {
 		node     string
 		from, to time.Time
@@ -168,12 +193,9 @@ func testHandoff(t *testing.T, durability, mode string) {
 				b.node, b.from.Format(time.StampMicro), b.epoch, a.node, a.to.Format(time.StampMicro), a.epoch)
 		}
 	}
-	if len(spans) < handoffs {
-		t.Errorf("%d spans as primary in the nodes' events, want at least %d", len(spans), handoffs)
+	if len(spans) < moves {
+		t.Errorf("%d spans as primary in the nodes' events, want at least %d", len(spans), moves)
 	}
-	slices.Sort(held)
-	t.Logf("%d handoffs: writes held p50 %.1f ms, max %.1f ms; %d writes acknowledged, each on all %d nodes; %d failed, each during a handoff",
-		handoffs, held[len(held)/2], held[len(held)-1], len(acked), len(c.Nodes), failed)
 }
 
 // TestLease_HandoffRefused: a handoff to an unknown node, to a node that
@@ -240,14 +262,7 @@ func TestLease_HandoffOnStop(t *testing.T) {
 		t.Fatalf("%s took the lease first, want %s (the preferred region)", primary.Name, fra.Name)
 	}
 	c.Primary = primary.Name
-	db := testingutil.MustOpenSQLite(t, filepath.Join(primary.MountDir, "sync.db"), "wal")
-	if _, err := db.Exec(`CREATE TABLE t (id INTEGER PRIMARY KEY)`); err != nil {
-		t.Fatal(err)
-	}
-	if err := db.Close(); err != nil {
-		t.Fatal(err)
-	}
-	c.WaitCaughtUp(t, time.Minute, "sync.db")
+	createSyncDB(t, c, primary, "wal")
 	var paths []string
 	for _, n := range c.Nodes {
 		paths = append(paths, filepath.Join(n.MountDir, "sync.db"))
@@ -296,4 +311,67 @@ func TestLease_HandoffOnStop(t *testing.T) {
 		}
 	}
 	t.Logf("%s stopped (handed off to %s at epoch %d) %v after SIGTERM; %d writes acknowledged, %d of them after that; %d failed", fra.Name, next.Name, nextEpoch, exited.Round(time.Millisecond), len(acked), ackedAfter, failed)
+}
+
+// staticMoves is how many times TestLease_StaticHandoff moves the primary.
+const staticMoves = 10
+
+// TestLease_StaticHandoff: with the static lease, a SIGHUP that names a
+// new lease.static_primary is a handoff: the old primary holds new writes
+// until the new one has every transaction, then steps down, and the new
+// one takes over once it sees that. The primary moves round three nodes
+// 10 times, the SIGHUPs sent in a different order each time, while a
+// writer process writes to whichever node is primary: every write
+// acknowledged is on every node, a write fails only during a move, and no
+// two nodes ever admitted writes at once.
+func TestLease_StaticHandoff(t *testing.T) {
+	t.Parallel()
+	c := testingutil.NewCluster(t, regiondCommand, iad.Name, iad, fra, syd)
+	c.Start(t)
+	primary := c.Node(iad.Name)
+	createSyncDB(t, c, primary, "wal")
+	events, paths := watchNodes(t, c)
+	w := startWriters(t, 4, paths...)
+
+	type window struct{ began, ended time.Time }
+	var windows []window
+	epoch := uint64(1)
+	for i := range staticMoves {
+		time.Sleep(150 * time.Millisecond) // writes go on
+		to := c.Nodes[(slices.Index(c.Nodes, primary)+1)%len(c.Nodes)]
+		c.SetPrimary(to.Name)
+		began := time.Now()
+		for _, j := range rand.Perm(len(c.Nodes)) {
+			c.Nodes[j].Signal(t, syscall.SIGHUP)
+		}
+		waitStatus(t, to, func(st regiond.Status) bool { return st.Role == regiond.RolePrimary && st.Epoch == epoch+1 },
+			"primary at epoch %d (move %d)", epoch+1, i+1)
+		windows = append(windows, window{began, time.Now()})
+		waitStatus(t, primary, func(st regiond.Status) bool {
+			return st.Handoff != nil && st.Handoff.To == to.Name && st.Handoff.State == "done"
+		},
+			"done with its handoff to %s (move %d)", to.Name, i+1)
+		primary, epoch = to, epoch+1
+	}
+	time.Sleep(150 * time.Millisecond)
+	results := w.stop(t)
+	c.WaitCaughtUp(t, time.Minute, "sync.db")
+	acked, failed := checkWrites(t, c, results, func(r writeResult) bool {
+		return slices.ContainsFunc(windows, func(w window) bool { return !r.end.Before(w.began) && !r.end.After(w.ended.Add(time.Second)) })
+	})
+	checkOneWriter(t, c, events, staticMoves)
+	handedOff := 0
+	for _, n := range c.Nodes {
+		handedOff += strings.Count(n.Log(), `msg="handoff: stepped down for the static primary"`)
+	}
+	if handedOff != staticMoves {
+		t.Errorf("%d handoffs logged by the old primaries, want %d", handedOff, staticMoves)
+	}
+	var took []time.Duration
+	for _, w := range windows {
+		took = append(took, w.ended.Sub(w.began))
+	}
+	slices.Sort(took)
+	t.Logf("%d moves, SIGHUP to the new primary's status: p50 %v, max %v; %d writes acknowledged, each on all %d nodes; %d failed, each during a move",
+		staticMoves, took[len(took)/2].Round(time.Millisecond), took[len(took)-1].Round(time.Millisecond), acked, len(c.Nodes), failed)
 }

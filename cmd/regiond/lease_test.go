@@ -389,14 +389,7 @@ func testFailoverSync(t *testing.T, mode string) {
 	c.Start(t)
 	primary, epoch := waitOnePrimary(t, c, 0)
 	c.Primary = primary.Name
-	db := testingutil.MustOpenSQLite(t, filepath.Join(primary.MountDir, "sync.db"), mode)
-	if _, err := db.Exec(`CREATE TABLE t (id INTEGER PRIMARY KEY)`); err != nil {
-		t.Fatal(err)
-	}
-	if err := db.Close(); err != nil {
-		t.Fatal(err)
-	}
-	c.WaitCaughtUp(t, time.Minute, "sync.db")
+	createSyncDB(t, c, primary, mode)
 	mon := monitorRoles(t, c)
 
 	var (
@@ -510,14 +503,7 @@ func TestLease_PausedPrimary(t *testing.T) {
 	c.Start(t)
 	first, epoch := waitOnePrimary(t, c, 0)
 	c.Primary = first.Name
-	db := testingutil.MustOpenSQLite(t, filepath.Join(first.MountDir, "sync.db"), "delete")
-	if _, err := db.Exec(`CREATE TABLE t (id INTEGER PRIMARY KEY)`); err != nil {
-		t.Fatal(err)
-	}
-	if err := db.Close(); err != nil {
-		t.Fatal(err)
-	}
-	c.WaitCaughtUp(t, time.Minute, "sync.db")
+	createSyncDB(t, c, first, "delete")
 	events := watchEvents(t, first)
 	started := time.Now()
 	w := startWriters(t, 4, filepath.Join(first.MountDir, "sync.db"))
@@ -836,6 +822,20 @@ func runWriters(spec string) {
 	}
 	wg.Wait()
 	os.Exit(0)
+}
+
+// createSyncDB creates sync.db, in journal mode mode, with an empty table
+// t of ids, on primary's mount, and waits until c's nodes have it.
+func createSyncDB(t *testing.T, c *testingutil.Cluster, primary *testingutil.ClusterNode, mode string) {
+	t.Helper()
+	db := testingutil.MustOpenSQLite(t, filepath.Join(primary.MountDir, "sync.db"), mode)
+	if _, err := db.Exec(`CREATE TABLE t (id INTEGER PRIMARY KEY)`); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	c.WaitCaughtUp(t, time.Minute, "sync.db")
 }
 
 // rowIDs returns the ids of the rows of table t of db.

@@ -168,6 +168,21 @@ func printStatus(w io.Writer, nodes []nodeStatus) {
 			break
 		}
 	}
+	// The latest handoff any node began.
+	var last *nodeStatus
+	for i, n := range nodes {
+		if h := n.Status.Handoff; n.Error == "" && h != nil && (last == nil || h.Since.After(last.Status.Handoff.Since)) {
+			last = &nodes[i]
+		}
+	}
+	if last != nil {
+		h := last.Status.Handoff
+		epoch := ""
+		if h.Epoch != 0 {
+			epoch = fmt.Sprintf(" at epoch %d", h.Epoch)
+		}
+		fmt.Fprintf(tw, "\nlast handoff: %s to %s, %s%s, %s ago\n", last.Status.Node, h.To, h.State, epoch, time.Since(h.Since).Round(time.Millisecond))
+	}
 	fmt.Fprintln(tw)
 	fmt.Fprintln(tw, "DATABASE\tNODE\tPOSITION\tLAG")
 	var dbs []string
