@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"database/sql"
 	"encoding/json"
 	"math/rand/v2"
 	"path/filepath"
@@ -10,6 +11,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	toxiproxy "github.com/Shopify/toxiproxy/v2"
+	"github.com/rs/zerolog"
 
 	"github.com/meridian-db/meridian/internal/testingutil"
 	"github.com/meridian-db/meridian/regiond"
@@ -374,4 +378,93 @@ func TestLease_StaticHandoff(t *testing.T) {
 	slices.Sort(took)
 	t.Logf("%d moves, SIGHUP to the new primary's status: p50 %v, max %v; %d writes acknowledged, each on all %d nodes; %d failed, each during a move",
 		staticMoves, took[len(took)/2].Round(time.Millisecond), took[len(took)-1].Round(time.Millisecond), acked, len(c.Nodes), failed)
+}
+
+// TestLease_HandoffAbandoned: a handoff to a node that cannot catch up
+// within lease.handoff_timeout (1 s here: from some point on, every byte
+// syd-1 receives from the primary is 3 s late, through a toxiproxy proxy,
+// and the primary commits a row after that point) is abandoned within
+// the bound, with an error that says what the target lacks; a second
+// handoff asked meanwhile is refused as one in progress; the write held
+// meanwhile commits on the old primary, which stays primary at the same
+// epoch and takes writes.
+func TestLease_HandoffAbandoned(t *testing.T) {
+	t.Parallel()
+	_, c := consulCluster(t, []testingutil.ClusterNodeSpec{iad, fra, syd}, "handoff_timeout: 1s", "prefer_regions: [iad]")
+	server := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(nil), zerolog.Nop())
+	slow := map[string]string{}
+	var proxies []*toxiproxy.Proxy
+	for _, n := range c.Nodes {
+		if n.Name == syd.Name {
+			continue
+		}
+		p := toxiproxy.NewProxy(server, "syd-"+n.Name, testingutil.FreeAddr(t), n.Addr)
+		if err := p.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(p.Stop)
+		slow[n.Name] = p.Listen
+		proxies = append(proxies, p)
+	}
+	c.PeerAddr = func(from, peer *testingutil.ClusterNode) string {
+		if addr, ok := slow[peer.Name]; ok && from.Name == syd.Name {
+			return addr
+		}
+		return peer.Addr
+	}
+	c.RewriteConfigs()
+	c.Start(t)
+	primary, epoch := waitOnePrimary(t, c, 0)
+	if primary.Name != iad.Name {
+		t.Fatalf("%s took the lease first, want %s (the preferred region)", primary.Name, iad.Name)
+	}
+	c.Primary = primary.Name
+	insertBy(t, primary, "before")
+	c.WaitCaughtUp(t, time.Minute, "app.db")
+	for _, p := range proxies {
+		if _, err := p.Toxics.AddToxicJson(strings.NewReader(`{"name": "late", "type": "latency", "stream": "downstream", "attributes": {"latency": 3000}}`)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	insertBy(t, primary, "lagging") // syd-1 gets it 3 s late
+
+	// A write transaction begun while the handoff holds writes.
+	held := make(chan error, 1)
+	began := time.Now()
+	done := make(chan error, 1)
+	var stdout, stderr strings.Builder
+	go func() {
+		done <- Run(context.Background(), []string{"handoff", "-to", syd.Name, "-admin", primary.Admin}, &stdout, &stderr)
+	}()
+	waitStatus(t, primary, func(st regiond.Status) bool { return st.Handoff != nil && st.Handoff.State == "started" }, "handing off to %s", syd.Name)
+	go func() {
+		db, err := sql.Open("sqlite3", "file:"+filepath.Join(primary.MountDir, "app.db")+"?mode=rw&_busy_timeout=5000")
+		if err != nil {
+			held <- err
+			return
+		}
+		defer db.Close()
+		_, err = db.Exec(`INSERT INTO t (by) VALUES ('held')`)
+		held <- err
+	}()
+	var stdout2, stderr2 strings.Builder
+	if err := Run(context.Background(), []string{"handoff", "-to", fra.Name, "-admin", primary.Admin}, &stdout2, &stderr2); err == nil || !strings.Contains(err.Error(), "another handoff is in progress") {
+		t.Errorf("a second handoff during the first: %v, want an error saying another is in progress", err)
+	}
+	err := <-done
+	took := time.Since(began)
+	if err == nil || !strings.Contains(err.Error(), "abandoned") || !strings.Contains(err.Error(), syd.Name+" did not acknowledge") {
+		t.Fatalf("handoff to %s, 3 s behind: %v, want it abandoned because %s did not acknowledge", syd.Name, err, syd.Name)
+	}
+	if err := <-held; err != nil {
+		t.Errorf("the write held during the abandoned handoff: %v, want it committed on %s", err, primary.Name)
+	}
+	st := adminStatus(t, primary)
+	if st.Role != regiond.RolePrimary || st.Epoch != epoch || st.Handoff == nil || !strings.HasPrefix(st.Handoff.State, "abandoned: ") {
+		t.Fatalf("%s after the abandoned handoff: %s at epoch %d, handoff %+v; want primary at %d, the handoff abandoned", primary.Name, st.Role, st.Epoch, st.Handoff, epoch)
+	}
+	insertBy(t, primary, "after")
+	c.WaitCaughtUp(t, time.Minute, "app.db")
+	checkBy(t, c, "before,lagging,held,after")
+	t.Logf("handoff to %s abandoned %v after it was asked: %v", syd.Name, took.Round(time.Millisecond), err)
 }
