@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -113,7 +114,11 @@ func postHandoff(ctx context.Context, cmd, addr, node string, asJSON bool, stdou
 		return fmt.Errorf("%s: %w", cmd, err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("%s: %s", cmd, strings.TrimSpace(string(body)))
+		msg := strings.TrimSpace(string(body))
+		if cmd == "handoff" && strings.HasPrefix(msg, "handoff") {
+			return errors.New(msg) // "handoff to NODE: why"
+		}
+		return fmt.Errorf("%s: %s", cmd, msg)
 	}
 	if asJSON {
 		_, err := stdout.Write(body)
