@@ -93,12 +93,16 @@ func startConsul(tb TB, token string) *Consul {
 		tb.Fatal(err)
 	}
 	host, _, _ := net.SplitHostPort(FreeAddr(tb))
+	// Each port is held until all are picked: a port closed at once may
+	// be handed out again to the next (the agent then refuses to start
+	// with, e.g., its serf LAN and WAN on one port).
+	var held []net.Listener
 	port := func() string {
 		l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 		if err != nil {
 			tb.Fatal(err)
 		}
-		defer l.Close()
+		held = append(held, l)
 		return strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
 	}
 	httpPort := port()
@@ -107,6 +111,9 @@ func startConsul(tb TB, token string) *Consul {
 	c.args = []string{"agent", "-dev", "-node", c.Node, "-bind", host, "-client", host, "-advertise", host,
 		"-http-port", httpPort, "-server-port", port(), "-serf-lan-port", port(), "-serf-wan-port", port(),
 		"-dns-port", "-1", "-grpc-port", "-1", "-grpc-tls-port", "-1", "-log-level", "warn"}
+	for _, l := range held {
+		_ = l.Close()
+	}
 	if token != "" {
 		c.args = append(c.args, "-hcl", fmt.Sprintf(`acl { enabled = true
 default_policy = "deny"
