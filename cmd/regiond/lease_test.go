@@ -24,6 +24,7 @@ import (
 	"github.com/hashicorp/consul/api"
 	"github.com/mattn/go-sqlite3"
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/meridian-db/meridian/internal/testingutil"
 	"github.com/meridian-db/meridian/internal/testingutil/roles"
@@ -534,10 +535,25 @@ func TestLease_PausedPrimary(t *testing.T) {
 	}
 	alone := time.Now()
 	time.Sleep(300 * time.Millisecond)
-	paused := time.Now()
 	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
+	// The node runs on until it takes the signal, and may commit
+	// meanwhile: the pause begins once it is stopped.
+	stoppedNow := make(chan error, 1)
+	go func() {
+		var info unix.Siginfo
+		stoppedNow <- unix.Waitid(unix.P_PID, pid, &info, unix.WSTOPPED|unix.WNOWAIT, nil)
+	}()
+	select {
+	case err := <-stoppedNow:
+		if err != nil {
+			t.Fatalf("wait for %s to stop: %v", first.Name, err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s did not stop in 10 s after SIGSTOP", first.Name)
+	}
+	paused := time.Now()
 	slow := `{"name": "slow", "type": "latency", "stream": "downstream", "attributes": {"latency": 3000}}`
 	if _, err := proxies[first.Name].Toxics.AddToxicJson(strings.NewReader(slow)); err != nil {
 		t.Fatal(err)
