@@ -31,6 +31,7 @@ all: build
 build:
 	$(GO) build ./...
 	$(GO) build -o bin/regiond ./cmd/regiond
+	$(GO) build -o bin/guestbook ./examples/guestbook
 
 # Test runs have two bounds: each test binary's own -timeout, and the whole
 # run's, which scripts/bounded-run enforces whatever the tests do: past it,
@@ -70,15 +71,15 @@ test-clock:
 test-hang-check:
 	scripts/hang-check
 
-# fuzz runs every FuzzX target of ltx/, fs/, replication/, regiond/
-# and lease/, one at a time,
+# fuzz runs every FuzzX target of ltx/, fs/, replication/, regiond/,
+# lease/ and router/, one at a time,
 # for FUZZTIME each (make fuzz FUZZTIME=5m). An input that fails is saved
 # under the package's testdata/fuzz/FuzzX/ and stops the run; commit it with
 # the fix, as plain `go test` runs it from then on.
 FUZZTIME ?= 30s
 
 fuzz:
-	@set -e; for pkg in ./ltx ./fs ./replication ./regiond ./lease; do \
+	@set -e; for pkg in ./ltx ./fs ./replication ./regiond ./lease ./router; do \
 		list=$$($(GO) test -list '^Fuzz' $$pkg); \
 		targets=$$(echo "$$list" | grep '^Fuzz' || true); \
 		[ -n "$$targets" ] || { echo "fuzz: no FuzzX targets in $$pkg"; exit 1; }; \

@@ -25,6 +25,7 @@ import (
 	"github.com/meridian-db/meridian/lease/consul"
 	"github.com/meridian-db/meridian/ltx"
 	"github.com/meridian-db/meridian/replication"
+	"github.com/meridian-db/meridian/router"
 )
 
 // Defaults for keys the configuration file leaves out. lease.static_primary
@@ -157,13 +158,44 @@ type AdminConfig struct {
 	Listen string `yaml:"listen"`
 }
 
-// RouterConfig holds the router's settings. Only max_lag exists yet: the
-// readiness of a replica.
+// RouterConfig sets up the HTTP router in front of the local app (see
+// package router).
 type RouterConfig struct {
+	// Listen is the host:port the router serves on, plain HTTP; "" runs
+	// no router.
+	Listen string `yaml:"listen"`
+	// Target is the local app's URL, e.g. http://127.0.0.1:3000.
+	Target string `yaml:"target"`
 	// MaxLag is how far behind the primary a replica may be and still be
 	// ready (/readyz): the time since the commit of the oldest transaction
 	// it has not applied, or since it last heard from the primary.
 	MaxLag Duration `yaml:"max_lag"`
+	// RYWTimeout bounds the wait of a read with a read-your-writes token
+	// on a replica; past it the primary serves the read.
+	RYWTimeout Duration `yaml:"ryw_timeout"`
+	// PrimaryWait bounds how long a write waits for a primary during a
+	// failover or handoff before it is answered 503.
+	PrimaryWait Duration `yaml:"primary_wait"`
+	// UpstreamTimeout bounds the wait for response headers from the app
+	// or from the primary's router.
+	UpstreamTimeout Duration `yaml:"upstream_timeout"`
+	// MaxBody is the largest request body accepted, in bytes.
+	MaxBody int64 `yaml:"max_body"`
+	// WritePaths and ReadPaths are "[METHOD ]/prefix" rules that make
+	// requests writes or reads whatever their method.
+	WritePaths []string `yaml:"write_paths"`
+	ReadPaths  []string `yaml:"read_paths"`
+	// IdempotentHeader marks writes that may be sent again to a new
+	// primary after failing because the primary changed;
+	// IdempotentMethods marks all requests of those methods so.
+	IdempotentHeader  string   `yaml:"idempotent_header"`
+	IdempotentMethods []string `yaml:"idempotent_methods"`
+	// Replay, if set, is a response header (e.g. fly-replay) with which a
+	// replica region answers writes instead of forwarding them.
+	Replay string `yaml:"replay"`
+	// TrustForwarded keeps clients' X-Forwarded-* headers (a trusted
+	// proxy in front of the router).
+	TrustForwarded bool `yaml:"trust_forwarded"`
 }
 
 // FSConfig tunes the FUSE mount.
@@ -269,6 +301,7 @@ type Peer struct {
 	Region string `yaml:"region"` // its region
 	Addr   string `yaml:"addr"`   // its replication.listen address, host:port
 	Admin  string `yaml:"admin"`  // its admin.listen address, for `regiond status`; "" if unknown
+	Router string `yaml:"router"` // its router's URL (or host:port), where writes are forwarded; "" if unknown
 }
 
 // TLSConfig names the mTLS material a node uses with its peers (see
@@ -347,8 +380,9 @@ func DefaultConfig() Config {
 			SyncAcks: DefaultSyncAcks, SyncTimeout: Duration(DefaultSyncTimeout), SyncOnTimeout: DefaultSyncOnTimeout,
 			MaxInFlightFiles: DefaultMaxInFlightFiles, MaxInFlightBytes: DefaultMaxInFlightBytes,
 			MaxFileSize: DefaultMaxFileSize},
-		Router: RouterConfig{MaxLag: Duration(DefaultMaxLag)},
-		Log:    LogConfig{Level: DefaultLogLevel, Format: DefaultLogFormat},
+		Router: RouterConfig{MaxLag: Duration(DefaultMaxLag), RYWTimeout: Duration(router.DefaultRYWTimeout), PrimaryWait: Duration(router.DefaultPrimaryWait),
+			UpstreamTimeout: Duration(router.DefaultUpstreamTimeout), MaxBody: router.DefaultMaxBodyBytes, IdempotentHeader: router.DefaultIdempotentHeader},
+		Log: LogConfig{Level: DefaultLogLevel, Format: DefaultLogFormat},
 	}
 }
 
@@ -655,9 +689,7 @@ func (c *Config) Validate() error {
 	c.validateReplication(&p)
 	c.validateTLS(&p)
 	p.hostPort("admin.listen", c.Admin.Listen, "127.0.0.1:20211")
-	if c.Router.MaxLag <= 0 {
-		p.add("router.max_lag: %v must be greater than 0 (e.g. 10s)", c.Router.MaxLag)
-	}
+	c.validateRouter(&p)
 	oneOf(&p, "fs.locks", c.FS.Locks, fsLocks)
 	if c.FS.SpareFiles < 0 || c.FS.SpareFiles > fs.DefaultMaxSpares {
 		p.add("fs.spare_files: %d is not between 0 and %d", c.FS.SpareFiles, fs.DefaultMaxSpares)
@@ -716,6 +748,11 @@ func (c *Config) validateReplication(p *problems) {
 		seen[peer.Node] = true
 		p.hostPort(key+".addr", peer.Addr, "127.0.0.1:20210")
 		p.hostPort(key+".admin", peer.Admin, "127.0.0.1:20211")
+		if peer.Router != "" {
+			if _, err := RouterURL(peer.Router); err != nil {
+				p.add("%s.router: %v", key, err)
+			}
+		}
 	}
 	p.hostPort("replication.advertise", c.Replication.Advertise, "10.0.0.5:20210")
 	if a := c.Replication.Advertise; a != "" && !dialable(a) {
@@ -901,4 +938,60 @@ func (c Config) Logger(w io.Writer) *slog.Logger {
 		h = slog.NewJSONHandler(w, opts)
 	}
 	return slog.New(h).With("node", c.Node, "region", c.Region)
+}
+
+// validateRouter checks the router's keys.
+func (c *Config) validateRouter(p *problems) {
+	r := c.Router
+	for _, k := range []struct {
+		key string
+		d   Duration
+	}{{"router.max_lag", r.MaxLag}, {"router.ryw_timeout", r.RYWTimeout}, {"router.primary_wait", r.PrimaryWait}, {"router.upstream_timeout", r.UpstreamTimeout}} {
+		if k.d <= 0 {
+			p.add("%s: %v must be greater than 0 (e.g. 2s)", k.key, k.d)
+		}
+	}
+	p.hostPort("router.listen", r.Listen, "127.0.0.1:8080")
+	if r.Listen != "" && r.Target == "" {
+		p.add("router.target: required with router.listen: the URL of the local app (e.g. http://127.0.0.1:3000)")
+	}
+	if r.Target != "" {
+		if _, err := RouterURL(r.Target); err != nil {
+			p.add("router.target: %v", err)
+		}
+	}
+	if r.MaxBody <= 0 {
+		p.add("router.max_body: %d must be greater than 0 (bytes, e.g. 33554432)", r.MaxBody)
+	}
+	for i, s := range r.WritePaths {
+		if _, err := router.ParseRule(s, true); err != nil {
+			p.add("router.write_paths[%d]: %v", i, err)
+		}
+	}
+	for i, s := range r.ReadPaths {
+		if _, err := router.ParseRule(s, false); err != nil {
+			p.add("router.read_paths[%d]: %v", i, err)
+		}
+	}
+	for i, m := range r.IdempotentMethods {
+		if m == "" || m != strings.ToUpper(m) {
+			p.add("router.idempotent_methods[%d]: %q is not an upper-case HTTP method (e.g. PUT)", i, m)
+		}
+	}
+}
+
+// RouterURL parses a router or app address: a URL (http or https) or a
+// host:port, taken as http.
+func RouterURL(s string) (*url.URL, error) {
+	if !strings.Contains(s, "://") {
+		if _, _, err := net.SplitHostPort(s); err != nil {
+			return nil, fmt.Errorf("%q is neither a URL nor host:port (e.g. http://127.0.0.1:8080)", s)
+		}
+		s = "http://" + s
+	}
+	u, err := url.Parse(s)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return nil, fmt.Errorf("%q is not an http:// or https:// URL with a host (e.g. http://127.0.0.1:8080)", s)
+	}
+	return u, nil
 }

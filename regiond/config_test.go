@@ -36,7 +36,7 @@ replication:
   listen: 127.0.0.1:20210
   advertise: iad-1.internal:20210
   peers:
-    - {node: fra-1, region: fra, addr: 127.0.0.1:20220, admin: 127.0.0.1:20221}
+    - {node: fra-1, region: fra, addr: 127.0.0.1:20220, admin: 127.0.0.1:20221, router: 127.0.0.1:8082}
     - node: syd-1
       region: syd
   retention: 90s
@@ -57,7 +57,19 @@ tls:
 admin:
   listen: 127.0.0.1:20211
 router:
+  listen: 127.0.0.1:8081
+  target: http://127.0.0.1:3000
   max_lag: 3s
+  ryw_timeout: 1s
+  primary_wait: 3s
+  upstream_timeout: 30s
+  max_body: 1048576
+  write_paths: ["GET /admin/"]
+  read_paths: ["POST /search"]
+  idempotent_header: X-Request-Id
+  idempotent_methods: [PUT, DELETE]
+  replay: fly-replay
+  trust_forwarded: true
 log:
   level: debug
   format: json
@@ -85,9 +97,10 @@ func TestParseConfig_Defaults(t *testing.T) {
 		Replication: regiond.ReplicationConfig{Retention: regiond.Duration(10 * time.Minute), MaxRetention: regiond.Duration(24 * time.Hour), Durability: "async",
 			SyncAcks: 1, SyncTimeout: regiond.Duration(5 * time.Second), SyncOnTimeout: "fail", MaxInFlightFiles: 32, MaxInFlightBytes: 64 << 30,
 			MaxFileSize: 64 << 30},
-		TLS:    regiond.TLSConfig{CA: "/etc/meridian/ca.pem", Cert: "/etc/meridian/iad-1.pem", Key: "/etc/meridian/iad-1-key.pem"},
-		Router: regiond.RouterConfig{MaxLag: regiond.Duration(10 * time.Second)},
-		Log:    regiond.LogConfig{Level: "info", Format: "text"},
+		TLS: regiond.TLSConfig{CA: "/etc/meridian/ca.pem", Cert: "/etc/meridian/iad-1.pem", Key: "/etc/meridian/iad-1-key.pem"},
+		Router: regiond.RouterConfig{MaxLag: regiond.Duration(10 * time.Second), RYWTimeout: regiond.Duration(2 * time.Second), PrimaryWait: regiond.Duration(5 * time.Second),
+			UpstreamTimeout: regiond.Duration(time.Minute), MaxBody: 32 << 20, IdempotentHeader: "Idempotency-Key"},
+		Log: regiond.LogConfig{Level: "info", Format: "text"},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("got %+v, want %+v", got, want)
@@ -109,15 +122,18 @@ func TestParseConfig_Full(t *testing.T) {
 			TTL: regiond.Duration(10 * time.Second), CheckTTL: regiond.Duration(2 * time.Second), LockDelay: regiond.Duration(time.Second),
 			HandoffTimeout: regiond.Duration(2 * time.Second)},
 		Replication: regiond.ReplicationConfig{Listen: "127.0.0.1:20210", Advertise: "iad-1.internal:20210", Peers: []regiond.Peer{
-			{Node: "fra-1", Region: "fra", Addr: "127.0.0.1:20220", Admin: "127.0.0.1:20221"}, {Node: "syd-1", Region: "syd"}},
+			{Node: "fra-1", Region: "fra", Addr: "127.0.0.1:20220", Admin: "127.0.0.1:20221", Router: "127.0.0.1:8082"}, {Node: "syd-1", Region: "syd"}},
 			Retention: regiond.Duration(90 * time.Second), MaxRetention: regiond.Duration(time.Hour), Durability: "sync", SyncAcks: 2, SyncRegions: true,
 			SyncTimeout: regiond.Duration(2 * time.Second), SyncOnTimeout: "degrade", MaxInFlightFiles: 8, MaxInFlightBytes: 1 << 30,
 			MaxFileSize: 512 << 20},
 		TLS: regiond.TLSConfig{CA: "/etc/pki/meridian/cluster.pem", Cert: "/etc/meridian/certs/iad-1.crt",
 			Key: "/etc/meridian/certs/iad-1.key", Insecure: true},
-		Admin:  regiond.AdminConfig{Listen: "127.0.0.1:20211"},
-		Router: regiond.RouterConfig{MaxLag: regiond.Duration(3 * time.Second)},
-		Log:    regiond.LogConfig{Level: "debug", Format: "json"},
+		Admin: regiond.AdminConfig{Listen: "127.0.0.1:20211"},
+		Router: regiond.RouterConfig{Listen: "127.0.0.1:8081", Target: "http://127.0.0.1:3000", MaxLag: regiond.Duration(3 * time.Second),
+			RYWTimeout: regiond.Duration(time.Second), PrimaryWait: regiond.Duration(3 * time.Second), UpstreamTimeout: regiond.Duration(30 * time.Second),
+			MaxBody: 1 << 20, WritePaths: []string{"GET /admin/"}, ReadPaths: []string{"POST /search"}, IdempotentHeader: "X-Request-Id",
+			IdempotentMethods: []string{"PUT", "DELETE"}, Replay: "fly-replay", TrustForwarded: true},
+		Log: regiond.LogConfig{Level: "debug", Format: "json"},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("got %+v, want %+v", got, want)
@@ -558,7 +574,19 @@ func TestValidate_Replication(t *testing.T) {
 		{"BadAdminListen", "node: iad-1\nregion: iad\nadmin: {listen: localhost}\ntls: {insecure: true}\n",
 			`admin.listen: "localhost" is not host:port (e.g. 127.0.0.1:20211)`},
 		{"ZeroMaxLag", "node: iad-1\nregion: iad\nrouter: {max_lag: 0s}\ntls: {insecure: true}\n",
-			`router.max_lag: 0s must be greater than 0 (e.g. 10s)`},
+			`router.max_lag: 0s must be greater than 0 (e.g. 2s)`},
+		{"RouterWithoutTarget", "node: iad-1\nregion: iad\nrouter: {listen: 127.0.0.1:8080}\ntls: {insecure: true}\n",
+			`router.target: required with router.listen: the URL of the local app (e.g. http://127.0.0.1:3000)`},
+		{"RouterBadTarget", "node: iad-1\nregion: iad\nrouter: {listen: 127.0.0.1:8080, target: 'ftp://x'}\ntls: {insecure: true}\n",
+			`router.target: "ftp://x" is not an http:// or https:// URL with a host`},
+		{"RouterBadRule", "node: iad-1\nregion: iad\nrouter: {write_paths: [admin]}\ntls: {insecure: true}\n",
+			`router.write_paths[0]: path rule "admin": the path must start with /`},
+		{"RouterBadMethod", "node: iad-1\nregion: iad\nrouter: {idempotent_methods: [put]}\ntls: {insecure: true}\n",
+			`router.idempotent_methods[0]: "put" is not an upper-case HTTP method (e.g. PUT)`},
+		{"RouterZeroWait", "node: iad-1\nregion: iad\nrouter: {ryw_timeout: 0s}\ntls: {insecure: true}\n",
+			`router.ryw_timeout: 0s must be greater than 0`},
+		{"PeerBadRouter", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:1, peers: [{node: fra-1, region: fra, router: 'fra'}]}\ntls: {insecure: true}\n",
+			`replication.peers[0].router: "fra" is neither a URL nor host:port`},
 		{"PrimaryWithoutListen", "node: iad-1\nregion: iad\nreplication: {peers: [{node: fra-1, region: fra}]}\ntls: {insecure: true}\n",
 			`replication.listen: required on the primary`},
 		{"ListenAnyHostNoAdvertise", "node: iad-1\nregion: iad\nreplication: {listen: \"0.0.0.0:20210\"}\ntls: {insecure: true}\n",
@@ -598,7 +626,7 @@ func TestValidate_Replication(t *testing.T) {
 		{"SyncRegionsNone", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:1, durability: sync, sync_regions: true, peers: [{node: iad-2, region: iad}]}\ntls: {insecure: true}\n",
 			`replication.sync_regions: no peer is in a region other than "iad"`},
 		{"UnknownPeerKey", "node: iad-1\nregion: iad\nreplication: {listen: 127.0.0.1:1, peers: [{node: fra-1, region: fra, adr: x}]}\ntls: {insecure: true}\n",
-			`unknown key "replication.peers[0].adr" (keys under replication.peers[0]: node, region, addr, admin)`},
+			`unknown key "replication.peers[0].adr" (keys under replication.peers[0]: node, region, addr, admin, router)`},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			_, err := parse(t, tt.yaml)

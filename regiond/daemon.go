@@ -40,6 +40,12 @@ type Daemon struct {
 	admin  *adminServer
 	role   role
 	events events
+	pos    positions
+	// roleChanged is closed and replaced when who takes writes may have
+	// changed (notifyRole): the router waits on it.
+	roleMu      sync.Mutex
+	roleChanged chan struct{}
+	router      *routerServer
 	// commits counts the transactions each database's log recorded on
 	// this node as primary (/metrics).
 	commits *prometheus.CounterVec
@@ -56,6 +62,7 @@ type Daemon struct {
 // NewDaemon returns a daemon for a validated config.
 func NewDaemon(c Config, logger *slog.Logger) *Daemon {
 	return &Daemon{Config: c, Logger: logger, events: events{node: c.Node, done: make(chan struct{})},
+		pos: positions{pos: map[string]uint64{}, changed: make(chan struct{})}, roleChanged: make(chan struct{}),
 		commits: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "meridian_commits_total",
 			Help: "Transactions this node recorded in each database's log as primary, since it started.",
@@ -64,6 +71,7 @@ func NewDaemon(c Config, logger *slog.Logger) *Daemon {
 
 // committed publishes a commit of db, at info, on /events and /metrics.
 func (d *Daemon) committed(db string, info ltx.FileInfo) {
+	d.pos.set(db, uint64(info.Header.MaxTXID))
 	d.commits.WithLabelValues(db).Inc()
 	if d.events.listening() {
 		d.events.publish(Event{Type: EventCommit, DB: db, Pos: info.Pos().String(), Size: info.Size})
@@ -95,6 +103,11 @@ func (d *Daemon) Open(ctx context.Context) error {
 		return err
 	}
 	d.FS = f
+	for _, name := range f.DBs() {
+		if db := f.DB(name); db != nil {
+			d.pos.set(name, uint64(db.Log().Pos().TXID))
+		}
+	}
 	repl, err := d.openReplication(f)
 	if err == nil {
 		d.repl = repl
@@ -139,6 +152,14 @@ func (d *Daemon) Open(ctx context.Context) error {
 		return err
 	}
 	d.admin = admin
+	rs, err := d.startRouter()
+	if err != nil {
+		closeCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = d.Close(closeCtx)
+		return err
+	}
+	d.router = rs
 	return nil
 }
 
@@ -147,6 +168,12 @@ func (d *Daemon) Open(ctx context.Context) error {
 func (d *Daemon) Close(ctx context.Context) error {
 	if d.lease != nil && d.FS != nil && d.IsPrimary() && d.Config.FS.Locks == LocksMount {
 		d.handoffOnShutdown(ctx)
+	}
+	if d.router != nil {
+		rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		d.router.close(rctx)
+		cancel()
+		d.router = nil
 	}
 	if d.admin != nil {
 		close(d.events.done)

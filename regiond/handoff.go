@@ -83,7 +83,8 @@ func (d *Daemon) Handoff(ctx context.Context, to string) (HandoffResult, error) 
 	if !d.handingOff.CompareAndSwap(false, true) {
 		return fail("another handoff is in progress")
 	}
-	defer d.handingOff.Store(false)
+	d.notifyRole()
+	defer func() { d.handingOff.Store(false); d.notifyRole() }()
 	timeout := time.Duration(c.Lease.HandoffTimeout)
 	hctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
@@ -333,7 +334,8 @@ func (d *Daemon) handoffStatic(ctx context.Context, to string) error {
 	if !d.handingOff.CompareAndSwap(false, true) {
 		return fmt.Errorf("handoff to %s: another handoff is in progress", to)
 	}
-	defer d.handingOff.Store(false)
+	d.notifyRole()
+	defer func() { d.handingOff.Store(false); d.notifyRole() }()
 	hctx, cancel := context.WithTimeout(ctx, time.Duration(c.Lease.HandoffTimeout))
 	defer cancel()
 	// Holding writes for a node that cannot catch up is no use: one that

@@ -52,8 +52,9 @@ func (s fsSource) Changed() <-chan struct{} { return s.f.Changed() }
 // fsTarget is the mount as a replica's Client applies to it; what it
 // applies is published on ev.
 type fsTarget struct {
-	f  *fs.FileSystem
-	ev *events
+	f   *fs.FileSystem
+	ev  *events
+	pos *positions
 }
 
 func (t fsTarget) Positions() map[string]ltx.Pos {
@@ -96,6 +97,7 @@ func (t fsTarget) Apply(ctx context.Context, db string, files []*replication.Fil
 		return ltx.Pos{}, err
 	}
 	pos := infos[len(infos)-1].Pos()
+	t.pos.set(db, uint64(pos.TXID)) // visible to readers now
 	if reason != replication.NoSnapshot {
 		t.ev.publish(Event{Type: EventSnapshot, DB: db, Pos: pos.String(), Reason: reason.String()})
 	}
@@ -199,7 +201,7 @@ func (d *Daemon) openReplication(f *fs.FileSystem) (_ *replicationNode, openErr 
 
 // startFollowing streams from primary, if replication.peers has its
 // address. Caller holds the daemon's role lock; r follows no one.
-func (r *replicationNode) startFollowing(f *fs.FileSystem, c Config, primary string, ev *events) error {
+func (r *replicationNode) startFollowing(f *fs.FileSystem, c Config, primary string, ev *events, pos *positions) error {
 	peer, ok := c.Peer(primary)
 	if !ok || peer.Addr == "" {
 		r.logger.Warn("not replicating: replication.peers has no addr for the primary, so this node's databases do not change",
@@ -217,7 +219,7 @@ func (r *replicationNode) startFollowing(f *fs.FileSystem, c Config, primary str
 	if err != nil {
 		return err
 	}
-	client := replication.NewClient(c.Node, c.Region, fsTarget{f: f, ev: ev}, filepath.Join(c.DataDir, "tmp"))
+	client := replication.NewClient(c.Node, c.Region, fsTarget{f: f, ev: ev, pos: pos}, filepath.Join(c.DataDir, "tmp"))
 	client.Spares = f.Spares()
 	client.Logger = r.logger
 	client.PrimaryNode = peer.Node

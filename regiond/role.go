@@ -132,6 +132,7 @@ func (d *Daemon) admitWrites(epoch uint64) {
 	// whoever sees the node as primary can write to it.
 	f.SetReadOnly(false)
 	d.epoch.Store(epoch)
+	d.notifyRole()
 }
 
 // becomeReplica makes the node a replica of primary. Caller holds
@@ -145,7 +146,7 @@ func (d *Daemon) becomeReplica(primary string) error {
 	f.SetAcked(nil)
 	f.SetPrimary(primary)
 	d.setPrimaryName(primary)
-	if err := r.startFollowing(f, c, primary, &d.events); err != nil {
+	if err := r.startFollowing(f, c, primary, &d.events, &d.pos); err != nil {
 		f.SetLag(nil)
 		return fmt.Errorf("become a replica of %s: %w", primary, err)
 	}
@@ -205,6 +206,7 @@ func (d *Daemon) setPrimaryName(node string) {
 	d.role.primary = node
 	d.role.deposed = ""
 	d.role.stateMu.Unlock()
+	d.notifyRole()
 }
 
 // takeEpoch returns the lease epoch the node holds as primary, stored in

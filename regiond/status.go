@@ -78,8 +78,9 @@ type LeaseStatus struct {
 type PeerStatus struct {
 	Node   string `json:"node"`
 	Region string `json:"region"`
-	Addr   string `json:"addr,omitempty"`  // replication.listen
-	Admin  string `json:"admin,omitempty"` // admin.listen
+	Addr   string `json:"addr,omitempty"`   // replication.listen
+	Admin  string `json:"admin,omitempty"`  // admin.listen
+	Router string `json:"router,omitempty"` // router, where writes are forwarded
 }
 
 // The roles of Status.Role.

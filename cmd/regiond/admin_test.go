@@ -74,7 +74,7 @@ func TestAdmin_Status(t *testing.T) {
 	if ps.Durability == nil || ps.Durability.Mode != "async" {
 		t.Errorf("%s /status durability %+v, want async", primary.Name, ps.Durability)
 	}
-	if got := fmt.Sprint(ps.Peers); got != fmt.Sprintf("[{%s fra %s %s} {%s syd %s %s}]", replica.Name, replica.Addr, replica.Admin, down.Name, down.Addr, down.Admin) {
+	if got := fmt.Sprint(ps.Peers); got != fmt.Sprintf("[{%s fra %s %s } {%s syd %s %s }]", replica.Name, replica.Addr, replica.Admin, down.Name, down.Addr, down.Admin) {
 		t.Errorf("%s /status peers %s, want fra-1 and syd-1 with their addresses", primary.Name, got)
 	}
 

@@ -22,9 +22,15 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := Run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()
-	var usage usageError
+	var (
+		usage usageError
+		exit  exitError
+	)
 	switch {
 	case err == nil:
+	case errors.As(err, &exit):
+		fmt.Fprintf(os.Stderr, "regiond: %s\n", err)
+		os.Exit(exit.code)
 	case errors.Is(err, flag.ErrHelp):
 		os.Exit(2)
 	case errors.As(err, &usage):

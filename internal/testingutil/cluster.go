@@ -62,6 +62,12 @@ type ClusterNodeSpec struct {
 	// Lease, if not "", is its lease section, as one flow mapping,
 	// instead of the cluster's.
 	Lease string
+	// App, if set, is the app regiond runs as its child (after "--"),
+	// and the node runs its router (router.listen) in front of it: the
+	// app listens on MERIDIAN_LISTEN. RouterKeys holds more keys of the
+	// router section, e.g. "ryw_timeout: 1s, primary_wait: 2s".
+	App        []string
+	RouterKeys string
 }
 
 // Cluster is a cluster of real `regiond run` processes on loopback, with
@@ -93,6 +99,8 @@ type ClusterNode struct {
 	ClusterNodeSpec
 	Addr     string // replication.listen, 127.0.0.1:PORT
 	Admin    string // admin.listen, 127.0.0.1:PORT
+	Router   string // router.listen with an App, else ""
+	AppAddr  string // where the router expects the App (router.target)
 	Dir      string // holds regiond.yml, its certificate and key, and its log
 	DataDir  string
 	MountDir string
@@ -139,6 +147,9 @@ func NewCluster(tb TB, command func(args ...string) *exec.Cmd, primary string, s
 			Config:          filepath.Join(dir, "regiond.yml"),
 			LogPath:         filepath.Join(dir, "regiond.log"),
 			c:               c,
+		}
+		if len(s.App) > 0 {
+			n.Router, n.AppAddr = FreeAddr(tb), FreeAddr(tb)
 		}
 		c.Nodes = append(c.Nodes, n)
 	}
@@ -237,7 +248,7 @@ func (c *Cluster) writeConfig(n *ClusterNode) {
 			if c.PeerAddr != nil {
 				addr = c.PeerAddr(n, p)
 			}
-			fmt.Fprintf(&b, "    - {node: %s, region: %s, addr: %q, admin: %q}\n", p.Name, p.Region, addr, p.Admin)
+			fmt.Fprintf(&b, "    - {node: %s, region: %s, addr: %q, admin: %q, router: %q}\n", p.Name, p.Region, addr, p.Admin, p.Router)
 		}
 	}
 	for _, line := range n.Replication {
@@ -246,6 +257,13 @@ func (c *Cluster) writeConfig(n *ClusterNode) {
 	fmt.Fprintf(&b, "tls: {ca: %q, cert: %q, key: %q}\n", n.caFile,
 		filepath.Join(n.Dir, n.Name+".pem"), filepath.Join(n.Dir, n.Name+"-key.pem"))
 	fmt.Fprintf(&b, "admin: {listen: %q}\n", n.Admin)
+	if n.Router != "" {
+		keys := ""
+		if n.RouterKeys != "" {
+			keys = ", " + n.RouterKeys
+		}
+		fmt.Fprintf(&b, "router: {listen: %q, target: \"http://%s\"%s}\n", n.Router, n.AppAddr, keys)
+	}
 	for _, line := range n.Extra {
 		fmt.Fprintf(&b, "%s\n", line)
 	}
@@ -320,7 +338,11 @@ func (n *ClusterNode) start(tb TB) {
 	}
 	defer log.Close()
 	fmt.Fprintf(log, "%s%s at %s\n", startMarker, n.Name, time.Now().Format(time.RFC3339Nano))
-	cmd := n.c.Command("run", "-config", n.Config)
+	args := []string{"run", "-config", n.Config}
+	if len(n.App) > 0 {
+		args = append(append(args, "--"), n.App...)
+	}
+	cmd := n.c.Command(args...)
 	cmd.Stdout, cmd.Stderr = log, log
 	// A harness killed before its cleanups run (a test binary past its
 	// timeout, a benchmark whose output pipe closed) takes its nodes with
@@ -469,6 +491,29 @@ func (n *ClusterNode) kill(p *clusterProc) error {
 	}
 	return fmt.Errorf("%s (pid %d) did not exit %v after SIGKILL, until its FUSE connection was aborted (%v); its threads were:\n%s",
 		n.Name, pid, ClusterStopTimeout, aerr, stuck)
+}
+
+// Wait waits up to timeout for the node to exit on its own and returns
+// what its process's Wait returned (an *exec.ExitError for a status other
+// than 0). A node that does not exit is killed and fails the test, as
+// does one that left its mount.
+func (n *ClusterNode) Wait(tb TB, timeout time.Duration) error {
+	tb.Helper()
+	p := n.proc
+	if p == nil {
+		tb.Fatalf("%s: not running", n.Name)
+	}
+	select {
+	case <-p.done:
+	case <-time.After(timeout):
+		n.proc = nil
+		tb.Fatalf("%s did not exit within %v: %v", n.Name, timeout, n.kill(p))
+	}
+	n.proc = nil
+	if err := n.unmountLeft(); err != nil {
+		tb.Fatal(err)
+	}
+	return p.err
 }
 
 // Stop stops the node with SIGTERM and waits for it to exit; after
@@ -767,3 +812,6 @@ func (n *ClusterNode) WaitPos(tb TB, db string, timeout time.Duration, want stri
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// RouterURL returns the URL of the node's router.
+func (n *ClusterNode) RouterURL() string { return "http://" + n.Router }
