@@ -24,7 +24,7 @@ PROTOC_GEN_GO_GRPC := $(TOOLS_BIN)/protoc-gen-go-grpc-$(PROTOC_GEN_GO_GRPC_VERSI
 # points them at the pinned binaries above, so versions live in this file only.
 PROTOC_PLUGINS := $(TOOLS_DIR)/protoc-plugins
 
-.PHONY: all build test test-long test-clock test-hang-check bench-fs bench-repl bench-failover bench-handoff lint proto proto-check fuzz bench tools clean
+.PHONY: all build test test-long test-clock test-hang-check bench-fs bench-repl bench-failover bench-handoff bench-router lint proto proto-check fuzz bench tools clean
 
 all: build
 
@@ -127,6 +127,13 @@ bench-failover: build
 bench-handoff: build
 	MERIDIAN_CONSUL=$$(scripts/install-consul.sh) && export MERIDIAN_CONSUL && \
 		$(GO) run ./bench/handoff -regiond bin/regiond $(HANDOFF_FLAGS)
+
+# bench-router measures the router against straight to the app: reads,
+# local and forwarded writes and read-your-writes waits, through three
+# regiond nodes running bin/guestbook, on loopback and with WAN latency
+# between them (toxiproxy); see bench/README.md. ROUTERBENCH_FLAGS='-n 1000'.
+bench-router: build
+	$(GO) run ./bench/routerbench -regiond bin/regiond -app bin/guestbook $(ROUTERBENCH_FLAGS)
 
 # lint fails on unformatted Go files (generated *.pb.go excepted), go vet
 # findings and staticcheck findings.

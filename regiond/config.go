@@ -433,7 +433,7 @@ func ParseConfig(r io.Reader, dir string) (Config, error) {
 
 // decode reads the one YAML document in b into c. An empty document leaves
 // c as it is.
-func decode(b []byte, c *Config) []string {
+func decode(b []byte, c any) []string {
 	var doc yaml.Node
 	dec := yaml.NewDecoder(bytes.NewReader(b))
 	switch err := dec.Decode(&doc); {
@@ -928,16 +928,22 @@ func (c Config) IsPrimary() bool {
 // with the attributes node and region on every record. Unknown values fall
 // back to info and text; Validate reports them.
 func (c Config) Logger(w io.Writer) *slog.Logger {
+	return c.Log.logger(w).With("node", c.Node, "region", c.Region)
+}
+
+// logger returns a logger writing to w at the level and in the format l
+// says.
+func (l LogConfig) logger(w io.Writer) *slog.Logger {
 	var level slog.Level
-	if err := level.UnmarshalText([]byte(c.Log.Level)); err != nil {
+	if err := level.UnmarshalText([]byte(l.Level)); err != nil {
 		level = slog.LevelInfo
 	}
 	opts := &slog.HandlerOptions{Level: level}
 	var h slog.Handler = slog.NewTextHandler(w, opts)
-	if c.Log.Format == "json" {
+	if l.Format == "json" {
 		h = slog.NewJSONHandler(w, opts)
 	}
-	return slog.New(h).With("node", c.Node, "region", c.Region)
+	return slog.New(h)
 }
 
 // validateRouter checks the router's keys.

@@ -31,9 +31,7 @@ import (
 	"sync"
 	"time"
 
-	toxiproxy "github.com/Shopify/toxiproxy/v2"
 	_ "github.com/mattn/go-sqlite3"
-	"github.com/rs/zerolog"
 
 	"github.com/meridian-db/meridian/internal/testingutil"
 	"github.com/meridian-db/meridian/internal/testingutil/roles"
@@ -118,26 +116,10 @@ func measure(h *testingutil.Harness, exe string, lat time.Duration, durability s
 	}
 	c := testingutil.NewCluster(h, command, "", specs...)
 	if lat > 0 {
-		server := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(nil), zerolog.Nop())
-		proxies := map[[2]string]string{}
-		for _, from := range c.Nodes {
-			for _, to := range c.Nodes {
-				if from == to {
-					continue
-				}
-				p := toxiproxy.NewProxy(server, from.Name+"-"+to.Name, testingutil.FreeAddr(h), to.Addr)
-				if err := p.Start(); err != nil {
-					return err
-				}
-				h.Cleanup(p.Stop)
-				for _, stream := range []string{"upstream", "downstream"} {
-					toxic := fmt.Sprintf(`{"name": "wan-%s", "type": "latency", "stream": %q, "attributes": {"latency": %d}}`, stream, stream, lat.Milliseconds())
-					if _, err := p.Toxics.AddToxicJson(strings.NewReader(toxic)); err != nil {
-						return err
-					}
-				}
-				proxies[[2]string{from.Name, to.Name}] = p.Listen
-			}
+		oneWay := func(_, _ *testingutil.ClusterNode) time.Duration { return lat }
+		proxies, err := testingutil.LatencyProxies(h, c.Nodes, oneWay, func(n *testingutil.ClusterNode) string { return n.Addr })
+		if err != nil {
+			return err
 		}
 		c.PeerAddr = func(from, peer *testingutil.ClusterNode) string { return proxies[[2]string{from.Name, peer.Name}] }
 	}

@@ -54,6 +54,7 @@ Commands:
 	status   print the cluster: each node's role, readiness, lag and positions
 	handoff  move the primary to another node without losing a write
 	promote  ask the primary to hand the lease to this node
+	geo      run a geo entry: one router in front of every region
 	ltx      inspect, verify and restore LTX logs and database files
 	ca       make the cluster's CA and each node's certificate and key
 
@@ -87,6 +88,8 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runHandoff(ctx, args[1:], stdout, stderr)
 	case "promote":
 		return runPromote(ctx, args[1:], stdout, stderr)
+	case "geo":
+		return runGeo(ctx, args[1:], stderr)
 	case lockHolderCmd:
 		if len(args) > 1 {
 			return usagef("%s takes no arguments; regiond starts it itself", lockHolderCmd)

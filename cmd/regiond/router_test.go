@@ -3,11 +3,14 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
 	"net/http/cookiejar"
+	"net/http/httptest"
+	"net/url"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -251,13 +254,50 @@ func TestRouter_Streams(t *testing.T) {
 	waitSchema(t, c.Node(iad.Name).RouterURL())
 	fraNode, sydNode := c.Node(fra.Name), c.Node(syd.Name)
 
-	resp, err := http.Get(sydNode.RouterURL() + "/events")
+	// A geo entry in front of the three regions, placing clients by the
+	// Fly-Region header.
+	var regions []router.Region
+	for _, n := range c.Nodes {
+		ru, _ := url.Parse(n.RouterURL())
+		ready, _ := url.Parse("http://" + n.Admin + "/readyz")
+		regions = append(regions, router.Region{Name: n.Region, Router: ru, Ready: ready})
+	}
+	geo := router.NewGeo(regions)
+	geo.Headers = []string{"Fly-Region"}
+	geo.Start()
+	defer geo.Close()
+	if down := geo.Down(); len(down) > 0 {
+		t.Fatalf("the geo entry takes regions for down: %v", down)
+	}
+	entry := httptest.NewServer(geo)
+	defer entry.Close()
+
+	for _, via := range []string{"router", "geo"} {
+		t.Run(via, func(t *testing.T) {
+			streams(t, via, entry.URL, fraNode, sydNode)
+		})
+	}
+}
+
+// streams reads server-sent events from syd and talks to a WebSocket on
+// fra, through their routers or through the geo entry at entry.
+func streams(t *testing.T, via, entry string, fraNode, sydNode *testingutil.ClusterNode) {
+	events, wsURL, hdr := sydNode.RouterURL()+"/events", "ws://"+fraNode.Router+"/ws", http.Header{}
+	if via == "geo" {
+		events, wsURL = entry+"/events", "ws"+strings.TrimPrefix(entry, "http")+"/ws"
+	}
+	req, _ := http.NewRequest("GET", events, nil)
+	if via == "geo" {
+		req.Header.Set("Fly-Region", "syd")
+		hdr.Set("Fly-Region", "fra")
+	}
+	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
 	if ct := resp.Header.Get("Content-Type"); ct != "text/event-stream" || resp.Header.Get(router.ServedByHeader) != sydNode.Name {
-		t.Fatalf("GET /events through syd: Content-Type %q served by %q", ct, resp.Header.Get(router.ServedByHeader))
+		t.Fatalf("GET /events through syd's %s: Content-Type %q served by %q", via, ct, resp.Header.Get(router.ServedByHeader))
 	}
 	lines := make(chan string, 100)
 	go func() {
@@ -280,7 +320,7 @@ func TestRouter_Streams(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("no first line on the event stream within 10s: not streamed")
 	}
-	_, e, err := postEntry(http.DefaultClient, fraNode.RouterURL(), "ada", "streamed")
+	_, e, err := postEntry(http.DefaultClient, fraNode.RouterURL(), "ada", "streamed "+via)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -291,13 +331,13 @@ func TestRouter_Streams(t *testing.T) {
 			if !ok {
 				t.Fatal("the event stream ended")
 			}
-			found = strings.HasPrefix(l, "data: ") && strings.Contains(l, fmt.Sprintf(`"id":%d,`, e.ID)) && strings.Contains(l, `"message":"streamed"`)
+			found = strings.HasPrefix(l, "data: ") && strings.Contains(l, fmt.Sprintf(`"id":%d,`, e.ID)) && strings.Contains(l, `"message":"streamed `+via+`"`)
 		case <-deadline:
 			t.Fatalf("entry %d written through fra did not stream to a client of syd within 20s", e.ID)
 		}
 	}
 
-	conn, _, err := websocket.DefaultDialer.Dial("ws://"+fraNode.Router+"/ws", nil)
+	conn, _, err := websocket.DefaultDialer.Dial(wsURL, hdr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -309,7 +349,141 @@ func TestRouter_Streams(t *testing.T) {
 		conn.SetReadDeadline(time.Now().Add(10 * time.Second))
 		_, b, err := conn.ReadMessage()
 		if want := fraNode.Name + ": " + msg; err != nil || string(b) != want {
-			t.Fatalf("WebSocket through fra's router: got %q, %v; want %q", b, err, want)
+			t.Fatalf("WebSocket through fra's %s: got %q, %v; want %q", via, b, err, want)
 		}
 	}
+}
+
+// TestRouter_Failover writes through the routers of two regions while the
+// primary is killed and, later, while the new primary hands the lease to
+// the other node (Consul lease, durability sync): every write a client
+// was told succeeded is in the final database, once; the others got 503s
+// or errors, counted. Writes are never sent twice.
+func TestRouter_Failover(t *testing.T) {
+	t.Parallel()
+	app := []string{guestbook(t)}
+	specs := []testingutil.ClusterNodeSpec{iad, fra, syd}
+	for i := range specs {
+		specs[i].App, specs[i].RouterKeys = app, "primary_wait: 10s"
+		specs[i].Replication = []string{"durability: sync", "sync_acks: 1"}
+	}
+	_, c := consulCluster(t, specs)
+	c.Start(t)
+	primary, _ := waitOnePrimary(t, c, 0)
+	for _, n := range c.Nodes {
+		waitHTTP(t, n.RouterURL()+"/healthz", 30*time.Second)
+	}
+	waitSchema(t, primary.RouterURL())
+	var clients []*testingutil.ClusterNode
+	for _, n := range c.Nodes {
+		if n != primary {
+			clients = append(clients, n)
+		}
+	}
+
+	type outcome struct {
+		msg    string
+		status int
+		err    string
+	}
+	var (
+		mu       sync.Mutex
+		outcomes []outcome
+		stop     atomic.Bool
+		wg       sync.WaitGroup
+	)
+	for w := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			client := &http.Client{Timeout: 30 * time.Second}
+			for i := 0; !stop.Load(); i++ {
+				msg := fmt.Sprintf("w%d-%d", w, i)
+				resp, _, err := postEntry(client, clients[w%2].RouterURL(), "failover", msg)
+				o := outcome{msg: msg}
+				if resp != nil {
+					o.status = resp.StatusCode
+				}
+				if err != nil {
+					o.err = err.Error()
+				}
+				mu.Lock()
+				outcomes = append(outcomes, o)
+				mu.Unlock()
+				time.Sleep(5 * time.Millisecond)
+			}
+		}()
+	}
+	time.Sleep(time.Second)
+	killedAt := time.Now()
+	primary.Kill(t)
+	next, _ := waitOnePrimary(t, c, 0)
+	t.Logf("%s killed; %s primary %v later", primary.Name, next.Name, time.Since(killedAt).Round(time.Millisecond))
+	time.Sleep(2 * time.Second)
+	other := clients[0]
+	if other == next {
+		other = clients[1]
+	}
+	var stdout, stderr strings.Builder
+	if err := Run(context.Background(), []string{"handoff", "-to", other.Name, "-admin", next.Admin}, &stdout, &stderr); err != nil {
+		t.Fatalf("handoff from %s to %s: %v\n%s", next.Name, other.Name, err, stderr.String())
+	}
+	time.Sleep(time.Second)
+	stop.Store(true)
+	wg.Wait()
+	final, _ := waitOnePrimary(t, c, 0)
+
+	db := testingutil.MustOpenSQLite(t, filepath.Join(final.MountDir, "app.db"), "wal")
+	rows, err := db.Query(`SELECT message, count(*) FROM entries WHERE name = 'failover' GROUP BY message`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	have := map[string]int{}
+	for rows.Next() {
+		var msg string
+		var n int
+		if err := rows.Scan(&msg, &n); err != nil {
+			t.Fatal(err)
+		}
+		have[msg] = n
+	}
+	rows.Close()
+	counts := map[string]int{}
+	var lost []string
+	failedButThere := 0
+	for _, o := range outcomes {
+		switch {
+		case o.status == http.StatusCreated:
+			counts["201"]++
+			if have[o.msg] != 1 {
+				lost = append(lost, o.msg)
+			}
+		case o.status != 0:
+			counts[fmt.Sprint(o.status)]++
+			if have[o.msg] > 0 {
+				failedButThere++
+			}
+		default:
+			counts["no answer"]++
+		}
+	}
+	for msg, n := range have {
+		if n > 1 {
+			t.Errorf("%q is in the database %d times: a write was applied twice", msg, n)
+		}
+	}
+	if len(lost) > 0 {
+		t.Fatalf("%d writes answered 201 are not in %s's database once, e.g. %q (outcomes %v)", len(lost), final.Name, lost[0], counts)
+	}
+	if counts["201"] < 50 {
+		t.Fatalf("only %d writes succeeded (outcomes %v): the writers did not get through", counts["201"], counts)
+	}
+	var firstErrs []string
+	for _, o := range outcomes {
+		if o.err != "" && len(firstErrs) < 3 {
+			firstErrs = append(firstErrs, o.err)
+		}
+	}
+	t.Logf("outcomes of %d writes through %s and %s across a kill and a handoff: %v; %d that failed are in the database all the same; first errors: %q",
+		len(outcomes), clients[0].Name, clients[1].Name, counts, failedButThere, firstErrs)
 }

@@ -16,6 +16,7 @@ package main
 import (
 	"context"
 	"database/sql"
+	"database/sql/driver"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -33,7 +34,7 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
-	_ "github.com/mattn/go-sqlite3"
+	"github.com/mattn/go-sqlite3"
 )
 
 func main() {
@@ -127,6 +128,29 @@ func (a *app) migrate(ctx context.Context) {
 func (a *app) writable() bool {
 	_, err := os.Stat(filepath.Join(filepath.Dir(a.path), ".primary"))
 	return errors.Is(err, os.ErrNotExist)
+}
+
+// exec runs a write. SQLite opens a connection read-only for good when
+// the file cannot be opened for writing, as on a replica's mount; once
+// this node has become the primary such a connection still fails every
+// write with SQLITE_READONLY. Then it is dropped from the pool and the
+// write runs again on a new connection.
+func (a *app) exec(ctx context.Context, query string, args ...any) (sql.Result, error) {
+	for attempt := 0; ; attempt++ {
+		conn, err := a.db.Conn(ctx)
+		if err != nil {
+			return nil, err
+		}
+		res, err := conn.ExecContext(ctx, query, args...)
+		var se sqlite3.Error
+		if errors.As(err, &se) && se.Code == sqlite3.ErrReadonly && attempt < 8 && a.writable() {
+			_ = conn.Raw(func(any) error { return driver.ErrBadConn }) // closes it
+			_ = conn.Close()
+			continue
+		}
+		_ = conn.Close()
+		return res, err
+	}
 }
 
 // where is what every page says of who served it.
@@ -250,7 +274,7 @@ func (a *app) create(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	e.Region, e.Node, e.CreatedAt = a.region, a.node, time.Now().UTC().Format(time.RFC3339Nano)
-	res, err := a.db.ExecContext(r.Context(), `INSERT INTO entries (name, message, region, node, created_at) VALUES (?, ?, ?, ?, ?)`,
+	res, err := a.exec(r.Context(), `INSERT INTO entries (name, message, region, node, created_at) VALUES (?, ?, ?, ?, ?)`,
 		e.Name, e.Message, e.Region, e.Node, e.CreatedAt)
 	if err != nil {
 		a.log.Warn("insert", "err", err)

@@ -89,6 +89,8 @@ type Cluster struct {
 	// the address itself. RewriteConfigs writes it into the nodes'
 	// regiond.yml.
 	PeerAddr func(from, peer *ClusterNode) string
+	// PeerRouter is PeerAddr for the peers' routers.
+	PeerRouter func(from, peer *ClusterNode) string
 
 	tb TB
 }
@@ -248,7 +250,11 @@ func (c *Cluster) writeConfig(n *ClusterNode) {
 			if c.PeerAddr != nil {
 				addr = c.PeerAddr(n, p)
 			}
-			fmt.Fprintf(&b, "    - {node: %s, region: %s, addr: %q, admin: %q, router: %q}\n", p.Name, p.Region, addr, p.Admin, p.Router)
+			rt := p.Router
+			if c.PeerRouter != nil && rt != "" {
+				rt = c.PeerRouter(n, p)
+			}
+			fmt.Fprintf(&b, "    - {node: %s, region: %s, addr: %q, admin: %q, router: %q}\n", p.Name, p.Region, addr, p.Admin, rt)
 		}
 	}
 	for _, line := range n.Replication {

@@ -1,0 +1,43 @@
+package testingutil
+
+import (
+	"fmt"
+	"strings"
+	"time"
+
+	toxiproxy "github.com/Shopify/toxiproxy/v2"
+	"github.com/rs/zerolog"
+)
+
+// LatencyProxies puts a toxiproxy proxy between every ordered pair of
+// nodes that delays each direction by the one-way latency between them,
+// as between regions, to the address addr gives of the destination (its
+// replication.listen, its router, ...). It returns the proxies' listen
+// addresses by [from, to] node name; tb's cleanup stops them. oneWay
+// gives the latency between two nodes.
+func LatencyProxies(tb TB, nodes []*ClusterNode, oneWay func(from, to *ClusterNode) time.Duration, addr func(*ClusterNode) string) (map[[2]string]string, error) {
+	server := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(nil), zerolog.Nop())
+	proxies := map[[2]string]string{}
+	for _, from := range nodes {
+		for _, to := range nodes {
+			if from == to {
+				continue
+			}
+			p := toxiproxy.NewProxy(server, from.Name+"-"+to.Name+"-"+addr(to), FreeAddr(tb), addr(to))
+			if err := p.Start(); err != nil {
+				return nil, fmt.Errorf("proxy %s to %s: %w", from.Name, to.Name, err)
+			}
+			tb.Cleanup(p.Stop)
+			if lat := oneWay(from, to); lat > 0 {
+				for _, stream := range []string{"upstream", "downstream"} {
+					toxic := fmt.Sprintf(`{"name": "wan-%s", "type": "latency", "stream": %q, "attributes": {"latency": %d}}`, stream, stream, lat.Milliseconds())
+					if _, err := p.Toxics.AddToxicJson(strings.NewReader(toxic)); err != nil {
+						return nil, fmt.Errorf("proxy %s to %s: %w", from.Name, to.Name, err)
+					}
+				}
+			}
+			proxies[[2]string{from.Name, to.Name}] = p.Listen
+		}
+	}
+	return proxies, nil
+}
