@@ -164,7 +164,7 @@ func (c GeoConfig) Geo() (*router.Geo, error) {
 	oneOf(&p, "log.level", c.Log.Level, logLevels)
 	oneOf(&p, "log.format", c.Log.Format, logFormats)
 	g := router.NewGeo(regions)
-	if c.GeoIP != "" && len(p) == 0 {
+	if c.GeoIP != "" {
 		db, err := router.OpenGeoIP(c.GeoIP)
 		if err != nil {
 			p.add("%v", err)
@@ -173,6 +173,9 @@ func (c GeoConfig) Geo() (*router.Geo, error) {
 		}
 	}
 	if len(p) > 0 {
+		if db, ok := g.GeoIP.(*router.GeoIP); ok {
+			db.Close()
+		}
 		return nil, &Error{Problems: p}
 	}
 	g.Headers, g.Default, g.TrustForwarded = c.Headers, c.DefaultRegion, c.TrustForwarded
