@@ -132,14 +132,20 @@ func waitSchema(t *testing.T, base string) {
 // guestbook as its child and the router in front. Writes sent to the
 // replica regions land on the primary and come back with a token; a read
 // right after, with the token in the header or the cookie, sees the
-// write: 10,000 sequences, none stale.
+// write: 1,000 sequences, none stale (10,000 in TestLong_ReadYourWrites).
 func TestRouter_ReadYourWrites(t *testing.T) {
 	t.Parallel()
+	testReadYourWrites(t, 1000)
+}
+
+// testReadYourWrites runs sequences read-your-writes sequences (10,000 in
+// TestLong_ReadYourWrites, make test-long).
+func testReadYourWrites(t *testing.T, sequences int64) {
 	c := appCluster(t, "")
 	primary, replicas := c.Node(iad.Name), []*testingutil.ClusterNode{c.Node(fra.Name), c.Node(syd.Name)}
 	waitSchema(t, primary.RouterURL())
 
-	const sequences, workers = 10000, 8
+	const workers = 8
 	var (
 		next, stale, fallback, local atomic.Int64
 		mu                           sync.Mutex
