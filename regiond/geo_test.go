@@ -64,3 +64,26 @@ func TestParseGeoConfig_Errors(t *testing.T) {
 		})
 	}
 }
+
+func FuzzParseGeoConfig(f *testing.F) {
+	f.Add(geoConfig)
+	f.Add("listen: 127.0.0.1:1\nregions: [{name: a, router: 127.0.0.1:2, cidrs: [::/0]}]\n")
+	f.Fuzz(func(t *testing.T, s string) {
+		c, err := regiond.ParseGeoConfig(strings.NewReader(s), "/etc/meridian")
+		if err != nil {
+			return
+		}
+		g, err := c.Geo()
+		if err != nil {
+			t.Fatalf("ParseGeoConfig returned a config whose Geo fails: %v", err)
+		}
+		if len(g.Regions) != len(c.Regions) || len(g.Regions) == 0 {
+			t.Fatalf("geo entry with %d regions from a config of %d", len(g.Regions), len(c.Regions))
+		}
+		for _, r := range g.Regions {
+			if r.Router == nil || r.Router.Host == "" {
+				t.Fatalf("region %s without a router", r.Name)
+			}
+		}
+	})
+}

@@ -278,7 +278,26 @@ func (rt *Router) serveRead(w http.ResponseWriter, r *http.Request) {
 		return // the client went away
 	}
 	w.Header().Set(RYWHeader, fmt.Sprintf("primary %.3f", ms(time.Since(began))))
-	rt.primary.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), callKey{}, &call{replay: []byte{}})))
+	c, err := replayable(r)
+	if err != nil {
+		rt.proxyError(w, r, err)
+		return
+	}
+	rt.primary.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), callKey{}, c)))
+}
+
+// replayable returns the call of a request that may be sent more than
+// once: its body read whole (bounded by MaxBodyBytes).
+func replayable(r *http.Request) (*call, error) {
+	c := &call{replay: []byte{}}
+	if r.Body != nil && r.Body != http.NoBody {
+		b, err := io.ReadAll(r.Body)
+		if err != nil {
+			return nil, err
+		}
+		c.replay = b
+	}
+	return c, nil
 }
 
 // waitFor waits until the local databases reach tok, at most RYWTimeout,
@@ -328,16 +347,12 @@ func (rt *Router) serveWrite(w http.ResponseWriter, r *http.Request) {
 	c := &call{write: true}
 	if rt.idempotent(r) {
 		// Read whole, so that it can be sent again.
-		if r.Body != nil && r.Body != http.NoBody {
-			b, err := io.ReadAll(r.Body)
-			if err != nil {
-				rt.proxyError(w, r, err)
-				return
-			}
-			c.replay = b
-		} else {
-			c.replay = []byte{}
+		var err error
+		if c, err = replayable(r); err != nil {
+			rt.proxyError(w, r, err)
+			return
 		}
+		c.write = true
 	} else if r.Body != nil && r.Body != http.NoBody {
 		c.body = &onceBody{r: r.Body}
 	}

@@ -270,6 +270,18 @@ func TestRouter_ReadYourWrites(t *testing.T) {
 			t.Fatalf("got %q, %s %q; want iad's app after %v", b, router.RYWHeader, resp.Header.Get(router.RYWHeader), fra.rt.RYWTimeout)
 		}
 	})
+	t.Run("ReadWithBodyToPrimary", func(t *testing.T) {
+		rule, err := router.ParseRule("POST /search", false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fra.rt.Rules = []router.Rule{rule}
+		defer func() { fra.rt.Rules = nil }()
+		resp, _ := do(t, "POST", fra.srv.URL+"/search", "q=ada", router.TXIDHeader, "app.db=00000000000000ff")
+		if got, body := iad.last(); resp.Header.Get(router.ServedByHeader) != "iad-1" || got.URL.Path != "/search" || body != "q=ada" {
+			t.Fatalf("a read past ryw_timeout with a body: served by %s, the primary got %s %q; want iad-1 with the body", resp.Header.Get(router.ServedByHeader), got.URL.Path, body)
+		}
+	})
 	t.Run("BadTokenServedLocally", func(t *testing.T) {
 		_, body := do(t, "GET", fra.srv.URL+"/", "", router.TXIDHeader, "app.db=12")
 		if body != "read by fra-1" {
