@@ -69,9 +69,14 @@ sed -n 's#^\t\(github.com/hashicorp/consul/[a-z/-]*\) => \./\([a-z/-]*\)$#\1 \2#
 		chmod -R u+w "$work/consul/$dir"
 	done
 
-echo "install-consul: building (about five minutes the first time)" >&2
 mkdir -p "$(dirname "$BIN")"
-(cd "$work/consul" && "$GO" build -trimpath -o "$BIN.tmp" .)
+log="$CACHE/consul-$CONSUL_VERSION-build.log"
+echo "install-consul: building (about five minutes the first time; log in $log)" >&2
+if ! (cd "$work/consul" && "$GO" build -trimpath -o "$BIN.tmp" .) >"$log" 2>&1; then
+	echo "install-consul: building Consul $CONSUL_VERSION failed; the end of its log, $log:" >&2
+	tail -n 20 "$log" >&2
+	exit 1
+fi
 mv "$BIN.tmp" "$BIN"
 "$BIN" version >&2
 echo "$BIN"
