@@ -166,6 +166,10 @@ type RouterConfig struct {
 	Listen string `yaml:"listen"`
 	// Target is the local app's URL, e.g. http://127.0.0.1:3000.
 	Target string `yaml:"target"`
+	// PeerListen, if set, is a host:port where the router also serves,
+	// with mutual TLS, the nodes of replication.peers: those whose entry
+	// for this node has an https:// router forward writes there.
+	PeerListen string `yaml:"peer_listen"`
 	// MaxLag is how far behind the primary a replica may be and still be
 	// ready (/readyz): the time since the commit of the oldest transaction
 	// it has not applied, or since it last heard from the primary.
@@ -958,6 +962,18 @@ func (c *Config) validateRouter(p *problems) {
 		}
 	}
 	p.hostPort("router.listen", r.Listen, "127.0.0.1:8080")
+	p.hostPort("router.peer_listen", r.PeerListen, "10.0.0.5:8443")
+	if r.PeerListen != "" && r.Listen == "" {
+		p.add("router.listen: required with router.peer_listen: where the region's clients reach the router (e.g. 127.0.0.1:8080)")
+	}
+	if r.PeerListen != "" && c.TLS.Insecure {
+		p.add("router.peer_listen: serves mutual TLS, which tls.insecure turns off: remove one of them")
+	}
+	for i, peer := range c.Replication.Peers {
+		if strings.HasPrefix(peer.Router, "https://") && c.TLS.Insecure {
+			p.add("replication.peers[%d].router: %q is https, which needs the cluster's TLS files: tls.insecure is true", i, peer.Router)
+		}
+	}
 	if r.Listen != "" && r.Target == "" {
 		p.add("router.target: required with router.listen: the URL of the local app (e.g. http://127.0.0.1:3000)")
 	}

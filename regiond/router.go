@@ -2,8 +2,10 @@ package regiond
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
+	"log/slog"
 	"maps"
 	"net"
 	"net/http"
@@ -106,10 +108,11 @@ func (v routerView) Committed(ctx context.Context) (map[string]uint64, error) {
 	return m, nil
 }
 
-// routerServer serves the router on router.listen.
+// routerServer serves the router on router.listen, and with mutual TLS
+// on router.peer_listen.
 type routerServer struct {
-	srv  *http.Server
-	done chan struct{} // closed when Serve has returned
+	srvs []*http.Server
+	done []chan struct{} // each closed when its Serve has returned
 }
 
 // Router returns the node's router, set up from the router.* keys.
@@ -130,6 +133,11 @@ func (d *Daemon) Router() (*router.Router, error) {
 	rt.Replay = c.Replay
 	rt.TrustForwarded = c.TrustForwarded
 	rt.Logger = d.Logger.With("component", "router")
+	if pt, err := d.peerTransport(); err != nil {
+		return nil, err
+	} else if pt != nil {
+		rt.PeerTransport = pt
+	}
 	for _, s := range c.WritePaths {
 		r, err := router.ParseRule(s, true)
 		if err != nil {
@@ -147,6 +155,45 @@ func (d *Daemon) Router() (*router.Router, error) {
 	return rt, nil
 }
 
+// peerTransport returns the transport to the routers of peers whose
+// router is an https:// URL: mutual TLS with this node's certificate,
+// each server required to be the node its entry names. nil if no peer's
+// router is https.
+func (d *Daemon) peerTransport() (http.RoundTripper, error) {
+	c := d.Config
+	byAddr := map[string]string{}
+	for _, p := range c.Replication.Peers {
+		if u, err := RouterURL(p.Router); err == nil && p.Router != "" && u.Scheme == "https" {
+			byAddr[u.Host] = p.Node
+		}
+	}
+	if len(byAddr) == 0 {
+		return nil, nil
+	}
+	configs := map[string]*tls.Config{}
+	for addr, node := range byAddr {
+		cfg, err := c.ClientTLS(node)
+		if err != nil {
+			return nil, fmt.Errorf("router to %s: %w", node, err)
+		}
+		configs[addr] = cfg
+	}
+	dialer := &net.Dialer{Timeout: router.DefaultDialTimeout, KeepAlive: 30 * time.Second}
+	return &http.Transport{
+		DialTLSContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			cfg, ok := configs[addr]
+			if !ok {
+				return nil, fmt.Errorf("%s is the https router of no node of replication.peers", addr)
+			}
+			td := &tls.Dialer{NetDialer: dialer, Config: cfg}
+			return td.DialContext(ctx, network, addr)
+		},
+		ResponseHeaderTimeout: time.Duration(c.Router.UpstreamTimeout),
+		MaxIdleConnsPerHost:   64,
+		IdleConnTimeout:       90 * time.Second,
+	}, nil
+}
+
 // startRouter serves the router on router.listen, if set.
 func (d *Daemon) startRouter() (*routerServer, error) {
 	addr := d.Config.Router.Listen
@@ -157,34 +204,54 @@ func (d *Daemon) startRouter() (*routerServer, error) {
 	if err != nil {
 		return nil, err
 	}
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("router.listen %s: %w", addr, err)
-	}
-	s := &routerServer{
-		srv: &http.Server{
+	s := &routerServer{}
+	serve := func(ln net.Listener, what string) {
+		srv := &http.Server{
 			Handler:           rt,
 			ReadHeaderTimeout: 10 * time.Second,
 			IdleTimeout:       2 * time.Minute,
 			MaxHeaderBytes:    router.DefaultMaxHeaderBytes,
-		},
-		done: make(chan struct{}),
-	}
-	go func() {
-		defer close(s.done)
-		if err := s.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			d.Logger.Error("router stopped", "err", err)
+			ErrorLog:          slog.NewLogLogger(rt.Logger.Handler(), slog.LevelWarn),
 		}
-	}()
+		done := make(chan struct{})
+		s.srvs, s.done = append(s.srvs, srv), append(s.done, done)
+		go func() {
+			defer close(done)
+			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				d.Logger.Error("router stopped", "listener", what, "err", err)
+			}
+		}()
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("router.listen %s: %w", addr, err)
+	}
+	serve(ln, "router.listen")
 	d.Logger.Info("router listening", "addr", ln.Addr().String(), "target", d.Config.Router.Target)
+	if pl := d.Config.Router.PeerListen; pl != "" {
+		cfg, err := d.Config.ServerTLS(d.Config.PeerNodes)
+		if err == nil {
+			var pln net.Listener
+			if pln, err = net.Listen("tcp", pl); err == nil {
+				serve(tls.NewListener(pln, cfg), "router.peer_listen")
+				d.Logger.Info("router listening for peers (mutual TLS)", "addr", pln.Addr().String())
+			}
+		}
+		if err != nil {
+			s.close(context.Background())
+			return nil, fmt.Errorf("router.peer_listen %s: %w", pl, err)
+		}
+	}
 	return s, nil
 }
 
 // close stops the router: requests in progress get until ctx ends;
 // streams still open (server-sent events, WebSockets) are then cut.
 func (s *routerServer) close(ctx context.Context) {
-	if err := s.srv.Shutdown(ctx); err != nil {
-		_ = s.srv.Close()
+	for i, srv := range s.srvs {
+		if err := srv.Shutdown(ctx); err != nil {
+			_ = srv.Close()
+		}
+		<-s.done[i]
 	}
-	<-s.done
 }

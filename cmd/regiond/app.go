@@ -63,12 +63,15 @@ func startApp(ctx context.Context, d *regiond.Daemon, args []string, db string, 
 	// Its own process group: a terminal's Ctrl-C reaches regiond, which
 	// passes it on once. The kernel kills it if regiond dies.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	// Caught from before the start: a signal that came between the start
+	// and signal.Notify would end regiond (SIGUSR1's default) instead.
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, forwarded...)
 	if err := cmd.Start(); err != nil {
+		signal.Stop(sigs)
 		return nil, fmt.Errorf("run: start the app %q: %w", args[0], err)
 	}
 	a := &appProcess{cmd: cmd, done: make(chan struct{})}
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, forwarded...)
 	stopped := make(chan struct{})
 	a.stopSigs = func() { signal.Stop(sigs); close(stopped) }
 	go func() {

@@ -44,7 +44,6 @@ func waitFile(t *testing.T, path, want string) string {
 // is writable, with the MERIDIAN_* variables; regiond exits with its
 // status; signals reach it; and it dies with regiond.
 func TestRun_App(t *testing.T) {
-	t.Parallel()
 	t.Run("EnvAndExitStatus", func(t *testing.T) {
 		out := filepath.Join(t.TempDir(), "env")
 		n := appNode(t, `sqlite3 "$MERIDIAN_DB" "CREATE TABLE t (x); INSERT INTO t VALUES (42)" && env | grep -E '^MERIDIAN_(ADMIN_URL|DB|LISTEN|MOUNT_DIR|NODE|PRIMARY|REGION|ROLE|ROUTER_URL)=' | sort > `+out+`; exit 7`)

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -11,6 +12,7 @@ import (
 	"net/http/cookiejar"
 	"net/http/httptest"
 	"net/url"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -24,15 +26,30 @@ import (
 	"github.com/meridian-db/meridian/router"
 )
 
-// guestbook builds the example app into a temporary directory and returns
-// its path.
+var guestbookBuild struct {
+	sync.Mutex
+	path string
+}
+
+// guestbook builds the example app, once per test binary, and returns its
+// path (in the run's temporary directory, which the test run removes).
 func guestbook(t *testing.T) string {
 	t.Helper()
-	bin := filepath.Join(t.TempDir(), "guestbook")
+	guestbookBuild.Lock()
+	defer guestbookBuild.Unlock()
+	if guestbookBuild.path != "" {
+		return guestbookBuild.path
+	}
+	dir, err := os.MkdirTemp("", "guestbook-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "guestbook")
 	cmd := testingutil.Command(t, 5*time.Minute, "go", "build", "-o", bin, "../../examples/guestbook")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build the guestbook: %v\n%s", err, out)
 	}
+	guestbookBuild.path = bin
 	return bin
 }
 
@@ -134,7 +151,6 @@ func waitSchema(t *testing.T, base string) {
 // right after, with the token in the header or the cookie, sees the
 // write: 1,000 sequences, none stale (10,000 in TestLong_ReadYourWrites).
 func TestRouter_ReadYourWrites(t *testing.T) {
-	t.Parallel()
 	testReadYourWrites(t, 1000)
 }
 
@@ -255,7 +271,6 @@ func testReadYourWrites(t *testing.T, sequences int64) {
 // through a replica region's router, and that an entry written in one
 // replica region streams to a client of another.
 func TestRouter_Streams(t *testing.T) {
-	t.Parallel()
 	c := appCluster(t, "")
 	waitSchema(t, c.Node(iad.Name).RouterURL())
 	fraNode, sydNode := c.Node(fra.Name), c.Node(syd.Name)
@@ -366,7 +381,6 @@ func streams(t *testing.T, via, entry string, fraNode, sydNode *testingutil.Clus
 // was told succeeded is in the final database, once; the others got 503s
 // or errors, counted. Writes are never sent twice.
 func TestRouter_Failover(t *testing.T) {
-	t.Parallel()
 	app := []string{guestbook(t)}
 	specs := []testingutil.ClusterNodeSpec{iad, fra, syd}
 	for i := range specs {
@@ -492,4 +506,49 @@ func TestRouter_Failover(t *testing.T) {
 	}
 	t.Logf("outcomes of %d writes through %s and %s across a kill and a handoff: %v; %d that failed are in the database all the same; first errors: %q",
 		len(outcomes), clients[0].Name, clients[1].Name, counts, failedButThere, firstErrs)
+}
+
+// TestRouter_TLS forwards writes between routers over mutual TLS
+// (router.peer_listen, and the peer's router as https://): a write through
+// fra lands on iad; a client without a certificate of the cluster gets
+// nothing from iad's peer listener.
+func TestRouter_TLS(t *testing.T) {
+	app := []string{guestbook(t)}
+	var specs []testingutil.ClusterNodeSpec
+	for _, s := range []testingutil.ClusterNodeSpec{iad, fra} {
+		s.App = app
+		specs = append(specs, s)
+	}
+	c := testingutil.NewCluster(t, regiondCommand, iad.Name, specs...)
+	c.RouterTLS = true
+	c.RewriteConfigs()
+	c.Start(t)
+	primary, replica := c.Node(iad.Name), c.Node(fra.Name)
+	for _, n := range c.Nodes {
+		waitHTTP(t, n.RouterURL()+"/healthz", 30*time.Second)
+	}
+	waitSchema(t, primary.RouterURL())
+	if b, err := os.ReadFile(replica.Config); err != nil || !strings.Contains(string(b), `router: "https://`+primary.RouterPeer+`"`) {
+		t.Fatalf("%s's config does not name %s's router as https://%s: %v\n%s", replica.Name, primary.Name, primary.RouterPeer, err, b)
+	}
+	resp, e, err := postEntry(http.DefaultClient, replica.RouterURL(), "tls", "over mutual TLS")
+	if err != nil || resp.Header.Get(router.ServedByHeader) != primary.Name {
+		t.Fatalf("write through %s: %v, served by %q", replica.Name, err, resp.Header.Get(router.ServedByHeader))
+	}
+	if !strings.Contains(primary.Log(), "router listening for peers (mutual TLS)") {
+		t.Fatalf("%s did not log its peer listener", primary.Name)
+	}
+	stranger := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	if r, err := stranger.Get("https://" + primary.RouterPeer + fmt.Sprintf("/api/entries/%d", e.ID)); err == nil {
+		r.Body.Close()
+		t.Fatalf("a client without a certificate got %s from %s's peer listener", r.Status, primary.Name)
+	} else if !strings.Contains(err.Error(), "certificate required") {
+		t.Fatalf("a client without a certificate: %v, want the server to require one", err)
+	}
+	if r, err := http.Get("http://" + primary.RouterPeer + "/"); err == nil {
+		defer r.Body.Close()
+		if r.StatusCode != http.StatusBadRequest {
+			t.Fatalf("plain HTTP to the peer listener: %s, want 400 (the server speaks TLS)", r.Status)
+		}
+	}
 }

@@ -91,6 +91,10 @@ type Cluster struct {
 	PeerAddr func(from, peer *ClusterNode) string
 	// PeerRouter is PeerAddr for the peers' routers.
 	PeerRouter func(from, peer *ClusterNode) string
+	// RouterTLS has the nodes with an App serve their routers to each
+	// other with mutual TLS on router.peer_listen (RouterPeer), and name
+	// it as https:// in their peers' entries.
+	RouterTLS bool
 
 	tb TB
 }
@@ -99,15 +103,17 @@ type Cluster struct {
 // runs, its process.
 type ClusterNode struct {
 	ClusterNodeSpec
-	Addr     string // replication.listen, 127.0.0.1:PORT
-	Admin    string // admin.listen, 127.0.0.1:PORT
-	Router   string // router.listen with an App, else ""
-	AppAddr  string // where the router expects the App (router.target)
-	Dir      string // holds regiond.yml, its certificate and key, and its log
-	DataDir  string
-	MountDir string
-	Config   string // path of regiond.yml
-	LogPath  string // the process's stderr, every run appended
+	Addr    string // replication.listen, 127.0.0.1:PORT
+	Admin   string // admin.listen, 127.0.0.1:PORT
+	Router  string // router.listen with an App, else ""
+	AppAddr string // where the router expects the App (router.target)
+	// RouterPeer is router.peer_listen with an App and Cluster.RouterTLS.
+	RouterPeer string
+	Dir        string // holds regiond.yml, its certificate and key, and its log
+	DataDir    string
+	MountDir   string
+	Config     string // path of regiond.yml
+	LogPath    string // the process's stderr, every run appended
 
 	c      *Cluster
 	caFile string       // its tls.ca
@@ -151,7 +157,7 @@ func NewCluster(tb TB, command func(args ...string) *exec.Cmd, primary string, s
 			c:               c,
 		}
 		if len(s.App) > 0 {
-			n.Router, n.AppAddr = FreeAddr(tb), FreeAddr(tb)
+			n.Router, n.AppAddr, n.RouterPeer = FreeAddr(tb), FreeAddr(tb), FreeAddr(tb)
 		}
 		c.Nodes = append(c.Nodes, n)
 	}
@@ -254,6 +260,9 @@ func (c *Cluster) writeConfig(n *ClusterNode) {
 			if c.PeerRouter != nil && rt != "" {
 				rt = c.PeerRouter(n, p)
 			}
+			if c.RouterTLS && rt != "" {
+				rt = "https://" + p.RouterPeer
+			}
 			fmt.Fprintf(&b, "    - {node: %s, region: %s, addr: %q, admin: %q, router: %q}\n", p.Name, p.Region, addr, p.Admin, rt)
 		}
 	}
@@ -267,6 +276,9 @@ func (c *Cluster) writeConfig(n *ClusterNode) {
 		keys := ""
 		if n.RouterKeys != "" {
 			keys = ", " + n.RouterKeys
+		}
+		if c.RouterTLS {
+			keys += fmt.Sprintf(", peer_listen: %q", n.RouterPeer)
 		}
 		fmt.Fprintf(&b, "router: {listen: %q, target: \"http://%s\"%s}\n", n.Router, n.AppAddr, keys)
 	}
