@@ -533,9 +533,14 @@ func TestFileSystem_HoldWrites(t *testing.T) {
 					_, err := second.Exec(`INSERT INTO t VALUES (3)`)
 					done <- err
 				}()
-				if err := tx.Commit(); err != nil {
-					t.Fatalf("commit of the transaction under way: %v", err)
-				}
+				// Committed in a goroutine of its own: SQLite serializes a
+				// process's lock calls on a file under one mutex, held
+				// during the call, so once the commit has released its
+				// write lock, the second connection's held request for it
+				// can keep the first's last unlock (of its read lock)
+				// waiting, and Commit from returning, until the release.
+				committed := make(chan error, 1)
+				go func() { committed <- tx.Commit() }()
 				ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
 				err = fsys.WaitWritesIdle(ctx)
 				cancel()
@@ -555,6 +560,9 @@ func TestFileSystem_HoldWrites(t *testing.T) {
 					fsys.SetReadOnly(true)
 				}
 				fsys.ReleaseWrites()
+				if err := <-committed; err != nil {
+					t.Fatalf("commit of the transaction under way: %v", err)
+				}
 				err = <-done
 				switch {
 				case handedOff && err == nil:

@@ -116,12 +116,9 @@ func measure(h *testingutil.Harness, exe string, lat time.Duration, durability s
 	}
 	c := testingutil.NewCluster(h, command, "", specs...)
 	if lat > 0 {
-		oneWay := func(_, _ *testingutil.ClusterNode) time.Duration { return lat }
-		proxies, err := testingutil.LatencyProxies(h, c.Nodes, oneWay, func(n *testingutil.ClusterNode) string { return n.Addr })
-		if err != nil {
+		if err := c.DelayLinks(h, func(_, _ *testingutil.ClusterNode) time.Duration { return lat }); err != nil {
 			return err
 		}
-		c.PeerAddr = func(from, peer *testingutil.ClusterNode) string { return proxies[[2]string{from.Name, peer.Name}] }
 	}
 	c.UseConsul(agent.URL, "check_ttl: 1s", "lock_delay: 500ms", "handoff_timeout: 5s")
 	c.Start(h)

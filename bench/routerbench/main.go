@@ -97,18 +97,9 @@ func measure(h *testingutil.Harness, exe, app string, lat time.Duration, n int) 
 	// The links between nodes go through proxies at any latency, 0 too,
 	// so that the direct write across the WAN below takes the same path
 	// as a forwarded one.
-	oneWay := func(_, _ *testingutil.ClusterNode) time.Duration { return lat }
-	repl, err := testingutil.LatencyProxies(h, c.Nodes, oneWay, func(n *testingutil.ClusterNode) string { return n.Addr })
-	if err != nil {
+	if err := c.DelayLinks(h, func(_, _ *testingutil.ClusterNode) time.Duration { return lat }); err != nil {
 		return err
 	}
-	routers, err := testingutil.LatencyProxies(h, c.Nodes, oneWay, func(n *testingutil.ClusterNode) string { return n.Router })
-	if err != nil {
-		return err
-	}
-	c.PeerAddr = func(from, peer *testingutil.ClusterNode) string { return repl[[2]string{from.Name, peer.Name}] }
-	c.PeerRouter = func(from, peer *testingutil.ClusterNode) string { return routers[[2]string{from.Name, peer.Name}] }
-	c.RewriteConfigs()
 	c.Start(h)
 	iad, fra := c.Node("iad-1"), c.Node("fra-1")
 	for _, node := range c.Nodes {
@@ -138,7 +129,7 @@ func measure(h *testingutil.Harness, exe, app string, lat time.Duration, n int) 
 		readApp, readRouter, writeApp, writeLocal, writeWAN, writeFwd, ryw []time.Duration
 		fallback                                                           int
 	)
-	wan := "http://" + routers[[2]string{"fra-1", "iad-1"}] // from fra to iad's router
+	wan := "http://" + c.PeerRouter(c.Node("fra-1"), c.Node("iad-1")) // from fra to iad's router
 	for range n {
 		d, _, err := get(client, "http://"+fra.AppAddr+"/api/entries/1", "")
 		if err != nil {

@@ -241,17 +241,9 @@ func tour(ctx context.Context, h *demoTB, dir, exe, app string, check bool) erro
 		r := regions[i]
 		n.Router, n.AppAddr, n.Admin, n.Addr = r.router, r.app, r.admin, r.repl
 	}
-	between := func(from, to *testingutil.ClusterNode) time.Duration { return oneWay(from.Region, to.Region) }
-	repl, err := testingutil.LatencyProxies(h, c.Nodes, between, func(n *testingutil.ClusterNode) string { return n.Addr })
-	if err != nil {
+	if err := c.DelayLinks(h, func(from, to *testingutil.ClusterNode) time.Duration { return oneWay(from.Region, to.Region) }); err != nil {
 		return err
 	}
-	routers, err := testingutil.LatencyProxies(h, c.Nodes, between, func(n *testingutil.ClusterNode) string { return n.Router })
-	if err != nil {
-		return err
-	}
-	c.PeerAddr = func(from, peer *testingutil.ClusterNode) string { return repl[[2]string{from.Name, peer.Name}] }
-	c.PeerRouter = func(from, peer *testingutil.ClusterNode) string { return routers[[2]string{from.Name, peer.Name}] }
 	c.UseConsul(agent.URL, "check_ttl: 1s", "lock_delay: 500ms", "prefer_regions: [iad, fra, syd]")
 	c.Start(h)
 	primary, _ := roles.WaitOnePrimary(h, c, 0, time.Minute)

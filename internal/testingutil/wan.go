@@ -41,3 +41,30 @@ func LatencyProxies(tb TB, nodes []*ClusterNode, oneWay func(from, to *ClusterNo
 	}
 	return proxies, nil
 }
+
+// DelayLinks puts LatencyProxies on every link between two nodes, as
+// between regions: replication, and router to router where the nodes run
+// routers. The nodes dial them from their next start (their regiond.yml
+// is written again).
+func (c *Cluster) DelayLinks(tb TB, oneWay func(from, to *ClusterNode) time.Duration) error {
+	repl, err := LatencyProxies(tb, c.Nodes, oneWay, func(n *ClusterNode) string { return n.Addr })
+	if err != nil {
+		return err
+	}
+	c.PeerAddr = func(from, peer *ClusterNode) string { return repl[[2]string{from.Name, peer.Name}] }
+	var routed []*ClusterNode
+	for _, n := range c.Nodes {
+		if n.Router != "" {
+			routed = append(routed, n)
+		}
+	}
+	if len(routed) > 1 {
+		routers, err := LatencyProxies(tb, routed, oneWay, func(n *ClusterNode) string { return n.Router })
+		if err != nil {
+			return err
+		}
+		c.PeerRouter = func(from, peer *ClusterNode) string { return routers[[2]string{from.Name, peer.Name}] }
+	}
+	c.RewriteConfigs()
+	return nil
+}
