@@ -26,6 +26,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -103,7 +104,7 @@ func measure(h *testingutil.Harness, exe, app string, lat time.Duration, n int) 
 	c.Start(h)
 	iad, fra := c.Node("iad-1"), c.Node("fra-1")
 	for _, node := range c.Nodes {
-		if err := waitOK(node.RouterURL()+"/healthz", 30*time.Second); err != nil {
+		if err := testingutil.WaitHTTP(context.Background(), node.RouterURL()+"/healthz", 30*time.Second); err != nil {
 			return err
 		}
 	}
@@ -229,23 +230,6 @@ func do(client *http.Client, req *http.Request, want int) (time.Duration, respon
 		return 0, response{}, fmt.Errorf("%s %s: %s %s", req.Method, req.URL, resp.Status, b)
 	}
 	return took, response{resp.Header, b}, nil
-}
-
-func waitOK(url string, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	for {
-		resp, err := http.Get(url)
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s did not answer 200 within %v: %v", url, timeout, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }
 
 func pct(d []time.Duration, q int) time.Duration {

@@ -74,19 +74,8 @@ func appCluster(t *testing.T, routerKeys string) *testingutil.Cluster {
 // waitHTTP waits until url answers 200.
 func waitHTTP(t *testing.T, url string, timeout time.Duration) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		resp, err := http.Get(url)
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s did not answer 200 within %v: %v", url, timeout, err)
-		}
-		time.Sleep(50 * time.Millisecond)
+	if err := testingutil.WaitHTTP(context.Background(), url, timeout); err != nil {
+		t.Fatal(err)
 	}
 }
 

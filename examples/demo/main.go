@@ -266,7 +266,7 @@ func tour(ctx context.Context, h *demoTB, dir, exe, app string, check bool) erro
 	primary, _ := roles.WaitOnePrimary(h, c, 0, time.Minute)
 	c.Primary = primary.Name
 	for _, n := range c.Nodes {
-		if err := waitOK(ctx, n.RouterURL()+"/healthz", time.Minute); err != nil {
+		if err := testingutil.WaitHTTP(ctx, n.RouterURL()+"/healthz", time.Minute); err != nil {
 			return err
 		}
 	}
@@ -436,7 +436,7 @@ func checkTour(ctx context.Context, h *demoTB, c *testingutil.Cluster, primary *
 	next, _ := roles.WaitOnePrimary(h, c, 0, time.Minute)
 	fmt.Printf("check: new primary %s, %.2f s after the kill\n", next.Name, time.Since(killed).Seconds())
 	primary.Start(h)
-	if err := waitOK(ctx, primary.RouterURL()+"/healthz", time.Minute); err != nil {
+	if err := testingutil.WaitHTTP(ctx, primary.RouterURL()+"/healthz", time.Minute); err != nil {
 		return err
 	}
 	fmt.Printf("check: %s started again, a replica of %s\n", primary.Name, next.Name)
@@ -474,23 +474,6 @@ func post(base, name, msg string) (http.Header, entry, error) {
 		return nil, entry{}, fmt.Errorf("%s: %w", body, err)
 	}
 	return resp.Header, e, nil
-}
-
-func waitOK(ctx context.Context, url string, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	for {
-		resp, err := http.Get(url)
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			return fmt.Errorf("%s did not answer 200 within %v: %v", url, timeout, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

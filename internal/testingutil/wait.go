@@ -2,6 +2,8 @@ package testingutil
 
 import (
 	"context"
+	"fmt"
+	"net/http"
 	"os/exec"
 	"syscall"
 	"time"
@@ -80,4 +82,24 @@ func Command(tb TB, timeout time.Duration, name string, args ...string) *exec.Cm
 	cmd.WaitDelay = 5 * time.Second
 	DieWithParent(cmd)
 	return cmd
+}
+
+// WaitHTTP waits until url answers GET with 200, asking every 50 ms, for
+// at most timeout or until ctx ends.
+func WaitHTTP(ctx context.Context, url string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		resp, err := http.Get(url)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+			err = fmt.Errorf("%s", resp.Status)
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("%s did not answer 200 within %v: %v", url, timeout, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
