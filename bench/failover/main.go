@@ -57,12 +57,9 @@ func main() {
 		}
 		checkTTLs = append(checkTTLs, d)
 	}
-	exe, err := filepath.Abs(*bin)
-	if err == nil {
-		_, err = os.Stat(exe)
-	}
+	exe, err := testingutil.Executable(*bin)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "failover: -regiond %s: %v (make build builds bin/regiond)\n", *bin, err)
+		fmt.Fprintf(os.Stderr, "failover: -regiond %v\n", err)
 		os.Exit(2)
 	}
 	fmt.Printf("failover: 3 regiond nodes (all candidates) and a Consul agent on loopback, %d trials per check TTL, lock_delay %v, primary %s\n\n", *trials, *lockDelay, map[string]string{"kill": "killed", "pause": "paused"}[*fault])

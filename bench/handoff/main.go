@@ -44,29 +44,19 @@ func main() {
 	latencies := flag.String("latency", "0,20ms", "one-way latencies between the nodes' replication links, comma-separated")
 	durability := flag.String("durability", "async", "replication.durability: async or sync (sync_acks 1)")
 	flag.Parse()
-	exe, err := filepath.Abs(*bin)
-	if err == nil {
-		_, err = os.Stat(exe)
-	}
+	exe, err := testingutil.Executable(*bin)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "handoff: -regiond %s: %v (make build builds bin/regiond)\n", *bin, err)
+		fmt.Fprintf(os.Stderr, "handoff: -regiond %v\n", err)
 		os.Exit(2)
 	}
 	if *durability != "async" && *durability != "sync" {
 		fmt.Fprintf(os.Stderr, "handoff: -durability %q: want async or sync\n", *durability)
 		os.Exit(2)
 	}
-	var lats []time.Duration
-	for _, s := range strings.Split(*latencies, ",") {
-		d, err := time.ParseDuration(strings.TrimSpace(s))
-		if s == "0" {
-			d, err = 0, nil
-		}
-		if err != nil || d < 0 {
-			fmt.Fprintf(os.Stderr, "handoff: -latency: %q is not a duration (e.g. 20ms)\n", s)
-			os.Exit(2)
-		}
-		lats = append(lats, d)
+	lats, err := testingutil.Latencies(*latencies)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "handoff: -latency: %v\n", err)
+		os.Exit(2)
 	}
 	fmt.Printf("handoff: 3 regiond nodes (all candidates, durability %s, WAL) and a Consul agent on loopback, 4 clients writing flat out, %d handoffs per latency\n\n", *durability, *handoffs)
 	fmt.Printf("%8s %9s %28s %28s %28s %7s\n", "latency", "handoffs", "writes held p50/p99/max ms", "longest wait p50/p99/max ms", "write gap p50/p99/max ms", "failed")

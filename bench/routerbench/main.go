@@ -34,7 +34,6 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -52,27 +51,17 @@ func main() {
 	flag.Parse()
 	var exes [2]string
 	for i, p := range []string{*bin, *app} {
-		exe, err := filepath.Abs(p)
-		if err == nil {
-			_, err = os.Stat(exe)
-		}
+		exe, err := testingutil.Executable(p)
 		if err != nil {
-			fmt.Fprintf(os.Stderr, "routerbench: %s: %v (make build builds bin/regiond and bin/guestbook)\n", p, err)
+			fmt.Fprintf(os.Stderr, "routerbench: %v\n", err)
 			os.Exit(2)
 		}
 		exes[i] = exe
 	}
-	var lats []time.Duration
-	for _, s := range strings.Split(*latencies, ",") {
-		d, err := time.ParseDuration(strings.TrimSpace(s))
-		if strings.TrimSpace(s) == "0" {
-			d, err = 0, nil
-		}
-		if err != nil || d < 0 {
-			fmt.Fprintf(os.Stderr, "routerbench: -latency: %q is not a duration (e.g. 40ms)\n", s)
-			os.Exit(2)
-		}
-		lats = append(lats, d)
+	lats, err := testingutil.Latencies(*latencies)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "routerbench: -latency: %v\n", err)
+		os.Exit(2)
 	}
 	fmt.Printf("routerbench: 3 regiond nodes with the guestbook behind the router (iad-1 primary, WAL, durability async), %d requests of each kind, one at a time\n\n", *n)
 	fmt.Printf("%8s  %-44s %24s %10s\n", "latency", "requests", "p50 / p99 / max ms", "ratio p50")
