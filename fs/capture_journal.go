@@ -8,6 +8,7 @@ import (
 	"os"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/meridian-db/meridian/ltx"
 )
@@ -152,7 +153,9 @@ func (d *DB) commitRollback(ctx context.Context) error {
 	}
 	if p := d.prepared; p != nil && d.preparedGen == d.dirtyGen {
 		d.prepared = nil
+		cs := d.beginCommit(time.Now())
 		info, err := p.Commit()
+		d.endCommit(cs, d.dirtyPages(info), info)
 		if err == nil {
 			d.committedRollback(info)
 			return nil
@@ -163,7 +166,9 @@ func (d *DB) commitRollback(ctx context.Context) error {
 	if err != nil || !ok {
 		return err
 	}
+	cs := d.beginCommit(time.Now())
 	info, err := d.log.Commit(ctx, tx)
+	d.endCommit(cs, d.dirtyPages(info), info)
 	if err != nil {
 		return err
 	}

@@ -193,7 +193,8 @@ func (d *DB) committedWAL(ctx context.Context, commit uint32) error {
 // worker: the WAL state it reads changes only when both hold.
 func (d *DB) logWALTx(ctx context.Context, tx walCommit) error {
 	pageSize := d.wal.hdr.pageSize
-	_, err := d.log.Commit(ctx, ltx.Tx{
+	cs := d.beginCommit(tx.time)
+	info, err := d.log.Commit(ctx, ltx.Tx{
 		DB:        walView{d, tx.frames},
 		PageSize:  pageSize,
 		Commit:    tx.commit,
@@ -202,6 +203,7 @@ func (d *DB) logWALTx(ctx context.Context, tx walCommit) error {
 		NoSync:    true,
 		WAL:       tx.seg,
 	})
+	d.endCommit(cs, len(tx.frames), info)
 	return err
 }
 

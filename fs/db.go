@@ -73,6 +73,9 @@ type DB struct {
 	dir    string
 	log    *ltx.Log
 	logger *slog.Logger
+	// tracing, if not nil, traces commits; traces are the recent ones.
+	tracing *tracing
+	traces  traceRing
 
 	snapMu sync.Mutex   // held while a snapshot is read: one at a time
 	mu     sync.Mutex   // guards the fields below and orders writes to the backing files

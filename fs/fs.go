@@ -128,6 +128,7 @@ type FileSystem struct {
 	acked   func(name string) ltx.TXID
 
 	commitWait atomic.Pointer[CommitWait]
+	tracing    *tracing // SetTracing
 	onCommit   atomic.Pointer[func(db string, info ltx.FileInfo)]
 
 	// failpoint, set by tests only, can fail an operation by its name
@@ -999,7 +1000,7 @@ func (f *FileSystem) openDB(ctx context.Context, name string) (*DB, error) {
 		logger: f.Logger.With("db", name),
 	}
 	d.cond = sync.NewCond(&d.mu)
-	d.retrieve, d.kernelLocks = f.retrieveCache, f.KernelLocks
+	d.retrieve, d.kernelLocks, d.tracing = f.retrieveCache, f.KernelLocks, f.tracing
 	d.shmResized = func() { f.invalidateShmAttr(d) }
 	d.resetWAL()
 	l := ltx.NewLog(name, d.path(logDir), d.path(databaseFile))

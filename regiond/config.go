@@ -148,6 +148,7 @@ type Config struct {
 	Admin       AdminConfig       `yaml:"admin"`
 	Router      RouterConfig      `yaml:"router"`
 	Log         LogConfig         `yaml:"log"`
+	Telemetry   TelemetryConfig   `yaml:"telemetry"`
 }
 
 // AdminConfig sets up the admin HTTP API (see Daemon.AdminHandler).
@@ -319,6 +320,30 @@ type TLSConfig struct {
 	Insecure bool `yaml:"insecure"`
 }
 
+// TelemetryConfig sets up OpenTelemetry (see the README, "Telemetry"):
+// traces and metrics over OTLP/gRPC, and metrics on the admin API's
+// /metrics in any case. The standard OTEL_* environment variables apply
+// where a key is not set (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME,
+// OTEL_TRACES_SAMPLER, OTEL_BSP_SCHEDULE_DELAY,
+// OTEL_METRIC_EXPORT_INTERVAL, ...).
+type TelemetryConfig struct {
+	// Endpoint is the OTLP/gRPC collector's URL: http://host:4317 in the
+	// clear, https://host:4317 with TLS. "" takes
+	// OTEL_EXPORTER_OTLP_ENDPOINT (or the _TRACES_ and _METRICS_
+	// variants); with neither, nothing is exported and nothing traced.
+	Endpoint string `yaml:"endpoint"`
+	// ServiceName names the node's traces and metrics; "" takes
+	// OTEL_SERVICE_NAME, else "meridian-" and the region.
+	ServiceName string `yaml:"service_name"`
+	// SampleCommits is the share, 0 to 1, of the commits made outside a
+	// traced request that get a trace of their own (a commit within a
+	// traced request always joins its trace).
+	SampleCommits float64 `yaml:"sample_commits"`
+}
+
+// DefaultSampleCommits is telemetry.sample_commits' default.
+const DefaultSampleCommits = 0.01
+
 // LogConfig sets up the daemon's log/slog logger.
 type LogConfig struct {
 	Level  string `yaml:"level"`  // debug | info | warn | error
@@ -386,7 +411,8 @@ func DefaultConfig() Config {
 			MaxFileSize: DefaultMaxFileSize},
 		Router: RouterConfig{MaxLag: Duration(DefaultMaxLag), RYWTimeout: Duration(router.DefaultRYWTimeout), PrimaryWait: Duration(router.DefaultPrimaryWait),
 			UpstreamTimeout: Duration(router.DefaultUpstreamTimeout), MaxBody: router.DefaultMaxBodyBytes, IdempotentHeader: router.DefaultIdempotentHeader},
-		Log: LogConfig{Level: DefaultLogLevel, Format: DefaultLogFormat},
+		Log:       LogConfig{Level: DefaultLogLevel, Format: DefaultLogFormat},
+		Telemetry: TelemetryConfig{SampleCommits: DefaultSampleCommits},
 	}
 }
 
@@ -701,6 +727,7 @@ func (c *Config) Validate() error {
 	if s := c.FS.LogSegmentSize; s != 0 && (s < 64<<10 || s > 1<<30) {
 		p.add("fs.log_segment_size: %d is not 0 (a file per transaction) or between 65536 (64 KiB) and 1073741824 (1 GiB)", s)
 	}
+	c.validateTelemetry(&p)
 	oneOf(&p, "log.level", c.Log.Level, logLevels)
 	oneOf(&p, "log.format", c.Log.Format, logFormats)
 	if len(p) > 0 {

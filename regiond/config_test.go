@@ -73,6 +73,10 @@ router:
 log:
   level: debug
   format: json
+telemetry:
+  endpoint: https://otel.internal:4317
+  service_name: meridian
+  sample_commits: 0.5
 `
 
 func parse(t *testing.T, s string) (regiond.Config, error) {
@@ -100,7 +104,8 @@ func TestParseConfig_Defaults(t *testing.T) {
 		TLS: regiond.TLSConfig{CA: "/etc/meridian/ca.pem", Cert: "/etc/meridian/iad-1.pem", Key: "/etc/meridian/iad-1-key.pem"},
 		Router: regiond.RouterConfig{MaxLag: regiond.Duration(10 * time.Second), RYWTimeout: regiond.Duration(2 * time.Second), PrimaryWait: regiond.Duration(5 * time.Second),
 			UpstreamTimeout: regiond.Duration(time.Minute), MaxBody: 32 << 20, IdempotentHeader: "Idempotency-Key"},
-		Log: regiond.LogConfig{Level: "info", Format: "text"},
+		Log:       regiond.LogConfig{Level: "info", Format: "text"},
+		Telemetry: regiond.TelemetryConfig{SampleCommits: 0.01},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("got %+v, want %+v", got, want)
@@ -133,7 +138,8 @@ func TestParseConfig_Full(t *testing.T) {
 			RYWTimeout: regiond.Duration(time.Second), PrimaryWait: regiond.Duration(3 * time.Second), UpstreamTimeout: regiond.Duration(30 * time.Second),
 			MaxBody: 1 << 20, WritePaths: []string{"GET /admin/"}, ReadPaths: []string{"POST /search"}, IdempotentHeader: "X-Request-Id",
 			IdempotentMethods: []string{"PUT", "DELETE"}, Replay: "fly-replay", TrustForwarded: true},
-		Log: regiond.LogConfig{Level: "debug", Format: "json"},
+		Log:       regiond.LogConfig{Level: "debug", Format: "json"},
+		Telemetry: regiond.TelemetryConfig{Endpoint: "https://otel.internal:4317", ServiceName: "meridian", SampleCommits: 0.5},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("got %+v, want %+v", got, want)
@@ -286,8 +292,10 @@ func TestParseConfig_Errors(t *testing.T) {
 		{"NegativeSpareFiles", base + "fs:\n  spare_files: -1\n", []string{`fs.spare_files: -1 is not between 0 and 65536`}},
 		{"TooManySpareFiles", base + "fs:\n  spare_files: 100000\n", []string{`fs.spare_files: 100000 is not between 0 and 65536`}},
 		{"SmallSegments", base + "fs:\n  log_segment_size: 4096\n", []string{`fs.log_segment_size: 4096 is not 0 (a file per transaction) or between 65536 (64 KiB) and 1073741824 (1 GiB)`}},
+		{"SampleCommitsAboveOne", base + "telemetry:\n  sample_commits: 2\n", []string{`telemetry.sample_commits: 2 is not between 0 (no commit outside a traced request is traced) and 1 (all are)`}},
+		{"EndpointNotURL", base + "telemetry:\n  endpoint: 127.0.0.1:4317\n", []string{`telemetry.endpoint: "127.0.0.1:4317" is not an OTLP/gRPC collector URL (e.g. http://127.0.0.1:4317, or https:// for TLS)`}},
 		{"UnknownKey", base + "replicaton:\n  retention: 1m\n",
-			[]string{`line 3: unknown key "replicaton" (keys: node, region, data_dir, mount_dir, fs, lease, replication, tls, admin, router, log)`}},
+			[]string{`line 3: unknown key "replicaton" (keys: node, region, data_dir, mount_dir, fs, lease, replication, tls, admin, router, log, telemetry)`}},
 		{"UnknownNestedKey", base + "replication:\n  retenton: 1m\n", []string{`line 4: unknown key "replication.retenton" (keys under replication: listen, advertise, peers, retention, max_retention, durability, sync_acks, sync_regions, sync_timeout, sync_on_timeout, max_in_flight_files, max_in_flight_bytes, max_file_size)`}},
 		{"FutureKey", base + "lease:\n  handoff_grace: 10s\n", []string{`unknown key "lease.handoff_grace"`}},
 		{"UnknownTLSKey", base + "tls:\n  verify: false\n", []string{`line 4: unknown key "tls.verify" (keys under tls: ca, cert, key, insecure)`}},

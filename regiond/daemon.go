@@ -13,7 +13,8 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
 
 	"github.com/meridian-db/meridian/fs"
 	"github.com/meridian-db/meridian/lease"
@@ -46,9 +47,8 @@ type Daemon struct {
 	roleMu      sync.Mutex
 	roleChanged chan struct{}
 	router      *routerServer
-	// commits counts the transactions each database's log recorded on
-	// this node as primary (/metrics).
-	commits *prometheus.CounterVec
+	// tel is the node's OpenTelemetry (telemetry.go), from Open on.
+	tel *telemetry
 	// epoch is the lease epoch the node holds while it is primary, 0
 	// while it is a replica.
 	epoch atomic.Uint64
@@ -62,17 +62,13 @@ type Daemon struct {
 // NewDaemon returns a daemon for a validated config.
 func NewDaemon(c Config, logger *slog.Logger) *Daemon {
 	return &Daemon{Config: c, Logger: logger, events: events{node: c.Node, done: make(chan struct{})},
-		pos: positions{pos: map[string]uint64{}, changed: make(chan struct{})}, roleChanged: make(chan struct{}),
-		commits: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "meridian_commits_total",
-			Help: "Transactions this node recorded in each database's log as primary, since it started.",
-		}, []string{"db"})}
+		pos: positions{pos: map[string]uint64{}, changed: make(chan struct{})}, roleChanged: make(chan struct{})}
 }
 
 // committed publishes a commit of db, at info, on /events and /metrics.
 func (d *Daemon) committed(db string, info ltx.FileInfo) {
 	d.pos.set(db, uint64(info.Header.MaxTXID))
-	d.commits.WithLabelValues(db).Inc()
+	d.tel.commits.Add(context.Background(), 1, metric.WithAttributes(attribute.String("db", db)))
 	if d.events.listening() {
 		d.events.publish(Event{Type: EventCommit, DB: db, Pos: info.Pos().String(), Size: info.Size})
 	}
@@ -81,6 +77,17 @@ func (d *Daemon) committed(db string, info ltx.FileInfo) {
 // Open recovers every database, mounts the filesystem and sets its mode
 // from the lease: read-write on the primary, read-only elsewhere.
 func (d *Daemon) Open(ctx context.Context) error {
+	if err := d.startTelemetry(ctx); err != nil {
+		return err
+	}
+	if err := d.open(ctx); err != nil {
+		d.stopTelemetry()
+		return err
+	}
+	return nil
+}
+
+func (d *Daemon) open(ctx context.Context) error {
 	c := d.Config
 	f := fs.New(c.DataDir, c.MountDir)
 	f.NodeID = NodeID(c.Node)
@@ -95,6 +102,9 @@ func (d *Daemon) Open(ctx context.Context) error {
 	f.Passthrough = c.FS.Passthrough
 	f.Logger = d.Logger.With("component", "fs")
 	f.SetOnCommit(d.committed)
+	if tp := d.tel.tracerProvider(); tp != nil {
+		f.SetTracing(tp, d.tel.writes.parent, c.Telemetry.SampleCommits)
+	}
 	// Read-only until the role is taken: no app ever sees a writable
 	// replica, nor a primary's mount before its commits can wait for
 	// replicas (sync durability).
@@ -166,6 +176,7 @@ func (d *Daemon) Open(ctx context.Context) error {
 // Close unmounts and closes everything, waiting up to ctx's deadline for
 // apps to close their files.
 func (d *Daemon) Close(ctx context.Context) error {
+	defer d.stopTelemetry()
 	if d.lease != nil && d.FS != nil && d.IsPrimary() && d.Config.FS.Locks == LocksMount {
 		d.handoffOnShutdown(ctx)
 	}

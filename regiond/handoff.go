@@ -119,7 +119,7 @@ func (d *Daemon) Handoff(ctx context.Context, to string) (HandoffResult, error) 
 		return abandon(errors.New("this node lost the lease meanwhile"))
 	}
 	epoch := d.stopWrites()
-	d.events.publish(Event{Type: EventRole, Role: RoleReplica, Reason: "handoff to " + to, Epoch: epoch})
+	d.roleEvent(Event{Type: EventRole, Role: RoleReplica, Reason: "handoff to " + to, Epoch: epoch})
 	f.SetPrimary(to) // refusals name the new primary
 	err = lr.l.Handoff(hctx, to)
 	if err != nil {
@@ -137,7 +137,7 @@ func (d *Daemon) Handoff(ctx context.Context, to string) (HandoffResult, error) 
 			return fail("releasing the lease to it: %v; %s stepped down and waits for the lease to name a primary (%v)", err, c.Node, rerr)
 		}
 		d.admitWrites(epoch)
-		d.events.publish(Event{Type: EventRole, Role: RolePrimary, Primary: c.Node, Epoch: epoch})
+		d.roleEvent(Event{Type: EventRole, Role: RolePrimary, Primary: c.Node, Epoch: epoch})
 		d.role.mu.Unlock()
 		return abandon(fmt.Errorf("releasing the lease to it: %w", err))
 	}
@@ -354,7 +354,7 @@ func (d *Daemon) handoffStatic(ctx context.Context, to string) error {
 	if d.IsPrimary() {
 		epoch := d.stopWrites()
 		d.FS.SetPrimary(to) // refusals name the new primary
-		d.events.publish(Event{Type: EventRole, Role: RoleReplica, Reason: "handoff to " + to, Epoch: epoch})
+		d.roleEvent(Event{Type: EventRole, Role: RoleReplica, Reason: "handoff to " + to, Epoch: epoch})
 	}
 	d.role.mu.Unlock()
 	if err != nil {

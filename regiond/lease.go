@@ -425,5 +425,5 @@ func (d *Daemon) leaseLost(why string) {
 	}
 	epoch := d.stopWrites()
 	d.Logger.Error("stepped down: lost the lease; writes are refused until the lease names a primary", "why", why, "epoch", epoch)
-	d.events.publish(Event{Type: EventRole, Role: RoleReplica, Reason: "lease lost", Epoch: epoch})
+	d.roleEvent(Event{Type: EventRole, Role: RoleReplica, Reason: "lease lost", Epoch: epoch})
 }

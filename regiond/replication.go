@@ -131,6 +131,7 @@ func lostSets(dataDir, db string) map[string]bool {
 // the primary.
 type replicationNode struct {
 	logger   *slog.Logger
+	tel      replication.Telemetry
 	streamer *replication.Streamer // nil without replication.listen
 	server   *grpc.Server
 	ctx      context.Context // ends at close
@@ -156,7 +157,7 @@ type follower struct {
 // is set; the daemon's role decides whether it streams.
 func (d *Daemon) openReplication(f *fs.FileSystem) (_ *replicationNode, openErr error) {
 	c := d.Config
-	r := &replicationNode{logger: d.Logger.With("component", "replication")}
+	r := &replicationNode{logger: d.Logger.With("component", "replication"), tel: d.tel.replication()}
 	r.ctx, r.cancel = context.WithCancel(context.Background())
 	tmp := filepath.Join(c.DataDir, "tmp")
 	if err := os.RemoveAll(tmp); err != nil {
@@ -173,6 +174,8 @@ func (d *Daemon) openReplication(f *fs.FileSystem) (_ *replicationNode, openErr 
 	}
 	r.streamer = replication.NewStreamer(fsSource{f}, c.Node, d.epoch.Load, tmp)
 	r.streamer.Logger = r.logger
+	r.streamer.Telemetry = r.tel
+	r.streamer.CommitTrace = f.CommitTrace
 	r.streamer.NewerEpoch = func(epoch uint64, replica string) { go d.deposed(epoch, replica) }
 	var tlsConfig *tls.Config
 	if !c.TLS.Insecure {
@@ -222,6 +225,7 @@ func (r *replicationNode) startFollowing(f *fs.FileSystem, c Config, primary str
 	client := replication.NewClient(c.Node, c.Region, fsTarget{f: f, ev: ev, pos: pos}, filepath.Join(c.DataDir, "tmp"))
 	client.Spares = f.Spares()
 	client.Logger = r.logger
+	client.Telemetry = r.tel
 	client.PrimaryNode = peer.Node
 	client.MaxInFlightFiles, client.MaxInFlightBytes = c.Replication.MaxInFlightFiles, c.Replication.MaxInFlightBytes
 	client.MaxFileSize = c.Replication.MaxFileSize

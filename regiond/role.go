@@ -111,7 +111,7 @@ func (d *Daemon) becomePrimary(ctx context.Context, atRuntime bool, leaseEpoch u
 	}
 	d.admitWrites(epoch)
 	d.Logger.Info("serving as primary ("+string(c.Lease.Type)+" lease)", "epoch", epoch, "mount_dir", c.MountDir, "dbs", f.DBs())
-	d.events.publish(Event{Type: EventRole, Role: RolePrimary, Primary: c.Node, Epoch: epoch})
+	d.roleEvent(Event{Type: EventRole, Role: RolePrimary, Primary: c.Node, Epoch: epoch})
 	return nil
 }
 
@@ -160,7 +160,7 @@ func (d *Daemon) becomeReplica(primary string) error {
 	} else {
 		d.Logger.Info("serving read-only as a replica ("+string(c.Lease.Type)+" lease)", "primary", primary, "mount_dir", c.MountDir)
 	}
-	d.events.publish(Event{Type: EventRole, Role: RoleReplica, Primary: primary})
+	d.roleEvent(Event{Type: EventRole, Role: RoleReplica, Primary: primary})
 	return nil
 }
 
@@ -190,7 +190,7 @@ func (d *Daemon) deposed(epoch uint64, replica string) {
 	d.role.stateMu.Unlock()
 	d.Logger.Error("stepped down: a replica has seen a newer lease epoch, so another node is primary; writes are refused until lease.static_primary names the primary and regiond gets a SIGHUP",
 		"replica", replica, "epoch", epoch, "held", held)
-	d.events.publish(Event{Type: EventRole, Role: RoleReplica, Reason: "deposed", Epoch: epoch})
+	d.roleEvent(Event{Type: EventRole, Role: RoleReplica, Reason: "deposed", Epoch: epoch})
 }
 
 // deposedWhy says why the node stepped down (deposed), "" if it did not

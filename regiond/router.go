@@ -133,6 +133,10 @@ func (d *Daemon) Router() (*router.Router, error) {
 	rt.Replay = c.Replay
 	rt.TrustForwarded = c.TrustForwarded
 	rt.Logger = d.Logger.With("component", "router")
+	rt.TracerProvider, rt.MeterProvider = d.tel.tracerProvider(), d.tel.mp
+	if d.tel.writes != nil {
+		rt.TrackWrite = d.tel.writes.track
+	}
 	if pt, err := d.peerTransport(); err != nil {
 		return nil, err
 	} else if pt != nil {

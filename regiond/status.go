@@ -100,6 +100,13 @@ type DatabaseStatus struct {
 	// heartbeat or file; LagMS how far behind it the database is.
 	Primary string `json:"primary,omitempty"`
 	LagMS   int64  `json:"lag_ms"`
+	// CommittedAt and AppliedAt are, on a replica, when the last
+	// transaction it applied of the database committed on the primary
+	// (by the primary's clock) and when this node applied it (by its
+	// own): the lag of that transaction, as its "apply" span and the
+	// meridian.replication.lag histogram have it.
+	CommittedAt time.Time `json:"committed_at,omitzero"`
+	AppliedAt   time.Time `json:"applied_at,omitzero"`
 
 	pos ltx.Pos
 }
@@ -219,6 +226,9 @@ func (d *Daemon) statusOf(f *fs.FileSystem, r *replicationNode) Status {
 			db.Primary = p.String()
 		}
 		db.LagMS = lagOf(cs, db.Name, now).Milliseconds()
+		if a, ok := cs.Applied[db.Name]; ok {
+			db.CommittedAt, db.AppliedAt = a.CommittedAt, a.AppliedAt
+		}
 	}
 	st.LagMS = behind(cs, now).Milliseconds()
 	maxLag := time.Duration(c.Router.MaxLag)

@@ -10,6 +10,10 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/meridian-db/meridian/ltx"
 	meridianv1 "github.com/meridian-db/meridian/proto/meridian/v1"
 )
@@ -77,6 +81,14 @@ type Client struct {
 	// Without it the client starts from epoch 0, and accepts any.
 	Epochs EpochStore
 	Logger *slog.Logger
+	// Telemetry is where the client reports: an "apply" span for each
+	// traced file, a child of the primary's "ship" span whose context the
+	// file's LTXBegin carries; the replication lag and apply duration
+	// histograms; reconnects. Set it before Run.
+	Telemetry Telemetry
+
+	metricsOnce sync.Once
+	m           *clientMetrics
 
 	epoch atomic.Uint64 // newest lease epoch accepted
 	// epochMu serializes loading and storing the epoch; epochLoaded says
@@ -164,6 +176,7 @@ func (c *Client) Run(ctx context.Context, dial func(context.Context) (ClientConn
 	}
 	c.mu.Unlock()
 	backoff := c.MinBackoff
+	c.metrics().reconnects.Add(ctx, 0) // a series from the start
 	for {
 		frames, err := c.attempt(ctx, dial)
 		if ctx.Err() != nil {
@@ -178,6 +191,7 @@ func (c *Client) Run(ctx context.Context, dial func(context.Context) (ClientConn
 		c.status.Connected = false
 		c.status.Reconnects++
 		c.mu.Unlock()
+		c.metrics().reconnects.Add(ctx, 1)
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
@@ -419,6 +433,7 @@ func (c *Client) apply(ctx context.Context, conn ClientConn, db string, files []
 	}
 	now := time.Now()
 	c.Logger.Debug("applied", "db", db, "files", len(files), "txid", pos.TXID.String(), "took", now.Sub(began), "behind", now.Sub(last.CommittedAt))
+	c.observe(ctx, db, files, began, now)
 	c.mu.Lock()
 	if c.status.Applied == nil {
 		c.status.Applied = make(map[string]Applied)
@@ -433,6 +448,46 @@ func (c *Client) apply(ctx context.Context, conn ClientConn, db string, files []
 	c.mu.Unlock()
 	ack := &meridianv1.Ack{Db: db, Txid: uint64(pos.TXID), PostApplyChecksum: uint64(pos.PostApplyChecksum), AppliedAtUnixNano: now.UnixNano()}
 	return conn.Send(&meridianv1.StreamRequest{Frame: &meridianv1.StreamRequest_Ack{Ack: ack}})
+}
+
+// metrics returns the client's instruments, made on first use.
+func (c *Client) metrics() *clientMetrics {
+	c.metricsOnce.Do(func() { c.m = newClientMetrics(c.Telemetry) })
+	return c.m
+}
+
+// observe reports a group of files of db applied from began to now: an
+// "apply" span for each that carries a trace context, and each file's lag.
+func (c *Client) observe(ctx context.Context, db string, files []*File, began, now time.Time) {
+	m := c.metrics()
+	dbAttr, region := attribute.String("db", db), attribute.String("region", c.Region)
+	m.apply.Record(ctx, now.Sub(began).Seconds(), metric.WithAttributes(dbAttr))
+	for _, f := range files {
+		lag := now.Sub(f.CommittedAt)
+		txid := attribute.Int64("txid", int64(f.Info.Header.MaxTXID))
+		sctx := ctx
+		sc, ok := remoteContext(f.Traceparent, f.Tracestate)
+		if !ok {
+			m.badContext.Add(ctx, 1, metric.WithAttributes(attribute.String("where", "frame")))
+			c.Logger.Debug("a file's trace context does not parse; ignored", "db", db, "txid", f.Info.Header.MaxTXID.String(), "traceparent", f.Traceparent)
+		}
+		if sc.IsValid() {
+			var span trace.Span
+			sctx, span = m.tracer.Start(trace.ContextWithRemoteSpanContext(ctx, sc), "apply", trace.WithSpanKind(trace.SpanKindConsumer),
+				trace.WithTimestamp(began), trace.WithAttributes(
+					attribute.String("meridian.db", db),
+					attribute.Int64("meridian.txid", int64(f.Info.Header.MaxTXID)),
+					attribute.String("meridian.region", c.Region),
+					attribute.String("meridian.node", c.Node),
+					attribute.Int("meridian.group", len(files)),
+					attribute.Float64("meridian.lag_ms", float64(lag.Microseconds())/1000),
+				))
+			span.End(trace.WithTimestamp(now))
+		}
+		// The TXID is an exemplar's attribute: views drop it from the
+		// series (see regiond's telemetry).
+		m.lag.Record(sctx, lag.Seconds(), metric.WithAttributes(dbAttr, region, txid))
+	}
 }
 
 // release gives back a received file the Target did not move, and takes

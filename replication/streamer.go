@@ -14,6 +14,9 @@ import (
 	"sync"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sync/semaphore"
 
@@ -60,6 +63,18 @@ type Streamer struct {
 	// node holds the lease, and this one should stop writing. It must not
 	// block.
 	NewerEpoch func(epoch uint64, replica string)
+	// Telemetry is where the streams report: a "ship" span per traced
+	// commit and replica, the bytes, files and snapshots sent. Set it
+	// before Serve.
+	Telemetry Telemetry
+	// CommitTrace, if set, returns the span context of the commit span of
+	// transaction txid of db, invalid if it was not traced: the parent of
+	// its "ship" spans, whose context the LTXBegin frame carries to the
+	// replica.
+	CommitTrace func(db string, txid ltx.TXID) trace.SpanContext
+
+	metricsOnce sync.Once
+	m           *streamerMetrics
 
 	mu       sync.Mutex
 	replicas map[string]*replica
@@ -191,6 +206,7 @@ func (s *Streamer) Serve(ctx context.Context, conn Conn, peer string) error {
 	g.Go(func() error { return st.heartbeats(gctx) })
 	g.Go(func() error { return st.databases(gctx, g, positions) })
 	err = g.Wait()
+	st.ships.end(err)
 	log.Info("replica stream ended", "err", err)
 	return err
 }
@@ -242,6 +258,14 @@ type stream struct {
 
 	mu      sync.Mutex
 	started map[string]bool // databases with a sender
+	// ships are the ship spans waiting for the replica's acks.
+	ships ships
+}
+
+// metrics returns the Streamer's instruments, made on first use.
+func (s *Streamer) metrics() *streamerMetrics {
+	s.metricsOnce.Do(func() { s.m = newStreamerMetrics(s.Telemetry) })
+	return s.m
 }
 
 // send writes the frames of every database to the connection, stamped with
@@ -285,6 +309,7 @@ func (st *stream) recv() error {
 			return fmt.Errorf("%w: a frame other than Ack after the Hello", ErrProtocol)
 		}
 		st.s.acked(st.replica, ack)
+		st.ships.acked(ack.GetDb(), ltx.TXID(ack.GetTxid()))
 	}
 }
 
@@ -682,6 +707,21 @@ func (st *stream) file(ctx context.Context, db string, r io.Reader, info *ltx.Fi
 	if streamed != nil {
 		begin.Size, begin.SizeBound = 0, uint64(streamed.bound)
 	}
+	m := st.s.metrics()
+	if m.traced && st.s.CommitTrace != nil && !h.IsSnapshot() && h.MinTXID == h.MaxTXID {
+		if sc := st.s.CommitTrace(db, h.MaxTXID); sc.IsValid() {
+			_, span := m.tracer.Start(trace.ContextWithSpanContext(ctx, sc), "ship", trace.WithSpanKind(trace.SpanKindProducer),
+				trace.WithAttributes(
+					attribute.String("meridian.db", db),
+					attribute.Int64("meridian.txid", int64(h.MaxTXID)),
+					attribute.String("meridian.replica", st.replica.node),
+					attribute.String("meridian.replica_region", st.replica.region),
+					attribute.Int64("meridian.bytes", info.Size),
+				))
+			begin.Traceparent, begin.Tracestate = traceparent(span.SpanContext())
+			st.ships.add(db, h.MaxTXID, span)
+		}
+	}
 	if err := st.push(ctx, &meridianv1.StreamResponse{Frame: &meridianv1.StreamResponse_LtxBegin{LtxBegin: begin}}); err != nil {
 		return err
 	}
@@ -715,7 +755,17 @@ func (st *stream) file(ctx context.Context, db string, r io.Reader, info *ltx.Fi
 	if streamed != nil {
 		end.Size = uint64(off)
 	}
-	return st.push(ctx, &meridianv1.StreamResponse{Frame: &meridianv1.StreamResponse_LtxEnd{LtxEnd: end}})
+	if err := st.push(ctx, &meridianv1.StreamResponse{Frame: &meridianv1.StreamResponse_LtxEnd{LtxEnd: end}}); err != nil {
+		return err
+	}
+	attrs := metric.WithAttributes(attribute.String("replica", st.replica.node), attribute.String("replica_region", st.replica.region), attribute.String("db", db))
+	m.bytes.Add(ctx, off, attrs)
+	m.files.Add(ctx, 1, attrs)
+	if begin.IsSnapshot {
+		m.snapshots.Add(ctx, 1, metric.WithAttributes(attribute.String("replica", st.replica.node), attribute.String("replica_region", st.replica.region),
+			attribute.String("db", db), attribute.String("reason", SnapshotReason(reason).String())))
+	}
+	return nil
 }
 
 // room waits until the replica has room for file info of db in flight,

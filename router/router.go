@@ -22,6 +22,10 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Node is a node of the cluster as the router sees it.
@@ -131,6 +135,19 @@ type Router struct {
 	// nil uses a plain HTTP transport with the timeouts above.
 	PeerTransport http.RoundTripper
 	Logger        *slog.Logger
+	// TracerProvider and MeterProvider, if set, get a "router" span per
+	// request (a child of the span its traceparent header names, and the
+	// parent of the requests the router sends on) and the router's
+	// metrics (meridian.router.*).
+	TracerProvider trace.TracerProvider
+	MeterProvider  metric.MeterProvider
+	// TrackWrite, if set, is called as a write goes to the local app on
+	// the primary, with the context of the request to it (the router's
+	// span); the function it returns is called once the write's commits
+	// are in the log, with the app's span named by its response's
+	// traceresponse header (invalid if none): how the commits a request
+	// makes join its trace.
+	TrackWrite func(ctx context.Context) (done func(app trace.SpanContext))
 
 	self      Node
 	target    *url.URL
@@ -138,6 +155,7 @@ type Router struct {
 	positions Positions
 
 	once    sync.Once
+	tel     *telemetry
 	toLocal http.RoundTripper
 	toPeer  http.RoundTripper
 	local   *httputil.ReverseProxy // reads, to the local app
@@ -208,6 +226,7 @@ func (rt *Router) isWrite(r *http.Request) bool {
 
 func (rt *Router) init() {
 	rt.once.Do(func() {
+		rt.tel = rt.newTelemetry()
 		rt.toLocal = rt.transport()
 		rt.toPeer = rt.PeerTransport
 		if rt.toPeer == nil {
@@ -241,18 +260,22 @@ func (rt *Router) transport() *http.Transport {
 // ServeHTTP routes one request.
 func (rt *Router) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	rt.init()
-	if r.ContentLength > rt.MaxBodyBytes {
-		http.Error(w, fmt.Sprintf("request body of %d bytes is larger than this router accepts (%d bytes, router.max_body)", r.ContentLength, rt.MaxBodyBytes), http.StatusRequestEntityTooLarge)
-		return
-	}
-	if r.Body != nil && r.Body != http.NoBody {
-		r.Body = http.MaxBytesReader(w, r.Body, rt.MaxBodyBytes)
-	}
-	if rt.isWrite(r) {
-		rt.serveWrite(w, r)
-	} else {
-		rt.serveRead(w, r)
-	}
+	write := rt.isWrite(r)
+	rt.traced(w, r, write, func(w http.ResponseWriter, r *http.Request) {
+		if r.ContentLength > rt.MaxBodyBytes {
+			setOutcome(r.Context(), OutcomeTooLarge)
+			http.Error(w, fmt.Sprintf("request body of %d bytes is larger than this router accepts (%d bytes, router.max_body)", r.ContentLength, rt.MaxBodyBytes), http.StatusRequestEntityTooLarge)
+			return
+		}
+		if r.Body != nil && r.Body != http.NoBody {
+			r.Body = http.MaxBytesReader(w, r.Body, rt.MaxBodyBytes)
+		}
+		if write {
+			rt.serveWrite(w, r)
+		} else {
+			rt.serveRead(w, r)
+		}
+	})
 }
 
 func (rt *Router) serveRead(w http.ResponseWriter, r *http.Request) {
@@ -270,14 +293,19 @@ func (rt *Router) serveRead(w http.ResponseWriter, r *http.Request) {
 	}
 	began := time.Now()
 	if rt.waitFor(r.Context(), tok) {
-		w.Header().Set(RYWHeader, fmt.Sprintf("local %.3f", ms(time.Since(began))))
+		waited := time.Since(began)
+		rt.tel.ryw.Record(r.Context(), waited.Seconds(), metric.WithAttributes(attribute.String("outcome", OutcomeLocal)))
+		w.Header().Set(RYWHeader, fmt.Sprintf("local %.3f", ms(waited)))
 		rt.local.ServeHTTP(w, r)
 		return
 	}
 	if r.Context().Err() != nil {
+		setOutcome(r.Context(), OutcomeClientGone)
 		return // the client went away
 	}
-	w.Header().Set(RYWHeader, fmt.Sprintf("primary %.3f", ms(time.Since(began))))
+	waited := time.Since(began)
+	rt.tel.ryw.Record(r.Context(), waited.Seconds(), metric.WithAttributes(attribute.String("outcome", OutcomePrimary)))
+	w.Header().Set(RYWHeader, fmt.Sprintf("primary %.3f", ms(waited)))
 	c, err := replayable(r)
 	if err != nil {
 		rt.proxyError(w, r, err)
@@ -332,6 +360,7 @@ func reached(pos map[string]uint64, tok Token) bool {
 func (rt *Router) serveWrite(w http.ResponseWriter, r *http.Request) {
 	p, ok, _ := rt.cluster.Primary()
 	if rt.Replay != "" && ok && !p.Self && r.Header.Get(ForwardedByHeader) == "" && r.Header.Get(rt.Replay+"-src") == "" {
+		setOutcome(r.Context(), OutcomeReplayed)
 		w.Header().Set(rt.Replay, "region="+p.Region)
 		w.WriteHeader(http.StatusConflict)
 		fmt.Fprintf(w, "writes go to the primary %s in region %s: replay there\n", p.Name, p.Region)
@@ -340,6 +369,7 @@ func (rt *Router) serveWrite(w http.ResponseWriter, r *http.Request) {
 	if r.Header.Get(ForwardedByHeader) != "" && !(ok && p.Self) {
 		// A router forwarded it here as to the primary, which this node
 		// is not (any more): it finds the primary again.
+		setOutcome(r.Context(), OutcomeMisdirected)
 		w.Header().Set(NotPrimaryHeader, "1")
 		http.Error(w, fmt.Sprintf("%s does not take writes now: the primary is %s", rt.self.Name, orNone(p.Name, ok)), http.StatusMisdirectedRequest)
 		return
@@ -389,6 +419,7 @@ func (rt *Router) rewrite(pr *httputil.ProxyRequest) {
 	}
 	pr.Out.Header.Del(ForwardedByHeader)
 	pr.Out.Header.Del(NotPrimaryHeader)
+	inject(pr.In.Context(), pr.Out.Header)
 }
 
 // proxyError answers a request the router could not get answered.
@@ -396,16 +427,21 @@ func (rt *Router) proxyError(w http.ResponseWriter, r *http.Request, err error) 
 	var tooBig *http.MaxBytesError
 	switch {
 	case errors.As(err, &tooBig):
+		setOutcome(r.Context(), OutcomeTooLarge)
 		http.Error(w, fmt.Sprintf("request body larger than this router accepts (%d bytes, router.max_body)", tooBig.Limit), http.StatusRequestEntityTooLarge)
 	case errors.Is(err, errNoPrimary):
+		setOutcome(r.Context(), OutcomeNoPrimary)
 		w.Header().Set("Retry-After", "1")
 		http.Error(w, fmt.Sprintf("no primary took writes within %v (router.primary_wait): a failover or handoff is under way; retry", rt.PrimaryWait), http.StatusServiceUnavailable)
 	case errors.Is(err, errPrimaryChanged):
+		setOutcome(r.Context(), OutcomePrimaryChanged)
 		w.Header().Set("Retry-After", "1")
 		http.Error(w, fmt.Sprintf("the write failed: %s stopped being the primary while the app handled it (a handoff or failover), and it was not sent again because the request is not marked idempotent (%s header); retry", rt.self.Name, rt.IdempotentHeader), http.StatusServiceUnavailable)
 	case r.Context().Err() != nil:
+		setOutcome(r.Context(), OutcomeClientGone)
 		w.WriteHeader(499) // the client went away; nobody reads this
 	default:
+		setOutcome(r.Context(), OutcomeFailed)
 		rt.Logger.Warn("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
 		http.Error(w, fmt.Sprintf("%s: %v", rt.self.Name, err), http.StatusBadGateway)
 	}

@@ -9,6 +9,8 @@ import (
 	"net/http"
 	"sync/atomic"
 	"time"
+
+	"go.opentelemetry.io/otel/trace"
 )
 
 type callKey struct{}
@@ -70,6 +72,7 @@ type localTransport struct{ rt *Router }
 func (t localTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	resp, err := t.rt.toLocal.RoundTrip(req)
 	if err == nil {
+		setOutcome(req.Context(), OutcomeLocal)
 		resp.Header.Set(ServedByHeader, t.rt.self.Name)
 	}
 	return resp, err
@@ -149,14 +152,24 @@ func (t primaryTransport) self(out *http.Request, c *call) (*http.Response, erro
 	if c.write {
 		before, _ = rt.positions.Positions()
 	}
+	app := trace.SpanContext{}
+	if c.write && rt.TrackWrite != nil {
+		done := rt.TrackWrite(out.Context())
+		defer func() { done(app) }()
+	}
 	resp, err := rt.toLocal.RoundTrip(out)
 	if err != nil {
 		return nil, err, false
 	}
 	resp.Header.Set(ServedByHeader, rt.self.Name)
 	if !c.write {
+		// A read that waited for its token, on a node that became the
+		// primary since.
+		setOutcome(out.Context(), OutcomePrimary)
 		return resp, nil, false
 	}
+	setOutcome(out.Context(), OutcomeLocal)
+	app = appSpan(out.Context(), resp)
 	if resp.StatusCode >= 500 {
 		if p, ok, _ := rt.cluster.Primary(); !ok || !p.Self {
 			// The node stopped taking writes while the app wrote: the
@@ -199,6 +212,11 @@ func (t primaryTransport) peer(out *http.Request, c *call, p Node) (*http.Respon
 	if resp.StatusCode == http.StatusMisdirectedRequest && resp.Header.Get(NotPrimaryHeader) != "" {
 		resp.Body.Close()
 		return nil, fmt.Errorf("%s does not take writes now", p.Name), true
+	}
+	if c.write {
+		setOutcome(out.Context(), OutcomeForwarded)
+	} else {
+		setOutcome(out.Context(), OutcomePrimary)
 	}
 	return resp, nil, false
 }

@@ -60,7 +60,16 @@ func run(ctx context.Context, args []string) error {
 	defer db.Close()
 	a := &app{db: db, path: *dbPath, node: envOr("MERIDIAN_NODE", hostname()), region: envOr("MERIDIAN_REGION", "local"), log: slog.Default()}
 	go a.migrate(ctx)
-	srv := &http.Server{Addr: *listen, Handler: a.routes(), ReadHeaderTimeout: 10 * time.Second}
+	handler, flush, err := traced(ctx, a.routes(), a.region)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		fctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		_ = flush(fctx)
+	}()
+	srv := &http.Server{Addr: *listen, Handler: handler, ReadHeaderTimeout: 10 * time.Second}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.ListenAndServe() }()
 	a.log.Info("guestbook listening", "addr", *listen, "db", *dbPath, "node", a.node, "region", a.region)

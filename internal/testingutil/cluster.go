@@ -68,6 +68,9 @@ type ClusterNodeSpec struct {
 	// router section, e.g. "ryw_timeout: 1s, primary_wait: 2s".
 	App        []string
 	RouterKeys string
+	// Env holds more environment variables of its process (and its
+	// app's), "KEY=value".
+	Env []string
 }
 
 // Cluster is a cluster of real `regiond run` processes on loopback, with
@@ -361,6 +364,9 @@ func (n *ClusterNode) start(tb TB) {
 		args = append(append(args, "--"), n.App...)
 	}
 	cmd := n.c.Command(args...)
+	if len(n.Env) > 0 {
+		cmd.Env = append(cmd.Environ(), n.Env...)
+	}
 	cmd.Stdout, cmd.Stderr = log, log
 	// A harness killed before its cleanups run (a test binary past its
 	// timeout, a benchmark whose output pipe closed) takes its nodes with
