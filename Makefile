@@ -34,6 +34,7 @@ all: build
 # (default /tmp/meridian-demo), wiped at each start unless DEMO_KEEP=1.
 demo: build
 	MERIDIAN_CONSUL=$$(scripts/install-consul.sh) && export MERIDIAN_CONSUL && \
+		MERIDIAN_JAEGER=$$(scripts/install-jaeger.sh) && export MERIDIAN_JAEGER && \
 		$(GO) run ./examples/demo -regiond bin/regiond -app bin/guestbook
 
 # demo-check takes the demo's scripted tour unattended (a write through the
@@ -41,6 +42,7 @@ demo: build
 # checks its output and that nothing of it is left (build tag democheck).
 demo-check: build
 	MERIDIAN_CONSUL=$$(scripts/install-consul.sh) && export MERIDIAN_CONSUL && \
+		MERIDIAN_JAEGER=$$(scripts/install-jaeger.sh) && export MERIDIAN_JAEGER && \
 		scripts/bounded-run 10m $(GO) test -tags democheck -count=1 -timeout 8m -v ./examples/demo
 
 build:

@@ -101,7 +101,7 @@ func TestWriteConfig_SegmentSize(t *testing.T) {
 		size int64
 		want string
 	}{{-1, ""}, {0, "  log_segment_size: 0\n"}, {1 << 20, "  log_segment_size: 1048576\n"}} {
-		if err := writeConfig(path, "/d", "/m", "mount", true, tc.size); err != nil {
+		if err := writeConfig(path, "/d", "/m", "mount", true, tc.size, ""); err != nil {
 			t.Fatal(err)
 		}
 		data, err := os.ReadFile(path)

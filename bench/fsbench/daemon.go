@@ -46,7 +46,7 @@ type daemon struct {
 // dataDir at mountDir. fs.log_segment_size is written only when
 // segmentSize is not negative: a regiond from before the key rejects it as
 // unknown.
-func writeConfig(path, dataDir, mountDir, locks string, passthrough bool, segmentSize int64) error {
+func writeConfig(path, dataDir, mountDir, locks string, passthrough bool, segmentSize int64, extra string) error {
 	segment := ""
 	if segmentSize >= 0 {
 		segment = fmt.Sprintf("  log_segment_size: %d\n", segmentSize)
@@ -61,7 +61,7 @@ fs:
 %slease:
   type: static
   static_primary: bench-1
-`, dataDir, mountDir, locks, passthrough, segment)
+%s`, dataDir, mountDir, locks, passthrough, segment, extra)
 	return os.WriteFile(path, []byte(cfg), 0o644)
 }
 

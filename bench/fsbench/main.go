@@ -77,6 +77,8 @@ import (
 	"time"
 
 	_ "github.com/mattn/go-sqlite3"
+
+	"github.com/meridian-db/meridian/internal/testingutil"
 )
 
 // dbName is the database both sides open.
@@ -99,6 +101,10 @@ type options struct {
 	walPassthrough bool
 	// segmentSize is the daemon's fs.log_segment_size; -1 leaves it out.
 	segmentSize int64
+
+	// trace: the "mount" side traces every commit and exports the spans
+	// over OTLP/gRPC to a collector in fsbench.
+	trace bool
 
 	baseline        string // a second regiond measured as the "baseline" side; "" for none
 	baselineLabel   string // how the report names it
@@ -123,6 +129,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.BoolVar(&o.walPassthrough, "wal-passthrough", true, "the daemon's fs.passthrough: false serves every WAL write through the daemon")
 	fs.DurationVar(&o.stall, "stall", time.Minute, "take the mount for hung when a measurement runs this long past -duration")
 	fs.Int64Var(&o.segmentSize, "segment-size", -1, "the daemon's fs.log_segment_size in bytes (0: one file per transaction); -1 leaves the key out of its config")
+	fs.BoolVar(&o.trace, "trace", false, "the daemon traces every commit (telemetry.sample_commits: 1) and exports the spans over OTLP/gRPC to a collector in fsbench; with -baseline bin/regiond, the cost of tracing")
 	fs.StringVar(&o.baseline, "baseline", "", "a second regiond `binary` (e.g. a build of an earlier commit) measured as a fourth side, \"baseline\", with the same fs.locks and fs.passthrough")
 	fs.StringVar(&o.baselineLabel, "baseline-label", "", "names the -baseline binary in the report, e.g. \"26762fb per-file\"")
 	fs.Int64Var(&o.baselineSegment, "baseline-segment-size", -1, "the baseline's fs.log_segment_size in bytes; -1 leaves the key out of its config (a regiond from before the key rejects it)")
@@ -192,6 +199,8 @@ func main() {
 // bench is one benchmark run.
 type bench struct {
 	opts options
+	// otlp receives the mount side's spans with -trace.
+	otlp *testingutil.OTLPReceiver
 
 	mu       sync.Mutex
 	daemons  []*daemon // each regiond, added as soon as it is started
@@ -298,6 +307,13 @@ func (b *bench) run(ctx context.Context) (err error) {
 	mach := describeMachine(work, regiond, o.baseline)
 	printHeader(os.Stdout, mach, o)
 
+	if o.trace {
+		if b.otlp, err = testingutil.NewOTLPReceiver(); err != nil {
+			return fmt.Errorf("start the OTLP collector: %w", err)
+		}
+		b.otlp.Discard = true
+		defer b.otlp.Close()
+	}
 	sides := []side{bare}
 	if !o.bareOnly {
 		specs := []daemonSpec{{"mount", o.regiond, o.segmentSize}}
@@ -346,6 +362,9 @@ func (b *bench) run(ctx context.Context) (err error) {
 	if !o.bareOnly {
 		printCapture(os.Stdout, results)
 	}
+	if b.otlp != nil {
+		fmt.Printf("\nTracing: the collector received %d spans from the mount side's regiond (telemetry.sample_commits: 1, OTLP/gRPC on loopback).\n", b.otlp.Count())
+	}
 	if o.jsonPath != "" {
 		if err := writeJSON(o.jsonPath, mach, o, results); err != nil {
 			return fmt.Errorf("write -json: %w", err)
@@ -367,7 +386,11 @@ func (b *bench) startMountSide(ctx context.Context, work string, spec daemonSpec
 		}
 	}
 	cfg := filepath.Join(work, f.cfg)
-	if err := writeConfig(cfg, dataDir, mountDir, b.opts.locks, b.opts.walPassthrough, spec.segment); err != nil {
+	extra := ""
+	if name == "mount" && b.otlp != nil {
+		extra = fmt.Sprintf("telemetry:\n  endpoint: %s\n  sample_commits: 1\n", b.otlp.Endpoint)
+	}
+	if err := writeConfig(cfg, dataDir, mountDir, b.opts.locks, b.opts.walPassthrough, spec.segment, extra); err != nil {
 		return side{}, err
 	}
 	dname := "regiond"

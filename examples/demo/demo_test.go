@@ -5,6 +5,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"image/png"
 	"net"
 	"os"
 	"os/exec"
@@ -67,6 +68,32 @@ func TestDemo_Check(t *testing.T) {
 		want := oneWay(primary, l[1])
 		if l[4] != want.String() || lag < float64(want.Milliseconds()) || lag > 10000 {
 			t.Errorf("visible in %s after %v ms (latency printed %s), want at least the one-way latency %v", l[1], lag, l[4], want)
+		}
+	}
+	// The write's trace: eight spans, an apply in each replica region,
+	// and its page in Chromium, a PNG of the window's size.
+	if m := regexp.MustCompile(`(?m)^  its trace, (\d+) spans from the router in (\w+) to the apply in every replica region: http://127\.0\.0\.1:16600/trace/[0-9a-f]{32}$`).FindStringSubmatch(out); m == nil || m[1] != "8" || m[2] != from {
+		t.Errorf("no line for the write's trace of 8 spans from %s: %q", from, m)
+	}
+	for _, r := range regions {
+		if r.name == primary {
+			continue
+		}
+		if !regexp.MustCompile(`(?m)^    apply in ` + r.name + `\s+.*lag_ms=[\d.]+`).MatchString(out) {
+			t.Errorf("no apply span of the write's trace in %s", r.name)
+		}
+	}
+	if m := regexp.MustCompile(`check: the trace page in headless Chromium shows (.*); screenshot (\S+)`).FindStringSubmatch(out); m == nil {
+		t.Error("no screenshot of the trace page")
+	} else {
+		f, err := os.Open(m[2])
+		if err != nil {
+			t.Fatal(err)
+		}
+		img, err := png.Decode(f)
+		f.Close()
+		if err != nil || img.Bounds().Dx() != 1400 || img.Bounds().Dy() != 700 {
+			t.Errorf("screenshot %s: %v, %v; want a 1400x700 PNG", m[2], err, img)
 		}
 	}
 	if !regexp.MustCompile(`check: new primary (\S+), [\d.]+ s after the kill`).MatchString(out) {

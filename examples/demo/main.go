@@ -174,6 +174,16 @@ func preflight(bin, app string) ([2]string, error) {
 	if _, err := testingutil.ConsulBinary(); err != nil {
 		return exes, fmt.Errorf("%v (make demo sets MERIDIAN_CONSUL from scripts/install-consul.sh)", err)
 	}
+	if os.Getenv("MERIDIAN_JAEGER") == "" {
+		return exes, errors.New("MERIDIAN_JAEGER is not set (make demo sets it from scripts/install-jaeger.sh)")
+	}
+	for _, p := range [][2]string{{jaegerOTLP, "Jaeger's OTLP receiver"}, {jaegerUI, "Jaeger's API"}, {jaegerGRPC, "Jaeger's gRPC API"}, {traceViewer, "the trace page"}} {
+		l, err := net.Listen("tcp", p[0])
+		if err != nil {
+			return exes, fmt.Errorf("port %s (%s) is taken: stop what listens there (ss -ltnp | grep %s) and run the demo again", p[0], p[1], p[0])
+		}
+		l.Close()
+	}
 	for _, r := range regions {
 		for _, p := range [][2]string{{r.router, "router"}, {r.app, "app"}, {r.admin, "admin API"}, {r.repl, "replication"}} {
 			l, err := net.Listen("tcp", p[0])
@@ -233,13 +243,15 @@ func leftovers(dir string) string {
 			left = append(left, "process "+filepath.Base(p)+": "+strings.ReplaceAll(string(cmdline), "\x00", " "))
 		}
 	}
+	addrs := []string{jaegerOTLP, jaegerUI, jaegerGRPC, traceViewer}
 	for _, r := range regions {
-		for _, a := range []string{r.router, r.app, r.admin, r.repl} {
-			if l, err := net.Listen("tcp", a); err != nil {
-				left = append(left, "port "+a+" in use")
-			} else {
-				l.Close()
-			}
+		addrs = append(addrs, r.router, r.app, r.admin, r.repl)
+	}
+	for _, a := range addrs {
+		if l, err := net.Listen("tcp", a); err != nil {
+			left = append(left, "port "+a+" in use")
+		} else {
+			l.Close()
 		}
 	}
 	return strings.Join(left, "; ")
@@ -248,10 +260,18 @@ func leftovers(dir string) string {
 func tour(ctx context.Context, h *demoTB, dir, exe, app string, check bool) error {
 	fmt.Printf("Meridian demo: three regions on this machine; state in %s\n", dir)
 	agent := testingutil.StartConsul(h)
+	j, err := startJaeger(ctx, dir)
+	if err != nil {
+		return err
+	}
+	h.Cleanup(j.stop) // after the nodes, which send their last spans as they stop
 	command := func(args ...string) *exec.Cmd { return exec.Command(exe, args...) }
 	var specs []testingutil.ClusterNodeSpec
 	for _, r := range regions {
-		specs = append(specs, testingutil.ClusterNodeSpec{Name: r.node, Region: r.name, App: []string{app}})
+		specs = append(specs, testingutil.ClusterNodeSpec{Name: r.node, Region: r.name, App: []string{app},
+			Extra: []string{fmt.Sprintf("telemetry: {endpoint: %q}", "http://"+jaegerOTLP)},
+			// Spans reach Jaeger within a fifth of a second.
+			Env: []string{"OTEL_BSP_SCHEDULE_DELAY=200"}})
 	}
 	c := testingutil.NewCluster(h, command, "", specs...)
 	for i, n := range c.Nodes {
@@ -276,7 +296,8 @@ func tour(ctx context.Context, h *demoTB, dir, exe, app string, check bool) erro
 	}
 	c.WaitCaughtUp(h, time.Minute, "app.db")
 
-	fmt.Printf("  consul: %s (a dev agent; it holds the write lease)\n\n", agent.URL)
+	fmt.Printf("  consul: %s (a dev agent; it holds the write lease)\n", agent.URL)
+	fmt.Printf("  traces: Jaeger, OTLP/gRPC on %s, its API on http://%s; trace pages on http://%s/trace/<trace id>\n\n", jaegerOTLP, jaegerUI, traceViewer)
 	fmt.Printf("  %-6s %-6s %-24s %-25s %s\n", "region", "node", "app, through its router", "admin API", "role")
 	for _, n := range c.Nodes {
 		role := "replica"
@@ -289,7 +310,8 @@ func tour(ctx context.Context, h *demoTB, dir, exe, app string, check bool) erro
 		oneWay("iad", "fra"), oneWay("iad", "syd"), oneWay("fra", "syd"))
 
 	far := farthest(c, primary)
-	if err := writeAndWatch(ctx, c, primary, far, first.ID); err != nil {
+	traceID, err := writeAndWatch(ctx, c, primary, far, first.ID)
+	if err != nil {
 		return err
 	}
 	menu(c, primary, exe)
@@ -298,6 +320,9 @@ func tour(ctx context.Context, h *demoTB, dir, exe, app string, check bool) erro
 		<-ctx.Done()
 		fmt.Println("\nstopping: the nodes stop their apps and unmount")
 		return nil
+	}
+	if err := checkTracePage(ctx, dir, traceID, primary, far, c); err != nil {
+		return err
 	}
 	return checkTour(ctx, h, c, primary)
 }
@@ -332,7 +357,7 @@ func farthest(c *testingutil.Cluster, primary *testingutil.ClusterNode) *testing
 // writeAndWatch writes an entry through the router of from and prints
 // when each region's app could read it: every region is watched from
 // before the write is sent, for an entry past after.
-func writeAndWatch(ctx context.Context, c *testingutil.Cluster, primary, from *testingutil.ClusterNode, after int64) error {
+func writeAndWatch(ctx context.Context, c *testingutil.Cluster, primary, from *testingutil.ClusterNode, after int64) (traceID string, err error) {
 	msg := fmt.Sprintf("hello from %s at %s", from.Region, time.Now().Format(time.RFC3339Nano))
 	type seen struct {
 		n   *testingutil.ClusterNode
@@ -350,14 +375,15 @@ func writeAndWatch(ctx context.Context, c *testingutil.Cluster, primary, from *t
 		}()
 	}
 	began := time.Now()
-	hdr, e, err := post(from.RouterURL(), "demo", msg)
+	tp, traceID := newTraceparent()
+	hdr, e, err := post(from.RouterURL(), "demo", msg, "traceparent", tp)
 	if err != nil {
-		return err
+		return "", err
 	}
 	took := time.Since(began)
 	committed, err := time.Parse(time.RFC3339Nano, e.CreatedAt)
 	if err != nil {
-		return fmt.Errorf("entry %d: created_at %q", e.ID, e.CreatedAt)
+		return "", fmt.Errorf("entry %d: created_at %q", e.ID, e.CreatedAt)
 	}
 	fmt.Printf("A write through %s, the region farthest from the primary %s: %s forwarded it to %s, which answered in %.1f ms\n",
 		from.Region, primary.Name, from.Name, hdr.Get(router.ServedByHeader), ms(took))
@@ -371,7 +397,7 @@ func writeAndWatch(ctx context.Context, c *testingutil.Cluster, primary, from *t
 		s := lags[n.Name]
 		switch {
 		case s.err != nil:
-			return fmt.Errorf("entry %d in %s: %w", e.ID, n.Region, s.err)
+			return "", fmt.Errorf("entry %d in %s: %w", e.ID, n.Region, s.err)
 		case n == primary:
 			fmt.Printf("  visible in %s after %6.1f ms (the primary: committed there)\n", n.Region, 0.0)
 		default:
@@ -379,7 +405,46 @@ func writeAndWatch(ctx context.Context, c *testingutil.Cluster, primary, from *t
 		}
 	}
 	fmt.Println("  (from the commit on the primary, by the entry's created_at, to the first read of it through the region's router; the nodes share this machine's clock)")
+	// Both routers, the app, the commit, and a ship and an apply per
+	// replica.
+	want := 4 + 2*(len(c.Nodes)-1)
+	t, err := awaitTrace(ctx, traceID, want)
+	if err != nil {
+		return "", err
+	}
+	fmt.Printf("  its trace, %d spans from the router in %s to the apply in every replica region: http://%s/trace/%s\n", len(t.Spans), from.Region, traceViewer, traceID)
+	for _, r := range rows(t) {
+		if r.Operation == "apply" {
+			fmt.Printf("    apply in %-13s %s\n", strings.TrimPrefix(r.Service, "meridian-"), r.Details)
+		}
+	}
 	fmt.Println()
+	return traceID, nil
+}
+
+// checkTracePage renders the page of trace id in headless Chromium,
+// saves a screenshot in dir, and checks that the page shows the commit on
+// the primary and an apply span in every other region (make demo-check).
+func checkTracePage(ctx context.Context, dir, id string, primary, from *testingutil.ClusterNode, c *testingutil.Cluster) error {
+	png := filepath.Join(dir, "trace.png")
+	dom, err := screenshot(ctx, fmt.Sprintf("http://%s/trace/%s", traceViewer, id), png)
+	if err != nil {
+		return err
+	}
+	var named []string
+	want := []string{"meridian-" + from.Region + "</td><td>router<", "meridian-" + primary.Region + "</td><td>commit<"}
+	for _, n := range c.Nodes {
+		if n != primary {
+			want = append(want, "meridian-"+n.Region+"</td><td>apply<")
+		}
+	}
+	for _, w := range want {
+		if !strings.Contains(dom, w) {
+			return fmt.Errorf("the trace page in Chromium does not show %q (screenshot %s)", strings.TrimSuffix(strings.ReplaceAll(w, "</td><td>", " "), "<"), png)
+		}
+		named = append(named, strings.TrimSuffix(strings.ReplaceAll(w, "</td><td>", " "), "<"))
+	}
+	fmt.Printf("check: the trace page in headless Chromium shows %s; screenshot %s\n", strings.Join(named, ", "), png)
 	return nil
 }
 
@@ -458,9 +523,19 @@ type entry struct {
 	CreatedAt string `json:"created_at"`
 }
 
-func post(base, name, msg string) (http.Header, entry, error) {
+// post writes an entry through base, with the request headers hdr (name,
+// value, ...).
+func post(base, name, msg string, hdr ...string) (http.Header, entry, error) {
 	b, _ := json.Marshal(map[string]string{"name": name, "message": msg})
-	resp, err := http.Post(base+"/entries", "application/json", bytes.NewReader(b))
+	req, err := http.NewRequest("POST", base+"/entries", bytes.NewReader(b))
+	if err != nil {
+		return nil, entry{}, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		return nil, entry{}, err
 	}

@@ -21,8 +21,13 @@ type OTLPReceiver struct {
 	// OTEL_EXPORTER_OTLP_ENDPOINT or telemetry.endpoint.
 	Endpoint string
 
+	// Discard, set before the first export, counts spans (Count) without
+	// keeping them: for benchmarks.
+	Discard bool
+
 	srv     *grpc.Server
 	mu      sync.Mutex
+	count   int
 	spans   []Span
 	metrics []*metricspb.ResourceMetrics
 	collectortrace.UnimplementedTraceServiceServer
@@ -47,16 +52,35 @@ func (s Span) Attr(key string) *commonpb.AnyValue {
 // StartOTLPReceiver starts a receiver, stopped at the test's end.
 func StartOTLPReceiver(tb TB) *OTLPReceiver {
 	tb.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	r, err := NewOTLPReceiver()
 	if err != nil {
 		tb.Fatal(err)
+	}
+	tb.Cleanup(r.Close)
+	return r
+}
+
+// NewOTLPReceiver starts a receiver on a free loopback port; Close stops it.
+func NewOTLPReceiver() (*OTLPReceiver, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
 	}
 	r := &OTLPReceiver{Endpoint: "http://" + ln.Addr().String(), srv: grpc.NewServer()}
 	collectortrace.RegisterTraceServiceServer(r.srv, r)
 	collectormetrics.RegisterMetricsServiceServer(r.srv, metricsService{r: r})
 	go func() { _ = r.srv.Serve(ln) }()
-	tb.Cleanup(r.srv.Stop)
-	return r
+	return r, nil
+}
+
+// Close stops the receiver.
+func (r *OTLPReceiver) Close() { r.srv.Stop() }
+
+// Count returns how many spans it received.
+func (r *OTLPReceiver) Count() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.count
 }
 
 // Export receives spans.
@@ -71,6 +95,10 @@ func (r *OTLPReceiver) Export(_ context.Context, req *collectortrace.ExportTrace
 			}
 		}
 		for _, ss := range rs.GetScopeSpans() {
+			r.count += len(ss.GetSpans())
+			if r.Discard {
+				continue
+			}
 			for _, s := range ss.GetSpans() {
 				r.spans = append(r.spans, Span{Service: service, Span: s})
 			}
