@@ -24,7 +24,7 @@ PROTOC_GEN_GO_GRPC := $(TOOLS_BIN)/protoc-gen-go-grpc-$(PROTOC_GEN_GO_GRPC_VERSI
 # points them at the pinned binaries above, so versions live in this file only.
 PROTOC_PLUGINS := $(TOOLS_DIR)/protoc-plugins
 
-.PHONY: all build demo demo-check test test-long test-clock test-hang-check bench-fs bench-repl bench-failover bench-handoff bench-router lint proto proto-check fuzz bench tools clean
+.PHONY: all build demo demo-check test test-long test-clock test-hang-check bench-fs bench-trace bench-repl bench-failover bench-handoff bench-router lint proto proto-check fuzz bench tools clean
 
 all: build
 
@@ -120,6 +120,14 @@ FSBENCH_FLAGS ?=
 
 bench-fs: build
 	$(GO) run ./bench/fsbench -regiond bin/regiond $(FSBENCH_FLAGS)
+
+# bench-trace measures what tracing every commit costs: the same regiond
+# binary with every commit traced and its spans exported over OTLP/gRPC to
+# a collector in the benchmark, against tracing off, in WAL+NORMAL and
+# DELETE+FULL; see bench/README.md.
+bench-trace: build
+	$(GO) run ./bench/fsbench -regiond bin/regiond -trace -baseline bin/regiond -baseline-label "tracing off" \
+		-modes wal-normal,delete-full -workloads insert-1 -passthrough=false $(FSBENCH_FLAGS)
 
 # bench-repl measures replication across real regiond processes on loopback
 # (needs root and fuse3): lag at paced and maximum commit rates with one and

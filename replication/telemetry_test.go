@@ -84,3 +84,35 @@ func TestClient_Observe(t *testing.T) {
 		t.Errorf("lag measurements %d, invalid trace contexts %d; want 3 and 1", lagCount, invalid)
 	}
 }
+
+// FuzzTraceContext feeds remoteContext the trace context fields of an
+// LTXBegin frame: it never panics, reports only a parsed context as ok,
+// and what it parses encodes back to itself.
+func FuzzTraceContext(f *testing.F) {
+	f.Add("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "congo=t61rcWkgMzE")
+	f.Add("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00", "")
+	f.Add("00-00000000000000000000000000000000-b7ad6b7169203331-01", "")
+	f.Add("ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "a=b,c=d")
+	f.Add("", "")
+	f.Add("00-not-a-trace-context", "=")
+	f.Fuzz(func(t *testing.T, parent, state string) {
+		sc, ok := remoteContext(parent, state)
+		if parent == "" {
+			if !ok || sc.IsValid() {
+				t.Fatalf("no traceparent: %v, %v; want nothing, ok", sc, ok)
+			}
+			return
+		}
+		if ok != sc.IsValid() {
+			t.Fatalf("remoteContext(%q, %q) = %v, ok %v", parent, state, sc, ok)
+		}
+		if !ok {
+			return
+		}
+		p2, s2 := traceparent(sc)
+		sc2, ok2 := remoteContext(p2, s2)
+		if !ok2 || sc2.TraceID() != sc.TraceID() || sc2.SpanID() != sc.SpanID() || sc2.TraceFlags() != sc.TraceFlags() || sc2.TraceState().String() != sc.TraceState().String() {
+			t.Fatalf("%q %q parsed to %v, encoded as %q %q, parsed again to %v", parent, state, sc, p2, s2, sc2)
+		}
+	})
+}

@@ -6,7 +6,10 @@ import (
 	"encoding/hex"
 	"fmt"
 	"math"
+	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -279,5 +282,71 @@ func checkExemplars(t *testing.T, n *testingutil.ClusterNode, traces map[uint64]
 	}
 	if ours == 0 {
 		t.Errorf("%s: no lag exemplar names a TXID of the writes; exemplars: %q", n.Name, matches)
+	}
+}
+
+// TestTelemetry_CollectorUnreachable: with the collector's port closed
+// and every commit traced, commits go on as ever, every one counted, and
+// the node logs the failed exports once (the first of each minute), not
+// once per attempt.
+func TestTelemetry_CollectorUnreachable(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := ln.Addr().String()
+	ln.Close() // nothing listens there now
+	s := iad
+	s.Extra = []string{fmt.Sprintf("telemetry: {endpoint: %q, sample_commits: 1}", "http://"+dead)}
+	// Exports every 50 ms, each given up after 300 ms: many attempts.
+	s.Env = []string{"OTEL_BSP_SCHEDULE_DELAY=50", "OTEL_EXPORTER_OTLP_TIMEOUT=300", "OTEL_METRIC_EXPORT_INTERVAL=200"}
+	c := testingutil.NewCluster(t, regiondCommand, iad.Name, s)
+	c.Start(t)
+	n := c.Node(iad.Name)
+	db := testingutil.MustOpenSQLite(t, filepath.Join(n.MountDir, "app.db"), "wal")
+	const commits = 2000
+	done := make(chan error, 1)
+	go func() {
+		if _, err := db.Exec("CREATE TABLE t (x INTEGER)"); err != nil {
+			done <- err
+			return
+		}
+		for i := range commits {
+			if _, err := db.Exec("INSERT INTO t VALUES (?)", i); err != nil {
+				done <- err
+				return
+			}
+		}
+		done <- nil
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(2 * time.Minute):
+		t.Fatal("commits stalled with the collector unreachable")
+	}
+	time.Sleep(2 * time.Second) // export attempts go on failing
+	st := adminStatus(t, n)
+	var txid uint64
+	for _, d := range st.Databases {
+		if d.Name == "app.db" {
+			txid = d.TXID
+		}
+	}
+	if txid < commits+1 {
+		t.Fatalf("app.db at txid %d after %d commits", txid, commits+1)
+	}
+	mustMetrics(t, n, fmt.Sprintf(`meridian_commits_total{db="app.db"} %d`, txid))
+	log, err := os.ReadFile(n.LogPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Count(string(log), "telemetry: export failed"); got != 1 {
+		t.Errorf("the log says %d times that exports failed in %s, want once (at most one a minute):\n%s", got, dead, log)
+	}
+	if !strings.Contains(string(log), dead) {
+		t.Errorf("the log does not name the collector's address %s", dead)
 	}
 }
