@@ -327,11 +327,11 @@ type TLSConfig struct {
 // OTEL_TRACES_SAMPLER, OTEL_BSP_SCHEDULE_DELAY,
 // OTEL_METRIC_EXPORT_INTERVAL, ...).
 type TelemetryConfig struct {
-	// Endpoint is the OTLP/gRPC collector's URL: http://host:4317 in the
+	// OTLPEndpoint is the OTLP/gRPC collector's URL: http://host:4317 in the
 	// clear, https://host:4317 with TLS. "" takes
 	// OTEL_EXPORTER_OTLP_ENDPOINT (or the _TRACES_ and _METRICS_
 	// variants); with neither, nothing is exported and nothing traced.
-	Endpoint string `yaml:"endpoint"`
+	OTLPEndpoint string `yaml:"otlp_endpoint"`
 	// ServiceName names the node's traces and metrics; "" takes
 	// OTEL_SERVICE_NAME, else "meridian-" and the region.
 	ServiceName string `yaml:"service_name"`

@@ -74,7 +74,7 @@ log:
   level: debug
   format: json
 telemetry:
-  endpoint: https://otel.internal:4317
+  otlp_endpoint: https://otel.internal:4317
   service_name: meridian
   sample_commits: 0.5
 `
@@ -139,7 +139,7 @@ func TestParseConfig_Full(t *testing.T) {
 			MaxBody: 1 << 20, WritePaths: []string{"GET /admin/"}, ReadPaths: []string{"POST /search"}, IdempotentHeader: "X-Request-Id",
 			IdempotentMethods: []string{"PUT", "DELETE"}, Replay: "fly-replay", TrustForwarded: true},
 		Log:       regiond.LogConfig{Level: "debug", Format: "json"},
-		Telemetry: regiond.TelemetryConfig{Endpoint: "https://otel.internal:4317", ServiceName: "meridian", SampleCommits: 0.5},
+		Telemetry: regiond.TelemetryConfig{OTLPEndpoint: "https://otel.internal:4317", ServiceName: "meridian", SampleCommits: 0.5},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("got %+v, want %+v", got, want)
@@ -293,7 +293,7 @@ func TestParseConfig_Errors(t *testing.T) {
 		{"TooManySpareFiles", base + "fs:\n  spare_files: 100000\n", []string{`fs.spare_files: 100000 is not between 0 and 65536`}},
 		{"SmallSegments", base + "fs:\n  log_segment_size: 4096\n", []string{`fs.log_segment_size: 4096 is not 0 (a file per transaction) or between 65536 (64 KiB) and 1073741824 (1 GiB)`}},
 		{"SampleCommitsAboveOne", base + "telemetry:\n  sample_commits: 2\n", []string{`telemetry.sample_commits: 2 is not between 0 (no commit outside a traced request is traced) and 1 (all are)`}},
-		{"EndpointNotURL", base + "telemetry:\n  endpoint: 127.0.0.1:4317\n", []string{`telemetry.endpoint: "127.0.0.1:4317" is not an OTLP/gRPC collector URL (e.g. http://127.0.0.1:4317, or https:// for TLS)`}},
+		{"EndpointNotURL", base + "telemetry:\n  otlp_endpoint: 127.0.0.1:4317\n", []string{`telemetry.otlp_endpoint: "127.0.0.1:4317" is not an OTLP/gRPC collector URL (e.g. http://127.0.0.1:4317, or https:// for TLS)`}},
 		{"UnknownKey", base + "replicaton:\n  retention: 1m\n",
 			[]string{`line 3: unknown key "replicaton" (keys: node, region, data_dir, mount_dir, fs, lease, replication, tls, admin, router, log, telemetry)`}},
 		{"UnknownNestedKey", base + "replication:\n  retenton: 1m\n", []string{`line 4: unknown key "replication.retenton" (keys under replication: listen, advertise, peers, retention, max_retention, durability, sync_acks, sync_regions, sync_timeout, sync_on_timeout, max_in_flight_files, max_in_flight_bytes, max_file_size)`}},

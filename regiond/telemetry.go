@@ -62,8 +62,8 @@ func (t *telemetry) replication() replication.Telemetry {
 // whether OTEL_EXPORTER_OTLP_ENDPOINT (or a per-signal variant) names one
 // (the exporters read those themselves).
 func otlpEndpoint(c TelemetryConfig) (endpoint string, fromEnv bool) {
-	if c.Endpoint != "" {
-		return c.Endpoint, false
+	if c.OTLPEndpoint != "" {
+		return c.OTLPEndpoint, false
 	}
 	for _, v := range []string{"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"} {
 		if e := os.Getenv(v); e != "" {
@@ -79,10 +79,10 @@ func (c *Config) validateTelemetry(p *problems) {
 	if t.SampleCommits < 0 || t.SampleCommits > 1 {
 		p.add("telemetry.sample_commits: %v is not between 0 (no commit outside a traced request is traced) and 1 (all are)", t.SampleCommits)
 	}
-	if t.Endpoint != "" {
-		u, err := url.Parse(t.Endpoint)
+	if t.OTLPEndpoint != "" {
+		u, err := url.Parse(t.OTLPEndpoint)
 		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			p.add("telemetry.endpoint: %q is not an OTLP/gRPC collector URL (e.g. http://127.0.0.1:4317, or https:// for TLS)", t.Endpoint)
+			p.add("telemetry.otlp_endpoint: %q is not an OTLP/gRPC collector URL (e.g. http://127.0.0.1:4317, or https:// for TLS)", t.OTLPEndpoint)
 		}
 	}
 }
@@ -133,12 +133,12 @@ func (d *Daemon) startTelemetry(ctx context.Context) error {
 		}
 		te, err := otlptracegrpc.New(ctx, topts...)
 		if err != nil {
-			return fmt.Errorf("telemetry.endpoint %s: traces: %w", endpoint, err)
+			return fmt.Errorf("telemetry.otlp_endpoint %s: traces: %w", endpoint, err)
 		}
 		me, err := otlpmetricgrpc.New(ctx, mo...)
 		if err != nil {
 			_ = te.Shutdown(ctx)
-			return fmt.Errorf("telemetry.endpoint %s: metrics: %w", endpoint, err)
+			return fmt.Errorf("telemetry.otlp_endpoint %s: metrics: %w", endpoint, err)
 		}
 		rp := newReparenter(te)
 		t.writes = &writeTracker{rp: rp}

@@ -2,6 +2,7 @@ package regiond
 
 import (
 	"context"
+	"slices"
 	"sync"
 	"time"
 
@@ -27,9 +28,10 @@ import (
 // writeTracker knows the traced write requests the primary's router has
 // sent the local app, in flight and ended in the last trackKeep.
 type writeTracker struct {
-	rp     *reparenter
-	mu     sync.Mutex
-	writes []*trackedWrite // in the order they began
+	rp      *reparenter
+	mu      sync.Mutex
+	writes  []*trackedWrite // in the order they began
+	pruneAt int             // prune writes when there are this many
 }
 
 type trackedWrite struct {
@@ -37,10 +39,16 @@ type trackedWrite struct {
 	began, ended time.Time         // ended is zero while in flight
 }
 
-// trackKeep is how long an ended write is kept: a WAL commit is logged
-// after COMMIT returns, but the router waits for it (Positions.Committed)
-// before it ends the write.
-const trackKeep = 10 * time.Second
+// trackKeep is how long an ended write is kept for commits that SQLite
+// made while it was with the app: a WAL commit is logged after COMMIT
+// returns, but the router waits for every commit so far to be logged
+// (Positions.Committed) before it ends the write, so a moment is enough.
+const trackKeep = time.Second
+
+// endedKeep is how long the reparenter keeps the app span of an ended
+// write for the commit spans exported after it: the batcher exports
+// every OTEL_BSP_SCHEDULE_DELAY (5 s by default).
+const endedKeep = 30 * time.Second
 
 // track is router.Router.TrackWrite.
 func (w *writeTracker) track(ctx context.Context) func(app trace.SpanContext) {
@@ -51,12 +59,14 @@ func (w *writeTracker) track(ctx context.Context) func(app trace.SpanContext) {
 	tw := &trackedWrite{sc: sc, began: time.Now()}
 	w.rp.begin(sc.SpanID())
 	w.mu.Lock()
-	now := tw.began
-	n := 0
-	for n < len(w.writes) && !w.writes[n].ended.IsZero() && now.Sub(w.writes[n].ended) > trackKeep {
-		n++
+	if len(w.writes) >= w.pruneAt {
+		// Those ended long enough ago go; what stays (in flight, or
+		// ended just now) sets when to look again.
+		now := tw.began
+		w.writes = slices.DeleteFunc(w.writes, func(x *trackedWrite) bool { return !x.ended.IsZero() && now.Sub(x.ended) > trackKeep })
+		w.pruneAt = max(2*len(w.writes), 64)
 	}
-	w.writes = append(w.writes[n:], tw)
+	w.writes = append(w.writes, tw)
 	w.mu.Unlock()
 	return func(app trace.SpanContext) {
 		w.mu.Lock()
@@ -99,6 +109,7 @@ type reparenter struct {
 	mu      sync.Mutex
 	pending map[trace.SpanID][]sdktrace.ReadOnlySpan // writes in flight: the spans held for each
 	ended   map[trace.SpanID]endedWrite
+	order   []trace.SpanID // of ended, oldest first
 }
 
 type endedWrite struct {
@@ -123,11 +134,12 @@ func (r *reparenter) end(id trace.SpanID, app trace.SpanContext) {
 	held := r.pending[id]
 	delete(r.pending, id)
 	now := time.Now()
-	for k, e := range r.ended {
-		if now.Sub(e.at) > trackKeep {
-			delete(r.ended, k)
-		}
+	n := 0
+	for n < len(r.order) && now.Sub(r.ended[r.order[n]].at) > endedKeep {
+		delete(r.ended, r.order[n])
+		n++
 	}
+	r.order = append(r.order[n:], id)
 	r.ended[id] = endedWrite{app, now}
 	r.mu.Unlock()
 	if len(held) == 0 {

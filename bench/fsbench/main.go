@@ -388,7 +388,7 @@ func (b *bench) startMountSide(ctx context.Context, work string, spec daemonSpec
 	cfg := filepath.Join(work, f.cfg)
 	extra := ""
 	if name == "mount" && b.otlp != nil {
-		extra = fmt.Sprintf("telemetry:\n  endpoint: %s\n  sample_commits: 1\n", b.otlp.Endpoint)
+		extra = fmt.Sprintf("telemetry:\n  otlp_endpoint: %s\n  sample_commits: 1\n", b.otlp.Endpoint)
 	}
 	if err := writeConfig(cfg, dataDir, mountDir, b.opts.locks, b.opts.walPassthrough, spec.segment, extra); err != nil {
 		return side{}, err

@@ -57,7 +57,7 @@ func startApp(ctx context.Context, d *regiond.Daemon, args []string, db string, 
 	if c.Router.Listen != "" {
 		env = append(env, "MERIDIAN_ROUTER_URL=http://"+c.Router.Listen)
 	}
-	if e := c.Telemetry.Endpoint; e != "" && os.Getenv("OTEL_EXPORTER_OTLP_ENDPOINT") == "" {
+	if e := c.Telemetry.OTLPEndpoint; e != "" && os.Getenv("OTEL_EXPORTER_OTLP_ENDPOINT") == "" {
 		// The app's traces go where the node's go.
 		env = append(env, "OTEL_EXPORTER_OTLP_ENDPOINT="+e)
 	}

@@ -30,7 +30,7 @@ func telemetryCluster(t *testing.T, rcv *testingutil.OTLPReceiver) *testingutil.
 	var specs []testingutil.ClusterNodeSpec
 	for _, s := range []testingutil.ClusterNodeSpec{iad, fra, syd} {
 		s.App = app
-		s.Extra = append(s.Extra, fmt.Sprintf("telemetry: {endpoint: %q, sample_commits: 0}", rcv.Endpoint))
+		s.Extra = append(s.Extra, fmt.Sprintf("telemetry: {otlp_endpoint: %q, sample_commits: 0}", rcv.Endpoint))
 		// Batches out fast, for the test not to wait.
 		s.Env = []string{"OTEL_BSP_SCHEDULE_DELAY=100", "OTEL_METRIC_EXPORT_INTERVAL=500"}
 		specs = append(specs, s)
@@ -297,7 +297,7 @@ func TestTelemetry_CollectorUnreachable(t *testing.T) {
 	dead := ln.Addr().String()
 	ln.Close() // nothing listens there now
 	s := iad
-	s.Extra = []string{fmt.Sprintf("telemetry: {endpoint: %q, sample_commits: 1}", "http://"+dead)}
+	s.Extra = []string{fmt.Sprintf("telemetry: {otlp_endpoint: %q, sample_commits: 1}", "http://"+dead)}
 	// Exports every 50 ms, each given up after 300 ms: many attempts.
 	s.Env = []string{"OTEL_BSP_SCHEDULE_DELAY=50", "OTEL_EXPORTER_OTLP_TIMEOUT=300", "OTEL_METRIC_EXPORT_INTERVAL=200"}
 	c := testingutil.NewCluster(t, regiondCommand, iad.Name, s)

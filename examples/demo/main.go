@@ -269,7 +269,7 @@ func tour(ctx context.Context, h *demoTB, dir, exe, app string, check bool) erro
 	var specs []testingutil.ClusterNodeSpec
 	for _, r := range regions {
 		specs = append(specs, testingutil.ClusterNodeSpec{Name: r.node, Region: r.name, App: []string{app},
-			Extra: []string{fmt.Sprintf("telemetry: {endpoint: %q}", "http://"+jaegerOTLP)},
+			Extra: []string{fmt.Sprintf("telemetry: {otlp_endpoint: %q}", "http://"+jaegerOTLP)},
 			// Spans reach Jaeger within a fifth of a second.
 			Env: []string{"OTEL_BSP_SCHEDULE_DELAY=200"}})
 	}

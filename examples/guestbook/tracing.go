@@ -17,7 +17,7 @@ import (
 
 // traced wraps h in otelhttp when OTEL_EXPORTER_OTLP_ENDPOINT (or
 // OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) names a collector, which `regiond
-// run` sets from telemetry.endpoint: each request gets a span, a child of
+// run` sets from telemetry.otlp_endpoint: each request gets a span, a child of
 // the router's (W3C traceparent), and its response names that span in a
 // traceresponse header, so the commits the request makes join the trace
 // under it. It returns the handler and a function that flushes the spans.

@@ -18,7 +18,7 @@ import (
 // and metric it is sent, for tests of what processes export.
 type OTLPReceiver struct {
 	// Endpoint is its URL, http://127.0.0.1:PORT, for
-	// OTEL_EXPORTER_OTLP_ENDPOINT or telemetry.endpoint.
+	// OTEL_EXPORTER_OTLP_ENDPOINT or telemetry.otlp_endpoint.
 	Endpoint string
 
 	// Discard, set before the first export, counts spans (Count) without
