@@ -24,7 +24,7 @@ PROTOC_GEN_GO_GRPC := $(TOOLS_BIN)/protoc-gen-go-grpc-$(PROTOC_GEN_GO_GRPC_VERSI
 # points them at the pinned binaries above, so versions live in this file only.
 PROTOC_PLUGINS := $(TOOLS_DIR)/protoc-plugins
 
-.PHONY: all build demo demo-check test test-long test-clock test-hang-check bench-fs bench-trace bench-repl bench-failover bench-handoff bench-router lint proto proto-check fuzz bench tools clean
+.PHONY: all build demo demo-check test test-terraform test-long test-clock test-hang-check bench-fs bench-trace bench-repl bench-failover bench-handoff bench-router lint proto proto-check fuzz bench tools clean
 
 all: build
 
@@ -88,6 +88,20 @@ test-clock:
 # or a SIGKILL ends it. About a minute; CI runs it.
 test-hang-check:
 	scripts/hang-check
+
+# test-terraform checks the Terraform modules (terraform/, see the README):
+# terraform fmt -check and validate, terraform test on the topology module,
+# and that every regiond.yml it renders loads in regiond (build tag
+# terraform). Terraform from PATH, else OpenTofu built by
+# scripts/install-terraform.sh; CI runs it.
+test-terraform:
+	MERIDIAN_TERRAFORM=$$(scripts/install-terraform.sh) && export MERIDIAN_TERRAFORM && \
+		export TF_CLI_CONFIG_FILE=$(CURDIR)/terraform/cli.tfrc TF_IN_AUTOMATION=1 CHECKPOINT_DISABLE=1 && \
+		"$$MERIDIAN_TERRAFORM" fmt -check -recursive terraform && \
+		"$$MERIDIAN_TERRAFORM" -chdir=terraform/modules/topology init -backend=false -input=false -no-color >/dev/null && \
+		"$$MERIDIAN_TERRAFORM" -chdir=terraform/modules/topology validate -no-color && \
+		"$$MERIDIAN_TERRAFORM" -chdir=terraform/modules/topology test -no-color && \
+		$(GO) test -tags terraform -count=1 -run '^TestTerraform' ./regiond
 
 # fuzz runs every FuzzX target of ltx/, fs/, replication/, regiond/,
 # lease/ and router/, one at a time,
