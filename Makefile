@@ -90,18 +90,24 @@ test-hang-check:
 	scripts/hang-check
 
 # test-terraform checks the Terraform modules (terraform/, see the README):
-# terraform fmt -check and validate, terraform test on the topology module,
-# and that every regiond.yml it renders loads in regiond (build tag
-# terraform). Terraform from PATH, else OpenTofu built by
-# scripts/install-terraform.sh; CI runs it.
-test-terraform:
+# terraform fmt -check and validate of every module and the example,
+# terraform test on the topology module, every regiond.yml it renders
+# loaded in regiond, and terraform/examples/local taken through apply, a
+# write read in every region, a rolling change of durability under writes
+# and destroy (build tag terraform; needs root and openssh-server).
+# Terraform from PATH, else OpenTofu built by scripts/install-terraform.sh;
+# CI runs it.
+test-terraform: build
 	MERIDIAN_TERRAFORM=$$(scripts/install-terraform.sh) && export MERIDIAN_TERRAFORM && \
+		MERIDIAN_CONSUL=$$(scripts/install-consul.sh) && export MERIDIAN_CONSUL && \
 		export TF_CLI_CONFIG_FILE=$(CURDIR)/terraform/cli.tfrc TF_IN_AUTOMATION=1 CHECKPOINT_DISABLE=1 && \
 		"$$MERIDIAN_TERRAFORM" fmt -check -recursive terraform && \
-		"$$MERIDIAN_TERRAFORM" -chdir=terraform/modules/topology init -backend=false -input=false -no-color >/dev/null && \
-		"$$MERIDIAN_TERRAFORM" -chdir=terraform/modules/topology validate -no-color && \
+		for d in terraform/modules/topology terraform/modules/hosts terraform/examples/local; do \
+			"$$MERIDIAN_TERRAFORM" -chdir=$$d init -backend=false -input=false -no-color >/dev/null && \
+			"$$MERIDIAN_TERRAFORM" -chdir=$$d validate -no-color || exit 1; \
+		done && \
 		"$$MERIDIAN_TERRAFORM" -chdir=terraform/modules/topology test -no-color && \
-		$(GO) test -tags terraform -count=1 -run '^TestTerraform' ./regiond
+		scripts/bounded-run 15m $(GO) test -tags terraform -count=1 -timeout 12m -v -run '^TestTerraform' ./regiond
 
 # fuzz runs every FuzzX target of ltx/, fs/, replication/, regiond/,
 # lease/ and router/, one at a time,
