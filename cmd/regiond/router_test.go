@@ -54,13 +54,17 @@ func guestbook(t *testing.T) string {
 }
 
 // appCluster starts three nodes, each running the guestbook as its child
-// with the router in front; iad-1 holds the static lease.
-func appCluster(t *testing.T, routerKeys string) *testingutil.Cluster {
+// with the router in front; iad-1 holds the static lease. Each adjust
+// changes every spec before the start.
+func appCluster(t *testing.T, routerKeys string, adjust ...func(*testingutil.ClusterNodeSpec)) *testingutil.Cluster {
 	t.Helper()
 	app := []string{guestbook(t)}
 	var specs []testingutil.ClusterNodeSpec
 	for _, s := range []testingutil.ClusterNodeSpec{iad, fra, syd} {
 		s.App, s.RouterKeys = app, routerKeys
+		for _, f := range adjust {
+			f(&s)
+		}
 		specs = append(specs, s)
 	}
 	c := testingutil.NewCluster(t, regiondCommand, iad.Name, specs...)

@@ -26,21 +26,11 @@ import (
 // traced, so every commit trace is a request's.
 func telemetryCluster(t *testing.T, rcv *testingutil.OTLPReceiver) *testingutil.Cluster {
 	t.Helper()
-	app := []string{guestbook(t)}
-	var specs []testingutil.ClusterNodeSpec
-	for _, s := range []testingutil.ClusterNodeSpec{iad, fra, syd} {
-		s.App = app
+	return appCluster(t, "", func(s *testingutil.ClusterNodeSpec) {
 		s.Extra = append(s.Extra, fmt.Sprintf("telemetry: {otlp_endpoint: %q, sample_commits: 0}", rcv.Endpoint))
 		// Batches out fast, for the test not to wait.
 		s.Env = []string{"OTEL_BSP_SCHEDULE_DELAY=100", "OTEL_METRIC_EXPORT_INTERVAL=500"}
-		specs = append(specs, s)
-	}
-	c := testingutil.NewCluster(t, regiondCommand, iad.Name, specs...)
-	c.Start(t)
-	for _, n := range c.Nodes {
-		waitHTTP(t, n.RouterURL()+"/healthz", 30*time.Second)
-	}
-	return c
+	})
 }
 
 // tracedWrite posts an entry through base with a traceparent of a new
