@@ -16,6 +16,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -165,6 +166,37 @@ func TestTerraform_LocalExample(t *testing.T) {
 		t.Fatalf("regiond status shows %d ready nodes, %d primaries; want 3 and 1:\n%s", len(nodeLines), primaries, out)
 	}
 
+	// A node whose regiond dies is started again by its supervisor, and
+	// takes writes again.
+	pidFile := filepath.Join(state, "hosts", "syd-1", "regiond.pid")
+	pid := readPid(t, pidFile)
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	killed := time.Now()
+	for {
+		if p, err := os.ReadFile(pidFile); err == nil && strings.TrimSpace(string(p)) != fmt.Sprint(pid) {
+			if resp, err := http.Get("http://127.0.0.4:20211/readyz"); err == nil {
+				resp.Body.Close()
+				if resp.StatusCode == http.StatusOK {
+					break
+				}
+			}
+		}
+		if time.Since(killed) > time.Minute {
+			t.Fatalf("syd-1's regiond, killed (pid %d), was not running and ready again within a minute", pid)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Logf("syd-1's regiond killed with SIGKILL: running and ready again after %v (pid %d)", time.Since(killed).Round(time.Millisecond), readPid(t, pidFile))
+	id, err = postEntry(routers["syd"], "terraform", "after the crash", "")
+	if err != nil {
+		t.Fatalf("a write through syd after its regiond was started again: %v", err)
+	}
+	if err := waitEntry(routers["iad"], id); err != nil {
+		t.Fatalf("entry %d written through syd after the crash, read through iad: %v", id, err)
+	}
+
 	// A client writes through fra while durability changes and the nodes
 	// roll.
 	var (
@@ -239,6 +271,20 @@ func TestTerraform_LocalExample(t *testing.T) {
 
 	run(append([]string{"destroy", "-auto-approve", "-no-color", tfState}, vars...)...)
 	destroyed = true
+}
+
+// readPid reads a pid file.
+func readPid(t *testing.T, path string) int {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pid int
+	if _, err := fmt.Sscan(string(b), &pid); err != nil || pid <= 0 {
+		t.Fatalf("%s: %q", path, b)
+	}
+	return pid
 }
 
 // postEntry writes an entry through router, with an Idempotency-Key if
