@@ -53,10 +53,14 @@ func (r *traceRing) put(txid ltx.TXID, sc trace.SpanContext) {
 	r.order = append(r.order, txid)
 }
 
+// remove takes back txid, the newest put: its transaction did not commit.
 func (r *traceRing) remove(txid ltx.TXID) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	delete(r.byTX, txid) // its place in order goes with the oldest
+	delete(r.byTX, txid)
+	if n := len(r.order); n > 0 && r.order[n-1] == txid {
+		r.order = r.order[:n-1]
+	}
 }
 
 func (r *traceRing) get(txid ltx.TXID) trace.SpanContext {

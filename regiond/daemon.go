@@ -13,9 +13,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"go.opentelemetry.io/otel/attribute"
-	"go.opentelemetry.io/otel/metric"
-
 	"github.com/meridian-db/meridian/fs"
 	"github.com/meridian-db/meridian/lease"
 	"github.com/meridian-db/meridian/ltx"
@@ -68,7 +65,7 @@ func NewDaemon(c Config, logger *slog.Logger) *Daemon {
 // committed publishes a commit of db, at info, on /events and /metrics.
 func (d *Daemon) committed(db string, info ltx.FileInfo) {
 	d.pos.set(db, uint64(info.Header.MaxTXID))
-	d.tel.commits.Add(context.Background(), 1, metric.WithAttributes(attribute.String("db", db)))
+	d.tel.committed(db)
 	if d.events.listening() {
 		d.events.publish(Event{Type: EventCommit, DB: db, Pos: info.Pos().String(), Size: info.Size})
 	}

@@ -38,11 +38,21 @@ type telemetry struct {
 	mp       *sdkmetric.MeterProvider
 	registry *prometheus.Registry // what /metrics serves
 	writes   *writeTracker        // nil when nothing is traced
-	endpoint string               // where traces and metrics go, "" if nowhere
 
 	commits      metric.Int64Counter
+	commitsDB    sync.Map // db name → its metric.AddOption, made once
 	leaseChanges metric.Int64Counter
 	stopOnce     sync.Once
+}
+
+// committed counts a commit of db: on every write, so the attribute set
+// of each database is made once.
+func (t *telemetry) committed(db string) {
+	opt, ok := t.commitsDB.Load(db)
+	if !ok {
+		opt, _ = t.commitsDB.LoadOrStore(db, metric.WithAttributes(attribute.String("db", db)))
+	}
+	t.commits.Add(context.Background(), 1, opt.(metric.AddOption))
 }
 
 // tracerProvider returns the provider to hand to libraries, nil if none.
@@ -124,7 +134,6 @@ func (d *Daemon) startTelemetry(ctx context.Context) error {
 	}
 	endpoint, fromEnv := otlpEndpoint(c.Telemetry)
 	if endpoint != "" {
-		t.endpoint = endpoint
 		var topts []otlptracegrpc.Option
 		var mo []otlpmetricgrpc.Option
 		if !fromEnv {

@@ -260,6 +260,19 @@ type stream struct {
 	started map[string]bool // databases with a sender
 	// ships are the ship spans waiting for the replica's acks.
 	ships ships
+	// dbAttrs holds each database's metric attributes, made once.
+	dbAttrs sync.Map
+}
+
+// attrs returns the attributes of the metrics of db's files sent on the
+// stream (every file, so made once per database).
+func (st *stream) attrs(db string) metric.MeasurementOption {
+	if a, ok := st.dbAttrs.Load(db); ok {
+		return a.(metric.MeasurementOption)
+	}
+	a, _ := st.dbAttrs.LoadOrStore(db, metric.WithAttributes(attribute.String("replica", st.replica.node),
+		attribute.String("replica_region", st.replica.region), attribute.String("db", db)))
+	return a.(metric.MeasurementOption)
 }
 
 // metrics returns the Streamer's instruments, made on first use.
@@ -758,7 +771,7 @@ func (st *stream) file(ctx context.Context, db string, r io.Reader, info *ltx.Fi
 	if err := st.push(ctx, &meridianv1.StreamResponse{Frame: &meridianv1.StreamResponse_LtxEnd{LtxEnd: end}}); err != nil {
 		return err
 	}
-	attrs := metric.WithAttributes(attribute.String("replica", st.replica.node), attribute.String("replica_region", st.replica.region), attribute.String("db", db))
+	attrs := st.attrs(db)
 	m.bytes.Add(ctx, off, attrs)
 	m.files.Add(ctx, 1, attrs)
 	if begin.IsSnapshot {

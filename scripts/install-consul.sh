@@ -23,6 +23,7 @@ CONSUL_VERSION=v1.20.6
 CACHE="${MERIDIAN_CACHE:-$HOME/.cache/meridian}"
 BIN="$CACHE/consul-$CONSUL_VERSION/consul"
 GO="${GO:-go}"
+PROG=install-consul
 
 if [[ "${1:-}" != "--build" ]]; then
 	if path=$(command -v consul 2>/dev/null); then
@@ -35,22 +36,8 @@ if [[ -x "$BIN" ]]; then
 	exit 0
 fi
 
-export GOFLAGS=-mod=mod GOWORK=off GOTOOLCHAIN=local
-work=$(mktemp -d)
-trap 'chmod -R u+w "$work" 2>/dev/null; rm -rf "$work"' EXIT
-
-# moddir MODULE@VERSION prints where the module proxy's copy landed.
-moddir() {
-	local out dir
-	out=$("$GO" mod download -json "$1" 2>&1) || true
-	dir=$(sed -n 's/^\t"Dir": "\(.*\)",$/\1/p' <<<"$out")
-	if [[ -z "$dir" ]]; then
-		echo "install-consul: cannot download $1 from the Go module proxy:" >&2
-		echo "$out" >&2
-		return 1
-	fi
-	echo "$dir"
-}
+# The build's environment, $work, moddir and build.
+source "$(dirname "$0")/lib/gomodule.sh"
 
 echo "install-consul: downloading github.com/hashicorp/consul@$CONSUL_VERSION" >&2
 src=$(moddir "github.com/hashicorp/consul@$CONSUL_VERSION")
@@ -72,11 +59,7 @@ sed -n 's#^\t\(github.com/hashicorp/consul/[a-z/-]*\) => \./\([a-z/-]*\)$#\1 \2#
 mkdir -p "$(dirname "$BIN")"
 log="$CACHE/consul-$CONSUL_VERSION-build.log"
 echo "install-consul: building (about five minutes the first time; log in $log)" >&2
-if ! (cd "$work/consul" && "$GO" build -trimpath -o "$BIN.tmp" .) >"$log" 2>&1; then
-	echo "install-consul: building Consul $CONSUL_VERSION failed; the end of its log, $log:" >&2
-	tail -n 20 "$log" >&2
-	exit 1
-fi
+build "Consul $CONSUL_VERSION" "$log" "$work/consul" -trimpath -o "$BIN.tmp" .
 mv "$BIN.tmp" "$BIN"
 "$BIN" version >&2
 echo "$BIN"

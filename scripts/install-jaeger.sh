@@ -40,6 +40,7 @@ JAEGER_VERSION=v1.75.0
 CACHE="${MERIDIAN_CACHE:-$HOME/.cache/meridian}"
 BIN="$CACHE/jaeger-$JAEGER_VERSION/jaeger"
 GO="${GO:-go}"
+PROG=install-jaeger
 
 if [[ "${1:-}" != "--build" ]]; then
 	if path=$(command -v jaeger 2>/dev/null); then
@@ -52,22 +53,8 @@ if [[ -x "$BIN" ]]; then
 	exit 0
 fi
 
-export GOFLAGS=-mod=mod GOWORK=off GOTOOLCHAIN=local
-work=$(mktemp -d)
-trap 'chmod -R u+w "$work" 2>/dev/null; rm -rf "$work"' EXIT
-
-# moddir MODULE@VERSION prints where the module proxy's copy landed.
-moddir() {
-	local out dir
-	out=$("$GO" mod download -json "$1" 2>&1) || true
-	dir=$(sed -n 's/^\t"Dir": "\(.*\)",$/\1/p' <<<"$out")
-	if [[ -z "$dir" ]]; then
-		echo "install-jaeger: cannot download $1 from the Go module proxy:" >&2
-		echo "$out" >&2
-		return 1
-	fi
-	echo "$dir"
-}
+# The build's environment, $work, moddir and build.
+source "$(dirname "$0")/lib/gomodule.sh"
 
 echo "install-jaeger: downloading github.com/jaegertracing/jaeger@$JAEGER_VERSION" >&2
 src=$(moddir "github.com/jaegertracing/jaeger@$JAEGER_VERSION")
@@ -98,11 +85,7 @@ mkdir -p "$(dirname "$BIN")"
 log="$CACHE/jaeger-$JAEGER_VERSION-build.log"
 echo "install-jaeger: building (about ten minutes the first time; log in $log)" >&2
 ldflags="-X github.com/jaegertracing/jaeger/internal/version.latestVersion=$JAEGER_VERSION"
-if ! (cd "$work/jaeger" && "$GO" build -trimpath -ldflags "$ldflags" -o "$BIN.tmp" ./cmd/jaeger) >"$log" 2>&1; then
-	echo "install-jaeger: building Jaeger $JAEGER_VERSION failed; the end of its log, $log:" >&2
-	tail -n 20 "$log" >&2
-	exit 1
-fi
+build "Jaeger $JAEGER_VERSION" "$log" "$work/jaeger" -trimpath -ldflags "$ldflags" -o "$BIN.tmp" ./cmd/jaeger
 mv "$BIN.tmp" "$BIN"
 "$BIN" version >&2
 echo "$BIN"

@@ -24,6 +24,7 @@ TOFU_VERSION=v1.12.6
 CACHE="${MERIDIAN_CACHE:-$HOME/.cache/meridian}"
 BIN="$CACHE/opentofu-$TOFU_VERSION/tofu"
 GO="${GO:-go}"
+PROG=install-terraform
 
 if [[ "${1:-}" != "--build" ]]; then
 	for name in terraform tofu; do
@@ -38,22 +39,8 @@ if [[ -x "$BIN" ]]; then
 	exit 0
 fi
 
-export GOFLAGS=-mod=mod GOWORK=off GOTOOLCHAIN=local
-work=$(mktemp -d)
-trap 'chmod -R u+w "$work" 2>/dev/null; rm -rf "$work"' EXIT
-
-# moddir MODULE@VERSION prints where the module proxy's copy landed.
-moddir() {
-	local out dir
-	out=$("$GO" mod download -json "$1" 2>&1) || true
-	dir=$(sed -n 's/^\t"Dir": "\(.*\)",$/\1/p' <<<"$out")
-	if [[ -z "$dir" ]]; then
-		echo "install-terraform: cannot download $1 from the Go module proxy:" >&2
-		echo "$out" >&2
-		return 1
-	fi
-	echo "$dir"
-}
+# The build's environment, $work, moddir and build.
+source "$(dirname "$0")/lib/gomodule.sh"
 
 # The proxy lists only some of OpenTofu's releases; say which when the
 # pinned one is not among them.
@@ -77,11 +64,7 @@ mkdir -p "$(dirname "$BIN")"
 log="$CACHE/opentofu-$TOFU_VERSION-build.log"
 echo "install-terraform: building OpenTofu (about seven minutes the first time; log in $log)" >&2
 ldflags="-X github.com/opentofu/opentofu/version.dev=no"
-if ! (cd "$work/opentofu" && CGO_ENABLED=0 "$GO" build -trimpath -ldflags "$ldflags" -o "$BIN.tmp" ./cmd/tofu) >"$log" 2>&1; then
-	echo "install-terraform: building OpenTofu $TOFU_VERSION failed; the end of its log, $log:" >&2
-	tail -n 20 "$log" >&2
-	exit 1
-fi
+CGO_ENABLED=0 build "OpenTofu $TOFU_VERSION" "$log" "$work/opentofu" -trimpath -ldflags "$ldflags" -o "$BIN.tmp" ./cmd/tofu
 mv "$BIN.tmp" "$BIN"
 "$BIN" version >&2
 echo "$BIN"
