@@ -24,7 +24,7 @@ PROTOC_GEN_GO_GRPC := $(TOOLS_BIN)/protoc-gen-go-grpc-$(PROTOC_GEN_GO_GRPC_VERSI
 # points them at the pinned binaries above, so versions live in this file only.
 PROTOC_PLUGINS := $(TOOLS_DIR)/protoc-plugins
 
-.PHONY: all build demo demo-check test test-terraform test-long test-clock test-hang-check bench-fs bench-trace bench-repl bench-failover bench-handoff bench-router lint proto proto-check fuzz bench tools clean
+.PHONY: all build demo demo-check test test-terraform test-long test-clock test-hang-check bench-fs bench-trace bench-repl bench-failover bench-handoff bench-router bench-regions lint proto proto-check fuzz bench tools clean
 
 all: build
 
@@ -94,7 +94,9 @@ test-hang-check:
 # terraform test on the topology module, every regiond.yml it renders
 # loaded in regiond, and terraform/examples/local taken through apply, a
 # write read in every region, a rolling change of durability under writes
-# and destroy (build tag terraform; needs root and openssh-server).
+# and destroy, and the systemd unit the hosts module installs checked with
+# systemd-analyze verify (build tag terraform; needs root, openssh-server
+# and systemd's tools).
 # Terraform from PATH, else OpenTofu built by scripts/install-terraform.sh;
 # CI runs it.
 test-terraform: build
@@ -180,6 +182,17 @@ bench-handoff: build
 # between them (toxiproxy); see bench/README.md. ROUTERBENCH_FLAGS='-n 1000'.
 bench-router: build
 	$(GO) run ./bench/routerbench -regiond bin/regiond -app bin/guestbook $(ROUTERBENCH_FLAGS)
+
+# bench-regions is the cross-region benchmark (bench/regions): iad, fra
+# and syd on this machine with WAN round trips between them (toxiproxy), a
+# mixed read/write workload from clients in every region against Meridian
+# and against one central database, in one run, then ten kills of the
+# primary on the Consul lease; it writes bench/results/<date>-<host>.md
+# and its PNG plots (needs root and fuse3; about four minutes).
+# REGIONS_FLAGS passes flags, e.g. '-regions iad,fra,syd,sin,gru -duration 2m'.
+bench-regions: build
+	MERIDIAN_CONSUL=$$(scripts/install-consul.sh) && export MERIDIAN_CONSUL && \
+		$(GO) run ./bench/regions -regiond bin/regiond -app bin/guestbook $(REGIONS_FLAGS)
 
 # lint fails on unformatted Go files (generated *.pb.go excepted), go vet
 # findings and staticcheck findings.

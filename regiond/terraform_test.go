@@ -360,3 +360,85 @@ func localLeftovers(state string) string {
 	}
 	return strings.Join(left, "; ")
 }
+
+// TestTerraform_SystemdUnit checks the unit the hosts module's
+// bin/meridian-node installs where systemd runs the host: the command line
+// it gives systemd (app arguments with spaces, quotes, % and $ in them
+// reach the app as given), the stop and restart settings, and that
+// systemd-analyze verify accepts it (and refuses it once regiond is
+// missing, so the check is real). This machine has no systemd running, so
+// the unit is verified, not started; the test also checks that a node told
+// to use systemd where it does not run refuses to start, naming the
+// setting.
+func TestTerraform_SystemdUnit(t *testing.T) {
+	analyze, err := exec.LookPath("systemd-analyze")
+	if err != nil {
+		t.Fatal("systemd-analyze is not installed (Debian: apt-get install systemd; .ci/run installs it)")
+	}
+	root := t.TempDir()
+	for _, d := range []string{"bin", "etc", "log"} {
+		if err := os.Mkdir(filepath.Join(root, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	script, err := os.ReadFile("../terraform/modules/hosts/meridian-node.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	write := func(name, content string, mode os.FileMode) {
+		t.Helper()
+		if err := os.WriteFile(filepath.Join(root, name), []byte(content), mode); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("bin/meridian-node", string(script), 0o755)
+	write("bin/regiond", "#!/bin/sh\n", 0o755)
+	write("bin/app", "#!/bin/sh\n", 0o755)
+	write("etc/regiond.yml", "node: iad-1\nregion: iad\nmount_dir: "+root+"/mnt\n", 0o644)
+
+	out, err := exec.Command(filepath.Join(root, "bin/meridian-node"), "unit", "-listen", "127.0.0.1:8080", "two words", `50%$HOME"q`).CombinedOutput()
+	if err != nil {
+		t.Fatalf("meridian-node unit: %v\n%s", err, out)
+	}
+	unit := string(out)
+	for _, want := range []string{
+		"\nWorkingDirectory=" + root + "\n",
+		"\nExecStart=\"" + root + "/bin/regiond\" run -config \"" + root + "/etc/regiond.yml\" -- \"" + root + "/bin/app\" \"-listen\" \"127.0.0.1:8080\" \"two words\" \"50%%$$HOME\\\"q\"\n",
+		"\nExecStopPost=-/bin/sh -c 'if mountpoint -q \"$$1\"; then fusermount3 -u -z \"$$1\" || umount -l \"$$1\"; fi' unmount \"" + root + "/mnt\"\n",
+		"\nKillMode=mixed\n", "\nKillSignal=SIGTERM\n", "\nTimeoutStopSec=30\n",
+		"\nRestart=always\n", "\nRestartSec=1\n",
+		"\nStandardOutput=append:" + root + "/log/regiond.log\n",
+		"\n[Install]\nWantedBy=multi-user.target\n",
+	} {
+		if !strings.Contains(unit, want) {
+			t.Errorf("the unit has no line %q:\n%s", strings.TrimSpace(want), unit)
+		}
+	}
+	unitFile := filepath.Join(t.TempDir(), "meridian-iad-1.service")
+	if err := os.WriteFile(unitFile, out, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command(analyze, "verify", unitFile).CombinedOutput(); err != nil || len(bytes.TrimSpace(out)) != 0 {
+		t.Fatalf("systemd-analyze verify %s: %v\n%s\nthe unit:\n%s", unitFile, err, out, unit)
+	}
+	if err := os.Remove(filepath.Join(root, "bin/regiond")); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command(analyze, "verify", unitFile).CombinedOutput(); err == nil {
+		t.Fatalf("systemd-analyze verify accepted the unit with %s/bin/regiond missing:\n%s", root, out)
+	}
+
+	if _, err := os.Stat("/run/systemd/system"); err == nil {
+		return // systemd runs this host: a start would install the unit for real
+	}
+	for _, c := range []struct{ manager, want string }{
+		{"systemd", `etc/service-manager says systemd, but systemd does not run this host (no /run/systemd/system)`},
+		{"runit", `etc/service-manager: unknown service manager "runit" (want systemd, supervisor or auto)`},
+	} {
+		write("etc/service-manager", c.manager+"\n", 0o644)
+		out, err := exec.Command(filepath.Join(root, "bin/meridian-node"), "start", "127.0.0.1:1", "1").CombinedOutput()
+		if err == nil || !strings.Contains(string(out), c.want) {
+			t.Errorf("meridian-node start with service manager %q: %v, output %q; want a failure saying %q", c.manager, err, out, c.want)
+		}
+	}
+}

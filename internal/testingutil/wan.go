@@ -23,23 +23,37 @@ func LatencyProxies(tb TB, nodes []*ClusterNode, oneWay func(from, to *ClusterNo
 			if from == to {
 				continue
 			}
-			p := toxiproxy.NewProxy(server, from.Name+"-"+to.Name+"-"+addr(to), FreeAddr(tb), addr(to))
-			if err := p.Start(); err != nil {
+			listen, err := LatencyProxy(tb, server, from.Name+"-"+to.Name+"-"+addr(to), addr(to), oneWay(from, to))
+			if err != nil {
 				return nil, fmt.Errorf("proxy %s to %s: %w", from.Name, to.Name, err)
 			}
-			tb.Cleanup(p.Stop)
-			if lat := oneWay(from, to); lat > 0 {
-				for _, stream := range []string{"upstream", "downstream"} {
-					toxic := fmt.Sprintf(`{"name": "wan-%s", "type": "latency", "stream": %q, "attributes": {"latency": %d}}`, stream, stream, lat.Milliseconds())
-					if _, err := p.Toxics.AddToxicJson(strings.NewReader(toxic)); err != nil {
-						return nil, fmt.Errorf("proxy %s to %s: %w", from.Name, to.Name, err)
-					}
-				}
-			}
-			proxies[[2]string{from.Name, to.Name}] = p.Listen
+			proxies[[2]string{from.Name, to.Name}] = listen
 		}
 	}
 	return proxies, nil
+}
+
+// LatencyProxy starts a toxiproxy proxy of server (nil: a server of its
+// own) on a free loopback port to upstream that delays each direction by
+// oneWay, and returns its listen address; tb's cleanup stops it.
+func LatencyProxy(tb TB, server *toxiproxy.ApiServer, name, upstream string, oneWay time.Duration) (string, error) {
+	if server == nil {
+		server = toxiproxy.NewServer(toxiproxy.NewMetricsContainer(nil), zerolog.Nop())
+	}
+	p := toxiproxy.NewProxy(server, name, FreeAddr(tb), upstream)
+	if err := p.Start(); err != nil {
+		return "", err
+	}
+	tb.Cleanup(p.Stop)
+	if oneWay > 0 {
+		for _, stream := range []string{"upstream", "downstream"} {
+			toxic := fmt.Sprintf(`{"name": "wan-%s", "type": "latency", "stream": %q, "attributes": {"latency": %d}}`, stream, stream, oneWay.Milliseconds())
+			if _, err := p.Toxics.AddToxicJson(strings.NewReader(toxic)); err != nil {
+				return "", err
+			}
+		}
+	}
+	return p.Listen, nil
 }
 
 // DelayLinks puts LatencyProxies on every link between two nodes, as

@@ -2,9 +2,11 @@
 # with Terraform's built-in terraform_data resource and its file and
 # remote-exec provisioners: no provider. For each node it uploads regiond,
 # the app, the cluster's certificates (keys mode 0600) and its
-# regiond.yml, and a supervisor script, bin/meridian-node, that starts
-# `regiond run -- app` detached, waits for /readyz, and on destroy stops
-# it (SIGTERM: regiond unmounts) and makes sure nothing stays mounted.
+# regiond.yml, and bin/meridian-node, which runs `regiond run -- app` as a
+# systemd unit (enabled: started at boot) where systemd runs the host, or
+# under a small supervisor loop elsewhere (service_manager), waits for
+# /readyz, and on destroy stops it (SIGTERM: regiond unmounts) and makes
+# sure nothing stays mounted.
 # Files stay in install_root on destroy: the data is not thrown away.
 
 locals {
@@ -93,6 +95,7 @@ resource "terraform_data" "node" {
     regiond = filesha256(var.regiond_binary)
     app     = filesha256(var.app_binary)
     args    = var.app_args
+    manager = var.service_manager
   }
   input = {
     host     = each.value.ssh_host
@@ -132,6 +135,10 @@ resource "terraform_data" "node" {
   provisioner "file" {
     content     = join(" ", var.app_args)
     destination = "${self.input.root}/etc/app-args"
+  }
+  provisioner "file" {
+    content     = var.service_manager
+    destination = "${self.input.root}/etc/service-manager"
   }
   provisioner "file" {
     source      = "${var.ca_dir}/ca.pem"

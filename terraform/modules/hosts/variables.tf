@@ -70,3 +70,21 @@ variable "ready_timeout_seconds" {
   type        = number
   default     = 120
 }
+
+variable "service_manager" {
+  description = <<-EOT
+    What keeps regiond running on a host: "systemd" (a unit
+    meridian-NODE.service in /etc/systemd/system, enabled, so the node
+    starts at boot; Restart=always), "supervisor" (a detached shell loop,
+    bin/meridian-node's, that starts regiond again when it exits; nothing
+    starts it at boot) or "auto": systemd where it is the host's init
+    system, the supervisor elsewhere.
+  EOT
+  type        = string
+  default     = "auto"
+
+  validation {
+    condition     = contains(["auto", "systemd", "supervisor"], var.service_manager)
+    error_message = "service_manager: \"${var.service_manager}\" is not one of auto, systemd, supervisor."
+  }
+}
