@@ -186,9 +186,10 @@ bench-router: build
 # bench-regions is the cross-region benchmark (bench/regions): iad, fra
 # and syd on this machine with WAN round trips between them (toxiproxy), a
 # mixed read/write workload from clients in every region against Meridian
-# and against one central database, in one run, then ten kills of the
-# primary on the Consul lease; it writes bench/results/<date>-<host>.md
-# and its PNG plots (needs root and fuse3; about four minutes).
+# and against one central database, each followed by open-loop throughput
+# steps, in one run, then ten kills of the primary on the Consul lease; it
+# writes bench/results/<date>-<host>.md and its PNG plots (needs root and
+# fuse3; about seven minutes).
 # REGIONS_FLAGS passes flags, e.g. '-regions iad,fra,syd,sin,gru -duration 2m'.
 bench-regions: build
 	MERIDIAN_CONSUL=$$(scripts/install-consul.sh) && export MERIDIAN_CONSUL && \

@@ -62,6 +62,11 @@ type Config struct {
 	// ProbeEvery is how often the lag probe commits a row on the primary
 	// and times its arrival in every other region.
 	ProbeEvery time.Duration
+	// LoadSteps are the request rates each region offers in the
+	// throughput steps (open loop, per second), each run for StepDuration,
+	// after each workload.
+	LoadSteps    []int
+	StepDuration time.Duration
 	// Kills is how many times the failover phase kills the primary; 0
 	// skips it.
 	Kills int
@@ -199,6 +204,14 @@ func (c *Config) validate() error {
 	if c.ProbeEvery <= 0 {
 		errs = append(errs, fmt.Errorf("-probe-every %v: must be above 0", c.ProbeEvery))
 	}
+	for _, n := range c.LoadSteps {
+		if n < 1 {
+			errs = append(errs, fmt.Errorf("-load-steps: %d requests a second per region; want at least 1", n))
+		}
+	}
+	if len(c.LoadSteps) > 0 && c.StepDuration <= 0 {
+		errs = append(errs, fmt.Errorf("-step-duration %v: must be above 0", c.StepDuration))
+	}
 	if c.Kills < 0 {
 		errs = append(errs, fmt.Errorf("-kills %d: cannot be negative", c.Kills))
 	}
@@ -214,4 +227,21 @@ func (c *Config) replicas() []string {
 		}
 	}
 	return out
+}
+
+// parseSteps parses -load-steps: comma-separated rates per region; ""
+// for none.
+func parseSteps(s string) ([]int, error) {
+	var out []int
+	if strings.TrimSpace(s) == "" {
+		return nil, nil
+	}
+	for _, item := range strings.Split(s, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(item))
+		if err != nil {
+			return nil, fmt.Errorf("-load-steps: %q is not a number of requests a second", item)
+		}
+		out = append(out, n)
+	}
+	return out, nil
 }

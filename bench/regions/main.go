@@ -73,6 +73,8 @@ func parseFlags(args []string) (*Config, *options, error) {
 	writes := fl.Float64("writes", 0.2, "the fraction of requests that are writes (each followed by a read of what it wrote)")
 	think := fl.Duration("think", 20*time.Millisecond, "each client's pause between requests")
 	probe := fl.Duration("probe-every", 100*time.Millisecond, "how often the lag probe commits a row on the primary")
+	steps := fl.String("load-steps", "50,100,200,400,800", "request rates each region offers in the throughput steps after each workload, per second, comma-separated (\"\": none)")
+	stepDuration := fl.Duration("step-duration", 10*time.Second, "how long each throughput step runs")
 	kills := fl.Int("kills", 10, "primary crashes in the failover phase (0: no failover phase)")
 	seed := fl.Int64("seed", 1, "the seed of the clients' random choices")
 	o := &options{}
@@ -84,7 +86,11 @@ func parseFlags(args []string) (*Config, *options, error) {
 		return nil, nil, err
 	}
 	cfg := &Config{Primary: *primary, Duration: *duration, WriteFraction: *writes, Think: *think, ProbeEvery: *probe, Kills: *kills, Seed: *seed, RTT: map[[2]string]time.Duration{}}
+	cfg.StepDuration = *stepDuration
 	var err error
+	if cfg.LoadSteps, err = parseSteps(*steps); err != nil {
+		return nil, nil, err
+	}
 	if cfg.Regions, err = parseRegions(*regions); err != nil {
 		return nil, nil, err
 	}

@@ -32,6 +32,8 @@ func TestParseFlags_BadInput(t *testing.T) {
 		{[]string{"-regions", "iad,fra,syd,sin,gru,nrt"}, "-regions: 6 regions; the bench runs 2 to 5"},
 		{[]string{"-primary", "sin"}, "-primary sin is not one of -regions (iad,fra,syd)"},
 		{[]string{"-writes", "1.5"}, "-writes 1.5: a fraction from 0 to 1"},
+		{[]string{"-load-steps", "1,0"}, "-load-steps: 0 requests a second per region; want at least 1"},
+		{[]string{"-load-steps", "1,x"}, `-load-steps: "x" is not a number of requests a second`},
 	} {
 		_, _, err := parseFlags(append(c.args, "-machine", "test"))
 		if err == nil || !strings.Contains(err.Error(), c.want) {
@@ -74,7 +76,7 @@ func TestRegions_ShortRun(t *testing.T) {
 		}
 	}
 	out := t.TempDir()
-	cfg, o, err := parseFlags([]string{"-duration", "3s", "-kills", "1", "-machine", "test", "-out", out,
+	cfg, o, err := parseFlags([]string{"-duration", "3s", "-kills", "1", "-machine", "test", "-out", out, "-load-steps", "10,20", "-step-duration", "1s",
 		"-rtt", "iad-fra=30ms,iad-syd=60ms,fra-syd=80ms",
 		"-regiond", filepath.Join(bin, "regiond"), "-app", filepath.Join(bin, "guestbook")})
 	if err != nil {
@@ -154,6 +156,26 @@ func TestRegions_ShortRun(t *testing.T) {
 		t.Error("no throughput row for replicated")
 	} else if v, _ := strconv.ParseFloat(m[1], 64); v < 90 {
 		t.Errorf("%v%% of the reads were served in the client's region, want nearly all", v)
+	}
+	for _, n := range []string{"10", "20"} {
+		for _, arch := range []string{"replicated", "central"} {
+			m := regexp.MustCompile(`(?m)^\| ` + n + ` \| ` + arch + ` \| ([\d.]+) \| ([\d.]+)% \|`).FindStringSubmatch(md)
+			if m == nil {
+				t.Errorf("no throughput step of %s requests a second per region for %s", n, arch)
+				continue
+			}
+			if rps, _ := strconv.ParseFloat(m[1], 64); rps <= 0 {
+				t.Errorf("throughput step %s, %s: %v requests per second", n, arch, rps)
+			}
+			// A third of the clients are in the primary's region: the
+			// central database serves a third of the reads locally.
+			if share, _ := strconv.ParseFloat(m[2], 64); arch == "central" && (share < 20 || share > 50) {
+				t.Errorf("throughput step %s, central: %v%% of the reads local, want about a third", n, share)
+			}
+		}
+	}
+	if !regexp.MustCompile(`The highest throughput with at least 80% of the reads served in the client's region, no errors, and the last answer within 1s of the step's end: replicated [\d.]+ requests per second( \(at the highest step tried[^)]*\))?; central: no step`).MatchString(md) {
+		t.Error("no throughput figure at 80% of the reads served locally, or one for the central database")
 	}
 	if m := regexp.MustCompile(`(?m)^\| 1 \| (iad|fra|syd)-1 \| [\d.]+ \| ([\d.]+) \| (iad|fra|syd)-1 \|$`).FindStringSubmatch(md); m == nil {
 		t.Error("no row for the kill of the primary")

@@ -41,6 +41,8 @@ type phase struct {
 	// (its /status committed_at and applied_at, the same figure as the
 	// meridian.replication.lag histogram).
 	lagBench, lagCluster []lagSample
+	// steps are the throughput steps run after the workload.
+	steps []step
 }
 
 func nodeName(region string) string { return region + "-1" }
@@ -92,7 +94,26 @@ func replicated(ctx context.Context, tb testingutil.TB, cfg *Config, exe, app st
 	if probeErr != nil {
 		return nil, probeErr
 	}
+	p.steps = loadSteps(ctx, cfg, targets, maxID)
 	return p, nil
+}
+
+// step is one throughput step: every region offering rate requests a
+// second.
+type step struct {
+	rate    int // offered by each region, per second
+	ops     []op
+	elapsed time.Duration // the time requests were sent in; every answer is in ops
+}
+
+// loadSteps runs cfg.LoadSteps against targets, open loop.
+func loadSteps(ctx context.Context, cfg *Config, targets map[string]target, maxID *atomic.Int64) []step {
+	var out []step
+	for _, rate := range cfg.LoadSteps {
+		ops := openLoop(ctx, cfg, targets, maxID, rate, cfg.StepDuration)
+		out = append(out, step{rate: rate, ops: ops, elapsed: cfg.StepDuration})
+	}
+	return out
 }
 
 // seed writes seedEntries entries at base (waiting up to 30 s for the
@@ -243,6 +264,7 @@ func central(ctx context.Context, tb testingutil.TB, cfg *Config, app string) (*
 	start := time.Now()
 	p.ops = workload(ctx, cfg, targets, maxID)
 	p.elapsed = time.Since(start)
+	p.steps = loadSteps(ctx, cfg, targets, maxID)
 	if errors.Is(ctx.Err(), context.Canceled) {
 		return nil, ctx.Err()
 	}

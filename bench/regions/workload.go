@@ -90,85 +90,173 @@ func workload(ctx context.Context, cfg *Config, targets map[string]target, maxID
 func client(ctx context.Context, cfg *Config, region string, t target, rng *rand.Rand, start time.Time, maxID *atomic.Int64) []op {
 	hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 4}}
 	defer hc.CloseIdleConnections()
-	var (
-		ops         []op
-		ownID       int64
-		ownToken    string
-		pendingRead bool
-	)
+	var ops []op
 	for ctx.Err() == nil {
-		o := op{region: region, at: time.Since(start)}
-		var req *http.Request
-		switch {
-		case pendingRead:
-			o.kind = kindRYW
-			req, _ = http.NewRequestWithContext(ctx, "GET", t.base+"/api/entries/"+strconv.FormatInt(ownID, 10), nil)
-			if ownToken != "" && !t.central {
-				req.Header.Set(router.TXIDHeader, ownToken)
-			}
-			pendingRead = false
-		case rng.Float64() < cfg.WriteFraction:
-			o.kind = kindWrite
-			body := fmt.Sprintf(`{"name":"bench-%s","message":"from %s"}`, region, region)
-			req, _ = http.NewRequestWithContext(ctx, "POST", t.base+"/entries", strings.NewReader(body))
-			req.Header.Set("Content-Type", "application/json")
-		default:
-			o.kind = kindRead
-			id := 1 + rng.Int64N(max(1, maxID.Load()))
-			req, _ = http.NewRequestWithContext(ctx, "GET", t.base+"/api/entries/"+strconv.FormatInt(id, 10), nil)
-		}
-		began := time.Now()
-		resp, err := hc.Do(req)
-		var body []byte
-		if err == nil {
-			body, err = io.ReadAll(resp.Body)
-			resp.Body.Close()
-		}
-		o.took = time.Since(began)
+		kind, id := pick(cfg, rng, maxID)
+		o, w := request(ctx, hc, cfg, region, t, kind, id, "", start, maxID)
 		if ctx.Err() != nil {
 			break // cut off by the end of the run: not a figure
 		}
-		want := http.StatusOK
-		if o.kind == kindWrite {
-			want = http.StatusCreated
-		}
-		switch {
-		case err != nil:
-			o.err = err.Error()
-		case o.kind == kindRead && resp.StatusCode == http.StatusNotFound:
-			o.notYet = true
-		case resp.StatusCode != want:
-			o.err = fmt.Sprintf("%s %s: %s %s", req.Method, req.URL.Path, resp.Status, bytes.TrimSpace(body))
-		default:
-			if t.central {
-				o.local = region == cfg.Primary
-			} else {
-				o.local = resp.Header.Get(router.ServedByHeader) == t.local
-			}
-			if o.kind == kindWrite {
-				var e struct {
-					ID int64 `json:"id"`
-				}
-				if json.Unmarshal(body, &e) == nil && e.ID > 0 {
-					ownID, ownToken, pendingRead = e.ID, resp.Header.Get(router.TXIDHeader), true
-					raise(maxID, e.ID)
-				}
-			}
-			if o.kind == kindRYW && !t.central {
-				kind, ms, _ := strings.Cut(resp.Header.Get(router.RYWHeader), " ")
-				if f, err := strconv.ParseFloat(ms, 64); err == nil {
-					o.rywWait = time.Duration(f * float64(time.Millisecond))
-					o.rywPrimary = kind == "primary"
-				}
-			}
-		}
 		ops = append(ops, o)
+		if w.id > 0 {
+			o, _ := request(ctx, hc, cfg, region, t, kindRYW, w.id, w.token, start, maxID)
+			if ctx.Err() != nil {
+				break
+			}
+			ops = append(ops, o)
+		}
 		select {
 		case <-ctx.Done():
 		case <-time.After(cfg.Think):
 		}
 	}
 	return ops
+}
+
+// pick chooses a client's next request: a write (cfg.WriteFraction of
+// them) or a read of a random entry.
+func pick(cfg *Config, rng *rand.Rand, maxID *atomic.Int64) (kind string, id int64) {
+	if rng.Float64() < cfg.WriteFraction {
+		return kindWrite, 0
+	}
+	return kindRead, 1 + rng.Int64N(max(1, maxID.Load()))
+}
+
+// written is the entry a write made and its read-your-writes token.
+type written struct {
+	id    int64
+	token string
+}
+
+// request makes one request of kind from region to t: a write, a read of
+// entry id, or (kindRYW) a read of entry id with token.
+func request(ctx context.Context, hc *http.Client, cfg *Config, region string, t target, kind string, id int64, token string, start time.Time, maxID *atomic.Int64) (op, written) {
+	o := op{region: region, kind: kind, at: time.Since(start)}
+	var w written
+	var req *http.Request
+	switch kind {
+	case kindWrite:
+		body := fmt.Sprintf(`{"name":"bench-%s","message":"from %s"}`, region, region)
+		req, _ = http.NewRequestWithContext(ctx, "POST", t.base+"/entries", strings.NewReader(body))
+		req.Header.Set("Content-Type", "application/json")
+	default:
+		req, _ = http.NewRequestWithContext(ctx, "GET", t.base+"/api/entries/"+strconv.FormatInt(id, 10), nil)
+		if token != "" && !t.central {
+			req.Header.Set(router.TXIDHeader, token)
+		}
+	}
+	began := time.Now()
+	resp, err := hc.Do(req)
+	var body []byte
+	if err == nil {
+		body, err = io.ReadAll(resp.Body)
+		resp.Body.Close()
+	}
+	o.took = time.Since(began)
+	want := http.StatusOK
+	if kind == kindWrite {
+		want = http.StatusCreated
+	}
+	switch {
+	case err != nil:
+		o.err = err.Error()
+	case kind == kindRead && resp.StatusCode == http.StatusNotFound:
+		o.notYet = true
+	case resp.StatusCode != want:
+		o.err = fmt.Sprintf("%s %s: %s %s", req.Method, req.URL.Path, resp.Status, bytes.TrimSpace(body))
+	default:
+		if t.central {
+			o.local = region == cfg.Primary
+		} else {
+			o.local = resp.Header.Get(router.ServedByHeader) == t.local
+		}
+		if kind == kindWrite {
+			var e struct {
+				ID int64 `json:"id"`
+			}
+			if json.Unmarshal(body, &e) == nil && e.ID > 0 {
+				w = written{e.ID, resp.Header.Get(router.TXIDHeader)}
+				raise(maxID, e.ID)
+			}
+		}
+		if kind == kindRYW && !t.central {
+			how, ms, _ := strings.Cut(resp.Header.Get(router.RYWHeader), " ")
+			if f, err := strconv.ParseFloat(ms, 64); err == nil {
+				o.rywWait = time.Duration(f * float64(time.Millisecond))
+				o.rywPrimary = how == "primary"
+			}
+		}
+	}
+	return o, w
+}
+
+// maxInFlight bounds the requests of one region in flight in an open-loop
+// step; an arrival beyond it is counted as an error, not sent.
+const maxInFlight = 512
+
+// openLoop offers rate requests a second from every region to targets
+// for d, evenly spaced, each sent when its time comes whatever the ones
+// before it are doing (a write's read of its entry follows it), waits for
+// the answers of all of them, and returns what they did.
+func openLoop(ctx context.Context, cfg *Config, targets map[string]target, maxID *atomic.Int64, rate int, d time.Duration) []op {
+	sending, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	start := time.Now()
+	var (
+		mu  sync.Mutex
+		all []op
+		wg  sync.WaitGroup
+	)
+	add := func(o ...op) {
+		mu.Lock()
+		all = append(all, o...)
+		mu.Unlock()
+	}
+	for ri, region := range cfg.Regions {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			t := targets[region]
+			hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: maxInFlight}}
+			defer hc.CloseIdleConnections()
+			rng := rand.New(rand.NewPCG(uint64(cfg.Seed), uint64(1_000_000+ri)))
+			var inFlight atomic.Int64
+			var reqs sync.WaitGroup
+			defer reqs.Wait()
+			interval := time.Second / time.Duration(rate)
+			for next := start; ; next = next.Add(interval) {
+				select {
+				case <-sending.Done():
+					return
+				case <-time.After(time.Until(next)):
+				}
+				kind, id := pick(cfg, rng, maxID)
+				if inFlight.Load() >= maxInFlight {
+					add(op{region: region, kind: kind, at: next.Sub(start), err: fmt.Sprintf("overloaded: %d requests from %s in flight", maxInFlight, region)})
+					continue
+				}
+				inFlight.Add(1)
+				reqs.Add(1)
+				go func() {
+					defer reqs.Done()
+					defer inFlight.Add(-1)
+					o, w := request(ctx, hc, cfg, region, t, kind, id, "", start, maxID)
+					if ctx.Err() != nil {
+						return // the run was stopped
+					}
+					add(o)
+					if w.id > 0 {
+						o, _ := request(ctx, hc, cfg, region, t, kindRYW, w.id, w.token, start, maxID)
+						if ctx.Err() == nil {
+							add(o)
+						}
+					}
+				}()
+			}
+		}()
+	}
+	wg.Wait()
+	return all
 }
 
 // raise sets v to id if id is higher.
