@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net/http"
 	"os/exec"
 	"slices"
@@ -128,11 +129,12 @@ func failoverPhase(ctx context.Context, tb testingutil.TB, cfg *Config, exe, app
 				}
 			}
 			mu.Unlock()
-			if len(k.regions) == len(cfg.Regions)-1 && !slices.Contains(keys(k.regions), primary.Region) || len(k.regions) == len(cfg.Regions) {
+			_, back := k.regions[primary.Region]
+			if len(k.regions) == len(cfg.Regions)-1 && !back || len(k.regions) == len(cfg.Regions) {
 				break
 			}
 			if time.Now().After(deadline) {
-				err = fmt.Errorf("kill of %s at %v: after a minute, writes were acknowledged again only in %s", k.node, k.at.Round(time.Millisecond), strings.Join(keys(k.regions), ", "))
+				err = fmt.Errorf("kill of %s at %v: after a minute, writes were acknowledged again only in %s", k.node, k.at.Round(time.Millisecond), strings.Join(slices.Sorted(maps.Keys(k.regions)), ", "))
 				break
 			}
 			time.Sleep(50 * time.Millisecond)
@@ -140,7 +142,7 @@ func failoverPhase(ctx context.Context, tb testingutil.TB, cfg *Config, exe, app
 		if err != nil {
 			break
 		}
-		k.first = slices.Min(values(k.regions))
+		k.first = slices.Min(slices.Collect(maps.Values(k.regions)))
 		next, e := roles.WaitOnePrimary(tb, c, epoch, time.Minute)
 		k.next, epoch = next.Name, e
 		fo.kills = append(fo.kills, k)
@@ -156,23 +158,6 @@ func failoverPhase(ctx context.Context, tb testingutil.TB, cfg *Config, exe, app
 	wg.Wait()
 	fo.end = time.Since(start)
 	return fo, err
-}
-
-func keys[V any](m map[string]V) []string {
-	var out []string
-	for k := range m {
-		out = append(out, k)
-	}
-	slices.Sort(out)
-	return out
-}
-
-func values[V any](m map[string]V) []V {
-	var out []V
-	for _, k := range keys(m) {
-		out = append(out, m[k])
-	}
-	return out
 }
 
 // markdown writes the failover section of the report.
@@ -191,7 +176,7 @@ func (fo *failover) markdown(b *strings.Builder) {
 	f("| | kills | p50 ms | p99 ms | max ms |\n| --- | ---: | ---: | ---: | ---: |\n")
 	s := summarize(firsts)
 	f("| first write, any region | %d | %s | %s | %s |\n", s.n, ms(s.p50), ms(s.p99), ms(s.max))
-	for _, r := range keys(per) {
+	for _, r := range slices.Sorted(maps.Keys(per)) {
 		s := summarize(per[r])
 		f("| first write from %s | %d | %s | %s | %s |\n", r, s.n, ms(s.p50), ms(s.p99), ms(s.max))
 	}
