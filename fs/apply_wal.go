@@ -23,8 +23,8 @@ import (
 // A replica whose mount passes the WAL and -shm through to their backing
 // files (FUSE passthrough: SQLite's readers map the backing -shm itself)
 // applies each group of a WAL-mode database as one WAL transaction: its
-// pages are appended to the WAL as frames, fdatasynced, and published in
-// the wal-index under the WAL write lock. No reader waits for an apply,
+// pages are appended to the WAL as frames and published in the wal-index
+// under the WAL write lock, while the log fsyncs the group's records. No reader waits for an apply,
 // and an apply waits for no reader: a long read transaction keeps its
 // snapshot and holds off only the checkpoint of the frames it may still
 // read, as with SQLite itself (fs.max_read_hold has nothing to bound).
@@ -38,8 +38,12 @@ import (
 // the -shm for as long as it writes the WAL, so no reader that opens the
 // -shm later wipes the wal-index the daemon keeps.
 //
-// Everything else reads the database through the WAL (walView), and the
-// frames are in the log before they are in the WAL. A file marks a WAL
+// Everything else reads the database through the WAL (walView). The
+// frames go into the WAL while the log's fsync of their records is in
+// flight, and the apply returns once it is done: a power cut may keep
+// frames whose records it lost, which the daemon drops when it starts
+// (DB.recover), and checkpoints copy only frames the log holds durably,
+// as they run after the apply returned. A file marks a WAL
 // generation the applier started (walAppliedFile): a daemon that starts
 // with one copies the WAL into the database file before anything else, and
 // so does a replica that becomes primary, or that applies a snapshot or a
@@ -219,7 +223,10 @@ func (f *FileSystem) applyFrames(ctx context.Context, d *DB, paths []string, opt
 		return nil, fmt.Errorf("apply to %s: %w", d.Name, err)
 	}
 	t := &walTarget{ctx: ctx, f: f, d: d, pageSize: pageSize, pages: map[uint32][]byte{}}
-	lopts := ltx.ApplyOptions{Move: opts.Move, Verified: opts.Verified, Data: opts.Data, Target: t}
+	// The WAL's frames go in while the log's fsync is in flight: a power
+	// cut that keeps them and loses the log's records is cut back at
+	// start (see DB.recover).
+	lopts := ltx.ApplyOptions{Move: opts.Move, Verified: opts.Verified, Data: opts.Data, Target: t, Overlap: true}
 	infos, _, err := d.log.ApplyFiles(ctx, paths, lopts)
 	if err != nil {
 		// Nothing was published: readers see the database as it was.
@@ -283,9 +290,14 @@ func (t *walTarget) Sync(logged bool) error {
 }
 
 // leaveWAL applies a group that takes the database out of WAL mode: into
-// the database file, after the WAL, under a hold of every reader.
+// the database file, after the WAL, under a hold of every reader, once
+// the group is durable in the log (a database file ahead of its log is
+// not cut back at start, as a WAL is).
 func (t *walTarget) leaveWAL() error {
 	f, d := t.f, t.d
+	if err := d.log.AwaitLogged(); err != nil {
+		return err
+	}
 	hold, err := f.holdReaders(t.ctx, d)
 	if err != nil {
 		return err

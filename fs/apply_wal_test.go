@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -466,6 +467,77 @@ func TestFileSystem_ApplyWALFramesLost(t *testing.T) {
 		})
 	}
 }
+
+// TestFileSystem_ApplyWALLogLost: a replica writes a group's frames into
+// the WAL while its log fsyncs the group's records (ltx.ApplyOptions.Overlap),
+// so a power cut may keep the frames and lose the records, all of the
+// group's or the last of them: the database ahead of its log. The restart
+// drops the frames the log does not hold, says so, and is where the log
+// is; the primary's files apply again from there, and the replica ends
+// where the primary is, byte for byte.
+func TestFileSystem_ApplyWALLogLost(t *testing.T) {
+	for _, lost := range []int{3, 1} { // of the group's 3 records
+		t.Run(fmt.Sprintf("Lost%dOf3", lost), func(t *testing.T) {
+			src, f, w := newFollowingReplica(t, false)
+			for range 3 {
+				src.step()
+			}
+			files := src.log.Files()
+			var paths []string
+			for _, file := range files[w.applied:] {
+				paths = append(paths, filepath.Join(src.log.Dir, file.Name))
+			}
+			if len(paths) != 3 {
+				t.Fatalf("%d new files on the primary, want 3", len(paths))
+			}
+			before := files[len(files)-1-lost].Pos()
+			if _, err := f.ApplyFiles(context.Background(), "bank.db", paths, fs.ApplyOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			if err := f.Close(ctx); err != nil {
+				t.Fatal(err)
+			}
+			// The power cut: the WAL keeps the group's frames, the index
+			// of the log's segment loses the last records.
+			indexes, err := filepath.Glob(filepath.Join(f.DataDir, "dbs", "bank.db", "ltx", "*.index"))
+			if err != nil || len(indexes) == 0 {
+				t.Fatalf("no segment index in the replica's log: %v", err)
+			}
+			index := slices.Max(indexes)
+			size := int64(len(testingutil.MustReadFile(t, index)))
+			if err := os.Truncate(index, size-int64(lost)*segmentIndexRecord); err != nil {
+				t.Fatal(err)
+			}
+
+			again, logged := restartFS(t, f, true)
+			if !strings.Contains(logged.String(), "holds transactions its log lost in a crash") {
+				t.Fatalf("no word of the frames dropped in the log:\n%s", logged.String())
+			}
+			if got := again.DB("bank.db").Pos(); got != before {
+				t.Fatalf("after the restart the database is at %s, want %s, where its log is", got, before)
+			}
+			// The primary sends the files after that position again.
+			if _, err := again.ApplyFiles(context.Background(), "bank.db", paths[3-lost:], fs.ApplyOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			if got := again.DB("bank.db").Pos(); got != src.log.Pos() {
+				t.Fatalf("after applying again the database is at %s, want %s", got, src.log.Pos())
+			}
+			r := startStepReader(t, again)
+			r.step(t)
+			if got, want := r.mustReadLine(t, "saw"), src.blobs(t); got != want {
+				t.Fatalf("after the restart a reader sees %d rows in blob, want %d", got, want)
+			}
+			r.mustExit(t)
+			mustMatchSource(t, again, src)
+		})
+	}
+}
+
+// segmentIndexRecord is the size of a record of a segment's index.
+const segmentIndexRecord = 56
 
 // newFollowingReplica returns a bank of 30 transactions in WAL mode and a
 // replica (kernel locks if kernel) that applied them one at a time as WAL

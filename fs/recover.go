@@ -33,9 +33,13 @@ func (d *DB) recover(ctx context.Context) error {
 		return err
 	}
 	d.file = file
-	last, err := d.lastLogged(ctx)
+	files, err := d.loggedFiles(ctx)
 	if err != nil {
 		return err
+	}
+	var last ltx.FileInfo
+	if len(files) > 0 {
+		last = files[len(files)-1]
 	}
 	if err := d.recoverJournal(last.Pos()); err != nil {
 		return err
@@ -52,14 +56,25 @@ func (d *DB) recover(ctx context.Context) error {
 	}
 	if d.walApplied() {
 		// Frames the applier of a replica wrote: their transactions are
-		// in the log already. Into the database file with them, before
-		// anything reads it.
-		d.setCommitted(txs)
+		// in the log already, but for those of groups whose records a
+		// power cut lost while their frames survived (the two are written
+		// at once, see ltx.ApplyOptions.Overlap): those are dropped, and
+		// come again from the primary. Into the database file with the
+		// rest, before anything reads it.
+		keep, err := d.appliedInLog(txs, files)
+		if err != nil {
+			return fmt.Errorf("read the WAL the replica wrote: %w", err)
+		}
+		if keep < len(txs) {
+			d.logger.Warn("the WAL the replica wrote holds transactions its log lost in a crash; dropped them, the primary sends them again",
+				"dropped", len(txs)-keep, "log_pos", last.Pos())
+		}
+		d.setCommitted(txs[:keep])
 		pgnos, err := d.foldWAL(false)
 		if err != nil {
 			return fmt.Errorf("copy the WAL the replica wrote into the database file: %w", err)
 		}
-		d.logger.Info("copied the WAL the replica wrote into the database file", "transactions", len(txs), "pages", len(pgnos))
+		d.logger.Info("copied the WAL the replica wrote into the database file", "transactions", keep, "pages", len(pgnos))
 		txs = nil
 	} else if err := os.Remove(d.path(walAppliedFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
@@ -87,21 +102,65 @@ func (d *DB) recover(ctx context.Context) error {
 	return nil
 }
 
-// lastLogged returns the log's last file (zero for an empty log), read
-// with the log alone, before the database is involved.
-func (d *DB) lastLogged(ctx context.Context) (ltx.FileInfo, error) {
+// loggedFiles returns the log's files, read with the log alone, before
+// the database is involved.
+func (d *DB) loggedFiles(ctx context.Context) ([]ltx.FileInfo, error) {
 	l := ltx.NewLog(d.Name, d.path(logDir), "")
 	l.Logger = d.log.Logger
 	l.MayBeUnsynced = d.currentWALFiles()
 	if err := l.Open(ctx); err != nil {
-		return ltx.FileInfo{}, err
+		return nil, err
 	}
 	defer func() { _ = l.Close() }()
-	files := l.Files()
-	if len(files) == 0 {
-		return ltx.FileInfo{}, nil
+	return l.Files(), nil
+}
+
+// appliedInLog returns how many of txs, the transactions of a WAL the
+// applier of a replica wrote, to keep: the most after which the database
+// is where one of the log's files left it, by its checksum and size. A
+// power cut may keep frames of the last groups applied while losing
+// their records in the log (see ltx.ApplyOptions.Overlap), which this
+// cuts off. If no transaction leaves the database where a file left it,
+// it keeps them all: a database behind its log, whose Open applies the
+// files after it again. Caller holds d.mu.
+func (d *DB) appliedInLog(txs []walTx, files []ltx.FileInfo) (int, error) {
+	if len(txs) == 0 || len(files) == 0 {
+		return len(txs), nil
 	}
-	return files[len(files)-1], nil
+	type state struct {
+		sum   ltx.Checksum
+		pages uint32
+	}
+	states := make(map[state]bool, len(files))
+	for _, f := range files {
+		states[state{f.PostApplyChecksum, f.Header.Commit}] = true
+	}
+	t, err := ltx.ReadChecksumTable(d.path(databaseFile))
+	if err != nil {
+		return 0, err
+	}
+	if t.PageSize() == 0 {
+		t = ltx.NewChecksumTable(d.wal.hdr.pageSize)
+	}
+	keep := -1
+	for i, tx := range txs {
+		pages := make(map[uint32][]byte, len(tx.frames))
+		for pgno, off := range tx.frames {
+			page := make([]byte, d.wal.hdr.pageSize)
+			if _, err := d.wal.file.ReadAt(page, off+walFrameHeaderSize); err != nil {
+				return 0, fmt.Errorf("read the frame of page %d at %d: %w", pgno, off, err)
+			}
+			pages[pgno] = page
+		}
+		t.Commit(pages, tx.commit)
+		if states[state{t.Checksum(), t.Pages()}] {
+			keep = i + 1
+		}
+	}
+	if keep < 0 {
+		return len(txs), nil
+	}
+	return keep, nil
 }
 
 // currentWALFiles returns a test of whether an LTX file holds a

@@ -311,18 +311,73 @@ func (l *Log) applySegment(ctx context.Context, paths []string, infos []FileInfo
 	if !ahead {
 		marker = l.marker
 	}
-	if err := s.syncBoth(marker); err != nil {
-		return fail(err)
+	if !opts.Overlap || opts.Target == nil {
+		if err := s.syncBoth(marker); err != nil {
+			return fail(err)
+		}
+		l.marked = first
+		failpoint("syncdir")
+		return l.applySynced(ctx, files, table, pos, opts.Target, s, n0, end0)
 	}
-	l.marked = first
-	failpoint("syncdir")
-	infos, pgnos, err := l.applied(ctx, files, l.scratchTable(table), pos, false, opts.Target)
+	// The records' fsync runs while the Target takes the pages: readers
+	// see the group an fsync sooner. Nothing returns before both are done.
+	g := &groupSync{done: make(chan struct{})}
+	l.group = g
+	go func() {
+		defer close(g.done)
+		failpoint("group-sync")
+		g.err = s.syncBoth(marker)
+	}()
+	infos, pgnos, err := l.applySynced(ctx, files, table, pos, opts.Target, s, n0, end0)
+	serr := l.AwaitLogged()
+	l.group = nil
+	if serr == nil {
+		l.marked = first
+	}
+	switch {
+	case err != nil:
+		return nil, nil, errors.Join(err, serr)
+	case serr != nil:
+		// The database and the log in memory hold the group; the disk may
+		// hold neither. The segment stays unsynced: the next fsync tries
+		// again, and Open cuts the database back to its log if it must.
+		return nil, nil, fmt.Errorf("apply %s to %s: the group is applied, its log records are not durable: %w", infos[0].Name, l.Name, serr)
+	}
+	return infos, pgnos, nil
+}
+
+// applySynced applies a group whose records s holds, n0 records and end0
+// bytes before it, through target. Caller holds l.wmu.
+func (l *Log) applySynced(ctx context.Context, files []*logFile, table *ChecksumTable, pos Pos, target ApplyTarget, s *segment, n0 int, end0 int64) ([]FileInfo, []uint32, error) {
+	infos, pgnos, err := l.applied(ctx, files, l.scratchTable(table), pos, false, target)
 	if err != nil {
 		// The database may hold part of the group: its records stay, for
 		// Open to finish it after a crash, until the next apply.
 		l.unapplied = &unappliedGroup{seg: s, n: n0, end: end0}
 	}
 	return infos, pgnos, err
+}
+
+// groupSync is the fsync of a group's records in flight while its pages
+// are applied (ApplyOptions.Overlap).
+type groupSync struct {
+	done chan struct{}
+	err  error
+}
+
+// AwaitLogged waits until the records of the group being applied with
+// ApplyOptions.Overlap are durable in the log, and returns the fsync's
+// error. It returns nil at once when no such group is being applied. Only
+// an ApplyTarget may call it, from its Sync: one that writes pages where
+// a power cut could leave them ahead of the log, with no way for its
+// owner to cut them back, waits for the log first.
+func (l *Log) AwaitLogged() error {
+	g := l.group
+	if g == nil {
+		return nil
+	}
+	<-g.done
+	return g.err
 }
 
 // unappliedGroup is where the segment ended before a group whose apply
@@ -450,6 +505,17 @@ type ApplyOptions struct {
 	// returns nil. A crash before that leaves the group to Open, which
 	// finishes it in the database file.
 	Target ApplyTarget
+	// Overlap, with a Target and a group of one transaction per file,
+	// gives the Target the group's pages while the fsync of the group's
+	// records in the log is in flight, rather than after it: readers of
+	// the Target see the group an fsync sooner. ApplyFiles still returns
+	// only once the records are durable, so nothing acknowledged is
+	// lost. But a power cut may now leave the Target's pages durable and
+	// the records not: the database ahead of its log. The Target's owner
+	// must cut the database back to a state of the log before Open (fs
+	// does, for the WAL a replica writes), and a Target that writes pages
+	// it could not cut back waits for the log first (AwaitLogged).
+	Overlap bool
 }
 
 // data returns the bytes of the i'th file, if the caller holds them.

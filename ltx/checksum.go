@@ -247,6 +247,22 @@ func (t *ChecksumTable) next(changes []pageSum, commit uint32) Checksum {
 	return ChecksumFlag | x
 }
 
+// Commit makes t the table of the database after a transaction that
+// wrote pages, by page number, and left it commit pages long. Every page
+// beyond t's size up to commit, but the lock page, must be among pages;
+// pages past commit and the lock page are ignored.
+func (t *ChecksumTable) Commit(pages map[uint32][]byte, commit uint32) {
+	lockPgno := ltx.LockPgno(t.pageSize)
+	hash := ltx.NewHasher()
+	changes := make([]pageSum, 0, len(pages))
+	for pgno, data := range pages {
+		if pgno != lockPgno && pgno <= commit {
+			changes = append(changes, pageSum{pgno: pgno, sum: ltx.ChecksumPageWithHasher(hash, pgno, data)})
+		}
+	}
+	t.apply(changes, commit)
+}
+
 // apply makes the changes that next describes.
 func (t *ChecksumTable) apply(changes []pageSum, commit uint32) {
 	if t.journal != nil {

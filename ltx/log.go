@@ -114,6 +114,9 @@ type Log struct {
 	marker    *os.File
 	marked    TXID
 	unapplied *unappliedGroup
+	// group is the fsync in flight of the records of a group applied
+	// with ApplyOptions.Overlap. Guarded by wmu.
+	group *groupSync
 	// spare is a copy of the checksum table as it was at generation
 	// spareGen, for the next apply to change in place rather than copy
 	// a table as large as the database (see scratchTable). Guarded by

@@ -1153,3 +1153,81 @@ func mustReadCorrupt(t *testing.T, l *ltx.Log, pos ltx.Pos, what string) {
 		t.Fatalf("reading %s: err = %v, want ErrCorrupt", what, err)
 	}
 }
+
+// signalTarget writes a group's pages into the database file, and reports
+// each Sync on synced.
+type signalTarget struct {
+	*os.File
+	synced chan struct{}
+}
+
+func (t *signalTarget) Sync(bool) error {
+	t.synced <- struct{}{}
+	return t.File.Sync()
+}
+
+// TestSegment_ApplyOverlap: with ApplyOptions.Overlap the Target gets a
+// group's pages while the fsync of its records is held at its start, and
+// ApplyFiles returns only once that fsync is done; without it, the
+// records are durable before the Target gets anything. A Target whose
+// Sync fails leaves the group for the next apply, as without Overlap.
+func TestSegment_ApplyOverlap(t *testing.T) {
+	src := newSegmentDB(t, t.TempDir(), 31, 0)
+	src.run(30, t0, nil)
+	dst := newSegmentDB(t, t.TempDir(), 32, 0)
+	paths := exportFiles(t, src.log, 1, t.TempDir())
+	ctx := context.Background()
+	if _, _, err := dst.log.ApplyFiles(ctx, paths[:1], ltx.ApplyOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	db, err := os.OpenFile(dst.path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	target := &signalTarget{File: db, synced: make(chan struct{}, 1)}
+
+	// Without Overlap the group-sync failpoint is never passed.
+	reached, resume := stopAt(t, "group-sync")
+	if _, _, err := dst.log.ApplyFiles(ctx, paths[1:5], ltx.ApplyOptions{Target: target}); err != nil {
+		t.Fatal(err)
+	}
+	<-target.synced
+	select {
+	case <-reached:
+		t.Fatal("an apply without Overlap fsynced its records in a goroutine")
+	default:
+	}
+
+	// With it, the Target syncs while the records' fsync is held.
+	errc := goErr(func() error {
+		_, _, err := dst.log.ApplyFiles(ctx, paths[5:10], ltx.ApplyOptions{Target: target, Overlap: true})
+		return err
+	})
+	testingutil.Within(t, waitTimeout, "the records' fsync to start", func() { <-reached })
+	testingutil.Within(t, waitTimeout, "the Target's Sync while the records' fsync is held", func() { <-target.synced })
+	select {
+	case err := <-errc:
+		t.Fatalf("ApplyFiles returned before the records were fsynced: %v", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	resume()
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	if got := dst.log.Pos(); got != src.log.Files()[9].Pos() {
+		t.Fatalf("after the overlapped group the log is at %s, want %s", got, src.log.Files()[9].Pos())
+	}
+
+	// A Target that fails: the group stays for the next apply.
+	failing := &failingTarget{File: db, fail: true}
+	var partly *ltx.PartlyAppliedError
+	if _, _, err := dst.log.ApplyFiles(ctx, paths[10:15], ltx.ApplyOptions{Target: failing, Overlap: true}); !errors.As(err, &partly) {
+		t.Fatalf("overlapped apply with a failing sync: %v, want a PartlyAppliedError", err)
+	}
+	failing.fail = false
+	if _, _, err := dst.log.ApplyFiles(ctx, paths[10:], ltx.ApplyOptions{Target: failing, Overlap: true}); err != nil {
+		t.Fatalf("apply again: %v", err)
+	}
+	mustMatchPrimary(t, dst, src)
+}
