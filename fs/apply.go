@@ -97,7 +97,10 @@ func (f *FileSystem) ApplyFiles(ctx context.Context, name string, paths []string
 	}
 	// Frames in the WAL (the applier's, or left by this node's app when it
 	// was the primary, which recovery logged) go into the database file
-	// first, while no reader is in.
+	// first, while no reader is in, once the log holds them durably.
+	if err := d.log.AwaitLogged(ctx); err != nil {
+		return nil, fmt.Errorf("apply to %s: %w", name, err)
+	}
 	d.mu.Lock()
 	hadFrames := d.walApplied() || d.walActive()
 	folded, err := d.foldWAL(f.readOnly.Load())
@@ -208,6 +211,22 @@ func firstHeader(path string, opts ApplyOptions) (ltx.Header, error) {
 }
 
 // dbForApply returns database name, created empty if it does not exist.
+// AwaitLogged waits until every group applied to database name so far is
+// durable in its log, or ctx ends: a replica's applies return once
+// readers see a group, while the fsync of its records may still be in
+// flight (see ltx.ApplyOptions.Overlap). It is nil for a database this
+// node does not have.
+func (f *FileSystem) AwaitLogged(ctx context.Context, name string) error {
+	d := f.DB(name)
+	if d == nil {
+		return nil
+	}
+	if err := d.log.AwaitLogged(ctx); err != nil {
+		return fmt.Errorf("log of %s: %w", name, err)
+	}
+	return nil
+}
+
 func (f *FileSystem) dbForApply(ctx context.Context, name string) (*DB, error) {
 	if !validDBName(name) {
 		return nil, fmt.Errorf("apply to %q: not a valid database name", name)

@@ -40,10 +40,11 @@ import (
 //
 // Everything else reads the database through the WAL (walView). The
 // frames go into the WAL while the log's fsync of their records is in
-// flight, and the apply returns once it is done: a power cut may keep
-// frames whose records it lost, which the daemon drops when it starts
-// (DB.recover), and checkpoints copy only frames the log holds durably,
-// as they run after the apply returned. A file marks a WAL
+// flight, and the apply returns before it is done (the replica
+// acknowledges the group once it is: FileSystem.AwaitLogged): a power
+// cut may keep frames whose records it lost, which the daemon drops when
+// it starts (DB.recover), and checkpoints, and every other copy of frames
+// into the database file, wait for the log first. A file marks a WAL
 // generation the applier started (walAppliedFile): a daemon that starts
 // with one copies the WAL into the database file before anything else, and
 // so does a replica that becomes primary, or that applies a snapshot or a
@@ -295,7 +296,7 @@ func (t *walTarget) Sync(logged bool) error {
 // not cut back at start, as a WAL is).
 func (t *walTarget) leaveWAL() error {
 	f, d := t.f, t.d
-	if err := d.log.AwaitLogged(); err != nil {
+	if err := d.log.AwaitLogged(t.ctx); err != nil {
 		return err
 	}
 	hold, err := f.holdReaders(t.ctx, d)
@@ -512,6 +513,10 @@ func (f *FileSystem) checkpointWAL(ctx context.Context, d *DB, locks walLocks) e
 	d.mu.Unlock()
 	if mx < f.foldFrames() || backfill >= mx {
 		return nil
+	}
+	// The database file gets only what the log holds durably.
+	if err := d.log.AwaitLogged(ctx); err != nil {
+		return err
 	}
 	d.mu.Lock()
 	shm, err := d.appliedShm()
@@ -782,6 +787,10 @@ func (f *FileSystem) foldForWriting(d *DB) {
 	mine := d.walApplied()
 	d.mu.Unlock()
 	if !mine {
+		return
+	}
+	if err := d.log.AwaitLogged(context.Background()); err != nil {
+		f.Logger.Error("copy the WAL the replica wrote into the database file", "db", d.Name, "err", err)
 		return
 	}
 	hold, err := f.holdReaders(context.Background(), d)

@@ -115,6 +115,12 @@ func (l *Log) ApplyFiles(ctx context.Context, paths []string, opts ApplyOptions)
 		at = info.Pos()
 	}
 	snapshot := infos[0].Header.IsSnapshot()
+	segmented := !snapshot && l.SegmentSize > 0 && !slices.ContainsFunc(infos, func(i FileInfo) bool { return i.Header.MinTXID != i.Header.MaxTXID })
+	if !segmented || !opts.Overlap || opts.Target == nil {
+		if err := l.settle(); err != nil {
+			return nil, nil, fmt.Errorf("apply %s to %s: %w", infos[0].Name, l.Name, err)
+		}
+	}
 	if u := l.unapplied; u != nil {
 		// Its records stayed for Open while the database might hold part
 		// of it; the files applied now take their place.
@@ -123,7 +129,7 @@ func (l *Log) ApplyFiles(ctx context.Context, paths []string, opts ApplyOptions)
 		}
 		l.unapplied = nil
 	}
-	if !snapshot && l.SegmentSize > 0 && !slices.ContainsFunc(infos, func(i FileInfo) bool { return i.Header.MinTXID != i.Header.MaxTXID }) {
+	if segmented {
 		return l.applySegment(ctx, paths, infos, table, pos, opts, verified)
 	}
 	// Copied or moved in, verified (unless the caller did), before
@@ -215,7 +221,7 @@ func (l *Log) applied(ctx context.Context, files []*logFile, table *ChecksumTabl
 		// ignored. (A group in a segment leaves it naming its first file:
 		// see applySegment.)
 		_ = os.Truncate(l.path(applyingName), 0)
-		l.marked = 0
+		l.marked, l.markWritten = 0, 0
 	}
 	l.mu.Lock()
 	if snapshot {
@@ -255,12 +261,24 @@ func (l *Log) applied(ctx context.Context, files []*logFile, table *ChecksumTabl
 // before. Caller holds l.wmu.
 func (l *Log) applySegment(ctx context.Context, paths []string, infos []FileInfo, table *ChecksumTable, pos Pos, opts ApplyOptions, verified bool) ([]FileInfo, []uint32, error) {
 	first := infos[0].Header.MinTXID
+	overlap := opts.Overlap && opts.Target != nil
 	ahead := l.marked == 0 || l.marked > first
-	if err := l.mark(infos[0].Name, ahead); err != nil {
-		return nil, nil, fmt.Errorf("apply %s to %s: %w", infos[0].Name, l.Name, err)
+	if ahead || !overlap {
+		if err := l.settle(); err != nil {
+			return nil, nil, fmt.Errorf("apply %s to %s: %w", infos[0].Name, l.Name, err)
+		}
 	}
-	if ahead {
-		l.marked = first
+	// While the records of a group before are being fsynced, the marker
+	// keeps naming it: its name must not reach the disk before them (see
+	// settle).
+	if l.group.Load() == nil {
+		if err := l.mark(infos[0].Name, ahead); err != nil {
+			return nil, nil, fmt.Errorf("apply %s to %s: %w", infos[0].Name, l.Name, err)
+		}
+		l.markWritten = first
+		if ahead {
+			l.marked = first
+		}
 	}
 	s, err := l.appending(first, true)
 	if err != nil {
@@ -311,7 +329,7 @@ func (l *Log) applySegment(ctx context.Context, paths []string, infos []FileInfo
 	if !ahead {
 		marker = l.marker
 	}
-	if !opts.Overlap || opts.Target == nil {
+	if !overlap {
 		if err := s.syncBoth(marker); err != nil {
 			return fail(err)
 		}
@@ -319,29 +337,28 @@ func (l *Log) applySegment(ctx context.Context, paths []string, infos []FileInfo
 		failpoint("syncdir")
 		return l.applySynced(ctx, files, table, pos, opts.Target, s, n0, end0)
 	}
-	// The records' fsync runs while the Target takes the pages: readers
-	// see the group an fsync sooner. Nothing returns before both are done.
-	g := &groupSync{done: make(chan struct{})}
-	l.group = g
+	// The records' fsync runs while the Target takes the pages, and goes
+	// on after ApplyFiles returns: readers see the group an fsync sooner,
+	// and the next group may be applied meanwhile. Its fsync follows this
+	// one. AwaitLogged waits for them; everything else that needs the
+	// log durable settles first.
+	prev := l.group.Load()
+	g := &groupSync{done: make(chan struct{}), seg: s, marked: l.markWritten}
+	l.group.Store(g)
 	go func() {
 		defer close(g.done)
+		if prev != nil {
+			<-prev.done
+			if g.err = prev.err; g.err != nil {
+				return
+			}
+		}
 		failpoint("group-sync")
-		g.err = s.syncBoth(marker)
+		g.err = s.syncFiles(marker)
 	}()
 	infos, pgnos, err := l.applySynced(ctx, files, table, pos, opts.Target, s, n0, end0)
-	serr := l.AwaitLogged()
-	l.group = nil
-	if serr == nil {
-		l.marked = first
-	}
-	switch {
-	case err != nil:
-		return nil, nil, errors.Join(err, serr)
-	case serr != nil:
-		// The database and the log in memory hold the group; the disk may
-		// hold neither. The segment stays unsynced: the next fsync tries
-		// again, and Open cuts the database back to its log if it must.
-		return nil, nil, fmt.Errorf("apply %s to %s: the group is applied, its log records are not durable: %w", infos[0].Name, l.Name, serr)
+	if err != nil {
+		return nil, nil, errors.Join(err, l.settle())
 	}
 	return infos, pgnos, nil
 }
@@ -358,26 +375,56 @@ func (l *Log) applySynced(ctx context.Context, files []*logFile, table *Checksum
 	return infos, pgnos, err
 }
 
-// groupSync is the fsync of a group's records in flight while its pages
-// are applied (ApplyOptions.Overlap).
+// groupSync is the fsync of a group's records in flight, applied with
+// ApplyOptions.Overlap; it follows that of the group before, if any, and
+// fails if that failed.
 type groupSync struct {
-	done chan struct{}
-	err  error
+	done   chan struct{}
+	err    error
+	seg    *segment
+	marked TXID // the group the marker named when the fsync began
 }
 
-// AwaitLogged waits until the records of the group being applied with
-// ApplyOptions.Overlap are durable in the log, and returns the fsync's
-// error. It returns nil at once when no such group is being applied. Only
-// an ApplyTarget may call it, from its Sync: one that writes pages where
-// a power cut could leave them ahead of the log, with no way for its
-// owner to cut them back, waits for the log first.
-func (l *Log) AwaitLogged() error {
-	g := l.group
+// settle waits for the fsync of the groups applied with Overlap, if any
+// is still in flight, and returns its error. The segment is then synced
+// up to its last record: every other append settles first. Caller holds
+// l.wmu.
+func (l *Log) settle() error {
+	g := l.group.Load()
 	if g == nil {
 		return nil
 	}
 	<-g.done
-	return g.err
+	l.group.Store(nil)
+	if g.err != nil {
+		// The groups are applied, in the database and the log in memory;
+		// the disk may hold neither. The segment stays unsynced, for the
+		// next fsync to try again, and a start after a crash cuts the
+		// database back to the log if it must.
+		return fmt.Errorf("the records of groups applied before are not durable: %w", g.err)
+	}
+	g.seg.unsynced = false
+	l.marked = g.marked
+	return nil
+}
+
+// AwaitLogged waits until the records of every group applied with
+// ApplyOptions.Overlap so far are durable in the log, or ctx ends, and
+// returns the fsync's error. A replica acknowledges a group once they
+// are; and an ApplyTarget that writes pages where a power cut could leave
+// them ahead of the log, with no way for its owner to cut them back,
+// calls it from its Sync first.
+func (l *Log) AwaitLogged(ctx context.Context) error {
+	g := l.group.Load()
+	if g == nil {
+		return nil
+	}
+	select {
+	case <-g.done:
+		return g.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // unappliedGroup is where the segment ended before a group whose apply
@@ -397,6 +444,9 @@ type unappliedGroup struct {
 func (l *Log) EndApplying() error {
 	l.wmu.Lock()
 	defer l.wmu.Unlock()
+	if err := l.settle(); err != nil {
+		return err
+	}
 	if l.unapplied != nil {
 		return fmt.Errorf("log %s: a group of files failed to apply to the database and was not applied again; "+
 			"the database does not match the log and cannot take commits", l.Dir)
@@ -410,7 +460,7 @@ func (l *Log) EndApplying() error {
 		_ = l.marker.Close()
 		l.marker = nil
 	}
-	l.marked = 0
+	l.marked, l.markWritten = 0, 0
 	if err := durable.WriteFile(l.path(applyingName), nil); err != nil {
 		return fmt.Errorf("log %s: empty the apply marker: %w", l.Dir, err)
 	}

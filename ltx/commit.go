@@ -75,6 +75,9 @@ var errUnchanged = errors.New("transaction changes nothing")
 func (l *Log) Commit(ctx context.Context, tx Tx) (*FileInfo, error) {
 	l.wmu.Lock()
 	defer l.wmu.Unlock()
+	if err := l.settle(); err != nil {
+		return nil, fmt.Errorf("commit to %s: %w", l.Name, err)
+	}
 	pos, table, err := l.commitState()
 	if err != nil {
 		return nil, err
@@ -195,6 +198,9 @@ func (p *Prepared) Abort() { p.w.out.remove() }
 func (l *Log) Sync(ctx context.Context) error {
 	l.wmu.Lock()
 	defer l.wmu.Unlock()
+	if err := l.settle(); err != nil {
+		return fmt.Errorf("sync log of %s: %w", l.Name, err)
+	}
 	if l.seg != nil && l.seg.unsynced {
 		if err := l.seg.sync(); err != nil {
 			return fmt.Errorf("sync log of %s: %w", l.Name, err)

@@ -114,9 +114,11 @@ type Log struct {
 	marker    *os.File
 	marked    TXID
 	unapplied *unappliedGroup
-	// group is the fsync in flight of the records of a group applied
-	// with ApplyOptions.Overlap. Guarded by wmu.
-	group *groupSync
+	// group is the fsync in flight of the records of the last group
+	// applied with ApplyOptions.Overlap; changed under wmu. markWritten
+	// is the first TXID of the group the marker names, durably or not.
+	group       atomic.Pointer[groupSync]
+	markWritten TXID
 	// spare is a copy of the checksum table as it was at generation
 	// spareGen, for the next apply to change in place rather than copy
 	// a table as large as the database (see scratchTable). Guarded by
@@ -284,6 +286,9 @@ func (l *Log) Close() error {
 	}
 	l.mu.Unlock()
 	if l.wmu.TryLock() {
+		if err := l.settle(); err != nil {
+			l.Logger.Error("close the log", "db", l.Name, "err", err)
+		}
 		l.closeSegment()
 		l.wmu.Unlock()
 	}
@@ -300,7 +305,7 @@ func (l *Log) closeSegment() {
 	}
 	if l.marker != nil {
 		_ = l.marker.Close()
-		l.marker, l.marked = nil, 0
+		l.marker, l.marked, l.markWritten = nil, 0, 0
 	}
 }
 

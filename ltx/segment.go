@@ -412,6 +412,9 @@ func (l *Log) rollSegment() error {
 	if s == nil {
 		return nil
 	}
+	if err := l.settle(); err != nil {
+		return err
+	}
 	if s.unsynced {
 		if err := s.sync(); err != nil {
 			return err
@@ -525,6 +528,16 @@ func (a *segmentAppend) commit(syncIndex bool) error {
 // syncBoth fdatasyncs the segment and its index at once, and also, if
 // not nil, another file.
 func (s *segment) syncBoth(also *os.File) error {
+	err := s.syncFiles(also)
+	if err == nil {
+		s.unsynced = false
+	}
+	return err
+}
+
+// syncFiles is syncBoth that leaves s.unsynced as it is, for a goroutine
+// of its own (see Log.settle).
+func (s *segment) syncFiles(also *os.File) error {
 	files := []*os.File{s.f, s.idx}
 	if also != nil {
 		files = append(files, also)
@@ -536,9 +549,6 @@ func (s *segment) syncBoth(also *os.File) error {
 	err := fdatasync(files[0])
 	for range files[1:] {
 		err = errors.Join(err, <-errc)
-	}
-	if err == nil {
-		s.unsynced = false
 	}
 	return err
 }

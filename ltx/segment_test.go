@@ -1168,9 +1168,10 @@ func (t *signalTarget) Sync(bool) error {
 
 // TestSegment_ApplyOverlap: with ApplyOptions.Overlap the Target gets a
 // group's pages while the fsync of its records is held at its start, and
-// ApplyFiles returns only once that fsync is done; without it, the
-// records are durable before the Target gets anything. A Target whose
-// Sync fails leaves the group for the next apply, as without Overlap.
+// ApplyFiles returns without waiting for it; the next group applies
+// meanwhile, and AwaitLogged waits for both. Without Overlap the records
+// are durable before the Target gets anything. A Target whose Sync fails
+// leaves the group for the next apply, as without Overlap.
 func TestSegment_ApplyOverlap(t *testing.T) {
 	src := newSegmentDB(t, t.TempDir(), 31, 0)
 	src.run(30, t0, nil)
@@ -1185,7 +1186,7 @@ func TestSegment_ApplyOverlap(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer db.Close()
-	target := &signalTarget{File: db, synced: make(chan struct{}, 1)}
+	target := &signalTarget{File: db, synced: make(chan struct{}, 2)}
 
 	// Without Overlap the group-sync failpoint is never passed.
 	reached, resume := stopAt(t, "group-sync")
@@ -1199,35 +1200,50 @@ func TestSegment_ApplyOverlap(t *testing.T) {
 	default:
 	}
 
-	// With it, the Target syncs while the records' fsync is held.
+	// With it, the Target syncs while the records' fsync is held, and
+	// two groups apply before it goes on.
 	errc := goErr(func() error {
 		_, _, err := dst.log.ApplyFiles(ctx, paths[5:10], ltx.ApplyOptions{Target: target, Overlap: true})
 		return err
 	})
 	testingutil.Within(t, waitTimeout, "the records' fsync to start", func() { <-reached })
 	testingutil.Within(t, waitTimeout, "the Target's Sync while the records' fsync is held", func() { <-target.synced })
-	select {
-	case err := <-errc:
-		t.Fatalf("ApplyFiles returned before the records were fsynced: %v", err)
-	case <-time.After(50 * time.Millisecond):
-	}
-	resume()
-	if err := <-errc; err != nil {
+	testingutil.Within(t, waitTimeout, "ApplyFiles to return while the records' fsync is held", func() {
+		if err := <-errc; err != nil {
+			t.Error(err)
+		}
+	})
+	if _, _, err := dst.log.ApplyFiles(ctx, paths[10:12], ltx.ApplyOptions{Target: target, Overlap: true}); err != nil {
 		t.Fatal(err)
 	}
-	if got := dst.log.Pos(); got != src.log.Files()[9].Pos() {
-		t.Fatalf("after the overlapped group the log is at %s, want %s", got, src.log.Files()[9].Pos())
+	<-target.synced
+	short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	if err := dst.log.AwaitLogged(short); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("AwaitLogged while the records' fsync is held: %v, want the deadline", err)
+	}
+	resume()
+	if err := dst.log.AwaitLogged(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := dst.log.Pos(); got != src.log.Files()[11].Pos() {
+		t.Fatalf("after the overlapped groups the log is at %s, want %s", got, src.log.Files()[11].Pos())
 	}
 
 	// A Target that fails: the group stays for the next apply.
 	failing := &failingTarget{File: db, fail: true}
 	var partly *ltx.PartlyAppliedError
-	if _, _, err := dst.log.ApplyFiles(ctx, paths[10:15], ltx.ApplyOptions{Target: failing, Overlap: true}); !errors.As(err, &partly) {
+	if _, _, err := dst.log.ApplyFiles(ctx, paths[12:15], ltx.ApplyOptions{Target: failing, Overlap: true}); !errors.As(err, &partly) {
 		t.Fatalf("overlapped apply with a failing sync: %v, want a PartlyAppliedError", err)
 	}
 	failing.fail = false
-	if _, _, err := dst.log.ApplyFiles(ctx, paths[10:], ltx.ApplyOptions{Target: failing, Overlap: true}); err != nil {
-		t.Fatalf("apply again: %v", err)
+	for _, g := range [][2]int{{12, 20}, {20, 21}, {21, 30}} {
+		if _, _, err := dst.log.ApplyFiles(ctx, paths[g[0]:g[1]], ltx.ApplyOptions{Target: failing, Overlap: true}); err != nil {
+			t.Fatalf("apply files %d to %d: %v", g[0], g[1], err)
+		}
+	}
+	if err := dst.log.AwaitLogged(ctx); err != nil {
+		t.Fatal(err)
 	}
 	mustMatchPrimary(t, dst, src)
 }

@@ -67,6 +67,14 @@ func (t fsTarget) Positions() map[string]ltx.Pos {
 	return m
 }
 
+var _ replication.DurableTarget = fsTarget{}
+
+// AwaitDurable waits until the groups applied to db are durable in its
+// log: Apply returns once readers see a group (see fs.FileSystem.AwaitLogged).
+func (t fsTarget) AwaitDurable(ctx context.Context, db string) error {
+	return t.f.AwaitLogged(ctx, db)
+}
+
 func (t fsTarget) Apply(ctx context.Context, db string, files []*replication.File) (ltx.Pos, error) {
 	// A snapshot for a diverged history replaces transactions the primary
 	// does not have: they are kept in data_dir/lost/. So are those a

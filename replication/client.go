@@ -2,10 +2,12 @@ package replication
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -33,6 +35,15 @@ type Target interface {
 	// Target keeps the transactions it is about to lose. Apply may move
 	// the files' Paths.
 	Apply(ctx context.Context, db string, files []*File) (ltx.Pos, error)
+}
+
+// DurableTarget is a Target whose Apply may return once readers see a
+// group, before the group is durable: the client acknowledges it to the
+// primary only once AwaitDurable, called after Apply, returns nil. It
+// waits for every group of db applied before the call.
+type DurableTarget interface {
+	Target
+	AwaitDurable(ctx context.Context, db string) error
 }
 
 // Client is the replica side of replication: it keeps one stream open to
@@ -260,6 +271,8 @@ func (c *Client) Session(ctx context.Context, conn ClientConn) (int, error) {
 		return 0, err
 	}
 	var frames atomic.Int64
+	ctx, fail := context.WithCancelCause(ctx)
+	defer fail(nil)
 	queue := make(chan *File, max(c.MaxGroup, 1))
 	recvErr := make(chan error, 1)
 	go func() {
@@ -268,7 +281,20 @@ func (c *Client) Session(ctx context.Context, conn ClientConn) (int, error) {
 		defer close(queue)
 		recvErr <- c.receive(ctx, conn, rv, &frames, queue)
 	}()
-	err := c.applyQueued(ctx, conn, rv.held, queue, recvErr)
+	// Acks go out from a goroutine of their own, each once its group is
+	// durable, while the next group applies.
+	acks := make(chan *meridianv1.Ack, ackQueue)
+	acked := make(chan struct{})
+	go func() {
+		defer close(acked)
+		c.sendAcks(c.applyContext(ctx), conn, acks, fail)
+	}()
+	err := c.applyQueued(ctx, rv.held, queue, recvErr, acks)
+	close(acks)
+	<-acked
+	if cause := context.Cause(ctx); cause != nil && !errors.Is(cause, context.Canceled) && errors.Is(err, context.Canceled) {
+		err = cause // the acks failed
+	}
 	go func() {
 		for f := range queue {
 			c.release(rv.held, f)
@@ -344,7 +370,7 @@ func (c *Client) frame(ctx context.Context, rv *receiver, resp *meridianv1.Strea
 // applyQueued applies the queued files until the queue closes, taking
 // every file that has arrived, up to MaxGroup, at a time; it returns the
 // error that ended the stream.
-func (c *Client) applyQueued(ctx context.Context, conn ClientConn, h *held, queue <-chan *File, recvErr <-chan error) error {
+func (c *Client) applyQueued(ctx context.Context, h *held, queue <-chan *File, recvErr <-chan error, acks chan<- *meridianv1.Ack) error {
 	for {
 		var files []*File
 		select {
@@ -375,7 +401,7 @@ func (c *Client) applyQueued(ctx context.Context, conn ClientConn, h *held, queu
 			}
 			return ctx.Err()
 		}
-		err := c.applyFiles(c.applyContext(ctx), conn, files)
+		err := c.applyFiles(c.applyContext(ctx), files, acks)
 		for _, f := range files {
 			c.release(h, f)
 		}
@@ -387,7 +413,7 @@ func (c *Client) applyQueued(ctx context.Context, conn ClientConn, h *held, queu
 
 // applyFiles applies files, in the order they arrived, a group per
 // database (a snapshot starts a new one), and acks each group's position.
-func (c *Client) applyFiles(ctx context.Context, conn ClientConn, files []*File) error {
+func (c *Client) applyFiles(ctx context.Context, files []*File, acks chan<- *meridianv1.Ack) error {
 	var order []string
 	groups := make(map[string][][]*File)
 	for _, f := range files {
@@ -403,7 +429,7 @@ func (c *Client) applyFiles(ctx context.Context, conn ClientConn, files []*File)
 	}
 	for _, db := range order {
 		for _, g := range groups[db] {
-			if err := c.apply(ctx, conn, db, g); err != nil {
+			if err := c.apply(ctx, db, g, acks); err != nil {
 				return err
 			}
 		}
@@ -411,9 +437,9 @@ func (c *Client) applyFiles(ctx context.Context, conn ClientConn, files []*File)
 	return nil
 }
 
-// apply hands a group of files of db to the Target and acks the new
-// position.
-func (c *Client) apply(ctx context.Context, conn ClientConn, db string, files []*File) error {
+// apply hands a group of files of db to the Target and queues the ack of
+// the new position.
+func (c *Client) apply(ctx context.Context, db string, files []*File, acks chan<- *meridianv1.Ack) error {
 	first, last := files[0], files[len(files)-1]
 	switch r := first.SnapshotReason; r {
 	case NoSnapshot:
@@ -446,8 +472,57 @@ func (c *Client) apply(ctx context.Context, conn ClientConn, db string, files []
 		c.status.Primary[db] = pos // the primary is there at least
 	}
 	c.mu.Unlock()
-	ack := &meridianv1.Ack{Db: db, Txid: uint64(pos.TXID), PostApplyChecksum: uint64(pos.PostApplyChecksum), AppliedAtUnixNano: now.UnixNano()}
-	return conn.Send(&meridianv1.StreamRequest{Frame: &meridianv1.StreamRequest_Ack{Ack: ack}})
+	acks <- &meridianv1.Ack{Db: db, Txid: uint64(pos.TXID), PostApplyChecksum: uint64(pos.PostApplyChecksum), AppliedAtUnixNano: now.UnixNano()}
+	return nil
+}
+
+// ackQueue is how many acks may wait to be sent: sendAcks takes them as
+// they come, so the queue fills only while a group's fsync is slow.
+const ackQueue = 1024
+
+// sendAcks sends the acks queued on acks until it is closed, each once
+// the Target says its group is durable (DurableTarget), the latest of
+// each database when several wait. The first error ends the session
+// (fail); the acks after it are dropped.
+func (c *Client) sendAcks(ctx context.Context, conn ClientConn, acks <-chan *meridianv1.Ack, fail context.CancelCauseFunc) {
+	dt, _ := c.Target.(DurableTarget)
+	var err error
+	for a := range acks {
+		if err != nil {
+			continue
+		}
+		latest := []*meridianv1.Ack{a}
+	more:
+		for {
+			select {
+			case b, ok := <-acks:
+				if !ok {
+					break more
+				}
+				if i := slices.IndexFunc(latest, func(x *meridianv1.Ack) bool { return x.GetDb() == b.GetDb() }); i >= 0 {
+					latest[i] = b
+				} else {
+					latest = append(latest, b)
+				}
+			default:
+				break more
+			}
+		}
+		for _, a := range latest {
+			if dt != nil {
+				if err = dt.AwaitDurable(ctx, a.GetDb()); err != nil {
+					err = fmt.Errorf("%s at txid %s is applied, not durable: %w", a.GetDb(), ltx.TXID(a.GetTxid()), err)
+					break
+				}
+			}
+			if err = conn.Send(&meridianv1.StreamRequest{Frame: &meridianv1.StreamRequest_Ack{Ack: a}}); err != nil {
+				break
+			}
+		}
+		if err != nil {
+			fail(err)
+		}
+	}
 }
 
 // metrics returns the client's instruments, made on first use.
