@@ -12,6 +12,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/meridian-db/meridian/ltx"
 )
 
 // walWriterFixture is a database directory laid out as a replica's
@@ -57,7 +59,8 @@ func newWALWriterFixture(t *testing.T) *walWriterFixture {
 			t.Fatal(err)
 		}
 	}
-	d := &DB{Name: "replica", dir: rdir, logger: slog.New(slog.DiscardHandler)}
+	// A log with nothing in it: the checkpoints wait for it (AwaitLogged).
+	d := &DB{Name: "replica", dir: rdir, logger: slog.New(slog.DiscardHandler), log: ltx.NewLog("replica", filepath.Join(rdir, logDir), "")}
 	if d.file, err = os.OpenFile(x.rPath, os.O_RDWR, 0); err != nil {
 		t.Fatal(err)
 	}

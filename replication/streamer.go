@@ -179,7 +179,7 @@ func (s *Streamer) Serve(ctx context.Context, conn Conn, peer string) error {
 	log.Info("replica connected", "epoch", epoch, "dbs", len(positions),
 		"max_in_flight_files", hello.GetMaxInFlightFiles(), "max_in_flight_bytes", hello.GetMaxInFlightBytes())
 
-	st := &stream{s: s, conn: conn, epoch: epoch, replica: r, log: log, streamed: hello.GetStreamedFiles(),
+	st := &stream{s: s, conn: conn, epoch: epoch, replica: r, region: hello.GetRegion(), log: log, streamed: hello.GetStreamedFiles(),
 		out: make(chan *meridianv1.StreamResponse, 4), started: make(map[string]bool)}
 	if n := hello.GetMaxInFlightFiles(); n > 0 {
 		st.files = semaphore.NewWeighted(int64(n))
@@ -244,8 +244,11 @@ type stream struct {
 	conn    Conn
 	epoch   uint64
 	replica *replica
-	log     *slog.Logger
-	out     chan *meridianv1.StreamResponse
+	// region is the replica's region, as its Hello said: a later stream
+	// of the replica changes replica.region under s.mu.
+	region string
+	log    *slog.Logger
+	out    chan *meridianv1.StreamResponse
 	// files and bytes are the room for files in flight that the
 	// replica's Hello announced, nil if it announced no bound: a file
 	// takes one file and its size in bytes, maxBytes in all, from its
@@ -271,7 +274,7 @@ func (st *stream) attrs(db string) metric.MeasurementOption {
 		return a.(metric.MeasurementOption)
 	}
 	a, _ := st.dbAttrs.LoadOrStore(db, metric.WithAttributes(attribute.String("replica", st.replica.node),
-		attribute.String("replica_region", st.replica.region), attribute.String("db", db)))
+		attribute.String("replica_region", st.region), attribute.String("db", db)))
 	return a.(metric.MeasurementOption)
 }
 
@@ -728,7 +731,7 @@ func (st *stream) file(ctx context.Context, db string, r io.Reader, info *ltx.Fi
 					attribute.String("meridian.db", db),
 					attribute.Int64("meridian.txid", int64(h.MaxTXID)),
 					attribute.String("meridian.replica", st.replica.node),
-					attribute.String("meridian.replica_region", st.replica.region),
+					attribute.String("meridian.replica_region", st.region),
 					attribute.Int64("meridian.bytes", info.Size),
 				))
 			begin.Traceparent, begin.Tracestate = traceparent(span.SpanContext())
@@ -775,7 +778,7 @@ func (st *stream) file(ctx context.Context, db string, r io.Reader, info *ltx.Fi
 	m.bytes.Add(ctx, off, attrs)
 	m.files.Add(ctx, 1, attrs)
 	if begin.IsSnapshot {
-		m.snapshots.Add(ctx, 1, metric.WithAttributes(attribute.String("replica", st.replica.node), attribute.String("replica_region", st.replica.region),
+		m.snapshots.Add(ctx, 1, metric.WithAttributes(attribute.String("replica", st.replica.node), attribute.String("replica_region", st.region),
 			attribute.String("db", db), attribute.String("reason", SnapshotReason(reason).String())))
 	}
 	return nil

@@ -3,6 +3,7 @@ package replication_test
 import (
 	"context"
 	"errors"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -258,5 +259,84 @@ func TestGate_Drain(t *testing.T) {
 	}
 	if err := awaitErr(t, errc, "the wait to return once acknowledged"); err != nil {
 		t.Fatalf("wait: %v", err)
+	}
+}
+
+// durableTarget is a Target whose groups become durable when the test
+// says: AwaitDurable waits for durable to close, or fails with failed.
+type durableTarget struct {
+	*repltest.Target
+	durable chan struct{}
+	failed  atomic.Pointer[error]
+}
+
+func (t *durableTarget) AwaitDurable(ctx context.Context, db string) error {
+	if err := t.failed.Load(); err != nil {
+		return *err
+	}
+	select {
+	case <-t.durable:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// TestGate_AckedWhenDurable: a replica whose Target applies groups before
+// they are durable (a DurableTarget) acknowledges them only once they
+// are, so a sync wait holds until then; and one that cannot make them
+// durable ends its stream, acknowledging nothing, and starts again.
+func TestGate_AckedWhenDurable(t *testing.T) {
+	c := newCluster(t)
+	c.primary.Create("a.db", 1)
+	cl := c.client()
+	target := &durableTarget{Target: c.target, durable: make(chan struct{})}
+	cl.Target = target
+	c.run(cl)
+	g := newGate(c, time.Minute)
+	ctx := context.Background()
+
+	txid := advance(c, "a.db")
+	testingutil.Within(t, repltest.WaitTimeout, "the replica to apply the transaction", func() {
+		for c.target.Pos("a.db").TXID < txid {
+			time.Sleep(time.Millisecond)
+		}
+	})
+	short, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel()
+	if err := g.Wait(short, "a.db", txid, true); err == nil {
+		t.Fatal("a sync wait returned before the replica's group was durable")
+	}
+	if reps, _ := c.streamer.Confirmed("a.db", txid); len(reps) != 0 {
+		t.Fatalf("the replica acknowledged txid %d before it was durable: %v", txid, reps)
+	}
+	close(target.durable)
+	waitCtx, cancelWait := context.WithTimeout(ctx, repltest.WaitTimeout)
+	defer cancelWait()
+	if err := g.Wait(waitCtx, "a.db", txid, true); err != nil {
+		t.Fatal(err)
+	}
+
+	failed := errors.New("injected: fsync failed")
+	target.failed.Store(&failed)
+	txid = advance(c, "a.db")
+	testingutil.Within(t, repltest.WaitTimeout, "the replica to apply the transaction", func() {
+		for c.target.Pos("a.db").TXID < txid {
+			time.Sleep(time.Millisecond)
+		}
+	})
+	short2, cancel2 := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel2()
+	if err := g.Wait(short2, "a.db", txid, true); err == nil {
+		t.Fatal("a sync wait returned for a group the replica could not make durable")
+	}
+	// The stream starts again; the next group is durable, and its ack
+	// covers the one before.
+	target.failed.Store(nil)
+	advance(c, "a.db")
+	bounded, cancel3 := context.WithTimeout(ctx, repltest.WaitTimeout)
+	defer cancel3()
+	if err := g.Wait(bounded, "a.db", txid, true); err != nil {
+		t.Fatalf("once the replica's groups are durable again: %v", err)
 	}
 }
