@@ -51,7 +51,8 @@ import (
 // change of journal mode, under a hold of all readers.
 
 // walAppliedFile, in a database's directory, holds the salts of the WAL
-// generation the applier writes.
+// generation the applier writes, then the boot ID of the kernel it began
+// under.
 const walAppliedFile = "wal-applied"
 
 // Lock bytes of the -shm.
@@ -442,7 +443,7 @@ func (d *DB) newWALGeneration(pageSize uint32) error {
 	// durably: a daemon that started without the mark would take the
 	// frames for an app's transactions.
 	salts := h.saltBytes()
-	if err := durable.WriteFile(d.path(walAppliedFile), salts[:]); err != nil {
+	if err := durable.WriteFile(d.path(walAppliedFile), append(salts[:], bootID()...)); err != nil {
 		return err
 	}
 	d.applied.mine = true
@@ -749,8 +750,30 @@ func (d *DB) readWALAppliedMark() error {
 		return err
 	}
 	s := d.wal.hdr.saltBytes()
-	d.applied.mine = d.wal.valid && string(b) == string(s[:])
+	d.applied.mine = d.wal.valid && len(b) >= len(s) && string(b[:len(s)]) == string(s[:])
+	if d.applied.mine {
+		d.applied.boot = string(b[len(s):])
+	}
 	return nil
+}
+
+// bootID returns the kernel's boot ID, which changes at every boot, ""
+// if it cannot be read.
+var bootID = func() string {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// rebootedSinceApplied reports whether the machine may have lost what the
+// page cache held since the applier started the WAL's generation: it
+// booted since (or either boot is unknown). A daemon that merely crashed
+// finds everything it wrote, durable or not. Caller holds d.mu.
+func (d *DB) rebootedSinceApplied() bool {
+	now := bootID()
+	return now == "" || d.applied.boot != now
 }
 
 // syncAppliedWAL fdatasyncs the WAL if the applier appended frames to it
@@ -771,6 +794,7 @@ func (d *DB) syncAppliedWAL() error {
 // appliedWAL is what the applier knows of the WAL it writes.
 type appliedWAL struct {
 	mine     bool     // the WAL's generation is the applier's
+	boot     string   // the boot ID its mark holds (readWALAppliedMark)
 	unsynced bool     // frames were appended without an fsync (see syncAppliedWAL)
 	shm      *os.File // the backing -shm (appliedShm)
 	frames   []uint32 // page of each frame of the generation

@@ -472,9 +472,10 @@ func TestFileSystem_ApplyWALFramesLost(t *testing.T) {
 // the WAL while its log fsyncs the group's records (ltx.ApplyOptions.Overlap),
 // so a power cut may keep the frames and lose the records, all of the
 // group's or the last of them: the database ahead of its log. The restart
-// drops the frames the log does not hold, says so, and is where the log
-// is; the primary's files apply again from there, and the replica ends
-// where the primary is, byte for byte.
+// (the machine booted again: a daemon that merely crashed loses nothing
+// the page cache held) drops the frames the log does not hold, says so,
+// and is where the log is; the primary's files apply again from there,
+// and the replica ends where the primary is, byte for byte.
 func TestFileSystem_ApplyWALLogLost(t *testing.T) {
 	for _, lost := range []int{3, 1} { // of the group's 3 records
 		t.Run(fmt.Sprintf("Lost%dOf3", lost), func(t *testing.T) {
@@ -510,6 +511,7 @@ func TestFileSystem_ApplyWALLogLost(t *testing.T) {
 			if err := os.Truncate(index, size-int64(lost)*segmentIndexRecord); err != nil {
 				t.Fatal(err)
 			}
+			fs.SetBootID(t, "the boot after the power cut")
 
 			again, logged := restartFS(t, f, true)
 			if !strings.Contains(logged.String(), "holds transactions its log lost in a crash") {

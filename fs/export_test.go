@@ -110,3 +110,11 @@ func (d *DB) SnapshotPagesKept() int {
 // SetSnapshotKeepMax sets how many bytes of pages a snapshot keeps before
 // it holds writers off for the rest of its read, and returns the old bound.
 func SetSnapshotKeepMax(n int64) int64 { return snapshotKeepMax.Swap(n) }
+
+// SetBootID makes the kernel's boot ID id, as after a reboot, until the
+// test ends.
+func SetBootID(tb interface{ Cleanup(func()) }, id string) {
+	was := bootID
+	bootID = func() string { return id }
+	tb.Cleanup(func() { bootID = was })
+}

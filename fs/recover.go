@@ -61,9 +61,14 @@ func (d *DB) recover(ctx context.Context) error {
 		// at once, see ltx.ApplyOptions.Overlap): those are dropped, and
 		// come again from the primary. Into the database file with the
 		// rest, before anything reads it.
-		keep, err := d.appliedInLog(txs, files)
-		if err != nil {
-			return fmt.Errorf("read the WAL the replica wrote: %w", err)
+		// Only a reboot loses what the page cache held: a daemon that
+		// merely crashed keeps every frame and record, and is spared
+		// reading the database file once more.
+		keep := len(txs)
+		if d.rebootedSinceApplied() {
+			if keep, err = d.appliedInLog(txs, files); err != nil {
+				return fmt.Errorf("read the WAL the replica wrote: %w", err)
+			}
 		}
 		if keep < len(txs) {
 			d.logger.Warn("the WAL the replica wrote holds transactions its log lost in a crash; dropped them, the primary sends them again",
