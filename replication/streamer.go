@@ -180,7 +180,7 @@ func (s *Streamer) Serve(ctx context.Context, conn Conn, peer string) error {
 		"max_in_flight_files", hello.GetMaxInFlightFiles(), "max_in_flight_bytes", hello.GetMaxInFlightBytes())
 
 	st := &stream{s: s, conn: conn, epoch: epoch, replica: r, region: hello.GetRegion(), log: log, streamed: hello.GetStreamedFiles(),
-		out: make(chan *meridianv1.StreamResponse, 4), started: make(map[string]bool)}
+		started: make(map[string]bool)}
 	if n := hello.GetMaxInFlightFiles(); n > 0 {
 		st.files = semaphore.NewWeighted(int64(n))
 	}
@@ -202,7 +202,6 @@ func (s *Streamer) Serve(ctx context.Context, conn Conn, peer string) error {
 			return gctx.Err()
 		}
 	})
-	g.Go(func() error { return st.send(gctx) })
 	g.Go(func() error { return st.heartbeats(gctx) })
 	g.Go(func() error { return st.databases(gctx, g, positions) })
 	err = g.Wait()
@@ -248,7 +247,8 @@ type stream struct {
 	// of the replica changes replica.region under s.mu.
 	region string
 	log    *slog.Logger
-	out    chan *meridianv1.StreamResponse
+	// sendMu is held while a frame is sent (push).
+	sendMu sync.Mutex
 	// files and bytes are the room for files in flight that the
 	// replica's Hello announced, nil if it announced no bound: a file
 	// takes one file and its size in bytes, maxBytes in all, from its
@@ -284,33 +284,21 @@ func (s *Streamer) metrics() *streamerMetrics {
 	return s.m
 }
 
-// send writes the frames of every database to the connection, stamped with
-// the epoch, and ends the stream if the lease changes hands.
-func (st *stream) send(ctx context.Context) error {
-	for {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case f := <-st.out:
-			if e := st.s.Epoch(); e != st.epoch {
-				return fmt.Errorf("%w: lease epoch changed from %d to %d", ErrNotPrimary, st.epoch, e)
-			}
-			f.Epoch = st.epoch
-			if err := st.conn.Send(f); err != nil {
-				return err
-			}
-		}
-	}
-}
-
-// push queues a frame for send.
+// push sends a frame, stamped with the epoch, and ends the stream if the
+// lease changes hands. The frames of every database, and the heartbeats,
+// go out one at a time in the order pushed, from the goroutine that
+// pushes them: no hand-off to a sender of their own on the way.
 func (st *stream) push(ctx context.Context, f *meridianv1.StreamResponse) error {
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case st.out <- f:
-		return nil
+	st.sendMu.Lock()
+	defer st.sendMu.Unlock()
+	if err := ctx.Err(); err != nil {
+		return err
 	}
+	if e := st.s.Epoch(); e != st.epoch {
+		return fmt.Errorf("%w: lease epoch changed from %d to %d", ErrNotPrimary, st.epoch, e)
+	}
+	f.Epoch = st.epoch
+	return st.conn.Send(f)
 }
 
 // recv reads the replica's acks until the stream ends.
@@ -786,7 +774,7 @@ func (st *stream) file(ctx context.Context, db string, r io.Reader, info *ltx.Fi
 
 // room waits until the replica has room for file info of db in flight,
 // and returns the function that gives it back once the file's LTXEnd is
-// queued (frames go out in the order they are queued, so the replica sees
+// sent (frames go out in the order they are pushed, so the replica sees
 // that LTXEnd before the LTXBegin that takes the room next). Files wait in
 // turn, a large one too. A file larger than all the room can never be
 // sent: an error.
