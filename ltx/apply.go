@@ -557,14 +557,18 @@ type ApplyOptions struct {
 	Target ApplyTarget
 	// Overlap, with a Target and a group of one transaction per file,
 	// gives the Target the group's pages while the fsync of the group's
-	// records in the log is in flight, rather than after it: readers of
-	// the Target see the group an fsync sooner. ApplyFiles still returns
-	// only once the records are durable, so nothing acknowledged is
-	// lost. But a power cut may now leave the Target's pages durable and
-	// the records not: the database ahead of its log. The Target's owner
-	// must cut the database back to a state of the log before Open (fs
-	// does, for the WAL a replica writes), and a Target that writes pages
-	// it could not cut back waits for the log first (AwaitLogged).
+	// records in the log is in flight, rather than after it, and returns
+	// without waiting for that fsync: readers of the Target see the group
+	// an fsync sooner, and the next group may be applied meanwhile (its
+	// fsync follows). AwaitLogged waits for them: the caller must not
+	// acknowledge a group before it returns nil. A power cut may leave
+	// the Target's pages durable and the records not: the database ahead
+	// of its log. The Target's owner must cut the database back to a
+	// state of the log before Open (fs does, for the WAL a replica
+	// writes), and a Target that writes pages it could not cut back waits
+	// for the log first (AwaitLogged). Everything else that needs the
+	// log durable (Commit, Sync, EndApplying, a segment's roll, Close, an
+	// apply without Overlap) waits for it too.
 	Overlap bool
 }
 
