@@ -297,19 +297,8 @@ func TestGate_AckedWhenDurable(t *testing.T) {
 	ctx := context.Background()
 
 	txid := advance(c, "a.db")
-	testingutil.Within(t, repltest.WaitTimeout, "the replica to apply the transaction", func() {
-		for c.target.Pos("a.db").TXID < txid {
-			time.Sleep(time.Millisecond)
-		}
-	})
-	short, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
-	defer cancel()
-	if err := g.Wait(short, "a.db", txid, true); err == nil {
-		t.Fatal("a sync wait returned before the replica's group was durable")
-	}
-	if reps, _ := c.streamer.Confirmed("a.db", txid); len(reps) != 0 {
-		t.Fatalf("the replica acknowledged txid %d before it was durable: %v", txid, reps)
-	}
+	repltest.WaitSynced(t, c.primary, c.target)
+	mustNotConfirm(t, c, g, txid, "before the replica's group was durable")
 	close(target.durable)
 	waitCtx, cancelWait := context.WithTimeout(ctx, repltest.WaitTimeout)
 	defer cancelWait()
@@ -320,16 +309,8 @@ func TestGate_AckedWhenDurable(t *testing.T) {
 	failed := errors.New("injected: fsync failed")
 	target.failed.Store(&failed)
 	txid = advance(c, "a.db")
-	testingutil.Within(t, repltest.WaitTimeout, "the replica to apply the transaction", func() {
-		for c.target.Pos("a.db").TXID < txid {
-			time.Sleep(time.Millisecond)
-		}
-	})
-	short2, cancel2 := context.WithTimeout(ctx, 100*time.Millisecond)
-	defer cancel2()
-	if err := g.Wait(short2, "a.db", txid, true); err == nil {
-		t.Fatal("a sync wait returned for a group the replica could not make durable")
-	}
+	repltest.WaitSynced(t, c.primary, c.target)
+	mustNotConfirm(t, c, g, txid, "for a group the replica could not make durable")
 	// The stream starts again; the next group is durable, and its ack
 	// covers the one before.
 	target.failed.Store(nil)
@@ -338,5 +319,19 @@ func TestGate_AckedWhenDurable(t *testing.T) {
 	defer cancel3()
 	if err := g.Wait(bounded, "a.db", txid, true); err != nil {
 		t.Fatalf("once the replica's groups are durable again: %v", err)
+	}
+}
+
+// mustNotConfirm checks that a sync wait for txid of a.db does not return
+// within 100 ms, and that the streamer shows no replica confirming it.
+func mustNotConfirm(t *testing.T, c *cluster, g *replication.Gate, txid ltx.TXID, when string) {
+	t.Helper()
+	short, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if err := g.Wait(short, "a.db", txid, true); err == nil {
+		t.Fatalf("a sync wait returned %s", when)
+	}
+	if reps, _ := c.streamer.Confirmed("a.db", txid); len(reps) != 0 {
+		t.Fatalf("the replica acknowledged txid %d %s: %v", txid, when, reps)
 	}
 }
