@@ -588,6 +588,10 @@ func (f *FileSystem) readHoldEvery() time.Duration {
 
 // release lets readers go on.
 func (h *readerHold) release() {
+	if h.wal {
+		// Every WAL lock goes, the applier's WRITE lock too.
+		h.d.walWriteHeld.Store(false)
+	}
 	if h.holder != nil {
 		var start, end uint64 // all of the database file's locks
 		if h.wal {

@@ -213,14 +213,15 @@ func (f *FileSystem) applyFrames(ctx context.Context, d *DB, paths []string, opt
 	if err := locks.shareDMS(ctx); err != nil {
 		return nil, fmt.Errorf("apply to %s: %w", d.Name, err)
 	}
-	if err := locks.lock(ctx, walWriteLock, walWriteLock); err != nil {
-		return nil, fmt.Errorf("apply to %s: %w", d.Name, err)
-	}
-	defer func() {
-		if err := locks.unlock(walWriteLock, walWriteLock); err != nil {
-			f.Logger.Error("drop the WAL write lock", "db", d.Name, "err", err)
+	// The WAL write lock is kept from one apply to the next (see
+	// DB.walWriteHeld): with kernel locks, taking and dropping it cost a
+	// round trip to the lock holder process per apply.
+	if !d.walWriteHeld.Load() {
+		if err := locks.lock(ctx, walWriteLock, walWriteLock); err != nil {
+			return nil, fmt.Errorf("apply to %s: %w", d.Name, err)
 		}
-	}()
+		d.walWriteHeld.Store(true)
+	}
 	if err := f.restartWAL(ctx, d, locks); err != nil {
 		return nil, fmt.Errorf("apply to %s: %w", d.Name, err)
 	}
@@ -568,6 +569,10 @@ func (f *FileSystem) checkpointWAL(ctx context.Context, d *DB, locks walLocks) e
 	}
 	defer func() { _ = locks.unlock(walReadLock0, walReadLock0) }()
 	d.mu.Lock()
+	var before int64
+	if st, err := d.file.Stat(); err == nil {
+		before = st.Size()
+	}
 	pgnos, err := d.copyFrames(backfill, safe, safe == mx)
 	ps := d.wal.hdr.pageSize
 	d.mu.Unlock()
@@ -575,7 +580,13 @@ func (f *FileSystem) checkpointWAL(ctx context.Context, d *DB, locks walLocks) e
 		return err
 	}
 	// Readers that begin once nBackfill has moved read these pages from
-	// the database file: the kernel's copies go first.
+	// the database file: the kernel's copies go first, and the kernel
+	// learns the size of a file the copy grew, as after an apply into the
+	// database file (storeSize): a reader that trusted an old size would
+	// read the new pages at its end as zeros.
+	if err := f.storeSize(d, before, ps); err != nil {
+		return err
+	}
 	if err := f.invalidate(d, false, ps, pgnos); err != nil {
 		return err
 	}
@@ -807,6 +818,16 @@ type appliedWAL struct {
 // foldForWriting copies the WAL the applier wrote into the database file,
 // under a hold of the readers, for a replica that becomes writable.
 func (f *FileSystem) foldForWriting(d *DB) {
+	// The app's writers need the WAL write lock the applier kept.
+	if d.walWriteHeld.Swap(false) {
+		locks, err := f.walLocksOf(d)
+		if err == nil {
+			err = locks.unlock(walWriteLock, walWriteLock)
+		}
+		if err != nil {
+			f.Logger.Error("drop the WAL write lock the applier kept", "db", d.Name, "err", err)
+		}
+	}
 	d.mu.Lock()
 	mine := d.walApplied()
 	d.mu.Unlock()

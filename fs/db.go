@@ -151,6 +151,12 @@ type DB struct {
 	walGenerations uint64
 	walFenced      bool
 	dmsHolder      atomic.Pointer[lockHolder]
+	// walWriteHeld: the applier of WAL frames holds the -shm's WRITE lock,
+	// which it keeps from one apply to the next, as SQLite's readers on a
+	// replica never write. A hold of the readers drops it with every
+	// other lock (readerHold.release); a replica made writable drops it
+	// for the app's writers (foldForWriting).
+	walWriteHeld atomic.Bool
 	// shmResized tells the kernel that the backing -shm changed size
 	// (see growShm); nil outside a mount.
 	shmResized func()

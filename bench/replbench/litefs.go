@@ -119,7 +119,7 @@ func measureLiteFS(h *testingutil.Harness, o options, bin string) ([]row, error)
 		if err := db.QueryRow(`SELECT coalesce(max(id), 0) FROM tx`).Scan(&lastID); err != nil {
 			return nil, err
 		}
-		reader, err := startPollReader(replicaDB, lastID, count, o.pin)
+		reader, err := startPollReader(replicaDB, lastID, count, o.pollEvery, o.pin)
 		if err != nil {
 			return nil, err
 		}

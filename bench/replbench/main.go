@@ -54,6 +54,9 @@ type options struct {
 	replicas   []int
 	snapshotMB int
 	poll       bool
+	// pollEvery is the time from one of the reader's queries to the
+	// next; 0: back to back.
+	pollEvery  time.Duration
 	litefs     string // LiteFS binary to measure beside regiond ("": none)
 	sync       string // the writer's synchronous setting: NORMAL or FULL
 	journal    string // the writer's journal mode: WAL or DELETE
@@ -90,6 +93,7 @@ func main() {
 	flag.StringVar(&o.journal, "journal", "WAL", "the writer's PRAGMA journal_mode on the primary: WAL or DELETE")
 	flag.StringVar(&o.cpuProfile, "cpuprofile", "", "write each regiond's CPU profile to this `dir`ectory, as NODE-REPLICAS.pprof")
 	flag.BoolVar(&o.poll, "poll", true, "poll the first replica with a reader during each rate (false: lag alone, no reader on the replica)")
+	flag.DurationVar(&o.pollEvery, "poll-every", 0, "start the replica reader's queries this often (0: back to back, a CPU's worth)")
 	flag.StringVar(&o.replicaLocks, "replica-locks", "mount", "fs.locks of the replicas and of the joining node: mount or kernel (the primary's is kernel)")
 	flag.BoolVar(&o.pin, "pin", false, "run as if on separate machines of one CPU each: the primary, the writer and the watchers on CPU 0; the replicas, the joining node and the replica's reader on CPU 1 (with several replicas they share it)")
 	flag.StringVar(&o.trace, "trace", "", "write each transaction's times (commit, in the primary's log, in the first replica's log, applied there) to this `file`, CSV, one set of rows per rate")
@@ -275,7 +279,7 @@ func measureCluster(h *testingutil.Harness, o options, n int, res *results) erro
 			count = int(float64(rate) * o.duration.Seconds())
 		}
 		fmt.Fprintf(os.Stderr, "%d replica(s), %s: %d transactions\n", n, rateName(rate), count)
-		r, err := measureRate(h, c, db, logged, watchers, rate, count, o.poll, o.pin, o.trace)
+		r, err := measureRate(h, c, db, logged, watchers, rate, count, o.poll, o.pollEvery, o.pin, o.trace)
 		if err != nil {
 			return err
 		}
@@ -328,7 +332,7 @@ func waitSpares(c *testingutil.Cluster, timeout time.Duration) error {
 // measureRate commits count single-row transactions at rate (0: as fast
 // as possible) and measures when each is applied on every replica, and
 // when a reader polling the first replica through its mount sees it.
-func measureRate(h *testingutil.Harness, c *testingutil.Cluster, db *sql.DB, logged *applyWatcher, watchers []*applyWatcher, rate, count int, poll, pin bool, trace string) (row, error) {
+func measureRate(h *testingutil.Harness, c *testingutil.Cluster, db *sql.DB, logged *applyWatcher, watchers []*applyWatcher, rate, count int, poll bool, pollEvery time.Duration, pin bool, trace string) (row, error) {
 	primary := c.Node(c.Primary)
 	base, _ := primary.Pos(h, "bench.db")
 	var lastID int64
@@ -338,7 +342,7 @@ func measureRate(h *testingutil.Harness, c *testingutil.Cluster, db *sql.DB, log
 	var reader *pollReader
 	if poll {
 		var err error
-		if reader, err = startPollReader(filepath.Join(c.Nodes[1].MountDir, "bench.db"), lastID, count, pin); err != nil {
+		if reader, err = startPollReader(filepath.Join(c.Nodes[1].MountDir, "bench.db"), lastID, count, pollEvery, pin); err != nil {
 			return row{}, err
 		}
 		defer reader.stopReading()
@@ -470,6 +474,7 @@ func (reader *pollReader) result(r *row, commits []time.Time) error {
 type pollReader struct {
 	db        *sql.DB
 	base      int64
+	every     time.Duration // between the starts of two queries; 0: back to back
 	stop      chan struct{}
 	done      chan struct{}
 	stopOnce  sync.Once
@@ -483,12 +488,12 @@ type pollReader struct {
 
 // startPollReader starts a pollReader of the database at path, on the
 // replicas' CPU if pin.
-func startPollReader(path string, base int64, count int, pin bool) (*pollReader, error) {
+func startPollReader(path string, base int64, count int, every time.Duration, pin bool) (*pollReader, error) {
 	db, err := openReader(path, "")
 	if err != nil {
 		return nil, err
 	}
-	r := &pollReader{db: db, base: base, stop: make(chan struct{}), done: make(chan struct{}), seen: make([]time.Time, count)}
+	r := &pollReader{db: db, base: base, every: every, stop: make(chan struct{}), done: make(chan struct{}), seen: make([]time.Time, count)}
 	started := make(chan error, 1)
 	go r.run(pin, started)
 	if err := <-started; err != nil {
@@ -512,7 +517,16 @@ func (r *pollReader) run(pin bool, started chan<- error) {
 	}
 	started <- nil
 	last := r.base
+	next := time.Now()
 	for {
+		if r.every > 0 {
+			next = next.Add(r.every)
+			if d := time.Until(next); d > 0 {
+				time.Sleep(d)
+			} else {
+				next = time.Now() // late: no burst to catch up
+			}
+		}
 		select {
 		case <-r.stop:
 			return
@@ -926,7 +940,7 @@ func printRows(w io.Writer, rows []row) {
 	fmt.Fprintln(w, "\nlogged: from COMMIT returning on the primary to the transaction's LTX file in the primary's log.")
 	fmt.Fprintln(w, "lag: from COMMIT returning on the primary to the transaction applied on the farthest replica.")
 	fmt.Fprintln(w, "visible: from COMMIT returning on the primary to a reader polling the first replica through its mount")
-	fmt.Fprintln(w, "(one connection, 5 s busy timeout, SELECT max(id) back to back) seeing the row; reads: that reader's queries.")
+	fmt.Fprintln(w, "(one connection, 5 s busy timeout, SELECT max(id) back to back, or every -poll-every) seeing the row; reads: that reader's queries.")
 	fmt.Fprintln(w, "apply/commit is meaningful at max rate: below 1, the replicas fall behind a primary committing flat out.")
 }
 
