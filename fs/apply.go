@@ -120,7 +120,30 @@ func (f *FileSystem) ApplyFiles(ctx context.Context, name string, paths []string
 	if st, err := os.Stat(d.path(databaseFile)); err == nil {
 		before = st.Size()
 	}
+	// An ordinary group lets the readers in once its pages are in the
+	// file, before the file's fsync (earlyTarget).
+	var early *earlyTarget
+	hdr, herr := firstHeader(paths[0], opts)
+	last, lerr := headerOf(len(paths)-1, paths[len(paths)-1], opts)
+	if herr == nil && lerr == nil && torn == nil && len(folded) == 0 && !hdr.IsSnapshot() {
+		db, err := os.OpenFile(d.path(databaseFile), os.O_RDWR, 0)
+		if err != nil {
+			return nil, fmt.Errorf("apply to %s: %w", name, err)
+		}
+		defer func() { _ = db.Close() }()
+		early = &earlyTarget{File: db, pageSize: hdr.PageSize, publish: func(pgnos []uint32) error {
+			return f.publishApply(d, hold, before, hdr.PageSize, pgnos, last.MaxTXID)
+		}}
+		lopts.Target = early
+	}
 	infos, pgnos, err := d.log.ApplyFiles(ctx, paths, lopts)
+	// The log's position has moved, if the apply succeeded.
+	d.publishedTXID.Store(0)
+	if early != nil && early.published {
+		// The readers read the group before its fsync failed, if it did:
+		// the log applies it again with the next group.
+		return infos, err
+	}
 	var partly *ltx.PartlyAppliedError
 	if errors.As(err, &partly) || err != nil && torn != nil {
 		// The database file may hold part of a transaction: readers stay
@@ -162,36 +185,116 @@ func (f *FileSystem) ApplyFiles(ctx context.Context, name string, paths []string
 			return nil, fmt.Errorf("apply to %s: %w", name, err)
 		}
 	}
+	if err := f.publishGroup(d, hold, before, all, pageSize, pgnos); err != nil {
+		return nil, err
+	}
+	return infos, nil
+}
+
+// publishGroup readies d's readers, held off by hold, for the group an
+// apply wrote into the database file (the pages pgnos of pageSize bytes,
+// or all of it), which was before bytes long: the kernel learns its size
+// and drops the pages it caches, and WAL readers are told.
+func (f *FileSystem) publishGroup(d *DB, hold *readerHold, before int64, all bool, pageSize uint32, pgnos []uint32) error {
 	if f.readOnly.Load() && !slices.Contains(pgnos, 1) {
 		// Readers see the change counter of page 1 move with every apply
 		// (serveChangeCounter): the kernel's copy must go.
 		pgnos = append([]uint32{1}, pgnos...)
 	}
 	if err := f.storeSize(d, before, pageSize); err != nil {
-		return nil, err
+		return err
 	}
 	if err := f.invalidate(d, all, pageSize, pgnos); err != nil {
-		return nil, err
+		return err
 	}
 	if err := hold.changed(); err != nil {
-		return nil, fmt.Errorf("apply to %s: tell WAL readers: %w", name, err)
+		return fmt.Errorf("apply to %s: tell WAL readers: %w", d.Name, err)
 	}
-	return infos, nil
+	return nil
 }
+
+// publishApply is publishGroup for an earlyTarget, which then releases
+// the readers.
+func (f *FileSystem) publishApply(d *DB, hold *readerHold, before int64, pageSize uint32, pgnos []uint32, txid ltx.TXID) error {
+	if f.readOnly.Load() {
+		// As after any apply (see ApplyFiles).
+		if err := d.ensureWAL(); err != nil {
+			return fmt.Errorf("apply to %s: %w", d.Name, err)
+		}
+	}
+	// Page 1 is served with the change counter of the group's end
+	// before the log's position gets there (serveChangeCounter).
+	d.publishedTXID.Store(uint64(txid))
+	if err := f.publishGroup(d, hold, before, false, pageSize, pgnos); err != nil {
+		return err
+	}
+	hold.release()
+	return nil
+}
+
+// earlyTarget is the database file as the target of an apply under a
+// hold of the readers that lets them in once the group's pages are all
+// written, before the file's fsync: they read the pages from the page
+// cache meanwhile, as they would after it, and the group is acknowledged
+// only once the apply returns, after the fsync. The hold lasts a few
+// writes instead of a disk flush. A group whose pages are not all of the
+// header's page size is published after the apply, as before.
+type earlyTarget struct {
+	*os.File
+	pageSize  uint32
+	publish   func(pgnos []uint32) error
+	pgnos     []uint32
+	other     bool // a write that is not whole pages of pageSize
+	published bool // publish returned nil: the readers are in
+}
+
+func (t *earlyTarget) WriteAt(p []byte, off int64) (int, error) {
+	ps := int64(t.pageSize)
+	if ps == 0 || off%ps != 0 || int64(len(p))%ps != 0 {
+		t.other = true
+	} else {
+		for i := int64(0); i < int64(len(p)); i += ps {
+			t.pgnos = append(t.pgnos, uint32((off+i)/ps)+1)
+		}
+	}
+	return t.File.WriteAt(p, off)
+}
+
+func (t *earlyTarget) Sync(bool) error {
+	if !t.other {
+		slices.Sort(t.pgnos)
+		if err := t.publish(slices.Compact(t.pgnos)); err != nil {
+			return err
+		}
+		t.published = true
+		earlyPublished()
+	}
+	return t.File.Sync()
+}
+
+// earlyPublished runs between an earlyTarget's publish and its fsync; a
+// test hook.
+var earlyPublished = func() {}
 
 // firstHeader returns the header of the first LTX file of a group, at
 // path: from the caller's description of it or its bytes in memory, if
 // opts has them.
 func firstHeader(path string, opts ApplyOptions) (ltx.Header, error) {
-	if len(opts.Verified) > 0 {
-		return opts.Verified[0].Header, nil
+	return headerOf(0, path, opts)
+}
+
+// headerOf returns the header of the group's file i, at path, as
+// firstHeader does.
+func headerOf(i int, path string, opts ApplyOptions) (ltx.Header, error) {
+	if len(opts.Verified) > i {
+		return opts.Verified[i].Header, nil
 	}
 	b := make([]byte, 100) // an LTX header
-	if len(opts.Data) > 0 && opts.Data[0] != nil {
-		if len(opts.Data[0]) < len(b) {
-			return ltx.Header{}, fmt.Errorf("a received file of %d bytes: shorter than an LTX header", len(opts.Data[0]))
+	if len(opts.Data) > i && opts.Data[i] != nil {
+		if len(opts.Data[i]) < len(b) {
+			return ltx.Header{}, fmt.Errorf("a received file of %d bytes: shorter than an LTX header", len(opts.Data[i]))
 		}
-		copy(b, opts.Data[0])
+		copy(b, opts.Data[i])
 		path = "the received file"
 	} else {
 		f, err := os.Open(path)
@@ -371,9 +474,10 @@ type readerHold struct {
 	wal bool
 	// With kernel locks: the lock holder holding them, and the files on
 	// the mount it locked.
-	holder *lockHolder
-	paths  []string
-	began  time.Time
+	holder   *lockHolder
+	paths    []string
+	began    time.Time
+	released bool
 }
 
 // holdReaders waits until no reader is in a transaction on d and keeps new
@@ -588,6 +692,10 @@ func (f *FileSystem) readHoldEvery() time.Duration {
 
 // release lets readers go on.
 func (h *readerHold) release() {
+	if h.released {
+		return // by an earlyTarget, before the deferred release
+	}
+	h.released = true
 	if h.wal {
 		// Every WAL lock goes, the applier's WRITE lock too.
 		h.d.walWriteHeld.Store(false)

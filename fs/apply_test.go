@@ -503,6 +503,52 @@ func replicaBeforeLastRow(t *testing.T, mode string, kernelLocks bool) (*bank, *
 	return src, f, files
 }
 
+// TestFileSystem_ApplyReadBeforeFsync: in rollback-journal mode a group
+// applied into the database file is published to the readers once its
+// pages are written, before the file's fsync: a reader whose cache holds
+// the database as it was sees the new row in that window (page 1 is
+// served with the group's change counter before the log's position
+// moves), and after the apply.
+func TestFileSystem_ApplyReadBeforeFsync(t *testing.T) {
+	for _, kernel := range []bool{false, true} {
+		name := "mount-locks"
+		if kernel {
+			name = "kernel-locks"
+		}
+		t.Run(name, func(t *testing.T) {
+			src, f, files := replicaBeforeLastRow(t, "delete", kernel)
+			r, err := sql.Open("sqlite3", "file:"+filepath.Join(f.MountDir, "bank.db")+"?_busy_timeout=5000")
+			if err != nil {
+				t.Fatal(err)
+			}
+			r.SetMaxOpenConns(1)
+			defer r.Close()
+			count := func() int {
+				t.Helper()
+				var n int
+				if err := r.QueryRow(`SELECT count(*) FROM blob`).Scan(&n); err != nil {
+					t.Fatal(err)
+				}
+				return n
+			}
+			if n := count(); n != 0 {
+				t.Fatalf("blob has %d rows before the last file, want 0", n)
+			}
+			inWindow := -1
+			fs.SetEarlyPublished(t, func() { inWindow = count() })
+			if _, err := f.Apply(context.Background(), "bank.db", filepath.Join(src.log.Dir, files[len(files)-1].Name), false); err != nil {
+				t.Fatal(err)
+			}
+			if inWindow != 1 {
+				t.Fatalf("between the publish and the fsync the reader saw %d rows in blob, want 1", inWindow)
+			}
+			if n := count(); n != 1 {
+				t.Fatalf("after the apply the reader sees %d rows in blob, want 1", n)
+			}
+		})
+	}
+}
+
 // stepReader is a bank-reader-step child on a replica's bank.db: each
 // step makes it run one read transaction and print "saw N", the rows of
 // blob it saw.

@@ -157,6 +157,10 @@ type DB struct {
 	// other lock (readerHold.release); a replica made writable drops it
 	// for the app's writers (foldForWriting).
 	walWriteHeld atomic.Bool
+	// publishedTXID, if not 0, is the TXID a group's readers see in page
+	// 1 while its fsync runs, before the log's position moves to it (see
+	// earlyTarget).
+	publishedTXID atomic.Uint64
 	// shmResized tells the kernel that the backing -shm changed size
 	// (see growShm); nil outside a mount.
 	shmResized func()

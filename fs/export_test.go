@@ -118,3 +118,11 @@ func SetBootID(tb interface{ Cleanup(func()) }, id string) {
 	bootID = func() string { return id }
 	tb.Cleanup(func() { bootID = was })
 }
+
+// SetEarlyPublished makes fn run between the publish of a group applied
+// into the database file and the file's fsync, until the test ends.
+func SetEarlyPublished(tb interface{ Cleanup(func()) }, fn func()) {
+	was := earlyPublished
+	earlyPublished = fn
+	tb.Cleanup(func() { earlyPublished = was })
+}

@@ -10,6 +10,8 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
+
+	"github.com/meridian-db/meridian/ltx"
 )
 
 const writeFlags = syscall.O_WRONLY | syscall.O_RDWR
@@ -220,7 +222,11 @@ func (r *raw) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.Re
 	}
 	n, err := h.file.ReadAt(buf[:in.Size], int64(in.Offset))
 	if h.node.kind == kindDB && n > 0 && in.Offset < sqliteHeaderSize && r.fs.readOnly.Load() {
-		serveChangeCounter(h.file, h.node.db.log.Pos().TXID, buf[:n], int64(in.Offset))
+		txid := h.node.db.log.Pos().TXID
+		if p := h.node.db.publishedTXID.Load(); p != 0 {
+			txid = ltx.TXID(p) // published before its fsync (earlyTarget)
+		}
+		serveChangeCounter(h.file, txid, buf[:n], int64(in.Offset))
 	}
 	if n > 0 || err == nil || errors.Is(err, io.EOF) {
 		return fuse.ReadResultData(buf[:n]), fuse.OK
