@@ -126,7 +126,7 @@ func (f *FileSystem) ApplyFiles(ctx context.Context, name string, paths []string
 	hdr, herr := firstHeader(paths[0], opts)
 	last, lerr := headerOf(len(paths)-1, paths[len(paths)-1], opts)
 	if herr == nil && lerr == nil && torn == nil && len(folded) == 0 && !hdr.IsSnapshot() {
-		db, err := os.OpenFile(d.path(databaseFile), os.O_RDWR, 0)
+		db, err := os.OpenFile(d.path(databaseFile), os.O_RDWR|os.O_CREATE, 0o644)
 		if err != nil {
 			return nil, fmt.Errorf("apply to %s: %w", name, err)
 		}
