@@ -213,14 +213,25 @@ func (f *FileSystem) applyFrames(ctx context.Context, d *DB, paths []string, opt
 	if err := locks.shareDMS(ctx); err != nil {
 		return nil, fmt.Errorf("apply to %s: %w", d.Name, err)
 	}
-	// The WAL write lock is kept from one apply to the next (see
-	// DB.walWriteHeld): with kernel locks, taking and dropping it cost a
-	// round trip to the lock holder process per apply.
+	// With kernel locks the WAL write lock is kept from one apply to the
+	// next (see DB.walWriteHeld): taking and dropping it cost a round trip
+	// to the lock holder process per apply. With the mount's lock table it
+	// is dropped after each: a reader that meets it there waits in the
+	// mount for it to go (WaitLock), as one that reads the wal-index header
+	// while the applier writes it does, to rebuild it.
 	if !d.walWriteHeld.Load() {
 		if err := locks.lock(ctx, walWriteLock, walWriteLock); err != nil {
 			return nil, fmt.Errorf("apply to %s: %w", d.Name, err)
 		}
 		d.walWriteHeld.Store(true)
+	}
+	if !f.KernelLocks {
+		defer func() {
+			d.walWriteHeld.Store(false)
+			if err := locks.unlock(walWriteLock, walWriteLock); err != nil {
+				f.Logger.Error("drop the WAL write lock", "db", d.Name, "err", err)
+			}
+		}()
 	}
 	if err := f.restartWAL(ctx, d, locks); err != nil {
 		return nil, fmt.Errorf("apply to %s: %w", d.Name, err)

@@ -152,8 +152,8 @@ type DB struct {
 	walFenced      bool
 	dmsHolder      atomic.Pointer[lockHolder]
 	// walWriteHeld: the applier of WAL frames holds the -shm's WRITE lock,
-	// which it keeps from one apply to the next, as SQLite's readers on a
-	// replica never write. A hold of the readers drops it with every
+	// which with kernel locks it keeps from one apply to the next, as
+	// SQLite's readers on a replica never write. A hold of the readers drops it with every
 	// other lock (readerHold.release); a replica made writable drops it
 	// for the app's writers (foldForWriting).
 	walWriteHeld atomic.Bool
