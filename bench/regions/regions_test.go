@@ -134,11 +134,8 @@ func TestRegions_ShortRun(t *testing.T) {
 			t.Errorf("a request from syd to the central database took %v ms (p50, column %d), less than the round trip", v, c)
 		}
 	}
-	// Against a forwarded write, not a fixed bound: on a loaded machine
-	// (make test runs packages side by side) every figure grows, but a
-	// write that crosses no WAN stays below one that crosses it twice.
-	if iad := row("| iad | replicated |"); p50(iad[5]) >= p50(syd[5])-rttSyd/2 {
-		t.Errorf("a write in the primary's region took %v ms (p50), not half a round trip less than one forwarded from syd (%v ms): it crosses no WAN", p50(iad[5]), p50(syd[5]))
+	if iad := row("| iad | replicated |"); p50(iad[5]) >= rttSyd/2 {
+		t.Errorf("a write in the primary's region took %v ms (p50): it crosses no WAN", p50(iad[5]))
 	}
 	for r, oneWay := range map[string]float64{"fra": oneWayFra, "syd": oneWaySyd} {
 		lag := row("| " + r + " | " + strconv.Itoa(int(oneWay)) + "ms | ")
